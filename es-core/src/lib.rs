@@ -1,0 +1,93 @@
+//! Event sourcing for Rust: the domain-facing traits, the storage contract and the typed
+//! repository, kept apart from any particular store.
+//!
+//! - [`Aggregate`] and [`DomainEvent`]: the write model, written once and independent of storage.
+//! - [`EventStore`] and [`SnapshotStore`]: the narrow contract each backend (`es-memory`,
+//!   `es-postgres`, `es-redis`) implements over serialized events.
+//! - [`upcast`]: schema evolution on the serialized form, validated when the repository is built.
+//! - [`Repository`]: loads aggregates (snapshot + newer events, upcast, applied), runs commands with
+//!   optimistic concurrency and retries, snapshots by policy, and loads past states.
+//! - `testing` (feature): the backend conformance suite and a given/when/then harness.
+//!
+//! # Example
+//!
+//! ```
+//! use es_core::{Aggregate, Apply, DomainEvent};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Serialize, Deserialize)]
+//! struct Opened { owner: String }
+//! #[derive(Debug, Serialize, Deserialize)]
+//! struct Deposited { amount: u64 }
+//!
+//! #[derive(Debug, DomainEvent)]
+//! #[event(apply(Account))]
+//! enum AccountEvent {
+//!     Opened(Opened),
+//!     #[event(rename = "MoneyDeposited", version = 2)]
+//!     Deposited(Deposited),
+//! }
+//!
+//! #[derive(Debug, Default, Serialize, Deserialize)]
+//! struct Account { open: bool, balance: u64 }
+//!
+//! impl Apply<Opened> for Account {
+//!     fn apply(&mut self, _: &Opened) { self.open = true; }
+//! }
+//! impl Apply<Deposited> for Account {
+//!     fn apply(&mut self, e: &Deposited) { self.balance += e.amount; }
+//! }
+//!
+//! #[derive(Debug, thiserror::Error)]
+//! #[error("account is not open")]
+//! struct NotOpen;
+//!
+//! impl Aggregate for Account {
+//!     const CATEGORY: &'static str = "account";
+//!     type Command = u64; // deposit an amount
+//!     type Event = AccountEvent;
+//!     type Error = NotOpen;
+//!     fn handle(&self, amount: &u64) -> Result<Vec<AccountEvent>, NotOpen> {
+//!         if !self.open { return Err(NotOpen); }
+//!         Ok(vec![Deposited { amount: *amount }.into()])
+//!     }
+//!     fn apply(&mut self, event: &AccountEvent) { event.apply_to(self) }
+//! }
+//!
+//! assert_eq!(AccountEvent::from(Deposited { amount: 5 }).event_type(), "MoneyDeposited");
+//! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![doc(test(attr(deny(warnings))))]
+
+pub mod aggregate;
+pub mod event;
+pub mod repository;
+pub mod store;
+pub mod stream_id;
+pub mod subscription;
+pub mod upcast;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+#[doc(hidden)]
+pub mod __private;
+
+pub use aggregate::{Aggregate, Apply, ApplyEvent, Decision};
+pub use event::{DomainEvent, EventSchema, Metadata, NewEvent, PayloadError, RecordedEvent};
+pub use repository::{
+    AsOf, BuildError, Executed, Loaded, Repository, RepositoryBuilder, RepositoryError,
+    RetryPolicy, SnapshotContext, SnapshotPolicy,
+};
+pub use store::{
+    AppendLimits, AppendRequest, AppendResult, Direction, EventFilter, EventStore, EventStream,
+    ExpectedVersion, ReadAll, ReadStream, SnapshotRecord, SnapshotStore, Store, StoreError,
+};
+pub use stream_id::{InvalidStreamId, StreamId};
+pub use upcast::{DecodeError, UpcastChainError, Upcaster, Upcasters};
+
+/// Derives [`DomainEvent`] (and, with `#[event(apply(State))]`, [`ApplyEvent`]) for an enum of
+/// event payloads.
+#[cfg(feature = "derive")]
+#[cfg_attr(docsrs, doc(cfg(feature = "derive")))]
+pub use es_derive::DomainEvent;

@@ -1,0 +1,656 @@
+//! The typed repository: loads aggregates (snapshot + newer events, upcast, applied), runs
+//! commands, appends with optimistic concurrency, retries conflicts, and snapshots by policy.
+
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use tracing::Instrument;
+
+use crate::aggregate::Aggregate;
+use crate::event::{now_micros, DomainEvent, Metadata, NewEvent, RecordedEvent};
+use crate::store::{
+    AppendRequest, AppendResult, ExpectedVersion, ReadStream, SnapshotRecord, Store, StoreError,
+};
+use crate::stream_id::{InvalidStreamId, StreamId};
+use crate::upcast::{DecodeError, UpcastChainError, Upcaster, Upcasters};
+
+/// When to snapshot an aggregate after a command.
+#[derive(Clone, Default)]
+pub enum SnapshotPolicy {
+    /// Never (the default).
+    #[default]
+    Never,
+    /// When at least this many events were appended since the last snapshot.
+    EveryNEvents(u64),
+    /// A custom rule.
+    Custom(Arc<dyn Fn(&SnapshotContext<'_>) -> bool + Send + Sync>),
+}
+
+impl fmt::Debug for SnapshotPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Never => f.write_str("Never"),
+            Self::EveryNEvents(n) => write!(f, "EveryNEvents({n})"),
+            Self::Custom(_) => f.write_str("Custom(..)"),
+        }
+    }
+}
+
+/// What a [`SnapshotPolicy::Custom`] rule sees after a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotContext<'a> {
+    /// The aggregate's stream.
+    pub stream: &'a StreamId,
+    /// The stream version after the command.
+    pub version: u64,
+    /// The stream version before the command.
+    pub previous_version: u64,
+    /// The version of the snapshot the aggregate was loaded from, if any.
+    pub last_snapshot_version: Option<u64>,
+}
+
+impl SnapshotPolicy {
+    fn should_snapshot(&self, ctx: &SnapshotContext<'_>) -> bool {
+        match self {
+            Self::Never => false,
+            Self::EveryNEvents(n) => ctx.version - ctx.last_snapshot_version.unwrap_or(0) >= *n,
+            Self::Custom(rule) => rule(ctx),
+        }
+    }
+}
+
+/// How often and how patiently to retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts per command when the stream moved on between load and append (1 = no retry).
+    pub max_attempts: u32,
+    /// Attempts per append when the store is unreachable; the same request is re-sent, which is
+    /// idempotent by event id.
+    pub max_transient_attempts: u32,
+    /// Delay before the first retry; doubled each time.
+    pub backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            max_transient_attempts: 5,
+            backoff: Duration::from_millis(5),
+        }
+    }
+}
+
+/// Errors of repository operations on aggregate type `A`; every variant names the stream.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RepositoryError<E: std::error::Error + 'static> {
+    /// The aggregate rejected the command.
+    #[error("`{stream}` at version {version} rejected the command: {source}")]
+    Domain {
+        /// The aggregate's stream.
+        stream: StreamId,
+        /// The version the command was decided at.
+        version: u64,
+        /// The domain error.
+        #[source]
+        source: E,
+    },
+    /// The stream kept moving between load and append; retries were exhausted.
+    #[error(
+        "conflict on `{stream}`: expected version {expected}, found {actual}, after {attempts} attempt(s)"
+    )]
+    Conflict {
+        /// The aggregate's stream.
+        stream: StreamId,
+        /// The version the last attempt was decided at.
+        expected: u64,
+        /// The version the store reported.
+        actual: u64,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// A stored event could not be decoded or upcast.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// An emitted event could not be serialized.
+    #[error("cannot serialize event `{event_type}` for `{stream}`: {source}")]
+    Encode {
+        /// The aggregate's stream.
+        stream: StreamId,
+        /// The event's type.
+        event_type: &'static str,
+        /// The serialization error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The aggregate id is not valid in a stream id.
+    #[error(transparent)]
+    InvalidId(#[from] InvalidStreamId),
+    /// The store failed.
+    #[error("store error on `{stream}` at version {version}: {source}")]
+    Store {
+        /// The aggregate's stream.
+        stream: StreamId,
+        /// The last version known when it failed.
+        version: u64,
+        /// The store error.
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// An aggregate loaded from the store.
+#[derive(Debug, Clone)]
+pub struct Loaded<A> {
+    /// Its stream.
+    pub stream: StreamId,
+    /// Its state.
+    pub aggregate: A,
+    /// The stream version it reflects (0 for an aggregate with no events).
+    pub version: u64,
+    /// The version of the snapshot it was started from, if one was used.
+    pub snapshot_version: Option<u64>,
+    /// How many stored events were read on top of the snapshot.
+    pub events_read: u64,
+}
+
+/// The outcome of a successful command.
+#[derive(Debug, Clone)]
+pub struct Executed<A: Aggregate> {
+    /// The aggregate's stream.
+    pub stream: StreamId,
+    /// The state after the command.
+    pub aggregate: A,
+    /// The stream version after the command.
+    pub version: u64,
+    /// The events the command emitted (empty if it changed nothing).
+    pub events: Vec<A::Event>,
+    /// Their ids, in order.
+    pub event_ids: Vec<uuid::Uuid>,
+    /// Their global positions, in order.
+    pub positions: Vec<u64>,
+    /// Attempts it took (more than 1 after conflicts).
+    pub attempts: u32,
+    /// Whether a snapshot was written after it.
+    pub snapshot_saved: bool,
+}
+
+/// Which past state to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AsOf {
+    /// The state after stream version `v` (or the latest, if the stream is shorter).
+    Version(u64),
+    /// The state made of the stream's events at or below global position `p`.
+    Position(u64),
+    /// The state made of the stream's events recorded at or before `t`.
+    Time(DateTime<Utc>),
+}
+
+#[derive(Clone, Copy)]
+enum Until {
+    Latest,
+    Past(AsOf),
+}
+
+/// Why a repository could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The upcasters registered for an aggregate's events do not form a valid chain.
+    #[error("upcasters of `{category}`: {source}")]
+    Upcasters {
+        /// The aggregate's category.
+        category: &'static str,
+        /// What is wrong with the chain.
+        #[source]
+        source: UpcastChainError,
+    },
+}
+
+struct PendingUpcasters {
+    category: &'static str,
+    validate: fn(Vec<Arc<dyn Upcaster>>) -> Result<Upcasters, UpcastChainError>,
+    upcasters: Vec<Arc<dyn Upcaster>>,
+}
+
+/// Configures a [`Repository`].
+pub struct RepositoryBuilder<S> {
+    store: S,
+    upcasters: HashMap<TypeId, PendingUpcasters>,
+    snapshot_policies: HashMap<TypeId, SnapshotPolicy>,
+    default_snapshot_policy: SnapshotPolicy,
+    retry: RetryPolicy,
+}
+
+impl<S: Store> RepositoryBuilder<S> {
+    /// Registers an upcaster for the events of aggregate `A`.
+    pub fn upcaster<A: Aggregate>(mut self, upcaster: impl Upcaster) -> Self {
+        self.upcasters
+            .entry(TypeId::of::<A::Event>())
+            .or_insert_with(|| PendingUpcasters {
+                category: A::CATEGORY,
+                validate: Upcasters::for_events::<A::Event>,
+                upcasters: Vec::new(),
+            })
+            .upcasters
+            .push(Arc::new(upcaster));
+        self
+    }
+
+    /// Sets the snapshot policy of aggregate `A`.
+    pub fn snapshot_policy<A: Aggregate>(mut self, policy: SnapshotPolicy) -> Self {
+        self.snapshot_policies.insert(TypeId::of::<A>(), policy);
+        self
+    }
+
+    /// Sets the snapshot policy of aggregates without their own.
+    pub fn default_snapshot_policy(mut self, policy: SnapshotPolicy) -> Self {
+        self.default_snapshot_policy = policy;
+        self
+    }
+
+    /// Sets the retry policy.
+    pub fn retry_policy(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Validates the configuration (upcaster chains) and builds the repository.
+    pub fn build(self) -> Result<Repository<S>, BuildError> {
+        let mut upcasters = HashMap::new();
+        for (type_id, pending) in self.upcasters {
+            let chain =
+                (pending.validate)(pending.upcasters).map_err(|source| BuildError::Upcasters {
+                    category: pending.category,
+                    source,
+                })?;
+            upcasters.insert(type_id, chain);
+        }
+        Ok(Repository {
+            inner: Arc::new(Inner {
+                store: self.store,
+                upcasters,
+                snapshot_policies: self.snapshot_policies,
+                default_snapshot_policy: self.default_snapshot_policy,
+                retry: self.retry,
+            }),
+        })
+    }
+}
+
+struct Inner<S> {
+    store: S,
+    upcasters: HashMap<TypeId, Upcasters>,
+    snapshot_policies: HashMap<TypeId, SnapshotPolicy>,
+    default_snapshot_policy: SnapshotPolicy,
+    retry: RetryPolicy,
+}
+
+/// Loads and changes aggregates of any type on one store. Cheap to clone, `Send + Sync`.
+pub struct Repository<S> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S> Clone for Repository<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<S> fmt::Debug for Repository<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Repository")
+            .field("retry", &self.inner.retry)
+            .field("default_snapshot_policy", &self.inner.default_snapshot_policy)
+            .finish_non_exhaustive()
+    }
+}
+
+static NO_UPCASTERS: std::sync::LazyLock<Upcasters> = std::sync::LazyLock::new(Upcasters::default);
+
+type RepoResult<T, A> = Result<T, RepositoryError<<A as Aggregate>::Error>>;
+
+impl<S: Store> Repository<S> {
+    /// A repository on `store` with default policies (no snapshots, 5 attempts on conflict).
+    pub fn new(store: S) -> Self {
+        Self::builder(store)
+            .build()
+            .unwrap_or_else(|_| unreachable!("no upcasters to validate"))
+    }
+
+    /// Starts configuring a repository on `store`.
+    pub fn builder(store: S) -> RepositoryBuilder<S> {
+        RepositoryBuilder {
+            store,
+            upcasters: HashMap::new(),
+            snapshot_policies: HashMap::new(),
+            default_snapshot_policy: SnapshotPolicy::Never,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &S {
+        &self.inner.store
+    }
+
+    /// The validated upcasters of event enum `E` (empty if none were registered).
+    pub fn upcasters<E: DomainEvent>(&self) -> &Upcasters {
+        self.inner
+            .upcasters
+            .get(&TypeId::of::<E>())
+            .unwrap_or(&NO_UPCASTERS)
+    }
+
+    /// Upcasts and decodes one stored event of aggregate `A` into typed events.
+    pub fn decode<A: Aggregate>(
+        &self,
+        event: &RecordedEvent,
+    ) -> Result<Vec<A::Event>, DecodeError> {
+        self.upcasters::<A::Event>().decode(event)
+    }
+
+    /// The stream id of aggregate `A` with id `id`.
+    pub fn stream_id<A: Aggregate>(
+        id: &str,
+    ) -> Result<StreamId, InvalidStreamId> {
+        StreamId::new(A::CATEGORY, id)
+    }
+
+    fn snapshot_policy<A: Aggregate>(&self) -> &SnapshotPolicy {
+        self.inner
+            .snapshot_policies
+            .get(&TypeId::of::<A>())
+            .unwrap_or(&self.inner.default_snapshot_policy)
+    }
+
+    /// Loads the current state of aggregate `id`: from its latest usable snapshot plus the newer
+    /// events. An aggregate with no events loads as `A::default()` at version 0.
+    pub async fn load<A: Aggregate>(&self, id: &str) -> RepoResult<Loaded<A>, A> {
+        let stream = Self::stream_id::<A>(id)?;
+        self.load_stream(stream, Until::Latest).await
+    }
+
+    /// Loads aggregate `id` as it was at a version, a global position or a time.
+    pub async fn load_as_of<A: Aggregate>(&self, id: &str, as_of: AsOf) -> RepoResult<Loaded<A>, A> {
+        let stream = Self::stream_id::<A>(id)?;
+        self.load_stream(stream, Until::Past(as_of)).await
+    }
+
+    /// Loads aggregate `id` from its events only, ignoring snapshots.
+    pub async fn load_without_snapshot<A: Aggregate>(&self, id: &str) -> RepoResult<Loaded<A>, A> {
+        let stream = Self::stream_id::<A>(id)?;
+        self.replay(stream, A::default(), 0, None, Until::Latest).await
+    }
+
+    async fn load_stream<A: Aggregate>(&self, stream: StreamId, until: Until) -> RepoResult<Loaded<A>, A> {
+        let span = tracing::debug_span!("es.load", stream = %stream, version = tracing::field::Empty, events = tracing::field::Empty);
+        async move {
+            let (state, version) = match self.usable_snapshot::<A>(&stream, until).await {
+                Some((state, version)) => (state, version),
+                None => (A::default(), 0),
+            };
+            let snapshot_version = (version > 0).then_some(version);
+            let loaded = self.replay(stream, state, version, snapshot_version, until).await?;
+            tracing::Span::current().record("version", loaded.version);
+            tracing::Span::current().record("events", loaded.events_read);
+            Ok(loaded)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The stored snapshot, if the policy allows, it fits `until`, and it decodes.
+    async fn usable_snapshot<A: Aggregate>(&self, stream: &StreamId, until: Until) -> Option<(A, u64)> {
+        if matches!(self.snapshot_policy::<A>(), SnapshotPolicy::Never) {
+            return None;
+        }
+        let record = match self.inner.store.load_snapshot(stream).await {
+            Ok(record) => record?,
+            Err(err) => {
+                tracing::warn!(stream = %stream, error = %err, "snapshot load failed; replaying events");
+                return None;
+            }
+        };
+        match until {
+            Until::Latest => {}
+            Until::Past(AsOf::Version(v)) if record.version <= v => {}
+            Until::Past(_) => return None,
+        }
+        if record.schema_version != A::SNAPSHOT_VERSION {
+            tracing::info!(stream = %stream, stored = record.schema_version, current = A::SNAPSHOT_VERSION,
+                "snapshot schema changed; replaying events");
+            return None;
+        }
+        match serde_json::from_slice(&record.payload) {
+            Ok(state) => Some((state, record.version)),
+            Err(err) => {
+                tracing::warn!(stream = %stream, error = %err, "snapshot does not decode; replaying events");
+                None
+            }
+        }
+    }
+
+    async fn replay<A: Aggregate>(
+        &self,
+        stream: StreamId,
+        mut aggregate: A,
+        mut version: u64,
+        snapshot_version: Option<u64>,
+        until: Until,
+    ) -> RepoResult<Loaded<A>, A> {
+        let mut read = ReadStream::forward().from(version + 1);
+        if let Until::Past(AsOf::Version(v)) = until {
+            if v <= version {
+                return Ok(Loaded { stream, aggregate, version, snapshot_version, events_read: 0 });
+            }
+            read = read.limit(v - version);
+        }
+        let upcasters = self.upcasters::<A::Event>();
+        let mut events = self.inner.store.read_stream(&stream, read);
+        let mut events_read = 0;
+        while let Some(event) = events.next().await {
+            let event = event.map_err(|source| RepositoryError::Store {
+                stream: stream.clone(),
+                version,
+                source,
+            })?;
+            let past_bound = match until {
+                Until::Past(AsOf::Position(p)) => event.global_position > p,
+                Until::Past(AsOf::Time(t)) => event.recorded_at > t,
+                _ => false,
+            };
+            if past_bound {
+                break;
+            }
+            if event.stream_version != version + 1 {
+                return Err(RepositoryError::Store {
+                    stream: stream.clone(),
+                    version,
+                    source: StoreError::corrupt_at(
+                        &stream,
+                        event.stream_version,
+                        format!("expected version {} next", version + 1),
+                    ),
+                });
+            }
+            upcasters.decode_into::<A::Event>(&event, |e| aggregate.apply(&e))?;
+            version = event.stream_version;
+            events_read += 1;
+        }
+        Ok(Loaded { stream, aggregate, version, snapshot_version, events_read })
+    }
+
+    /// Runs `command` on aggregate `id` with empty metadata. See [`execute_with`](Self::execute_with).
+    pub async fn execute<A: Aggregate>(&self, id: &str, command: &A::Command) -> RepoResult<Executed<A>, A> {
+        self.execute_with(id, command, &Metadata::default()).await
+    }
+
+    /// Runs `command` on aggregate `id`: loads it, decides, appends the events with the loaded
+    /// version as the expected version, and applies them. On a conflict it reloads and decides
+    /// again, up to the retry policy. Every event carries `metadata`.
+    pub async fn execute_with<A: Aggregate>(
+        &self,
+        id: &str,
+        command: &A::Command,
+        metadata: &Metadata,
+    ) -> RepoResult<Executed<A>, A> {
+        let stream = Self::stream_id::<A>(id)?;
+        let span = tracing::info_span!("es.execute", category = A::CATEGORY, stream = %stream,
+            version = tracing::field::Empty, events = tracing::field::Empty, attempts = tracing::field::Empty);
+        self.execute_stream(stream, command, metadata).instrument(span).await
+    }
+
+    async fn execute_stream<A: Aggregate>(
+        &self,
+        stream: StreamId,
+        command: &A::Command,
+        metadata: &Metadata,
+    ) -> RepoResult<Executed<A>, A> {
+        let retry = self.inner.retry;
+        let mut backoff = retry.backoff;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let loaded: Loaded<A> = self.load_stream(stream.clone(), Until::Latest).await?;
+            let Loaded { mut aggregate, version, snapshot_version, .. } = loaded;
+            let events = aggregate.handle(command).map_err(|source| RepositoryError::Domain {
+                stream: stream.clone(),
+                version,
+                source,
+            })?;
+            if events.is_empty() {
+                return Ok(Executed {
+                    stream, aggregate, version, events, event_ids: Vec::new(),
+                    positions: Vec::new(), attempts, snapshot_saved: false,
+                });
+            }
+            let new_events = encode_events::<A>(&stream, &events, metadata)?;
+            let event_ids = new_events.iter().map(|e| e.event_id).collect();
+            let request = AppendRequest::new(stream.clone(), ExpectedVersion::Exact(version), new_events);
+            match self.append(request).await {
+                Ok(result) => {
+                    for event in &events {
+                        aggregate.apply(event);
+                    }
+                    let span = tracing::Span::current();
+                    span.record("version", result.stream_version);
+                    span.record("events", events.len());
+                    span.record("attempts", attempts);
+                    let ctx = SnapshotContext {
+                        stream: &stream,
+                        version: result.stream_version,
+                        previous_version: version,
+                        last_snapshot_version: snapshot_version,
+                    };
+                    let snapshot_saved = self.snapshot_policy::<A>().should_snapshot(&ctx)
+                        && self.save_snapshot(&stream, &aggregate, result.stream_version).await;
+                    return Ok(Executed {
+                        stream,
+                        aggregate,
+                        version: result.stream_version,
+                        events,
+                        event_ids,
+                        positions: result.positions,
+                        attempts,
+                        snapshot_saved,
+                    });
+                }
+                Err(StoreError::Conflict { actual, .. }) => {
+                    if attempts >= retry.max_attempts {
+                        return Err(RepositoryError::Conflict { stream, expected: version, actual, attempts });
+                    }
+                    tracing::debug!(stream = %stream, expected = version, actual, attempts, "conflict; retrying command");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Err(source) => return Err(RepositoryError::Store { stream, version, source }),
+            }
+        }
+    }
+
+    /// Appends, re-sending the same request (same event ids) while the store is unreachable.
+    async fn append(&self, request: AppendRequest) -> Result<AppendResult, StoreError> {
+        let span = tracing::debug_span!("es.append", stream = %request.stream,
+            expected = %request.expected, events = request.events.len());
+        async move {
+            let mut backoff = self.inner.retry.backoff;
+            let mut attempt = 1;
+            loop {
+                match self.inner.store.append(request.clone()).await {
+                    Err(err) if err.is_transient() && attempt < self.inner.retry.max_transient_attempts => {
+                        tracing::warn!(error = %err, attempt, "append failed transiently; re-sending the same batch");
+                        tokio::time::sleep(backoff).await;
+                        backoff *= 2;
+                        attempt += 1;
+                    }
+                    other => return other,
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Serializes and stores a snapshot; a failure is logged, never returned.
+    async fn save_snapshot<A: Aggregate>(&self, stream: &StreamId, aggregate: &A, version: u64) -> bool {
+        let payload = match serde_json::to_vec(aggregate) {
+            Ok(p) => Bytes::from(p),
+            Err(err) => {
+                tracing::warn!(stream = %stream, error = %err, "snapshot does not serialize; skipped");
+                return false;
+            }
+        };
+        let record = SnapshotRecord {
+            stream_id: stream.clone(),
+            version,
+            schema_version: A::SNAPSHOT_VERSION,
+            payload,
+            recorded_at: now_micros(),
+        };
+        match self.inner.store.save_snapshot(record).await {
+            Ok(written) => written,
+            Err(err) => {
+                tracing::warn!(stream = %stream, error = %err, "snapshot write failed; the command stands");
+                false
+            }
+        }
+    }
+
+    /// Takes a snapshot of aggregate `id` now, whatever the policy. Returns the version it was
+    /// taken at and whether it was written (a newer one may exist).
+    pub async fn snapshot<A: Aggregate>(&self, id: &str) -> RepoResult<(u64, bool), A> {
+        let loaded = self.load::<A>(id).await?;
+        let saved = loaded.version > 0
+            && self.save_snapshot(&loaded.stream, &loaded.aggregate, loaded.version).await;
+        Ok((loaded.version, saved))
+    }
+}
+
+fn encode_events<A: Aggregate>(
+    stream: &StreamId,
+    events: &[A::Event],
+    metadata: &Metadata,
+) -> RepoResult<Vec<NewEvent>, A> {
+    events
+        .iter()
+        .map(|event| {
+            NewEvent::from_domain(event)
+                .map(|e| e.with_metadata(metadata.clone()))
+                .map_err(|source| RepositoryError::Encode {
+                    stream: stream.clone(),
+                    event_type: event.event_type(),
+                    source,
+                })
+        })
+        .collect()
+}

@@ -1,0 +1,1083 @@
+//! The backend conformance suite: the contract of [`crate::store`] as executable cases.
+//!
+//! Each case is an `async fn(store)` that takes a fresh, empty store and panics on a violation.
+//! Backends run them all through [`conformance_tests!`](crate::conformance_tests), which stamps one
+//! named `#[tokio::test]` per case onto a factory:
+//!
+//! ```ignore
+//! es_core::conformance_tests!(|| async { es_memory::InMemoryStore::new() });
+//! ```
+//!
+//! The suite only uses the public traits, so it holds a backend to exactly what users can observe.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::domain::{Credited, Ledger, LedgerCommand, LedgerError, LedgerEvent};
+use crate::event::{Metadata, NewEvent, RecordedEvent};
+use crate::repository::{AsOf, Repository, RepositoryError, RetryPolicy, SnapshotPolicy};
+use crate::store::{
+    AppendLimits, AppendRequest, AppendResult, EventFilter, ExpectedVersion, ReadAll, ReadStream,
+    SnapshotRecord, Store, StoreError,
+};
+use crate::stream_id::StreamId;
+use crate::upcast;
+
+
+/// How long any single wait in the suite may take before the case fails.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Stamps every conformance case onto a backend as a named `#[tokio::test]`.
+///
+/// The argument is an expression callable with no arguments that returns a future of a fresh,
+/// empty store (`|| async { .. }`). Use it once per backend test file, in its own module.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($factory:expr) => {
+        $crate::__conformance_cases!($factory;
+            append_assigns_versions_and_positions,
+            expected_version_any,
+            expected_version_no_stream,
+            expected_version_stream_exists,
+            expected_version_exact,
+            conflict_writes_nothing,
+            empty_append_checks_version_only,
+            idempotent_retry_returns_original_result,
+            idempotent_retry_after_later_appends,
+            partial_overlap_is_rejected,
+            event_id_of_other_stream_is_rejected,
+            duplicate_ids_in_one_batch_are_rejected,
+            batch_is_atomic,
+            oversized_payload_is_rejected,
+            read_stream_forward,
+            read_stream_backward,
+            read_missing_stream,
+            read_stream_pages_through_large_stream,
+            envelope_round_trips,
+            recorded_at_never_decreases,
+            read_all_in_commit_order,
+            read_all_filters,
+            head_position_tracks_appends,
+            concurrent_writers_one_stream,
+            concurrent_batches_do_not_interleave,
+            concurrent_writers_many_streams_tailing_subscriber,
+            subscription_catches_up_then_goes_live,
+            subscription_with_filter,
+            snapshots_upsert_if_newer,
+            repository_runs_commands,
+            command_on_missing_aggregate,
+            invalid_aggregate_id_is_rejected,
+            snapshots_are_invisible,
+            undecodable_snapshot_is_ignored,
+            upcasting_on_load,
+            historical_loads,
+            bad_stored_events_are_typed_errors,
+            concurrent_commands_retry_conflicts,
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_cases {
+    ($factory:expr; $($case:ident),+ $(,)?) => {
+        $(
+            #[$crate::__private::tokio::test(flavor = "multi_thread", worker_threads = 4, crate = "::es_core::__private::tokio")]
+            async fn $case() {
+                let store = ($factory)().await;
+                $crate::testing::conformance::$case(store).await;
+            }
+        )+
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn stream(name: &str) -> StreamId {
+    StreamId::parse(name).expect("test stream ids are valid")
+}
+
+fn event(event_type: &str, n: u64) -> NewEvent {
+    NewEvent::from_value(event_type, 1, &json!({ "n": n }))
+}
+
+fn events(event_type: &str, range: std::ops::Range<u64>) -> Vec<NewEvent> {
+    range.map(|n| event(event_type, n)).collect()
+}
+
+fn n_of(event: &RecordedEvent) -> u64 {
+    event.payload_json().expect("payload is JSON")["n"]
+        .as_u64()
+        .expect("payload has n")
+}
+
+async fn append<S: Store>(
+    store: &S,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+) -> Result<AppendResult, StoreError> {
+    store
+        .append(AppendRequest::new(stream.clone(), expected, events))
+        .await
+}
+
+async fn read<S: Store>(store: &S, stream: &StreamId, read: ReadStream) -> Vec<RecordedEvent> {
+    store
+        .read_stream(stream, read)
+        .try_collect()
+        .await
+        .expect("read_stream succeeds")
+}
+
+async fn read_all<S: Store>(store: &S, read: ReadAll) -> Vec<RecordedEvent> {
+    store
+        .read_all(read)
+        .try_collect()
+        .await
+        .expect("read_all succeeds")
+}
+
+fn versions(events: &[RecordedEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.stream_version).collect()
+}
+
+#[track_caller]
+fn assert_conflict(
+    result: Result<AppendResult, StoreError>,
+    on: &StreamId,
+    expected: ExpectedVersion,
+    actual: u64,
+) {
+    match result {
+        Err(StoreError::Conflict {
+            stream,
+            expected: e,
+            actual: a,
+        }) => {
+            assert_eq!(&stream, on, "conflict names the stream");
+            assert_eq!(e, expected, "conflict reports the expected version");
+            assert_eq!(a, actual, "conflict reports the actual version");
+        }
+        other => panic!("expected a conflict at version {actual}, got {other:?}"),
+    }
+}
+
+async fn patiently<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {PATIENCE:?}: {what}"))
+}
+
+fn repository<S: Store>(store: &S, policy: SnapshotPolicy) -> Repository<S> {
+    Repository::builder(store.clone())
+        .snapshot_policy::<Ledger>(policy)
+        .upcaster::<Ledger>(upcast::map("Credited", 1, |mut payload| {
+            payload["currency"] = json!("EUR");
+            Ok(payload)
+        }))
+        .retry_policy(RetryPolicy {
+            max_attempts: 1000,
+            max_transient_attempts: 5,
+            backoff: Duration::from_micros(100),
+        })
+        .build()
+        .expect("valid upcaster chain")
+}
+
+async fn run<S: Store>(repo: &Repository<S>, id: &str, command: LedgerCommand) -> u64 {
+    repo.execute::<Ledger>(id, &command)
+        .await
+        .unwrap_or_else(|e| panic!("{command:?} on {id} failed: {e}"))
+        .version
+}
+
+// ---------------------------------------------------------------------------------------------
+// Appends and expected versions
+
+/// Versions start at 1 and count up; positions increase strictly.
+pub async fn append_assigns_versions_and_positions<S: Store>(store: S) {
+    let s = stream("order-1");
+    let first = append(&store, &s, ExpectedVersion::NoStream, events("Placed", 0..3))
+        .await
+        .unwrap();
+    assert_eq!(first.stream_version, 3);
+    assert_eq!(first.first_version(), Some(1));
+    assert_eq!(first.positions.len(), 3);
+    assert!(first.positions.windows(2).all(|w| w[0] < w[1]));
+    assert!(!first.duplicate);
+    assert_eq!(store.stream_version(&s).await.unwrap(), 3);
+
+    let second = append(&store, &s, ExpectedVersion::Exact(3), events("Placed", 3..5))
+        .await
+        .unwrap();
+    assert_eq!(second.stream_version, 5);
+    assert_eq!(second.first_version(), Some(4));
+    assert!(second.positions[0] > first.positions[2]);
+
+    let stored = read(&store, &s, ReadStream::forward()).await;
+    assert_eq!(versions(&stored), vec![1, 2, 3, 4, 5]);
+    let positions: Vec<u64> = stored.iter().map(|e| e.global_position).collect();
+    let returned: Vec<u64> = first.positions.iter().chain(&second.positions).copied().collect();
+    assert_eq!(positions, returned, "reads report the positions the append returned");
+}
+
+/// `Any` appends whatever the version.
+pub async fn expected_version_any<S: Store>(store: S) {
+    let s = stream("order-any");
+    let r = append(&store, &s, ExpectedVersion::Any, vec![event("A", 1)]).await.unwrap();
+    assert_eq!(r.stream_version, 1);
+    let r = append(&store, &s, ExpectedVersion::Any, events("A", 2..4)).await.unwrap();
+    assert_eq!(r.stream_version, 3);
+}
+
+/// `NoStream` (and `Exact(0)`) only succeed on a stream with no events.
+pub async fn expected_version_no_stream<S: Store>(store: S) {
+    let s = stream("order-new");
+    append(&store, &s, ExpectedVersion::NoStream, vec![event("A", 1)]).await.unwrap();
+    let again = append(&store, &s, ExpectedVersion::NoStream, vec![event("A", 2)]).await;
+    assert_conflict(again, &s, ExpectedVersion::NoStream, 1);
+
+    let t = stream("order-zero");
+    append(&store, &t, ExpectedVersion::Exact(0), vec![event("A", 1)]).await.unwrap();
+    let again = append(&store, &t, ExpectedVersion::Exact(0), vec![event("A", 2)]).await;
+    assert_conflict(again, &t, ExpectedVersion::Exact(0), 1);
+}
+
+/// `StreamExists` fails on a stream with no events and succeeds on one with events.
+pub async fn expected_version_stream_exists<S: Store>(store: S) {
+    let s = stream("order-exists");
+    let missing = append(&store, &s, ExpectedVersion::StreamExists, vec![event("A", 1)]).await;
+    assert_conflict(missing, &s, ExpectedVersion::StreamExists, 0);
+    assert_eq!(store.stream_version(&s).await.unwrap(), 0);
+    append(&store, &s, ExpectedVersion::NoStream, vec![event("A", 1)]).await.unwrap();
+    let r = append(&store, &s, ExpectedVersion::StreamExists, vec![event("A", 2)]).await.unwrap();
+    assert_eq!(r.stream_version, 2);
+}
+
+/// `Exact(v)` succeeds only at version `v` and reports the actual version otherwise.
+pub async fn expected_version_exact<S: Store>(store: S) {
+    let s = stream("order-exact");
+    let ahead = append(&store, &s, ExpectedVersion::Exact(1), vec![event("A", 0)]).await;
+    assert_conflict(ahead, &s, ExpectedVersion::Exact(1), 0);
+    append(&store, &s, ExpectedVersion::Exact(0), events("A", 0..2)).await.unwrap();
+    let stale = append(&store, &s, ExpectedVersion::Exact(1), vec![event("A", 9)]).await;
+    assert_conflict(stale, &s, ExpectedVersion::Exact(1), 2);
+    let ahead = append(&store, &s, ExpectedVersion::Exact(5), vec![event("A", 9)]).await;
+    assert_conflict(ahead, &s, ExpectedVersion::Exact(5), 2);
+    let r = append(&store, &s, ExpectedVersion::Exact(2), vec![event("A", 2)]).await.unwrap();
+    assert_eq!(r.stream_version, 3);
+}
+
+/// A rejected append leaves no trace: the stream, the feed and the event ids are untouched.
+pub async fn conflict_writes_nothing<S: Store>(store: S) {
+    let s = stream("order-c");
+    append(&store, &s, ExpectedVersion::NoStream, events("A", 0..2)).await.unwrap();
+    let head = store.head_position().await.unwrap();
+    let rejected = events("B", 0..3);
+    let result = append(&store, &s, ExpectedVersion::Exact(1), rejected.clone()).await;
+    assert_conflict(result, &s, ExpectedVersion::Exact(1), 2);
+    assert_eq!(store.stream_version(&s).await.unwrap(), 2);
+    assert_eq!(store.head_position().await.unwrap(), head);
+    assert_eq!(read(&store, &s, ReadStream::forward()).await.len(), 2);
+    assert_eq!(read_all(&store, ReadAll::after(head)).await.len(), 0);
+    // The ids of the rejected batch were not consumed.
+    let r = append(&store, &s, ExpectedVersion::Exact(2), rejected).await.unwrap();
+    assert!(!r.duplicate);
+    assert_eq!(r.stream_version, 5);
+}
+
+/// An empty append checks the expected version and writes nothing.
+pub async fn empty_append_checks_version_only<S: Store>(store: S) {
+    let s = stream("order-e");
+    let r = append(&store, &s, ExpectedVersion::NoStream, Vec::new()).await.unwrap();
+    assert_eq!(r.stream_version, 0);
+    assert!(r.positions.is_empty());
+    append(&store, &s, ExpectedVersion::NoStream, events("A", 0..2)).await.unwrap();
+    let r = append(&store, &s, ExpectedVersion::Exact(2), Vec::new()).await.unwrap();
+    assert_eq!(r.stream_version, 2);
+    let wrong = append(&store, &s, ExpectedVersion::Exact(1), Vec::new()).await;
+    assert_conflict(wrong, &s, ExpectedVersion::Exact(1), 2);
+    assert_eq!(store.stream_version(&s).await.unwrap(), 2);
+}
+
+/// Re-sending a stored batch returns the original result and writes nothing.
+pub async fn idempotent_retry_returns_original_result<S: Store>(store: S) {
+    let s = stream("order-idem");
+    let batch = events("A", 0..3);
+    let original = append(&store, &s, ExpectedVersion::NoStream, batch.clone()).await.unwrap();
+    let head = store.head_position().await.unwrap();
+    for expected in [ExpectedVersion::NoStream, ExpectedVersion::Any, ExpectedVersion::Exact(0)] {
+        let retry = append(&store, &s, expected, batch.clone()).await.unwrap();
+        assert!(retry.duplicate, "a retry is reported as a duplicate");
+        assert_eq!(retry.stream_version, original.stream_version);
+        assert_eq!(retry.positions, original.positions);
+    }
+    assert_eq!(store.head_position().await.unwrap(), head);
+    assert_eq!(read(&store, &s, ReadStream::forward()).await.len(), 3);
+}
+
+/// A retry of an earlier batch still returns that batch's result after later appends.
+pub async fn idempotent_retry_after_later_appends<S: Store>(store: S) {
+    let s = stream("order-idem2");
+    let first = vec![event("A", 0)];
+    let r1 = append(&store, &s, ExpectedVersion::NoStream, first.clone()).await.unwrap();
+    append(&store, &s, ExpectedVersion::Exact(1), events("A", 1..3)).await.unwrap();
+    let retry = append(&store, &s, ExpectedVersion::NoStream, first).await.unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(retry.stream_version, 1);
+    assert_eq!(retry.positions, r1.positions);
+    assert_eq!(store.stream_version(&s).await.unwrap(), 3);
+}
+
+/// A batch that partly overlaps stored events is rejected and writes nothing.
+pub async fn partial_overlap_is_rejected<S: Store>(store: S) {
+    let s = stream("order-overlap");
+    let a = event("A", 0);
+    let b = event("A", 1);
+    let c = event("A", 2);
+    append(&store, &s, ExpectedVersion::NoStream, vec![a.clone(), b.clone()]).await.unwrap();
+    let head = store.head_position().await.unwrap();
+    let overlap = append(&store, &s, ExpectedVersion::Exact(2), vec![b.clone(), c.clone()]).await;
+    match overlap {
+        Err(StoreError::DuplicateEvent { stream: on, event_id, .. }) => {
+            assert_eq!(on, s);
+            assert_eq!(event_id, b.event_id);
+        }
+        other => panic!("expected DuplicateEvent, got {other:?}"),
+    }
+    // Stored events in another order are not a retry either.
+    let reordered = append(&store, &s, ExpectedVersion::Any, vec![b.clone(), a.clone()]).await;
+    assert!(matches!(reordered, Err(StoreError::DuplicateEvent { .. })), "{reordered:?}");
+    assert_eq!(store.head_position().await.unwrap(), head);
+    assert_eq!(store.stream_version(&s).await.unwrap(), 2);
+    let r = append(&store, &s, ExpectedVersion::Exact(2), vec![c]).await.unwrap();
+    assert_eq!(r.stream_version, 3, "the new event of the rejected batch was not stored");
+}
+
+/// An event id stored in one stream cannot be appended to another.
+pub async fn event_id_of_other_stream_is_rejected<S: Store>(store: S) {
+    let s1 = stream("order-a");
+    let s2 = stream("order-b");
+    let e = event("A", 0);
+    append(&store, &s1, ExpectedVersion::NoStream, vec![e.clone()]).await.unwrap();
+    let r = append(&store, &s2, ExpectedVersion::Any, vec![e.clone()]).await;
+    match r {
+        Err(StoreError::DuplicateEvent { stream: on, event_id, .. }) => {
+            assert_eq!(on, s2);
+            assert_eq!(event_id, e.event_id);
+        }
+        other => panic!("expected DuplicateEvent, got {other:?}"),
+    }
+    assert_eq!(store.stream_version(&s2).await.unwrap(), 0);
+}
+
+/// A batch naming one event id twice is malformed.
+pub async fn duplicate_ids_in_one_batch_are_rejected<S: Store>(store: S) {
+    let s = stream("order-dup");
+    let e = event("A", 0);
+    let r = append(&store, &s, ExpectedVersion::Any, vec![e.clone(), e]).await;
+    assert!(matches!(r, Err(StoreError::InvalidRequest { .. })), "{r:?}");
+    assert_eq!(store.stream_version(&s).await.unwrap(), 0);
+    assert_eq!(store.head_position().await.unwrap(), 0);
+}
+
+/// A batch whose last event is invalid stores none of its events.
+pub async fn batch_is_atomic<S: Store>(store: S) {
+    let s = stream("order-atomic");
+    let limit = AppendLimits::default().max_payload_bytes;
+    let mut batch = events("A", 0..4);
+    let big = format!("\"{}\"", "x".repeat(limit));
+    batch.push(NewEvent::new("A", 1, big).unwrap());
+    let r = append(&store, &s, ExpectedVersion::Any, batch).await;
+    assert!(matches!(r, Err(StoreError::PayloadTooLarge { .. })), "{r:?}");
+    assert_eq!(store.stream_version(&s).await.unwrap(), 0);
+    assert_eq!(store.head_position().await.unwrap(), 0);
+    assert!(read(&store, &s, ReadStream::forward()).await.is_empty());
+
+    // A conflict part-way into a sequence of appends leaves earlier appends intact and adds
+    // nothing of its own.
+    append(&store, &s, ExpectedVersion::NoStream, events("A", 0..2)).await.unwrap();
+    let r = append(&store, &s, ExpectedVersion::NoStream, events("A", 2..50)).await;
+    assert_conflict(r, &s, ExpectedVersion::NoStream, 2);
+    assert_eq!(read(&store, &s, ReadStream::forward()).await.len(), 2);
+}
+
+/// A payload over the limit is a typed error naming the event.
+pub async fn oversized_payload_is_rejected<S: Store>(store: S) {
+    let s = stream("order-big");
+    let limit = AppendLimits::default().max_payload_bytes;
+    let big = NewEvent::new("A", 1, format!("\"{}\"", "y".repeat(limit))).unwrap();
+    let id = big.event_id;
+    match append(&store, &s, ExpectedVersion::Any, vec![big]).await {
+        Err(StoreError::PayloadTooLarge { stream: on, event_id, size, limit: l }) => {
+            assert_eq!(on, s);
+            assert_eq!(event_id, id);
+            assert_eq!(size, limit + 2);
+            assert_eq!(l, limit);
+        }
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    // Just under the limit is fine.
+    let fits = NewEvent::new("A", 1, format!("\"{}\"", "z".repeat(limit - 2))).unwrap();
+    append(&store, &s, ExpectedVersion::Any, vec![fits]).await.unwrap();
+    let stored = read(&store, &s, ReadStream::forward()).await;
+    assert_eq!(stored[0].payload_json().unwrap().as_str().map(str::len), Some(limit - 2));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads
+
+/// Forward reads honour the start version and the limit.
+pub async fn read_stream_forward<S: Store>(store: S) {
+    let s = stream("order-f");
+    append(&store, &s, ExpectedVersion::NoStream, events("A", 1..11)).await.unwrap();
+    let all = read(&store, &s, ReadStream::forward()).await;
+    assert_eq!(versions(&all), (1..=10).collect::<Vec<_>>());
+    assert_eq!(all.iter().map(n_of).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+    let page = read(&store, &s, ReadStream::forward().from(4).limit(3)).await;
+    assert_eq!(versions(&page), vec![4, 5, 6]);
+    let tail = read(&store, &s, ReadStream::forward().from(9).limit(5)).await;
+    assert_eq!(versions(&tail), vec![9, 10]);
+    assert!(read(&store, &s, ReadStream::forward().from(11)).await.is_empty());
+    assert!(read(&store, &s, ReadStream::forward().limit(0)).await.is_empty());
+    let from_zero = read(&store, &s, ReadStream::forward().from(0).limit(2)).await;
+    assert_eq!(versions(&from_zero), vec![1, 2]);
+}
+
+/// Backward reads honour the start version and the limit.
+pub async fn read_stream_backward<S: Store>(store: S) {
+    let s = stream("order-b");
+    append(&store, &s, ExpectedVersion::NoStream, events("A", 1..11)).await.unwrap();
+    let all = read(&store, &s, ReadStream::backward()).await;
+    assert_eq!(versions(&all), (1..=10).rev().collect::<Vec<_>>());
+    let page = read(&store, &s, ReadStream::backward().from(7).limit(3)).await;
+    assert_eq!(versions(&page), vec![7, 6, 5]);
+    let last = read(&store, &s, ReadStream::backward().limit(1)).await;
+    assert_eq!(versions(&last), vec![10]);
+    let head = read(&store, &s, ReadStream::backward().from(2).limit(5)).await;
+    assert_eq!(versions(&head), vec![2, 1]);
+    assert!(read(&store, &s, ReadStream::backward().from(0)).await.is_empty());
+    let beyond = read(&store, &s, ReadStream::backward().from(50).limit(2)).await;
+    assert_eq!(versions(&beyond), vec![10, 9]);
+}
+
+/// A stream with no events reads empty at version 0.
+pub async fn read_missing_stream<S: Store>(store: S) {
+    let s = stream("order-none");
+    assert_eq!(store.stream_version(&s).await.unwrap(), 0);
+    assert!(read(&store, &s, ReadStream::forward()).await.is_empty());
+    assert!(read(&store, &s, ReadStream::backward()).await.is_empty());
+    assert!(read_all(&store, ReadAll::after(0)).await.is_empty());
+    assert_eq!(store.head_position().await.unwrap(), 0);
+    assert!(store.load_snapshot(&s).await.unwrap().is_none());
+}
+
+/// Reads of a stream longer than any page size return every event in order.
+pub async fn read_stream_pages_through_large_stream<S: Store>(store: S) {
+    let s = stream("order-large");
+    let other = stream("order-other");
+    for chunk in 0..5u64 {
+        append(&store, &s, ExpectedVersion::Exact(chunk * 500), events("A", chunk * 500..(chunk + 1) * 500))
+            .await
+            .unwrap();
+        append(&store, &other, ExpectedVersion::Any, events("B", 0..3)).await.unwrap();
+    }
+    let forward = read(&store, &s, ReadStream::forward()).await;
+    assert_eq!(versions(&forward), (1..=2500).collect::<Vec<_>>());
+    assert!(forward.iter().enumerate().all(|(i, e)| n_of(e) == i as u64));
+    let backward = read(&store, &s, ReadStream::backward()).await;
+    assert_eq!(versions(&backward), (1..=2500).rev().collect::<Vec<_>>());
+    let middle = read(&store, &s, ReadStream::forward().from(1200).limit(1100)).await;
+    assert_eq!(versions(&middle), (1200..2300).collect::<Vec<_>>());
+    let all = read_all(&store, ReadAll::after(0)).await;
+    assert_eq!(all.len(), 2515);
+    assert!(all.windows(2).all(|w| w[0].global_position < w[1].global_position));
+}
+
+/// Every envelope field survives the round trip.
+pub async fn envelope_round_trips<S: Store>(store: S) {
+    let s = stream("order-env");
+    let payload = json!({
+        "text": "grüße, \"quotes\", 'single', \\ backslash, 日本語, emoji 🎉",
+        "nested": { "list": [1, 2.5, null, true, { "deep": [] }] },
+        "big": 9_007_199_254_740_991u64,
+    });
+    let metadata = Metadata::new()
+        .with_correlation_id(Uuid::now_v7())
+        .with_causation_id(Uuid::new_v4())
+        .with_actor("user:ada@example.com")
+        .with("tenant", "acme")
+        .with("trace", json!({ "span": 42, "sampled": true }));
+    let new = NewEvent::from_value("OrderPlaced", 7, &payload).with_metadata(metadata.clone());
+    let before = chrono::Utc::now() - chrono::Duration::seconds(2);
+    let r = append(&store, &s, ExpectedVersion::NoStream, vec![new.clone()]).await.unwrap();
+    let after = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let check = |e: &RecordedEvent| {
+        assert_eq!(e.event_id, new.event_id);
+        assert_eq!(e.stream_id, s);
+        assert_eq!(e.category(), "order");
+        assert_eq!(e.stream_version, 1);
+        assert_eq!(e.global_position, r.positions[0]);
+        assert_eq!(e.event_type, "OrderPlaced");
+        assert_eq!(e.schema_version, 7);
+        assert_eq!(e.payload_json().unwrap(), payload);
+        assert_eq!(e.metadata, metadata);
+        assert!(e.recorded_at >= before && e.recorded_at <= after, "recorded_at {}", e.recorded_at);
+        assert_eq!(e.recorded_at.timestamp_subsec_nanos() % 1000, 0, "microsecond precision");
+    };
+    check(&read(&store, &s, ReadStream::forward()).await[0]);
+    check(&read(&store, &s, ReadStream::backward()).await[0]);
+    check(&read_all(&store, ReadAll::after(0)).await[0]);
+    let mut sub = store.subscribe(0, EventFilter::all());
+    check(&patiently("subscription delivers", sub.next()).await.unwrap().unwrap());
+}
+
+/// `recorded_at` never decreases along a stream or the feed.
+pub async fn recorded_at_never_decreases<S: Store>(store: S) {
+    let s = stream("order-time");
+    for i in 0..20 {
+        append(&store, &s, ExpectedVersion::Any, events("A", i..i + 1)).await.unwrap();
+    }
+    let stored = read(&store, &s, ReadStream::forward()).await;
+    assert!(stored.windows(2).all(|w| w[0].recorded_at <= w[1].recorded_at));
+}
+
+/// The global feed returns events in commit order, after a position, up to a limit.
+pub async fn read_all_in_commit_order<S: Store>(store: S) {
+    let streams = [stream("order-x"), stream("order-y"), stream("payment-z")];
+    let mut expected = Vec::new();
+    for round in 0..4u64 {
+        for (i, s) in streams.iter().enumerate() {
+            let batch = events("A", round * 10 + i as u64 * 100..round * 10 + i as u64 * 100 + 2);
+            expected.extend(batch.iter().map(|e| e.event_id));
+            append(&store, s, ExpectedVersion::Any, batch).await.unwrap();
+        }
+    }
+    let all = read_all(&store, ReadAll::after(0)).await;
+    assert_eq!(all.iter().map(|e| e.event_id).collect::<Vec<_>>(), expected);
+    assert!(all.windows(2).all(|w| w[0].global_position < w[1].global_position));
+    for s in &streams {
+        let per_stream: Vec<u64> = all.iter().filter(|e| &e.stream_id == s).map(|e| e.stream_version).collect();
+        assert_eq!(per_stream, (1..=8).collect::<Vec<_>>());
+    }
+    let cut = all[9].global_position;
+    let rest = read_all(&store, ReadAll::after(cut)).await;
+    assert_eq!(rest.iter().map(|e| e.event_id).collect::<Vec<_>>(), expected[10..]);
+    let page = read_all(&store, ReadAll::after(cut).limit(5)).await;
+    assert_eq!(page.iter().map(|e| e.event_id).collect::<Vec<_>>(), expected[10..15]);
+    let last = all.last().unwrap().global_position;
+    assert!(read_all(&store, ReadAll::after(last)).await.is_empty());
+    assert!(read_all(&store, ReadAll::after(0).limit(0)).await.is_empty());
+}
+
+/// Category and event-type filters, alone and combined.
+pub async fn read_all_filters<S: Store>(store: S) {
+    for i in 0..30u64 {
+        let (s, t) = match i % 3 {
+            0 => ("order-1", "Placed"),
+            1 => ("payment-1", "Paid"),
+            _ => ("order-2", "Shipped"),
+        };
+        append(&store, &stream(s), ExpectedVersion::Any, vec![event(t, i)]).await.unwrap();
+    }
+    let orders = read_all(&store, ReadAll::after(0).filter(EventFilter::all().category("order"))).await;
+    assert_eq!(orders.len(), 20);
+    assert!(orders.iter().all(|e| e.category() == "order"));
+    assert!(orders.windows(2).all(|w| w[0].global_position < w[1].global_position));
+    let two = EventFilter::all().category("order").category("payment");
+    assert_eq!(read_all(&store, ReadAll::after(0).filter(two)).await.len(), 30);
+    let paid = read_all(&store, ReadAll::after(0).filter(EventFilter::all().event_type("Paid"))).await;
+    assert_eq!(paid.iter().map(n_of).collect::<Vec<_>>(), (0..30).filter(|i| i % 3 == 1).collect::<Vec<_>>());
+    let both = EventFilter::all().category("order").event_type("Shipped");
+    let shipped = read_all(&store, ReadAll::after(0).filter(both.clone())).await;
+    assert_eq!(shipped.len(), 10);
+    let page = read_all(&store, ReadAll::after(shipped[2].global_position).limit(3).filter(both)).await;
+    assert_eq!(page.iter().map(n_of).collect::<Vec<_>>(), shipped[3..6].iter().map(n_of).collect::<Vec<_>>());
+    let none = EventFilter::all().category("nothing");
+    assert!(read_all(&store, ReadAll::after(0).filter(none)).await.is_empty());
+    // A category is matched whole, not as a prefix.
+    let prefix = EventFilter::all().category("ord");
+    assert!(read_all(&store, ReadAll::after(0).filter(prefix)).await.is_empty());
+}
+
+/// The head is the last visible position.
+pub async fn head_position_tracks_appends<S: Store>(store: S) {
+    assert_eq!(store.head_position().await.unwrap(), 0);
+    let r = append(&store, &stream("order-h"), ExpectedVersion::Any, events("A", 0..3)).await.unwrap();
+    assert_eq!(store.head_position().await.unwrap(), r.positions[2]);
+    let r = append(&store, &stream("order-i"), ExpectedVersion::Any, events("A", 0..1)).await.unwrap();
+    assert_eq!(store.head_position().await.unwrap(), r.positions[0]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Concurrency
+
+/// Sixteen writers race on one stream with exact expected versions: every version has exactly one
+/// winner and no event is lost or stored twice.
+pub async fn concurrent_writers_one_stream<S: Store>(store: S) {
+    const WRITERS: u64 = 16;
+    const PER_WRITER: u64 = 20;
+    let s = stream("order-hot");
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let store = store.clone();
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut won = Vec::new();
+            let mut conflicts = 0u64;
+            for i in 0..PER_WRITER {
+                let e = event("A", w * 1000 + i);
+                loop {
+                    let v = store.stream_version(&s).await.unwrap();
+                    match append(&store, &s, ExpectedVersion::Exact(v), vec![e.clone()]).await {
+                        Ok(r) => {
+                            assert_eq!(r.stream_version, v + 1);
+                            won.push((r.stream_version, e.event_id));
+                            break;
+                        }
+                        Err(StoreError::Conflict { actual, .. }) => {
+                            assert!(actual > v, "a conflict means the stream moved on");
+                            conflicts += 1;
+                        }
+                        Err(other) => panic!("unexpected error: {other}"),
+                    }
+                }
+            }
+            (won, conflicts)
+        }));
+    }
+    let mut winners: BTreeMap<u64, Uuid> = BTreeMap::new();
+    for t in tasks {
+        let (won, _) = patiently("writers finish", t).await.unwrap();
+        for (version, id) in won {
+            assert!(winners.insert(version, id).is_none(), "version {version} had two winners");
+        }
+    }
+    let total = WRITERS * PER_WRITER;
+    assert_eq!(winners.keys().copied().collect::<Vec<_>>(), (1..=total).collect::<Vec<_>>());
+    let stored = read(&store, &s, ReadStream::forward()).await;
+    assert_eq!(versions(&stored), (1..=total).collect::<Vec<_>>());
+    for e in &stored {
+        assert_eq!(winners[&e.stream_version], e.event_id, "stored event is the winner's");
+    }
+}
+
+/// Two large batches appended concurrently with `Any` land contiguously, not interleaved.
+pub async fn concurrent_batches_do_not_interleave<S: Store>(store: S) {
+    let s = stream("order-batches");
+    let a = events("A", 0..500);
+    let b = events("B", 0..500);
+    let (ra, rb) = tokio::join!(
+        append(&store, &s, ExpectedVersion::Any, a),
+        append(&store, &s, ExpectedVersion::Any, b)
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    let mut ends = [ra.stream_version, rb.stream_version];
+    ends.sort_unstable();
+    assert_eq!(ends, [500, 1000]);
+    let stored = read(&store, &s, ReadStream::forward()).await;
+    let first = &stored[0].event_type;
+    assert!(stored[..500].iter().all(|e| &e.event_type == first));
+    assert!(stored[500..].iter().all(|e| &e.event_type != first));
+    let all = read_all(&store, ReadAll::after(0)).await;
+    assert_eq!(versions(&all), (1..=1000).collect::<Vec<_>>());
+}
+
+/// Writers on many streams while a subscriber and a polling reader tail the feed: neither
+/// misses, repeats or reorders an event, and per-stream order holds in the feed.
+pub async fn concurrent_writers_many_streams_tailing_subscriber<S: Store>(store: S) {
+    const WRITERS: u64 = 16;
+    const STREAMS: u64 = 100;
+    const APPENDS_PER_WRITER: u64 = 60;
+    let subscriber = {
+        let mut sub = store.subscribe(0, EventFilter::all());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some(e) = sub.next().await {
+                let e = e.expect("subscription never fails here");
+                let done = e.event_type == "Done";
+                seen.push(e);
+                if done {
+                    break;
+                }
+            }
+            seen
+        })
+    };
+    let poller = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut after = 0;
+            loop {
+                let page = read_all(&store, ReadAll::after(after).limit(100)).await;
+                let done = page.iter().any(|e| e.event_type == "Done");
+                if let Some(last) = page.last() {
+                    after = last.global_position;
+                }
+                seen.extend(page);
+                if done {
+                    break seen;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let mut written = Vec::new();
+            for i in 0..APPENDS_PER_WRITER {
+                let s = stream(&format!("order-{}", (w * 7 + i * 13) % STREAMS));
+                let batch = events("A", 0..1 + (i % 3));
+                let ids: Vec<Uuid> = batch.iter().map(|e| e.event_id).collect();
+                append(&store, &s, ExpectedVersion::Any, batch).await.unwrap();
+                written.extend(ids);
+            }
+            written
+        }));
+    }
+    let mut written = HashSet::new();
+    for w in writers {
+        written.extend(patiently("writers finish", w).await.unwrap());
+    }
+    let done = event("Done", 0);
+    written.insert(done.event_id);
+    append(&store, &stream("control-1"), ExpectedVersion::Any, vec![done]).await.unwrap();
+
+    for (name, seen) in [
+        ("subscriber", patiently("subscriber sees everything", subscriber).await.unwrap()),
+        ("poller", patiently("poller sees everything", poller).await.unwrap()),
+    ] {
+        assert!(
+            seen.windows(2).all(|w| w[0].global_position < w[1].global_position),
+            "{name}: positions strictly increase"
+        );
+        let ids: HashSet<Uuid> = seen.iter().map(|e| e.event_id).collect();
+        assert_eq!(ids.len(), seen.len(), "{name}: no event delivered twice");
+        let missed = written.difference(&ids).count();
+        assert_eq!(missed, 0, "{name}: missed {missed} of {} events", written.len());
+        assert_eq!(ids.len(), written.len(), "{name}: nothing unexpected delivered");
+        let mut last: HashMap<&StreamId, u64> = HashMap::new();
+        for e in &seen {
+            let prev = last.insert(&e.stream_id, e.stream_version).unwrap_or(0);
+            assert_eq!(e.stream_version, prev + 1, "{name}: per-stream order in the feed");
+        }
+    }
+}
+
+/// A subscription delivers stored events, then new ones as they are appended, and can start
+/// from any position.
+pub async fn subscription_catches_up_then_goes_live<S: Store>(store: S) {
+    let s = stream("order-sub");
+    let r = append(&store, &s, ExpectedVersion::NoStream, events("A", 0..5)).await.unwrap();
+    let mut sub = store.subscribe(0, EventFilter::all());
+    for n in 0..5 {
+        let e = patiently("catch-up", sub.next()).await.unwrap().unwrap();
+        assert_eq!(n_of(&e), n);
+    }
+    let writer = {
+        let store = store.clone();
+        let s = s.clone();
+        tokio::spawn(async move {
+            for n in 5..8 {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                append(&store, &s, ExpectedVersion::Any, vec![event("A", n)]).await.unwrap();
+            }
+        })
+    };
+    for n in 5..8 {
+        let e = patiently("live event", sub.next()).await.unwrap().unwrap();
+        assert_eq!(n_of(&e), n);
+        assert_eq!(e.stream_version, n + 1);
+    }
+    writer.await.unwrap();
+    let mut late = store.subscribe(r.positions[2], EventFilter::all());
+    let e = patiently("resume after a position", late.next()).await.unwrap().unwrap();
+    assert_eq!(e.stream_version, 4);
+}
+
+/// A filtered subscription delivers only matching events, in order, catching up and live.
+pub async fn subscription_with_filter<S: Store>(store: S) {
+    for i in 0..10u64 {
+        let s = if i % 2 == 0 { "order-1" } else { "payment-1" };
+        append(&store, &stream(s), ExpectedVersion::Any, vec![event("A", i)]).await.unwrap();
+    }
+    let mut sub = store.subscribe(0, EventFilter::all().category("payment"));
+    for n in [1, 3, 5, 7, 9] {
+        let e = patiently("filtered catch-up", sub.next()).await.unwrap().unwrap();
+        assert_eq!((e.category(), n_of(&e)), ("payment", n));
+    }
+    for i in 10..40u64 {
+        append(&store, &stream("order-1"), ExpectedVersion::Any, vec![event("A", i)]).await.unwrap();
+    }
+    append(&store, &stream("payment-1"), ExpectedVersion::Any, vec![event("A", 99)]).await.unwrap();
+    let e = patiently("filtered live event", sub.next()).await.unwrap().unwrap();
+    assert_eq!((e.category(), n_of(&e)), ("payment", 99));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots
+
+/// Snapshots are upserted only when newer.
+pub async fn snapshots_upsert_if_newer<S: Store>(store: S) {
+    let s = stream("ledger-snap");
+    let snap = |version: u64, payload: &str| SnapshotRecord {
+        stream_id: s.clone(),
+        version,
+        schema_version: 3,
+        payload: Bytes::from(payload.to_owned()),
+        recorded_at: crate::event::now_micros(),
+    };
+    assert!(store.load_snapshot(&s).await.unwrap().is_none());
+    assert!(store.save_snapshot(snap(5, r#"{"v":5}"#)).await.unwrap());
+    let loaded = store.load_snapshot(&s).await.unwrap().unwrap();
+    assert_eq!((loaded.version, loaded.schema_version), (5, 3));
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&loaded.payload).unwrap(), json!({"v": 5}));
+    assert!(!store.save_snapshot(snap(3, r#"{"v":3}"#)).await.unwrap(), "older snapshot ignored");
+    assert!(!store.save_snapshot(snap(5, r#"{"v":55}"#)).await.unwrap(), "same version ignored");
+    assert_eq!(store.load_snapshot(&s).await.unwrap().unwrap().version, 5);
+    assert!(store.save_snapshot(snap(8, r#"{"v":8}"#)).await.unwrap());
+    assert_eq!(store.load_snapshot(&s).await.unwrap().unwrap().version, 8);
+    assert!(store.load_snapshot(&stream("ledger-other")).await.unwrap().is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The repository on this store
+
+/// Commands are decided on the loaded state; domain errors name the stream and version.
+pub async fn repository_runs_commands<S: Store>(store: S) {
+    let repo = repository(&store, SnapshotPolicy::Never);
+    assert_eq!(run(&repo, "a", LedgerCommand::Open).await, 1);
+    assert_eq!(run(&repo, "a", LedgerCommand::Credit(100)).await, 2);
+    assert_eq!(run(&repo, "a", LedgerCommand::Debit(30)).await, 3);
+    let noop = repo.execute::<Ledger>("a", &LedgerCommand::Noop).await.unwrap();
+    assert_eq!((noop.version, noop.events.len()), (3, 0));
+    match repo.execute::<Ledger>("a", &LedgerCommand::Debit(500)).await {
+        Err(RepositoryError::Domain { stream, version, source }) => {
+            assert_eq!(stream.as_str(), "ledger-a");
+            assert_eq!(version, 3);
+            assert_eq!(source, LedgerError::InsufficientFunds { balance: 70, requested: 500 });
+        }
+        other => panic!("expected a domain error, got {other:?}"),
+    }
+    let loaded = repo.load::<Ledger>("a").await.unwrap();
+    assert_eq!(loaded.version, 3);
+    assert_eq!(loaded.aggregate.balance, 70);
+    let stored = read(&store, &stream("ledger-a"), ReadStream::forward()).await;
+    let types: Vec<&str> = stored.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, ["Opened", "Credited", "Debited"]);
+    assert_eq!(stored[1].schema_version, 2);
+}
+
+/// A command on an aggregate with no events is decided on the default state at version 0.
+pub async fn command_on_missing_aggregate<S: Store>(store: S) {
+    let repo = repository(&store, SnapshotPolicy::Never);
+    match repo.execute::<Ledger>("ghost", &LedgerCommand::Credit(5)).await {
+        Err(RepositoryError::Domain { stream, version: 0, source: LedgerError::NotOpen }) => {
+            assert_eq!(stream.as_str(), "ledger-ghost");
+        }
+        other => panic!("expected NotOpen at version 0, got {other:?}"),
+    }
+    assert_eq!(store.head_position().await.unwrap(), 0);
+    let loaded = repo.load::<Ledger>("ghost").await.unwrap();
+    assert_eq!((loaded.version, loaded.aggregate), (0, Ledger::default()));
+}
+
+/// Ids that cannot form a stream id are rejected before the store is touched.
+pub async fn invalid_aggregate_id_is_rejected<S: Store>(store: S) {
+    let repo = repository(&store, SnapshotPolicy::Never);
+    let long = "x".repeat(10_000);
+    for bad in ["", "a b", "x'; DROP TABLE events; --", "{tag}", "ünï", long.as_str()] {
+        let r = repo.execute::<Ledger>(bad, &LedgerCommand::Open).await;
+        assert!(matches!(r, Err(RepositoryError::InvalidId(_))), "{bad:?}: {r:?}");
+    }
+    assert_eq!(store.head_position().await.unwrap(), 0);
+}
+
+/// Loading with snapshots gives exactly the state of a full replay.
+pub async fn snapshots_are_invisible<S: Store>(store: S) {
+    let with = repository(&store, SnapshotPolicy::EveryNEvents(3));
+    let without = repository(&store, SnapshotPolicy::Never);
+    run(&with, "s", LedgerCommand::Open).await;
+    let mut saved = 0;
+    for i in 1..=10 {
+        let r = with.execute::<Ledger>("s", &LedgerCommand::Credit(i)).await.unwrap();
+        saved += u32::from(r.snapshot_saved);
+    }
+    run(&with, "s", LedgerCommand::Debit(7)).await;
+    assert!(saved >= 3, "snapshots were taken ({saved})");
+    let snap = with.load::<Ledger>("s").await.unwrap();
+    assert!(snap.snapshot_version.is_some(), "the snapshot was used");
+    assert!(snap.events_read < snap.version);
+    let full = without.load::<Ledger>("s").await.unwrap();
+    assert_eq!(full.snapshot_version, None);
+    assert_eq!(full.events_read, 12);
+    assert_eq!(snap.aggregate, full.aggregate);
+    assert_eq!(snap.version, full.version);
+    let replay = with.load_without_snapshot::<Ledger>("s").await.unwrap();
+    assert_eq!(replay.aggregate, full.aggregate);
+    assert_eq!(full.aggregate.balance, 55 - 7);
+}
+
+/// A snapshot that does not decode, or has another schema version, is ignored.
+pub async fn undecodable_snapshot_is_ignored<S: Store>(store: S) {
+    let repo = repository(&store, SnapshotPolicy::EveryNEvents(1));
+    run(&repo, "u", LedgerCommand::Open).await;
+    run(&repo, "u", LedgerCommand::Credit(10)).await;
+    let s = stream("ledger-u");
+    let bad = SnapshotRecord {
+        stream_id: s.clone(),
+        version: 50,
+        schema_version: 1,
+        payload: Bytes::from_static(br#"{"open": "yes"}"#),
+        recorded_at: crate::event::now_micros(),
+    };
+    assert!(store.save_snapshot(bad).await.unwrap());
+    let loaded = repo.load::<Ledger>("u").await.unwrap();
+    assert_eq!(loaded.snapshot_version, None);
+    assert_eq!((loaded.version, loaded.aggregate.balance), (2, 10));
+    let other_schema = SnapshotRecord {
+        stream_id: s,
+        version: 60,
+        schema_version: 99,
+        payload: Bytes::from(serde_json::to_vec(&loaded.aggregate).unwrap()),
+        recorded_at: crate::event::now_micros(),
+    };
+    assert!(store.save_snapshot(other_schema).await.unwrap());
+    let loaded = repo.load::<Ledger>("u").await.unwrap();
+    assert_eq!(loaded.snapshot_version, None);
+    assert_eq!(loaded.version, 2);
+    // Commands still work: the snapshot write fails to apply (older) and the command stands.
+    run(&repo, "u", LedgerCommand::Credit(1)).await;
+}
+
+/// Old event versions are upcast when loaded; the stored events stay as they were.
+pub async fn upcasting_on_load<S: Store>(store: S) {
+    let s = stream("ledger-old");
+    let old = vec![
+        NewEvent::from_value("Opened", 1, &json!({})),
+        NewEvent::from_value("Credited", 1, &json!({ "amount": 40 })),
+        NewEvent::from_value("Credited", 2, &json!({ "amount": 2, "currency": "USD" })),
+        NewEvent::from_value("Credited", 1, &json!({ "amount": 8 })),
+    ];
+    append(&store, &s, ExpectedVersion::NoStream, old).await.unwrap();
+    let repo = repository(&store, SnapshotPolicy::Never);
+    let loaded = repo.load::<Ledger>("old").await.unwrap();
+    assert_eq!(loaded.aggregate.balance, 50);
+    assert_eq!(loaded.aggregate.currency, "EUR");
+    let stored = read(&store, &s, ReadStream::forward()).await;
+    assert_eq!(stored[1].schema_version, 1, "stored events are never rewritten");
+    assert_eq!(stored[1].payload_json().unwrap(), json!({ "amount": 40 }));
+    let typed = repo.decode::<Ledger>(&stored[1]).unwrap();
+    assert_eq!(typed, vec![LedgerEvent::Credited(Credited { amount: 40, currency: "EUR".into() })]);
+}
+
+/// Past states by version, global position and time.
+pub async fn historical_loads<S: Store>(store: S) {
+    let repo = repository(&store, SnapshotPolicy::EveryNEvents(2));
+    let mut marks = Vec::new();
+    run(&repo, "h", LedgerCommand::Open).await;
+    for amount in [10, 20, 30, 40] {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let r = repo.execute::<Ledger>("h", &LedgerCommand::Credit(amount)).await.unwrap();
+        // Another stream's event between commands, so positions are not dense per stream.
+        append(&store, &stream("order-noise"), ExpectedVersion::Any, vec![event("A", 0)]).await.unwrap();
+        let stored = read(&store, &r.stream, ReadStream::backward().limit(1)).await;
+        marks.push((r.version, r.positions[0], stored[0].recorded_at, r.aggregate.balance));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for (version, position, at, balance) in marks {
+        for as_of in [AsOf::Version(version), AsOf::Position(position), AsOf::Time(at)] {
+            let past = repo.load_as_of::<Ledger>("h", as_of).await.unwrap();
+            assert_eq!((past.version, past.aggregate.balance), (version, balance), "{as_of:?}");
+        }
+    }
+    let before = repo.load_as_of::<Ledger>("h", AsOf::Time(chrono::Utc::now() - chrono::Duration::days(1))).await.unwrap();
+    assert_eq!((before.version, before.aggregate), (0, Ledger::default()));
+    let beyond = repo.load_as_of::<Ledger>("h", AsOf::Version(99)).await.unwrap();
+    assert_eq!((beyond.version, beyond.aggregate.balance), (5, 100));
+    let zero = repo.load_as_of::<Ledger>("h", AsOf::Version(0)).await.unwrap();
+    assert_eq!(zero.version, 0);
+}
+
+/// Unknown types, corrupt payloads, failing upcasters and newer schemas in a stream are typed
+/// errors that name the stream and version; the stored events stay readable.
+pub async fn bad_stored_events_are_typed_errors<S: Store>(store: S) {
+    let cases: Vec<(&str, NewEvent)> = vec![
+        ("unknown", NewEvent::from_value("Exploded", 1, &json!({}))),
+        ("corrupt", NewEvent::from_value("Debited", 1, &json!({ "amount": "lots" }))),
+        ("upcast", NewEvent::from_value("Credited", 1, &json!({ "amount": 1, "poison": true }))),
+        ("newer", NewEvent::from_value("Debited", 9, &json!({ "amount": 1 }))),
+    ];
+    let repo = Repository::builder(store.clone())
+        .upcaster::<Ledger>(upcast::map("Credited", 1, |mut payload| {
+            if payload.get("poison").is_some() {
+                return Err("poisoned payload".to_owned());
+            }
+            payload["currency"] = json!("EUR");
+            Ok(payload)
+        }))
+        .build()
+        .unwrap();
+    for (id, bad) in cases {
+        let s = StreamId::new("ledger", id).unwrap();
+        let good = NewEvent::from_value("Opened", 1, &json!({}));
+        append(&store, &s, ExpectedVersion::NoStream, vec![good, bad]).await.unwrap();
+        let err = repo.load::<Ledger>(id).await.unwrap_err();
+        let RepositoryError::Decode(decode) = &err else {
+            panic!("{id}: expected a decode error, got {err:?}");
+        };
+        let (on, version) = match decode {
+            crate::DecodeError::UnknownEventType { stream, version, .. } if id == "unknown" => (stream, version),
+            crate::DecodeError::Payload { stream, version, .. } if id == "corrupt" => (stream, version),
+            crate::DecodeError::Upcast { stream, version, reason, .. } if id == "upcast" => {
+                assert!(reason.contains("poisoned"), "{reason}");
+                (stream, version)
+            }
+            crate::DecodeError::SchemaVersion { stream, version, stored_version: 9, .. } if id == "newer" => (stream, version),
+            other => panic!("{id}: wrong decode error {other:?}"),
+        };
+        assert_eq!((on, *version), (&s, 2), "{id}: the error names stream and version");
+        assert!(err.to_string().contains(s.as_str()), "{id}: message names the stream: {err}");
+        // A command on it fails the same way and writes nothing.
+        let cmd = repo.execute::<Ledger>(id, &LedgerCommand::Credit(1)).await;
+        assert!(matches!(cmd, Err(RepositoryError::Decode(_))), "{id}: {cmd:?}");
+        assert_eq!(read(&store, &s, ReadStream::forward()).await.len(), 2, "{id}: nothing lost");
+    }
+}
+
+/// Concurrent commands on one aggregate all succeed through conflict retries.
+pub async fn concurrent_commands_retry_conflicts<S: Store>(store: S) {
+    let repo = repository(&store, SnapshotPolicy::EveryNEvents(5));
+    run(&repo, "hot", LedgerCommand::Open).await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let repo = repo.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut attempts = 0;
+            for _ in 0..15 {
+                attempts += repo.execute::<Ledger>("hot", &LedgerCommand::Credit(1)).await.unwrap().attempts;
+            }
+            attempts
+        }));
+    }
+    let mut attempts = 0;
+    for t in tasks {
+        attempts += patiently("commands finish", t).await.unwrap();
+    }
+    assert!(attempts >= 120);
+    let loaded = repo.load::<Ledger>("hot").await.unwrap();
+    assert_eq!((loaded.version, loaded.aggregate.balance), (121, 120));
+    let replay = repo.load_without_snapshot::<Ledger>("hot").await.unwrap();
+    assert_eq!(replay.aggregate, loaded.aggregate);
+}

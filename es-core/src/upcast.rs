@@ -1,0 +1,498 @@
+//! Schema evolution: upcasters turn stored events of an old `(event_type, schema_version)` into
+//! the current shape, on the serialized form, when they are read. Stored events are never
+//! rewritten.
+//!
+//! An upcaster transforms one `(type, version)` into zero or more events: the next version of
+//! the same type, a renamed type, several events (a split), or nothing (a retired event). It
+//! declares what it can produce, so that a chain is validated once when the
+//! [`Repository`](crate::Repository) is built: two upcasters for one source, an output that is
+//! neither a current event type nor the source of another upcaster (a gap), an upcaster for a
+//! current version, and cycles are all reported as [`UpcastChainError`]s.
+//!
+//! After upcasting, every event must be at the current schema version of its type; an event
+//! stored at an older version with no upcaster, or at a newer version than the application knows,
+//! is a [`DecodeError`], not a guess.
+//!
+//! ```
+//! use es_core::upcast;
+//! // v1 of "AccountOpened" had no currency; v2 requires one.
+//! let add_currency = upcast::map("AccountOpened", 1, |mut payload| {
+//!     payload["currency"] = "EUR".into();
+//!     Ok(payload)
+//! });
+//! # let _ = add_currency;
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::event::{DomainEvent, EventSchema, PayloadError, RecordedEvent};
+use crate::stream_id::StreamId;
+
+/// One event produced by an upcaster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpcastEvent {
+    /// Its event type.
+    pub event_type: String,
+    /// Its schema version.
+    pub schema_version: u32,
+    /// Its payload.
+    pub payload: Value,
+}
+
+/// Transforms stored events of one `(event_type, schema_version)`.
+pub trait Upcaster: Send + Sync + 'static {
+    /// The event type this upcaster reads.
+    fn event_type(&self) -> &str;
+    /// The schema version this upcaster reads.
+    fn from_version(&self) -> u32;
+    /// Every `(event_type, schema_version)` this upcaster may produce.
+    fn produces(&self) -> Vec<(String, u32)>;
+    /// Transforms one payload. An `Err` names what is wrong; it becomes a [`DecodeError`].
+    fn upcast(&self, payload: Value) -> Result<Vec<UpcastEvent>, String>;
+}
+
+type UpcastFn = dyn Fn(Value) -> Result<Vec<UpcastEvent>, String> + Send + Sync;
+
+/// An upcaster made of a closure; built by [`map`], [`rename`], [`retire`] and [`custom`].
+pub struct FnUpcaster {
+    event_type: String,
+    from_version: u32,
+    produces: Vec<(String, u32)>,
+    f: Box<UpcastFn>,
+}
+
+impl fmt::Debug for FnUpcaster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FnUpcaster")
+            .field("event_type", &self.event_type)
+            .field("from_version", &self.from_version)
+            .field("produces", &self.produces)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upcaster for FnUpcaster {
+    fn event_type(&self) -> &str {
+        &self.event_type
+    }
+    fn from_version(&self) -> u32 {
+        self.from_version
+    }
+    fn produces(&self) -> Vec<(String, u32)> {
+        self.produces.clone()
+    }
+    fn upcast(&self, payload: Value) -> Result<Vec<UpcastEvent>, String> {
+        (self.f)(payload)
+    }
+}
+
+/// Rewrites the payload of `(event_type, from_version)` into version `from_version + 1`.
+pub fn map<F>(event_type: &str, from_version: u32, f: F) -> FnUpcaster
+where
+    F: Fn(Value) -> Result<Value, String> + Send + Sync + 'static,
+{
+    let name = event_type.to_owned();
+    let to = from_version + 1;
+    FnUpcaster {
+        event_type: name.clone(),
+        from_version,
+        produces: vec![(name.clone(), to)],
+        f: Box::new(move |payload| {
+            Ok(vec![UpcastEvent {
+                event_type: name.clone(),
+                schema_version: to,
+                payload: f(payload)?,
+            }])
+        }),
+    }
+}
+
+/// Renames `(event_type, from_version)` to `(new_type, new_version)`, keeping the payload.
+pub fn rename(event_type: &str, from_version: u32, new_type: &str, new_version: u32) -> FnUpcaster {
+    let new_type = new_type.to_owned();
+    FnUpcaster {
+        event_type: event_type.to_owned(),
+        from_version,
+        produces: vec![(new_type.clone(), new_version)],
+        f: Box::new(move |payload| {
+            Ok(vec![UpcastEvent {
+                event_type: new_type.clone(),
+                schema_version: new_version,
+                payload,
+            }])
+        }),
+    }
+}
+
+/// Drops every stored `(event_type, from_version)` event on read (a retired event type).
+pub fn retire(event_type: &str, from_version: u32) -> FnUpcaster {
+    FnUpcaster {
+        event_type: event_type.to_owned(),
+        from_version,
+        produces: Vec::new(),
+        f: Box::new(|_| Ok(Vec::new())),
+    }
+}
+
+/// Any transformation of `(event_type, from_version)` into events of the declared `produces`
+/// kinds, for example a split into several events.
+pub fn custom<F>(event_type: &str, from_version: u32, produces: &[(&str, u32)], f: F) -> FnUpcaster
+where
+    F: Fn(Value) -> Result<Vec<UpcastEvent>, String> + Send + Sync + 'static,
+{
+    FnUpcaster {
+        event_type: event_type.to_owned(),
+        from_version,
+        produces: produces.iter().map(|(t, v)| ((*t).to_owned(), *v)).collect(),
+        f: Box::new(f),
+    }
+}
+
+/// Why a set of upcasters is not a valid chain for an event enum.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpcastChainError {
+    /// Two upcasters read the same `(type, version)`.
+    #[error("two upcasters read `{event_type}` v{version}")]
+    Duplicate {
+        /// Event type.
+        event_type: String,
+        /// Schema version.
+        version: u32,
+    },
+    /// An upcaster reads the current version of a type, which needs no upcasting.
+    #[error("an upcaster reads `{event_type}` v{version}, which is the current version")]
+    ReadsCurrentVersion {
+        /// Event type.
+        event_type: String,
+        /// Schema version.
+        version: u32,
+    },
+    /// An upcaster produces a `(type, version)` that is neither current nor upcast further.
+    #[error(
+        "the upcaster of `{from_type}` v{from_version} produces `{event_type}` v{version}, \
+         which is not a current event type and no upcaster reads it (a gap in the chain)"
+    )]
+    Gap {
+        /// Source type of the upcaster.
+        from_type: String,
+        /// Source version of the upcaster.
+        from_version: u32,
+        /// The dangling output type.
+        event_type: String,
+        /// The dangling output version.
+        version: u32,
+    },
+    /// Upcasters feed each other in a loop.
+    #[error("upcasters form a cycle: {path}")]
+    Cycle {
+        /// The cycle, as `type vN -> type vM -> ...`.
+        path: String,
+    },
+}
+
+/// Why a stored event could not become a typed event. Names the stream and version.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The stored event type is not part of the event enum and no upcaster handles it.
+    #[error("unknown event type `{event_type}` in `{stream}` at version {version}")]
+    UnknownEventType {
+        /// The stream.
+        stream: StreamId,
+        /// The stream version of the event.
+        version: u64,
+        /// The unknown type.
+        event_type: String,
+    },
+    /// The payload does not deserialize into the event's payload type.
+    #[error("corrupt payload of `{event_type}` in `{stream}` at version {version}: {source}")]
+    Payload {
+        /// The stream.
+        stream: StreamId,
+        /// The stream version of the event.
+        version: u64,
+        /// The event type.
+        event_type: String,
+        /// The deserialization error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An upcaster failed or produced something it did not declare.
+    #[error("upcasting `{event_type}` v{schema_version} in `{stream}` at version {version} failed: {reason}")]
+    Upcast {
+        /// The stream.
+        stream: StreamId,
+        /// The stream version of the event.
+        version: u64,
+        /// The event type being upcast.
+        event_type: String,
+        /// Its schema version.
+        schema_version: u32,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The event's schema version is not the current one and no upcaster bridges the two.
+    #[error(
+        "`{event_type}` in `{stream}` at version {version} is stored at schema v{stored_version} \
+         but the application reads v{current_version} and no upcaster bridges them"
+    )]
+    SchemaVersion {
+        /// The stream.
+        stream: StreamId,
+        /// The stream version of the event.
+        version: u64,
+        /// The event type.
+        event_type: String,
+        /// Stored schema version.
+        stored_version: u32,
+        /// Current schema version.
+        current_version: u32,
+    },
+}
+
+impl DecodeError {
+    fn from_payload(event: &RecordedEvent, event_type: &str, err: PayloadError) -> Self {
+        match err {
+            PayloadError::UnknownType(event_type) => Self::UnknownEventType {
+                stream: event.stream_id.clone(),
+                version: event.stream_version,
+                event_type,
+            },
+            PayloadError::Invalid(source) => Self::Payload {
+                stream: event.stream_id.clone(),
+                version: event.stream_version,
+                event_type: event_type.to_owned(),
+                source,
+            },
+        }
+    }
+}
+
+/// A validated set of upcasters for one event enum; decodes stored events into typed ones.
+#[derive(Clone, Default)]
+pub struct Upcasters {
+    by_type: HashMap<String, Vec<(u32, Arc<dyn Upcaster>)>>,
+}
+
+impl fmt::Debug for Upcasters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut keys: Vec<_> = self
+            .by_type
+            .iter()
+            .flat_map(|(t, vs)| vs.iter().map(move |(v, _)| format!("{t} v{v}")))
+            .collect();
+        keys.sort();
+        f.debug_struct("Upcasters").field("reads", &keys).finish()
+    }
+}
+
+impl Upcasters {
+    /// Validates `upcasters` as a chain into the current schemas of `E`.
+    pub fn for_events<E: DomainEvent>(
+        upcasters: Vec<Arc<dyn Upcaster>>,
+    ) -> Result<Self, UpcastChainError> {
+        Self::new(E::EVENT_TYPES, upcasters)
+    }
+
+    /// Validates `upcasters` as a chain into `current` schemas.
+    pub fn new(
+        current: &[EventSchema],
+        upcasters: Vec<Arc<dyn Upcaster>>,
+    ) -> Result<Self, UpcastChainError> {
+        let is_current = |t: &str, v: u32| current.iter().any(|s| s.name == t && s.version == v);
+        let mut by_key: HashMap<(String, u32), Arc<dyn Upcaster>> = HashMap::new();
+        for u in upcasters {
+            let key = (u.event_type().to_owned(), u.from_version());
+            if is_current(&key.0, key.1) {
+                return Err(UpcastChainError::ReadsCurrentVersion {
+                    event_type: key.0,
+                    version: key.1,
+                });
+            }
+            if by_key.contains_key(&key) {
+                return Err(UpcastChainError::Duplicate {
+                    event_type: key.0,
+                    version: key.1,
+                });
+            }
+            by_key.insert(key, u);
+        }
+        let mut keys: Vec<_> = by_key.keys().cloned().collect();
+        keys.sort();
+        for key in &keys {
+            for (t, v) in by_key[key].produces() {
+                if !is_current(&t, v) && !by_key.contains_key(&(t.clone(), v)) {
+                    return Err(UpcastChainError::Gap {
+                        from_type: key.0.clone(),
+                        from_version: key.1,
+                        event_type: t,
+                        version: v,
+                    });
+                }
+            }
+        }
+        // Depth-first search for cycles: 0 = unvisited, 1 = on the path, 2 = done.
+        let mut state: HashMap<(String, u32), u8> = HashMap::new();
+        for key in &keys {
+            let mut path = Vec::new();
+            find_cycle(key, &by_key, &mut state, &mut path)?;
+        }
+        let mut by_type: HashMap<String, Vec<(u32, Arc<dyn Upcaster>)>> = HashMap::new();
+        for ((t, v), u) in by_key {
+            by_type.entry(t).or_default().push((v, u));
+        }
+        Ok(Self { by_type })
+    }
+
+    /// Whether no upcaster is registered.
+    pub fn is_empty(&self) -> bool {
+        self.by_type.is_empty()
+    }
+
+    fn find(&self, event_type: &str, version: u32) -> Option<&Arc<dyn Upcaster>> {
+        self.by_type
+            .get(event_type)?
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, u)| u)
+    }
+
+    /// Upcasts and decodes one stored event, passing each resulting typed event to `sink`
+    /// (an upcaster may split an event into several, or drop it).
+    pub fn decode_into<E: DomainEvent>(
+        &self,
+        event: &RecordedEvent,
+        mut sink: impl FnMut(E),
+    ) -> Result<(), DecodeError> {
+        let Some(upcaster) = self.find(&event.event_type, event.schema_version) else {
+            check_version::<E>(event, &event.event_type, event.schema_version)?;
+            let typed = E::from_payload(&event.event_type, &event.payload)
+                .map_err(|e| DecodeError::from_payload(event, &event.event_type, e))?;
+            sink(typed);
+            return Ok(());
+        };
+        let upcast_err = |reason: String| DecodeError::Upcast {
+            stream: event.stream_id.clone(),
+            version: event.stream_version,
+            event_type: event.event_type.clone(),
+            schema_version: event.schema_version,
+            reason,
+        };
+        let payload: Value = serde_json::from_slice(&event.payload).map_err(|source| {
+            DecodeError::Payload {
+                stream: event.stream_id.clone(),
+                version: event.stream_version,
+                event_type: event.event_type.clone(),
+                source,
+            }
+        })?;
+        self.expand(event, upcaster, payload, &upcast_err, &mut sink)
+    }
+
+    /// Runs `upcaster` on `payload` and follows the chain for each output, in order.
+    fn expand<E: DomainEvent>(
+        &self,
+        event: &RecordedEvent,
+        upcaster: &Arc<dyn Upcaster>,
+        payload: Value,
+        upcast_err: &dyn Fn(String) -> DecodeError,
+        sink: &mut impl FnMut(E),
+    ) -> Result<(), DecodeError> {
+        let outputs = upcaster.upcast(payload).map_err(upcast_err)?;
+        let declared = upcaster.produces();
+        for out in outputs {
+            if !declared
+                .iter()
+                .any(|(t, v)| *t == out.event_type && *v == out.schema_version)
+            {
+                return Err(upcast_err(format!(
+                    "the upcaster of `{}` v{} produced `{}` v{}, which it does not declare",
+                    upcaster.event_type(),
+                    upcaster.from_version(),
+                    out.event_type,
+                    out.schema_version
+                )));
+            }
+            if let Some(next) = self.find(&out.event_type, out.schema_version) {
+                self.expand(event, next, out.payload, upcast_err, sink)?;
+            } else {
+                check_version::<E>(event, &out.event_type, out.schema_version)?;
+                let typed = E::from_value(&out.event_type, out.payload)
+                    .map_err(|e| DecodeError::from_payload(event, &out.event_type, e))?;
+                sink(typed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Upcasts and decodes one stored event into a vector of typed events.
+    pub fn decode<E: DomainEvent>(&self, event: &RecordedEvent) -> Result<Vec<E>, DecodeError> {
+        let mut out = Vec::with_capacity(1);
+        self.decode_into(event, |e| out.push(e))?;
+        Ok(out)
+    }
+}
+
+fn check_version<E: DomainEvent>(
+    event: &RecordedEvent,
+    event_type: &str,
+    version: u32,
+) -> Result<(), DecodeError> {
+    match E::schema_of(event_type) {
+        None => Err(DecodeError::UnknownEventType {
+            stream: event.stream_id.clone(),
+            version: event.stream_version,
+            event_type: event_type.to_owned(),
+        }),
+        Some(schema) if schema.version != version => Err(DecodeError::SchemaVersion {
+            stream: event.stream_id.clone(),
+            version: event.stream_version,
+            event_type: event_type.to_owned(),
+            stored_version: version,
+            current_version: schema.version,
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+fn find_cycle(
+    key: &(String, u32),
+    graph: &HashMap<(String, u32), Arc<dyn Upcaster>>,
+    state: &mut HashMap<(String, u32), u8>,
+    path: &mut Vec<(String, u32)>,
+) -> Result<(), UpcastChainError> {
+    match state.get(key) {
+        Some(2) => return Ok(()),
+        Some(1) => {
+            let start = path.iter().position(|k| k == key).unwrap_or(0);
+            let mut names: Vec<String> = path[start..]
+                .iter()
+                .map(|(t, v)| format!("{t} v{v}"))
+                .collect();
+            names.push(format!("{} v{}", key.0, key.1));
+            return Err(UpcastChainError::Cycle {
+                path: names.join(" -> "),
+            });
+        }
+        _ => {}
+    }
+    let Some(u) = graph.get(key) else {
+        return Ok(());
+    };
+    state.insert(key.clone(), 1);
+    path.push(key.clone());
+    let mut seen = HashSet::new();
+    for out in u.produces() {
+        if seen.insert(out.clone()) {
+            find_cycle(&out, graph, state, path)?;
+        }
+    }
+    path.pop();
+    state.insert(key.clone(), 2);
+    Ok(())
+}

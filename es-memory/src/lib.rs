@@ -1,0 +1,316 @@
+//! The in-memory event store: the embedded default for examples, demos and unit tests.
+//!
+//! It keeps the whole contract of [`es_core::store`]: optimistic concurrency, idempotent retries
+//! by event id, atomic batches, a never-skip global feed in commit order, snapshots, and live
+//! subscriptions. One mutex orders every append, so the global position order is the commit
+//! order by construction; readers copy pages of events out under the lock and never hold it while
+//! the caller consumes them.
+//!
+//! Nothing is persisted: the data lives as long as the last clone of the store.
+//!
+//! ```
+//! use es_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
+//! use es_memory::InMemoryStore;
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = InMemoryStore::new();
+//! let stream = StreamId::new("account", "42")?;
+//! let event = NewEvent::new("AccountOpened", 1, r#"{"owner":"ada"}"#)?;
+//! let result = store
+//!     .append(AppendRequest::new(stream, ExpectedVersion::NoStream, vec![event]))
+//!     .await?;
+//! assert_eq!(result.stream_version, 1);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use es_core::event::now_micros;
+use es_core::store::{classify_retry, StoreFuture, StoredEventRef};
+use es_core::{
+    AppendLimits, AppendRequest, AppendResult, Direction, EventStore, EventStream, ReadAll,
+    ReadStream, RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
+};
+use futures::StreamExt;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// Events copied out of the store per lock acquisition while reading.
+const PAGE: usize = 512;
+
+/// The in-memory event and snapshot store. Cheap to clone; clones share the data.
+#[derive(Clone)]
+pub struct InMemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    head: watch::Sender<u64>,
+    limits: AppendLimits,
+}
+
+#[derive(Default)]
+struct State {
+    /// The global feed; the event at index `i` has global position `i + 1`.
+    log: Vec<Arc<RecordedEvent>>,
+    /// Per stream, the indices of its events in `log`, in version order.
+    streams: HashMap<StreamId, Vec<usize>>,
+    /// Event id to its index in `log`.
+    ids: HashMap<Uuid, usize>,
+    snapshots: HashMap<StreamId, SnapshotRecord>,
+    last_recorded_at: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for InMemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.inner.lock();
+        f.debug_struct("InMemoryStore")
+            .field("events", &state.log.len())
+            .field("streams", &state.streams.len())
+            .field("snapshots", &state.snapshots.len())
+            .finish()
+    }
+}
+
+impl Default for InMemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InMemoryStore {
+    /// An empty store with default limits.
+    pub fn new() -> Self {
+        Self::with_limits(AppendLimits::default())
+    }
+
+    /// An empty store enforcing `limits` on appends.
+    pub fn with_limits(limits: AppendLimits) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                head: watch::channel(0).0,
+                limits,
+            }),
+        }
+    }
+
+    /// Number of stored events.
+    pub fn len(&self) -> usize {
+        self.inner.lock().log.len()
+    }
+
+    /// Whether the store holds no events.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No code panics while holding the lock with the state half-updated: every append
+        // validates first and mutates only after all checks passed.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn append(&self, request: &AppendRequest) -> Result<AppendResult, StoreError> {
+        request.validate(&self.limits)?;
+        let mut state = self.lock();
+        let found: Vec<Option<StoredEventRef>> = request
+            .events
+            .iter()
+            .map(|e| {
+                state.ids.get(&e.event_id).map(|&i| {
+                    let stored = &state.log[i];
+                    StoredEventRef {
+                        event_id: stored.event_id,
+                        stream: stored.stream_id.clone(),
+                        stream_version: stored.stream_version,
+                        global_position: stored.global_position,
+                    }
+                })
+            })
+            .collect();
+        if let Some(original) = classify_retry(request, &found)? {
+            return Ok(original);
+        }
+        let current = state.streams.get(&request.stream).map_or(0, Vec::len) as u64;
+        request.expected.check(&request.stream, current)?;
+        if request.events.is_empty() {
+            return Ok(AppendResult {
+                stream_version: current,
+                positions: Vec::new(),
+                duplicate: false,
+            });
+        }
+        let recorded_at = match state.last_recorded_at {
+            Some(last) => now_micros().max(last),
+            None => now_micros(),
+        };
+        state.last_recorded_at = Some(recorded_at);
+        let mut positions = Vec::with_capacity(request.events.len());
+        let mut indices = Vec::with_capacity(request.events.len());
+        for (i, event) in request.events.iter().enumerate() {
+            let index = state.log.len();
+            let position = index as u64 + 1;
+            state.log.push(Arc::new(RecordedEvent {
+                event_id: event.event_id,
+                stream_id: request.stream.clone(),
+                stream_version: current + i as u64 + 1,
+                global_position: position,
+                event_type: event.event_type.clone(),
+                schema_version: event.schema_version,
+                payload: event.payload.clone(),
+                metadata: event.metadata.clone(),
+                recorded_at,
+            }));
+            state.ids.insert(event.event_id, index);
+            positions.push(position);
+            indices.push(index);
+        }
+        state
+            .streams
+            .entry(request.stream.clone())
+            .or_default()
+            .extend(indices);
+        let head = state.log.len() as u64;
+        // Published under the lock, so the head only ever moves forward.
+        self.head.send_replace(head);
+        Ok(AppendResult {
+            stream_version: current + request.events.len() as u64,
+            positions,
+            duplicate: false,
+        })
+    }
+
+    /// Copies the next page of a stream read; returns the events and the next `from`.
+    fn stream_page(&self, stream: &StreamId, read: ReadStream, remaining: u64) -> Vec<RecordedEvent> {
+        let state = self.lock();
+        let Some(indices) = state.streams.get(stream) else {
+            return Vec::new();
+        };
+        let len = indices.len() as u64;
+        let take = (remaining.min(PAGE as u64)) as usize;
+        let versions: Box<dyn Iterator<Item = u64>> = match read.direction {
+            Direction::Forward => Box::new(read.from.max(1)..=len),
+            Direction::Backward => Box::new((1..=read.from.min(len)).rev()),
+        };
+        versions
+            .take(take)
+            .map(|v| RecordedEvent::clone(&state.log[indices[(v - 1) as usize]]))
+            .collect()
+    }
+
+    fn all_page(&self, read: &ReadAll, remaining: u64) -> Vec<RecordedEvent> {
+        let state = self.lock();
+        let start = (read.after as usize).min(state.log.len());
+        let take = (remaining.min(PAGE as u64)) as usize;
+        state.log[start..]
+            .iter()
+            .filter(|e| read.filter.matches(e))
+            .take(take)
+            .map(|e| RecordedEvent::clone(e))
+            .collect()
+    }
+}
+
+/// Pages through a read: `next_page(cursor, remaining)` returns the next page, which must be
+/// empty only at the end; `advance` moves the cursor past an event.
+fn paged<C, F, A>(limit: Option<u64>, cursor: C, next_page: F, advance: A) -> EventStream
+where
+    C: Copy + Send + 'static,
+    F: Fn(C, u64) -> Vec<RecordedEvent> + Send + 'static,
+    A: Fn(C, &RecordedEvent) -> C + Send + 'static,
+{
+    let remaining = limit.unwrap_or(u64::MAX);
+    let pages = futures::stream::unfold((cursor, remaining), move |(cursor, remaining)| {
+        let page = if remaining == 0 {
+            Vec::new()
+        } else {
+            next_page(cursor, remaining)
+        };
+        let next = page.last().map(|last| advance(cursor, last));
+        let remaining = remaining - page.len() as u64;
+        futures::future::ready(next.map(|cursor| (page, (cursor, remaining))))
+    });
+    Box::pin(pages.flat_map(|page| futures::stream::iter(page.into_iter().map(Ok))))
+}
+
+impl EventStore for InMemoryStore {
+    fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {
+        futures::future::ready(self.inner.append(&request))
+    }
+
+    fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
+        let version = self.inner.lock().streams.get(stream).map_or(0, Vec::len) as u64;
+        futures::future::ready(Ok(version))
+    }
+
+    fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
+        let inner = Arc::clone(&self.inner);
+        let stream = stream.clone();
+        paged(
+            read.limit,
+            read,
+            move |read, remaining| inner.stream_page(&stream, read, remaining),
+            |read, last| match read.direction {
+                Direction::Forward => read.from(last.stream_version + 1),
+                Direction::Backward => read.from(last.stream_version.saturating_sub(1)),
+            },
+        )
+    }
+
+    fn read_all(&self, read: ReadAll) -> EventStream {
+        let inner = Arc::clone(&self.inner);
+        let limit = read.limit;
+        let read = Arc::new(read);
+        paged(
+            limit,
+            0u64,
+            move |after, remaining| {
+                let page = ReadAll {
+                    after: after.max(read.after),
+                    limit: None,
+                    filter: read.filter.clone(),
+                };
+                inner.all_page(&page, remaining)
+            },
+            |_, last| last.global_position,
+        )
+    }
+
+    fn head_position(&self) -> impl StoreFuture<u64> {
+        futures::future::ready(Ok(*self.inner.head.borrow()))
+    }
+
+    fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send {
+        let rx = self.inner.head.subscribe();
+        async move {
+            es_core::subscription::wait_on_watch(&rx, after, Duration::from_secs(5)).await;
+        }
+    }
+}
+
+impl SnapshotStore for InMemoryStore {
+    fn load_snapshot(&self, stream: &StreamId) -> impl StoreFuture<Option<SnapshotRecord>> {
+        futures::future::ready(Ok(self.inner.lock().snapshots.get(stream).cloned()))
+    }
+
+    fn save_snapshot(&self, snapshot: SnapshotRecord) -> impl StoreFuture<bool> {
+        let mut state = self.inner.lock();
+        let newer = state
+            .snapshots
+            .get(&snapshot.stream_id)
+            .is_none_or(|stored| stored.version < snapshot.version);
+        if newer {
+            state.snapshots.insert(snapshot.stream_id.clone(), snapshot);
+        }
+        futures::future::ready(Ok(newer))
+    }
+}

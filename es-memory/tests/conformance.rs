@@ -1,0 +1,3 @@
+//! The backend conformance suite on the in-memory store.
+
+es_core::conformance_tests!(|| async { es_memory::InMemoryStore::new() });

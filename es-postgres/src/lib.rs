@@ -1,0 +1,1 @@
+//! PostgreSQL backend for `es-core`: not built yet; see the project issues.
