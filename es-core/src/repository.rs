@@ -310,7 +310,10 @@ impl<S> fmt::Debug for Repository<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Repository")
             .field("retry", &self.inner.retry)
-            .field("default_snapshot_policy", &self.inner.default_snapshot_policy)
+            .field(
+                "default_snapshot_policy",
+                &self.inner.default_snapshot_policy,
+            )
             .finish_non_exhaustive()
     }
 }
@@ -360,9 +363,7 @@ impl<S: Store> Repository<S> {
     }
 
     /// The stream id of aggregate `A` with id `id`.
-    pub fn stream_id<A: Aggregate>(
-        id: &str,
-    ) -> Result<StreamId, InvalidStreamId> {
+    pub fn stream_id<A: Aggregate>(id: &str) -> Result<StreamId, InvalidStreamId> {
         StreamId::new(A::CATEGORY, id)
     }
 
@@ -381,7 +382,11 @@ impl<S: Store> Repository<S> {
     }
 
     /// Loads aggregate `id` as it was at a version, a global position or a time.
-    pub async fn load_as_of<A: Aggregate>(&self, id: &str, as_of: AsOf) -> RepoResult<Loaded<A>, A> {
+    pub async fn load_as_of<A: Aggregate>(
+        &self,
+        id: &str,
+        as_of: AsOf,
+    ) -> RepoResult<Loaded<A>, A> {
         let stream = Self::stream_id::<A>(id)?;
         self.load_stream(stream, Until::Past(as_of)).await
     }
@@ -389,10 +394,15 @@ impl<S: Store> Repository<S> {
     /// Loads aggregate `id` from its events only, ignoring snapshots.
     pub async fn load_without_snapshot<A: Aggregate>(&self, id: &str) -> RepoResult<Loaded<A>, A> {
         let stream = Self::stream_id::<A>(id)?;
-        self.replay(stream, A::default(), 0, None, Until::Latest).await
+        self.replay(stream, A::default(), 0, None, Until::Latest)
+            .await
     }
 
-    async fn load_stream<A: Aggregate>(&self, stream: StreamId, until: Until) -> RepoResult<Loaded<A>, A> {
+    async fn load_stream<A: Aggregate>(
+        &self,
+        stream: StreamId,
+        until: Until,
+    ) -> RepoResult<Loaded<A>, A> {
         let span = tracing::debug_span!("es.load", stream = %stream, version = tracing::field::Empty, events = tracing::field::Empty);
         async move {
             let (state, version) = match self.usable_snapshot::<A>(&stream, until).await {
@@ -400,7 +410,9 @@ impl<S: Store> Repository<S> {
                 None => (A::default(), 0),
             };
             let snapshot_version = (version > 0).then_some(version);
-            let loaded = self.replay(stream, state, version, snapshot_version, until).await?;
+            let loaded = self
+                .replay(stream, state, version, snapshot_version, until)
+                .await?;
             tracing::Span::current().record("version", loaded.version);
             tracing::Span::current().record("events", loaded.events_read);
             Ok(loaded)
@@ -410,7 +422,11 @@ impl<S: Store> Repository<S> {
     }
 
     /// The stored snapshot, if the policy allows, it fits `until`, and it decodes.
-    async fn usable_snapshot<A: Aggregate>(&self, stream: &StreamId, until: Until) -> Option<(A, u64)> {
+    async fn usable_snapshot<A: Aggregate>(
+        &self,
+        stream: &StreamId,
+        until: Until,
+    ) -> Option<(A, u64)> {
         if matches!(self.snapshot_policy::<A>(), SnapshotPolicy::Never) {
             return None;
         }
@@ -451,7 +467,13 @@ impl<S: Store> Repository<S> {
         let mut read = ReadStream::forward().from(version + 1);
         if let Until::Past(AsOf::Version(v)) = until {
             if v <= version {
-                return Ok(Loaded { stream, aggregate, version, snapshot_version, events_read: 0 });
+                return Ok(Loaded {
+                    stream,
+                    aggregate,
+                    version,
+                    snapshot_version,
+                    events_read: 0,
+                });
             }
             read = read.limit(v - version);
         }
@@ -487,11 +509,21 @@ impl<S: Store> Repository<S> {
             version = event.stream_version;
             events_read += 1;
         }
-        Ok(Loaded { stream, aggregate, version, snapshot_version, events_read })
+        Ok(Loaded {
+            stream,
+            aggregate,
+            version,
+            snapshot_version,
+            events_read,
+        })
     }
 
     /// Runs `command` on aggregate `id` with empty metadata. See [`execute_with`](Self::execute_with).
-    pub async fn execute<A: Aggregate>(&self, id: &str, command: &A::Command) -> RepoResult<Executed<A>, A> {
+    pub async fn execute<A: Aggregate>(
+        &self,
+        id: &str,
+        command: &A::Command,
+    ) -> RepoResult<Executed<A>, A> {
         self.execute_with(id, command, &Metadata::default()).await
     }
 
@@ -507,7 +539,9 @@ impl<S: Store> Repository<S> {
         let stream = Self::stream_id::<A>(id)?;
         let span = tracing::info_span!("es.execute", category = A::CATEGORY, stream = %stream,
             version = tracing::field::Empty, events = tracing::field::Empty, attempts = tracing::field::Empty);
-        self.execute_stream(stream, command, metadata).instrument(span).await
+        self.execute_stream(stream, command, metadata)
+            .instrument(span)
+            .await
     }
 
     async fn execute_stream<A: Aggregate>(
@@ -522,21 +556,35 @@ impl<S: Store> Repository<S> {
         loop {
             attempts += 1;
             let loaded: Loaded<A> = self.load_stream(stream.clone(), Until::Latest).await?;
-            let Loaded { mut aggregate, version, snapshot_version, .. } = loaded;
-            let events = aggregate.handle(command).map_err(|source| RepositoryError::Domain {
-                stream: stream.clone(),
+            let Loaded {
+                mut aggregate,
                 version,
-                source,
-            })?;
+                snapshot_version,
+                ..
+            } = loaded;
+            let events = aggregate
+                .handle(command)
+                .map_err(|source| RepositoryError::Domain {
+                    stream: stream.clone(),
+                    version,
+                    source,
+                })?;
             if events.is_empty() {
                 return Ok(Executed {
-                    stream, aggregate, version, events, event_ids: Vec::new(),
-                    positions: Vec::new(), attempts, snapshot_saved: false,
+                    stream,
+                    aggregate,
+                    version,
+                    events,
+                    event_ids: Vec::new(),
+                    positions: Vec::new(),
+                    attempts,
+                    snapshot_saved: false,
                 });
             }
             let new_events = encode_events::<A>(&stream, &events, metadata)?;
             let event_ids = new_events.iter().map(|e| e.event_id).collect();
-            let request = AppendRequest::new(stream.clone(), ExpectedVersion::Exact(version), new_events);
+            let request =
+                AppendRequest::new(stream.clone(), ExpectedVersion::Exact(version), new_events);
             match self.append(request).await {
                 Ok(result) => {
                     for event in &events {
@@ -553,7 +601,9 @@ impl<S: Store> Repository<S> {
                         last_snapshot_version: snapshot_version,
                     };
                     let snapshot_saved = self.snapshot_policy::<A>().should_snapshot(&ctx)
-                        && self.save_snapshot(&stream, &aggregate, result.stream_version).await;
+                        && self
+                            .save_snapshot(&stream, &aggregate, result.stream_version)
+                            .await;
                     return Ok(Executed {
                         stream,
                         aggregate,
@@ -567,13 +617,24 @@ impl<S: Store> Repository<S> {
                 }
                 Err(StoreError::Conflict { actual, .. }) => {
                     if attempts >= retry.max_attempts {
-                        return Err(RepositoryError::Conflict { stream, expected: version, actual, attempts });
+                        return Err(RepositoryError::Conflict {
+                            stream,
+                            expected: version,
+                            actual,
+                            attempts,
+                        });
                     }
                     tracing::debug!(stream = %stream, expected = version, actual, attempts, "conflict; retrying command");
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
                 }
-                Err(source) => return Err(RepositoryError::Store { stream, version, source }),
+                Err(source) => {
+                    return Err(RepositoryError::Store {
+                        stream,
+                        version,
+                        source,
+                    })
+                }
             }
         }
     }
@@ -602,7 +663,12 @@ impl<S: Store> Repository<S> {
     }
 
     /// Serializes and stores a snapshot; a failure is logged, never returned.
-    async fn save_snapshot<A: Aggregate>(&self, stream: &StreamId, aggregate: &A, version: u64) -> bool {
+    async fn save_snapshot<A: Aggregate>(
+        &self,
+        stream: &StreamId,
+        aggregate: &A,
+        version: u64,
+    ) -> bool {
         let payload = match serde_json::to_vec(aggregate) {
             Ok(p) => Bytes::from(p),
             Err(err) => {
@@ -631,7 +697,9 @@ impl<S: Store> Repository<S> {
     pub async fn snapshot<A: Aggregate>(&self, id: &str) -> RepoResult<(u64, bool), A> {
         let loaded = self.load::<A>(id).await?;
         let saved = loaded.version > 0
-            && self.save_snapshot(&loaded.stream, &loaded.aggregate, loaded.version).await;
+            && self
+                .save_snapshot(&loaded.stream, &loaded.aggregate, loaded.version)
+                .await;
         Ok((loaded.version, saved))
     }
 }

@@ -133,10 +133,16 @@ impl AppendRequest {
             if event.event_type.is_empty() || event.event_type.len() > 256 {
                 return Err(StoreError::InvalidRequest {
                     stream: self.stream.clone(),
-                    reason: format!("event {} has an empty or overlong type name", event.event_id),
+                    reason: format!(
+                        "event {} has an empty or overlong type name",
+                        event.event_id
+                    ),
                 });
             }
-            if self.events[..i].iter().any(|e| e.event_id == event.event_id) {
+            if self.events[..i]
+                .iter()
+                .any(|e| e.event_id == event.event_id)
+            {
                 return Err(StoreError::InvalidRequest {
                     stream: self.stream.clone(),
                     reason: format!("event id {} appears twice in one batch", event.event_id),
@@ -179,8 +185,7 @@ pub struct AppendResult {
 impl AppendResult {
     /// Version of the first appended event, if any.
     pub fn first_version(&self) -> Option<u64> {
-        (!self.positions.is_empty())
-            .then(|| self.stream_version + 1 - self.positions.len() as u64)
+        (!self.positions.is_empty()).then(|| self.stream_version + 1 - self.positions.len() as u64)
     }
 }
 
@@ -432,7 +437,9 @@ pub enum StoreError {
         reason: String,
     },
     /// An event payload exceeds the store's configured limit.
-    #[error("event {event_id} for `{stream}` has a {size}-byte payload, over the limit of {limit}")]
+    #[error(
+        "event {event_id} for `{stream}` has a {size}-byte payload, over the limit of {limit}"
+    )]
     PayloadTooLarge {
         /// The stream appended to.
         stream: StreamId,

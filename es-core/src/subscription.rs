@@ -113,11 +113,7 @@ impl<S: EventStore> State<S> {
 ///
 /// A helper for backends that keep the latest known head position in a
 /// [`tokio::sync::watch`] channel.
-pub async fn wait_on_watch(
-    watch: &tokio::sync::watch::Receiver<u64>,
-    after: u64,
-    poll: Duration,
-) {
+pub async fn wait_on_watch(watch: &tokio::sync::watch::Receiver<u64>, after: u64, poll: Duration) {
     let mut rx = watch.clone();
     let _ = tokio::time::timeout(poll, rx.wait_for(|head| *head > after)).await;
 }

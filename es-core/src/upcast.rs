@@ -147,7 +147,10 @@ where
     FnUpcaster {
         event_type: event_type.to_owned(),
         from_version,
-        produces: produces.iter().map(|(t, v)| ((*t).to_owned(), *v)).collect(),
+        produces: produces
+            .iter()
+            .map(|(t, v)| ((*t).to_owned(), *v))
+            .collect(),
         f: Box::new(f),
     }
 }
@@ -383,14 +386,13 @@ impl Upcasters {
             schema_version: event.schema_version,
             reason,
         };
-        let payload: Value = serde_json::from_slice(&event.payload).map_err(|source| {
-            DecodeError::Payload {
+        let payload: Value =
+            serde_json::from_slice(&event.payload).map_err(|source| DecodeError::Payload {
                 stream: event.stream_id.clone(),
                 version: event.stream_version,
                 event_type: event.event_type.clone(),
                 source,
-            }
-        })?;
+            })?;
         self.expand(event, upcaster, payload, &upcast_err, &mut sink)
     }
 

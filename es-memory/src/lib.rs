@@ -190,7 +190,12 @@ impl Inner {
     }
 
     /// Copies the next page of a stream read; returns the events and the next `from`.
-    fn stream_page(&self, stream: &StreamId, read: ReadStream, remaining: u64) -> Vec<RecordedEvent> {
+    fn stream_page(
+        &self,
+        stream: &StreamId,
+        read: ReadStream,
+        remaining: u64,
+    ) -> Vec<RecordedEvent> {
         let state = self.lock();
         let Some(indices) = state.streams.get(stream) else {
             return Vec::new();

@@ -29,7 +29,6 @@ use crate::store::{
 use crate::stream_id::StreamId;
 use crate::upcast;
 
-
 /// How long any single wait in the suite may take before the case fails.
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -205,9 +204,14 @@ async fn run<S: Store>(repo: &Repository<S>, id: &str, command: LedgerCommand) -
 /// Versions start at 1 and count up; positions increase strictly.
 pub async fn append_assigns_versions_and_positions<S: Store>(store: S) {
     let s = stream("order-1");
-    let first = append(&store, &s, ExpectedVersion::NoStream, events("Placed", 0..3))
-        .await
-        .unwrap();
+    let first = append(
+        &store,
+        &s,
+        ExpectedVersion::NoStream,
+        events("Placed", 0..3),
+    )
+    .await
+    .unwrap();
     assert_eq!(first.stream_version, 3);
     assert_eq!(first.first_version(), Some(1));
     assert_eq!(first.positions.len(), 3);
@@ -215,9 +219,14 @@ pub async fn append_assigns_versions_and_positions<S: Store>(store: S) {
     assert!(!first.duplicate);
     assert_eq!(store.stream_version(&s).await.unwrap(), 3);
 
-    let second = append(&store, &s, ExpectedVersion::Exact(3), events("Placed", 3..5))
-        .await
-        .unwrap();
+    let second = append(
+        &store,
+        &s,
+        ExpectedVersion::Exact(3),
+        events("Placed", 3..5),
+    )
+    .await
+    .unwrap();
     assert_eq!(second.stream_version, 5);
     assert_eq!(second.first_version(), Some(4));
     assert!(second.positions[0] > first.positions[2]);
@@ -225,28 +234,44 @@ pub async fn append_assigns_versions_and_positions<S: Store>(store: S) {
     let stored = read(&store, &s, ReadStream::forward()).await;
     assert_eq!(versions(&stored), vec![1, 2, 3, 4, 5]);
     let positions: Vec<u64> = stored.iter().map(|e| e.global_position).collect();
-    let returned: Vec<u64> = first.positions.iter().chain(&second.positions).copied().collect();
-    assert_eq!(positions, returned, "reads report the positions the append returned");
+    let returned: Vec<u64> = first
+        .positions
+        .iter()
+        .chain(&second.positions)
+        .copied()
+        .collect();
+    assert_eq!(
+        positions, returned,
+        "reads report the positions the append returned"
+    );
 }
 
 /// `Any` appends whatever the version.
 pub async fn expected_version_any<S: Store>(store: S) {
     let s = stream("order-any");
-    let r = append(&store, &s, ExpectedVersion::Any, vec![event("A", 1)]).await.unwrap();
+    let r = append(&store, &s, ExpectedVersion::Any, vec![event("A", 1)])
+        .await
+        .unwrap();
     assert_eq!(r.stream_version, 1);
-    let r = append(&store, &s, ExpectedVersion::Any, events("A", 2..4)).await.unwrap();
+    let r = append(&store, &s, ExpectedVersion::Any, events("A", 2..4))
+        .await
+        .unwrap();
     assert_eq!(r.stream_version, 3);
 }
 
 /// `NoStream` (and `Exact(0)`) only succeed on a stream with no events.
 pub async fn expected_version_no_stream<S: Store>(store: S) {
     let s = stream("order-new");
-    append(&store, &s, ExpectedVersion::NoStream, vec![event("A", 1)]).await.unwrap();
+    append(&store, &s, ExpectedVersion::NoStream, vec![event("A", 1)])
+        .await
+        .unwrap();
     let again = append(&store, &s, ExpectedVersion::NoStream, vec![event("A", 2)]).await;
     assert_conflict(again, &s, ExpectedVersion::NoStream, 1);
 
     let t = stream("order-zero");
-    append(&store, &t, ExpectedVersion::Exact(0), vec![event("A", 1)]).await.unwrap();
+    append(&store, &t, ExpectedVersion::Exact(0), vec![event("A", 1)])
+        .await
+        .unwrap();
     let again = append(&store, &t, ExpectedVersion::Exact(0), vec![event("A", 2)]).await;
     assert_conflict(again, &t, ExpectedVersion::Exact(0), 1);
 }
@@ -254,11 +279,26 @@ pub async fn expected_version_no_stream<S: Store>(store: S) {
 /// `StreamExists` fails on a stream with no events and succeeds on one with events.
 pub async fn expected_version_stream_exists<S: Store>(store: S) {
     let s = stream("order-exists");
-    let missing = append(&store, &s, ExpectedVersion::StreamExists, vec![event("A", 1)]).await;
+    let missing = append(
+        &store,
+        &s,
+        ExpectedVersion::StreamExists,
+        vec![event("A", 1)],
+    )
+    .await;
     assert_conflict(missing, &s, ExpectedVersion::StreamExists, 0);
     assert_eq!(store.stream_version(&s).await.unwrap(), 0);
-    append(&store, &s, ExpectedVersion::NoStream, vec![event("A", 1)]).await.unwrap();
-    let r = append(&store, &s, ExpectedVersion::StreamExists, vec![event("A", 2)]).await.unwrap();
+    append(&store, &s, ExpectedVersion::NoStream, vec![event("A", 1)])
+        .await
+        .unwrap();
+    let r = append(
+        &store,
+        &s,
+        ExpectedVersion::StreamExists,
+        vec![event("A", 2)],
+    )
+    .await
+    .unwrap();
     assert_eq!(r.stream_version, 2);
 }
 
@@ -267,19 +307,25 @@ pub async fn expected_version_exact<S: Store>(store: S) {
     let s = stream("order-exact");
     let ahead = append(&store, &s, ExpectedVersion::Exact(1), vec![event("A", 0)]).await;
     assert_conflict(ahead, &s, ExpectedVersion::Exact(1), 0);
-    append(&store, &s, ExpectedVersion::Exact(0), events("A", 0..2)).await.unwrap();
+    append(&store, &s, ExpectedVersion::Exact(0), events("A", 0..2))
+        .await
+        .unwrap();
     let stale = append(&store, &s, ExpectedVersion::Exact(1), vec![event("A", 9)]).await;
     assert_conflict(stale, &s, ExpectedVersion::Exact(1), 2);
     let ahead = append(&store, &s, ExpectedVersion::Exact(5), vec![event("A", 9)]).await;
     assert_conflict(ahead, &s, ExpectedVersion::Exact(5), 2);
-    let r = append(&store, &s, ExpectedVersion::Exact(2), vec![event("A", 2)]).await.unwrap();
+    let r = append(&store, &s, ExpectedVersion::Exact(2), vec![event("A", 2)])
+        .await
+        .unwrap();
     assert_eq!(r.stream_version, 3);
 }
 
 /// A rejected append leaves no trace: the stream, the feed and the event ids are untouched.
 pub async fn conflict_writes_nothing<S: Store>(store: S) {
     let s = stream("order-c");
-    append(&store, &s, ExpectedVersion::NoStream, events("A", 0..2)).await.unwrap();
+    append(&store, &s, ExpectedVersion::NoStream, events("A", 0..2))
+        .await
+        .unwrap();
     let head = store.head_position().await.unwrap();
     let rejected = events("B", 0..3);
     let result = append(&store, &s, ExpectedVersion::Exact(1), rejected.clone()).await;
@@ -289,7 +335,9 @@ pub async fn conflict_writes_nothing<S: Store>(store: S) {
     assert_eq!(read(&store, &s, ReadStream::forward()).await.len(), 2);
     assert_eq!(read_all(&store, ReadAll::after(head)).await.len(), 0);
     // The ids of the rejected batch were not consumed.
-    let r = append(&store, &s, ExpectedVersion::Exact(2), rejected).await.unwrap();
+    let r = append(&store, &s, ExpectedVersion::Exact(2), rejected)
+        .await
+        .unwrap();
     assert!(!r.duplicate);
     assert_eq!(r.stream_version, 5);
 }
@@ -297,11 +345,17 @@ pub async fn conflict_writes_nothing<S: Store>(store: S) {
 /// An empty append checks the expected version and writes nothing.
 pub async fn empty_append_checks_version_only<S: Store>(store: S) {
     let s = stream("order-e");
-    let r = append(&store, &s, ExpectedVersion::NoStream, Vec::new()).await.unwrap();
+    let r = append(&store, &s, ExpectedVersion::NoStream, Vec::new())
+        .await
+        .unwrap();
     assert_eq!(r.stream_version, 0);
     assert!(r.positions.is_empty());
-    append(&store, &s, ExpectedVersion::NoStream, events("A", 0..2)).await.unwrap();
-    let r = append(&store, &s, ExpectedVersion::Exact(2), Vec::new()).await.unwrap();
+    append(&store, &s, ExpectedVersion::NoStream, events("A", 0..2))
+        .await
+        .unwrap();
+    let r = append(&store, &s, ExpectedVersion::Exact(2), Vec::new())
+        .await
+        .unwrap();
     assert_eq!(r.stream_version, 2);
     let wrong = append(&store, &s, ExpectedVersion::Exact(1), Vec::new()).await;
     assert_conflict(wrong, &s, ExpectedVersion::Exact(1), 2);
@@ -312,9 +366,15 @@ pub async fn empty_append_checks_version_only<S: Store>(store: S) {
 pub async fn idempotent_retry_returns_original_result<S: Store>(store: S) {
     let s = stream("order-idem");
     let batch = events("A", 0..3);
-    let original = append(&store, &s, ExpectedVersion::NoStream, batch.clone()).await.unwrap();
+    let original = append(&store, &s, ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap();
     let head = store.head_position().await.unwrap();
-    for expected in [ExpectedVersion::NoStream, ExpectedVersion::Any, ExpectedVersion::Exact(0)] {
+    for expected in [
+        ExpectedVersion::NoStream,
+        ExpectedVersion::Any,
+        ExpectedVersion::Exact(0),
+    ] {
         let retry = append(&store, &s, expected, batch.clone()).await.unwrap();
         assert!(retry.duplicate, "a retry is reported as a duplicate");
         assert_eq!(retry.stream_version, original.stream_version);
@@ -328,9 +388,15 @@ pub async fn idempotent_retry_returns_original_result<S: Store>(store: S) {
 pub async fn idempotent_retry_after_later_appends<S: Store>(store: S) {
     let s = stream("order-idem2");
     let first = vec![event("A", 0)];
-    let r1 = append(&store, &s, ExpectedVersion::NoStream, first.clone()).await.unwrap();
-    append(&store, &s, ExpectedVersion::Exact(1), events("A", 1..3)).await.unwrap();
-    let retry = append(&store, &s, ExpectedVersion::NoStream, first).await.unwrap();
+    let r1 = append(&store, &s, ExpectedVersion::NoStream, first.clone())
+        .await
+        .unwrap();
+    append(&store, &s, ExpectedVersion::Exact(1), events("A", 1..3))
+        .await
+        .unwrap();
+    let retry = append(&store, &s, ExpectedVersion::NoStream, first)
+        .await
+        .unwrap();
     assert!(retry.duplicate);
     assert_eq!(retry.stream_version, 1);
     assert_eq!(retry.positions, r1.positions);
@@ -343,11 +409,28 @@ pub async fn partial_overlap_is_rejected<S: Store>(store: S) {
     let a = event("A", 0);
     let b = event("A", 1);
     let c = event("A", 2);
-    append(&store, &s, ExpectedVersion::NoStream, vec![a.clone(), b.clone()]).await.unwrap();
+    append(
+        &store,
+        &s,
+        ExpectedVersion::NoStream,
+        vec![a.clone(), b.clone()],
+    )
+    .await
+    .unwrap();
     let head = store.head_position().await.unwrap();
-    let overlap = append(&store, &s, ExpectedVersion::Exact(2), vec![b.clone(), c.clone()]).await;
+    let overlap = append(
+        &store,
+        &s,
+        ExpectedVersion::Exact(2),
+        vec![b.clone(), c.clone()],
+    )
+    .await;
     match overlap {
-        Err(StoreError::DuplicateEvent { stream: on, event_id, .. }) => {
+        Err(StoreError::DuplicateEvent {
+            stream: on,
+            event_id,
+            ..
+        }) => {
             assert_eq!(on, s);
             assert_eq!(event_id, b.event_id);
         }
@@ -355,11 +438,19 @@ pub async fn partial_overlap_is_rejected<S: Store>(store: S) {
     }
     // Stored events in another order are not a retry either.
     let reordered = append(&store, &s, ExpectedVersion::Any, vec![b.clone(), a.clone()]).await;
-    assert!(matches!(reordered, Err(StoreError::DuplicateEvent { .. })), "{reordered:?}");
+    assert!(
+        matches!(reordered, Err(StoreError::DuplicateEvent { .. })),
+        "{reordered:?}"
+    );
     assert_eq!(store.head_position().await.unwrap(), head);
     assert_eq!(store.stream_version(&s).await.unwrap(), 2);
-    let r = append(&store, &s, ExpectedVersion::Exact(2), vec![c]).await.unwrap();
-    assert_eq!(r.stream_version, 3, "the new event of the rejected batch was not stored");
+    let r = append(&store, &s, ExpectedVersion::Exact(2), vec![c])
+        .await
+        .unwrap();
+    assert_eq!(
+        r.stream_version, 3,
+        "the new event of the rejected batch was not stored"
+    );
 }
 
 /// An event id stored in one stream cannot be appended to another.
@@ -367,10 +458,16 @@ pub async fn event_id_of_other_stream_is_rejected<S: Store>(store: S) {
     let s1 = stream("order-a");
     let s2 = stream("order-b");
     let e = event("A", 0);
-    append(&store, &s1, ExpectedVersion::NoStream, vec![e.clone()]).await.unwrap();
+    append(&store, &s1, ExpectedVersion::NoStream, vec![e.clone()])
+        .await
+        .unwrap();
     let r = append(&store, &s2, ExpectedVersion::Any, vec![e.clone()]).await;
     match r {
-        Err(StoreError::DuplicateEvent { stream: on, event_id, .. }) => {
+        Err(StoreError::DuplicateEvent {
+            stream: on,
+            event_id,
+            ..
+        }) => {
             assert_eq!(on, s2);
             assert_eq!(event_id, e.event_id);
         }
@@ -397,14 +494,19 @@ pub async fn batch_is_atomic<S: Store>(store: S) {
     let big = format!("\"{}\"", "x".repeat(limit));
     batch.push(NewEvent::new("A", 1, big).unwrap());
     let r = append(&store, &s, ExpectedVersion::Any, batch).await;
-    assert!(matches!(r, Err(StoreError::PayloadTooLarge { .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(StoreError::PayloadTooLarge { .. })),
+        "{r:?}"
+    );
     assert_eq!(store.stream_version(&s).await.unwrap(), 0);
     assert_eq!(store.head_position().await.unwrap(), 0);
     assert!(read(&store, &s, ReadStream::forward()).await.is_empty());
 
     // A conflict part-way into a sequence of appends leaves earlier appends intact and adds
     // nothing of its own.
-    append(&store, &s, ExpectedVersion::NoStream, events("A", 0..2)).await.unwrap();
+    append(&store, &s, ExpectedVersion::NoStream, events("A", 0..2))
+        .await
+        .unwrap();
     let r = append(&store, &s, ExpectedVersion::NoStream, events("A", 2..50)).await;
     assert_conflict(r, &s, ExpectedVersion::NoStream, 2);
     assert_eq!(read(&store, &s, ReadStream::forward()).await.len(), 2);
@@ -417,7 +519,12 @@ pub async fn oversized_payload_is_rejected<S: Store>(store: S) {
     let big = NewEvent::new("A", 1, format!("\"{}\"", "y".repeat(limit))).unwrap();
     let id = big.event_id;
     match append(&store, &s, ExpectedVersion::Any, vec![big]).await {
-        Err(StoreError::PayloadTooLarge { stream: on, event_id, size, limit: l }) => {
+        Err(StoreError::PayloadTooLarge {
+            stream: on,
+            event_id,
+            size,
+            limit: l,
+        }) => {
             assert_eq!(on, s);
             assert_eq!(event_id, id);
             assert_eq!(size, limit + 2);
@@ -427,9 +534,14 @@ pub async fn oversized_payload_is_rejected<S: Store>(store: S) {
     }
     // Just under the limit is fine.
     let fits = NewEvent::new("A", 1, format!("\"{}\"", "z".repeat(limit - 2))).unwrap();
-    append(&store, &s, ExpectedVersion::Any, vec![fits]).await.unwrap();
+    append(&store, &s, ExpectedVersion::Any, vec![fits])
+        .await
+        .unwrap();
     let stored = read(&store, &s, ReadStream::forward()).await;
-    assert_eq!(stored[0].payload_json().unwrap().as_str().map(str::len), Some(limit - 2));
+    assert_eq!(
+        stored[0].payload_json().unwrap().as_str().map(str::len),
+        Some(limit - 2)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -438,16 +550,25 @@ pub async fn oversized_payload_is_rejected<S: Store>(store: S) {
 /// Forward reads honour the start version and the limit.
 pub async fn read_stream_forward<S: Store>(store: S) {
     let s = stream("order-f");
-    append(&store, &s, ExpectedVersion::NoStream, events("A", 1..11)).await.unwrap();
+    append(&store, &s, ExpectedVersion::NoStream, events("A", 1..11))
+        .await
+        .unwrap();
     let all = read(&store, &s, ReadStream::forward()).await;
     assert_eq!(versions(&all), (1..=10).collect::<Vec<_>>());
-    assert_eq!(all.iter().map(n_of).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+    assert_eq!(
+        all.iter().map(n_of).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<_>>()
+    );
     let page = read(&store, &s, ReadStream::forward().from(4).limit(3)).await;
     assert_eq!(versions(&page), vec![4, 5, 6]);
     let tail = read(&store, &s, ReadStream::forward().from(9).limit(5)).await;
     assert_eq!(versions(&tail), vec![9, 10]);
-    assert!(read(&store, &s, ReadStream::forward().from(11)).await.is_empty());
-    assert!(read(&store, &s, ReadStream::forward().limit(0)).await.is_empty());
+    assert!(read(&store, &s, ReadStream::forward().from(11))
+        .await
+        .is_empty());
+    assert!(read(&store, &s, ReadStream::forward().limit(0))
+        .await
+        .is_empty());
     let from_zero = read(&store, &s, ReadStream::forward().from(0).limit(2)).await;
     assert_eq!(versions(&from_zero), vec![1, 2]);
 }
@@ -455,7 +576,9 @@ pub async fn read_stream_forward<S: Store>(store: S) {
 /// Backward reads honour the start version and the limit.
 pub async fn read_stream_backward<S: Store>(store: S) {
     let s = stream("order-b");
-    append(&store, &s, ExpectedVersion::NoStream, events("A", 1..11)).await.unwrap();
+    append(&store, &s, ExpectedVersion::NoStream, events("A", 1..11))
+        .await
+        .unwrap();
     let all = read(&store, &s, ReadStream::backward()).await;
     assert_eq!(versions(&all), (1..=10).rev().collect::<Vec<_>>());
     let page = read(&store, &s, ReadStream::backward().from(7).limit(3)).await;
@@ -464,7 +587,9 @@ pub async fn read_stream_backward<S: Store>(store: S) {
     assert_eq!(versions(&last), vec![10]);
     let head = read(&store, &s, ReadStream::backward().from(2).limit(5)).await;
     assert_eq!(versions(&head), vec![2, 1]);
-    assert!(read(&store, &s, ReadStream::backward().from(0)).await.is_empty());
+    assert!(read(&store, &s, ReadStream::backward().from(0))
+        .await
+        .is_empty());
     let beyond = read(&store, &s, ReadStream::backward().from(50).limit(2)).await;
     assert_eq!(versions(&beyond), vec![10, 9]);
 }
@@ -485,10 +610,17 @@ pub async fn read_stream_pages_through_large_stream<S: Store>(store: S) {
     let s = stream("order-large");
     let other = stream("order-other");
     for chunk in 0..5u64 {
-        append(&store, &s, ExpectedVersion::Exact(chunk * 500), events("A", chunk * 500..(chunk + 1) * 500))
+        append(
+            &store,
+            &s,
+            ExpectedVersion::Exact(chunk * 500),
+            events("A", chunk * 500..(chunk + 1) * 500),
+        )
+        .await
+        .unwrap();
+        append(&store, &other, ExpectedVersion::Any, events("B", 0..3))
             .await
             .unwrap();
-        append(&store, &other, ExpectedVersion::Any, events("B", 0..3)).await.unwrap();
     }
     let forward = read(&store, &s, ReadStream::forward()).await;
     assert_eq!(versions(&forward), (1..=2500).collect::<Vec<_>>());
@@ -499,7 +631,9 @@ pub async fn read_stream_pages_through_large_stream<S: Store>(store: S) {
     assert_eq!(versions(&middle), (1200..2300).collect::<Vec<_>>());
     let all = read_all(&store, ReadAll::after(0)).await;
     assert_eq!(all.len(), 2515);
-    assert!(all.windows(2).all(|w| w[0].global_position < w[1].global_position));
+    assert!(all
+        .windows(2)
+        .all(|w| w[0].global_position < w[1].global_position));
 }
 
 /// Every envelope field survives the round trip.
@@ -518,7 +652,9 @@ pub async fn envelope_round_trips<S: Store>(store: S) {
         .with("trace", json!({ "span": 42, "sampled": true }));
     let new = NewEvent::from_value("OrderPlaced", 7, &payload).with_metadata(metadata.clone());
     let before = chrono::Utc::now() - chrono::Duration::seconds(2);
-    let r = append(&store, &s, ExpectedVersion::NoStream, vec![new.clone()]).await.unwrap();
+    let r = append(&store, &s, ExpectedVersion::NoStream, vec![new.clone()])
+        .await
+        .unwrap();
     let after = chrono::Utc::now() + chrono::Duration::seconds(2);
     let check = |e: &RecordedEvent| {
         assert_eq!(e.event_id, new.event_id);
@@ -530,24 +666,41 @@ pub async fn envelope_round_trips<S: Store>(store: S) {
         assert_eq!(e.schema_version, 7);
         assert_eq!(e.payload_json().unwrap(), payload);
         assert_eq!(e.metadata, metadata);
-        assert!(e.recorded_at >= before && e.recorded_at <= after, "recorded_at {}", e.recorded_at);
-        assert_eq!(e.recorded_at.timestamp_subsec_nanos() % 1000, 0, "microsecond precision");
+        assert!(
+            e.recorded_at >= before && e.recorded_at <= after,
+            "recorded_at {}",
+            e.recorded_at
+        );
+        assert_eq!(
+            e.recorded_at.timestamp_subsec_nanos() % 1000,
+            0,
+            "microsecond precision"
+        );
     };
     check(&read(&store, &s, ReadStream::forward()).await[0]);
     check(&read(&store, &s, ReadStream::backward()).await[0]);
     check(&read_all(&store, ReadAll::after(0)).await[0]);
     let mut sub = store.subscribe(0, EventFilter::all());
-    check(&patiently("subscription delivers", sub.next()).await.unwrap().unwrap());
+    check(
+        &patiently("subscription delivers", sub.next())
+            .await
+            .unwrap()
+            .unwrap(),
+    );
 }
 
 /// `recorded_at` never decreases along a stream or the feed.
 pub async fn recorded_at_never_decreases<S: Store>(store: S) {
     let s = stream("order-time");
     for i in 0..20 {
-        append(&store, &s, ExpectedVersion::Any, events("A", i..i + 1)).await.unwrap();
+        append(&store, &s, ExpectedVersion::Any, events("A", i..i + 1))
+            .await
+            .unwrap();
     }
     let stored = read(&store, &s, ReadStream::forward()).await;
-    assert!(stored.windows(2).all(|w| w[0].recorded_at <= w[1].recorded_at));
+    assert!(stored
+        .windows(2)
+        .all(|w| w[0].recorded_at <= w[1].recorded_at));
 }
 
 /// The global feed returns events in commit order, after a position, up to a limit.
@@ -556,26 +709,45 @@ pub async fn read_all_in_commit_order<S: Store>(store: S) {
     let mut expected = Vec::new();
     for round in 0..4u64 {
         for (i, s) in streams.iter().enumerate() {
-            let batch = events("A", round * 10 + i as u64 * 100..round * 10 + i as u64 * 100 + 2);
+            let batch = events(
+                "A",
+                round * 10 + i as u64 * 100..round * 10 + i as u64 * 100 + 2,
+            );
             expected.extend(batch.iter().map(|e| e.event_id));
-            append(&store, s, ExpectedVersion::Any, batch).await.unwrap();
+            append(&store, s, ExpectedVersion::Any, batch)
+                .await
+                .unwrap();
         }
     }
     let all = read_all(&store, ReadAll::after(0)).await;
     assert_eq!(all.iter().map(|e| e.event_id).collect::<Vec<_>>(), expected);
-    assert!(all.windows(2).all(|w| w[0].global_position < w[1].global_position));
+    assert!(all
+        .windows(2)
+        .all(|w| w[0].global_position < w[1].global_position));
     for s in &streams {
-        let per_stream: Vec<u64> = all.iter().filter(|e| &e.stream_id == s).map(|e| e.stream_version).collect();
+        let per_stream: Vec<u64> = all
+            .iter()
+            .filter(|e| &e.stream_id == s)
+            .map(|e| e.stream_version)
+            .collect();
         assert_eq!(per_stream, (1..=8).collect::<Vec<_>>());
     }
     let cut = all[9].global_position;
     let rest = read_all(&store, ReadAll::after(cut)).await;
-    assert_eq!(rest.iter().map(|e| e.event_id).collect::<Vec<_>>(), expected[10..]);
+    assert_eq!(
+        rest.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        expected[10..]
+    );
     let page = read_all(&store, ReadAll::after(cut).limit(5)).await;
-    assert_eq!(page.iter().map(|e| e.event_id).collect::<Vec<_>>(), expected[10..15]);
+    assert_eq!(
+        page.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        expected[10..15]
+    );
     let last = all.last().unwrap().global_position;
     assert!(read_all(&store, ReadAll::after(last)).await.is_empty());
-    assert!(read_all(&store, ReadAll::after(0).limit(0)).await.is_empty());
+    assert!(read_all(&store, ReadAll::after(0).limit(0))
+        .await
+        .is_empty());
 }
 
 /// Category and event-type filters, alone and combined.
@@ -586,34 +758,79 @@ pub async fn read_all_filters<S: Store>(store: S) {
             1 => ("payment-1", "Paid"),
             _ => ("order-2", "Shipped"),
         };
-        append(&store, &stream(s), ExpectedVersion::Any, vec![event(t, i)]).await.unwrap();
+        append(&store, &stream(s), ExpectedVersion::Any, vec![event(t, i)])
+            .await
+            .unwrap();
     }
-    let orders = read_all(&store, ReadAll::after(0).filter(EventFilter::all().category("order"))).await;
+    let orders = read_all(
+        &store,
+        ReadAll::after(0).filter(EventFilter::all().category("order")),
+    )
+    .await;
     assert_eq!(orders.len(), 20);
     assert!(orders.iter().all(|e| e.category() == "order"));
-    assert!(orders.windows(2).all(|w| w[0].global_position < w[1].global_position));
+    assert!(orders
+        .windows(2)
+        .all(|w| w[0].global_position < w[1].global_position));
     let two = EventFilter::all().category("order").category("payment");
-    assert_eq!(read_all(&store, ReadAll::after(0).filter(two)).await.len(), 30);
-    let paid = read_all(&store, ReadAll::after(0).filter(EventFilter::all().event_type("Paid"))).await;
-    assert_eq!(paid.iter().map(n_of).collect::<Vec<_>>(), (0..30).filter(|i| i % 3 == 1).collect::<Vec<_>>());
+    assert_eq!(
+        read_all(&store, ReadAll::after(0).filter(two)).await.len(),
+        30
+    );
+    let paid = read_all(
+        &store,
+        ReadAll::after(0).filter(EventFilter::all().event_type("Paid")),
+    )
+    .await;
+    assert_eq!(
+        paid.iter().map(n_of).collect::<Vec<_>>(),
+        (0..30).filter(|i| i % 3 == 1).collect::<Vec<_>>()
+    );
     let both = EventFilter::all().category("order").event_type("Shipped");
     let shipped = read_all(&store, ReadAll::after(0).filter(both.clone())).await;
     assert_eq!(shipped.len(), 10);
-    let page = read_all(&store, ReadAll::after(shipped[2].global_position).limit(3).filter(both)).await;
-    assert_eq!(page.iter().map(n_of).collect::<Vec<_>>(), shipped[3..6].iter().map(n_of).collect::<Vec<_>>());
+    let page = read_all(
+        &store,
+        ReadAll::after(shipped[2].global_position)
+            .limit(3)
+            .filter(both),
+    )
+    .await;
+    assert_eq!(
+        page.iter().map(n_of).collect::<Vec<_>>(),
+        shipped[3..6].iter().map(n_of).collect::<Vec<_>>()
+    );
     let none = EventFilter::all().category("nothing");
-    assert!(read_all(&store, ReadAll::after(0).filter(none)).await.is_empty());
+    assert!(read_all(&store, ReadAll::after(0).filter(none))
+        .await
+        .is_empty());
     // A category is matched whole, not as a prefix.
     let prefix = EventFilter::all().category("ord");
-    assert!(read_all(&store, ReadAll::after(0).filter(prefix)).await.is_empty());
+    assert!(read_all(&store, ReadAll::after(0).filter(prefix))
+        .await
+        .is_empty());
 }
 
 /// The head is the last visible position.
 pub async fn head_position_tracks_appends<S: Store>(store: S) {
     assert_eq!(store.head_position().await.unwrap(), 0);
-    let r = append(&store, &stream("order-h"), ExpectedVersion::Any, events("A", 0..3)).await.unwrap();
+    let r = append(
+        &store,
+        &stream("order-h"),
+        ExpectedVersion::Any,
+        events("A", 0..3),
+    )
+    .await
+    .unwrap();
     assert_eq!(store.head_position().await.unwrap(), r.positions[2]);
-    let r = append(&store, &stream("order-i"), ExpectedVersion::Any, events("A", 0..1)).await.unwrap();
+    let r = append(
+        &store,
+        &stream("order-i"),
+        ExpectedVersion::Any,
+        events("A", 0..1),
+    )
+    .await
+    .unwrap();
     assert_eq!(store.head_position().await.unwrap(), r.positions[0]);
 }
 
@@ -658,15 +875,24 @@ pub async fn concurrent_writers_one_stream<S: Store>(store: S) {
     for t in tasks {
         let (won, _) = patiently("writers finish", t).await.unwrap();
         for (version, id) in won {
-            assert!(winners.insert(version, id).is_none(), "version {version} had two winners");
+            assert!(
+                winners.insert(version, id).is_none(),
+                "version {version} had two winners"
+            );
         }
     }
     let total = WRITERS * PER_WRITER;
-    assert_eq!(winners.keys().copied().collect::<Vec<_>>(), (1..=total).collect::<Vec<_>>());
+    assert_eq!(
+        winners.keys().copied().collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>()
+    );
     let stored = read(&store, &s, ReadStream::forward()).await;
     assert_eq!(versions(&stored), (1..=total).collect::<Vec<_>>());
     for e in &stored {
-        assert_eq!(winners[&e.stream_version], e.event_id, "stored event is the winner's");
+        assert_eq!(
+            winners[&e.stream_version], e.event_id,
+            "stored event is the winner's"
+        );
     }
 }
 
@@ -740,7 +966,9 @@ pub async fn concurrent_writers_many_streams_tailing_subscriber<S: Store>(store:
                 let s = stream(&format!("order-{}", (w * 7 + i * 13) % STREAMS));
                 let batch = events("A", 0..1 + (i % 3));
                 let ids: Vec<Uuid> = batch.iter().map(|e| e.event_id).collect();
-                append(&store, &s, ExpectedVersion::Any, batch).await.unwrap();
+                append(&store, &s, ExpectedVersion::Any, batch)
+                    .await
+                    .unwrap();
                 written.extend(ids);
             }
             written
@@ -752,25 +980,54 @@ pub async fn concurrent_writers_many_streams_tailing_subscriber<S: Store>(store:
     }
     let done = event("Done", 0);
     written.insert(done.event_id);
-    append(&store, &stream("control-1"), ExpectedVersion::Any, vec![done]).await.unwrap();
+    append(
+        &store,
+        &stream("control-1"),
+        ExpectedVersion::Any,
+        vec![done],
+    )
+    .await
+    .unwrap();
 
     for (name, seen) in [
-        ("subscriber", patiently("subscriber sees everything", subscriber).await.unwrap()),
-        ("poller", patiently("poller sees everything", poller).await.unwrap()),
+        (
+            "subscriber",
+            patiently("subscriber sees everything", subscriber)
+                .await
+                .unwrap(),
+        ),
+        (
+            "poller",
+            patiently("poller sees everything", poller).await.unwrap(),
+        ),
     ] {
         assert!(
-            seen.windows(2).all(|w| w[0].global_position < w[1].global_position),
+            seen.windows(2)
+                .all(|w| w[0].global_position < w[1].global_position),
             "{name}: positions strictly increase"
         );
         let ids: HashSet<Uuid> = seen.iter().map(|e| e.event_id).collect();
         assert_eq!(ids.len(), seen.len(), "{name}: no event delivered twice");
         let missed = written.difference(&ids).count();
-        assert_eq!(missed, 0, "{name}: missed {missed} of {} events", written.len());
-        assert_eq!(ids.len(), written.len(), "{name}: nothing unexpected delivered");
+        assert_eq!(
+            missed,
+            0,
+            "{name}: missed {missed} of {} events",
+            written.len()
+        );
+        assert_eq!(
+            ids.len(),
+            written.len(),
+            "{name}: nothing unexpected delivered"
+        );
         let mut last: HashMap<&StreamId, u64> = HashMap::new();
         for e in &seen {
             let prev = last.insert(&e.stream_id, e.stream_version).unwrap_or(0);
-            assert_eq!(e.stream_version, prev + 1, "{name}: per-stream order in the feed");
+            assert_eq!(
+                e.stream_version,
+                prev + 1,
+                "{name}: per-stream order in the feed"
+            );
         }
     }
 }
@@ -779,7 +1036,9 @@ pub async fn concurrent_writers_many_streams_tailing_subscriber<S: Store>(store:
 /// from any position.
 pub async fn subscription_catches_up_then_goes_live<S: Store>(store: S) {
     let s = stream("order-sub");
-    let r = append(&store, &s, ExpectedVersion::NoStream, events("A", 0..5)).await.unwrap();
+    let r = append(&store, &s, ExpectedVersion::NoStream, events("A", 0..5))
+        .await
+        .unwrap();
     let mut sub = store.subscribe(0, EventFilter::all());
     for n in 0..5 {
         let e = patiently("catch-up", sub.next()).await.unwrap().unwrap();
@@ -791,7 +1050,9 @@ pub async fn subscription_catches_up_then_goes_live<S: Store>(store: S) {
         tokio::spawn(async move {
             for n in 5..8 {
                 tokio::time::sleep(Duration::from_millis(30)).await;
-                append(&store, &s, ExpectedVersion::Any, vec![event("A", n)]).await.unwrap();
+                append(&store, &s, ExpectedVersion::Any, vec![event("A", n)])
+                    .await
+                    .unwrap();
             }
         })
     };
@@ -802,7 +1063,10 @@ pub async fn subscription_catches_up_then_goes_live<S: Store>(store: S) {
     }
     writer.await.unwrap();
     let mut late = store.subscribe(r.positions[2], EventFilter::all());
-    let e = patiently("resume after a position", late.next()).await.unwrap().unwrap();
+    let e = patiently("resume after a position", late.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(e.stream_version, 4);
 }
 
@@ -810,18 +1074,45 @@ pub async fn subscription_catches_up_then_goes_live<S: Store>(store: S) {
 pub async fn subscription_with_filter<S: Store>(store: S) {
     for i in 0..10u64 {
         let s = if i % 2 == 0 { "order-1" } else { "payment-1" };
-        append(&store, &stream(s), ExpectedVersion::Any, vec![event("A", i)]).await.unwrap();
+        append(
+            &store,
+            &stream(s),
+            ExpectedVersion::Any,
+            vec![event("A", i)],
+        )
+        .await
+        .unwrap();
     }
     let mut sub = store.subscribe(0, EventFilter::all().category("payment"));
     for n in [1, 3, 5, 7, 9] {
-        let e = patiently("filtered catch-up", sub.next()).await.unwrap().unwrap();
+        let e = patiently("filtered catch-up", sub.next())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!((e.category(), n_of(&e)), ("payment", n));
     }
     for i in 10..40u64 {
-        append(&store, &stream("order-1"), ExpectedVersion::Any, vec![event("A", i)]).await.unwrap();
+        append(
+            &store,
+            &stream("order-1"),
+            ExpectedVersion::Any,
+            vec![event("A", i)],
+        )
+        .await
+        .unwrap();
     }
-    append(&store, &stream("payment-1"), ExpectedVersion::Any, vec![event("A", 99)]).await.unwrap();
-    let e = patiently("filtered live event", sub.next()).await.unwrap().unwrap();
+    append(
+        &store,
+        &stream("payment-1"),
+        ExpectedVersion::Any,
+        vec![event("A", 99)],
+    )
+    .await
+    .unwrap();
+    let e = patiently("filtered live event", sub.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((e.category(), n_of(&e)), ("payment", 99));
 }
 
@@ -842,13 +1133,26 @@ pub async fn snapshots_upsert_if_newer<S: Store>(store: S) {
     assert!(store.save_snapshot(snap(5, r#"{"v":5}"#)).await.unwrap());
     let loaded = store.load_snapshot(&s).await.unwrap().unwrap();
     assert_eq!((loaded.version, loaded.schema_version), (5, 3));
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&loaded.payload).unwrap(), json!({"v": 5}));
-    assert!(!store.save_snapshot(snap(3, r#"{"v":3}"#)).await.unwrap(), "older snapshot ignored");
-    assert!(!store.save_snapshot(snap(5, r#"{"v":55}"#)).await.unwrap(), "same version ignored");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&loaded.payload).unwrap(),
+        json!({"v": 5})
+    );
+    assert!(
+        !store.save_snapshot(snap(3, r#"{"v":3}"#)).await.unwrap(),
+        "older snapshot ignored"
+    );
+    assert!(
+        !store.save_snapshot(snap(5, r#"{"v":55}"#)).await.unwrap(),
+        "same version ignored"
+    );
     assert_eq!(store.load_snapshot(&s).await.unwrap().unwrap().version, 5);
     assert!(store.save_snapshot(snap(8, r#"{"v":8}"#)).await.unwrap());
     assert_eq!(store.load_snapshot(&s).await.unwrap().unwrap().version, 8);
-    assert!(store.load_snapshot(&stream("ledger-other")).await.unwrap().is_none());
+    assert!(store
+        .load_snapshot(&stream("ledger-other"))
+        .await
+        .unwrap()
+        .is_none());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -860,13 +1164,29 @@ pub async fn repository_runs_commands<S: Store>(store: S) {
     assert_eq!(run(&repo, "a", LedgerCommand::Open).await, 1);
     assert_eq!(run(&repo, "a", LedgerCommand::Credit(100)).await, 2);
     assert_eq!(run(&repo, "a", LedgerCommand::Debit(30)).await, 3);
-    let noop = repo.execute::<Ledger>("a", &LedgerCommand::Noop).await.unwrap();
+    let noop = repo
+        .execute::<Ledger>("a", &LedgerCommand::Noop)
+        .await
+        .unwrap();
     assert_eq!((noop.version, noop.events.len()), (3, 0));
-    match repo.execute::<Ledger>("a", &LedgerCommand::Debit(500)).await {
-        Err(RepositoryError::Domain { stream, version, source }) => {
+    match repo
+        .execute::<Ledger>("a", &LedgerCommand::Debit(500))
+        .await
+    {
+        Err(RepositoryError::Domain {
+            stream,
+            version,
+            source,
+        }) => {
             assert_eq!(stream.as_str(), "ledger-a");
             assert_eq!(version, 3);
-            assert_eq!(source, LedgerError::InsufficientFunds { balance: 70, requested: 500 });
+            assert_eq!(
+                source,
+                LedgerError::InsufficientFunds {
+                    balance: 70,
+                    requested: 500
+                }
+            );
         }
         other => panic!("expected a domain error, got {other:?}"),
     }
@@ -882,8 +1202,15 @@ pub async fn repository_runs_commands<S: Store>(store: S) {
 /// A command on an aggregate with no events is decided on the default state at version 0.
 pub async fn command_on_missing_aggregate<S: Store>(store: S) {
     let repo = repository(&store, SnapshotPolicy::Never);
-    match repo.execute::<Ledger>("ghost", &LedgerCommand::Credit(5)).await {
-        Err(RepositoryError::Domain { stream, version: 0, source: LedgerError::NotOpen }) => {
+    match repo
+        .execute::<Ledger>("ghost", &LedgerCommand::Credit(5))
+        .await
+    {
+        Err(RepositoryError::Domain {
+            stream,
+            version: 0,
+            source: LedgerError::NotOpen,
+        }) => {
             assert_eq!(stream.as_str(), "ledger-ghost");
         }
         other => panic!("expected NotOpen at version 0, got {other:?}"),
@@ -897,9 +1224,19 @@ pub async fn command_on_missing_aggregate<S: Store>(store: S) {
 pub async fn invalid_aggregate_id_is_rejected<S: Store>(store: S) {
     let repo = repository(&store, SnapshotPolicy::Never);
     let long = "x".repeat(10_000);
-    for bad in ["", "a b", "x'; DROP TABLE events; --", "{tag}", "ünï", long.as_str()] {
+    for bad in [
+        "",
+        "a b",
+        "x'; DROP TABLE events; --",
+        "{tag}",
+        "ünï",
+        long.as_str(),
+    ] {
         let r = repo.execute::<Ledger>(bad, &LedgerCommand::Open).await;
-        assert!(matches!(r, Err(RepositoryError::InvalidId(_))), "{bad:?}: {r:?}");
+        assert!(
+            matches!(r, Err(RepositoryError::InvalidId(_))),
+            "{bad:?}: {r:?}"
+        );
     }
     assert_eq!(store.head_position().await.unwrap(), 0);
 }
@@ -911,7 +1248,10 @@ pub async fn snapshots_are_invisible<S: Store>(store: S) {
     run(&with, "s", LedgerCommand::Open).await;
     let mut saved = 0;
     for i in 1..=10 {
-        let r = with.execute::<Ledger>("s", &LedgerCommand::Credit(i)).await.unwrap();
+        let r = with
+            .execute::<Ledger>("s", &LedgerCommand::Credit(i))
+            .await
+            .unwrap();
         saved += u32::from(r.snapshot_saved);
     }
     run(&with, "s", LedgerCommand::Debit(7)).await;
@@ -970,16 +1310,27 @@ pub async fn upcasting_on_load<S: Store>(store: S) {
         NewEvent::from_value("Credited", 2, &json!({ "amount": 2, "currency": "USD" })),
         NewEvent::from_value("Credited", 1, &json!({ "amount": 8 })),
     ];
-    append(&store, &s, ExpectedVersion::NoStream, old).await.unwrap();
+    append(&store, &s, ExpectedVersion::NoStream, old)
+        .await
+        .unwrap();
     let repo = repository(&store, SnapshotPolicy::Never);
     let loaded = repo.load::<Ledger>("old").await.unwrap();
     assert_eq!(loaded.aggregate.balance, 50);
     assert_eq!(loaded.aggregate.currency, "EUR");
     let stored = read(&store, &s, ReadStream::forward()).await;
-    assert_eq!(stored[1].schema_version, 1, "stored events are never rewritten");
+    assert_eq!(
+        stored[1].schema_version, 1,
+        "stored events are never rewritten"
+    );
     assert_eq!(stored[1].payload_json().unwrap(), json!({ "amount": 40 }));
     let typed = repo.decode::<Ledger>(&stored[1]).unwrap();
-    assert_eq!(typed, vec![LedgerEvent::Credited(Credited { amount: 40, currency: "EUR".into() })]);
+    assert_eq!(
+        typed,
+        vec![LedgerEvent::Credited(Credited {
+            amount: 40,
+            currency: "EUR".into()
+        })]
+    );
 }
 
 /// Past states by version, global position and time.
@@ -989,24 +1340,59 @@ pub async fn historical_loads<S: Store>(store: S) {
     run(&repo, "h", LedgerCommand::Open).await;
     for amount in [10, 20, 30, 40] {
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let r = repo.execute::<Ledger>("h", &LedgerCommand::Credit(amount)).await.unwrap();
+        let r = repo
+            .execute::<Ledger>("h", &LedgerCommand::Credit(amount))
+            .await
+            .unwrap();
         // Another stream's event between commands, so positions are not dense per stream.
-        append(&store, &stream("order-noise"), ExpectedVersion::Any, vec![event("A", 0)]).await.unwrap();
+        append(
+            &store,
+            &stream("order-noise"),
+            ExpectedVersion::Any,
+            vec![event("A", 0)],
+        )
+        .await
+        .unwrap();
         let stored = read(&store, &r.stream, ReadStream::backward().limit(1)).await;
-        marks.push((r.version, r.positions[0], stored[0].recorded_at, r.aggregate.balance));
+        marks.push((
+            r.version,
+            r.positions[0],
+            stored[0].recorded_at,
+            r.aggregate.balance,
+        ));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for (version, position, at, balance) in marks {
-        for as_of in [AsOf::Version(version), AsOf::Position(position), AsOf::Time(at)] {
+        for as_of in [
+            AsOf::Version(version),
+            AsOf::Position(position),
+            AsOf::Time(at),
+        ] {
             let past = repo.load_as_of::<Ledger>("h", as_of).await.unwrap();
-            assert_eq!((past.version, past.aggregate.balance), (version, balance), "{as_of:?}");
+            assert_eq!(
+                (past.version, past.aggregate.balance),
+                (version, balance),
+                "{as_of:?}"
+            );
         }
     }
-    let before = repo.load_as_of::<Ledger>("h", AsOf::Time(chrono::Utc::now() - chrono::Duration::days(1))).await.unwrap();
+    let before = repo
+        .load_as_of::<Ledger>(
+            "h",
+            AsOf::Time(chrono::Utc::now() - chrono::Duration::days(1)),
+        )
+        .await
+        .unwrap();
     assert_eq!((before.version, before.aggregate), (0, Ledger::default()));
-    let beyond = repo.load_as_of::<Ledger>("h", AsOf::Version(99)).await.unwrap();
+    let beyond = repo
+        .load_as_of::<Ledger>("h", AsOf::Version(99))
+        .await
+        .unwrap();
     assert_eq!((beyond.version, beyond.aggregate.balance), (5, 100));
-    let zero = repo.load_as_of::<Ledger>("h", AsOf::Version(0)).await.unwrap();
+    let zero = repo
+        .load_as_of::<Ledger>("h", AsOf::Version(0))
+        .await
+        .unwrap();
     assert_eq!(zero.version, 0);
 }
 
@@ -1015,9 +1401,18 @@ pub async fn historical_loads<S: Store>(store: S) {
 pub async fn bad_stored_events_are_typed_errors<S: Store>(store: S) {
     let cases: Vec<(&str, NewEvent)> = vec![
         ("unknown", NewEvent::from_value("Exploded", 1, &json!({}))),
-        ("corrupt", NewEvent::from_value("Debited", 1, &json!({ "amount": "lots" }))),
-        ("upcast", NewEvent::from_value("Credited", 1, &json!({ "amount": 1, "poison": true }))),
-        ("newer", NewEvent::from_value("Debited", 9, &json!({ "amount": 1 }))),
+        (
+            "corrupt",
+            NewEvent::from_value("Debited", 1, &json!({ "amount": "lots" })),
+        ),
+        (
+            "upcast",
+            NewEvent::from_value("Credited", 1, &json!({ "amount": 1, "poison": true })),
+        ),
+        (
+            "newer",
+            NewEvent::from_value("Debited", 9, &json!({ "amount": 1 })),
+        ),
     ];
     let repo = Repository::builder(store.clone())
         .upcaster::<Ledger>(upcast::map("Credited", 1, |mut payload| {
@@ -1032,27 +1427,57 @@ pub async fn bad_stored_events_are_typed_errors<S: Store>(store: S) {
     for (id, bad) in cases {
         let s = StreamId::new("ledger", id).unwrap();
         let good = NewEvent::from_value("Opened", 1, &json!({}));
-        append(&store, &s, ExpectedVersion::NoStream, vec![good, bad]).await.unwrap();
+        append(&store, &s, ExpectedVersion::NoStream, vec![good, bad])
+            .await
+            .unwrap();
         let err = repo.load::<Ledger>(id).await.unwrap_err();
         let RepositoryError::Decode(decode) = &err else {
             panic!("{id}: expected a decode error, got {err:?}");
         };
         let (on, version) = match decode {
-            crate::DecodeError::UnknownEventType { stream, version, .. } if id == "unknown" => (stream, version),
-            crate::DecodeError::Payload { stream, version, .. } if id == "corrupt" => (stream, version),
-            crate::DecodeError::Upcast { stream, version, reason, .. } if id == "upcast" => {
+            crate::DecodeError::UnknownEventType {
+                stream, version, ..
+            } if id == "unknown" => (stream, version),
+            crate::DecodeError::Payload {
+                stream, version, ..
+            } if id == "corrupt" => (stream, version),
+            crate::DecodeError::Upcast {
+                stream,
+                version,
+                reason,
+                ..
+            } if id == "upcast" => {
                 assert!(reason.contains("poisoned"), "{reason}");
                 (stream, version)
             }
-            crate::DecodeError::SchemaVersion { stream, version, stored_version: 9, .. } if id == "newer" => (stream, version),
+            crate::DecodeError::SchemaVersion {
+                stream,
+                version,
+                stored_version: 9,
+                ..
+            } if id == "newer" => (stream, version),
             other => panic!("{id}: wrong decode error {other:?}"),
         };
-        assert_eq!((on, *version), (&s, 2), "{id}: the error names stream and version");
-        assert!(err.to_string().contains(s.as_str()), "{id}: message names the stream: {err}");
+        assert_eq!(
+            (on, *version),
+            (&s, 2),
+            "{id}: the error names stream and version"
+        );
+        assert!(
+            err.to_string().contains(s.as_str()),
+            "{id}: message names the stream: {err}"
+        );
         // A command on it fails the same way and writes nothing.
         let cmd = repo.execute::<Ledger>(id, &LedgerCommand::Credit(1)).await;
-        assert!(matches!(cmd, Err(RepositoryError::Decode(_))), "{id}: {cmd:?}");
-        assert_eq!(read(&store, &s, ReadStream::forward()).await.len(), 2, "{id}: nothing lost");
+        assert!(
+            matches!(cmd, Err(RepositoryError::Decode(_))),
+            "{id}: {cmd:?}"
+        );
+        assert_eq!(
+            read(&store, &s, ReadStream::forward()).await.len(),
+            2,
+            "{id}: nothing lost"
+        );
     }
 }
 
@@ -1066,7 +1491,11 @@ pub async fn concurrent_commands_retry_conflicts<S: Store>(store: S) {
         tasks.push(tokio::spawn(async move {
             let mut attempts = 0;
             for _ in 0..15 {
-                attempts += repo.execute::<Ledger>("hot", &LedgerCommand::Credit(1)).await.unwrap().attempts;
+                attempts += repo
+                    .execute::<Ledger>("hot", &LedgerCommand::Credit(1))
+                    .await
+                    .unwrap()
+                    .attempts;
             }
             attempts
         }));

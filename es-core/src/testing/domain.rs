@@ -87,9 +87,18 @@ pub enum LedgerEvent {
 
 impl DomainEvent for LedgerEvent {
     const EVENT_TYPES: &'static [EventSchema] = &[
-        EventSchema { name: "Opened", version: 1 },
-        EventSchema { name: "Credited", version: 2 },
-        EventSchema { name: "Debited", version: 1 },
+        EventSchema {
+            name: "Opened",
+            version: 1,
+        },
+        EventSchema {
+            name: "Credited",
+            version: 2,
+        },
+        EventSchema {
+            name: "Debited",
+            version: 1,
+        },
     ];
 
     fn event_type(&self) -> &'static str {

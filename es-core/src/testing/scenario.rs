@@ -122,7 +122,10 @@ impl<A: Aggregate> Outcome<A> {
     {
         match self.result {
             Ok(events) => panic!("expected an error, but the command emitted {events:?}"),
-            Err(err) => assert!(check(&err), "the command failed with an unexpected error: {err:?}"),
+            Err(err) => assert!(
+                check(&err),
+                "the command failed with an unexpected error: {err:?}"
+            ),
         }
     }
 
