@@ -40,6 +40,9 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+#[cfg(feature = "oracle")]
+pub mod oracle;
+
 /// Events copied out of the store per lock acquisition while reading.
 const PAGE: usize = 512;
 
