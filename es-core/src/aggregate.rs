@@ -65,6 +65,7 @@ pub trait ApplyEvent<S> {
 ///
 /// ```
 /// # use es_core::{Aggregate, Decision};
+/// # #[allow(dead_code)]
 /// # fn example<A: Aggregate + Clone>(account: &A, first: A::Event, second: impl FnOnce(&A) -> Option<A::Event>) -> Vec<A::Event> {
 /// let mut decision = Decision::new(account);
 /// decision.emit(first);

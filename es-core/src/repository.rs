@@ -214,9 +214,12 @@ pub enum BuildError {
     },
 }
 
+/// Validates a list of upcasters against one event enum's current schemas.
+type ValidateChain = fn(Vec<Arc<dyn Upcaster>>) -> Result<Upcasters, UpcastChainError>;
+
 struct PendingUpcasters {
     category: &'static str,
-    validate: fn(Vec<Arc<dyn Upcaster>>) -> Result<Upcasters, UpcastChainError>,
+    validate: ValidateChain,
     upcasters: Vec<Arc<dyn Upcaster>>,
 }
 

@@ -3,7 +3,7 @@
 //! Backends implement [`EventStore`] and [`SnapshotStore`]; serialization, upcasting, snapshot
 //! policy and command handling happen once, in [`crate::repository`].
 //!
-//! # Contract (proven for every backend by the conformance suite in [`crate::testing`])
+//! # Contract (proven for every backend by the conformance suite, feature `testing`)
 //!
 //! - **Versions.** The first event of a stream has version 1; a stream with no events is at 0.
 //! - **Append** is atomic: all events of an [`AppendRequest`] are stored, or none. The
@@ -356,8 +356,7 @@ impl EventFilter {
     /// Whether `event` passes the filter.
     pub fn matches(&self, event: &RecordedEvent) -> bool {
         (self.categories.is_empty() || self.categories.iter().any(|c| c == event.category()))
-            && (self.event_types.is_empty()
-                || self.event_types.iter().any(|t| *t == event.event_type))
+            && (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
     }
 }
 

@@ -46,9 +46,9 @@ pub struct UpcastEvent {
 /// Transforms stored events of one `(event_type, schema_version)`.
 pub trait Upcaster: Send + Sync + 'static {
     /// The event type this upcaster reads.
-    fn event_type(&self) -> &str;
+    fn source_type(&self) -> &str;
     /// The schema version this upcaster reads.
-    fn from_version(&self) -> u32;
+    fn source_version(&self) -> u32;
     /// Every `(event_type, schema_version)` this upcaster may produce.
     fn produces(&self) -> Vec<(String, u32)>;
     /// Transforms one payload. An `Err` names what is wrong; it becomes a [`DecodeError`].
@@ -76,10 +76,10 @@ impl fmt::Debug for FnUpcaster {
 }
 
 impl Upcaster for FnUpcaster {
-    fn event_type(&self) -> &str {
+    fn source_type(&self) -> &str {
         &self.event_type
     }
-    fn from_version(&self) -> u32 {
+    fn source_version(&self) -> u32 {
         self.from_version
     }
     fn produces(&self) -> Vec<(String, u32)> {
@@ -276,10 +276,13 @@ impl DecodeError {
     }
 }
 
+/// Upcasters by source type, then source version.
+type ByType = HashMap<String, Vec<(u32, Arc<dyn Upcaster>)>>;
+
 /// A validated set of upcasters for one event enum; decodes stored events into typed ones.
 #[derive(Clone, Default)]
 pub struct Upcasters {
-    by_type: HashMap<String, Vec<(u32, Arc<dyn Upcaster>)>>,
+    by_type: ByType,
 }
 
 impl fmt::Debug for Upcasters {
@@ -310,7 +313,7 @@ impl Upcasters {
         let is_current = |t: &str, v: u32| current.iter().any(|s| s.name == t && s.version == v);
         let mut by_key: HashMap<(String, u32), Arc<dyn Upcaster>> = HashMap::new();
         for u in upcasters {
-            let key = (u.event_type().to_owned(), u.from_version());
+            let key = (u.source_type().to_owned(), u.source_version());
             if is_current(&key.0, key.1) {
                 return Err(UpcastChainError::ReadsCurrentVersion {
                     event_type: key.0,
@@ -345,7 +348,7 @@ impl Upcasters {
             let mut path = Vec::new();
             find_cycle(key, &by_key, &mut state, &mut path)?;
         }
-        let mut by_type: HashMap<String, Vec<(u32, Arc<dyn Upcaster>)>> = HashMap::new();
+        let mut by_type = ByType::new();
         for ((t, v), u) in by_key {
             by_type.entry(t).or_default().push((v, u));
         }
@@ -414,8 +417,8 @@ impl Upcasters {
             {
                 return Err(upcast_err(format!(
                     "the upcaster of `{}` v{} produced `{}` v{}, which it does not declare",
-                    upcaster.event_type(),
-                    upcaster.from_version(),
+                    upcaster.source_type(),
+                    upcaster.source_version(),
                     out.event_type,
                     out.schema_version
                 )));

@@ -224,7 +224,8 @@ impl<S: EventStore + SnapshotStore> Run<S> {
         for (stream, mut list) in by_stream {
             list.sort_by_key(|e| e.stream_version);
             assert!(
-                list.windows(2).all(|w| w[0].recorded_at <= w[1].recorded_at),
+                list.windows(2)
+                    .all(|w| w[0].recorded_at <= w[1].recorded_at),
                 "recorded_at decreases along {stream}"
             );
         }
@@ -245,76 +246,100 @@ impl<S: EventStore + SnapshotStore> Run<S> {
         )
     }
 
+    async fn append(&mut self, stream: u8, expect: Expect, request: &AppendRequest) -> Outcome {
+        let stream = stream_id(stream);
+        let current = self
+            .store
+            .stream_version(&stream)
+            .await
+            .expect("stream_version");
+        let request = AppendRequest::new(stream, expected(expect, current), request.events.clone());
+        match self.store.append(request).await {
+            Ok(AppendResult {
+                stream_version,
+                positions,
+                duplicate,
+            }) => {
+                if !duplicate {
+                    self.feed.extend(&positions);
+                }
+                Outcome::Appended {
+                    version: stream_version,
+                    events: positions.iter().map(|p| self.index_of(*p)).collect(),
+                    duplicate,
+                }
+            }
+            Err(err) => Outcome::Error(error_kind(&err)),
+        }
+    }
+
+    async fn read_stream(&self, stream: u8, forward: bool, from: u8, limit: Option<u8>) -> Outcome {
+        let mut read = if forward {
+            ReadStream::forward()
+        } else {
+            ReadStream::backward()
+        }
+        .from(u64::from(from));
+        if let Some(limit) = limit {
+            read = read.limit(u64::from(limit));
+        }
+        let events: Vec<RecordedEvent> = self
+            .store
+            .read_stream(&stream_id(stream), read)
+            .try_collect()
+            .await
+            .expect("read_stream");
+        Self::events(&events)
+    }
+
+    async fn read_all(
+        &self,
+        after: u8,
+        limit: Option<u8>,
+        category: Option<u8>,
+        event_type: Option<u8>,
+    ) -> Outcome {
+        let mut filter = EventFilter::all();
+        if let Some(c) = category {
+            filter = filter.category(CATEGORIES[usize::from(c)]);
+        }
+        if let Some(t) = event_type {
+            filter = filter.event_type(TYPES[usize::from(t)]);
+        }
+        let mut read = ReadAll::after(self.position_of(usize::from(after))).filter(filter);
+        if let Some(limit) = limit {
+            read = read.limit(u64::from(limit));
+        }
+        let events: Vec<RecordedEvent> = self
+            .store
+            .read_all(read)
+            .try_collect()
+            .await
+            .expect("read_all");
+        assert!(events
+            .windows(2)
+            .all(|w| w[0].global_position < w[1].global_position));
+        Self::events(&events)
+    }
+
     async fn apply(&mut self, op: &Op, requests: &[AppendRequest]) -> Outcome {
         match op {
             Op::Append { stream, expect, .. } => {
-                let stream = stream_id(*stream);
-                let current = self.store.stream_version(&stream).await.expect("stream_version");
-                let request = requests.last().expect("the append's request").clone();
-                let request = AppendRequest::new(stream, expected(*expect, current), request.events);
-                match self.store.append(request).await {
-                    Ok(AppendResult {
-                        stream_version,
-                        positions,
-                        duplicate,
-                    }) => {
-                        if !duplicate {
-                            self.feed.extend(&positions);
-                        }
-                        Outcome::Appended {
-                            version: stream_version,
-                            events: positions.iter().map(|p| self.index_of(*p)).collect(),
-                            duplicate,
-                        }
-                    }
-                    Err(err) => Outcome::Error(error_kind(&err)),
-                }
+                let request = requests.last().expect("the append's request");
+                self.append(*stream, *expect, request).await
             }
             Op::ReadStream {
                 stream,
                 forward,
                 from,
                 limit,
-            } => {
-                let mut read = if *forward {
-                    ReadStream::forward()
-                } else {
-                    ReadStream::backward()
-                }
-                .from(u64::from(*from));
-                if let Some(limit) = limit {
-                    read = read.limit(u64::from(*limit));
-                }
-                let events: Vec<RecordedEvent> = self
-                    .store
-                    .read_stream(&stream_id(*stream), read)
-                    .try_collect()
-                    .await
-                    .expect("read_stream");
-                Self::events(&events)
-            }
+            } => self.read_stream(*stream, *forward, *from, *limit).await,
             Op::ReadAll {
                 after,
                 limit,
                 category,
                 event_type,
-            } => {
-                let mut filter = EventFilter::all();
-                if let Some(c) = category {
-                    filter = filter.category(CATEGORIES[*c as usize]);
-                }
-                if let Some(t) = event_type {
-                    filter = filter.event_type(TYPES[*t as usize]);
-                }
-                let mut read = ReadAll::after(self.position_of(*after as usize)).filter(filter);
-                if let Some(limit) = limit {
-                    read = read.limit(u64::from(*limit));
-                }
-                let events: Vec<RecordedEvent> =
-                    self.store.read_all(read).try_collect().await.expect("read_all");
-                assert!(events.windows(2).all(|w| w[0].global_position < w[1].global_position));
-                Self::events(&events)
-            }
+            } => self.read_all(*after, *limit, *category, *event_type).await,
             Op::Version { stream } => Outcome::Number(
                 self.store
                     .stream_version(&stream_id(*stream))
@@ -323,7 +348,11 @@ impl<S: EventStore + SnapshotStore> Run<S> {
             ),
             Op::Head => {
                 let head = self.store.head_position().await.expect("head_position");
-                Outcome::Feed(if head == 0 { 0 } else { self.index_of(head) + 1 })
+                Outcome::Feed(if head == 0 {
+                    0
+                } else {
+                    self.index_of(head) + 1
+                })
             }
             Op::SaveSnapshot { stream, version } => {
                 let record = SnapshotRecord {
@@ -333,7 +362,12 @@ impl<S: EventStore + SnapshotStore> Run<S> {
                     payload: Bytes::from(format!("{{\"v\":{version}}}")),
                     recorded_at: es_core::event::now_micros(),
                 };
-                Outcome::Written(self.store.save_snapshot(record).await.expect("save_snapshot"))
+                Outcome::Written(
+                    self.store
+                        .save_snapshot(record)
+                        .await
+                        .expect("save_snapshot"),
+                )
             }
             Op::LoadSnapshot { stream } => Outcome::Snapshot(
                 self.store
@@ -397,11 +431,20 @@ pub async fn check_against_memory<S: EventStore + SnapshotStore>(store: S, ops: 
                 }
                 Batch::Retry(_) | Batch::Overlap(..) => fresh_events(i, 1),
             };
-            sent.push(AppendRequest::new(stream_id(*stream), ExpectedVersion::Any, events));
+            sent.push(AppendRequest::new(
+                stream_id(*stream),
+                ExpectedVersion::Any,
+                events,
+            ));
         }
         let expected = oracle.apply(op, &sent).await;
         let actual = ours.apply(op, &sent).await;
-        assert_eq!(actual, expected, "{} differs from the in-memory oracle", Step(i, op));
+        assert_eq!(
+            actual,
+            expected,
+            "{} differs from the in-memory oracle",
+            Step(i, op)
+        );
     }
 }
 
@@ -410,8 +453,7 @@ fn fresh_events(step: usize, n: u8) -> Vec<NewEvent> {
         .map(|j| {
             let event_type = TYPES[(step + usize::from(j)) % TYPES.len()];
             let payload = serde_json::json!({ "step": step, "j": j, "text": "ok \"quoted\" ü" });
-            NewEvent::from_value(event_type, 1 + u32::from(j % 2), &payload)
-                .with_id(Uuid::now_v7())
+            NewEvent::from_value(event_type, 1 + u32::from(j % 2), &payload).with_id(Uuid::now_v7())
         })
         .collect()
 }

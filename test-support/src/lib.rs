@@ -184,7 +184,7 @@ impl PgServer {
             self.port
         );
         for (k, v) in &self.settings {
-            options.push_str(&format!(" -c {k}={v}"));
+            options = format!("{options} -c {k}={v}");
         }
         let data = self.data_dir();
         let log = self.dir.join("server.log");

@@ -406,14 +406,14 @@ pub async fn idempotent_retry_after_later_appends<S: Store>(store: S) {
 /// A batch that partly overlaps stored events is rejected and writes nothing.
 pub async fn partial_overlap_is_rejected<S: Store>(store: S) {
     let s = stream("order-overlap");
-    let a = event("A", 0);
-    let b = event("A", 1);
-    let c = event("A", 2);
+    let first = event("A", 0);
+    let second = event("A", 1);
+    let third = event("A", 2);
     append(
         &store,
         &s,
         ExpectedVersion::NoStream,
-        vec![a.clone(), b.clone()],
+        vec![first.clone(), second.clone()],
     )
     .await
     .unwrap();
@@ -422,7 +422,7 @@ pub async fn partial_overlap_is_rejected<S: Store>(store: S) {
         &store,
         &s,
         ExpectedVersion::Exact(2),
-        vec![b.clone(), c.clone()],
+        vec![second.clone(), third.clone()],
     )
     .await;
     match overlap {
@@ -432,19 +432,25 @@ pub async fn partial_overlap_is_rejected<S: Store>(store: S) {
             ..
         }) => {
             assert_eq!(on, s);
-            assert_eq!(event_id, b.event_id);
+            assert_eq!(event_id, second.event_id);
         }
         other => panic!("expected DuplicateEvent, got {other:?}"),
     }
     // Stored events in another order are not a retry either.
-    let reordered = append(&store, &s, ExpectedVersion::Any, vec![b.clone(), a.clone()]).await;
+    let reordered = append(
+        &store,
+        &s,
+        ExpectedVersion::Any,
+        vec![second.clone(), first.clone()],
+    )
+    .await;
     assert!(
         matches!(reordered, Err(StoreError::DuplicateEvent { .. })),
         "{reordered:?}"
     );
     assert_eq!(store.head_position().await.unwrap(), head);
     assert_eq!(store.stream_version(&s).await.unwrap(), 2);
-    let r = append(&store, &s, ExpectedVersion::Exact(2), vec![c])
+    let r = append(&store, &s, ExpectedVersion::Exact(2), vec![third])
         .await
         .unwrap();
     assert_eq!(
@@ -917,46 +923,52 @@ pub async fn concurrent_batches_do_not_interleave<S: Store>(store: S) {
     assert_eq!(versions(&all), (1..=1000).collect::<Vec<_>>());
 }
 
+/// Collects the feed through a subscription until it sees a `Done` event.
+fn spawn_subscriber_until_done<S: Store>(store: &S) -> tokio::task::JoinHandle<Vec<RecordedEvent>> {
+    let mut sub = store.subscribe(0, EventFilter::all());
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(e) = sub.next().await {
+            let e = e.expect("subscription never fails here");
+            let done = e.event_type == "Done";
+            seen.push(e);
+            if done {
+                break;
+            }
+        }
+        seen
+    })
+}
+
+/// Collects the feed by polling `read_all` from its own checkpoint until it sees `Done`.
+fn spawn_poller_until_done<S: Store>(store: &S) -> tokio::task::JoinHandle<Vec<RecordedEvent>> {
+    let store = store.clone();
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = read_all(&store, ReadAll::after(after).limit(100)).await;
+            let done = page.iter().any(|e| e.event_type == "Done");
+            if let Some(last) = page.last() {
+                after = last.global_position;
+            }
+            seen.extend(page);
+            if done {
+                break seen;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+}
+
 /// Writers on many streams while a subscriber and a polling reader tail the feed: neither
 /// misses, repeats or reorders an event, and per-stream order holds in the feed.
 pub async fn concurrent_writers_many_streams_tailing_subscriber<S: Store>(store: S) {
     const WRITERS: u64 = 16;
     const STREAMS: u64 = 100;
     const APPENDS_PER_WRITER: u64 = 60;
-    let subscriber = {
-        let mut sub = store.subscribe(0, EventFilter::all());
-        tokio::spawn(async move {
-            let mut seen = Vec::new();
-            while let Some(e) = sub.next().await {
-                let e = e.expect("subscription never fails here");
-                let done = e.event_type == "Done";
-                seen.push(e);
-                if done {
-                    break;
-                }
-            }
-            seen
-        })
-    };
-    let poller = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            let mut seen = Vec::new();
-            let mut after = 0;
-            loop {
-                let page = read_all(&store, ReadAll::after(after).limit(100)).await;
-                let done = page.iter().any(|e| e.event_type == "Done");
-                if let Some(last) = page.last() {
-                    after = last.global_position;
-                }
-                seen.extend(page);
-                if done {
-                    break seen;
-                }
-                tokio::task::yield_now().await;
-            }
-        })
-    };
+    let subscriber = spawn_subscriber_until_done(&store);
+    let poller = spawn_poller_until_done(&store);
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let store = store.clone();

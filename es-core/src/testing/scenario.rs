@@ -30,7 +30,7 @@ impl<A: Aggregate> AggregateTest<A> {
     {
         let mut state = A::default();
         for event in events {
-            let event = roundtrip(event.into());
+            let event = roundtrip(&event.into());
             state.apply(&event);
         }
         Self { state }
@@ -77,7 +77,7 @@ impl<A: Aggregate> Outcome<A> {
                 assert_eq!(events, expected, "the command emitted other events");
                 let mut state = self.state;
                 for event in events {
-                    let event = roundtrip(event);
+                    let event = roundtrip(&event);
                     state.apply(&event);
                 }
                 state
@@ -102,6 +102,8 @@ impl<A: Aggregate> Outcome<A> {
 
     /// Asserts that the command failed with `expected`.
     #[track_caller]
+    // Taking the error by value reads naturally: `.then_expect_error(Error::NotOpen)`.
+    #[allow(clippy::needless_pass_by_value)]
     pub fn then_expect_error(self, expected: A::Error)
     where
         A::Event: Debug,
@@ -136,7 +138,7 @@ impl<A: Aggregate> Outcome<A> {
 }
 
 #[track_caller]
-fn roundtrip<E: DomainEvent>(event: E) -> E {
+fn roundtrip<E: DomainEvent>(event: &E) -> E {
     let payload = event
         .to_payload()
         .unwrap_or_else(|e| panic!("event `{}` does not serialize: {e}", event.event_type()));

@@ -1,1 +1,359 @@
-fn main() {}
+//! Run with
+//!
+//! ```not_rust
+//! cargo run -p example-bank                       # the embedded in-memory store
+//! cargo run -p example-bank -- --store postgres   # needs DATABASE_URL (see `cargo xtask db up`)
+//! cargo run -p example-bank -- --store redis      # needs REDIS_URL (see `cargo xtask db up`)
+//! ```
+//!
+//! `ES_STORE=memory|postgres|redis` selects the store too. The same domain code runs on every
+//! store. The demo shows commands accepted and rejected, a live balance projection fed by a
+//! subscription, the audit trail with metadata, balances as of an earlier version and time, a
+//! snapshot being used, and an event stored at an old schema version upcast on load.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use es_core::{
+    AppendRequest, AsOf, DomainEvent, EventFilter, ExpectedVersion, Metadata, NewEvent, ReadStream,
+    RecordedEvent, Repository, RepositoryError, SnapshotPolicy, Store, StreamId,
+};
+use es_memory::InMemoryStore;
+use example_bank::{describe, money, upcasters, AccountCommand, AccountEvent, BankAccount};
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let choice = std::env::args()
+        .skip_while(|a| a != "--store")
+        .nth(1)
+        .or_else(|| std::env::var("ES_STORE").ok())
+        .unwrap_or_else(|| "memory".to_owned());
+    match choice.as_str() {
+        "memory" => demo(InMemoryStore::new(), "in-memory", "").await,
+        "postgres" => bail!(
+            "the PostgreSQL store (es-postgres) is not built yet; run the demo on the default \
+             in-memory store"
+        ),
+        "redis" => bail!(
+            "the Redis store (es-redis) is not built yet; run the demo on the default in-memory \
+             store"
+        ),
+        other => bail!("unknown store `{other}`: use memory, postgres or redis"),
+    }
+}
+
+/// Balances per account, kept by a subscription to the `account` category.
+#[derive(Clone)]
+struct BalanceProjection {
+    balances: Arc<Mutex<BTreeMap<String, u64>>>,
+    position: watch::Receiver<u64>,
+}
+
+impl BalanceProjection {
+    /// Follows the feed from `after`, applying every account event to the balances.
+    fn start<S: Store>(repo: &Repository<S>, after: u64) -> Self {
+        let balances = Arc::new(Mutex::new(BTreeMap::new()));
+        let (tx, position) = watch::channel(after);
+        let mut feed = repo
+            .store()
+            .subscribe(after, EventFilter::all().category(example_bank::CATEGORY));
+        let repo = repo.clone();
+        let shared = Arc::clone(&balances);
+        tokio::spawn(async move {
+            while let Some(recorded) = feed.next().await {
+                let recorded = match recorded {
+                    Ok(recorded) => recorded,
+                    Err(err) => {
+                        eprintln!("projection stopped: {err}");
+                        return;
+                    }
+                };
+                let events = match repo.decode::<BankAccount>(&recorded) {
+                    Ok(events) => events,
+                    Err(err) => {
+                        eprintln!(
+                            "projection stopped at position {}: {err}",
+                            recorded.global_position
+                        );
+                        return;
+                    }
+                };
+                {
+                    let mut balances = shared.lock().expect("projection lock");
+                    let balance = balances
+                        .entry(recorded.stream_id.id().to_owned())
+                        .or_insert(0);
+                    for event in events {
+                        match event {
+                            AccountEvent::MoneyDeposited(e) => *balance += e.amount,
+                            AccountEvent::MoneyWithdrawn(e) => *balance -= e.amount,
+                            AccountEvent::AccountOpened(_) => {}
+                        }
+                    }
+                }
+                tx.send_replace(recorded.global_position);
+            }
+        });
+        Self { balances, position }
+    }
+
+    /// Waits until the projection has handled `position`, then returns `id`'s balance.
+    async fn balance_at(&self, id: &str, position: u64) -> anyhow::Result<u64> {
+        let mut rx = self.position.clone();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|p| *p >= position))
+            .await
+            .context("the projection did not catch up within 10 s")??;
+        Ok(self
+            .balances
+            .lock()
+            .expect("projection lock")
+            .get(id)
+            .copied()
+            .unwrap_or(0))
+    }
+}
+
+async fn demo<S: Store>(store: S, store_name: &str, suffix: &str) -> anyhow::Result<()> {
+    let mut builder = Repository::builder(store.clone())
+        .snapshot_policy::<BankAccount>(SnapshotPolicy::EveryNEvents(5));
+    for upcaster in upcasters() {
+        builder = builder.upcaster::<BankAccount>(upcaster);
+    }
+    let repo = builder.build()?;
+    let alice = format!("alice{suffix}");
+    let bob = format!("bob{suffix}");
+    let carol = format!("carol{suffix}");
+
+    println!("Bank demo on the {store_name} store\n");
+    let projection = BalanceProjection::start(&repo, store.head_position().await?);
+    commands(&repo, &projection, &alice, &bob).await?;
+    let trail = audit_trail(&store, &alice).await?;
+    history(&repo, &alice, &trail).await?;
+    snapshot(&repo, &alice).await?;
+    upcasting(&repo, &carol).await?;
+
+    println!("\n== Live projection ==");
+    let head = store.head_position().await?;
+    for id in [&alice, &bob, &carol] {
+        let balance = projection.balance_at(id, head).await?;
+        println!("  {id}: {}", money(balance));
+    }
+    Ok(())
+}
+
+/// Runs a teller's commands; prints what was accepted or rejected and what the projection saw.
+async fn commands<S: Store>(
+    repo: &Repository<S>,
+    projection: &BalanceProjection,
+    alice: &str,
+    bob: &str,
+) -> anyhow::Result<()> {
+    println!("== Commands ==");
+    // Every command of this visit shares a correlation id; each command is its own cause.
+    let visit = Uuid::now_v7();
+    let teller = || {
+        Metadata::new()
+            .with_correlation_id(visit)
+            .with_causation_id(Uuid::now_v7())
+            .with_actor("teller:ada")
+            .with("branch", "Main Street")
+    };
+    let open = |owner: &str, currency: &str| AccountCommand::OpenAccount {
+        owner: owner.into(),
+        currency: currency.into(),
+    };
+    let deposit = |amount| AccountCommand::DepositMoney { amount };
+    let withdraw = |amount| AccountCommand::WithdrawMoney { amount };
+    let script = [
+        (alice, open("Alice", "EUR")),
+        (alice, deposit(10_000)),
+        (alice, withdraw(3_000)),
+        (alice, withdraw(50_000)),
+        (bob, deposit(500)),
+        (alice, open("Mallory", "USD")),
+        (alice, deposit(1_250)),
+        (alice, deposit(750)),
+        (alice, withdraw(2_000)),
+    ];
+    for (id, command) in &script {
+        let shown = format!("{command:?}");
+        match repo
+            .execute_with::<BankAccount>(id, command, &teller())
+            .await
+        {
+            Ok(done) => {
+                let what: Vec<String> = done.events.iter().map(describe).collect();
+                let snapshot = if done.snapshot_saved {
+                    ", snapshot saved"
+                } else {
+                    ""
+                };
+                println!(
+                    "  accepted  {shown:<40} -> {} (version {}{snapshot})",
+                    what.join(", "),
+                    done.version
+                );
+                let projected = projection
+                    .balance_at(id, done.positions.last().copied().unwrap_or(0))
+                    .await?;
+                println!(
+                    "            live projection: {id} balance {} (aggregate says {})",
+                    money(projected),
+                    money(done.aggregate.balance)
+                );
+            }
+            Err(RepositoryError::Domain {
+                stream,
+                version,
+                source,
+            }) => {
+                println!("  rejected  {shown:<40} -> {source} ({stream} at version {version})");
+            }
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Prints every event of `id`'s stream with its metadata.
+async fn audit_trail<S: Store>(store: &S, id: &str) -> anyhow::Result<Vec<RecordedEvent>> {
+    println!("\n== Audit trail of account-{id} ==");
+    let stream = StreamId::new(example_bank::CATEGORY, id)?;
+    let trail: Vec<RecordedEvent> = store
+        .read_stream(&stream, ReadStream::forward())
+        .try_collect()
+        .await?;
+    for e in &trail {
+        println!(
+            "  v{} pos {:>3}  {}  {} v{} {}  actor={} correlation={} causation={} branch={}",
+            e.stream_version,
+            e.global_position,
+            e.recorded_at.format("%H:%M:%S%.6f"),
+            e.event_type,
+            e.schema_version,
+            String::from_utf8_lossy(&e.payload),
+            e.metadata.actor.as_deref().unwrap_or("-"),
+            short(e.metadata.correlation_id),
+            short(e.metadata.causation_id),
+            e.metadata
+                .custom
+                .get("branch")
+                .and_then(|v| v.as_str())
+                .unwrap_or("-"),
+        );
+    }
+    Ok(trail)
+}
+
+/// Loads `id` as of a version, a time and a global position.
+async fn history<S: Store>(
+    repo: &Repository<S>,
+    id: &str,
+    trail: &[RecordedEvent],
+) -> anyhow::Result<()> {
+    println!("\n== History ==");
+    let at_v2 = repo.load_as_of::<BankAccount>(id, AsOf::Version(2)).await?;
+    println!(
+        "  balance as of version 2: {}",
+        money(at_v2.aggregate.balance)
+    );
+    let third = &trail[2];
+    let at_time = repo
+        .load_as_of::<BankAccount>(id, AsOf::Time(third.recorded_at))
+        .await?;
+    println!(
+        "  balance as of {} (after the first withdrawal): {} at version {}",
+        third.recorded_at.format("%H:%M:%S%.6f"),
+        money(at_time.aggregate.balance),
+        at_time.version
+    );
+    let position = trail[1].global_position;
+    let at_position = repo
+        .load_as_of::<BankAccount>(id, AsOf::Position(position))
+        .await?;
+    println!(
+        "  balance as of global position {position}: {}",
+        money(at_position.aggregate.balance)
+    );
+    Ok(())
+}
+
+/// Shows that a load started from the snapshot and equals a full replay.
+async fn snapshot<S: Store>(repo: &Repository<S>, id: &str) -> anyhow::Result<()> {
+    println!("\n== Snapshot ==");
+    let loaded = repo.load::<BankAccount>(id).await?;
+    match loaded.snapshot_version {
+        Some(v) => println!(
+            "  loaded account-{id} from the snapshot at version {v} plus {} newer event(s): \
+             balance {} at version {}",
+            loaded.events_read,
+            money(loaded.aggregate.balance),
+            loaded.version
+        ),
+        None => println!("  no snapshot was used (policy: every 5 events)"),
+    }
+    let replayed = repo.load_without_snapshot::<BankAccount>(id).await?;
+    println!(
+        "  full replay of {} events gives the same state: {}",
+        replayed.events_read,
+        replayed.aggregate == loaded.aggregate
+    );
+    Ok(())
+}
+
+/// Stores events the way an older release wrote them and reads them back upcast.
+async fn upcasting<S: Store>(repo: &Repository<S>, id: &str) -> anyhow::Result<()> {
+    println!("\n== Upcasting ==");
+    // An account opened by an older release, when AccountOpened (v1) had no currency.
+    let legacy = StreamId::new(example_bank::CATEGORY, id)?;
+    let import = Metadata::new().with_actor("migration:2019-import");
+    let old_events = vec![
+        NewEvent::new("AccountOpened", 1, r#"{"owner":"Carol"}"#)?.with_metadata(import.clone()),
+        NewEvent::new("MoneyDeposited", 1, r#"{"amount":4200}"#)?.with_metadata(import),
+    ];
+    let store = repo.store();
+    store
+        .append(AppendRequest::new(
+            legacy.clone(),
+            ExpectedVersion::NoStream,
+            old_events,
+        ))
+        .await?;
+    let stored: Vec<RecordedEvent> = store
+        .read_stream(&legacy, ReadStream::forward().limit(1))
+        .try_collect()
+        .await?;
+    println!(
+        "  stored:  {} v{} {}",
+        stored[0].event_type,
+        stored[0].schema_version,
+        String::from_utf8_lossy(&stored[0].payload)
+    );
+    let typed = repo.decode::<BankAccount>(&stored[0])?;
+    println!(
+        "  read as: {} v{} {}",
+        typed[0].event_type(),
+        typed[0].schema_version(),
+        describe(&typed[0])
+    );
+    let account = repo.load::<BankAccount>(id).await?;
+    println!(
+        "  account-{id}: owner {}, currency {}, balance {}",
+        account.aggregate.owner.as_deref().unwrap_or("-"),
+        account.aggregate.currency,
+        money(account.aggregate.balance)
+    );
+    Ok(())
+}
+
+fn short(id: Option<Uuid>) -> String {
+    id.map_or_else(
+        || "-".to_owned(),
+        |id| id.simple().to_string()[24..].to_owned(),
+    )
+}

@@ -1,0 +1,334 @@
+//! Repository behaviour that needs a misbehaving store: conflicts on every attempt, lost replies,
+//! an unreachable store, failing snapshot writes. The store underneath is the real in-memory
+//! store; the wrappers only add the failure.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use es_core::store::StoreFuture;
+use es_core::{
+    Aggregate, AppendRequest, AppendResult, Apply, Decision, DomainEvent, EventStore, EventStream,
+    ExpectedVersion, NewEvent, ReadAll, ReadStream, Repository, RepositoryError, RetryPolicy,
+    SnapshotPolicy, SnapshotRecord, SnapshotStore, StoreError, StreamId,
+};
+use es_memory::InMemoryStore;
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Added {
+    n: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Bonus {
+    n: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+#[event(apply(Counter))]
+enum CounterEvent {
+    Added(Added),
+    Bonus(Bonus),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Counter {
+    total: u64,
+    bonuses: u64,
+}
+
+impl Apply<Added> for Counter {
+    fn apply(&mut self, e: &Added) {
+        self.total += e.n;
+    }
+}
+
+impl Apply<Bonus> for Counter {
+    fn apply(&mut self, e: &Bonus) {
+        self.total += e.n;
+        self.bonuses += 1;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("zero is not allowed")]
+struct Zero;
+
+impl Aggregate for Counter {
+    const CATEGORY: &'static str = "counter";
+    type Command = u64;
+    type Event = CounterEvent;
+    type Error = Zero;
+
+    /// Adds `n`; every time the total crosses a multiple of 100, a bonus of 1 follows. The bonus
+    /// decision sees the effect of the first event through `Decision`.
+    fn handle(&self, n: &u64) -> Result<Vec<CounterEvent>, Zero> {
+        if *n == 0 {
+            return Err(Zero);
+        }
+        let mut decision = Decision::new(self);
+        let before = decision.state().total;
+        decision.emit(Added { n: *n });
+        if decision.state().total / 100 > before / 100 {
+            decision.emit(Bonus { n: 1 });
+        }
+        Ok(decision.into_events())
+    }
+
+    fn apply(&mut self, event: &CounterEvent) {
+        event.apply_to(self);
+    }
+}
+
+/// Failure injection around the in-memory store.
+#[derive(Clone, Default)]
+struct Faulty {
+    inner: InMemoryStore,
+    /// Appends a foreign event to the target stream before each append.
+    interfere: bool,
+    /// Appends succeed but the first `lose_replies` replies are "lost" (Unavailable).
+    lose_replies: Arc<AtomicU32>,
+    /// Every append fails as unreachable, without writing.
+    down: bool,
+    /// Snapshot writes fail.
+    snapshots_fail: bool,
+    appends: Arc<AtomicU32>,
+}
+
+impl EventStore for Faulty {
+    fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {
+        let this = self.clone();
+        async move {
+            this.appends.fetch_add(1, Ordering::SeqCst);
+            if this.down {
+                return Err(StoreError::unavailable("connection refused"));
+            }
+            if this.interfere {
+                let foreign = NewEvent::new("Added", 1, r#"{"n":1}"#).unwrap();
+                let sneak =
+                    AppendRequest::new(request.stream.clone(), ExpectedVersion::Any, vec![foreign]);
+                this.inner.append(sneak).await?;
+            }
+            let result = this.inner.append(request).await?;
+            let lost = this
+                .lose_replies
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if lost {
+                return Err(StoreError::unavailable("connection reset after commit"));
+            }
+            Ok(result)
+        }
+    }
+    fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
+        self.inner.stream_version(stream)
+    }
+    fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
+        self.inner.read_stream(stream, read)
+    }
+    fn read_all(&self, read: ReadAll) -> EventStream {
+        self.inner.read_all(read)
+    }
+    fn head_position(&self) -> impl StoreFuture<u64> {
+        self.inner.head_position()
+    }
+    fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send {
+        self.inner.wait_for_append(after)
+    }
+}
+
+impl SnapshotStore for Faulty {
+    fn load_snapshot(&self, stream: &StreamId) -> impl StoreFuture<Option<SnapshotRecord>> {
+        self.inner.load_snapshot(stream)
+    }
+    fn save_snapshot(&self, snapshot: SnapshotRecord) -> impl StoreFuture<bool> {
+        let this = self.clone();
+        async move {
+            if this.snapshots_fail {
+                return Err(StoreError::unavailable("snapshot table locked"));
+            }
+            this.inner.save_snapshot(snapshot).await
+        }
+    }
+}
+
+fn retry(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts,
+        max_transient_attempts: 4,
+        backoff: Duration::from_millis(1),
+    }
+}
+
+#[tokio::test]
+async fn decisions_see_earlier_events_of_the_same_command() {
+    let repo = Repository::new(InMemoryStore::new());
+    repo.execute::<Counter>("c", &90).await.unwrap();
+    let done = repo.execute::<Counter>("c", &20).await.unwrap();
+    assert_eq!(
+        done.events,
+        vec![
+            CounterEvent::Added(Added { n: 20 }),
+            CounterEvent::Bonus(Bonus { n: 1 })
+        ]
+    );
+    assert_eq!(
+        done.aggregate,
+        Counter {
+            total: 111,
+            bonuses: 1
+        }
+    );
+    assert_eq!(done.version, 3);
+}
+
+#[tokio::test]
+async fn conflicts_are_retried_then_reported_with_versions() {
+    let store = Faulty {
+        interfere: true,
+        ..Faulty::default()
+    };
+    let repo = Repository::builder(store.clone())
+        .retry_policy(retry(3))
+        .build()
+        .unwrap();
+    match repo.execute::<Counter>("x", &5).await {
+        Err(RepositoryError::Conflict {
+            stream,
+            expected,
+            actual,
+            attempts,
+        }) => {
+            assert_eq!(stream.as_str(), "counter-x");
+            assert_eq!(attempts, 3);
+            assert_eq!(expected, 2, "the last attempt was decided at version 2");
+            assert_eq!(actual, 3);
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.appends.load(Ordering::SeqCst), 3);
+    // Only the interfering events were stored.
+    assert_eq!(
+        store
+            .stream_version(&StreamId::parse("counter-x").unwrap())
+            .await
+            .unwrap(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn a_lost_reply_is_resent_and_stored_once() {
+    let store = Faulty {
+        lose_replies: Arc::new(AtomicU32::new(2)),
+        ..Faulty::default()
+    };
+    let repo = Repository::builder(store.clone())
+        .retry_policy(retry(1))
+        .build()
+        .unwrap();
+    let done = repo.execute::<Counter>("y", &7).await.unwrap();
+    assert_eq!(done.version, 1);
+    assert_eq!(store.appends.load(Ordering::SeqCst), 3, "sent three times");
+    let stream = StreamId::parse("counter-y").unwrap();
+    let stored: Vec<_> = store
+        .read_stream(&stream, ReadStream::forward())
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1, "the batch is stored exactly once");
+    assert_eq!(stored[0].event_id, done.event_ids[0]);
+}
+
+#[tokio::test]
+async fn an_unreachable_store_is_a_store_error_after_retries() {
+    let store = Faulty {
+        down: true,
+        ..Faulty::default()
+    };
+    let repo = Repository::builder(store.clone())
+        .retry_policy(retry(5))
+        .build()
+        .unwrap();
+    match repo.execute::<Counter>("z", &1).await {
+        Err(RepositoryError::Store {
+            stream,
+            version: 0,
+            source,
+        }) => {
+            assert_eq!(stream.as_str(), "counter-z");
+            assert!(source.is_transient());
+        }
+        other => panic!("expected a store error, got {other:?}"),
+    }
+    assert_eq!(
+        store.appends.load(Ordering::SeqCst),
+        4,
+        "max_transient_attempts"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_snapshot_write_does_not_fail_the_command() {
+    let store = Faulty {
+        snapshots_fail: true,
+        ..Faulty::default()
+    };
+    let repo = Repository::builder(store)
+        .snapshot_policy::<Counter>(SnapshotPolicy::EveryNEvents(1))
+        .build()
+        .unwrap();
+    let done = repo.execute::<Counter>("s", &3).await.unwrap();
+    assert!(!done.snapshot_saved);
+    assert_eq!(repo.load::<Counter>("s").await.unwrap().aggregate.total, 3);
+}
+
+#[tokio::test]
+async fn custom_snapshot_policies_see_the_versions() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    let repo = Repository::builder(InMemoryStore::new())
+        .snapshot_policy::<Counter>(SnapshotPolicy::Custom(Arc::new(move |ctx| {
+            log.lock().unwrap().push((
+                ctx.previous_version,
+                ctx.version,
+                ctx.last_snapshot_version,
+            ));
+            ctx.version >= 3
+        })))
+        .build()
+        .unwrap();
+    for n in [1, 2, 3, 4] {
+        repo.execute::<Counter>("p", &n).await.unwrap();
+    }
+    let loaded = repo.load::<Counter>("p").await.unwrap();
+    assert_eq!(loaded.snapshot_version, Some(4));
+    assert_eq!(loaded.events_read, 0);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![(0, 1, None), (1, 2, None), (2, 3, None), (3, 4, Some(3))]
+    );
+    let (version, written) = repo.snapshot::<Counter>("p").await.unwrap();
+    assert_eq!(
+        (version, written),
+        (4, false),
+        "an equal snapshot is not rewritten"
+    );
+}
+
+#[test]
+fn an_invalid_upcaster_chain_fails_the_build() {
+    let err = Repository::builder(InMemoryStore::new())
+        .upcaster::<Counter>(es_core::upcast::map("Added", 1, Ok))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("counter"), "{err}");
+}
+
+#[test]
+fn the_event_enum_knows_its_types() {
+    assert_eq!(CounterEvent::from(Added { n: 1 }).event_type(), "Added");
+}

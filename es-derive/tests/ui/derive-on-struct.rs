@@ -1,0 +1,8 @@
+use es_core::DomainEvent;
+
+#[derive(DomainEvent)]
+struct Opened {
+    owner: String,
+}
+
+fn main() {}

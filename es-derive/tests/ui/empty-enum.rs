@@ -1,0 +1,6 @@
+use es_core::DomainEvent;
+
+#[derive(DomainEvent)]
+enum AccountEvent {}
+
+fn main() {}

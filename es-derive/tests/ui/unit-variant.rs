@@ -1,0 +1,8 @@
+use es_core::DomainEvent;
+
+#[derive(DomainEvent)]
+enum AccountEvent {
+    Opened,
+}
+
+fn main() {}

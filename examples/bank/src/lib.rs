@@ -1,0 +1,189 @@
+//! The bank account domain: written once against `es-core`, independent of any store.
+//!
+//! Commands `OpenAccount`, `DepositMoney` and `WithdrawMoney` become the events `AccountOpened`,
+//! `MoneyDeposited` and `MoneyWithdrawn`; a withdrawal the balance does not cover is rejected
+//! with a domain error. `AccountOpened` is at schema version 2 (version 1 had no currency); the
+//! [`upcasters`] bring old events up to date when they are read.
+
+use es_core::{upcast, Aggregate, Apply, DomainEvent};
+use serde::{Deserialize, Serialize};
+
+/// The aggregate's category: accounts live in streams `account-<id>`.
+pub const CATEGORY: &str = "account";
+
+/// An account was opened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountOpened {
+    /// Who owns it.
+    pub owner: String,
+    /// ISO currency code (added in schema version 2).
+    pub currency: String,
+}
+
+/// Money was paid in, in cents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoneyDeposited {
+    /// Amount in cents.
+    pub amount: u64,
+}
+
+/// Money was paid out, in cents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoneyWithdrawn {
+    /// Amount in cents.
+    pub amount: u64,
+}
+
+/// Everything that can happen to an account.
+#[derive(Debug, Clone, PartialEq, Eq, DomainEvent)]
+#[event(apply(BankAccount))]
+pub enum AccountEvent {
+    /// See [`AccountOpened`].
+    #[event(version = 2)]
+    AccountOpened(AccountOpened),
+    /// See [`MoneyDeposited`].
+    MoneyDeposited(MoneyDeposited),
+    /// See [`MoneyWithdrawn`].
+    MoneyWithdrawn(MoneyWithdrawn),
+}
+
+/// What a teller can ask of an account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccountCommand {
+    /// Open the account.
+    OpenAccount {
+        /// Owner's name.
+        owner: String,
+        /// ISO currency code.
+        currency: String,
+    },
+    /// Pay money in.
+    DepositMoney {
+        /// Amount in cents.
+        amount: u64,
+    },
+    /// Pay money out, if the balance covers it.
+    WithdrawMoney {
+        /// Amount in cents.
+        amount: u64,
+    },
+}
+
+/// Why an account refuses a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccountError {
+    /// The account was opened before.
+    #[error("the account is already open")]
+    AlreadyOpen,
+    /// The account does not exist yet.
+    #[error("the account is not open")]
+    NotOpen,
+    /// Zero amounts are refused.
+    #[error("the amount must be positive")]
+    InvalidAmount,
+    /// The balance does not cover the withdrawal.
+    #[error("insufficient funds: balance {balance} cents, requested {requested} cents")]
+    InsufficientFunds {
+        /// Balance in cents.
+        balance: u64,
+        /// Requested amount in cents.
+        requested: u64,
+    },
+}
+
+/// A bank account's state, rebuilt from its events.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BankAccount {
+    /// The owner, once opened.
+    pub owner: Option<String>,
+    /// Currency of the account.
+    pub currency: String,
+    /// Balance in cents.
+    pub balance: u64,
+}
+
+impl Aggregate for BankAccount {
+    const CATEGORY: &'static str = CATEGORY;
+    type Command = AccountCommand;
+    type Event = AccountEvent;
+    type Error = AccountError;
+
+    fn handle(&self, command: &AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
+        match command {
+            AccountCommand::OpenAccount { owner, currency } => {
+                if self.owner.is_some() {
+                    return Err(AccountError::AlreadyOpen);
+                }
+                Ok(vec![AccountOpened {
+                    owner: owner.clone(),
+                    currency: currency.clone(),
+                }
+                .into()])
+            }
+            _ if self.owner.is_none() => Err(AccountError::NotOpen),
+            AccountCommand::DepositMoney { amount: 0 }
+            | AccountCommand::WithdrawMoney { amount: 0 } => Err(AccountError::InvalidAmount),
+            AccountCommand::DepositMoney { amount } => {
+                Ok(vec![MoneyDeposited { amount: *amount }.into()])
+            }
+            AccountCommand::WithdrawMoney { amount } if *amount > self.balance => {
+                Err(AccountError::InsufficientFunds {
+                    balance: self.balance,
+                    requested: *amount,
+                })
+            }
+            AccountCommand::WithdrawMoney { amount } => {
+                Ok(vec![MoneyWithdrawn { amount: *amount }.into()])
+            }
+        }
+    }
+
+    fn apply(&mut self, event: &AccountEvent) {
+        event.apply_to(self);
+    }
+}
+
+impl Apply<AccountOpened> for BankAccount {
+    fn apply(&mut self, event: &AccountOpened) {
+        self.owner = Some(event.owner.clone());
+        self.currency.clone_from(&event.currency);
+    }
+}
+
+impl Apply<MoneyDeposited> for BankAccount {
+    fn apply(&mut self, event: &MoneyDeposited) {
+        self.balance += event.amount;
+    }
+}
+
+impl Apply<MoneyWithdrawn> for BankAccount {
+    fn apply(&mut self, event: &MoneyWithdrawn) {
+        self.balance -= event.amount;
+    }
+}
+
+/// Upcasters for stored account events: `AccountOpened` v1 had no currency; accounts opened then
+/// were all in euros.
+pub fn upcasters() -> Vec<upcast::FnUpcaster> {
+    vec![upcast::map("AccountOpened", 1, |mut payload| {
+        let object = payload
+            .as_object_mut()
+            .ok_or("AccountOpened v1 payload is not an object")?;
+        object.insert("currency".into(), "EUR".into());
+        Ok(payload)
+    })]
+}
+
+/// Formats cents as `123.45`.
+pub fn money(cents: u64) -> String {
+    format!("{}.{:02}", cents / 100, cents % 100)
+}
+
+/// A short description of an event, for display.
+pub fn describe(event: &AccountEvent) -> String {
+    match event {
+        AccountEvent::AccountOpened(e) => format!("opened for {} in {}", e.owner, e.currency),
+        AccountEvent::MoneyDeposited(e) => format!("deposited {}", money(e.amount)),
+        AccountEvent::MoneyWithdrawn(e) => format!("withdrew {}", money(e.amount)),
+    }
+}
