@@ -7,6 +7,10 @@
 //! - [`upcast`]: schema evolution on the serialized form, validated when the repository is built.
 //! - [`Repository`]: loads aggregates (snapshot + newer events, upcast, applied), runs commands with
 //!   optimistic concurrency and retries, snapshots by policy, and loads past states.
+//! - [`outbox`]: integration events translated from domain events, recorded atomically with them,
+//!   and relayed to a broker at least once, in per-stream order.
+//! - [`projection`]: read models fed from the global feed from a checkpoint, at least once or
+//!   exactly once, rebuildable from position 0.
 //! - `testing` (feature): the backend conformance suite and a given/when/then harness.
 //!
 //! # Example
@@ -61,6 +65,8 @@
 
 pub mod aggregate;
 pub mod event;
+pub mod outbox;
+pub mod projection;
 pub mod repository;
 pub mod store;
 pub mod stream_id;
@@ -75,6 +81,13 @@ pub mod __private;
 
 pub use aggregate::{Aggregate, Apply, ApplyEvent, Decision};
 pub use event::{DomainEvent, EventSchema, Metadata, NewEvent, PayloadError, RecordedEvent};
+pub use outbox::{
+    OutboxMessage, OutboxRecord, OutboxStore, Publisher, Relay, RelayConfig, RelayStep, Translator,
+};
+pub use projection::{
+    AtLeastOnce, CheckpointStore, Projection, ProjectionError, ProjectionHandle, ProjectionRunner,
+    ProjectionSink, ProjectionStatus,
+};
 pub use repository::{
     AsOf, BuildError, Executed, Loaded, Repository, RepositoryBuilder, RepositoryError,
     RetryPolicy, SnapshotContext, SnapshotPolicy,
@@ -82,6 +95,7 @@ pub use repository::{
 pub use store::{
     AppendLimits, AppendRequest, AppendResult, Direction, EventFilter, EventStore, EventStream,
     ExpectedVersion, ReadAll, ReadStream, SnapshotRecord, SnapshotStore, Store, StoreError,
+    StreamingStore,
 };
 pub use stream_id::{InvalidStreamId, StreamId};
 pub use upcast::{DecodeError, UpcastChainError, Upcaster, Upcasters};

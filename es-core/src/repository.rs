@@ -1,7 +1,7 @@
 //! The typed repository: loads aggregates (snapshot + newer events, upcast, applied), runs
 //! commands, appends with optimistic concurrency, retries conflicts, and snapshots by policy.
 
-use std::any::TypeId;
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use crate::aggregate::Aggregate;
 use crate::event::{now_micros, DomainEvent, Metadata, NewEvent, RecordedEvent};
+use crate::outbox::{OutboxMessage, Translator};
 use crate::store::{
     AppendRequest, AppendResult, ExpectedVersion, ReadStream, SnapshotRecord, Store, StoreError,
 };
@@ -227,6 +228,7 @@ struct PendingUpcasters {
 pub struct RepositoryBuilder<S> {
     store: S,
     upcasters: HashMap<TypeId, PendingUpcasters>,
+    translators: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     snapshot_policies: HashMap<TypeId, SnapshotPolicy>,
     default_snapshot_policy: SnapshotPolicy,
     retry: RetryPolicy,
@@ -244,6 +246,16 @@ impl<S: Store> RepositoryBuilder<S> {
             })
             .upcasters
             .push(Arc::new(upcaster));
+        self
+    }
+
+    /// Translates the events of aggregate `A` into integration events, recorded in the outbox
+    /// atomically with them (see [`crate::outbox`]). One translator per aggregate type.
+    pub fn translator<A: Aggregate, T: Translator<A>>(mut self, translator: T) -> Self {
+        let erased: Box<ErasedTranslator<A>> = Box::new(move |stream, events, stored, metadata| {
+            translate(&translator, stream, events, stored, metadata)
+        });
+        self.translators.insert(TypeId::of::<A>(), Box::new(erased));
         self
     }
 
@@ -280,6 +292,7 @@ impl<S: Store> RepositoryBuilder<S> {
             inner: Arc::new(Inner {
                 store: self.store,
                 upcasters,
+                translators: self.translators,
                 snapshot_policies: self.snapshot_policies,
                 default_snapshot_policy: self.default_snapshot_policy,
                 retry: self.retry,
@@ -291,6 +304,7 @@ impl<S: Store> RepositoryBuilder<S> {
 struct Inner<S> {
     store: S,
     upcasters: HashMap<TypeId, Upcasters>,
+    translators: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     snapshot_policies: HashMap<TypeId, SnapshotPolicy>,
     default_snapshot_policy: SnapshotPolicy,
     retry: RetryPolicy,
@@ -338,6 +352,7 @@ impl<S: Store> Repository<S> {
         RepositoryBuilder {
             store,
             upcasters: HashMap::new(),
+            translators: HashMap::new(),
             snapshot_policies: HashMap::new(),
             default_snapshot_policy: SnapshotPolicy::Never,
             retry: RetryPolicy::default(),
@@ -586,8 +601,10 @@ impl<S: Store> Repository<S> {
             }
             let new_events = encode_events::<A>(&stream, &events, metadata)?;
             let event_ids = new_events.iter().map(|e| e.event_id).collect();
+            let outbox = self.translate::<A>(&stream, &events, &new_events, metadata)?;
             let request =
-                AppendRequest::new(stream.clone(), ExpectedVersion::Exact(version), new_events);
+                AppendRequest::new(stream.clone(), ExpectedVersion::Exact(version), new_events)
+                    .with_outbox(outbox);
             match self.append(request).await {
                 Ok(result) => {
                     for event in &events {
@@ -640,6 +657,29 @@ impl<S: Store> Repository<S> {
                 }
             }
         }
+    }
+
+    /// The outbox messages of `A`'s translator for these events (none without a translator).
+    fn translate<A: Aggregate>(
+        &self,
+        stream: &StreamId,
+        events: &[A::Event],
+        stored: &[NewEvent],
+        metadata: &Metadata,
+    ) -> RepoResult<Vec<OutboxMessage>, A> {
+        let Some(erased) = self.inner.translators.get(&TypeId::of::<A>()) else {
+            return Ok(Vec::new());
+        };
+        let Some(translate) = erased.downcast_ref::<Box<ErasedTranslator<A>>>() else {
+            unreachable!("translators are keyed by their aggregate type");
+        };
+        translate(stream, events, stored, metadata).map_err(|(event_type, source)| {
+            RepositoryError::Encode {
+                stream: stream.clone(),
+                event_type,
+                source,
+            }
+        })
     }
 
     /// Appends, re-sending the same request (same event ids) while the store is unreachable.
@@ -705,6 +745,51 @@ impl<S: Store> Repository<S> {
                 .await;
         Ok((loaded.version, saved))
     }
+}
+
+/// A translator with its message type erased.
+type ErasedTranslator<A> = dyn Fn(
+        &StreamId,
+        &[<A as Aggregate>::Event],
+        &[NewEvent],
+        &Metadata,
+    ) -> Result<Vec<OutboxMessage>, (&'static str, serde_json::Error)>
+    + Send
+    + Sync;
+
+/// Translates the events of one command into outbox messages: each carries the source event's
+/// id as its causation and the command's correlation and actor.
+fn translate<A: Aggregate, T: Translator<A>>(
+    translator: &T,
+    stream: &StreamId,
+    events: &[A::Event],
+    stored: &[NewEvent],
+    metadata: &Metadata,
+) -> Result<Vec<OutboxMessage>, (&'static str, serde_json::Error)> {
+    let mut out = Vec::new();
+    for (event, new) in events.iter().zip(stored) {
+        for message in translator.translate(stream, event) {
+            let payload = message
+                .to_payload()
+                .map_err(|e| (message.event_type(), e))?;
+            out.push(OutboxMessage {
+                message_id: uuid::Uuid::now_v7(),
+                source_event_id: new.event_id,
+                topic: translator.topic().to_owned(),
+                key: stream.to_string(),
+                message_type: message.event_type().to_owned(),
+                schema_version: message.schema_version(),
+                payload: Bytes::from(payload),
+                metadata: Metadata {
+                    correlation_id: metadata.correlation_id.or(Some(new.event_id)),
+                    causation_id: Some(new.event_id),
+                    actor: metadata.actor.clone(),
+                    custom: metadata.custom.clone(),
+                },
+            });
+        }
+    }
+    Ok(out)
 }
 
 fn encode_events<A: Aggregate>(

@@ -30,6 +30,7 @@ use futures::Stream;
 use uuid::Uuid;
 
 use crate::event::{NewEvent, RecordedEvent};
+use crate::outbox::OutboxMessage;
 use crate::stream_id::{InvalidStreamId, StreamId};
 
 /// What the writer believes the stream's version to be.
@@ -94,6 +95,9 @@ pub struct AppendRequest {
     pub expected: ExpectedVersion,
     /// The events, in order. May be empty: then only the expected version is checked.
     pub events: Vec<NewEvent>,
+    /// Outgoing messages recorded in the outbox atomically with the events (only with at least
+    /// one event; an idempotent retry records nothing new).
+    pub outbox: Vec<OutboxMessage>,
 }
 
 impl AppendRequest {
@@ -103,7 +107,14 @@ impl AppendRequest {
             stream,
             expected,
             events,
+            outbox: Vec::new(),
         }
+    }
+
+    /// Records `messages` in the outbox with this append.
+    pub fn with_outbox(mut self, messages: Vec<OutboxMessage>) -> Self {
+        self.outbox = messages;
+        self
     }
 
     /// Checks the request against `limits` and for duplicate event ids within the batch.
@@ -147,6 +158,44 @@ impl AppendRequest {
                     stream: self.stream.clone(),
                     reason: format!("event id {} appears twice in one batch", event.event_id),
                 });
+            }
+        }
+        self.validate_outbox(limits)
+    }
+
+    fn validate_outbox(&self, limits: &AppendLimits) -> Result<(), StoreError> {
+        let invalid = |reason: String| StoreError::InvalidRequest {
+            stream: self.stream.clone(),
+            reason,
+        };
+        if !self.outbox.is_empty() && self.events.is_empty() {
+            return Err(invalid(
+                "outbox messages need at least one event in the same append".to_owned(),
+            ));
+        }
+        for (i, message) in self.outbox.iter().enumerate() {
+            if message.payload.len() > limits.max_payload_bytes {
+                return Err(StoreError::PayloadTooLarge {
+                    stream: self.stream.clone(),
+                    event_id: message.message_id,
+                    size: message.payload.len(),
+                    limit: limits.max_payload_bytes,
+                });
+            }
+            if message.topic.is_empty() || message.message_type.is_empty() {
+                return Err(invalid(format!(
+                    "outbox message {} has no topic or type",
+                    message.message_id
+                )));
+            }
+            if self.outbox[..i]
+                .iter()
+                .any(|m| m.message_id == message.message_id)
+            {
+                return Err(invalid(format!(
+                    "message id {} appears twice in one batch",
+                    message.message_id
+                )));
             }
         }
         Ok(())
@@ -457,6 +506,16 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// An inline projection (one that runs inside the append) failed; nothing was written.
+    #[error("inline projection `{projection}` rejected the append to `{stream}`: {reason}")]
+    InlineProjection {
+        /// The stream appended to.
+        stream: StreamId,
+        /// The projection.
+        projection: String,
+        /// Its error.
+        reason: String,
+    },
     /// A stream id, category or aggregate id failed validation.
     #[error(transparent)]
     InvalidStreamId(#[from] InvalidStreamId),
@@ -555,6 +614,16 @@ pub trait SnapshotStore: Clone + Send + Sync + 'static {
 /// An event store that also keeps snapshots: what a [`crate::Repository`] runs on.
 pub trait Store: EventStore + SnapshotStore {}
 impl<T: EventStore + SnapshotStore> Store for T {}
+
+/// A store with everything streaming out needs: the outbox and projection checkpoints.
+pub trait StreamingStore:
+    Store + crate::outbox::OutboxStore + crate::projection::CheckpointStore
+{
+}
+impl<T: Store + crate::outbox::OutboxStore + crate::projection::CheckpointStore> StreamingStore
+    for T
+{
+}
 
 impl<T: EventStore> EventStore for Arc<T> {
     fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {

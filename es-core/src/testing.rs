@@ -7,5 +7,6 @@
 pub mod conformance;
 pub mod domain;
 mod scenario;
+pub mod streaming;
 
 pub use scenario::{AggregateTest, Outcome};

@@ -33,7 +33,7 @@ fn chain(list: Vec<Arc<dyn Upcaster>>) -> Result<Upcasters, UpcastChainError> {
     Upcasters::for_events::<PersonEvent>(list)
 }
 
-fn stored(event_type: &str, version: u32, payload: serde_json::Value) -> RecordedEvent {
+fn stored(event_type: &str, version: u32, payload: &serde_json::Value) -> RecordedEvent {
     RecordedEvent {
         event_id: uuid::Uuid::now_v7(),
         stream_id: StreamId::parse("person-1").unwrap(),
@@ -65,7 +65,7 @@ fn v2_to_v3() -> Arc<dyn Upcaster> {
 fn multi_step_chain_brings_old_events_to_the_current_version() {
     let upcasters = chain(vec![v2_to_v3(), v1_to_v2()]).unwrap();
     let decoded: Vec<PersonEvent> = upcasters
-        .decode(&stored("Named", 1, json!({ "name": "Ada Lovelace" })))
+        .decode(&stored("Named", 1, &json!({ "name": "Ada Lovelace" })))
         .unwrap();
     assert_eq!(
         decoded,
@@ -78,7 +78,7 @@ fn multi_step_chain_brings_old_events_to_the_current_version() {
         .decode(&stored(
             "Named",
             2,
-            json!({ "given": "Alan", "family": "Turing" }),
+            &json!({ "given": "Alan", "family": "Turing" }),
         ))
         .unwrap();
     assert_eq!(
@@ -89,7 +89,7 @@ fn multi_step_chain_brings_old_events_to_the_current_version() {
         })]
     );
     let current: Vec<PersonEvent> = upcasters
-        .decode(&stored("Named", 3, json!({ "first": "G", "last": "H" })))
+        .decode(&stored("Named", 3, &json!({ "first": "G", "last": "H" })))
         .unwrap();
     assert_eq!(current.len(), 1);
 }
@@ -121,14 +121,14 @@ fn renames_splits_and_retirements() {
     ])
     .unwrap();
     let renamed: Vec<PersonEvent> = upcasters
-        .decode(&stored("Birthday", 1, json!({ "years": 40 })))
+        .decode(&stored("Birthday", 1, &json!({ "years": 40 })))
         .unwrap();
     assert_eq!(renamed, vec![PersonEvent::Aged(Aged { years: 40 })]);
     let split: Vec<PersonEvent> = upcasters
         .decode(&stored(
             "Registered",
             1,
-            json!({ "first": "Grace", "last": "Hopper", "age": 85 }),
+            &json!({ "first": "Grace", "last": "Hopper", "age": 85 }),
         ))
         .unwrap();
     assert_eq!(
@@ -142,7 +142,7 @@ fn renames_splits_and_retirements() {
         ],
         "a split keeps the order of its outputs"
     );
-    let dropped: Vec<PersonEvent> = upcasters.decode(&stored("Pinged", 1, json!({}))).unwrap();
+    let dropped: Vec<PersonEvent> = upcasters.decode(&stored("Pinged", 1, &json!({}))).unwrap();
     assert!(dropped.is_empty());
 }
 
@@ -213,30 +213,30 @@ fn decode_errors_name_the_stream_and_version() {
         err
     };
     assert!(matches!(
-        check(stored("Named", 1, json!({})), "failing upcaster"),
+        check(stored("Named", 1, &json!({})), "failing upcaster"),
         DecodeError::Upcast { .. }
     ));
     assert!(matches!(
-        check(stored("Liar", 1, json!({})), "undeclared output"),
+        check(stored("Liar", 1, &json!({})), "undeclared output"),
         DecodeError::Upcast { .. }
     ));
     assert!(matches!(
-        check(stored("Unheard", 1, json!({})), "unknown type"),
+        check(stored("Unheard", 1, &json!({})), "unknown type"),
         DecodeError::UnknownEventType { .. }
     ));
     assert!(matches!(
-        check(stored("Aged", 1, json!({ "years": "old" })), "bad payload"),
+        check(stored("Aged", 1, &json!({ "years": "old" })), "bad payload"),
         DecodeError::Payload { .. }
     ));
     assert!(matches!(
-        check(stored("Aged", 2, json!({ "years": 1 })), "newer schema"),
+        check(stored("Aged", 2, &json!({ "years": 1 })), "newer schema"),
         DecodeError::SchemaVersion {
             stored_version: 2,
             current_version: 1,
             ..
         }
     ));
-    let mut not_json = stored("Named", 2, json!({}));
+    let mut not_json = stored("Named", 2, &json!({}));
     not_json.payload = Bytes::from_static(b"{not json");
     assert!(matches!(
         check(not_json, "not JSON"),

@@ -24,17 +24,19 @@
 //! # }
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use es_core::event::now_micros;
+use es_core::projection::HandlerError;
 use es_core::store::{classify_retry, StoreFuture, StoredEventRef};
 use es_core::{
-    AppendLimits, AppendRequest, AppendResult, Direction, EventStore, EventStream, ReadAll,
-    ReadStream, RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
+    AppendLimits, AppendRequest, AppendResult, CheckpointStore, Direction, EventStore, EventStream,
+    OutboxRecord, OutboxStore, ReadAll, ReadStream, RecordedEvent, SnapshotRecord, SnapshotStore,
+    StoreError, StreamId,
 };
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -56,7 +58,12 @@ struct Inner {
     state: Mutex<State>,
     head: watch::Sender<u64>,
     limits: AppendLimits,
+    inline: Vec<(String, Box<InlineProjection>)>,
 }
+
+/// An inline projection: sees the events of each append before they are committed, under the
+/// store's lock; an error rejects the whole append.
+pub type InlineProjection = dyn Fn(&[RecordedEvent]) -> Result<(), HandlerError> + Send + Sync;
 
 #[derive(Default)]
 struct State {
@@ -68,6 +75,13 @@ struct State {
     ids: HashMap<Uuid, usize>,
     snapshots: HashMap<StreamId, SnapshotRecord>,
     last_recorded_at: Option<DateTime<Utc>>,
+    /// Undelivered outbox records by outbox position.
+    outbox: BTreeMap<u64, OutboxRecord>,
+    /// Last outbox position assigned.
+    outbox_position: u64,
+    checkpoints: HashMap<String, u64>,
+    /// The relay lease: owner and expiry.
+    lease: Option<(String, Instant)>,
 }
 
 impl std::fmt::Debug for InMemoryStore {
@@ -95,12 +109,14 @@ impl InMemoryStore {
 
     /// An empty store enforcing `limits` on appends.
     pub fn with_limits(limits: AppendLimits) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                state: Mutex::new(State::default()),
-                head: watch::channel(0).0,
-                limits,
-            }),
+        Self::builder().limits(limits).build()
+    }
+
+    /// Configures a store: limits and inline projections.
+    pub fn builder() -> InMemoryStoreBuilder {
+        InMemoryStoreBuilder {
+            limits: AppendLimits::default(),
+            inline: Vec::new(),
         }
     }
 
@@ -112,6 +128,53 @@ impl InMemoryStore {
     /// Whether the store holds no events.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Configures an [`InMemoryStore`].
+pub struct InMemoryStoreBuilder {
+    limits: AppendLimits,
+    inline: Vec<(String, Box<InlineProjection>)>,
+}
+
+impl std::fmt::Debug for InMemoryStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.inline.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("InMemoryStoreBuilder")
+            .field("limits", &self.limits)
+            .field("inline", &names)
+            .finish()
+    }
+}
+
+impl InMemoryStoreBuilder {
+    /// Enforces `limits` on appends.
+    pub fn limits(mut self, limits: AppendLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Runs `projection` inside every append, under the store's lock, before the events are
+    /// visible: it sees exactly the committed events, once, in commit order. If it fails, the
+    /// append fails with [`StoreError::InlineProjection`] and nothing is written. Keep it fast.
+    pub fn inline_projection<F>(mut self, name: &str, projection: F) -> Self
+    where
+        F: Fn(&[RecordedEvent]) -> Result<(), HandlerError> + Send + Sync + 'static,
+    {
+        self.inline.push((name.to_owned(), Box::new(projection)));
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> InMemoryStore {
+        InMemoryStore {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                head: watch::channel(0).0,
+                limits: self.limits,
+                inline: self.inline,
+            }),
+        }
     }
 }
 
@@ -156,32 +219,55 @@ impl Inner {
             Some(last) => now_micros().max(last),
             None => now_micros(),
         };
-        state.last_recorded_at = Some(recorded_at);
-        let mut positions = Vec::with_capacity(request.events.len());
-        let mut indices = Vec::with_capacity(request.events.len());
-        for (i, event) in request.events.iter().enumerate() {
-            let index = state.log.len();
-            let position = index as u64 + 1;
-            state.log.push(Arc::new(RecordedEvent {
+        let first_index = state.log.len();
+        let recorded: Vec<RecordedEvent> = request
+            .events
+            .iter()
+            .enumerate()
+            .map(|(i, event)| RecordedEvent {
                 event_id: event.event_id,
                 stream_id: request.stream.clone(),
                 stream_version: current + i as u64 + 1,
-                global_position: position,
+                global_position: (first_index + i) as u64 + 1,
                 event_type: event.event_type.clone(),
                 schema_version: event.schema_version,
                 payload: event.payload.clone(),
                 metadata: event.metadata.clone(),
                 recorded_at,
-            }));
-            state.ids.insert(event.event_id, index);
-            positions.push(position);
-            indices.push(index);
+            })
+            .collect();
+        for (name, projection) in &self.inline {
+            projection(&recorded).map_err(|e| StoreError::InlineProjection {
+                stream: request.stream.clone(),
+                projection: name.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        // Every check passed: commit.
+        state.last_recorded_at = Some(recorded_at);
+        let positions: Vec<u64> = recorded.iter().map(|e| e.global_position).collect();
+        for (i, event) in recorded.into_iter().enumerate() {
+            state.ids.insert(event.event_id, first_index + i);
+            state.log.push(Arc::new(event));
         }
         state
             .streams
             .entry(request.stream.clone())
             .or_default()
-            .extend(indices);
+            .extend(first_index..first_index + positions.len());
+        for message in &request.outbox {
+            state.outbox_position += 1;
+            let position = state.outbox_position;
+            state.outbox.insert(
+                position,
+                OutboxRecord {
+                    position,
+                    stream_id: request.stream.clone(),
+                    recorded_at,
+                    message: message.clone(),
+                },
+            );
+        }
         let head = state.log.len() as u64;
         // Published under the lock, so the head only ever moves forward.
         self.head.send_replace(head);
@@ -320,5 +406,83 @@ impl SnapshotStore for InMemoryStore {
             state.snapshots.insert(snapshot.stream_id.clone(), snapshot);
         }
         futures::future::ready(Ok(newer))
+    }
+}
+
+impl OutboxStore for InMemoryStore {
+    fn acquire_relay_lease(&self, owner: &str, ttl: Duration) -> impl StoreFuture<bool> {
+        let mut state = self.inner.lock();
+        let now = Instant::now();
+        let free = match &state.lease {
+            None => true,
+            Some((holder, expires)) => holder == owner || *expires <= now,
+        };
+        if free {
+            state.lease = Some((owner.to_owned(), now + ttl));
+        }
+        futures::future::ready(Ok(free))
+    }
+
+    fn release_relay_lease(&self, owner: &str) -> impl StoreFuture<()> {
+        let mut state = self.inner.lock();
+        if state
+            .lease
+            .as_ref()
+            .is_some_and(|(holder, _)| holder == owner)
+        {
+            state.lease = None;
+        }
+        futures::future::ready(Ok(()))
+    }
+
+    fn pending_outbox(&self, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>> {
+        let state = self.inner.lock();
+        let records = state
+            .outbox
+            .values()
+            .take(limit as usize)
+            .cloned()
+            .collect();
+        futures::future::ready(Ok(records))
+    }
+
+    fn mark_delivered(&self, positions: &[u64]) -> impl StoreFuture<()> {
+        let mut state = self.inner.lock();
+        for position in positions {
+            state.outbox.remove(position);
+        }
+        futures::future::ready(Ok(()))
+    }
+
+    fn outbox_len(&self) -> impl StoreFuture<u64> {
+        futures::future::ready(Ok(self.inner.lock().outbox.len() as u64))
+    }
+}
+
+impl CheckpointStore for InMemoryStore {
+    fn load_checkpoint(&self, name: &str) -> impl StoreFuture<u64> {
+        let position = self
+            .inner
+            .lock()
+            .checkpoints
+            .get(name)
+            .copied()
+            .unwrap_or(0);
+        futures::future::ready(Ok(position))
+    }
+
+    fn save_checkpoint(&self, name: &str, position: u64) -> impl StoreFuture<bool> {
+        let mut state = self.inner.lock();
+        let stored = state.checkpoints.entry(name.to_owned()).or_insert(0);
+        let raised = position > *stored;
+        if raised {
+            *stored = position;
+        }
+        futures::future::ready(Ok(raised))
+    }
+
+    fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<()> {
+        self.inner.lock().checkpoints.remove(name);
+        futures::future::ready(Ok(()))
     }
 }
