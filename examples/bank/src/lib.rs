@@ -5,7 +5,7 @@
 //! with a domain error. `AccountOpened` is at schema version 2 (version 1 had no currency); the
 //! [`upcasters`] bring old events up to date when they are read.
 
-use es_core::{upcast, Aggregate, Apply, DomainEvent};
+use es_core::{upcast, Aggregate, Apply, DomainEvent, StreamId, Translator};
 use serde::{Deserialize, Serialize};
 
 /// The aggregate's category: accounts live in streams `account-<id>`.
@@ -172,6 +172,90 @@ pub fn upcasters() -> Vec<upcast::FnUpcaster> {
         object.insert("currency".into(), "EUR".into());
         Ok(payload)
     })]
+}
+
+/// The public contract other systems consume: integration events with their own names and
+/// versions, so the domain events above can change without breaking consumers.
+pub mod public {
+    use es_core::DomainEvent;
+    use serde::{Deserialize, Serialize};
+
+    /// An account was opened.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct AccountOpenedV1 {
+        /// The account id (the stream's aggregate id).
+        pub account_id: String,
+        /// Its currency.
+        pub currency: String,
+    }
+
+    /// An account's balance changed.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct BalanceChangedV1 {
+        /// The account id.
+        pub account_id: String,
+        /// Signed change in cents.
+        pub delta_cents: i64,
+        /// `deposit` or `withdrawal`.
+        pub reason: String,
+    }
+
+    /// Messages on the `bank.accounts` topic.
+    #[derive(Debug, Clone, PartialEq, Eq, DomainEvent)]
+    pub enum AccountMessage {
+        /// See [`AccountOpenedV1`].
+        #[event(rename = "bank.account.opened")]
+        Opened(AccountOpenedV1),
+        /// See [`BalanceChangedV1`].
+        #[event(rename = "bank.account.balance_changed")]
+        BalanceChanged(BalanceChangedV1),
+    }
+}
+
+/// The Kafka topic of the public account messages.
+pub const PUBLIC_TOPIC: &str = "bank.accounts";
+
+/// Translates account events into the public contract; the owner's name stays private.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PublicTranslator;
+
+impl Translator<BankAccount> for PublicTranslator {
+    type Message = public::AccountMessage;
+
+    fn topic(&self) -> &'static str {
+        PUBLIC_TOPIC
+    }
+
+    fn translate(&self, stream: &StreamId, event: &AccountEvent) -> Vec<public::AccountMessage> {
+        let account_id = stream.id().to_owned();
+        let change = |delta_cents: i64, reason: &str| {
+            public::AccountMessage::BalanceChanged(public::BalanceChangedV1 {
+                account_id: account_id.clone(),
+                delta_cents,
+                reason: reason.to_owned(),
+            })
+        };
+        match event {
+            AccountEvent::AccountOpened(e) => {
+                vec![public::AccountMessage::Opened(public::AccountOpenedV1 {
+                    account_id: account_id.clone(),
+                    currency: e.currency.clone(),
+                })]
+            }
+            AccountEvent::MoneyDeposited(e) => {
+                vec![change(
+                    i64::try_from(e.amount).unwrap_or(i64::MAX),
+                    "deposit",
+                )]
+            }
+            AccountEvent::MoneyWithdrawn(e) => {
+                vec![change(
+                    -i64::try_from(e.amount).unwrap_or(i64::MAX),
+                    "withdrawal",
+                )]
+            }
+        }
+    }
 }
 
 /// Formats cents as `123.45`.

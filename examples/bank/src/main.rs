@@ -17,11 +17,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use es_core::{
-    AppendRequest, AsOf, DomainEvent, EventFilter, ExpectedVersion, Metadata, NewEvent, ReadStream,
-    RecordedEvent, Repository, RepositoryError, SnapshotPolicy, Store, StreamId,
+    AppendRequest, AsOf, DomainEvent, EventFilter, ExpectedVersion, Metadata, NewEvent,
+    OutboxStore, ReadStream, RecordedEvent, Repository, RepositoryError, SnapshotPolicy, Store,
+    StreamId, StreamingStore,
 };
 use es_memory::InMemoryStore;
-use example_bank::{describe, money, upcasters, AccountCommand, AccountEvent, BankAccount};
+use example_bank::{
+    describe, money, upcasters, AccountCommand, AccountEvent, BankAccount, PublicTranslator,
+};
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -118,9 +121,10 @@ impl BalanceProjection {
     }
 }
 
-async fn demo<S: Store>(store: S, store_name: &str, suffix: &str) -> anyhow::Result<()> {
+async fn demo<S: StreamingStore>(store: S, store_name: &str, suffix: &str) -> anyhow::Result<()> {
     let mut builder = Repository::builder(store.clone())
-        .snapshot_policy::<BankAccount>(SnapshotPolicy::EveryNEvents(5));
+        .snapshot_policy::<BankAccount>(SnapshotPolicy::EveryNEvents(5))
+        .translator::<BankAccount, _>(PublicTranslator);
     for upcaster in upcasters() {
         builder = builder.upcaster::<BankAccount>(upcaster);
     }
@@ -136,6 +140,7 @@ async fn demo<S: Store>(store: S, store_name: &str, suffix: &str) -> anyhow::Res
     history(&repo, &alice, &trail).await?;
     snapshot(&repo, &alice).await?;
     upcasting(&repo, &carol).await?;
+    integration_events(&store).await?;
 
     println!("\n== Live projection ==");
     let head = store.head_position().await?;
@@ -303,6 +308,28 @@ async fn snapshot<S: Store>(repo: &Repository<S>, id: &str) -> anyhow::Result<()
         replayed.events_read,
         replayed.aggregate == loaded.aggregate
     );
+    Ok(())
+}
+
+/// Lists the integration events waiting in the outbox: recorded with the domain events, in the
+/// same atomic append, for a relay to publish (see the bank-streaming example).
+async fn integration_events<S: StreamingStore>(store: &S) -> anyhow::Result<()> {
+    println!("\n== Integration events in the outbox ==");
+    let pending = store.pending_outbox(100).await?;
+    for record in &pending {
+        let m = &record.message;
+        println!(
+            "  #{:<3} {} key={} {} v{} {}  (from event {})",
+            record.position,
+            m.topic,
+            m.key,
+            m.message_type,
+            m.schema_version,
+            String::from_utf8_lossy(&m.payload),
+            short(Some(m.source_event_id)),
+        );
+    }
+    println!("  {} message(s) waiting for the relay", pending.len());
     Ok(())
 }
 
