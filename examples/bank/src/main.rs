@@ -17,9 +17,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use es_core::{
-    AppendRequest, AsOf, DomainEvent, EventFilter, ExpectedVersion, Metadata, NewEvent,
-    OutboxStore, ReadStream, RecordedEvent, Repository, RepositoryError, SnapshotPolicy, Store,
-    StreamId, StreamingStore,
+    AppendRequest, AsOf, DomainEvent, EventFilter, ExpectedVersion, Metadata, NewEvent, ReadStream,
+    RecordedEvent, Repository, RepositoryError, SnapshotPolicy, Store, StreamId, StreamingStore,
 };
 use es_memory::InMemoryStore;
 use example_bank::{
