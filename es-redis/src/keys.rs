@@ -1,0 +1,125 @@
+//! The key layout: every key a store uses, derived from its prefix.
+//!
+//! See the [crate documentation](crate#key-layout) for the layout and the reasons behind it.
+
+use std::sync::Arc;
+
+use es_core::StreamId;
+
+use crate::Error;
+
+/// Longest accepted key prefix, in bytes.
+pub const MAX_PREFIX_LEN: usize = 64;
+
+/// The Redis key names of one store, derived from its validated prefix.
+///
+/// Exposed for operators and tests (inspecting or repairing data by hand); the store itself is the
+/// only writer these keys should have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: Arc<str>,
+    feed: Arc<str>,
+    index: Arc<str>,
+}
+
+impl Keys {
+    /// The layout under `prefix`, which must be 1 to [`MAX_PREFIX_LEN`] bytes of ASCII letters,
+    /// digits or `_-.:`.
+    pub fn new(prefix: &str) -> Result<Self, Error> {
+        validate_prefix(prefix)?;
+        // The global keys share the hash tag `{<prefix>:$all}`; `$` cannot occur in a stream id, so
+        // no stream's tag can equal it.
+        let global =
+            |name: &str| -> Arc<str> { format!("{prefix}:{{{prefix}:$all}}:{name}").into() };
+        Ok(Self {
+            prefix: prefix.into(),
+            feed: global("feed"),
+            index: global("index"),
+        })
+    }
+
+    /// The prefix every key starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The Redis stream holding `stream`'s events; entry id `<version>-0`.
+    pub fn events(&self, stream: &StreamId) -> String {
+        format!("{}:{{{stream}}}:events", self.prefix)
+    }
+
+    /// The string holding `stream`'s version.
+    pub fn version(&self, stream: &StreamId) -> String {
+        format!("{}:{{{stream}}}:version", self.prefix)
+    }
+
+    /// The hash holding `stream`'s latest snapshot.
+    pub fn snapshot(&self, stream: &StreamId) -> String {
+        format!("{}:{{{stream}}}:snapshot", self.prefix)
+    }
+
+    /// The Redis stream holding the global feed; entry id `<position>-0`.
+    pub fn feed(&self) -> &str {
+        &self.feed
+    }
+
+    /// The hash holding the head, the last assigned global position (field `position`) and the
+    /// last `recorded_at` in microseconds (field `recorded_at`), and the event-id index: one field
+    /// per event id (hyphenated, so never `position` or `recorded_at`) holding
+    /// `"<position> <version> <stream>"`. One hash, so an append reads and writes both with one
+    /// command each.
+    pub fn index(&self) -> &str {
+        &self.index
+    }
+}
+
+fn validate_prefix(prefix: &str) -> Result<(), Error> {
+    let reason = if prefix.is_empty() {
+        Some("the prefix is empty")
+    } else if prefix.len() > MAX_PREFIX_LEN {
+        Some("the prefix is longer than 64 bytes")
+    } else if !prefix
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+    {
+        Some("the prefix may hold only ASCII letters, digits and `_-.:`")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Error::InvalidPrefix {
+            prefix: prefix.chars().take(80).collect(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_keys_share_the_stream_tag() {
+        let keys = Keys::new("es").unwrap();
+        let s = StreamId::parse("order-a:b:c").unwrap();
+        assert_eq!(keys.events(&s), "es:{order-a:b:c}:events");
+        assert_eq!(keys.version(&s), "es:{order-a:b:c}:version");
+        assert_eq!(keys.snapshot(&s), "es:{order-a:b:c}:snapshot");
+        assert_eq!(keys.feed(), "es:{es:$all}:feed");
+        assert_eq!(keys.index(), "es:{es:$all}:index");
+    }
+
+    #[test]
+    fn rejects_bad_prefixes() {
+        for bad in ["", "a b", "a{b}", "ü", "a\nb", &"x".repeat(65)] {
+            assert!(
+                matches!(Keys::new(bad), Err(Error::InvalidPrefix { .. })),
+                "{bad:?}"
+            );
+        }
+        for good in ["es", "app-1.test:events_v2", &"x".repeat(64)] {
+            assert!(Keys::new(good).is_ok(), "{good:?}");
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Crashes: a redis-server of the test's own with `appendonly yes` / `appendfsync always` is
+//! killed with SIGKILL during concurrent appends and restarted from its AOF, twice.
+//!
+//! Every acknowledged append must be stored exactly once with the versions and positions it was
+//! acknowledged with, no batch may be stored in part, and two subscribers that tail the feed
+//! through the crashes must deliver exactly the feed.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use es_core::{
+    AppendRequest, AppendResult, EventFilter, EventStore, ExpectedVersion, NewEvent, ReadAll,
+    ReadStream, RecordedEvent, StoreError, StreamId,
+};
+use es_redis::RedisStore;
+use es_test_support::{scratch_dir, RedisServer};
+use futures::{StreamExt, TryStreamExt};
+use serde_json::json;
+use uuid::Uuid;
+
+const PATIENCE: Duration = Duration::from_secs(120);
+
+/// Appends `request` until it is acknowledged, retrying the same request (idempotent by event
+/// id) while the server is unavailable.
+async fn append_until_acknowledged(store: &RedisStore, request: AppendRequest) -> AppendResult {
+    let started = std::time::Instant::now();
+    loop {
+        match store.append(request.clone()).await {
+            Ok(result) => return result,
+            Err(err @ StoreError::Unavailable(_)) => {
+                assert!(
+                    started.elapsed() < PATIENCE,
+                    "unavailable for too long: {err}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(other) => panic!("append failed with a non-transient error: {other}"),
+        }
+    }
+}
+
+async fn wait_until_available(store: &RedisStore) {
+    let started = std::time::Instant::now();
+    while store.head_position().await.is_err() {
+        assert!(started.elapsed() < PATIENCE, "the server did not come back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Appends batches of 1 to 4 events round-robin to its own streams with exact expected versions
+/// until `stop`; returns every acknowledged append with its result.
+async fn writer(
+    store: RedisStore,
+    w: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<(AppendRequest, AppendResult)> {
+    const STREAMS_PER_WRITER: usize = 10;
+    let mut versions = [0u64; STREAMS_PER_WRITER];
+    let mut acknowledged = Vec::new();
+    let mut i = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        let k = i % STREAMS_PER_WRITER;
+        let stream = StreamId::new("acct", &format!("{w}-{k}")).unwrap();
+        let batch: Vec<NewEvent> = (0..=i % 4)
+            .map(|j| NewEvent::from_value("Moved", 1, &json!({ "w": w, "i": i, "j": j })))
+            .collect();
+        let request = AppendRequest::new(stream, ExpectedVersion::Exact(versions[k]), batch);
+        let result = append_until_acknowledged(&store, request.clone()).await;
+        assert_eq!(
+            result.stream_version,
+            versions[k] + request.events.len() as u64
+        );
+        versions[k] = result.stream_version;
+        acknowledged.push((request, result));
+        i += 1;
+    }
+    acknowledged
+}
+
+/// Checks that every acknowledged append is stored exactly once, whole, with the versions and
+/// positions it was acknowledged with, and that nothing else is stored.
+async fn check_acknowledged(store: &RedisStore, acknowledged: &[(AppendRequest, AppendResult)]) {
+    let feed: Vec<RecordedEvent> = store
+        .read_all(ReadAll::after(0))
+        .try_collect()
+        .await
+        .unwrap();
+    let mut by_id: HashMap<Uuid, &RecordedEvent> = HashMap::new();
+    for e in &feed {
+        assert!(
+            by_id.insert(e.event_id, e).is_none(),
+            "event {} stored twice",
+            e.event_id
+        );
+    }
+    assert!(feed
+        .windows(2)
+        .all(|w| w[0].global_position < w[1].global_position));
+    let mut expected_total = 0;
+    for (request, result) in acknowledged {
+        expected_total += request.events.len();
+        let first = result.first_version().unwrap();
+        for (i, new) in request.events.iter().enumerate() {
+            let stored = by_id
+                .get(&new.event_id)
+                .unwrap_or_else(|| panic!("acknowledged event {} was lost", new.event_id));
+            assert_eq!(stored.stream_id, request.stream);
+            assert_eq!(stored.stream_version, first + i as u64);
+            assert_eq!(stored.global_position, result.positions[i]);
+            assert_eq!(stored.payload, new.payload);
+        }
+        let stored: Vec<RecordedEvent> = store
+            .read_stream(
+                &request.stream,
+                ReadStream::forward()
+                    .from(first)
+                    .limit(request.events.len() as u64),
+            )
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(
+            stored.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+            request
+                .events
+                .iter()
+                .map(|e| e.event_id)
+                .collect::<Vec<_>>()
+        );
+    }
+    // Nothing else is stored: no partial batch of an append whose acknowledgement was lost (every
+    // such append was retried until acknowledged).
+    assert_eq!(
+        feed.len(),
+        expected_total,
+        "the feed holds exactly the acknowledged events"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill9_during_appends_loses_no_acknowledged_append() {
+    const WRITERS: usize = 8;
+    let dir = scratch_dir("es-redis-kill9");
+    let mut server =
+        RedisServer::start(&dir, &["--appendonly", "yes", "--appendfsync", "always"]).unwrap();
+    let store = RedisStore::builder(server.url())
+        .prefix("crash")
+        .poll_interval(Duration::from_millis(200))
+        .response_timeout(Duration::from_secs(5))
+        .build()
+        .await
+        .unwrap();
+
+    let tail = |store: RedisStore| {
+        let mut sub = store.subscribe(0, EventFilter::all());
+        tokio::spawn(async move {
+            let mut seen: Vec<RecordedEvent> = Vec::new();
+            while let Some(e) = sub.next().await {
+                let e = e.expect("subscriptions retry transient errors");
+                let done = e.event_type == "Done";
+                seen.push(e);
+                if done {
+                    break;
+                }
+            }
+            seen
+        })
+    };
+    let subscribers = [tail(store.clone()), tail(store.clone())];
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| tokio::spawn(writer(store.clone(), w, Arc::clone(&stop))))
+        .collect();
+
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        tokio::task::block_in_place(|| server.kill9()).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::task::block_in_place(|| server.restart()).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut acknowledged = Vec::new();
+    for w in writers {
+        acknowledged.extend(tokio::time::timeout(PATIENCE, w).await.unwrap().unwrap());
+    }
+    let retried = acknowledged.iter().filter(|(_, r)| r.duplicate).count();
+    eprintln!(
+        "{} appends acknowledged, {retried} of them on a retry after the reply was lost",
+        acknowledged.len()
+    );
+
+    // One more restart from the AOF: what was acknowledged must be on disk, not just in memory.
+    tokio::task::block_in_place(|| server.kill9()).unwrap();
+    tokio::task::block_in_place(|| server.restart()).unwrap();
+    wait_until_available(&store).await;
+
+    check_acknowledged(&store, &acknowledged).await;
+
+    let done = NewEvent::from_value("Done", 1, &json!({}));
+    append_until_acknowledged(
+        &store,
+        AppendRequest::new(
+            StreamId::parse("control-1").unwrap(),
+            ExpectedVersion::Any,
+            vec![done],
+        ),
+    )
+    .await;
+    let feed: Vec<Uuid> = store
+        .read_all(ReadAll::after(0))
+        .map_ok(|e| e.event_id)
+        .try_collect()
+        .await
+        .unwrap();
+    for (n, sub) in subscribers.into_iter().enumerate() {
+        let seen = tokio::time::timeout(PATIENCE, sub).await.unwrap().unwrap();
+        let ids: Vec<Uuid> = seen.iter().map(|e| e.event_id).collect();
+        assert_eq!(
+            ids.iter().copied().collect::<HashSet<_>>().len(),
+            ids.len(),
+            "subscriber {n} delivered an event twice"
+        );
+        assert_eq!(
+            ids, feed,
+            "subscriber {n} delivered exactly the feed, in order"
+        );
+    }
+}
+
+/// With the server down, operations fail fast with the transient `Unavailable`, and the same
+/// handle works again once the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_down_is_unavailable_then_recovers() {
+    let dir = scratch_dir("es-redis-down");
+    let mut server = RedisServer::start(&dir, &["--appendonly", "yes"]).unwrap();
+    let store = RedisStore::builder(server.url())
+        .prefix("down")
+        .response_timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    let s = StreamId::parse("order-1").unwrap();
+    let first = NewEvent::from_value("Placed", 1, &json!({}));
+    store
+        .append(AppendRequest::new(
+            s.clone(),
+            ExpectedVersion::NoStream,
+            vec![first],
+        ))
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| server.kill9()).unwrap();
+    let second = NewEvent::from_value("Paid", 1, &json!({}));
+    let request = AppendRequest::new(s.clone(), ExpectedVersion::Exact(1), vec![second]);
+    let err = tokio::time::timeout(PATIENCE, store.append(request.clone()))
+        .await
+        .expect("fails rather than hangs")
+        .unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+    let err = tokio::time::timeout(PATIENCE, store.stream_version(&s))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    tokio::task::block_in_place(|| server.restart()).unwrap();
+    let result = append_until_acknowledged(&store, request).await;
+    assert_eq!(result.stream_version, 2);
+    assert_eq!(store.stream_version(&s).await.unwrap(), 2);
+}
+
+/// On Redis Cluster (here a one-node cluster owning every slot) the append script's keys span two
+/// slots (the stream's and the global feed's), which Cluster refuses with `CROSSSLOT`: the store
+/// reports a typed error and writes nothing, as the crate docs say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_refuses_cross_slot_appends_without_writing() {
+    let dir = scratch_dir("es-redis-cluster");
+    let server = RedisServer::start(
+        &dir,
+        &[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+        ],
+    )
+    .unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg("ADDSLOTSRANGE")
+        .arg(0)
+        .arg(16383)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if info.contains("cluster_state:ok") {
+            break;
+        }
+        assert!(started.elapsed() < PATIENCE, "the cluster did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let s = StreamId::parse("order-1").unwrap();
+    let r = store
+        .append(AppendRequest::new(
+            s.clone(),
+            ExpectedVersion::Any,
+            vec![NewEvent::from_value("Placed", 1, &json!({}))],
+        ))
+        .await;
+    assert!(matches!(r, Err(StoreError::Backend(_))), "{r:?}");
+    assert_eq!(store.stream_version(&s).await.unwrap(), 0);
+    assert_eq!(store.head_position().await.unwrap(), 0);
+}
