@@ -276,23 +276,21 @@ impl DecodeError {
     }
 }
 
-/// Upcasters by source type, then source version.
-type ByType = HashMap<String, Vec<(u32, Arc<dyn Upcaster>)>>;
-
 /// A validated set of upcasters for one event enum; decodes stored events into typed ones.
 #[derive(Clone, Default)]
 pub struct Upcasters {
-    by_type: ByType,
+    /// `(source version, source type, upcaster)`, sorted. Chains are short, so a scan that
+    /// compares the version first beats hashing the type name of every event read.
+    by_source: Vec<(u32, String, Arc<dyn Upcaster>)>,
 }
 
 impl fmt::Debug for Upcasters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut keys: Vec<_> = self
-            .by_type
+        let keys: Vec<_> = self
+            .by_source
             .iter()
-            .flat_map(|(t, vs)| vs.iter().map(move |(v, _)| format!("{t} v{v}")))
+            .map(|(v, t, _)| format!("{t} v{v}"))
             .collect();
-        keys.sort();
         f.debug_struct("Upcasters").field("reads", &keys).finish()
     }
 }
@@ -348,24 +346,21 @@ impl Upcasters {
             let mut path = Vec::new();
             find_cycle(key, &by_key, &mut state, &mut path)?;
         }
-        let mut by_type = ByType::new();
-        for ((t, v), u) in by_key {
-            by_type.entry(t).or_default().push((v, u));
-        }
-        Ok(Self { by_type })
+        let mut by_source: Vec<_> = by_key.into_iter().map(|((t, v), u)| (v, t, u)).collect();
+        by_source.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        Ok(Self { by_source })
     }
 
     /// Whether no upcaster is registered.
     pub fn is_empty(&self) -> bool {
-        self.by_type.is_empty()
+        self.by_source.is_empty()
     }
 
     fn find(&self, event_type: &str, version: u32) -> Option<&Arc<dyn Upcaster>> {
-        self.by_type
-            .get(event_type)?
+        self.by_source
             .iter()
-            .find(|(v, _)| *v == version)
-            .map(|(_, u)| u)
+            .find(|(v, t, _)| *v == version && t == event_type)
+            .map(|(_, _, u)| u)
     }
 
     /// Upcasts and decodes one stored event, passing each resulting typed event to `sink`
