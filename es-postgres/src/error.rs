@@ -1,0 +1,147 @@
+//! The crate's error type, and how database errors map onto [`StoreError`].
+
+use std::sync::Arc;
+
+use es_core::StoreError;
+
+/// Errors building a [`PgStore`](crate::PgStore): connecting, validating the configuration and
+/// migrating the schema. Store operations return [`es_core::StoreError`] instead.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The schema name is not a plain identifier (see [`SchemaName`](crate::SchemaName)).
+    #[error("invalid schema name {name:?}: {reason}")]
+    InvalidSchemaName {
+        /// The rejected name, shortened to at most 80 characters.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The database could not be reached.
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(#[source] sqlx::Error),
+    /// A migration failed; its transaction was rolled back, so the schema is unchanged.
+    #[error("migration {version} ({name}) of schema `{schema}` failed: {source}")]
+    Migration {
+        /// The schema being migrated.
+        schema: String,
+        /// The migration's version.
+        version: i64,
+        /// The migration's name.
+        name: &'static str,
+        /// The database error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A migration recorded as applied differs from the one built into this crate.
+    #[error(
+        "migration {version} ({name}) recorded in schema `{schema}` differs from the one built \
+         into es-postgres (checksum mismatch)"
+    )]
+    MigrationChanged {
+        /// The schema.
+        schema: String,
+        /// The migration's version.
+        version: i64,
+        /// The migration's name.
+        name: &'static str,
+    },
+    /// The schema was migrated by a newer es-postgres.
+    #[error(
+        "schema `{schema}` is at migration {found}, newer than this es-postgres knows ({supported})"
+    )]
+    SchemaTooNew {
+        /// The schema.
+        schema: String,
+        /// Its latest applied migration.
+        found: i64,
+        /// The latest migration this crate knows.
+        supported: i64,
+    },
+    /// Migrations are managed externally (`run_migrations(false)`) and the schema is missing or
+    /// behind.
+    #[error(
+        "schema `{schema}` is not migrated to version {expected} (found {found:?}): apply \
+         `es_postgres::migration_script` or build the store with `run_migrations(true)`"
+    )]
+    SchemaNotReady {
+        /// The schema.
+        schema: String,
+        /// Its latest applied migration, if any.
+        found: Option<i64>,
+        /// The version this crate needs.
+        expected: i64,
+    },
+    /// Any other database error while building the store.
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+}
+
+/// The SQLSTATE of a database error, if `err` is one.
+pub(crate) fn sqlstate(err: &sqlx::Error) -> Option<&str> {
+    match err {
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .map(sqlx::postgres::PgDatabaseError::code),
+        _ => None,
+    }
+}
+
+/// The constraint a database error names, if any.
+pub(crate) fn constraint(err: &sqlx::Error) -> Option<&str> {
+    match err {
+        sqlx::Error::Database(db) => db.constraint(),
+        _ => None,
+    }
+}
+
+/// Whether `err` means the database is unreachable or the operation was cut off, so that the
+/// outcome of a write in flight is unknown and retrying later may succeed.
+pub(crate) fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(_) => sqlstate(err).is_some_and(|code| {
+            // 08: connection exception; 53: insufficient resources; 57P: operator intervention
+            // (admin/crash shutdown, cannot connect now); 57014: query cancelled (timeout);
+            // 55P03: lock not available (lock_timeout); 25006: read-only (failover in progress).
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || matches!(code, "57014" | "55P03" | "25006")
+                || is_retryable_code(code)
+        }),
+        _ => false,
+    }
+}
+
+/// Serialization failures and deadlocks: the transaction was rolled back and can be retried as is.
+pub(crate) fn is_retryable(err: &sqlx::Error) -> bool {
+    sqlstate(err).is_some_and(is_retryable_code)
+}
+
+fn is_retryable_code(code: &str) -> bool {
+    matches!(code, "40001" | "40P01")
+}
+
+/// Maps an error of a read or a snapshot operation.
+pub(crate) fn store_error(err: sqlx::Error) -> StoreError {
+    if is_unavailable(&err) {
+        StoreError::unavailable(err)
+    } else {
+        StoreError::backend(err)
+    }
+}
+
+/// Maps an error shared by several waiting appends (each gets its own [`StoreError`]).
+pub(crate) fn shared_store_error(err: &Arc<sqlx::Error>) -> StoreError {
+    if is_unavailable(err) {
+        StoreError::unavailable(Arc::clone(err))
+    } else {
+        StoreError::backend(Arc::clone(err))
+    }
+}

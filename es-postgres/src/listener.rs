@@ -1,0 +1,79 @@
+//! Keeps the latest known head position in a `watch` channel, from LISTEN/NOTIFY.
+//!
+//! The append function notifies the schema's channel with the new head in the append
+//! transaction, so the notification is delivered on commit, to every process. The listener
+//! reconnects after the connection drops or the server restarts, and re-reads the head after each
+//! (re)connection, because notifications sent while it was away are lost. The watch is only a
+//! wake-up: subscribers re-read the feed, and `wait_for_append` also returns after the polling
+//! interval.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgListener, PgPool};
+use sqlx::AssertSqlSafe;
+use tokio::sync::watch;
+
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+pub(crate) struct Listener {
+    pub(crate) pool: PgPool,
+    pub(crate) channel: String,
+    pub(crate) head_sql: Arc<str>,
+    pub(crate) head: Arc<watch::Sender<u64>>,
+}
+
+impl Listener {
+    /// Runs until aborted (when the store is dropped).
+    pub(crate) async fn run(self) {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            match self.session().await {
+                Ok(()) => backoff = MIN_BACKOFF,
+                Err(err) => {
+                    tracing::debug!(error = %err, "event listener disconnected; reconnecting");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// One connection's worth of listening; returns when the connection is lost.
+    async fn session(&self) -> Result<(), sqlx::Error> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.eager_reconnect(false);
+        listener.listen(&self.channel).await?;
+        // Anything committed before LISTEN took effect was not notified to us.
+        self.refresh().await?;
+        loop {
+            match listener.try_recv().await? {
+                Some(notification) => {
+                    if let Ok(head) = notification.payload().parse::<u64>() {
+                        self.publish(head);
+                    }
+                }
+                None => return Ok(()),
+            }
+        }
+    }
+
+    async fn refresh(&self) -> Result<(), sqlx::Error> {
+        let head: i64 = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.head_sql)))
+            .fetch_one(&self.pool)
+            .await?;
+        self.publish(u64::try_from(head).unwrap_or(0));
+        Ok(())
+    }
+
+    fn publish(&self, head: u64) {
+        self.head.send_if_modified(|current| {
+            let newer = head > *current;
+            if newer {
+                *current = head;
+            }
+            newer
+        });
+    }
+}

@@ -1,0 +1,227 @@
+//! Embedded, versioned migrations, applied under a per-schema advisory lock.
+
+use std::fmt::Write as _;
+
+use sqlx::{AssertSqlSafe, PgPool, Row};
+
+use crate::schema::SchemaName;
+use crate::Error;
+
+/// One embedded migration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Migration {
+    pub(crate) version: i64,
+    pub(crate) name: &'static str,
+    /// SQL with `__SCHEMA__`, `__CHANNEL__` and advisory-lock key placeholders.
+    pub(crate) sql: &'static str,
+}
+
+/// Every migration, in order.
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "init",
+    sql: include_str!("../migrations/0001_init.sql"),
+}];
+
+/// The latest migration version this crate knows.
+pub(crate) fn latest() -> i64 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+impl Migration {
+    /// The SQL for `schema`: the validated, quoted name replaces the placeholders.
+    fn render(&self, schema: &SchemaName) -> String {
+        self.sql
+            .replace("__SCHEMA__", &schema.quoted())
+            .replace("__CHANNEL__", &format!("'{}'", schema.channel()))
+            .replace("__LOCK_SPACE__", &schema.lock_space().to_string())
+            .replace("__TICKET_SPACE__", &schema.ticket_space().to_string())
+            .replace("__GLOBAL_LOCK__", &schema.global_lock().to_string())
+    }
+
+    /// A stable checksum of the migration text (FNV-1a, 64 bit), independent of the schema.
+    fn checksum(&self) -> String {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in self.sql.bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{hash:016x}")
+    }
+}
+
+fn bookkeeping(schema: &SchemaName) -> String {
+    let s = schema.quoted();
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS {s};\n\
+         CREATE TABLE IF NOT EXISTS {s}.schema_migrations (\n    \
+             version    bigint      NOT NULL PRIMARY KEY,\n    \
+             name       text        NOT NULL,\n    \
+             checksum   text        NOT NULL,\n    \
+             applied_at timestamptz NOT NULL DEFAULT now()\n\
+         );\n"
+    )
+}
+
+/// The complete SQL that brings an empty database to the latest version for `schema`, for tools
+/// that manage schemas themselves (psql, Flyway, Liquibase, a deployment pipeline).
+///
+/// The script creates the schema, the migration bookkeeping table, every table and function, and
+/// records the applied migrations, so that a store built with
+/// [`run_migrations(false)`](crate::PgStoreBuilder::run_migrations) accepts the schema. Run it in
+/// one transaction (`psql --single-transaction -f`).
+pub fn migration_script(schema: &str) -> Result<String, Error> {
+    let schema = SchemaName::new(schema)?;
+    let mut script = bookkeeping(&schema);
+    for m in MIGRATIONS {
+        let _ = write!(
+            script,
+            "\n-- migration {} ({})\n{}\nINSERT INTO {}.schema_migrations (version, name, checksum) \
+             VALUES ({}, '{}', '{}');\n",
+            m.version,
+            m.name,
+            m.render(&schema),
+            schema.quoted(),
+            m.version,
+            m.name,
+            m.checksum()
+        );
+    }
+    Ok(script)
+}
+
+/// Applies the pending migrations to `schema` in one transaction.
+///
+/// Concurrent callers (several processes starting at once) serialize on a transaction-scoped
+/// advisory lock keyed by the schema name; the second one finds everything applied.
+pub(crate) async fn run(pool: &PgPool, schema: &SchemaName) -> Result<(), Error> {
+    let mut tx = pool.begin().await.map_err(Error::Connect)?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("es-postgres migrate {schema}"))
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::Database)?;
+    sqlx::raw_sql(AssertSqlSafe(bookkeeping(schema)))
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::Database)?;
+    let applied = sqlx::query(AssertSqlSafe(format!(
+        "SELECT version, checksum FROM {}.schema_migrations ORDER BY version",
+        schema.quoted()
+    )))
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(Error::Database)?;
+    let mut done = Vec::with_capacity(applied.len());
+    for row in &applied {
+        let version: i64 = row.try_get(0).map_err(Error::Database)?;
+        let checksum: String = row.try_get(1).map_err(Error::Database)?;
+        done.push((version, checksum));
+    }
+    check_applied(schema, &done)?;
+    for m in MIGRATIONS
+        .iter()
+        .filter(|m| !done.iter().any(|(v, _)| *v == m.version))
+    {
+        let failed = |source| Error::Migration {
+            schema: schema.to_string(),
+            version: m.version,
+            name: m.name,
+            source,
+        };
+        sqlx::raw_sql(AssertSqlSafe(m.render(schema)))
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {}.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            schema.quoted()
+        )))
+        .bind(m.version)
+        .bind(m.name)
+        .bind(m.checksum())
+        .execute(&mut *tx)
+        .await
+        .map_err(failed)?;
+        tracing::info!(schema = %schema, version = m.version, name = m.name, "applied migration");
+    }
+    tx.commit().await.map_err(Error::Database)
+}
+
+/// Checks that an externally managed schema is at the latest version.
+pub(crate) async fn verify(pool: &PgPool, schema: &SchemaName) -> Result<(), Error> {
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables \
+         WHERE schemaname = $1 AND tablename = 'schema_migrations')",
+    )
+    .bind(schema.as_str())
+    .fetch_one(pool)
+    .await
+    .map_err(Error::Connect)?;
+    let not_ready = |found| Error::SchemaNotReady {
+        schema: schema.to_string(),
+        found,
+        expected: latest(),
+    };
+    if !exists {
+        return Err(not_ready(None));
+    }
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT version, checksum FROM {}.schema_migrations ORDER BY version",
+        schema.quoted()
+    )))
+    .fetch_all(pool)
+    .await
+    .map_err(Error::Database)?;
+    let mut done = Vec::with_capacity(rows.len());
+    for row in &rows {
+        done.push((
+            row.try_get::<i64, _>(0).map_err(Error::Database)?,
+            row.try_get::<String, _>(1).map_err(Error::Database)?,
+        ));
+    }
+    check_applied(schema, &done)?;
+    if done.len() < MIGRATIONS.len() {
+        return Err(not_ready(done.last().map(|(v, _)| *v)));
+    }
+    Ok(())
+}
+
+fn check_applied(schema: &SchemaName, done: &[(i64, String)]) -> Result<(), Error> {
+    for (version, checksum) in done {
+        match MIGRATIONS.iter().find(|m| m.version == *version) {
+            Some(m) if m.checksum() == *checksum => {}
+            Some(m) => {
+                return Err(Error::MigrationChanged {
+                    schema: schema.to_string(),
+                    version: m.version,
+                    name: m.name,
+                })
+            }
+            None => {
+                return Err(Error::SchemaTooNew {
+                    schema: schema.to_string(),
+                    found: *version,
+                    supported: latest(),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_quotes_the_schema_and_records_migrations() {
+        let script = migration_script("tenant_7").unwrap();
+        assert!(script.contains("CREATE SCHEMA IF NOT EXISTS \"tenant_7\";"));
+        assert!(script.contains("\"tenant_7\".append_events"));
+        assert!(script.contains("pg_notify('tenant_7_events'"));
+        assert!(!script.contains("__"));
+        assert!(script.contains("INSERT INTO \"tenant_7\".schema_migrations"));
+        assert!(migration_script("x\"; drop").is_err());
+    }
+}

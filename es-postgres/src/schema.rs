@@ -1,0 +1,220 @@
+//! Validated schema names and the SQL text built from them.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::Error;
+
+/// A validated PostgreSQL schema name for the store's tables.
+///
+/// The name is 1 to [`SchemaName::MAX_LEN`] bytes of lowercase ASCII letters, digits and `_`,
+/// starts with a letter or `_`, and does not start with `pg_` (reserved by PostgreSQL). Anything
+/// else (quotes, semicolons, spaces, upper case, unicode, overlong names) is rejected with
+/// [`Error::InvalidSchemaName`]. The name is still double-quoted wherever it appears in SQL.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SchemaName(String);
+
+impl SchemaName {
+    /// Longest accepted schema name, in bytes (the NOTIFY channel adds a suffix and PostgreSQL
+    /// identifiers end at 63 bytes).
+    pub const MAX_LEN: usize = 48;
+
+    /// Validates `name`.
+    pub fn new(name: &str) -> Result<Self, Error> {
+        let reason = if name.is_empty() {
+            Some("the name is empty")
+        } else if name.len() > Self::MAX_LEN {
+            Some("the name is longer than 48 bytes")
+        } else if !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            Some("the name may hold only lowercase ASCII letters, digits and `_`")
+        } else if name.as_bytes()[0].is_ascii_digit() {
+            Some("the name must start with a letter or `_`")
+        } else if name.starts_with("pg_") {
+            Some("names starting with `pg_` are reserved by PostgreSQL")
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(Error::InvalidSchemaName {
+                name: shorten(name),
+                reason,
+            }),
+            None => Ok(Self(name.to_owned())),
+        }
+    }
+
+    /// The name as given.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The double-quoted identifier, for SQL text.
+    pub(crate) fn quoted(&self) -> String {
+        // Validation leaves no `"` to escape.
+        format!("\"{}\"", self.0)
+    }
+
+    /// The first key of the transaction-scoped advisory locks that order appends to one stream
+    /// (the second is the hash of the stream id), so that stores in different schemas do not
+    /// serialize each other.
+    pub(crate) fn lock_space(&self) -> i32 {
+        fold32(fnv64("es-postgres streams:", &self.0))
+    }
+
+    /// The first key of the ticket locks that order commits (the second is the ticket number).
+    pub(crate) fn ticket_space(&self) -> i32 {
+        fold32(fnv64("es-postgres tickets:", &self.0))
+    }
+
+    /// The key of the session-level advisory lock around position allocation (the one-`bigint`
+    /// key form, a key space apart from the two-`int4` locks above).
+    pub(crate) fn global_lock(&self) -> i64 {
+        i64::from_ne_bytes(fnv64("es-postgres allocation:", &self.0).to_ne_bytes())
+    }
+
+    /// The LISTEN/NOTIFY channel the append function notifies on.
+    pub fn channel(&self) -> String {
+        format!("{}_events", self.0)
+    }
+}
+
+impl fmt::Display for SchemaName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// FNV-1a over `prefix` then `name`: stable across processes, versions and platforms.
+fn fnv64(prefix: &str, name: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in prefix.bytes().chain(name.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+fn fold32(hash: u64) -> i32 {
+    i32::from_ne_bytes(((hash >> 32) as u32 ^ hash as u32).to_ne_bytes())
+}
+
+fn shorten(input: &str) -> String {
+    if input.chars().count() > 80 {
+        let head: String = input.chars().take(77).collect();
+        format!("{head}...")
+    } else {
+        input.to_owned()
+    }
+}
+
+/// Every statement the store runs, rendered once for its schema.
+#[derive(Debug)]
+pub(crate) struct Sql {
+    pub(crate) append: Arc<str>,
+    pub(crate) stream_version: Arc<str>,
+    pub(crate) head: Arc<str>,
+    pub(crate) stream_forward: Arc<str>,
+    pub(crate) stream_backward: Arc<str>,
+    pub(crate) all: Arc<str>,
+    pub(crate) all_categories: Arc<str>,
+    pub(crate) all_types: Arc<str>,
+    pub(crate) all_both: Arc<str>,
+    pub(crate) load_snapshot: Arc<str>,
+    pub(crate) save_snapshot: Arc<str>,
+}
+
+/// The columns every event read selects, in the order [`crate::codec::decode_event`] expects.
+pub(crate) const EVENT_COLUMNS: &str = "global_position, stream_id, stream_version, event_id, \
+     event_type, schema_version, payload, metadata, recorded_at";
+
+impl Sql {
+    pub(crate) fn new(schema: &SchemaName) -> Self {
+        let s = schema.quoted();
+        let c = EVENT_COLUMNS;
+        let all_where = |extra: &str| {
+            format!(
+                "SELECT {c} FROM {s}.events WHERE global_position > $1{extra} \
+                 ORDER BY global_position LIMIT $2"
+            )
+        };
+        Self {
+            append: format!(
+                "SELECT outcomes, versions, offsets, base, recorded, found_ids, found_streams, \
+                 found_versions, found_positions \
+                 FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+            )
+            .into(),
+            stream_version: format!(
+                "SELECT coalesce(max(stream_version), 0) FROM {s}.events WHERE stream_id = $1"
+            )
+            .into(),
+            head: format!("SELECT coalesce(max(global_position), 0) FROM {s}.events").into(),
+            stream_forward: format!(
+                "SELECT {c} FROM {s}.events WHERE stream_id = $1 AND stream_version >= $2 \
+                 ORDER BY stream_version LIMIT $3"
+            )
+            .into(),
+            stream_backward: format!(
+                "SELECT {c} FROM {s}.events WHERE stream_id = $1 AND stream_version <= $2 \
+                 ORDER BY stream_version DESC LIMIT $3"
+            )
+            .into(),
+            all: all_where("").into(),
+            all_categories: all_where(" AND category = ANY ($3)").into(),
+            all_types: all_where(" AND event_type = ANY ($3)").into(),
+            all_both: all_where(" AND category = ANY ($3) AND event_type = ANY ($4)").into(),
+            load_snapshot: format!(
+                "SELECT version, schema_version, payload, recorded_at FROM {s}.snapshots \
+                 WHERE stream_id = $1"
+            )
+            .into(),
+            save_snapshot: format!(
+                "INSERT INTO {s}.snapshots AS t (stream_id, version, schema_version, payload, \
+                 recorded_at) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, \
+                 schema_version = excluded.schema_version, payload = excluded.payload, \
+                 recorded_at = excluded.recorded_at WHERE t.version < excluded.version"
+            )
+            .into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_plain_names() {
+        for ok in ["es", "_x", "tenant_42", &"a".repeat(48)] {
+            assert_eq!(SchemaName::new(ok).unwrap().as_str(), ok);
+        }
+    }
+
+    #[test]
+    fn rejects_hostile_names() {
+        let long = "a".repeat(10_000);
+        for bad in [
+            "",
+            "Es",
+            "es\"; DROP SCHEMA public; --",
+            "es'",
+            "es;",
+            "es schema",
+            "1es",
+            "pg_catalog",
+            "ésquema",
+            "es\0",
+            "日本",
+            &long,
+        ] {
+            match SchemaName::new(bad) {
+                Err(Error::InvalidSchemaName { name, .. }) => assert!(name.chars().count() <= 80),
+                other => panic!("{bad:?} was accepted: {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,531 @@
+//! Group commit: concurrent appends of one store share one transaction and one commit.
+//!
+//! Callers put validated requests on a queue. A writer task takes what is queued (up to a size
+//! budget, at most one append per stream), sends it as one call of the `append_events` function,
+//! and answers every caller with its own outcome: a conflict, a duplicate or a malformed event
+//! fails only its own append (a group that fails as a whole is re-run append by append).
+//!
+//! Pacing. Small groups (under [`PARALLEL_MIN_EVENTS`] events) run one at a time: while one is
+//! in flight the next keeps gathering, and after a call the next group waits up to
+//! [`MAX_LINGER`] (and at most an eighth of the last call's duration) for the callers the last
+//! call answered, who in a command loop append again right away. So sixteen tasks appending
+//! single events settle into one group of sixteen per commit instead of two alternating halves.
+//! Large groups run in parallel on up to `writers` connections: their cost is CPU on the server
+//! rather than the commit, and their commits are still few.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use es_core::store::{classify_retry, StoredEventRef};
+use es_core::{AppendRequest, AppendResult, ExpectedVersion, StoreError, StreamId};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgBindIterExt, PgPool, PgRow};
+use sqlx::Postgres;
+use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use uuid::Uuid;
+
+use crate::codec::{to_i64, to_u64, RawJsonb};
+use crate::error::{
+    constraint, is_retryable, is_unavailable, shared_store_error, sqlstate, store_error,
+};
+
+/// Most appends in one group.
+const MAX_GROUP_APPENDS: usize = 256;
+/// Most events in one group (a larger single append still goes alone).
+const MAX_GROUP_EVENTS: usize = 10_000;
+/// Most payload bytes in one group (a larger single append still goes alone).
+const MAX_GROUP_BYTES: usize = 16 << 20;
+/// The longest a writer waits for the callers it expects before sending a group.
+const MAX_LINGER: Duration = Duration::from_micros(500);
+/// A group with fewer events waits for the call in flight to end before it is sent.
+const PARALLEL_MIN_EVENTS: usize = 64;
+/// Attempts for a group that hit a deadlock, a serialization failure or an event id that a
+/// concurrent transaction stored first.
+const MAX_ATTEMPTS: usize = 4;
+
+/// How many jobs the next group should gather, and for how long to wait for them.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    expect: usize,
+    linger: Duration,
+}
+
+/// State shared by the writer tasks of one store.
+pub(crate) struct Shared {
+    queue: Mutex<Queue>,
+    /// Calls in flight.
+    calls: watch::Sender<usize>,
+    /// Appends queued or in a call, not yet answered.
+    active: AtomicUsize,
+    writers: usize,
+    pace: std::sync::Mutex<Pace>,
+}
+
+impl Shared {
+    pub(crate) fn new(jobs: mpsc::UnboundedReceiver<Job>, writers: usize) -> Self {
+        Self {
+            queue: Mutex::new(Queue {
+                jobs,
+                carry: VecDeque::new(),
+            }),
+            calls: watch::channel(0).0,
+            active: AtomicUsize::new(0),
+            writers,
+            pace: std::sync::Mutex::new(Pace {
+                expect: 1,
+                linger: Duration::ZERO,
+            }),
+        }
+    }
+
+    /// Counts an append that is about to be queued.
+    pub(crate) fn enqueued(&self) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn pace(&self) -> Pace {
+        *self
+            .pace
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Queued jobs, and jobs set aside because their stream was already in the group being formed.
+struct Queue {
+    jobs: mpsc::UnboundedReceiver<Job>,
+    carry: VecDeque<Job>,
+}
+
+/// One queued append and where to send its outcome.
+pub(crate) struct Job {
+    pub(crate) request: AppendRequest,
+    pub(crate) reply: oneshot::Sender<Result<AppendResult, StoreError>>,
+}
+
+impl Job {
+    fn bytes(&self) -> usize {
+        self.request
+            .events
+            .iter()
+            .map(|e| e.payload.len() + e.event_type.len() + 64)
+            .sum()
+    }
+}
+
+/// One writer task.
+pub(crate) struct Writer {
+    pub(crate) pool: PgPool,
+    /// The connection this writer keeps between groups (taken from the pool on first use and
+    /// after a connection failure), so a group costs one round trip and no pool checkout.
+    pub(crate) conn: Option<PoolConnection<Postgres>>,
+    pub(crate) sql: Arc<str>,
+    pub(crate) head: Arc<watch::Sender<u64>>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// The outcome of one `append_events` call.
+struct CallResult {
+    outcomes: Vec<i16>,
+    versions: Vec<i64>,
+    offsets: Vec<Option<i64>>,
+    base: Option<i64>,
+    found: HashMap<Uuid, StoredEventRef>,
+}
+
+enum CallError {
+    /// The call failed as a whole.
+    Sql(sqlx::Error),
+    /// The call succeeded but its result could not be read (a corrupt stored row).
+    Store(StoreError),
+}
+
+impl Writer {
+    /// Runs until the store is dropped (the queue closes).
+    pub(crate) async fn run(mut self) {
+        while let Some(group) = self.next_group().await {
+            let started = tokio::time::Instant::now();
+            let answered = group.len();
+            self.execute(group).await;
+            self.shared.calls.send_modify(|calls| *calls -= 1);
+            // The callers just answered are likely to append again right away (a closed loop of
+            // commands); with those queued or in other calls they are the concurrency to expect.
+            let others = self.shared.active.fetch_sub(answered, Ordering::Relaxed) - answered;
+            let pace = Pace {
+                expect: (answered + others).min(MAX_GROUP_APPENDS),
+                linger: (started.elapsed() / 8).min(MAX_LINGER),
+            };
+            *self
+                .shared
+                .pace
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = pace;
+        }
+    }
+
+    /// Forms the next group and registers it as a call in flight.
+    ///
+    /// Takes carried-over jobs first, then whatever is queued. While another call is in flight
+    /// and the group is small, keeps gathering until that call ends: small appends gain more
+    /// from sharing a commit than from running in parallel, large ones from using more cores.
+    /// Then, if fewer jobs are there than the last call suggests will come, waits briefly for
+    /// them.
+    async fn next_group(&self) -> Option<Vec<Job>> {
+        let mut queue = self.shared.queue.lock().await;
+        let queue = &mut *queue;
+        let first = match queue.carry.pop_front() {
+            Some(job) => job,
+            None => queue.jobs.recv().await?,
+        };
+        let mut group = Group::new(first);
+        for _ in 0..queue.carry.len() {
+            let Some(job) = queue.carry.pop_front() else {
+                break;
+            };
+            group.add_or_carry(job, &mut queue.carry);
+        }
+        while !group.full() {
+            match queue.jobs.try_recv() {
+                Ok(job) => group.add_or_carry(job, &mut queue.carry),
+                Err(_) => break,
+            }
+        }
+        let mut calls = self.shared.calls.subscribe();
+        while *calls.borrow_and_update() > 0 && group.events < PARALLEL_MIN_EVENTS && !group.full()
+        {
+            tokio::select! {
+                job = queue.jobs.recv() => match job {
+                    Some(job) => group.add_or_carry(job, &mut queue.carry),
+                    None => break,
+                },
+                _ = calls.changed() => {}
+            }
+        }
+        // Small groups run one at a time and wait for every caller expected; large ones share
+        // the expected callers among the writers, which run them in parallel.
+        let pace = self.shared.pace();
+        let expect = if group.events < PARALLEL_MIN_EVENTS {
+            pace.expect
+        } else {
+            pace.expect.div_ceil(self.shared.writers)
+        };
+        let deadline = tokio::time::Instant::now() + pace.linger;
+        while !group.full() && group.jobs.len() + queue.carry.len() < expect {
+            match tokio::time::timeout_at(deadline, queue.jobs.recv()).await {
+                Ok(Some(job)) => group.add_or_carry(job, &mut queue.carry),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.shared.calls.send_modify(|calls| *calls += 1);
+        Some(group.jobs)
+    }
+
+    /// Runs a group, retrying transient conflicts; if the group fails for a reason other than a
+    /// lost connection, runs its appends one by one so that a bad append fails alone.
+    async fn execute(&mut self, mut jobs: Vec<Job>) {
+        let mut attempt = 1;
+        let mut lookup = false;
+        let err = loop {
+            match self.call(&jobs, lookup).await {
+                Ok(result) => return self.answer(jobs, &result),
+                Err(CallError::Sql(err)) if retry_as_is(&err) && attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(error = %err, attempt, "append group retried");
+                    // A stored event id: this time look every id up, so that each append is
+                    // classified (exact retry or partial overlap).
+                    lookup |= is_event_id_violation(&err);
+                    attempt += 1;
+                }
+                Err(err) => break err,
+            }
+        };
+        match err {
+            CallError::Sql(err) if is_unavailable(&err) => {
+                // The outcome is unknown (or the transaction was rolled back): every caller gets
+                // `Unavailable` and may retry, idempotently by event id.
+                let err = Arc::new(err);
+                for job in jobs {
+                    let _ = job.reply.send(Err(shared_store_error(&err)));
+                }
+            }
+            _ if jobs.len() > 1 => {
+                for job in jobs {
+                    Box::pin(self.execute(vec![job])).await;
+                }
+            }
+            err => {
+                let Some(job) = jobs.pop() else { return };
+                let err = match err {
+                    CallError::Sql(err) => append_error(&job.request, err),
+                    CallError::Store(err) => err,
+                };
+                let _ = job.reply.send(Err(err));
+            }
+        }
+    }
+
+    async fn call(&mut self, jobs: &[Job], lookup: bool) -> Result<CallResult, CallError> {
+        let requests = || jobs.iter().map(|j| &j.request);
+        let events = || requests().flat_map(|r| r.events.iter());
+        let metadata: Vec<Vec<u8>> = events().map(|e| e.metadata.to_json()).collect();
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            slot @ None => slot.insert(self.pool.acquire().await.map_err(CallError::Sql)?),
+        };
+        let result = sqlx::query(AssertSqlSafe(Arc::clone(&self.sql)))
+            .bind(requests().map(|r| r.stream.as_str()).bind_iter())
+            .bind(requests().map(|r| r.stream.category()).bind_iter())
+            .bind(requests().map(|r| expected_kind(r.expected)).bind_iter())
+            .bind(requests().map(|r| expected_value(r.expected)).bind_iter())
+            .bind(requests().map(|r| int4(r.events.len())).bind_iter())
+            .bind(
+                requests()
+                    .enumerate()
+                    .flat_map(|(i, r)| std::iter::repeat_n(int4(i + 1), r.events.len()))
+                    .bind_iter(),
+            )
+            .bind(requests().flat_map(|r| 0..int4(r.events.len())).bind_iter())
+            .bind(events().map(|e| e.event_id).bind_iter())
+            .bind(events().map(|e| e.event_type.as_str()).bind_iter())
+            .bind(events().map(|e| i64::from(e.schema_version)).bind_iter())
+            .bind(events().map(|e| RawJsonb(&e.payload)).bind_iter())
+            .bind(metadata.iter().map(|m| RawJsonb(m)).bind_iter())
+            .bind(lookup)
+            .fetch_one(&mut **conn)
+            .await;
+        match result {
+            Ok(row) => CallResult::decode(&row),
+            Err(err) => {
+                if is_unavailable(&err) {
+                    // The connection may be broken; the next call takes a fresh one.
+                    self.conn = None;
+                }
+                Err(CallError::Sql(err))
+            }
+        }
+    }
+
+    /// Answers every job of a successful call and publishes the new head.
+    fn answer(&self, jobs: Vec<Job>, result: &CallResult) {
+        let mut last = 0;
+        for (i, job) in jobs.into_iter().enumerate() {
+            let outcome = result.outcome(i, &job.request);
+            if let Ok(r) = &outcome {
+                if !r.duplicate {
+                    last = last.max(r.positions.last().copied().unwrap_or(0));
+                }
+            }
+            let _ = job.reply.send(outcome);
+        }
+        if last > 0 {
+            self.head.send_if_modified(|head| {
+                let newer = last > *head;
+                if newer {
+                    *head = last;
+                }
+                newer
+            });
+        }
+    }
+}
+
+/// The jobs of one call: distinct streams, within the size budget.
+struct Group {
+    jobs: Vec<Job>,
+    streams: HashSet<StreamId>,
+    events: usize,
+    bytes: usize,
+}
+
+impl Group {
+    fn new(first: Job) -> Self {
+        let mut streams = HashSet::new();
+        streams.insert(first.request.stream.clone());
+        Self {
+            events: first.request.events.len(),
+            bytes: first.bytes(),
+            jobs: vec![first],
+            streams,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.jobs.len() >= MAX_GROUP_APPENDS
+            || self.events >= MAX_GROUP_EVENTS
+            || self.bytes >= MAX_GROUP_BYTES
+    }
+
+    /// Adds `job`, or sets it aside for a later group.
+    fn add_or_carry(&mut self, job: Job, carry: &mut VecDeque<Job>) {
+        if let Err(job) = self.add(job) {
+            carry.push_back(job);
+        }
+    }
+
+    /// Adds `job`, or hands it back when its stream is in the group already or it does not fit.
+    fn add(&mut self, job: Job) -> Result<(), Job> {
+        let bytes = job.bytes();
+        let events = job.request.events.len();
+        if self.full()
+            || self.events + events > MAX_GROUP_EVENTS
+            || self.bytes + bytes > MAX_GROUP_BYTES
+            || self.streams.contains(&job.request.stream)
+        {
+            return Err(job);
+        }
+        self.streams.insert(job.request.stream.clone());
+        self.events += events;
+        self.bytes += bytes;
+        self.jobs.push(job);
+        Ok(())
+    }
+}
+
+/// A count or index as an `integer` parameter. Groups hold at most a few hundred appends and
+/// appends at most `max_batch_len` events, far below `i32::MAX`.
+fn int4(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+fn expected_kind(expected: ExpectedVersion) -> i16 {
+    match expected {
+        ExpectedVersion::Any => 0,
+        ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => 1,
+        ExpectedVersion::StreamExists => 2,
+        ExpectedVersion::Exact(_) => 3,
+    }
+}
+
+fn expected_value(expected: ExpectedVersion) -> i64 {
+    match expected {
+        ExpectedVersion::Exact(v) => to_i64(v),
+        _ => 0,
+    }
+}
+
+impl CallResult {
+    fn decode(row: &PgRow) -> Result<Self, CallError> {
+        let get = |e: sqlx::Error| CallError::Sql(e);
+        let found_ids: Option<Vec<Uuid>> = row.try_get(5).map_err(get)?;
+        let mut found = HashMap::new();
+        if let Some(ids) = found_ids {
+            let streams: Vec<String> = row.try_get(6).map_err(get)?;
+            let versions: Vec<i64> = row.try_get(7).map_err(get)?;
+            let positions: Vec<i64> = row.try_get(8).map_err(get)?;
+            for (((id, stream), version), position) in
+                ids.into_iter().zip(streams).zip(versions).zip(positions)
+            {
+                let location = || format!("event {id}");
+                let stream = StreamId::parse(&stream).map_err(|e| {
+                    CallError::Store(StoreError::Corrupt {
+                        location: location(),
+                        reason: format!("invalid stream id: {e}"),
+                    })
+                })?;
+                found.insert(
+                    id,
+                    StoredEventRef {
+                        event_id: id,
+                        stream,
+                        stream_version: to_u64(version, &location()).map_err(CallError::Store)?,
+                        global_position: to_u64(position, &location()).map_err(CallError::Store)?,
+                    },
+                );
+            }
+        }
+        let _recorded: Option<DateTime<Utc>> = row.try_get(4).map_err(get)?;
+        Ok(Self {
+            outcomes: row.try_get(0).map_err(get)?,
+            versions: row.try_get(1).map_err(get)?,
+            offsets: row.try_get(2).map_err(get)?,
+            base: row.try_get(3).map_err(get)?,
+            found,
+        })
+    }
+
+    fn outcome(&self, i: usize, request: &AppendRequest) -> Result<AppendResult, StoreError> {
+        let missing = || StoreError::backend(format!("append_events returned no outcome for {i}"));
+        let outcome = *self.outcomes.get(i).ok_or_else(missing)?;
+        let version = to_u64(*self.versions.get(i).ok_or_else(missing)?, "streams")?;
+        match outcome {
+            0 => {
+                let positions = match (self.offsets.get(i).copied().flatten(), self.base) {
+                    (Some(offset), Some(base)) => {
+                        let first = to_u64(base + offset, "head")?;
+                        (first..first + request.events.len() as u64).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                Ok(AppendResult {
+                    stream_version: version,
+                    positions,
+                    duplicate: false,
+                })
+            }
+            1 => Err(StoreError::Conflict {
+                stream: request.stream.clone(),
+                expected: request.expected,
+                actual: version,
+            }),
+            _ => {
+                let found: Vec<Option<StoredEventRef>> = request
+                    .events
+                    .iter()
+                    .map(|e| self.found.get(&e.event_id).cloned())
+                    .collect();
+                classify_retry(request, &found)?.ok_or_else(|| {
+                    StoreError::backend("append_events reported stored events but none match")
+                })
+            }
+        }
+    }
+}
+
+/// Whether the whole call can be retried: it was rolled back by a deadlock or a serialization
+/// failure, or an event id of the group is stored already (the retry looks every id up and
+/// classifies each append).
+fn retry_as_is(err: &sqlx::Error) -> bool {
+    is_retryable(err) || is_event_id_violation(err)
+}
+
+fn is_event_id_violation(err: &sqlx::Error) -> bool {
+    sqlstate(err) == Some("23505") && constraint(err) == Some("events_event_id_key")
+}
+
+/// The error of a single append that failed as a whole.
+fn append_error(request: &AppendRequest, err: sqlx::Error) -> StoreError {
+    let invalid = |reason: String| StoreError::InvalidRequest {
+        stream: request.stream.clone(),
+        reason,
+    };
+    if is_event_id_violation(&err) {
+        return StoreError::DuplicateEvent {
+            stream: request.stream.clone(),
+            event_id: request.events.first().map_or(Uuid::nil(), |e| e.event_id),
+            reason: "an event id of this batch was stored concurrently by another append"
+                .to_owned(),
+        };
+    }
+    // 22: data exception (invalid JSON text, `\u0000` in jsonb, NUL in text);
+    // 54: program limit exceeded (a value or array too large).
+    if let Some(code) = sqlstate(&err).filter(|c| c.starts_with("22") || c.starts_with("54")) {
+        return invalid(format!(
+            "PostgreSQL rejected the events (SQLSTATE {code}): {}",
+            database_message(&err)
+        ));
+    }
+    match err {
+        sqlx::Error::Encode(e) => invalid(format!("cannot encode the events: {e}")),
+        err => store_error(err),
+    }
+}
+
+fn database_message(err: &sqlx::Error) -> String {
+    match err {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,332 @@
+//! Failures: the server killed with SIGKILL mid-append and restarted, and connections terminated
+//! in the middle of an append. Acknowledged appends survive exactly once, batches stay whole,
+//! subscribers resume without loss, errors are typed, retries are idempotent.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use es_core::{
+    AppendRequest, AppendResult, EventFilter, EventStore, ExpectedVersion, NewEvent, ReadAll,
+    RecordedEvent, StoreError, StreamId,
+};
+use es_test_support::{scratch_dir, PgServer};
+use futures::{StreamExt, TryStreamExt};
+use serde_json::json;
+use sqlx::AssertSqlSafe;
+use uuid::Uuid;
+
+const PATIENCE: Duration = Duration::from_secs(120);
+
+fn event(n: u64) -> NewEvent {
+    NewEvent::from_value("Happened", 1, &json!({ "n": n }))
+}
+
+/// Appends `request` until it is answered by something other than `Unavailable`.
+async fn append_retrying(
+    store: &es_postgres::PgStore,
+    request: &AppendRequest,
+    deadline: tokio::time::Instant,
+) -> Result<AppendResult, StoreError> {
+    loop {
+        match store.append(request.clone()).await {
+            Err(err) if err.is_transient() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// kill -9 of the server while 8 writers append through two stores and two subscribers tail the
+/// feed; then a restart. Every acknowledged append is stored exactly once at the positions it was
+/// given, every batch is whole or absent, and both subscribers deliver the whole feed in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[allow(clippy::too_many_lines)] // one scenario, checked end to end
+async fn kill9_during_concurrent_appends() {
+    let dir = scratch_dir("es-postgres-kill9");
+    let mut server = PgServer::start(&dir, &[]).expect("start PostgreSQL");
+    let url = server.url("postgres");
+    let schema = common::unique_schema("kill");
+    let a = common::store_on(&url, &schema).await;
+    let b = common::store_on(&url, &schema).await;
+
+    let subscriber = |store: es_postgres::PgStore| {
+        let mut sub = store.subscribe(0, EventFilter::all());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some(e) = sub.next().await {
+                let e = e.expect("transient failures are retried inside the subscription");
+                let done = e.event_type == "Done";
+                seen.push(e);
+                if done {
+                    return seen;
+                }
+            }
+            panic!("the subscription ended");
+        })
+    };
+    let subscribers = [subscriber(a.clone()), subscriber(b.clone())];
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..8u64 {
+        let store = if w % 2 == 0 { a.clone() } else { b.clone() };
+        let stop = Arc::clone(&stop);
+        writers.push(tokio::spawn(async move {
+            // (request, acknowledged result) for every batch attempted.
+            let mut attempted: Vec<(AppendRequest, Option<AppendResult>)> = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let stream = StreamId::new("order", &format!("w{w}-{}", i % 5)).unwrap();
+                let batch = (0..=i % 4).map(|k| event(i * 10 + k)).collect();
+                let request = AppendRequest::new(stream, ExpectedVersion::Any, batch);
+                match store.append(request.clone()).await {
+                    Ok(result) => attempted.push((request, Some(result))),
+                    Err(err) => {
+                        assert!(err.is_transient(), "a crash is `Unavailable`, got {err:?}");
+                        attempted.push((request, None));
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                i += 1;
+            }
+            attempted
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.kill9().expect("kill -9");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.restart().expect("restart");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut attempted = Vec::new();
+    for w in writers {
+        attempted.extend(tokio::time::timeout(PATIENCE, w).await.unwrap().unwrap());
+    }
+    let acknowledged = attempted.iter().filter(|(_, r)| r.is_some()).count();
+    let failed = attempted.len() - acknowledged;
+    assert!(
+        acknowledged > 50,
+        "only {acknowledged} appends were acknowledged"
+    );
+    assert!(failed > 0, "the crash failed no append");
+
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let done = event(0);
+    let done = NewEvent {
+        event_type: "Done".into(),
+        ..done
+    };
+    let done_request = AppendRequest::new(
+        StreamId::new("control", "1").unwrap(),
+        ExpectedVersion::Any,
+        vec![done.clone()],
+    );
+    append_retrying(&a, &done_request, deadline).await.unwrap();
+
+    let all: Vec<RecordedEvent> = a.read_all(ReadAll::after(0)).try_collect().await.unwrap();
+    let by_id: HashMap<Uuid, &RecordedEvent> = all.iter().map(|e| (e.event_id, e)).collect();
+    assert_eq!(by_id.len(), all.len(), "an event is stored twice");
+    for (request, result) in &attempted {
+        let present = request
+            .events
+            .iter()
+            .filter(|e| by_id.contains_key(&e.event_id))
+            .count();
+        assert!(
+            present == 0 || present == request.events.len(),
+            "half a batch is stored: {present} of {}",
+            request.events.len()
+        );
+        if let Some(result) = result {
+            assert_eq!(
+                present,
+                request.events.len(),
+                "an acknowledged append was lost"
+            );
+            for (e, position) in request.events.iter().zip(&result.positions) {
+                let stored = by_id[&e.event_id];
+                assert_eq!(stored.global_position, *position);
+                assert_eq!(stored.stream_id, request.stream);
+            }
+        }
+    }
+    // Retrying an append whose outcome was unknown gives its original result or writes it now.
+    for (request, _) in attempted.iter().filter(|(_, r)| r.is_none()) {
+        let retried = append_retrying(&a, request, deadline).await.unwrap();
+        assert_eq!(retried.positions.len(), request.events.len());
+    }
+    let expected_feed: HashSet<Uuid> = all.iter().map(|e| e.event_id).collect();
+
+    let [sa, sb] = subscribers;
+    for (name, task) in [("subscriber a", sa), ("subscriber b", sb)] {
+        let seen = tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap();
+        assert!(
+            seen.windows(2)
+                .all(|w| w[0].global_position < w[1].global_position),
+            "{name}: positions strictly increase"
+        );
+        let ids: HashSet<Uuid> = seen.iter().map(|e| e.event_id).collect();
+        assert_eq!(ids.len(), seen.len(), "{name}: delivered twice");
+        assert_eq!(ids, expected_feed, "{name}: the feed up to Done");
+        let mut last: HashMap<&StreamId, u64> = HashMap::new();
+        for e in &seen {
+            let prev = last.insert(&e.stream_id, e.stream_version).unwrap_or(0);
+            assert_eq!(e.stream_version, prev + 1, "{name}: per-stream order");
+        }
+    }
+    drop((a, b));
+    let _ = server.stop();
+}
+
+/// Terminates the connection of an append that is blocked inside the append function, after it
+/// allocated its positions: the caller gets `Unavailable`, nothing is written, the retry
+/// succeeds, a second retry is reported as a duplicate, and later appends are not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn terminated_connection_mid_append() {
+    let url = es_test_support::database_url();
+    let schema = common::unique_schema("term");
+    let store = common::store_on(&url, &schema).await;
+    let admin = common::pool(&url, 2).await;
+    let stream = StreamId::new("order", "t").unwrap();
+    store
+        .append(AppendRequest::new(
+            stream.clone(),
+            ExpectedVersion::NoStream,
+            vec![event(0)],
+        ))
+        .await
+        .unwrap();
+
+    // Hold a lock that makes the append's INSERT wait (after its positions are allocated).
+    let mut blocker = admin.begin().await.unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "LOCK TABLE \"{schema}\".events IN EXCLUSIVE MODE"
+    )))
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
+
+    let request = AppendRequest::new(
+        stream.clone(),
+        ExpectedVersion::Exact(1),
+        vec![event(1), event(2), event(3)],
+    );
+    let pending = {
+        let store = store.clone();
+        let request = request.clone();
+        tokio::spawn(async move { store.append(request).await })
+    };
+    let pid = loop {
+        let pid: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE strpos(query, $1) > 0 \
+             AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+        )
+        .bind(format!("\"{schema}\".append_events("))
+        .fetch_optional(&admin)
+        .await
+        .unwrap();
+        if let Some(pid) = pid {
+            break pid;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert!(terminated);
+    let result = tokio::time::timeout(PATIENCE, pending)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "a dropped connection is `Unavailable`: {result:?}"
+    );
+    blocker.rollback().await.unwrap();
+
+    assert_eq!(
+        store.stream_version(&stream).await.unwrap(),
+        1,
+        "nothing written"
+    );
+    let retried = store.append(request.clone()).await.unwrap();
+    assert!(!retried.duplicate);
+    assert_eq!(retried.stream_version, 4);
+    let again = store.append(request.clone()).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.positions, retried.positions);
+    // The aborted allocation left a gap, nothing more; appends and reads go on.
+    let later = store
+        .append(AppendRequest::new(
+            stream.clone(),
+            ExpectedVersion::Exact(4),
+            vec![event(4)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(later.stream_version, 5);
+    let all: Vec<RecordedEvent> = store
+        .read_all(ReadAll::after(0))
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 5);
+    assert!(all
+        .windows(2)
+        .all(|w| w[0].global_position < w[1].global_position));
+}
+
+/// The listener reconnects after its connection is terminated: a subscriber with a long polling
+/// interval still sees appends from another store promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn listener_reconnects_after_its_connection_is_terminated() {
+    let url = es_test_support::database_url();
+    let schema = common::unique_schema("listen");
+    let writer = common::store_on(&url, &schema).await;
+    let reader = es_postgres::PgStore::builder(common::pool(&url, 8).await)
+        .schema(&schema)
+        .poll_interval(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    let admin = common::pool(&url, 2).await;
+    let mut sub = reader.subscribe(0, EventFilter::all());
+    let stream = StreamId::new("order", "l").unwrap();
+    for round in 0..3u64 {
+        if round > 0 {
+            let killed: i64 = sqlx::query_scalar(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE query = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(format!("LISTEN \"{schema}_events\""))
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+            assert!(killed >= 1, "no listener connection found");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        writer
+            .append(AppendRequest::new(
+                stream.clone(),
+                ExpectedVersion::Any,
+                vec![event(round)],
+            ))
+            .await
+            .unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("woken by NOTIFY well before the 60 s polling interval")
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.stream_version, round + 1);
+    }
+}
