@@ -141,11 +141,15 @@ impl AppendRequest {
                     limit: limits.max_payload_bytes,
                 });
             }
-            if event.event_type.is_empty() || event.event_type.len() > 256 {
+            if event.event_type.is_empty()
+                || event.event_type.len() > 256
+                || event.event_type.chars().any(char::is_control)
+            {
                 return Err(StoreError::InvalidRequest {
                     stream: self.stream.clone(),
                     reason: format!(
-                        "event {} has an empty or overlong type name",
+                        "event {} has an empty or overlong type name, or one with control \
+                         characters",
                         event.event_id
                     ),
                 });

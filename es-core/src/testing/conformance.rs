@@ -52,6 +52,7 @@ macro_rules! conformance_tests {
             partial_overlap_is_rejected,
             event_id_of_other_stream_is_rejected,
             duplicate_ids_in_one_batch_are_rejected,
+            invalid_event_types_are_rejected,
             batch_is_atomic,
             oversized_payload_is_rejected,
             read_stream_forward,
@@ -490,6 +491,28 @@ pub async fn duplicate_ids_in_one_batch_are_rejected<S: Store>(store: S) {
     assert!(matches!(r, Err(StoreError::InvalidRequest { .. })), "{r:?}");
     assert_eq!(store.stream_version(&s).await.unwrap(), 0);
     assert_eq!(store.head_position().await.unwrap(), 0);
+}
+
+/// Empty, overlong and control-character event types are malformed, whatever the store.
+pub async fn invalid_event_types_are_rejected<S: Store>(store: S) {
+    let s = stream("order-types");
+    let long = "T".repeat(257);
+    for bad in ["", "Nul\0Type", "Line\nBreak", long.as_str()] {
+        let r = append(&store, &s, ExpectedVersion::Any, vec![event(bad, 0)]).await;
+        assert!(
+            matches!(r, Err(StoreError::InvalidRequest { .. })),
+            "{bad:?}: {r:?}"
+        );
+    }
+    assert_eq!(store.head_position().await.unwrap(), 0);
+    let fine = "bank.account.opened-v2_x";
+    append(&store, &s, ExpectedVersion::Any, vec![event(fine, 0)])
+        .await
+        .unwrap();
+    assert_eq!(
+        read(&store, &s, ReadStream::forward()).await[0].event_type,
+        fine
+    );
 }
 
 /// A batch whose last event is invalid stores none of its events.
