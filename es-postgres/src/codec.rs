@@ -16,6 +16,8 @@ use crate::error::store_error;
 
 const JSONB_OID: Oid = Oid(3802);
 const JSONB_ARRAY_OID: Oid = Oid(3807);
+const JSON_OID: Oid = Oid(114);
+const JSON_ARRAY_OID: Oid = Oid(199);
 
 /// JSON text sent as a `jsonb` parameter without parsing it on the client: PostgreSQL parses it
 /// (once, when the parameter is received) and rejects invalid JSON with SQLSTATE 22P02.
@@ -45,6 +47,43 @@ impl sqlx::Encode<'_, Postgres> for RawJsonb<'_> {
     fn size_hint(&self) -> usize {
         self.0.len() + 1
     }
+}
+
+/// JSON text sent as a `json` parameter as is: PostgreSQL checks it and stores the text byte for
+/// byte (invalid JSON is SQLSTATE 22P02).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawJson<'a>(pub(crate) &'a [u8]);
+
+impl sqlx::Type<Postgres> for RawJson<'_> {
+    fn type_info() -> PgTypeInfo {
+        PgTypeInfo::with_oid(JSON_OID)
+    }
+}
+
+impl PgHasArrayType for RawJson<'_> {
+    fn array_type_info() -> PgTypeInfo {
+        PgTypeInfo::with_oid(JSON_ARRAY_OID)
+    }
+}
+
+impl sqlx::Encode<'_, Postgres> for RawJson<'_> {
+    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        // The binary `json` format is the text itself.
+        buf.extend_from_slice(self.0);
+        Ok(IsNull::No)
+    }
+
+    fn size_hint(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// The text of a `json` column, borrowed from the row.
+pub(crate) fn json_text<'r>(value: &PgValueRef<'r>) -> Result<&'r [u8], String> {
+    if value.is_null() {
+        return Err("the JSON column is NULL".to_owned());
+    }
+    value.as_bytes().map_err(|e| e.to_string())
 }
 
 /// The JSON text of a `jsonb` column, borrowed from the row.

@@ -12,6 +12,13 @@
 //! single events settle into one group of sixteen per commit instead of two alternating halves.
 //! Large groups run in parallel on up to `writers` connections: their cost is CPU on the server
 //! rather than the commit, and their commits are still few.
+//!
+//! Inline projections. Without them a group is one autocommit statement. With them the group
+//! runs in an explicit transaction: `append_events` (told not to wait for its turn to commit),
+//! then each projection once per written append, then the wait for the previous ticket, then
+//! COMMIT. So the projections of concurrent groups run in parallel and only the commits stay
+//! ordered. A projection that fails rolls the group back; its append gets
+//! [`StoreError::InlineProjection`] and the rest of the group runs again without it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,19 +26,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use es_core::projection::HandlerError;
 use es_core::store::{classify_retry, StoredEventRef};
-use es_core::{AppendRequest, AppendResult, ExpectedVersion, StoreError, StreamId};
+use es_core::{AppendRequest, AppendResult, ExpectedVersion, RecordedEvent, StoreError, StreamId};
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgBindIterExt, PgPool, PgRow};
-use sqlx::Postgres;
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::postgres::{PgArguments, PgBindIterExt, PgConnection, PgPool, PgRow};
+use sqlx::query::Query;
+use sqlx::{AssertSqlSafe, Connection, Postgres, Row};
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use uuid::Uuid;
 
-use crate::codec::{to_i64, to_u64, RawJsonb};
+use crate::codec::{to_i64, to_u64, RawJson, RawJsonb};
 use crate::error::{
     constraint, is_retryable, is_unavailable, shared_store_error, sqlstate, store_error,
 };
+use crate::inline::InlineProjection;
+use crate::schema::Sql;
 
 /// Most appends in one group.
 const MAX_GROUP_APPENDS: usize = 256;
@@ -109,11 +119,19 @@ pub(crate) struct Job {
 
 impl Job {
     fn bytes(&self) -> usize {
-        self.request
+        let events: usize = self
+            .request
             .events
             .iter()
             .map(|e| e.payload.len() + e.event_type.len() + 64)
-            .sum()
+            .sum();
+        let outbox: usize = self
+            .request
+            .outbox
+            .iter()
+            .map(|m| m.payload.len() + m.topic.len() + m.key.len() + m.message_type.len() + 64)
+            .sum();
+        events + outbox
     }
 }
 
@@ -123,9 +141,13 @@ pub(crate) struct Writer {
     /// The connection this writer keeps between groups (taken from the pool on first use and
     /// after a connection failure), so a group costs one round trip and no pool checkout.
     pub(crate) conn: Option<PoolConnection<Postgres>>,
-    pub(crate) sql: Arc<str>,
+    pub(crate) sql: Arc<Sql>,
     pub(crate) head: Arc<watch::Sender<u64>>,
     pub(crate) shared: Arc<Shared>,
+    /// Inline projections, run in the append transaction of every written append.
+    pub(crate) inline: Arc<[InlineProjection]>,
+    /// The first key of the ticket locks (see [`crate::SchemaName`]).
+    pub(crate) ticket_space: i32,
 }
 
 /// The outcome of one `append_events` call.
@@ -134,7 +156,10 @@ struct CallResult {
     versions: Vec<i64>,
     offsets: Vec<Option<i64>>,
     base: Option<i64>,
+    recorded: Option<DateTime<Utc>>,
     found: HashMap<Uuid, StoredEventRef>,
+    /// The group's ticket, when it allocated positions.
+    ticket: Option<i64>,
 }
 
 enum CallError {
@@ -142,6 +167,12 @@ enum CallError {
     Sql(sqlx::Error),
     /// The call succeeded but its result could not be read (a corrupt stored row).
     Store(StoreError),
+    /// An inline projection failed on the append at `index`; the transaction was rolled back.
+    Inline {
+        index: usize,
+        projection: String,
+        reason: String,
+    },
 }
 
 impl Writer {
@@ -232,6 +263,22 @@ impl Writer {
         let err = loop {
             match self.call(&jobs, lookup).await {
                 Ok(result) => return self.answer(jobs, &result),
+                Err(CallError::Inline {
+                    index,
+                    projection,
+                    reason,
+                }) if index < jobs.len() => {
+                    // Nothing was written. The failing append fails alone; the others run again.
+                    let job = jobs.remove(index);
+                    let _ = job.reply.send(Err(StoreError::InlineProjection {
+                        stream: job.request.stream.clone(),
+                        projection,
+                        reason,
+                    }));
+                    if jobs.is_empty() {
+                        return;
+                    }
+                }
                 Err(CallError::Sql(err)) if retry_as_is(&err) && attempt < MAX_ATTEMPTS => {
                     tracing::debug!(error = %err, attempt, "append group retried");
                     // A stored event id: this time look every id up, so that each append is
@@ -261,6 +308,13 @@ impl Writer {
                 let err = match err {
                     CallError::Sql(err) => append_error(&job.request, err),
                     CallError::Store(err) => err,
+                    CallError::Inline {
+                        projection, reason, ..
+                    } => StoreError::InlineProjection {
+                        stream: job.request.stream.clone(),
+                        projection,
+                        reason,
+                    },
                 };
                 let _ = job.reply.send(Err(err));
             }
@@ -268,44 +322,35 @@ impl Writer {
     }
 
     async fn call(&mut self, jobs: &[Job], lookup: bool) -> Result<CallResult, CallError> {
-        let requests = || jobs.iter().map(|j| &j.request);
-        let events = || requests().flat_map(|r| r.events.iter());
-        let metadata: Vec<Vec<u8>> = events().map(|e| e.metadata.to_json()).collect();
+        let deferred = !self.inline.is_empty();
+        let query = append_query(&self.sql.append, jobs, lookup, deferred);
         let conn = match &mut self.conn {
             Some(conn) => conn,
             slot @ None => slot.insert(self.pool.acquire().await.map_err(CallError::Sql)?),
         };
-        let result = sqlx::query(AssertSqlSafe(Arc::clone(&self.sql)))
-            .bind(requests().map(|r| r.stream.as_str()).bind_iter())
-            .bind(requests().map(|r| r.stream.category()).bind_iter())
-            .bind(requests().map(|r| expected_kind(r.expected)).bind_iter())
-            .bind(requests().map(|r| expected_value(r.expected)).bind_iter())
-            .bind(requests().map(|r| int4(r.events.len())).bind_iter())
-            .bind(
-                requests()
-                    .enumerate()
-                    .flat_map(|(i, r)| std::iter::repeat_n(int4(i + 1), r.events.len()))
-                    .bind_iter(),
+        let result = if deferred {
+            call_inline(
+                &mut **conn,
+                query,
+                jobs,
+                &self.inline,
+                &self.sql.wait_turn,
+                self.ticket_space,
             )
-            .bind(requests().flat_map(|r| 0..int4(r.events.len())).bind_iter())
-            .bind(events().map(|e| e.event_id).bind_iter())
-            .bind(events().map(|e| e.event_type.as_str()).bind_iter())
-            .bind(events().map(|e| i64::from(e.schema_version)).bind_iter())
-            .bind(events().map(|e| RawJsonb(&e.payload)).bind_iter())
-            .bind(metadata.iter().map(|m| RawJsonb(m)).bind_iter())
-            .bind(lookup)
-            .fetch_one(&mut **conn)
-            .await;
-        match result {
-            Ok(row) => CallResult::decode(&row),
-            Err(err) => {
-                if is_unavailable(&err) {
-                    // The connection may be broken; the next call takes a fresh one.
-                    self.conn = None;
-                }
-                Err(CallError::Sql(err))
+            .await
+        } else {
+            match query.fetch_one(&mut **conn).await {
+                Ok(row) => CallResult::decode(&row),
+                Err(err) => Err(CallError::Sql(err)),
+            }
+        };
+        if let Err(CallError::Sql(err)) = &result {
+            if is_unavailable(err) {
+                // The connection may be broken; the next call takes a fresh one.
+                self.conn = None;
             }
         }
+        result
     }
 
     /// Answers every job of a successful call and publishes the new head.
@@ -329,6 +374,113 @@ impl Writer {
                 newer
             });
         }
+    }
+}
+
+/// The `append_events` call for `jobs`, every argument bound.
+fn append_query(
+    sql: &Arc<str>,
+    jobs: &[Job],
+    lookup: bool,
+    deferred: bool,
+) -> Query<'static, Postgres, PgArguments> {
+    let requests = || jobs.iter().map(|j| &j.request);
+    let events = || requests().flat_map(|r| r.events.iter());
+    let messages = || requests().flat_map(|r| r.outbox.iter());
+    let metadata: Vec<Vec<u8>> = events().map(|e| e.metadata.to_json()).collect();
+    let message_metadata: Vec<Vec<u8>> = messages().map(|m| m.metadata.to_json()).collect();
+    sqlx::query(AssertSqlSafe(Arc::clone(sql)))
+        .bind(requests().map(|r| r.stream.as_str()).bind_iter())
+        .bind(requests().map(|r| r.stream.category()).bind_iter())
+        .bind(requests().map(|r| expected_kind(r.expected)).bind_iter())
+        .bind(requests().map(|r| expected_value(r.expected)).bind_iter())
+        .bind(requests().map(|r| int4(r.events.len())).bind_iter())
+        .bind(
+            requests()
+                .enumerate()
+                .flat_map(|(i, r)| std::iter::repeat_n(int4(i + 1), r.events.len()))
+                .bind_iter(),
+        )
+        .bind(requests().flat_map(|r| 0..int4(r.events.len())).bind_iter())
+        .bind(events().map(|e| e.event_id).bind_iter())
+        .bind(events().map(|e| e.event_type.as_str()).bind_iter())
+        .bind(events().map(|e| i64::from(e.schema_version)).bind_iter())
+        .bind(events().map(|e| RawJsonb(&e.payload)).bind_iter())
+        .bind(metadata.iter().map(|m| RawJsonb(m)).bind_iter())
+        .bind(lookup)
+        .bind(deferred)
+        .bind(requests().map(|r| int4(r.outbox.len())).bind_iter())
+        .bind(
+            requests()
+                .enumerate()
+                .flat_map(|(i, r)| std::iter::repeat_n(int4(i + 1), r.outbox.len()))
+                .bind_iter(),
+        )
+        .bind(requests().flat_map(|r| 0..int4(r.outbox.len())).bind_iter())
+        .bind(messages().map(|m| m.message_id).bind_iter())
+        .bind(messages().map(|m| m.source_event_id).bind_iter())
+        .bind(messages().map(|m| m.topic.as_str()).bind_iter())
+        .bind(messages().map(|m| m.key.as_str()).bind_iter())
+        .bind(messages().map(|m| m.message_type.as_str()).bind_iter())
+        .bind(messages().map(|m| i64::from(m.schema_version)).bind_iter())
+        .bind(messages().map(|m| RawJson(&m.payload)).bind_iter())
+        .bind(message_metadata.iter().map(|m| RawJson(m)).bind_iter())
+}
+
+/// Runs a group with inline projections: one explicit transaction in which `append_events` does
+/// not wait for its turn, the projections run on every written append, and then the group waits
+/// for the previous ticket's transaction and commits.
+async fn call_inline(
+    conn: &mut PgConnection,
+    query: Query<'static, Postgres, PgArguments>,
+    jobs: &[Job],
+    inline: &[InlineProjection],
+    wait_turn: &Arc<str>,
+    ticket_space: i32,
+) -> Result<CallResult, CallError> {
+    // Dropped without commit on any error below: sqlx rolls back before the connection's next
+    // use, which also releases the group's locks and its ticket.
+    let mut tx = conn.begin().await.map_err(CallError::Sql)?;
+    let row = query.fetch_one(&mut *tx).await.map_err(CallError::Sql)?;
+    let result = CallResult::decode(&row)?;
+    if let Some(ticket) = result.ticket {
+        for (index, job) in jobs.iter().enumerate() {
+            let Some(events) = result.recorded(index, &job.request)? else {
+                continue;
+            };
+            for projection in inline {
+                (projection.handler)(&mut tx, &events)
+                    .await
+                    .map_err(|err| inline_error(index, projection, err))?;
+            }
+        }
+        sqlx::query(AssertSqlSafe(Arc::clone(wait_turn)))
+            .bind(ticket_space)
+            .bind(ticket)
+            .execute(&mut *tx)
+            .await
+            .map_err(CallError::Sql)?;
+    }
+    tx.commit().await.map_err(CallError::Sql)?;
+    Ok(result)
+}
+
+/// The error of an inline projection. A database error that concerns the whole group (the
+/// connection broke, a deadlock with another group) is reported as such, so that the group is
+/// retried or every caller learns the outcome is unknown; anything else fails the append.
+fn inline_error(index: usize, projection: &InlineProjection, err: HandlerError) -> CallError {
+    match err.downcast::<sqlx::Error>() {
+        Ok(err) if is_unavailable(&err) || is_retryable(&err) => CallError::Sql(*err),
+        Ok(err) => CallError::Inline {
+            index,
+            projection: projection.name.clone(),
+            reason: err.to_string(),
+        },
+        Err(err) => CallError::Inline {
+            index,
+            projection: projection.name.clone(),
+            reason: err.to_string(),
+        },
     }
 }
 
@@ -436,14 +588,51 @@ impl CallResult {
                 );
             }
         }
-        let _recorded: Option<DateTime<Utc>> = row.try_get(4).map_err(get)?;
         Ok(Self {
             outcomes: row.try_get(0).map_err(get)?,
             versions: row.try_get(1).map_err(get)?,
             offsets: row.try_get(2).map_err(get)?,
             base: row.try_get(3).map_err(get)?,
+            recorded: row.try_get(4).map_err(get)?,
             found,
+            ticket: row.try_get(9).map_err(get)?,
         })
+    }
+
+    /// The events append `i` wrote, as they are stored (`None` if it wrote none). The payloads
+    /// are the caller's bytes; the stored `jsonb` holds the same JSON.
+    fn recorded(
+        &self,
+        i: usize,
+        request: &AppendRequest,
+    ) -> Result<Option<Vec<RecordedEvent>>, CallError> {
+        if request.events.is_empty() || self.outcomes.get(i) != Some(&0) {
+            return Ok(None);
+        }
+        let result = self.outcome(i, request).map_err(CallError::Store)?;
+        let Some(recorded_at) = self.recorded else {
+            return Ok(None);
+        };
+        let first_version = result.stream_version + 1 - request.events.len() as u64;
+        Ok(Some(
+            request
+                .events
+                .iter()
+                .zip(result.positions)
+                .zip(first_version..)
+                .map(|((e, global_position), stream_version)| RecordedEvent {
+                    event_id: e.event_id,
+                    stream_id: request.stream.clone(),
+                    stream_version,
+                    global_position,
+                    event_type: e.event_type.clone(),
+                    schema_version: e.schema_version,
+                    payload: e.payload.clone(),
+                    metadata: e.metadata.clone(),
+                    recorded_at,
+                })
+                .collect(),
+        ))
     }
 
     fn outcome(&self, i: usize, request: &AppendRequest) -> Result<AppendResult, StoreError> {

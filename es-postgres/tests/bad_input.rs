@@ -6,8 +6,8 @@ mod common;
 use bytes::Bytes;
 use es_core::testing::domain::{Ledger, LedgerCommand};
 use es_core::{
-    AppendLimits, AppendRequest, EventFilter, EventStore, ExpectedVersion, NewEvent, ReadAll,
-    ReadStream, RecordedEvent, Repository, RepositoryError, SnapshotRecord, SnapshotStore,
+    AppendLimits, AppendRequest, EventFilter, EventStore, ExpectedVersion, NewEvent, OutboxStore,
+    ReadAll, ReadStream, RecordedEvent, Repository, RepositoryError, SnapshotRecord, SnapshotStore,
     StoreError, StreamId,
 };
 use es_postgres::{Error, PgStore};
@@ -231,25 +231,130 @@ async fn malformed_events_fail_alone() {
     assert_eq!(all.len(), 4 * 11);
 }
 
-#[tokio::test]
-async fn outbox_messages_are_refused_not_dropped() {
-    let store = common::fresh_store().await;
-    let stream = StreamId::new("order", "o").unwrap();
-    let message = es_core::outbox::OutboxMessage {
+fn message(source: uuid::Uuid) -> es_core::outbox::OutboxMessage {
+    es_core::outbox::OutboxMessage {
         message_id: uuid::Uuid::now_v7(),
-        source_event_id: uuid::Uuid::now_v7(),
+        source_event_id: source,
         topic: "topic".into(),
         key: "key".into(),
         message_type: "Happened".into(),
         schema_version: 1,
-        payload: Bytes::from_static(b"{}"),
+        payload: Bytes::from_static(b"{\"a\": [1, 2]}"),
         metadata: es_core::Metadata::new(),
-    };
-    let request = AppendRequest::new(stream.clone(), ExpectedVersion::Any, vec![event(0)])
-        .with_outbox(vec![message]);
-    let r = store.append(request).await;
-    assert!(matches!(r, Err(StoreError::InvalidRequest { .. })), "{r:?}");
-    assert_eq!(store.stream_version(&stream).await.unwrap(), 0);
+    }
+}
+
+/// Outbox messages PostgreSQL refuses (not JSON, NUL in a topic or key) fail their append alone
+/// with `InvalidRequest`: no event and no outbox record of it is written, while the appends that
+/// shared its group commit are stored with their records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_outbox_messages_fail_alone() {
+    let store = common::fresh_store().await;
+    let mut bad_messages = Vec::new();
+    let mut not_json = message(uuid::Uuid::nil());
+    not_json.payload = Bytes::from_static(b"{not json");
+    bad_messages.push(not_json);
+    let mut nul_topic = message(uuid::Uuid::nil());
+    nul_topic.topic = "to\0pic".into();
+    bad_messages.push(nul_topic);
+    let mut nul_key = message(uuid::Uuid::nil());
+    nul_key.key = "k\0".into();
+    bad_messages.push(nul_key);
+
+    for (k, bad) in bad_messages.into_iter().enumerate() {
+        let mut tasks = Vec::new();
+        for i in 0..12u64 {
+            let store = store.clone();
+            let stream = StreamId::new("order", &format!("{k}-{i}")).unwrap();
+            let e = event(i);
+            let outbox = if i == 5 {
+                vec![message(e.event_id), bad.clone()]
+            } else {
+                vec![message(e.event_id)]
+            };
+            tasks.push(tokio::spawn(async move {
+                store
+                    .append(
+                        AppendRequest::new(stream, ExpectedVersion::NoStream, vec![e])
+                            .with_outbox(outbox),
+                    )
+                    .await
+            }));
+        }
+        for (i, t) in tasks.into_iter().enumerate() {
+            let result = t.await.unwrap();
+            if i == 5 {
+                assert!(
+                    matches!(result, Err(StoreError::InvalidRequest { .. })),
+                    "case {k}: {result:?}"
+                );
+            } else {
+                assert_eq!(result.unwrap().stream_version, 1, "case {k}");
+            }
+        }
+        let bad_stream = StreamId::new("order", &format!("{k}-5")).unwrap();
+        assert_eq!(store.stream_version(&bad_stream).await.unwrap(), 0);
+    }
+    let pending = store.pending_outbox(1000).await.unwrap();
+    assert_eq!(pending.len(), 3 * 11);
+    assert!(pending
+        .iter()
+        .all(|r| !r.stream_id.as_str().ends_with("-5")));
+    // The payload comes back byte for byte (`json`, not normalized `jsonb`).
+    assert!(pending
+        .iter()
+        .all(|r| r.message.payload == Bytes::from_static(b"{\"a\": [1, 2]}")));
+}
+
+/// An outbox row damaged behind the store's back is a typed error naming its position.
+#[tokio::test]
+async fn corrupt_outbox_rows_are_typed_errors() {
+    let url = es_test_support::database_url();
+    let schema = common::unique_schema("badbox");
+    let store = common::store_on(&url, &schema).await;
+    let e = event(0);
+    let request = AppendRequest::new(
+        StreamId::new("order", "1").unwrap(),
+        ExpectedVersion::NoStream,
+        vec![e.clone()],
+    )
+    .with_outbox(vec![message(e.event_id)]);
+    store.append(request).await.unwrap();
+    let pending = store.pending_outbox(10).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    let position = pending[0].position;
+    for (set, what) in [
+        ("stream_id = 'no category'", "stream id"),
+        ("schema_version = -1", "schema version"),
+        ("metadata = '[1]'", "metadata"),
+    ] {
+        let pool = common::pool(&url, 1).await;
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE \"{schema}\".outbox SET {set} WHERE position = {position}"
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
+        match store.pending_outbox(10).await {
+            Err(StoreError::Corrupt { location, reason }) => {
+                assert!(
+                    location.contains(&position.to_string()),
+                    "{what}: {location}"
+                );
+                assert!(reason.contains(what), "{what}: {reason}");
+            }
+            other => panic!("{what}: expected Corrupt, got {other:?}"),
+        }
+        // Repair for the next case.
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE \"{schema}\".outbox SET stream_id = 'order-1', schema_version = 1, \
+             metadata = '{{}}' WHERE position = {position}"
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    assert_eq!(store.pending_outbox(10).await.unwrap().len(), 1);
 }
 
 /// Rows changed behind the store's back are typed errors naming where; the other events stay

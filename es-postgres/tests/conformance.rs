@@ -1,5 +1,12 @@
-//! The backend conformance suite on es-postgres, each case on a fresh schema.
+//! The backend conformance suites on es-postgres, each case on a fresh schema.
 
 mod common;
 
 es_core::conformance_tests!(common::fresh_store);
+
+/// The streaming suite: outbox, relay lease, checkpoints and the projection runner.
+mod streaming {
+    use super::common;
+
+    es_core::streaming_conformance_tests!(common::fresh_store);
+}

@@ -2,7 +2,9 @@
 
 mod common;
 
-use es_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, ReadAll, StreamId};
+use es_core::{
+    AppendRequest, EventStore, ExpectedVersion, NewEvent, OutboxStore, ReadAll, StreamId,
+};
 use es_postgres::{Error, PgStore};
 use futures::TryStreamExt;
 use serde_json::json;
@@ -33,7 +35,7 @@ async fn concurrent_builds_migrate_once() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(applied, 1);
+    assert_eq!(applied, 2);
     // Building again is a no-op.
     common::store_on(&url, &schema).await;
 }
@@ -98,7 +100,7 @@ async fn externally_managed_schema() {
     .await
     .unwrap();
     sqlx::query(AssertSqlSafe(format!(
-        "DELETE FROM \"{schema}\".schema_migrations WHERE version = 1"
+        "DELETE FROM \"{schema}\".schema_migrations WHERE version <> 999"
     )))
     .execute(&pool)
     .await
@@ -107,6 +109,66 @@ async fn externally_managed_schema() {
         unmanaged().build().await,
         Err(Error::SchemaTooNew { found: 999, .. })
     ));
+}
+
+/// A schema at version 1 holding events (written by the version 1 append function) is migrated
+/// to version 2 when a store is built: the events stay, positions continue, the outbox works.
+#[tokio::test]
+async fn upgrades_a_version_1_schema_with_data() {
+    let url = es_test_support::database_url();
+    let pool = common::pool(&url, 4).await;
+    let schema = common::unique_schema("up");
+    let script = es_postgres::migration_script(&schema).unwrap();
+    let (v1, _) = script
+        .split_once("\n-- migration 2 (")
+        .expect("the script holds migration 2");
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::raw_sql(AssertSqlSafe(v1.to_owned()))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for i in 1..=2i64 {
+        sqlx::query(AssertSqlSafe(format!(
+            "SELECT outcomes FROM \"{schema}\".append_events(ARRAY['order-1'], ARRAY['order'], \
+             ARRAY[0]::smallint[], ARRAY[0]::bigint[], ARRAY[1], ARRAY[1], ARRAY[0], \
+             ARRAY[gen_random_uuid()], ARRAY['V1'], ARRAY[{i}]::bigint[], ARRAY['{{}}']::jsonb[], \
+             ARRAY['{{}}']::jsonb[], false)"
+        )))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let store = common::store_on(&url, &schema).await;
+    let stream = StreamId::new("order", "1").unwrap();
+    let event = NewEvent::from_value("V2", 1, &json!({}));
+    let message = es_core::OutboxMessage {
+        message_id: uuid::Uuid::now_v7(),
+        source_event_id: event.event_id,
+        topic: "t".into(),
+        key: "order-1".into(),
+        message_type: "M".into(),
+        schema_version: 1,
+        payload: "{}".into(),
+        metadata: es_core::Metadata::new(),
+    };
+    let result = store
+        .append(
+            AppendRequest::new(stream, ExpectedVersion::Exact(2), vec![event])
+                .with_outbox(vec![message]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.positions, vec![3]);
+    let all: Vec<_> = store
+        .read_all(ReadAll::after(0))
+        .try_collect()
+        .await
+        .unwrap();
+    let types: Vec<&str> = all.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, ["V1", "V1", "V2"]);
+    assert_eq!(store.pending_outbox(10).await.unwrap().len(), 1);
 }
 
 #[tokio::test]

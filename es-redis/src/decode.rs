@@ -14,6 +14,8 @@ pub(crate) enum Source<'a> {
     Stream(&'a StreamId),
     /// A feed entry: the id is the global position, the stream is a field.
     Feed,
+    /// An outbox entry: the id is the outbox position.
+    Outbox,
 }
 
 impl Source<'_> {
@@ -23,6 +25,8 @@ impl Source<'_> {
             (Source::Stream(s), None) => format!("stream `{s}`"),
             (Source::Feed, Some(p)) => format!("global position {p}"),
             (Source::Feed, None) => "the global feed".to_owned(),
+            (Source::Outbox, Some(p)) => format!("outbox position {p}"),
+            (Source::Outbox, None) => "the outbox".to_owned(),
         }
     }
 }
@@ -145,7 +149,7 @@ pub(crate) fn event(
             let position = num("position", other_number.ok_or_else(|| missing("position"))?)?;
             (s.clone(), number, position)
         }
-        Source::Feed => {
+        Source::Feed | Source::Outbox => {
             let version = num("version", other_number.ok_or_else(|| missing("version"))?)?;
             let stream = text("stream", stream.ok_or_else(|| missing("stream"))?)?;
             let stream =
@@ -188,5 +192,48 @@ pub(crate) fn counter(value: Value, location: &str) -> Result<u64, StoreError> {
             .and_then(|t| t.parse().ok())
             .ok_or_else(bad),
         _ => Err(bad()),
+    }
+}
+
+/// The fields of one entry by name, for entries decoded field by field.
+pub(crate) struct Fields(Vec<(Vec<u8>, Vec<u8>)>);
+
+impl Fields {
+    /// Pairs up a field list; fails on an odd count or a value that is not a string.
+    pub(crate) fn new(fields: Vec<Value>) -> Result<Self, &'static str> {
+        if fields.len() % 2 != 0 {
+            return Err("odd number of field values");
+        }
+        let mut pairs = Vec::with_capacity(fields.len() / 2);
+        let mut it = fields.into_iter();
+        while let (Some(name), Some(value)) = (it.next(), it.next()) {
+            let (Value::BulkString(name), Value::BulkString(value)) = (name, value) else {
+                return Err("a field is not a string");
+            };
+            pairs.push((name, value));
+        }
+        Ok(Self(pairs))
+    }
+
+    /// Takes the field `name`'s value.
+    pub(crate) fn bytes(&mut self, name: &str) -> Result<Vec<u8>, String> {
+        let i = self
+            .0
+            .iter()
+            .position(|(n, _)| n == name.as_bytes())
+            .ok_or_else(|| format!("missing field `{name}`"))?;
+        Ok(self.0.swap_remove(i).1)
+    }
+
+    /// Takes the field `name`'s value as UTF-8 text.
+    pub(crate) fn text(&mut self, name: &str) -> Result<String, String> {
+        String::from_utf8(self.bytes(name)?).map_err(|_| format!("field `{name}` is not UTF-8"))
+    }
+
+    /// Takes the field `name`'s value as a decimal number.
+    pub(crate) fn number(&mut self, name: &str) -> Result<u64, String> {
+        self.text(name)?
+            .parse()
+            .map_err(|_| format!("field `{name}` is not a number"))
     }
 }

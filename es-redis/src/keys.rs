@@ -20,6 +20,9 @@ pub struct Keys {
     prefix: Arc<str>,
     feed: Arc<str>,
     index: Arc<str>,
+    outbox: Arc<str>,
+    lease: Arc<str>,
+    checkpoints: Arc<str>,
 }
 
 impl Keys {
@@ -35,6 +38,9 @@ impl Keys {
             prefix: prefix.into(),
             feed: global("feed"),
             index: global("index"),
+            outbox: global("outbox"),
+            lease: global("relay-lease"),
+            checkpoints: global("checkpoints"),
         })
     }
 
@@ -63,13 +69,29 @@ impl Keys {
         &self.feed
     }
 
-    /// The hash holding the head, the last assigned global position (field `position`) and the
-    /// last `recorded_at` in microseconds (field `recorded_at`), and the event-id index: one field
-    /// per event id (hyphenated, so never `position` or `recorded_at`) holding
-    /// `"<position> <version> <stream>"`. One hash, so an append reads and writes both with one
+    /// The hash holding the head, the last assigned global position (field `position`), the
+    /// last `recorded_at` in microseconds (field `recorded_at`) and the last assigned outbox
+    /// position (field `outbox`), and the event-id index: one field per event id (hyphenated, so
+    /// never one of the head fields) holding `"<position> <version> <stream>"`. One hash, so an append reads and writes both with one
     /// command each.
     pub fn index(&self) -> &str {
         &self.index
+    }
+
+    /// The Redis stream holding the undelivered outbox records; entry id `<outbox position>-0`.
+    /// The last assigned outbox position is the index hash's field `outbox`.
+    pub fn outbox(&self) -> &str {
+        &self.outbox
+    }
+
+    /// The string holding the relay lease: the owner's name, with a server-side expiry.
+    pub fn relay_lease(&self) -> &str {
+        &self.lease
+    }
+
+    /// The hash holding projection checkpoints: projection name → global position.
+    pub fn checkpoints(&self) -> &str {
+        &self.checkpoints
     }
 }
 
@@ -108,6 +130,9 @@ mod tests {
         assert_eq!(keys.snapshot(&s), "es:{order-a:b:c}:snapshot");
         assert_eq!(keys.feed(), "es:{es:$all}:feed");
         assert_eq!(keys.index(), "es:{es:$all}:index");
+        assert_eq!(keys.outbox(), "es:{es:$all}:outbox");
+        assert_eq!(keys.relay_lease(), "es:{es:$all}:relay-lease");
+        assert_eq!(keys.checkpoints(), "es:{es:$all}:checkpoints");
     }
 
     #[test]

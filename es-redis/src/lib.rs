@@ -161,9 +161,11 @@
 //! stay readable.
 #![doc(test(attr(deny(warnings))))]
 
+mod append;
 mod decode;
 mod error;
 mod keys;
+mod outbox;
 mod read;
 mod script;
 mod watch;
@@ -174,10 +176,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::DateTime;
-use es_core::store::{classify_retry, StoreFuture, StoredEventRef};
+use es_core::store::StoreFuture;
 use es_core::{
-    AppendLimits, AppendRequest, AppendResult, EventStore, EventStream, ExpectedVersion, ReadAll,
-    ReadStream, SnapshotRecord, SnapshotStore, StoreError, StreamId,
+    AppendLimits, AppendRequest, AppendResult, EventStore, EventStream, ReadAll, ReadStream,
+    SnapshotRecord, SnapshotStore, StoreError, StreamId,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
@@ -187,6 +189,7 @@ pub use keys::{Keys, MAX_PREFIX_LEN};
 /// The `redis` crate this store is built on, for [`RedisStore::connection`].
 pub use redis;
 
+use append::{Appender, GroupCommit, GroupLimits};
 use error::store_error;
 use script::Lua;
 use watch::{Head, WatchConfig};
@@ -206,8 +209,12 @@ pub(crate) struct Inner {
     pub(crate) page_size: u64,
     limits: AppendLimits,
     poll_interval: Duration,
-    append: Lua,
+    appender: Arc<Appender>,
+    group: Option<GroupCommit>,
     save_snapshot: Lua,
+    pub(crate) acquire_lease: Lua,
+    pub(crate) release_lease: Lua,
+    pub(crate) save_checkpoint: Lua,
     head: Arc<Head>,
     watch: WatchConfig,
 }
@@ -219,6 +226,7 @@ impl std::fmt::Debug for RedisStore {
             .field("limits", &self.inner.limits)
             .field("poll_interval", &self.inner.poll_interval)
             .field("page_size", &self.inner.page_size)
+            .field("group_commit", &self.inner.group.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -232,6 +240,7 @@ pub struct RedisStoreBuilder {
     poll_interval: Duration,
     response_timeout: Duration,
     page_size: u64,
+    group_commit: bool,
 }
 
 impl RedisStoreBuilder {
@@ -269,6 +278,14 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Whether concurrent appends through this store (and its clones) are committed in groups,
+    /// several appends per script call (default `true`). See the crate docs, section "Group
+    /// commit". Without it, every append is a script call of its own.
+    pub fn group_commit(mut self, enabled: bool) -> Self {
+        self.group_commit = enabled;
+        self
+    }
+
     /// Connects, loads the scripts and returns the store.
     pub async fn build(self) -> Result<RedisStore, Error> {
         let keys = Keys::new(&self.prefix)?;
@@ -293,17 +310,34 @@ impl RedisStoreBuilder {
             .map_err(Error::Connect)?;
         let append = Lua::new(script::APPEND);
         let save_snapshot = Lua::new(script::SAVE_SNAPSHOT);
-        append.load(&mut conn).await.map_err(Error::Connect)?;
-        save_snapshot
-            .load(&mut conn)
-            .await
-            .map_err(Error::Connect)?;
+        let acquire_lease = Lua::new(script::ACQUIRE_LEASE);
+        let release_lease = Lua::new(script::RELEASE_LEASE);
+        let save_checkpoint = Lua::new(script::SAVE_CHECKPOINT);
+        for script in [
+            &append,
+            &save_snapshot,
+            &acquire_lease,
+            &release_lease,
+            &save_checkpoint,
+        ] {
+            script.load(&mut conn).await.map_err(Error::Connect)?;
+        }
         let watch = WatchConfig {
             client,
             feed: keys.feed().into(),
             index: keys.index().into(),
             block: self.poll_interval,
         };
+        let head = Arc::new(Head::new());
+        let appender = Arc::new(Appender {
+            conn: conn.clone(),
+            keys: keys.clone(),
+            script: append,
+            head: Arc::clone(&head),
+        });
+        let group = self
+            .group_commit
+            .then(|| GroupCommit::new(Arc::clone(&appender), GroupLimits::DEFAULT));
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn,
@@ -311,9 +345,13 @@ impl RedisStoreBuilder {
                 page_size: self.page_size,
                 limits: self.limits,
                 poll_interval: self.poll_interval,
-                append,
+                appender,
+                group,
                 save_snapshot,
-                head: Arc::new(Head::new()),
+                acquire_lease,
+                release_lease,
+                save_checkpoint,
+                head,
                 watch,
             }),
         })
@@ -335,6 +373,7 @@ impl RedisStore {
             poll_interval: Duration::from_secs(1),
             response_timeout: Duration::from_secs(10),
             page_size: 512,
+            group_commit: true,
         }
     }
 
@@ -356,148 +395,19 @@ impl RedisStore {
 }
 
 impl Inner {
-    async fn append(&self, request: &AppendRequest) -> Result<AppendResult, StoreError> {
+    async fn append(&self, request: AppendRequest) -> Result<AppendResult, StoreError> {
         request.validate(&self.limits)?;
-        let stream = &request.stream;
-        let events_key = self.keys.events(stream);
-        let version_key = self.keys.version(stream);
-        let mut cmd = self.append.command(&[
-            &events_key,
-            &version_key,
-            self.keys.feed(),
-            self.keys.index(),
-        ]);
-        match request.expected {
-            ExpectedVersion::Any => cmd.arg("any"),
-            ExpectedVersion::NoStream => cmd.arg("none"),
-            ExpectedVersion::StreamExists => cmd.arg("exists"),
-            ExpectedVersion::Exact(v) => cmd.arg(v),
-        };
-        cmd.arg(stream.as_str()).arg(request.events.len());
-        let mut buf = uuid::Uuid::encode_buffer();
-        for event in &request.events {
-            let id = event.event_id.hyphenated().encode_lower(&mut buf);
-            cmd.arg(&*id)
-                .arg(event.event_type.as_str())
-                .arg(event.schema_version)
-                .arg(&event.payload[..])
-                .arg(event.metadata.to_json());
+        match &self.group {
+            Some(group) => group.append(request).await,
+            None => self.appender.execute_one(&request).await,
         }
-        let mut conn = self.conn.clone();
-        let reply = self
-            .append
-            .invoke(&mut conn, &cmd)
-            .await
-            .map_err(|e| store_error(e, || format!("stream `{stream}`")))?;
-        let result = append_reply(request, reply)?;
-        if let Some(&last) = result.positions.last() {
-            self.head.advance(last);
-        }
-        Ok(result)
     }
-}
-
-/// Interprets the append script's structured reply.
-fn append_reply(request: &AppendRequest, reply: Value) -> Result<AppendResult, StoreError> {
-    let stream = &request.stream;
-    let bad = |what: &str| {
-        StoreError::backend(format!(
-            "unexpected reply from the append script for `{stream}`: {what}"
-        ))
-    };
-    let Value::Array(items) = reply else {
-        return Err(bad("not an array"));
-    };
-    let int = |v: Option<&Value>| match v {
-        Some(Value::Int(n)) => u64::try_from(*n).ok(),
-        _ => None,
-    };
-    match int(items.first()) {
-        Some(0) => {
-            let version = int(items.get(1)).ok_or_else(|| bad("no version"))?;
-            let n = request.events.len() as u64;
-            let positions = if n == 0 {
-                Vec::new()
-            } else {
-                let first = int(items.get(2)).ok_or_else(|| bad("no position"))?;
-                (first..first + n).collect()
-            };
-            Ok(AppendResult {
-                stream_version: version,
-                positions,
-                duplicate: false,
-            })
-        }
-        Some(1) => {
-            let found = request
-                .events
-                .iter()
-                .enumerate()
-                .map(|(i, event)| match items.get(i + 1) {
-                    Some(Value::Nil) => Ok(None),
-                    Some(Value::BulkString(entry)) => stored_ref(event.event_id, entry)
-                        .map(Some)
-                        .ok_or_else(|| StoreError::Corrupt {
-                            location: format!("the event id index, event {}", event.event_id),
-                            reason: format!(
-                                "unreadable entry {:?}",
-                                String::from_utf8_lossy(entry)
-                            ),
-                        }),
-                    _ => Err(bad("missing id lookup")),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            classify_retry(request, &found)?
-                .ok_or_else(|| bad("ids reported stored, but none was found"))
-        }
-        Some(2) => {
-            let actual = int(items.get(1)).ok_or_else(|| bad("no actual version"))?;
-            Err(StoreError::Conflict {
-                stream: stream.clone(),
-                expected: request.expected,
-                actual,
-            })
-        }
-        Some(3) => {
-            let what = match items.get(1) {
-                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                _ => "unknown".to_owned(),
-            };
-            let reason = match what.as_str() {
-                "version" => "the version key does not hold a number".to_owned(),
-                "events" => "the stream holds entries beyond its version".to_owned(),
-                "head" => "the global head does not hold numbers".to_owned(),
-                "feed" => "the global feed holds entries beyond the head position".to_owned(),
-                other => format!("inconsistent `{other}`"),
-            };
-            Err(StoreError::Corrupt {
-                location: format!("stream `{stream}`"),
-                reason: format!("{reason}; nothing was written"),
-            })
-        }
-        _ => Err(bad("unknown reply code")),
-    }
-}
-
-/// Parses an id index entry, `"<position> <version> <stream>"`.
-fn stored_ref(event_id: uuid::Uuid, entry: &[u8]) -> Option<StoredEventRef> {
-    let text = std::str::from_utf8(entry).ok()?;
-    let mut parts = text.splitn(3, ' ');
-    let global_position = parts.next()?.parse().ok()?;
-    let stream_version = parts.next()?.parse().ok()?;
-    let stream = StreamId::parse(parts.next()?).ok()?;
-    Some(StoredEventRef {
-        event_id,
-        stream,
-        stream_version,
-        global_position,
-    })
 }
 
 impl EventStore for RedisStore {
     fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {
         let inner = Arc::clone(&self.inner);
-        async move { inner.append(&request).await }
+        async move { inner.append(request).await }
     }
 
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {

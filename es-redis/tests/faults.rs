@@ -2,8 +2,9 @@
 //! killed with SIGKILL during concurrent appends and restarted from its AOF, twice.
 //!
 //! Every acknowledged append must be stored exactly once with the versions and positions it was
-//! acknowledged with, no batch may be stored in part, and two subscribers that tail the feed
-//! through the crashes must deliver exactly the feed.
+//! acknowledged with, no batch may be stored in part, every acknowledged append's outbox
+//! messages must be in the outbox exactly once (and nothing else), and two subscribers that tail
+//! the feed through the crashes must deliver exactly the feed.
 
 mod common;
 
@@ -12,9 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use es_core::{
-    AppendRequest, AppendResult, EventFilter, EventStore, ExpectedVersion, NewEvent, ReadAll,
-    ReadStream, RecordedEvent, StoreError, StreamId,
+    AppendRequest, AppendResult, EventFilter, EventStore, ExpectedVersion, Metadata, NewEvent,
+    OutboxMessage, OutboxRecord, OutboxStore, ReadAll, ReadStream, RecordedEvent, StoreError,
+    StreamId,
 };
 use es_redis::RedisStore;
 use es_test_support::{scratch_dir, RedisServer};
@@ -51,8 +54,29 @@ async fn wait_until_available(store: &RedisStore) {
     }
 }
 
-/// Appends batches of 1 to 4 events round-robin to its own streams with exact expected versions
-/// until `stop`; returns every acknowledged append with its result.
+/// The outbox messages of `events`: one per event for even `i`, none for odd `i`.
+fn messages(i: usize, events: &[NewEvent]) -> Vec<OutboxMessage> {
+    if i % 2 == 1 {
+        return Vec::new();
+    }
+    events
+        .iter()
+        .map(|e| OutboxMessage {
+            message_id: uuid::Uuid::now_v7(),
+            source_event_id: e.event_id,
+            topic: "accounts".into(),
+            key: "acct".into(),
+            message_type: "acct.moved".into(),
+            schema_version: 1,
+            payload: Bytes::from(json!({ "i": i }).to_string()),
+            metadata: Metadata::new().with_causation_id(e.event_id),
+        })
+        .collect()
+}
+
+/// Appends batches of 1 to 4 events (with outbox messages every other time) round-robin to its
+/// own streams with exact expected versions until `stop`; returns every acknowledged append with
+/// its result.
 async fn writer(
     store: RedisStore,
     w: usize,
@@ -68,7 +92,9 @@ async fn writer(
         let batch: Vec<NewEvent> = (0..=i % 4)
             .map(|j| NewEvent::from_value("Moved", 1, &json!({ "w": w, "i": i, "j": j })))
             .collect();
-        let request = AppendRequest::new(stream, ExpectedVersion::Exact(versions[k]), batch);
+        let outbox = messages(i, &batch);
+        let request = AppendRequest::new(stream, ExpectedVersion::Exact(versions[k]), batch)
+            .with_outbox(outbox);
         let result = append_until_acknowledged(&store, request.clone()).await;
         assert_eq!(
             result.stream_version,
@@ -139,6 +165,59 @@ async fn check_acknowledged(store: &RedisStore, acknowledged: &[(AppendRequest, 
         expected_total,
         "the feed holds exactly the acknowledged events"
     );
+    check_outbox(store, acknowledged, &by_id).await;
+}
+
+/// Every acknowledged append's messages are in the outbox exactly once, intact, in commit order,
+/// and nothing else is.
+async fn check_outbox(
+    store: &RedisStore,
+    acknowledged: &[(AppendRequest, AppendResult)],
+    by_id: &HashMap<Uuid, &RecordedEvent>,
+) {
+    let outbox: Vec<OutboxRecord> = store.pending_outbox(u64::MAX).await.unwrap();
+    assert_eq!(
+        store.outbox_len().await.unwrap(),
+        outbox.len() as u64,
+        "outbox_len counts the pending records"
+    );
+    let mut by_message: HashMap<Uuid, &OutboxRecord> = HashMap::new();
+    for r in &outbox {
+        assert!(
+            by_message.insert(r.message.message_id, r).is_none(),
+            "message {} is in the outbox twice",
+            r.message.message_id
+        );
+    }
+    let mut expected_total = 0;
+    for (request, _) in acknowledged {
+        expected_total += request.outbox.len();
+        for sent in &request.outbox {
+            let stored = by_message.get(&sent.message_id).unwrap_or_else(|| {
+                panic!(
+                    "the outbox lost message {} of an acknowledged append",
+                    sent.message_id
+                )
+            });
+            assert_eq!(stored.stream_id, request.stream);
+            assert_eq!(&stored.message, sent);
+        }
+    }
+    assert_eq!(
+        outbox.len(),
+        expected_total,
+        "the outbox holds exactly the acknowledged appends' messages"
+    );
+    // Outbox order is commit order: the source events' global positions increase with it.
+    let sources: Vec<u64> = outbox
+        .iter()
+        .map(|r| by_id[&r.message.source_event_id].global_position)
+        .collect();
+    assert!(outbox.windows(2).all(|w| w[0].position < w[1].position));
+    assert!(
+        sources.windows(2).all(|w| w[0] < w[1]),
+        "outbox order is commit order"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -191,8 +270,10 @@ async fn kill9_during_appends_loses_no_acknowledged_append() {
         acknowledged.extend(tokio::time::timeout(PATIENCE, w).await.unwrap().unwrap());
     }
     let retried = acknowledged.iter().filter(|(_, r)| r.duplicate).count();
+    let messages: usize = acknowledged.iter().map(|(r, _)| r.outbox.len()).sum();
     eprintln!(
-        "{} appends acknowledged, {retried} of them on a retry after the reply was lost",
+        "{} appends acknowledged with {messages} outbox messages, {retried} of them on a retry \
+         after the reply was lost",
         acknowledged.len()
     );
 

@@ -1,5 +1,5 @@
-//! Throwaway PostgreSQL and Redis servers on 127.0.0.1, for `cargo xtask` and for tests that must
-//! control a server themselves (kill -9 and restart).
+//! Throwaway PostgreSQL and Redis servers and Kafka brokers on 127.0.0.1, for `cargo xtask` and
+//! for tests that must control a server themselves (kill -9 and restart).
 //!
 //! Servers listen on a free loopback port, keep their data under a directory the caller chooses
 //! (normally inside `target/`), and are stopped when dropped unless [`PgServer::detach`] /
@@ -9,8 +9,9 @@
 //! server run as the `postgres` system user (created by Debian's PostgreSQL packages) through
 //! `runuser`.
 //!
-//! Tests find the shared servers through `DATABASE_URL` and `REDIS_URL` ([`database_url`],
-//! [`redis_url`]); when those are missing they fail with a message saying how to start them.
+//! Tests find the shared servers through `DATABASE_URL`, `REDIS_URL` and `KAFKA_BROKERS`
+//! ([`database_url`], [`redis_url`], [`kafka_brokers`]); when those are missing they fail with a
+//! message saying how to start them.
 
 use std::fmt;
 use std::io;
@@ -435,4 +436,220 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = target.join("es-scratch").join(unique);
     let _ = std::fs::remove_dir_all(&dir);
     dir
+}
+
+/// Where a [`KafkaBroker`] keeps its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaStorage {
+    /// In the broker's memory (`memory://`): fast, lost when the broker stops.
+    Memory,
+    /// In a database file in the broker's directory (`sqlite://`, tansu's libsql engine):
+    /// survives kill -9 and restart.
+    /// Needs tansu built with the `libsql` feature.
+    Sqlite,
+}
+
+/// How to install the broker binary, for error messages.
+pub const TANSU_INSTALL: &str =
+    "cargo install tansu --version 0.6.0 --features dynostore,libsql --locked";
+
+/// The tansu binary: `$TANSU` if set, else `tansu` on `PATH`, else `~/.cargo/bin/tansu`.
+pub fn tansu_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("TANSU") {
+        return PathBuf::from(bin);
+    }
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("tansu"))
+            .find(|bin| bin.is_file())
+    });
+    on_path
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo/bin/tansu")))
+        .unwrap_or_else(|| PathBuf::from("tansu"))
+}
+
+/// A Kafka-protocol broker of its own: a [tansu](https://github.com/tansu-io/tansu) child
+/// process listening (and advertising itself) on 127.0.0.1 only.
+#[derive(Debug)]
+pub struct KafkaBroker {
+    dir: PathBuf,
+    port: u16,
+    storage: KafkaStorage,
+    child: Option<Child>,
+    detached: bool,
+}
+
+impl KafkaBroker {
+    /// Starts a broker on a free port, logging to `dir/tansu.log` and, with
+    /// [`KafkaStorage::Sqlite`], keeping its data in `dir/tansu.db`.
+    pub fn start(dir: &Path, storage: KafkaStorage) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut broker = Self {
+            dir: dir.canonicalize()?,
+            port: free_port()?,
+            storage,
+            child: None,
+            detached: false,
+        };
+        broker.spawn()?;
+        Ok(broker)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let bin = tansu_bin();
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let storage = match self.storage {
+            KafkaStorage::Memory => "memory://tansu/",
+            // Relative to the working directory, which is `dir`.
+            KafkaStorage::Sqlite => "sqlite:///tansu.db",
+        };
+        let log = self.dir.join("tansu.log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = Command::new(&bin)
+            .arg("broker")
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", storage])
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .map_err(|e| {
+                ServerError(format!(
+                    "cannot start the Kafka broker {} ({e}): install it with `{TANSU_INSTALL}` \
+                     (or run .ci/run), or point $TANSU at the binary",
+                    bin.display()
+                ))
+            })?;
+        self.child = Some(child);
+        let up = wait_for_port(self.port, true, Duration::from_secs(30), "tansu");
+        if let Err(e) = up.and_then(|()| self.wait_until_serving()) {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            let hint = if log.contains("FeatureNotEnabled") {
+                format!(
+                    "\n(this tansu lacks the storage engine: reinstall it with `{TANSU_INSTALL}`)"
+                )
+            } else {
+                String::new()
+            };
+            let _ = self.kill9();
+            return Err(ServerError(format!("{e}{hint}\ntansu log:\n{log}")));
+        }
+        Ok(())
+    }
+
+    /// Waits until the broker answers its admin API (the port opens before storage is ready).
+    fn wait_until_serving(&mut self) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    return Err(ServerError(format!("tansu exited: {status}")));
+                }
+            }
+            let listed = Command::new(tansu_bin())
+                .args(["topic", "list", "--broker", &self.url()])
+                .stdin(Stdio::null())
+                .output();
+            if listed.is_ok_and(|o| o.status.success()) {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                return Err(ServerError(format!(
+                    "tansu on port {} did not answer `topic list` within 30s",
+                    self.port
+                )));
+            }
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The `bootstrap.servers` value: `127.0.0.1:port`.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The broker URL tansu's own commands take: `tcp://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    /// The directory holding its log (and data, with [`KafkaStorage::Sqlite`]).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The broker's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Creates `topic` with `partitions` partitions with `tansu topic create`.
+    pub fn create_topic(&self, topic: &str, partitions: u32) -> Result<()> {
+        run(
+            Command::new(tansu_bin())
+                .args(["topic", "create", "--broker", &self.url()])
+                .args(["--partitions", &partitions.to_string(), topic])
+                .stdin(Stdio::null()),
+            "tansu topic create",
+        )
+        .map(|_| ())
+    }
+
+    /// Kills the broker with SIGKILL and waits for it to exit.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        wait_for_port(self.port, false, Duration::from_secs(30), "tansu")
+    }
+
+    /// Starts the broker again on the same port and directory (killing it first if it runs).
+    pub fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            self.kill9()?;
+        }
+        self.spawn()
+    }
+
+    /// Leaves the broker running when this value is dropped; returns its port and pid.
+    pub fn detach(mut self) -> (u16, Option<u32>) {
+        self.detached = true;
+        (self.port, self.pid())
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The shared Kafka broker's `bootstrap.servers` from `KAFKA_BROKERS`, or a panic that says how
+/// to get one.
+pub fn kafka_brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| {
+        panic!(
+            "KAFKA_BROKERS is not set: this test needs a Kafka-protocol broker. Run the whole \
+             suite with `cargo xtask test` (it starts a throwaway broker), or start one with \
+             `tansu broker --listener-url tcp://127.0.0.1:9092 --advertised-listener-url \
+             tcp://127.0.0.1:9092 --storage-engine memory://tansu/` and export \
+             KAFKA_BROKERS=127.0.0.1:9092 (install tansu with `{TANSU_INSTALL}`)."
+        )
+    })
 }

@@ -1,9 +1,8 @@
 //! The servers the tests and benchmarks talk to, started under `target/es-services/`.
 //!
 //! Each service is one entry in [`SERVICES`]: its name, the environment variable through which
-//! tests find it, and how to start it and stop it. To add a service (say a Kafka-compatible
-//! broker exporting `KAFKA_BROKERS`), add an entry there with its two functions; `test`, `bench`
-//! and `db` pick it up from the list.
+//! tests find it, and how to start it and stop it. To add a service, add an entry there with its
+//! two functions; `test`, `bench` and `db` pick it up from the list.
 //!
 //! A run's servers are stopped when its [`Services`] is dropped. So that Ctrl-C (which kills
 //! xtask before any destructor runs) leaves nothing behind either, every run also starts a
@@ -20,7 +19,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use es_test_support::{PgServer, RedisServer};
+use es_test_support::{KafkaBroker, KafkaStorage, PgServer, RedisServer};
 
 /// One server the tests need.
 struct Service {
@@ -53,6 +52,13 @@ const SERVICES: &[Service] = &[
         start: start_redis,
         stop_dir: stop_redis,
     },
+    Service {
+        name: "kafka",
+        what: "the Kafka broker (tansu)",
+        env_var: "KAFKA_BROKERS",
+        start: start_kafka,
+        stop_dir: stop_kafka,
+    },
 ];
 
 /// A started server: stopped when dropped, unless detached.
@@ -74,6 +80,12 @@ impl Detach for PgServer {
 }
 
 impl Detach for RedisServer {
+    fn detach(self: Box<Self>) {
+        (*self).detach();
+    }
+}
+
+impl Detach for KafkaBroker {
     fn detach(self: Box<Self>) {
         (*self).detach();
     }
@@ -110,6 +122,22 @@ fn start_redis(dir: &Path) -> Result<Started> {
 
 fn stop_redis(dir: &Path) -> Result<bool> {
     stop_pid(dir, "redis-server")
+}
+
+/// A Kafka-protocol broker keeping its data in memory: tests create topics of their own, and a
+/// test that restarts a broker starts a durable one of its own.
+fn start_kafka(dir: &Path) -> Result<Started> {
+    let broker = KafkaBroker::start(dir, KafkaStorage::Memory)?;
+    write_pid(dir, "tansu", broker.pid())?;
+    Ok(Started {
+        url: broker.brokers(),
+        log: dir.join("tansu.log"),
+        server: Box::new(broker),
+    })
+}
+
+fn stop_kafka(dir: &Path) -> Result<bool> {
+    stop_pid(dir, "tansu")
 }
 
 /// Records the pid of a server started as a child process, for [`stop_pid`].

@@ -1,0 +1,225 @@
+//! Relay throughput to a Kafka-protocol broker (`KAFKA_BROKERS`): the outbox of the in-memory
+//! store published by `es_core::Relay` with `es_kafka::KafkaPublisher`, against a raw rdkafka
+//! producer with the same settings sending the same records (key, value, headers) pipelined,
+//! in the same run, each to a fresh topic.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use es_core::{
+    AppendRequest, EventStore, ExpectedVersion, Metadata, NewEvent, OutboxMessage, OutboxRecord,
+    OutboxStore, Relay, RelayConfig, RelayStep, StreamId,
+};
+use es_kafka::rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use es_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+use es_kafka::{KafkaConfig, KafkaPublisher};
+use es_memory::InMemoryStore;
+use uuid::Uuid;
+
+use crate::report::{rate, Report, Row};
+
+const GROUP: &str = "kafka";
+const RECORDS: u64 = 20_000;
+const STREAMS: u64 = 100;
+const PARTITIONS: u32 = 3;
+const ROUNDS: usize = 5;
+
+pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
+    let brokers = std::env::var("KAFKA_BROKERS").context(
+        "KAFKA_BROKERS is not set: run `cargo xtask bench`, or start a broker (tansu) and \
+         export KAFKA_BROKERS=127.0.0.1:<port>",
+    )?;
+    let config = KafkaConfig::new(brokers);
+    let default_batch = RelayConfig::default().batch_size;
+    let mut raw = Vec::new();
+    let mut ours: Vec<(u64, Vec<Duration>)> = vec![(default_batch, Vec::new()), (2000, Vec::new())];
+    let mut bytes = 0;
+    // Alternate so every variant sees the broker in the same state; keep the best of each.
+    for _ in 0..ROUNDS {
+        let raw_topic = fresh_topic(&config, "raw").await?;
+        let records = retarget(
+            &filled_store(&raw_topic)
+                .await?
+                .pending_outbox(RECORDS)
+                .await?,
+            &raw_topic,
+        );
+        anyhow::ensure!(
+            records.len() as u64 == RECORDS,
+            "the outbox holds every record"
+        );
+        bytes = records
+            .iter()
+            .map(|r| r.message.payload.len())
+            .sum::<usize>()
+            / records.len();
+        raw.push(raw_producer(&config, &records).await?);
+        for (batch_size, times) in &mut ours {
+            let topic = fresh_topic(&config, "relay").await?;
+            times.push(relay(&config, filled_store(&topic).await?, *batch_size).await?);
+        }
+    }
+    let best = |times: &[Duration]| times.iter().copied().min().unwrap_or_default();
+    let raw = rate(RECORDS, best(&raw));
+    for (batch_size, times) in &ours {
+        let default = if *batch_size == default_batch {
+            " (default)"
+        } else {
+            ""
+        };
+        report.push(Row {
+            group: GROUP,
+            workload: format!("relay {RECORDS} outbox records, batch {batch_size}{default}"),
+            ours: rate(RECORDS, best(times)),
+            raw: Some(raw),
+            unit: "msgs/s",
+            target: Some(0.7),
+            note: format!(
+                "in-memory outbox, {STREAMS} keys, {PARTITIONS} partitions, ~{bytes}-byte JSON \
+                 values, idempotent producer, acks=all; raw = rdkafka FutureProducer, same \
+                 settings and headers, all records in flight; both warmed up; best of {ROUNDS}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// An in-memory store whose outbox holds `RECORDS` messages to `topic` over `STREAMS` streams,
+/// written 10 events (and 10 messages) per append.
+async fn filled_store(topic: &str) -> anyhow::Result<InMemoryStore> {
+    let store = InMemoryStore::new();
+    let memo = "x".repeat(140);
+    let per_append = 10;
+    for chunk in 0..RECORDS / per_append {
+        let stream = StreamId::new("account", &format!("{}", chunk % STREAMS))?;
+        let events: Vec<NewEvent> = (0..per_append)
+            .map(|i| {
+                let n = chunk * per_append + i;
+                NewEvent::from_value(
+                    "Deposited",
+                    1,
+                    &serde_json::json!({ "amount": n, "memo": memo }),
+                )
+            })
+            .collect();
+        let outbox = events
+            .iter()
+            .zip(chunk * per_append..)
+            .map(|(e, n)| OutboxMessage {
+                message_id: Uuid::now_v7(),
+                source_event_id: e.event_id,
+                topic: topic.to_owned(),
+                key: stream.to_string(),
+                message_type: "account.deposited".into(),
+                schema_version: 1,
+                payload: Bytes::from(
+                    serde_json::json!({
+                        "account": stream.to_string(),
+                        "amount": n,
+                        "currency": "EUR",
+                        "memo": memo,
+                    })
+                    .to_string(),
+                ),
+                metadata: Metadata::new()
+                    .with_causation_id(e.event_id)
+                    .with_correlation_id(e.event_id)
+                    .with_actor("bench"),
+            })
+            .collect();
+        store
+            .append(AppendRequest::new(stream, ExpectedVersion::Any, events).with_outbox(outbox))
+            .await?;
+    }
+    Ok(store)
+}
+
+/// A new topic with `PARTITIONS` partitions.
+async fn fresh_topic(config: &KafkaConfig, what: &str) -> anyhow::Result<String> {
+    let topic = format!("bench-{what}-{}", Uuid::now_v7().simple());
+    es_kafka::ensure_topic(config, &topic, PARTITIONS).await?;
+    Ok(topic)
+}
+
+/// The same records addressed to `topic`.
+fn retarget(records: &[OutboxRecord], topic: &str) -> Vec<OutboxRecord> {
+    records
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r.message.topic = topic.to_owned();
+            r
+        })
+        .collect()
+}
+
+/// The relay publishing the whole outbox: steps until idle, as `Relay::run` does.
+async fn relay(
+    config: &KafkaConfig,
+    store: InMemoryStore,
+    batch_size: u64,
+) -> anyhow::Result<Duration> {
+    let publisher = KafkaPublisher::new(config.clone())?;
+    // Connection, producer id and topic metadata: once per process, not per record.
+    let warm_up = store.pending_outbox(1).await?;
+    publisher.send(&warm_up).await?;
+    let relay = Relay::new(
+        store.clone(),
+        publisher,
+        RelayConfig {
+            owner: "bench".into(),
+            batch_size,
+            ..RelayConfig::default()
+        },
+    );
+    let start = Instant::now();
+    loop {
+        match relay.step().await? {
+            RelayStep::Published(_) => {}
+            RelayStep::Idle => break,
+            other => anyhow::bail!("relay step: {other:?}"),
+        }
+    }
+    let elapsed = start.elapsed();
+    anyhow::ensure!(store.outbox_len().await? == 0, "the relay left records");
+    Ok(elapsed)
+}
+
+/// A raw producer with the publisher's settings sending the same records, all in flight at once.
+async fn raw_producer(config: &KafkaConfig, records: &[OutboxRecord]) -> anyhow::Result<Duration> {
+    let producer: FutureProducer = config.producer_client_config().create()?;
+    send_all(&producer, &records[..1]).await?;
+    let start = Instant::now();
+    send_all(&producer, records).await?;
+    Ok(start.elapsed())
+}
+
+/// Sends `records` pipelined and waits for every acknowledgement.
+async fn send_all(producer: &FutureProducer, records: &[OutboxRecord]) -> anyhow::Result<()> {
+    let mut deliveries = Vec::with_capacity(records.len());
+    for r in records {
+        let mut record = FutureRecord::to(&r.message.topic)
+            .key(r.message.key.as_bytes())
+            .payload(&r.message.payload[..])
+            .headers(es_kafka::headers::encode(r))
+            .timestamp(r.recorded_at.timestamp_millis());
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+    for delivery in deliveries {
+        delivery.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}

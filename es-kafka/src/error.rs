@@ -1,0 +1,77 @@
+//! The crate's error type.
+
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use uuid::Uuid;
+
+/// What went wrong talking to Kafka.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// librdkafka refused the configuration.
+    #[error("cannot create the Kafka {client}: {source}")]
+    Client {
+        /// Which client: "producer", "consumer" or "admin client".
+        client: &'static str,
+        /// The client's error.
+        #[source]
+        source: KafkaError,
+    },
+    /// A record could not be handed to the producer (for example larger than
+    /// `message.max.bytes`); the records after it in the batch were not sent.
+    #[error("cannot send outbox record {position} (message {message_id}): {source}")]
+    Enqueue {
+        /// Outbox position of the record.
+        position: u64,
+        /// Its message id.
+        message_id: Uuid,
+        /// The producer's error.
+        #[source]
+        source: KafkaError,
+    },
+    /// The broker did not acknowledge some records of a batch in time; the batch stays pending
+    /// and is sent again.
+    #[error(
+        "{failed} of {total} records were not acknowledged; the first was outbox record \
+         {position} (message {message_id}): {source}"
+    )]
+    Delivery {
+        /// Records without acknowledgement.
+        failed: usize,
+        /// Records in the batch.
+        total: usize,
+        /// Outbox position of the first unacknowledged record.
+        position: u64,
+        /// Its message id.
+        message_id: Uuid,
+        /// Why it failed.
+        #[source]
+        source: KafkaError,
+    },
+    /// The broker refused to create a topic.
+    #[error("cannot create topic `{topic}`: {code}")]
+    CreateTopic {
+        /// The topic.
+        topic: String,
+        /// The broker's error code.
+        code: RDKafkaErrorCode,
+    },
+    /// A request to the broker failed.
+    #[error("{what}: {source}")]
+    Request {
+        /// What was asked.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: KafkaError,
+    },
+    /// The broker did not answer in time.
+    #[error("{what}: no answer within {timeout:?}")]
+    Timeout {
+        /// What was asked.
+        what: String,
+        /// How long it waited.
+        timeout: Duration,
+    },
+}

@@ -1,0 +1,176 @@
+//! Exactly-once projections: read-model writes and the checkpoint commit in one transaction.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use es_core::projection::{BatchError, HandlerError, ProjectionSink};
+use es_core::{EventFilter, RecordedEvent};
+use sqlx::postgres::PgPool;
+use sqlx::{AssertSqlSafe, PgConnection};
+
+use crate::codec::{to_i64, to_u64};
+use crate::schema::Sql;
+use crate::PgStore;
+
+/// A projection whose read model lives in the store's PostgreSQL database.
+///
+/// Run it with [`ExactlyOnce`]: its writes for a batch of events and the projection's checkpoint
+/// commit in one transaction, so after any crash every event has been applied exactly once.
+/// The handler must write through the connection it is given (the transaction), and must not
+/// commit or roll back itself.
+pub trait PgProjection: Send + 'static {
+    /// Stable name; it keys the checkpoint (in the store's `checkpoints` table).
+    fn name(&self) -> &str;
+
+    /// Which events it consumes.
+    fn filter(&self) -> EventFilter {
+        EventFilter::all()
+    }
+
+    /// Applies one event inside the batch's transaction. An error rolls the whole batch back.
+    fn handle(
+        &mut self,
+        tx: &mut PgConnection,
+        event: &RecordedEvent,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Drops the read model (for example `TRUNCATE`), before a rebuild from position 0. Runs in
+    /// the transaction that also removes the checkpoint.
+    fn reset(
+        &mut self,
+        tx: &mut PgConnection,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// Runs a [`PgProjection`] exactly once: the [`ProjectionSink`] to hand to
+/// [`es_core::ProjectionRunner::spawn`].
+///
+/// Each batch is one transaction: lock the projection's checkpoint row (creating it at 0) and
+/// read it, apply every event after it, raise the checkpoint to the batch's end, commit. Events
+/// at or below the locked checkpoint are skipped, so a batch retried after a commit whose
+/// outcome was unknown (the connection dropped during COMMIT), or a second runner of the same
+/// projection, never applies an event twice. On a handler error the transaction rolls back and
+/// the batch reports [`BatchError`] with `applied: 0`; the runner then applies the events before
+/// the failing one as their own batch and retries it.
+pub struct ExactlyOnce<P> {
+    projection: P,
+    pool: PgPool,
+    sql: Arc<Sql>,
+}
+
+impl<P> std::fmt::Debug for ExactlyOnce<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExactlyOnce").finish_non_exhaustive()
+    }
+}
+
+impl<P: PgProjection> ExactlyOnce<P> {
+    /// Runs `projection` on `store`'s database, with its checkpoint in the store's schema.
+    pub fn new(store: &PgStore, projection: P) -> Self {
+        Self {
+            projection,
+            pool: store.inner.pool.clone(),
+            sql: Arc::clone(&store.inner.sql),
+        }
+    }
+
+    /// The projection.
+    pub fn projection(&self) -> &P {
+        &self.projection
+    }
+
+    /// The projection, mutably.
+    pub fn projection_mut(&mut self) -> &mut P {
+        &mut self.projection
+    }
+
+    /// Gives the projection back.
+    pub fn into_inner(self) -> P {
+        self.projection
+    }
+
+    async fn try_apply(
+        &mut self,
+        events: &[RecordedEvent],
+        checkpoint: u64,
+    ) -> Result<(), BatchError> {
+        let whole = |source: sqlx::Error| BatchError {
+            index: events.len(),
+            applied: 0,
+            source: source.into(),
+        };
+        let name = self.projection.name().to_owned();
+        let mut tx = self.pool.begin().await.map_err(whole)?;
+        let stored: i64 = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.sql.lock_checkpoint)))
+            .bind(&name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(whole)?;
+        let stored = to_u64(stored, &format!("checkpoint `{name}`")).map_err(|e| BatchError {
+            index: events.len(),
+            applied: 0,
+            source: e.into(),
+        })?;
+        for (index, event) in events.iter().enumerate() {
+            if event.global_position <= stored {
+                // Applied by an earlier transaction already.
+                continue;
+            }
+            if let Err(source) = self.projection.handle(&mut tx, event).await {
+                // Dropping the transaction rolls it back.
+                return Err(BatchError {
+                    index,
+                    applied: 0,
+                    source,
+                });
+            }
+        }
+        if checkpoint > stored {
+            sqlx::query(AssertSqlSafe(Arc::clone(&self.sql.set_checkpoint)))
+                .bind(&name)
+                .bind(to_i64(checkpoint))
+                .execute(&mut *tx)
+                .await
+                .map_err(whole)?;
+        }
+        tx.commit().await.map_err(whole)
+    }
+}
+
+impl<P: PgProjection> ProjectionSink for ExactlyOnce<P> {
+    fn name(&self) -> &str {
+        self.projection.name()
+    }
+
+    fn filter(&self) -> EventFilter {
+        self.projection.filter()
+    }
+
+    async fn checkpoint(&mut self) -> Result<u64, HandlerError> {
+        let position: Option<i64> =
+            sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.sql.load_checkpoint)))
+                .bind(self.projection.name())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(to_u64(
+            position.unwrap_or(0),
+            &format!("checkpoint `{}`", self.projection.name()),
+        )?)
+    }
+
+    async fn apply(&mut self, events: &[RecordedEvent], checkpoint: u64) -> Result<(), BatchError> {
+        self.try_apply(events, checkpoint).await
+    }
+
+    async fn reset(&mut self) -> Result<(), HandlerError> {
+        let name = self.projection.name().to_owned();
+        let mut tx = self.pool.begin().await?;
+        self.projection.reset(&mut tx).await?;
+        sqlx::query(AssertSqlSafe(Arc::clone(&self.sql.reset_checkpoint)))
+            .bind(&name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

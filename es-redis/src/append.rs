@@ -1,0 +1,528 @@
+//! Appends: the command for a group of appends, the interpretation of the script's replies, and
+//! group commit (one writer task per store that gathers concurrent appends into one script call).
+//!
+//! See the crate docs, sections "The append script" and "Group commit".
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use es_core::store::{classify_retry, StoredEventRef};
+use es_core::{AppendRequest, AppendResult, ExpectedVersion, StoreError, StreamId};
+use futures::stream::{FuturesUnordered, StreamExt};
+use redis::aio::ConnectionManager;
+use redis::{Cmd, Value};
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
+
+use crate::error::store_error;
+use crate::keys::Keys;
+use crate::script::Lua;
+use crate::watch::Head;
+
+/// How group commit gathers appends. See the crate docs, section "Group commit".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GroupLimits {
+    /// Most appends in one script call.
+    pub(crate) max_appends: usize,
+    /// Most events in one script call; a larger append is always a call of its own.
+    pub(crate) max_events: usize,
+    /// Most script calls in flight at once (a call that goes out only because nothing else is in
+    /// flight does not count against it).
+    pub(crate) max_in_flight: usize,
+    /// Events waiting that justify a call while another is in flight.
+    pub(crate) eager_events: usize,
+    /// How often the writer yields, after a call returns, to let the callers it answered append
+    /// again before it sends the next group.
+    pub(crate) linger_yields: usize,
+}
+
+impl GroupLimits {
+    /// The defaults: groups of up to 128 appends and 1,000 events; small appends wait while a
+    /// call is in flight, appends of 64 events or more are pipelined up to 4 calls deep.
+    pub(crate) const DEFAULT: Self = Self {
+        max_appends: 128,
+        max_events: 1000,
+        max_in_flight: 4,
+        eager_events: 64,
+        linger_yields: 4,
+    };
+}
+
+/// What every append needs: the connection, the key names, the script and the head to publish.
+pub(crate) struct Appender {
+    pub(crate) conn: ConnectionManager,
+    pub(crate) keys: Keys,
+    pub(crate) script: Lua,
+    pub(crate) head: Arc<Head>,
+}
+
+impl Appender {
+    /// Runs `group` as one script call; one outcome per append, in order.
+    pub(crate) async fn execute(
+        &self,
+        group: &[&AppendRequest],
+    ) -> Vec<Result<AppendResult, StoreError>> {
+        let cmd = self.command(group);
+        let mut conn = self.conn.clone();
+        let reply = self.script.invoke(&mut conn, &cmd).await;
+        let outcomes: Vec<Result<AppendResult, StoreError>> = match reply {
+            Ok(Value::Array(items)) if items.len() == 3 * group.len() => {
+                let mut items = items.into_iter();
+                group
+                    .iter()
+                    .map(|request| {
+                        let mut next = || items.next().unwrap_or(Value::Nil);
+                        let (code, x, y) = (next(), next(), next());
+                        append_reply(request, &code, x, &y)
+                    })
+                    .collect()
+            }
+            Ok(other) => group
+                .iter()
+                .map(|request| {
+                    Err(StoreError::backend(format!(
+                        "unexpected reply from the append script for `{}`: {other:?}",
+                        request.stream
+                    )))
+                })
+                .collect(),
+            Err(err) => group
+                .iter()
+                .map(|request| Err(store_error(err.clone(), || stream_location(request))))
+                .collect(),
+        };
+        let head = outcomes
+            .iter()
+            .filter_map(|o| o.as_ref().ok().and_then(|r| r.positions.last().copied()))
+            .max();
+        if let Some(head) = head {
+            self.head.advance(head);
+        }
+        outcomes
+    }
+
+    /// Runs one append as a script call of its own.
+    pub(crate) async fn execute_one(
+        &self,
+        request: &AppendRequest,
+    ) -> Result<AppendResult, StoreError> {
+        self.execute(&[request])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::backend("the append script returned nothing")))
+    }
+
+    /// The `EVALSHA` of the append script for `group`.
+    fn command(&self, group: &[&AppendRequest]) -> Cmd {
+        let keys = &self.keys;
+        let mut cmd = self.script.evalsha(3 + 2 * group.len());
+        cmd.arg(keys.feed()).arg(keys.index()).arg(keys.outbox());
+        for request in group {
+            cmd.arg(keys.events(&request.stream))
+                .arg(keys.version(&request.stream));
+        }
+        cmd.arg(group.len());
+        let mut buf = uuid::Uuid::encode_buffer();
+        for request in group {
+            match request.expected {
+                ExpectedVersion::Any => cmd.arg("any"),
+                ExpectedVersion::NoStream => cmd.arg("none"),
+                ExpectedVersion::StreamExists => cmd.arg("exists"),
+                ExpectedVersion::Exact(v) => cmd.arg(v),
+            };
+            cmd.arg(request.stream.as_str())
+                .arg(request.events.len())
+                .arg(request.outbox.len());
+            for event in &request.events {
+                cmd.arg(&*event.event_id.hyphenated().encode_lower(&mut buf))
+                    .arg(event.event_type.as_str())
+                    .arg(event.schema_version)
+                    .arg(&event.payload[..])
+                    .arg(event.metadata.to_json());
+            }
+            for message in &request.outbox {
+                cmd.arg(&*message.message_id.hyphenated().encode_lower(&mut buf))
+                    .arg(&*message.source_event_id.hyphenated().encode_lower(&mut buf))
+                    .arg(message.topic.as_str())
+                    .arg(message.key.as_str())
+                    .arg(message.message_type.as_str())
+                    .arg(message.schema_version)
+                    .arg(&message.payload[..])
+                    .arg(message.metadata.to_json());
+            }
+        }
+        cmd
+    }
+}
+
+fn stream_location(request: &AppendRequest) -> String {
+    format!("stream `{}`", request.stream)
+}
+
+/// An append waiting for the writer task.
+struct Pending {
+    request: Arc<AppendRequest>,
+    reply: oneshot::Sender<Result<AppendResult, StoreError>>,
+}
+
+/// What callers and the writer task share.
+#[derive(Default)]
+struct State {
+    /// Appends waiting for the writer, in arrival order.
+    queue: VecDeque<Pending>,
+    /// Their events.
+    queued_events: usize,
+    /// The writer's groups in flight (a group's slot is held until the writer has let its callers
+    /// come back).
+    groups: usize,
+    /// Callers' own calls in flight.
+    direct: usize,
+    /// The writer task, once started.
+    writer: Option<JoinHandle<()>>,
+}
+
+impl State {
+    fn in_flight(&self) -> usize {
+        self.groups + self.direct
+    }
+
+    /// Whether the next call may go out now: always when nothing is in flight, and while others
+    /// are in flight only for enough events.
+    fn may_send(&self, events: usize, limits: &GroupLimits) -> bool {
+        self.in_flight() == 0
+            || (events >= limits.eager_events && self.in_flight() < limits.max_in_flight)
+    }
+
+    /// The next group to send, if the limits allow one now; counts it as in flight. Appends
+    /// whose caller has given up are dropped unsent.
+    fn next_group(&mut self, limits: &GroupLimits) -> Option<Vec<Pending>> {
+        while let Some(gone) = self.queue.front().filter(|p| p.reply.is_closed()) {
+            self.queued_events -= gone.request.events.len();
+            self.queue.pop_front();
+        }
+        if self.queue.is_empty() || !self.may_send(self.queued_events, limits) {
+            return None;
+        }
+        let mut group = Vec::new();
+        let mut events = 0;
+        while let Some(next) = self.queue.front() {
+            let n = next.request.events.len();
+            let full = group.len() == limits.max_appends || events + n > limits.max_events;
+            if !group.is_empty() && full {
+                break;
+            }
+            events += n;
+            group.extend(self.queue.pop_front());
+        }
+        self.queued_events -= events;
+        self.groups += 1;
+        Some(group)
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Group commit. An append goes out at once, as a call of its own, when nothing is in flight and
+/// nothing waits (so a lone writer pays no hand-off to another task); otherwise it waits in a
+/// queue, and a writer task sends what waits as one group when the call in flight returns. See
+/// the crate docs, section "Group commit".
+pub(crate) struct GroupCommit {
+    appender: Arc<Appender>,
+    limits: GroupLimits,
+    shared: Arc<Shared>,
+    wake: Arc<Notify>,
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        // The writer holds the shared state weakly: wake it so that it notices and ends.
+        self.wake.notify_one();
+    }
+}
+
+/// Where an append goes.
+enum Route {
+    /// A call of the caller's own.
+    Direct(AppendRequest),
+    /// The writer's queue.
+    Queued(Arc<AppendRequest>),
+}
+
+/// Counts a caller's own call as in flight until dropped (also when the caller gives up).
+struct Direct<'a>(&'a GroupCommit);
+
+impl Drop for Direct<'_> {
+    fn drop(&mut self) {
+        let waiting = {
+            let mut state = self.0.shared.lock();
+            state.direct -= 1;
+            !state.queue.is_empty()
+        };
+        if waiting {
+            self.0.wake.notify_one();
+        }
+    }
+}
+
+impl GroupCommit {
+    pub(crate) fn new(appender: Arc<Appender>, limits: GroupLimits) -> Self {
+        Self {
+            appender,
+            limits,
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+            }),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Appends `request`, alone or in a group.
+    ///
+    /// Outside a Tokio runtime, and for appends of more than [`GroupLimits::max_events`] events,
+    /// the call is always the caller's own. If the writer task stops before answering (its
+    /// runtime shut down), the append is sent again as a call of its own: it is idempotent by
+    /// event id, so this is safe, and reports `duplicate` if the first send was committed.
+    pub(crate) async fn append(&self, request: AppendRequest) -> Result<AppendResult, StoreError> {
+        let n = request.events.len();
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let (reply, outcome) = oneshot::channel();
+        let route = {
+            let mut state = self.shared.lock();
+            let direct = n > self.limits.max_events
+                || (state.queue.is_empty() && state.may_send(n, &self.limits));
+            match runtime {
+                Some(runtime) if !direct => {
+                    if state.writer.as_ref().is_none_or(JoinHandle::is_finished) {
+                        // A writer that stopped (its runtime shut down) took its groups with it.
+                        state.groups = 0;
+                        state.writer = Some(runtime.spawn(writer(
+                            Arc::downgrade(&self.shared),
+                            Arc::clone(&self.wake),
+                            Arc::clone(&self.appender),
+                            self.limits,
+                        )));
+                    }
+                    let request = Arc::new(request);
+                    state.queued_events += n;
+                    state.queue.push_back(Pending {
+                        request: Arc::clone(&request),
+                        reply,
+                    });
+                    Route::Queued(request)
+                }
+                _ => {
+                    state.direct += 1;
+                    Route::Direct(request)
+                }
+            }
+        };
+        match route {
+            Route::Direct(request) => {
+                let _direct = Direct(self);
+                self.appender.execute_one(&request).await
+            }
+            Route::Queued(request) => {
+                self.wake.notify_one();
+                match outcome.await {
+                    Ok(result) => result,
+                    Err(_) => self.appender.execute_one(&request).await,
+                }
+            }
+        }
+    }
+}
+
+/// The writer task: sends the waiting appends in groups as the limits allow, and hands each
+/// caller its outcome. Ends once the store is gone and its groups in flight are done.
+async fn writer(
+    shared: Weak<Shared>,
+    wake: Arc<Notify>,
+    appender: Arc<Appender>,
+    limits: GroupLimits,
+) {
+    // If the task is dropped (its runtime shuts down), the appends still queued are dropped
+    // with it: their callers then send them themselves.
+    let _drain = Drain(Weak::clone(&shared));
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        let notified = wake.notified();
+        tokio::pin!(notified);
+        // Registered before the queue is looked at, so that no wake-up in between is lost.
+        notified.as_mut().enable();
+        {
+            let Some(shared) = shared.upgrade() else {
+                break;
+            };
+            let mut state = shared.lock();
+            while let Some(group) = state.next_group(&limits) {
+                in_flight.push(commit(Arc::clone(&appender), group));
+            }
+        }
+        tokio::select! {
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {
+                // The callers just answered are about to append again: let them, so that their
+                // appends go out together rather than the first alone. The group's slot stays
+                // taken meanwhile, so they queue rather than send on their own.
+                let queued = || shared.upgrade().map_or(0, |s| s.lock().queue.len());
+                let mut seen = queued();
+                for _ in 0..limits.linger_yields {
+                    tokio::task::yield_now().await;
+                    let now = queued();
+                    if now == seen {
+                        break;
+                    }
+                    seen = now;
+                }
+                if let Some(shared) = shared.upgrade() {
+                    shared.lock().groups -= 1;
+                }
+            }
+            () = &mut notified => {}
+        }
+    }
+    while in_flight.next().await.is_some() {}
+}
+
+/// Empties the queue when the writer task ends or is dropped.
+struct Drain(Weak<Shared>);
+
+impl Drop for Drain {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.upgrade() {
+            let mut state = shared.lock();
+            state.queue.clear();
+            state.queued_events = 0;
+        }
+    }
+}
+
+async fn commit(appender: Arc<Appender>, group: Vec<Pending>) {
+    let requests: Vec<&AppendRequest> = group.iter().map(|p| &*p.request).collect();
+    let outcomes = appender.execute(&requests).await;
+    for (pending, outcome) in group.into_iter().zip(outcomes) {
+        // A caller that gave up waiting finds its append committed all the same.
+        let _ = pending.reply.send(outcome);
+    }
+}
+
+/// Interprets the script's reply for one append: `code, x, y` (see [`crate::script::APPEND`]).
+fn append_reply(
+    request: &AppendRequest,
+    code: &Value,
+    x: Value,
+    y: &Value,
+) -> Result<AppendResult, StoreError> {
+    let stream = &request.stream;
+    let bad = |what: &str| {
+        StoreError::backend(format!(
+            "unexpected reply from the append script for `{stream}`: {what}"
+        ))
+    };
+    let int = |v: &Value| match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        _ => None,
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        _ => "unknown".to_owned(),
+    };
+    match int(code) {
+        Some(0) => {
+            let version = int(&x).ok_or_else(|| bad("no version"))?;
+            let n = request.events.len() as u64;
+            let positions = if n == 0 {
+                Vec::new()
+            } else {
+                let first = int(y).ok_or_else(|| bad("no position"))?;
+                (first..first + n).collect()
+            };
+            Ok(AppendResult {
+                stream_version: version,
+                positions,
+                duplicate: false,
+            })
+        }
+        Some(1) => {
+            let Value::Array(refs) = x else {
+                return Err(bad("no id lookups"));
+            };
+            let found = request
+                .events
+                .iter()
+                .enumerate()
+                .map(|(i, event)| match refs.get(i) {
+                    Some(Value::Nil) => Ok(None),
+                    Some(Value::BulkString(entry)) => stored_ref(event.event_id, entry)
+                        .map(Some)
+                        .ok_or_else(|| StoreError::Corrupt {
+                            location: format!("the event id index, event {}", event.event_id),
+                            reason: format!(
+                                "entry {:?} does not name a position held by the feed (was the \
+                                 feed trimmed?)",
+                                String::from_utf8_lossy(entry)
+                            ),
+                        }),
+                    _ => Err(bad("missing id lookup")),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            classify_retry(request, &found)?
+                .ok_or_else(|| bad("ids reported stored, but none was found"))
+        }
+        Some(2) => {
+            let actual = int(&x).ok_or_else(|| bad("no actual version"))?;
+            Err(StoreError::Conflict {
+                stream: stream.clone(),
+                expected: request.expected,
+                actual,
+            })
+        }
+        Some(3) => {
+            let what = text(&x);
+            let reason = match what.as_str() {
+                "version" => "the version key does not hold a number".to_owned(),
+                "events" => "the stream holds entries beyond its version".to_owned(),
+                "events-type" => "the stream's events key is not a Redis stream".to_owned(),
+                "head" => "the global head does not hold numbers".to_owned(),
+                "feed" => "the global feed holds entries beyond the head position".to_owned(),
+                "outbox" => "the outbox holds entries beyond its counter, or is not a Redis stream"
+                    .to_owned(),
+                other => format!("inconsistent `{other}`"),
+            };
+            Err(StoreError::Corrupt {
+                location: stream_location(request),
+                reason: format!("{reason}; nothing was written"),
+            })
+        }
+        Some(4) => Err(StoreError::backend(format!(
+            "Redis refused the append to `{stream}` (nothing was written): {}",
+            text(&x)
+        ))),
+        _ => Err(bad("unknown reply code")),
+    }
+}
+
+/// Parses an id index entry, `"<position> <version> <stream>"`.
+fn stored_ref(event_id: uuid::Uuid, entry: &[u8]) -> Option<StoredEventRef> {
+    let text = std::str::from_utf8(entry).ok()?;
+    let mut parts = text.splitn(3, ' ');
+    let global_position = parts.next()?.parse().ok()?;
+    let stream_version = parts.next()?.parse().ok()?;
+    let stream = StreamId::parse(parts.next()?).ok()?;
+    Some(StoredEventRef {
+        event_id,
+        stream,
+        stream_version,
+        global_position,
+    })
+}
+
+#[cfg(test)]
+mod tests;
