@@ -103,7 +103,7 @@ pub(crate) fn apply_by_hand(order: &mut Order, event: &OrderEvent) {
     }
 }
 
-/// Plain serde_json decoding of a stored payload into the enum, without the framework.
+/// Plain `serde_json` decoding of a stored payload into the enum, without the framework.
 pub(crate) fn decode_by_hand(event_type: &str, payload: &[u8]) -> serde_json::Result<OrderEvent> {
     Ok(match event_type {
         "ItemAdded" => OrderEvent::ItemAdded(serde_json::from_slice(payload)?),

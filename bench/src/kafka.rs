@@ -17,7 +17,8 @@ use es_kafka::{KafkaConfig, KafkaPublisher};
 use es_memory::InMemoryStore;
 use uuid::Uuid;
 
-use crate::report::{rate, Report, Row};
+use crate::config::pick;
+use crate::report::{Report, Row, Samples};
 
 const GROUP: &str = "kafka";
 const RECORDS: u64 = 20_000;
@@ -32,21 +33,25 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
     )?;
     let config = KafkaConfig::new(brokers);
     let default_batch = RelayConfig::default().batch_size;
-    let mut raw = Vec::new();
-    let mut ours: Vec<(u64, Vec<Duration>)> = vec![(default_batch, Vec::new()), (2000, Vec::new())];
+    let records_n = records();
+    let mut ours: Vec<(u64, Samples)> = vec![
+        (default_batch, Samples::default()),
+        (2000, Samples::default()),
+    ];
     let mut bytes = 0;
-    // Alternate so every variant sees the broker in the same state; keep the best of each.
-    for _ in 0..ROUNDS {
+    // Alternate the order (ABBA) so every variant sees the broker in the same state; each run
+    // warms its producer up with one record first.
+    for round in 0..pick(ROUNDS, 1) {
         let raw_topic = fresh_topic(&config, "raw").await?;
         let records = retarget(
             &filled_store(&raw_topic)
                 .await?
-                .pending_outbox(RECORDS)
+                .pending_outbox(records_n)
                 .await?,
             &raw_topic,
         );
         anyhow::ensure!(
-            records.len() as u64 == RECORDS,
+            records.len() as u64 == records_n,
             "the outbox holds every record"
         );
         bytes = records
@@ -54,44 +59,66 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
             .map(|r| r.message.payload.len())
             .sum::<usize>()
             / records.len();
-        raw.push(raw_producer(&config, &records).await?);
-        for (batch_size, times) in &mut ours {
+        let mut relays = Vec::new();
+        let raw_first = round % 2 == 0;
+        let mut raw = if raw_first {
+            Some(raw_producer(&config, &records).await?)
+        } else {
+            None
+        };
+        let order: Vec<usize> = if raw_first {
+            (0..ours.len()).collect()
+        } else {
+            (0..ours.len()).rev().collect()
+        };
+        for &k in &order {
             let topic = fresh_topic(&config, "relay").await?;
-            times.push(relay(&config, filled_store(&topic).await?, *batch_size).await?);
+            let took = relay(&config, filled_store(&topic).await?, ours[k].0).await?;
+            relays.push((k, took));
+        }
+        if raw.is_none() {
+            raw = Some(raw_producer(&config, &records).await?);
+        }
+        let raw = raw.unwrap_or_default();
+        for (k, took) in relays {
+            ours[k].1.push_times(records_n, took, raw);
         }
     }
-    let best = |times: &[Duration]| times.iter().copied().min().unwrap_or_default();
-    let raw = rate(RECORDS, best(&raw));
-    for (batch_size, times) in &ours {
+    for (batch_size, samples) in &ours {
         let default = if *batch_size == default_batch {
             " (default)"
         } else {
             ""
         };
-        report.push(Row {
-            group: GROUP,
-            workload: format!("relay {RECORDS} outbox records, batch {batch_size}{default}"),
-            ours: rate(RECORDS, best(times)),
-            raw: Some(raw),
-            unit: "msgs/s",
-            target: Some(0.7),
-            note: format!(
+        report.push(Row::paired(
+            GROUP,
+            format!("relay {records_n} outbox records, batch {batch_size}{default}"),
+            samples,
+            "msgs/s",
+            Some(0.7),
+            format!(
                 "in-memory outbox, {STREAMS} keys, {PARTITIONS} partitions, ~{bytes}-byte JSON \
                  values, idempotent producer, acks=all; raw = rdkafka FutureProducer, same \
-                 settings and headers, all records in flight; both warmed up; best of {ROUNDS}"
+                 settings and headers, all records in flight, acks awaited; {}",
+                samples.describe()
             ),
-        });
+        ));
     }
     Ok(())
 }
 
-/// An in-memory store whose outbox holds `RECORDS` messages to `topic` over `STREAMS` streams,
+/// Records per run.
+fn records() -> u64 {
+    pick(RECORDS, 2000)
+}
+
+/// An in-memory store whose outbox holds `records()` messages to `topic` over `STREAMS` streams,
 /// written 10 events (and 10 messages) per append.
 async fn filled_store(topic: &str) -> anyhow::Result<InMemoryStore> {
     let store = InMemoryStore::new();
     let memo = "x".repeat(140);
     let per_append = 10;
-    for chunk in 0..RECORDS / per_append {
+    for chunk in 0..records() / per_append {
         let stream = StreamId::new("account", &format!("{}", chunk % STREAMS))?;
         let events: Vec<NewEvent> = (0..per_append)
             .map(|i| {
@@ -148,7 +175,7 @@ fn retarget(records: &[OutboxRecord], topic: &str) -> Vec<OutboxRecord> {
         .iter()
         .map(|r| {
             let mut r = r.clone();
-            r.message.topic = topic.to_owned();
+            topic.clone_into(&mut r.message.topic);
             r
         })
         .collect()

@@ -1,5 +1,5 @@
-//! In-memory benchmarks: rehydration against plain serde_json decoding, derived apply dispatch
-//! against a hand-written match, and append throughput.
+//! In-memory benchmarks: rehydration against plain `serde_json` decoding, derived apply dispatch
+//! against a hand-written match, append throughput, and projection catch-up.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -13,21 +13,30 @@ use es_core::{
 use es_memory::InMemoryStore;
 use futures::TryStreamExt;
 
+use crate::config::{pick, Args};
 use crate::domain::{self, Order, OrderEvent};
-use crate::report::{rate, Report, Row};
+use crate::report::{heap_size, Report, Row, Samples};
 use crate::PEAK;
 
 const GROUP: &str = "es-memory";
-const REHYDRATE_EVENTS: u64 = 100_000;
-const ROUNDS: usize = 5;
+const EVENTS: u64 = 100_000;
 
-pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
-    rehydrate(report).await?;
-    dispatch(report);
-    appends(report).await?;
-    let store = InMemoryStore::new();
-    fill(&store, &StreamId::new("order", "feed")?, REHYDRATE_EVENTS).await?;
-    crate::projection::catch_up(report, GROUP, &store, REHYDRATE_EVENTS).await?;
+pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> {
+    if args.wants("memory", "rehydrate") {
+        rehydrate(report).await?;
+    }
+    if args.wants("memory", "dispatch") {
+        dispatch(report);
+    }
+    if args.wants("memory", "append") {
+        appends(report).await?;
+    }
+    if args.wants("memory", "catch-up") {
+        let count = pick(EVENTS, 20_000);
+        let store = InMemoryStore::new();
+        fill(&store, &StreamId::new("order", "feed")?, count).await?;
+        crate::projection::catch_up(report, GROUP, &store, count).await?;
+    }
     Ok(())
 }
 
@@ -58,15 +67,22 @@ pub(crate) async fn fill<S: EventStore>(
     Ok(())
 }
 
-/// Best (shortest) of `ROUNDS` timings.
-fn best(times: &[Duration]) -> Duration {
-    times.iter().copied().min().unwrap_or_default()
+/// Decodes every payload into the event enum with plain `serde_json`: the rehydration baseline.
+#[inline(never)]
+fn decode_all(payloads: &[(String, bytes::Bytes)]) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    for (t, p) in payloads {
+        black_box(domain::decode_by_hand(t, p)?);
+    }
+    Ok(start.elapsed())
 }
 
 async fn rehydrate(report: &mut Report) -> anyhow::Result<()> {
+    let count = pick(EVENTS, 20_000);
+    let pairs = pick(9, 2);
     let store = InMemoryStore::new();
     let stream = StreamId::new("order", "bench")?;
-    fill(&store, &stream, REHYDRATE_EVENTS).await?;
+    fill(&store, &stream, count).await?;
     let repo = Repository::builder(store.clone())
         .upcaster::<Order>(domain::item_added_v1())
         .build()?;
@@ -80,75 +96,98 @@ async fn rehydrate(report: &mut Report) -> anyhow::Result<()> {
         .collect();
     drop(stored);
 
-    let (mut ours, mut raw) = (Vec::new(), Vec::new());
-    let mut peak = 0;
-    for _ in 0..ROUNDS {
-        let start = Instant::now();
-        for (t, p) in &payloads {
-            black_box(domain::decode_by_hand(t, p)?);
-        }
-        raw.push(start.elapsed());
-
-        let before = PEAK.current_usage();
-        PEAK.reset_peak_usage();
+    let load = || async {
         let start = Instant::now();
         let loaded = repo.load::<Order>("bench").await?;
-        ours.push(start.elapsed());
-        peak = peak.max(PEAK.peak_usage().saturating_sub(before));
-        assert_eq!(loaded.version, REHYDRATE_EVENTS);
+        let elapsed = start.elapsed();
+        anyhow::ensure!(loaded.version == count, "loaded {}", loaded.version);
         black_box(loaded);
+        anyhow::Ok(elapsed)
+    };
+    // Warm-up: caches, allocator arenas, CPU clock.
+    decode_all(&payloads)?;
+    load().await?;
+
+    let mut samples = Samples::default();
+    for i in 0..pairs {
+        let (ours, raw) = if i % 2 == 0 {
+            let raw = decode_all(&payloads)?;
+            (load().await?, raw)
+        } else {
+            let ours = load().await?;
+            (ours, decode_all(&payloads)?)
+        };
+        samples.push_times(count, ours, raw);
     }
-    report.push(Row {
-        group: GROUP,
-        workload:
-            "rehydrate 100k events (read + decode + upcast 1% + apply) vs plain serde_json decode"
-                .into(),
-        ours: rate(REHYDRATE_EVENTS, best(&ours)),
-        raw: Some(rate(REHYDRATE_EVENTS, best(&raw))),
-        unit: "events/s",
-        target: Some(0.5),
-        note: format!("peak heap during load {:.1} KiB", peak as f64 / 1024.0),
-    });
+    // Peak heap of one more load, measured on its own.
+    let before = PEAK.current_usage();
+    PEAK.reset_peak_usage();
+    load().await?;
+    let peak = PEAK.peak_usage().saturating_sub(before);
+
+    report.push(Row::paired(
+        GROUP,
+        format!(
+            "rehydrate {}k events (read + decode + upcast 1% + apply) vs plain serde_json decode",
+            count / 1000
+        ),
+        &samples,
+        "events/s",
+        Some(0.5),
+        format!(
+            "raw decodes the same payloads into the same enum; peak heap during load {}; {}",
+            heap_size(peak),
+            samples.describe()
+        ),
+    ));
     Ok(())
 }
 
 fn dispatch(report: &mut Report) {
-    let events: Vec<OrderEvent> = (0..REHYDRATE_EVENTS)
+    let events: Vec<OrderEvent> = (0..EVENTS)
         .map(|i| {
             let (t, _, payload) = domain::stored_event(i);
             domain::decode_by_hand(t, payload.to_string().as_bytes()).expect("valid payload")
         })
         .collect();
-    let passes = 20;
-    let (mut derived, mut by_hand) = (Vec::new(), Vec::new());
+    let passes = pick(10, 2);
+    let pairs = pick(31, 4);
+    let time = |hand: bool| {
+        let start = Instant::now();
+        let order = if hand {
+            fold_by_hand(&events, passes)
+        } else {
+            fold_derived(&events, passes)
+        };
+        let elapsed = start.elapsed();
+        black_box(order);
+        elapsed
+    };
+    time(true);
+    time(false);
+    let mut samples = Samples::default();
     // Alternate which one runs first, so neither benefits from a warmer cache or CPU clock.
-    for round in 0..ROUNDS * 4 {
-        for hand in [round % 2 == 0, round % 2 == 1] {
-            let start = Instant::now();
-            let order = if hand {
-                fold_by_hand(&events, passes)
-            } else {
-                fold_derived(&events, passes)
-            };
-            let elapsed = start.elapsed();
-            black_box(order);
-            if hand {
-                by_hand.push(elapsed);
-            } else {
-                derived.push(elapsed);
-            }
-        }
+    for i in 0..pairs {
+        let (derived, hand) = if i % 2 == 0 {
+            let hand = time(true);
+            (time(false), hand)
+        } else {
+            let derived = time(false);
+            (derived, time(true))
+        };
+        samples.push_times(EVENTS * passes, derived, hand);
     }
-    let count = REHYDRATE_EVENTS * passes;
-    report.push(Row {
-        group: GROUP,
-        workload: "apply dispatch: derived `apply_to` vs hand-written match".into(),
-        ours: rate(count, best(&derived)),
-        raw: Some(rate(count, best(&by_hand))),
-        unit: "events/s",
-        target: Some(1.0 / 1.05),
-        note: "target: derived costs <= 1.05x the hand-written match".into(),
-    });
+    report.push(Row::paired(
+        GROUP,
+        "apply dispatch: derived `apply_to` vs hand-written match",
+        &samples,
+        "events/s",
+        Some(1.0 / 1.05),
+        format!(
+            "target: derived costs <= 1.05x the hand-written match; {}",
+            samples.describe()
+        ),
+    ));
 }
 
 #[inline(never)]
@@ -188,71 +227,101 @@ fn payload_event() -> NewEvent {
     NewEvent::from_value("OrderPlaced", 1, &payload)
 }
 
-async fn appends(report: &mut Report) -> anyhow::Result<()> {
-    for (tasks, batch) in [(1usize, 1usize), (1, 10), (16, 1), (16, 10)] {
-        let per_task = 200_000 / tasks / batch;
-        let store = InMemoryStore::new();
-        let template = payload_event();
-        let start = Instant::now();
-        let mut handles = Vec::new();
-        for t in 0..tasks {
-            let store = store.clone();
-            let template = template.clone();
-            handles.push(tokio::spawn(async move {
-                let stream = StreamId::new("order", &format!("t{t}"))?;
-                for i in 0..per_task {
-                    let events = (0..batch)
-                        .map(|_| template.clone().with_id(uuid::Uuid::now_v7()))
-                        .collect();
-                    let expected = ExpectedVersion::Exact((i * batch) as u64);
-                    store
-                        .append(AppendRequest::new(stream.clone(), expected, events))
-                        .await?;
-                }
-                anyhow::Ok(())
-            }));
-        }
-        for h in handles {
-            h.await??;
-        }
-        let ours = start.elapsed();
-        let total = (tasks * per_task * batch) as u64;
+/// `tasks` tasks appending `per_task` batches of `batch` events each to their own stream of a
+/// fresh store.
+async fn append_ours(tasks: usize, batch: usize, per_task: usize) -> anyhow::Result<Duration> {
+    let store = InMemoryStore::new();
+    let template = payload_event();
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let store = store.clone();
+        let template = template.clone();
+        handles.push(tokio::spawn(async move {
+            let stream = StreamId::new("order", &format!("t{t}"))?;
+            for i in 0..per_task {
+                let events = (0..batch)
+                    .map(|_| template.clone().with_id(uuid::Uuid::now_v7()))
+                    .collect();
+                let expected = ExpectedVersion::Exact((i * batch) as u64);
+                store
+                    .append(AppendRequest::new(stream.clone(), expected, events))
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for h in handles {
+        h.await??;
+    }
+    let elapsed = start.elapsed();
+    drop(store);
+    Ok(elapsed)
+}
 
-        let naive = Arc::new(Naive::default());
-        let start = Instant::now();
-        let mut handles = Vec::new();
-        for t in 0..tasks {
-            let naive = Arc::clone(&naive);
-            let template = template.clone();
-            handles.push(tokio::spawn(async move {
-                let stream = format!("order-t{t}");
-                for _ in 0..per_task {
-                    let events: Vec<Arc<NewEvent>> = (0..batch)
-                        .map(|_| Arc::new(template.clone().with_id(uuid::Uuid::now_v7())))
-                        .collect();
-                    naive
-                        .streams
-                        .lock()
-                        .expect("naive lock")
-                        .entry(stream.clone())
-                        .or_default()
-                        .extend(events);
-                }
-            }));
+/// The same events pushed into [`Naive`].
+async fn append_raw(tasks: usize, batch: usize, per_task: usize) -> anyhow::Result<Duration> {
+    let naive = Arc::new(Naive::default());
+    let template = payload_event();
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let naive = Arc::clone(&naive);
+        let template = template.clone();
+        handles.push(tokio::spawn(async move {
+            let stream = format!("order-t{t}");
+            for _ in 0..per_task {
+                let events: Vec<Arc<NewEvent>> = (0..batch)
+                    .map(|_| Arc::new(template.clone().with_id(uuid::Uuid::now_v7())))
+                    .collect();
+                naive
+                    .streams
+                    .lock()
+                    .expect("naive lock")
+                    .entry(stream.clone())
+                    .or_default()
+                    .extend(events);
+            }
+        }));
+    }
+    for h in handles {
+        h.await?;
+    }
+    let elapsed = start.elapsed();
+    drop(naive);
+    Ok(elapsed)
+}
+
+async fn appends(report: &mut Report) -> anyhow::Result<()> {
+    let total = pick(100_000, 10_000);
+    let pairs = pick(5, 1);
+    for (tasks, batch) in [(1usize, 1usize), (1, 10), (16, 1), (16, 10)] {
+        let per_task = total / tasks / batch;
+        let events = (tasks * per_task * batch) as u64;
+        append_ours(tasks, batch, per_task / 10).await?;
+        append_raw(tasks, batch, per_task / 10).await?;
+        let mut samples = Samples::default();
+        for i in 0..pairs {
+            let (ours, raw) = if i % 2 == 0 {
+                let raw = append_raw(tasks, batch, per_task).await?;
+                (append_ours(tasks, batch, per_task).await?, raw)
+            } else {
+                let ours = append_ours(tasks, batch, per_task).await?;
+                (ours, append_raw(tasks, batch, per_task).await?)
+            };
+            samples.push_times(events, ours, raw);
         }
-        for h in handles {
-            h.await?;
-        }
-        let raw = start.elapsed();
-        report.push(Row {
-            group: GROUP,
-            workload: format!("append {batch}-event batches, {tasks} task(s)"),
-            ours: rate(total, ours),
-            raw: Some(rate(total, raw)),
-            unit: "events/s",
-            target: None,
-            note: "raw = a mutex-guarded map of vectors with no version, id or order checks".into(),
-        });
+        report.push(Row::paired(
+            GROUP,
+            format!("append {batch}-event batches, {tasks} task(s)"),
+            &samples,
+            "events/s",
+            None,
+            format!(
+                "raw = a mutex-guarded map of vectors with no version, id or order checks; {}",
+                samples.describe()
+            ),
+        ));
     }
     Ok(())
 }

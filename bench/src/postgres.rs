@@ -4,8 +4,8 @@
 //! (UNNEST) INSERTs into a table of the same shape (bigserial position, the same columns, unique
 //! event id, unique (stream, version), category index), and a single unpaged SELECT of the same
 //! rows of the store's own table, decoded into the same `RecordedEvent`. Durable settings
-//! (synchronous_commit on). Appends alternate raw and framework rounds and report the best
-//! round of each; a CHECKPOINT runs before every write round.
+//! (`synchronous_commit` on). Every workload alternates raw and framework runs (ABBA) after a warm-up
+//! and reports medians; a CHECKPOINT runs before every write round.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,22 +24,34 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow, PgValueFormat};
 use sqlx::{AssertSqlSafe, Row, ValueRef};
 use uuid::Uuid;
 
+use crate::config::{pick, Args};
 use crate::domain::{self, Order};
-use crate::report::{rate, Report, Row as ReportRow};
+use crate::report::{heap_size, rate, Report, Row as ReportRow, Samples};
 use crate::PEAK;
 
 const GROUP: &str = "es-postgres";
-/// Length of one timed append round.
-const ROUND: Duration = Duration::from_secs(3);
-/// Rounds per append workload (each alternating raw and framework).
-const ROUNDS: usize = 5;
 const READ_EVENTS: u64 = 10_000;
-const READ_ALL_EVENTS: u64 = 100_000;
-const READ_REPEATS: usize = 5;
+/// Events in the feed that read-all and projection catch-up go over.
+const FEED_EVENTS: u64 = 100_000;
+
+/// Length of one timed append round.
+fn round() -> Duration {
+    pick(Duration::from_secs(2), Duration::from_millis(500))
+}
+
+/// Pairs of rounds per append workload.
+fn rounds() -> usize {
+    pick(5, 1)
+}
+
+/// Pairs of runs per read workload.
+fn read_repeats() -> usize {
+    pick(7, 2)
+}
 
 const PAYLOAD: &str = r#"{"order_id": "ord_7f3c2a9e-4b1d-4c8e-9a2f-1e5d6c7b8a90", "customer_id": "cus_42a1b3c4", "currency": "EUR", "total_cents": 12999, "items": [{"sku": "SKU-RED-SHIRT-M", "qty": 2}, {"sku": "SKU-JEANS-32", "qty": 1}]}"#;
 
-pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
+pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> {
     let url = std::env::var("DATABASE_URL").context(
         "DATABASE_URL is not set: run `cargo xtask bench`, or start PostgreSQL and export it",
     )?;
@@ -65,16 +77,41 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
         .build()
         .await?;
     let raw = Raw::create(pool.clone(), &raw_schema).await?;
+    let feed_schema = format!("bench_feed_{tag}");
     let result = async {
-        appends(report, &store, &raw, 16, 1, Some(0.7)).await?;
-        appends(report, &store, &raw, 16, 100, Some(0.8)).await?;
-        appends(report, &store, &raw, 1, 1, None).await?;
-        appends(report, &store, &raw, 4, 100, None).await?;
-        reads(report, &store, &pool, &schema).await?;
-        rehydrate(report, &store, &pool, &schema).await
+        if args.wants("postgres", "append") {
+            appends(report, &store, &raw, 16, 1, Some(0.7)).await?;
+            appends(report, &store, &raw, 16, 100, Some(0.8)).await?;
+            appends(report, &store, &raw, 1, 1, None).await?;
+            appends(report, &store, &raw, 4, 100, None).await?;
+        }
+        let (read, catch_up) = (
+            args.wants("postgres", "read"),
+            args.wants("postgres", "catch-up"),
+        );
+        if read || catch_up {
+            // A store of its own, holding exactly the events read-all and catch-up go over.
+            let feed = PgStore::builder(pool.clone())
+                .schema(&feed_schema)
+                .build()
+                .await?;
+            let count = pick(FEED_EVENTS, 10_000);
+            fill_feed(&feed, count).await?;
+            if read {
+                read_stream(report, &store, &pool, &schema).await?;
+                read_all(report, &feed, &pool, &feed_schema, count).await?;
+            }
+            if catch_up {
+                crate::projection::catch_up(report, GROUP, &feed, count).await?;
+            }
+        }
+        if args.wants("postgres", "rehydrate") {
+            rehydrate(report, &store, &pool, &schema).await?;
+        }
+        anyhow::Ok(())
     }
     .await;
-    for s in [&schema, &raw_schema] {
+    for s in [&schema, &raw_schema, &feed_schema] {
         let _ = sqlx::query(AssertSqlSafe(format!("DROP SCHEMA \"{s}\" CASCADE")))
             .execute(&pool)
             .await;
@@ -178,7 +215,7 @@ where
     let op = Arc::new(op);
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
-    let deadline = start + ROUND;
+    let deadline = start + round();
     let mut handles = Vec::new();
     for t in 0..tasks {
         let op = Arc::clone(&op);
@@ -207,70 +244,88 @@ async fn appends(
     batch: usize,
     target: Option<f64>,
 ) -> anyhow::Result<()> {
-    static RUN: AtomicU64 = AtomicU64::new(0);
-    let template = NewEvent::new("OrderPlaced", 1, PAYLOAD)?;
-    let (mut best_ours, mut best_raw) = (0f64, 0f64);
-    for _ in 0..ROUNDS {
-        let run = RUN.fetch_add(1, Ordering::Relaxed);
-
-        checkpoint(&raw.pool).await;
-        let raw_table = Arc::new((raw.pool.clone(), raw.table.clone()));
-        let (n, took) = timed(tasks, move |t, i| {
-            let raw = Raw {
-                pool: raw_table.0.clone(),
-                table: raw_table.1.clone(),
-            };
-            let meta = String::from_utf8(metadata().to_json()).unwrap_or_default();
-            async move {
-                let stream = format!("order-r{run}-b{batch}-t{t}");
-                raw.insert(&stream, (i as i64) * batch as i64 + 1, batch, &meta)
-                    .await
-            }
-        })
-        .await?;
-        best_raw = best_raw.max(rate(n * batch as u64, took));
-
-        checkpoint(&raw.pool).await;
-        let ours_store = store.clone();
-        let template = template.clone();
-        let (n, took) = timed(tasks, move |t, i| {
-            let store = ours_store.clone();
-            // One command's events share its metadata, as the raw rows share theirs.
-            let template = template.clone().with_metadata(metadata());
-            let events: Vec<NewEvent> = (0..batch)
-                .map(|_| template.clone().with_id(Uuid::now_v7()))
-                .collect();
-            async move {
-                let stream = StreamId::new("order", &format!("r{run}-b{batch}-t{t}"))?;
-                let expected = ExpectedVersion::Exact(i * batch as u64);
-                store
-                    .append(AppendRequest::new(stream, expected, events))
-                    .await?;
-                Ok(())
-            }
-        })
-        .await?;
-        best_ours = best_ours.max(rate(n * batch as u64, took));
+    let mut samples = Samples::default();
+    // Warm-up: connections, plans, caches.
+    round_raw(raw, tasks, batch).await?;
+    round_ours(store, tasks, batch).await?;
+    for i in 0..rounds() {
+        let (ours, raw) = if i % 2 == 0 {
+            let raw = round_raw(raw, tasks, batch).await?;
+            (round_ours(store, tasks, batch).await?, raw)
+        } else {
+            let ours = round_ours(store, tasks, batch).await?;
+            (ours, round_raw(raw, tasks, batch).await?)
+        };
+        samples.push(ours, raw);
     }
     let what = if batch == 1 {
         "single-row INSERT txn"
     } else {
         "multi-row (UNNEST) INSERT txn"
     };
-    report.push(ReportRow {
-        group: GROUP,
-        workload: format!("append {batch}-event batches, {tasks} task(s), distinct streams"),
-        ours: best_ours,
-        raw: Some(best_raw),
-        unit: "events/s",
+    report.push(ReportRow::paired(
+        GROUP,
+        format!("append {batch}-event batches, {tasks} task(s), distinct streams"),
+        &samples,
+        "events/s",
         target,
-        note: format!(
+        format!(
             "raw = {what} (bigserial, no ordering guarantee); ours = Exact-version appends, \
-             never-skip positions; best of {ROUNDS} x {}s rounds",
-            ROUND.as_secs()
+             never-skip positions; {:.1}s rounds, {}",
+            round().as_secs_f64(),
+            samples.describe()
         ),
-    });
+    ));
     Ok(())
+}
+
+static RUN: AtomicU64 = AtomicU64::new(0);
+
+/// One timed round of raw INSERTs; returns events/s.
+async fn round_raw(raw: &Raw, tasks: usize, batch: usize) -> anyhow::Result<f64> {
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
+    checkpoint(&raw.pool).await;
+    let raw_table = Arc::new((raw.pool.clone(), raw.table.clone()));
+    let (n, took) = timed(tasks, move |t, i| {
+        let raw = Raw {
+            pool: raw_table.0.clone(),
+            table: raw_table.1.clone(),
+        };
+        let meta = String::from_utf8(metadata().to_json()).unwrap_or_default();
+        async move {
+            let stream = format!("order-r{run}-b{batch}-t{t}");
+            raw.insert(&stream, (i as i64) * batch as i64 + 1, batch, &meta)
+                .await
+        }
+    })
+    .await?;
+    Ok(rate(n * batch as u64, took))
+}
+
+/// One timed round of framework appends; returns events/s.
+async fn round_ours(store: &PgStore, tasks: usize, batch: usize) -> anyhow::Result<f64> {
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
+    checkpoint(store.pool()).await;
+    let template = NewEvent::new("OrderPlaced", 1, PAYLOAD)?;
+    let ours_store = store.clone();
+    let (n, took) = timed(tasks, move |t, i| {
+        let store = ours_store.clone();
+        // One command's events share its metadata, as the raw rows share theirs.
+        let template = template.clone().with_metadata(metadata());
+        let events: Vec<NewEvent> = (0..batch)
+            .map(|_| template.clone().with_id(Uuid::now_v7()))
+            .collect();
+        async move {
+            let stream = StreamId::new("order", &format!("r{run}-b{batch}-t{t}"))?;
+            let expected = ExpectedVersion::Exact(i * batch as u64);
+            store
+                .append(AppendRequest::new(stream, expected, events))
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    Ok(rate(n * batch as u64, took))
 }
 
 /// The columns the store selects, in its order.
@@ -321,7 +376,35 @@ async fn raw_select(
     Ok(n)
 }
 
-async fn reads(
+/// Reads every event of `stream` through the store; returns the time taken.
+async fn ours_stream(store: &PgStore, stream: &StreamId) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut events = store.read_stream(stream, ReadStream::forward());
+    let mut n = 0;
+    while let Some(e) = events.try_next().await? {
+        black_box(e);
+        n += 1;
+    }
+    let elapsed = start.elapsed();
+    anyhow::ensure!(n == READ_EVENTS, "read {n} events");
+    Ok(elapsed)
+}
+
+/// One raw SELECT of `count` rows decoded by hand; returns the time taken.
+async fn raw_timed(
+    pool: &PgPool,
+    sql: &str,
+    bind: Option<&str>,
+    count: u64,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let n = raw_select(pool, sql, bind, count as i64).await?;
+    let elapsed = start.elapsed();
+    anyhow::ensure!(n == count, "raw read {n} of {count} events");
+    Ok(elapsed)
+}
+
+async fn read_stream(
     report: &mut Report,
     store: &PgStore,
     pool: &PgPool,
@@ -330,66 +413,82 @@ async fn reads(
     let stream = StreamId::new("order", "read10k")?;
     fill(store, &stream, READ_EVENTS).await?;
     let table = format!("\"{schema}\".events");
-
-    let stream_sql = format!(
+    let sql = format!(
         "SELECT {COLUMNS} FROM {table} WHERE stream_id = $1 ORDER BY stream_version LIMIT $2"
     );
-    let (mut ours, mut raw) = (Vec::new(), Vec::new());
-    for _ in 0..READ_REPEATS {
-        let start = Instant::now();
-        let n = raw_select(pool, &stream_sql, Some(stream.as_str()), i64::MAX).await?;
-        raw.push(start.elapsed());
-        anyhow::ensure!(n == READ_EVENTS, "raw read {n} events");
-
-        let start = Instant::now();
-        let mut events = store.read_stream(&stream, ReadStream::forward());
-        let mut n = 0;
-        while let Some(e) = events.try_next().await? {
-            black_box(e);
-            n += 1;
-        }
-        ours.push(start.elapsed());
-        anyhow::ensure!(n == READ_EVENTS, "read {n} events");
+    let raw = || raw_timed(pool, &sql, Some(stream.as_str()), READ_EVENTS);
+    raw().await?;
+    ours_stream(store, &stream).await?;
+    let mut samples = Samples::default();
+    for i in 0..read_repeats() {
+        let (ours, raw) = if i % 2 == 0 {
+            let raw = raw().await?;
+            (ours_stream(store, &stream).await?, raw)
+        } else {
+            let ours = ours_stream(store, &stream).await?;
+            (ours, raw().await?)
+        };
+        samples.push_times(READ_EVENTS, ours, raw);
     }
-    report.push(ReportRow {
-        group: GROUP,
-        workload: "read a 10k-event stream (paged) vs one raw SELECT".into(),
-        ours: rate(READ_EVENTS, best(&ours)),
-        raw: Some(rate(READ_EVENTS, best(&raw))),
-        unit: "events/s",
-        target: Some(0.8),
-        note: format!("both decode into RecordedEvent; best of {READ_REPEATS}"),
-    });
+    report.push(ReportRow::paired(
+        GROUP,
+        "read a 10k-event stream (paged) vs one raw SELECT",
+        &samples,
+        "events/s",
+        Some(0.8),
+        format!("both decode into RecordedEvent; {}", samples.describe()),
+    ));
+    Ok(())
+}
 
-    let head = store.head_position().await?;
-    let count = READ_ALL_EVENTS.min(head);
-    let all_sql = format!("SELECT {COLUMNS} FROM {table} ORDER BY global_position LIMIT $1");
-    let (mut ours, mut raw) = (Vec::new(), Vec::new());
-    for _ in 0..READ_REPEATS {
-        let start = Instant::now();
-        let n = raw_select(pool, &all_sql, None, count as i64).await?;
-        raw.push(start.elapsed());
-        anyhow::ensure!(n == count, "raw read_all {n} events");
-
-        let start = Instant::now();
-        let mut events = store.read_all(ReadAll::after(0).limit(count));
-        let mut n = 0;
-        while let Some(e) = events.try_next().await? {
-            black_box(e);
-            n += 1;
-        }
-        ours.push(start.elapsed());
-        anyhow::ensure!(n == count, "read_all {n} events");
+/// Reads the first `count` events of the feed through the store; returns the time taken.
+async fn ours_all(store: &PgStore, count: u64) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut events = store.read_all(ReadAll::after(0).limit(count));
+    let mut n = 0;
+    while let Some(e) = events.try_next().await? {
+        black_box(e);
+        n += 1;
     }
-    report.push(ReportRow {
-        group: GROUP,
-        workload: format!("read_all from 0, {count} events (paged) vs one raw SELECT"),
-        ours: rate(count, best(&ours)),
-        raw: Some(rate(count, best(&raw))),
-        unit: "events/s",
-        target: Some(0.8),
-        note: format!("both decode into RecordedEvent; best of {READ_REPEATS}"),
-    });
+    let elapsed = start.elapsed();
+    anyhow::ensure!(n == count, "read_all {n} of {count} events");
+    Ok(elapsed)
+}
+
+async fn read_all(
+    report: &mut Report,
+    feed: &PgStore,
+    pool: &PgPool,
+    schema: &str,
+    count: u64,
+) -> anyhow::Result<()> {
+    let table = format!("\"{schema}\".events");
+    let sql = format!("SELECT {COLUMNS} FROM {table} ORDER BY global_position LIMIT $1");
+    let raw = || raw_timed(pool, &sql, None, count);
+    raw().await?;
+    ours_all(feed, count).await?;
+    let mut samples = Samples::default();
+    for i in 0..read_repeats() {
+        let (ours, raw) = if i % 2 == 0 {
+            let raw = raw().await?;
+            (ours_all(feed, count).await?, raw)
+        } else {
+            let ours = ours_all(feed, count).await?;
+            (ours, raw().await?)
+        };
+        samples.push_times(count, ours, raw);
+    }
+    report.push(ReportRow::paired(
+        GROUP,
+        format!(
+            "read_all from 0, {}k events (paged) vs one raw SELECT",
+            count / 1000
+        ),
+        &samples,
+        "events/s",
+        Some(0.8),
+        format!("both decode into RecordedEvent; {}", samples.describe()),
+    ));
     Ok(())
 }
 
@@ -414,11 +513,9 @@ async fn rehydrate(
         "SELECT event_type, payload FROM \"{schema}\".events WHERE stream_id = $1 ORDER BY stream_version"
     );
 
-    let (mut without, mut raw) = (Vec::new(), Vec::new());
-    let mut peak_without = 0;
-    for _ in 0..READ_REPEATS {
-        // Raw: SELECT type + payload, serde decode by hand, apply by hand (no upcasting needed:
-        // the v1 payload decodes with a default currency).
+    // Raw: SELECT type + payload, serde decode by hand, apply by hand (no upcasting needed: the
+    // v1 payload decodes with a default currency).
+    let raw = || async {
         let start = Instant::now();
         let mut rows = sqlx::query(AssertSqlSafe(sql.clone()))
             .bind(stream.as_str())
@@ -432,56 +529,79 @@ async fn rehydrate(
             domain::apply_by_hand(&mut order, &event);
         }
         drop(rows);
-        raw.push(start.elapsed());
+        let elapsed = start.elapsed();
         black_box(order);
-
-        let before = PEAK.current_usage();
-        PEAK.reset_peak_usage();
-        let start = Instant::now();
-        let loaded = plain.load::<Order>(id).await?;
-        without.push(start.elapsed());
-        peak_without = peak_without.max(PEAK.peak_usage().saturating_sub(before));
-        anyhow::ensure!(loaded.version == READ_EVENTS);
-    }
-    report.push(ReportRow {
-        group: GROUP,
-        workload: "rehydrate a 10k-event aggregate, no snapshot".into(),
-        ours: rate(READ_EVENTS, best(&without)),
-        raw: Some(rate(READ_EVENTS, best(&raw))),
-        unit: "events/s",
-        target: None,
-        note: format!(
-            "raw = SELECT + serde + match by hand; peak heap during load {:.0} KiB",
-            peak_without as f64 / 1024.0
-        ),
-    });
-
+        anyhow::Ok(elapsed)
+    };
+    let load = |repo: &Repository<PgStore>, snapshot: Option<u64>| {
+        let repo = repo.clone();
+        async move {
+            let start = Instant::now();
+            let loaded = repo.load::<Order>(id).await?;
+            let elapsed = start.elapsed();
+            anyhow::ensure!(loaded.version == READ_EVENTS && loaded.snapshot_version == snapshot);
+            anyhow::Ok(elapsed)
+        }
+    };
     let (version, _) = snapshotting.snapshot::<Order>(id).await?;
     anyhow::ensure!(version == READ_EVENTS);
-    let mut with = Vec::new();
-    let mut peak_with = 0;
-    for _ in 0..READ_REPEATS {
-        let before = PEAK.current_usage();
-        PEAK.reset_peak_usage();
-        let start = Instant::now();
-        let loaded = snapshotting.load::<Order>(id).await?;
-        with.push(start.elapsed());
-        peak_with = peak_with.max(PEAK.peak_usage().saturating_sub(before));
-        anyhow::ensure!(loaded.snapshot_version == Some(READ_EVENTS));
+    raw().await?;
+    load(&plain, None).await?;
+    load(&snapshotting, Some(READ_EVENTS)).await?;
+    let (mut without, mut with) = (Samples::default(), Samples::default());
+    for i in 0..read_repeats() {
+        let (raw, plain_time, snap_time) = if i % 2 == 0 {
+            let raw = raw().await?;
+            let plain_time = load(&plain, None).await?;
+            (
+                raw,
+                plain_time,
+                load(&snapshotting, Some(READ_EVENTS)).await?,
+            )
+        } else {
+            let snap_time = load(&snapshotting, Some(READ_EVENTS)).await?;
+            let plain_time = load(&plain, None).await?;
+            (raw().await?, plain_time, snap_time)
+        };
+        without.push_times(READ_EVENTS, plain_time, raw);
+        with.push_times(READ_EVENTS, snap_time, raw);
     }
-    report.push(ReportRow {
-        group: GROUP,
-        workload: "rehydrate a 10k-event aggregate from a snapshot at 10k".into(),
-        ours: rate(READ_EVENTS, best(&with)),
-        raw: Some(rate(READ_EVENTS, best(&raw))),
-        unit: "events/s",
-        target: None,
-        note: format!(
-            "aggregate versions per second (snapshot + 0 events); peak heap during load {:.0} KiB",
-            peak_with as f64 / 1024.0
+    report.push(ReportRow::paired(
+        GROUP,
+        "rehydrate a 10k-event aggregate, no snapshot",
+        &without,
+        "events/s",
+        None,
+        format!(
+            "raw = SELECT type + payload, serde + match by hand; peak heap during load {}; {}",
+            heap_size(peak_heap(&plain, id).await?),
+            without.describe()
         ),
-    });
+    ));
+    report.push(ReportRow::paired(
+        GROUP,
+        "rehydrate a 10k-event aggregate from a snapshot at 10k",
+        &with,
+        "events/s",
+        None,
+        format!(
+            "aggregate versions per second (snapshot + 0 events), same raw; peak heap during \
+             load {}; {}",
+            heap_size(peak_heap(&snapshotting, id).await?),
+            with.describe()
+        ),
+    ));
     Ok(())
+}
+
+/// The peak heap of one load of `id`, beyond what was in use before.
+async fn peak_heap(repo: &Repository<PgStore>, id: &str) -> anyhow::Result<usize> {
+    let before = PEAK.current_usage();
+    PEAK.reset_peak_usage();
+    let loaded = repo.load::<Order>(id).await?;
+    let peak = PEAK.peak_usage().saturating_sub(before);
+    black_box(loaded);
+    Ok(peak)
 }
 
 /// Fills `stream` with `count` of the domain's benchmark events, in batches of 1000.
@@ -507,6 +627,18 @@ async fn fill(store: &PgStore, stream: &StreamId, count: u64) -> anyhow::Result<
     Ok(())
 }
 
-fn best(times: &[Duration]) -> Duration {
-    times.iter().copied().min().unwrap_or_default()
+/// Fills a fresh store with `count` of the domain's benchmark events over 100 streams, in
+/// appends of 1000, the last stream first so the feed interleaves nothing unusual.
+async fn fill_feed(store: &PgStore, count: u64) -> anyhow::Result<()> {
+    let streams = 100;
+    let per_stream = count / streams;
+    for s in 0..streams {
+        fill(
+            store,
+            &StreamId::new("order", &format!("feed{s}"))?,
+            per_stream,
+        )
+        .await?;
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! Projection catch-up against the raw read-all rate of the same store.
 
 use std::hint::black_box;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use es_core::projection::HandlerError;
 use es_core::{
@@ -10,7 +10,8 @@ use es_core::{
 };
 use futures::StreamExt;
 
-use crate::report::{rate, Report, Row};
+use crate::config::pick;
+use crate::report::{Report, Row, Samples};
 
 /// Counts events and payload bytes: the cheapest possible read model, so the figure shows the
 /// runner's own cost.
@@ -38,6 +39,48 @@ impl Projection for Counter {
     }
 }
 
+/// Reads every event with `read_all` from position 0, consuming them one by one.
+async fn read_all<S: EventStore>(store: &S, count: u64) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut events = store.read_all(ReadAll::after(0));
+    let mut n = 0u64;
+    let mut bytes = 0u64;
+    while let Some(event) = events.next().await {
+        let event = event?;
+        bytes += event.payload.len() as u64;
+        black_box(event);
+        n += 1;
+    }
+    let elapsed = start.elapsed();
+    black_box(bytes);
+    anyhow::ensure!(n == count, "read_all returned {n} of {count} events");
+    Ok(elapsed)
+}
+
+/// A fresh projection (new name, so no checkpoint) caught up to `head`.
+async fn project<S: EventStore + CheckpointStore>(
+    store: &S,
+    head: u64,
+) -> anyhow::Result<Duration> {
+    let name = format!("bench-catch-up-{}", uuid::Uuid::now_v7().simple());
+    let projection = Counter {
+        name,
+        events: 0,
+        bytes: 0,
+    };
+    let start = Instant::now();
+    let handle =
+        ProjectionRunner::new(store.clone()).spawn(AtLeastOnce::new(projection, store.clone()));
+    let status = handle.wait_for(head).await;
+    let elapsed = start.elapsed();
+    anyhow::ensure!(
+        matches!(status, ProjectionStatus::Running { position } if position >= head),
+        "the projection did not catch up: {status:?}"
+    );
+    handle.shutdown().await;
+    Ok(elapsed)
+}
+
 /// Measures a projection catching up over every event in `store` against reading them all with
 /// `read_all` from position 0. The store must already hold `count` events and nothing else.
 pub(crate) async fn catch_up<S: EventStore + CheckpointStore>(
@@ -47,47 +90,33 @@ pub(crate) async fn catch_up<S: EventStore + CheckpointStore>(
     count: u64,
 ) -> anyhow::Result<()> {
     let head = store.head_position().await?;
-    let (mut raw, mut ours) = (Vec::new(), Vec::new());
-    for round in 0..3 {
-        let start = Instant::now();
-        let mut events = store.read_all(ReadAll::after(0));
-        let mut n = 0u64;
-        while let Some(event) = events.next().await {
-            black_box(event?);
-            n += 1;
-        }
-        raw.push(start.elapsed());
-        anyhow::ensure!(n == count, "read_all returned {n} of {count} events");
-
-        let name = format!("bench-catch-up-{round}-{}", uuid::Uuid::now_v7().simple());
-        let projection = Counter {
-            name,
-            events: 0,
-            bytes: 0,
+    let pairs = pick(5, 1);
+    read_all(store, count).await?;
+    project(store, head).await?;
+    let mut samples = Samples::default();
+    for i in 0..pairs {
+        let (ours, raw) = if i % 2 == 0 {
+            let raw = read_all(store, count).await?;
+            (project(store, head).await?, raw)
+        } else {
+            let ours = project(store, head).await?;
+            (ours, read_all(store, count).await?)
         };
-        let start = Instant::now();
-        let handle =
-            ProjectionRunner::new(store.clone()).spawn(AtLeastOnce::new(projection, store.clone()));
-        let status = handle.wait_for(head).await;
-        ours.push(start.elapsed());
-        anyhow::ensure!(
-            matches!(status, ProjectionStatus::Running { position } if position >= head),
-            "the projection did not catch up: {status:?}"
-        );
-        handle.shutdown().await;
+        samples.push_times(count, ours, raw);
     }
-    let best = |times: &[std::time::Duration]| times.iter().copied().min().unwrap_or_default();
-    report.push(Row {
+    report.push(Row::paired(
         group,
-        workload: format!(
+        format!(
             "projection catch-up over {}k events (at least once, checkpoint per batch)",
             count / 1000
         ),
-        ours: rate(count, best(&ours)),
-        raw: Some(rate(count, best(&raw))),
-        unit: "events/s",
-        target: Some(0.7),
-        note: "raw = read_all from position 0 on the same store".into(),
-    });
+        &samples,
+        "events/s",
+        Some(0.7),
+        format!(
+            "raw = read_all from position 0 on the same store; {}",
+            samples.describe()
+        ),
+    ));
     Ok(())
 }

@@ -5,8 +5,8 @@
 //! and automatic ids and none of the checks: for single-event appends the two `XADD`s go as one
 //! pipeline (one round trip, like one `EVALSHA`), for 100-event appends as one pipeline of 200.
 //! Read baselines send the same `XRANGE` pages and decode them by hand into the same
-//! `RecordedEvent`. Append workloads alternate raw and framework rounds and report the best round
-//! of each. The server's persistence settings are printed in the notes.
+//! `RecordedEvent`. Every workload alternates raw and framework runs (ABBA) after a warm-up and
+//! reports medians. The server's persistence settings are printed in the notes.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,23 +26,35 @@ use redis::aio::{ConnectionLike as _, ConnectionManager};
 use redis::Value;
 use uuid::Uuid;
 
-use crate::report::{rate, Report, Row};
+use crate::config::{pick, Args};
+use crate::report::{heap_size, rate, Report, Row, Samples};
 use crate::PEAK;
 
 const GROUP: &str = "es-redis";
-/// Length of one timed append round.
-const ROUND: Duration = Duration::from_secs(3);
-/// Rounds per append workload (each alternating raw and framework).
-const ROUNDS: usize = 3;
 const READ_EVENTS: u64 = 10_000;
-const READ_ALL_EVENTS: u64 = 100_000;
-const READ_REPEATS: usize = 5;
+/// Events in the feed that read-all and projection catch-up go over.
+const FEED_EVENTS: u64 = 100_000;
+
+/// Length of one timed append round.
+fn round() -> Duration {
+    pick(Duration::from_secs(2), Duration::from_millis(500))
+}
+
+/// Pairs of rounds per append workload.
+fn rounds() -> usize {
+    pick(5, 1)
+}
+
+/// Pairs of runs per read workload.
+fn read_repeats() -> usize {
+    pick(7, 2)
+}
 /// Page size of the store's reads, used by the raw read baselines too.
 const PAGE: u64 = 512;
 
 const PAYLOAD: &str = r#"{"order_id": "ord_7f3c2a9e-4b1d-4c8e-9a2f-1e5d6c7b8a90", "customer_id": "cus_42a1b3c4", "currency": "EUR", "total_cents": 12999, "items": [{"sku": "SKU-RED-SHIRT-M", "qty": 2}, {"sku": "SKU-JEANS-32", "qty": 1}]}"#;
 
-pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
+pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> {
     let url = std::env::var("REDIS_URL").context(
         "REDIS_URL is not set: run `cargo xtask bench`, or start redis-server and export it",
     )?;
@@ -61,10 +73,23 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
         .with_context(|| format!("cannot connect to {url}"))?;
     let settings = server_settings(&store).await;
     let result = async {
-        appends(report, &store, 16, 1, Some(0.7), &settings).await?;
-        appends(report, &store, 16, 100, Some(0.7), &settings).await?;
-        appends(report, &store, 1, 1, None, &settings).await?;
-        reads(report, &store).await
+        if args.wants("redis", "append") {
+            appends(report, &store, 16, 1, Some(0.7), &settings).await?;
+            appends(report, &store, 16, 100, Some(0.7), &settings).await?;
+            appends(report, &store, 1, 1, None, &settings).await?;
+        }
+        let (read, catch_up) = (args.wants("redis", "read"), args.wants("redis", "catch-up"));
+        if read || catch_up {
+            let (feed, stream) = feed_store(&store).await?;
+            if read {
+                reads(report, &feed, &stream).await?;
+            }
+            if catch_up {
+                crate::projection::catch_up(report, GROUP, &feed, feed_len()).await?;
+            }
+            cleanup(&feed, feed.keys().prefix()).await;
+        }
+        anyhow::Ok(())
     }
     .await;
     cleanup(&store, &prefix).await;
@@ -143,7 +168,7 @@ where
     let op = Arc::new(op);
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
-    let deadline = start + ROUND;
+    let deadline = start + round();
     let mut handles = Vec::new();
     for t in 0..tasks {
         let op = Arc::clone(&op);
@@ -224,73 +249,89 @@ async fn appends(
     target: Option<f64>,
     settings: &str,
 ) -> anyhow::Result<()> {
-    let run = Arc::new(AtomicU64::new(0));
-    let (mut ours, mut raw) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        let round = run.fetch_add(1, Ordering::Relaxed);
-        let conn = store.connection();
-        let prefix = store.keys().prefix().to_owned();
-        let feed_key = format!("{prefix}:raw:feed");
-        let (count, elapsed) = timed(tasks, move |t, i| {
-            let mut conn: ConnectionManager = conn.clone();
-            let stream = format!("order-raw{tasks}x{batch}x{round}x{t}");
-            let stream_key = format!("{prefix}:raw:{{{stream}}}");
-            let feed_key = feed_key.clone();
-            async move {
-                let mut pipe = redis::pipe();
-                for j in 0..batch as u64 {
-                    raw_xadds(
-                        &mut pipe,
-                        &stream_key,
-                        &feed_key,
-                        &stream,
-                        i * batch as u64 + j + 1,
-                    );
-                }
-                pipe.exec_async(&mut conn).await?;
-                Ok(())
-            }
-        })
-        .await?;
-        raw.push(rate(count * batch as u64, elapsed));
-
-        let store = store.clone();
-        let (count, elapsed) = timed(tasks, move |t, i| {
-            let store = store.clone();
-            async move {
-                let stream = StreamId::new("order", &format!("b{tasks}x{batch}x{round}x{t}"))?;
-                let events = (0..batch).map(|_| new_event()).collect();
-                let expected = ExpectedVersion::Exact(i * batch as u64);
-                store
-                    .append(AppendRequest::new(stream, expected, events))
-                    .await?;
-                Ok(())
-            }
-        })
-        .await?;
-        ours.push(rate(count * batch as u64, elapsed));
+    let mut samples = Samples::default();
+    round_raw(store, tasks, batch).await?;
+    round_ours(store, tasks, batch).await?;
+    for i in 0..rounds() {
+        let (ours, raw) = if i % 2 == 0 {
+            let raw = round_raw(store, tasks, batch).await?;
+            (round_ours(store, tasks, batch).await?, raw)
+        } else {
+            let ours = round_ours(store, tasks, batch).await?;
+            (ours, round_raw(store, tasks, batch).await?)
+        };
+        samples.push(ours, raw);
     }
-    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     let baseline = if batch == 1 {
         "a pipeline of 2 XADDs"
     } else {
         "a pipeline of 2 XADDs per event"
     };
-    report.push(Row {
-        group: GROUP,
-        workload: format!(
-            "{tasks} task(s), {batch}-event appends to distinct streams vs {baseline}"
-        ),
-        ours: best(&ours),
-        raw: Some(best(&raw)),
-        unit: "events/s",
+    report.push(Row::paired(
+        GROUP,
+        format!("{tasks} task(s), {batch}-event appends to distinct streams vs {baseline}"),
+        &samples,
+        "events/s",
         target,
-        note: format!(
-            "{settings}; best of {ROUNDS} rounds of {}s",
-            ROUND.as_secs()
+        format!(
+            "{settings}; {:.1}s rounds, {}",
+            round().as_secs_f64(),
+            samples.describe()
         ),
-    });
+    ));
     Ok(())
+}
+
+static RUN: AtomicU64 = AtomicU64::new(0);
+
+/// One timed round of raw pipelined `XADD`s; returns events/s.
+async fn round_raw(store: &RedisStore, tasks: usize, batch: usize) -> anyhow::Result<f64> {
+    let round = RUN.fetch_add(1, Ordering::Relaxed);
+    let conn = store.connection();
+    let prefix = store.keys().prefix().to_owned();
+    let feed_key = format!("{prefix}:raw:feed");
+    let (count, elapsed) = timed(tasks, move |t, i| {
+        let mut conn: ConnectionManager = conn.clone();
+        let stream = format!("order-raw{tasks}x{batch}x{round}x{t}");
+        let stream_key = format!("{prefix}:raw:{{{stream}}}");
+        let feed_key = feed_key.clone();
+        async move {
+            let mut pipe = redis::pipe();
+            for j in 0..batch as u64 {
+                raw_xadds(
+                    &mut pipe,
+                    &stream_key,
+                    &feed_key,
+                    &stream,
+                    i * batch as u64 + j + 1,
+                );
+            }
+            pipe.exec_async(&mut conn).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    Ok(rate(count * batch as u64, elapsed))
+}
+
+/// One timed round of framework appends; returns events/s.
+async fn round_ours(store: &RedisStore, tasks: usize, batch: usize) -> anyhow::Result<f64> {
+    let round = RUN.fetch_add(1, Ordering::Relaxed);
+    let store = store.clone();
+    let (count, elapsed) = timed(tasks, move |t, i| {
+        let store = store.clone();
+        async move {
+            let stream = StreamId::new("order", &format!("b{tasks}x{batch}x{round}x{t}"))?;
+            let events = (0..batch).map(|_| new_event()).collect();
+            let expected = ExpectedVersion::Exact(i * batch as u64);
+            store
+                .append(AppendRequest::new(stream, expected, events))
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    Ok(rate(count * batch as u64, elapsed))
 }
 
 /// Fills `stream` with `count` events in batches of 1000.
@@ -311,88 +352,153 @@ async fn fill(store: &RedisStore, stream: &StreamId, count: u64) -> anyhow::Resu
     Ok(())
 }
 
-async fn reads(report: &mut Report, store: &RedisStore) -> anyhow::Result<()> {
-    // A fresh store so that the feed holds exactly the read workload's events.
+/// Events in the feed store.
+fn feed_len() -> u64 {
+    pick(FEED_EVENTS, 20_000)
+}
+
+/// A fresh store whose feed holds exactly `feed_len()` events: a 10k-event stream read by the
+/// stream workload, and streams of 1000 for the rest.
+async fn feed_store(store: &RedisStore) -> anyhow::Result<(RedisStore, StreamId)> {
     let prefix = format!("{}:reads", store.keys().prefix());
     let url = std::env::var("REDIS_URL")?;
-    let reads = RedisStore::builder(url.as_str())
+    let feed = RedisStore::builder(url.as_str())
         .prefix(&prefix)
         .read_page_size(PAGE)
         .build()
         .await?;
     let stream = StreamId::new("order", "read")?;
-    fill(&reads, &stream, READ_EVENTS).await?;
-    let others = READ_ALL_EVENTS - READ_EVENTS;
+    fill(&feed, &stream, READ_EVENTS).await?;
+    let others = feed_len() - READ_EVENTS;
     for k in 0..others / 1000 {
-        fill(&reads, &StreamId::new("order", &format!("other{k}"))?, 1000).await?;
+        fill(&feed, &StreamId::new("order", &format!("other{k}"))?, 1000).await?;
     }
-    let conn = reads.connection();
-    let stream_key = reads.keys().events(&stream);
-    let feed_key = reads.keys().feed().to_owned();
+    Ok((feed, stream))
+}
 
-    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+/// Collects `stream` through the store; returns the time taken and the peak heap.
+async fn ours_stream(feed: &RedisStore, stream: &StreamId) -> anyhow::Result<(Duration, usize)> {
+    let before = PEAK.current_usage();
+    PEAK.reset_peak_usage();
+    let start = Instant::now();
+    let events: Vec<RecordedEvent> = feed
+        .read_stream(stream, ReadStream::forward())
+        .try_collect()
+        .await?;
+    let elapsed = start.elapsed();
+    let peak = PEAK.peak_usage().saturating_sub(before);
+    anyhow::ensure!(
+        events.len() as u64 == READ_EVENTS,
+        "read {} events",
+        events.len()
+    );
+    black_box(events);
+    Ok((elapsed, peak))
+}
+
+/// Collects `stream` with raw `XRANGE` pages; returns the time taken.
+async fn raw_stream(
+    conn: &ConnectionManager,
+    key: &str,
+    stream: &StreamId,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let events = raw_read(conn.clone(), key, Some(stream)).await?;
+    let elapsed = start.elapsed();
+    anyhow::ensure!(
+        events.len() as u64 == READ_EVENTS,
+        "raw read {} events",
+        events.len()
+    );
+    black_box(events);
+    Ok(elapsed)
+}
+
+/// Consumes the whole feed through the store one event at a time; returns the time taken.
+async fn ours_all(feed: &RedisStore, expected: u64) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let count = feed
+        .read_all(ReadAll::after(0))
+        .try_fold(0u64, |n, e| {
+            black_box(e);
+            async move { Ok(n + 1) }
+        })
+        .await?;
+    let elapsed = start.elapsed();
+    anyhow::ensure!(count == expected, "read_all {count} of {expected} events");
+    Ok(elapsed)
+}
+
+/// Consumes the whole feed with raw `XRANGE` pages; returns the time taken.
+async fn raw_all(conn: &ConnectionManager, key: &str, expected: u64) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let count = raw_read_count(conn.clone(), key).await?;
+    let elapsed = start.elapsed();
+    anyhow::ensure!(count == expected, "raw read {count} of {expected} events");
+    Ok(elapsed)
+}
+
+async fn reads(report: &mut Report, feed: &RedisStore, stream: &StreamId) -> anyhow::Result<()> {
+    let conn = feed.connection();
+    let stream_key = feed.keys().events(stream);
+    let feed_key = feed.keys().feed().to_owned();
+    let total = feed_len();
+
+    raw_stream(&conn, &stream_key, stream).await?;
+    ours_stream(feed, stream).await?;
+    let mut samples = Samples::default();
     let mut peak = 0;
-    for _ in 0..READ_REPEATS {
-        let start = Instant::now();
-        let events = raw_read(conn.clone(), &stream_key, Some(&stream)).await?;
-        raw.push(start.elapsed());
-        assert_eq!(events.len() as u64, READ_EVENTS);
-        black_box(events);
-
-        let before = PEAK.current_usage();
-        PEAK.reset_peak_usage();
-        let start = Instant::now();
-        let events: Vec<RecordedEvent> = reads
-            .read_stream(&stream, ReadStream::forward())
-            .try_collect()
-            .await?;
-        ours.push(start.elapsed());
-        peak = peak.max(PEAK.peak_usage().saturating_sub(before));
-        assert_eq!(events.len() as u64, READ_EVENTS);
-        black_box(events);
+    for i in 0..read_repeats() {
+        let ((ours, p), raw) = if i % 2 == 0 {
+            let raw = raw_stream(&conn, &stream_key, stream).await?;
+            (ours_stream(feed, stream).await?, raw)
+        } else {
+            let ours = ours_stream(feed, stream).await?;
+            (ours, raw_stream(&conn, &stream_key, stream).await?)
+        };
+        peak = peak.max(p);
+        samples.push_times(READ_EVENTS, ours, raw);
     }
-    let best = |v: &[Duration]| v.iter().copied().min().unwrap_or_default();
-    report.push(Row {
-        group: GROUP,
-        workload: "read a 10k-event stream vs raw XRANGE pages decoded into RecordedEvent".into(),
-        ours: rate(READ_EVENTS, best(&ours)),
-        raw: Some(rate(READ_EVENTS, best(&raw))),
-        unit: "events/s",
-        target: Some(0.8),
-        note: format!(
-            "pages of {PAGE}; best of {READ_REPEATS}; peak heap collecting {} KiB",
-            peak / 1024
+    report.push(Row::paired(
+        GROUP,
+        "read a 10k-event stream vs raw XRANGE pages decoded into RecordedEvent",
+        &samples,
+        "events/s",
+        Some(0.8),
+        format!(
+            "pages of {PAGE}; peak heap collecting {}; {}",
+            heap_size(peak),
+            samples.describe()
         ),
-    });
+    ));
 
-    let (mut ours, mut raw) = (Vec::new(), Vec::new());
-    for _ in 0..READ_REPEATS {
-        let start = Instant::now();
-        let count = raw_read_count(conn.clone(), &feed_key).await?;
-        raw.push(start.elapsed());
-        assert_eq!(count, READ_ALL_EVENTS);
-
-        let start = Instant::now();
-        let count = reads
-            .read_all(ReadAll::after(0))
-            .try_fold(0u64, |n, e| {
-                black_box(e);
-                async move { Ok(n + 1) }
-            })
-            .await?;
-        ours.push(start.elapsed());
-        assert_eq!(count, READ_ALL_EVENTS);
+    raw_all(&conn, &feed_key, total).await?;
+    ours_all(feed, total).await?;
+    let mut samples = Samples::default();
+    for i in 0..read_repeats() {
+        let (ours, raw) = if i % 2 == 0 {
+            let raw = raw_all(&conn, &feed_key, total).await?;
+            (ours_all(feed, total).await?, raw)
+        } else {
+            let ours = ours_all(feed, total).await?;
+            (ours, raw_all(&conn, &feed_key, total).await?)
+        };
+        samples.push_times(total, ours, raw);
     }
-    report.push(Row {
-        group: GROUP,
-        workload: "read_all over 100k events vs raw XRANGE pages decoded into RecordedEvent".into(),
-        ours: rate(READ_ALL_EVENTS, best(&ours)),
-        raw: Some(rate(READ_ALL_EVENTS, best(&raw))),
-        unit: "events/s",
-        target: Some(0.8),
-        note: format!("pages of {PAGE}; best of {READ_REPEATS}; events consumed one by one"),
-    });
-    cleanup(&reads, &prefix).await;
+    report.push(Row::paired(
+        GROUP,
+        format!(
+            "read_all over {}k events vs raw XRANGE pages decoded into RecordedEvent",
+            total / 1000
+        ),
+        &samples,
+        "events/s",
+        Some(0.8),
+        format!(
+            "pages of {PAGE}; events consumed one by one; {}",
+            samples.describe()
+        ),
+    ));
     Ok(())
 }
 

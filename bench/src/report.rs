@@ -1,4 +1,8 @@
-//! Collects measurements and prints them as markdown tables.
+//! Collects measurements and prints them as one markdown table.
+//!
+//! Framework and raw runs alternate (ABBA order) after a warm-up; a row reports the median rate
+//! of each side and the median of the per-pair ratios, which is steadier than a ratio of two
+//! best-of-N figures when the machine's load drifts.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -14,12 +18,124 @@ pub(crate) struct Row {
     pub(crate) ours: f64,
     /// Units per second of the raw baseline, if there is one.
     pub(crate) raw: Option<f64>,
+    /// ours/raw; by default `ours / raw`, or the median of paired ratios (see [`Samples`]).
+    pub(crate) ratio: Option<f64>,
     /// Unit of the rates ("events/s", ...).
     pub(crate) unit: &'static str,
     /// The target ratio ours/raw, if the issue sets one.
     pub(crate) target: Option<f64>,
     /// Free-form note (peak memory, settings).
     pub(crate) note: String,
+}
+
+impl Row {
+    /// A row from alternating samples: median rates and the median paired ratio.
+    pub(crate) fn paired(
+        group: &'static str,
+        workload: impl Into<String>,
+        samples: &Samples,
+        unit: &'static str,
+        target: Option<f64>,
+        note: impl Into<String>,
+    ) -> Self {
+        Self {
+            group,
+            workload: workload.into(),
+            ours: samples.ours(),
+            raw: Some(samples.raw()),
+            ratio: Some(samples.ratio()),
+            unit,
+            target,
+            note: note.into(),
+        }
+    }
+
+    /// ours/raw, if there is a raw baseline.
+    pub(crate) fn ratio(&self) -> Option<f64> {
+        self.ratio.or_else(|| self.raw.map(|raw| self.ours / raw))
+    }
+
+    /// Whether the target is met (`None` without a target or a baseline).
+    pub(crate) fn met(&self) -> Option<bool> {
+        Some(self.ratio()? >= self.target?)
+    }
+}
+
+/// Rates of alternating framework and raw runs; pair `i` was measured back to back.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Samples {
+    ours: Vec<f64>,
+    raw: Vec<f64>,
+}
+
+impl Samples {
+    /// Adds one pair of rates.
+    pub(crate) fn push(&mut self, ours: f64, raw: f64) {
+        self.ours.push(ours);
+        self.raw.push(raw);
+    }
+
+    /// Adds one pair of timings of `units` units each.
+    pub(crate) fn push_times(&mut self, units: u64, ours: Duration, raw: Duration) {
+        self.push(rate(units, ours), rate(units, raw));
+    }
+
+    /// Number of pairs.
+    pub(crate) fn len(&self) -> usize {
+        self.ours.len()
+    }
+
+    /// Median framework rate.
+    pub(crate) fn ours(&self) -> f64 {
+        median(&self.ours)
+    }
+
+    /// Median raw rate.
+    pub(crate) fn raw(&self) -> f64 {
+        median(&self.raw)
+    }
+
+    /// Median of the per-pair ratios ours/raw.
+    pub(crate) fn ratio(&self) -> f64 {
+        let ratios: Vec<f64> = self
+            .ours
+            .iter()
+            .zip(&self.raw)
+            .map(|(o, r)| o / r)
+            .collect();
+        median(&ratios)
+    }
+
+    /// The spread of the paired ratios, as `min–max`.
+    pub(crate) fn spread(&self) -> String {
+        let ratios = self.ours.iter().zip(&self.raw).map(|(o, r)| o / r);
+        let (lo, hi) = ratios.fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(r), hi.max(r)));
+        format!("{lo:.2}–{hi:.2}x")
+    }
+
+    /// "median of N pairs (spread a–b)".
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "median of {} alternating pairs (ratios {})",
+            self.len(),
+            self.spread()
+        )
+    }
+}
+
+/// The median of `values` (0 when empty).
+pub(crate) fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        f64::midpoint(v[mid - 1], v[mid])
+    }
 }
 
 /// All rows of one run.
@@ -32,13 +148,14 @@ impl Report {
     /// Adds a row and echoes it to stderr as it is measured.
     pub(crate) fn push(&mut self, row: Row) {
         eprintln!(
-            "[{}] {}: {:.0} {} (raw {}) {}",
+            "[{}] {}: {} {} (raw {}, ratio {}) {}",
             row.group,
             row.workload,
-            row.ours,
+            human(row.ours),
             row.unit,
-            row.raw
-                .map_or_else(|| "-".to_owned(), |r| format!("{r:.0}")),
+            row.raw.map_or_else(|| "-".to_owned(), human),
+            row.ratio()
+                .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x")),
             row.note
         );
         self.rows.push(row);
@@ -46,48 +163,57 @@ impl Report {
 
     /// Whether every row with a target met it.
     pub(crate) fn all_targets_met(&self) -> bool {
-        self.rows.iter().all(|r| match (r.raw, r.target) {
-            (Some(raw), Some(target)) => r.ours / raw >= target,
-            _ => true,
-        })
+        self.rows.iter().all(|r| r.met() != Some(false))
     }
 
-    /// The report as markdown, one table per group.
-    pub(crate) fn markdown(&self) -> String {
+    /// The rows that missed their target.
+    pub(crate) fn missed(&self) -> impl Iterator<Item = &Row> {
+        self.rows.iter().filter(|r| r.met() == Some(false))
+    }
+
+    /// The report as one markdown table.
+    pub(crate) fn markdown(&self, quick: bool) -> String {
         let mut out = String::new();
-        let mut groups: Vec<&str> = self.rows.iter().map(|r| r.group).collect();
-        groups.dedup();
-        for group in groups {
-            let _ = writeln!(out, "\n**{group}**\n");
+        let _ = writeln!(
+            out,
+            "| group | workload | framework | raw baseline | ratio | target | note |"
+        );
+        let _ = writeln!(out, "|---|---|---:|---:|---:|---|---|");
+        for r in &self.rows {
+            let raw = r
+                .raw
+                .map_or_else(|| "-".to_owned(), |v| format!("{} {}", human(v), r.unit));
+            let ratio = r
+                .ratio()
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}x"));
+            let target = match (r.target, r.met()) {
+                (Some(t), Some(true)) => format!(">= {t:.2}x met"),
+                (Some(t), Some(false)) => format!(">= {t:.2}x **NOT met**"),
+                (Some(t), None) => format!(">= {t:.2}x"),
+                (None, _) => "-".to_owned(),
+            };
             let _ = writeln!(
                 out,
-                "| workload | framework | raw baseline | ratio | target | note |"
+                "| {} | {} | {} {} | {raw} | {ratio} | {target} | {} |",
+                r.group,
+                r.workload,
+                human(r.ours),
+                r.unit,
+                r.note
             );
-            let _ = writeln!(out, "|---|---:|---:|---:|---:|---|");
-            for r in self.rows.iter().filter(|r| r.group == group) {
-                let raw = r
-                    .raw
-                    .map_or_else(|| "-".to_owned(), |v| format!("{} {}", human(v), r.unit));
-                let ratio = r
-                    .raw
-                    .map_or_else(|| "-".to_owned(), |v| format!("{:.2}x", r.ours / v));
-                let target = match (r.target, r.raw) {
-                    (Some(t), Some(raw)) => {
-                        let ok = if r.ours / raw >= t { "met" } else { "NOT met" };
-                        format!(">= {t:.2}x ({ok})")
-                    }
-                    (Some(t), None) => format!(">= {t:.2}x"),
-                    _ => "-".to_owned(),
-                };
-                let _ = writeln!(
-                    out,
-                    "| {} | {} {} | {raw} | {ratio} | {target} | {} |",
-                    r.workload,
-                    human(r.ours),
-                    r.unit,
-                    r.note
-                );
-            }
+        }
+        let _ = writeln!(
+            out,
+            "\nRatio = framework / raw baseline doing the same work in the same run. Framework and \
+             raw runs alternate after a warm-up; rates are medians, the ratio is the median of the \
+             per-pair ratios."
+        );
+        if quick {
+            let _ = writeln!(
+                out,
+                "\n**Quick run** (`--quick`): small sizes, few repetitions; a smoke check, not \
+                 figures to quote."
+            );
         }
         out
     }
@@ -110,4 +236,31 @@ pub(crate) fn human(v: f64) -> String {
 /// Units per second for `count` units done in `elapsed`.
 pub(crate) fn rate(count: u64, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64()
+}
+
+/// Peak heap as KiB or MiB.
+pub(crate) fn heap_size(n: usize) -> String {
+    if n >= 4 << 20 {
+        format!("{:.1} MiB", n as f64 / f64::from(1 << 20))
+    } else {
+        format!("{:.0} KiB", n as f64 / 1024.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{human, median, Samples};
+
+    #[test]
+    fn medians_and_paired_ratios() {
+        assert!((median(&[3.0, 1.0, 2.0]) - 2.0).abs() < 1e-9);
+        assert!((median(&[4.0, 1.0, 2.0, 3.0]) - 2.5).abs() < 1e-9);
+        let mut s = Samples::default();
+        s.push(10.0, 20.0);
+        s.push(30.0, 30.0);
+        s.push(8.0, 10.0);
+        assert!((s.ratio() - 0.8).abs() < 1e-9);
+        assert!((s.ours() - 10.0).abs() < 1e-9);
+        assert_eq!(human(1_234_567.0), "1,234,567");
+    }
 }

@@ -26,7 +26,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -34,11 +36,10 @@ use es_core::event::now_micros;
 use es_core::projection::HandlerError;
 use es_core::store::{classify_retry, StoreFuture, StoredEventRef};
 use es_core::{
-    AppendLimits, AppendRequest, AppendResult, CheckpointStore, Direction, EventStore, EventStream,
-    OutboxRecord, OutboxStore, ReadAll, ReadStream, RecordedEvent, SnapshotRecord, SnapshotStore,
-    StoreError, StreamId,
+    AppendLimits, AppendRequest, AppendResult, CheckpointStore, Direction, EventFilter, EventStore,
+    EventStream, OutboxRecord, OutboxStore, ReadAll, ReadStream, RecordedEvent, SnapshotRecord,
+    SnapshotStore, StoreError, StreamId,
 };
-use futures::StreamExt;
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -278,62 +279,200 @@ impl Inner {
         })
     }
 
-    /// Copies the next page of a stream read; returns the events and the next `from`.
+    /// Copies the next page of a stream read: up to `take` events from version `cursor` on in
+    /// `direction`. Returns the page and whether the stream has nothing after it.
     fn stream_page(
         &self,
         stream: &StreamId,
-        read: ReadStream,
-        remaining: u64,
-    ) -> Vec<RecordedEvent> {
+        direction: Direction,
+        cursor: u64,
+        take: usize,
+    ) -> (Vec<RecordedEvent>, bool) {
         let state = self.lock();
         let Some(indices) = state.streams.get(stream) else {
-            return Vec::new();
+            return (Vec::new(), true);
         };
         let len = indices.len() as u64;
-        let take = (remaining.min(PAGE as u64)) as usize;
-        let versions: Box<dyn Iterator<Item = u64>> = match read.direction {
-            Direction::Forward => Box::new(read.from.max(1)..=len),
-            Direction::Backward => Box::new((1..=read.from.min(len)).rev()),
-        };
-        versions
-            .take(take)
-            .map(|v| RecordedEvent::clone(&state.log[indices[(v - 1) as usize]]))
-            .collect()
+        match direction {
+            Direction::Forward => {
+                let first = cursor.max(1);
+                if first > len {
+                    return (Vec::new(), true);
+                }
+                let range = &indices[(first - 1) as usize..];
+                let range = &range[..range.len().min(take)];
+                let page: Vec<RecordedEvent> = range
+                    .iter()
+                    .map(|&i| RecordedEvent::clone(&state.log[i]))
+                    .collect();
+                let end = first - 1 + page.len() as u64 >= len;
+                (page, end)
+            }
+            Direction::Backward => {
+                let last = cursor.min(len);
+                let range = &indices[..last as usize];
+                let range = &range[range.len().saturating_sub(take)..];
+                let page: Vec<RecordedEvent> = range
+                    .iter()
+                    .rev()
+                    .map(|&i| RecordedEvent::clone(&state.log[i]))
+                    .collect();
+                let end = page.len() as u64 >= last;
+                (page, end)
+            }
+        }
     }
 
-    fn all_page(&self, read: &ReadAll, remaining: u64) -> Vec<RecordedEvent> {
+    /// Copies the next page of the global feed: up to `take` events after position `after` that
+    /// pass `filter`, scanning at most [`SCAN`] entries. Returns the page, the position scanned
+    /// up to, and whether that is the end of the feed.
+    fn all_page(
+        &self,
+        after: u64,
+        filter: &EventFilter,
+        take: usize,
+    ) -> (Vec<RecordedEvent>, u64, bool) {
         let state = self.lock();
-        let start = (read.after as usize).min(state.log.len());
-        let take = (remaining.min(PAGE as u64)) as usize;
-        state.log[start..]
-            .iter()
-            .filter(|e| read.filter.matches(e))
-            .take(take)
-            .map(|e| RecordedEvent::clone(e))
-            .collect()
+        let start = (after as usize).min(state.log.len());
+        let entries = &state.log[start..];
+        if filter.is_empty() {
+            let entries = &entries[..entries.len().min(take)];
+            let page: Vec<RecordedEvent> =
+                entries.iter().map(|e| RecordedEvent::clone(e)).collect();
+            let scanned = start + entries.len();
+            return (page, scanned as u64, scanned == state.log.len());
+        }
+        let mut page = Vec::new();
+        let mut scanned = start;
+        for e in entries.iter().take(SCAN) {
+            if page.len() == take {
+                break;
+            }
+            scanned += 1;
+            if filter.matches(e) {
+                page.push(RecordedEvent::clone(e));
+            }
+        }
+        (page, scanned as u64, scanned == state.log.len())
     }
 }
 
-/// Pages through a read: `next_page(cursor, remaining)` returns the next page, which must be
-/// empty only at the end; `advance` moves the cursor past an event.
-fn paged<C, F, A>(limit: Option<u64>, cursor: C, next_page: F, advance: A) -> EventStream
-where
-    C: Copy + Send + 'static,
-    F: Fn(C, u64) -> Vec<RecordedEvent> + Send + 'static,
-    A: Fn(C, &RecordedEvent) -> C + Send + 'static,
-{
-    let remaining = limit.unwrap_or(u64::MAX);
-    let pages = futures::stream::unfold((cursor, remaining), move |(cursor, remaining)| {
-        let page = if remaining == 0 {
-            Vec::new()
-        } else {
-            next_page(cursor, remaining)
+/// Most entries of the global feed a filtered read scans per lock acquisition.
+const SCAN: usize = 16 * PAGE;
+
+/// What a [`Pages`] stream reads.
+enum Source {
+    /// One stream; `cursor` is the next version to read.
+    Stream {
+        stream: StreamId,
+        direction: Direction,
+        cursor: u64,
+    },
+    /// The global feed after `after`; `follow` waits for appends at the end (a subscription)
+    /// instead of ending.
+    All {
+        after: u64,
+        filter: EventFilter,
+        follow: bool,
+    },
+}
+
+/// A read: copies pages of events out under the lock and hands them out one by one.
+struct Pages {
+    inner: Arc<Inner>,
+    source: Source,
+    /// Events still to return (the read's limit).
+    remaining: u64,
+    page: std::vec::IntoIter<RecordedEvent>,
+    /// Nothing more to read.
+    done: bool,
+    /// A subscription at the end of the feed, waiting for the next append.
+    waiting: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Pages {
+    fn new(inner: Arc<Inner>, source: Source, limit: Option<u64>) -> Self {
+        Self {
+            inner,
+            source,
+            remaining: limit.unwrap_or(u64::MAX),
+            page: Vec::new().into_iter(),
+            done: false,
+            waiting: None,
+        }
+    }
+
+    /// Reads the next page into `self.page`, or marks the end, or starts waiting.
+    fn fetch(&mut self) {
+        if self.remaining == 0 {
+            self.done = true;
+            return;
+        }
+        let take = self.remaining.min(PAGE as u64) as usize;
+        let page = match &mut self.source {
+            Source::Stream {
+                stream,
+                direction,
+                cursor,
+            } => {
+                let (page, end) = self.inner.stream_page(stream, *direction, *cursor, take);
+                if let Some(last) = page.last() {
+                    *cursor = match direction {
+                        Direction::Forward => last.stream_version + 1,
+                        Direction::Backward => last.stream_version - 1,
+                    };
+                }
+                self.done = end;
+                page
+            }
+            Source::All {
+                after,
+                filter,
+                follow,
+            } => {
+                let (page, scanned, end) = self.inner.all_page(*after, filter, take);
+                // Entries scanned but filtered out are passed too: nothing at or below a visible
+                // position can appear later.
+                *after = scanned;
+                if end && !*follow {
+                    self.done = true;
+                } else if end && page.is_empty() {
+                    // Caught up: wait for an append after `after` (spurious wake-ups just read
+                    // an empty page and wait again).
+                    let rx = self.inner.head.subscribe();
+                    let after = *after;
+                    self.waiting = Some(Box::pin(async move {
+                        es_core::subscription::wait_on_watch(&rx, after, Duration::from_secs(5))
+                            .await;
+                    }));
+                }
+                page
+            }
         };
-        let next = page.last().map(|last| advance(cursor, last));
-        let remaining = remaining - page.len() as u64;
-        futures::future::ready(next.map(|cursor| (page, (cursor, remaining))))
-    });
-    Box::pin(pages.flat_map(|page| futures::stream::iter(page.into_iter().map(Ok))))
+        self.remaining -= page.len() as u64;
+        self.page = page.into_iter();
+    }
+}
+
+impl futures::Stream for Pages {
+    type Item = Result<RecordedEvent, StoreError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(event) = this.page.next() {
+                return Poll::Ready(Some(Ok(event)));
+            }
+            if let Some(waiting) = &mut this.waiting {
+                std::task::ready!(waiting.as_mut().poll(cx));
+                this.waiting = None;
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            this.fetch();
+        }
+    }
 }
 
 impl EventStore for InMemoryStore {
@@ -347,36 +486,32 @@ impl EventStore for InMemoryStore {
     }
 
     fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
-        let inner = Arc::clone(&self.inner);
-        let stream = stream.clone();
-        paged(
-            read.limit,
-            read,
-            move |read, remaining| inner.stream_page(&stream, read, remaining),
-            |read, last| match read.direction {
-                Direction::Forward => read.from(last.stream_version + 1),
-                Direction::Backward => read.from(last.stream_version.saturating_sub(1)),
-            },
-        )
+        let source = Source::Stream {
+            stream: stream.clone(),
+            direction: read.direction,
+            cursor: read.from,
+        };
+        Box::pin(Pages::new(Arc::clone(&self.inner), source, read.limit))
     }
 
     fn read_all(&self, read: ReadAll) -> EventStream {
-        let inner = Arc::clone(&self.inner);
-        let limit = read.limit;
-        let read = Arc::new(read);
-        paged(
-            limit,
-            0u64,
-            move |after, remaining| {
-                let page = ReadAll {
-                    after: after.max(read.after),
-                    limit: None,
-                    filter: read.filter.clone(),
-                };
-                inner.all_page(&page, remaining)
-            },
-            |_, last| last.global_position,
-        )
+        let source = Source::All {
+            after: read.after,
+            filter: read.filter,
+            follow: false,
+        };
+        Box::pin(Pages::new(Arc::clone(&self.inner), source, read.limit))
+    }
+
+    fn subscribe(&self, after: u64, filter: EventFilter) -> EventStream {
+        // Pages straight from the log, as `read_all` reads them: catching up copies each event
+        // out once, and at the end of the feed the stream waits for the next append.
+        let source = Source::All {
+            after,
+            filter,
+            follow: true,
+        };
+        Box::pin(Pages::new(Arc::clone(&self.inner), source, None))
     }
 
     fn head_position(&self) -> impl StoreFuture<u64> {

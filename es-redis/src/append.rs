@@ -509,7 +509,8 @@ fn append_reply(
     }
 }
 
-/// Parses an id index entry, `"<position> <version> <stream>"`.
+/// Parses where the script found a stored event id: `"<position> <version> <stream>"` (the
+/// position from the id index, the stream and version from its feed entry).
 fn stored_ref(event_id: uuid::Uuid, entry: &[u8]) -> Option<StoredEventRef> {
     let text = std::str::from_utf8(entry).ok()?;
     let mut parts = text.splitn(3, ' ');

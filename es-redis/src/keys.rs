@@ -72,8 +72,9 @@ impl Keys {
     /// The hash holding the head, the last assigned global position (field `position`), the
     /// last `recorded_at` in microseconds (field `recorded_at`) and the last assigned outbox
     /// position (field `outbox`), and the event-id index: one field per event id (hyphenated, so
-    /// never one of the head fields) holding `"<position> <version> <stream>"`. One hash, so an append reads and writes both with one
-    /// command each.
+    /// never one of the head fields) holding the event's global position (its stream and version
+    /// are in its feed entry). One hash, so an append reads and writes both with one command
+    /// each.
     pub fn index(&self) -> &str {
         &self.index
     }

@@ -1,10 +1,12 @@
-//! The Redis event store for `es-core`: one atomic Lua script per append, Redis streams for the
-//! per-stream logs and the global feed, `XREAD BLOCK` for live subscriptions.
+//! The Redis event store for `es-core`: one atomic Lua script per append (or per group of
+//! concurrent appends), Redis streams for the per-stream logs, the global feed and the outbox,
+//! `XREAD BLOCK` for live subscriptions.
 //!
-//! [`RedisStore`] implements [`EventStore`] and [`SnapshotStore`] with the same guarantees as
-//! `es-memory` and `es-postgres`, proven by the same conformance suite: optimistic concurrency by
-//! [`ExpectedVersion`], all-or-nothing batches, idempotent retries by
-//! event id, a global feed in commit order that never skips, snapshots upserted if newer.
+//! [`RedisStore`] implements [`EventStore`], [`SnapshotStore`], [`OutboxStore`] and
+//! [`CheckpointStore`] with the same guarantees as `es-memory` and `es-postgres`, proven by the
+//! same conformance suites: optimistic concurrency by [`ExpectedVersion`], all-or-nothing
+//! batches, idempotent retries by event id, a global feed in commit order that never skips,
+//! snapshots upserted if newer, outbox records written atomically with their events.
 //!
 //! ```no_run
 //! use es_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
@@ -38,49 +40,118 @@
 //! | `<p>:{<stream>}:version` | string | the stream's version |
 //! | `<p>:{<stream>}:snapshot` | hash | the latest snapshot: `version`, `schema`, `payload`, `recorded_at` |
 //! | `<p>:{<p>:$all}:feed` | stream | the global feed; entry id `<position>-0` |
-//! | `<p>:{<p>:$all}:index` | hash | the head: `position` (last assigned) and `recorded_at` (last, in µs); and the event-id index: event id → `"<position> <version> <stream>"` |
+//! | `<p>:{<p>:$all}:index` | hash | the head: `position` (last assigned global position), `recorded_at` (last, in µs), `outbox` (last assigned outbox position); and the event-id index: event id (hyphenated) → its global position |
+//! | `<p>:{<p>:$all}:outbox` | stream | the outbox records not yet delivered; entry id `<outbox position>-0` |
+//! | `<p>:{<p>:$all}:relay-lease` | string | the relay lease: the owner's name, with a server-side expiry |
+//! | `<p>:{<p>:$all}:checkpoints` | hash | projection checkpoints: projection name → global position |
 //!
 //! A per-stream entry has the fields `event_id`, `type`, `schema`, `payload`, `metadata` (JSON),
 //! `position` and `recorded_at` (µs since the Unix epoch). A feed entry has `stream` and
 //! `version` instead of `position`, and otherwise the same fields: each event is stored twice, so
 //! that both stream reads and feed reads are one `XRANGE` per page. Budget twice the payload size
-//! in memory per event, plus the id index entry (about 100 bytes).
+//! in memory per event, plus the id index entry (about 100 bytes). An outbox entry has `stream`,
+//! `message_id`, `source` (the source event id), `topic`, `key`, `type`, `schema`, `payload`,
+//! `metadata` and `recorded_at`.
 //!
-//! Entry ids carry the version (per stream) and the position (feed), so reads from a version or
-//! after a position are plain range queries, and the version key, not `XLEN`, is the version:
-//! trimming a stream cannot corrupt it.
+//! Entry ids carry the version (per stream) and the position (feed, outbox), so reads from a
+//! version or after a position are plain range queries, and the version key, not `XLEN`, is the
+//! version: trimming a stream cannot corrupt it. Likewise the last outbox position is the
+//! counter in the index hash, not the outbox's last entry, so deleting delivered records never
+//! lets a position be assigned twice.
 //!
 //! Stream ids are validated by [`StreamId`]: they cannot hold `{`, `}`, spaces or non-ASCII
-//! characters, so the stream id in braces is exactly the key's hash tag.
+//! characters, so the stream id in braces is exactly the key's hash tag; the global keys' tag
+//! holds a `$`, which no stream id can, so no stream shares it.
 //!
 //! # The append script
 //!
-//! One `EVALSHA` per append runs the whole append on the server, atomically (Redis runs scripts
-//! one at a time and a script's writes become visible together). It is loaded when the store is
+//! One `EVALSHA` runs a whole group of appends (one append, unless [group
+//! commit](#group-commit) gathered several) on the server, atomically: Redis runs scripts one at
+//! a time and a script's writes become visible together. The script is loaded when the store is
 //! built and transparently reloaded when the server answers `NOSCRIPT` (after a restart, a
 //! failover or `SCRIPT FLUSH`); a `NOSCRIPT` reply means the script did not run, so resending is
-//! safe. In order, the script:
+//! safe.
 //!
-//! 1. reads the head and looks every event id up in the index (one `HMGET`). If any id is stored
-//!    it writes nothing and returns where each one is stored; the client then applies
-//!    [`es_core::store::classify_retry`], the same rule as every backend: an exact retry returns
-//!    the original result (versions and positions), anything else is
+//! The script first reads, for the whole group, the head fields and every event id in the index
+//! (one `HMGET`) and the streams' version keys (one `MGET`); if any append has events it checks
+//! that the feed holds nothing beyond the head and takes the server clock (`TIME`,
+//! microseconds, never earlier than the previous append's `recorded_at`); if any append has
+//! outbox messages it checks that the outbox holds nothing beyond its counter (`XINFO STREAM`).
+//! (Lists of ids and keys go to Redis in chunks of 500, so groups of any size stay within Lua's
+//! stack.) Then it takes the appends in order, each against the state the earlier ones left:
+//!
+//! 1. if any of the append's event ids is stored (before this script, or by an earlier append of
+//!    the group), the append writes nothing and the script returns where each of them is stored
+//!    (its position, and the stream and version from its feed entry); the client then applies
+//!    [`es_core::store::classify_retry`], the same rule as every backend: an exact retry
+//!    returns the original result (versions and positions), anything else is
 //!    [`StoreError::DuplicateEvent`];
-//! 2. reads the version key and checks the [`ExpectedVersion`]; a
-//!    mismatch returns the actual version, which the client reports as [`StoreError::Conflict`];
-//! 3. checks that nothing written behind the store's back sits where its entries will go (an
-//!    entry at or beyond the next version or position, a non-numeric version or head); such
-//!    data is reported as [`StoreError::Corrupt`]. Keys of the wrong type make the script fail
-//!    before its first write (`WRONGTYPE`, also reported as [`StoreError::Corrupt`]);
-//! 4. takes the server clock (`TIME`, microseconds), never earlier than the previous append's;
-//! 5. and only then writes: one entry per event in the stream and in the feed (positions
-//!    `head + 1 ..= head + n`), the new head and the ids (one `HSET`), the version.
+//! 2. it checks the [`ExpectedVersion`] against the version key (or the version an earlier
+//!    append of the group left); a mismatch returns the actual version, which the client reports
+//!    as [`StoreError::Conflict`]. An append without events stops here with the version;
+//! 3. it checks that nothing written behind the store's back sits where its entries will go: a
+//!    version key that is not a number or not a string, a head that is not numbers, an entry in
+//!    the feed beyond the head or in the outbox beyond its counter (checked above), an entry in
+//!    the stream at or beyond the next version or an events key that is not a stream (detected
+//!    by the append's first `XADD`, run guarded, which then fails without writing). Such data is
+//!    reported as [`StoreError::Corrupt`] for this append only;
+//! 4. and only then writes: per event one entry in the stream (`<version>-0`) and one in the
+//!    feed (positions `head + 1 ..= head + n`), then one outbox entry per message (positions
+//!    from the `outbox` counter + 1), all stamped with the same `recorded_at`.
 //!
-//! Every outcome is a structured reply (a code and data), never an error message to parse.
-//! Since every check precedes the first write and no write can fail after the checks, a batch is
-//! stored whole or not at all. Size limits ([`AppendLimits`]) and duplicate ids within one batch
-//! are checked by the client before the script runs
-//! ([`AppendRequest::validate`]).
+//! Once every append is done, the script writes the new head, the `outbox` counter and the new
+//! ids' positions into the index (one `HSET`) and the changed version keys (one `MSET`), chunked
+//! like the reads.
+//!
+//! The reply holds a structured outcome per append (a code and data), never an error message to
+//! parse. Each append's checks precede its first write, and no write can fail after the checks
+//! (every key written has been checked for its type and every entry id is above the key's last
+//! id), so each append is stored whole or not at all, and an append that fails leaves the others
+//! of its group untouched. The only refusal possible is out of memory (`maxmemory`): Redis
+//! refuses a script's writes until its first write succeeded, and allows every write after it,
+//! so an append whose first (guarded) write is refused fails with [`StoreError::Backend`],
+//! having written nothing. A key of the wrong type where the script reads without a guard (the
+//! index hash, the feed) makes the whole script fail before its first write (`WRONGTYPE`,
+//! reported as [`StoreError::Corrupt`] to every append of the group). Size limits
+//! ([`AppendLimits`]) and duplicate ids within one batch are checked by the client before the
+//! script runs ([`AppendRequest::validate`]).
+//!
+//! # Group commit
+//!
+//! With [`RedisStoreBuilder::group_commit`] on (the default), concurrent appends through a store
+//! and its clones share script calls:
+//!
+//! - An append goes out at once, as a call of its own, when nothing waits and either nothing is
+//!   in flight or it has 64 events or more and fewer than 4 calls are in flight; so a lone
+//!   writer pays no hand-off to another task. Appends of more than 1,000 events, and appends
+//!   made outside a Tokio runtime, always go out on their own.
+//! - Otherwise the append waits in a queue. A writer task (one per store, started when first
+//!   needed, ending with the store) sends what waits as one group when the call in flight
+//!   returns: up to 128 appends and 1,000 events per call, in arrival order. Small appends wait
+//!   while any call is in flight; once 64 or more events wait, the writer sends them while
+//!   others are in flight, up to 4 calls at once, so large batches are pipelined.
+//! - After a call returns, the writer yields to the scheduler a few times (up to 4, while the
+//!   queue keeps growing) before it sends the next group, so that the callers it just answered
+//!   can queue their next appends and go out together instead of the first one alone.
+//!
+//! An append in a group has exactly the outcome it would have had alone, in the group's order
+//! (see [the append script](#the-append-script)): it sees the versions and event ids of the
+//! appends before it, and a conflict, duplicate or corrupt stream fails it alone. Positions
+//! follow the group's order, so position order is still commit order.
+//!
+//! What a group shares is its fate on the wire: if the call fails (the connection drops, the
+//! server restarts, the reply times out), every append of the group fails with
+//! [`StoreError::Unavailable`], committed or not, exactly as a lone append whose reply was lost;
+//! re-sending the same request (same event ids) returns the original result if it was
+//! committed. A caller that stops waiting (drops its future) leaves its append's outcome
+//! unknown, as a lost reply does: the writer skips abandoned appends at the head of the queue,
+//! but one already sent, or queued behind appends still wanted, may be committed all the same.
+//! If the writer task stops before answering (its runtime shut down), each waiting caller sends
+//! its append again as a call of its own, which is safe by the same idempotency.
+//!
+//! The gain is fewer script calls, round trips and AOF writes per append under concurrency; the
+//! cost is that Redis runs one larger script at a time (a group of 1,000 events holds the server
+//! as long as one 1,000-event append does). Turn it off to make every append a call of its own.
 //!
 //! # Ordering
 //!
@@ -90,7 +161,8 @@
 //! position `p`, no event at or below `p` can appear later. Per-stream order in the feed matches
 //! stream versions, and `recorded_at` never decreases along a stream or the feed (the script
 //! keeps the last value and takes the maximum, so a server clock stepping back does not reorder
-//! time).
+//! time). Outbox positions are dense and in commit order too, and an outbox record is visible
+//! exactly when its events are.
 //!
 //! # Reads and subscriptions
 //!
@@ -108,6 +180,31 @@
 //! [`StoreError::Unavailable`]; subscriptions and the repository retry them with backoff, and
 //! subscriptions resume after the last delivered position once the server is back.
 //!
+//! # Outbox, relay lease and checkpoints
+//!
+//! The repository's translator turns domain events into integration events
+//! ([`es_core::OutboxMessage`]); the append script writes them to the outbox stream in the same
+//! script as their events, so they are stored if and only if the events are. An append that
+//! fails (conflict, duplicate, corrupt stream) writes no outbox record.
+//!
+//! - [`OutboxStore::pending_outbox`] reads the oldest records (`XRANGE - + COUNT n`), in outbox
+//!   position order, which is commit order and hence per-stream order.
+//! - [`OutboxStore::mark_delivered`] deletes the records (`XDEL`, 1,000 ids per command). The
+//!   relay calls it only after the broker acknowledged them; marking a record twice is harmless.
+//! - [`OutboxStore::outbox_len`] is `XLEN` of the outbox.
+//! - The relay lease is a string holding its owner's name with a server-side expiry (`PX`,
+//!   the server's clock): a script sets it if it is free or already held by the caller, and
+//!   another deletes it only for its owner. A relay that dies is taken over once the lease
+//!   expires.
+//! - Checkpoints ([`CheckpointStore`]) live in one hash, projection name → position. A script
+//!   raises a checkpoint only (it compares the decimal strings, exact over the whole `u64`
+//!   range); resetting deletes the field. Projections on Redis are at-least-once: the
+//!   checkpoint is saved after the handler ran, so handlers must be idempotent.
+//!
+//! Delivery is at least once: a relay that dies between the broker's acknowledgement and its
+//! `XDEL`, or a server that loses the `XDEL` in a crash, makes the relay publish those records
+//! again, with the same message ids, for consumers to drop.
+//!
 //! # Durability
 //!
 //! An append is acknowledged once Redis has executed the script; what survives a crash depends
@@ -115,8 +212,10 @@
 //!
 //! - `appendonly yes` with `appendfsync always`: Redis writes and fsyncs the script's effects to
 //!   the AOF before it replies, so **every acknowledged append survives** a crash of the server
-//!   or the machine. Each append costs an fsync (batched across clients by Redis), which caps
-//!   throughput (about 15k single-event appends/s on the reference machine, 49k pipelined).
+//!   or the machine. Redis fsyncs once per event-loop iteration for all the commands of that
+//!   iteration, and a group (see [group commit](#group-commit)) is one script, so appends share
+//!   fsyncs; still, the fsync caps throughput (on the reference machine, one-event appends
+//!   without group commit reach about 15k/s, 49k/s pipelined).
 //! - `appendonly yes` with `appendfsync everysec` (Redis' default when the AOF is on): the AOF is
 //!   fsynced once a second, so a crash of the **machine** (power, kernel) may lose the appends
 //!   acknowledged in the last second or two; a crash of only the Redis process loses nothing
@@ -126,39 +225,51 @@
 //! - No AOF (RDB snapshots only, or no persistence): everything since the last snapshot is lost
 //!   on any restart.
 //!
-//! In every mode a batch is never half-stored: the AOF records a script's effects as one
+//! In every mode a group is never half-stored: the AOF records a script's effects as one
 //! `MULTI`/`EXEC` block, and a block cut short by a crash is dropped when the AOF is loaded
-//! (`aof-load-truncated yes`, the default). Replicas receive writes asynchronously: a failover
-//! can lose acknowledged appends unless the application also waits for replicas (`WAIT`), which
-//! this crate does not do. For an event store of record, run `appendonly yes` with
-//! `appendfsync always`, or accept the window of `everysec` knowingly.
+//! (`aof-load-truncated yes`, the default). The same holds for the outbox, its `XDEL` marks, the
+//! relay lease and checkpoints: what the mode loses, it loses for them too (a lost delivery mark
+//! means a record is published again; a lost checkpoint means a projection handles some events
+//! again). Replicas receive writes asynchronously: a failover can lose acknowledged appends
+//! unless the application also waits for replicas (`WAIT`), which this crate does not do. For
+//! an event store of record, run `appendonly yes` with `appendfsync always`, or accept the
+//! window of `everysec` knowingly.
 //!
 //! # Redis Cluster
 //!
 //! The key layout is Cluster-shaped: all keys of one stream share the hash tag `{<stream>}`, and
 //! all global keys share the tag `{<p>:$all}`. But an append must update one stream's keys *and*
-//! the global keys atomically, and those live in two different hash slots. Redis Cluster refuses
-//! scripts whose keys span slots (`CROSSSLOT`), so **today this crate supports standalone Redis
-//! (with replicas and Sentinel failover), not Cluster**; on a Cluster the append fails with a
-//! [`StoreError::Backend`] error rather than doing anything unsafe.
+//! the global keys atomically, and those live in two different hash slots (a group, in many).
+//! Redis Cluster refuses scripts whose keys span slots (`CROSSSLOT`), so **today this crate
+//! supports standalone Redis (with replicas and Sentinel failover), not Cluster**; on a Cluster
+//! the append fails with a [`StoreError::Backend`] error rather than doing anything unsafe.
 //!
-//! The global feed's slot is also the scaling limit: every append writes to it, so one Redis
+//! The global slot is also the scaling limit: every append writes to the feed, so one Redis
 //! primary (one core) bounds write throughput whatever the number of nodes. The plan for Cluster
-//! is per-category feeds: tag a stream's keys with its category (`{<p>:<category>}`), keep a
-//! feed, head counter and id index per category in that slot, and assign positions per category.
-//! Appends then touch one slot, categories spread over the nodes, and order within a category is
-//! still commit order. What is lost is a single total order across categories: `read_all` and
-//! subscriptions would take a position per category (a vector checkpoint) or merge the category
-//! feeds by `recorded_at`, which is a change to the es-core contract (the `u64` global position),
-//! and event-id uniqueness would be enforced per category. Until then, Cluster users can run a
-//! store on a single-shard Cluster or a standalone primary.
+//! is per-category slots: tag a stream's keys with its category (`{<p>:<category>}`) and keep a
+//! feed, head counter, id index and outbox per category in that slot, with positions per
+//! category. Appends then touch one slot, group commit gathers appends per slot, categories
+//! spread over the nodes, and order within a category is still commit order (so is per-stream
+//! outbox order, which is all the relay promises; there would be one relay lease per category).
+//! What is lost is a single total order across categories: `read_all`, subscriptions and
+//! checkpoints would take a position per category (a vector checkpoint) or merge the category
+//! feeds by `recorded_at`, which is a change to the es-core contract (the `u64` global
+//! position), and event-id uniqueness would be enforced per category. Until then, Cluster users
+//! can run a store on a single-shard Cluster or a standalone primary.
 //!
 //! # Bad data
 //!
 //! Entries that the store did not write (missing or unknown fields, bad JSON metadata, ids that
 //! are not numbers, keys of the wrong type) are reported as [`StoreError::Corrupt`] naming the
-//! stream and version or the global position; nothing is skipped silently and the other events
-//! stay readable.
+//! stream and version, the global position or the outbox position; nothing is skipped silently
+//! and the other events stay readable.
+//!
+//! [`ExpectedVersion`]: es_core::ExpectedVersion
+//! [`OutboxStore`]: es_core::OutboxStore
+//! [`OutboxStore::pending_outbox`]: es_core::OutboxStore::pending_outbox
+//! [`OutboxStore::mark_delivered`]: es_core::OutboxStore::mark_delivered
+//! [`OutboxStore::outbox_len`]: es_core::OutboxStore::outbox_len
+//! [`CheckpointStore`]: es_core::CheckpointStore
 #![doc(test(attr(deny(warnings))))]
 
 mod append;

@@ -319,23 +319,34 @@ impl Lua {
     }
 
     /// Runs `cmd` (built by [`Lua::command`]); if the server has lost the script (restart,
-    /// `SCRIPT FLUSH`, failover) it is loaded and the command sent once more. A NOSCRIPT reply
-    /// means the script did not run, so resending cannot apply it twice.
+    /// `SCRIPT FLUSH`, failover) it is loaded and the command sent again. A NOSCRIPT reply
+    /// means the script did not run, so resending cannot apply it twice. The cache can be
+    /// flushed again between the load and the resend (another client's `SCRIPT FLUSH`), so this
+    /// tries [`NOSCRIPT_RELOADS`] times before giving up with the NOSCRIPT error.
     pub(crate) async fn invoke(
         &self,
         conn: &mut ConnectionManager,
         cmd: &Cmd,
     ) -> RedisResult<Value> {
-        match query(conn, cmd).await {
-            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                tracing::debug!(sha = %self.sha, "script missing on the server; loading it");
-                self.load(conn).await?;
-                query(conn, cmd).await
+        let mut reloads = 0;
+        loop {
+            match query(conn, cmd).await {
+                Err(err)
+                    if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+                        && reloads < NOSCRIPT_RELOADS =>
+                {
+                    reloads += 1;
+                    tracing::debug!(sha = %self.sha, reloads, "script missing on the server; loading it");
+                    self.load(conn).await?;
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 }
+
+/// How many times [`Lua::invoke`] loads a script the server answered NOSCRIPT for.
+const NOSCRIPT_RELOADS: u32 = 5;
 
 /// Sends one command and returns its reply, with a top-level error reply turned into `Err`.
 ///

@@ -353,7 +353,10 @@ async fn keys_of_the_wrong_shape_are_corrupt_and_nothing_is_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripts_lost_after_script_flush_are_reloaded() {
-    let store = common::store("flush").await;
+    // A server of its own: SCRIPT FLUSH empties the cache of every client of the server.
+    let dir = es_test_support::scratch_dir("redis-flush");
+    let server = es_test_support::RedisServer::start(&dir, &[]).expect("start redis-server");
+    let store = common::store_at(&server.url(), "flush").await;
     let s = StreamId::parse("order-1").unwrap();
     let first = vec![event(1), event(2)];
     let r = append(&store, &s, ExpectedVersion::NoStream, first.clone())
@@ -380,6 +383,9 @@ async fn scripts_lost_after_script_flush_are_reloaded() {
     };
     assert!(store.save_snapshot(snapshot).await.unwrap());
     assert_eq!(read(&store, &s).await.unwrap().len(), 3);
+    drop(store);
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

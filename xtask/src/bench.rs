@@ -1,9 +1,13 @@
-//! `cargo xtask bench [--update-readme] [args]`: the benchmarks against real servers.
+//! `cargo xtask bench [--quick] [--update-readme] [groups...]`: the benchmarks against real
+//! servers.
 //!
-//! Starts PostgreSQL (default, durable settings) and Redis (append-only file, fsync every second)
-//! unless `DATABASE_URL` / `REDIS_URL` are set, and runs `cargo run --release -p es-bench --
-//! [args]`. es-bench prints a markdown table; with `--update-readme` that table also replaces the
-//! lines between `<!-- bench:start -->` and `<!-- bench:end -->` in README.md.
+//! Starts PostgreSQL (default, durable settings), Redis (append-only file, fsync every second)
+//! and a Kafka-protocol broker (tansu) unless `DATABASE_URL` / `REDIS_URL` / `KAFKA_BROKERS` are
+//! set, and runs `cargo run --release -p es-bench -- [args]`: every group (`memory`, `postgres`,
+//! `redis`, `kafka`) or the ones named, `--quick` for a smoke check with small sizes. es-bench
+//! prints one markdown table; with `--update-readme` that table also replaces the lines between
+//! `<!-- bench:start -->` and `<!-- bench:end -->` in README.md (not with `--quick`: its figures
+//! are not meant to be quoted).
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -21,6 +25,10 @@ const END: &str = "<!-- bench:end -->";
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let update_readme = args.iter().any(|a| a == UPDATE_README);
     let args: Vec<&String> = args.iter().filter(|a| *a != UPDATE_README).collect();
+    ensure!(
+        !(update_readme && args.iter().any(|a| *a == "--quick")),
+        "`--quick` figures are a smoke check: run without `--quick` to update README.md"
+    );
     let readme = project_root().join("README.md");
     if update_readme {
         // Fail before the benchmarks run, not after.

@@ -21,14 +21,14 @@ const HELP: &str = "\
 Usage: cargo xtask <task> [args]
 
 Tasks:
-  test [args]      Start throwaway PostgreSQL and Redis (unless DATABASE_URL / REDIS_URL are set),
-                   run `cargo nextest run --workspace --all-features [args]`, then the doctests.
+  test [args]      Start throwaway PostgreSQL, Redis and a Kafka-protocol broker (tansu) unless
+                   DATABASE_URL / REDIS_URL / KAFKA_BROKERS are set, run `cargo nextest run --workspace --all-features [args]`, then the doctests.
   ci               rustfmt, clippy and rustdoc with warnings denied, then `test`.
   bench [args]     Start the servers and run `cargo run --release -p es-bench -- [args]`.
                    `--update-readme` also writes its table between the `<!-- bench:start -->`
                    and `<!-- bench:end -->` lines of README.md.
   bless            Regenerate the es-derive UI test `.stderr` files (TRYBUILD=overwrite).
-  db up|down|env   Start (detached) / stop PostgreSQL and Redis under target/es-services/dev, or
+  db up|down|env   Start (detached) / stop PostgreSQL, Redis and the broker under target/es-services/dev, or
                    print their `export` lines: `eval \"$(cargo xtask db up)\"`.
   help             Print this message.
 ";

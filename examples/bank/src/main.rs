@@ -2,14 +2,20 @@
 //!
 //! ```not_rust
 //! cargo run -p example-bank                       # the embedded in-memory store
-//! cargo run -p example-bank -- --store postgres   # needs DATABASE_URL (see `cargo xtask db up`)
-//! cargo run -p example-bank -- --store redis      # needs REDIS_URL (see `cargo xtask db up`)
+//! cargo run -p example-bank -- --store postgres   # PostgreSQL at DATABASE_URL
+//! cargo run -p example-bank -- --store redis      # Redis at REDIS_URL
 //! ```
 //!
-//! `ES_STORE=memory|postgres|redis` selects the store too. The same domain code runs on every
-//! store. The demo shows commands accepted and rejected, a live balance projection fed by a
-//! subscription, the audit trail with metadata, balances as of an earlier version and time, a
-//! snapshot being used, and an event stored at an old schema version upcast on load.
+//! `ES_STORE=memory|postgres|redis` selects the store too. For PostgreSQL and Redis, start the
+//! development servers with `cargo xtask db up` and load their addresses with
+//! `source target/es-services/dev/env`. The demo keeps its data in schema `bank` (PostgreSQL) or
+//! under key prefix `bank` (Redis); those stores keep it between runs, so every run there uses
+//! account ids of its own (`alice-<run>`).
+//!
+//! The same domain code runs on every store. The demo shows commands accepted and rejected, a
+//! live balance projection fed by a subscription, the audit trail with metadata, balances as of
+//! an earlier version, time and global position, a snapshot being used, an event stored at an
+//! old schema version upcast on load, and the integration events waiting in the outbox.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -21,10 +27,13 @@ use es_core::{
     RecordedEvent, Repository, RepositoryError, SnapshotPolicy, Store, StreamId, StreamingStore,
 };
 use es_memory::InMemoryStore;
+use es_postgres::PgStore;
+use es_redis::RedisStore;
 use example_bank::{
     describe, money, upcasters, AccountCommand, AccountEvent, BankAccount, PublicTranslator,
 };
 use futures::{StreamExt, TryStreamExt};
+use sqlx::postgres::PgPoolOptions;
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -36,16 +45,86 @@ async fn main() -> anyhow::Result<()> {
         .or_else(|| std::env::var("ES_STORE").ok())
         .unwrap_or_else(|| "memory".to_owned());
     match choice.as_str() {
-        "memory" => demo(InMemoryStore::new(), "in-memory", "").await,
-        "postgres" => bail!(
-            "the PostgreSQL store (es-postgres) is not built yet; run the demo on the default \
-             in-memory store"
-        ),
-        "redis" => bail!(
-            "the Redis store (es-redis) is not built yet; run the demo on the default in-memory \
-             store"
-        ),
+        "memory" => demo(InMemoryStore::new(), "in-memory", &RunIds::plain()).await,
+        "postgres" => {
+            let url = server_url("DATABASE_URL", "PostgreSQL", "postgres");
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(5))
+                .test_before_acquire(false)
+                .connect(&url)
+                .await
+                .with_context(|| format!("cannot connect to PostgreSQL at DATABASE_URL={url}"))?;
+            let store = PgStore::builder(pool)
+                .schema(SCHEMA)
+                .build()
+                .await
+                .with_context(|| format!("cannot open the store in schema `{SCHEMA}`"))?;
+            let name = format!("PostgreSQL (schema `{SCHEMA}`)");
+            demo(store, &name, &RunIds::unique()).await
+        }
+        "redis" => {
+            let url = server_url("REDIS_URL", "Redis", "redis");
+            let store = RedisStore::builder(url.as_str())
+                .prefix(SCHEMA)
+                .build()
+                .await
+                .with_context(|| format!("cannot connect to Redis at REDIS_URL={url}"))?;
+            let name = format!("Redis (key prefix `{SCHEMA}`)");
+            demo(store, &name, &RunIds::unique()).await
+        }
         other => bail!("unknown store `{other}`: use memory, postgres or redis"),
+    }
+}
+
+/// The PostgreSQL schema and the Redis key prefix the demo keeps its data under.
+const SCHEMA: &str = "bank";
+
+/// The server URL in `var`; without one, says how to start a server and exits with status 2.
+fn server_url(var: &str, server: &str, store: &str) -> String {
+    match std::env::var(var) {
+        Ok(url) if !url.trim().is_empty() => url,
+        _ => {
+            eprintln!(
+                "error: {var} is not set: `--store {store}` needs a {server} server.\n\
+                 Start the development servers and load their addresses with\n\
+                 \n    cargo xtask db up\n    source target/es-services/dev/env\n\n\
+                 then run the demo again (or set {var} to a {server} server of your own)."
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+/// The demo's account ids. A persistent store keeps the accounts of earlier runs, so each run
+/// there gets ids of its own (`alice-<run>`); the in-memory store starts empty every time.
+struct RunIds {
+    alice: String,
+    bob: String,
+    carol: String,
+}
+
+impl RunIds {
+    fn plain() -> Self {
+        Self::with_suffix("")
+    }
+
+    fn unique() -> Self {
+        // The random tail of a fresh UUID: 8 hex digits are plenty for the runs of one demo.
+        let uuid = Uuid::new_v4().simple().to_string();
+        Self::with_suffix(&format!("-{}", &uuid[24..]))
+    }
+
+    fn with_suffix(suffix: &str) -> Self {
+        Self {
+            alice: format!("alice{suffix}"),
+            bob: format!("bob{suffix}"),
+            carol: format!("carol{suffix}"),
+        }
+    }
+
+    fn all(&self) -> [&str; 3] {
+        [&self.alice, &self.bob, &self.carol]
     }
 }
 
@@ -120,7 +199,7 @@ impl BalanceProjection {
     }
 }
 
-async fn demo<S: StreamingStore>(store: S, store_name: &str, suffix: &str) -> anyhow::Result<()> {
+async fn demo<S: StreamingStore>(store: S, store_name: &str, ids: &RunIds) -> anyhow::Result<()> {
     let mut builder = Repository::builder(store.clone())
         .snapshot_policy::<BankAccount>(SnapshotPolicy::EveryNEvents(5))
         .translator::<BankAccount, _>(PublicTranslator);
@@ -128,22 +207,21 @@ async fn demo<S: StreamingStore>(store: S, store_name: &str, suffix: &str) -> an
         builder = builder.upcaster::<BankAccount>(upcaster);
     }
     let repo = builder.build()?;
-    let alice = format!("alice{suffix}");
-    let bob = format!("bob{suffix}");
-    let carol = format!("carol{suffix}");
+    let (alice, bob, carol) = (&ids.alice, &ids.bob, &ids.carol);
 
-    println!("Bank demo on the {store_name} store\n");
+    println!("Bank demo on the {store_name} store");
+    println!("Accounts of this run: {}\n", ids.all().join(", "));
     let projection = BalanceProjection::start(&repo, store.head_position().await?);
-    commands(&repo, &projection, &alice, &bob).await?;
-    let trail = audit_trail(&store, &alice).await?;
-    history(&repo, &alice, &trail).await?;
-    snapshot(&repo, &alice).await?;
-    upcasting(&repo, &carol).await?;
-    integration_events(&store).await?;
+    commands(&repo, &projection, alice, bob).await?;
+    let trail = audit_trail(&store, alice).await?;
+    history(&repo, alice, &trail).await?;
+    snapshot(&repo, alice).await?;
+    upcasting(&repo, carol).await?;
+    integration_events(&store, ids).await?;
 
     println!("\n== Live projection ==");
     let head = store.head_position().await?;
-    for id in [&alice, &bob, &carol] {
+    for id in ids.all() {
         let balance = projection.balance_at(id, head).await?;
         println!("  {id}: {}", money(balance));
     }
@@ -310,12 +388,21 @@ async fn snapshot<S: Store>(repo: &Repository<S>, id: &str) -> anyhow::Result<()
     Ok(())
 }
 
-/// Lists the integration events waiting in the outbox: recorded with the domain events, in the
-/// same atomic append, for a relay to publish (see the bank-streaming example).
-async fn integration_events<S: StreamingStore>(store: &S) -> anyhow::Result<()> {
+/// Lists this run's integration events waiting in the outbox: recorded with the domain events,
+/// in the same atomic append, for a relay to publish (see the bank-streaming example).
+async fn integration_events<S: StreamingStore>(store: &S, ids: &RunIds) -> anyhow::Result<()> {
     println!("\n== Integration events in the outbox ==");
-    let pending = store.pending_outbox(100).await?;
-    for record in &pending {
+    // A persistent store may hold messages of earlier runs too (no relay runs in this demo).
+    let waiting = store.outbox_len().await?;
+    let pending = store.pending_outbox(waiting).await?;
+    let ours: Vec<_> = pending
+        .iter()
+        .filter(|r| {
+            r.stream_id.category() == example_bank::CATEGORY
+                && ids.all().contains(&r.stream_id.id())
+        })
+        .collect();
+    for record in &ours {
         let m = &record.message;
         println!(
             "  #{:<3} {} key={} {} v{} {}  (from event {})",
@@ -328,7 +415,15 @@ async fn integration_events<S: StreamingStore>(store: &S) -> anyhow::Result<()> 
             short(Some(m.source_event_id)),
         );
     }
-    println!("  {} message(s) waiting for the relay", pending.len());
+    let earlier = pending.len() - ours.len();
+    if earlier == 0 {
+        println!("  {} message(s) waiting for the relay", ours.len());
+    } else {
+        println!(
+            "  {} message(s) of this run waiting for the relay, {earlier} more from earlier runs",
+            ours.len()
+        );
+    }
     Ok(())
 }
 

@@ -1,0 +1,79 @@
+//! Command-line selection and scale: which groups run, and whether this is a quick smoke run.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static QUICK: AtomicBool = AtomicBool::new(false);
+
+/// Every group, in the order they run.
+pub(crate) const GROUPS: &[&str] = &["memory", "postgres", "redis", "kafka"];
+
+/// Whether `--quick` was given: small sizes and few repetitions, to check that every benchmark
+/// runs end to end. Its figures are not meant to be quoted.
+pub(crate) fn quick() -> bool {
+    QUICK.load(Ordering::Relaxed)
+}
+
+/// `full` normally, `quick` in a quick run.
+pub(crate) fn pick<T>(full: T, quick: T) -> T {
+    if self::quick() {
+        quick
+    } else {
+        full
+    }
+}
+
+/// The parsed command line.
+#[derive(Debug)]
+pub(crate) struct Args {
+    /// Selected groups and workloads (`memory`, `memory:rehydrate`, ...); empty means all.
+    selected: Vec<String>,
+}
+
+pub(crate) const USAGE: &str = "\
+Usage: es-bench [--quick] [GROUP | GROUP:WORKLOAD]...
+
+Groups: memory, postgres, redis, kafka (all when none is given).
+Workloads narrow a group, e.g. `memory:rehydrate`, `memory:dispatch`, `memory:append`,
+`memory:catch-up`, `postgres:append`, `postgres:read`, `postgres:rehydrate`,
+`postgres:catch-up`, `redis:append`, `redis:read`, `redis:catch-up`.
+
+  --quick   small sizes and few repetitions: a smoke check that every benchmark runs
+
+Environment: DATABASE_URL, REDIS_URL, KAFKA_BROKERS (`cargo xtask bench` sets them).
+";
+
+impl Args {
+    /// Parses `args`; `Err` carries the message to print (usage or an error).
+    pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Self, String> {
+        let mut selected = Vec::new();
+        for arg in args {
+            match arg.as_str() {
+                "--quick" => QUICK.store(true, Ordering::Relaxed),
+                "-h" | "--help" => return Err(USAGE.to_owned()),
+                other if GROUPS.contains(&other.split(':').next().unwrap_or_default()) => {
+                    selected.push(other.to_owned());
+                }
+                other => return Err(format!("unknown argument `{other}`\n\n{USAGE}")),
+            }
+        }
+        Ok(Self { selected })
+    }
+
+    /// Whether any workload of `group` runs.
+    pub(crate) fn group(&self, group: &str) -> bool {
+        self.selected.is_empty()
+            || self
+                .selected
+                .iter()
+                .any(|s| s.split(':').next() == Some(group))
+    }
+
+    /// Whether `workload` of `group` runs.
+    pub(crate) fn wants(&self, group: &str, workload: &str) -> bool {
+        self.selected.is_empty()
+            || self.selected.iter().any(|s| match s.split_once(':') {
+                None => s == group,
+                Some((g, w)) => g == group && w == workload,
+            })
+    }
+}
