@@ -55,8 +55,12 @@
 //!   `(category, global_position)` serves category reads and subscriptions; the primary key
 //!   serves the global feed. Text columns use the `"C"` collation (stream ids are ASCII).
 //! - `snapshots`: one row per stream, written upsert-if-newer.
-//! - sequences `positions`, `tickets` and `clock` (allocation state, see below),
-//!   `schema_migrations` (bookkeeping), and the function `append_events`.
+//! - `outbox`: integration messages waiting for delivery, keyed by an outbox `position`; `payload`
+//!   and `metadata` are `json` (checked by PostgreSQL, kept byte for byte).
+//! - `relay_leases`: the outbox relay's lease (owner and expiry, on the database clock).
+//! - `checkpoints`: one row per projection, the global position it has handled up to.
+//! - sequences `positions`, `outbox_positions`, `tickets` and `clock` (allocation state, see
+//!   below), `schema_migrations` (bookkeeping), and the function `append_events`.
 //!
 //! A stream's version is its highest stored `stream_version`; there is no separate streams
 //! table to update on every append.
@@ -129,7 +133,11 @@
 //! pages start at known versions, keep two pages in flight). Pages grow from 512 rows to 10,000
 //! rows or about 8 MiB of payload. `read_all` filters by category and event type in SQL. Against
 //! one unpaged raw SELECT decoded into the same `RecordedEvent`s, reading a 10k-event stream ran
-//! at 0.79x - 0.93x and `read_all` of 100k events at 0.65x - 0.83x in the same runs as above.
+//! at 0.79x - 0.93x and `read_all` of 100k events at 0.65x - 0.83x in the same runs as above; in
+//! later runs of the read benchmarks alone (a less loaded machine), 1.22x - 1.36x (three runs)
+//! and 0.90x - 1.01x (five runs). The remaining gap of `read_all` is the page buffer: events are
+//! decoded into a page on the fetching task and handed over, where the raw loop drops each row
+//! right away.
 //!
 //! [`EventStore::subscribe`] is es-core's catch-up-then-live loop over `read_all`. Its wake-ups
 //! come from a listener task: `LISTEN <schema>_events` on a connection of the pool, a
@@ -164,10 +172,86 @@
 //! Build pools with `test_before_acquire(false)`: sqlx otherwise pings before every checkout, a
 //! round trip per query. [`PgStore::connect`] does.
 //!
-//! # Not yet supported
+//! # Outbox and relay
 //!
-//! The transactional outbox of es-core's streaming contract: an [`AppendRequest`] with outbox
-//! messages is refused with [`StoreError::InvalidRequest`] (never silently dropped).
+//! [`PgStore`] implements [`OutboxStore`](es_core::OutboxStore) and
+//! [`CheckpointStore`](es_core::CheckpointStore), so it is an
+//! [`es_core::StreamingStore`] for es-core's repository translators, [`Relay`](es_core::Relay)
+//! and projection runner. The outbox messages of an [`AppendRequest`] are written by the same
+//! `append_events` call as its events, so they commit together or not at all: a conflicting,
+//! duplicate (idempotent retry) or failed append writes none. Their outbox positions are drawn in
+//! the serialized allocation section together with the global positions, and commits follow
+//! allocation order, so outbox order is commit order and a stream's messages are in stream
+//! order. [`pending_outbox`](es_core::OutboxStore::pending_outbox) returns the oldest records;
+//! [`mark_delivered`](es_core::OutboxStore::mark_delivered) deletes them (the events stay as the
+//! audit trail). The relay lease is a row of `relay_leases`, taken when free, expired or already
+//! held by the same owner, with expiry on the database clock so relays on hosts with skewed
+//! clocks agree. Delivery is at least once: a relay that dies after the broker acknowledged a
+//! batch and before marking it makes the next relay publish that batch again, with the same
+//! message ids.
+//!
+//! # Projections
+//!
+//! Checkpoints live in the `checkpoints` table. With es-core's at-least-once runner a checkpoint
+//! is raised after the handler ran (never lowered, see
+//! [`save_checkpoint`](es_core::CheckpointStore::save_checkpoint)). For read models in the same
+//! database, [`ExactlyOnce`] runs a [`PgProjection`] so that each batch's read-model writes and
+//! its checkpoint commit in one transaction: after any crash every event has been applied
+//! exactly once. A rebuild ([`es_core::ProjectionHandle::rebuild`]) drops the read model and the
+//! checkpoint in one transaction and replays from position 0. An event whose handler keeps
+//! failing stops the runner with an error naming the projection, the event's id, type, stream,
+//! stream version and global position; the events before it are committed with their checkpoint.
+//!
+//! ```no_run
+//! use es_core::projection::HandlerError;
+//! use es_core::{EventFilter, ProjectionRunner, RecordedEvent};
+//! use es_postgres::{ExactlyOnce, PgProjection, PgStore};
+//! use sqlx::PgConnection;
+//!
+//! /// Events per stream, in table `app.event_counts (stream_id text primary key, n bigint)`.
+//! struct EventCounts;
+//!
+//! impl PgProjection for EventCounts {
+//!     fn name(&self) -> &str {
+//!         "event_counts"
+//!     }
+//!
+//!     fn filter(&self) -> EventFilter {
+//!         EventFilter::all().category("account")
+//!     }
+//!
+//!     async fn handle(
+//!         &mut self,
+//!         tx: &mut PgConnection,
+//!         event: &RecordedEvent,
+//!     ) -> Result<(), HandlerError> {
+//!         sqlx::query(
+//!             "INSERT INTO app.event_counts (stream_id, n) VALUES ($1, 1) \
+//!              ON CONFLICT (stream_id) DO UPDATE SET n = app.event_counts.n + 1",
+//!         )
+//!         .bind(event.stream_id.as_str())
+//!         .execute(&mut *tx)
+//!         .await?;
+//!         Ok(())
+//!     }
+//!
+//!     async fn reset(&mut self, tx: &mut PgConnection) -> Result<(), HandlerError> {
+//!         sqlx::query("TRUNCATE app.event_counts").execute(&mut *tx).await?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # async fn example(store: PgStore) {
+//! let handle = ProjectionRunner::new(store.clone()).spawn(ExactlyOnce::new(&store, EventCounts));
+//! // ... later: replay from position 0 into an emptied table.
+//! handle.rebuild().await.expect("rebuild");
+//! # }
+//! # fn main() { let _ = example; }
+//! ```
+//!
+//! Inline projections ([`PgStoreBuilder::inline_projection`]) run inside the append's own
+//! transaction instead: the read model is never behind the events, at the price of the
+//! handler's round trips on every append.
 #![doc(test(attr(deny(warnings))))]
 
 mod codec;
@@ -319,8 +403,9 @@ impl PgStoreBuilder {
     /// its group commit run again without it. A database error that concerns the whole group (a
     /// dropped connection, a deadlock) is handled like one of the append itself.
     ///
-    /// Every append then takes an explicit transaction and the handler's round trips, with the
-    /// group's stream locks held: keep handlers short (see the crate docs for the measured cost).
+    /// Every append then takes an explicit transaction (`BEGIN`, the append, the handlers, the
+    /// wait for its turn to commit, `COMMIT`: several round trips instead of one) with the
+    /// group's stream locks held while the handlers run: keep handlers short.
     ///
     /// ```no_run
     /// # async fn example(pool: sqlx::PgPool) -> Result<(), es_postgres::Error> {

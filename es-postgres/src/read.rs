@@ -2,15 +2,22 @@
 //!
 //! A read runs one short query per page (`... AND stream_version >= $next ORDER BY .. LIMIT n`),
 //! so a huge stream never sits in memory and no transaction stays open while the caller consumes
-//! events. While the caller consumes one page, the next one is already being fetched (at most one
-//! page ahead). Pages start small (a snapshot load usually reads a few events) and grow up to
-//! [`MAX_PAGE`] rows or about [`PAGE_BYTES`] of payload.
+//! events. While the caller consumes one page, the next one is already being fetched. Pages start
+//! small (a snapshot load usually reads a few events) and grow up to [`MAX_PAGE`] rows or about
+//! [`PAGE_BYTES`] of payload.
+//!
+//! Stream reads know where the next page starts before the current one arrives (versions are
+//! dense), so they keep two pages in flight; `read_all` learns it from the page's last event
+//! (positions have gaps where appends failed after their allocation).
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use es_core::{Direction, EventStream, ReadAll, ReadStream, RecordedEvent, StoreError, StreamId};
-use futures::TryStreamExt;
+use futures::{Stream, TryStreamExt};
 use sqlx::postgres::PgPool;
 use sqlx::AssertSqlSafe;
 use tokio::task::JoinHandle;
@@ -158,7 +165,7 @@ pub(crate) fn read_all(pool: PgPool, sql: Arc<Sql>, read: ReadAll) -> EventStrea
 }
 
 fn reader(pool: PgPool, sql: Arc<Sql>, cursor: Option<Cursor>, limit: Option<u64>) -> EventStream {
-    let state = Reader {
+    Box::pin(Reader {
         pool,
         sql,
         cursor,
@@ -167,23 +174,41 @@ fn reader(pool: PgPool, sql: Arc<Sql>, cursor: Option<Cursor>, limit: Option<u64
         max_rows: MAX_PAGE,
         buffer: Vec::new().into_iter(),
         ahead: VecDeque::new(),
-    };
-    Box::pin(futures::stream::unfold(state, |mut st| async move {
+    })
+}
+
+/// Hands out the buffered page event by event, without an allocation or a future per event;
+/// between pages it waits for the page fetched in the background.
+impl Stream for Reader {
+    type Item = Result<RecordedEvent, StoreError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
         loop {
-            if let Some(event) = st.buffer.next() {
-                return Some((Ok(event), st));
+            if let Some(event) = this.buffer.next() {
+                return Poll::Ready(Some(Ok(event)));
             }
-            match st.next_page().await {
-                Ok(true) => {}
-                Ok(false) => return None,
+            this.request_pages();
+            let Some(front) = this.ahead.front_mut() else {
+                return Poll::Ready(None);
+            };
+            let fetched = ready!(Pin::new(&mut front.task.0).poll(cx));
+            let Some(Ahead { start, rows, .. }) = this.ahead.pop_front() else {
+                return Poll::Ready(None);
+            };
+            let page = fetched
+                .map_err(|e| StoreError::backend(format!("page fetch failed: {e}")))
+                .and_then(|page| page);
+            match page {
+                Ok(page) => this.take_page(page, &start, rows),
                 Err(err) => {
-                    st.cursor = None;
-                    st.ahead.clear();
-                    return Some((Err(err), st));
+                    this.cursor = None;
+                    this.ahead.clear();
+                    return Poll::Ready(Some(Err(err)));
                 }
             }
         }
-    }))
+    }
 }
 
 impl Reader {
@@ -210,15 +235,13 @@ impl Reader {
         });
     }
 
-    /// Loads the next page into the buffer; `false` at the end of the read.
-    ///
-    /// Keeps the following page in flight while the caller consumes this one; for stream reads,
-    /// whose pages start at known versions, also while this one is being fetched.
-    async fn next_page(&mut self) -> Result<bool, StoreError> {
+    /// Makes sure the next page is requested, and the one after it too when its start is known
+    /// without reading the next one (stream reads). Does nothing when both are requested
+    /// already, so it may run again after the caller was told to wait.
+    fn request_pages(&mut self) {
         if self.ahead.is_empty() {
-            match self.cursor.take() {
-                Some(cursor) => self.spawn(cursor),
-                None => return Ok(false),
+            if let Some(cursor) = self.cursor.take() {
+                self.spawn(cursor);
             }
         }
         if self.ahead.len() == 1 {
@@ -226,17 +249,11 @@ impl Reader {
                 self.spawn(cursor);
             }
         }
-        let Some(Ahead {
-            mut task,
-            start,
-            rows,
-        }) = self.ahead.pop_front()
-        else {
-            return Ok(false);
-        };
-        let page = (&mut task.0)
-            .await
-            .map_err(|e| StoreError::backend(format!("page fetch failed: {e}")))??;
+    }
+
+    /// Takes a fetched page of the `rows` requested at `start` into the buffer, and works out
+    /// where the read goes on.
+    fn take_page(&mut self, page: Vec<RecordedEvent>, start: &Cursor, rows: u64) {
         let got = page.len() as u64;
         let next = match page.last() {
             Some(last) if got == rows => start.after(last),
@@ -252,7 +269,7 @@ impl Reader {
                     self.remaining += dropped.rows;
                 }
                 self.remaining += rows - got;
-                self.cursor = if got == rows { next } else { None };
+                self.cursor = next;
             }
         }
         let bytes: u64 = page.iter().map(|e| e.payload.len() as u64 + 128).sum();
@@ -267,7 +284,6 @@ impl Reader {
             }
         }
         self.buffer = page.into_iter();
-        Ok(got > 0)
     }
 }
 

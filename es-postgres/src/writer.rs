@@ -330,7 +330,7 @@ impl Writer {
         };
         let result = if deferred {
             call_inline(
-                &mut **conn,
+                conn,
                 query,
                 jobs,
                 &self.inline,

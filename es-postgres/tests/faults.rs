@@ -478,7 +478,7 @@ async fn relay_survives_a_postgres_restart() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let published_before = broker.received.lock().unwrap().len();
     server.kill9().expect("kill -9");
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     server.restart().expect("restart");
     tokio::time::sleep(Duration::from_millis(2500)).await;
     stop.store(true, Ordering::Relaxed);

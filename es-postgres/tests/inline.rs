@@ -148,10 +148,8 @@ async fn sees_exactly_the_committed_events_once() {
         tasks.push(tokio::spawn(async move {
             let stream = StreamId::new("acct", &format!("{}", w % 5)).unwrap();
             let mut written = 0;
-            for i in 0..20u64 {
-                let events = (0..=(i % 3))
-                    .map(|k| event("Credited", k as i64 + 1))
-                    .collect();
+            for i in 0..20i64 {
+                let events = (0..=(i % 3)).map(|k| event("Credited", k + 1)).collect();
                 match store
                     .append(AppendRequest::new(
                         stream.clone(),

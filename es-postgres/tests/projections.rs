@@ -408,7 +408,7 @@ async fn two_runners_of_one_projection_apply_each_event_once() {
 }
 
 /// Rebuilding truncates the read model and the checkpoint in one transaction and replays to
-/// identical table contents.
+/// identical table contents, even when the table was damaged in between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rebuild_from_zero_gives_identical_tables() {
     let (store, pool) = store_with_read_model().await;
@@ -420,6 +420,16 @@ async fn rebuild_from_zero_gives_identical_tables() {
     let handled_before = handled(&pool, &store).await;
     assert_eq!(before.len(), 3);
 
+    // A damaged read model (the bug a rebuild repairs): the replay starts from an empty table.
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE \"{}\".balances SET balance = balance * 2 + 1, entries = 0",
+        store.schema()
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_ne!(balances(&pool, &store).await, before);
+
     handle.rebuild().await.unwrap();
     patiently("rebuild", handle.wait_for(last)).await;
     assert_eq!(balances(&pool, &store).await, before);
@@ -428,8 +438,9 @@ async fn rebuild_from_zero_gives_identical_tables() {
     assert_exactly_once(&pool, &store).await;
 }
 
-/// An event that always fails stops the projection with an error naming its id, stream and
-/// position; the events before it are committed with their checkpoint, nothing after it is.
+/// An event that always fails stops the projection with an error naming its id, type, stream,
+/// stream version and position; the events before it are committed with their checkpoint,
+/// nothing after it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_poisoned_event_stops_the_projection_after_committing_the_events_before_it() {
     let (store, pool) = store_with_read_model().await;
@@ -456,7 +467,9 @@ async fn a_poisoned_event_stops_the_projection_after_committing_the_events_befor
     for part in [
         poisoned.event_ids[0].to_string(),
         "`ledger-x`".to_owned(),
+        format!("version {}", poisoned.version),
         format!("global position {poison}"),
+        "Credited".to_owned(),
         "cannot handle".to_owned(),
     ] {
         assert!(
@@ -485,4 +498,77 @@ async fn a_poisoned_event_stops_the_projection_after_committing_the_events_befor
         u64::try_from(*before.last().unwrap()).unwrap()
     );
     handle.shutdown().await;
+}
+
+/// A stored event the read model cannot decode (an event type the ledger does not know) poisons
+/// the projection the same way: it stops on that event, names it, and keeps everything before it
+/// committed; a restarted runner stops on it again instead of skipping it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_undecodable_event_stops_the_projection_and_is_not_skipped() {
+    let (store, pool) = store_with_read_model().await;
+    let repo = Repository::new(store.clone());
+    activity(&repo, &["y"], 2).await;
+    let stream = StreamId::new("ledger", "y").unwrap();
+    let bad = store
+        .append(AppendRequest::new(
+            stream,
+            ExpectedVersion::Any,
+            vec![NewEvent::from_value(
+                "Exploded",
+                1,
+                &json!({ "boom": true }),
+            )],
+        ))
+        .await
+        .unwrap();
+    let poison = bad.positions[0];
+    let after = activity(&repo, &["z"], 1).await;
+    let before: Vec<i64> = ledger_positions(&pool, &store)
+        .await
+        .into_iter()
+        .filter(|p| u64::try_from(*p).unwrap() < poison)
+        .collect();
+    let last_before = u64::try_from(*before.last().unwrap()).unwrap();
+
+    for run in 0..2 {
+        let handle = runner(&store, 1000).spawn(ExactlyOnce::new(&store, Balances::new(&store)));
+        let status = patiently("the projection stops", handle.wait_for(after)).await;
+        let ProjectionStatus::Failed(failure) = status else {
+            panic!("run {run}: expected the projection to fail, got {status:?}");
+        };
+        assert_eq!(failure.position, Some(poison), "run {run}");
+        for part in [
+            "`balances`".to_owned(),
+            "Exploded".to_owned(),
+            "`ledger-y`".to_owned(),
+            format!("version {}", bad.stream_version),
+            format!("global position {poison}"),
+        ] {
+            assert!(
+                failure.message.contains(&part),
+                "run {run}: names {part}: {}",
+                failure.message
+            );
+        }
+        assert_eq!(
+            store.load_checkpoint("balances").await.unwrap(),
+            last_before,
+            "run {run}: the checkpoint stops right before the poisoned event"
+        );
+        handle.shutdown().await;
+    }
+    assert_eq!(
+        balance_of(&pool, &store, "ledger-y").await,
+        expected_balance(2)
+    );
+    assert_eq!(balance_of(&pool, &store, "ledger-z").await, 0);
+    let applied: Vec<i64> = handled(&pool, &store)
+        .await
+        .iter()
+        .map(|(p, n)| {
+            assert_eq!(*n, 1);
+            *p
+        })
+        .collect();
+    assert_eq!(applied, before);
 }
