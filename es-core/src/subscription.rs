@@ -1,25 +1,23 @@
 //! Catch-up-then-live subscriptions over any [`EventStore`], built from `read_all`,
 //! `head_position` and `wait_for_append`.
 //!
-//! The loop reads pages of the global feed after the last delivered position. When a page comes
-//! back short the subscriber is caught up with everything visible when the page was read, and it
-//! waits for the backend's wake-up (broadcast, LISTEN/NOTIFY, XREAD BLOCK) or its polling interval.
-//! Correctness rests on the store's never-skip contract; the wake-up only affects latency.
+//! The loop reads the global feed after the last delivered position with one `read_all` that
+//! runs to the end of what is visible, yielding events as the backend streams them (so catching
+//! up runs at the backend's read-all speed, with its own paging and prefetching). When that read
+//! ends, the subscriber is caught up with everything visible when it started, and it waits for
+//! the backend's wake-up (broadcast, LISTEN/NOTIFY, XREAD BLOCK) or its polling interval, then
+//! reads again. Correctness rests on the store's never-skip contract; the wake-up only affects
+//! latency.
 //!
 //! With a filter, the last delivered position can lag far behind the head; the loop then also
 //! reads the head before each read and, once caught up, moves past it, so that it waits for
 //! events after the head rather than rescanning.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
-use futures::TryStreamExt;
+use futures::StreamExt;
 
-use crate::event::RecordedEvent;
 use crate::store::{EventFilter, EventStore, EventStream, ReadAll, StoreError};
-
-/// Events fetched per page while catching up.
-pub const PAGE_SIZE: u64 = 1000;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -29,10 +27,19 @@ struct State<S> {
     filter: EventFilter,
     /// Every event up to here has been delivered or filtered out.
     after: u64,
-    buffer: VecDeque<RecordedEvent>,
+    /// The read in progress, if any.
+    reading: Option<Reading>,
     caught_up: bool,
     backoff: Duration,
     done: bool,
+}
+
+/// One `read_all` to the end of the visible feed.
+struct Reading {
+    events: EventStream,
+    /// The head read just before it started (filtered reads only): once the read ends, every
+    /// event up to here that the filter lets through has been delivered.
+    head_before: Option<u64>,
 }
 
 pub(crate) fn subscribe<S: EventStore>(store: S, after: u64, filter: EventFilter) -> EventStream {
@@ -40,71 +47,78 @@ pub(crate) fn subscribe<S: EventStore>(store: S, after: u64, filter: EventFilter
         store,
         filter,
         after,
-        buffer: VecDeque::new(),
+        reading: None,
         caught_up: false,
         backoff: MIN_BACKOFF,
         done: false,
     };
     Box::pin(futures::stream::unfold(state, |mut st| async move {
         loop {
-            if let Some(event) = st.buffer.pop_front() {
-                return Some((Ok(event), st));
-            }
             if st.done {
                 return None;
             }
-            if st.caught_up {
-                st.store.wait_for_append(st.after).await;
-                st.caught_up = false;
-            }
-            match st.fetch().await {
-                Ok(()) => st.backoff = MIN_BACKOFF,
-                Err(err) if err.is_transient() => {
-                    tracing::warn!(error = %err, after = st.after, "subscription read failed; retrying");
-                    tokio::time::sleep(st.backoff).await;
-                    st.backoff = (st.backoff * 2).min(MAX_BACKOFF);
+            let failure = match st.reading.as_mut() {
+                Some(reading) => match reading.events.next().await {
+                    Some(Ok(event)) => {
+                        st.backoff = MIN_BACKOFF;
+                        // The store never returns positions at or below `after`; this guard
+                        // keeps the subscription strictly increasing even if a backend
+                        // re-delivers after a reconnect.
+                        if event.global_position > st.after {
+                            st.after = event.global_position;
+                            return Some((Ok(event), st));
+                        }
+                        continue;
+                    }
+                    Some(Err(err)) => err,
+                    None => {
+                        // Everything visible before the read was scanned, and nothing at or
+                        // below a visible position can appear later.
+                        let head = reading.head_before.unwrap_or(0);
+                        st.reading = None;
+                        st.after = st.after.max(head);
+                        st.caught_up = true;
+                        continue;
+                    }
+                },
+                None => {
+                    if st.caught_up {
+                        st.store.wait_for_append(st.after).await;
+                        st.caught_up = false;
+                    }
+                    match st.start_reading().await {
+                        Ok(()) => continue,
+                        Err(err) => err,
+                    }
                 }
-                Err(err) => {
-                    st.done = true;
-                    return Some((Err(err), st));
-                }
+            };
+            st.reading = None;
+            if failure.is_transient() {
+                tracing::warn!(error = %failure, after = st.after, "subscription read failed; retrying");
+                tokio::time::sleep(st.backoff).await;
+                st.backoff = (st.backoff * 2).min(MAX_BACKOFF);
+            } else {
+                st.done = true;
+                return Some((Err(failure), st));
             }
         }
     }))
 }
 
 impl<S: EventStore> State<S> {
-    async fn fetch(&mut self) -> Result<(), StoreError> {
+    async fn start_reading(&mut self) -> Result<(), StoreError> {
         let head_before = if self.filter.is_empty() {
             None
         } else {
             Some(self.store.head_position().await?)
         };
-        let page: Vec<RecordedEvent> = self
+        let events = self
             .store
-            .read_all(
-                ReadAll::after(self.after)
-                    .limit(PAGE_SIZE)
-                    .filter(self.filter.clone()),
-            )
-            .try_collect()
-            .await?;
-        let full = page.len() as u64 == PAGE_SIZE;
-        for event in page {
-            // The store never returns positions at or below `after`; this guard keeps the
-            // subscription strictly increasing even if a backend re-delivers after a reconnect.
-            if event.global_position > self.after {
-                self.after = event.global_position;
-                self.buffer.push_back(event);
-            }
-        }
-        if !full {
-            // Everything visible before the read was scanned, and nothing at or below a visible
-            // position can appear later: events up to `head_before` that the filter let through
-            // have all been delivered.
-            self.after = self.after.max(head_before.unwrap_or(0));
-            self.caught_up = true;
-        }
+            .read_all(ReadAll::after(self.after).filter(self.filter.clone()));
+        self.reading = Some(Reading {
+            events,
+            head_before,
+        });
         Ok(())
     }
 }
