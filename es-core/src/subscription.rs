@@ -57,8 +57,8 @@ pub(crate) fn subscribe<S: EventStore>(store: S, after: u64, filter: EventFilter
             if st.done {
                 return None;
             }
-            let failure = match st.reading.as_mut() {
-                Some(reading) => match reading.events.next().await {
+            let failure = if let Some(reading) = st.reading.as_mut() {
+                match reading.events.next().await {
                     Some(Ok(event)) => {
                         st.backoff = MIN_BACKOFF;
                         // The store never returns positions at or below `after`; this guard
@@ -80,16 +80,15 @@ pub(crate) fn subscribe<S: EventStore>(store: S, after: u64, filter: EventFilter
                         st.caught_up = true;
                         continue;
                     }
-                },
-                None => {
-                    if st.caught_up {
-                        st.store.wait_for_append(st.after).await;
-                        st.caught_up = false;
-                    }
-                    match st.start_reading().await {
-                        Ok(()) => continue,
-                        Err(err) => err,
-                    }
+                }
+            } else {
+                if st.caught_up {
+                    st.store.wait_for_append(st.after).await;
+                    st.caught_up = false;
+                }
+                match st.start_reading().await {
+                    Ok(()) => continue,
+                    Err(err) => err,
                 }
             };
             st.reading = None;
