@@ -16,6 +16,7 @@
 mod config;
 mod domain;
 mod kafka;
+mod load;
 mod memory;
 mod postgres;
 mod projection;

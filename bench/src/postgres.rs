@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::config::{pick, Args};
 use crate::domain::{self, Order};
+use crate::load::{read_repeats, round, rounds, timed};
 use crate::report::{heap_size, rate, Report, Row as ReportRow, Samples};
 use crate::PEAK;
 
@@ -33,21 +34,6 @@ const GROUP: &str = "es-postgres";
 const READ_EVENTS: u64 = 10_000;
 /// Events in the feed that read-all and projection catch-up go over.
 const FEED_EVENTS: u64 = 100_000;
-
-/// Length of one timed append round.
-fn round() -> Duration {
-    pick(Duration::from_secs(2), Duration::from_millis(500))
-}
-
-/// Pairs of rounds per append workload.
-fn rounds() -> usize {
-    pick(5, 1)
-}
-
-/// Pairs of runs per read workload.
-fn read_repeats() -> usize {
-    pick(7, 2)
-}
 
 const PAYLOAD: &str = r#"{"order_id": "ord_7f3c2a9e-4b1d-4c8e-9a2f-1e5d6c7b8a90", "customer_id": "cus_42a1b3c4", "currency": "EUR", "total_cents": 12999, "items": [{"sku": "SKU-RED-SHIRT-M", "qty": 2}, {"sku": "SKU-JEANS-32", "qty": 1}]}"#;
 
@@ -204,36 +190,6 @@ fn metadata() -> Metadata {
 async fn checkpoint(pool: &PgPool) {
     // Needs superuser; without it the rounds are merely noisier.
     let _ = sqlx::query("CHECKPOINT").execute(pool).await;
-}
-
-/// Runs `tasks` concurrent loops of `op(task, iteration)` for one round; returns ops completed.
-async fn timed<F, Fut>(tasks: usize, op: F) -> anyhow::Result<(u64, Duration)>
-where
-    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
-{
-    let op = Arc::new(op);
-    let done = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let deadline = start + round();
-    let mut handles = Vec::new();
-    for t in 0..tasks {
-        let op = Arc::clone(&op);
-        let done = Arc::clone(&done);
-        handles.push(tokio::spawn(async move {
-            let mut i = 0;
-            while Instant::now() < deadline {
-                op(t, i).await?;
-                i += 1;
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for h in handles {
-        h.await??;
-    }
-    Ok((done.load(Ordering::Relaxed), start.elapsed()))
 }
 
 async fn appends(

@@ -10,7 +10,6 @@
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -27,6 +26,7 @@ use redis::Value;
 use uuid::Uuid;
 
 use crate::config::{pick, Args};
+use crate::load::{read_repeats, round, rounds, timed};
 use crate::report::{heap_size, rate, Report, Row, Samples};
 use crate::PEAK;
 
@@ -35,20 +35,6 @@ const READ_EVENTS: u64 = 10_000;
 /// Events in the feed that read-all and projection catch-up go over.
 const FEED_EVENTS: u64 = 100_000;
 
-/// Length of one timed append round.
-fn round() -> Duration {
-    pick(Duration::from_secs(2), Duration::from_millis(500))
-}
-
-/// Pairs of rounds per append workload.
-fn rounds() -> usize {
-    pick(5, 1)
-}
-
-/// Pairs of runs per read workload.
-fn read_repeats() -> usize {
-    pick(7, 2)
-}
 /// Page size of the store's reads, used by the raw read baselines too.
 const PAGE: u64 = 512;
 
@@ -157,36 +143,6 @@ fn new_event() -> NewEvent {
     NewEvent::new("OrderPlaced", 1, PAYLOAD)
         .expect("valid JSON")
         .with_metadata(metadata())
-}
-
-/// Runs `tasks` concurrent loops of `op(task, iteration)` for one round; returns ops completed.
-async fn timed<F, Fut>(tasks: usize, op: F) -> anyhow::Result<(u64, Duration)>
-where
-    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
-{
-    let op = Arc::new(op);
-    let done = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let deadline = start + round();
-    let mut handles = Vec::new();
-    for t in 0..tasks {
-        let op = Arc::clone(&op);
-        let done = Arc::clone(&done);
-        handles.push(tokio::spawn(async move {
-            let mut i = 0;
-            while Instant::now() < deadline {
-                op(t, i).await?;
-                i += 1;
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for h in handles {
-        h.await??;
-    }
-    Ok((done.load(Ordering::Relaxed), start.elapsed()))
 }
 
 /// The raw baseline's `XADD`s for one event: to a per-stream key and to a feed key, with the
