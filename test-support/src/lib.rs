@@ -296,14 +296,73 @@ impl Drop for PgServer {
     }
 }
 
+/// A server run as a child process on a loopback port: killed when dropped unless detached.
+#[derive(Debug)]
+struct ChildServer {
+    /// What it is, for messages.
+    what: &'static str,
+    port: u16,
+    child: Option<Child>,
+    detached: bool,
+}
+
+impl ChildServer {
+    fn new(what: &'static str, port: u16) -> Self {
+        Self {
+            what,
+            port,
+            child: None,
+            detached: false,
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the process with SIGKILL and waits until it exited and its port closed.
+    fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        wait_for_port(self.port, false, Duration::from_secs(30), self.what)
+    }
+
+    /// Kills the process if this value started it and it was not killed yet.
+    fn kill_if_running(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            self.kill9()?;
+        }
+        Ok(())
+    }
+
+    /// Leaves the process running when this value is dropped; returns its port and pid.
+    fn detach(&mut self) -> (u16, Option<u32>) {
+        self.detached = true;
+        (self.port, self.pid())
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A redis-server child process of its own.
 #[derive(Debug)]
 pub struct RedisServer {
     dir: PathBuf,
     port: u16,
     args: Vec<String>,
-    child: Option<Child>,
-    detached: bool,
+    server: ChildServer,
 }
 
 impl RedisServer {
@@ -311,12 +370,12 @@ impl RedisServer {
     /// (for example `["--appendonly", "yes", "--appendfsync", "always"]`).
     pub fn start(dir: &Path, args: &[&str]) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
+        let port = free_port()?;
         let mut server = Self {
             dir: dir.canonicalize()?,
-            port: free_port()?,
+            port,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
-            child: None,
-            detached: false,
+            server: ChildServer::new("redis-server", port),
         };
         server.spawn()?;
         Ok(server)
@@ -342,7 +401,7 @@ impl RedisServer {
                      `apt-get install -y redis-server` (or run .ci/run)"
                 ))
             })?;
-        self.child = Some(child);
+        self.server.child = Some(child);
         wait_for_port(self.port, true, Duration::from_secs(30), "redis-server").map_err(|e| {
             let log = std::fs::read_to_string(&log).unwrap_or_default();
             ServerError(format!("{e}\nredis log:\n{log}"))
@@ -361,42 +420,23 @@ impl RedisServer {
 
     /// The server's process id.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.server.pid()
     }
 
     /// Kills the server with SIGKILL and waits for it to exit.
     pub fn kill9(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        wait_for_port(self.port, false, Duration::from_secs(30), "redis-server")
+        self.server.kill9()
     }
 
     /// Starts the server again on the same port and data directory (it reloads its AOF).
     pub fn restart(&mut self) -> Result<()> {
-        if self.child.is_some() {
-            self.kill9()?;
-        }
+        self.server.kill_if_running()?;
         self.spawn()
     }
 
     /// Leaves the server running when this value is dropped; returns its port and pid.
     pub fn detach(mut self) -> (u16, Option<u32>) {
-        self.detached = true;
-        (self.port, self.pid())
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        if self.detached {
-            return;
-        }
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.server.detach()
     }
 }
 
@@ -475,8 +515,7 @@ pub struct KafkaBroker {
     dir: PathBuf,
     port: u16,
     storage: KafkaStorage,
-    child: Option<Child>,
-    detached: bool,
+    server: ChildServer,
 }
 
 impl KafkaBroker {
@@ -484,12 +523,12 @@ impl KafkaBroker {
     /// [`KafkaStorage::Sqlite`], keeping its data in `dir/tansu.db`.
     pub fn start(dir: &Path, storage: KafkaStorage) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
+        let port = free_port()?;
         let mut broker = Self {
             dir: dir.canonicalize()?,
-            port: free_port()?,
+            port,
             storage,
-            child: None,
-            detached: false,
+            server: ChildServer::new("tansu", port),
         };
         broker.spawn()?;
         Ok(broker)
@@ -524,7 +563,7 @@ impl KafkaBroker {
                     bin.display()
                 ))
             })?;
-        self.child = Some(child);
+        self.server.child = Some(child);
         let up = wait_for_port(self.port, true, Duration::from_secs(30), "tansu");
         if let Err(e) = up.and_then(|()| self.wait_until_serving()) {
             let log = std::fs::read_to_string(&log).unwrap_or_default();
@@ -545,7 +584,7 @@ impl KafkaBroker {
     fn wait_until_serving(&mut self) -> Result<()> {
         let start = Instant::now();
         loop {
-            if let Some(child) = self.child.as_mut() {
+            if let Some(child) = self.server.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
                     return Err(ServerError(format!("tansu exited: {status}")));
                 }
@@ -589,7 +628,7 @@ impl KafkaBroker {
 
     /// The broker's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.server.pid()
     }
 
     /// Creates `topic` with `partitions` partitions with `tansu topic create`.
@@ -606,37 +645,18 @@ impl KafkaBroker {
 
     /// Kills the broker with SIGKILL and waits for it to exit.
     pub fn kill9(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        wait_for_port(self.port, false, Duration::from_secs(30), "tansu")
+        self.server.kill9()
     }
 
     /// Starts the broker again on the same port and directory (killing it first if it runs).
     pub fn restart(&mut self) -> Result<()> {
-        if self.child.is_some() {
-            self.kill9()?;
-        }
+        self.server.kill_if_running()?;
         self.spawn()
     }
 
     /// Leaves the broker running when this value is dropped; returns its port and pid.
     pub fn detach(mut self) -> (u16, Option<u32>) {
-        self.detached = true;
-        (self.port, self.pid())
-    }
-}
-
-impl Drop for KafkaBroker {
-    fn drop(&mut self) {
-        if self.detached {
-            return;
-        }
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.server.detach()
     }
 }
 
