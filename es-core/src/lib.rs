@@ -66,6 +66,7 @@
 pub mod aggregate;
 pub mod event;
 pub mod outbox;
+pub mod position;
 pub mod projection;
 pub mod repository;
 pub mod store;

@@ -31,6 +31,7 @@ use uuid::Uuid;
 
 use crate::event::{NewEvent, RecordedEvent};
 use crate::outbox::OutboxMessage;
+use crate::position::EpochStart;
 use crate::stream_id::{InvalidStreamId, StreamId};
 
 /// What the writer believes the stream's version to be.
@@ -536,6 +537,32 @@ pub enum StoreError {
     /// idempotent by event id.
     #[error("store unavailable: {0}")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store lost acknowledged events after `head` (a restart that replayed a short log, a
+    /// failover to a replica that lagged, a restore from a backup), and `position`, read from it
+    /// earlier, lies in the lost part. Whatever was built from events after `head` (a read model,
+    /// a checkpoint) holds events the store no longer has: rebuild it. See
+    /// [`crate::position`].
+    #[error(
+        "the store lost events after position {head} (epoch {epoch} began there after a restart, \
+         failover or restore); position {position}, read earlier, is no longer in its history"
+    )]
+    LostTail {
+        /// The position the reader had reached.
+        position: u64,
+        /// The highest position that survived.
+        head: u64,
+        /// The epoch that began after the loss.
+        epoch: u64,
+    },
+    /// A lease or a generation this caller held has been taken over by another owner; the caller
+    /// must stop writing under it (nothing was written by this call).
+    #[error("fenced off `{resource}`: {reason}")]
+    Fenced {
+        /// What was taken over: a relay lease, a projection.
+        resource: String,
+        /// Who holds it now, or what changed.
+        reason: String,
+    },
     /// Any other backend failure.
     #[error("store error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -595,6 +622,12 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     /// polling interval).
     fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send;
 
+    /// The recorded epoch starts of this store, oldest first (see [`crate::position`]). A store
+    /// that cannot lose acknowledged events has none.
+    fn epochs(&self) -> impl StoreFuture<Vec<EpochStart>> {
+        std::future::ready(Ok(Vec::new()))
+    }
+
     /// Follows the global feed from `after`: catches up, then delivers live appends as they commit.
     ///
     /// Transient failures (a dropped connection, a restarting server) are retried with backoff and
@@ -647,6 +680,9 @@ impl<T: EventStore> EventStore for Arc<T> {
     }
     fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send {
         (**self).wait_for_append(after)
+    }
+    fn epochs(&self) -> impl StoreFuture<Vec<EpochStart>> {
+        (**self).epochs()
     }
     fn subscribe(&self, after: u64, filter: EventFilter) -> EventStream {
         (**self).subscribe(after, filter)

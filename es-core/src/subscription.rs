@@ -12,11 +12,16 @@
 //! With a filter, the last delivered position can lag far behind the head; the loop then also
 //! reads the head before each read and, once caught up, moves past it, so that it waits for
 //! events after the head rather than rescanning.
+//!
+//! Before moving from one epoch into a later one (see [`crate::position`]), the loop asks the
+//! store whether the events after its position survived; if they did not, it yields
+//! [`StoreError::LostTail`] and ends, instead of going on past the loss.
 
 use std::time::Duration;
 
 use futures::StreamExt;
 
+use crate::position::verify_resume;
 use crate::store::{EventFilter, EventStore, EventStream, ReadAll, StoreError};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -64,21 +69,37 @@ pub(crate) fn subscribe<S: EventStore>(store: S, after: u64, filter: EventFilter
                         // The store never returns positions at or below `after`; this guard
                         // keeps the subscription strictly increasing even if a backend
                         // re-delivers after a reconnect.
-                        if event.global_position > st.after {
-                            st.after = event.global_position;
-                            return Some((Ok(event), st));
+                        if event.global_position <= st.after {
+                            continue;
                         }
-                        continue;
+                        // Into a later epoch only if nothing after `after` was lost.
+                        match verify_resume(&st.store, st.after, event.global_position).await {
+                            Ok(()) => {
+                                st.after = event.global_position;
+                                return Some((Ok(event), st));
+                            }
+                            Err(err) => err,
+                        }
                     }
                     Some(Err(err)) => err,
                     None => {
                         // Everything visible before the read was scanned, and nothing at or
                         // below a visible position can appear later.
                         let head = reading.head_before.unwrap_or(0);
-                        st.reading = None;
-                        st.after = st.after.max(head);
-                        st.caught_up = true;
-                        continue;
+                        let checked = if head > st.after {
+                            verify_resume(&st.store, st.after, head).await
+                        } else {
+                            Ok(())
+                        };
+                        match checked {
+                            Ok(()) => {
+                                st.reading = None;
+                                st.after = st.after.max(head);
+                                st.caught_up = true;
+                                continue;
+                            }
+                            Err(err) => err,
+                        }
                     }
                 }
             } else {
