@@ -271,6 +271,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use es_core::position::EpochStart;
 use es_core::projection::HandlerError;
 use es_core::store::StoreFuture;
 use es_core::{
@@ -278,7 +279,7 @@ use es_core::{
     RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
 };
 use futures::future::BoxFuture;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -302,6 +303,13 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// The default number of group-commit writer tasks.
 pub const DEFAULT_WRITERS: usize = 4;
 
+/// The default append time-out: the longest an append may stall (a lock wait, an inline
+/// projection's statement, an idle client between its statements) before PostgreSQL aborts it.
+pub const DEFAULT_APPEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The default number of appends that may wait for a writer before `append` waits for room.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
+
 /// The PostgreSQL event and snapshot store. Cheap to clone; clones share one pool, one set of
 /// writer tasks and one listener.
 ///
@@ -318,7 +326,7 @@ struct Inner {
     sql: Arc<Sql>,
     limits: AppendLimits,
     poll_interval: Duration,
-    jobs: mpsc::UnboundedSender<writer::Job>,
+    jobs: mpsc::Sender<writer::Job>,
     writers: Arc<writer::Shared>,
     head: Arc<watch::Sender<u64>>,
     listener: JoinHandle<()>,
@@ -351,6 +359,8 @@ pub struct PgStoreBuilder {
     limits: AppendLimits,
     poll_interval: Duration,
     writers: usize,
+    append_timeout: Duration,
+    queue_capacity: usize,
     inline: Vec<inline::InlineProjection>,
 }
 
@@ -388,6 +398,29 @@ impl PgStoreBuilder {
     /// checks while the other commits.
     pub fn writers(mut self, writers: usize) -> Self {
         self.writers = writers.max(1);
+        self
+    }
+
+    /// The append time-out (default [`DEFAULT_APPEND_TIMEOUT`], at least 1 ms): every lock wait
+    /// of an append's own work, every statement of an append with inline projections, and every
+    /// pause of such an append's client between its statements is limited to it; PostgreSQL
+    /// aborts the append when one runs over. An append that has drawn its positions and stalls
+    /// therefore holds later commits back for about this long at most, and never makes a reader
+    /// skip. The caller of an aborted append gets [`StoreError::Unavailable`] (nothing was
+    /// written unless the error says the outcome is unknown; retrying is safe either way).
+    ///
+    /// The client gives up on an append call that has not answered after three times this plus
+    /// two seconds, closes its connection and reports [`StoreError::Unavailable`].
+    pub fn append_timeout(mut self, timeout: Duration) -> Self {
+        self.append_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How many appends may wait for a writer task (default [`DEFAULT_QUEUE_CAPACITY`], at least
+    /// 1). When the queue is full, [`EventStore::append`] waits for room instead of queueing
+    /// without bound; an append whose caller stops waiting is dropped from the queue unsent.
+    pub fn queue_capacity(mut self, capacity: usize) -> Self {
+        self.queue_capacity = capacity.max(1);
         self
     }
 
@@ -463,8 +496,8 @@ impl PgStoreBuilder {
             .await
             .map_err(Error::Database)?;
         let head = Arc::new(watch::channel(u64::try_from(head).unwrap_or(0)).0);
-        let (jobs, queue) = mpsc::unbounded_channel();
-        let shared = Arc::new(writer::Shared::new(queue, self.writers));
+        let (jobs, queue) = mpsc::channel(self.queue_capacity);
+        let shared = Arc::new(writer::Shared::new(queue, self.writers, self.append_timeout));
         let inline: Arc<[inline::InlineProjection]> = self.inline.into();
         for _ in 0..self.writers {
             let writer = writer::Writer {
@@ -474,7 +507,6 @@ impl PgStoreBuilder {
                 head: Arc::clone(&head),
                 shared: Arc::clone(&shared),
                 inline: Arc::clone(&inline),
-                ticket_space: schema.ticket_space(),
             };
             tokio::spawn(writer.run());
         }
@@ -512,10 +544,28 @@ impl PgStore {
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
             .test_before_acquire(false)
-            .connect(url)
+            .connect_with(Self::connect_options(url)?)
             .await
             .map_err(Error::Connect)?;
         Self::builder(pool).build().await
+    }
+
+    /// Connection options for `url` with the session settings [`PgStore::connect`] uses, for
+    /// building a pool of your own: no statement runs longer than 60 s and no transaction sits
+    /// idle longer than 60 s (appends set tighter bounds of their own, see
+    /// [`PgStoreBuilder::append_timeout`]); the server checks every second whether the client of
+    /// a running statement is still there, and probes idle connections with TCP keepalives (after
+    /// 30 s idle, every 10 s, 3 probes), so a vanished client host frees its locks.
+    pub fn connect_options(url: &str) -> Result<PgConnectOptions, Error> {
+        let options: PgConnectOptions = url.parse().map_err(Error::Connect)?;
+        Ok(options.options([
+            ("statement_timeout", "60000"),
+            ("idle_in_transaction_session_timeout", "60000"),
+            ("client_connection_check_interval", "1000"),
+            ("tcp_keepalives_idle", "30"),
+            ("tcp_keepalives_interval", "10"),
+            ("tcp_keepalives_count", "3"),
+        ]))
     }
 
     /// A builder on `pool`.
@@ -527,6 +577,8 @@ impl PgStore {
             limits: AppendLimits::default(),
             poll_interval: DEFAULT_POLL_INTERVAL,
             writers: DEFAULT_WRITERS,
+            append_timeout: DEFAULT_APPEND_TIMEOUT,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
             inline: Vec::new(),
         }
     }
@@ -553,11 +605,14 @@ impl EventStore for PgStore {
         async move {
             request.validate(&inner.limits)?;
             let (reply, answer) = oneshot::channel();
-            inner.writers.enqueued();
-            inner
+            // Waits while the queue is full (backpressure); giving up here leaves nothing queued.
+            let slot = inner
                 .jobs
-                .send(writer::Job { request, reply })
+                .reserve()
+                .await
                 .map_err(|_| StoreError::backend("the store's writer tasks have stopped"))?;
+            inner.writers.enqueued();
+            slot.send(writer::Job { request, reply });
             answer
                 .await
                 .map_err(|_| StoreError::backend("the store's writer task stopped mid-append"))?
@@ -599,6 +654,24 @@ impl EventStore for PgStore {
                 .await
                 .map_err(store_error)?;
             to_u64(head, "the head row")
+        }
+    }
+
+    fn epochs(&self) -> impl StoreFuture<Vec<EpochStart>> {
+        let inner = Arc::clone(&self.inner);
+        async move {
+            let rows: Vec<(i64, i64)> = sqlx::query_as(AssertSqlSafe(Arc::clone(&inner.sql.epochs)))
+                .fetch_all(&inner.pool)
+                .await
+                .map_err(store_error)?;
+            rows.into_iter()
+                .map(|(epoch, previous_head)| {
+                    Ok(EpochStart {
+                        epoch: to_u64(epoch, "the epochs table")?,
+                        previous_head: to_u64(previous_head, "the epochs table")?,
+                    })
+                })
+                .collect()
         }
     }
 

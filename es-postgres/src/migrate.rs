@@ -28,6 +28,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "outbox",
         sql: include_str!("../migrations/0002_outbox.sql"),
     },
+    Migration {
+        version: 3,
+        name: "commit_order",
+        sql: include_str!("../migrations/0003_commit_order.sql"),
+    },
 ];
 
 /// The latest migration version this crate knows.
@@ -44,6 +49,10 @@ impl Migration {
             .replace("__LOCK_SPACE__", &schema.lock_space().to_string())
             .replace("__TICKET_SPACE__", &schema.ticket_space().to_string())
             .replace("__GLOBAL_LOCK__", &schema.global_lock().to_string())
+            .replace(
+                "__INCARNATION_GUC__",
+                &format!("'{}'", schema.incarnation_setting()),
+            )
     }
 
     /// A stable checksum of the migration text (FNV-1a, 64 bit), independent of the schema.

@@ -64,7 +64,8 @@ impl SchemaName {
         fold32(fnv64("es-postgres streams:", &self.0))
     }
 
-    /// The first key of the ticket locks that order commits (the second is the ticket number).
+    /// The first key of the locks that order commits (the second is an allocation's last
+    /// position, modulo 2^31).
     pub(crate) fn ticket_space(&self) -> i32 {
         fold32(fnv64("es-postgres tickets:", &self.0))
     }
@@ -73,6 +74,12 @@ impl SchemaName {
     /// key form, a key space apart from the two-`int4` locks above).
     pub(crate) fn global_lock(&self) -> i64 {
         i64::from_ne_bytes(fnv64("es-postgres allocation:", &self.0).to_ne_bytes())
+    }
+
+    /// The session setting that records which server incarnation this session has checked
+    /// (see migration 3).
+    pub(crate) fn incarnation_setting(&self) -> String {
+        format!("es_incarnation.{}", self.0)
     }
 
     /// The LISTEN/NOTIFY channel the append function notifies on.
@@ -114,9 +121,12 @@ fn shorten(input: &str) -> String {
 #[derive(Debug)]
 pub(crate) struct Sql {
     pub(crate) append: Arc<str>,
-    pub(crate) wait_turn: Arc<str>,
+    /// The qualified name of the function that waits for every earlier allocation to end.
+    pub(crate) wait_for_predecessors: Arc<str>,
     pub(crate) stream_version: Arc<str>,
     pub(crate) head: Arc<str>,
+    /// The recorded epoch starts (every epoch but the first).
+    pub(crate) epochs: Arc<str>,
     pub(crate) stream_forward: Arc<str>,
     pub(crate) stream_backward: Arc<str>,
     pub(crate) all: Arc<str>,
@@ -159,18 +169,21 @@ impl Sql {
         Self {
             append: format!(
                 "SELECT outcomes, versions, offsets, base, recorded, found_ids, found_streams, \
-                 found_versions, found_positions, ticket \
+                 found_versions, found_positions \
                  FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
-                 $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
+                 $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
             )
             .into(),
-            wait_turn: "SELECT pg_advisory_xact_lock_shared($1, (($2 - 1) % 2147483648)::integer)"
-                .into(),
+            wait_for_predecessors: format!("{s}.wait_for_predecessors").into(),
             stream_version: format!(
                 "SELECT coalesce(max(stream_version), 0) FROM {s}.events WHERE stream_id = $1"
             )
             .into(),
             head: format!("SELECT coalesce(max(global_position), 0) FROM {s}.events").into(),
+            epochs: format!(
+                "SELECT epoch, previous_head FROM {s}.epochs WHERE epoch > 0 ORDER BY epoch"
+            )
+            .into(),
             stream_forward: format!(
                 "SELECT {c} FROM {s}.events WHERE stream_id = $1 AND stream_version >= $2 \
                  ORDER BY stream_version LIMIT $3"

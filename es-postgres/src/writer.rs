@@ -14,11 +14,25 @@
 //! rather than the commit, and their commits are still few.
 //!
 //! Inline projections. Without them a group is one autocommit statement. With them the group
-//! runs in an explicit transaction: `append_events` (told not to wait for its turn to commit),
-//! then each projection once per written append, then the wait for the previous ticket, then
-//! COMMIT. So the projections of concurrent groups run in parallel and only the commits stay
-//! ordered. A projection that fails rolls the group back; its append gets
+//! runs in an explicit transaction: `append_events` (told not to wait for earlier allocations),
+//! then each projection once per written append, then `wait_for_predecessors`, then COMMIT. So
+//! the projections of concurrent groups run in parallel and only the commits stay ordered. A
+//! projection that fails rolls the group back at once (an explicit ROLLBACK, so the positions it
+//! drew are released before the caller hears of it); its append gets
 //! [`StoreError::InlineProjection`] and the rest of the group runs again without it.
+//!
+//! Bounded stalls. Every append runs under the store's append time-out `T`: its own lock waits
+//! (streams, inserts) give up after `T` (`lock_timeout`), and with inline projections the
+//! transaction is also limited to `T` per statement and `T` idle between statements, set locally
+//! in the transaction (`statement_timeout`, `idle_in_transaction_session_timeout`), so a
+//! projection that hangs, a client that is paused or a host that vanished is aborted by
+//! PostgreSQL itself. The wait for earlier allocations is exempt: each of them is bounded the same
+//! way. On the client side a call that has not answered after [`deadline`] is abandoned and its
+//! connection closed (never returned to the pool), and its callers get
+//! [`StoreError::Unavailable`].
+//!
+//! Backpressure. The job queue is bounded: when it is full, `append` waits for room. Jobs whose
+//! caller stopped waiting are dropped unsent when a group is formed.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -57,6 +71,13 @@ const PARALLEL_MIN_EVENTS: usize = 64;
 /// concurrent transaction stored first.
 const MAX_ATTEMPTS: usize = 4;
 
+/// How long the client waits for an append call with time-out `append` before it gives the call
+/// up and closes its connection: the call's own bounded work, the bounded wait for earlier
+/// allocations, and a margin for the commit.
+pub(crate) fn deadline(append: Duration) -> Duration {
+    append * 3 + Duration::from_secs(2)
+}
+
 /// How many jobs the next group should gather, and for how long to wait for them.
 #[derive(Debug, Clone, Copy)]
 struct Pace {
@@ -67,6 +88,8 @@ struct Pace {
 /// State shared by the writer tasks of one store.
 pub(crate) struct Shared {
     queue: Mutex<Queue>,
+    /// The append time-out (see the module docs).
+    append_timeout: Duration,
     /// Calls in flight.
     calls: watch::Sender<usize>,
     /// Appends queued or in a call, not yet answered.
@@ -76,12 +99,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(jobs: mpsc::UnboundedReceiver<Job>, writers: usize) -> Self {
+    pub(crate) fn new(jobs: mpsc::Receiver<Job>, writers: usize, append_timeout: Duration) -> Self {
         Self {
             queue: Mutex::new(Queue {
                 jobs,
                 carry: VecDeque::new(),
             }),
+            append_timeout,
             calls: watch::channel(0).0,
             active: AtomicUsize::new(0),
             writers,
@@ -97,6 +121,12 @@ impl Shared {
         self.active.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Uncounts an append that will not be answered by a writer (it could not be queued, or its
+    /// caller gave up before it was sent).
+    pub(crate) fn withdrawn(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
     fn pace(&self) -> Pace {
         *self
             .pace
@@ -107,7 +137,7 @@ impl Shared {
 
 /// Queued jobs, and jobs set aside because their stream was already in the group being formed.
 struct Queue {
-    jobs: mpsc::UnboundedReceiver<Job>,
+    jobs: mpsc::Receiver<Job>,
     carry: VecDeque<Job>,
 }
 
@@ -146,8 +176,6 @@ pub(crate) struct Writer {
     pub(crate) shared: Arc<Shared>,
     /// Inline projections, run in the append transaction of every written append.
     pub(crate) inline: Arc<[InlineProjection]>,
-    /// The first key of the ticket locks (see [`crate::SchemaName`]).
-    pub(crate) ticket_space: i32,
 }
 
 /// The outcome of one `append_events` call.
@@ -158,8 +186,6 @@ struct CallResult {
     base: Option<i64>,
     recorded: Option<DateTime<Utc>>,
     found: HashMap<Uuid, StoredEventRef>,
-    /// The group's ticket, when it allocated positions.
-    ticket: Option<i64>,
 }
 
 enum CallError {
@@ -208,20 +234,31 @@ impl Writer {
     async fn next_group(&self) -> Option<Vec<Job>> {
         let mut queue = self.shared.queue.lock().await;
         let queue = &mut *queue;
-        let first = match queue.carry.pop_front() {
-            Some(job) => job,
-            None => queue.jobs.recv().await?,
+        let first = loop {
+            let job = match queue.carry.pop_front() {
+                Some(job) => job,
+                None => queue.jobs.recv().await?,
+            };
+            if let Some(job) = self.wanted(job) {
+                break job;
+            }
         };
         let mut group = Group::new(first);
         for _ in 0..queue.carry.len() {
             let Some(job) = queue.carry.pop_front() else {
                 break;
             };
-            group.add_or_carry(job, &mut queue.carry);
+            if let Some(job) = self.wanted(job) {
+                group.add_or_carry(job, &mut queue.carry);
+            }
         }
         while !group.full() {
             match queue.jobs.try_recv() {
-                Ok(job) => group.add_or_carry(job, &mut queue.carry),
+                Ok(job) => {
+                    if let Some(job) = self.wanted(job) {
+                        group.add_or_carry(job, &mut queue.carry);
+                    }
+                }
                 Err(_) => break,
             }
         }
@@ -230,7 +267,11 @@ impl Writer {
         {
             tokio::select! {
                 job = queue.jobs.recv() => match job {
-                    Some(job) => group.add_or_carry(job, &mut queue.carry),
+                    Some(job) => {
+                        if let Some(job) = self.wanted(job) {
+                            group.add_or_carry(job, &mut queue.carry);
+                        }
+                    }
                     None => break,
                 },
                 _ = calls.changed() => {}
@@ -247,7 +288,11 @@ impl Writer {
         let deadline = tokio::time::Instant::now() + pace.linger;
         while !group.full() && group.jobs.len() + queue.carry.len() < expect {
             match tokio::time::timeout_at(deadline, queue.jobs.recv()).await {
-                Ok(Some(job)) => group.add_or_carry(job, &mut queue.carry),
+                Ok(Some(job)) => {
+                    if let Some(job) = self.wanted(job) {
+                        group.add_or_carry(job, &mut queue.carry);
+                    }
+                }
                 Ok(None) | Err(_) => break,
             }
         }
@@ -255,11 +300,30 @@ impl Writer {
         Some(group.jobs)
     }
 
+    /// `job`, unless its caller has stopped waiting: then it is dropped unsent.
+    fn wanted(&self, job: Job) -> Option<Job> {
+        if job.reply.is_closed() {
+            self.shared.withdrawn();
+            None
+        } else {
+            Some(job)
+        }
+    }
+
     /// Runs a group, retrying transient conflicts; if the group fails for a reason other than a
     /// lost connection, runs its appends one by one so that a bad append fails alone.
     async fn execute(&mut self, mut jobs: Vec<Job>) {
         let mut attempt = 1;
-        let mut lookup = false;
+        // An append that does not check for an exact version may be the retry of a stored batch
+        // that its expected version cannot reveal: look its ids up before allocating, so that the
+        // common idempotent retry does not fail on the unique key after drawing positions.
+        let mut lookup = jobs.iter().any(|j| {
+            !j.request.events.is_empty()
+                && matches!(
+                    j.request.expected,
+                    ExpectedVersion::Any | ExpectedVersion::StreamExists
+                )
+        });
         let err = loop {
             match self.call(&jobs, lookup).await {
                 Ok(result) => return self.answer(jobs, &result),
@@ -322,29 +386,53 @@ impl Writer {
     }
 
     async fn call(&mut self, jobs: &[Job], lookup: bool) -> Result<CallResult, CallError> {
+        let timeout = self.shared.append_timeout;
+        match tokio::time::timeout(deadline(timeout), self.call_once(jobs, lookup)).await {
+            Ok(result) => result,
+            Err(_) => {
+                // The call is cut off mid-flight: the connection's state is unknown. Close it
+                // rather than return it to the pool (which would wait for the stalled statement);
+                // the server aborts the transaction when it notices.
+                if let Some(conn) = self.conn.take() {
+                    drop(conn.detach());
+                }
+                tracing::warn!(appends = jobs.len(), timeout = ?deadline(timeout),
+                    "append call did not answer in time; connection closed");
+                Err(CallError::Sql(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the append did not answer within {:?}; its outcome is unknown",
+                        deadline(timeout)
+                    ),
+                ))))
+            }
+        }
+    }
+
+    async fn call_once(&mut self, jobs: &[Job], lookup: bool) -> Result<CallResult, CallError> {
         let deferred = !self.inline.is_empty();
-        let query = append_query(&self.sql.append, jobs, lookup, deferred);
+        let timeout = self.shared.append_timeout;
+        let query = append_query(&self.sql.append, jobs, lookup, deferred, timeout);
         let conn = match &mut self.conn {
             Some(conn) => conn,
             slot @ None => slot.insert(self.pool.acquire().await.map_err(CallError::Sql)?),
         };
-        let result = if deferred {
-            call_inline(
-                conn,
-                query,
-                jobs,
-                &self.inline,
-                &self.sql.wait_turn,
-                self.ticket_space,
-            )
-            .await
+        let (result, rolled_back) = if deferred {
+            call_inline(conn, query, jobs, &self.inline, &self.sql, timeout).await
         } else {
-            match query.fetch_one(&mut **conn).await {
+            let result = match query.fetch_one(&mut **conn).await {
                 Ok(row) => CallResult::decode(&row),
                 Err(err) => Err(CallError::Sql(err)),
-            }
+            };
+            (result, true)
         };
-        if let Err(CallError::Sql(err)) = &result {
+        if !rolled_back {
+            // The rollback did not go through: the transaction may still hold its positions.
+            // Close the connection, which ends it on the server.
+            if let Some(conn) = self.conn.take() {
+                drop(conn.detach());
+            }
+        } else if let Err(CallError::Sql(err)) = &result {
             if is_unavailable(err) {
                 // The connection may be broken; the next call takes a fresh one.
                 self.conn = None;
@@ -383,6 +471,7 @@ fn append_query(
     jobs: &[Job],
     lookup: bool,
     deferred: bool,
+    timeout: Duration,
 ) -> Query<'static, Postgres, PgArguments> {
     let requests = || jobs.iter().map(|j| &j.request);
     let events = || requests().flat_map(|r| r.events.iter());
@@ -425,43 +514,84 @@ fn append_query(
         .bind(messages().map(|m| i64::from(m.schema_version)).bind_iter())
         .bind(messages().map(|m| RawJson(&m.payload)).bind_iter())
         .bind(message_metadata.iter().map(|m| RawJson(m)).bind_iter())
+        .bind(millis(timeout))
+}
+
+/// A time-out in whole milliseconds for a PostgreSQL setting (at least 1: 0 means none).
+pub(crate) fn millis(timeout: Duration) -> i32 {
+    i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX).max(1)
 }
 
 /// Runs a group with inline projections: one explicit transaction in which `append_events` does
-/// not wait for its turn, the projections run on every written append, and then the group waits
-/// for the previous ticket's transaction and commits.
+/// not wait for earlier allocations, the projections run on every written append, and then the
+/// group waits for every earlier allocation to end and commits. Any failure rolls the
+/// transaction back before returning, so the positions it drew never hold later commits back;
+/// the flag is false when that rollback failed (the connection must then be closed).
 async fn call_inline(
     conn: &mut PgConnection,
     query: Query<'static, Postgres, PgArguments>,
     jobs: &[Job],
     inline: &[InlineProjection],
-    wait_turn: &Arc<str>,
-    ticket_space: i32,
+    sql: &Sql,
+    timeout: Duration,
+) -> (Result<CallResult, CallError>, bool) {
+    let ms = millis(timeout);
+    // Bounds for the append's own work (see the module docs), local to this transaction.
+    let begin = format!(
+        "BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}; \
+         SET LOCAL idle_in_transaction_session_timeout = {ms}"
+    );
+    let mut tx = match conn.begin_with(AssertSqlSafe(begin)).await {
+        Ok(tx) => tx,
+        Err(err) => return (Err(CallError::Sql(err)), false),
+    };
+    match inline_body(&mut tx, query, jobs, inline, sql).await {
+        Ok(result) => match tx.commit().await {
+            Ok(()) => (Ok(result), true),
+            // A failed COMMIT ends the transaction (or the connection) on the server.
+            Err(err) => (Err(CallError::Sql(err)), true),
+        },
+        Err(err) => match tx.rollback().await {
+            Ok(()) => (Err(err), true),
+            Err(rollback) => {
+                tracing::warn!(error = %rollback, "rolling back a failed append failed");
+                (Err(err), false)
+            }
+        },
+    }
+}
+
+async fn inline_body(
+    tx: &mut PgConnection,
+    query: Query<'static, Postgres, PgArguments>,
+    jobs: &[Job],
+    inline: &[InlineProjection],
+    sql: &Sql,
 ) -> Result<CallResult, CallError> {
-    // Dropped without commit on any error below: sqlx rolls back before the connection's next
-    // use, which also releases the group's locks and its ticket.
-    let mut tx = conn.begin().await.map_err(CallError::Sql)?;
     let row = query.fetch_one(&mut *tx).await.map_err(CallError::Sql)?;
     let result = CallResult::decode(&row)?;
-    if let Some(ticket) = result.ticket {
-        for (index, job) in jobs.iter().enumerate() {
-            let Some(events) = result.recorded(index, &job.request)? else {
-                continue;
-            };
-            for projection in inline {
-                (projection.handler)(&mut tx, &events)
-                    .await
-                    .map_err(|err| inline_error(index, projection, err))?;
-            }
+    let Some(base) = result.base else {
+        return Ok(result);
+    };
+    for (index, job) in jobs.iter().enumerate() {
+        let Some(events) = result.recorded(index, &job.request)? else {
+            continue;
+        };
+        for projection in inline {
+            (projection.handler)(&mut *tx, &events)
+                .await
+                .map_err(|err| inline_error(index, projection, err))?;
         }
-        sqlx::query(AssertSqlSafe(Arc::clone(wait_turn)))
-            .bind(ticket_space)
-            .bind(ticket)
-            .execute(&mut *tx)
-            .await
-            .map_err(CallError::Sql)?;
     }
-    tx.commit().await.map_err(CallError::Sql)?;
+    // The wait is bounded by the earlier allocations' own bounds, not by this transaction's
+    // statement time-out; one round trip (simple protocol, `base` is a number).
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "SET LOCAL statement_timeout = 0; SELECT {}({base})",
+        sql.wait_for_predecessors
+    )))
+    .execute(&mut *tx)
+    .await
+    .map_err(CallError::Sql)?;
     Ok(result)
 }
 
@@ -561,12 +691,12 @@ fn expected_value(expected: ExpectedVersion) -> i64 {
 impl CallResult {
     fn decode(row: &PgRow) -> Result<Self, CallError> {
         let get = |e: sqlx::Error| CallError::Sql(e);
-        let found_ids: Option<Vec<Uuid>> = row.try_get(5).map_err(get)?;
+        let found_ids: Option<Vec<Uuid>> = row.try_get("found_ids").map_err(get)?;
         let mut found = HashMap::new();
         if let Some(ids) = found_ids {
-            let streams: Vec<String> = row.try_get(6).map_err(get)?;
-            let versions: Vec<i64> = row.try_get(7).map_err(get)?;
-            let positions: Vec<i64> = row.try_get(8).map_err(get)?;
+            let streams: Vec<String> = row.try_get("found_streams").map_err(get)?;
+            let versions: Vec<i64> = row.try_get("found_versions").map_err(get)?;
+            let positions: Vec<i64> = row.try_get("found_positions").map_err(get)?;
             for (((id, stream), version), position) in
                 ids.into_iter().zip(streams).zip(versions).zip(positions)
             {
@@ -589,13 +719,12 @@ impl CallResult {
             }
         }
         Ok(Self {
-            outcomes: row.try_get(0).map_err(get)?,
-            versions: row.try_get(1).map_err(get)?,
-            offsets: row.try_get(2).map_err(get)?,
-            base: row.try_get(3).map_err(get)?,
-            recorded: row.try_get(4).map_err(get)?,
+            outcomes: row.try_get("outcomes").map_err(get)?,
+            versions: row.try_get("versions").map_err(get)?,
+            offsets: row.try_get("offsets").map_err(get)?,
+            base: row.try_get("base").map_err(get)?,
+            recorded: row.try_get("recorded").map_err(get)?,
             found,
-            ticket: row.try_get(9).map_err(get)?,
         })
     }
 
