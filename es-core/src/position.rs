@@ -2,50 +2,73 @@
 //!
 //! A store that can lose acknowledged events (a Redis restart that replays a short AOF, a failover
 //! to a replica that lagged, a PostgreSQL restore from a backup, a crash with
-//! `synchronous_commit = off`) must never hand the lost positions out again: a reader that had
-//! passed them would skip the new events silently. So positions carry an **epoch** in their high
-//! bits: `position = epoch << 32 | sequence`. When a store detects a new incarnation of its
-//! server (another process, another restore, another primary), the first append of that
-//! incarnation starts a new epoch: its positions begin above anything any earlier incarnation
-//! could have handed out, and the store records an [`EpochStart`] with the head that survived.
+//! `synchronous_commit = off`, a store whose data was wiped and started again) must never hand
+//! the lost positions out again: a reader that had passed them would skip the new events
+//! silently. So positions carry an **epoch** in their high bits:
+//! `position = epoch << EPOCH_BITS | sequence`, with [`EPOCH_BITS`] = 22 (4,194,303 positions per
+//! epoch; a sequence that runs past the end of its epoch simply continues into the next one).
+//!
+//! Whenever a store's server is a new incarnation (the first write ever, a restart, another
+//! primary, a restored backup), the first append of that incarnation starts a new epoch, numbered
+//! from the clock ([`next_epoch`]: the seconds since 2024-01-01, or one more than any epoch the
+//! store knows, whichever is larger). So a new epoch lies above every position an earlier
+//! incarnation can have handed out, even one whose records were lost with the tail (a restored
+//! backup does not know the epochs begun after it was taken; the clock does). The store records
+//! an [`EpochStart`] with the head that survived (0 for a store whose data is new or wiped).
 //!
 //! A reader resuming after position `p` that finds the next event in a later epoch asks the store
-//! whether `p` survived ([`verify_resume`]). If the epoch that held `p` ended below `p`, the events
-//! it read after the surviving head are gone: the read fails with [`StoreError::LostTail`] instead
-//! of going on as if nothing happened. Subscriptions and projections do this check themselves.
+//! whether `p` survived ([`verify_resume`]). If an epoch began between the two with a surviving
+//! head below `p`, the events the reader saw after that head are gone: the read fails with
+//! [`StoreError::LostTail`] instead of going on as if nothing happened. Subscriptions and
+//! projections do this check themselves; it costs one read of the epoch list per epoch crossed.
 //!
-//! Epoch 0 holds positions `1 ..= 2^32 - 1`; a fresh store starts there, so positions of a store
-//! that never lost anything are `1, 2, 3, ...` (dense where the backend is dense). A sequence that
-//! reaches the end of its epoch simply continues into the next one, without an [`EpochStart`]:
-//! only recorded epoch starts mark a possible loss.
+//! Limits: epoch numbers stay below 2^31 (the year 2092) so that positions stay below 2^53, where
+//! Redis' Lua numbers are exact. Two incarnations that begin within the same second, the second
+//! one having lost the first one's record, would share an epoch; stores document where that can
+//! happen.
 
 use crate::store::{EventStore, StoreError};
 
 /// Bits of a position below the epoch.
-pub const EPOCH_BITS: u32 = 32;
+pub const EPOCH_BITS: u32 = 22;
+
+/// The Unix time (seconds) of epoch 0: 2024-01-01T00:00:00Z.
+pub const EPOCH_CLOCK_ORIGIN: u64 = 1_704_067_200;
+
+/// The largest epoch: positions stay below 2^53.
+pub const MAX_EPOCH: u64 = (1 << (53 - EPOCH_BITS)) - 1;
 
 /// The epoch of a position.
 pub const fn epoch_of(position: u64) -> u64 {
     position >> EPOCH_BITS
 }
 
-/// The first position of `epoch` (epoch 0 starts at 1).
+/// The first position of `epoch`.
 pub const fn first_of_epoch(epoch: u64) -> u64 {
-    if epoch == 0 {
-        1
-    } else {
-        (epoch << EPOCH_BITS) + 1
-    }
+    (epoch << EPOCH_BITS) + 1
 }
 
-/// A recorded start of an epoch: the store's server changed incarnation, and the positions from
-/// [`first_of_epoch(epoch)`](first_of_epoch) on were handed out in the new one.
+/// The epoch a new incarnation starts: the seconds since [`EPOCH_CLOCK_ORIGIN`] at `unix_seconds`,
+/// but above the last recorded epoch and above the epoch of the highest position handed out.
+pub fn next_epoch(last_recorded: Option<u64>, handed_out: u64, unix_seconds: u64) -> u64 {
+    let by_clock = unix_seconds.saturating_sub(EPOCH_CLOCK_ORIGIN);
+    let above_recorded = last_recorded.map_or(0, |e| e + 1);
+    let above_handed_out = if handed_out == 0 {
+        0
+    } else {
+        epoch_of(handed_out) + 1
+    };
+    by_clock.max(above_recorded).max(above_handed_out)
+}
+
+/// A recorded start of an epoch: the store's server was a new incarnation, and the positions from
+/// [`first_of_epoch(epoch)`](first_of_epoch) on were handed out in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EpochStart {
     /// The new epoch.
     pub epoch: u64,
-    /// The highest position stored when the epoch began: everything above it that an earlier
-    /// incarnation may have handed out is lost.
+    /// The highest position stored when the epoch began (0 if the store held nothing):
+    /// everything above it that an earlier incarnation may have handed out is lost.
     pub previous_head: u64,
 }
 
@@ -113,6 +136,21 @@ mod tests {
         assert_eq!(epoch_of(E1 + 1), 1);
         assert_eq!(first_of_epoch(0), 1);
         assert_eq!(first_of_epoch(1), E1 + 1);
+        // Positions of the last epoch stay exact in a double.
+        assert!(first_of_epoch(MAX_EPOCH) + (E1 - 2) < (1 << 53));
+    }
+
+    #[test]
+    fn new_epochs_follow_the_clock_and_never_go_back() {
+        let now = EPOCH_CLOCK_ORIGIN + 1000;
+        assert_eq!(next_epoch(None, 0, now), 1000);
+        assert_eq!(next_epoch(Some(5), 10, now), 1000);
+        // Two restarts within a second.
+        assert_eq!(next_epoch(Some(1000), first_of_epoch(1000), now), 1001);
+        // A sequence that ran past its epoch.
+        assert_eq!(next_epoch(Some(1000), first_of_epoch(1003) + 7, now), 1004);
+        // A restored backup that knows only epoch 3: the clock is past the lost epochs.
+        assert_eq!(next_epoch(Some(3), first_of_epoch(3) + 5, now), 1000);
     }
 
     #[test]
@@ -140,6 +178,16 @@ mod tests {
     }
 
     #[test]
+    fn a_wiped_store_is_a_lost_tail_for_every_reader() {
+        let history = [EpochStart {
+            epoch: 7,
+            previous_head: 0,
+        }];
+        assert!(check_resume(0, first_of_epoch(7), &history).is_ok());
+        assert!(check_resume(3, first_of_epoch(7), &history).is_err());
+    }
+
+    #[test]
     fn an_epoch_filled_up_is_not_a_loss() {
         // No recorded start between the epochs: the sequence ran into the next epoch.
         assert!(check_resume(E1 - 1, E1, &[]).is_ok());
@@ -149,7 +197,7 @@ mod tests {
             previous_head: E1 + 50,
         }];
         assert!(check_resume(E1 - 1, E1 + 10, &history).is_ok());
-        assert!(check_resume(E1 + 60, (2 << EPOCH_BITS) + 1, &history).is_err());
+        assert!(check_resume(E1 + 60, first_of_epoch(2), &history).is_err());
     }
 
     #[test]
