@@ -35,19 +35,24 @@ CREATE TABLE __SCHEMA__.epochs (
     CONSTRAINT epochs_pkey PRIMARY KEY (epoch)
 );
 
--- The schema's data (if any) was written by the server running now: epoch 0, nothing lost.
+-- Events stored before this migration were written by the server running now, in epoch 0. A
+-- schema without events gets its first epoch from the clock at its first append.
 INSERT INTO __SCHEMA__.epochs (epoch, previous_head, incarnation, started_at)
-VALUES (0, 0, pg_postmaster_start_time()::text, now());
+SELECT 0, 0, pg_postmaster_start_time()::text, now()
+ WHERE EXISTS (SELECT 1 FROM __SCHEMA__.events);
 
 -- Commits no longer follow tickets.
 DROP SEQUENCE __SCHEMA__.tickets;
 
--- Called in the allocation section, under the allocation lock, once per session: if the server
--- is not the incarnation that began the current epoch (it restarted, was restored from a backup,
--- or a standby was promoted), start a new epoch. Its positions (and outbox positions) begin above
--- anything an earlier incarnation can have handed out, and the row records the head that
--- survived, so a reader that had passed it learns that events were lost instead of skipping the
--- new ones.
+-- Run by the store in a statement of its own, once per session, before the session's first
+-- allocation (append_events refuses to allocate in a session that has not run it, with SQLSTATE
+-- ES001): if the server
+-- is not the incarnation that began the current epoch (the schema's first append, a restart, a
+-- restore from a backup, a promoted standby), start a new epoch (es_core::position::next_epoch:
+-- the seconds since 2024-01-01, or above every epoch and position known). Its positions (and
+-- outbox positions) begin above anything an earlier incarnation can have handed out, even one
+-- whose epochs were lost with a restore, and the row records the head that survived, so a reader
+-- that had passed it learns that events were lost instead of skipping the new ones.
 CREATE FUNCTION __SCHEMA__.check_incarnation() RETURNS void
 LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -58,21 +63,31 @@ DECLARE
     handed_out      bigint;
     new_epoch       bigint;
 BEGIN
+    -- Held to commit, so a concurrent check waits and then sees this one's epoch, and no
+    -- allocation of this incarnation happens before the epoch is committed.
+    PERFORM pg_advisory_xact_lock(__GLOBAL_LOCK__);
     SELECT epoch, incarnation INTO cur_epoch, cur_incarnation
       FROM __SCHEMA__.epochs ORDER BY epoch DESC LIMIT 1;
     IF cur_incarnation IS DISTINCT FROM now_incarnation THEN
         SELECT coalesce(max(global_position), 0) INTO head FROM __SCHEMA__.events;
-        SELECT greatest(last_value, head) INTO handed_out FROM __SCHEMA__.positions;
-        new_epoch := greatest(coalesce(cur_epoch, -1) + 1, (handed_out >> 32) + 1);
+        SELECT greatest(CASE WHEN is_called THEN last_value ELSE 0 END, head) INTO handed_out
+          FROM __SCHEMA__.positions;
+        new_epoch := greatest(
+            floor(extract(epoch FROM clock_timestamp()))::bigint - 1704067200,
+            coalesce(cur_epoch + 1, 0),
+            CASE WHEN handed_out > 0 THEN (handed_out >> 22) + 1 ELSE 0 END);
+        IF new_epoch >= 2147483648 THEN
+            RAISE EXCEPTION 'es-postgres: no epoch left after %', cur_epoch;
+        END IF;
         INSERT INTO __SCHEMA__.epochs (epoch, previous_head, incarnation, started_at)
         VALUES (new_epoch, head, now_incarnation, now());
-        PERFORM setval('__SCHEMA__.positions', new_epoch << 32);
+        PERFORM setval('__SCHEMA__.positions', new_epoch << 22);
         PERFORM setval('__SCHEMA__.outbox_positions',
                        greatest((SELECT last_value FROM __SCHEMA__.outbox_positions),
-                                new_epoch << 32));
+                                new_epoch << 22));
     END IF;
-    -- Session-level: every later allocation of this session skips the check (a restart ends the
-    -- session). If the transaction rolls back, so does the setting, and the check runs again.
+    -- Session-level: this session may allocate from now on (a restart ends the session). If the
+    -- statement fails, so does the setting, and the check runs again.
     PERFORM set_config(__INCARNATION_GUC__, now_incarnation, false);
 END
 $fn$;
@@ -97,7 +112,7 @@ BEGIN
       FROM __SCHEMA__.events WHERE global_position < p_first - 1;
     -- Positions below the epoch this server began were allocated by an earlier incarnation,
     -- whose transactions are all gone.
-    SELECT greatest(committed, coalesce(max(CASE WHEN epoch = 0 THEN 0 ELSE epoch << 32 END), 0))
+    SELECT greatest(committed, coalesce(max(epoch << 22), 0))
       INTO committed
       FROM __SCHEMA__.epochs WHERE incarnation = pg_postmaster_start_time()::text;
     pos := p_first - 2;
@@ -266,16 +281,18 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Allocation, the only serialized step: under a session-level lock held for microseconds
-    -- (released even on error), check once per session that the server is the incarnation of
-    -- the current epoch, draw a block of consecutive positions (and outbox positions), and lock
-    -- the block's last position until this transaction ends.
+    -- Allocation, the only serialized step: in a session that has checked the server's
+    -- incarnation, under a session-level lock held for microseconds (released even on error),
+    -- draw a block of consecutive positions (and outbox positions), and lock the block's last
+    -- position until this transaction ends.
+    IF current_setting(__INCARNATION_GUC__, true) IS DISTINCT FROM
+       pg_postmaster_start_time()::text THEN
+        RAISE EXCEPTION 'this session has not checked the server incarnation'
+              USING ERRCODE = 'ES001',
+                    HINT = 'run check_incarnation() in a statement of its own, then retry';
+    END IF;
     BEGIN
         PERFORM pg_advisory_lock(__GLOBAL_LOCK__);
-        IF current_setting(__INCARNATION_GUC__, true) IS DISTINCT FROM
-           pg_postmaster_start_time()::text THEN
-            PERFORM __SCHEMA__.check_incarnation();
-        END IF;
         base := nextval('__SCHEMA__.positions');
         IF total > 1 THEN
             PERFORM setval('__SCHEMA__.positions', base + total - 1);

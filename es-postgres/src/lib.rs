@@ -59,8 +59,11 @@
 //!   and `metadata` are `json` (checked by PostgreSQL, kept byte for byte).
 //! - `relay_leases`: the outbox relay's lease (owner and expiry, on the database clock).
 //! - `checkpoints`: one row per projection, the global position it has handled up to.
-//! - sequences `positions`, `outbox_positions`, `tickets` and `clock` (allocation state, see
-//!   below), `schema_migrations` (bookkeeping), and the function `append_events`.
+//! - `epochs`: one row per epoch (see below): the epoch, the head that survived when it began,
+//!   the server incarnation that began it.
+//! - sequences `positions`, `outbox_positions` and `clock` (allocation state, see below),
+//!   `schema_migrations` (bookkeeping), and the functions `append_events`,
+//!   `wait_for_predecessors` and `check_incarnation`.
 //!
 //! A stream's version is its highest stored `stream_version`; there is no separate streams
 //! table to update on every append.
@@ -90,34 +93,67 @@
 //! positions in a short serialized section and commits in allocation order:
 //!
 //! 1. after its per-append checks, the group takes a session-level advisory lock (held for
-//!    microseconds, released even on error), draws a *ticket* and a block of consecutive
-//!    positions, takes a transaction-level lock on its ticket, and releases the session lock;
+//!    microseconds, released even on error), draws a block of consecutive positions, takes a
+//!    transaction-level lock keyed by the block's *last* position, and releases the session lock;
 //! 2. it inserts its events (groups insert in parallel) and queues a `NOTIFY` with the new head;
-//! 3. as the very last step before commit it waits for the previous ticket's transaction to end
-//!    (its locks are released only once its commit is visible, or at its rollback).
+//! 3. as the very last step before commit (`wait_for_predecessors`) it waits until every
+//!    allocation below its first position has ended: it waits for the lock of the position just
+//!    below its own (the previous block's last one); if that row is visible, the previous block
+//!    committed, and it committed only after everything before it had ended, so the wait is
+//!    over. If not, the previous block rolled back, and the group waits, one by one, for the
+//!    locks of every position between the highest committed one and its own, which covers every
+//!    allocation that may still be open.
 //!
 //! So a transaction becomes visible only after every transaction with lower positions is visible
-//! or gone: once `read_all` has returned position `p`, nothing at or below `p` appears later, and
-//! a later append to a stream always gets a higher position (per-stream order holds in the
-//! feed). Positions are dense except where an append failed after its allocation. There is no
-//! time-out and no skipping: a transaction that stalls holds later commits back, it never loses
-//! them. `head_position` is the highest visible position. `recorded_at` is taken in the
-//! allocation section and never decreases, even if the server clock steps back.
+//! or gone, **whatever way those transactions end**: commit, rollback after allocating (an inline
+//! projection that fails, an idempotent retry that meets the unique key, a deadlock victim, a
+//! statement or lock time-out, a terminated backend, a client that vanished), in any process
+//! sharing the schema. Once `read_all` has returned position `p`, nothing at or below `p` appears
+//! later, and a later append to a stream always gets a higher position (per-stream order holds in
+//! the feed). The order is the order of the commit records in the WAL, so a hot standby replaying
+//! it makes the transactions visible in the same order. Positions are dense within an epoch
+//! except where an append failed after its allocation. There is no time-out that skips: a reader
+//! never moves past an open allocation. `head_position` is the highest visible position.
+//! `recorded_at` is taken in the allocation section and never decreases, even if the server clock
+//! steps back. Tested by `tests/commit_order.rs` (each way of ending after allocation, against
+//! subscribers on other stores of the same schema) and by the chaos checker (`cargo xtask
+//! chaos`), which kills, stalls, times out and terminates writers of several processes.
+//!
+//! **Stalls are bounded** by the append time-out ([`PgStoreBuilder::append_timeout`], default
+//! [`DEFAULT_APPEND_TIMEOUT`]): an append's own lock waits give up after it (`lock_timeout`, set
+//! locally), and an append with inline projections runs with `statement_timeout` and
+//! `idle_in_transaction_session_timeout` set to it in its transaction, so a projection that hangs,
+//! a paused client or a vanished host is aborted by PostgreSQL. An append that stalls after
+//! drawing its positions holds later commits back for about the time-out, then rolls back, and the
+//! commits behind it go on without a skip (`a_stalled_append_is_aborted_and_the_chain_moves_on`).
+//! The wait for earlier allocations is exempt from the time-out, since each of those is bounded
+//! the same way. What is not bounded: a COMMIT that waits for a synchronous standby or a full
+//! disk, and a transaction of a client that does not use this store's append function. The
+//! client gives up on a call after three times the time-out plus two seconds, closes its
+//! connection and reports [`StoreError::Unavailable`].
+//!
+//! **Epochs.** Positions carry an epoch (see [`es_core::position`]). Each session checks, once,
+//! before its first allocation, whether the server is the incarnation that began the current
+//! epoch (`pg_postmaster_start_time()`, recorded in the `epochs` table); if not (the schema's
+//! first append, a restart, a restore from a backup, a promoted standby), it begins a new epoch
+//! numbered from the clock, whose positions lie above anything handed out before, and records
+//! the head that survived. A subscriber or a projection checkpoint that had passed that head gets
+//! [`StoreError::LostTail`] instead of skipping the new events (`tests/epochs.rs`: a restart loses
+//! nothing and nobody is told anything; a cold backup restored makes the reader that had read past
+//! it fail with `LostTail`, while a reader behind the surviving head goes on; a dropped and
+//! recreated schema is a lost tail for every old reader). Limits: two incarnations that begin
+//! within the same second of the clock, the second restored from a backup taken before the
+//! first began, would share an epoch; a transaction-mode pooler that does not keep session
+//! settings makes every allocation fail (the check cannot stick to a session).
 //!
 //! Cost. Serializing commits costs 4-6x durable throughput when every append commits alone
 //! (`research/non-rust-anchors.md` §4.1). Group commit wins it back: with 16 concurrent callers
 //! the sixteen appends share one call and one commit, and only the allocation (microseconds) and
-//! the commit order are serialized, not the inserts. `bench/src/postgres.rs` compares against raw
-//! sqlx inserts into the same table shape with no ordering guarantee, in the same run, durable
-//! settings. On the project's 2-core machine, shared with other builds while measuring (so each
-//! figure moved by ±15% between runs; the range of the last five runs):
-//!
-//! | workload | es-postgres / raw |
-//! |---|---|
-//! | 16 tasks, 1-event appends, distinct streams | 0.83x - 1.36x of the single-row INSERT txn rate |
-//! | 16 tasks, 100-event appends | 0.71x - 0.87x of the multi-row INSERT rows/s |
-//! | 4 tasks, 100-event appends | 0.71x - 0.90x |
-//! | 1 task, 1-event appends (nothing to group) | 0.55x - 0.83x |
+//! the commit order are serialized, not the inserts. The wait for earlier allocations costs one
+//! lock and one index probe when the previous block committed; the walk past a rolled-back block
+//! costs a lock per position it covers, and happens only after a rollback. `bench/src/postgres.rs`
+//! compares against raw sqlx inserts into the same table shape with no ordering guarantee, in the
+//! same run, durable settings; the README's benchmark table has the current figures.
 //!
 //! Measured alternatives: holding one global lock from position allocation to commit (the
 //! classic approach) reached 0.6x at 16 tasks with single events even with group commit, and
@@ -154,7 +190,9 @@
 //! [`StoreError::Unavailable`] and cannot know whether the group committed: retrying the same
 //! request is safe, it returns the original result if the events were stored. No batch is ever
 //! half-written. With `synchronous_commit = off` a crash may lose the last acknowledged appends
-//! (never half of one, and never in a way that reorders the feed).
+//! (never half of one, and never in a way that reorders the feed); the restart begins a new
+//! epoch, so the lost positions are never handed out again and readers that had passed them get
+//! [`StoreError::LostTail`].
 //!
 //! # Migrations
 //!
@@ -170,7 +208,14 @@
 //! Each writer task keeps one connection of the pool ([`PgStoreBuilder::writers`], default 4,
 //! though small appends use one at a time), the listener keeps one, and reads take one per page.
 //! Build pools with `test_before_acquire(false)`: sqlx otherwise pings before every checkout, a
-//! round trip per query. [`PgStore::connect`] does.
+//! round trip per query. [`PgStore::connect`] does, and sets the session settings of
+//! [`PgStore::connect_options`] (statement and idle-transaction time-outs of 60 s, a check every
+//! second that the client of a running statement is still there, TCP keepalives); use those
+//! options for a pool of your own. Appends set their own, tighter bounds (see above).
+//!
+//! Appends wait in a bounded queue ([`PgStoreBuilder::queue_capacity`]): when it is full,
+//! `append` waits for room (backpressure) instead of letting memory grow, and an append whose
+//! caller stopped waiting is dropped from the queue unsent.
 //!
 //! # Outbox and relay
 //!
@@ -497,7 +542,11 @@ impl PgStoreBuilder {
             .map_err(Error::Database)?;
         let head = Arc::new(watch::channel(u64::try_from(head).unwrap_or(0)).0);
         let (jobs, queue) = mpsc::channel(self.queue_capacity);
-        let shared = Arc::new(writer::Shared::new(queue, self.writers, self.append_timeout));
+        let shared = Arc::new(writer::Shared::new(
+            queue,
+            self.writers,
+            self.append_timeout,
+        ));
         let inline: Arc<[inline::InlineProjection]> = self.inline.into();
         for _ in 0..self.writers {
             let writer = writer::Writer {
@@ -660,10 +709,11 @@ impl EventStore for PgStore {
     fn epochs(&self) -> impl StoreFuture<Vec<EpochStart>> {
         let inner = Arc::clone(&self.inner);
         async move {
-            let rows: Vec<(i64, i64)> = sqlx::query_as(AssertSqlSafe(Arc::clone(&inner.sql.epochs)))
-                .fetch_all(&inner.pool)
-                .await
-                .map_err(store_error)?;
+            let rows: Vec<(i64, i64)> =
+                sqlx::query_as(AssertSqlSafe(Arc::clone(&inner.sql.epochs)))
+                    .fetch_all(&inner.pool)
+                    .await
+                    .map_err(store_error)?;
             rows.into_iter()
                 .map(|(epoch, previous_head)| {
                     Ok(EpochStart {

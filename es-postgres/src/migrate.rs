@@ -47,7 +47,7 @@ impl Migration {
             .replace("__SCHEMA__", &schema.quoted())
             .replace("__CHANNEL__", &format!("'{}'", schema.channel()))
             .replace("__LOCK_SPACE__", &schema.lock_space().to_string())
-            .replace("__TICKET_SPACE__", &schema.ticket_space().to_string())
+            .replace("__TICKET_SPACE__", &schema.commit_lock_space().to_string())
             .replace("__GLOBAL_LOCK__", &schema.global_lock().to_string())
             .replace(
                 "__INCARNATION_GUC__",

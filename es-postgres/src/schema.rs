@@ -66,7 +66,7 @@ impl SchemaName {
 
     /// The first key of the locks that order commits (the second is an allocation's last
     /// position, modulo 2^31).
-    pub(crate) fn ticket_space(&self) -> i32 {
+    pub(crate) fn commit_lock_space(&self) -> i32 {
         fold32(fnv64("es-postgres tickets:", &self.0))
     }
 
@@ -123,6 +123,8 @@ pub(crate) struct Sql {
     pub(crate) append: Arc<str>,
     /// The qualified name of the function that waits for every earlier allocation to end.
     pub(crate) wait_for_predecessors: Arc<str>,
+    /// Checks the server's incarnation for this session, starting an epoch if it is new.
+    pub(crate) check_incarnation: Arc<str>,
     pub(crate) stream_version: Arc<str>,
     pub(crate) head: Arc<str>,
     /// The recorded epoch starts (every epoch but the first).
@@ -175,6 +177,7 @@ impl Sql {
             )
             .into(),
             wait_for_predecessors: format!("{s}.wait_for_predecessors").into(),
+            check_incarnation: format!("SELECT {s}.check_incarnation()").into(),
             stream_version: format!(
                 "SELECT coalesce(max(stream_version), 0) FROM {s}.events WHERE stream_id = $1"
             )

@@ -57,6 +57,10 @@ use crate::error::{
 use crate::inline::InlineProjection;
 use crate::schema::Sql;
 
+/// The SQLSTATE `append_events` raises in a session that has not checked the server's
+/// incarnation yet (migration 3); nothing was allocated.
+const UNCHECKED_INCARNATION: &str = "ES001";
+
 /// Most appends in one group.
 const MAX_GROUP_APPENDS: usize = 256;
 /// Most events in one group (a larger single append still goes alone).
@@ -314,6 +318,7 @@ impl Writer {
     /// lost connection, runs its appends one by one so that a bad append fails alone.
     async fn execute(&mut self, mut jobs: Vec<Job>) {
         let mut attempt = 1;
+        let mut checks = 0;
         // An append that does not check for an exact version may be the retry of a stored batch
         // that its expected version cannot reveal: look its ids up before allocating, so that the
         // common idempotent retry does not fail on the unique key after drawing positions.
@@ -341,6 +346,18 @@ impl Writer {
                     }));
                     if jobs.is_empty() {
                         return;
+                    }
+                }
+                Err(CallError::Sql(err))
+                    if sqlstate(&err) == Some(UNCHECKED_INCARNATION) && checks < MAX_ATTEMPTS =>
+                {
+                    // A session's first allocation: check the server's incarnation (starting an
+                    // epoch if it is new), then run the group again. Nothing was allocated. (A
+                    // session setting that does not stick, behind a transaction-mode pooler,
+                    // ends here after a few checks with the error.)
+                    checks += 1;
+                    if let Err(err) = self.check_incarnation().await {
+                        break err;
                     }
                 }
                 Err(CallError::Sql(err)) if retry_as_is(&err) && attempt < MAX_ATTEMPTS => {
@@ -385,28 +402,48 @@ impl Writer {
         }
     }
 
-    async fn call(&mut self, jobs: &[Job], lookup: bool) -> Result<CallResult, CallError> {
-        let timeout = self.shared.append_timeout;
-        match tokio::time::timeout(deadline(timeout), self.call_once(jobs, lookup)).await {
-            Ok(result) => result,
-            Err(_) => {
-                // The call is cut off mid-flight: the connection's state is unknown. Close it
-                // rather than return it to the pool (which would wait for the stalled statement);
-                // the server aborts the transaction when it notices.
-                if let Some(conn) = self.conn.take() {
-                    drop(conn.detach());
+    /// Runs `check_incarnation()` on the writer's connection, in a statement of its own.
+    async fn check_incarnation(&mut self) -> Result<(), CallError> {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            slot @ None => slot.insert(self.pool.acquire().await.map_err(CallError::Sql)?),
+        };
+        let result = sqlx::query(AssertSqlSafe(Arc::clone(&self.sql.check_incarnation)))
+            .execute(&mut **conn)
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                if is_unavailable(&err) {
+                    self.conn = None;
                 }
-                tracing::warn!(appends = jobs.len(), timeout = ?deadline(timeout),
-                    "append call did not answer in time; connection closed");
-                Err(CallError::Sql(sqlx::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "the append did not answer within {:?}; its outcome is unknown",
-                        deadline(timeout)
-                    ),
-                ))))
+                Err(CallError::Sql(err))
             }
         }
+    }
+
+    async fn call(&mut self, jobs: &[Job], lookup: bool) -> Result<CallResult, CallError> {
+        let timeout = self.shared.append_timeout;
+        let Ok(result) =
+            tokio::time::timeout(deadline(timeout), self.call_once(jobs, lookup)).await
+        else {
+            // The call is cut off mid-flight: the connection's state is unknown. Close it rather
+            // than return it to the pool (which would wait for the stalled statement); the
+            // server aborts the transaction when it notices.
+            if let Some(conn) = self.conn.take() {
+                drop(conn.detach());
+            }
+            tracing::warn!(appends = jobs.len(), timeout = ?deadline(timeout),
+                "append call did not answer in time; connection closed");
+            return Err(CallError::Sql(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the append did not answer within {:?}; its outcome is unknown",
+                    deadline(timeout)
+                ),
+            ))));
+        };
+        result
     }
 
     async fn call_once(&mut self, jobs: &[Job], lookup: bool) -> Result<CallResult, CallError> {
@@ -519,7 +556,9 @@ fn append_query(
 
 /// A time-out in whole milliseconds for a PostgreSQL setting (at least 1: 0 means none).
 pub(crate) fn millis(timeout: Duration) -> i32 {
-    i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX).max(1)
+    i32::try_from(timeout.as_millis())
+        .unwrap_or(i32::MAX)
+        .max(1)
 }
 
 /// Runs a group with inline projections: one explicit transaction in which `append_events` does

@@ -37,7 +37,9 @@ fn event(kind: &str) -> NewEvent {
     NewEvent::from_value(kind, 1, &json!({ "kind": kind }))
 }
 
-/// An inline projection that sleeps `stall` on events of type `Slow` and fails on `Refused`.
+/// An inline projection that sleeps `stall` on events of type `Slow` (in the client, the
+/// transaction idle), runs `pg_sleep` for as long on `SqlSlow` (in the server), and fails on
+/// `Refused`.
 fn slow_or_refusing(
     stall: Duration,
 ) -> impl for<'c> Fn(
@@ -47,11 +49,17 @@ fn slow_or_refusing(
        + Send
        + Sync
        + 'static {
-    move |_conn, events| {
+    move |conn, events| {
         Box::pin(async move {
             for e in events {
                 match e.event_type.as_str() {
                     "Slow" => tokio::time::sleep(stall).await,
+                    "SqlSlow" => {
+                        sqlx::query("SELECT pg_sleep($1)")
+                            .bind(stall.as_secs_f64())
+                            .execute(&mut *conn)
+                            .await?;
+                    }
                     "Refused" => return Err(format!("refusing {}", e.event_id).into()),
                     _ => {}
                 }
@@ -62,8 +70,25 @@ fn slow_or_refusing(
 }
 
 async fn store_with(schema: &str, stall: Duration, append_timeout: Duration) -> PgStore {
+    store_named(schema, schema, stall, append_timeout).await
+}
+
+/// A store on `schema` whose connections carry the application name `app`.
+async fn store_named(
+    schema: &str,
+    app: &str,
+    stall: Duration,
+    append_timeout: Duration,
+) -> PgStore {
     let url = es_test_support::database_url();
-    PgStore::builder(common::pool(&url, 8).await)
+    let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .test_before_acquire(false)
+        .connect_with(options.application_name(app))
+        .await
+        .unwrap();
+    PgStore::builder(pool)
         .schema(schema)
         .poll_interval(Duration::from_millis(100))
         .append_timeout(append_timeout)
@@ -421,7 +446,14 @@ async fn a_failing_inline_projection_releases_its_positions_at_once() {
 async fn terminated_backends_holding_positions_do_not_let_the_feed_skip() {
     let schema = common::unique_schema("co_term");
     let slow = store_with(&schema, Duration::from_secs(3), Duration::from_secs(30)).await;
-    let victim = store_with(&schema, Duration::from_secs(600), Duration::from_secs(3600)).await;
+    let victim_app = common::unique_schema("co_victim");
+    let victim = store_named(
+        &schema,
+        &victim_app,
+        Duration::from_secs(600),
+        Duration::from_secs(3600),
+    )
+    .await;
     let third = plain_store(&schema).await;
     let admin = common::pool(&es_test_support::database_url(), 2).await;
     let recorder = Recorder::start(&third);
@@ -445,20 +477,19 @@ async fn terminated_backends_holding_positions_do_not_let_the_feed_skip() {
                 .append(AppendRequest::new(
                     stream("acct-victim"),
                     ExpectedVersion::NoStream,
-                    vec![event("Slow")],
+                    vec![event("SqlSlow")],
                 ))
                 .await
         }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // Terminate the victim's backend: of the two appends idle in their transactions (stalled in
-    // their projections), the one that began last.
+    // Terminate the victim's backend: the one running `pg_sleep` in its projection.
     let killed: Vec<(i32,)> = sqlx::query_as(
-        "SELECT pid FROM (SELECT pid FROM pg_stat_activity \
-                          WHERE state = 'idle in transaction' AND datname = current_database() \
-                          ORDER BY xact_start DESC LIMIT 1) AS latest \
-         WHERE pg_terminate_backend(pid)",
+        "SELECT pid FROM pg_stat_activity \
+         WHERE application_name = $1 AND query LIKE 'SELECT pg_sleep%' AND state = 'active' \
+           AND pg_terminate_backend(pid)",
     )
+    .bind(&victim_app)
     .fetch_all(&admin)
     .await
     .unwrap();

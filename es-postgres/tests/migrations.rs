@@ -35,7 +35,7 @@ async fn concurrent_builds_migrate_once() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(applied, 2);
+    assert_eq!(applied, 3);
     // Building again is a no-op.
     common::store_on(&url, &schema).await;
 }
@@ -160,7 +160,7 @@ async fn upgrades_a_version_1_schema_with_data() {
         )
         .await
         .unwrap();
-    assert_eq!(result.positions, vec![3]);
+    assert_eq!(result.stream_version, 3);
     let all: Vec<_> = store
         .read_all(ReadAll::after(0))
         .try_collect()
@@ -194,7 +194,7 @@ async fn schemas_are_isolated() {
             .await
             .unwrap();
         assert_eq!(all.len(), 1);
-        assert_eq!(all[0].global_position, 1);
+        assert_eq!(all[0].stream_id, stream);
     }
 }
 
