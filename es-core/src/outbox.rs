@@ -8,13 +8,86 @@
 //!
 //! A [`Relay`] then publishes outbox records to a broker through a [`Publisher`], in outbox order
 //! (which keeps per-stream order), at least once, and marks them delivered only after the broker
-//! acknowledged them. Several relays may run: a lease held in the store lets one of them publish
-//! at a time, and a relay that crashes loses its lease when it expires, so another takes over.
-//! Every message carries a unique `message_id` (and the `source_event_id` it came from): a
-//! consumer that sees a message twice can tell.
+//! acknowledged them. Every message carries a unique `message_id` (and the `source_event_id` it
+//! came from): a consumer that sees a message twice can tell.
+//!
+//! # One relay at a time: the lease and its generation
+//!
+//! Several relays may run; a lease held in the store lets one of them publish at a time. Each
+//! time the lease changes hands (a relay takes a free, released or expired lease) its
+//! **generation** goes up, and the relay that took it gets that generation as its fencing token.
+//! Every write a relay makes under the lease ([`OutboxStore::mark_delivered`],
+//! [`OutboxStore::dead_letter`]) names its generation; the store refuses it with
+//! [`StoreError::Fenced`], writing nothing, once the lease has passed to a newer generation. A
+//! relay that stalled (a paused process, a slow network) and woke up after another relay took
+//! over can therefore not mark or park anything; the records stay pending and the current owner
+//! publishes them (at least once).
+//!
+//! A relay also never publishes beyond its lease. It computes the lease's end on its own clock
+//! from the moment it *sent* its acquire request, minus a guard of a tenth of the lease
+//! ([`RelayConfig::lease_ttl`]), so it ends before the store's end of the lease, which counts
+//! from when the store *received* the request. It starts a batch only if
+//! [`RelayConfig::publish_timeout`] still fits before that end, and cuts a publish call off
+//! after `publish_timeout` (the records stay pending and are sent again). Another relay can only
+//! take the lease after the store's end of it. So two relays' publish calls never overlap, as
+//! long as the relay's runtime wakes it within the guard (a tenth of the lease) of its timer;
+//! what a [`Publisher`] already handed to the network when it is cut off is outside the relay's
+//! reach (see the publisher's documentation: `es-kafka` purges its queue and abandons requests in
+//! flight). Tested by the streaming conformance case
+//! `two_relays_with_a_short_lease_never_publish_at_once` on every store: two live relays with a
+//! 1 s lease (publish timeout 0.5 s) and a publisher that takes three times the lease on every
+//! fourth call, the first relay's first delivery mark stalled for 2.5 s; the recorded publish
+//! intervals of the two relays never overlap at all (the slow calls are cut off), every record
+//! is published, and the stalled mark, arriving after the other relay took over, is refused.
+//! Before fencing and the cut-off, the relay published through its whole 3 s call while the
+//! other relay, having taken the expired lease, published too.
+//!
+//! # Records that can never be published: dead letters
+//!
+//! A [`Publisher`] says of each record of a batch whether the broker acknowledged it, rejected it
+//! for good ([`PublishOutcome::Rejected`]: too large for the broker, an invalid topic name, not
+//! authorized, ...) or failed this time ([`PublishOutcome::Failed`]: a time-out, a broker down, a
+//! leader election). Before sending, the relay asks [`Publisher::check`] whether the publisher's
+//! own limits (message size, topic name rules) allow the record at all, and never sends one they
+//! refuse. The relay then, under its lease's generation:
+//!
+//! - moves every record that was refused or rejected out of the outbox into the store's
+//!   **dead-letter list** ([`OutboxStore::dead_letter`], atomically: a record is pending or dead,
+//!   never both or neither), with the error text, the time and how many times this relay sent
+//!   it ([`DeadLetter`]);
+//! - marks delivered the acknowledged records that precede the first record that failed
+//!   transiently; the failed record and everything after it stay pending and are sent again in
+//!   order (records acknowledged after a failure are sent again too: at least once);
+//! - goes on with the next batch: a dead letter never blocks the records after it, and the
+//!   records before it are not sent again.
+//!
+//! Dead letters are visible in [`OutboxStore::relay_status`] (pending and dead-letter counts, the
+//! last dead-lettering error, the lease) and listed by [`OutboxStore::dead_letters`]. Tested by
+//! `relay_parks_poison_records_and_keeps_going` (an in-process broker) and, against a real
+//! Kafka-protocol broker, by `es_kafka::testing::poison_records_are_dead_lettered`.
+//!
+//! **Order.** A dead-lettered record breaks per-key order for its key until it is re-queued:
+//! the records recorded after it (same key included) are published without it, so a consumer
+//! of that key sees a gap where it belongs. [`OutboxStore::requeue_dead_letters`] puts it back
+//! at the *end* of the outbox with a new outbox position (same message id, same payload), so it
+//! is published after every record recorded before the re-queue, including the later records of
+//! its own key that were already published: the gap is filled late, and the record arrives
+//! after records it preceded (its `outbox_position` is the new one). Re-queue a record only once
+//! what rejected it is fixed (a larger broker limit, the topic created or authorized);
+//! otherwise it is dead-lettered again. Tested by `dead_letters_are_parked_and_requeued` and
+//! `relay_parks_poison_records_and_keeps_going`.
+//!
+//! **Partial failures.** When a record of a batch fails transiently, the records acknowledged
+//! after it are sent again with it (duplicates, never gaps); if the broker wrote a later record
+//! of the same key before failing the earlier one, that later record's first copy precedes the
+//! earlier one's (the publisher's documentation says when a broker does that). Tested by
+//! `relay_publishes_everything_in_order`.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -51,7 +124,8 @@ pub struct OutboxMessage {
 /// A message stored in the outbox, waiting for delivery.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxRecord {
-    /// Position in the outbox: increasing in commit order, like global positions.
+    /// Position in the outbox: increasing in commit order, like global positions. A re-queued
+    /// dead letter gets a new, higher position.
     pub position: u64,
     /// The stream whose append recorded it.
     pub stream_id: StreamId,
@@ -61,26 +135,116 @@ pub struct OutboxRecord {
     pub message: OutboxMessage,
 }
 
-/// The outbox side of a store: pending records, delivery marks and the relay lease.
+/// A record to move from the outbox to the dead-letter list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The record's outbox position.
+    pub position: u64,
+    /// Why it can never be published.
+    pub error: String,
+    /// How many times it was sent to the broker (0: refused by [`Publisher::check`] before
+    /// sending).
+    pub attempts: u32,
+}
+
+/// A record parked in the dead-letter list: the broker rejected it for good, or the publisher's
+/// limits refused it before sending.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// The record as it was in the outbox.
+    pub record: OutboxRecord,
+    /// Why it was parked.
+    pub error: String,
+    /// How many times the relay that parked it had sent it to the broker.
+    pub attempts: u32,
+    /// When it was parked (store clock).
+    pub dead_at: DateTime<Utc>,
+}
+
+/// The most recent dead-lettering, as the store recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastRejection {
+    /// Outbox position of the record.
+    pub position: u64,
+    /// The error text.
+    pub error: String,
+    /// When (store clock).
+    pub at: DateTime<Utc>,
+}
+
+/// The relay lease as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseState {
+    /// The relay that took it last.
+    pub owner: String,
+    /// Its generation: raised whenever the lease changes hands.
+    pub generation: u64,
+    /// Whether it is held now (neither released nor expired).
+    pub held: bool,
+}
+
+/// What the outbox and its relay look like now, from the store: see
+/// [`OutboxStore::relay_status`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RelayStatus {
+    /// Records waiting for delivery.
+    pub pending: u64,
+    /// Records in the dead-letter list.
+    pub dead_letters: u64,
+    /// The error of the most recent dead-lettering, if any record was ever parked.
+    pub last_error: Option<LastRejection>,
+    /// The lease, if any relay ever took it.
+    pub lease: Option<LeaseState>,
+}
+
+/// The outbox side of a store: pending records, delivery marks, dead letters and the relay lease.
 ///
 /// Outbox records are written by [`EventStore::append`] from
 /// [`AppendRequest::outbox`](crate::store::AppendRequest::outbox), atomically with the events.
 pub trait OutboxStore: Clone + Send + Sync + 'static {
-    /// Takes or renews the relay lease for `owner` until `ttl` from now. Returns whether `owner`
-    /// holds it. A lease not renewed within its ttl expires and can be taken by another owner.
-    fn acquire_relay_lease(&self, owner: &str, ttl: Duration) -> impl StoreFuture<bool>;
+    /// Takes or renews the relay lease for `owner` until `ttl` from now (store clock). Returns
+    /// the lease's generation if `owner` holds it now, `None` if another owner does.
+    ///
+    /// A lease not renewed within its ttl expires and can be taken by another owner. Taking a
+    /// free, released or expired lease raises the generation (whoever takes it, the previous
+    /// owner included); renewing a lease the owner still holds keeps it. Generations never go
+    /// down, across releases too.
+    fn acquire_relay_lease(&self, owner: &str, ttl: Duration) -> impl StoreFuture<Option<u64>>;
 
-    /// Gives the lease up if `owner` holds it.
-    fn release_relay_lease(&self, owner: &str) -> impl StoreFuture<()>;
+    /// Gives the lease up if `owner` holds it in `generation`; keeps the generation counter.
+    fn release_relay_lease(&self, owner: &str, generation: u64) -> impl StoreFuture<()>;
 
     /// Up to `limit` undelivered records, in outbox order.
     fn pending_outbox(&self, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>>;
 
-    /// Marks the records at `positions` delivered. Idempotent.
-    fn mark_delivered(&self, positions: &[u64]) -> impl StoreFuture<()>;
+    /// Marks the records at `positions` delivered (removes them from the outbox), if
+    /// `generation` is still the lease's generation; otherwise fails with
+    /// [`StoreError::Fenced`] and marks nothing. Positions not pending are ignored (idempotent).
+    fn mark_delivered(&self, generation: u64, positions: &[u64]) -> impl StoreFuture<()>;
+
+    /// Moves the records of `rejections` from the outbox to the dead-letter list, with their
+    /// errors, attempts and the store's time, if `generation` is still the lease's generation;
+    /// otherwise fails with [`StoreError::Fenced`] and moves nothing. Atomic: every record is
+    /// moved or none. Positions not pending are ignored. Records the last error (see
+    /// [`relay_status`](Self::relay_status)).
+    fn dead_letter(&self, generation: u64, rejections: &[Rejection]) -> impl StoreFuture<()>;
+
+    /// Up to `limit` dead letters, in outbox-position order.
+    fn dead_letters(&self, limit: u64) -> impl StoreFuture<Vec<DeadLetter>>;
+
+    /// Moves the dead letters at `positions` back into the outbox, at its end: each gets a new
+    /// outbox position, higher than every record's so far, in the order of the old positions;
+    /// the message (id, payload, ...) is unchanged. Positions that are not dead letters are
+    /// ignored. Returns how many were re-queued. Not fenced: an operator's action. See the
+    /// [module docs](self#records-that-can-never-be-published-dead-letters) for what this does
+    /// to per-key order.
+    fn requeue_dead_letters(&self, positions: &[u64]) -> impl StoreFuture<u64>;
 
     /// Number of undelivered records.
     fn outbox_len(&self) -> impl StoreFuture<u64>;
+
+    /// Pending and dead-letter counts, the last dead-lettering error and the lease.
+    fn relay_status(&self) -> impl StoreFuture<RelayStatus>;
 }
 
 /// Maps a domain event of aggregate `A` to zero or more integration events.
@@ -95,14 +259,45 @@ pub trait Translator<A: Aggregate>: Send + Sync + 'static {
     fn translate(&self, stream: &StreamId, event: &A::Event) -> Vec<Self::Message>;
 }
 
+/// What became of one record of a batch handed to [`Publisher::publish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// The broker acknowledged it.
+    Acknowledged,
+    /// The broker (or the publisher) refused it for good: sending it again cannot succeed
+    /// (too large, invalid topic, not authorized, ...). The relay dead-letters it.
+    Rejected(String),
+    /// Not acknowledged this time (time-out, broker unavailable, leader moving, ...). The relay
+    /// sends it again.
+    Failed(String),
+}
+
+impl PublishOutcome {
+    /// `n` outcomes of [`Failed`](Self::Failed) with `reason`: a batch that failed as a whole.
+    pub fn all_failed(n: usize, reason: &str) -> Vec<Self> {
+        vec![Self::Failed(reason.to_owned()); n]
+    }
+}
+
 /// Delivers outbox records to a broker.
 pub trait Publisher: Send + Sync + 'static {
-    /// Publishes `records` in order. Returns `Ok` only once the broker has acknowledged every
-    /// record; on `Err` nothing is marked delivered and the batch is sent again (at least once).
-    fn publish(
-        &self,
-        records: &[OutboxRecord],
-    ) -> impl Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Send;
+    /// Whether `record` can ever be published, by the publisher's own limits (message size,
+    /// topic name rules): `Err` with the reason if not, and the relay dead-letters it without
+    /// sending it. The default accepts everything.
+    fn check(&self, record: &OutboxRecord) -> Result<(), String> {
+        let _ = record;
+        Ok(())
+    }
+
+    /// Publishes `records` in order and says what became of each: one [`PublishOutcome`] per
+    /// record, in the same order (a reply of another length counts as a failure of the whole
+    /// batch). Returns once every record is settled.
+    ///
+    /// The relay may drop the returned future when the lease runs out (see the
+    /// [module docs](self#one-relay-at-a-time-the-lease-and-its-generation)); a publisher should
+    /// then stop sending what it has not sent yet.
+    fn publish(&self, records: &[OutboxRecord])
+        -> impl Future<Output = Vec<PublishOutcome>> + Send;
 }
 
 /// Why a relay stopped.
@@ -112,15 +307,24 @@ pub enum RelayError {
     /// The store failed in a way retrying cannot fix.
     #[error("outbox relay store error: {0}")]
     Store(#[from] StoreError),
+    /// The configuration cannot work: the relay would never publish.
+    #[error("invalid relay configuration: {0}")]
+    Config(String),
 }
 
 /// How a [`Relay`] behaves.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// Identifies this relay instance in the lease.
+    /// Identifies this relay instance in the lease. Give every relay process its own (the
+    /// default is unique).
     pub owner: String,
     /// How long a lease lasts without renewal; a crashed relay is taken over after this.
     pub lease_ttl: Duration,
+    /// The longest one publish call may take: the relay starts a batch only with this much lease
+    /// left (after a guard of a tenth of `lease_ttl`), and cuts the call off after it. Must be
+    /// below nine tenths of `lease_ttl`. Keep it above the publisher's own time-out (for
+    /// `es-kafka`, the delivery timeout) so that the publisher reports failures itself.
+    pub publish_timeout: Duration,
     /// Records published per batch.
     pub batch_size: u64,
     /// How long to wait for new records when the outbox is empty (it also wakes on appends).
@@ -134,10 +338,35 @@ impl Default for RelayConfig {
         Self {
             owner: format!("relay-{}", Uuid::now_v7()),
             lease_ttl: Duration::from_secs(10),
+            publish_timeout: Duration::from_secs(6),
             batch_size: 500,
             idle_poll: Duration::from_millis(500),
             max_backoff: Duration::from_secs(5),
         }
+    }
+}
+
+impl RelayConfig {
+    /// The part of the lease a relay keeps clear at its end: a tenth of the lease.
+    pub fn lease_guard(&self) -> Duration {
+        self.lease_ttl / 10
+    }
+
+    /// Checks that a relay with this configuration can publish at all.
+    pub fn validate(&self) -> Result<(), RelayError> {
+        if self.batch_size == 0 {
+            return Err(RelayError::Config("the batch size must not be 0".into()));
+        }
+        if self.publish_timeout.is_zero()
+            || self.publish_timeout + self.lease_guard() >= self.lease_ttl
+        {
+            return Err(RelayError::Config(format!(
+                "publish_timeout ({:?}) must be above zero and below nine tenths of lease_ttl \
+                 ({:?}): a relay starts a batch only if it can finish it before its lease ends",
+                self.publish_timeout, self.lease_ttl
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -147,61 +376,266 @@ pub struct Relay<S, P> {
     store: S,
     publisher: P,
     config: RelayConfig,
+    /// Times each pending record was sent by this relay without an answer, by position.
+    attempts: Mutex<HashMap<u64, u32>>,
+    /// The generation of the lease this relay last held (0: none yet).
+    generation: AtomicU64,
 }
 
 /// What one [`Relay::step`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RelayStep {
     /// Another relay holds the lease.
     Standby,
     /// Nothing was pending.
     Idle,
-    /// This many records were published and marked delivered.
+    /// Every record of the batch was acknowledged; this many were marked delivered.
     Published(usize),
-    /// The broker did not acknowledge the batch; it stays pending and is sent again.
-    PublishFailed,
+    /// Some records of the batch can never be published and were dead-lettered; the others were
+    /// acknowledged and marked delivered.
+    DeadLettered {
+        /// Records marked delivered.
+        delivered: usize,
+        /// Records moved to the dead-letter list.
+        dead_lettered: usize,
+    },
+    /// Some records were not acknowledged (or the publish call ran out of time): they and the
+    /// records after them stay pending and are sent again. What could be settled was.
+    PublishFailed {
+        /// Records marked delivered (those acknowledged before the first failure).
+        delivered: usize,
+        /// Records moved to the dead-letter list.
+        dead_lettered: usize,
+        /// Records not acknowledged.
+        failed: usize,
+    },
+    /// The lease left too little time to publish a batch (the store answered slowly, or the
+    /// configuration is invalid); nothing was sent. The next step renews the lease.
+    LeaseTooShort,
+    /// Another relay took the lease over while this one published: its marks were refused and
+    /// nothing was written. The records stay pending for the new owner.
+    Fenced,
 }
 
 impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
-    /// A relay over `store`'s outbox publishing through `publisher`.
+    /// A relay over `store`'s outbox publishing through `publisher`. The configuration is checked
+    /// by [`run`](Self::run) (see [`RelayConfig::validate`]).
     pub fn new(store: S, publisher: P, config: RelayConfig) -> Self {
         Self {
             store,
             publisher,
             config,
+            attempts: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
         }
     }
 
-    /// One round: renew the lease, publish one batch, mark it delivered.
+    /// The configuration.
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// The publisher.
+    pub fn publisher(&self) -> &P {
+        &self.publisher
+    }
+
+    /// The store's view of the outbox and the relay: see [`OutboxStore::relay_status`].
+    pub async fn status(&self) -> Result<RelayStatus, StoreError> {
+        self.store.relay_status().await
+    }
+
+    /// One round: take or renew the lease, dead-letter what the publisher's limits refuse,
+    /// publish one batch within the lease, then dead-letter what the broker rejected and mark
+    /// what it acknowledged, both under the lease's generation.
     ///
-    /// A broker failure is [`RelayStep::PublishFailed`] (logged); store failures are returned.
+    /// Broker failures are reported as [`RelayStep::PublishFailed`] (logged); store failures are
+    /// returned, except [`StoreError::Fenced`], which is [`RelayStep::Fenced`].
     pub async fn step(&self) -> Result<RelayStep, StoreError> {
         let ttl = self.config.lease_ttl;
-        if !self
+        let asked = Instant::now();
+        let Some(generation) = self
             .store
             .acquire_relay_lease(&self.config.owner, ttl)
             .await?
-        {
+        else {
             return Ok(RelayStep::Standby);
-        }
+        };
+        self.generation.store(generation, Ordering::SeqCst);
+        // The store's lease ends `ttl` after it received the request, so no earlier than this.
+        let cutoff = asked + ttl.saturating_sub(self.config.lease_guard());
         let batch = self.store.pending_outbox(self.config.batch_size).await?;
-        if batch.is_empty() {
+        let Some(first) = batch.first() else {
             return Ok(RelayStep::Idle);
+        };
+        self.forget_settled(first.position);
+        let (sendable, mut rejected): (Vec<OutboxRecord>, Vec<Rejection>) =
+            batch
+                .into_iter()
+                .fold((Vec::new(), Vec::new()), |(mut ok, mut refused), record| {
+                    match self.publisher.check(&record) {
+                        Ok(()) => ok.push(record),
+                        Err(error) => refused.push(Rejection {
+                            position: record.position,
+                            attempts: self.attempts_of(record.position),
+                            error,
+                        }),
+                    }
+                    (ok, refused)
+                });
+        let mut delivered = Vec::new();
+        let mut failed = 0;
+        if !sendable.is_empty() {
+            let left = cutoff.saturating_duration_since(Instant::now());
+            if left < self.config.publish_timeout {
+                tracing::warn!(owner = %self.config.owner, ?left, publish_timeout = ?self.config.publish_timeout,
+                    "too little of the lease left to publish a batch");
+                if rejected.is_empty() {
+                    return Ok(RelayStep::LeaseTooShort);
+                }
+                return self
+                    .settle(generation, &rejected, &[], sendable.len())
+                    .await;
+            }
+            let outcomes = self.publish(&sendable).await;
+            let mut in_order = true;
+            for (record, outcome) in sendable.iter().zip(outcomes) {
+                match outcome {
+                    PublishOutcome::Acknowledged => {
+                        if in_order {
+                            delivered.push(record.position);
+                        }
+                    }
+                    PublishOutcome::Rejected(error) => rejected.push(Rejection {
+                        position: record.position,
+                        attempts: self.attempts_of(record.position) + 1,
+                        error,
+                    }),
+                    PublishOutcome::Failed(error) => {
+                        if in_order {
+                            tracing::warn!(owner = %self.config.owner, position = record.position, %error,
+                                "publishing failed; the record and those after it will be sent again");
+                        }
+                        in_order = false;
+                        failed += 1;
+                        self.count_attempt(record.position);
+                    }
+                }
+            }
         }
+        self.settle(generation, &rejected, &delivered, failed).await
+    }
+
+    /// Dead-letters `rejected` and marks `delivered`, under `generation`.
+    async fn settle(
+        &self,
+        generation: u64,
+        rejected: &[Rejection],
+        delivered: &[u64],
+        failed: usize,
+    ) -> Result<RelayStep, StoreError> {
+        let fenced = |err: &StoreError| matches!(err, StoreError::Fenced { .. });
+        if !rejected.is_empty() {
+            for r in rejected {
+                tracing::error!(owner = %self.config.owner, position = r.position, attempts = r.attempts,
+                    error = %r.error, "the record can never be published; moving it to the dead letters");
+            }
+            match self.store.dead_letter(generation, rejected).await {
+                Err(err) if fenced(&err) => return Ok(self.fenced(&err)),
+                other => other?,
+            }
+        }
+        if !delivered.is_empty() {
+            match self.store.mark_delivered(generation, delivered).await {
+                Err(err) if fenced(&err) => return Ok(self.fenced(&err)),
+                other => other?,
+            }
+        }
+        self.forget(
+            rejected
+                .iter()
+                .map(|r| r.position)
+                .chain(delivered.iter().copied()),
+        );
+        let (delivered, dead_lettered) = (delivered.len(), rejected.len());
+        Ok(if failed > 0 {
+            RelayStep::PublishFailed {
+                delivered,
+                dead_lettered,
+                failed,
+            }
+        } else if dead_lettered > 0 {
+            RelayStep::DeadLettered {
+                delivered,
+                dead_lettered,
+            }
+        } else {
+            RelayStep::Published(delivered)
+        })
+    }
+
+    fn fenced(&self, err: &StoreError) -> RelayStep {
+        tracing::warn!(owner = %self.config.owner, error = %err,
+            "another relay took the lease over; nothing of this batch was marked");
+        RelayStep::Fenced
+    }
+
+    /// Publishes `records`, cut off after the publish timeout.
+    async fn publish(&self, records: &[OutboxRecord]) -> Vec<PublishOutcome> {
         let span = tracing::debug_span!("es.relay.publish", owner = %self.config.owner,
-            first = batch[0].position, records = batch.len());
-        if let Err(err) = self.publisher.publish(&batch).instrument(span).await {
-            tracing::warn!(owner = %self.config.owner, error = %err, "publishing failed; the batch will be sent again");
-            return Ok(RelayStep::PublishFailed);
+            first = records[0].position, records = records.len());
+        let call = self.publisher.publish(records).instrument(span);
+        match tokio::time::timeout(self.config.publish_timeout, call).await {
+            Ok(outcomes) if outcomes.len() == records.len() => outcomes,
+            Ok(outcomes) => PublishOutcome::all_failed(
+                records.len(),
+                &format!(
+                    "the publisher answered {} outcomes for {} records",
+                    outcomes.len(),
+                    records.len()
+                ),
+            ),
+            Err(_) => PublishOutcome::all_failed(
+                records.len(),
+                &format!(
+                    "publishing took longer than the publish timeout ({:?}); cut off to stay \
+                     within the lease",
+                    self.config.publish_timeout
+                ),
+            ),
         }
-        let positions: Vec<u64> = batch.iter().map(|r| r.position).collect();
-        self.store.mark_delivered(&positions).await?;
-        Ok(RelayStep::Published(batch.len()))
+    }
+
+    fn attempts(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+        self.attempts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn attempts_of(&self, position: u64) -> u32 {
+        self.attempts().get(&position).copied().unwrap_or(0)
+    }
+
+    fn count_attempt(&self, position: u64) {
+        *self.attempts().entry(position).or_insert(0) += 1;
+    }
+
+    fn forget(&self, positions: impl Iterator<Item = u64>) {
+        let mut attempts = self.attempts();
+        for p in positions {
+            attempts.remove(&p);
+        }
+    }
+
+    /// Records below the oldest pending one are settled (by this relay or another).
+    fn forget_settled(&self, oldest_pending: u64) {
+        self.attempts().retain(|p, _| *p >= oldest_pending);
     }
 
     /// Runs until `shutdown` resolves; then releases the lease. Transient store failures and
-    /// broker failures are retried with backoff.
+    /// broker failures are retried with backoff. Fails at once with [`RelayError::Config`] if the
+    /// configuration cannot work.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), RelayError> {
+        self.config.validate()?;
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -210,11 +644,11 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
                 step = self.step() => step,
             };
             let pause = match step {
-                Ok(RelayStep::Published(_)) => {
+                Ok(RelayStep::Published(_) | RelayStep::DeadLettered { .. }) => {
                     backoff = Duration::from_millis(50);
                     continue;
                 }
-                Ok(RelayStep::PublishFailed) => {
+                Ok(RelayStep::PublishFailed { .. } | RelayStep::LeaseTooShort) => {
                     backoff = (backoff * 2).min(self.config.max_backoff);
                     backoff
                 }
@@ -228,7 +662,7 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
                     }
                     continue;
                 }
-                Ok(RelayStep::Standby) => self.config.lease_ttl / 3,
+                Ok(RelayStep::Standby | RelayStep::Fenced) => self.config.lease_ttl / 3,
                 Err(err) if err.is_transient() => {
                     tracing::warn!(owner = %self.config.owner, error = %err, "relay store error; retrying");
                     backoff = (backoff * 2).min(self.config.max_backoff);
@@ -241,8 +675,15 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
                 () = tokio::time::sleep(pause) => {}
             }
         }
-        if let Err(err) = self.store.release_relay_lease(&self.config.owner).await {
-            tracing::warn!(owner = %self.config.owner, error = %err, "could not release the relay lease; it will expire");
+        let generation = self.generation.load(Ordering::SeqCst);
+        if generation > 0 {
+            if let Err(err) = self
+                .store
+                .release_relay_lease(&self.config.owner, generation)
+                .await
+            {
+                tracing::warn!(owner = %self.config.owner, error = %err, "could not release the relay lease; it will expire");
+            }
         }
         Ok(())
     }

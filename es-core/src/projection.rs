@@ -17,6 +17,26 @@
 //! naming the event. It never skips an event. Each projection reports its position and its lag
 //! behind the head, can be rebuilt from position 0 (drop the read model, replay every event),
 //! and shuts down gracefully after the batch in hand.
+//!
+//! # Rebuilds and other runners: checkpoint generations
+//!
+//! A checkpoint ([`Checkpoint`]) carries a **generation**. A rebuild
+//! ([`ProjectionHandle::rebuild`]) drops the read model first, then starts a new generation at
+//! position 0 ([`CheckpointStore::reset_checkpoint`]). A sink saves its checkpoints in the
+//! generation it loaded; a save naming an older generation fails with [`StoreError::Fenced`]
+//! and writes nothing. So a second runner of the same projection (another process, a deployment
+//! overlap) that was in the middle of a batch when the projection was rebuilt cannot raise the
+//! new generation's checkpoint over events the rebuilt read model does not hold: before
+//! generations, its save could make the rebuilding runner resume after it and never replay the
+//! events before it. A runner whose batch is fenced **reloads the checkpoint and continues from
+//! there** (it does not stop): the events it handled in the fenced batch are handled again,
+//! which at-least-once handlers tolerate and exactly-once sinks never commit.
+//!
+//! Tested by the streaming conformance case `projection_rebuild_racing_a_second_runner` on every
+//! store (at least once: a second runner parked in the middle of a batch while the first
+//! rebuilds, released after the reset and before the rebuilding runner reloads its checkpoint;
+//! afterwards the read model holds every event of the feed) and, exactly once on PostgreSQL, by
+//! `es-postgres`'s `rebuild_racing_a_second_runner_applies_every_event_once`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -31,17 +51,35 @@ use crate::stream_id::StreamId;
 /// An error from a projection handler.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Stores projection checkpoints: the global position each projection has handled up to.
+/// A projection's stored progress: the global position handled up to, within a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Checkpoint {
+    /// The global position handled up to (0: nothing yet).
+    pub position: u64,
+    /// The generation: 0 until the first reset, then raised by every
+    /// [`reset_checkpoint`](CheckpointStore::reset_checkpoint) (a rebuild). A save that names an
+    /// older generation is refused, so a runner that was busy while the projection was rebuilt
+    /// cannot move the new generation's checkpoint.
+    pub generation: u64,
+}
+
+/// Stores projection checkpoints: the global position each projection has handled up to, and the
+/// generation it belongs to.
 pub trait CheckpointStore: Clone + Send + Sync + 'static {
-    /// The checkpoint of `name` (0 if it has none).
-    fn load_checkpoint(&self, name: &str) -> impl StoreFuture<u64>;
+    /// The checkpoint of `name` (position 0 in generation 0 if it has none), position and
+    /// generation read together.
+    fn load_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint>;
 
-    /// Raises the checkpoint of `name` to `position`. A lower or equal position is ignored, so a
-    /// stale runner can never move a checkpoint back. Returns whether it was written.
-    fn save_checkpoint(&self, name: &str, position: u64) -> impl StoreFuture<bool>;
+    /// Raises the checkpoint of `name` to `checkpoint.position`, if `checkpoint.generation` is
+    /// the stored generation; otherwise fails with [`StoreError::Fenced`] and writes nothing. A
+    /// lower or equal position is ignored, so a slow runner can never move a checkpoint back.
+    /// Returns whether it was written.
+    fn save_checkpoint(&self, name: &str, checkpoint: Checkpoint) -> impl StoreFuture<bool>;
 
-    /// Removes the checkpoint of `name` (for a rebuild from position 0).
-    fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<()>;
+    /// Starts a new generation of `name` at position 0 (for a rebuild from position 0) and
+    /// returns it. Every later save naming an older generation fails with
+    /// [`StoreError::Fenced`].
+    fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint>;
 }
 
 /// An at-least-once projection: a handler for events and a way to drop its read model.
@@ -75,8 +113,30 @@ pub struct BatchError {
     /// transaction rolled back). The runner applies the rest of the events before `index` again
     /// as their own batch, then retries the failing event.
     pub applied: usize,
-    /// What went wrong.
+    /// What went wrong. A [`StoreError::Fenced`] here (see [`is_fenced`](Self::is_fenced))
+    /// means the projection was rebuilt meanwhile: the runner reloads its checkpoint.
     pub source: HandlerError,
+}
+
+impl BatchError {
+    /// A batch refused because the checkpoint's generation moved on (the projection was
+    /// rebuilt while this batch ran): nothing of it was recorded.
+    pub fn fenced(events: usize, source: StoreError) -> Self {
+        Self {
+            index: events,
+            applied: 0,
+            source: source.into(),
+        }
+    }
+
+    /// Whether the batch was refused by a newer generation of the checkpoint
+    /// ([`StoreError::Fenced`]).
+    pub fn is_fenced(&self) -> bool {
+        matches!(
+            self.source.downcast_ref::<StoreError>(),
+            Some(StoreError::Fenced { .. })
+        )
+    }
 }
 
 /// The mode-specific half of a projection: applies batches and records checkpoints.
@@ -87,26 +147,35 @@ pub trait ProjectionSink: Send + 'static {
     /// Which events it consumes.
     fn filter(&self) -> EventFilter;
 
-    /// The position handled up to.
+    /// The position handled up to. The sink remembers the checkpoint's generation and records
+    /// later checkpoints in it.
     fn checkpoint(&mut self) -> impl Future<Output = Result<u64, HandlerError>> + Send;
 
     /// Applies `events` in order and records `checkpoint` (the position of the last one, or
-    /// further). Exactly-once sinks do both atomically.
+    /// further). Exactly-once sinks do both atomically. If the checkpoint's generation is no
+    /// longer the one the sink loaded (a rebuild happened meanwhile), the checkpoint is not
+    /// recorded and the error [`is_fenced`](BatchError::is_fenced).
     fn apply(
         &mut self,
         events: &[RecordedEvent],
         checkpoint: u64,
     ) -> impl Future<Output = Result<(), BatchError>> + Send;
 
-    /// Drops the read model and the checkpoint.
+    /// Drops the read model, then starts a new generation of the checkpoint at position 0 and
+    /// adopts it.
     fn reset(&mut self) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
 /// Runs a [`Projection`] at least once, with its checkpoint in a [`CheckpointStore`].
+///
+/// It remembers the generation of the checkpoint it loaded (or started by a reset) and saves in
+/// that generation only; once the projection is rebuilt elsewhere, its saves fail with
+/// [`StoreError::Fenced`] and the runner reloads the checkpoint.
 #[derive(Debug)]
 pub struct AtLeastOnce<P, C> {
     projection: P,
     checkpoints: C,
+    generation: u64,
 }
 
 impl<P: Projection, C: CheckpointStore> AtLeastOnce<P, C> {
@@ -115,12 +184,25 @@ impl<P: Projection, C: CheckpointStore> AtLeastOnce<P, C> {
         Self {
             projection,
             checkpoints,
+            generation: 0,
         }
     }
 
     /// The projection (for reading its state).
     pub fn projection(&self) -> &P {
         &self.projection
+    }
+
+    async fn save(&mut self, position: u64) -> Result<bool, StoreError> {
+        self.checkpoints
+            .save_checkpoint(
+                self.projection.name(),
+                Checkpoint {
+                    position,
+                    generation: self.generation,
+                },
+            )
+            .await
     }
 }
 
@@ -134,10 +216,12 @@ impl<P: Projection, C: CheckpointStore> ProjectionSink for AtLeastOnce<P, C> {
     }
 
     async fn checkpoint(&mut self) -> Result<u64, HandlerError> {
-        Ok(self
+        let stored = self
             .checkpoints
             .load_checkpoint(self.projection.name())
-            .await?)
+            .await?;
+        self.generation = stored.generation;
+        Ok(stored.position)
     }
 
     async fn apply(&mut self, events: &[RecordedEvent], checkpoint: u64) -> Result<(), BatchError> {
@@ -145,17 +229,13 @@ impl<P: Projection, C: CheckpointStore> ProjectionSink for AtLeastOnce<P, C> {
             if let Err(source) = self.projection.handle(event).await {
                 // Record the progress made before the failing event, so it is not handled again.
                 let applied = match index.checked_sub(1).map(|i| &events[i]) {
-                    Some(last) => {
-                        let saved = self
-                            .checkpoints
-                            .save_checkpoint(self.projection.name(), last.global_position)
-                            .await;
-                        if saved.is_ok() {
-                            index
-                        } else {
-                            0
+                    Some(last) => match self.save(last.global_position).await {
+                        Ok(_) => index,
+                        Err(err @ StoreError::Fenced { .. }) => {
+                            return Err(BatchError::fenced(events.len(), err))
                         }
-                    }
+                        Err(_) => 0,
+                    },
                     None => 0,
                 };
                 return Err(BatchError {
@@ -165,22 +245,22 @@ impl<P: Projection, C: CheckpointStore> ProjectionSink for AtLeastOnce<P, C> {
                 });
             }
         }
-        self.checkpoints
-            .save_checkpoint(self.projection.name(), checkpoint)
-            .await
-            .map_err(|e| BatchError {
-                index: events.len(),
-                applied: 0,
-                source: e.into(),
-            })?;
+        self.save(checkpoint).await.map_err(|e| BatchError {
+            index: events.len(),
+            applied: 0,
+            source: e.into(),
+        })?;
         Ok(())
     }
 
     async fn reset(&mut self) -> Result<(), HandlerError> {
+        // The read model first: a runner that loads the new generation must find it empty.
         self.projection.reset().await?;
-        self.checkpoints
+        let fresh = self
+            .checkpoints
             .reset_checkpoint(self.projection.name())
             .await?;
+        self.generation = fresh.generation;
         Ok(())
     }
 }
@@ -341,11 +421,8 @@ impl<S: EventStore> ProjectionHandle<S> {
 
     /// Positions between the head of the feed and what the projection has handled.
     pub async fn lag(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .store
-            .head_position()
-            .await?
-            .saturating_sub(self.position()))
+        let head = self.store.head_position().await?;
+        Ok(crate::position::distance(self.position(), head))
     }
 
     /// Waits until the projection has handled `position`, or has stopped or failed.
@@ -394,6 +471,14 @@ enum Exit {
     Shutdown(u64),
     Rebuild(oneshot::Sender<Result<(), String>>),
     Failed(ProjectionFailure),
+    /// The checkpoint's generation moved on: reload it and go on from there.
+    Fenced,
+}
+
+/// Why [`Worker::apply`] gave up on a batch.
+enum ApplyError {
+    Failed(ProjectionFailure),
+    Fenced,
 }
 
 impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
@@ -417,6 +502,11 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
                     }
                 }
                 Exit::Rebuild(reply) => self.rebuild(reply).await,
+                Exit::Fenced => {
+                    tracing::warn!(
+                        "the projection was rebuilt elsewhere; reloading its checkpoint"
+                    );
+                }
             }
         }
     }
@@ -476,8 +566,10 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
                 }
             }
             if !events.is_empty() {
-                if let Err(failure) = self.apply(&events).await {
-                    return Exit::Failed(failure);
+                match self.apply(&events).await {
+                    Ok(()) => {}
+                    Err(ApplyError::Failed(failure)) => return Exit::Failed(failure),
+                    Err(ApplyError::Fenced) => return Exit::Fenced,
                 }
                 position = events.last().map_or(position, |e| e.global_position);
                 self.status
@@ -504,22 +596,26 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
 
     /// Applies a batch with retries. When one event keeps failing, applies the events before it,
     /// then retries it alone, and finally reports it.
-    async fn apply(&mut self, events: &[RecordedEvent]) -> Result<(), ProjectionFailure> {
+    async fn apply(&mut self, events: &[RecordedEvent]) -> Result<(), ApplyError> {
         let (mut start, mut end) = (0, events.len());
         let mut attempts = 0;
         let mut backoff = self.config.backoff;
         while start < events.len() {
             let batch = &events[start..end];
             let checkpoint = batch[batch.len() - 1].global_position;
-            let Err(BatchError {
+            let error = match self.sink.apply(batch, checkpoint).await {
+                Ok(()) => {
+                    (start, end, attempts) = (end, events.len(), 0);
+                    continue;
+                }
+                Err(error) if error.is_fenced() => return Err(ApplyError::Fenced),
+                Err(error) => error,
+            };
+            let BatchError {
                 index,
                 applied,
                 source,
-            }) = self.sink.apply(batch, checkpoint).await
-            else {
-                (start, end, attempts) = (end, events.len(), 0);
-                continue;
-            };
+            } = error;
             let checkpoint_failed = index >= batch.len();
             let failing = start + index;
             start += applied.min(index);
@@ -532,7 +628,7 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
             attempts += 1;
             if attempts >= self.config.max_attempts {
                 let event = (!checkpoint_failed).then(|| &events[failing]);
-                return Err(self.failure(event, attempts, &*source));
+                return Err(ApplyError::Failed(self.failure(event, attempts, &*source)));
             }
             tracing::warn!(error = %source, attempts, "projection batch failed; retrying");
             tokio::time::sleep(backoff).await;

@@ -27,8 +27,12 @@ use rdkafka::ClientConfig;
 pub struct KafkaConfig {
     brokers: String,
     delivery_timeout: Duration,
+    max_message_bytes: usize,
     settings: Vec<(String, String)>,
 }
+
+/// librdkafka's default `message.max.bytes`.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_000_000;
 
 impl KafkaConfig {
     /// Settings for the comma-separated `host:port` list `brokers` (`bootstrap.servers`).
@@ -36,6 +40,7 @@ impl KafkaConfig {
         Self {
             brokers: brokers.into(),
             delivery_timeout: Duration::from_secs(5),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             settings: Vec::new(),
         }
     }
@@ -49,9 +54,9 @@ impl KafkaConfig {
     /// [`publish`](es_core::Publisher::publish) fails and the relay sends it again
     /// (`message.timeout.ms`). Default 5 s.
     ///
-    /// Keep it below [`RelayConfig::lease_ttl`](es_core::RelayConfig::lease_ttl): the relay
-    /// renews its lease between batches, so a batch that outlasts the lease lets another relay
-    /// publish at the same time (still at least once, but no longer one relay at a time).
+    /// Keep it below [`RelayConfig::publish_timeout`](es_core::RelayConfig::publish_timeout):
+    /// the relay cuts a publish call off after that (to stay within its lease), and a batch the
+    /// publisher settles itself reports which records failed instead of failing as a whole.
     pub fn with_delivery_timeout(mut self, timeout: Duration) -> Self {
         self.delivery_timeout = timeout;
         self
@@ -60,6 +65,31 @@ impl KafkaConfig {
     /// The configured delivery timeout.
     pub fn delivery_timeout(&self) -> Duration {
         self.delivery_timeout
+    }
+
+    /// The largest message the publisher sends (librdkafka's `message.max.bytes`; default
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`], clamped to librdkafka's range `1000 ..= 1_000_000_000`).
+    ///
+    /// Set it to what the broker accepts for the topics the outbox publishes to (the topic's
+    /// `max.message.bytes`, by default the broker's `message.max.bytes`, about 1 MiB on Kafka).
+    /// [`KafkaPublisher::check`](crate::KafkaPublisher::check) refuses a record whose message
+    /// (key, value, headers and librdkafka's per-record overhead, counted as librdkafka counts
+    /// them) is larger, so the relay dead-letters it without sending it. A record under this
+    /// limit but over the broker's is rejected by the broker (`MESSAGE_TOO_LARGE`) and
+    /// dead-lettered the same way, after one attempt.
+    pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes.clamp(1000, 1_000_000_000);
+        self
+    }
+
+    /// The largest message the producer accepts: a `message.max.bytes` given with
+    /// [`set`](Self::set) if it is a number, else [`with_max_message_bytes`](Self::with_max_message_bytes).
+    pub fn max_message_bytes(&self) -> usize {
+        self.settings
+            .iter()
+            .find(|(k, _)| k == "message.max.bytes")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(self.max_message_bytes)
     }
 
     /// Adds or overrides a librdkafka property for every client this crate creates. Applied
@@ -78,8 +108,11 @@ impl KafkaConfig {
             .as_millis()
             .clamp(1, 900_000)
             .to_string();
+        let max_message_bytes = self.max_message_bytes.to_string();
         let defaults = [
             ("bootstrap.servers", self.brokers.as_str()),
+            // The largest message; `KafkaPublisher::check` uses the same figure.
+            ("message.max.bytes", max_message_bytes.as_str()),
             // Exactly one copy per send attempt and per-partition order across retries.
             ("enable.idempotence", "true"),
             ("acks", "all"),

@@ -19,7 +19,7 @@ pub enum Error {
         source: KafkaError,
     },
     /// A record could not be handed to the producer (for example larger than
-    /// `message.max.bytes`); the records after it in the batch were not sent.
+    /// `message.max.bytes`).
     #[error("cannot send outbox record {position} (message {message_id}): {source}")]
     Enqueue {
         /// Outbox position of the record.
@@ -73,5 +73,31 @@ pub enum Error {
         what: String,
         /// How long it waited.
         timeout: Duration,
+    },
+}
+
+/// Why [`KafkaPublisher::check`](crate::KafkaPublisher::check) refuses a record: Kafka could
+/// never accept it, so the relay dead-letters it without sending it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// The message is larger than the producer's `message.max.bytes`.
+    #[error(
+        "the message is {size} bytes (key, value, headers and per-record overhead), more than \
+         the {limit} bytes the producer may send (`message.max.bytes`)"
+    )]
+    TooLarge {
+        /// The message's size as librdkafka counts it.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The topic name is not a legal Kafka topic name.
+    #[error("invalid topic name {topic:?}: {reason}")]
+    InvalidTopic {
+        /// The topic, shortened to 300 characters.
+        topic: String,
+        /// Which rule it breaks.
+        reason: &'static str,
     },
 }

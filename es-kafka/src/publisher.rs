@@ -3,15 +3,23 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use es_core::projection::HandlerError;
+use es_core::outbox::PublishOutcome;
 use es_core::{OutboxRecord, Publisher};
 use futures::future::join_all;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 
 use crate::config::KafkaConfig;
-use crate::error::Error;
+use crate::error::{Error, RecordError};
 use crate::headers;
+
+/// Longest legal Kafka topic name.
+const MAX_TOPIC_LEN: usize = 249;
+
+/// Bytes librdkafka adds to every record when it checks `message.max.bytes`
+/// (`RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`: the record's length, attributes, timestamp and offset
+/// deltas, key and value lengths and header count, each at its largest varint size).
+const RECORD_OVERHEAD: usize = 5 + 1 + 10 + 5 + 5 + 5 + 5;
 
 /// Publishes outbox records to Kafka with an idempotent producer.
 ///
@@ -19,12 +27,14 @@ use crate::headers;
 /// one stream's messages share a partition and keep their order), with the JSON payload as value,
 /// the [`headers`](crate::headers) and `recorded_at` as timestamp. A batch is sent pipelined
 /// (every record handed to the producer at once, in outbox order) and
-/// [`publish`](Publisher::publish) returns `Ok` only when the broker acknowledged every record
-/// of it. See the [crate docs](crate#delivery-semantics) for what that guarantees.
+/// [`publish`](Publisher::publish) returns once every record of it is settled, saying for each
+/// whether the broker acknowledged it, rejected it for good, or failed this time (see
+/// [`classify`]). See the [crate docs](crate#delivery-semantics) for what that guarantees.
 ///
-/// One publisher holds one producer (a background thread and a connection per broker); share it
-/// rather than creating one per batch. After a batch failed, the next one goes through a fresh
-/// producer (a new producer id), whatever state the old one was left in.
+/// One publisher holds one producer (a background thread and a connection per broker); give
+/// each relay its own and share it rather than creating one per batch. After a batch failed, or
+/// was cut off by the relay, the next one goes through a fresh producer (a new producer id),
+/// whatever state the old one was left in.
 pub struct KafkaPublisher {
     config: KafkaConfig,
     producer: Mutex<FutureProducer>,
@@ -36,6 +46,58 @@ impl std::fmt::Debug for KafkaPublisher {
             .field("brokers", &self.config.brokers())
             .finish_non_exhaustive()
     }
+}
+
+/// Whether a Kafka error is the record's own fault, so that sending it again can never succeed
+/// (`true`: the relay dead-letters it), or the environment's, so that a later attempt may succeed
+/// (`false`: the relay sends it again). Decided by the error code, never by the message text.
+///
+/// Permanent: the message or the batch is too large (`MESSAGE_TOO_LARGE`,
+/// `INVALID_MESSAGE_SIZE`, `RECORD_LIST_TOO_LARGE`), the topic name is invalid
+/// (`INVALID_TOPIC_EXCEPTION`), the producer may not write to the topic
+/// (`TOPIC_AUTHORIZATION_FAILED`), the broker refuses the record itself (`INVALID_RECORD`,
+/// `INVALID_TIMESTAMP`, `UNSUPPORTED_FOR_MESSAGE_FORMAT`, `POLICY_VIOLATION`), or librdkafka
+/// cannot build it (`_BAD_MSG`).
+///
+/// Everything else is transient, notably time-outs (`_MSG_TIMED_OUT`, `REQUEST_TIMED_OUT`),
+/// brokers down or moving (`_TRANSPORT`, `BROKER_NOT_AVAILABLE`, `NOT_LEADER_FOR_PARTITION`,
+/// `LEADER_NOT_AVAILABLE`, `NOT_ENOUGH_REPLICAS`), a topic that does not exist yet
+/// (`UNKNOWN_TOPIC_OR_PARTITION`, `_UNKNOWN_TOPIC`: an operator may create it), a full queue,
+/// messages purged when a batch was cut off, and a producer in a fatal state (`_FATAL`, for
+/// example `CLUSTER_AUTHORIZATION_FAILED` on the idempotent producer's id request): those are
+/// about the producer or the cluster, not about one record, and dead-lettering every record
+/// because of them would empty the outbox into the dead letters.
+pub fn classify(error: &KafkaError) -> Permanence {
+    use RDKafkaErrorCode as C;
+    let permanent = error.rdkafka_error_code().is_some_and(|code| {
+        matches!(
+            code,
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::MessageBatchTooLarge
+                | C::InvalidTopic
+                | C::TopicAuthorizationFailed
+                | C::InvalidRecord
+                | C::InvalidTimestamp
+                | C::UnsupportedForMessageFormat
+                | C::PolicyViolation
+                | C::BadMessage
+        )
+    });
+    if permanent {
+        Permanence::Permanent
+    } else {
+        Permanence::Transient
+    }
+}
+
+/// What [`classify`] makes of an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permanence {
+    /// The record can never be published.
+    Permanent,
+    /// A later attempt may succeed.
+    Transient,
 }
 
 impl KafkaPublisher {
@@ -54,62 +116,115 @@ impl KafkaPublisher {
         &self.config
     }
 
-    /// Sends `records` in order and waits until the broker acknowledged each of them.
-    ///
-    /// On error some records may have been written anyway (the caller sends the batch again, so
-    /// they arrive twice, with the same `message_id`). Returns only after every record of the
-    /// batch is settled, so no attempt of it is still in flight when the batch is sent again.
+    /// Whether Kafka could ever accept `record`: its topic name is legal (1 to 249 ASCII letters,
+    /// digits, `.`, `_` or `-`, and neither `.` nor `..`) and its message is no larger than
+    /// [`KafkaConfig::max_message_bytes`], counted as librdkafka counts it (key, value, headers,
+    /// and the record's framing at its largest).
+    pub fn check(&self, record: &OutboxRecord) -> Result<(), RecordError> {
+        check_topic(&record.message.topic)?;
+        let size = message_size(record);
+        let limit = self.config.max_message_bytes();
+        if size > limit {
+            return Err(RecordError::TooLarge { size, limit });
+        }
+        Ok(())
+    }
+
+    /// Sends `records` in order and waits until the broker acknowledged each of them: `Ok` if
+    /// it acknowledged them all, else the first failure. See [`publish`](Publisher::publish)
+    /// for the outcome of each record.
     pub async fn send(&self, records: &[OutboxRecord]) -> Result<(), Error> {
+        for (record, outcome) in records.iter().zip(self.deliver(records).await) {
+            match outcome {
+                Ok(()) => {}
+                Err(Failure { error, local: true }) => {
+                    return Err(Error::Enqueue {
+                        position: record.position,
+                        message_id: record.message.message_id,
+                        source: error,
+                    })
+                }
+                Err(Failure { error, .. }) => {
+                    return Err(Error::Delivery {
+                        failed: 1,
+                        total: records.len(),
+                        position: record.position,
+                        message_id: record.message.message_id,
+                        source: error,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `records` in order and settles each: `Ok` once acknowledged, else the error.
+    ///
+    /// A record the producer refuses for good when it is handed over (too large, ...) is skipped
+    /// and the next ones are sent; a record it refuses for now (its queue stays full until the
+    /// delivery timeout) stops the batch there: the records after it are not sent (they fail
+    /// with the same error), so nothing overtakes it. Returns only after every record sent is
+    /// settled, so no attempt of the batch is still in flight when it is sent again. If the
+    /// returned future is dropped first (the relay's lease ran out), the producer's queue and
+    /// requests in flight are purged at once and the producer replaced: what it had not yet
+    /// written to a socket is never sent; a produce request already on the wire may still be
+    /// written by the broker.
+    async fn deliver(&self, records: &[OutboxRecord]) -> Vec<Result<(), Failure>> {
         let producer = self
             .producer
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        let mut cancel = CancelGuard {
+            publisher: self,
+            producer: Some(producer.clone()),
+        };
         let deadline = Instant::now() + self.config.delivery_timeout();
-        let mut pending = Vec::with_capacity(records.len());
-        let mut enqueue_error = None;
+        let mut pending: Vec<Result<DeliveryFuture, Failure>> = Vec::with_capacity(records.len());
+        let mut stopped: Option<KafkaError> = None;
         for record in records {
+            if let Some(error) = &stopped {
+                pending.push(Err(Failure::local(clone_error(error))));
+                continue;
+            }
             match enqueue(&producer, record, deadline).await {
-                Ok(delivery) => pending.push((record, delivery)),
-                Err(source) => {
-                    enqueue_error = Some(Error::Enqueue {
-                        position: record.position,
-                        message_id: record.message.message_id,
-                        source,
-                    });
-                    break;
+                Ok(delivery) => pending.push(Ok(delivery)),
+                Err(error) => {
+                    if classify(&error) == Permanence::Transient {
+                        stopped = Some(clone_error(&error));
+                    }
+                    pending.push(Err(Failure::local(error)));
                 }
             }
         }
-        let outcomes = join_all(
-            pending
-                .into_iter()
-                .map(|(record, delivery)| async move { (record, delivery.await) }),
-        )
-        .await;
-        let mut failures = outcomes.into_iter().filter_map(|(record, outcome)| {
-            let error = match outcome {
-                Ok(Ok(_)) => return None,
-                Ok(Err((error, _))) => error,
-                Err(_) => KafkaError::Canceled,
-            };
-            Some((record, error))
-        });
-        let result = match (failures.next(), enqueue_error) {
-            (Some((record, source)), _) => Err(Error::Delivery {
-                failed: 1 + failures.count(),
-                total: records.len(),
-                position: record.position,
-                message_id: record.message.message_id,
-                source,
-            }),
-            (None, Some(error)) => Err(error),
-            (None, None) => Ok(()),
-        };
-        if let Err(error) = &result {
-            self.renew(producer, error);
+        let outcomes: Vec<Result<(), Failure>> =
+            join_all(pending.into_iter().map(|delivery| async move {
+                match delivery?.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((error, _))) => Err(Failure {
+                        error,
+                        local: false,
+                    }),
+                    Err(_) => Err(Failure {
+                        error: KafkaError::Canceled,
+                        local: false,
+                    }),
+                }
+            }))
+            .await;
+        // Settled: nothing is left to cancel.
+        if let Some(producer) = cancel.producer.take() {
+            // A broker error, or a producer refusing for now, may have left the producer's
+            // idempotence state behind; a record refused for good when handed over has not.
+            let broken = outcomes.iter().any(|o| {
+                o.as_ref()
+                    .is_err_and(|f| !f.local || classify(&f.error) == Permanence::Transient)
+            });
+            if broken {
+                self.renew(producer);
+            }
         }
-        result
+        outcomes
     }
 
     /// Waits up to `timeout` for messages still queued in the producer (none are after
@@ -126,22 +241,18 @@ impl KafkaPublisher {
         })
     }
 
-    /// Replaces the producer after a failed batch, so the batch is sent again by a producer
-    /// with a fresh identity.
+    /// Replaces the producer after a failed or cut-off batch, so the batch is sent again by a
+    /// producer with a fresh identity.
     ///
-    /// The failed producer's messages are all settled by now, so nothing of it is lost. Kept, it
-    /// would recover its idempotence state after the timeouts by bumping its producer epoch on
-    /// its own (KIP-360) and sending with an epoch the broker never handed out; Kafka accepts
-    /// that, but tansu 0.6 does not (its SQLite engine stops serving, its in-memory engine
-    /// answers `ProducerFenced`). A fresh producer only asks the broker for a new producer id.
-    /// A producer in a fatal state would refuse everything anyway.
-    fn renew(&self, failed: FutureProducer, error: &Error) {
+    /// Kept, a producer whose messages failed would recover its idempotence state after the
+    /// timeouts by bumping its producer epoch on its own (KIP-360) and sending with an epoch the
+    /// broker never handed out; Kafka accepts that, but tansu 0.6 does not (its SQLite engine
+    /// stops serving, its in-memory engine answers `ProducerFenced`). A fresh producer only asks
+    /// the broker for a new producer id. A producer in a fatal state would refuse everything
+    /// anyway.
+    fn renew(&self, failed: FutureProducer) {
         if let Some((code, reason)) = failed.client().fatal_error() {
             tracing::warn!(%code, %reason, "the Kafka producer hit a fatal error");
-        }
-        if matches!(error, Error::Enqueue { .. }) && failed.client().fatal_error().is_none() {
-            // Refused locally (too large, unknown topic): the producer itself is fine.
-            return;
         }
         let old = match create_producer(&self.config) {
             Ok(fresh) => std::mem::replace(
@@ -154,14 +265,126 @@ impl KafkaPublisher {
             }
         };
         // Dropping a producer purges, flushes and joins its thread: not on the async runtime.
-        drop(tokio::task::spawn_blocking(move || drop((old, failed))));
+        let drop_both = move || drop((old, failed));
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(drop_both)),
+            Err(_) => drop_both(),
+        }
+    }
+}
+
+/// A record that was not acknowledged.
+#[derive(Debug)]
+struct Failure {
+    error: KafkaError,
+    /// Refused when handed to the producer (never sent), rather than failed in delivery.
+    local: bool,
+}
+
+impl Failure {
+    fn local(error: KafkaError) -> Self {
+        Self { error, local: true }
+    }
+}
+
+fn clone_error(error: &KafkaError) -> KafkaError {
+    match error.rdkafka_error_code() {
+        Some(code) => KafkaError::MessageProduction(code),
+        None => KafkaError::Canceled,
+    }
+}
+
+/// Purges and replaces the producer if a batch's future is dropped before it settled.
+struct CancelGuard<'a> {
+    publisher: &'a KafkaPublisher,
+    producer: Option<FutureProducer>,
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(producer) = self.producer.take() {
+            tracing::warn!("publishing was cut off; purging the producer's queue and requests");
+            producer.purge(PurgeConfig::default().queue().inflight());
+            self.publisher.renew(producer);
+        }
     }
 }
 
 impl Publisher for KafkaPublisher {
-    async fn publish(&self, records: &[OutboxRecord]) -> Result<(), HandlerError> {
-        self.send(records).await.map_err(Into::into)
+    fn check(&self, record: &OutboxRecord) -> Result<(), String> {
+        Self::check(self, record).map_err(|e| e.to_string())
     }
+
+    async fn publish(&self, records: &[OutboxRecord]) -> Vec<PublishOutcome> {
+        self.deliver(records)
+            .await
+            .into_iter()
+            .map(|outcome| match outcome {
+                Ok(()) => PublishOutcome::Acknowledged,
+                Err(Failure { error, local }) => {
+                    let text = if local {
+                        format!("the producer refused the message: {error}")
+                    } else {
+                        format!("the broker did not acknowledge the message: {error}")
+                    };
+                    match classify(&error) {
+                        Permanence::Permanent => PublishOutcome::Rejected(text),
+                        Permanence::Transient => PublishOutcome::Failed(text),
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+fn check_topic(topic: &str) -> Result<(), RecordError> {
+    let reason = if topic.is_empty() {
+        Some("the name is empty")
+    } else if topic == "." || topic == ".." {
+        Some("`.` and `..` are not topic names")
+    } else if topic.len() > MAX_TOPIC_LEN {
+        Some("the name is longer than 249 characters")
+    } else if !topic
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        Some("a topic name may hold only ASCII letters, digits, `.`, `_` and `-`")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(RecordError::InvalidTopic {
+            topic: topic.chars().take(300).collect(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Bytes of a zigzag varint holding `n` (librdkafka sizes header fields this way).
+fn varint_len(n: usize) -> usize {
+    let mut v = (n as u64) << 1;
+    let mut len = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        len += 1;
+    }
+    len
+}
+
+/// The size librdkafka compares with `message.max.bytes`: key, value, serialized headers and
+/// the record overhead.
+fn message_size(record: &OutboxRecord) -> usize {
+    use rdkafka::message::Headers as _;
+    let headers = headers::encode(record);
+    let header_bytes: usize = headers
+        .iter()
+        .map(|h| {
+            let value = h.value.map_or(0, <[u8]>::len);
+            h.key.len() + value + varint_len(h.key.len()) + varint_len(value)
+        })
+        .sum();
+    RECORD_OVERHEAD + record.message.key.len() + record.message.payload.len() + header_bytes
 }
 
 fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, Error> {
@@ -197,5 +420,90 @@ async fn enqueue(
             }
             Err((error, _)) => return Err(error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_classified_by_code() {
+        use RDKafkaErrorCode as C;
+        let permanent = [
+            C::MessageSizeTooLarge,
+            C::InvalidMessageSize,
+            C::MessageBatchTooLarge,
+            C::InvalidTopic,
+            C::TopicAuthorizationFailed,
+            C::InvalidRecord,
+            C::InvalidTimestamp,
+            C::UnsupportedForMessageFormat,
+            C::PolicyViolation,
+            C::BadMessage,
+        ];
+        let transient = [
+            C::MessageTimedOut,
+            C::RequestTimedOut,
+            C::BrokerTransportFailure,
+            C::BrokerNotAvailable,
+            C::NotLeaderForPartition,
+            C::LeaderNotAvailable,
+            C::NotEnoughReplicas,
+            C::UnknownTopicOrPartition,
+            C::UnknownTopic,
+            C::QueueFull,
+            C::PurgeQueue,
+            C::PurgeInflight,
+            C::Fatal,
+            C::ClusterAuthorizationFailed,
+            C::NetworkException,
+        ];
+        for code in permanent {
+            assert_eq!(
+                classify(&KafkaError::MessageProduction(code)),
+                Permanence::Permanent,
+                "{code:?}"
+            );
+        }
+        for code in transient {
+            assert_eq!(
+                classify(&KafkaError::MessageProduction(code)),
+                Permanence::Transient,
+                "{code:?}"
+            );
+        }
+        assert_eq!(classify(&KafkaError::Canceled), Permanence::Transient);
+    }
+
+    #[test]
+    fn topic_names_follow_kafka_rules() {
+        for ok in ["ledger.public", "a", "A-b_c.9", &"x".repeat(249)] {
+            assert!(check_topic(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "has space",
+            "ü",
+            "a/b",
+            "a:b",
+            &"x".repeat(250),
+        ] {
+            assert!(
+                matches!(check_topic(bad), Err(RecordError::InvalidTopic { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn varints_are_sized_like_librdkafka() {
+        assert_eq!(varint_len(0), 1);
+        assert_eq!(varint_len(63), 1);
+        assert_eq!(varint_len(64), 2);
+        assert_eq!(varint_len(8191), 2);
+        assert_eq!(varint_len(8192), 3);
     }
 }

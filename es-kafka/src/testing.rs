@@ -24,16 +24,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use es_core::outbox::RelayError;
-use es_core::projection::HandlerError;
+use es_core::outbox::{PublishOutcome, RelayError};
 use es_core::testing::domain::{Ledger, LedgerCommand, LedgerEvent};
 use es_core::testing::streaming::{LedgerMessage, LedgerTranslator};
 use es_core::{
-    Metadata, OutboxRecord, OutboxStore, Publisher, Relay, RelayConfig, Repository, StreamId,
-    StreamingStore, Translator,
+    AppendRequest, ExpectedVersion, Metadata, NewEvent, OutboxMessage, OutboxRecord, OutboxStore,
+    Publisher, Relay, RelayConfig, Repository, StreamId, StreamingStore, Translator,
 };
 use es_test_support::{KafkaBroker, KafkaStorage};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
@@ -387,11 +386,13 @@ impl RunningRelay {
     }
 }
 
-/// A relay configuration for the cases: small batches, short pauses.
+/// A relay configuration for the cases: small batches, short pauses, a publish time-out of three
+/// quarters of the lease.
 pub fn relay_config(owner: &str, batch_size: u64, lease_ttl: Duration) -> RelayConfig {
     RelayConfig {
         owner: owner.to_owned(),
         lease_ttl,
+        publish_timeout: lease_ttl * 3 / 4,
         batch_size,
         idle_poll: Duration::from_millis(50),
         max_backoff: Duration::from_millis(300),
@@ -449,13 +450,14 @@ pub async fn read_all(config: &KafkaConfig, topic: &str) -> Vec<Received> {
 /// Wraps a publisher: counts calls, failures and acknowledged batches, remembers the message
 /// ids of each acknowledged batch, and pauses after each acknowledgement (before the relay can
 /// mark the batch delivered), which is where a crash costs the most. Clones share the counters.
+/// The pause is part of the publish call, so keep it below the relay's publish time-out.
 pub struct Instrumented<P> {
     inner: Arc<P>,
     /// Pause after an acknowledged batch.
     pub pause_after_ack: Duration,
     /// Publish calls.
     pub calls: Arc<AtomicUsize>,
-    /// Failed publish calls.
+    /// Publish calls in which some record was not acknowledged.
     pub failures: Arc<AtomicUsize>,
     /// Message ids of each acknowledged batch, in order.
     pub acked: Arc<Mutex<Vec<Vec<Uuid>>>>,
@@ -495,10 +497,14 @@ impl<P> Instrumented<P> {
 }
 
 impl<P: Publisher> Publisher for Instrumented<P> {
-    async fn publish(&self, records: &[OutboxRecord]) -> Result<(), HandlerError> {
+    fn check(&self, record: &OutboxRecord) -> Result<(), String> {
+        self.inner.check(record)
+    }
+
+    async fn publish(&self, records: &[OutboxRecord]) -> Vec<PublishOutcome> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let result = self.inner.publish(records).await;
-        if result.is_ok() {
+        if result.iter().all(|o| *o == PublishOutcome::Acknowledged) {
             let ids = records.iter().map(|r| r.message.message_id).collect();
             self.acked
                 .lock()
@@ -684,12 +690,9 @@ pub async fn relay_killed_mid_batch_loses_nothing<S: StreamingStore>(
     let total = expected.len();
 
     // 1. Killed between acknowledgement and marking.
-    let slow = Instrumented::new(publisher(&config), Duration::from_secs(2));
-    let a = RunningRelay::spawn(
-        store.clone(),
-        slow.clone(),
-        relay_config("a", BATCH, Duration::from_millis(500)),
-    );
+    let lease = Duration::from_secs(3);
+    let slow = Instrumented::new(publisher(&config), Duration::from_secs(1));
+    let a = RunningRelay::spawn(store.clone(), slow.clone(), relay_config("a", BATCH, lease));
     wait_until("three batches acknowledged", || slow.acked_batches() >= 3).await;
     a.abort().await;
     let unmarked = slow.acked.lock().unwrap_or_else(PoisonError::into_inner)[2].clone();
@@ -700,15 +703,17 @@ pub async fn relay_killed_mid_batch_loses_nothing<S: StreamingStore>(
         "two batches were marked, the third was not"
     );
 
-    // 2. Restarted relays (same owner, so each takes the lease at once), killed at arbitrary
-    //    moments: while sending, waiting for acknowledgements, or pausing.
+    // 2. Once `a`'s lease has expired: restarted relays (same owner, so each takes the lease at
+    //    once), killed at arbitrary moments: while sending, waiting for acknowledgements, or
+    //    pausing.
+    tokio::time::sleep(lease).await;
     let mut noise = Uuid::new_v4().as_u128();
     for round in 0..4 {
         let flaky = Instrumented::new(publisher(&config), Duration::from_millis(50));
         let relay = RunningRelay::spawn(
             store.clone(),
             flaky.clone(),
-            relay_config("b", BATCH, Duration::from_millis(500)),
+            relay_config("b", BATCH, Duration::from_secs(2)),
         );
         let after = Duration::from_millis(300 + (noise % 400) as u64);
         noise /= 401;
@@ -721,7 +726,7 @@ pub async fn relay_killed_mid_batch_loses_nothing<S: StreamingStore>(
     let last = RunningRelay::spawn(
         store.clone(),
         publisher(&config),
-        relay_config("b", BATCH, Duration::from_millis(500)),
+        relay_config("b", BATCH, Duration::from_secs(2)),
     );
     drain(&store, "the last relay").await;
     last.shutdown().await;
@@ -792,4 +797,310 @@ pub async fn relay_rides_out_a_broker_restart<S: StreamingStore>(
 /// Starts a broker with durable storage under `dir` for [`relay_rides_out_a_broker_restart`].
 pub fn durable_broker(dir: &std::path::Path) -> KafkaBroker {
     KafkaBroker::start(dir, KafkaStorage::Sqlite).unwrap_or_else(|e| panic!("{e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Records Kafka can never accept
+
+/// Appends one event with one outbox message to `topic` on ledger `id`, the message's payload
+/// `{"delta": n}` padded with `pad` bytes of filler; returns the message id.
+async fn append_message<S: StreamingStore>(
+    store: &S,
+    id: &str,
+    topic: &str,
+    n: i64,
+    pad: usize,
+) -> Uuid {
+    let stream = StreamId::new("ledger", id).expect("a stream id");
+    let event = NewEvent::from_value("Credited", 2, &json!({ "amount": n, "currency": "EUR" }));
+    let mut payload = json!({ "delta": n });
+    if pad > 0 {
+        payload["pad"] = Value::String("x".repeat(pad));
+    }
+    let message = OutboxMessage {
+        message_id: Uuid::now_v7(),
+        source_event_id: event.event_id,
+        topic: topic.to_owned(),
+        key: stream.to_string(),
+        message_type: "ledger.moved".into(),
+        schema_version: 3,
+        payload: payload.to_string().into(),
+        metadata: Metadata::new().with_causation_id(event.event_id),
+    };
+    let id = message.message_id;
+    store
+        .append(
+            AppendRequest::new(stream, ExpectedVersion::Any, vec![event])
+                .with_outbox(vec![message]),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("append with an outbox message: {e}"));
+    id
+}
+
+/// What [`poison_records_are_dead_lettered`] saw.
+#[derive(Debug, Clone)]
+pub struct PoisonReport {
+    /// Messages in the topic at the end, duplicates included.
+    pub messages: usize,
+    /// The dead letters before the re-queue, as `(outbox position, error)`.
+    pub dead_letters: Vec<(u64, String)>,
+}
+
+impl std::fmt::Display for PoisonReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} messages in the topic; dead letters:", self.messages)?;
+        for (position, error) in &self.dead_letters {
+            write!(f, " [{position}] {error};")?;
+        }
+        Ok(())
+    }
+}
+
+/// Records Kafka can never accept, among others, relayed to a real broker by a
+/// [`KafkaPublisher`] whose `message.max.bytes` is 64 KiB: a message of about 200 KB (under the
+/// store's payload limit of 1 MiB) and one to an invalid topic name. The publisher's checks
+/// refuse both, so the relay dead-letters them without sending them (tansu 0.6 enforces neither
+/// a message size nor topic name rules, so this exercises the checks; a broker's own refusal
+/// takes the classification path tested by [`producer_refusals_are_permanent`]). Every other
+/// record is published exactly once, in per-key order; the status counts the two dead letters
+/// and names the last error. With the limit raised to 512 KiB, the re-queued large record is
+/// published, after the others, with a new outbox position.
+pub async fn poison_records_are_dead_lettered<S: StreamingStore>(
+    store: S,
+    config: KafkaConfig,
+) -> PoisonReport {
+    const LIMIT: usize = 64 * 1024;
+    let topic = unique_topic("poison");
+    crate::ensure_topic(&config, &topic, PARTITIONS)
+        .await
+        .unwrap_or_else(|e| panic!("cannot create topic {topic}: {e}"));
+    let mut sent = Vec::new();
+    let (mut large, mut misdirected) = (Uuid::nil(), Uuid::nil());
+    for i in 0..12i64 {
+        let id = format!("poison{}", i % 3);
+        match i {
+            4 => large = append_message(&store, &id, &topic, i, 200_000).await,
+            8 => misdirected = append_message(&store, &id, "not a topic!", i, 0).await,
+            _ => sent.push(append_message(&store, &id, &topic, i, 0).await),
+        }
+    }
+    let pending = store.pending_outbox(100).await.expect("the outbox");
+    let position_of = |id: Uuid| {
+        pending
+            .iter()
+            .find(|r| r.message.message_id == id)
+            .map(|r| r.position)
+            .expect("a pending record")
+    };
+    let (large_at, misdirected_at) = (position_of(large), position_of(misdirected));
+    let limited = KafkaPublisher::new(config.clone().with_max_message_bytes(LIMIT))
+        .expect("a Kafka producer");
+    let relay = RunningRelay::spawn(
+        store.clone(),
+        limited,
+        relay_config("poison", 5, Duration::from_secs(10)),
+    );
+    drain(&store, "the relay passes the poison records").await;
+    relay.shutdown().await;
+
+    let status = store.relay_status().await.expect("the relay status");
+    assert_eq!((status.pending, status.dead_letters), (0, 2), "{status:?}");
+    let last = status.last_error.expect("the last error");
+    assert_eq!(last.position, misdirected_at);
+    let dead = store.dead_letters(10).await.expect("the dead letters");
+    let report = PoisonReport {
+        messages: 0,
+        dead_letters: dead
+            .iter()
+            .map(|d| (d.record.position, d.error.clone()))
+            .collect(),
+    };
+    assert_eq!(
+        dead.iter().map(|d| d.record.position).collect::<Vec<_>>(),
+        vec![large_at, misdirected_at]
+    );
+    assert!(
+        dead[0].error.contains("message.max.bytes") && dead[0].attempts == 0,
+        "{:?}",
+        dead[0]
+    );
+    assert!(
+        dead[1].error.contains("invalid topic name") && dead[1].attempts == 0,
+        "{:?}",
+        dead[1]
+    );
+
+    let received = read_all(&config, &topic).await;
+    check_published_once(&received, &sent);
+
+    sent.push(large);
+    let messages = requeue_after_raising_the_limit(&store, &config, &topic, &pending, &sent).await;
+    PoisonReport { messages, ..report }
+}
+
+/// The end of [`poison_records_are_dead_lettered`]: with the limit raised, the re-queued large
+/// record (the last of `sent`) is published once, with a new outbox position.
+async fn requeue_after_raising_the_limit<S: StreamingStore>(
+    store: &S,
+    config: &KafkaConfig,
+    topic: &str,
+    before: &[OutboxRecord],
+    sent: &[Uuid],
+) -> usize {
+    let large = *sent.last().expect("the large record");
+    let large_at = before
+        .iter()
+        .find(|r| r.message.message_id == large)
+        .map(|r| r.position)
+        .expect("a pending record");
+    assert_eq!(
+        store
+            .requeue_dead_letters(&[large_at])
+            .await
+            .expect("re-queue"),
+        1
+    );
+    let raised = KafkaPublisher::new(config.clone().with_max_message_bytes(512 * 1024))
+        .expect("a Kafka producer");
+    let relay = RunningRelay::spawn(
+        store.clone(),
+        raised,
+        relay_config("poison", 5, Duration::from_secs(10)),
+    );
+    drain(store, "the relay publishes the re-queued record").await;
+    relay.shutdown().await;
+    let received = read_all(config, topic).await;
+    check_published_once(&received, sent);
+    let requeued = received
+        .iter()
+        .find(|m| header(m, headers::MESSAGE_ID) == large.to_string())
+        .expect("the re-queued record was published");
+    let new_position: u64 = header(requeued, headers::OUTBOX_POSITION)
+        .parse()
+        .expect("a number");
+    assert!(
+        before.iter().all(|r| r.position < new_position),
+        "the re-queued record has a new, higher outbox position"
+    );
+    assert_eq!(
+        requeued.payload["pad"].as_str().map(str::len),
+        Some(200_000)
+    );
+    let status = store.relay_status().await.expect("the relay status");
+    assert_eq!((status.pending, status.dead_letters), (0, 1));
+    received.len()
+}
+
+/// Every message of `sent` is in `received` exactly once, nothing else is, and per key the
+/// outbox positions increase.
+fn check_published_once(received: &[Received], sent: &[Uuid]) {
+    let ids: Vec<Uuid> = received
+        .iter()
+        .map(|m| header(m, headers::MESSAGE_ID).parse().expect("a UUID"))
+        .collect();
+    let distinct: std::collections::HashSet<&Uuid> = ids.iter().collect();
+    assert_eq!(ids.len(), distinct.len(), "no message was published twice");
+    let mut wanted = sent.to_vec();
+    wanted.sort();
+    let mut got = ids.clone();
+    got.sort();
+    assert_eq!(got, wanted, "exactly the publishable messages");
+    let mut by_key: BTreeMap<&str, Vec<(i64, u64)>> = BTreeMap::new();
+    for m in received {
+        let position = header(m, headers::OUTBOX_POSITION)
+            .parse()
+            .expect("a number");
+        by_key
+            .entry(m.key.as_str())
+            .or_default()
+            .push((m.offset, position));
+    }
+    for (key, mut messages) in by_key {
+        messages.sort_unstable();
+        assert!(
+            messages.windows(2).all(|w| w[0].1 < w[1].1),
+            "{key}: outbox positions increase along the partition: {messages:?}"
+        );
+    }
+}
+
+/// An outbox record built by hand for the publisher cases.
+fn record(position: u64, topic: &str, payload: &Value) -> OutboxRecord {
+    OutboxRecord {
+        position,
+        stream_id: StreamId::new("ledger", "refused").expect("a stream id"),
+        // A fixed time: its header's length must not vary between records.
+        recorded_at: chrono::DateTime::from_timestamp_micros(1_700_000_000_123_456)
+            .expect("a valid time"),
+        message: OutboxMessage {
+            message_id: Uuid::now_v7(),
+            source_event_id: Uuid::now_v7(),
+            topic: topic.to_owned(),
+            key: "ledger-refused".into(),
+            message_type: "ledger.moved".into(),
+            schema_version: 3,
+            payload: payload.to_string().into(),
+            metadata: Metadata::new(),
+        },
+    }
+}
+
+/// On a real producer and broker: [`KafkaPublisher::check`] draws the line exactly where
+/// librdkafka does (a record of exactly `message.max.bytes` passes and is acknowledged, one byte
+/// more is refused by both), and a record librdkafka refuses is reported
+/// [`PublishOutcome::Rejected`] (permanent, by its error code), while the records around it in
+/// the same batch are acknowledged and written.
+pub async fn producer_refusals_are_permanent(config: KafkaConfig) {
+    const LIMIT: usize = 16 * 1024;
+    let topic = unique_topic("refused");
+    crate::ensure_topic(&config, &topic, 1)
+        .await
+        .unwrap_or_else(|e| panic!("cannot create topic {topic}: {e}"));
+    let publisher = KafkaPublisher::new(config.clone().with_max_message_bytes(LIMIT))
+        .expect("a Kafka producer");
+    // Find the padding that makes a message exactly LIMIT bytes as the check counts them.
+    let padded = |pad: usize| record(2, &topic, &json!({ "delta": 2, "pad": "x".repeat(pad) }));
+    let mut pad = LIMIT;
+    while pad > 0 && publisher.check(&padded(pad)).is_err() {
+        pad -= 1;
+    }
+    let fits = padded(pad);
+    let over = padded(pad + 1);
+    assert!(matches!(
+        publisher.check(&over),
+        Err(crate::RecordError::TooLarge { size, limit }) if size == LIMIT + 1 && limit == LIMIT
+    ));
+    let batch = [
+        record(1, &topic, &json!({ "delta": 1 })),
+        fits.clone(),
+        over,
+        record(4, &topic, &json!({ "delta": 4 })),
+    ];
+    let outcomes = Publisher::publish(&publisher, &batch).await;
+    assert_eq!(outcomes[0], PublishOutcome::Acknowledged);
+    assert_eq!(
+        outcomes[1],
+        PublishOutcome::Acknowledged,
+        "a message of exactly message.max.bytes is sent"
+    );
+    assert!(
+        matches!(&outcomes[2], PublishOutcome::Rejected(e) if e.contains("refused")),
+        "{:?}",
+        outcomes[2]
+    );
+    assert_eq!(outcomes[3], PublishOutcome::Acknowledged);
+    let ids: Vec<String> = read_all(&config, &topic)
+        .await
+        .iter()
+        .map(|m| header(m, headers::MESSAGE_ID).to_owned())
+        .collect();
+    let expected: Vec<String> = [&batch[0], &fits, &batch[3]]
+        .iter()
+        .map(|r| r.message.message_id.to_string())
+        .collect();
+    assert_eq!(
+        ids, expected,
+        "the records around the refused one, in order"
+    );
 }

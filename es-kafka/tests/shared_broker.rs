@@ -29,3 +29,14 @@ async fn relay_killed_mid_batch_loses_nothing() {
         testing::relay_killed_mid_batch_loses_nothing(InMemoryStore::new(), config()).await;
     eprintln!("{delivery}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_records_are_dead_lettered() {
+    let report = testing::poison_records_are_dead_lettered(InMemoryStore::new(), config()).await;
+    eprintln!("{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn producer_refusals_are_permanent() {
+    testing::producer_refusals_are_permanent(config()).await;
+}

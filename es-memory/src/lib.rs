@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use es_core::event::now_micros;
-use es_core::projection::HandlerError;
+use es_core::outbox::{DeadLetter, LastRejection, LeaseState, Rejection, RelayStatus};
+use es_core::projection::{Checkpoint, HandlerError};
 use es_core::store::{classify_retry, StoreFuture, StoredEventRef};
 use es_core::{
     AppendLimits, AppendRequest, AppendResult, CheckpointStore, Direction, EventFilter, EventStore,
@@ -80,9 +81,24 @@ struct State {
     outbox: BTreeMap<u64, OutboxRecord>,
     /// Last outbox position assigned.
     outbox_position: u64,
-    checkpoints: HashMap<String, u64>,
-    /// The relay lease: owner and expiry.
-    lease: Option<(String, Instant)>,
+    /// Projection checkpoints by name.
+    checkpoints: HashMap<String, Checkpoint>,
+    /// The relay lease: owner, generation and expiry (`None` once released).
+    lease: Option<Lease>,
+    /// The last generation handed out, kept across releases.
+    lease_generation: u64,
+    /// Parked outbox records by outbox position.
+    dead_letters: BTreeMap<u64, DeadLetter>,
+    /// The last dead-lettering.
+    last_rejection: Option<LastRejection>,
+}
+
+/// The relay lease as held.
+struct Lease {
+    owner: String,
+    generation: u64,
+    /// `None`: released.
+    expires: Option<Instant>,
 }
 
 impl std::fmt::Debug for InMemoryStore {
@@ -544,28 +560,55 @@ impl SnapshotStore for InMemoryStore {
     }
 }
 
+impl InMemoryStore {
+    /// Fails with [`StoreError::Fenced`] unless `generation` is the relay lease's generation.
+    fn check_fence(state: &State, generation: u64) -> Result<(), StoreError> {
+        if state.lease_generation == generation {
+            return Ok(());
+        }
+        let holder = state.lease.as_ref().map_or("nobody", |l| l.owner.as_str());
+        Err(StoreError::Fenced {
+            resource: "the outbox relay lease".to_owned(),
+            reason: format!(
+                "generation {generation} is over; the lease is at generation {} (last taken by \
+                 {holder})",
+                state.lease_generation
+            ),
+        })
+    }
+}
+
 impl OutboxStore for InMemoryStore {
-    fn acquire_relay_lease(&self, owner: &str, ttl: Duration) -> impl StoreFuture<bool> {
+    fn acquire_relay_lease(&self, owner: &str, ttl: Duration) -> impl StoreFuture<Option<u64>> {
         let mut state = self.inner.lock();
         let now = Instant::now();
-        let free = match &state.lease {
-            None => true,
-            Some((holder, expires)) => holder == owner || *expires <= now,
+        let held_by = |l: &Lease| l.expires.is_some_and(|e| e > now);
+        let granted = match &mut state.lease {
+            Some(lease) if held_by(lease) && lease.owner == owner => {
+                lease.expires = Some(now + ttl);
+                Some(lease.generation)
+            }
+            Some(lease) if held_by(lease) => None,
+            _ => {
+                state.lease_generation += 1;
+                let generation = state.lease_generation;
+                state.lease = Some(Lease {
+                    owner: owner.to_owned(),
+                    generation,
+                    expires: Some(now + ttl),
+                });
+                Some(generation)
+            }
         };
-        if free {
-            state.lease = Some((owner.to_owned(), now + ttl));
-        }
-        futures::future::ready(Ok(free))
+        futures::future::ready(Ok(granted))
     }
 
-    fn release_relay_lease(&self, owner: &str) -> impl StoreFuture<()> {
+    fn release_relay_lease(&self, owner: &str, generation: u64) -> impl StoreFuture<()> {
         let mut state = self.inner.lock();
-        if state
-            .lease
-            .as_ref()
-            .is_some_and(|(holder, _)| holder == owner)
-        {
-            state.lease = None;
+        if let Some(lease) = &mut state.lease {
+            if lease.owner == owner && lease.generation == generation {
+                lease.expires = None;
+            }
         }
         futures::future::ready(Ok(()))
     }
@@ -581,43 +624,133 @@ impl OutboxStore for InMemoryStore {
         futures::future::ready(Ok(records))
     }
 
-    fn mark_delivered(&self, positions: &[u64]) -> impl StoreFuture<()> {
+    fn mark_delivered(&self, generation: u64, positions: &[u64]) -> impl StoreFuture<()> {
         let mut state = self.inner.lock();
-        for position in positions {
-            state.outbox.remove(position);
+        let result = Self::check_fence(&state, generation).map(|()| {
+            for position in positions {
+                state.outbox.remove(position);
+            }
+        });
+        futures::future::ready(result)
+    }
+
+    fn dead_letter(&self, generation: u64, rejections: &[Rejection]) -> impl StoreFuture<()> {
+        let mut state = self.inner.lock();
+        let result = Self::check_fence(&state, generation).map(|()| {
+            let dead_at = now_micros();
+            for r in rejections {
+                if let Some(record) = state.outbox.remove(&r.position) {
+                    state.dead_letters.insert(
+                        r.position,
+                        DeadLetter {
+                            record,
+                            error: r.error.clone(),
+                            attempts: r.attempts,
+                            dead_at,
+                        },
+                    );
+                    state.last_rejection = Some(LastRejection {
+                        position: r.position,
+                        error: r.error.clone(),
+                        at: dead_at,
+                    });
+                }
+            }
+        });
+        futures::future::ready(result)
+    }
+
+    fn dead_letters(&self, limit: u64) -> impl StoreFuture<Vec<DeadLetter>> {
+        let state = self.inner.lock();
+        let letters = state
+            .dead_letters
+            .values()
+            .take(limit as usize)
+            .cloned()
+            .collect();
+        futures::future::ready(Ok(letters))
+    }
+
+    fn requeue_dead_letters(&self, positions: &[u64]) -> impl StoreFuture<u64> {
+        let mut state = self.inner.lock();
+        let mut positions = positions.to_vec();
+        positions.sort_unstable();
+        positions.dedup();
+        let mut requeued = 0;
+        for old in positions {
+            if let Some(letter) = state.dead_letters.remove(&old) {
+                state.outbox_position += 1;
+                let position = state.outbox_position;
+                let mut record = letter.record;
+                record.position = position;
+                state.outbox.insert(position, record);
+                requeued += 1;
+            }
         }
-        futures::future::ready(Ok(()))
+        futures::future::ready(Ok(requeued))
     }
 
     fn outbox_len(&self) -> impl StoreFuture<u64> {
         futures::future::ready(Ok(self.inner.lock().outbox.len() as u64))
     }
+
+    fn relay_status(&self) -> impl StoreFuture<RelayStatus> {
+        let state = self.inner.lock();
+        let now = Instant::now();
+        let status = RelayStatus {
+            pending: state.outbox.len() as u64,
+            dead_letters: state.dead_letters.len() as u64,
+            last_error: state.last_rejection.clone(),
+            lease: state.lease.as_ref().map(|l| LeaseState {
+                owner: l.owner.clone(),
+                generation: l.generation,
+                held: l.expires.is_some_and(|e| e > now),
+            }),
+        };
+        futures::future::ready(Ok(status))
+    }
 }
 
 impl CheckpointStore for InMemoryStore {
-    fn load_checkpoint(&self, name: &str) -> impl StoreFuture<u64> {
-        let position = self
+    fn load_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let checkpoint = self
             .inner
             .lock()
             .checkpoints
             .get(name)
             .copied()
-            .unwrap_or(0);
-        futures::future::ready(Ok(position))
+            .unwrap_or_default();
+        futures::future::ready(Ok(checkpoint))
     }
 
-    fn save_checkpoint(&self, name: &str, position: u64) -> impl StoreFuture<bool> {
+    fn save_checkpoint(&self, name: &str, checkpoint: Checkpoint) -> impl StoreFuture<bool> {
         let mut state = self.inner.lock();
-        let stored = state.checkpoints.entry(name.to_owned()).or_insert(0);
-        let raised = position > *stored;
-        if raised {
-            *stored = position;
-        }
-        futures::future::ready(Ok(raised))
+        let stored = state.checkpoints.entry(name.to_owned()).or_default();
+        let result = if stored.generation == checkpoint.generation {
+            let raised = checkpoint.position > stored.position;
+            if raised {
+                stored.position = checkpoint.position;
+            }
+            Ok(raised)
+        } else {
+            Err(StoreError::Fenced {
+                resource: format!("the checkpoint of projection `{name}`"),
+                reason: format!(
+                    "generation {} is over; the projection was reset to generation {}",
+                    checkpoint.generation, stored.generation
+                ),
+            })
+        };
+        futures::future::ready(result)
     }
 
-    fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<()> {
-        self.inner.lock().checkpoints.remove(name);
-        futures::future::ready(Ok(()))
+    fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let mut state = self.inner.lock();
+        let stored = state.checkpoints.entry(name.to_owned()).or_default();
+        *stored = Checkpoint {
+            position: 0,
+            generation: stored.generation + 1,
+        };
+        futures::future::ready(Ok(*stored))
     }
 }

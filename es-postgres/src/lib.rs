@@ -57,13 +57,18 @@
 //! - `snapshots`: one row per stream, written upsert-if-newer.
 //! - `outbox`: integration messages waiting for delivery, keyed by an outbox `position`; `payload`
 //!   and `metadata` are `json` (checked by PostgreSQL, kept byte for byte).
-//! - `relay_leases`: the outbox relay's lease (owner and expiry, on the database clock).
-//! - `checkpoints`: one row per projection, the global position it has handled up to.
+//! - `outbox_dead_letters`: outbox records the relay parked because the broker can never accept
+//!   them, with the error, the attempts and the time, keyed by their outbox position.
+//! - `relay_leases`: the outbox relay's lease (owner, expiry on the database clock, and the
+//!   generation that fences stale relays), and the last dead-lettering error.
+//! - `checkpoints`: one row per projection, the global position it has handled up to and the
+//!   generation (raised by every rebuild) that fences stale runners.
 //! - `epochs`: one row per epoch (see below): the epoch, the head that survived when it began,
 //!   the server incarnation that began it.
 //! - sequences `positions`, `outbox_positions` and `clock` (allocation state, see below),
 //!   `schema_migrations` (bookkeeping), and the functions `append_events`,
-//!   `wait_for_predecessors` and `check_incarnation`.
+//!   `wait_for_predecessors`, `check_incarnation`, and for the relay and checkpoints
+//!   `relay_mark_delivered`, `relay_dead_letter`, `relay_requeue` and `checkpoint_save`.
 //!
 //! A stream's version is its highest stored `stream_version`; there is no separate streams
 //! table to update on every append.
@@ -229,11 +234,36 @@
 //! allocation order, so outbox order is commit order and a stream's messages are in stream
 //! order. [`pending_outbox`](es_core::OutboxStore::pending_outbox) returns the oldest records;
 //! [`mark_delivered`](es_core::OutboxStore::mark_delivered) deletes them (the events stay as the
-//! audit trail). The relay lease is a row of `relay_leases`, taken when free, expired or already
-//! held by the same owner, with expiry on the database clock so relays on hosts with skewed
-//! clocks agree. Delivery is at least once: a relay that dies after the broker acknowledged a
+//! audit trail). Delivery is at least once: a relay that dies after the broker acknowledged a
 //! batch and before marking it makes the next relay publish that batch again, with the same
 //! message ids.
+//!
+//! **The lease and its fencing token.** The relay lease is the `outbox` row of `relay_leases`,
+//! taken (one `INSERT .. ON CONFLICT DO UPDATE`, which locks the row, so concurrent relays decide
+//! one after the other) when it is free, released, expired or already held by the same owner,
+//! with expiry on the database clock so relays on hosts with skewed clocks agree. Its
+//! `generation` goes up whenever it changes hands (a renewal by the holder keeps it; a release
+//! only ends the lease, so generations never go down). `relay_mark_delivered` and
+//! `relay_dead_letter` check the caller's generation under a lock on the lease row: a relay
+//! taking the lease over waits for a mark in progress to commit, and a mark or dead-lettering
+//! sent after the takeover is refused with [`StoreError::Fenced`], writing nothing. es-core's
+//! [`Relay`](es_core::Relay) also stops publishing before its lease ends (see
+//! [`es_core::outbox`]). Tested on this store by the streaming conformance cases
+//! `relay_lease_generations_fence_stale_owners` and
+//! `two_relays_with_a_short_lease_never_publish_at_once` (two live relays, a 1 s lease, a
+//! publisher taking three times the lease on every fourth call, one relay's mark stalled 2.5 s:
+//! publish calls never overlap, every record is published, the stalled mark is refused).
+//!
+//! **Dead letters.** [`dead_letter`](es_core::OutboxStore::dead_letter) moves records from
+//! `outbox` to `outbox_dead_letters` in one statement (a record is in one table or the other,
+//! never both or neither) and records the last error in the lease row;
+//! [`relay_status`](es_core::OutboxStore::relay_status) counts both tables and reports the lease
+//! and the last error; [`requeue_dead_letters`](es_core::OutboxStore::requeue_dead_letters) moves
+//! dead letters back into `outbox` with new positions from `outbox_positions` (so a re-queued
+//! record comes after every record allocated before it: it is published late for its key, see
+//! es-core's [outbox docs](es_core::outbox)). Tested by `dead_letters_are_parked_and_requeued`,
+//! `relay_parks_poison_records_and_keeps_going`, and against a real Kafka-protocol broker by
+//! `poison_records_are_dead_lettered` in `tests/kafka.rs`.
 //!
 //! # Projections
 //!
@@ -242,8 +272,18 @@
 //! [`save_checkpoint`](es_core::CheckpointStore::save_checkpoint)). For read models in the same
 //! database, [`ExactlyOnce`] runs a [`PgProjection`] so that each batch's read-model writes and
 //! its checkpoint commit in one transaction: after any crash every event has been applied
-//! exactly once. A rebuild ([`es_core::ProjectionHandle::rebuild`]) drops the read model and the
-//! checkpoint in one transaction and replays from position 0. An event whose handler keeps
+//! exactly once. A rebuild ([`es_core::ProjectionHandle::rebuild`]) drops the read model and
+//! starts a new checkpoint generation at position 0 in one transaction, and replays from position
+//! 0. Each exactly-once batch checks, under the checkpoint row's lock, that the generation is the
+//! one its sink loaded; a batch of another runner that was busy during the rebuild finds the new
+//! generation, rolls back without applying anything and reloads the checkpoint
+//! ([`StoreError::Fenced`]). So a rebuild racing a second runner of the same projection neither
+//! loses nor doubles an event (test `rebuild_racing_a_second_runner_applies_every_event_once` in
+//! `tests/projections.rs`: the second runner parked in the middle of its batch while the first
+//! rebuilds, released before the first reloads its checkpoint; every event applied exactly
+//! once, balances equal to a replay). At-least-once checkpoints saved through
+//! [`save_checkpoint`](es_core::CheckpointStore::save_checkpoint) are fenced the same way
+//! (`checkpoint_save` compares the generation under the row lock). An event whose handler keeps
 //! failing stops the runner with an error naming the projection, the event's id, type, stream,
 //! stream version and global position; the events before it are committed with their checkpoint.
 //!

@@ -33,6 +33,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "commit_order",
         sql: include_str!("../migrations/0003_commit_order.sql"),
     },
+    Migration {
+        version: 4,
+        name: "relay",
+        sql: include_str!("../migrations/0004_relay.sql"),
+    },
 ];
 
 /// The latest migration version this crate knows.

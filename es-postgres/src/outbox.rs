@@ -1,11 +1,13 @@
-//! The outbox side of [`PgStore`]: pending records, delivery marks, the relay lease, and
-//! projection checkpoints.
+//! The outbox side of [`PgStore`]: pending records, delivery marks, dead letters, the relay lease
+//! and projection checkpoints, with their fencing generations (migration 4).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use es_core::outbox::{DeadLetter, LastRejection, LeaseState, Rejection, RelayStatus};
+use es_core::projection::Checkpoint;
 use es_core::store::StoreFuture;
 use es_core::{
     CheckpointStore, Metadata, OutboxMessage, OutboxRecord, OutboxStore, StoreError, StreamId,
@@ -16,32 +18,85 @@ use uuid::Uuid;
 
 use crate::codec::{json_text, to_i64, to_u64};
 use crate::error::store_error;
-use crate::PgStore;
+use crate::{PgStore, SchemaName};
+
+/// The lease name of the outbox relay in `relay_leases`.
+const OUTBOX_LEASE: &str = "outbox";
+
+/// The outbox columns, in the order [`decode_record`] reads them.
+const RECORD_COLUMNS: &str = "position, stream_id, message_id, source_event_id, topic, key, \
+     message_type, schema_version, payload, metadata, recorded_at";
+
+/// SQL text for the store's schema: `__S__` becomes the quoted schema name.
+fn sql(store: &PgStore, template: &str) -> AssertSqlSafe<String> {
+    render(&store.inner.schema, template)
+}
+
+/// SQL text for `schema`: `__S__` becomes the quoted, validated schema name.
+pub(crate) fn render(schema: &SchemaName, template: &str) -> AssertSqlSafe<String> {
+    AssertSqlSafe(template.replace("__S__", &schema.quoted()))
+}
+
+fn lease_fenced(generation: u64) -> StoreError {
+    StoreError::Fenced {
+        resource: "the outbox relay lease".to_owned(),
+        reason: format!(
+            "generation {generation} is no longer the lease's: another relay took it over"
+        ),
+    }
+}
 
 impl OutboxStore for PgStore {
-    fn acquire_relay_lease(&self, owner: &str, ttl: Duration) -> impl StoreFuture<bool> {
-        let sql = Arc::clone(&self.inner.sql.acquire_lease);
+    fn acquire_relay_lease(&self, owner: &str, ttl: Duration) -> impl StoreFuture<Option<u64>> {
+        // Taken when free, released, expired or already ours; the generation goes up unless the
+        // owner renews a lease it still holds. The conflict clause locks the row, so concurrent
+        // relays decide one after the other on the latest committed lease.
+        let sql = sql(
+            self,
+            &format!(
+                "INSERT INTO __S__.relay_leases AS l (name, owner, expires_at, generation) \
+                 VALUES ('{OUTBOX_LEASE}', $1, \
+                         clock_timestamp() + $2::float8 * interval '1 microsecond', 1) \
+                 ON CONFLICT (name) DO UPDATE SET \
+                     generation = CASE WHEN l.owner = excluded.owner \
+                                            AND l.expires_at > clock_timestamp() \
+                                       THEN l.generation ELSE l.generation + 1 END, \
+                     owner = excluded.owner, expires_at = excluded.expires_at \
+                 WHERE l.owner = excluded.owner OR l.expires_at <= clock_timestamp() \
+                 RETURNING generation"
+            ),
+        );
         let pool = self.inner.pool.clone();
         let owner = owner.to_owned();
         async move {
             let ttl = i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX);
-            let done = sqlx::query(AssertSqlSafe(sql))
+            let generation: Option<i64> = sqlx::query_scalar(sql)
                 .bind(owner)
                 .bind(ttl)
-                .execute(&pool)
+                .fetch_optional(&pool)
                 .await
                 .map_err(store_error)?;
-            Ok(done.rows_affected() == 1)
+            generation
+                .map(|g| to_u64(g, "the relay lease's generation"))
+                .transpose()
         }
     }
 
-    fn release_relay_lease(&self, owner: &str) -> impl StoreFuture<()> {
-        let sql = Arc::clone(&self.inner.sql.release_lease);
+    fn release_relay_lease(&self, owner: &str, generation: u64) -> impl StoreFuture<()> {
+        let sql = sql(
+            self,
+            &format!(
+                "UPDATE __S__.relay_leases SET expires_at = clock_timestamp() \
+                 WHERE name = '{OUTBOX_LEASE}' AND owner = $1 AND generation = $2 \
+                   AND expires_at > clock_timestamp()"
+            ),
+        );
         let pool = self.inner.pool.clone();
         let owner = owner.to_owned();
         async move {
-            sqlx::query(AssertSqlSafe(sql))
+            sqlx::query(sql)
                 .bind(owner)
+                .bind(to_i64(generation))
                 .execute(&pool)
                 .await
                 .map_err(store_error)?;
@@ -62,20 +117,96 @@ impl OutboxStore for PgStore {
         }
     }
 
-    fn mark_delivered(&self, positions: &[u64]) -> impl StoreFuture<()> {
-        let sql = Arc::clone(&self.inner.sql.mark_delivered);
+    fn mark_delivered(&self, generation: u64, positions: &[u64]) -> impl StoreFuture<()> {
+        let sql = sql(self, "SELECT __S__.relay_mark_delivered($1, $2)");
         let pool = self.inner.pool.clone();
         let positions: Vec<i64> = positions.iter().map(|p| to_i64(*p)).collect();
         async move {
-            if positions.is_empty() {
-                return Ok(());
-            }
-            sqlx::query(AssertSqlSafe(sql))
+            let allowed: bool = sqlx::query_scalar(sql)
+                .bind(to_i64(generation))
                 .bind(positions)
-                .execute(&pool)
+                .fetch_one(&pool)
                 .await
                 .map_err(store_error)?;
-            Ok(())
+            if allowed {
+                Ok(())
+            } else {
+                Err(lease_fenced(generation))
+            }
+        }
+    }
+
+    fn dead_letter(&self, generation: u64, rejections: &[Rejection]) -> impl StoreFuture<()> {
+        let sql = sql(self, "SELECT __S__.relay_dead_letter($1, $2, $3, $4)");
+        let pool = self.inner.pool.clone();
+        let positions: Vec<i64> = rejections.iter().map(|r| to_i64(r.position)).collect();
+        // PostgreSQL text cannot hold NUL.
+        let errors: Vec<String> = rejections
+            .iter()
+            .map(|r| r.error.replace('\0', "\u{fffd}"))
+            .collect();
+        let attempts: Vec<i32> = rejections
+            .iter()
+            .map(|r| i32::try_from(r.attempts).unwrap_or(i32::MAX))
+            .collect();
+        async move {
+            let allowed: bool = sqlx::query_scalar(sql)
+                .bind(to_i64(generation))
+                .bind(positions)
+                .bind(errors)
+                .bind(attempts)
+                .fetch_one(&pool)
+                .await
+                .map_err(store_error)?;
+            if allowed {
+                Ok(())
+            } else {
+                Err(lease_fenced(generation))
+            }
+        }
+    }
+
+    fn dead_letters(&self, limit: u64) -> impl StoreFuture<Vec<DeadLetter>> {
+        let sql = sql(
+            self,
+            &format!(
+                "SELECT {RECORD_COLUMNS}, error, attempts, dead_at FROM __S__.outbox_dead_letters \
+                 ORDER BY position LIMIT $1"
+            ),
+        );
+        let pool = self.inner.pool.clone();
+        async move {
+            let rows = sqlx::query(sql)
+                .bind(to_i64(limit))
+                .fetch_all(&pool)
+                .await
+                .map_err(store_error)?;
+            rows.iter()
+                .map(|row| {
+                    let record = decode_record(row)?;
+                    let attempts: i32 = row.try_get(12).map_err(store_error)?;
+                    Ok(DeadLetter {
+                        error: row.try_get(11).map_err(store_error)?,
+                        attempts: u32::try_from(attempts).unwrap_or(0),
+                        dead_at: row.try_get(13).map_err(store_error)?,
+                        record,
+                    })
+                })
+                .collect()
+        }
+    }
+
+    fn requeue_dead_letters(&self, positions: &[u64]) -> impl StoreFuture<u64> {
+        let sql = sql(self, "SELECT __S__.relay_requeue($1)");
+        let pool = self.inner.pool.clone();
+        let positions: Vec<i64> = positions.iter().map(|p| to_i64(*p)).collect();
+        async move {
+            let n: i64 = sqlx::query_scalar(sql)
+                .bind(positions)
+                .fetch_one(&pool)
+                .await
+                .map_err(store_error)?;
+            to_u64(n, "the re-queued dead letters")
         }
     }
 
@@ -90,9 +221,64 @@ impl OutboxStore for PgStore {
             to_u64(n, "the outbox")
         }
     }
+
+    fn relay_status(&self) -> impl StoreFuture<RelayStatus> {
+        let sql = sql(
+            self,
+            &format!(
+                "SELECT (SELECT count(*) FROM __S__.outbox), \
+                        (SELECT count(*) FROM __S__.outbox_dead_letters), \
+                        l.owner, l.generation, l.expires_at > clock_timestamp(), \
+                        l.last_error_position, l.last_error, l.last_error_at \
+                 FROM (SELECT 1) AS one \
+                 LEFT JOIN __S__.relay_leases l ON l.name = '{OUTBOX_LEASE}'"
+            ),
+        );
+        let pool = self.inner.pool.clone();
+        async move {
+            let row = sqlx::query(sql)
+                .fetch_one(&pool)
+                .await
+                .map_err(store_error)?;
+            let get_u64 = |i: usize, what: &str| -> Result<Option<u64>, StoreError> {
+                let value: Option<i64> = row.try_get(i).map_err(store_error)?;
+                value.map(|v| to_u64(v, what)).transpose()
+            };
+            let pending = get_u64(0, "the outbox")?.unwrap_or(0);
+            let dead_letters = get_u64(1, "the dead letters")?.unwrap_or(0);
+            let owner: Option<String> = row.try_get(2).map_err(store_error)?;
+            let generation = get_u64(3, "the relay lease")?;
+            let held: Option<bool> = row.try_get(4).map_err(store_error)?;
+            let lease = match (owner, generation) {
+                (Some(owner), Some(generation)) => Some(LeaseState {
+                    owner,
+                    generation,
+                    held: held.unwrap_or(false),
+                }),
+                _ => None,
+            };
+            let last_position = get_u64(5, "the relay lease")?;
+            let last_error: Option<String> = row.try_get(6).map_err(store_error)?;
+            let last_at: Option<DateTime<Utc>> = row.try_get(7).map_err(store_error)?;
+            let last_error = match (last_position, last_error, last_at) {
+                (Some(position), Some(error), Some(at)) => Some(LastRejection {
+                    position,
+                    error,
+                    at,
+                }),
+                _ => None,
+            };
+            Ok(RelayStatus {
+                pending,
+                dead_letters,
+                last_error,
+                lease,
+            })
+        }
+    }
 }
 
-/// Decodes a row of the `pending_outbox` query.
+/// Decodes the first columns of a row in [`RECORD_COLUMNS`] order.
 fn decode_record(row: &PgRow) -> Result<OutboxRecord, StoreError> {
     let position: i64 = row.try_get(0).map_err(store_error)?;
     let location = || format!("outbox position {position}");
@@ -134,51 +320,86 @@ fn decode_record(row: &PgRow) -> Result<OutboxRecord, StoreError> {
     })
 }
 
+/// SQL loading a checkpoint: `(position, generation)`.
+pub(crate) const LOAD_CHECKPOINT: &str =
+    "SELECT position, generation FROM __S__.checkpoints WHERE name = $1";
+
+/// SQL starting a new generation of a checkpoint at position 0 (the row is kept, so generations
+/// never go down); returns the generation.
+pub(crate) const RESET_CHECKPOINT: &str =
+    "INSERT INTO __S__.checkpoints AS c (name, position, generation, updated_at) \
+     VALUES ($1, 0, 1, now()) \
+     ON CONFLICT (name) DO UPDATE SET position = 0, generation = c.generation + 1, \
+     updated_at = now() RETURNING generation";
+
+/// A stored `(position, generation)` pair as a [`Checkpoint`].
+pub(crate) fn checkpoint_of(name: &str, row: Option<(i64, i64)>) -> Result<Checkpoint, StoreError> {
+    let what = || format!("checkpoint `{name}`");
+    let (position, generation) = row.unwrap_or((0, 0));
+    Ok(Checkpoint {
+        position: to_u64(position, &what())?,
+        generation: to_u64(generation, &what())?,
+    })
+}
+
+/// The error of a save or a batch that names an older generation than the stored one.
+pub(crate) fn checkpoint_fenced(name: &str, generation: u64, stored: Option<u64>) -> StoreError {
+    StoreError::Fenced {
+        resource: format!("the checkpoint of projection `{name}`"),
+        reason: match stored {
+            Some(stored) => format!(
+                "generation {generation} is over; the projection was reset to generation {stored}"
+            ),
+            None => format!("generation {generation} is over; the projection was reset"),
+        },
+    }
+}
+
 impl CheckpointStore for PgStore {
-    fn load_checkpoint(&self, name: &str) -> impl StoreFuture<u64> {
-        let sql = Arc::clone(&self.inner.sql.load_checkpoint);
+    fn load_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let sql = sql(self, LOAD_CHECKPOINT);
         let pool = self.inner.pool.clone();
         let name = name.to_owned();
         async move {
-            let position: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql))
+            let row: Option<(i64, i64)> = sqlx::query_as(sql)
                 .bind(&name)
                 .fetch_optional(&pool)
                 .await
                 .map_err(store_error)?;
-            to_u64(position.unwrap_or(0), &format!("checkpoint `{name}`"))
+            checkpoint_of(&name, row)
         }
     }
 
-    fn save_checkpoint(&self, name: &str, position: u64) -> impl StoreFuture<bool> {
-        let sql = Arc::clone(&self.inner.sql.save_checkpoint);
+    fn save_checkpoint(&self, name: &str, checkpoint: Checkpoint) -> impl StoreFuture<bool> {
+        let sql = sql(self, "SELECT __S__.checkpoint_save($1, $2, $3)");
         let pool = self.inner.pool.clone();
         let name = name.to_owned();
         async move {
-            // No checkpoint reads as 0, so 0 never raises one.
-            if position == 0 {
-                return Ok(false);
+            let outcome: i16 = sqlx::query_scalar(sql)
+                .bind(&name)
+                .bind(to_i64(checkpoint.generation))
+                .bind(to_i64(checkpoint.position))
+                .fetch_one(&pool)
+                .await
+                .map_err(store_error)?;
+            match outcome {
+                -1 => Err(checkpoint_fenced(&name, checkpoint.generation, None)),
+                written => Ok(written == 1),
             }
-            let done = sqlx::query(AssertSqlSafe(sql))
-                .bind(name)
-                .bind(to_i64(position))
-                .execute(&pool)
-                .await
-                .map_err(store_error)?;
-            Ok(done.rows_affected() == 1)
         }
     }
 
-    fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<()> {
-        let sql = Arc::clone(&self.inner.sql.reset_checkpoint);
+    fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let sql = sql(self, RESET_CHECKPOINT);
         let pool = self.inner.pool.clone();
         let name = name.to_owned();
         async move {
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(name)
-                .execute(&pool)
+            let generation: i64 = sqlx::query_scalar(sql)
+                .bind(&name)
+                .fetch_one(&pool)
                 .await
                 .map_err(store_error)?;
-            Ok(())
+            checkpoint_of(&name, Some((0, generation)))
         }
     }
 }

@@ -8,9 +8,16 @@ use es_core::{EventFilter, RecordedEvent};
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, PgConnection};
 
-use crate::codec::{to_i64, to_u64};
-use crate::schema::Sql;
+use crate::codec::to_i64;
+use crate::outbox::{checkpoint_fenced, checkpoint_of, render, LOAD_CHECKPOINT, RESET_CHECKPOINT};
+use crate::schema::{SchemaName, Sql};
 use crate::PgStore;
+
+/// Locks a projection's checkpoint row (creating it at position 0, generation 0) and returns its
+/// position and generation.
+const LOCK_CHECKPOINT: &str = "INSERT INTO __S__.checkpoints AS c (name, position, generation, \
+     updated_at) VALUES ($1, 0, 0, now()) \
+     ON CONFLICT (name) DO UPDATE SET name = c.name RETURNING c.position, c.generation";
 
 /// A projection whose read model lives in the store's PostgreSQL database.
 ///
@@ -46,16 +53,27 @@ pub trait PgProjection: Send + 'static {
 /// [`es_core::ProjectionRunner::spawn`].
 ///
 /// Each batch is one transaction: lock the projection's checkpoint row (creating it at 0) and
-/// read it, apply every event after it, raise the checkpoint to the batch's end, commit. Events
-/// at or below the locked checkpoint are skipped, so a batch retried after a commit whose
-/// outcome was unknown (the connection dropped during COMMIT), or a second runner of the same
-/// projection, never applies an event twice. On a handler error the transaction rolls back and
-/// the batch reports [`BatchError`] with `applied: 0`; the runner then applies the events before
-/// the failing one as their own batch and retries it.
+/// read it, check its generation, apply every event after it, raise the checkpoint to the
+/// batch's end, commit. Events at or below the locked checkpoint are skipped, so a batch retried
+/// after a commit whose outcome was unknown (the connection dropped during COMMIT), or a second
+/// runner of the same projection, never applies an event twice. On a handler error the
+/// transaction rolls back and the batch reports [`BatchError`] with `applied: 0`; the runner
+/// then applies the events before the failing one as their own batch and retries it.
+///
+/// A rebuild ([`reset`](ProjectionSink::reset)) drops the read model and starts a new checkpoint
+/// generation at position 0 in one transaction. A batch whose sink loaded an older generation
+/// (another runner was rebuilding meanwhile) finds a different generation under the row lock,
+/// rolls back without applying anything, and reports [`StoreError::Fenced`](es_core::StoreError::Fenced)
+/// ([`BatchError::is_fenced`]): the runner reloads the checkpoint. Without the generation, that
+/// batch would have applied its events to the emptied read model and raised the new
+/// checkpoint over everything before them, which the rebuild then never replayed.
 pub struct ExactlyOnce<P> {
     projection: P,
     pool: PgPool,
     sql: Arc<Sql>,
+    schema: SchemaName,
+    /// The checkpoint generation this sink loaded or started.
+    generation: u64,
 }
 
 impl<P> std::fmt::Debug for ExactlyOnce<P> {
@@ -71,6 +89,8 @@ impl<P: PgProjection> ExactlyOnce<P> {
             projection,
             pool: store.inner.pool.clone(),
             sql: Arc::clone(&store.inner.sql),
+            schema: store.inner.schema.clone(),
+            generation: 0,
         }
     }
 
@@ -101,16 +121,24 @@ impl<P: PgProjection> ExactlyOnce<P> {
         };
         let name = self.projection.name().to_owned();
         let mut tx = self.pool.begin().await.map_err(whole)?;
-        let stored: i64 = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.sql.lock_checkpoint)))
+        let row: (i64, i64) = sqlx::query_as(render(&self.schema, LOCK_CHECKPOINT))
             .bind(&name)
             .fetch_one(&mut *tx)
             .await
             .map_err(whole)?;
-        let stored = to_u64(stored, &format!("checkpoint `{name}`")).map_err(|e| BatchError {
+        let locked = checkpoint_of(&name, Some(row)).map_err(|e| BatchError {
             index: events.len(),
             applied: 0,
             source: e.into(),
         })?;
+        if locked.generation != self.generation {
+            // Dropping the transaction rolls it back: nothing of the batch is applied.
+            return Err(BatchError::fenced(
+                events.len(),
+                checkpoint_fenced(&name, self.generation, Some(locked.generation)),
+            ));
+        }
+        let stored = locked.position;
         for (index, event) in events.iter().enumerate() {
             if event.global_position <= stored {
                 // Applied by an earlier transaction already.
@@ -147,15 +175,13 @@ impl<P: PgProjection> ProjectionSink for ExactlyOnce<P> {
     }
 
     async fn checkpoint(&mut self) -> Result<u64, HandlerError> {
-        let position: Option<i64> =
-            sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.sql.load_checkpoint)))
-                .bind(self.projection.name())
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(to_u64(
-            position.unwrap_or(0),
-            &format!("checkpoint `{}`", self.projection.name()),
-        )?)
+        let row: Option<(i64, i64)> = sqlx::query_as(render(&self.schema, LOAD_CHECKPOINT))
+            .bind(self.projection.name())
+            .fetch_optional(&self.pool)
+            .await?;
+        let stored = checkpoint_of(self.projection.name(), row)?;
+        self.generation = stored.generation;
+        Ok(stored.position)
     }
 
     async fn apply(&mut self, events: &[RecordedEvent], checkpoint: u64) -> Result<(), BatchError> {
@@ -166,11 +192,12 @@ impl<P: PgProjection> ProjectionSink for ExactlyOnce<P> {
         let name = self.projection.name().to_owned();
         let mut tx = self.pool.begin().await?;
         self.projection.reset(&mut tx).await?;
-        sqlx::query(AssertSqlSafe(Arc::clone(&self.sql.reset_checkpoint)))
+        let generation: i64 = sqlx::query_scalar(render(&self.schema, RESET_CHECKPOINT))
             .bind(&name)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
+        self.generation = checkpoint_of(&name, Some((0, generation)))?.generation;
         Ok(())
     }
 }

@@ -138,21 +138,10 @@ pub(crate) struct Sql {
     pub(crate) load_snapshot: Arc<str>,
     pub(crate) save_snapshot: Arc<str>,
     pub(crate) pending_outbox: Arc<str>,
-    pub(crate) mark_delivered: Arc<str>,
     pub(crate) outbox_len: Arc<str>,
-    pub(crate) acquire_lease: Arc<str>,
-    pub(crate) release_lease: Arc<str>,
-    pub(crate) load_checkpoint: Arc<str>,
-    pub(crate) save_checkpoint: Arc<str>,
-    pub(crate) reset_checkpoint: Arc<str>,
-    /// Locks a projection's checkpoint row (creating it at 0) and returns its position.
-    pub(crate) lock_checkpoint: Arc<str>,
-    /// Sets a locked checkpoint row.
+    /// Sets a checkpoint row locked by its batch's transaction (see `projection.rs`).
     pub(crate) set_checkpoint: Arc<str>,
 }
-
-/// The lease name of the outbox relay in `relay_leases`.
-const OUTBOX_LEASE: &str = "outbox";
 
 /// The columns every event read selects, in the order [`crate::codec::decode_event`] expects.
 pub(crate) const EVENT_COLUMNS: &str = "global_position, stream_id, stream_version, event_id, \
@@ -220,38 +209,7 @@ impl Sql {
                  FROM {s}.outbox ORDER BY position LIMIT $1"
             )
             .into(),
-            mark_delivered: format!("DELETE FROM {s}.outbox WHERE position = ANY ($1)").into(),
             outbox_len: format!("SELECT count(*) FROM {s}.outbox").into(),
-            // Taken when free, expired, or already ours; the conflict clause locks the row, so
-            // concurrent relays decide one after the other on the latest committed lease.
-            acquire_lease: format!(
-                "INSERT INTO {s}.relay_leases AS l (name, owner, expires_at) \
-                 VALUES ('{OUTBOX_LEASE}', $1, clock_timestamp() + $2::float8 * interval '1 microsecond') \
-                 ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, \
-                 expires_at = excluded.expires_at \
-                 WHERE l.owner = excluded.owner OR l.expires_at <= clock_timestamp()"
-            )
-            .into(),
-            release_lease: format!(
-                "DELETE FROM {s}.relay_leases WHERE name = '{OUTBOX_LEASE}' AND owner = $1"
-            )
-            .into(),
-            load_checkpoint: format!("SELECT position FROM {s}.checkpoints WHERE name = $1")
-                .into(),
-            save_checkpoint: format!(
-                "INSERT INTO {s}.checkpoints AS c (name, position, updated_at) \
-                 VALUES ($1, $2, now()) \
-                 ON CONFLICT (name) DO UPDATE SET position = excluded.position, \
-                 updated_at = excluded.updated_at WHERE c.position < excluded.position"
-            )
-            .into(),
-            reset_checkpoint: format!("DELETE FROM {s}.checkpoints WHERE name = $1").into(),
-            lock_checkpoint: format!(
-                "INSERT INTO {s}.checkpoints AS c (name, position, updated_at) \
-                 VALUES ($1, 0, now()) \
-                 ON CONFLICT (name) DO UPDATE SET name = c.name RETURNING c.position"
-            )
-            .into(),
             set_checkpoint: format!(
                 "UPDATE {s}.checkpoints SET position = $2, updated_at = now() \
                  WHERE name = $1 AND position < $2"

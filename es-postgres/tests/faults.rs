@@ -437,6 +437,7 @@ async fn relay_survives_a_postgres_restart() {
             RelayConfig {
                 owner: "relay-1".into(),
                 lease_ttl: Duration::from_secs(2),
+                publish_timeout: Duration::from_millis(1500),
                 batch_size: 25,
                 idle_poll: Duration::from_millis(50),
                 max_backoff: Duration::from_millis(200),

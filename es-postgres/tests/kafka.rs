@@ -49,6 +49,13 @@ async fn relay_killed_mid_batch_loses_nothing() {
     eprintln!("{delivery}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_records_are_dead_lettered() {
+    let report =
+        testing::poison_records_are_dead_lettered(common::fresh_store().await, config()).await;
+    eprintln!("{report}");
+}
+
 /// Records published per relay batch in the restart case.
 const BATCH: u64 = 20;
 

@@ -35,7 +35,7 @@ async fn concurrent_builds_migrate_once() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(applied, 3);
+    assert_eq!(applied, 4);
     // Building again is a no-op.
     common::store_on(&url, &schema).await;
 }

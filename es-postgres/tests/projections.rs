@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use es_core::projection::{HandlerError, RunnerConfig};
 use es_core::testing::domain::{Ledger, LedgerCommand, LedgerEvent};
+use es_core::testing::streaming::GatedSink;
 use es_core::{
     AppendRequest, CheckpointStore, EventFilter, EventStore, ExpectedVersion, NewEvent,
     ProjectionRunner, ProjectionStatus, RecordedEvent, Repository, StreamId,
@@ -294,7 +295,7 @@ async fn catches_up_then_follows_live_appends() {
         matches!(stopped, ProjectionStatus::Stopped { position } if position >= live),
         "{stopped:?}"
     );
-    assert!(store.load_checkpoint("balances").await.unwrap() >= live);
+    assert!(store.load_checkpoint("balances").await.unwrap().position >= live);
 
     let later = activity(&repo, &["d"], 2).await;
     let handle = runner(&store, 1000).spawn(ExactlyOnce::new(&store, Balances::new(&store)));
@@ -333,7 +334,7 @@ async fn exactly_once_across_a_runner_crash() {
         matches!(status, ProjectionStatus::Running { .. }),
         "{status:?}"
     );
-    let committed = store.load_checkpoint("balances").await.unwrap();
+    let committed = store.load_checkpoint("balances").await.unwrap().position;
     assert!(
         committed > 0 && committed < crash_at,
         "checkpoint {committed}"
@@ -438,6 +439,77 @@ async fn rebuild_from_zero_gives_identical_tables() {
     assert_exactly_once(&pool, &store).await;
 }
 
+/// A rebuild racing a second active runner of the same projection, exactly once: runner `b`
+/// parks before a batch (holding no transaction), runner `a` rebuilds (truncates the read model
+/// and starts a new checkpoint generation in one transaction) and parks before reloading its
+/// checkpoint; then `b`'s batch runs, then `a` reloads. `b`'s transaction finds the new
+/// generation under the row lock and rolls back, so `a` replays every event: afterwards every
+/// ledger event is applied exactly once and the balances equal a replay. (Before checkpoint
+/// generations, `b`'s batch applied its event to the emptied tables and raised the new
+/// checkpoint past every event before it, which `a` then skipped.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rebuild_racing_a_second_runner_applies_every_event_once() {
+    let (store, pool) = store_with_read_model().await;
+    let repo = Repository::new(store.clone());
+    let last = activity(&repo, &["a", "b"], 4).await;
+    let a = GatedSink::new(ExactlyOnce::new(&store, Balances::new(&store)));
+    let b = GatedSink::new(ExactlyOnce::new(&store, Balances::new(&store)));
+    let (ga, gb) = (a.controls(), b.controls());
+    let a = runner(&store, 5).spawn(a);
+    let b = runner(&store, 5).spawn(b);
+    patiently("a catches up", a.wait_for(last)).await;
+    patiently("b catches up", b.wait_for(last)).await;
+
+    gb.before_apply.arm();
+    let next = repo
+        .execute::<Ledger>("a", &LedgerCommand::Credit(5))
+        .await
+        .unwrap()
+        .positions[0];
+    patiently("b parks", gb.before_apply.parked()).await;
+    patiently("a applies the new event", a.wait_for(next)).await;
+
+    ga.before_checkpoint.arm();
+    a.rebuild().await.unwrap();
+    patiently("a parks", ga.before_checkpoint.parked()).await;
+    assert!(
+        balances(&pool, &store).await.is_empty(),
+        "the read model was dropped"
+    );
+
+    let batches = gb.batches.load(Ordering::SeqCst);
+    gb.before_apply.release();
+    patiently("b's batch ends", async {
+        while gb.batches.load(Ordering::SeqCst) == batches {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    ga.before_checkpoint.release();
+
+    let later = activity(&repo, &["c"], 2).await;
+    patiently("a catches up again", a.wait_for(later)).await;
+    patiently("b catches up again", b.wait_for(later)).await;
+    a.shutdown().await;
+    b.shutdown().await;
+    assert_exactly_once(&pool, &store).await;
+    assert_eq!(
+        balance_of(&pool, &store, "ledger-a").await,
+        expected_balance(4) + 5
+    );
+    assert_eq!(
+        balance_of(&pool, &store, "ledger-b").await,
+        expected_balance(4)
+    );
+    assert_eq!(
+        balance_of(&pool, &store, "ledger-c").await,
+        expected_balance(2)
+    );
+    assert_eq!(gb.fenced.load(Ordering::SeqCst), 1, "b's batch was refused");
+    let checkpoint = store.load_checkpoint("balances").await.unwrap();
+    assert!(checkpoint.generation >= 1 && checkpoint.position >= later);
+}
+
 /// An event that always fails stops the projection with an error naming its id, type, stream,
 /// stream version and position; the events before it are committed with their checkpoint,
 /// nothing after it is.
@@ -494,7 +566,7 @@ async fn a_poisoned_event_stops_the_projection_after_committing_the_events_befor
         .collect();
     assert_eq!(applied, before);
     assert_eq!(
-        store.load_checkpoint("balances").await.unwrap(),
+        store.load_checkpoint("balances").await.unwrap().position,
         u64::try_from(*before.last().unwrap()).unwrap()
     );
     handle.shutdown().await;
@@ -551,7 +623,7 @@ async fn an_undecodable_event_stops_the_projection_and_is_not_skipped() {
             );
         }
         assert_eq!(
-            store.load_checkpoint("balances").await.unwrap(),
+            store.load_checkpoint("balances").await.unwrap().position,
             last_before,
             "run {run}: the checkpoint stops right before the poisoned event"
         );

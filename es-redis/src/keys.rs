@@ -22,7 +22,9 @@ pub struct Keys {
     index: Arc<str>,
     outbox: Arc<str>,
     lease: Arc<str>,
+    dead_letters: Arc<str>,
     checkpoints: Arc<str>,
+    checkpoint_generations: Arc<str>,
 }
 
 impl Keys {
@@ -39,8 +41,10 @@ impl Keys {
             feed: global("feed"),
             index: global("index"),
             outbox: global("outbox"),
-            lease: global("relay-lease"),
+            lease: global("relay"),
+            dead_letters: global("dead-letters"),
             checkpoints: global("checkpoints"),
+            checkpoint_generations: global("checkpoint-generations"),
         })
     }
 
@@ -85,14 +89,27 @@ impl Keys {
         &self.outbox
     }
 
-    /// The string holding the relay lease: the owner's name, with a server-side expiry.
+    /// The hash holding the relay lease: `owner`, `generation` (raised whenever the lease
+    /// changes hands), `expires` (milliseconds, server clock; 0 once released), and the last
+    /// dead-lettering (`last_error_position`, `last_error`, `last_error_at` in µs).
     pub fn relay_lease(&self) -> &str {
         &self.lease
+    }
+
+    /// The sorted set holding the outbox's dead letters, scored by outbox position; each member
+    /// holds the record's fields and the error, attempts and time (see `outbox.rs`).
+    pub fn dead_letters(&self) -> &str {
+        &self.dead_letters
     }
 
     /// The hash holding projection checkpoints: projection name → global position.
     pub fn checkpoints(&self) -> &str {
         &self.checkpoints
+    }
+
+    /// The hash holding the checkpoints' generations: projection name → generation (none: 0).
+    pub fn checkpoint_generations(&self) -> &str {
+        &self.checkpoint_generations
     }
 }
 
@@ -132,8 +149,13 @@ mod tests {
         assert_eq!(keys.feed(), "es:{es:$all}:feed");
         assert_eq!(keys.index(), "es:{es:$all}:index");
         assert_eq!(keys.outbox(), "es:{es:$all}:outbox");
-        assert_eq!(keys.relay_lease(), "es:{es:$all}:relay-lease");
+        assert_eq!(keys.relay_lease(), "es:{es:$all}:relay");
+        assert_eq!(keys.dead_letters(), "es:{es:$all}:dead-letters");
         assert_eq!(keys.checkpoints(), "es:{es:$all}:checkpoints");
+        assert_eq!(
+            keys.checkpoint_generations(),
+            "es:{es:$all}:checkpoint-generations"
+        );
     }
 
     #[test]

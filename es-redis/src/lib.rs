@@ -42,8 +42,10 @@
 //! | `<p>:{<p>:$all}:feed` | stream | the global feed; entry id `<position>-0` |
 //! | `<p>:{<p>:$all}:index` | hash | the head: `position` (last assigned global position), `recorded_at` (last, in µs), `outbox` (last assigned outbox position); and the event-id index: event id (hyphenated) → its global position |
 //! | `<p>:{<p>:$all}:outbox` | stream | the outbox records not yet delivered; entry id `<outbox position>-0` |
-//! | `<p>:{<p>:$all}:relay-lease` | string | the relay lease: the owner's name, with a server-side expiry |
+//! | `<p>:{<p>:$all}:relay` | hash | the relay lease: `owner`, `generation`, `expires` (ms, server clock), and the last dead-lettering (`last_error_position`, `last_error`, `last_error_at`) |
+//! | `<p>:{<p>:$all}:dead-letters` | sorted set | the outbox's dead letters, scored by outbox position: the record's fields with the error, attempts and time |
 //! | `<p>:{<p>:$all}:checkpoints` | hash | projection checkpoints: projection name → global position |
+//! | `<p>:{<p>:$all}:checkpoint-generations` | hash | projection name → checkpoint generation (absent: 0) |
 //!
 //! A per-stream entry has the fields `event_id`, `type`, `schema`, `payload`, `metadata` (JSON),
 //! `position` and `recorded_at` (µs since the Unix epoch). A feed entry has `stream` and
@@ -189,21 +191,42 @@
 //!
 //! - [`OutboxStore::pending_outbox`] reads the oldest records (`XRANGE - + COUNT n`), in outbox
 //!   position order, which is commit order and hence per-stream order.
-//! - [`OutboxStore::mark_delivered`] deletes the records (`XDEL`, 1,000 ids per command). The
-//!   relay calls it only after the broker acknowledged them; marking a record twice is harmless.
 //! - [`OutboxStore::outbox_len`] is `XLEN` of the outbox.
-//! - The relay lease is a string holding its owner's name with a server-side expiry (`PX`,
-//!   the server's clock): a script sets it if it is free or already held by the caller, and
-//!   another deletes it only for its owner. A relay that dies is taken over once the lease
-//!   expires.
-//! - Checkpoints ([`CheckpointStore`]) live in one hash, projection name → position. A script
-//!   raises a checkpoint only (it compares the decimal strings, exact over the whole `u64`
-//!   range); resetting deletes the field. Projections on Redis are at-least-once: the
-//!   checkpoint is saved after the handler ran, so handlers must be idempotent.
+//! - The relay lease is a hash: owner, generation, expiry (milliseconds of the server clock,
+//!   `TIME`). A script takes it if it is free, released, expired or already held by the caller,
+//!   and raises the generation unless the caller renews a lease it still holds; another ends it
+//!   only for its owner in its generation, keeping the generation (so generations never go
+//!   down). A relay that dies is taken over once the lease expires.
+//! - [`OutboxStore::mark_delivered`] is a script that deletes the records (`XDEL`, 500 ids per
+//!   command) only if the caller's generation is the lease's; otherwise it deletes nothing and
+//!   the call fails with [`StoreError::Fenced`]. Redis runs one script at a time, so a mark is
+//!   either before a takeover or refused. Marking a record twice is harmless.
+//! - [`OutboxStore::dead_letter`] is a script that, under the same generation check, moves each
+//!   record from the outbox stream into the `dead-letters` sorted set (scored by its outbox
+//!   position; the member holds the entry's fields and the error, attempts and time, each as
+//!   `<length>:<bytes>`) and records the last error in the lease hash: a record is in one or the
+//!   other, never both or neither. [`OutboxStore::requeue_dead_letters`] moves dead letters back
+//!   to the end of the outbox with new positions from the `outbox` counter, like an append.
+//!   Outbox positions are scores (doubles), exact below 2^53, which the append script keeps them
+//!   under.
+//! - Checkpoints ([`CheckpointStore`]) live in one hash, projection name → position, with their
+//!   generations in another. A script raises a checkpoint only (it compares the decimal strings,
+//!   exact over the whole `u64` range) and only in the stored generation (otherwise
+//!   [`StoreError::Fenced`], nothing written); a reset sets the position to 0 and raises the
+//!   generation. Projections on Redis are at-least-once: the checkpoint is saved after the
+//!   handler ran, so handlers must be idempotent; a runner fenced by a rebuild reloads its
+//!   checkpoint.
 //!
 //! Delivery is at least once: a relay that dies between the broker's acknowledgement and its
 //! `XDEL`, or a server that loses the `XDEL` in a crash, makes the relay publish those records
-//! again, with the same message ids, for consumers to drop.
+//! again, with the same message ids, for consumers to drop. The guarantees of es-core's
+//! [`Relay`](es_core::Relay) (one relay publishing at a time, poison records parked, re-queue)
+//! and of projection rebuilds racing another runner are tested on this store by the streaming
+//! conformance cases `relay_lease_generations_fence_stale_owners`,
+//! `two_relays_with_a_short_lease_never_publish_at_once`, `dead_letters_are_parked_and_requeued`,
+//! `relay_parks_poison_records_and_keeps_going`, `checkpoint_generations_fence_stale_saves` and
+//! `projection_rebuild_racing_a_second_runner`, and against a real Kafka-protocol broker by
+//! `poison_records_are_dead_lettered` in `tests/kafka.rs`.
 //!
 //! # Durability
 //!
@@ -268,6 +291,8 @@
 //! [`OutboxStore`]: es_core::OutboxStore
 //! [`OutboxStore::pending_outbox`]: es_core::OutboxStore::pending_outbox
 //! [`OutboxStore::mark_delivered`]: es_core::OutboxStore::mark_delivered
+//! [`OutboxStore::dead_letter`]: es_core::OutboxStore::dead_letter
+//! [`OutboxStore::requeue_dead_letters`]: es_core::OutboxStore::requeue_dead_letters
 //! [`OutboxStore::outbox_len`]: es_core::OutboxStore::outbox_len
 //! [`CheckpointStore`]: es_core::CheckpointStore
 #![doc(test(attr(deny(warnings))))]

@@ -1,12 +1,16 @@
-//! The outbox side of the store ([`OutboxStore`]) and projection checkpoints
-//! ([`CheckpointStore`]). Outbox records are written by the append script; see the crate docs,
-//! section "Outbox, relay lease and checkpoints".
+//! The outbox side of the store ([`OutboxStore`]: pending records, delivery marks, dead letters,
+//! the relay lease) and projection checkpoints ([`CheckpointStore`]), with their fencing
+//! generations. Outbox records are written by the append script; see the crate docs, section
+//! "Outbox, relay lease and checkpoints". The scripts here are invoked by SHA and loaded on
+//! `NOSCRIPT` like the append script.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chrono::DateTime;
+use chrono::{DateTime, Utc};
+use es_core::outbox::{DeadLetter, LastRejection, LeaseState, Rejection, RelayStatus};
+use es_core::projection::Checkpoint;
 use es_core::store::StoreFuture;
 use es_core::{
     CheckpointStore, Metadata, OutboxMessage, OutboxRecord, OutboxStore, StoreError, StreamId,
@@ -16,16 +20,207 @@ use uuid::Uuid;
 
 use crate::decode;
 use crate::error::store_error;
-use crate::script::query;
+use crate::script::{query, Lua};
 use crate::{Inner, RedisStore};
 
-/// Positions per `XDEL` in [`OutboxStore::mark_delivered`].
-const DELETE_CHUNK: usize = 1000;
+/// The relay lease, taken or renewed.
+///
+/// KEYS: 1 the relay hash (`owner`, `generation`, `expires` in ms of the server clock). ARGV:
+/// owner, time to live in milliseconds. If the lease is held (not expired) by another owner,
+/// replies -1. If the caller holds it, extends it and replies its generation. Otherwise (free,
+/// released, expired: whoever held it) raises the generation, takes it and replies the new
+/// generation. Replies -2, writing nothing, if the hash holds something the store did not write.
+pub(crate) const ACQUIRE_LEASE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local l = redis.call('HMGET', KEYS[1], 'owner', 'generation', 'expires')
+local gen, expires = tonumber(l[2] or '0'), tonumber(l[3] or '0')
+if gen == nil or expires == nil then return -2 end
+if expires > now then
+  if l[1] ~= ARGV[1] then return -1 end
+else
+  gen = gen + 1
+end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'generation', string.format('%.0f', gen),
+  'expires', string.format('%.0f', now + tonumber(ARGV[2])))
+return gen
+";
+
+/// The relay lease, given up by its owner in its generation (and only then): it expires now,
+/// keeping its generation.
+///
+/// KEYS: 1 the relay hash. ARGV: owner, generation. Replies 1 if released, 0 if not held so.
+pub(crate) const RELEASE_LEASE: &str = r"
+local l = redis.call('HMGET', KEYS[1], 'owner', 'generation')
+if l[1] == ARGV[1] and l[2] == ARGV[2] then
+  redis.call('HSET', KEYS[1], 'expires', '0')
+  return 1
+end
+return 0
+";
+
+/// Delivery marks: deletes outbox entries if the caller's generation is the lease's.
+///
+/// KEYS: 1 the relay hash, 2 the outbox. ARGV: generation, then outbox positions. Replies 1 if
+/// allowed (positions not in the outbox are ignored), 0 if the generation moved on (nothing
+/// deleted).
+const MARK_DELIVERED: &str = r"
+if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[1] then return 0 end
+for s = 2, #ARGV, 500 do
+  local ids = {}
+  for i = s, math.min(s + 499, #ARGV) do ids[#ids + 1] = ARGV[i] .. '-0' end
+  redis.call('XDEL', KEYS[2], unpack(ids))
+end
+return 1
+";
+
+/// Dead-lettering: moves outbox entries to the dead letters if the caller's generation is the
+/// lease's, and records the last one moved as the lease's last error.
+///
+/// KEYS: 1 the relay hash, 2 the outbox, 3 the dead letters (sorted set). ARGV: generation, then
+/// per record its outbox position, error text and attempts. Each dead letter is one member,
+/// scored by its outbox position: the entry's fields and values, then `position`, `error`,
+/// `attempts` and `dead_at` (µs, server clock) with theirs, each as `<length>:<bytes>`, so any
+/// byte can appear. Replies 1 if allowed (positions not in the outbox are ignored), 0 if the
+/// generation moved on (nothing moved).
+const DEAD_LETTER: &str = r"
+if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+local now = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+local last, last_error
+for i = 2, #ARGV, 3 do
+  local p = ARGV[i]
+  local entry = redis.call('XRANGE', KEYS[2], p .. '-0', p .. '-0')[1]
+  if entry then
+    local parts = {}
+    local function put(s) parts[#parts + 1] = #s .. ':' .. s end
+    for _, v in ipairs(entry[2]) do put(v) end
+    put('position') put(p)
+    put('error') put(ARGV[i + 1])
+    put('attempts') put(ARGV[i + 2])
+    put('dead_at') put(now)
+    redis.call('ZADD', KEYS[3], p, table.concat(parts))
+    redis.call('XDEL', KEYS[2], p .. '-0')
+    last, last_error = p, ARGV[i + 1]
+  end
+end
+if last then
+  redis.call('HSET', KEYS[1], 'last_error_position', last, 'last_error', last_error,
+    'last_error_at', now)
+end
+return 1
+";
+
+/// Re-queueing: moves dead letters back to the end of the outbox with new outbox positions (from
+/// the index hash's `outbox` counter, like appends), in the order of their old positions.
+///
+/// KEYS: 1 the index hash, 2 the outbox, 3 the dead letters. ARGV: old positions, ascending.
+/// Replies the number moved, or -1 (nothing written) if the outbox holds an entry beyond the
+/// counter (written behind the store's back).
+const REQUEUE: &str = r"
+local ob = tonumber(redis.call('HGET', KEYS[1], 'outbox') or '0')
+if ob == nil then return -1 end
+local info = redis.pcall('XINFO', 'STREAM', KEYS[2])
+if type(info) == 'table' and info.err == nil then
+  for j = 1, #info, 2 do
+    if info[j] == 'last-generated-id' then
+      local top = tonumber(string.match(info[j + 1], '^(%d+)-'))
+      if top == nil or top > ob then return -1 end
+    end
+  end
+end
+local n = 0
+for i = 1, #ARGV do
+  local m = redis.call('ZRANGEBYSCORE', KEYS[3], ARGV[i], ARGV[i])[1]
+  if m then
+    local values, at = {}, 1
+    while at <= #m do
+      local colon = string.find(m, ':', at, true)
+      local len = tonumber(string.sub(m, at, colon - 1))
+      values[#values + 1] = string.sub(m, colon + 1, colon + len)
+      at = colon + len + 1
+    end
+    local fields = {}
+    for j = 1, #values, 2 do
+      local name = values[j]
+      if name ~= 'position' and name ~= 'error' and name ~= 'attempts' and name ~= 'dead_at' then
+        fields[#fields + 1] = name
+        fields[#fields + 1] = values[j + 1]
+      end
+    end
+    ob = ob + 1
+    redis.call('XADD', KEYS[2], string.format('%.0f', ob) .. '-0', unpack(fields))
+    redis.call('ZREM', KEYS[3], m)
+    n = n + 1
+  end
+end
+if n > 0 then redis.call('HSET', KEYS[1], 'outbox', string.format('%.0f', ob)) end
+return n
+";
+
+/// A checkpoint and its generation, read together.
+///
+/// KEYS: 1 the checkpoint hash, 2 the generation hash. ARGV: name. Replies `{position,
+/// generation}`, each nil if not stored.
+const LOAD_CHECKPOINT: &str = r"
+return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('HGET', KEYS[2], ARGV[1])}
+";
+
+/// A projection checkpoint, raised only, within its generation.
+///
+/// KEYS: 1 the checkpoint hash, 2 the generation hash. ARGV: name, generation, position (both
+/// decimal). Positions are compared as decimal strings (length, then digits), exact over the
+/// whole `u64` range where Lua's numbers (doubles) are not. Replies 1 if written, 0 if the stored
+/// checkpoint is as high or higher, -1 if the stored value is not a number, -2 if the generation
+/// is not the stored one (nothing written in either case).
+pub(crate) const SAVE_CHECKPOINT: &str = r"
+local generation = redis.call('HGET', KEYS[2], ARGV[1]) or '0'
+if generation ~= ARGV[2] then return -2 end
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+local new = string.gsub(ARGV[3], '^0+', '')
+if stored then
+  if not string.find(stored, '^%d+$') then return -1 end
+  stored = string.gsub(stored, '^0+', '')
+  if #new < #stored or (#new == #stored and new <= stored) then return 0 end
+elseif new == '' then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+";
+
+/// A new generation of a checkpoint, at position 0.
+///
+/// KEYS: 1 the checkpoint hash, 2 the generation hash. ARGV: name. Replies the new generation.
+const RESET_CHECKPOINT: &str = r"
+redis.call('HSET', KEYS[1], ARGV[1], '0')
+return redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+";
+
+/// The scripts of this module that the store does not load when it is built.
+struct Scripts {
+    mark_delivered: Lua,
+    dead_letter: Lua,
+    requeue: Lua,
+    load_checkpoint: Lua,
+    reset_checkpoint: Lua,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    mark_delivered: Lua::new(MARK_DELIVERED),
+    dead_letter: Lua::new(DEAD_LETTER),
+    requeue: Lua::new(REQUEUE),
+    load_checkpoint: Lua::new(LOAD_CHECKPOINT),
+    reset_checkpoint: Lua::new(RESET_CHECKPOINT),
+});
+
+/// Positions per `XRANGE` of dead letters and per `ZRANGE` page.
+const PAGE: u64 = 1000;
 
 impl Inner {
     async fn int_script(
         &self,
-        script: &crate::script::Lua,
+        script: &Lua,
         cmd: &redis::Cmd,
         location: impl FnOnce() -> String,
     ) -> Result<i64, StoreError> {
@@ -49,28 +244,49 @@ fn outbox_location() -> String {
     "the outbox".to_owned()
 }
 
+fn dead_location() -> String {
+    "the outbox dead letters".to_owned()
+}
+
+fn lease_fenced(generation: u64) -> StoreError {
+    StoreError::Fenced {
+        resource: "the outbox relay lease".to_owned(),
+        reason: format!(
+            "generation {generation} is no longer the lease's: another relay took it over"
+        ),
+    }
+}
+
 impl OutboxStore for RedisStore {
-    fn acquire_relay_lease(&self, owner: &str, ttl: Duration) -> impl StoreFuture<bool> {
+    fn acquire_relay_lease(&self, owner: &str, ttl: Duration) -> impl StoreFuture<Option<u64>> {
         let inner = Arc::clone(&self.inner);
         let owner = owner.to_owned();
         async move {
-            // `PX` takes whole milliseconds, at least one.
+            // Whole milliseconds, at least one.
             let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
             let mut cmd = inner.acquire_lease.command(&[inner.keys.relay_lease()]);
             cmd.arg(&owner).arg(ms);
-            let held = inner
+            match inner
                 .int_script(&inner.acquire_lease, &cmd, lease_location)
-                .await?;
-            Ok(held == 1)
+                .await?
+            {
+                -1 => Ok(None),
+                generation if generation > 0 => Ok(Some(generation.unsigned_abs())),
+                _ => Err(StoreError::Corrupt {
+                    location: lease_location(),
+                    reason: "the lease hash holds fields that are not numbers; nothing was written"
+                        .to_owned(),
+                }),
+            }
         }
     }
 
-    fn release_relay_lease(&self, owner: &str) -> impl StoreFuture<()> {
+    fn release_relay_lease(&self, owner: &str, generation: u64) -> impl StoreFuture<()> {
         let inner = Arc::clone(&self.inner);
         let owner = owner.to_owned();
         async move {
             let mut cmd = inner.release_lease.command(&[inner.keys.relay_lease()]);
-            cmd.arg(&owner);
+            cmd.arg(&owner).arg(generation);
             inner
                 .int_script(&inner.release_lease, &cmd, lease_location)
                 .await?;
@@ -97,24 +313,117 @@ impl OutboxStore for RedisStore {
                 .map_err(|e| store_error(e, outbox_location))?;
             decode::entries(reply, decode::Source::Outbox)?
                 .into_iter()
-                .map(|(id, fields)| record(&id, fields))
+                .map(|(id, fields)| {
+                    let position =
+                        decode::entry_number(&id).ok_or_else(|| StoreError::Corrupt {
+                            location: outbox_location(),
+                            reason: "unreadable entry id".to_owned(),
+                        })?;
+                    record(position, fields)
+                })
                 .collect()
         }
     }
 
-    fn mark_delivered(&self, positions: &[u64]) -> impl StoreFuture<()> {
+    fn mark_delivered(&self, generation: u64, positions: &[u64]) -> impl StoreFuture<()> {
         let inner = Arc::clone(&self.inner);
-        let ids: Vec<String> = positions.iter().map(|p| format!("{p}-0")).collect();
+        let positions = positions.to_vec();
         async move {
-            let mut conn = inner.conn.clone();
-            for chunk in ids.chunks(DELETE_CHUNK) {
-                let mut cmd = redis::cmd("XDEL");
-                cmd.arg(inner.keys.outbox()).arg(chunk);
-                query(&mut conn, &cmd)
-                    .await
-                    .map_err(|e| store_error(e, outbox_location))?;
+            let script = &SCRIPTS.mark_delivered;
+            let mut cmd = script.command(&[inner.keys.relay_lease(), inner.keys.outbox()]);
+            cmd.arg(generation).arg(&positions);
+            match inner.int_script(script, &cmd, outbox_location).await? {
+                1 => Ok(()),
+                _ => Err(lease_fenced(generation)),
             }
-            Ok(())
+        }
+    }
+
+    fn dead_letter(&self, generation: u64, rejections: &[Rejection]) -> impl StoreFuture<()> {
+        let inner = Arc::clone(&self.inner);
+        let rejections = rejections.to_vec();
+        async move {
+            let script = &SCRIPTS.dead_letter;
+            let mut cmd = script.command(&[
+                inner.keys.relay_lease(),
+                inner.keys.outbox(),
+                inner.keys.dead_letters(),
+            ]);
+            cmd.arg(generation);
+            for r in &rejections {
+                cmd.arg(r.position).arg(&r.error).arg(r.attempts);
+            }
+            match inner.int_script(script, &cmd, dead_location).await? {
+                1 => Ok(()),
+                _ => Err(lease_fenced(generation)),
+            }
+        }
+    }
+
+    fn dead_letters(&self, limit: u64) -> impl StoreFuture<Vec<DeadLetter>> {
+        let inner = Arc::clone(&self.inner);
+        async move {
+            let mut letters = Vec::new();
+            let mut after = "-inf".to_owned();
+            while (letters.len() as u64) < limit {
+                let take = (limit - letters.len() as u64).min(PAGE);
+                let mut cmd = redis::cmd("ZRANGEBYSCORE");
+                cmd.arg(inner.keys.dead_letters())
+                    .arg(&after)
+                    .arg("+inf")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(take);
+                let mut conn = inner.conn.clone();
+                let reply = query(&mut conn, &cmd)
+                    .await
+                    .map_err(|e| store_error(e, dead_location))?;
+                let Value::Array(members) = reply else {
+                    return Err(StoreError::backend(
+                        "ZRANGEBYSCORE of the dead letters returned no array",
+                    ));
+                };
+                let page = members.len() as u64;
+                for member in members {
+                    let Value::BulkString(member) = member else {
+                        return Err(StoreError::Corrupt {
+                            location: dead_location(),
+                            reason: "a member is not a string".to_owned(),
+                        });
+                    };
+                    letters.push(dead_letter(&member)?);
+                }
+                match letters.last() {
+                    Some(last) if page == take => after = format!("({}", last.record.position),
+                    _ => break,
+                }
+            }
+            Ok(letters)
+        }
+    }
+
+    fn requeue_dead_letters(&self, positions: &[u64]) -> impl StoreFuture<u64> {
+        let inner = Arc::clone(&self.inner);
+        let mut positions = positions.to_vec();
+        positions.sort_unstable();
+        positions.dedup();
+        async move {
+            if positions.is_empty() {
+                return Ok(0);
+            }
+            let script = &SCRIPTS.requeue;
+            let mut cmd = script.command(&[
+                inner.keys.index(),
+                inner.keys.outbox(),
+                inner.keys.dead_letters(),
+            ]);
+            cmd.arg(&positions);
+            let n = inner.int_script(script, &cmd, dead_location).await?;
+            u64::try_from(n).map_err(|_| StoreError::Corrupt {
+                location: outbox_location(),
+                reason: "the outbox holds entries beyond its counter; nothing was re-queued"
+                    .to_owned(),
+            })
         }
     }
 
@@ -128,27 +437,103 @@ impl OutboxStore for RedisStore {
             decode::counter(reply, &outbox_location())
         }
     }
+
+    fn relay_status(&self) -> impl StoreFuture<RelayStatus> {
+        let inner = Arc::clone(&self.inner);
+        async move {
+            let mut conn = inner.conn.clone();
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .cmd("XLEN")
+                .arg(inner.keys.outbox())
+                .cmd("ZCARD")
+                .arg(inner.keys.dead_letters())
+                .cmd("HMGET")
+                .arg(inner.keys.relay_lease())
+                .arg("owner")
+                .arg("generation")
+                .arg("expires")
+                .arg("last_error_position")
+                .arg("last_error")
+                .arg("last_error_at")
+                .cmd("TIME");
+            let (pending, dead, lease, time): (u64, u64, Vec<Option<String>>, (u64, u64)) = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| store_error(e, lease_location))?;
+            let now_ms = time.0 * 1000 + time.1 / 1000;
+            let corrupt = |what: &str| StoreError::Corrupt {
+                location: lease_location(),
+                reason: format!("field `{what}` is not a number"),
+            };
+            let number = |i: usize, what: &str| -> Result<Option<u64>, StoreError> {
+                lease
+                    .get(i)
+                    .cloned()
+                    .flatten()
+                    .map(|v| v.parse().map_err(|_| corrupt(what)))
+                    .transpose()
+            };
+            let generation = number(1, "generation")?;
+            let expires = number(2, "expires")?;
+            let lease_state = match (lease.first().cloned().flatten(), generation) {
+                (Some(owner), Some(generation)) => Some(LeaseState {
+                    owner,
+                    generation,
+                    held: expires.is_some_and(|e| e > now_ms),
+                }),
+                _ => None,
+            };
+            let last_error = match (
+                number(3, "last_error_position")?,
+                lease.get(4).cloned().flatten(),
+                number(5, "last_error_at")?,
+            ) {
+                (Some(position), Some(error), Some(at)) => Some(LastRejection {
+                    position,
+                    error,
+                    at: micros(at).ok_or_else(|| corrupt("last_error_at"))?,
+                }),
+                _ => None,
+            };
+            Ok(RelayStatus {
+                pending,
+                dead_letters: dead,
+                last_error,
+                lease: lease_state,
+            })
+        }
+    }
 }
 
-/// Decodes one outbox entry (written by the append script).
-fn record(id: &Value, fields: Vec<Value>) -> Result<OutboxRecord, StoreError> {
-    let position = decode::entry_number(id).ok_or_else(|| StoreError::Corrupt {
-        location: outbox_location(),
-        reason: "unreadable entry id".to_owned(),
+fn micros(value: u64) -> Option<DateTime<Utc>> {
+    i64::try_from(value)
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+}
+
+/// Decodes one outbox entry's fields (written by the append script).
+fn record(position: u64, fields: Vec<Value>) -> Result<OutboxRecord, StoreError> {
+    let mut fields = decode::Fields::new(fields).map_err(|reason| StoreError::Corrupt {
+        location: format!("outbox position {position}"),
+        reason: reason.to_owned(),
     })?;
+    record_from(position, &mut fields)
+}
+
+fn record_from(position: u64, fields: &mut decode::Fields) -> Result<OutboxRecord, StoreError> {
     let fail = |reason: String| StoreError::Corrupt {
         location: format!("outbox position {position}"),
         reason,
     };
-    let mut fields = decode::Fields::new(fields).map_err(|r| fail(r.to_owned()))?;
     let stream = fields.text("stream").map_err(&fail)?;
     let stream_id = StreamId::parse(&stream).map_err(|e| fail(format!("bad stream id: {e}")))?;
     let uuid = |fields: &mut decode::Fields, name: &str| -> Result<Uuid, StoreError> {
         let text = fields.text(name).map_err(&fail)?;
         Uuid::parse_str(&text).map_err(|e| fail(format!("bad `{name}`: {e}")))
     };
-    let message_id = uuid(&mut fields, "message_id")?;
-    let source_event_id = uuid(&mut fields, "source")?;
+    let message_id = uuid(fields, "message_id")?;
+    let source_event_id = uuid(fields, "source")?;
     let topic = fields.text("topic").map_err(&fail)?;
     let key = fields.text("key").map_err(&fail)?;
     let message_type = fields.text("type").map_err(&fail)?;
@@ -157,10 +542,7 @@ fn record(id: &Value, fields: Vec<Value>) -> Result<OutboxRecord, StoreError> {
     let payload = Bytes::from(fields.bytes("payload").map_err(&fail)?);
     let metadata = Metadata::from_json(&fields.bytes("metadata").map_err(&fail)?)
         .map_err(|e| fail(format!("bad metadata: {e}")))?;
-    let micros = fields.number("recorded_at").map_err(&fail)?;
-    let recorded_at = i64::try_from(micros)
-        .ok()
-        .and_then(DateTime::from_timestamp_micros)
+    let recorded_at = micros(fields.number("recorded_at").map_err(&fail)?)
         .ok_or_else(|| fail("recorded_at out of range".to_owned()))?;
     Ok(OutboxRecord {
         position,
@@ -179,39 +561,110 @@ fn record(id: &Value, fields: Vec<Value>) -> Result<OutboxRecord, StoreError> {
     })
 }
 
+/// Decodes a dead-letter member (see [`DEAD_LETTER`]).
+fn dead_letter(member: &[u8]) -> Result<DeadLetter, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        location: dead_location(),
+        reason,
+    };
+    let mut values = Vec::new();
+    let mut rest = member;
+    while !rest.is_empty() {
+        let colon = rest
+            .iter()
+            .position(|b| *b == b':')
+            .ok_or_else(|| corrupt("a member is not a list of `<length>:<bytes>`".to_owned()))?;
+        let len: usize = std::str::from_utf8(&rest[..colon])
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| corrupt("a member has an unreadable length".to_owned()))?;
+        let value = rest
+            .get(colon + 1..colon + 1 + len)
+            .ok_or_else(|| corrupt("a member is cut short".to_owned()))?;
+        values.push(Value::BulkString(value.to_vec()));
+        rest = &rest[colon + 1 + len..];
+    }
+    let mut fields = decode::Fields::new(values).map_err(|r| corrupt(r.to_owned()))?;
+    let position = fields.number("position").map_err(&corrupt)?;
+    let fail = |reason: String| StoreError::Corrupt {
+        location: format!("dead letter at outbox position {position}"),
+        reason,
+    };
+    let error = fields.text("error").map_err(&fail)?;
+    let attempts = u32::try_from(fields.number("attempts").map_err(&fail)?)
+        .map_err(|_| fail("attempts out of range".to_owned()))?;
+    let dead_at = micros(fields.number("dead_at").map_err(&fail)?)
+        .ok_or_else(|| fail("dead_at out of range".to_owned()))?;
+    Ok(DeadLetter {
+        record: record_from(position, &mut fields)?,
+        error,
+        attempts,
+        dead_at,
+    })
+}
+
 fn checkpoint_location(name: &str) -> String {
     format!("the checkpoint of projection `{name}`")
 }
 
+fn number(value: Value, what: &str) -> Result<u64, StoreError> {
+    decode::counter(value, what)
+}
+
 impl CheckpointStore for RedisStore {
-    fn load_checkpoint(&self, name: &str) -> impl StoreFuture<u64> {
+    fn load_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
         let inner = Arc::clone(&self.inner);
         let name = name.to_owned();
         async move {
+            let script = &SCRIPTS.load_checkpoint;
+            let mut cmd = script.command(&[
+                inner.keys.checkpoints(),
+                inner.keys.checkpoint_generations(),
+            ]);
+            cmd.arg(&name);
             let mut conn = inner.conn.clone();
-            let mut cmd = redis::cmd("HGET");
-            cmd.arg(inner.keys.checkpoints()).arg(&name);
-            let value = query(&mut conn, &cmd)
+            let reply = script
+                .invoke(&mut conn, &cmd)
                 .await
                 .map_err(|e| store_error(e, || checkpoint_location(&name)))?;
-            decode::counter(value, &checkpoint_location(&name))
+            let location = checkpoint_location(&name);
+            let Value::Array(pair) = reply else {
+                return Err(StoreError::backend(format!(
+                    "unexpected reply loading {location}"
+                )));
+            };
+            let mut pair = pair.into_iter();
+            let position = number(pair.next().unwrap_or(Value::Nil), &location)?;
+            let generation = number(pair.next().unwrap_or(Value::Nil), &location)?;
+            Ok(Checkpoint {
+                position,
+                generation,
+            })
         }
     }
 
-    fn save_checkpoint(&self, name: &str, position: u64) -> impl StoreFuture<bool> {
+    fn save_checkpoint(&self, name: &str, checkpoint: Checkpoint) -> impl StoreFuture<bool> {
         let inner = Arc::clone(&self.inner);
         let name = name.to_owned();
         async move {
-            // Nothing stored reads as 0, so 0 is never higher.
-            if position == 0 {
-                return Ok(false);
-            }
-            let mut cmd = inner.save_checkpoint.command(&[inner.keys.checkpoints()]);
-            cmd.arg(&name).arg(position);
+            let mut cmd = inner.save_checkpoint.command(&[
+                inner.keys.checkpoints(),
+                inner.keys.checkpoint_generations(),
+            ]);
+            cmd.arg(&name)
+                .arg(checkpoint.generation)
+                .arg(checkpoint.position);
             match inner
                 .int_script(&inner.save_checkpoint, &cmd, || checkpoint_location(&name))
                 .await?
             {
+                -2 => Err(StoreError::Fenced {
+                    resource: checkpoint_location(&name),
+                    reason: format!(
+                        "generation {} is over; the projection was reset",
+                        checkpoint.generation
+                    ),
+                }),
                 -1 => Err(StoreError::Corrupt {
                     location: checkpoint_location(&name),
                     reason: "the stored checkpoint is not a number; nothing was written".to_owned(),
@@ -221,17 +674,26 @@ impl CheckpointStore for RedisStore {
         }
     }
 
-    fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<()> {
+    fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
         let inner = Arc::clone(&self.inner);
         let name = name.to_owned();
         async move {
-            let mut conn = inner.conn.clone();
-            let mut cmd = redis::cmd("HDEL");
-            cmd.arg(inner.keys.checkpoints()).arg(&name);
-            query(&mut conn, &cmd)
-                .await
-                .map_err(|e| store_error(e, || checkpoint_location(&name)))?;
-            Ok(())
+            let script = &SCRIPTS.reset_checkpoint;
+            let mut cmd = script.command(&[
+                inner.keys.checkpoints(),
+                inner.keys.checkpoint_generations(),
+            ]);
+            cmd.arg(&name);
+            let generation = inner
+                .int_script(script, &cmd, || checkpoint_location(&name))
+                .await?;
+            Ok(Checkpoint {
+                position: 0,
+                generation: u64::try_from(generation).map_err(|_| StoreError::Corrupt {
+                    location: checkpoint_location(&name),
+                    reason: "the checkpoint's generation is negative".to_owned(),
+                })?,
+            })
         }
     }
 }

@@ -230,50 +230,9 @@ redis.call('HSET', KEYS[1], 'version', ARGV[1], 'schema', ARGV[2], 'payload', AR
 return 1
 ";
 
-/// The relay lease, taken or renewed: set with a server-side expiry if it is free or already
-/// held by the caller.
-///
-/// KEYS: 1 the lease. ARGV: owner, time to live in milliseconds. Replies 1 if the caller holds the
-/// lease now, 0 if another owner does.
-pub(crate) const ACQUIRE_LEASE: &str = r"
-local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-";
-
-/// The relay lease, given up by its owner (and only by it).
-///
-/// KEYS: 1 the lease. ARGV: owner. Replies 1 if it was released, 0 if the caller did not hold it.
-pub(crate) const RELEASE_LEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0
-";
-
-/// A projection checkpoint, raised only: written if higher than the stored one.
-///
-/// KEYS: 1 the checkpoint hash. ARGV: name, position (decimal). Positions are compared as decimal
-/// strings (length, then digits), exact over the whole `u64` range where Lua's numbers (doubles)
-/// are not. Replies 1 if written, 0 if the stored checkpoint is as high or higher, -1 if the
-/// stored value is not a number (nothing written).
-pub(crate) const SAVE_CHECKPOINT: &str = r"
-local stored = redis.call('HGET', KEYS[1], ARGV[1])
-local new = string.gsub(ARGV[2], '^0+', '')
-if stored then
-  if not string.find(stored, '^%d+$') then return -1 end
-  stored = string.gsub(stored, '^0+', '')
-  if #new < #stored or (#new == #stored and new <= stored) then return 0 end
-elseif new == '' then
-  return 0
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
-";
+/// The relay lease and checkpoint scripts the store loads when it is built live with the rest of
+/// the outbox code.
+pub(crate) use crate::outbox::{ACQUIRE_LEASE, RELEASE_LEASE, SAVE_CHECKPOINT};
 
 /// A Lua script known by its SHA1, invoked with EVALSHA and loaded when the server lacks it.
 #[derive(Debug)]

@@ -51,6 +51,13 @@ async fn relay_killed_mid_batch_loses_nothing() {
     eprintln!("{delivery}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_records_are_dead_lettered() {
+    let store = common::store("kafka-poison").await;
+    let report = testing::poison_records_are_dead_lettered(store, config()).await;
+    eprintln!("{report}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Redis killed and restarted from its AOF while commands run and the relay publishes.
 

@@ -20,11 +20,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use es_core::projection::HandlerError;
+use es_core::projection::{Checkpoint, HandlerError};
 use es_core::store::StoreFuture;
 use es_core::{
     CheckpointStore, EventFilter, OutboxStore, Projection, ProjectionHandle, ProjectionStatus,
-    RecordedEvent, Repository, Store, StreamId, Translator,
+    RecordedEvent, Repository, Store, StoreError, StreamId, Translator,
 };
 use es_postgres::{PgProjection, PgStore};
 use example_bank::{public, upcasters, AccountEvent, BankAccount, PublicTranslator, CATEGORY};
@@ -331,36 +331,46 @@ impl<S: Store> Projection for MemoryBalances<S> {
 /// Checkpoints kept in memory: the right place for the checkpoint of a read model kept in memory,
 /// since both start from nothing when the process starts.
 #[derive(Debug, Clone, Default)]
-pub struct MemoryCheckpoints(Arc<Mutex<HashMap<String, u64>>>);
+pub struct MemoryCheckpoints(Arc<Mutex<HashMap<String, Checkpoint>>>);
 
 impl CheckpointStore for MemoryCheckpoints {
-    fn load_checkpoint(&self, name: &str) -> impl StoreFuture<u64> {
-        let position = self
+    fn load_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let checkpoint = self
             .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(name)
             .copied()
-            .unwrap_or(0);
-        std::future::ready(Ok(position))
+            .unwrap_or_default();
+        std::future::ready(Ok(checkpoint))
     }
 
-    fn save_checkpoint(&self, name: &str, position: u64) -> impl StoreFuture<bool> {
+    fn save_checkpoint(&self, name: &str, checkpoint: Checkpoint) -> impl StoreFuture<bool> {
         let mut checkpoints = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let stored = checkpoints.entry(name.to_owned()).or_insert(0);
-        let raised = position > *stored;
-        if raised {
-            *stored = position;
-        }
-        std::future::ready(Ok(raised))
+        let stored = checkpoints.entry(name.to_owned()).or_default();
+        let result = if stored.generation == checkpoint.generation {
+            let raised = checkpoint.position > stored.position;
+            if raised {
+                stored.position = checkpoint.position;
+            }
+            Ok(raised)
+        } else {
+            Err(StoreError::Fenced {
+                resource: format!("the checkpoint of projection `{name}`"),
+                reason: "the projection was rebuilt".to_owned(),
+            })
+        };
+        std::future::ready(result)
     }
 
-    fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<()> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(name);
-        std::future::ready(Ok(()))
+    fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let mut checkpoints = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let stored = checkpoints.entry(name.to_owned()).or_default();
+        *stored = Checkpoint {
+            position: 0,
+            generation: stored.generation + 1,
+        };
+        std::future::ready(Ok(*stored))
     }
 }
 

@@ -71,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
     // The read models: in PostgreSQL exactly once, in memory at least once.
     create_balance_table(&store).await?;
     let runner = ProjectionRunner::new(store.clone());
-    let pg_checkpoint = store.load_checkpoint(PgBalances::NAME).await?;
+    let pg_checkpoint = store.load_checkpoint(PgBalances::NAME).await?.position;
     let pg = runner.spawn(ExactlyOnce::new(&store, PgBalances::new(repo.clone())));
     let memory = MemoryBalances::new(repo.clone());
     let in_memory = memory.balances();
