@@ -65,6 +65,7 @@
 
 pub mod aggregate;
 pub mod event;
+pub mod json;
 pub mod outbox;
 pub mod position;
 pub mod projection;

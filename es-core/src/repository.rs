@@ -160,6 +160,9 @@ pub struct Loaded<A> {
     pub snapshot_version: Option<u64>,
     /// How many stored events were read on top of the snapshot.
     pub events_read: u64,
+    /// The id of the stream's event at `version` (`None` at version 0, or when a snapshot
+    /// without one was used and no event was read on top of it).
+    pub last_event_id: Option<uuid::Uuid>,
 }
 
 /// The outcome of a successful command.
@@ -192,6 +195,19 @@ pub enum AsOf {
     Position(u64),
     /// The state made of the stream's events recorded at or before `t`.
     Time(DateTime<Utc>),
+}
+
+/// A decoded snapshot to replay from.
+struct Snapshot<A> {
+    state: A,
+    version: u64,
+    event_id: Option<uuid::Uuid>,
+}
+
+/// Where a replay starts.
+enum Start<A> {
+    Empty,
+    Snapshot(Snapshot<A>),
 }
 
 #[derive(Clone, Copy)]
@@ -412,8 +428,7 @@ impl<S: Store> Repository<S> {
     /// Loads aggregate `id` from its events only, ignoring snapshots.
     pub async fn load_without_snapshot<A: Aggregate>(&self, id: &str) -> RepoResult<Loaded<A>, A> {
         let stream = Self::stream_id::<A>(id)?;
-        self.replay(stream, A::default(), 0, None, Until::Latest)
-            .await
+        self.replay(stream, Start::Empty, Until::Latest).await
     }
 
     async fn load_stream<A: Aggregate>(
@@ -423,14 +438,11 @@ impl<S: Store> Repository<S> {
     ) -> RepoResult<Loaded<A>, A> {
         let span = tracing::debug_span!("es.load", stream = %stream, version = tracing::field::Empty, events = tracing::field::Empty);
         async move {
-            let (state, version) = match self.usable_snapshot::<A>(&stream, until).await {
-                Some((state, version)) => (state, version),
-                None => (A::default(), 0),
+            let start = match self.usable_snapshot::<A>(&stream, until).await {
+                Some(snapshot) => Start::Snapshot(snapshot),
+                None => Start::Empty,
             };
-            let snapshot_version = (version > 0).then_some(version);
-            let loaded = self
-                .replay(stream, state, version, snapshot_version, until)
-                .await?;
+            let loaded = self.replay(stream, start, until).await?;
             tracing::Span::current().record("version", loaded.version);
             tracing::Span::current().record("events", loaded.events_read);
             Ok(loaded)
@@ -444,7 +456,7 @@ impl<S: Store> Repository<S> {
         &self,
         stream: &StreamId,
         until: Until,
-    ) -> Option<(A, u64)> {
+    ) -> Option<Snapshot<A>> {
         if matches!(self.snapshot_policy::<A>(), SnapshotPolicy::Never) {
             return None;
         }
@@ -460,13 +472,20 @@ impl<S: Store> Repository<S> {
             Until::Past(AsOf::Version(v)) if record.version <= v => {}
             Until::Past(_) => return None,
         }
+        if record.version == 0 {
+            return None;
+        }
         if record.schema_version != A::SNAPSHOT_VERSION {
             tracing::info!(stream = %stream, stored = record.schema_version, current = A::SNAPSHOT_VERSION,
                 "snapshot schema changed; replaying events");
             return None;
         }
         match serde_json::from_slice(&record.payload) {
-            Ok(state) => Some((state, record.version)),
+            Ok(state) => Some(Snapshot {
+                state,
+                version: record.version,
+                event_id: record.event_id,
+            }),
             Err(err) => {
                 tracing::warn!(stream = %stream, error = %err, "snapshot does not decode; replaying events");
                 None
@@ -474,66 +493,119 @@ impl<S: Store> Repository<S> {
         }
     }
 
+    /// Replays the stream onto `start`. From a snapshot, the read begins at the snapshot's own
+    /// version: the stream must still hold an event there (with the snapshot's event id, when it
+    /// has one). If it does not, the snapshot does not belong to the stream as it is now (the
+    /// stream was restored from an older backup, its events were lost, the snapshot was edited):
+    /// it is ignored with a warning and the replay starts again from the first event.
     async fn replay<A: Aggregate>(
         &self,
         stream: StreamId,
-        mut aggregate: A,
-        mut version: u64,
-        snapshot_version: Option<u64>,
+        mut start: Start<A>,
         until: Until,
     ) -> RepoResult<Loaded<A>, A> {
-        let mut read = ReadStream::forward().from(version + 1);
-        if let Until::Past(AsOf::Version(v)) = until {
-            if v <= version {
-                return Ok(Loaded {
-                    stream,
-                    aggregate,
-                    version,
-                    snapshot_version,
-                    events_read: 0,
-                });
-            }
-            read = read.limit(v - version);
-        }
-        let upcasters = self.upcasters::<A::Event>();
-        let mut events = self.inner.store.read_stream(&stream, read);
-        let mut events_read = 0;
-        while let Some(event) = events.next().await {
-            let event = event.map_err(|source| RepositoryError::Store {
-                stream: stream.clone(),
-                version,
-                source,
-            })?;
-            let past_bound = match until {
-                Until::Past(AsOf::Position(p)) => event.global_position > p,
-                Until::Past(AsOf::Time(t)) => event.recorded_at > t,
-                _ => false,
+        'replay: loop {
+            let (mut aggregate, mut version, check) = match start {
+                Start::Empty => (A::default(), 0, None),
+                Start::Snapshot(s) => (s.state, s.version, Some(s.event_id)),
             };
-            if past_bound {
-                break;
+            start = Start::Empty;
+            let snapshot_version = check.is_some().then_some(version);
+            let mut last_event_id = None;
+            let first = if check.is_some() {
+                version
+            } else {
+                version + 1
+            };
+            let mut read = ReadStream::forward().from(first);
+            if let Until::Past(AsOf::Version(v)) = until {
+                if v < first {
+                    return Ok(Loaded {
+                        stream,
+                        aggregate,
+                        version,
+                        snapshot_version,
+                        events_read: 0,
+                        last_event_id,
+                    });
+                }
+                read = read.limit(v - first + 1);
             }
-            if event.stream_version != version + 1 {
-                return Err(RepositoryError::Store {
+            let upcasters = self.upcasters::<A::Event>();
+            let mut events = self.inner.store.read_stream(&stream, read);
+            let mut events_read = 0;
+            let mut checked = check.is_none();
+            while let Some(event) = events.next().await {
+                let event = event.map_err(|source| RepositoryError::Store {
                     stream: stream.clone(),
                     version,
-                    source: StoreError::corrupt_at(
-                        &stream,
-                        event.stream_version,
-                        format!("expected version {} next", version + 1),
-                    ),
-                });
+                    source,
+                })?;
+                if !checked {
+                    let expected_id = check.flatten();
+                    if event.stream_version != version
+                        || expected_id.is_some_and(|id| id != event.event_id)
+                    {
+                        tracing::warn!(stream = %stream, snapshot_version = version,
+                            snapshot_event = ?expected_id, stream_event = %event.event_id,
+                            stream_event_version = event.stream_version,
+                            "snapshot does not match the stream's events; deleting it and \
+                             replaying every event");
+                        self.discard_snapshot(&stream, version).await;
+                        continue 'replay;
+                    }
+                    checked = true;
+                    last_event_id = Some(event.event_id);
+                    continue;
+                }
+                let past_bound = match until {
+                    Until::Past(AsOf::Position(p)) => event.global_position > p,
+                    Until::Past(AsOf::Time(t)) => event.recorded_at > t,
+                    _ => false,
+                };
+                if past_bound {
+                    break;
+                }
+                if event.stream_version != version + 1 {
+                    return Err(RepositoryError::Store {
+                        stream: stream.clone(),
+                        version,
+                        source: StoreError::corrupt_at(
+                            &stream,
+                            event.stream_version,
+                            format!("expected version {} next", version + 1),
+                        ),
+                    });
+                }
+                upcasters.decode_into::<A::Event>(&event, |e| aggregate.apply(&e))?;
+                version = event.stream_version;
+                last_event_id = Some(event.event_id);
+                events_read += 1;
             }
-            upcasters.decode_into::<A::Event>(&event, |e| aggregate.apply(&e))?;
-            version = event.stream_version;
-            events_read += 1;
+            if !checked {
+                tracing::warn!(stream = %stream, snapshot_version = version,
+                    "snapshot is ahead of its stream (the stream has no event at its version); \
+                     deleting it and replaying every event");
+                self.discard_snapshot(&stream, version).await;
+                continue 'replay;
+            }
+            return Ok(Loaded {
+                stream,
+                aggregate,
+                version,
+                snapshot_version,
+                events_read,
+                last_event_id,
+            });
         }
-        Ok(Loaded {
-            stream,
-            aggregate,
-            version,
-            snapshot_version,
-            events_read,
-        })
+    }
+
+    /// Deletes a snapshot found not to match its stream; a failure is logged (the next load finds
+    /// it again and ignores it again).
+    async fn discard_snapshot(&self, stream: &StreamId, version: u64) {
+        if let Err(err) = self.inner.store.delete_snapshot(stream, version).await {
+            tracing::warn!(stream = %stream, version, error = %err, "could not delete a snapshot that does not match its stream");
+        }
     }
 
     /// Runs `command` on aggregate `id` with empty metadata. See [`execute_with`](Self::execute_with).
@@ -600,7 +672,7 @@ impl<S: Store> Repository<S> {
                 });
             }
             let new_events = encode_events::<A>(&stream, &events, metadata)?;
-            let event_ids = new_events.iter().map(|e| e.event_id).collect();
+            let event_ids: Vec<uuid::Uuid> = new_events.iter().map(|e| e.event_id).collect();
             let outbox = self.translate::<A>(&stream, &events, &new_events, metadata)?;
             let request =
                 AppendRequest::new(stream.clone(), ExpectedVersion::Exact(version), new_events)
@@ -622,7 +694,12 @@ impl<S: Store> Repository<S> {
                     };
                     let snapshot_saved = self.snapshot_policy::<A>().should_snapshot(&ctx)
                         && self
-                            .save_snapshot(&stream, &aggregate, result.stream_version)
+                            .save_snapshot(
+                                &stream,
+                                &aggregate,
+                                result.stream_version,
+                                event_ids.last().copied(),
+                            )
                             .await;
                     return Ok(Executed {
                         stream,
@@ -711,6 +788,7 @@ impl<S: Store> Repository<S> {
         stream: &StreamId,
         aggregate: &A,
         version: u64,
+        event_id: Option<uuid::Uuid>,
     ) -> bool {
         let payload = match serde_json::to_vec(aggregate) {
             Ok(p) => Bytes::from(p),
@@ -725,6 +803,7 @@ impl<S: Store> Repository<S> {
             schema_version: A::SNAPSHOT_VERSION,
             payload,
             recorded_at: now_micros(),
+            event_id,
         };
         match self.inner.store.save_snapshot(record).await {
             Ok(written) => written,
@@ -741,7 +820,12 @@ impl<S: Store> Repository<S> {
         let loaded = self.load::<A>(id).await?;
         let saved = loaded.version > 0
             && self
-                .save_snapshot(&loaded.stream, &loaded.aggregate, loaded.version)
+                .save_snapshot(
+                    &loaded.stream,
+                    &loaded.aggregate,
+                    loaded.version,
+                    loaded.last_event_id,
+                )
                 .await;
         Ok((loaded.version, saved))
     }

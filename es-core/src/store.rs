@@ -118,20 +118,25 @@ impl AppendRequest {
         self
     }
 
-    /// Checks the request against `limits` and for duplicate event ids within the batch.
+    /// Checks the request against `limits`: sizes, names, duplicate ids within the batch, and
+    /// the JSON rule of [`crate::json`] for every payload and metadata. Nothing that one store
+    /// would refuse or could not read back passes, so every store accepts the same appends.
     ///
     /// Every backend calls this before writing anything.
     pub fn validate(&self, limits: &AppendLimits) -> Result<(), StoreError> {
+        let invalid = |reason: String| StoreError::InvalidRequest {
+            stream: self.stream.clone(),
+            reason,
+        };
         if self.events.len() > limits.max_batch_len {
-            return Err(StoreError::InvalidRequest {
-                stream: self.stream.clone(),
-                reason: format!(
-                    "batch of {} events exceeds the limit of {}",
-                    self.events.len(),
-                    limits.max_batch_len
-                ),
-            });
+            return Err(invalid(format!(
+                "batch of {} events exceeds the limit of {}",
+                self.events.len(),
+                limits.max_batch_len
+            )));
         }
+        let depth = limits.max_json_depth.min(crate::json::MAX_DEPTH);
+        let mut total = 0usize;
         for (i, event) in self.events.iter().enumerate() {
             let size = event.payload.len();
             if size > limits.max_payload_bytes {
@@ -142,33 +147,42 @@ impl AppendRequest {
                     limit: limits.max_payload_bytes,
                 });
             }
-            if event.event_type.is_empty()
-                || event.event_type.len() > 256
-                || event.event_type.chars().any(char::is_control)
-            {
-                return Err(StoreError::InvalidRequest {
-                    stream: self.stream.clone(),
-                    reason: format!(
-                        "event {} has an empty or overlong type name, or one with control \
-                         characters",
-                        event.event_id
-                    ),
-                });
+            if !valid_name(&event.event_type, MAX_NAME_BYTES) {
+                return Err(invalid(format!(
+                    "event {} has an empty or overlong type name, or one with control \
+                     characters",
+                    event.event_id
+                )));
             }
+            crate::json::check(&event.payload, depth).map_err(|problem| {
+                invalid(format!("the payload of event {} {problem}", event.event_id))
+            })?;
+            total += size
+                + check_metadata(&event.metadata, limits, depth).map_err(|reason| {
+                    invalid(format!("the metadata of event {} {reason}", event.event_id))
+                })?;
             if self.events[..i]
                 .iter()
                 .any(|e| e.event_id == event.event_id)
             {
-                return Err(StoreError::InvalidRequest {
-                    stream: self.stream.clone(),
-                    reason: format!("event id {} appears twice in one batch", event.event_id),
-                });
+                return Err(invalid(format!(
+                    "event id {} appears twice in one batch",
+                    event.event_id
+                )));
             }
         }
-        self.validate_outbox(limits)
+        total += self.validate_outbox(limits, depth)?;
+        if total > limits.max_append_bytes {
+            return Err(invalid(format!(
+                "the append holds {total} bytes of payloads and metadata, over the limit of {}",
+                limits.max_append_bytes
+            )));
+        }
+        Ok(())
     }
 
-    fn validate_outbox(&self, limits: &AppendLimits) -> Result<(), StoreError> {
+    /// Checks the outbox messages; returns their payload and metadata bytes.
+    fn validate_outbox(&self, limits: &AppendLimits, depth: usize) -> Result<usize, StoreError> {
         let invalid = |reason: String| StoreError::InvalidRequest {
             stream: self.stream.clone(),
             reason,
@@ -178,6 +192,7 @@ impl AppendRequest {
                 "outbox messages need at least one event in the same append".to_owned(),
             ));
         }
+        let mut total = 0;
         for (i, message) in self.outbox.iter().enumerate() {
             if message.payload.len() > limits.max_payload_bytes {
                 return Err(StoreError::PayloadTooLarge {
@@ -187,12 +202,35 @@ impl AppendRequest {
                     limit: limits.max_payload_bytes,
                 });
             }
-            if message.topic.is_empty() || message.message_type.is_empty() {
+            if !valid_name(&message.topic, MAX_NAME_BYTES)
+                || !valid_name(&message.message_type, MAX_NAME_BYTES)
+            {
                 return Err(invalid(format!(
-                    "outbox message {} has no topic or type",
+                    "outbox message {} has an empty or overlong topic or type, or one with \
+                     control characters",
                     message.message_id
                 )));
             }
+            if message.key.len() > MAX_KEY_BYTES || message.key.contains('\0') {
+                return Err(invalid(format!(
+                    "outbox message {} has a key over {MAX_KEY_BYTES} bytes or with a NUL \
+                     character",
+                    message.message_id
+                )));
+            }
+            crate::json::check(&message.payload, depth).map_err(|problem| {
+                invalid(format!(
+                    "the payload of outbox message {} {problem}",
+                    message.message_id
+                ))
+            })?;
+            total += message.payload.len()
+                + check_metadata(&message.metadata, limits, depth).map_err(|reason| {
+                    invalid(format!(
+                        "the metadata of outbox message {} {reason}",
+                        message.message_id
+                    ))
+                })?;
             if self.outbox[..i]
                 .iter()
                 .any(|m| m.message_id == message.message_id)
@@ -203,17 +241,58 @@ impl AppendRequest {
                 )));
             }
         }
-        Ok(())
+        Ok(total)
     }
 }
 
-/// Size limits a backend enforces on appends.
+/// Longest event type name, outbox topic or message type, in bytes.
+const MAX_NAME_BYTES: usize = 256;
+
+/// Longest outbox message key, in bytes.
+const MAX_KEY_BYTES: usize = 4096;
+
+/// A name (event type, topic, message type): 1 to `max` bytes, no control characters.
+fn valid_name(name: &str, max: usize) -> bool {
+    !name.is_empty() && name.len() <= max && !name.chars().any(char::is_control)
+}
+
+/// Checks serialized metadata against the limits and the JSON rule; returns its size.
+fn check_metadata(
+    metadata: &crate::event::Metadata,
+    limits: &AppendLimits,
+    depth: usize,
+) -> Result<usize, String> {
+    if *metadata == crate::event::Metadata::default() {
+        return Ok(2);
+    }
+    let json = metadata.to_json();
+    if json.len() > limits.max_metadata_bytes {
+        return Err(format!(
+            "is {} bytes, over the limit of {}",
+            json.len(),
+            limits.max_metadata_bytes
+        ));
+    }
+    crate::json::check(&json, depth).map_err(|problem| problem.to_string())?;
+    Ok(json.len())
+}
+
+/// Size limits a backend enforces on appends, the same for every store (see
+/// [`AppendRequest::validate`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendLimits {
-    /// Largest accepted payload of one event, in bytes (default 1 MiB).
+    /// Largest accepted payload of one event or outbox message, in bytes (default 1 MiB).
     pub max_payload_bytes: usize,
     /// Most events in one append (default 10 000).
     pub max_batch_len: usize,
+    /// Largest serialized metadata of one event or outbox message, in bytes (default 64 KiB).
+    pub max_metadata_bytes: usize,
+    /// Largest whole append: every payload and metadata of its events and outbox messages, in
+    /// bytes (default 32 MiB).
+    pub max_append_bytes: usize,
+    /// Deepest nesting of arrays and objects in a payload or metadata (default and most
+    /// [`crate::json::MAX_DEPTH`]).
+    pub max_json_depth: usize,
 }
 
 impl Default for AppendLimits {
@@ -221,6 +300,9 @@ impl Default for AppendLimits {
         Self {
             max_payload_bytes: 1024 * 1024,
             max_batch_len: 10_000,
+            max_metadata_bytes: 64 * 1024,
+            max_append_bytes: 32 * 1024 * 1024,
+            max_json_depth: crate::json::MAX_DEPTH,
         }
     }
 }
@@ -463,6 +545,22 @@ pub struct SnapshotRecord {
     pub payload: Bytes,
     /// When the snapshot was taken.
     pub recorded_at: DateTime<Utc>,
+    /// The id of the stream's event at `version`, if known: a snapshot is used only while the
+    /// stream still holds that event there (see [`crate::Repository`]).
+    pub event_id: Option<Uuid>,
+}
+
+impl SnapshotRecord {
+    /// Checks the payload against the JSON rule of [`crate::json`], so that every store keeps
+    /// the same snapshots. Backends call this before writing one.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        crate::json::check(&self.payload, crate::json::MAX_DEPTH).map_err(|problem| {
+            StoreError::InvalidRequest {
+                stream: self.stream_id.clone(),
+                reason: format!("the snapshot at version {} {problem}", self.version),
+            }
+        })
+    }
 }
 
 /// Errors of a store.
@@ -644,8 +742,14 @@ pub trait SnapshotStore: Clone + Send + Sync + 'static {
     fn load_snapshot(&self, stream: &StreamId) -> impl StoreFuture<Option<SnapshotRecord>>;
 
     /// Stores `snapshot` unless one at the same or a newer version is stored (upsert-if-newer).
-    /// Returns whether it was written.
+    /// Returns whether it was written. A payload that breaks the JSON rule of [`crate::json`] is
+    /// [`StoreError::InvalidRequest`] ([`SnapshotRecord::validate`]).
     fn save_snapshot(&self, snapshot: SnapshotRecord) -> impl StoreFuture<bool>;
+
+    /// Deletes the snapshot of `stream` if it is the one at `version` (so a newer one saved in
+    /// the meantime stays). Returns whether one was deleted. The repository calls it for a
+    /// snapshot that does not match its stream, which upsert-if-newer could never replace.
+    fn delete_snapshot(&self, stream: &StreamId, version: u64) -> impl StoreFuture<bool>;
 }
 
 /// An event store that also keeps snapshots: what a [`crate::Repository`] runs on.
@@ -695,5 +799,8 @@ impl<T: SnapshotStore> SnapshotStore for Arc<T> {
     }
     fn save_snapshot(&self, snapshot: SnapshotRecord) -> impl StoreFuture<bool> {
         (**self).save_snapshot(snapshot)
+    }
+    fn delete_snapshot(&self, stream: &StreamId, version: u64) -> impl StoreFuture<bool> {
+        (**self).delete_snapshot(stream, version)
     }
 }

@@ -153,6 +153,9 @@ impl SnapshotStore for Faulty {
             this.inner.save_snapshot(snapshot).await
         }
     }
+    fn delete_snapshot(&self, stream: &StreamId, version: u64) -> impl StoreFuture<bool> {
+        self.inner.delete_snapshot(stream, version)
+    }
 }
 
 fn retry(max_attempts: u32) -> RetryPolicy {

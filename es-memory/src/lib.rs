@@ -548,6 +548,9 @@ impl SnapshotStore for InMemoryStore {
     }
 
     fn save_snapshot(&self, snapshot: SnapshotRecord) -> impl StoreFuture<bool> {
+        if let Err(err) = snapshot.validate() {
+            return futures::future::ready(Err(err));
+        }
         let mut state = self.inner.lock();
         let newer = state
             .snapshots
@@ -557,6 +560,18 @@ impl SnapshotStore for InMemoryStore {
             state.snapshots.insert(snapshot.stream_id.clone(), snapshot);
         }
         futures::future::ready(Ok(newer))
+    }
+
+    fn delete_snapshot(&self, stream: &StreamId, version: u64) -> impl StoreFuture<bool> {
+        let mut state = self.inner.lock();
+        let matches = state
+            .snapshots
+            .get(stream)
+            .is_some_and(|stored| stored.version == version);
+        if matches {
+            state.snapshots.remove(stream);
+        }
+        futures::future::ready(Ok(matches))
     }
 }
 

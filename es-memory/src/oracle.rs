@@ -361,6 +361,7 @@ impl<S: EventStore + SnapshotStore> Run<S> {
                     schema_version: 1,
                     payload: Bytes::from(format!("{{\"v\":{version}}}")),
                     recorded_at: es_core::event::now_micros(),
+                    event_id: Some(uuid::Uuid::from_u128(u128::from(*version))),
                 };
                 Outcome::Written(
                     self.store

@@ -792,7 +792,9 @@ impl SnapshotStore for PgStore {
                 reason,
             })?;
             let recorded_at: DateTime<Utc> = row.try_get(3).map_err(store_error)?;
+            let event_id: Option<uuid::Uuid> = row.try_get(4).map_err(store_error)?;
             Ok(Some(SnapshotRecord {
+                event_id,
                 version: to_u64(version, &location())?,
                 schema_version: u32::try_from(schema_version).map_err(|_| StoreError::Corrupt {
                     location: location(),
@@ -808,12 +810,14 @@ impl SnapshotStore for PgStore {
     fn save_snapshot(&self, snapshot: SnapshotRecord) -> impl StoreFuture<bool> {
         let inner = Arc::clone(&self.inner);
         async move {
+            snapshot.validate()?;
             let result = sqlx::query(AssertSqlSafe(Arc::clone(&inner.sql.save_snapshot)))
                 .bind(snapshot.stream_id.as_str())
                 .bind(to_i64(snapshot.version))
                 .bind(i64::from(snapshot.schema_version))
                 .bind(RawJsonb(&snapshot.payload))
                 .bind(snapshot.recorded_at)
+                .bind(snapshot.event_id)
                 .execute(&inner.pool)
                 .await;
             match result {
@@ -829,6 +833,20 @@ impl SnapshotStore for PgStore {
                 }
                 Err(err) => Err(store_error(err)),
             }
+        }
+    }
+
+    fn delete_snapshot(&self, stream: &StreamId, version: u64) -> impl StoreFuture<bool> {
+        let inner = Arc::clone(&self.inner);
+        let stream = stream.clone();
+        async move {
+            let done = sqlx::query(AssertSqlSafe(Arc::clone(&inner.sql.delete_snapshot)))
+                .bind(stream.as_str())
+                .bind(to_i64(version))
+                .execute(&inner.pool)
+                .await
+                .map_err(store_error)?;
+            Ok(done.rows_affected() == 1)
         }
     }
 }

@@ -38,6 +38,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "relay",
         sql: include_str!("../migrations/0004_relay.sql"),
     },
+    Migration {
+        version: 5,
+        name: "snapshot_event",
+        sql: include_str!("../migrations/0005_snapshot_event.sql"),
+    },
 ];
 
 /// The latest migration version this crate knows.

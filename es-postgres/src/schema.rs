@@ -137,6 +137,7 @@ pub(crate) struct Sql {
     pub(crate) all_both: Arc<str>,
     pub(crate) load_snapshot: Arc<str>,
     pub(crate) save_snapshot: Arc<str>,
+    pub(crate) delete_snapshot: Arc<str>,
     pub(crate) pending_outbox: Arc<str>,
     pub(crate) outbox_len: Arc<str>,
     /// Sets a checkpoint row locked by its batch's transaction (see `projection.rs`).
@@ -191,16 +192,21 @@ impl Sql {
             all_types: all_where(" AND event_type = ANY ($3)").into(),
             all_both: all_where(" AND category = ANY ($3) AND event_type = ANY ($4)").into(),
             load_snapshot: format!(
-                "SELECT version, schema_version, payload, recorded_at FROM {s}.snapshots \
-                 WHERE stream_id = $1"
+                "SELECT version, schema_version, payload, recorded_at, event_id \
+                 FROM {s}.snapshots WHERE stream_id = $1"
             )
             .into(),
             save_snapshot: format!(
                 "INSERT INTO {s}.snapshots AS t (stream_id, version, schema_version, payload, \
-                 recorded_at) VALUES ($1, $2, $3, $4, $5) \
+                 recorded_at, event_id) VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, \
                  schema_version = excluded.schema_version, payload = excluded.payload, \
-                 recorded_at = excluded.recorded_at WHERE t.version < excluded.version"
+                 recorded_at = excluded.recorded_at, event_id = excluded.event_id \
+                 WHERE t.version < excluded.version"
+            )
+            .into(),
+            delete_snapshot: format!(
+                "DELETE FROM {s}.snapshots WHERE stream_id = $1 AND version = $2"
             )
             .into(),
             pending_outbox: format!(

@@ -93,6 +93,7 @@ async fn hostile_but_valid_stream_ids_round_trip() {
             schema_version: 1,
             payload: Bytes::from_static(b"{\"ok\": true}"),
             recorded_at: es_core::event::now_micros(),
+            event_id: None,
         };
         assert!(store.save_snapshot(snapshot).await.unwrap());
         assert_eq!(
@@ -121,6 +122,7 @@ async fn oversized_events_and_batches_are_rejected() {
     let limits = AppendLimits {
         max_payload_bytes: 1024,
         max_batch_len: 20,
+        ..AppendLimits::default()
     };
     let store = PgStore::builder(common::pool(&url, 8).await)
         .schema(common::unique_schema("limits"))
@@ -459,6 +461,7 @@ async fn corrupt_rows_are_typed_errors() {
         schema_version: 1,
         payload: Bytes::from_static(b"{}"),
         recorded_at: es_core::event::now_micros(),
+        event_id: None,
     };
     assert!(store.save_snapshot(snapshot.clone()).await.unwrap());
     corrupt(format!(

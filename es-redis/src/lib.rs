@@ -348,6 +348,7 @@ pub(crate) struct Inner {
     appender: Arc<Appender>,
     group: Option<GroupCommit>,
     save_snapshot: Lua,
+    delete_snapshot: Lua,
     pub(crate) acquire_lease: Lua,
     pub(crate) release_lease: Lua,
     pub(crate) save_checkpoint: Lua,
@@ -446,12 +447,14 @@ impl RedisStoreBuilder {
             .map_err(Error::Connect)?;
         let append = Lua::new(script::APPEND);
         let save_snapshot = Lua::new(script::SAVE_SNAPSHOT);
+        let delete_snapshot = Lua::new(script::DELETE_SNAPSHOT);
         let acquire_lease = Lua::new(script::ACQUIRE_LEASE);
         let release_lease = Lua::new(script::RELEASE_LEASE);
         let save_checkpoint = Lua::new(script::SAVE_CHECKPOINT);
         for script in [
             &append,
             &save_snapshot,
+            &delete_snapshot,
             &acquire_lease,
             &release_lease,
             &save_checkpoint,
@@ -484,6 +487,7 @@ impl RedisStoreBuilder {
                 appender,
                 group,
                 save_snapshot,
+                delete_snapshot,
                 acquire_lease,
                 release_lease,
                 save_checkpoint,
@@ -602,7 +606,8 @@ impl SnapshotStore for RedisStore {
                 .arg("version")
                 .arg("schema")
                 .arg("payload")
-                .arg("recorded_at");
+                .arg("recorded_at")
+                .arg("event_id");
             let reply = script::query(&mut conn, &cmd)
                 .await
                 .map_err(|e| store_error(e, location))?;
@@ -616,12 +621,19 @@ impl SnapshotStore for RedisStore {
     fn save_snapshot(&self, snapshot: SnapshotRecord) -> impl StoreFuture<bool> {
         let inner = Arc::clone(&self.inner);
         async move {
+            snapshot.validate()?;
             let key = inner.keys.snapshot(&snapshot.stream_id);
             let mut cmd = inner.save_snapshot.command(&[&key]);
+            let mut buf = uuid::Uuid::encode_buffer();
             cmd.arg(snapshot.version)
                 .arg(snapshot.schema_version)
                 .arg(&snapshot.payload[..])
-                .arg(snapshot.recorded_at.timestamp_micros());
+                .arg(snapshot.recorded_at.timestamp_micros())
+                .arg(
+                    snapshot
+                        .event_id
+                        .map_or("", |id| id.hyphenated().encode_lower(&mut buf)),
+                );
             let mut conn = inner.conn.clone();
             let reply = inner
                 .save_snapshot
@@ -636,6 +648,28 @@ impl SnapshotStore for RedisStore {
             }
         }
     }
+
+    fn delete_snapshot(&self, stream: &StreamId, version: u64) -> impl StoreFuture<bool> {
+        let inner = Arc::clone(&self.inner);
+        let stream = stream.clone();
+        async move {
+            let key = inner.keys.snapshot(&stream);
+            let mut cmd = inner.delete_snapshot.command(&[&key]);
+            cmd.arg(version);
+            let mut conn = inner.conn.clone();
+            let reply = inner
+                .delete_snapshot
+                .invoke(&mut conn, &cmd)
+                .await
+                .map_err(|e| store_error(e, || format!("snapshot of `{stream}`")))?;
+            match reply {
+                Value::Int(deleted) => Ok(deleted == 1),
+                other => Err(StoreError::backend(format!(
+                    "unexpected reply from the snapshot delete script: {other:?}"
+                ))),
+            }
+        }
+    }
 }
 
 fn decode_snapshot(stream: StreamId, reply: Value) -> Result<Option<SnapshotRecord>, String> {
@@ -644,7 +678,8 @@ fn decode_snapshot(stream: StreamId, reply: Value) -> Result<Option<SnapshotReco
     };
     let mut fields = fields.into_iter();
     let mut next = || fields.next().unwrap_or(Value::Nil);
-    let (version, schema, payload, recorded_at) = (next(), next(), next(), next());
+    let (version, schema, payload, recorded_at, event_id) =
+        (next(), next(), next(), next(), next());
     if matches!(version, Value::Nil) {
         return Ok(None);
     }
@@ -665,11 +700,23 @@ fn decode_snapshot(stream: StreamId, reply: Value) -> Result<Option<SnapshotReco
     };
     let recorded_at = DateTime::from_timestamp_micros(num("recorded_at", recorded_at)?)
         .ok_or("recorded_at out of range")?;
+    let event_id = match event_id {
+        Value::Nil => None,
+        Value::BulkString(b) if b.is_empty() => None,
+        Value::BulkString(b) => Some(
+            std::str::from_utf8(&b)
+                .ok()
+                .and_then(|t| uuid::Uuid::parse_str(t).ok())
+                .ok_or("field `event_id` is not a UUID")?,
+        ),
+        _ => return Err("field `event_id` is not a string".to_owned()),
+    };
     Ok(Some(SnapshotRecord {
         stream_id: stream,
         version,
         schema_version,
         payload: Bytes::from(payload),
         recorded_at,
+        event_id,
     }))
 }

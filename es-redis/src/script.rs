@@ -220,14 +220,26 @@ return replies
 
 /// The snapshot script: upsert-if-newer.
 ///
-/// KEYS: 1 the snapshot hash. ARGV: version, schema version, payload, `recorded_at` (µs).
+/// KEYS: 1 the snapshot hash. ARGV: version, schema version, payload, `recorded_at` (µs), the
+/// id of the event at the version (empty if unknown).
 /// Replies 1 if written, 0 if a snapshot at the same or a newer version is stored.
 pub(crate) const SAVE_SNAPSHOT: &str = r"
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '')
 if stored ~= nil and stored >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'version', ARGV[1], 'schema', ARGV[2], 'payload', ARGV[3],
-  'recorded_at', ARGV[4])
+  'recorded_at', ARGV[4], 'event_id', ARGV[5])
 return 1
+";
+
+/// The snapshot deleted if it is at the given version (a newer one saved meanwhile stays).
+///
+/// KEYS: 1 the snapshot hash. ARGV: version. Replies 1 if deleted, 0 otherwise.
+pub(crate) const DELETE_SNAPSHOT: &str = r"
+if redis.call('HGET', KEYS[1], 'version') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
 ";
 
 /// The relay lease and checkpoint scripts the store loads when it is built live with the rest of

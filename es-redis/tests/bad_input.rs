@@ -115,6 +115,7 @@ async fn odd_but_valid_stream_ids_round_trip() {
             schema_version: 1,
             payload: Bytes::from_static(b"{}"),
             recorded_at: es_core::event::now_micros(),
+            event_id: None,
         };
         assert!(store.save_snapshot(snapshot.clone()).await.unwrap());
         assert_eq!(store.load_snapshot(&s).await.unwrap(), Some(snapshot));
@@ -138,6 +139,7 @@ async fn oversized_payloads_and_batches_are_rejected_before_writing() {
         .limits(AppendLimits {
             max_payload_bytes: 1000,
             max_batch_len: 20,
+            ..AppendLimits::default()
         })
         .build()
         .await
@@ -380,6 +382,7 @@ async fn scripts_lost_after_script_flush_are_reloaded() {
         schema_version: 1,
         payload: Bytes::from_static(b"{}"),
         recorded_at: es_core::event::now_micros(),
+        event_id: None,
     };
     assert!(store.save_snapshot(snapshot).await.unwrap());
     assert_eq!(read(&store, &s).await.unwrap().len(), 3);

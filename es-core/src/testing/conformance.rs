@@ -75,6 +75,9 @@ macro_rules! conformance_tests {
             invalid_aggregate_id_is_rejected,
             snapshots_are_invisible,
             undecodable_snapshot_is_ignored,
+            snapshot_ahead_of_its_stream_is_ignored,
+            snapshot_of_other_events_is_ignored,
+            the_same_json_rule_everywhere,
             upcasting_on_load,
             historical_loads,
             bad_stored_events_are_typed_errors,
@@ -1163,11 +1166,13 @@ pub async fn snapshots_upsert_if_newer<S: Store>(store: S) {
         schema_version: 3,
         payload: Bytes::from(payload.to_owned()),
         recorded_at: crate::event::now_micros(),
+        event_id: Some(Uuid::from_u128(u128::from(version))),
     };
     assert!(store.load_snapshot(&s).await.unwrap().is_none());
     assert!(store.save_snapshot(snap(5, r#"{"v":5}"#)).await.unwrap());
     let loaded = store.load_snapshot(&s).await.unwrap().unwrap();
     assert_eq!((loaded.version, loaded.schema_version), (5, 3));
+    assert_eq!(loaded.event_id, Some(Uuid::from_u128(5)));
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&loaded.payload).unwrap(),
         json!({"v": 5})
@@ -1316,6 +1321,7 @@ pub async fn undecodable_snapshot_is_ignored<S: Store>(store: S) {
         schema_version: 1,
         payload: Bytes::from_static(br#"{"open": "yes"}"#),
         recorded_at: crate::event::now_micros(),
+        event_id: None,
     };
     assert!(store.save_snapshot(bad).await.unwrap());
     let loaded = repo.load::<Ledger>("u").await.unwrap();
@@ -1327,6 +1333,7 @@ pub async fn undecodable_snapshot_is_ignored<S: Store>(store: S) {
         schema_version: 99,
         payload: Bytes::from(serde_json::to_vec(&loaded.aggregate).unwrap()),
         recorded_at: crate::event::now_micros(),
+        event_id: None,
     };
     assert!(store.save_snapshot(other_schema).await.unwrap());
     let loaded = repo.load::<Ledger>("u").await.unwrap();
@@ -1334,6 +1341,259 @@ pub async fn undecodable_snapshot_is_ignored<S: Store>(store: S) {
     assert_eq!(loaded.version, 2);
     // Commands still work: the snapshot write fails to apply (older) and the command stands.
     run(&repo, "u", LedgerCommand::Credit(1)).await;
+}
+
+/// A snapshot ahead of its stream (the stream was restored from an older backup, or lost its
+/// tail, or the snapshot was written by hand) is never trusted: the aggregate is replayed from
+/// its events, the snapshot is deleted, and commands go on without conflicts.
+pub async fn snapshot_ahead_of_its_stream_is_ignored<S: Store>(store: S) {
+    let repo = repository(&store, SnapshotPolicy::EveryNEvents(2));
+    run(&repo, "ahead", LedgerCommand::Open).await;
+    run(&repo, "ahead", LedgerCommand::Credit(10)).await;
+    let s = stream("ledger-ahead");
+    let rich = Ledger {
+        open: true,
+        balance: 1_000_000,
+        ..Ledger::default()
+    };
+    let ahead = SnapshotRecord {
+        stream_id: s.clone(),
+        version: 40,
+        schema_version: <Ledger as crate::Aggregate>::SNAPSHOT_VERSION,
+        payload: Bytes::from(serde_json::to_vec(&rich).unwrap()),
+        recorded_at: crate::event::now_micros(),
+        event_id: None,
+    };
+    assert!(store.save_snapshot(ahead).await.unwrap());
+    let loaded = repo.load::<Ledger>("ahead").await.unwrap();
+    assert_eq!(loaded.snapshot_version, None, "the snapshot was not used");
+    assert_eq!((loaded.version, loaded.aggregate.balance), (2, 10));
+    // The command is decided on the replayed state and appends at the stream's version; the bad
+    // snapshot was deleted, so the policy's snapshot is written again.
+    let done = repo
+        .execute::<Ledger>("ahead", &LedgerCommand::Credit(5))
+        .await
+        .expect("no conflict with the snapshot's version");
+    assert_eq!(done.version, 3);
+    assert!(
+        done.snapshot_saved,
+        "a new snapshot replaces the deleted one"
+    );
+    let again = repo.load::<Ledger>("ahead").await.unwrap();
+    assert_eq!(again.snapshot_version, Some(3));
+    assert_eq!(again.aggregate.balance, 15);
+}
+
+/// A snapshot at a version the stream has, but taken of other events (the stream was restored
+/// from a backup and written again since), is never trusted.
+pub async fn snapshot_of_other_events_is_ignored<S: Store>(store: S) {
+    let repo = repository(&store, SnapshotPolicy::EveryNEvents(100));
+    run(&repo, "other", LedgerCommand::Open).await;
+    run(&repo, "other", LedgerCommand::Credit(7)).await;
+    let s = stream("ledger-other");
+    let forged = SnapshotRecord {
+        stream_id: s.clone(),
+        version: 2,
+        schema_version: <Ledger as crate::Aggregate>::SNAPSHOT_VERSION,
+        payload: Bytes::from(
+            serde_json::to_vec(&Ledger {
+                open: true,
+                balance: 999,
+                ..Ledger::default()
+            })
+            .unwrap(),
+        ),
+        recorded_at: crate::event::now_micros(),
+        event_id: Some(Uuid::now_v7()),
+    };
+    assert!(store.save_snapshot(forged).await.unwrap());
+    let loaded = repo.load::<Ledger>("other").await.unwrap();
+    assert_eq!(loaded.snapshot_version, None);
+    assert_eq!(loaded.aggregate.balance, 7);
+    // A snapshot the repository takes names the event it was taken at, and is used.
+    let (version, saved) = repo.snapshot::<Ledger>("other").await.unwrap();
+    assert_eq!((version, saved), (2, true));
+    let stored = store.load_snapshot(&s).await.unwrap().unwrap();
+    let events = read(&store, &s, ReadStream::forward()).await;
+    assert_eq!(stored.event_id, Some(events[1].event_id));
+    let loaded = repo.load::<Ledger>("other").await.unwrap();
+    assert_eq!(loaded.snapshot_version, Some(2));
+    assert_eq!(loaded.aggregate.balance, 7);
+}
+
+/// Appends to `s` that break the JSON rule or the size limits, each with what is wrong.
+/// An event of type `Raw` with `payload` as it is, valid or not.
+fn raw(payload: &'static [u8]) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::now_v7(),
+        event_type: "Raw".to_owned(),
+        schema_version: 1,
+        payload: Bytes::from_static(payload),
+        metadata: Metadata::default(),
+    }
+}
+
+/// `1` wrapped in `depth` arrays.
+fn nested(depth: usize) -> serde_json::Value {
+    let mut value = json!(1);
+    for _ in 0..depth {
+        value = json!([value]);
+    }
+    value
+}
+
+fn appends_every_store_refuses(s: &StreamId) -> Vec<(&'static str, AppendRequest)> {
+    let limits = AppendLimits::default();
+    vec![
+        (
+            "NUL escape",
+            AppendRequest::new(
+                s.clone(),
+                ExpectedVersion::Any,
+                vec![raw(br#"{"a":"x\u0000"}"#)],
+            ),
+        ),
+        (
+            "lone surrogate",
+            AppendRequest::new(s.clone(), ExpectedVersion::Any, vec![raw(br#"["\ud800"]"#)]),
+        ),
+        (
+            "invalid UTF-8",
+            AppendRequest::new(s.clone(), ExpectedVersion::Any, vec![raw(b"\"\xff\xfe\"")]),
+        ),
+        (
+            "not JSON",
+            AppendRequest::new(s.clone(), ExpectedVersion::Any, vec![raw(b"{oops")]),
+        ),
+        (
+            "payload nested too deep",
+            AppendRequest::new(
+                s.clone(),
+                ExpectedVersion::Any,
+                vec![NewEvent::from_value("Deep", 1, &nested(100))],
+            ),
+        ),
+        (
+            "metadata nested 128 deep",
+            AppendRequest::new(
+                s.clone(),
+                ExpectedVersion::Any,
+                vec![event("A", 1).with_metadata(Metadata::new().with("deep", nested(128)))],
+            ),
+        ),
+        (
+            "NUL in the actor",
+            AppendRequest::new(
+                s.clone(),
+                ExpectedVersion::Any,
+                vec![event("A", 1).with_metadata(Metadata::new().with_actor("ada\0"))],
+            ),
+        ),
+        (
+            "oversized metadata",
+            AppendRequest::new(
+                s.clone(),
+                ExpectedVersion::Any,
+                vec![event("A", 1).with_metadata(
+                    Metadata::new().with("blob", "m".repeat(limits.max_metadata_bytes)),
+                )],
+            ),
+        ),
+        (
+            "NUL in an outbox payload",
+            AppendRequest::new(s.clone(), ExpectedVersion::Any, vec![event("A", 1)]).with_outbox(
+                vec![crate::OutboxMessage {
+                    message_id: Uuid::now_v7(),
+                    source_event_id: Uuid::now_v7(),
+                    topic: "t".into(),
+                    key: "k".into(),
+                    message_type: "M".into(),
+                    schema_version: 1,
+                    payload: Bytes::from_static(br#""\u0000""#),
+                    metadata: Metadata::new(),
+                }],
+            ),
+        ),
+        (
+            "NUL in an outbox key",
+            AppendRequest::new(s.clone(), ExpectedVersion::Any, vec![event("A", 1)]).with_outbox(
+                vec![crate::OutboxMessage {
+                    message_id: Uuid::now_v7(),
+                    source_event_id: Uuid::now_v7(),
+                    topic: "t".into(),
+                    key: "k\0".into(),
+                    message_type: "M".into(),
+                    schema_version: 1,
+                    payload: Bytes::from_static(b"{}"),
+                    metadata: Metadata::new(),
+                }],
+            ),
+        ),
+    ]
+}
+
+/// Every store applies the same rule to the JSON it is given (`crate::json`) and the same size
+/// limits, so an append one store accepts, every store accepts and reads back; what one would
+/// refuse or could not read back, all refuse with a typed error, writing nothing.
+pub async fn the_same_json_rule_everywhere<S: Store>(store: S) {
+    let s = stream("json-rule");
+    let refused = appends_every_store_refuses(&s);
+    for (what, request) in refused {
+        match store.append(request).await {
+            Err(StoreError::InvalidRequest { stream: on, reason }) => {
+                assert_eq!(on, s, "{what}");
+                assert!(!reason.is_empty(), "{what}");
+            }
+            other => panic!("{what}: expected InvalidRequest, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        store.stream_version(&s).await.unwrap(),
+        0,
+        "nothing was written"
+    );
+    assert_eq!(store.head_position().await.unwrap(), 0);
+
+    // What is fine everywhere goes in and comes back as it went in.
+    let fine = vec![
+        raw(r#"{"text":"é 日本 😀 \ud83d\ude00 \\u0000"}"#.as_bytes()),
+        NewEvent::from_value("Deep", 1, &nested(63)),
+        event("A", 2).with_metadata(
+            Metadata::new()
+                .with_actor("ünïcödé 👩‍💻")
+                .with("deep", nested(60)),
+        ),
+    ];
+    let sent: Vec<(Bytes, Metadata)> = fine
+        .iter()
+        .map(|e| (e.payload.clone(), e.metadata.clone()))
+        .collect();
+    append(&store, &s, ExpectedVersion::NoStream, fine)
+        .await
+        .unwrap();
+    let stored = read(&store, &s, ReadStream::forward()).await;
+    for ((payload, metadata), got) in sent.iter().zip(&stored) {
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(payload).unwrap(),
+            got.payload_json().unwrap()
+        );
+        assert_eq!(*metadata, got.metadata);
+    }
+
+    // Snapshots follow the same rule.
+    let bad_snapshot = SnapshotRecord {
+        stream_id: s.clone(),
+        version: 1,
+        schema_version: 1,
+        payload: Bytes::from_static(br#"{"name":"\u0000"}"#),
+        recorded_at: crate::event::now_micros(),
+        event_id: None,
+    };
+    assert!(matches!(
+        store.save_snapshot(bad_snapshot).await,
+        Err(StoreError::InvalidRequest { .. })
+    ));
+    assert!(store.load_snapshot(&s).await.unwrap().is_none());
 }
 
 /// Old event versions are upcast when loaded; the stored events stay as they were.
