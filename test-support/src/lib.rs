@@ -329,6 +329,29 @@ impl ChildServer {
         wait_for_port(self.port, false, Duration::from_secs(30), self.what)
     }
 
+    /// Sends SIGTERM (a clean shutdown) and waits until the process exited and its port closed;
+    /// SIGKILL after 30 s.
+    fn terminate(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let start = Instant::now();
+            while child.try_wait()?.is_none() {
+                if start.elapsed() > Duration::from_secs(30) {
+                    child.kill()?;
+                    child.wait()?;
+                    return Err(ServerError(format!(
+                        "{} did not stop within 30s of SIGTERM; killed it",
+                        self.what
+                    )));
+                }
+                sleep(Duration::from_millis(20));
+            }
+        }
+        wait_for_port(self.port, false, Duration::from_secs(30), self.what)
+    }
+
     /// Kills the process if this value started it and it was not killed yet.
     fn kill_if_running(&mut self) -> Result<()> {
         if self.child.is_some() {
@@ -426,6 +449,12 @@ impl RedisServer {
     /// Kills the server with SIGKILL and waits for it to exit.
     pub fn kill9(&mut self) -> Result<()> {
         self.server.kill9()
+    }
+
+    /// Stops the server cleanly (SIGTERM: Redis writes and fsyncs its AOF, then exits) and waits
+    /// until it is gone.
+    pub fn terminate(&mut self) -> Result<()> {
+        self.server.terminate()
     }
 
     /// Starts the server again on the same port and data directory (it reloads its AOF).

@@ -5,6 +5,7 @@
 
 mod bench;
 mod bless;
+mod chaos;
 mod ci;
 mod db;
 mod services;
@@ -22,7 +23,11 @@ Usage: cargo xtask <task> [args]
 
 Tasks:
   test [args]      Start throwaway PostgreSQL, Redis and a Kafka-protocol broker (tansu) unless
-                   DATABASE_URL / REDIS_URL / KAFKA_BROKERS are set, run `cargo nextest run --workspace --all-features [args]`, then the doctests.
+                   DATABASE_URL / REDIS_URL / KAFKA_BROKERS are set, run `cargo nextest run --workspace --all-features [args]`, then the doctests,
+                   then (with no [args]) a short `chaos` run per store.
+  chaos [args]     The fault-injecting checker: `--store postgres|redis|all`, `--minutes N` or
+                   `--seconds N` of faults per store (default 60 s), `--writers K`, `--seed S`.
+                   Builds es-chaos in release and runs it on servers of its own.
   ci               rustfmt, clippy and rustdoc with warnings denied, then `test`.
   bench [args]     Start the servers and run `cargo run --release -p es-bench -- [args]`.
                    `--update-readme` also writes its table between the `<!-- bench:start -->`
@@ -51,6 +56,7 @@ fn try_main() -> Result<()> {
         Some("test") => test::run(&args),
         Some("ci") => ci::run(&args),
         Some("bench") => bench::run(&args),
+        Some("chaos") => chaos::run(&args),
         Some("bless") => bless::run(&args),
         Some("db") => db::run(&args),
         Some(services::REAP_TASK) => services::reap(&args),

@@ -3,7 +3,9 @@
 //! Starts PostgreSQL and Redis (see `services.rs`) unless `DATABASE_URL` / `REDIS_URL` are set,
 //! runs `cargo nextest run --workspace --all-features --no-fail-fast [args]` and then the
 //! doctests, which nextest does not run. Without cargo-nextest it runs `cargo test` instead.
-//! `-p <package>` arguments replace `--workspace` and select the doctests too.
+//! `-p <package>` arguments replace `--workspace` and select the doctests too. Run without
+//! arguments (as CI does), it ends with the short run of the fault-injecting checker
+//! ([`crate::chaos::short_runs`]) on servers of its own.
 
 use std::process::Stdio;
 
@@ -52,6 +54,12 @@ fn run_tests(services: &Services, args: &[String]) -> Result<()> {
         doctests.args(&packages).args(["--all-features", "--doc"]);
         services.apply(&mut doctests);
         if let Err(e) = crate::run(&mut doctests) {
+            failed.push(e);
+        }
+    }
+
+    if args.is_empty() {
+        if let Err(e) = crate::chaos::short_runs() {
             failed.push(e);
         }
     }

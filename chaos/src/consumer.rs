@@ -1,0 +1,409 @@
+//! The processes that read what the writers wrote: subscribers, a projection and outbox relays.
+//!
+//! - `es-chaos subscriber --store S --url U --log F [--category C]`: subscribes from the last
+//!   position in its log (0 the first time) and logs every delivered event; exits once it
+//!   delivered the orchestrator's end marker, or on an error the subscription cannot retry.
+//! - `es-chaos projection --store S --url U --log F`: the read model `stream → (events, last
+//!   version)`. On PostgreSQL it runs exactly once ([`es_postgres::ExactlyOnce`], the table
+//!   `chaos_read_model`); on Redis at least once ([`es_core::AtLeastOnce`], a hash updated by
+//!   a script that ignores versions it has already applied). Both record a version that does not
+//!   follow the last one applied (a skip) in a gap list. Runs until its stdin closes.
+//! - `es-chaos relay --store S --url U --id N --incarnation I --seed X --log F`: an
+//!   [`es_core::Relay`] whose publisher appends the records it publishes to `F`, the file all
+//!   relays share as their broker (and, at random, fails a batch before or after publishing half
+//!   of it, as a broker might; it never rejects a record for good). Runs until its stdin closes.
+
+use std::fmt::Write as _;
+use std::fs::OpenOptions;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use es_core::outbox::PublishOutcome;
+use es_core::projection::{HandlerError, RunnerConfig};
+use es_core::{
+    AtLeastOnce, CheckpointStore, EventFilter, EventStore, OutboxRecord, OutboxStore, Projection,
+    ProjectionRunner, ProjectionSink, ProjectionStatus, Publisher, RecordedEvent, Relay,
+    RelayConfig,
+};
+use es_postgres::{ExactlyOnce, PgProjection, PgStore};
+use es_redis::redis;
+use futures::StreamExt;
+use sqlx::{AssertSqlSafe, PgConnection};
+use tokio::io::AsyncReadExt;
+
+use crate::cli::{Opts, StoreKind};
+use crate::logs::{self, LogFile};
+use crate::stores::{self, END_TYPE, FILTERED_CATEGORY, NAMESPACE, PG_GAPS, PG_MODEL, PROJECTION};
+use crate::writer::{error_kind, mix};
+
+/// Resolves when stdin reaches its end (the orchestrator closed it, or died).
+async fn stdin_closed() {
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while let Ok(n) = stdin.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+async fn pg_consumer_store(url: &str, name: &str) -> Result<PgStore> {
+    let pool = stores::pg_pool(stores::pg_options(url, name, true)?, 6);
+    stores::pg_store(
+        PgStore::builder(pool)
+            .schema(NAMESPACE)
+            .run_migrations(false)
+            .poll_interval(Duration::from_millis(500)),
+    )
+    .await
+}
+
+/// `es-chaos subscriber ...`.
+pub(crate) fn subscriber(args: &[String]) -> Result<()> {
+    let opts = Opts::parse(args, &["store", "url", "log", "category"], &[])?;
+    let store: StoreKind = opts.parsed_required("store")?;
+    let url = opts.required("url")?.to_owned();
+    let log = PathBuf::from(opts.required("log")?);
+    let filter = opts
+        .get("category")
+        .map_or_else(EventFilter::all, |c| EventFilter::all().category(c));
+    stores::block_on(async move {
+        match store {
+            StoreKind::Postgres => {
+                let store = pg_consumer_store(&url, "chaos-sub").await?;
+                subscribe(store, filter, &log).await
+            }
+            StoreKind::Redis => {
+                let store = stores::redis_store(&url, Duration::from_secs(5)).await?;
+                subscribe(store, filter, &log).await
+            }
+        }
+    })
+}
+
+async fn subscribe<S: EventStore>(store: S, filter: EventFilter, path: &Path) -> Result<()> {
+    let after = logs::last_delivered(path)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut out = BufWriter::with_capacity(1 << 16, file);
+    writeln!(out, "R {after}")?;
+    out.flush()?;
+    let mut feed = store.subscribe(after, filter).ready_chunks(512);
+    let closed = stdin_closed();
+    tokio::pin!(closed);
+    loop {
+        let chunk = tokio::select! {
+            () = &mut closed => return Ok(()),
+            chunk = feed.next() => chunk,
+        };
+        let Some(chunk) = chunk else {
+            writeln!(out, "X ended the subscription ended without an error")?;
+            out.flush()?;
+            std::process::exit(2);
+        };
+        let mut done = false;
+        for item in chunk {
+            match item {
+                Ok(e) => {
+                    writeln!(
+                        out,
+                        "E {} {} {} {}",
+                        e.global_position,
+                        logs::hex(e.event_id),
+                        e.stream_id,
+                        e.stream_version
+                    )?;
+                    done |= e.event_type == END_TYPE;
+                }
+                Err(err) => {
+                    writeln!(out, "X {} {}", error_kind(&err), one_line(&err.to_string()))?;
+                    out.flush()?;
+                    std::process::exit(2);
+                }
+            }
+        }
+        out.flush()?;
+        if done {
+            return Ok(());
+        }
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.replace('\n', " ")
+}
+
+/// `es-chaos projection ...`.
+pub(crate) fn projection(args: &[String]) -> Result<()> {
+    let opts = Opts::parse(args, &["store", "url", "log"], &[])?;
+    let store: StoreKind = opts.parsed_required("store")?;
+    let url = opts.required("url")?.to_owned();
+    let log = LogFile::open(Path::new(opts.required("log")?))?;
+    stores::block_on(async move {
+        match store {
+            StoreKind::Postgres => {
+                let store = pg_consumer_store(&url, "chaos-projection").await?;
+                let sink = || ExactlyOnce::new(&store, PgModel);
+                run_projection(store.clone(), sink, &log).await
+            }
+            StoreKind::Redis => {
+                let store = stores::redis_store(&url, Duration::from_secs(5)).await?;
+                let sink = || {
+                    let model = RedisModel {
+                        conn: store.connection(),
+                        script: redis::Script::new(REDIS_APPLY),
+                    };
+                    AtLeastOnce::new(model, store.clone())
+                };
+                run_projection(store.clone(), sink, &log).await
+            }
+        }
+    })
+}
+
+/// Runs `sink` until stdin closes. A runner that fails is logged and started again (a host would
+/// restart it); the checker reports the failures.
+async fn run_projection<S, K>(store: S, sink: impl Fn() -> K, log: &LogFile) -> Result<()>
+where
+    S: EventStore,
+    K: ProjectionSink,
+{
+    let config = RunnerConfig {
+        // Enough to ride out a server restart of a few seconds with backoff capped at 5 s.
+        max_attempts: 100,
+        ..RunnerConfig::default()
+    };
+    let runner = ProjectionRunner::with_config(store, config);
+    let closed = stdin_closed();
+    tokio::pin!(closed);
+    loop {
+        let handle = runner.spawn(sink());
+        let failure = loop {
+            tokio::select! {
+                () = &mut closed => {
+                    handle.shutdown().await;
+                    return Ok(());
+                }
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            if let ProjectionStatus::Failed(failure) = handle.status() {
+                break failure;
+            }
+        };
+        log.write_text(&format!("F {}\n", one_line(&failure.message)));
+        handle.shutdown().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The exactly-once read model on PostgreSQL.
+#[derive(Debug, Clone, Copy)]
+struct PgModel;
+
+impl PgProjection for PgModel {
+    fn name(&self) -> &str {
+        PROJECTION
+    }
+
+    async fn handle(
+        &mut self,
+        tx: &mut PgConnection,
+        event: &RecordedEvent,
+    ) -> Result<(), HandlerError> {
+        // One statement: record a version that does not follow the last applied one, then count.
+        sqlx::query(AssertSqlSafe(format!(
+            "WITH prev AS (SELECT coalesce((SELECT last_version FROM \"{NAMESPACE}\".{PG_MODEL} \
+                 WHERE stream_id = $1), 0) AS v), \
+             gap AS (INSERT INTO \"{NAMESPACE}\".{PG_GAPS} (stream_id, expected, got, position) \
+                 SELECT $1, prev.v + 1, $2, $3 FROM prev WHERE prev.v + 1 <> $2) \
+             INSERT INTO \"{NAMESPACE}\".{PG_MODEL} AS m (stream_id, n, last_version) \
+                 VALUES ($1, 1, $2) \
+             ON CONFLICT (stream_id) DO UPDATE SET n = m.n + 1, last_version = $2"
+        )))
+        .bind(event.stream_id.as_str())
+        .bind(i64::try_from(event.stream_version)?)
+        .bind(i64::try_from(event.global_position)?)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn reset(&mut self, tx: &mut PgConnection) -> Result<(), HandlerError> {
+        sqlx::query(AssertSqlSafe(format!(
+            "TRUNCATE \"{NAMESPACE}\".{PG_MODEL}, \"{NAMESPACE}\".{PG_GAPS}"
+        )))
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Applies one event to the Redis read model: KEYS = [model hash, gap list], ARGV = [stream,
+/// version, position]. A version at or below the last applied one is a redelivery and ignored;
+/// one that does not follow it is recorded in the gap list (and applied).
+const REDIS_APPLY: &str = r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+local n, last = 0, 0
+if cur then
+  local sp = string.find(cur, ' ')
+  n = tonumber(string.sub(cur, 1, sp - 1))
+  last = tonumber(string.sub(cur, sp + 1))
+end
+local v = tonumber(ARGV[2])
+if v <= last then return 0 end
+if v ~= last + 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[1] .. ' ' .. (last + 1) .. ' ' .. ARGV[2] .. ' ' .. ARGV[3])
+end
+redis.call('HSET', KEYS[1], ARGV[1], (n + 1) .. ' ' .. v)
+return 1
+";
+
+/// The at-least-once read model on Redis.
+#[derive(Clone)]
+struct RedisModel {
+    conn: redis::aio::ConnectionManager,
+    script: redis::Script,
+}
+
+impl Projection for RedisModel {
+    fn name(&self) -> &str {
+        PROJECTION
+    }
+
+    /// One category only: with `appendfsync always` every handled event costs a round trip and
+    /// an fsync, and the whole feed would outrun it.
+    fn filter(&self) -> EventFilter {
+        EventFilter::all().category(FILTERED_CATEGORY)
+    }
+
+    async fn handle(&mut self, event: &RecordedEvent) -> Result<(), HandlerError> {
+        let _: i64 = self
+            .script
+            .key(stores::redis_model_key())
+            .key(stores::redis_gaps_key())
+            .arg(event.stream_id.as_str())
+            .arg(event.stream_version)
+            .arg(event.global_position)
+            .invoke_async(&mut self.conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn reset(&mut self) -> Result<(), HandlerError> {
+        let _: i64 = redis::cmd("DEL")
+            .arg(stores::redis_model_key())
+            .arg(stores::redis_gaps_key())
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// `es-chaos relay ...`.
+pub(crate) fn relay(args: &[String]) -> Result<()> {
+    let opts = Opts::parse(
+        args,
+        &["store", "url", "id", "incarnation", "seed", "log"],
+        &[],
+    )?;
+    let store: StoreKind = opts.parsed_required("store")?;
+    let url = opts.required("url")?.to_owned();
+    let id: u16 = opts.parsed_required("id")?;
+    let incarnation: u32 = opts.parsed("incarnation", 0)?;
+    let seed: u64 = opts.parsed_required("seed")?;
+    let owner = format!("relay-{id}-{incarnation}");
+    let publisher = FilePublisher {
+        log: Arc::new(LogFile::open(Path::new(opts.required("log")?))?),
+        owner: owner.clone(),
+        rng: Arc::new(Mutex::new(fastrand::Rng::with_seed(mix(
+            seed ^ mix(u64::from(id) << 32 | u64::from(incarnation))
+        )))),
+    };
+    let config = RelayConfig {
+        owner,
+        lease_ttl: Duration::from_secs(2),
+        publish_timeout: Duration::from_secs(1),
+        batch_size: 64,
+        idle_poll: Duration::from_millis(200),
+        max_backoff: Duration::from_secs(1),
+    };
+    let log = Arc::clone(&publisher.log);
+    let owner = publisher.owner.clone();
+    let result = stores::block_on(async move {
+        match store {
+            StoreKind::Postgres => {
+                let store = pg_consumer_store(&url, "chaos-relay").await?;
+                run_relay(store, publisher, config).await
+            }
+            StoreKind::Redis => {
+                let store = stores::redis_store(&url, Duration::from_secs(5)).await?;
+                run_relay(store, publisher, config).await
+            }
+        }
+    });
+    if let Err(e) = &result {
+        log.write_text(&format!("X {owner}: {}\n", one_line(&format!("{e:#}"))));
+    }
+    result
+}
+
+async fn run_relay<S>(store: S, publisher: FilePublisher, config: RelayConfig) -> Result<()>
+where
+    S: EventStore + OutboxStore + CheckpointStore,
+{
+    Relay::new(store, publisher, config)
+        .run(stdin_closed())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Publishes by appending to the relay's log. As a broker might, it fails about 3% of the
+/// batches before sending anything, and about 2% after the first half (the rest fail); it never
+/// rejects a record for good, so every record must end up published.
+struct FilePublisher {
+    log: Arc<LogFile>,
+    owner: String,
+    rng: Arc<Mutex<fastrand::Rng>>,
+}
+
+impl Publisher for FilePublisher {
+    async fn publish(&self, records: &[OutboxRecord]) -> Vec<PublishOutcome> {
+        let roll = self
+            .rng
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .u8(0..100);
+        let sent = match roll {
+            0..=2 => 0,
+            3..=4 => records.len() / 2,
+            _ => records.len(),
+        };
+        let mut text = String::new();
+        for r in &records[..sent] {
+            let _ = writeln!(
+                text,
+                "P {} {} {} {} {}",
+                self.owner,
+                r.position,
+                logs::hex(r.message.message_id),
+                logs::hex(r.message.source_event_id),
+                r.stream_id
+            );
+        }
+        if !text.is_empty() {
+            self.log.write_text(&text);
+        }
+        let mut outcomes = vec![PublishOutcome::Acknowledged; sent];
+        outcomes.resize(
+            records.len(),
+            PublishOutcome::Failed("injected broker failure".into()),
+        );
+        outcomes
+    }
+}
