@@ -84,12 +84,14 @@ pub mod __private;
 pub use aggregate::{Aggregate, Apply, ApplyEvent, Decision};
 pub use event::{DomainEvent, EventSchema, Metadata, NewEvent, PayloadError, RecordedEvent};
 pub use outbox::{
-    OutboxMessage, OutboxRecord, OutboxStore, Publisher, Relay, RelayConfig, RelayStep, Translator,
+    DeadLetter, OutboxMessage, OutboxRecord, OutboxStore, PublishOutcome, Publisher, Rejection,
+    Relay, RelayConfig, RelayError, RelayStatus, RelayStep, Translator,
 };
 pub use projection::{
-    AtLeastOnce, CheckpointStore, Projection, ProjectionError, ProjectionHandle, ProjectionRunner,
-    ProjectionSink, ProjectionStatus,
+    AtLeastOnce, Checkpoint, CheckpointStore, Projection, ProjectionError, ProjectionHandle,
+    ProjectionRunner, ProjectionSink, ProjectionStatus, RunnerConfig,
 };
+pub use position::EpochStart;
 pub use repository::{
     AsOf, BuildError, Executed, Loaded, Repository, RepositoryBuilder, RepositoryError,
     RetryPolicy, SnapshotContext, SnapshotPolicy,
