@@ -1,6 +1,8 @@
 //! The crate's error type, and how database errors map onto [`StoreError`].
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use es_core::StoreError;
 
@@ -143,5 +145,20 @@ pub(crate) fn shared_store_error(err: &Arc<sqlx::Error>) -> StoreError {
         StoreError::unavailable(Arc::clone(err))
     } else {
         StoreError::backend(Arc::clone(err))
+    }
+}
+
+/// Runs `op`, failing with [`StoreError::Unavailable`] if it has not finished after `limit`: the
+/// client-side bound on every query but appends (which have their own, see `writer.rs`).
+pub(crate) async fn timed<T>(
+    limit: Duration,
+    op: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(limit, op).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::unavailable(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("PostgreSQL did not answer within {limit:?}"),
+        ))),
     }
 }

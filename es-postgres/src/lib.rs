@@ -376,7 +376,7 @@ pub use projection::{ExactlyOnce, PgProjection};
 pub use schema::SchemaName;
 
 use codec::{jsonb_text, to_i64, to_u64, RawJsonb};
-use error::store_error;
+use error::{store_error, timed};
 use schema::Sql;
 
 /// The schema [`PgStore::connect`] and [`PgStore::builder`] use unless told otherwise.
@@ -395,6 +395,10 @@ pub const DEFAULT_APPEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default number of appends that may wait for a writer before `append` waits for room.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
 
+/// The default client-side time-out of every other query (a page of a read, a snapshot, an outbox
+/// or checkpoint statement).
+pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(75);
+
 /// The PostgreSQL event and snapshot store. Cheap to clone; clones share one pool, one set of
 /// writer tasks and one listener.
 ///
@@ -411,6 +415,8 @@ struct Inner {
     sql: Arc<Sql>,
     limits: AppendLimits,
     poll_interval: Duration,
+    /// The longest the client waits for a read, a snapshot or an outbox query.
+    query_timeout: Duration,
     jobs: mpsc::Sender<writer::Job>,
     writers: Arc<writer::Shared>,
     head: Arc<watch::Sender<u64>>,
@@ -446,6 +452,7 @@ pub struct PgStoreBuilder {
     writers: usize,
     append_timeout: Duration,
     queue_capacity: usize,
+    query_timeout: Duration,
     inline: Vec<inline::InlineProjection>,
 }
 
@@ -498,6 +505,17 @@ impl PgStoreBuilder {
     /// two seconds, closes its connection and reports [`StoreError::Unavailable`].
     pub fn append_timeout(mut self, timeout: Duration) -> Self {
         self.append_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The client-side time-out of every query but appends (default [`DEFAULT_QUERY_TIMEOUT`]):
+    /// a page of a read, `head_position`, `stream_version`, a snapshot, an outbox, lease or
+    /// checkpoint statement that has not answered by then fails with
+    /// [`StoreError::Unavailable`], so a server host that vanished (sqlx sets no TCP keepalive
+    /// on the client side) cannot hang a caller. Keep it above the server's `statement_timeout`
+    /// (60 s with [`PgStore::connect_options`]), which cancels the statement itself.
+    pub fn query_timeout(mut self, timeout: Duration) -> Self {
+        self.query_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
@@ -613,6 +631,7 @@ impl PgStoreBuilder {
                 sql,
                 limits: self.limits,
                 poll_interval: self.poll_interval,
+                query_timeout: self.query_timeout,
                 jobs,
                 writers: shared,
                 head,
@@ -668,6 +687,7 @@ impl PgStore {
             writers: DEFAULT_WRITERS,
             append_timeout: DEFAULT_APPEND_TIMEOUT,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            query_timeout: DEFAULT_QUERY_TIMEOUT,
             inline: Vec::new(),
         }
     }
@@ -711,7 +731,7 @@ impl EventStore for PgStore {
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
         let inner = Arc::clone(&self.inner);
         let stream = stream.clone();
-        async move {
+        timed(self.inner.query_timeout, async move {
             let version: i64 =
                 sqlx::query_scalar(AssertSqlSafe(Arc::clone(&inner.sql.stream_version)))
                     .bind(stream.as_str())
@@ -719,36 +739,42 @@ impl EventStore for PgStore {
                     .await
                     .map_err(store_error)?;
             to_u64(version, &format!("stream `{stream}`"))
-        }
+        })
     }
 
     fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
         read::read_stream(
             self.inner.pool.clone(),
             Arc::clone(&self.inner.sql),
+            self.inner.query_timeout,
             stream.clone(),
             read,
         )
     }
 
     fn read_all(&self, read: ReadAll) -> EventStream {
-        read::read_all(self.inner.pool.clone(), Arc::clone(&self.inner.sql), read)
+        read::read_all(
+            self.inner.pool.clone(),
+            Arc::clone(&self.inner.sql),
+            self.inner.query_timeout,
+            read,
+        )
     }
 
     fn head_position(&self) -> impl StoreFuture<u64> {
         let inner = Arc::clone(&self.inner);
-        async move {
+        timed(self.inner.query_timeout, async move {
             let head: i64 = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&inner.sql.head)))
                 .fetch_one(&inner.pool)
                 .await
                 .map_err(store_error)?;
             to_u64(head, "the head row")
-        }
+        })
     }
 
     fn epochs(&self) -> impl StoreFuture<Vec<EpochStart>> {
         let inner = Arc::clone(&self.inner);
-        async move {
+        timed(self.inner.query_timeout, async move {
             let rows: Vec<(i64, i64)> =
                 sqlx::query_as(AssertSqlSafe(Arc::clone(&inner.sql.epochs)))
                     .fetch_all(&inner.pool)
@@ -762,7 +788,7 @@ impl EventStore for PgStore {
                     })
                 })
                 .collect()
-        }
+        })
     }
 
     fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send {
@@ -776,7 +802,7 @@ impl SnapshotStore for PgStore {
     fn load_snapshot(&self, stream: &StreamId) -> impl StoreFuture<Option<SnapshotRecord>> {
         let inner = Arc::clone(&self.inner);
         let stream = stream.clone();
-        async move {
+        timed(self.inner.query_timeout, async move {
             let row = sqlx::query(AssertSqlSafe(Arc::clone(&inner.sql.load_snapshot)))
                 .bind(stream.as_str())
                 .fetch_optional(&inner.pool)
@@ -804,12 +830,12 @@ impl SnapshotStore for PgStore {
                 recorded_at,
                 stream_id: stream,
             }))
-        }
+        })
     }
 
     fn save_snapshot(&self, snapshot: SnapshotRecord) -> impl StoreFuture<bool> {
         let inner = Arc::clone(&self.inner);
-        async move {
+        timed(self.inner.query_timeout, async move {
             snapshot.validate()?;
             let result = sqlx::query(AssertSqlSafe(Arc::clone(&inner.sql.save_snapshot)))
                 .bind(snapshot.stream_id.as_str())
@@ -833,13 +859,13 @@ impl SnapshotStore for PgStore {
                 }
                 Err(err) => Err(store_error(err)),
             }
-        }
+        })
     }
 
     fn delete_snapshot(&self, stream: &StreamId, version: u64) -> impl StoreFuture<bool> {
         let inner = Arc::clone(&self.inner);
         let stream = stream.clone();
-        async move {
+        timed(self.inner.query_timeout, async move {
             let done = sqlx::query(AssertSqlSafe(Arc::clone(&inner.sql.delete_snapshot)))
                 .bind(stream.as_str())
                 .bind(to_i64(version))
@@ -847,6 +873,6 @@ impl SnapshotStore for PgStore {
                 .await
                 .map_err(store_error)?;
             Ok(done.rows_affected() == 1)
-        }
+        })
     }
 }

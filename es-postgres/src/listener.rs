@@ -16,6 +16,10 @@ use tokio::sync::watch;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How often the listener checks that its connection still answers.
+const CHECK_EVERY: Duration = Duration::from_secs(30);
+/// How long that check may take before the listener reconnects.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) struct Listener {
     pub(crate) pool: PgPool,
@@ -47,14 +51,31 @@ impl Listener {
         listener.listen(&self.channel).await?;
         // Anything committed before LISTEN took effect was not notified to us.
         self.refresh().await?;
+        let mut check = tokio::time::interval(CHECK_EVERY);
+        check.tick().await;
         loop {
-            match listener.try_recv().await? {
-                Some(notification) => {
-                    if let Ok(head) = notification.payload().parse::<u64>() {
-                        self.publish(head);
+            tokio::select! {
+                received = listener.try_recv() => match received? {
+                    Some(notification) => {
+                        if let Ok(head) = notification.payload().parse::<u64>() {
+                            self.publish(head);
+                        }
                     }
+                    None => return Ok(()),
+                },
+                _ = check.tick() => {
+                    // A connection whose server vanished never says so (no TCP keepalive on the
+                    // client side): read the head on it, with a time-out, and reconnect if it
+                    // does not answer. The head read also covers a notification that was lost.
+                    let head = tokio::time::timeout(
+                        CHECK_TIMEOUT,
+                        sqlx::query_scalar::<_, i64>(AssertSqlSafe(Arc::clone(&self.head_sql)))
+                            .fetch_one(&mut listener),
+                    )
+                    .await
+                    .map_err(|_| sqlx::Error::PoolTimedOut)??;
+                    self.publish(u64::try_from(head).unwrap_or(0));
                 }
-                None => return Ok(()),
             }
         }
     }

@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::codec::{json_text, to_i64, to_u64};
 use crate::error::store_error;
+use crate::error::timed;
 use crate::{PgStore, SchemaName};
 
 /// The lease name of the outbox relay in `relay_leases`.
@@ -68,7 +69,7 @@ impl OutboxStore for PgStore {
         );
         let pool = self.inner.pool.clone();
         let owner = owner.to_owned();
-        async move {
+        timed(self.inner.query_timeout, async move {
             let ttl = i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX);
             let generation: Option<i64> = sqlx::query_scalar(sql)
                 .bind(owner)
@@ -79,7 +80,7 @@ impl OutboxStore for PgStore {
             generation
                 .map(|g| to_u64(g, "the relay lease's generation"))
                 .transpose()
-        }
+        })
     }
 
     fn release_relay_lease(&self, owner: &str, generation: u64) -> impl StoreFuture<()> {
@@ -93,7 +94,7 @@ impl OutboxStore for PgStore {
         );
         let pool = self.inner.pool.clone();
         let owner = owner.to_owned();
-        async move {
+        timed(self.inner.query_timeout, async move {
             sqlx::query(sql)
                 .bind(owner)
                 .bind(to_i64(generation))
@@ -101,27 +102,27 @@ impl OutboxStore for PgStore {
                 .await
                 .map_err(store_error)?;
             Ok(())
-        }
+        })
     }
 
     fn pending_outbox(&self, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>> {
         let sql = Arc::clone(&self.inner.sql.pending_outbox);
         let pool = self.inner.pool.clone();
-        async move {
+        timed(self.inner.query_timeout, async move {
             let rows = sqlx::query(AssertSqlSafe(sql))
                 .bind(to_i64(limit))
                 .fetch_all(&pool)
                 .await
                 .map_err(store_error)?;
             rows.iter().map(decode_record).collect()
-        }
+        })
     }
 
     fn mark_delivered(&self, generation: u64, positions: &[u64]) -> impl StoreFuture<()> {
         let sql = sql(self, "SELECT __S__.relay_mark_delivered($1, $2)");
         let pool = self.inner.pool.clone();
         let positions: Vec<i64> = positions.iter().map(|p| to_i64(*p)).collect();
-        async move {
+        timed(self.inner.query_timeout, async move {
             let allowed: bool = sqlx::query_scalar(sql)
                 .bind(to_i64(generation))
                 .bind(positions)
@@ -133,7 +134,7 @@ impl OutboxStore for PgStore {
             } else {
                 Err(lease_fenced(generation))
             }
-        }
+        })
     }
 
     fn dead_letter(&self, generation: u64, rejections: &[Rejection]) -> impl StoreFuture<()> {
@@ -149,7 +150,7 @@ impl OutboxStore for PgStore {
             .iter()
             .map(|r| i32::try_from(r.attempts).unwrap_or(i32::MAX))
             .collect();
-        async move {
+        timed(self.inner.query_timeout, async move {
             let allowed: bool = sqlx::query_scalar(sql)
                 .bind(to_i64(generation))
                 .bind(positions)
@@ -163,7 +164,7 @@ impl OutboxStore for PgStore {
             } else {
                 Err(lease_fenced(generation))
             }
-        }
+        })
     }
 
     fn dead_letters(&self, limit: u64) -> impl StoreFuture<Vec<DeadLetter>> {
@@ -175,7 +176,7 @@ impl OutboxStore for PgStore {
             ),
         );
         let pool = self.inner.pool.clone();
-        async move {
+        timed(self.inner.query_timeout, async move {
             let rows = sqlx::query(sql)
                 .bind(to_i64(limit))
                 .fetch_all(&pool)
@@ -193,33 +194,33 @@ impl OutboxStore for PgStore {
                     })
                 })
                 .collect()
-        }
+        })
     }
 
     fn requeue_dead_letters(&self, positions: &[u64]) -> impl StoreFuture<u64> {
         let sql = sql(self, "SELECT __S__.relay_requeue($1)");
         let pool = self.inner.pool.clone();
         let positions: Vec<i64> = positions.iter().map(|p| to_i64(*p)).collect();
-        async move {
+        timed(self.inner.query_timeout, async move {
             let n: i64 = sqlx::query_scalar(sql)
                 .bind(positions)
                 .fetch_one(&pool)
                 .await
                 .map_err(store_error)?;
             to_u64(n, "the re-queued dead letters")
-        }
+        })
     }
 
     fn outbox_len(&self) -> impl StoreFuture<u64> {
         let sql = Arc::clone(&self.inner.sql.outbox_len);
         let pool = self.inner.pool.clone();
-        async move {
+        timed(self.inner.query_timeout, async move {
             let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
                 .fetch_one(&pool)
                 .await
                 .map_err(store_error)?;
             to_u64(n, "the outbox")
-        }
+        })
     }
 
     fn relay_status(&self) -> impl StoreFuture<RelayStatus> {
@@ -235,7 +236,7 @@ impl OutboxStore for PgStore {
             ),
         );
         let pool = self.inner.pool.clone();
-        async move {
+        timed(self.inner.query_timeout, async move {
             let row = sqlx::query(sql)
                 .fetch_one(&pool)
                 .await
@@ -274,7 +275,7 @@ impl OutboxStore for PgStore {
                 last_error,
                 lease,
             })
-        }
+        })
     }
 }
 
@@ -360,21 +361,21 @@ impl CheckpointStore for PgStore {
         let sql = sql(self, LOAD_CHECKPOINT);
         let pool = self.inner.pool.clone();
         let name = name.to_owned();
-        async move {
+        timed(self.inner.query_timeout, async move {
             let row: Option<(i64, i64)> = sqlx::query_as(sql)
                 .bind(&name)
                 .fetch_optional(&pool)
                 .await
                 .map_err(store_error)?;
             checkpoint_of(&name, row)
-        }
+        })
     }
 
     fn save_checkpoint(&self, name: &str, checkpoint: Checkpoint) -> impl StoreFuture<bool> {
         let sql = sql(self, "SELECT __S__.checkpoint_save($1, $2, $3)");
         let pool = self.inner.pool.clone();
         let name = name.to_owned();
-        async move {
+        timed(self.inner.query_timeout, async move {
             let outcome: i16 = sqlx::query_scalar(sql)
                 .bind(&name)
                 .bind(to_i64(checkpoint.generation))
@@ -386,20 +387,20 @@ impl CheckpointStore for PgStore {
                 -1 => Err(checkpoint_fenced(&name, checkpoint.generation, None)),
                 written => Ok(written == 1),
             }
-        }
+        })
     }
 
     fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
         let sql = sql(self, RESET_CHECKPOINT);
         let pool = self.inner.pool.clone();
         let name = name.to_owned();
-        async move {
+        timed(self.inner.query_timeout, async move {
             let generation: i64 = sqlx::query_scalar(sql)
                 .bind(&name)
                 .fetch_one(&pool)
                 .await
                 .map_err(store_error)?;
             checkpoint_of(&name, Some((0, generation)))
-        }
+        })
     }
 }

@@ -15,6 +15,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use es_core::{Direction, EventStream, ReadAll, ReadStream, RecordedEvent, StoreError, StreamId};
 use futures::{Stream, TryStreamExt};
@@ -23,7 +24,7 @@ use sqlx::AssertSqlSafe;
 use tokio::task::JoinHandle;
 
 use crate::codec::{decode_event, to_i64};
-use crate::error::store_error;
+use crate::error::{store_error, timed};
 use crate::schema::Sql;
 
 /// Rows in the first page of a read.
@@ -112,6 +113,7 @@ struct Page {
     sql: Arc<Sql>,
     cursor: Cursor,
     rows: u64,
+    timeout: Duration,
 }
 
 type PageResult = Result<Vec<RecordedEvent>, StoreError>;
@@ -128,6 +130,8 @@ impl Drop for Prefetch {
 struct Reader {
     pool: PgPool,
     sql: Arc<Sql>,
+    /// The client-side time-out of one page.
+    timeout: Duration,
     /// Where the next page not yet requested starts; `None` once the end is reached.
     cursor: Option<Cursor>,
     /// Events not yet requested.
@@ -143,6 +147,7 @@ struct Reader {
 pub(crate) fn read_stream(
     pool: PgPool,
     sql: Arc<Sql>,
+    timeout: Duration,
     stream: StreamId,
     read: ReadStream,
 ) -> EventStream {
@@ -152,22 +157,34 @@ pub(crate) fn read_stream(
             direction: read.direction,
             next: read.from,
         });
-    reader(pool, sql, cursor, read.limit)
+    reader(pool, sql, timeout, cursor, read.limit)
 }
 
-pub(crate) fn read_all(pool: PgPool, sql: Arc<Sql>, read: ReadAll) -> EventStream {
+pub(crate) fn read_all(
+    pool: PgPool,
+    sql: Arc<Sql>,
+    timeout: Duration,
+    read: ReadAll,
+) -> EventStream {
     let cursor = Cursor::All {
         after: read.after,
         categories: read.filter.categories.into(),
         types: read.filter.event_types.into(),
     };
-    reader(pool, sql, Some(cursor), read.limit)
+    reader(pool, sql, timeout, Some(cursor), read.limit)
 }
 
-fn reader(pool: PgPool, sql: Arc<Sql>, cursor: Option<Cursor>, limit: Option<u64>) -> EventStream {
+fn reader(
+    pool: PgPool,
+    sql: Arc<Sql>,
+    timeout: Duration,
+    cursor: Option<Cursor>,
+    limit: Option<u64>,
+) -> EventStream {
     Box::pin(Reader {
         pool,
         sql,
+        timeout,
         cursor,
         remaining: limit.unwrap_or(u64::MAX),
         page_rows: FIRST_PAGE,
@@ -227,9 +244,10 @@ impl Reader {
             sql: Arc::clone(&self.sql),
             cursor: cursor.clone(),
             rows,
+            timeout: self.timeout,
         };
         self.ahead.push_back(Ahead {
-            task: Prefetch(tokio::spawn(page.fetch())),
+            task: Prefetch(tokio::spawn(timed(page.timeout, page.fetch()))),
             start: cursor,
             rows,
         });

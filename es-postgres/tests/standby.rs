@@ -101,20 +101,17 @@ async fn poll(pool: PgPool, stop: Arc<AtomicBool>) -> Vec<(i64, Uuid)> {
     let mut seen = Vec::new();
     let mut after = 0i64;
     while !stop.load(Ordering::Relaxed) {
-        let rows: Vec<(i64, Uuid)> = match sqlx::query_as(AssertSqlSafe(format!(
+        let Ok(rows) = sqlx::query_as::<_, (i64, Uuid)>(AssertSqlSafe(format!(
             "SELECT global_position, event_id FROM {SCHEMA}.events \
              WHERE global_position > $1 ORDER BY global_position LIMIT 1000"
         )))
         .bind(after)
         .fetch_all(&pool)
         .await
-        {
-            Ok(rows) => rows,
+        else {
             // The table appears on the standby once the primary's migration replays.
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
         };
         if let Some(last) = rows.last() {
             after = last.0;
@@ -183,7 +180,7 @@ async fn a_standby_never_shows_a_position_before_an_earlier_one() {
             let mut i = 0u64;
             while tokio::time::Instant::now() < deadline {
                 let stream = StreamId::parse(&format!("acct-{w}-{}", i % 7)).unwrap();
-                let events = (0..1 + i % 3)
+                let events = (0..=(i % 3))
                     .map(|k| NewEvent::from_value("Moved", 1, &json!({ "w": w, "i": i, "k": k })))
                     .collect();
                 match store
