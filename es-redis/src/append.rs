@@ -16,8 +16,10 @@ use tokio::task::JoinHandle;
 
 use crate::error::store_error;
 use crate::keys::Keys;
-use crate::script::Lua;
+use crate::script::Function;
+use crate::server::Server;
 use crate::watch::Head;
+use crate::Error;
 
 /// How group commit gathers appends. See the crate docs, section "Group commit".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,12 +50,16 @@ impl GroupLimits {
     };
 }
 
-/// What every append needs: the connection, the key names, the script and the head to publish.
+/// What every append needs: the connection, the key names, the script, the head to publish and
+/// the server settings to watch.
 pub(crate) struct Appender {
     pub(crate) conn: ConnectionManager,
     pub(crate) keys: Keys,
-    pub(crate) script: Lua,
+    pub(crate) script: Function,
     pub(crate) head: Arc<Head>,
+    pub(crate) server: Arc<Server>,
+    /// Whether the store accepts a server that can evict its keys.
+    pub(crate) allow_eviction: bool,
 }
 
 impl Appender {
@@ -66,16 +72,25 @@ impl Appender {
         let mut conn = self.conn.clone();
         let reply = self.script.invoke(&mut conn, &cmd).await;
         let outcomes: Vec<Result<AppendResult, StoreError>> = match reply {
-            Ok(Value::Array(items)) if items.len() == 3 * group.len() => {
+            Ok(Value::Array(items)) if items.len() == 3 * group.len() + 3 => {
                 let mut items = items.into_iter();
-                group
+                let outcomes = group
                     .iter()
                     .map(|request| {
                         let mut next = || items.next().unwrap_or(Value::Nil);
                         let (code, x, y) = (next(), next(), next());
                         append_reply(request, &code, x, &y)
                     })
-                    .collect()
+                    .collect();
+                if let (Some(Value::Int(epoch)), Some(Value::Int(previous_head)), cause) =
+                    (items.next(), items.next(), items.next())
+                {
+                    if epoch > 0 {
+                        let new = matches!(cause, Some(Value::BulkString(c)) if c == b"new");
+                        self.epoch_started(epoch, previous_head, new);
+                    }
+                }
+                outcomes
             }
             Ok(other) => group
                 .iter()
@@ -101,6 +116,25 @@ impl Appender {
         outcomes
     }
 
+    /// Logs the start of an epoch (this call was the first write of a new server incarnation,
+    /// or of the store: `new`) and has the server's settings read again.
+    fn epoch_started(&self, epoch: i64, previous_head: i64, new: bool) {
+        let prefix = self.keys.prefix();
+        if new {
+            tracing::info!(prefix, epoch, "the store's first write began epoch {epoch}");
+        } else {
+            tracing::warn!(
+                prefix,
+                epoch,
+                previous_head,
+                "the Redis server is a new incarnation (restart, failover or restore): epoch \
+                 {epoch} began after position {previous_head}; readers past that position get \
+                 LostTail"
+            );
+        }
+        self.server.recheck();
+    }
+
     /// Runs one append as a script call of its own.
     pub(crate) async fn execute_one(
         &self,
@@ -112,16 +146,21 @@ impl Appender {
             .unwrap_or_else(|| Err(StoreError::backend("the append script returned nothing")))
     }
 
-    /// The `EVALSHA` of the append script for `group`.
+    /// The `FCALL` of the append function for `group`.
     fn command(&self, group: &[&AppendRequest]) -> Cmd {
         let keys = &self.keys;
-        let mut cmd = self.script.evalsha(3 + 2 * group.len());
-        cmd.arg(keys.feed()).arg(keys.index()).arg(keys.outbox());
+        let mut cmd = self.script.fcall(4 + 2 * group.len());
+        cmd.arg(keys.feed())
+            .arg(keys.index())
+            .arg(keys.outbox())
+            .arg(keys.epochs());
         for request in group {
             cmd.arg(keys.events(&request.stream))
                 .arg(keys.version(&request.stream));
         }
-        cmd.arg(group.len());
+        cmd.arg(group.len())
+            .arg(self.head.floor())
+            .arg(if self.allow_eviction { "1" } else { "0" });
         let mut buf = uuid::Uuid::encode_buffer();
         for request in group {
             match request.expected {
@@ -503,6 +542,14 @@ fn append_reply(
         }
         Some(4) => Err(StoreError::backend(format!(
             "Redis refused the append to `{stream}` (nothing was written): {}",
+            text(&x)
+        ))),
+        Some(5) => Err(StoreError::backend(Error::EvictionPolicy {
+            policy: text(&x),
+        })),
+        Some(6) => Err(StoreError::backend(format!(
+            "the append to `{stream}` would take {} above 2^53 - 1, the most the store can hand \
+             out (epochs up to 2^31 - 1 of 2^22 positions each); nothing was written",
             text(&x)
         ))),
         _ => Err(bad("unknown reply code")),

@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use chrono::DateTime;
+use es_core::position::EpochStart;
 use es_core::{Metadata, RecordedEvent, StoreError, StreamId};
 use redis::Value;
 use uuid::Uuid;
@@ -16,6 +17,8 @@ pub(crate) enum Source<'a> {
     Feed,
     /// An outbox entry: the id is the outbox position.
     Outbox,
+    /// An entry of the epoch history: the id is the epoch.
+    Epochs,
 }
 
 impl Source<'_> {
@@ -27,6 +30,8 @@ impl Source<'_> {
             (Source::Feed, None) => "the global feed".to_owned(),
             (Source::Outbox, Some(p)) => format!("outbox position {p}"),
             (Source::Outbox, None) => "the outbox".to_owned(),
+            (Source::Epochs, Some(e)) => format!("epoch {e} in the epoch history"),
+            (Source::Epochs, None) => "the epoch history".to_owned(),
         }
     }
 }
@@ -149,7 +154,7 @@ pub(crate) fn event(
             let position = num("position", other_number.ok_or_else(|| missing("position"))?)?;
             (s.clone(), number, position)
         }
-        Source::Feed | Source::Outbox => {
+        Source::Feed | Source::Outbox | Source::Epochs => {
             let version = num("version", other_number.ok_or_else(|| missing("version"))?)?;
             let stream = text("stream", stream.ok_or_else(|| missing("stream"))?)?;
             let stream =
@@ -175,6 +180,26 @@ pub(crate) fn page(reply: Value, source: Source<'_>) -> Result<Vec<RecordedEvent
     entries(reply, source)?
         .into_iter()
         .map(|(id, fields)| event(&id, fields, source))
+        .collect()
+}
+
+/// Decodes the epoch history (an `XRANGE` of the epochs stream): one [`EpochStart`] per entry,
+/// oldest first.
+pub(crate) fn epochs(reply: Value) -> Result<Vec<EpochStart>, StoreError> {
+    entries(reply, Source::Epochs)?
+        .into_iter()
+        .map(|(id, fields)| {
+            let epoch = entry_number(&id)
+                .ok_or_else(|| corrupt(Source::Epochs, None, "unreadable entry id"))?;
+            let previous_head = Fields::new(fields)
+                .map_err(str::to_owned)
+                .and_then(|mut f| f.number("previous_head"))
+                .map_err(|reason| corrupt(Source::Epochs, Some(epoch), reason))?;
+            Ok(EpochStart {
+                epoch,
+                previous_head,
+            })
+        })
         .collect()
 }
 

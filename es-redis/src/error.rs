@@ -3,9 +3,13 @@
 use es_core::StoreError;
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 
-/// Why a [`RedisStore`](crate::RedisStore) could not be built.
+/// Why a [`RedisStore`](crate::RedisStore) could not be built, or why the server's settings
+/// refuse an append.
 ///
-/// Store operations return [`StoreError`]; this type is only for construction.
+/// Store operations return [`StoreError`]; an append refused because the server can evict keys
+/// is a [`StoreError::Backend`] whose source is [`Error::EvictionPolicy`] (find it with
+/// `std::error::Error::source` and `downcast_ref::<es_redis::Error>()`). Every other variant
+/// comes from [`RedisStoreBuilder::build`](crate::RedisStoreBuilder::build).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -26,6 +30,52 @@ pub enum Error {
     /// The server could not be reached, or refused the connection or the scripts.
     #[error("cannot connect to Redis: {0}")]
     Connect(#[source] RedisError),
+    /// The server's `maxmemory-policy` lets it evict keys that have no expiry (`allkeys-lru`,
+    /// `allkeys-lfu`, `allkeys-random`, or a policy this crate does not know): under memory
+    /// pressure it would drop acknowledged events, stream versions or the id index without an
+    /// error. Returned by `build`, and by appends (inside [`StoreError::Backend`]) while the
+    /// server runs such a policy. `noeviction` and the `volatile-*` policies are accepted; see
+    /// the crate docs, section "Server settings".
+    #[error(
+        "the Redis server runs `maxmemory-policy {policy}`, which can evict the store's keys and \
+         lose acknowledged events without an error; set `maxmemory-policy noeviction` (`CONFIG \
+         SET maxmemory-policy noeviction` and in redis.conf), or opt out with \
+         `RedisStoreBuilder::allow_eviction(true)` for data you can afford to lose"
+    )]
+    EvictionPolicy {
+        /// The server's policy (`unknown` if the server does not report one).
+        policy: String,
+    },
+    /// The server is older than Redis 7.0, which the store needs (its append runs as a Redis
+    /// function, `FCALL`).
+    #[error("the Redis server is version {version}; the store needs Redis 7.0 or later")]
+    UnsupportedVersion {
+        /// The server's `redis_version`.
+        version: String,
+    },
+    /// The server persists nothing: no append-only file (`appendonly no`) and no RDB snapshots
+    /// (`save ""`). Every restart loses every event, including the store's head, so the store
+    /// cannot even tell its readers that it lost them. See the crate docs, section "Server
+    /// settings".
+    #[error(
+        "the Redis server persists nothing (`appendonly no` and `save \"\"`): a restart loses \
+         every event, and with them the head that lets readers detect the loss; turn on the \
+         append-only file (`appendonly yes`, with `appendfsync always` for an event store of \
+         record) or RDB snapshots, or opt out with `RedisStoreBuilder::allow_no_persistence(true)`"
+    )]
+    NoPersistence,
+    /// A server setting the store must check cannot be read: `INFO` refused (the append script
+    /// needs it too), or `CONFIG GET` refused or renamed while what `INFO` shows does not settle
+    /// the question. The opt-outs ([`allow_eviction`](crate::RedisStoreBuilder::allow_eviction),
+    /// [`allow_no_persistence`](crate::RedisStoreBuilder::allow_no_persistence)) skip the
+    /// corresponding check.
+    #[error("cannot check the Redis server's `{setting}`: {reason}")]
+    SettingUnknown {
+        /// The setting or command.
+        setting: &'static str,
+        /// Why it cannot be read, and what to do.
+        reason: String,
+    },
 }
 
 /// Maps a Redis error to the store error a caller can act on.

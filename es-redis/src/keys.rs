@@ -25,6 +25,7 @@ pub struct Keys {
     dead_letters: Arc<str>,
     checkpoints: Arc<str>,
     checkpoint_generations: Arc<str>,
+    epochs: Arc<str>,
 }
 
 impl Keys {
@@ -45,6 +46,7 @@ impl Keys {
             dead_letters: global("dead-letters"),
             checkpoints: global("checkpoints"),
             checkpoint_generations: global("checkpoint-generations"),
+            epochs: global("epochs"),
         })
     }
 
@@ -73,12 +75,12 @@ impl Keys {
         &self.feed
     }
 
-    /// The hash holding the head, the last assigned global position (field `position`), the
-    /// last `recorded_at` in microseconds (field `recorded_at`) and the last assigned outbox
-    /// position (field `outbox`), and the event-id index: one field per event id (hyphenated, so
-    /// never one of the head fields) holding the event's global position (its stream and version
-    /// are in its feed entry). One hash, so an append reads and writes both with one command
-    /// each.
+    /// The hash holding the head: the last assigned global position (field `position`), the
+    /// last `recorded_at` in microseconds (field `recorded_at`), the last assigned outbox
+    /// position (field `outbox`) and the `run_id` of the server process that wrote last (field
+    /// `run`); and the event-id index: one field per event id (hyphenated, so never one of the
+    /// head fields) holding the event's global position (its stream and version are in its feed
+    /// entry). One hash, so an append reads and writes both with one command each.
     pub fn index(&self) -> &str {
         &self.index
     }
@@ -110,6 +112,13 @@ impl Keys {
     /// The hash holding the checkpoints' generations: projection name → generation (none: 0).
     pub fn checkpoint_generations(&self) -> &str {
         &self.checkpoint_generations
+    }
+
+    /// The Redis stream recording the epochs started after the server changed incarnation; entry
+    /// id `<epoch>-0`, fields `previous_head`, `previous_outbox`, `run_id`, `previous_run_id`,
+    /// `cause` and `recorded_at`. See the [crate documentation](crate#epochs-and-lost-tails).
+    pub fn epochs(&self) -> &str {
+        &self.epochs
     }
 }
 
@@ -156,6 +165,7 @@ mod tests {
             keys.checkpoint_generations(),
             "es:{es:$all}:checkpoint-generations"
         );
+        assert_eq!(keys.epochs(), "es:{es:$all}:epochs");
     }
 
     #[test]

@@ -3,22 +3,28 @@
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
 
-/// The append script: applies a group of appends, each to one stream, in order, atomically as a
-/// whole, each with its own outcome. See the crate docs, sections "The append script" and "Group
-/// commit".
+/// The append function's body: applies a group of appends, each to one stream, in order,
+/// atomically as a whole, each with its own outcome. See the crate docs, sections "The append
+/// script", "Group commit" and "Epochs and lost tails". It runs as a Redis function (see
+/// [`append_library`]), with `KEYS` and `ARGV` as its parameters and `current_run` from the
+/// library.
 ///
-/// KEYS: 1 the feed, 2 the index hash (head fields and event ids), 3 the outbox, then two per
-/// append: the stream's events, its version.
-/// ARGV: 1 the number of appends `m`, then per append: expected version (`any`, `none`,
-/// `exists` or a decimal), stream id, number of events `n`, number of outbox messages `k`, five
-/// per event (event id, type, schema version, payload, metadata) and eight per message (message
-/// id, source event id, topic, key, type, schema version, payload, metadata).
+/// KEYS: 1 the feed, 2 the index hash (head fields and event ids), 3 the outbox, 4 the epoch
+/// history, then two per append: the stream's events, its version.
+/// ARGV: 1 the number of appends `m`, 2 the highest position the calling handle has seen (its
+/// floor), 3 `1` if the store allows an evicting server (else `0`), then per append: expected
+/// version (`any`, `none`, `exists` or a decimal), stream id, number of events `n`, number of
+/// outbox messages `k`, five per event (event id, type, schema version, payload, metadata) and
+/// eight per message (message id, source event id, topic, key, type, schema version, payload,
+/// metadata).
 ///
 /// Lists handed to `unpack` (id lookups, index and version writes) go to `redis.call` in chunks of
 /// 500 keys or 1000 arguments, so that no call exceeds Lua's C stack limit (8000 slots) however
 /// large the group.
 ///
-/// Replies three elements per append, `code, x, y`:
+/// Replies three elements per append, `code, x, y`, then three for the group, `epoch,
+/// previous_head, cause`: the epoch this call began (0 if none), the head it began after and
+/// why (`new`: the store's first write; see the crate docs, section "Epochs and lost tails").
 /// - `0, version, first_position` (`first_position` nil for an empty append): appended;
 /// - `1, refs, nil`: some event ids are stored already, nothing was written; `refs` holds one
 ///   element per event, nil or `"<position> <version> <stream>"` (just `"<position>"` if the
@@ -26,12 +32,21 @@ use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
 /// - `2, actual, nil`: the expected version does not match, nothing was written;
 /// - `3, what, nil`: a key holds data the store did not write, nothing was written;
 /// - `4, error, nil`: the server refused the append's first write (out of memory), nothing was
-///   written.
+///   written;
+/// - `5, policy, nil`: this is the first write of a new server incarnation and the server's
+///   `maxmemory-policy` can evict the store's keys, nothing was written;
+/// - `6, what, nil`: the append would take a position or outbox position above 2^53 - 1 (an
+///   epoch above [`MAX_EPOCH`](es_core::position::MAX_EPOCH)), nothing was written.
 ///
 /// After an append's first write no command of it can fail: every key written is of the right
 /// type (checked by the reads before it or by the guarded first `XADD` of each append) and every
 /// entry id is above the key's last id (the feed and outbox are checked before the first write,
-/// and a stream's first `XADD` fails cleanly if an entry at or beyond its next version exists).
+/// a stream's first `XADD` fails cleanly if an entry at or beyond its next version exists, and a
+/// new epoch's id is above the epoch history's last, read before).
+///
+/// Numbers are Lua doubles: positions, outbox positions and epochs stay below 2^53, where
+/// doubles are exact, and are formatted with `%.0f` where the script builds strings (Lua's
+/// `tostring` would switch to exponent notation above 10^14).
 ///
 /// The script is written for the cost model of Redis' Lua: every string it builds and every
 /// table it creates costs about as much as a small Redis command, so numbers go to `redis.call`
@@ -39,14 +54,19 @@ use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
 /// are one flat table.
 pub(crate) const APPEND: &str = r"
 local m = tonumber(ARGV[1])
+local floor = tonumber(ARGV[2])
+local allow_evict = ARGV[3] == '1'
 local CHUNK = 500
+local SPAN = 4194304
+local ORIGIN = 1704067200
+local LAST = 9007199254740991
 
 local starts, ns, ks, ids, vkeys = {}, {}, {}, {}, {}
 local writes, messages = false, false
-local a, nids = 2, 0
+local a, nids = 4, 0
 for i = 1, m do
   local n, k = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  starts[i], ns[i], ks[i], vkeys[i] = a, n, k, KEYS[3 + 2 * i]
+  starts[i], ns[i], ks[i], vkeys[i] = a, n, k, KEYS[4 + 2 * i]
   for j = a + 4, a + 3 + n * 5, 5 do
     nids = nids + 1
     ids[nids] = ARGV[j]
@@ -58,10 +78,12 @@ end
 
 local found = {}
 local first = math.min(nids, CHUNK)
-local got = redis.call('HMGET', KEYS[2], 'position', 'recorded_at', 'outbox', unpack(ids, 1, first))
+local got = redis.call('HMGET', KEYS[2], 'position', 'recorded_at', 'outbox', 'run',
+  unpack(ids, 1, first))
 local pos, last_at, ob = tonumber(got[1] or '0'), tonumber(got[2] or '0'), tonumber(got[3] or '0')
+local stored_run = got[4]
 for j = 1, first do
-  if got[j + 3] then found[ids[j]] = got[j + 3] end
+  if got[j + 4] then found[ids[j]] = got[j + 4] end
 end
 for s = first + 1, nids, CHUNK do
   local e = math.min(s + CHUNK - 1, nids)
@@ -100,8 +122,42 @@ if head_ok and messages then
   end
 end
 
+-- Which server process is this? Its run_id is new in every process, so a restart (whatever it
+-- replayed) or a failover shows as a run_id the index does not hold; so does the first write
+-- ever. (current_run reads it once per process, see APPEND_LIBRARY.) The first write of a new incarnation, or one that finds the head below what the caller
+-- has already seen, starts an epoch (see es_core::position::next_epoch): the seconds since
+-- 2024-01-01 by the server's clock, but above the last recorded epoch and above the epoch of
+-- every position known to be handed out, so that positions and outbox positions continue above
+-- anything an earlier incarnation can have handed out.
+local run, epoch, cause, evicting = stored_run or '', nil, nil, nil
+local old_pos, old_ob = pos, ob
+if head_ok and writes then
+  run = current_run()
+  if run ~= stored_run or pos < floor then
+    local last = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1]
+    if run == stored_run then cause = ''
+    elseif stored_run or got[1] or last then cause = 'server'
+    else cause = 'new' end
+    if pos < floor then
+      if cause == 'server' then cause = 'server,head' else cause = 'head' end
+    end
+    epoch = math.floor(at / 1000000) - ORIGIN
+    if last then epoch = math.max(epoch, tonumber(string.match(last[1], '^(%d+)-')) + 1) end
+    local handed = math.max(pos, floor)
+    if handed > 0 then epoch = math.max(epoch, math.floor(handed / SPAN) + 1) end
+    pos = epoch * SPAN
+    if ob < pos then ob = pos end
+    if not allow_evict then
+      local policy = string.match(redis.call('INFO', 'memory'), 'maxmemory_policy:([%w%-]+)')
+      if policy ~= 'noeviction' and not (policy and string.find(policy, '^volatile%-')) then
+        evicting = policy or 'unknown'
+      end
+    end
+  end
+end
+
 local versions, changed, written = {}, {}, {}
-local index, nindex = {'position', 0, 'recorded_at', at, 'outbox', 0}, 6
+local index, nindex = {'position', 0, 'recorded_at', at or 0, 'outbox', 0, 'run', run}, 8
 
 local function one(i)
   local h, n, k = starts[i], ns[i], ks[i]
@@ -117,7 +173,7 @@ local function one(i)
       local p = found[ARGV[e]] or written[ARGV[e]]
       local ref = false
       if p then
-        ref = tostring(p)
+        ref = string.format('%.0f', tonumber(p))
         local range = redis.pcall('XRANGE', KEYS[1], p, p)
         local entry = type(range) == 'table' and range.err == nil and range[1]
         if entry then
@@ -154,8 +210,11 @@ local function one(i)
   if not head_ok then return 3, 'head' end
   if not feed_ok then return 3, 'feed' end
   if k > 0 and not outbox_ok then return 3, 'outbox' end
+  if evicting then return 5, evicting end
+  if pos + n > LAST then return 6, 'positions' end
+  if ob + k > LAST then return 6, 'outbox positions' end
 
-  local ekey, stream = KEYS[2 + 2 * i], ARGV[h + 1]
+  local ekey, stream = KEYS[3 + 2 * i], ARGV[h + 1]
   local v, p = cur + 1, pos + 1
   local e = h + 4
   local r = redis.pcall('XADD', ekey, v,
@@ -200,6 +259,7 @@ for i = 1, m do
   replies[3 * i - 2], replies[3 * i - 1], replies[3 * i] = code, x, y or false
 end
 
+local started, started_cause = 0, ''
 if #changed > 0 then
   index[2], index[6] = pos, ob
   for s = 1, nindex, 2 * CHUNK do
@@ -214,9 +274,49 @@ if #changed > 0 then
       sets = {}
     end
   end
+  if epoch then
+    redis.call('XADD', KEYS[4], epoch, 'previous_head', old_pos, 'previous_outbox', old_ob,
+      'run_id', run, 'previous_run_id', stored_run or '', 'cause', cause, 'recorded_at', at)
+    started, started_cause = epoch, cause
+  end
 end
+replies[3 * m + 1], replies[3 * m + 2], replies[3 * m + 3] = started, old_pos, started_cause
 return replies
 ";
+
+/// The library around [`APPEND`]: one function, `es_append_<hash>`, in a library of the same name
+/// (the hash is of the library's code, so that two versions of this crate on one server do not
+/// replace each other's).
+///
+/// The library keeps the server's `run_id` in a local of its own, read with `INFO server` on the
+/// first call and kept for the life of the Lua state. A Lua state lives in one server process,
+/// and a process's `run_id` never changes, so the kept value is always the current process's:
+/// a restart or a failover reaches a process whose state reads it afresh, and `FUNCTION LOAD`
+/// (also by replication or a restore) starts a new state. So every call knows which process it
+/// runs in at the cost of one `INFO` per process, where a script (`EVAL`) can keep nothing
+/// between calls and would pay it on every call.
+pub(crate) fn append_library() -> Function {
+    let hash = redis::Script::new(APPEND).get_hash().to_owned();
+    let name = format!("es_append_{}", &hash[..16]);
+    let code = format!(
+        "#!lua name={name}
+local run_id = nil
+local function current_run()
+  if not run_id then
+    local info = redis.call('INFO', 'server')
+    local s = string.find(info, 'run_id:', 1, true)
+    run_id = s and string.sub(info, s + 7, s + 46) or ''
+  end
+  return run_id
+end
+local function append(KEYS, ARGV)
+{APPEND}
+end
+redis.register_function('{name}', append)
+"
+    );
+    Function { name, code }
+}
 
 /// The snapshot script: upsert-if-newer.
 ///
@@ -308,6 +408,71 @@ impl Lua {
                 {
                     reloads += 1;
                     tracing::debug!(sha = %self.sha, reloads, "script missing on the server; loading it");
+                    self.load(conn).await?;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// A Redis function (Redis 7), alone in a library of the same name: loaded with `FUNCTION LOAD`
+/// when the server does not hold it, called with `FCALL`.
+#[derive(Debug)]
+pub(crate) struct Function {
+    name: String,
+    code: String,
+}
+
+impl Function {
+    /// An `FCALL` command with room for `num_keys` keys; the caller adds the keys, then the
+    /// arguments.
+    pub(crate) fn fcall(&self, num_keys: usize) -> Cmd {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(&self.name).arg(num_keys);
+        cmd
+    }
+
+    /// Whether the server holds the library.
+    async fn loaded(&self, conn: &mut ConnectionManager) -> RedisResult<bool> {
+        let mut cmd = redis::cmd("FUNCTION");
+        cmd.arg("LIST").arg("LIBRARYNAME").arg(&self.name);
+        match query(conn, &cmd).await? {
+            Value::Array(libraries) => Ok(!libraries.is_empty()),
+            _ => Ok(false),
+        }
+    }
+
+    /// Loads the library unless the server holds it (`REPLACE`, so that two stores loading it at
+    /// once both succeed).
+    pub(crate) async fn load(&self, conn: &mut ConnectionManager) -> RedisResult<()> {
+        if self.loaded(conn).await? {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("FUNCTION");
+        cmd.arg("LOAD").arg("REPLACE").arg(&self.code);
+        query(conn, &cmd).await?;
+        Ok(())
+    }
+
+    /// Runs `cmd` (built by [`Function::fcall`]). If it fails with a plain `ERR` and the server
+    /// does not hold the library (`FUNCTION FLUSH`, a restart that lost it with the data), the
+    /// library is loaded and the command sent again: a call of a function the server does not
+    /// hold did not run. Tries [`NOSCRIPT_RELOADS`] times, as [`Lua::invoke`] does.
+    pub(crate) async fn invoke(
+        &self,
+        conn: &mut ConnectionManager,
+        cmd: &Cmd,
+    ) -> RedisResult<Value> {
+        let mut reloads = 0;
+        loop {
+            match query(conn, cmd).await {
+                Err(err) if err.code() == Some("ERR") && reloads < NOSCRIPT_RELOADS => {
+                    if self.loaded(conn).await? {
+                        return Err(err);
+                    }
+                    reloads += 1;
+                    tracing::debug!(function = %self.name, reloads, "function missing on the server; loading it");
                     self.load(conn).await?;
                 }
                 other => return other,

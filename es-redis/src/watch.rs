@@ -5,7 +5,13 @@
 //! The watcher only affects latency: subscriptions read the feed themselves, and
 //! `wait_for_append` also returns after the polling interval, so a dead connection or a
 //! restarting server delays live events by at most that interval.
+//!
+//! [`Head`] also keeps the handle's *floor*, the highest position it has seen (acknowledged to
+//! its appends, read as the head by it or its watcher), which the append script compares with
+//! the stored head to notice a head that moved back (see the crate docs, section "Epochs and
+//! lost tails").
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -21,6 +27,8 @@ use crate::decode;
 #[derive(Debug)]
 pub(crate) struct Head {
     tx: watch::Sender<u64>,
+    /// The highest position this handle has seen.
+    floor: AtomicU64,
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -28,8 +36,19 @@ impl Head {
     pub(crate) fn new() -> Self {
         Self {
             tx: watch::channel(0).0,
+            floor: AtomicU64::new(0),
             task: Mutex::new(None),
         }
+    }
+
+    /// The highest position this handle has seen.
+    pub(crate) fn floor(&self) -> u64 {
+        self.floor.load(Ordering::Acquire)
+    }
+
+    /// Records that `position` was seen stored (read as the head, or acknowledged).
+    pub(crate) fn saw(&self, position: u64) {
+        self.floor.fetch_max(position, Ordering::AcqRel);
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
@@ -38,6 +57,7 @@ impl Head {
 
     /// Raises the published head to `position` (after an append through this handle).
     pub(crate) fn advance(&self, position: u64) {
+        self.saw(position);
         self.tx.send_if_modified(|head| {
             let newer = position > *head;
             if newer {
@@ -80,7 +100,11 @@ pub(crate) struct WatchConfig {
     pub(crate) client: Client,
     pub(crate) feed: Arc<str>,
     pub(crate) index: Arc<str>,
+    /// How long one `XREAD BLOCK` waits.
     pub(crate) block: Duration,
+    pub(crate) connect_timeout: Duration,
+    /// The response time-out of commands other than `XREAD BLOCK` (which gets `block` on top).
+    pub(crate) response_timeout: Duration,
 }
 
 async fn run(head: Weak<Head>, config: WatchConfig) {
@@ -113,10 +137,13 @@ async fn run(head: Weak<Head>, config: WatchConfig) {
     }
 }
 
+/// The watcher's own connection. Its response time-out is the store's plus the block time, so
+/// that an `XREAD BLOCK` that the server answers only when the block time is up does not time
+/// out, and one that a stalled or vanished server never answers does.
 async fn connect(config: &WatchConfig) -> RedisResult<MultiplexedConnection> {
     let settings = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(config.block + Duration::from_secs(5)));
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_response_timeout(Some(config.response_timeout + config.block));
     config
         .client
         .get_multiplexed_async_connection_with_config(&settings)
@@ -140,6 +167,7 @@ async fn step(
     match head.upgrade() {
         // The server's head is authoritative: after data loss it may even move back.
         Some(h) => {
+            h.saw(position);
             h.tx.send_if_modified(|published| {
                 let changed = *published != position;
                 *published = position;

@@ -318,7 +318,7 @@ async fn keys_of_the_wrong_shape_are_corrupt_and_nothing_is_written() {
 
     // An entry beyond the stream's version (XADD with an automatic, time-based id).
     let u = StreamId::parse("order-u").unwrap();
-    append(&store, &u, ExpectedVersion::NoStream, vec![event(1)])
+    let good = append(&store, &u, ExpectedVersion::NoStream, vec![event(1)])
         .await
         .unwrap();
     redis(
@@ -334,7 +334,7 @@ async fn keys_of_the_wrong_shape_are_corrupt_and_nothing_is_written() {
     assert!(matches!(r, Err(StoreError::Corrupt { .. })), "{r:?}");
 
     // None of it wrote anything: the head and the feed hold the one good event.
-    assert_eq!(store.head_position().await.unwrap(), 1);
+    assert_eq!(store.head_position().await.unwrap(), good.positions[0]);
     assert_eq!(read_all(&store).await.unwrap().len(), 1);
     assert_eq!(store.stream_version(&u).await.unwrap(), 1);
 
@@ -354,10 +354,11 @@ async fn keys_of_the_wrong_shape_are_corrupt_and_nothing_is_written() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scripts_lost_after_script_flush_are_reloaded() {
+async fn scripts_and_functions_lost_after_a_flush_are_reloaded() {
     // A server of its own: SCRIPT FLUSH empties the cache of every client of the server.
     let dir = es_test_support::scratch_dir("redis-flush");
-    let server = es_test_support::RedisServer::start(&dir, &[]).expect("start redis-server");
+    let server = es_test_support::RedisServer::start(&dir, &["--appendonly", "yes"])
+        .expect("start redis-server");
     let store = common::store_at(&server.url(), "flush").await;
     let s = StreamId::parse("order-1").unwrap();
     let first = vec![event(1), event(2)];
@@ -365,12 +366,13 @@ async fn scripts_lost_after_script_flush_are_reloaded() {
         .await
         .unwrap();
     redis(&store, redis::cmd("SCRIPT").arg("FLUSH")).await;
+    redis(&store, redis::cmd("FUNCTION").arg("FLUSH")).await;
     let retry = append(&store, &s, ExpectedVersion::NoStream, first)
         .await
         .unwrap();
     assert!(retry.duplicate);
     assert_eq!(retry.positions, r.positions);
-    redis(&store, redis::cmd("SCRIPT").arg("FLUSH")).await;
+    redis(&store, redis::cmd("FUNCTION").arg("FLUSH")).await;
     let next = append(&store, &s, ExpectedVersion::Exact(2), vec![event(3)])
         .await
         .unwrap();
@@ -401,11 +403,16 @@ async fn bad_settings_are_typed_construction_errors() {
             "{bad:?}: {r:?}"
         );
     }
-    let r = RedisStore::builder(url.as_str())
-        .poll_interval(std::time::Duration::ZERO)
-        .build()
-        .await;
-    assert!(matches!(r, Err(Error::InvalidSetting(_))), "{r:?}");
+    for builder in [
+        RedisStore::builder(url.as_str()).poll_interval(std::time::Duration::ZERO),
+        RedisStore::builder(url.as_str()).response_timeout(std::time::Duration::ZERO),
+        RedisStore::builder(url.as_str()).connect_timeout(std::time::Duration::ZERO),
+        RedisStore::builder(url.as_str()).server_check_interval(std::time::Duration::ZERO),
+        RedisStore::builder(url.as_str()).read_page_size(0),
+    ] {
+        let r = builder.build().await;
+        assert!(matches!(r, Err(Error::InvalidSetting(_))), "{r:?}");
+    }
     let r = RedisStore::connect("not a url").await;
     assert!(matches!(r, Err(Error::InvalidUrl(_))), "{r:?}");
     let port = es_test_support::free_port().unwrap();

@@ -1,16 +1,28 @@
-//! Crashes: a redis-server of the test's own with `appendonly yes` / `appendfsync always` is
-//! killed with SIGKILL during concurrent appends and restarted from its AOF, twice.
+//! Crashes and stalls of a redis-server of the test's own.
 //!
-//! Every acknowledged append must be stored exactly once with the versions and positions it was
+//! The crash test runs the server with `appendonly yes` / `appendfsync always`, kills it with
+//! SIGKILL three times during concurrent appends (each time freezing it with SIGSTOP first, at an
+//! arbitrary point of its work, so that the kill is sure to hit appends in flight: sent, not
+//! answered; it counts them and asserts there were some) and restarts it from its AOF. Every
+//! acknowledged append must be stored exactly once with the versions and positions it was
 //! acknowledged with, no batch may be stored in part, every acknowledged append's outbox
-//! messages must be in the outbox exactly once (and nothing else), and two subscribers that tail
-//! the feed through the crashes must deliver exactly the feed.
+//! messages must be in the outbox exactly once (and nothing else), each restart must have
+//! started an epoch right after the last acknowledged position (nothing acknowledged lost), and
+//! two subscribers that tail the feed through the crashes must deliver exactly the feed.
+//!
+//! What a kill of the process can and cannot show: Redis writes a script's effects to the AOF
+//! (`write(2)`) before it sends the reply, in every `appendfsync` mode; the fsync only decides
+//! when the kernel's page cache reaches the disk. A process killed with SIGKILL leaves the page
+//! cache to the kernel, which still writes it out, so this test passes with `appendfsync no` as
+//! well: it proves that acknowledged appends are in the AOF and that a restart replays whole
+//! scripts, not that they were fsynced. Only a crash of the machine (power loss, kernel panic)
+//! separates `always` from `everysec` and `no`, and no test here produces one.
 
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,12 +39,82 @@ use uuid::Uuid;
 
 const PATIENCE: Duration = Duration::from_secs(120);
 
+/// The kills of the crash test, for counting the appends in flight at each.
+///
+/// A kill first freezes the server (SIGSTOP) at whatever point of its event loop it is, waits a
+/// little so that every writer's next append is sent and waiting, then kills it (SIGKILL, which
+/// a stopped process receives too). So the kill lands at an arbitrary instant, like a plain
+/// kill, and it is certain to hit appends in flight: sent (or being sent), with no reply.
+#[derive(Debug, Default)]
+struct Kills {
+    /// Raised once each kill has frozen the server.
+    started: AtomicUsize,
+    /// Per kill, the append attempts it hit.
+    hit: Mutex<Vec<usize>>,
+    /// Appends acknowledged so far.
+    acknowledged: AtomicUsize,
+}
+
+impl Kills {
+    /// Waits until the writers have had `appends` more appends acknowledged (after a restart:
+    /// until they are connected and appending again), so that the next kill hits them at work.
+    async fn wait_for_progress(&self, appends: usize) {
+        let target = self.acknowledged.load(Ordering::SeqCst) + appends;
+        let started = std::time::Instant::now();
+        while self.acknowledged.load(Ordering::SeqCst) < target {
+            assert!(started.elapsed() < PATIENCE, "the writers made no progress");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn kill(&self, server: &mut RedisServer) {
+        signal(server.pid().unwrap(), "STOP");
+        // Counted from here: the frozen server answers nothing until it is killed.
+        let k = self.started.fetch_add(1, Ordering::SeqCst);
+        self.hit.lock().unwrap().resize(k + 1, 0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::task::block_in_place(|| server.kill9()).unwrap();
+    }
+
+    /// Runs one append attempt. One that began before a kill had frozen the server and failed
+    /// after that was in flight when the kill hit (the frozen server answers nothing, so it
+    /// cannot have failed earlier): its outcome was unknown to the caller, committed or not.
+    /// Counts those (and not the ones sent to the frozen server afterwards).
+    async fn attempt(
+        &self,
+        store: &RedisStore,
+        request: AppendRequest,
+    ) -> Result<AppendResult, StoreError> {
+        let before = self.started.load(Ordering::SeqCst);
+        let result = store.append(request).await;
+        let after = self.started.load(Ordering::SeqCst);
+        if result.is_ok() {
+            self.acknowledged.fetch_add(1, Ordering::SeqCst);
+        } else if after > before {
+            let mut hit = self.hit.lock().unwrap();
+            for kill in before..after {
+                hit[kill] += 1;
+            }
+        }
+        result
+    }
+}
+
 /// Appends `request` until it is acknowledged, retrying the same request (idempotent by event
 /// id) while the server is unavailable.
 async fn append_until_acknowledged(store: &RedisStore, request: AppendRequest) -> AppendResult {
+    append_counting(store, request, &Kills::default()).await
+}
+
+/// [`append_until_acknowledged`], counting the attempts in flight at each of `kills`.
+async fn append_counting(
+    store: &RedisStore,
+    request: AppendRequest,
+    kills: &Kills,
+) -> AppendResult {
     let started = std::time::Instant::now();
     loop {
-        match store.append(request.clone()).await {
+        match kills.attempt(store, request.clone()).await {
             Ok(result) => return result,
             Err(err @ StoreError::Unavailable(_)) => {
                 assert!(
@@ -81,6 +163,7 @@ async fn writer(
     store: RedisStore,
     w: usize,
     stop: Arc<AtomicBool>,
+    kills: Arc<Kills>,
 ) -> Vec<(AppendRequest, AppendResult)> {
     const STREAMS_PER_WRITER: usize = 10;
     let mut versions = [0u64; STREAMS_PER_WRITER];
@@ -95,7 +178,7 @@ async fn writer(
         let outbox = messages(i, &batch);
         let request = AppendRequest::new(stream, ExpectedVersion::Exact(versions[k]), batch)
             .with_outbox(outbox);
-        let result = append_until_acknowledged(&store, request.clone()).await;
+        let result = append_counting(&store, request.clone(), &kills).await;
         assert_eq!(
             result.stream_version,
             versions[k] + request.events.len() as u64
@@ -220,9 +303,63 @@ async fn check_outbox(
     );
 }
 
+/// Every incarnation of the server that was written to (the first, and every restart followed
+/// by a write) began an epoch of its own, right after the highest acknowledged position before it
+/// (0 for the first): nothing acknowledged was lost.
+async fn check_epochs(store: &RedisStore, acknowledged: &[(AppendRequest, AppendResult)]) {
+    let epochs = store.epochs().await.unwrap();
+    let mut positions: Vec<u64> = acknowledged
+        .iter()
+        .flat_map(|(_, r)| r.positions.iter().copied())
+        .collect();
+    positions.sort_unstable();
+    let written_in: HashSet<u64> = positions
+        .iter()
+        .map(|p| es_core::position::epoch_of(*p))
+        .collect();
+    assert_eq!(
+        epochs.len(),
+        written_in.len(),
+        "one epoch per incarnation that was written to: {epochs:?}"
+    );
+    assert!(
+        epochs.windows(2).all(|w| w[0].epoch < w[1].epoch),
+        "{epochs:?}"
+    );
+    for start in &epochs {
+        assert!(written_in.contains(&start.epoch), "{epochs:?}");
+        let first = es_core::position::first_of_epoch(start.epoch);
+        let below = positions.iter().copied().rfind(|p| *p < first);
+        assert_eq!(
+            below.unwrap_or(0),
+            start.previous_head,
+            "epoch {} began right after the last acknowledged position",
+            start.epoch
+        );
+    }
+}
+
+/// A subscriber from position 0 that records everything it delivers, up to a `Done` event.
+fn tail(store: &RedisStore) -> tokio::task::JoinHandle<Vec<RecordedEvent>> {
+    let mut sub = store.subscribe(0, EventFilter::all());
+    tokio::spawn(async move {
+        let mut seen: Vec<RecordedEvent> = Vec::new();
+        while let Some(e) = sub.next().await {
+            let e = e.expect("subscriptions retry transient errors");
+            let done = e.event_type == "Done";
+            seen.push(e);
+            if done {
+                break;
+            }
+        }
+        seen
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill9_during_appends_loses_no_acknowledged_append() {
     const WRITERS: usize = 8;
+    const KILLS: usize = 3;
     let dir = scratch_dir("es-redis-kill9");
     let mut server =
         RedisServer::start(&dir, &["--appendonly", "yes", "--appendfsync", "always"]).unwrap();
@@ -233,36 +370,36 @@ async fn kill9_during_appends_loses_no_acknowledged_append() {
         .build()
         .await
         .unwrap();
+    let settings = store.server_settings();
+    assert!(settings.appendonly, "{settings}");
+    assert_eq!(
+        settings.appendfsync.as_deref(),
+        Some("always"),
+        "{settings}"
+    );
 
-    let tail = |store: RedisStore| {
-        let mut sub = store.subscribe(0, EventFilter::all());
-        tokio::spawn(async move {
-            let mut seen: Vec<RecordedEvent> = Vec::new();
-            while let Some(e) = sub.next().await {
-                let e = e.expect("subscriptions retry transient errors");
-                let done = e.event_type == "Done";
-                seen.push(e);
-                if done {
-                    break;
-                }
-            }
-            seen
-        })
-    };
-    let subscribers = [tail(store.clone()), tail(store.clone())];
+    let subscribers = [tail(&store), tail(&store)];
 
     let stop = Arc::new(AtomicBool::new(false));
+    let kills = Arc::new(Kills::default());
     let writers: Vec<_> = (0..WRITERS)
-        .map(|w| tokio::spawn(writer(store.clone(), w, Arc::clone(&stop))))
+        .map(|w| {
+            tokio::spawn(writer(
+                store.clone(),
+                w,
+                Arc::clone(&stop),
+                Arc::clone(&kills),
+            ))
+        })
         .collect();
 
-    for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        tokio::task::block_in_place(|| server.kill9()).unwrap();
+    for _ in 0..KILLS {
+        kills.wait_for_progress(500).await;
+        kills.kill(&mut server).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         tokio::task::block_in_place(|| server.restart()).unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    kills.wait_for_progress(500).await;
     stop.store(true, Ordering::Relaxed);
 
     let mut acknowledged = Vec::new();
@@ -271,10 +408,16 @@ async fn kill9_during_appends_loses_no_acknowledged_append() {
     }
     let retried = acknowledged.iter().filter(|(_, r)| r.duplicate).count();
     let messages: usize = acknowledged.iter().map(|(r, _)| r.outbox.len()).sum();
+    let in_flight = kills.hit.lock().unwrap().clone();
     eprintln!(
         "{} appends acknowledged with {messages} outbox messages, {retried} of them on a retry \
-         after the reply was lost",
+         after the reply was lost; appends in flight at each kill: {in_flight:?}",
         acknowledged.len()
+    );
+    assert_eq!(in_flight.len(), KILLS, "{in_flight:?}");
+    assert!(
+        in_flight.iter().all(|n| *n > 0),
+        "every kill hit appends in flight: {in_flight:?}"
     );
 
     // One more restart from the AOF: what was acknowledged must be on disk, not just in memory.
@@ -283,17 +426,23 @@ async fn kill9_during_appends_loses_no_acknowledged_append() {
     wait_until_available(&store).await;
 
     check_acknowledged(&store, &acknowledged).await;
+    check_epochs(&store, &acknowledged).await;
 
-    let done = NewEvent::from_value("Done", 1, &json!({}));
-    append_until_acknowledged(
-        &store,
-        AppendRequest::new(
-            StreamId::parse("control-1").unwrap(),
-            ExpectedVersion::Any,
-            vec![done],
-        ),
-    )
-    .await;
+    let done = AppendRequest::new(
+        StreamId::parse("control-1").unwrap(),
+        ExpectedVersion::Any,
+        vec![NewEvent::from_value("Done", 1, &json!({}))],
+    );
+    let done_result = append_until_acknowledged(&store, done.clone()).await;
+    // The last restart, too, started an epoch with its first write, after the same head.
+    let last = store.epochs().await.unwrap().last().copied();
+    let last = last.expect("the restarts started epochs");
+    assert_eq!(
+        done_result.positions,
+        [es_core::position::first_of_epoch(last.epoch)]
+    );
+    acknowledged.push((done, done_result));
+    check_epochs(&store, &acknowledged).await;
     let feed: Vec<Uuid> = store
         .read_all(ReadAll::after(0))
         .map_ok(|e| e.event_id)
@@ -356,6 +505,89 @@ async fn server_down_is_unavailable_then_recovers() {
     assert_eq!(store.stream_version(&s).await.unwrap(), 2);
 }
 
+/// Sends `signal` (`STOP`, `CONT`) to the test's own server process.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Resumes a stopped server when dropped, so a failing test does not leave it stopped.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+/// A server that stops answering (SIGSTOP: the process is frozen, its socket still accepts
+/// bytes, so nothing but a time-out can end a call): appends, reads and the head fail as
+/// `Unavailable` instead of hanging, `wait_for_append` still returns, and once the server runs
+/// again the same handle works, and a retry of the append that was stuck is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_server_times_calls_out_instead_of_hanging() {
+    let dir = scratch_dir("es-redis-stall");
+    let server = RedisServer::start(&dir, &["--appendonly", "yes"]).unwrap();
+    let store = RedisStore::builder(server.url())
+        .prefix("stall")
+        .response_timeout(Duration::from_millis(500))
+        .connect_timeout(Duration::from_millis(500))
+        .poll_interval(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let s = StreamId::parse("order-1").unwrap();
+    let first = NewEvent::from_value("Placed", 1, &json!({}));
+    store
+        .append(AppendRequest::new(
+            s.clone(),
+            ExpectedVersion::NoStream,
+            vec![first],
+        ))
+        .await
+        .unwrap();
+
+    let pid = server.pid().unwrap();
+    signal(pid, "STOP");
+    let resume = Resume(pid);
+    let second = NewEvent::from_value("Paid", 1, &json!({}));
+    let request = AppendRequest::new(s.clone(), ExpectedVersion::Exact(1), vec![second]);
+    let err = tokio::time::timeout(PATIENCE, store.append(request.clone()))
+        .await
+        .expect("the append times out rather than hangs")
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    let err = tokio::time::timeout(PATIENCE, store.head_position())
+        .await
+        .expect("the head read times out rather than hangs")
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    let read = tokio::time::timeout(
+        PATIENCE,
+        store.read_all(ReadAll::after(0)).try_collect::<Vec<_>>(),
+    )
+    .await
+    .expect("the read times out rather than hangs");
+    assert!(matches!(read, Err(StoreError::Unavailable(_))), "{read:?}");
+    tokio::time::timeout(PATIENCE, store.wait_for_append(1))
+        .await
+        .expect("waiting for appends returns after the poll interval");
+
+    drop(resume);
+    let result = append_until_acknowledged(&store, request).await;
+    assert_eq!(result.stream_version, 2);
+    let stored: Vec<RecordedEvent> = store
+        .read_stream(&s, ReadStream::forward())
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 2, "the stuck append is stored once");
+}
+
 /// On Redis Cluster (here a one-node cluster owning every slot) the append script's keys span two
 /// slots (the stream's and the global feed's), which Cluster refuses with `CROSSSLOT`: the store
 /// reports a typed error and writes nothing, as the crate docs say.
@@ -369,6 +601,8 @@ async fn cluster_refuses_cross_slot_appends_without_writing() {
             "yes",
             "--cluster-config-file",
             "nodes.conf",
+            "--appendonly",
+            "yes",
         ],
     )
     .unwrap();

@@ -14,6 +14,8 @@ use proptest::prelude::*;
 use serde_json::json;
 use uuid::Uuid;
 
+use es_core::position::{epoch_of, first_of_epoch, EpochStart, EPOCH_BITS};
+
 use crate::RedisStore;
 
 async fn store(name: &str) -> RedisStore {
@@ -29,6 +31,16 @@ async fn store(name: &str) -> RedisStore {
         .build()
         .await
         .expect("a Redis server at REDIS_URL")
+}
+
+/// A position's sequence within its epoch: a store's first incarnation numbers its positions
+/// (and outbox positions) `first_of_epoch(e)`, `+1`, ..., whose sequences are 1, 2, ....
+fn seq(position: u64) -> u64 {
+    position - (epoch_of(position) << EPOCH_BITS)
+}
+
+fn seqs(positions: &[u64]) -> Vec<u64> {
+    positions.iter().copied().map(seq).collect()
 }
 
 /// Runs `requests` as one script call.
@@ -95,13 +107,10 @@ async fn appends_in_one_group_see_each_other() {
     .await;
     let ok = |i: usize| results[i].as_ref().unwrap().clone();
     assert_eq!(
-        (ok(0).stream_version, ok(0).positions.clone()),
+        (ok(0).stream_version, seqs(&ok(0).positions)),
         (2, vec![1, 2])
     );
-    assert_eq!(
-        (ok(1).stream_version, ok(1).positions.clone()),
-        (3, vec![3])
-    );
+    assert_eq!((ok(1).stream_version, seqs(&ok(1).positions)), (3, vec![3]));
     assert!(
         matches!(results[2], Err(StoreError::Conflict { actual: 3, .. })),
         "{:?}",
@@ -111,7 +120,7 @@ async fn appends_in_one_group_see_each_other() {
         ok(3),
         AppendResult {
             stream_version: 2,
-            positions: vec![1, 2],
+            positions: ok(0).positions,
             duplicate: true
         }
     );
@@ -121,11 +130,8 @@ async fn appends_in_one_group_see_each_other() {
         results[4]
     );
     assert_eq!((ok(5).stream_version, ok(5).positions.len()), (3, 0));
-    assert_eq!(
-        (ok(6).stream_version, ok(6).positions.clone()),
-        (1, vec![4])
-    );
-    assert_eq!(store.head_position().await.unwrap(), 4);
+    assert_eq!((ok(6).stream_version, seqs(&ok(6).positions)), (1, vec![4]));
+    assert_eq!(store.head_position().await.unwrap(), ok(6).positions[0]);
     assert_eq!(store.stream_version(&stream("order-1")).await.unwrap(), 3);
     assert_eq!(store.stream_version(&stream("order-2")).await.unwrap(), 1);
 }
@@ -176,7 +182,11 @@ async fn a_corrupt_stream_fails_alone() {
     let results = group(&store, &requests).await;
     for (i, r) in results.iter().enumerate() {
         if i % 2 == 0 {
-            assert_eq!(r.as_ref().unwrap().positions, vec![i as u64 / 2 + 1], "{i}");
+            assert_eq!(
+                seqs(&r.as_ref().unwrap().positions),
+                vec![i as u64 / 2 + 1],
+                "{i}"
+            );
         } else {
             assert!(matches!(r, Err(StoreError::Corrupt { .. })), "{i}: {r:?}");
         }
@@ -196,7 +206,7 @@ async fn a_corrupt_stream_fails_alone() {
         .collect();
     assert_eq!(sources, expected);
     assert_eq!(
-        outbox.iter().map(|r| r.position).collect::<Vec<_>>(),
+        outbox.iter().map(|r| seq(r.position)).collect::<Vec<_>>(),
         [1, 2, 3]
     );
     assert_eq!(
@@ -222,13 +232,13 @@ async fn a_corrupt_outbox_fails_only_appends_with_messages() {
     let m = message(&e, 2);
     let with_message = append("order-2", ExpectedVersion::Any, vec![e]).with_outbox(vec![m]);
     let results = group(&store, &[plain, with_message]).await;
-    assert!(results[0].is_ok(), "{:?}", results[0]);
+    let first = results[0].as_ref().unwrap().positions[0];
     assert!(
         matches!(&results[1], Err(StoreError::Corrupt { reason, .. }) if reason.contains("outbox")),
         "{:?}",
         results[1]
     );
-    assert_eq!(store.head_position().await.unwrap(), 1);
+    assert_eq!(store.head_position().await.unwrap(), first);
 }
 
 /// Concurrent appends through the store's own path: identical retries racing each other store
@@ -260,7 +270,237 @@ async fn racing_identical_retries_store_once() {
         }
         assert_eq!(fresh, 1, "round {round}: stored exactly once");
     }
-    assert_eq!(store.head_position().await.unwrap(), 40);
+    assert_eq!(seq(store.head_position().await.unwrap()), 40);
+}
+
+/// The seconds since 2024-01-01 now: the least epoch a new incarnation can start.
+fn clock_epoch() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    now - es_core::position::EPOCH_CLOCK_ORIGIN
+}
+
+/// The script's constants are es-core's.
+#[test]
+fn the_script_numbers_epochs_as_es_core_does() {
+    let script = crate::script::APPEND;
+    assert!(script.contains(&format!("local SPAN = {}\n", 1u64 << EPOCH_BITS)));
+    assert!(script.contains(&format!(
+        "local ORIGIN = {}\n",
+        es_core::position::EPOCH_CLOCK_ORIGIN
+    )));
+    assert!(script.contains(&format!("local LAST = {}\n", (1u64 << 53) - 1)));
+    assert_eq!(
+        first_of_epoch(es_core::position::MAX_EPOCH) + (1 << EPOCH_BITS) - 2,
+        (1 << 53) - 1
+    );
+}
+
+/// The first write of a store begins an epoch numbered from the server's clock, recorded with
+/// head 0; a later write of the same incarnation does not begin another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_write_ever_begins_an_epoch_from_the_clock() {
+    let before = clock_epoch();
+    let store = store("first").await;
+    assert!(store.epochs().await.unwrap().is_empty());
+    let r = store
+        .append(append(
+            "order-1",
+            ExpectedVersion::NoStream,
+            vec![event(1), event(2)],
+        ))
+        .await
+        .unwrap();
+    let epoch = epoch_of(r.positions[0]);
+    assert!(
+        epoch >= before && epoch <= clock_epoch() + 1,
+        "{epoch} vs {before}"
+    );
+    assert_eq!(
+        r.positions,
+        [first_of_epoch(epoch), first_of_epoch(epoch) + 1]
+    );
+    let more = store
+        .append(append("order-1", ExpectedVersion::Exact(2), vec![event(3)]))
+        .await
+        .unwrap();
+    assert_eq!(more.positions, [first_of_epoch(epoch) + 2]);
+    assert_eq!(
+        store.epochs().await.unwrap(),
+        [EpochStart {
+            epoch,
+            previous_head: 0
+        }]
+    );
+}
+
+/// The error inside a `StoreError::Backend`, as this crate's `Error`.
+fn crate_error(err: &StoreError) -> Option<&crate::Error> {
+    match err {
+        StoreError::Backend(source) => source.downcast_ref::<crate::Error>(),
+        _ => None,
+    }
+}
+
+/// The script's own check, on the first write of a new server incarnation, refuses an evicting
+/// policy even where the store's background task has not read it yet (here the group is sent
+/// directly, past the store's check; the index's `run` field is set to another process's id,
+/// which is what a restart or failover looks like to the script).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_write_of_a_new_incarnation_checks_the_eviction_policy() {
+    let dir = es_test_support::scratch_dir("es-redis-unit-evict");
+    let server = es_test_support::RedisServer::start(&dir, &["--appendonly", "yes"]).unwrap();
+    let store = RedisStore::builder(server.url())
+        .prefix("unit")
+        .build()
+        .await
+        .unwrap();
+    let first = group(
+        &store,
+        &[append("order-1", ExpectedVersion::Any, vec![event(1)])],
+    )
+    .await;
+    let head = first[0].as_ref().unwrap().positions[0];
+    let epochs = store.epochs().await.unwrap();
+
+    let keys = store.keys().clone();
+    redis(
+        &store,
+        redis::cmd("HSET")
+            .arg(keys.index())
+            .arg("run")
+            .arg("0".repeat(40)),
+    )
+    .await;
+    redis(
+        &store,
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg("allkeys-random"),
+    )
+    .await;
+    let refused = group(
+        &store,
+        &[append("order-1", ExpectedVersion::Any, vec![event(2)])],
+    )
+    .await;
+    match refused[0].as_ref().map_err(crate_error) {
+        Err(Some(crate::Error::EvictionPolicy { policy })) => assert_eq!(policy, "allkeys-random"),
+        other => panic!("expected EvictionPolicy, got {other:?}"),
+    }
+    assert_eq!(store.head_position().await.unwrap(), head);
+    assert_eq!(store.epochs().await.unwrap(), epochs, "no epoch began");
+
+    redis(
+        &store,
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg("noeviction"),
+    )
+    .await;
+    let ok = group(
+        &store,
+        &[append("order-1", ExpectedVersion::Any, vec![event(3)])],
+    )
+    .await;
+    let position = ok[0].as_ref().unwrap().positions[0];
+    let epoch = epoch_of(position);
+    assert!(epoch > epoch_of(head));
+    assert_eq!(position, first_of_epoch(epoch));
+    let now = store.epochs().await.unwrap();
+    assert_eq!(now.len(), 2);
+    assert_eq!(
+        now[1],
+        EpochStart {
+            epoch,
+            previous_head: head
+        }
+    );
+}
+
+/// Positions are Lua doubles in the script: exact up to 2^53 - 1, and the store refuses to go
+/// beyond, typed and without writing. Positions above 10^14 (every position of an epoch numbered
+/// from the clock is) are formatted in full where the script builds strings (the duplicate
+/// lookup of ids written earlier in the same call), so a retry is still recognised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_stay_exact_up_to_two_to_the_53() {
+    const LAST: u64 = (1 << 53) - 1;
+    let store = store("last").await;
+    let keys = store.keys().clone();
+    let first = append("order-1", ExpectedVersion::NoStream, vec![event(1)]);
+    let r = store.append(first.clone()).await.unwrap();
+    assert!(r.positions[0] > 100_000_000_000_000);
+    let retry = store.append(first).await.unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(retry.positions, r.positions);
+
+    redis(
+        &store,
+        redis::cmd("HSET")
+            .arg(keys.index())
+            .arg("position")
+            .arg(LAST - 2),
+    )
+    .await;
+    // An append and its retry in one group: the retry finds the ids the append just wrote.
+    let pair = append(
+        "order-2",
+        ExpectedVersion::NoStream,
+        vec![event(2), event(3)],
+    );
+    let both = group(&store, &[pair.clone(), pair.clone()]).await;
+    let r = both[0].as_ref().unwrap();
+    assert_eq!(r.positions, [LAST - 1, LAST]);
+    let in_group = both[1].as_ref().unwrap();
+    assert!(in_group.duplicate);
+    assert_eq!(in_group.positions, [LAST - 1, LAST]);
+    let retry = store.append(pair).await.unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(retry.positions, [LAST - 1, LAST]);
+    let read: Vec<u64> = store
+        .read_all(ReadAll::after(LAST - 2))
+        .map_ok(|e| e.global_position)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(read, [LAST - 1, LAST]);
+
+    let over = store
+        .append(append("order-3", ExpectedVersion::NoStream, vec![event(4)]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&over, StoreError::Backend(e) if e.to_string().contains("2^53")),
+        "{over:?}"
+    );
+    assert_eq!(store.head_position().await.unwrap(), LAST);
+    assert_eq!(store.stream_version(&stream("order-3")).await.unwrap(), 0);
+
+    // A new incarnation after a head in the last epoch would begin above it, at 2^53: refused
+    // the same way. (The `run` field set to another process's id makes the next write the first
+    // of a new incarnation.)
+    let epochs = store.epochs().await.unwrap();
+    redis(
+        &store,
+        redis::cmd("HSET")
+            .arg(keys.index())
+            .arg("run")
+            .arg("0".repeat(40)),
+    )
+    .await;
+    let over = store
+        .append(append("order-3", ExpectedVersion::NoStream, vec![event(5)]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&over, StoreError::Backend(e) if e.to_string().contains("2^53")),
+        "{over:?}"
+    );
+    assert_eq!(store.epochs().await.unwrap(), epochs);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -353,7 +593,13 @@ fn build(spec: &Spec, sent: &[AppendRequest], step: usize) -> AppendRequest {
 
 fn outcome(r: &Result<AppendResult, StoreError>) -> String {
     match r {
-        Ok(r) => format!("{r:?}"),
+        Ok(r) => format!(
+            "{:?}",
+            AppendResult {
+                positions: seqs(&r.positions),
+                ..r.clone()
+            }
+        ),
         Err(StoreError::Conflict { actual, .. }) => format!("Conflict({actual})"),
         Err(StoreError::DuplicateEvent { event_id, .. }) => format!("Duplicate({event_id})"),
         Err(other) => format!("unexpected: {other}"),
@@ -363,7 +609,7 @@ fn outcome(r: &Result<AppendResult, StoreError>) -> String {
 fn comparable(records: Vec<OutboxRecord>) -> Vec<(u64, StreamId, OutboxMessage)> {
     records
         .into_iter()
-        .map(|r| (r.position, r.stream_id, r.message))
+        .map(|r| (seq(r.position), r.stream_id, r.message))
         .collect()
 }
 
@@ -403,7 +649,7 @@ proptest! {
             let feed = |events: Vec<es_core::RecordedEvent>| -> Vec<_> {
                 events
                     .into_iter()
-                    .map(|e| (e.global_position, e.event_id, e.stream_id, e.stream_version, e.payload))
+                    .map(|e| (seq(e.global_position), e.event_id, e.stream_id, e.stream_version, e.payload))
                     .collect()
             };
             let all = ReadAll::after(0);
