@@ -84,14 +84,14 @@ pub mod __private;
 pub use aggregate::{Aggregate, Apply, ApplyEvent, Decision};
 pub use event::{DomainEvent, EventSchema, Metadata, NewEvent, PayloadError, RecordedEvent};
 pub use outbox::{
-    DeadLetter, OutboxMessage, OutboxRecord, OutboxStore, PublishOutcome, Publisher, Rejection,
-    Relay, RelayConfig, RelayError, RelayStatus, RelayStep, Translator,
+    DeadLetter, Delivered, OutboxMessage, OutboxRecord, OutboxStore, PublishOutcome, Publisher,
+    Rejection, Relay, RelayConfig, RelayError, RelayStatus, RelayStep, Translator,
 };
+pub use position::EpochStart;
 pub use projection::{
     AtLeastOnce, Checkpoint, CheckpointStore, Projection, ProjectionError, ProjectionHandle,
     ProjectionRunner, ProjectionSink, ProjectionStatus, RunnerConfig,
 };
-pub use position::EpochStart;
 pub use repository::{
     AsOf, BuildError, Executed, Loaded, Repository, RepositoryBuilder, RepositoryError,
     RetryPolicy, SnapshotContext, SnapshotPolicy,

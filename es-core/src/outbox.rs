@@ -135,11 +135,36 @@ pub struct OutboxRecord {
     pub message: OutboxMessage,
 }
 
-/// A record to move from the outbox to the dead-letter list.
+/// A record the broker acknowledged, to mark delivered: its outbox position and its message id.
+///
+/// A store deletes the record at `position` only while it still holds `message_id` there, so a
+/// delivery mark can never remove another record that took the position (after a store lost its
+/// tail and handed outbox positions out again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Delivered {
+    /// The record's outbox position.
+    pub position: u64,
+    /// Its message id.
+    pub message_id: Uuid,
+}
+
+impl From<&OutboxRecord> for Delivered {
+    fn from(record: &OutboxRecord) -> Self {
+        Self {
+            position: record.position,
+            message_id: record.message.message_id,
+        }
+    }
+}
+
+/// A record to move from the outbox to the dead-letter list (only while the outbox still holds
+/// `message_id` at `position`, as for [`Delivered`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     /// The record's outbox position.
     pub position: u64,
+    /// Its message id.
+    pub message_id: Uuid,
     /// Why it can never be published.
     pub error: String,
     /// How many times it was sent to the broker (0: refused by [`Publisher::check`] before
@@ -217,15 +242,17 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
     /// Up to `limit` undelivered records, in outbox order.
     fn pending_outbox(&self, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>>;
 
-    /// Marks the records at `positions` delivered (removes them from the outbox), if
-    /// `generation` is still the lease's generation; otherwise fails with
-    /// [`StoreError::Fenced`] and marks nothing. Positions not pending are ignored (idempotent).
-    fn mark_delivered(&self, generation: u64, positions: &[u64]) -> impl StoreFuture<()>;
+    /// Marks the `delivered` records delivered (removes them from the outbox), if `generation`
+    /// is still the lease's generation; otherwise fails with [`StoreError::Fenced`] and marks
+    /// nothing. A position that is not pending, or holds another message, is left alone
+    /// (idempotent).
+    fn mark_delivered(&self, generation: u64, delivered: &[Delivered]) -> impl StoreFuture<()>;
 
     /// Moves the records of `rejections` from the outbox to the dead-letter list, with their
     /// errors, attempts and the store's time, if `generation` is still the lease's generation;
     /// otherwise fails with [`StoreError::Fenced`] and moves nothing. Atomic: every record is
-    /// moved or none. Positions not pending are ignored. Records the last error (see
+    /// moved or none. Positions not pending, or holding another message, are ignored. Records
+    /// the last error (see
     /// [`relay_status`](Self::relay_status)).
     fn dead_letter(&self, generation: u64, rejections: &[Rejection]) -> impl StoreFuture<()>;
 
@@ -478,6 +505,7 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
                         Ok(()) => ok.push(record),
                         Err(error) => refused.push(Rejection {
                             position: record.position,
+                            message_id: record.message.message_id,
                             attempts: self.attempts_of(record.position),
                             error,
                         }),
@@ -504,11 +532,12 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
                 match outcome {
                     PublishOutcome::Acknowledged => {
                         if in_order {
-                            delivered.push(record.position);
+                            delivered.push(Delivered::from(record));
                         }
                     }
                     PublishOutcome::Rejected(error) => rejected.push(Rejection {
                         position: record.position,
+                        message_id: record.message.message_id,
                         attempts: self.attempts_of(record.position) + 1,
                         error,
                     }),
@@ -532,7 +561,7 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
         &self,
         generation: u64,
         rejected: &[Rejection],
-        delivered: &[u64],
+        delivered: &[Delivered],
         failed: usize,
     ) -> Result<RelayStep, StoreError> {
         let fenced = |err: &StoreError| matches!(err, StoreError::Fenced { .. });
@@ -556,7 +585,7 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
             rejected
                 .iter()
                 .map(|r| r.position)
-                .chain(delivered.iter().copied()),
+                .chain(delivered.iter().map(|d| d.position)),
         );
         let (delivered, dead_lettered) = (delivered.len(), rejected.len());
         Ok(if failed > 0 {

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use es_core::event::now_micros;
-use es_core::outbox::{DeadLetter, LastRejection, LeaseState, Rejection, RelayStatus};
+use es_core::outbox::{DeadLetter, Delivered, LastRejection, LeaseState, Rejection, RelayStatus};
 use es_core::projection::{Checkpoint, HandlerError};
 use es_core::store::{classify_retry, StoreFuture, StoredEventRef};
 use es_core::{
@@ -639,11 +639,17 @@ impl OutboxStore for InMemoryStore {
         futures::future::ready(Ok(records))
     }
 
-    fn mark_delivered(&self, generation: u64, positions: &[u64]) -> impl StoreFuture<()> {
+    fn mark_delivered(&self, generation: u64, delivered: &[Delivered]) -> impl StoreFuture<()> {
         let mut state = self.inner.lock();
         let result = Self::check_fence(&state, generation).map(|()| {
-            for position in positions {
-                state.outbox.remove(position);
+            for d in delivered {
+                if state
+                    .outbox
+                    .get(&d.position)
+                    .is_some_and(|r| r.message.message_id == d.message_id)
+                {
+                    state.outbox.remove(&d.position);
+                }
             }
         });
         futures::future::ready(result)
@@ -654,7 +660,11 @@ impl OutboxStore for InMemoryStore {
         let result = Self::check_fence(&state, generation).map(|()| {
             let dead_at = now_micros();
             for r in rejections {
-                if let Some(record) = state.outbox.remove(&r.position) {
+                let holds = state
+                    .outbox
+                    .get(&r.position)
+                    .is_some_and(|record| record.message.message_id == r.message_id);
+                if let Some(record) = holds.then(|| state.outbox.remove(&r.position)).flatten() {
                     state.dead_letters.insert(
                         r.position,
                         DeadLetter {

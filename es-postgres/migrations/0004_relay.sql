@@ -40,11 +40,14 @@ CREATE TABLE __SCHEMA__.outbox_dead_letters (
     CONSTRAINT outbox_dead_letters_pkey PRIMARY KEY (position)
 );
 
--- Deletes the outbox records at p_positions if p_generation is the lease's generation. The lease
--- row is share-locked for the statement, so a relay taking the lease over (which updates the
--- row) waits for this to commit, and a mark that comes after the takeover is refused: a mark is
--- either before the takeover or refused, never after it. Returns whether it was allowed.
-CREATE FUNCTION __SCHEMA__.relay_mark_delivered(p_generation bigint, p_positions bigint[])
+-- Deletes the outbox records at p_positions that still hold the messages p_message_ids (arrays
+-- in step; a position that holds another message, after a lost tail handed it out again, is left
+-- alone) if p_generation is the lease's generation. The lease row is share-locked for the
+-- statement, so a relay taking the lease over (which updates the row) waits for this to commit,
+-- and a mark that comes after the takeover is refused: a mark is either before the takeover or
+-- refused, never after it. Returns whether it was allowed.
+CREATE FUNCTION __SCHEMA__.relay_mark_delivered(p_generation bigint, p_positions bigint[],
+                                                p_message_ids uuid[])
 RETURNS boolean LANGUAGE plpgsql AS $fn$
 BEGIN
     PERFORM 1 FROM __SCHEMA__.relay_leases
@@ -52,17 +55,21 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    DELETE FROM __SCHEMA__.outbox WHERE position = ANY (p_positions);
+    DELETE FROM __SCHEMA__.outbox o
+     USING unnest(p_positions, p_message_ids) AS d(position, message_id)
+     WHERE o.position = d.position AND o.message_id = d.message_id;
     RETURN true;
 END
 $fn$;
 
--- Moves the outbox records at p_positions to the dead letters with their errors and attempts
--- (arrays in step), if p_generation is the lease's generation, and records the last one moved
--- (in the order given) as the lease's last error. Positions not in the outbox are ignored.
--- Returns whether it was allowed.
+-- Moves the outbox records at p_positions that still hold the messages p_message_ids to the dead
+-- letters with their errors and attempts (arrays in step), if p_generation is the lease's
+-- generation, and records the last one moved (in the order given) as the lease's last error.
+-- Positions not in the outbox, or holding other messages, are ignored. Returns whether it was
+-- allowed.
 CREATE FUNCTION __SCHEMA__.relay_dead_letter(p_generation bigint, p_positions bigint[],
-                                             p_errors text[], p_attempts integer[])
+                                             p_message_ids uuid[], p_errors text[],
+                                             p_attempts integer[])
 RETURNS boolean LANGUAGE plpgsql AS $fn$
 DECLARE
     now_ts   timestamptz := clock_timestamp();
@@ -75,10 +82,11 @@ BEGIN
         RETURN false;
     END IF;
     WITH r AS (
-        SELECT * FROM unnest(p_positions, p_errors, p_attempts) WITH ORDINALITY
-               AS r(position, error, attempts, ord)
+        SELECT * FROM unnest(p_positions, p_message_ids, p_errors, p_attempts) WITH ORDINALITY
+               AS r(position, message_id, error, attempts, ord)
     ), gone AS (
-        DELETE FROM __SCHEMA__.outbox o USING r WHERE o.position = r.position
+        DELETE FROM __SCHEMA__.outbox o USING r
+         WHERE o.position = r.position AND o.message_id = r.message_id
         RETURNING o.*, r.error AS error, r.attempts AS attempts, r.ord AS ord
     ), parked AS (
         INSERT INTO __SCHEMA__.outbox_dead_letters (position, stream_id, message_id,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use es_core::outbox::{DeadLetter, LastRejection, LeaseState, Rejection, RelayStatus};
+use es_core::outbox::{DeadLetter, Delivered, LastRejection, LeaseState, Rejection, RelayStatus};
 use es_core::projection::Checkpoint;
 use es_core::store::StoreFuture;
 use es_core::{
@@ -118,14 +118,16 @@ impl OutboxStore for PgStore {
         })
     }
 
-    fn mark_delivered(&self, generation: u64, positions: &[u64]) -> impl StoreFuture<()> {
-        let sql = sql(self, "SELECT __S__.relay_mark_delivered($1, $2)");
+    fn mark_delivered(&self, generation: u64, delivered: &[Delivered]) -> impl StoreFuture<()> {
+        let sql = sql(self, "SELECT __S__.relay_mark_delivered($1, $2, $3)");
         let pool = self.inner.pool.clone();
-        let positions: Vec<i64> = positions.iter().map(|p| to_i64(*p)).collect();
+        let positions: Vec<i64> = delivered.iter().map(|d| to_i64(d.position)).collect();
+        let ids: Vec<Uuid> = delivered.iter().map(|d| d.message_id).collect();
         timed(self.inner.query_timeout, async move {
             let allowed: bool = sqlx::query_scalar(sql)
                 .bind(to_i64(generation))
                 .bind(positions)
+                .bind(ids)
                 .fetch_one(&pool)
                 .await
                 .map_err(store_error)?;
@@ -138,9 +140,10 @@ impl OutboxStore for PgStore {
     }
 
     fn dead_letter(&self, generation: u64, rejections: &[Rejection]) -> impl StoreFuture<()> {
-        let sql = sql(self, "SELECT __S__.relay_dead_letter($1, $2, $3, $4)");
+        let sql = sql(self, "SELECT __S__.relay_dead_letter($1, $2, $3, $4, $5)");
         let pool = self.inner.pool.clone();
         let positions: Vec<i64> = rejections.iter().map(|r| to_i64(r.position)).collect();
+        let ids: Vec<Uuid> = rejections.iter().map(|r| r.message_id).collect();
         // PostgreSQL text cannot hold NUL.
         let errors: Vec<String> = rejections
             .iter()
@@ -154,6 +157,7 @@ impl OutboxStore for PgStore {
             let allowed: bool = sqlx::query_scalar(sql)
                 .bind(to_i64(generation))
                 .bind(positions)
+                .bind(ids)
                 .bind(errors)
                 .bind(attempts)
                 .fetch_one(&pool)

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use es_core::outbox::{DeadLetter, LastRejection, LeaseState, Rejection, RelayStatus};
+use es_core::outbox::{DeadLetter, Delivered, LastRejection, LeaseState, Rejection, RelayStatus};
 use es_core::projection::Checkpoint;
 use es_core::store::StoreFuture;
 use es_core::{
@@ -59,18 +59,37 @@ end
 return 0
 ";
 
-/// Delivery marks: deletes outbox entries if the caller's generation is the lease's.
+/// Delivery marks: deletes outbox entries if the caller's generation is the lease's, each only
+/// while it still holds the message delivered (a position handed out again after a lost tail
+/// holds another one).
 ///
-/// KEYS: 1 the relay hash, 2 the outbox. ARGV: generation, then outbox positions. Replies 1 if
-/// allowed (positions not in the outbox are ignored), 0 if the generation moved on (nothing
-/// deleted).
+/// KEYS: 1 the relay hash, 2 the outbox. ARGV: generation, then per record its outbox position
+/// and message id. Replies 1 if allowed (positions not in the outbox, or holding another message,
+/// are ignored), 0 if the generation moved on (nothing deleted).
 const MARK_DELIVERED: &str = r"
 if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[1] then return 0 end
-for s = 2, #ARGV, 500 do
-  local ids = {}
-  for i = s, math.min(s + 499, #ARGV) do ids[#ids + 1] = ARGV[i] .. '-0' end
-  redis.call('XDEL', KEYS[2], unpack(ids))
+local gone, n = {}, 0
+for i = 2, #ARGV, 2 do
+  local id = ARGV[i] .. '-0'
+  local entry = redis.call('XRANGE', KEYS[2], id, id)[1]
+  if entry then
+    local f = entry[2]
+    for j = 1, #f, 2 do
+      if f[j] == 'message_id' then
+        if f[j + 1] == ARGV[i + 1] then
+          n = n + 1
+          gone[n] = id
+        end
+        break
+      end
+    end
+  end
+  if n >= 500 then
+    redis.call('XDEL', KEYS[2], unpack(gone))
+    gone, n = {}, 0
+  end
 end
+if n > 0 then redis.call('XDEL', KEYS[2], unpack(gone)) end
 return 1
 ";
 
@@ -78,7 +97,8 @@ return 1
 /// lease's, and records the last one moved as the lease's last error.
 ///
 /// KEYS: 1 the relay hash, 2 the outbox, 3 the dead letters (sorted set). ARGV: generation, then
-/// per record its outbox position, error text and attempts. Each dead letter is one member,
+/// per record its outbox position, message id, error text and attempts (an entry holding another
+/// message is left alone). Each dead letter is one member,
 /// scored by its outbox position: the entry's fields and values, then `position`, `error`,
 /// `attempts` and `dead_at` (µs, server clock) with theirs, each as `<length>:<bytes>`, so any
 /// byte can appear. Replies 1 if allowed (positions not in the outbox are ignored), 0 if the
@@ -88,20 +108,30 @@ if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[1] then return 0 end
 local t = redis.call('TIME')
 local now = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
 local last, last_error
-for i = 2, #ARGV, 3 do
+for i = 2, #ARGV, 4 do
   local p = ARGV[i]
   local entry = redis.call('XRANGE', KEYS[2], p .. '-0', p .. '-0')[1]
+  if entry then
+    local holds = false
+    for j = 1, #entry[2], 2 do
+      if entry[2][j] == 'message_id' then
+        holds = entry[2][j + 1] == ARGV[i + 1]
+        break
+      end
+    end
+    if not holds then entry = nil end
+  end
   if entry then
     local parts = {}
     local function put(s) parts[#parts + 1] = #s .. ':' .. s end
     for _, v in ipairs(entry[2]) do put(v) end
     put('position') put(p)
-    put('error') put(ARGV[i + 1])
-    put('attempts') put(ARGV[i + 2])
+    put('error') put(ARGV[i + 2])
+    put('attempts') put(ARGV[i + 3])
     put('dead_at') put(now)
     redis.call('ZADD', KEYS[3], p, table.concat(parts))
     redis.call('XDEL', KEYS[2], p .. '-0')
-    last, last_error = p, ARGV[i + 1]
+    last, last_error = p, ARGV[i + 2]
   end
 end
 if last then
@@ -325,13 +355,18 @@ impl OutboxStore for RedisStore {
         }
     }
 
-    fn mark_delivered(&self, generation: u64, positions: &[u64]) -> impl StoreFuture<()> {
+    fn mark_delivered(&self, generation: u64, delivered: &[Delivered]) -> impl StoreFuture<()> {
         let inner = Arc::clone(&self.inner);
-        let positions = positions.to_vec();
+        let delivered = delivered.to_vec();
         async move {
             let script = &SCRIPTS.mark_delivered;
             let mut cmd = script.command(&[inner.keys.relay_lease(), inner.keys.outbox()]);
-            cmd.arg(generation).arg(&positions);
+            cmd.arg(generation);
+            let mut buf = Uuid::encode_buffer();
+            for d in &delivered {
+                cmd.arg(d.position)
+                    .arg(&*d.message_id.hyphenated().encode_lower(&mut buf));
+            }
             match inner.int_script(script, &cmd, outbox_location).await? {
                 1 => Ok(()),
                 _ => Err(lease_fenced(generation)),
@@ -350,8 +385,12 @@ impl OutboxStore for RedisStore {
                 inner.keys.dead_letters(),
             ]);
             cmd.arg(generation);
+            let mut buf = Uuid::encode_buffer();
             for r in &rejections {
-                cmd.arg(r.position).arg(&r.error).arg(r.attempts);
+                cmd.arg(r.position)
+                    .arg(&*r.message_id.hyphenated().encode_lower(&mut buf))
+                    .arg(&r.error)
+                    .arg(r.attempts);
             }
             match inner.int_script(script, &cmd, dead_location).await? {
                 1 => Ok(()),

@@ -20,8 +20,8 @@ use uuid::Uuid;
 use super::domain::{Ledger, LedgerCommand, LedgerEvent};
 use crate::event::{DomainEvent, EventSchema, Metadata, NewEvent, PayloadError, RecordedEvent};
 use crate::outbox::{
-    DeadLetter, OutboxMessage, OutboxRecord, OutboxStore, PublishOutcome, Publisher, Rejection,
-    Relay, RelayConfig, RelayStatus, RelayStep, Translator,
+    DeadLetter, Delivered, OutboxMessage, OutboxRecord, OutboxStore, PublishOutcome, Publisher,
+    Rejection, Relay, RelayConfig, RelayStatus, RelayStep, Translator,
 };
 use crate::position::EpochStart;
 use crate::projection::{
@@ -215,7 +215,14 @@ pub async fn outbox_keeps_commit_order_and_delivery_marks<S: StreamingStore>(sto
         .await
         .unwrap()
         .expect("a free lease");
-    let delivered: Vec<u64> = pending[..5].iter().map(|r| r.position).collect();
+    let delivered: Vec<Delivered> = pending[..5].iter().map(Delivered::from).collect();
+    // A mark whose message id does not match the record at the position removes nothing.
+    let wrong = Delivered {
+        position: pending[5].position,
+        message_id: Uuid::now_v7(),
+    };
+    store.mark_delivered(generation, &[wrong]).await.unwrap();
+    assert_eq!(store.outbox_len().await.unwrap(), 12);
     store.mark_delivered(generation, &delivered).await.unwrap();
     store.mark_delivered(generation, &delivered).await.unwrap();
     let rest = store.pending_outbox(100).await.unwrap();
@@ -277,7 +284,7 @@ pub async fn relay_lease_generations_fence_stale_owners<S: StreamingStore>(store
         .await
         .unwrap();
     let pending = store.pending_outbox(10).await.unwrap();
-    let positions: Vec<u64> = pending.iter().map(|r| r.position).collect();
+    let positions: Vec<Delivered> = pending.iter().map(Delivered::from).collect();
     let long = Duration::from_secs(30);
     let short = Duration::from_millis(300);
 
@@ -303,7 +310,8 @@ pub async fn relay_lease_generations_fence_stale_owners<S: StreamingStore>(store
         .dead_letter(
             g1,
             &[Rejection {
-                position: positions[1],
+                position: positions[1].position,
+                message_id: positions[1].message_id,
                 error: "stale".into(),
                 attempts: 1,
             }],
@@ -701,6 +709,7 @@ pub async fn dead_letters_are_parked_and_requeued<S: StreamingStore>(store: S) {
             .unwrap();
     }
     let before = store.pending_outbox(100).await.unwrap();
+    let ids: Vec<Uuid> = before.iter().map(|r| r.message.message_id).collect();
     let p: Vec<u64> = before.iter().map(|r| r.position).collect();
     assert_eq!(p.len(), 6);
     let empty = store.relay_status().await.unwrap();
@@ -723,16 +732,19 @@ pub async fn dead_letters_are_parked_and_requeued<S: StreamingStore>(store: S) {
             &[
                 Rejection {
                     position: p[1],
+                    message_id: ids[1],
                     error: "too large: 2000000 bytes".into(),
                     attempts: 2,
                 },
                 Rejection {
                     position: p[4],
+                    message_id: ids[4],
                     error: "invalid topic".into(),
                     attempts: 0,
                 },
                 Rejection {
                     position: p[5] + 1000,
+                    message_id: ids[5],
                     error: "not in the outbox".into(),
                     attempts: 1,
                 },
@@ -1007,9 +1019,9 @@ impl<S: OutboxStore> OutboxStore for StallingMarks<S> {
     fn pending_outbox(&self, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>> {
         self.inner.pending_outbox(limit)
     }
-    fn mark_delivered(&self, generation: u64, positions: &[u64]) -> impl StoreFuture<()> {
+    fn mark_delivered(&self, generation: u64, delivered: &[Delivered]) -> impl StoreFuture<()> {
         let this = self.clone();
-        let positions = positions.to_vec();
+        let positions = delivered.to_vec();
         async move {
             let stall = this
                 .stalls
