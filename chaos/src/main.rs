@@ -30,6 +30,17 @@
 //! per-stream order; no epoch began below an acknowledged position. It prints the counts and
 //! the violations by kind, each with the stream, versions, positions and process involved, and
 //! exits with 1 if there is any.
+//!
+//! Given the seed, the fault schedule is fixed (what, when, on which process, for how long), and
+//! so are each writer's draws and its inline projection's failures (keyed by request and
+//! attempt); what the processes do between faults depends on timing, so two runs of one seed
+//! inject the same faults into different histories. A run that finds a violation keeps its logs
+//! (`faults.log` lists every fault as injected) and prints the command that repeats its schedule.
+//!
+//! What it does not try: several machines (network partitions, clock skew), a full disk,
+//! replicas and failover, or a server that loses acknowledged data (both servers run with
+//! durable settings, so every acknowledged append must survive; the stores' lost-tail detection
+//! is tested by their own suites).
 
 mod check;
 mod cli;

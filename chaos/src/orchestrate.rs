@@ -862,18 +862,19 @@ impl Run {
         })
     }
 
-    /// Terminates one backend of `writer`, preferring one inside a transaction or a statement.
+    /// Terminates one backend of `writer` (of another writer if it has none, just restarted),
+    /// preferring one inside a transaction or a statement.
     fn terminate_backend(&mut self, writer: u16) -> Applied {
         let pool = self.admin.pool().map_err(|e| e.to_string())?.clone();
-        let name = format!("chaos-w{writer}");
-        let application = name.clone();
+        let application = format!("chaos-w{writer}");
         let hit: Result<Option<(i32, String)>> = self.rt.block_on(async move {
             tokio::time::timeout(Duration::from_secs(5), async {
                 let row: Option<(i32, String)> = sqlx::query_as(
                     "SELECT pid, coalesce(state, '') FROM pg_stat_activity \
-                     WHERE application_name = $1 AND pid <> pg_backend_pid() \
-                     ORDER BY (state IN ('active', 'idle in transaction', \
-                     'idle in transaction (aborted)')) DESC, random() LIMIT 1",
+                     WHERE application_name LIKE 'chaos-w%' AND pid <> pg_backend_pid() \
+                     ORDER BY application_name = $1 DESC, (state IN ('active', \
+                     'idle in transaction', 'idle in transaction (aborted)')) DESC, random() \
+                     LIMIT 1",
                 )
                 .bind(&application)
                 .fetch_optional(&pool)
@@ -895,7 +896,7 @@ impl Run {
                 }
                 Ok(())
             }
-            Ok(None) => Err(format!("{name} has no connection")),
+            Ok(None) => Err("no writer has a connection".to_owned()),
             Err(e) => Err(format!("{e:#}")),
         }
     }
