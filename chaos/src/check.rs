@@ -99,6 +99,11 @@ pub(crate) struct History {
     pub(crate) writer_starts: u64,
     /// The slowest acknowledged attempt and the slowest failed one, in milliseconds.
     pub(crate) slowest: (u64, u64),
+    /// The writers' append time-out, in milliseconds.
+    pub(crate) append_timeout_ms: u64,
+    /// Attempts a writer's injected fault had to fail (an inline projection failure, a
+    /// statement time-out, a stall past the append time-out) that did fail.
+    pub(crate) failed_as_injected: u64,
     /// The subscribers.
     pub(crate) subscribers: Vec<Subscriber>,
     /// The read models.
@@ -121,9 +126,15 @@ impl History {
     /// Adds writer `writer`'s log.
     pub(crate) fn add_writer_log(&mut self, writer: u16, lines: Vec<WriterLine>) {
         let key = |task: u8, seq: u64| ReqKey { writer, task, seq };
+        // (task, seq, attempt) → the injected fault that must fail that attempt.
+        let mut must_fail: HashMap<(u8, u64, u32), (String, u64)> = HashMap::new();
         for line in lines {
             match line {
-                WriterLine::Start { .. } => self.writer_starts += 1,
+                WriterLine::Start { .. } => {
+                    self.writer_starts += 1;
+                    // Attempts in flight died with the previous process.
+                    must_fail.clear();
+                }
                 WriterLine::Req {
                     t,
                     s,
@@ -140,14 +151,27 @@ impl History {
                 WriterLine::Ack {
                     t,
                     s,
+                    a,
                     v,
                     p,
                     dup,
                     after_ok,
                     ms,
-                    ..
                 } => {
                     self.slowest.0 = self.slowest.0.max(ms);
+                    if let Some((what, injected)) = must_fail.remove(&(t, s, a)) {
+                        self.writer_violations.push((
+                            "injected_fault_acknowledged".into(),
+                            format!(
+                                "writer {writer}: attempt {a} of {} got `{what}` ({injected} ms; \
+                                 append time-out {} ms) inside its transaction and was still \
+                                 acknowledged as version {v} at {}",
+                                key(t, s),
+                                self.append_timeout_ms,
+                                short(&p)
+                            ),
+                        ));
+                    }
                     self.requests.entry(key(t, s)).or_default().acks.push(Ack {
                         version: v,
                         positions: p,
@@ -155,14 +179,30 @@ impl History {
                         after_ok,
                     });
                 }
-                WriterLine::Err { t, s, e, ms, .. } => {
+                WriterLine::Err { t, s, a, e, ms, .. } => {
                     self.slowest.1 = self.slowest.1.max(ms);
+                    if must_fail.remove(&(t, s, a)).is_some() {
+                        self.failed_as_injected += 1;
+                    }
                     self.requests.entry(key(t, s)).or_default().errors.push(e);
                 }
                 WriterLine::End { t, s, r } => {
                     self.requests.entry(key(t, s)).or_default().end = Some(r);
                 }
-                WriterLine::Inj { what, .. } => *self.injected.entry(what).or_default() += 1,
+                WriterLine::Inj {
+                    what, t, s, a, ms, ..
+                } => {
+                    let ms = ms.unwrap_or(0);
+                    let fatal = match what.as_str() {
+                        "inline_fail" | "stmt_timeout" => true,
+                        "stall_idle" | "stall_sleep" => ms > self.append_timeout_ms,
+                        _ => false,
+                    };
+                    if let (true, Some(t), Some(s), Some(a)) = (fatal, t, s, a) {
+                        must_fail.insert((t, s, a), (what.clone(), ms));
+                    }
+                    *self.injected.entry(what).or_default() += 1;
+                }
                 WriterLine::Viol { what, detail } => self
                     .writer_violations
                     .push((what, format!("writer {writer}: {detail}"))),
@@ -285,6 +325,10 @@ pub(crate) fn check(history: &History) -> Report {
     report.add("writer process starts", history.writer_starts);
     report.add("slowest acknowledged attempt ms", history.slowest.0);
     report.add("slowest failed attempt ms", history.slowest.1);
+    report.add(
+        "attempts failed by a fault injected in their transaction",
+        history.failed_as_injected,
+    );
     report
 }
 
@@ -1057,6 +1101,86 @@ mod tests {
         assert!(detail.contains("order-1` v1 at position 3"), "{detail}");
         assert!(detail.contains("delivered 2 then 4"), "{detail}");
         assert!(detail.contains("writer 1 task 0 request 2"), "{detail}");
+    }
+
+    #[test]
+    fn an_append_that_outlived_its_injected_stall_is_caught() {
+        let mut h = History {
+            append_timeout_ms: 2000,
+            ..History::default()
+        };
+        let req = |s| WriterLine::Req {
+            t: 0,
+            s,
+            stream: "order-1".into(),
+            exp: es_core::ExpectedVersion::Any,
+            n: 1,
+            pad: 0,
+            ob: vec![],
+        };
+        let inj = |what: &str, s, a, ms| WriterLine::Inj {
+            what: what.into(),
+            t: Some(0),
+            s: Some(s),
+            a: Some(a),
+            ms: Some(ms),
+        };
+        let ack = |s, a| WriterLine::Ack {
+            t: 0,
+            s,
+            a,
+            v: s,
+            p: vec![s],
+            dup: false,
+            after_ok: false,
+            ms: 10,
+        };
+        let err = |s, a| WriterLine::Err {
+            t: 0,
+            s,
+            a,
+            e: "unavailable".into(),
+            msg: "aborted".into(),
+            ms: 2000,
+        };
+        h.add_writer_log(
+            1,
+            vec![
+                WriterLine::Start {
+                    incarnation: 0,
+                    pid: 1,
+                },
+                // Stalled past the time-out and aborted, then acknowledged on the retry.
+                req(1),
+                inj("stall_idle", 1, 1, 2500),
+                err(1, 1),
+                ack(1, 2),
+                // A short stall may be acknowledged.
+                req(2),
+                inj("stall_sleep", 2, 1, 500),
+                ack(2, 1),
+                // Stalled past the time-out, yet acknowledged.
+                req(3),
+                inj("stall_sleep", 3, 1, 2600),
+                ack(3, 1),
+                // An injected failure that was acknowledged.
+                req(4),
+                inj("inline_fail", 4, 1, 0),
+                ack(4, 1),
+            ],
+        );
+        assert_eq!(h.failed_as_injected, 1);
+        let caught: Vec<&String> = h
+            .writer_violations
+            .iter()
+            .filter(|(kind, _)| kind == "injected_fault_acknowledged")
+            .map(|(_, detail)| detail)
+            .collect();
+        assert_eq!(caught.len(), 2, "{caught:?}");
+        assert!(
+            caught[0].contains("attempt 1 of writer 1 task 0 request 3 got `stall_sleep` (2600 ms")
+        );
+        assert!(caught[1].contains("request 4 got `inline_fail`"));
     }
 
     #[test]

@@ -109,6 +109,12 @@ pub(crate) enum WriterLine {
         t: Option<u8>,
         /// The sequence number of the append it hit, if known.
         s: Option<u64>,
+        /// The attempt it hit.
+        #[serde(default)]
+        a: Option<u32>,
+        /// How long it stalled the append or what time-out it set, in milliseconds.
+        #[serde(default)]
+        ms: Option<u64>,
     },
     /// Something the writer saw that breaks a guarantee.
     Viol {

@@ -1100,6 +1100,8 @@ impl Run {
     fn collect(&mut self, marker: Option<u64>) -> Result<History> {
         let mut history = History {
             marker,
+            append_timeout_ms: u64::try_from(self.config.append_timeout.as_millis())
+                .unwrap_or(u64::MAX),
             notes: std::mem::take(&mut self.notes),
             ..History::default()
         };

@@ -656,7 +656,8 @@ struct Inline {
 }
 
 impl Inline {
-    fn inject(&self, what: &str, events: &[RecordedEvent]) {
+    /// Logs a fault injected into attempt `attempt` of the append of `events`.
+    fn inject(&self, what: &str, events: &[RecordedEvent], attempt: u32, ms: u64) {
         let key = events
             .first()
             .and_then(|e| ids::decode(e.event_id.as_u128()))
@@ -665,6 +666,8 @@ impl Inline {
             what: what.to_owned(),
             t: key.map(|k| k.task),
             s: key.map(|k| k.seq),
+            a: Some(attempt),
+            ms: Some(ms),
         });
     }
 
@@ -684,7 +687,7 @@ impl Inline {
         let timeout = locked(&self.control.timeouts).pop_front();
         if let Some(ms) = timeout {
             // A statement time-out inside the append's transaction, after its allocation.
-            self.inject("stmt_timeout", events);
+            self.inject("stmt_timeout", events, attempt, ms);
             sqlx::query(AssertSqlSafe(format!("SET LOCAL statement_timeout = {ms}")))
                 .execute(&mut *conn)
                 .await?;
@@ -695,17 +698,19 @@ impl Inline {
         }
         let stall = locked(&self.control.stalls).pop_front();
         if let Some((ms, idle)) = stall {
-            self.inject(if idle { "stall_idle" } else { "stall_sleep" }, events);
+            let what = if idle { "stall_idle" } else { "stall_sleep" };
+            self.inject(what, events, attempt, ms);
             pause(conn, ms, idle).await?;
         }
         let roll = mix(self.seed ^ mix(id as u64 ^ (id >> 64) as u64) ^ u64::from(attempt)) % 1000;
         if roll < 10 {
-            self.inject("inline_fail", events);
+            self.inject("inline_fail", events, attempt, 0);
             return Err("injected inline projection failure".into());
         }
         if roll < 20 {
-            self.inject("inline_short_stall", events);
-            pause(conn, 20 + roll * 15, roll % 2 == 0).await?;
+            let ms = 20 + roll * 15;
+            self.inject("inline_short_stall", events, attempt, ms);
+            pause(conn, ms, roll % 2 == 0).await?;
         }
         let stream = first.stream_id.as_str();
         sqlx::query(AssertSqlSafe(format!(
