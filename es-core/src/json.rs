@@ -62,71 +62,72 @@ pub fn check(bytes: &[u8], max_depth: usize) -> Result<(), JsonProblem> {
 }
 
 /// Depth, NUL and surrogates; syntax is left to `serde_json`, which runs after this (so its own
-/// recursion limit is never what stops a document).
+/// recursion limit is never what stops a document). Inside strings it jumps from one quote or
+/// backslash to the next, so ordinary text costs a byte search, not a branch per byte.
 fn scan(bytes: &[u8], max_depth: usize) -> Result<(), JsonProblem> {
     let mut depth = 0usize;
-    let mut in_string = false;
     let mut i = 0;
-    // A high surrogate escape seen just before: the next escape must be its low half.
-    let mut pending_high = false;
     while i < bytes.len() {
-        let b = bytes[i];
-        if in_string {
-            match b {
-                b'"' => {
-                    if pending_high {
-                        return Err(JsonProblem::LoneSurrogate);
-                    }
-                    in_string = false;
+        match bytes[i] {
+            b'"' => i = scan_string(bytes, i + 1)?,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(JsonProblem::TooDeep { limit: max_depth });
                 }
-                b'\\' => {
-                    let Some(&kind) = bytes.get(i + 1) else {
-                        // Truncated: serde_json reports it.
-                        return Ok(());
-                    };
-                    if kind == b'u' {
-                        let Some(unit) = bytes.get(i + 2..i + 6).and_then(hex4) else {
-                            return Ok(());
-                        };
-                        match unit {
-                            0 => return Err(JsonProblem::Nul),
-                            0xD800..=0xDBFF if pending_high => {
-                                return Err(JsonProblem::LoneSurrogate)
-                            }
-                            0xD800..=0xDBFF => pending_high = true,
-                            0xDC00..=0xDFFF if pending_high => pending_high = false,
-                            0xDC00..=0xDFFF => return Err(JsonProblem::LoneSurrogate),
-                            _ if pending_high => return Err(JsonProblem::LoneSurrogate),
-                            _ => {}
-                        }
-                        i += 6;
-                        continue;
-                    }
-                    if pending_high {
-                        return Err(JsonProblem::LoneSurrogate);
-                    }
-                    i += 2;
-                    continue;
-                }
-                _ if pending_high => return Err(JsonProblem::LoneSurrogate),
-                _ => {}
+                i += 1;
             }
-        } else {
-            match b {
-                b'"' => in_string = true,
-                b'[' | b'{' => {
-                    depth += 1;
-                    if depth > max_depth {
-                        return Err(JsonProblem::TooDeep { limit: max_depth });
-                    }
-                }
-                b']' | b'}' => depth = depth.saturating_sub(1),
-                _ => {}
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
             }
+            _ => i += 1,
         }
-        i += 1;
     }
     Ok(())
+}
+
+/// Scans a string from just after its opening quote; returns the index after its closing quote
+/// (or the end of the input, when it is cut short: `serde_json` reports that).
+fn scan_string(bytes: &[u8], mut i: usize) -> Result<usize, JsonProblem> {
+    // A high surrogate escape seen just before: the next thing must be its low half's escape.
+    let mut pending_high = false;
+    loop {
+        let Some(k) = bytes[i..].iter().position(|&b| b == b'"' || b == b'\\') else {
+            return Ok(bytes.len());
+        };
+        if pending_high && k > 0 {
+            return Err(JsonProblem::LoneSurrogate);
+        }
+        i += k;
+        if bytes[i] == b'"' {
+            return if pending_high {
+                Err(JsonProblem::LoneSurrogate)
+            } else {
+                Ok(i + 1)
+            };
+        }
+        match bytes.get(i + 1) {
+            Some(b'u') => {
+                let Some(unit) = bytes.get(i + 2..i + 6).and_then(hex4) else {
+                    return Ok(bytes.len());
+                };
+                match unit {
+                    0 => return Err(JsonProblem::Nul),
+                    0xD800..=0xDBFF if pending_high => return Err(JsonProblem::LoneSurrogate),
+                    0xD800..=0xDBFF => pending_high = true,
+                    0xDC00..=0xDFFF if pending_high => pending_high = false,
+                    0xDC00..=0xDFFF => return Err(JsonProblem::LoneSurrogate),
+                    _ if pending_high => return Err(JsonProblem::LoneSurrogate),
+                    _ => {}
+                }
+                i += 6;
+            }
+            Some(_) if pending_high => return Err(JsonProblem::LoneSurrogate),
+            Some(_) => i += 2,
+            None => return Ok(bytes.len()),
+        }
+    }
 }
 
 fn hex4(digits: &[u8]) -> Option<u32> {
