@@ -88,10 +88,6 @@ impl Aggregate for Order {
     fn handle(&self, command: &OrderEvent) -> Result<Vec<OrderEvent>, Never> {
         Ok(vec![command.clone()])
     }
-
-    fn apply(&mut self, event: &OrderEvent) {
-        event.apply_to(self);
-    }
 }
 
 /// The same dispatch written by hand, to compare with the derived one.

@@ -206,7 +206,7 @@ fn fold_derived(events: &[OrderEvent], passes: u64) -> Order {
     let mut order = Order::default();
     for _ in 0..passes {
         for e in black_box(events) {
-            order.apply(e);
+            order.evolve(e);
         }
     }
     order

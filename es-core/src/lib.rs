@@ -55,7 +55,7 @@
 //!         if !self.open { return Err(NotOpen); }
 //!         Ok(vec![Deposited { amount: *amount }.into()])
 //!     }
-//!     fn apply(&mut self, event: &AccountEvent) { event.apply_to(self) }
+//!     // `evolve` is provided: it routes each event to its `Apply` impl.
 //! }
 //!
 //! assert_eq!(AccountEvent::from(Deposited { amount: 5 }).event_type(), "MoneyDeposited");
@@ -80,6 +80,11 @@ pub mod testing;
 
 #[doc(hidden)]
 pub mod __private;
+
+/// The README's Rust samples, compiled and run as doctests so they stay true.
+#[cfg(all(doctest, feature = "derive"))]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
 
 pub use aggregate::{Aggregate, Apply, ApplyEvent, Decision};
 pub use event::{DomainEvent, EventSchema, Metadata, NewEvent, PayloadError, RecordedEvent};

@@ -577,7 +577,7 @@ impl<S: Store> Repository<S> {
                         ),
                     });
                 }
-                upcasters.decode_into::<A::Event>(&event, |e| aggregate.apply(&e))?;
+                upcasters.decode_into::<A::Event>(&event, |e| aggregate.evolve(&e))?;
                 version = event.stream_version;
                 last_event_id = Some(event.event_id);
                 events_read += 1;
@@ -680,7 +680,7 @@ impl<S: Store> Repository<S> {
             match self.append(request).await {
                 Ok(result) => {
                     for event in &events {
-                        aggregate.apply(event);
+                        aggregate.evolve(event);
                     }
                     let span = tracing::Span::current();
                     span.record("version", result.stream_version);

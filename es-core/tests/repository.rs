@@ -77,10 +77,6 @@ impl Aggregate for Counter {
         }
         Ok(decision.into_events())
     }
-
-    fn apply(&mut self, event: &CounterEvent) {
-        event.apply_to(self);
-    }
 }
 
 /// Failure injection around the in-memory store.

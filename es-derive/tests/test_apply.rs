@@ -97,11 +97,6 @@ impl Aggregate for Account {
     fn handle(&self, (): &()) -> Result<Vec<AccountEvent>, Never> {
         Ok(Vec::new())
     }
-
-    fn apply(&mut self, event: &AccountEvent) {
-        // The inherent `apply_to`: no `ApplyEvent` import needed.
-        event.apply_to(self);
-    }
 }
 
 fn events() -> Vec<AccountEvent> {
@@ -147,10 +142,10 @@ fn one_enum_applies_to_several_states() {
 }
 
 #[test]
-fn aggregate_apply_goes_through_the_dispatch() {
+fn aggregate_evolve_goes_through_the_dispatch() {
     let mut account = Account::default();
     for event in &events() {
-        Aggregate::apply(&mut account, event);
+        account.evolve(event);
     }
     assert_eq!(account.handled, ["opened", "deposited", "withdrawn"]);
 }

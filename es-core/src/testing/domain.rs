@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::Aggregate;
+use crate::aggregate::{Aggregate, ApplyEvent};
 use crate::event::{DomainEvent, EventSchema, PayloadError};
 
 /// Category of ledger streams.
@@ -172,18 +172,21 @@ impl Aggregate for Ledger {
             LedgerCommand::Noop => Ok(Vec::new()),
         }
     }
+}
 
-    fn apply(&mut self, event: &LedgerEvent) {
-        match event {
-            LedgerEvent::Opened(_) => self.open = true,
+/// A hand-written dispatch: the events of a ledger, each applied by one arm.
+impl ApplyEvent<Ledger> for LedgerEvent {
+    fn apply_to(&self, ledger: &mut Ledger) {
+        match self {
+            LedgerEvent::Opened(_) => ledger.open = true,
             LedgerEvent::Credited(e) => {
-                self.balance += e.amount;
-                self.entries += 1;
-                self.currency.clone_from(&e.currency);
+                ledger.balance += e.amount;
+                ledger.entries += 1;
+                ledger.currency.clone_from(&e.currency);
             }
             LedgerEvent::Debited(e) => {
-                self.balance -= e.amount;
-                self.entries += 1;
+                ledger.balance -= e.amount;
+                ledger.entries += 1;
             }
         }
     }

@@ -31,7 +31,7 @@ impl<A: Aggregate> AggregateTest<A> {
         let mut state = A::default();
         for event in events {
             let event = roundtrip(&event.into());
-            state.apply(&event);
+            state.evolve(&event);
         }
         Self { state }
     }
@@ -78,7 +78,7 @@ impl<A: Aggregate> Outcome<A> {
                 let mut state = self.state;
                 for event in events {
                     let event = roundtrip(&event);
-                    state.apply(&event);
+                    state.evolve(&event);
                 }
                 state
             }

@@ -39,10 +39,6 @@ impl Aggregate for Account {
     fn handle(&self, amount: &u64) -> Result<Vec<AccountEvent>, Never> {
         Ok(vec![Deposited { amount: *amount }.into()])
     }
-
-    fn apply(&mut self, event: &AccountEvent) {
-        event.apply_to(self);
-    }
 }
 
 fn main() {

@@ -137,10 +137,6 @@ impl Aggregate for BankAccount {
             }
         }
     }
-
-    fn apply(&mut self, event: &AccountEvent) {
-        event.apply_to(self);
-    }
 }
 
 impl Apply<AccountOpened> for BankAccount {
