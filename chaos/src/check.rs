@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 
-use es_core::position::{epoch_of, EpochStart};
+use es_core::contract::position::{epoch_of, EpochStart};
 
 use crate::ids::{self, Kind, ReqKey};
 use crate::logs::{Published, SubscriberLog, WriterLine};

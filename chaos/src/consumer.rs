@@ -196,7 +196,7 @@ where
                 break failure;
             }
         };
-        log.write_text(&format!("F {}\n", one_line(&failure.message)));
+        log.write_text(&format!("F {}\n", one_line(&failure.to_string())));
         handle.shutdown().await;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -331,7 +331,7 @@ pub(crate) fn relay(args: &[String]) -> Result<()> {
         publish_timeout: Duration::from_secs(1),
         batch_size: 64,
         idle_poll: Duration::from_millis(200),
-        max_backoff: Duration::from_secs(1),
+        backoff: es_core::Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
     };
     let log = Arc::clone(&publisher.log);
     let owner = publisher.owner.clone();

@@ -3,6 +3,3 @@
 pub use serde;
 pub use serde_json;
 pub use std;
-
-#[cfg(feature = "testing")]
-pub use tokio;

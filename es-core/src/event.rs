@@ -130,7 +130,7 @@ impl Metadata {
 /// An event to append: serialized, with its id and metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
-    /// Unique id; re-sending an event with the same id is idempotent (see [`crate::store`]).
+    /// Unique id; re-sending an event with the same id is idempotent (see the store contract, `es_core::contract`).
     pub event_id: Uuid,
     /// Stable event type name.
     pub event_type: String,

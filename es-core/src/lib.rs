@@ -2,8 +2,9 @@
 //! repository, kept apart from any particular store.
 //!
 //! - [`Aggregate`] and [`DomainEvent`]: the write model, written once and independent of storage.
-//! - [`EventStore`] and [`SnapshotStore`]: the narrow contract each backend (`es-memory`,
-//!   `es-postgres`, `es-redis`) implements over serialized events.
+//! - [`contract`]: the narrow contract each backend (`es-memory`, `es-postgres`, `es-redis`)
+//!   implements over serialized events: [`EventStore`], [`SnapshotStore`], [`OutboxStore`] and
+//!   [`CheckpointStore`], their records and errors, and the helpers backends share.
 //! - [`upcast`]: schema evolution on the serialized form, validated when the repository is built.
 //! - [`Repository`]: loads aggregates (snapshot + newer events, upcast, applied), runs commands with
 //!   optimistic concurrency and retries, snapshots by policy, and loads past states.
@@ -11,7 +12,17 @@
 //!   and relayed to a broker at least once, in per-stream order.
 //! - [`projection`]: read models fed from the global feed from a checkpoint, at least once or
 //!   exactly once, rebuildable from position 0.
-//! - `testing` (feature): the backend conformance suite and a given/when/then harness.
+//! - [`retry`]: the one capped, jittered [`Backoff`] every retry loop uses.
+//!
+//! The conformance suites that prove a backend keeps the contract, and the given/when/then
+//! harness for aggregates, are in the `es-testkit` crate (a dev-dependency).
+//!
+//! # Layers
+//!
+//! Modules depend one way: the vocabulary ([`stream_id`], [`json`], [`event`], [`retry`]) is used
+//! by the domain ([`aggregate`], [`upcast`]) and by the [`contract`]; the runtime
+//! ([`repository`], the [`outbox`] relay, the [`projection`] runner) uses all of them. The
+//! contract never names the runtime.
 //!
 //! # Example
 //!
@@ -64,19 +75,15 @@
 #![doc(test(attr(deny(warnings))))]
 
 pub mod aggregate;
+pub mod contract;
 pub mod event;
 pub mod json;
 pub mod outbox;
-pub mod position;
 pub mod projection;
 pub mod repository;
-pub mod store;
+pub mod retry;
 pub mod stream_id;
-pub mod subscription;
 pub mod upcast;
-
-#[cfg(feature = "testing")]
-pub mod testing;
 
 #[doc(hidden)]
 pub mod __private;
@@ -87,27 +94,28 @@ pub mod __private;
 pub struct ReadmeDoctests;
 
 pub use aggregate::{Aggregate, Apply, ApplyEvent, Decision};
+pub use contract::{
+    AppendLimits, AppendRequest, AppendResult, Checkpoint, CheckpointStore, DeadLetter, Delivered,
+    Direction, EpochStart, EventFilter, EventStore, EventStream, ExpectedVersion, OutboxMessage,
+    OutboxRecord, OutboxStore, ReadAll, ReadStream, Rejection, RelayStatus, SnapshotRecord,
+    SnapshotStore, Store, StoreError, StoreFuture, StreamingStore,
+};
 pub use event::{DomainEvent, EventSchema, Metadata, NewEvent, PayloadError, RecordedEvent};
 pub use outbox::{
-    DeadLetter, Delivered, OutboxMessage, OutboxRecord, OutboxStore, PublishOutcome, Publisher,
-    Rejection, Relay, RelayConfig, RelayError, RelayStatus, RelayStep, Translator,
+    PublishOutcome, Publisher, Relay, RelayConfig, RelayConfigError, RelayError, RelayStep,
+    Translator,
 };
-pub use position::EpochStart;
 pub use projection::{
-    AtLeastOnce, Checkpoint, CheckpointStore, Projection, ProjectionError, ProjectionHandle,
-    ProjectionRunner, ProjectionSink, ProjectionStatus, RunnerConfig,
+    AtLeastOnce, Projection, ProjectionError, ProjectionHandle, ProjectionRunner, ProjectionSink,
+    ProjectionStatus, RebuildError, RunnerConfig,
 };
 pub use repository::{
     AsOf, BuildError, Executed, Loaded, Repository, RepositoryBuilder, RepositoryError,
     RetryPolicy, SnapshotContext, SnapshotPolicy,
 };
-pub use store::{
-    AppendLimits, AppendRequest, AppendResult, Direction, EventFilter, EventStore, EventStream,
-    ExpectedVersion, ReadAll, ReadStream, SnapshotRecord, SnapshotStore, Store, StoreError,
-    StreamingStore,
-};
+pub use retry::Backoff;
 pub use stream_id::{InvalidStreamId, StreamId};
-pub use upcast::{DecodeError, UpcastChainError, Upcaster, Upcasters};
+pub use upcast::{DecodeError, UpcastChainError, UpcastError, Upcaster, Upcasters};
 
 /// Derives [`DomainEvent`] (and, with `#[event(apply(State))]`, [`ApplyEvent`]) for an enum of
 /// event payloads.

@@ -54,7 +54,7 @@
 //! - moves every record that was refused or rejected out of the outbox into the store's
 //!   **dead-letter list** ([`OutboxStore::dead_letter`], atomically: a record is pending or dead,
 //!   never both or neither), with the error text, the time and how many times this relay sent
-//!   it ([`DeadLetter`]);
+//!   it ([`DeadLetter`](crate::contract::DeadLetter));
 //! - marks delivered the acknowledged records that precede the first record that failed
 //!   transiently; the failed record and everything after it stay pending and are sent again in
 //!   order (records acknowledged after a failure are sent again too: at least once);
@@ -89,190 +89,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use chrono::{DateTime, Utc};
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::aggregate::Aggregate;
-use crate::event::{DomainEvent, Metadata};
-use crate::store::{EventStore, StoreError, StoreFuture};
+use crate::contract::{
+    Delivered, EventStore, OutboxRecord, OutboxStore, Rejection, RelayStatus, StoreError,
+};
+use crate::event::DomainEvent;
+use crate::retry::Backoff;
 use crate::stream_id::StreamId;
-
-/// An outgoing message to record with an append.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxMessage {
-    /// Unique id; the dedupe key consumers use.
-    pub message_id: Uuid,
-    /// The domain event it was translated from.
-    pub source_event_id: Uuid,
-    /// Destination (a Kafka topic).
-    pub topic: String,
-    /// Partitioning key; the source stream id by default, which keeps per-stream order per
-    /// partition.
-    pub key: String,
-    /// Stable message type name (the public contract, not the domain event's name).
-    pub message_type: String,
-    /// Schema version of the payload.
-    pub schema_version: u32,
-    /// JSON payload.
-    pub payload: Bytes,
-    /// Correlation, causation (the source event) and actor.
-    pub metadata: Metadata,
-}
-
-/// A message stored in the outbox, waiting for delivery.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxRecord {
-    /// Position in the outbox: increasing in commit order, like global positions. A re-queued
-    /// dead letter gets a new, higher position.
-    pub position: u64,
-    /// The stream whose append recorded it.
-    pub stream_id: StreamId,
-    /// When it was recorded (store clock).
-    pub recorded_at: DateTime<Utc>,
-    /// The message.
-    pub message: OutboxMessage,
-}
-
-/// A record the broker acknowledged, to mark delivered: its outbox position and its message id.
-///
-/// A store deletes the record at `position` only while it still holds `message_id` there, so a
-/// delivery mark can never remove another record that took the position (after a store lost its
-/// tail and handed outbox positions out again).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Delivered {
-    /// The record's outbox position.
-    pub position: u64,
-    /// Its message id.
-    pub message_id: Uuid,
-}
-
-impl From<&OutboxRecord> for Delivered {
-    fn from(record: &OutboxRecord) -> Self {
-        Self {
-            position: record.position,
-            message_id: record.message.message_id,
-        }
-    }
-}
-
-/// A record to move from the outbox to the dead-letter list (only while the outbox still holds
-/// `message_id` at `position`, as for [`Delivered`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    /// The record's outbox position.
-    pub position: u64,
-    /// Its message id.
-    pub message_id: Uuid,
-    /// Why it can never be published.
-    pub error: String,
-    /// How many times it was sent to the broker (0: refused by [`Publisher::check`] before
-    /// sending).
-    pub attempts: u32,
-}
-
-/// A record parked in the dead-letter list: the broker rejected it for good, or the publisher's
-/// limits refused it before sending.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeadLetter {
-    /// The record as it was in the outbox.
-    pub record: OutboxRecord,
-    /// Why it was parked.
-    pub error: String,
-    /// How many times the relay that parked it had sent it to the broker.
-    pub attempts: u32,
-    /// When it was parked (store clock).
-    pub dead_at: DateTime<Utc>,
-}
-
-/// The most recent dead-lettering, as the store recorded it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LastRejection {
-    /// Outbox position of the record.
-    pub position: u64,
-    /// The error text.
-    pub error: String,
-    /// When (store clock).
-    pub at: DateTime<Utc>,
-}
-
-/// The relay lease as the store holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaseState {
-    /// The relay that took it last.
-    pub owner: String,
-    /// Its generation: raised whenever the lease changes hands.
-    pub generation: u64,
-    /// Whether it is held now (neither released nor expired).
-    pub held: bool,
-}
-
-/// What the outbox and its relay look like now, from the store: see
-/// [`OutboxStore::relay_status`].
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RelayStatus {
-    /// Records waiting for delivery.
-    pub pending: u64,
-    /// Records in the dead-letter list.
-    pub dead_letters: u64,
-    /// The error of the most recent dead-lettering, if any record was ever parked.
-    pub last_error: Option<LastRejection>,
-    /// The lease, if any relay ever took it.
-    pub lease: Option<LeaseState>,
-}
-
-/// The outbox side of a store: pending records, delivery marks, dead letters and the relay lease.
-///
-/// Outbox records are written by [`EventStore::append`] from
-/// [`AppendRequest::outbox`](crate::store::AppendRequest::outbox), atomically with the events.
-pub trait OutboxStore: Clone + Send + Sync + 'static {
-    /// Takes or renews the relay lease for `owner` until `ttl` from now (store clock). Returns
-    /// the lease's generation if `owner` holds it now, `None` if another owner does.
-    ///
-    /// A lease not renewed within its ttl expires and can be taken by another owner. Taking a
-    /// free, released or expired lease raises the generation (whoever takes it, the previous
-    /// owner included); renewing a lease the owner still holds keeps it. Generations never go
-    /// down, across releases too.
-    fn acquire_relay_lease(&self, owner: &str, ttl: Duration) -> impl StoreFuture<Option<u64>>;
-
-    /// Gives the lease up if `owner` holds it in `generation`; keeps the generation counter.
-    fn release_relay_lease(&self, owner: &str, generation: u64) -> impl StoreFuture<()>;
-
-    /// Up to `limit` undelivered records, in outbox order.
-    fn pending_outbox(&self, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>>;
-
-    /// Marks the `delivered` records delivered (removes them from the outbox), if `generation`
-    /// is still the lease's generation; otherwise fails with [`StoreError::Fenced`] and marks
-    /// nothing. A position that is not pending, or holds another message, is left alone
-    /// (idempotent).
-    fn mark_delivered(&self, generation: u64, delivered: &[Delivered]) -> impl StoreFuture<()>;
-
-    /// Moves the records of `rejections` from the outbox to the dead-letter list, with their
-    /// errors, attempts and the store's time, if `generation` is still the lease's generation;
-    /// otherwise fails with [`StoreError::Fenced`] and moves nothing. Atomic: every record is
-    /// moved or none. Positions not pending, or holding another message, are ignored. Records
-    /// the last error (see
-    /// [`relay_status`](Self::relay_status)).
-    fn dead_letter(&self, generation: u64, rejections: &[Rejection]) -> impl StoreFuture<()>;
-
-    /// Up to `limit` dead letters, in outbox-position order.
-    fn dead_letters(&self, limit: u64) -> impl StoreFuture<Vec<DeadLetter>>;
-
-    /// Moves the dead letters at `positions` back into the outbox, at its end: each gets a new
-    /// outbox position, higher than every record's so far, in the order of the old positions;
-    /// the message (id, payload, ...) is unchanged. Positions that are not dead letters are
-    /// ignored. Returns how many were re-queued. Not fenced: an operator's action. See the
-    /// [module docs](self#records-that-can-never-be-published-dead-letters) for what this does
-    /// to per-key order.
-    fn requeue_dead_letters(&self, positions: &[u64]) -> impl StoreFuture<u64>;
-
-    /// Number of undelivered records.
-    fn outbox_len(&self) -> impl StoreFuture<u64>;
-
-    /// Pending and dead-letter counts, the last dead-lettering error and the lease.
-    fn relay_status(&self) -> impl StoreFuture<RelayStatus>;
-}
 
 /// Maps a domain event of aggregate `A` to zero or more integration events.
 pub trait Translator<A: Aggregate>: Send + Sync + 'static {
@@ -336,7 +162,28 @@ pub enum RelayError {
     Store(#[from] StoreError),
     /// The configuration cannot work: the relay would never publish.
     #[error("invalid relay configuration: {0}")]
-    Config(String),
+    Config(#[from] RelayConfigError),
+}
+
+/// Why a [`RelayConfig`] cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayConfigError {
+    /// A batch of no records publishes nothing.
+    #[error("the batch size must not be 0")]
+    ZeroBatchSize,
+    /// The publish timeout leaves no room in the lease.
+    #[error(
+        "publish_timeout ({publish_timeout:?}) must be above zero and below nine tenths of \
+         lease_ttl ({lease_ttl:?}): a relay starts a batch only if it can finish it before its \
+         lease ends"
+    )]
+    PublishTimeout {
+        /// The configured publish timeout.
+        publish_timeout: Duration,
+        /// The configured lease.
+        lease_ttl: Duration,
+    },
 }
 
 /// How a [`Relay`] behaves.
@@ -356,8 +203,8 @@ pub struct RelayConfig {
     pub batch_size: u64,
     /// How long to wait for new records when the outbox is empty (it also wakes on appends).
     pub idle_poll: Duration,
-    /// Longest pause between retries of a failing broker or store.
-    pub max_backoff: Duration,
+    /// Pauses between retries of a failing broker or store (the longest is `backoff.max()`).
+    pub backoff: Backoff,
 }
 
 impl Default for RelayConfig {
@@ -368,7 +215,7 @@ impl Default for RelayConfig {
             publish_timeout: Duration::from_secs(6),
             batch_size: 500,
             idle_poll: Duration::from_millis(500),
-            max_backoff: Duration::from_secs(5),
+            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
         }
     }
 }
@@ -380,18 +227,17 @@ impl RelayConfig {
     }
 
     /// Checks that a relay with this configuration can publish at all.
-    pub fn validate(&self) -> Result<(), RelayError> {
+    pub fn validate(&self) -> Result<(), RelayConfigError> {
         if self.batch_size == 0 {
-            return Err(RelayError::Config("the batch size must not be 0".into()));
+            return Err(RelayConfigError::ZeroBatchSize);
         }
         if self.publish_timeout.is_zero()
             || self.publish_timeout + self.lease_guard() >= self.lease_ttl
         {
-            return Err(RelayError::Config(format!(
-                "publish_timeout ({:?}) must be above zero and below nine tenths of lease_ttl \
-                 ({:?}): a relay starts a batch only if it can finish it before its lease ends",
-                self.publish_timeout, self.lease_ttl
-            )));
+            return Err(RelayConfigError::PublishTimeout {
+                publish_timeout: self.publish_timeout,
+                lease_ttl: self.lease_ttl,
+            });
         }
         Ok(())
     }
@@ -666,7 +512,7 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), RelayError> {
         self.config.validate()?;
         tokio::pin!(shutdown);
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = self.config.backoff.delays();
         loop {
             let step = tokio::select! {
                 () = &mut shutdown => break,
@@ -674,15 +520,14 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
             };
             let pause = match step {
                 Ok(RelayStep::Published(_) | RelayStep::DeadLettered { .. }) => {
-                    backoff = Duration::from_millis(50);
+                    backoff.reset();
                     continue;
                 }
                 Ok(RelayStep::PublishFailed { .. } | RelayStep::LeaseTooShort) => {
-                    backoff = (backoff * 2).min(self.config.max_backoff);
-                    backoff
+                    backoff.next_delay()
                 }
                 Ok(RelayStep::Idle) => {
-                    backoff = Duration::from_millis(50);
+                    backoff.reset();
                     let head = self.store.head_position().await.unwrap_or(0);
                     tokio::select! {
                         () = &mut shutdown => break,
@@ -694,8 +539,7 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
                 Ok(RelayStep::Standby | RelayStep::Fenced) => self.config.lease_ttl / 3,
                 Err(err) if err.is_transient() => {
                     tracing::warn!(owner = %self.config.owner, error = %err, "relay store error; retrying");
-                    backoff = (backoff * 2).min(self.config.max_backoff);
-                    backoff
+                    backoff.next_delay()
                 }
                 Err(err) => return Err(err.into()),
             };

@@ -44,43 +44,16 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use std::sync::Arc;
+
+use crate::contract::position::distance;
+use crate::contract::{Checkpoint, CheckpointStore, EventFilter, EventStore, StoreError};
 use crate::event::RecordedEvent;
-use crate::store::{EventFilter, EventStore, StoreError, StoreFuture};
+use crate::retry::{Backoff, Delays};
 use crate::stream_id::StreamId;
 
 /// An error from a projection handler.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A projection's stored progress: the global position handled up to, within a generation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Checkpoint {
-    /// The global position handled up to (0: nothing yet).
-    pub position: u64,
-    /// The generation: 0 until the first reset, then raised by every
-    /// [`reset_checkpoint`](CheckpointStore::reset_checkpoint) (a rebuild). A save that names an
-    /// older generation is refused, so a runner that was busy while the projection was rebuilt
-    /// cannot move the new generation's checkpoint.
-    pub generation: u64,
-}
-
-/// Stores projection checkpoints: the global position each projection has handled up to, and the
-/// generation it belongs to.
-pub trait CheckpointStore: Clone + Send + Sync + 'static {
-    /// The checkpoint of `name` (position 0 in generation 0 if it has none), position and
-    /// generation read together.
-    fn load_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint>;
-
-    /// Raises the checkpoint of `name` to `checkpoint.position`, if `checkpoint.generation` is
-    /// the stored generation; otherwise fails with [`StoreError::Fenced`] and writes nothing. A
-    /// lower or equal position is ignored, so a slow runner can never move a checkpoint back.
-    /// Returns whether it was written.
-    fn save_checkpoint(&self, name: &str, checkpoint: Checkpoint) -> impl StoreFuture<bool>;
-
-    /// Starts a new generation of `name` at position 0 (for a rebuild from position 0) and
-    /// returns it. Every later save naming an older generation fails with
-    /// [`StoreError::Fenced`].
-    fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint>;
-}
 
 /// An at-least-once projection: a handler for events and a way to drop its read model.
 pub trait Projection: Send + 'static {
@@ -265,33 +238,118 @@ impl<P: Projection, C: CheckpointStore> ProjectionSink for AtLeastOnce<P, C> {
     }
 }
 
-/// A projection stopped on an event that kept failing. Names the event.
+/// An error shared by the clones of a [`ProjectionError`] (statuses are cloneable).
+pub type SharedError = Arc<dyn std::error::Error + Send + Sync>;
+
+/// Why a projection stopped. Every variant names the projection.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error(
-    "projection `{projection}` stopped at global position {position} ({event_type} {event_id} in \
-     `{stream}` version {version}) after {attempts} attempts: {reason}"
-)]
-pub struct ProjectionError {
-    /// The projection.
-    pub projection: String,
-    /// The failing event's global position.
-    pub position: u64,
-    /// Its id.
-    pub event_id: uuid::Uuid,
-    /// Its type.
-    pub event_type: String,
-    /// Its stream.
-    pub stream: StreamId,
-    /// Its stream version.
-    pub version: u64,
-    /// Attempts made.
-    pub attempts: u32,
-    /// The handler's last error, as text.
-    pub reason: String,
+#[non_exhaustive]
+pub enum ProjectionError {
+    /// An event kept failing; the events before it are applied and their checkpoint recorded.
+    #[error(
+        "projection `{projection}` stopped at global position {position} ({event_type} \
+         {event_id} in `{stream_id}` version {version}) after {attempts} attempts: {source}"
+    )]
+    Event {
+        /// The projection.
+        projection: String,
+        /// The failing event's global position.
+        position: u64,
+        /// Its id.
+        event_id: uuid::Uuid,
+        /// Its type.
+        event_type: String,
+        /// Its stream.
+        stream_id: StreamId,
+        /// Its stream version.
+        version: u64,
+        /// Attempts made.
+        attempts: u32,
+        /// The handler's last error.
+        #[source]
+        source: SharedError,
+    },
+    /// Recording the checkpoint kept failing.
+    #[error(
+        "projection `{projection}` could not record its checkpoint after {attempts} attempts: \
+         {source}"
+    )]
+    Checkpoint {
+        /// The projection.
+        projection: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        #[source]
+        source: SharedError,
+    },
+    /// The feed failed in a way retrying cannot fix (say, [`StoreError::LostTail`]).
+    #[error("the feed of projection `{projection}` failed: {source}")]
+    Feed {
+        /// The projection.
+        projection: String,
+        /// The store's error.
+        #[source]
+        source: Arc<StoreError>,
+    },
+    /// The feed ended, which a subscription never does on its own.
+    #[error("the feed of projection `{projection}` ended")]
+    FeedEnded {
+        /// The projection.
+        projection: String,
+    },
+}
+
+impl ProjectionError {
+    /// The projection's name.
+    pub fn projection(&self) -> &str {
+        match self {
+            Self::Event { projection, .. }
+            | Self::Checkpoint { projection, .. }
+            | Self::Feed { projection, .. }
+            | Self::FeedEnded { projection } => projection,
+        }
+    }
+
+    /// The global position of the event that kept failing, if an event failed.
+    pub fn position(&self) -> Option<u64> {
+        match self {
+            Self::Event { position, .. } => Some(*position),
+            _ => None,
+        }
+    }
+}
+
+/// Why [`ProjectionHandle::rebuild`] did not drop the read model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RebuildError {
+    /// The projection's task has ended (shut down).
+    #[error("projection `{projection}` is not running")]
+    NotRunning {
+        /// The projection.
+        projection: String,
+    },
+    /// The projection's task ended before it answered.
+    #[error("projection `{projection}` stopped during the rebuild")]
+    Stopped {
+        /// The projection.
+        projection: String,
+    },
+    /// Dropping the read model or starting a new checkpoint generation failed; the projection
+    /// goes on from its checkpoint.
+    #[error("projection `{projection}` could not drop its read model: {source}")]
+    Reset {
+        /// The projection.
+        projection: String,
+        /// The sink's error.
+        #[source]
+        source: HandlerError,
+    },
 }
 
 /// Where a projection stands.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum ProjectionStatus {
     /// Starting: loading the checkpoint.
     Starting,
@@ -302,8 +360,8 @@ pub enum ProjectionStatus {
     },
     /// Dropping the read model before a rebuild.
     Rebuilding,
-    /// Stopped on an event that kept failing.
-    Failed(Box<ProjectionFailure>),
+    /// Stopped on an event that kept failing, or on a feed that failed for good.
+    Failed(Box<ProjectionError>),
     /// Shut down.
     Stopped {
         /// Global position handled up to.
@@ -311,22 +369,13 @@ pub enum ProjectionStatus {
     },
 }
 
-/// The failure a [`ProjectionStatus::Failed`] carries (kept as text so statuses stay cloneable).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ProjectionFailure {
-    /// The failing event's position, if an event failed (not the checkpoint store).
-    pub position: Option<u64>,
-    /// The full error message.
-    pub message: String,
-}
-
 /// How the runner retries and batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunnerConfig {
     /// Attempts per failing event before the projection stops.
     pub max_attempts: u32,
-    /// First retry delay; doubled per attempt.
-    pub backoff: Duration,
+    /// Pauses between attempts (and between attempts to load the checkpoint).
+    pub backoff: Backoff,
     /// Most events per batch.
     pub batch_size: usize,
 }
@@ -335,14 +384,14 @@ impl Default for RunnerConfig {
     fn default() -> Self {
         Self {
             max_attempts: 5,
-            backoff: Duration::from_millis(50),
+            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
             batch_size: 1000,
         }
     }
 }
 
 enum Control {
-    Rebuild(oneshot::Sender<Result<(), String>>),
+    Rebuild(oneshot::Sender<Result<(), HandlerError>>),
     Shutdown,
 }
 
@@ -422,7 +471,7 @@ impl<S: EventStore> ProjectionHandle<S> {
     /// Positions between the head of the feed and what the projection has handled.
     pub async fn lag(&self) -> Result<u64, StoreError> {
         let head = self.store.head_position().await?;
-        Ok(crate::position::distance(self.position(), head))
+        Ok(distance(self.position(), head))
     }
 
     /// Waits until the projection has handled `position`, or has stopped or failed.
@@ -441,14 +490,23 @@ impl<S: EventStore> ProjectionHandle<S> {
 
     /// Drops the read model and replays every event from position 0. Returns once the read
     /// model is dropped; the replay continues in the background (see [`wait_for`](Self::wait_for)).
-    pub async fn rebuild(&self) -> Result<(), String> {
+    pub async fn rebuild(&self) -> Result<(), RebuildError> {
+        let projection = || self.name.clone();
         let (tx, rx) = oneshot::channel();
         self.control
             .send(Control::Rebuild(tx))
             .await
-            .map_err(|_| "the projection is not running".to_owned())?;
+            .map_err(|_| RebuildError::NotRunning {
+                projection: projection(),
+            })?;
         rx.await
-            .map_err(|_| "the projection stopped during the rebuild".to_owned())?
+            .map_err(|_| RebuildError::Stopped {
+                projection: projection(),
+            })?
+            .map_err(|source| RebuildError::Reset {
+                projection: projection(),
+                source,
+            })
     }
 
     /// Finishes the batch in hand, then stops. Returns the final status.
@@ -469,15 +527,15 @@ struct Worker<S, K> {
 
 enum Exit {
     Shutdown(u64),
-    Rebuild(oneshot::Sender<Result<(), String>>),
-    Failed(ProjectionFailure),
+    Rebuild(oneshot::Sender<Result<(), HandlerError>>),
+    Failed(ProjectionError),
     /// The checkpoint's generation moved on: reload it and go on from there.
     Fenced,
 }
 
 /// Why [`Worker::apply`] gave up on a batch.
 enum ApplyError {
-    Failed(ProjectionFailure),
+    Failed(ProjectionError),
     Fenced,
 }
 
@@ -492,7 +550,7 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
                     return;
                 }
                 Exit::Failed(failure) => {
-                    tracing::error!(message = %failure.message, "projection stopped");
+                    tracing::error!(error = %failure, "projection stopped");
                     self.status
                         .send_replace(ProjectionStatus::Failed(Box::new(failure)));
                     // Stay alive for rebuild or shutdown requests.
@@ -511,9 +569,9 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
         }
     }
 
-    async fn rebuild(&mut self, reply: oneshot::Sender<Result<(), String>>) {
+    async fn rebuild(&mut self, reply: oneshot::Sender<Result<(), HandlerError>>) {
         self.status.send_replace(ProjectionStatus::Rebuilding);
-        let result = self.sink.reset().await.map_err(|e| e.to_string());
+        let result = self.sink.reset().await;
         if let Err(err) = &result {
             tracing::error!(error = %err, "projection reset failed");
         }
@@ -522,7 +580,7 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
 
     /// Loads the checkpoint and consumes the feed until told otherwise or an event keeps failing.
     async fn consume(&mut self) -> Exit {
-        let mut backoff = self.config.backoff;
+        let mut backoff = self.config.backoff.delays();
         let mut position = loop {
             match self.sink.checkpoint().await {
                 Ok(position) => break position,
@@ -530,9 +588,8 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
                     tracing::warn!(error = %err, "loading the checkpoint failed; retrying");
                     tokio::select! {
                         Some(control) = self.control.recv() => return Self::on_control(control, 0),
-                        () = tokio::time::sleep(backoff) => {}
+                        () = backoff.sleep() => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         };
@@ -549,9 +606,8 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
                 batch = feed.next() => batch,
             };
             let Some(batch) = batch else {
-                return Exit::Failed(ProjectionFailure {
-                    position: None,
-                    message: format!("the feed of projection `{}` ended", self.sink.name()),
+                return Exit::Failed(ProjectionError::FeedEnded {
+                    projection: self.sink.name().to_owned(),
                 });
             };
             let mut events = Vec::with_capacity(batch.len());
@@ -576,12 +632,9 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
                     .send_replace(ProjectionStatus::Running { position });
             }
             if let Some(err) = feed_error {
-                return Exit::Failed(ProjectionFailure {
-                    position: None,
-                    message: format!(
-                        "the feed of projection `{}` failed: {err}",
-                        self.sink.name()
-                    ),
+                return Exit::Failed(ProjectionError::Feed {
+                    projection: self.sink.name().to_owned(),
+                    source: Arc::new(err),
                 });
             }
         }
@@ -599,13 +652,14 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
     async fn apply(&mut self, events: &[RecordedEvent]) -> Result<(), ApplyError> {
         let (mut start, mut end) = (0, events.len());
         let mut attempts = 0;
-        let mut backoff = self.config.backoff;
+        let mut backoff: Delays = self.config.backoff.delays();
         while start < events.len() {
             let batch = &events[start..end];
             let checkpoint = batch[batch.len() - 1].global_position;
             let error = match self.sink.apply(batch, checkpoint).await {
                 Ok(()) => {
                     (start, end, attempts) = (end, events.len(), 0);
+                    backoff.reset();
                     continue;
                 }
                 Err(error) if error.is_fenced() => return Err(ApplyError::Fenced),
@@ -628,11 +682,14 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
             attempts += 1;
             if attempts >= self.config.max_attempts {
                 let event = (!checkpoint_failed).then(|| &events[failing]);
-                return Err(ApplyError::Failed(self.failure(event, attempts, &*source)));
+                return Err(ApplyError::Failed(self.failure(
+                    event,
+                    attempts,
+                    Arc::from(source),
+                )));
             }
             tracing::warn!(error = %source, attempts, "projection batch failed; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff.sleep().await;
         }
         Ok(())
     }
@@ -641,29 +698,24 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
         &self,
         event: Option<&RecordedEvent>,
         attempts: u32,
-        source: &(dyn std::error::Error + Send + Sync),
-    ) -> ProjectionFailure {
+        source: SharedError,
+    ) -> ProjectionError {
+        let projection = self.sink.name().to_owned();
         match event {
-            Some(event) => ProjectionFailure {
-                position: Some(event.global_position),
-                message: ProjectionError {
-                    projection: self.sink.name().to_owned(),
-                    position: event.global_position,
-                    event_id: event.event_id,
-                    event_type: event.event_type.clone(),
-                    stream: event.stream_id.clone(),
-                    version: event.stream_version,
-                    attempts,
-                    reason: source.to_string(),
-                }
-                .to_string(),
+            Some(event) => ProjectionError::Event {
+                projection,
+                position: event.global_position,
+                event_id: event.event_id,
+                event_type: event.event_type.clone(),
+                stream_id: event.stream_id.clone(),
+                version: event.stream_version,
+                attempts,
+                source,
             },
-            None => ProjectionFailure {
-                position: None,
-                message: format!(
-                    "projection `{}` could not record its checkpoint after {attempts} attempts: {source}",
-                    self.sink.name()
-                ),
+            None => ProjectionError::Checkpoint {
+                projection,
+                attempts,
+                source,
             },
         }
     }

@@ -4,8 +4,8 @@
 //!
 //! An upcaster transforms one `(type, version)` into zero or more events: the next version of
 //! the same type, a renamed type, several events (a split), or nothing (a retired event). It
-//! declares what it can produce, so that a chain is validated once when the
-//! [`Repository`](crate::Repository) is built: two upcasters for one source, an output that is
+//! declares what it can produce, so that a chain is validated once, when the repository is built
+//! ([`Upcasters::new`]): two upcasters for one source, an output that is
 //! neither a current event type nor the source of another upcaster (a gap), an upcaster for a
 //! current version, and cycles are all reported as [`UpcastChainError`]s.
 //!
@@ -20,7 +20,16 @@
 //!     payload["currency"] = "EUR".into();
 //!     Ok(payload)
 //! });
-//! # let _ = add_currency;
+//! // A payload the upcaster cannot read is a typed error.
+//! let split_name = upcast::map("CustomerRegistered", 1, |mut payload| {
+//!     let name = payload["name"].as_str().ok_or(upcast::UpcastError::MissingField("name"))?;
+//!     let (first, last) = name.split_once(' ').unwrap_or((name, ""));
+//!     let (first, last) = (first.to_owned(), last.to_owned());
+//!     payload["first_name"] = first.into();
+//!     payload["last_name"] = last.into();
+//!     Ok(payload)
+//! });
+//! # let _ = (add_currency, split_name);
 //! ```
 
 use std::collections::{HashMap, HashSet};
@@ -43,6 +52,56 @@ pub struct UpcastEvent {
     pub payload: Value,
 }
 
+/// Why an upcaster could not transform a stored payload. It becomes
+/// [`DecodeError::Upcast`], which names the stream and version.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpcastError {
+    /// The payload is not a JSON object, so it has no fields to read or add.
+    #[error("the payload is not a JSON object")]
+    NotAnObject,
+    /// A field the upcaster needs is missing from the payload (or is not of the expected type).
+    #[error("the payload has no usable field `{0}`")]
+    MissingField(&'static str),
+    /// A field holds a value the upcaster cannot convert.
+    #[error("field `{field}` cannot be upcast: {reason}")]
+    InvalidField {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
+    /// The payload does not deserialize into the shape the upcaster reads.
+    #[error("the payload does not have the shape this upcaster reads: {0}")]
+    Shape(#[from] serde_json::Error),
+    /// The upcaster produced a `(type, version)` it does not declare in
+    /// [`Upcaster::produces`] (a bug in the upcaster).
+    #[error(
+        "the upcaster of `{from_type}` v{from_version} produced `{event_type}` v{version}, which \
+         it does not declare"
+    )]
+    Undeclared {
+        /// Source type of the upcaster.
+        from_type: String,
+        /// Source version of the upcaster.
+        from_version: u32,
+        /// The undeclared output type.
+        event_type: String,
+        /// The undeclared output version.
+        version: u32,
+    },
+    /// Any other reason, from the upcaster's own error type.
+    #[error(transparent)]
+    Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl UpcastError {
+    /// Wraps an error of the upcaster's own.
+    pub fn other(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Other(err.into())
+    }
+}
+
 /// Transforms stored events of one `(event_type, schema_version)`.
 pub trait Upcaster: Send + Sync + 'static {
     /// The event type this upcaster reads.
@@ -51,11 +110,11 @@ pub trait Upcaster: Send + Sync + 'static {
     fn source_version(&self) -> u32;
     /// Every `(event_type, schema_version)` this upcaster may produce.
     fn produces(&self) -> Vec<(String, u32)>;
-    /// Transforms one payload. An `Err` names what is wrong; it becomes a [`DecodeError`].
-    fn upcast(&self, payload: Value) -> Result<Vec<UpcastEvent>, String>;
+    /// Transforms one payload. An `Err` says what is wrong; it becomes a [`DecodeError`].
+    fn upcast(&self, payload: Value) -> Result<Vec<UpcastEvent>, UpcastError>;
 }
 
-type UpcastFn = dyn Fn(Value) -> Result<Vec<UpcastEvent>, String> + Send + Sync;
+type UpcastFn = dyn Fn(Value) -> Result<Vec<UpcastEvent>, UpcastError> + Send + Sync;
 
 /// An upcaster made of a closure; built by [`map`], [`rename`], [`retire`] and [`custom`].
 pub struct FnUpcaster {
@@ -85,7 +144,7 @@ impl Upcaster for FnUpcaster {
     fn produces(&self) -> Vec<(String, u32)> {
         self.produces.clone()
     }
-    fn upcast(&self, payload: Value) -> Result<Vec<UpcastEvent>, String> {
+    fn upcast(&self, payload: Value) -> Result<Vec<UpcastEvent>, UpcastError> {
         (self.f)(payload)
     }
 }
@@ -93,7 +152,7 @@ impl Upcaster for FnUpcaster {
 /// Rewrites the payload of `(event_type, from_version)` into version `from_version + 1`.
 pub fn map<F>(event_type: &str, from_version: u32, f: F) -> FnUpcaster
 where
-    F: Fn(Value) -> Result<Value, String> + Send + Sync + 'static,
+    F: Fn(Value) -> Result<Value, UpcastError> + Send + Sync + 'static,
 {
     let name = event_type.to_owned();
     let to = from_version + 1;
@@ -142,7 +201,7 @@ pub fn retire(event_type: &str, from_version: u32) -> FnUpcaster {
 /// kinds, for example a split into several events.
 pub fn custom<F>(event_type: &str, from_version: u32, produces: &[(&str, u32)], f: F) -> FnUpcaster
 where
-    F: Fn(Value) -> Result<Vec<UpcastEvent>, String> + Send + Sync + 'static,
+    F: Fn(Value) -> Result<Vec<UpcastEvent>, UpcastError> + Send + Sync + 'static,
 {
     FnUpcaster {
         event_type: event_type.to_owned(),
@@ -203,20 +262,20 @@ pub enum UpcastChainError {
 #[non_exhaustive]
 pub enum DecodeError {
     /// The stored event type is not part of the event enum and no upcaster handles it.
-    #[error("unknown event type `{event_type}` in `{stream}` at version {version}")]
+    #[error("unknown event type `{event_type}` in `{stream_id}` at version {version}")]
     UnknownEventType {
         /// The stream.
-        stream: StreamId,
+        stream_id: StreamId,
         /// The stream version of the event.
         version: u64,
         /// The unknown type.
         event_type: String,
     },
     /// The payload does not deserialize into the event's payload type.
-    #[error("corrupt payload of `{event_type}` in `{stream}` at version {version}: {source}")]
+    #[error("corrupt payload of `{event_type}` in `{stream_id}` at version {version}: {source}")]
     Payload {
         /// The stream.
-        stream: StreamId,
+        stream_id: StreamId,
         /// The stream version of the event.
         version: u64,
         /// The event type.
@@ -226,10 +285,13 @@ pub enum DecodeError {
         source: serde_json::Error,
     },
     /// An upcaster failed or produced something it did not declare.
-    #[error("upcasting `{event_type}` v{schema_version} in `{stream}` at version {version} failed: {reason}")]
+    #[error(
+        "upcasting `{event_type}` v{schema_version} in `{stream_id}` at version {version} \
+         failed: {source}"
+    )]
     Upcast {
         /// The stream.
-        stream: StreamId,
+        stream_id: StreamId,
         /// The stream version of the event.
         version: u64,
         /// The event type being upcast.
@@ -237,16 +299,17 @@ pub enum DecodeError {
         /// Its schema version.
         schema_version: u32,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: UpcastError,
     },
     /// The event's schema version is not the current one and no upcaster bridges the two.
     #[error(
-        "`{event_type}` in `{stream}` at version {version} is stored at schema v{stored_version} \
+        "`{event_type}` in `{stream_id}` at version {version} is stored at schema v{stored_version} \
          but the application reads v{current_version} and no upcaster bridges them"
     )]
     SchemaVersion {
         /// The stream.
-        stream: StreamId,
+        stream_id: StreamId,
         /// The stream version of the event.
         version: u64,
         /// The event type.
@@ -262,12 +325,12 @@ impl DecodeError {
     fn from_payload(event: &RecordedEvent, event_type: &str, err: PayloadError) -> Self {
         match err {
             PayloadError::UnknownType(event_type) => Self::UnknownEventType {
-                stream: event.stream_id.clone(),
+                stream_id: event.stream_id.clone(),
                 version: event.stream_version,
                 event_type,
             },
             PayloadError::Invalid(source) => Self::Payload {
-                stream: event.stream_id.clone(),
+                stream_id: event.stream_id.clone(),
                 version: event.stream_version,
                 event_type: event_type.to_owned(),
                 source,
@@ -377,16 +440,16 @@ impl Upcasters {
             sink(typed);
             return Ok(());
         };
-        let upcast_err = |reason: String| DecodeError::Upcast {
-            stream: event.stream_id.clone(),
+        let upcast_err = |source: UpcastError| DecodeError::Upcast {
+            stream_id: event.stream_id.clone(),
             version: event.stream_version,
             event_type: event.event_type.clone(),
             schema_version: event.schema_version,
-            reason,
+            source,
         };
         let payload: Value =
             serde_json::from_slice(&event.payload).map_err(|source| DecodeError::Payload {
-                stream: event.stream_id.clone(),
+                stream_id: event.stream_id.clone(),
                 version: event.stream_version,
                 event_type: event.event_type.clone(),
                 source,
@@ -400,7 +463,7 @@ impl Upcasters {
         event: &RecordedEvent,
         upcaster: &Arc<dyn Upcaster>,
         payload: Value,
-        upcast_err: &dyn Fn(String) -> DecodeError,
+        upcast_err: &dyn Fn(UpcastError) -> DecodeError,
         sink: &mut impl FnMut(E),
     ) -> Result<(), DecodeError> {
         let outputs = upcaster.upcast(payload).map_err(upcast_err)?;
@@ -410,13 +473,12 @@ impl Upcasters {
                 .iter()
                 .any(|(t, v)| *t == out.event_type && *v == out.schema_version)
             {
-                return Err(upcast_err(format!(
-                    "the upcaster of `{}` v{} produced `{}` v{}, which it does not declare",
-                    upcaster.source_type(),
-                    upcaster.source_version(),
-                    out.event_type,
-                    out.schema_version
-                )));
+                return Err(upcast_err(UpcastError::Undeclared {
+                    from_type: upcaster.source_type().to_owned(),
+                    from_version: upcaster.source_version(),
+                    event_type: out.event_type,
+                    version: out.schema_version,
+                }));
             }
             if let Some(next) = self.find(&out.event_type, out.schema_version) {
                 self.expand(event, next, out.payload, upcast_err, sink)?;
@@ -445,12 +507,12 @@ fn check_version<E: DomainEvent>(
 ) -> Result<(), DecodeError> {
     match E::schema_of(event_type) {
         None => Err(DecodeError::UnknownEventType {
-            stream: event.stream_id.clone(),
+            stream_id: event.stream_id.clone(),
             version: event.stream_version,
             event_type: event_type.to_owned(),
         }),
         Some(schema) if schema.version != version => Err(DecodeError::SchemaVersion {
-            stream: event.stream_id.clone(),
+            stream_id: event.stream_id.clone(),
             version: event.stream_version,
             event_type: event_type.to_owned(),
             stored_version: version,

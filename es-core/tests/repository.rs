@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use es_core::store::StoreFuture;
+use es_core::contract::StoreFuture;
 use es_core::{
     Aggregate, AppendRequest, AppendResult, Apply, Decision, DomainEvent, EventStore, EventStream,
     ExpectedVersion, NewEvent, ReadAll, ReadStream, Repository, RepositoryError, RetryPolicy,
@@ -104,8 +104,11 @@ impl EventStore for Faulty {
             }
             if this.interfere {
                 let foreign = NewEvent::new("Added", 1, r#"{"n":1}"#).unwrap();
-                let sneak =
-                    AppendRequest::new(request.stream.clone(), ExpectedVersion::Any, vec![foreign]);
+                let sneak = AppendRequest::new(
+                    request.stream_id.clone(),
+                    ExpectedVersion::Any,
+                    vec![foreign],
+                );
                 this.inner.append(sneak).await?;
             }
             let result = this.inner.append(request).await?;
@@ -158,7 +161,7 @@ fn retry(max_attempts: u32) -> RetryPolicy {
     RetryPolicy {
         max_attempts,
         max_transient_attempts: 4,
-        backoff: Duration::from_millis(1),
+        backoff: es_core::Backoff::new(Duration::from_millis(1), Duration::from_millis(10)),
     }
 }
 
@@ -196,7 +199,7 @@ async fn conflicts_are_retried_then_reported_with_versions() {
         .unwrap();
     match repo.execute::<Counter>("x", &5).await {
         Err(RepositoryError::Conflict {
-            stream,
+            stream_id: stream,
             expected,
             actual,
             attempts,
@@ -254,7 +257,7 @@ async fn an_unreachable_store_is_a_store_error_after_retries() {
         .unwrap();
     match repo.execute::<Counter>("z", &1).await {
         Err(RepositoryError::Store {
-            stream,
+            stream_id: stream,
             version: 0,
             source,
         }) => {

@@ -49,7 +49,10 @@ fn stored(event_type: &str, version: u32, payload: &serde_json::Value) -> Record
 
 fn v1_to_v2() -> Arc<dyn Upcaster> {
     Arc::new(upcast::map("Named", 1, |p| {
-        let full = p["name"].as_str().ok_or("no name")?.to_owned();
+        let full = p["name"]
+            .as_str()
+            .ok_or(upcast::UpcastError::MissingField("name"))?
+            .to_owned();
         let (first, last) = full.split_once(' ').unwrap_or((&full, ""));
         Ok(json!({ "given": first, "family": last }))
     }))
@@ -192,7 +195,7 @@ fn decode_errors_name_the_stream_and_version() {
     let upcasters = chain(vec![
         v2_to_v3(),
         Arc::new(upcast::map("Named", 1, |_| {
-            Err("cannot parse the legacy name".to_owned())
+            Err(upcast::UpcastError::other("cannot parse the legacy name"))
         })),
         Arc::new(upcast::custom("Liar", 1, &[("Aged", 1)], |_| {
             Ok(vec![UpcastEvent {
@@ -212,13 +215,22 @@ fn decode_errors_name_the_stream_and_version() {
         );
         err
     };
-    assert!(matches!(
-        check(stored("Named", 1, &json!({})), "failing upcaster"),
-        DecodeError::Upcast { .. }
-    ));
+    let failing = check(stored("Named", 1, &json!({})), "failing upcaster");
+    assert!(
+        matches!(&failing, DecodeError::Upcast { source: upcast::UpcastError::Other(e), .. }
+            if e.to_string() == "cannot parse the legacy name"),
+        "{failing:?}"
+    );
+    assert!(
+        std::error::Error::source(&failing).is_some(),
+        "the upcaster's error is the source"
+    );
     assert!(matches!(
         check(stored("Liar", 1, &json!({})), "undeclared output"),
-        DecodeError::Upcast { .. }
+        DecodeError::Upcast {
+            source: upcast::UpcastError::Undeclared { .. },
+            ..
+        }
     ));
     assert!(matches!(
         check(stored("Unheard", 1, &json!({})), "unknown type"),

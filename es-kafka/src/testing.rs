@@ -25,13 +25,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use es_core::outbox::{PublishOutcome, RelayError};
-use es_core::testing::domain::{Ledger, LedgerCommand, LedgerEvent};
-use es_core::testing::streaming::{LedgerMessage, LedgerTranslator};
 use es_core::{
     AppendRequest, ExpectedVersion, Metadata, NewEvent, OutboxMessage, OutboxRecord, OutboxStore,
     Publisher, Relay, RelayConfig, Repository, StreamId, StreamingStore, Translator,
 };
 use es_test_support::{KafkaBroker, KafkaStorage};
+use es_testkit::domain::{Ledger, LedgerCommand, LedgerEvent};
+use es_testkit::streaming::{LedgerMessage, LedgerTranslator};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -157,7 +157,7 @@ pub async fn ledger_activity<S: StreamingStore>(
                 };
                 expected
                     .streams
-                    .entry(done.stream.to_string())
+                    .entry(done.stream_id.to_string())
                     .or_default()
                     .push((done.event_ids[0], delta));
             }
@@ -395,7 +395,7 @@ pub fn relay_config(owner: &str, batch_size: u64, lease_ttl: Duration) -> RelayC
         publish_timeout: lease_ttl * 3 / 4,
         batch_size,
         idle_poll: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(300),
+        backoff: es_core::Backoff::new(Duration::from_millis(50), Duration::from_millis(300)),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The in-memory event store: the embedded default for examples, demos and unit tests.
 //!
-//! It keeps the whole contract of [`es_core::store`]: optimistic concurrency, idempotent retries
+//! It keeps the whole contract of [`es_core::contract`]: optimistic concurrency, idempotent retries
 //! by event id, atomic batches, a never-skip global feed in commit order, snapshots, and live
 //! subscriptions. One mutex orders every append, so the global position order is the commit
 //! order by construction; readers copy pages of events out under the lock and never hold it while
@@ -32,10 +32,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use es_core::contract::Checkpoint;
+use es_core::contract::{classify_retry, StoreFuture, StoredEventRef};
+use es_core::contract::{DeadLetter, Delivered, LastRejection, LeaseState, Rejection, RelayStatus};
 use es_core::event::now_micros;
-use es_core::outbox::{DeadLetter, Delivered, LastRejection, LeaseState, Rejection, RelayStatus};
-use es_core::projection::{Checkpoint, HandlerError};
-use es_core::store::{classify_retry, StoreFuture, StoredEventRef};
+use es_core::projection::HandlerError;
 use es_core::{
     AppendLimits, AppendRequest, AppendResult, CheckpointStore, Direction, EventFilter, EventStore,
     EventStream, OutboxRecord, OutboxStore, ReadAll, ReadStream, RecordedEvent, SnapshotRecord,
@@ -43,9 +44,6 @@ use es_core::{
 };
 use tokio::sync::watch;
 use uuid::Uuid;
-
-#[cfg(feature = "oracle")]
-pub mod oracle;
 
 /// Events copied out of the store per lock acquisition while reading.
 const PAGE: usize = 512;
@@ -213,7 +211,7 @@ impl Inner {
                     let stored = &state.log[i];
                     StoredEventRef {
                         event_id: stored.event_id,
-                        stream: stored.stream_id.clone(),
+                        stream_id: stored.stream_id.clone(),
                         stream_version: stored.stream_version,
                         global_position: stored.global_position,
                     }
@@ -223,8 +221,8 @@ impl Inner {
         if let Some(original) = classify_retry(request, &found)? {
             return Ok(original);
         }
-        let current = state.streams.get(&request.stream).map_or(0, Vec::len) as u64;
-        request.expected.check(&request.stream, current)?;
+        let current = state.streams.get(&request.stream_id).map_or(0, Vec::len) as u64;
+        request.expected.check(&request.stream_id, current)?;
         if request.events.is_empty() {
             return Ok(AppendResult {
                 stream_version: current,
@@ -243,7 +241,7 @@ impl Inner {
             .enumerate()
             .map(|(i, event)| RecordedEvent {
                 event_id: event.event_id,
-                stream_id: request.stream.clone(),
+                stream_id: request.stream_id.clone(),
                 stream_version: current + i as u64 + 1,
                 global_position: (first_index + i) as u64 + 1,
                 event_type: event.event_type.clone(),
@@ -255,7 +253,7 @@ impl Inner {
             .collect();
         for (name, projection) in &self.inline {
             projection(&recorded).map_err(|e| StoreError::InlineProjection {
-                stream: request.stream.clone(),
+                stream_id: request.stream_id.clone(),
                 projection: name.clone(),
                 reason: e.to_string(),
             })?;
@@ -269,7 +267,7 @@ impl Inner {
         }
         state
             .streams
-            .entry(request.stream.clone())
+            .entry(request.stream_id.clone())
             .or_default()
             .extend(first_index..first_index + positions.len());
         for message in &request.outbox {
@@ -279,7 +277,7 @@ impl Inner {
                 position,
                 OutboxRecord {
                     position,
-                    stream_id: request.stream.clone(),
+                    stream_id: request.stream_id.clone(),
                     recorded_at,
                     message: message.clone(),
                 },
@@ -458,8 +456,7 @@ impl Pages {
                     let rx = self.inner.head.subscribe();
                     let after = *after;
                     self.waiting = Some(Box::pin(async move {
-                        es_core::subscription::wait_on_watch(&rx, after, Duration::from_secs(5))
-                            .await;
+                        es_core::contract::wait_on_watch(&rx, after, Duration::from_secs(5)).await;
                     }));
                 }
                 page
@@ -537,7 +534,7 @@ impl EventStore for InMemoryStore {
     fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send {
         let rx = self.inner.head.subscribe();
         async move {
-            es_core::subscription::wait_on_watch(&rx, after, Duration::from_secs(5)).await;
+            es_core::contract::wait_on_watch(&rx, after, Duration::from_secs(5)).await;
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The backend conformance suite on the in-memory store.
 
-es_core::conformance_tests!(|| async { es_memory::InMemoryStore::new() });
+es_testkit::conformance_tests!(|| async { es_memory::InMemoryStore::new() });
 
 mod streaming {
-    es_core::streaming_conformance_tests!(|| async { es_memory::InMemoryStore::new() });
+    es_testkit::streaming_conformance_tests!(|| async { es_memory::InMemoryStore::new() });
 }

@@ -48,7 +48,7 @@ async fn inline_projection_sees_committed_events_and_can_veto() {
         .await
     {
         Err(StoreError::InlineProjection {
-            stream,
+            stream_id: stream,
             projection,
             reason,
         }) => {

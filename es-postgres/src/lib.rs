@@ -80,7 +80,7 @@
 //! everything queued (one append per stream per group) as arrays to one call of the PL/pgSQL
 //! function `append_events`, one round trip and one commit for the group. Inside, each append
 //! is decided on its own: expected version, idempotent retry (the stored copies of its event
-//! ids, classified by [`es_core::store::classify_retry`], so results match `es-memory`), or a
+//! ids, classified by [`es_core::contract::classify_retry`], so results match `es-memory`), or a
 //! conflict. A failing append does not fail the others; a group that fails as a whole (for
 //! example an event PostgreSQL rejects as invalid JSON) is re-run append by append, so the bad
 //! append gets its typed error alone. Conditions are detected by data, SQLSTATE and constraint
@@ -137,7 +137,7 @@
 //! client gives up on a call after three times the time-out plus two seconds, closes its
 //! connection and reports [`StoreError::Unavailable`].
 //!
-//! **Epochs.** Positions carry an epoch (see [`es_core::position`]). Each session checks, once,
+//! **Epochs.** Positions carry an epoch (see [`es_core::contract::position`]). Each session checks, once,
 //! before its first allocation, whether the server is the incarnation that began the current
 //! epoch (`pg_postmaster_start_time()`, recorded in the `epochs` table); if not (the schema's
 //! first append, a restart, a restore from a backup, a promoted standby), it begins a new epoch
@@ -356,9 +356,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use es_core::position::EpochStart;
+use es_core::contract::position::EpochStart;
+use es_core::contract::StoreFuture;
 use es_core::projection::HandlerError;
-use es_core::store::StoreFuture;
 use es_core::{
     AppendLimits, AppendRequest, AppendResult, EventStore, EventStream, ReadAll, ReadStream,
     RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
@@ -794,7 +794,7 @@ impl EventStore for PgStore {
     fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send {
         let rx = self.inner.head.subscribe();
         let poll = self.inner.poll_interval;
-        async move { es_core::subscription::wait_on_watch(&rx, after, poll).await }
+        async move { es_core::contract::wait_on_watch(&rx, after, poll).await }
     }
 }
 
@@ -853,7 +853,7 @@ impl SnapshotStore for PgStore {
                         .is_some_and(|c| c.starts_with("22") || c.starts_with("54")) =>
                 {
                     Err(StoreError::InvalidRequest {
-                        stream: snapshot.stream_id.clone(),
+                        stream_id: snapshot.stream_id.clone(),
                         reason: format!("PostgreSQL rejected the snapshot: {err}"),
                     })
                 }

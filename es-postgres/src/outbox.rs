@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use es_core::outbox::{DeadLetter, Delivered, LastRejection, LeaseState, Rejection, RelayStatus};
-use es_core::projection::Checkpoint;
-use es_core::store::StoreFuture;
+use es_core::contract::Checkpoint;
+use es_core::contract::StoreFuture;
+use es_core::contract::{DeadLetter, Delivered, LastRejection, LeaseState, Rejection, RelayStatus};
 use es_core::{
     CheckpointStore, Metadata, OutboxMessage, OutboxRecord, OutboxStore, StoreError, StreamId,
 };

@@ -40,8 +40,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use es_core::contract::{classify_retry, StoredEventRef};
 use es_core::projection::HandlerError;
-use es_core::store::{classify_retry, StoredEventRef};
 use es_core::{AppendRequest, AppendResult, ExpectedVersion, RecordedEvent, StoreError, StreamId};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgBindIterExt, PgConnection, PgPool, PgRow};
@@ -340,7 +340,7 @@ impl Writer {
                     // Nothing was written. The failing append fails alone; the others run again.
                     let job = jobs.remove(index);
                     let _ = job.reply.send(Err(StoreError::InlineProjection {
-                        stream: job.request.stream.clone(),
+                        stream_id: job.request.stream_id.clone(),
                         projection,
                         reason,
                     }));
@@ -392,7 +392,7 @@ impl Writer {
                     CallError::Inline {
                         projection, reason, ..
                     } => StoreError::InlineProjection {
-                        stream: job.request.stream.clone(),
+                        stream_id: job.request.stream_id.clone(),
                         projection,
                         reason,
                     },
@@ -516,8 +516,8 @@ fn append_query(
     let metadata: Vec<Vec<u8>> = events().map(|e| e.metadata.to_json()).collect();
     let message_metadata: Vec<Vec<u8>> = messages().map(|m| m.metadata.to_json()).collect();
     sqlx::query(AssertSqlSafe(Arc::clone(sql)))
-        .bind(requests().map(|r| r.stream.as_str()).bind_iter())
-        .bind(requests().map(|r| r.stream.category()).bind_iter())
+        .bind(requests().map(|r| r.stream_id.as_str()).bind_iter())
+        .bind(requests().map(|r| r.stream_id.category()).bind_iter())
         .bind(requests().map(|r| expected_kind(r.expected)).bind_iter())
         .bind(requests().map(|r| expected_value(r.expected)).bind_iter())
         .bind(requests().map(|r| int4(r.events.len())).bind_iter())
@@ -664,7 +664,7 @@ struct Group {
 impl Group {
     fn new(first: Job) -> Self {
         let mut streams = HashSet::new();
-        streams.insert(first.request.stream.clone());
+        streams.insert(first.request.stream_id.clone());
         Self {
             events: first.request.events.len(),
             bytes: first.bytes(),
@@ -693,11 +693,11 @@ impl Group {
         if self.full()
             || self.events + events > MAX_GROUP_EVENTS
             || self.bytes + bytes > MAX_GROUP_BYTES
-            || self.streams.contains(&job.request.stream)
+            || self.streams.contains(&job.request.stream_id)
         {
             return Err(job);
         }
-        self.streams.insert(job.request.stream.clone());
+        self.streams.insert(job.request.stream_id.clone());
         self.events += events;
         self.bytes += bytes;
         self.jobs.push(job);
@@ -750,7 +750,7 @@ impl CallResult {
                     id,
                     StoredEventRef {
                         event_id: id,
-                        stream,
+                        stream_id: stream,
                         stream_version: to_u64(version, &location()).map_err(CallError::Store)?,
                         global_position: to_u64(position, &location()).map_err(CallError::Store)?,
                     },
@@ -790,7 +790,7 @@ impl CallResult {
                 .zip(first_version..)
                 .map(|((e, global_position), stream_version)| RecordedEvent {
                     event_id: e.event_id,
-                    stream_id: request.stream.clone(),
+                    stream_id: request.stream_id.clone(),
                     stream_version,
                     global_position,
                     event_type: e.event_type.clone(),
@@ -823,7 +823,7 @@ impl CallResult {
                 })
             }
             1 => Err(StoreError::Conflict {
-                stream: request.stream.clone(),
+                stream_id: request.stream_id.clone(),
                 expected: request.expected,
                 actual: version,
             }),
@@ -855,12 +855,12 @@ fn is_event_id_violation(err: &sqlx::Error) -> bool {
 /// The error of a single append that failed as a whole.
 fn append_error(request: &AppendRequest, err: sqlx::Error) -> StoreError {
     let invalid = |reason: String| StoreError::InvalidRequest {
-        stream: request.stream.clone(),
+        stream_id: request.stream_id.clone(),
         reason,
     };
     if is_event_id_violation(&err) {
         return StoreError::DuplicateEvent {
-            stream: request.stream.clone(),
+            stream_id: request.stream_id.clone(),
             event_id: request.events.first().map_or(Uuid::nil(), |e| e.event_id),
             reason: "an event id of this batch was stored concurrently by another append"
                 .to_owned(),

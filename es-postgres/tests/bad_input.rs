@@ -4,13 +4,13 @@
 mod common;
 
 use bytes::Bytes;
-use es_core::testing::domain::{Ledger, LedgerCommand};
 use es_core::{
     AppendLimits, AppendRequest, EventFilter, EventStore, ExpectedVersion, NewEvent, OutboxStore,
     ReadAll, ReadStream, RecordedEvent, Repository, RepositoryError, SnapshotRecord, SnapshotStore,
     StoreError, StreamId,
 };
 use es_postgres::{Error, PgStore};
+use es_testkit::domain::{Ledger, LedgerCommand};
 use futures::TryStreamExt;
 use serde_json::json;
 use sqlx::AssertSqlSafe;
@@ -233,8 +233,8 @@ async fn malformed_events_fail_alone() {
     assert_eq!(all.len(), 4 * 11);
 }
 
-fn message(source: uuid::Uuid) -> es_core::outbox::OutboxMessage {
-    es_core::outbox::OutboxMessage {
+fn message(source: uuid::Uuid) -> es_core::contract::OutboxMessage {
+    es_core::contract::OutboxMessage {
         message_id: uuid::Uuid::now_v7(),
         source_event_id: source,
         topic: "topic".into(),

@@ -2,11 +2,11 @@
 
 mod common;
 
-es_core::conformance_tests!(common::fresh_store);
+es_testkit::conformance_tests!(common::fresh_store);
 
 /// The streaming suite: outbox, relay lease, checkpoints and the projection runner.
 mod streaming {
     use super::common;
 
-    es_core::streaming_conformance_tests!(common::fresh_store);
+    es_testkit::streaming_conformance_tests!(common::fresh_store);
 }

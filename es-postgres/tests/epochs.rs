@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use es_core::position::{epoch_of, first_of_epoch, EpochStart};
+use es_core::contract::position::{epoch_of, first_of_epoch, EpochStart};
 use es_core::{
     AppendRequest, EventFilter, EventStore, ExpectedVersion, NewEvent, RecordedEvent, StoreError,
     StreamId,

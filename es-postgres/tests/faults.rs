@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use es_core::testing::streaming::RecordingPublisher;
 use es_core::{
     AppendRequest, AppendResult, EventFilter, EventStore, ExpectedVersion, Metadata, NewEvent,
     OutboxMessage, OutboxRecord, OutboxStore, ReadAll, RecordedEvent, Relay, RelayConfig,
     StoreError, StreamId,
 };
 use es_test_support::{scratch_dir, PgServer};
+use es_testkit::streaming::RecordingPublisher;
 use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 use sqlx::AssertSqlSafe;
@@ -37,7 +37,7 @@ fn with_messages(request: AppendRequest) -> AppendRequest {
             message_id: Uuid::now_v7(),
             source_event_id: e.event_id,
             topic: "orders.public".into(),
-            key: request.stream.to_string(),
+            key: request.stream_id.to_string(),
             message_type: "OrderHappened".into(),
             schema_version: 1,
             payload: e.payload.clone(),
@@ -219,7 +219,7 @@ async fn kill9_during_concurrent_appends() {
             for (e, position) in request.events.iter().zip(&result.positions) {
                 let stored = by_id[&e.event_id];
                 assert_eq!(stored.global_position, *position);
-                assert_eq!(stored.stream_id, request.stream);
+                assert_eq!(stored.stream_id, request.stream_id);
             }
         }
     }
@@ -440,7 +440,10 @@ async fn relay_survives_a_postgres_restart() {
                 publish_timeout: Duration::from_millis(1500),
                 batch_size: 25,
                 idle_poll: Duration::from_millis(50),
-                max_backoff: Duration::from_millis(200),
+                backoff: es_core::Backoff::new(
+                    Duration::from_millis(50),
+                    Duration::from_millis(200),
+                ),
             },
         )
         .run(async {

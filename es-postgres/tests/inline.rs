@@ -6,12 +6,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use es_core::projection::HandlerError;
-use es_core::testing::domain::{Ledger, LedgerCommand};
 use es_core::{
     AppendRequest, EventStore, ExpectedVersion, Metadata, NewEvent, OutboxMessage, OutboxStore,
     ReadAll, RecordedEvent, Repository, RetryPolicy, StoreError, StreamId,
 };
 use es_postgres::PgStore;
+use es_testkit::domain::{Ledger, LedgerCommand};
 use futures::future::BoxFuture;
 use futures::TryStreamExt;
 use serde_json::json;
@@ -248,7 +248,7 @@ async fn a_failing_projection_fails_only_its_append() {
             if i == 7 {
                 match result {
                     Err(StoreError::InlineProjection {
-                        stream: s,
+                        stream_id: s,
                         projection,
                         reason,
                     }) => {

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use es_core::testing::domain::{Ledger, LedgerCommand, LedgerEvent};
 use es_core::{
     EventFilter, EventStore, Metadata, ReadAll, RecordedEvent, Repository, RepositoryError,
 };
@@ -21,6 +20,7 @@ use es_kafka::testing::{self, Expected, Instrumented, RunningRelay};
 use es_kafka::{KafkaConfig, KafkaPublisher};
 use es_postgres::PgStore;
 use es_test_support::{scratch_dir, PgServer};
+use es_testkit::domain::{Ledger, LedgerCommand, LedgerEvent};
 use futures::TryStreamExt;
 use uuid::Uuid;
 

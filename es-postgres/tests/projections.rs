@@ -11,13 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use es_core::projection::{HandlerError, RunnerConfig};
-use es_core::testing::domain::{Ledger, LedgerCommand, LedgerEvent};
-use es_core::testing::streaming::GatedSink;
 use es_core::{
     AppendRequest, CheckpointStore, EventFilter, EventStore, ExpectedVersion, NewEvent,
     ProjectionRunner, ProjectionStatus, RecordedEvent, Repository, StreamId,
 };
 use es_postgres::{ExactlyOnce, PgProjection, PgStore};
+use es_testkit::domain::{Ledger, LedgerCommand, LedgerEvent};
+use es_testkit::streaming::GatedSink;
 use serde_json::json;
 use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 
@@ -240,7 +240,7 @@ fn runner(store: &PgStore, batch_size: usize) -> ProjectionRunner<PgStore> {
         store.clone(),
         RunnerConfig {
             max_attempts: 3,
-            backoff: Duration::from_millis(5),
+            backoff: es_core::Backoff::new(Duration::from_millis(5), Duration::from_millis(50)),
             batch_size,
         },
     )
@@ -535,7 +535,7 @@ async fn a_poisoned_event_stops_the_projection_after_committing_the_events_befor
     let ProjectionStatus::Failed(failure) = status else {
         panic!("expected the projection to fail, got {status:?}");
     };
-    assert_eq!(failure.position, Some(poison));
+    assert_eq!(failure.position(), Some(poison));
     for part in [
         poisoned.event_ids[0].to_string(),
         "`ledger-x`".to_owned(),
@@ -545,9 +545,8 @@ async fn a_poisoned_event_stops_the_projection_after_committing_the_events_befor
         "cannot handle".to_owned(),
     ] {
         assert!(
-            failure.message.contains(&part),
-            "names {part}: {}",
-            failure.message
+            failure.to_string().contains(&part),
+            "names {part}: {failure}"
         );
     }
     assert_eq!(
@@ -608,7 +607,7 @@ async fn an_undecodable_event_stops_the_projection_and_is_not_skipped() {
         let ProjectionStatus::Failed(failure) = status else {
             panic!("run {run}: expected the projection to fail, got {status:?}");
         };
-        assert_eq!(failure.position, Some(poison), "run {run}");
+        assert_eq!(failure.position(), Some(poison), "run {run}");
         for part in [
             "`balances`".to_owned(),
             "Exploded".to_owned(),
@@ -617,9 +616,8 @@ async fn an_undecodable_event_stops_the_projection_and_is_not_skipped() {
             format!("global position {poison}"),
         ] {
             assert!(
-                failure.message.contains(&part),
-                "run {run}: names {part}: {}",
-                failure.message
+                failure.to_string().contains(&part),
+                "run {run}: names {part}: {failure}"
             );
         }
         assert_eq!(

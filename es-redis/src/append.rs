@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use es_core::store::{classify_retry, StoredEventRef};
+use es_core::contract::{classify_retry, StoredEventRef};
 use es_core::{AppendRequest, AppendResult, ExpectedVersion, StoreError, StreamId};
 use futures::stream::{FuturesUnordered, StreamExt};
 use redis::aio::ConnectionManager;
@@ -97,7 +97,7 @@ impl Appender {
                 .map(|request| {
                     Err(StoreError::backend(format!(
                         "unexpected reply from the append script for `{}`: {other:?}",
-                        request.stream
+                        request.stream_id
                     )))
                 })
                 .collect(),
@@ -155,8 +155,8 @@ impl Appender {
             .arg(keys.outbox())
             .arg(keys.epochs());
         for request in group {
-            cmd.arg(keys.events(&request.stream))
-                .arg(keys.version(&request.stream));
+            cmd.arg(keys.events(&request.stream_id))
+                .arg(keys.version(&request.stream_id));
         }
         cmd.arg(group.len())
             .arg(self.head.floor())
@@ -169,7 +169,7 @@ impl Appender {
                 ExpectedVersion::StreamExists => cmd.arg("exists"),
                 ExpectedVersion::Exact(v) => cmd.arg(v),
             };
-            cmd.arg(request.stream.as_str())
+            cmd.arg(request.stream_id.as_str())
                 .arg(request.events.len())
                 .arg(request.outbox.len());
             for event in &request.events {
@@ -195,7 +195,7 @@ impl Appender {
 }
 
 fn stream_location(request: &AppendRequest) -> String {
-    format!("stream `{}`", request.stream)
+    format!("stream `{}`", request.stream_id)
 }
 
 /// An append waiting for the writer task.
@@ -459,7 +459,7 @@ fn append_reply(
     x: Value,
     y: &Value,
 ) -> Result<AppendResult, StoreError> {
-    let stream = &request.stream;
+    let stream = &request.stream_id;
     let bad = |what: &str| {
         StoreError::backend(format!(
             "unexpected reply from the append script for `{stream}`: {what}"
@@ -518,7 +518,7 @@ fn append_reply(
         Some(2) => {
             let actual = int(&x).ok_or_else(|| bad("no actual version"))?;
             Err(StoreError::Conflict {
-                stream: stream.clone(),
+                stream_id: stream.clone(),
                 expected: request.expected,
                 actual,
             })
@@ -566,7 +566,7 @@ fn stored_ref(event_id: uuid::Uuid, entry: &[u8]) -> Option<StoredEventRef> {
     let stream = StreamId::parse(parts.next()?).ok()?;
     Some(StoredEventRef {
         event_id,
-        stream,
+        stream_id: stream,
         stream_version,
         global_position,
     })

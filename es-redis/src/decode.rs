@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use chrono::DateTime;
-use es_core::position::EpochStart;
+use es_core::contract::position::EpochStart;
 use es_core::{Metadata, RecordedEvent, StoreError, StreamId};
 use redis::Value;
 use uuid::Uuid;

@@ -94,7 +94,7 @@
 //! 1. if any of the append's event ids is stored (before this script, or by an earlier append of
 //!    the group), the append writes nothing and the script returns where each of them is stored
 //!    (its position, and the stream and version from its feed entry); the client then applies
-//!    [`es_core::store::classify_retry`], the same rule as every backend: an exact retry
+//!    [`es_core::contract::classify_retry`], the same rule as every backend: an exact retry
 //!    returns the original result (versions and positions), anything else is
 //!    [`StoreError::DuplicateEvent`];
 //! 2. it checks the [`ExpectedVersion`] against the version key (or the version an earlier
@@ -175,7 +175,7 @@
 //! time, so position order *is* commit order and positions are dense within an epoch: the first
 //! write of each server incarnation (the store's first write, then the first after every
 //! restart or failover) begins an epoch at its
-//! [`first_of_epoch`](es_core::position::first_of_epoch), and the positions after it follow one
+//! [`first_of_epoch`](es_core::contract::position::first_of_epoch), and the positions after it follow one
 //! by one (see [epochs and lost tails](#epochs-and-lost-tails)). An event is
 //! visible to readers exactly when its position is: once a read or a subscription has returned
 //! position `p`, no event at or below `p` can appear later. Per-stream order in the feed matches
@@ -394,7 +394,7 @@
 //! `no`, a failover to a replica that lagged, a restore of an older backup, a wiped database).
 //! If the store then handed the lost positions out again, a subscriber or projection that had
 //! read past them would skip the new events without a word. So positions carry an epoch
-//! ([`es_core::position`]): `epoch << 22 | sequence`, and every new incarnation of the server
+//! ([`es_core::contract::position`]): `epoch << 22 | sequence`, and every new incarnation of the server
 //! begins a new epoch.
 //!
 //! *Detection.* Every append call that writes events knows the server process's `run_id` (Redis
@@ -409,10 +409,10 @@
 //! under a live handle (the store's keys deleted or restored while the server ran on). Either
 //! begins an epoch, in the same script as the first append that writes, atomically with it:
 //!
-//! - the epoch is [`next_epoch`](es_core::position::next_epoch) with the server's clock: the
+//! - the epoch is [`next_epoch`](es_core::contract::position::next_epoch) with the server's clock: the
 //!   seconds since 2024-01-01, but above the last recorded epoch and above the epoch of the
 //!   stored head and of the handle's highest position; positions continue at its
-//!   [`first_of_epoch`](es_core::position::first_of_epoch);
+//!   [`first_of_epoch`](es_core::contract::position::first_of_epoch);
 //! - the outbox counter jumps to the same place (unless it is above it already), so new outbox
 //!   records never reuse the position of a record that was lost, and a relay that marks a lost
 //!   record delivered (`XDEL` by position) cannot delete a new one;
@@ -423,7 +423,7 @@
 //!   [`EventStore::epochs`] returns them.
 //!
 //! es-core's subscriptions and projections check the history whenever they would move into a
-//! later epoch ([`es_core::position::verify_resume`]): a reader whose position is past the
+//! later epoch ([`es_core::contract::verify_resume`]): a reader whose position is past the
 //! epoch's `previous_head` gets [`StoreError::LostTail`] naming its position, the surviving
 //! head and the epoch, and stops; one at or below it goes on and sees every event of the new
 //! epoch once. Every restart begins an epoch, also one that lost nothing (the store cannot tell):
@@ -457,7 +457,7 @@
 //!   after it comes through a handle that had seen them (the handle's highest position keeps the
 //!   epoch above).
 //! - Lua numbers are doubles, exact below 2^53: positions and outbox positions stay at or below
-//!   2^53 - 1, that is epochs up to [`MAX_EPOCH`](es_core::position::MAX_EPOCH) (the year 2092 by
+//!   2^53 - 1, that is epochs up to [`MAX_EPOCH`](es_core::contract::position::MAX_EPOCH) (the year 2092 by
 //!   the clock). An append that would go further is refused ([`StoreError::Backend`]) and writes
 //!   nothing, and the script formats positions with `%.0f` where it builds strings (Lua's
 //!   `tostring` switches to exponent notation above 10^14, which every clock epoch's positions
@@ -531,8 +531,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::DateTime;
-use es_core::position::EpochStart;
-use es_core::store::StoreFuture;
+use es_core::contract::position::EpochStart;
+use es_core::contract::StoreFuture;
 use es_core::{
     AppendLimits, AppendRequest, AppendResult, EventStore, EventStream, ReadAll, ReadStream,
     SnapshotRecord, SnapshotStore, StoreError, StreamId,
@@ -967,7 +967,7 @@ impl EventStore for RedisStore {
         let rx = inner.head.subscribe();
         let poll = inner.poll_interval;
         async move {
-            es_core::subscription::wait_on_watch(&rx, after, poll).await;
+            es_core::contract::wait_on_watch(&rx, after, poll).await;
         }
     }
 }

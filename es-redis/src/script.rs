@@ -36,7 +36,7 @@ use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
 /// - `5, policy, nil`: this is the first write of a new server incarnation and the server's
 ///   `maxmemory-policy` can evict the store's keys, nothing was written;
 /// - `6, what, nil`: the append would take a position or outbox position above 2^53 - 1 (an
-///   epoch above [`MAX_EPOCH`](es_core::position::MAX_EPOCH)), nothing was written.
+///   epoch above [`MAX_EPOCH`](es_core::contract::position::MAX_EPOCH)), nothing was written.
 ///
 /// After an append's first write no command of it can fail: every key written is of the right
 /// type (checked by the reads before it or by the guarded first `XADD` of each append) and every
@@ -125,7 +125,7 @@ end
 -- Which server process is this? Its run_id is new in every process, so a restart (whatever it
 -- replayed) or a failover shows as a run_id the index does not hold; so does the first write
 -- ever. (current_run reads it once per process, see APPEND_LIBRARY.) The first write of a new incarnation, or one that finds the head below what the caller
--- has already seen, starts an epoch (see es_core::position::next_epoch): the seconds since
+-- has already seen, starts an epoch (see es_core::contract::position::next_epoch): the seconds since
 -- 2024-01-01 by the server's clock, but above the last recorded epoch and above the epoch of
 -- every position known to be handed out, so that positions and outbox positions continue above
 -- anything an earlier incarnation can have handed out.

@@ -94,8 +94,9 @@ async fn sixteen_writers_on_one_stream() {
         .windows(2)
         .all(|w| w[0].global_position < w[1].global_position));
     // Positions are dense within the store's first epoch, which its first write began.
-    let first =
-        es_core::position::first_of_epoch(es_core::position::epoch_of(stored[0].global_position));
+    let first = es_core::contract::position::first_of_epoch(es_core::contract::position::epoch_of(
+        stored[0].global_position,
+    ));
     assert_eq!(store.head_position().await.unwrap(), first + total - 1);
 }
 
@@ -173,8 +174,9 @@ async fn sixteen_writers_on_a_thousand_streams_with_two_subscribers() {
         .unwrap();
     assert_eq!(feed.len(), written.len());
     // Dense and in order within the store's first epoch, which its first write began.
-    let first =
-        es_core::position::first_of_epoch(es_core::position::epoch_of(feed[0].global_position));
+    let first = es_core::contract::position::first_of_epoch(es_core::contract::position::epoch_of(
+        feed[0].global_position,
+    ));
     assert_eq!(
         feed.iter().map(|e| e.global_position).collect::<Vec<_>>(),
         (first..first + written.len() as u64).collect::<Vec<_>>(),

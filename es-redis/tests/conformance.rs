@@ -2,12 +2,12 @@
 
 mod common;
 
-es_core::conformance_tests!(|| async { common::store("conf").await });
+es_testkit::conformance_tests!(|| async { common::store("conf").await });
 
 /// The streaming-out suite: the outbox written by the append script, the relay lease,
 /// checkpoints and the projection runner.
 mod streaming {
     use super::common;
 
-    es_core::streaming_conformance_tests!(|| async { common::store("stream").await });
+    es_testkit::streaming_conformance_tests!(|| async { common::store("stream").await });
 }

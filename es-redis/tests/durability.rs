@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use es_core::position::{epoch_of, first_of_epoch, EpochStart};
-use es_core::projection::{AtLeastOnce, Checkpoint, HandlerError, Projection, ProjectionStatus};
+use es_core::contract::position::{epoch_of, first_of_epoch, EpochStart};
+use es_core::contract::Checkpoint;
+use es_core::projection::{AtLeastOnce, HandlerError, Projection, ProjectionStatus};
 use es_core::{
     AppendRequest, AppendResult, CheckpointStore, EventFilter, EventStore, EventStream,
     ExpectedVersion, Metadata, NewEvent, OutboxMessage, OutboxStore, ProjectionRunner,
@@ -487,7 +488,7 @@ async fn failure_of<S: EventStore>(handle: &es_core::ProjectionHandle<S>) -> Str
         .await
         .expect("the projection stops")
     {
-        ProjectionStatus::Failed(failure) => failure.message,
+        ProjectionStatus::Failed(failure) => failure.to_string(),
         other => panic!("expected the projection to fail, got {other:?}"),
     }
 }

@@ -217,14 +217,14 @@ async fn check_acknowledged(store: &RedisStore, acknowledged: &[(AppendRequest, 
             let stored = by_id
                 .get(&new.event_id)
                 .unwrap_or_else(|| panic!("acknowledged event {} was lost", new.event_id));
-            assert_eq!(stored.stream_id, request.stream);
+            assert_eq!(stored.stream_id, request.stream_id);
             assert_eq!(stored.stream_version, first + i as u64);
             assert_eq!(stored.global_position, result.positions[i]);
             assert_eq!(stored.payload, new.payload);
         }
         let stored: Vec<RecordedEvent> = store
             .read_stream(
-                &request.stream,
+                &request.stream_id,
                 ReadStream::forward()
                     .from(first)
                     .limit(request.events.len() as u64),
@@ -282,7 +282,7 @@ async fn check_outbox(
                     sent.message_id
                 )
             });
-            assert_eq!(stored.stream_id, request.stream);
+            assert_eq!(stored.stream_id, request.stream_id);
             assert_eq!(&stored.message, sent);
         }
     }
@@ -315,7 +315,7 @@ async fn check_epochs(store: &RedisStore, acknowledged: &[(AppendRequest, Append
     positions.sort_unstable();
     let written_in: HashSet<u64> = positions
         .iter()
-        .map(|p| es_core::position::epoch_of(*p))
+        .map(|p| es_core::contract::position::epoch_of(*p))
         .collect();
     assert_eq!(
         epochs.len(),
@@ -328,7 +328,7 @@ async fn check_epochs(store: &RedisStore, acknowledged: &[(AppendRequest, Append
     );
     for start in &epochs {
         assert!(written_in.contains(&start.epoch), "{epochs:?}");
-        let first = es_core::position::first_of_epoch(start.epoch);
+        let first = es_core::contract::position::first_of_epoch(start.epoch);
         let below = positions.iter().copied().rfind(|p| *p < first);
         assert_eq!(
             below.unwrap_or(0),
@@ -439,7 +439,7 @@ async fn kill9_during_appends_loses_no_acknowledged_append() {
     let last = last.expect("the restarts started epochs");
     assert_eq!(
         done_result.positions,
-        [es_core::position::first_of_epoch(last.epoch)]
+        [es_core::contract::position::first_of_epoch(last.epoch)]
     );
     acknowledged.push((done, done_result));
     check_epochs(&store, &acknowledged).await;

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use es_core::testing::domain::{Ledger, LedgerCommand};
 use es_core::{
     Aggregate, EventStore, Metadata, OutboxStore, ReadStream, Repository, RepositoryError,
     RetryPolicy, StreamId,
@@ -23,6 +22,7 @@ use es_kafka::testing::{self, Expected, Instrumented, LedgerToTopic, RunningRela
 use es_kafka::{KafkaConfig, KafkaPublisher};
 use es_redis::RedisStore;
 use es_test_support::{scratch_dir, RedisServer};
+use es_testkit::domain::{Ledger, LedgerCommand};
 use futures::TryStreamExt;
 use uuid::Uuid;
 
@@ -238,7 +238,7 @@ async fn crash_repository(
         .retry_policy(RetryPolicy {
             max_attempts: 5,
             max_transient_attempts: 10,
-            backoff: Duration::from_millis(20),
+            backoff: es_core::Backoff::new(Duration::from_millis(20), Duration::from_millis(500)),
         })
         .build()
         .expect("repository with the ledger translator");

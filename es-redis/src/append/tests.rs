@@ -14,7 +14,7 @@ use proptest::prelude::*;
 use serde_json::json;
 use uuid::Uuid;
 
-use es_core::position::{epoch_of, first_of_epoch, EpochStart, EPOCH_BITS};
+use es_core::contract::position::{epoch_of, first_of_epoch, EpochStart, EPOCH_BITS};
 
 use crate::RedisStore;
 
@@ -279,7 +279,7 @@ fn clock_epoch() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    now - es_core::position::EPOCH_CLOCK_ORIGIN
+    now - es_core::contract::position::EPOCH_CLOCK_ORIGIN
 }
 
 /// The script's constants are es-core's.
@@ -289,11 +289,11 @@ fn the_script_numbers_epochs_as_es_core_does() {
     assert!(script.contains(&format!("local SPAN = {}\n", 1u64 << EPOCH_BITS)));
     assert!(script.contains(&format!(
         "local ORIGIN = {}\n",
-        es_core::position::EPOCH_CLOCK_ORIGIN
+        es_core::contract::position::EPOCH_CLOCK_ORIGIN
     )));
     assert!(script.contains(&format!("local LAST = {}\n", (1u64 << 53) - 1)));
     assert_eq!(
-        first_of_epoch(es_core::position::MAX_EPOCH) + (1 << EPOCH_BITS) - 2,
+        first_of_epoch(es_core::contract::position::MAX_EPOCH) + (1 << EPOCH_BITS) - 2,
         (1 << 53) - 1
     );
 }

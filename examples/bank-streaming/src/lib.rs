@@ -20,8 +20,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use es_core::projection::{Checkpoint, HandlerError};
-use es_core::store::StoreFuture;
+use es_core::contract::Checkpoint;
+use es_core::contract::StoreFuture;
+use es_core::projection::HandlerError;
 use es_core::{
     CheckpointStore, EventFilter, OutboxStore, Projection, ProjectionHandle, ProjectionStatus,
     RecordedEvent, Repository, Store, StoreError, StreamId, Translator,

@@ -350,7 +350,7 @@ async fn integration_events_arrive_in_kafka_as_translated_in_stream_order() {
             owner: format!("test-{}", Uuid::now_v7()),
             batch_size: 7,
             idle_poll: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(500),
+            backoff: es_core::Backoff::new(Duration::from_millis(50), Duration::from_millis(500)),
             ..RelayConfig::default()
         },
     );

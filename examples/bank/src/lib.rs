@@ -164,7 +164,7 @@ pub fn upcasters() -> Vec<upcast::FnUpcaster> {
     vec![upcast::map("AccountOpened", 1, |mut payload| {
         let object = payload
             .as_object_mut()
-            .ok_or("AccountOpened v1 payload is not an object")?;
+            .ok_or(upcast::UpcastError::NotAnObject)?;
         object.insert("currency".into(), "EUR".into());
         Ok(payload)
     })]

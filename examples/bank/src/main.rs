@@ -290,7 +290,7 @@ async fn commands<S: Store>(
                 );
             }
             Err(RepositoryError::Domain {
-                stream,
+                stream_id: stream,
                 version,
                 source,
             }) => {

@@ -1,6 +1,6 @@
 //! Given/when/then tests of the bank account, with no store.
 
-use es_core::testing::AggregateTest;
+use es_testkit::AggregateTest;
 use example_bank::{
     AccountCommand, AccountError, AccountOpened, BankAccount, MoneyDeposited, MoneyWithdrawn,
 };

@@ -1,4 +1,4 @@
-//! The in-memory store as an oracle for property tests of other backends (feature `oracle`).
+//! The in-memory store as an oracle for property tests of other backends.
 //!
 //! [`ops`] generates random operation sequences: appends with every expected-version mode,
 //! exact retries and partly overlapping batches, stream reads in both directions with limits,
@@ -10,15 +10,11 @@
 //! `k`-th event of the global feed in each store. Timestamps come from each store's clock and are
 //! only checked for being non-decreasing.
 //!
+//! A backend runs it with [`property_tests!`](crate::property_tests), one proptest test per
+//! backend:
+//!
 //! ```ignore
-//! proptest! {
-//!     #[test]
-//!     fn matches_memory(ops in es_memory::oracle::ops()) {
-//!         runtime.block_on(async {
-//!             es_memory::oracle::check_against_memory(fresh_store().await, &ops).await
-//!         });
-//!     }
-//! }
+//! es_testkit::property_tests!(matches_the_in_memory_store, common::fresh_store, cases = 48);
 //! ```
 
 use std::collections::HashMap;
@@ -33,7 +29,7 @@ use futures::TryStreamExt;
 use proptest::prelude::*;
 use uuid::Uuid;
 
-use crate::InMemoryStore;
+use es_memory::InMemoryStore;
 
 const STREAMS: [&str; 5] = ["order-1", "order-2", "payment-1", "payment-x:y", "audit-1"];
 const CATEGORIES: [&str; 3] = ["order", "payment", "audit"];
@@ -185,16 +181,22 @@ struct Run<S> {
 fn error_kind(err: &StoreError) -> String {
     match err {
         StoreError::Conflict {
-            stream,
+            stream_id: stream,
             expected,
             actual,
         } => format!("Conflict({stream}, {expected:?}, {actual})"),
         StoreError::DuplicateEvent {
-            stream, event_id, ..
+            stream_id: stream,
+            event_id,
+            ..
         } => format!("DuplicateEvent({stream}, {event_id})"),
-        StoreError::InvalidRequest { stream, .. } => format!("InvalidRequest({stream})"),
+        StoreError::InvalidRequest {
+            stream_id: stream, ..
+        } => format!("InvalidRequest({stream})"),
         StoreError::PayloadTooLarge {
-            stream, event_id, ..
+            stream_id: stream,
+            event_id,
+            ..
         } => format!("PayloadTooLarge({stream}, {event_id})"),
         other => format!("unexpected: {other}"),
     }

@@ -1,5 +1,9 @@
-//! Catch-up-then-live subscriptions over any [`EventStore`], built from `read_all`,
-//! `head_position` and `wait_for_append`.
+//! The event store trait, the store bundles the runtime asks for, and the default subscription.
+//!
+//! # The default subscription
+//!
+//! [`EventStore::subscribe`] follows the feed, catching up and then going live, with nothing but
+//! `read_all`, `head_position` and `wait_for_append`.
 //!
 //! The loop reads the global feed after the last delivered position with one `read_all` that
 //! runs to the end of what is visible, yielding events as the backend streams them (so catching
@@ -13,19 +17,118 @@
 //! reads the head before each read and, once caught up, moves past it, so that it waits for
 //! events after the head rather than rescanning.
 //!
-//! Before moving from one epoch into a later one (see [`crate::position`]), the loop asks the
-//! store whether the events after its position survived; if they did not, it yields
-//! [`StoreError::LostTail`] and ends, instead of going on past the loss.
+//! Before moving from one epoch into a later one (see [`position`](super::position)), the loop
+//! asks the store whether the events after its position survived ([`verify_resume`]); if they did
+//! not, it yields [`StoreError::LostTail`] and ends, instead of going on past the loss.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 
-use crate::position::verify_resume;
-use crate::store::{EventFilter, EventStore, EventStream, ReadAll, StoreError};
+use super::append::{AppendRequest, AppendResult};
+use super::checkpoint::CheckpointStore;
+use super::error::{StoreError, StoreFuture};
+use super::outbox::OutboxStore;
+use super::position::{self, EpochStart};
+use super::read::{EventFilter, EventStream, ReadAll, ReadStream};
+use super::snapshot::SnapshotStore;
+use crate::retry::{Backoff, Delays};
+use crate::stream_id::StreamId;
 
-const MIN_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// An event store over serialized events. Implemented by every backend.
+///
+/// Handles are cheap to clone (an `Arc` inside) and shared between tasks.
+pub trait EventStore: Clone + Send + Sync + 'static {
+    /// Appends a batch atomically, honouring the expected version and event-id idempotency.
+    fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult>;
+
+    /// The stream's current version (0 if it has no events).
+    fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64>;
+
+    /// Reads a stream lazily, in pages.
+    fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream;
+
+    /// Reads the global feed lazily, in pages, in position order.
+    fn read_all(&self, read: ReadAll) -> EventStream;
+
+    /// The highest global position visible to readers now (0 if the store is empty). Every event at
+    /// or below it that will ever be visible is visible now.
+    fn head_position(&self) -> impl StoreFuture<u64>;
+
+    /// Resolves when an event after `after` may have been appended, or after the backend's polling
+    /// interval at the latest. Spurious wake-ups are allowed; missed ones are not (beyond the
+    /// polling interval).
+    fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send;
+
+    /// The recorded epoch starts of this store, oldest first (see [`position`](super::position)). A store
+    /// that cannot lose acknowledged events has none.
+    fn epochs(&self) -> impl StoreFuture<Vec<EpochStart>> {
+        std::future::ready(Ok(Vec::new()))
+    }
+
+    /// Follows the global feed from `after`: catches up, then delivers live appends as they commit.
+    ///
+    /// Transient failures (a dropped connection, a restarting server) are retried with backoff and
+    /// the subscription resumes after the last delivered position. The stream ends only after
+    /// yielding an error that retrying cannot fix.
+    fn subscribe(&self, after: u64, filter: EventFilter) -> EventStream {
+        subscribe(self.clone(), after, filter)
+    }
+}
+
+/// An event store that also keeps snapshots: what the repository runs on.
+pub trait Store: EventStore + SnapshotStore {}
+impl<T: EventStore + SnapshotStore> Store for T {}
+
+/// A store with everything streaming out needs: the outbox and projection checkpoints.
+pub trait StreamingStore: Store + OutboxStore + CheckpointStore {}
+impl<T: Store + OutboxStore + CheckpointStore> StreamingStore for T {}
+
+impl<T: EventStore> EventStore for Arc<T> {
+    fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {
+        (**self).append(request)
+    }
+    fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
+        (**self).stream_version(stream)
+    }
+    fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
+        (**self).read_stream(stream, read)
+    }
+    fn read_all(&self, read: ReadAll) -> EventStream {
+        (**self).read_all(read)
+    }
+    fn head_position(&self) -> impl StoreFuture<u64> {
+        (**self).head_position()
+    }
+    fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send {
+        (**self).wait_for_append(after)
+    }
+    fn epochs(&self) -> impl StoreFuture<Vec<EpochStart>> {
+        (**self).epochs()
+    }
+    fn subscribe(&self, after: u64, filter: EventFilter) -> EventStream {
+        (**self).subscribe(after, filter)
+    }
+}
+
+/// [`check_resume`](position::check_resume) against the store's current epoch history (one read of it, only when `next`
+/// is in a later epoch than `after`).
+pub async fn verify_resume<S: EventStore>(
+    store: &S,
+    after: u64,
+    next: u64,
+) -> Result<(), StoreError> {
+    if after == 0 || position::epoch_of(next) <= position::epoch_of(after) {
+        return Ok(());
+    }
+    let history = store.epochs().await?;
+    position::check_resume(after, next, &history)
+}
+
+/// Pauses between attempts after a transient failure.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
 
 struct State<S> {
     store: S,
@@ -35,7 +138,7 @@ struct State<S> {
     /// The read in progress, if any.
     reading: Option<Reading>,
     caught_up: bool,
-    backoff: Duration,
+    backoff: Delays,
     done: bool,
 }
 
@@ -47,14 +150,14 @@ struct Reading {
     head_before: Option<u64>,
 }
 
-pub(crate) fn subscribe<S: EventStore>(store: S, after: u64, filter: EventFilter) -> EventStream {
+fn subscribe<S: EventStore>(store: S, after: u64, filter: EventFilter) -> EventStream {
     let state = State {
         store,
         filter,
         after,
         reading: None,
         caught_up: false,
-        backoff: MIN_BACKOFF,
+        backoff: BACKOFF.delays(),
         done: false,
     };
     Box::pin(futures::stream::unfold(state, |mut st| async move {
@@ -65,7 +168,7 @@ pub(crate) fn subscribe<S: EventStore>(store: S, after: u64, filter: EventFilter
             let failure = if let Some(reading) = st.reading.as_mut() {
                 match reading.events.next().await {
                     Some(Ok(event)) => {
-                        st.backoff = MIN_BACKOFF;
+                        st.backoff.reset();
                         // The store never returns positions at or below `after`; this guard
                         // keeps the subscription strictly increasing even if a backend
                         // re-delivers after a reconnect.
@@ -115,8 +218,7 @@ pub(crate) fn subscribe<S: EventStore>(store: S, after: u64, filter: EventFilter
             st.reading = None;
             if failure.is_transient() {
                 tracing::warn!(error = %failure, after = st.after, "subscription read failed; retrying");
-                tokio::time::sleep(st.backoff).await;
-                st.backoff = (st.backoff * 2).min(MAX_BACKOFF);
+                st.backoff.sleep().await;
             } else {
                 st.done = true;
                 return Some((Err(failure), st));

@@ -3,8 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::{Aggregate, ApplyEvent};
-use crate::event::{DomainEvent, EventSchema, PayloadError};
+use es_core::{Aggregate, ApplyEvent, DomainEvent, EventSchema, PayloadError};
 
 /// Category of ledger streams.
 pub const CATEGORY: &str = "ledger";

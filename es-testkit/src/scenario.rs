@@ -2,8 +2,7 @@
 
 use std::fmt::Debug;
 
-use crate::aggregate::Aggregate;
-use crate::event::DomainEvent;
+use es_core::{Aggregate, DomainEvent};
 
 /// A given/when/then test of one aggregate, with no store involved.
 ///

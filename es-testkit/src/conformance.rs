@@ -1,14 +1,16 @@
-//! The backend conformance suite: the contract of [`crate::store`] as executable cases.
+//! The backend conformance suite: the contract of `es_core::contract` as executable cases.
 //!
-//! Each case is an `async fn(store)` that takes a fresh, empty store and panics on a violation.
-//! Backends run them all through [`conformance_tests!`](crate::conformance_tests), which stamps one
-//! named `#[tokio::test]` per case onto a factory:
+//! Each case is a `pub async fn(store)` that takes a fresh, empty store and panics on a
+//! violation. Backends run them all through [`conformance_tests!`](crate::conformance_tests),
+//! which stamps one named `#[tokio::test]` per case onto a factory:
 //!
 //! ```ignore
-//! es_core::conformance_tests!(|| async { es_memory::InMemoryStore::new() });
+//! es_testkit::conformance_tests!(|| async { es_memory::InMemoryStore::new() });
 //! ```
 //!
-//! The suite only uses the public traits, so it holds a backend to exactly what users can observe.
+//! Every `pub async fn` of this module is a case (the build script lists them); helpers are
+//! private. The suite only uses the public traits, so it holds a backend to exactly what users
+//! can observe.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -19,86 +21,17 @@ use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::domain::{Credited, Ledger, LedgerCommand, LedgerError, LedgerEvent};
-use crate::event::{Metadata, NewEvent, RecordedEvent};
-use crate::repository::{AsOf, Repository, RepositoryError, RetryPolicy, SnapshotPolicy};
-use crate::store::{
-    AppendLimits, AppendRequest, AppendResult, EventFilter, ExpectedVersion, ReadAll, ReadStream,
-    SnapshotRecord, Store, StoreError,
+use es_core::{
+    upcast, AppendLimits, AppendRequest, AppendResult, AsOf, EventFilter, ExpectedVersion,
+    Metadata, NewEvent, ReadAll, ReadStream, RecordedEvent, Repository, RepositoryError,
+    RetryPolicy, SnapshotPolicy, SnapshotRecord, Store, StoreError, StreamId,
 };
-use crate::stream_id::StreamId;
-use crate::upcast;
+
+use crate::domain::{Credited, Ledger, LedgerCommand, LedgerError, LedgerEvent};
+use crate::support::{poll_until_done, tail_until_done};
 
 /// How long any single wait in the suite may take before the case fails.
 const PATIENCE: Duration = Duration::from_secs(60);
-
-/// Stamps every conformance case onto a backend as a named `#[tokio::test]`.
-///
-/// The argument is an expression callable with no arguments that returns a future of a fresh,
-/// empty store (`|| async { .. }`). Use it once per backend test file, in its own module.
-#[macro_export]
-macro_rules! conformance_tests {
-    ($factory:expr) => {
-        $crate::__conformance_cases!($factory;
-            append_assigns_versions_and_positions,
-            expected_version_any,
-            expected_version_no_stream,
-            expected_version_stream_exists,
-            expected_version_exact,
-            conflict_writes_nothing,
-            empty_append_checks_version_only,
-            idempotent_retry_returns_original_result,
-            idempotent_retry_after_later_appends,
-            partial_overlap_is_rejected,
-            event_id_of_other_stream_is_rejected,
-            duplicate_ids_in_one_batch_are_rejected,
-            invalid_event_types_are_rejected,
-            batch_is_atomic,
-            oversized_payload_is_rejected,
-            read_stream_forward,
-            read_stream_backward,
-            read_missing_stream,
-            read_stream_pages_through_large_stream,
-            envelope_round_trips,
-            recorded_at_never_decreases,
-            read_all_in_commit_order,
-            read_all_filters,
-            head_position_tracks_appends,
-            concurrent_writers_one_stream,
-            concurrent_batches_do_not_interleave,
-            concurrent_writers_many_streams_tailing_subscriber,
-            subscription_catches_up_then_goes_live,
-            subscription_with_filter,
-            snapshots_upsert_if_newer,
-            repository_runs_commands,
-            command_on_missing_aggregate,
-            invalid_aggregate_id_is_rejected,
-            snapshots_are_invisible,
-            undecodable_snapshot_is_ignored,
-            snapshot_ahead_of_its_stream_is_ignored,
-            snapshot_of_other_events_is_ignored,
-            the_same_json_rule_everywhere,
-            upcasting_on_load,
-            historical_loads,
-            bad_stored_events_are_typed_errors,
-            concurrent_commands_retry_conflicts,
-        );
-    };
-}
-
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __conformance_cases {
-    ($factory:expr; $($case:ident),+ $(,)?) => {
-        $(
-            #[$crate::__private::tokio::test(flavor = "multi_thread", worker_threads = 4, crate = "::es_core::__private::tokio")]
-            async fn $case() {
-                let store = ($factory)().await;
-                $crate::testing::conformance::$case(store).await;
-            }
-        )+
-    };
-}
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -161,7 +94,7 @@ fn assert_conflict(
 ) {
     match result {
         Err(StoreError::Conflict {
-            stream,
+            stream_id: stream,
             expected: e,
             actual: a,
         }) => {
@@ -189,7 +122,7 @@ fn repository<S: Store>(store: &S, policy: SnapshotPolicy) -> Repository<S> {
         .retry_policy(RetryPolicy {
             max_attempts: 1000,
             max_transient_attempts: 5,
-            backoff: Duration::from_micros(100),
+            backoff: es_core::Backoff::new(Duration::from_micros(100), Duration::from_millis(5)),
         })
         .build()
         .expect("valid upcaster chain")
@@ -431,7 +364,7 @@ pub async fn partial_overlap_is_rejected<S: Store>(store: S) {
     .await;
     match overlap {
         Err(StoreError::DuplicateEvent {
-            stream: on,
+            stream_id: on,
             event_id,
             ..
         }) => {
@@ -474,7 +407,7 @@ pub async fn event_id_of_other_stream_is_rejected<S: Store>(store: S) {
     let r = append(&store, &s2, ExpectedVersion::Any, vec![e.clone()]).await;
     match r {
         Err(StoreError::DuplicateEvent {
-            stream: on,
+            stream_id: on,
             event_id,
             ..
         }) => {
@@ -552,7 +485,7 @@ pub async fn oversized_payload_is_rejected<S: Store>(store: S) {
     let id = big.event_id;
     match append(&store, &s, ExpectedVersion::Any, vec![big]).await {
         Err(StoreError::PayloadTooLarge {
-            stream: on,
+            stream_id: on,
             event_id,
             size,
             limit: l,
@@ -949,52 +882,14 @@ pub async fn concurrent_batches_do_not_interleave<S: Store>(store: S) {
     assert_eq!(versions(&all), (1..=1000).collect::<Vec<_>>());
 }
 
-/// Collects the feed through a subscription until it sees a `Done` event.
-fn spawn_subscriber_until_done<S: Store>(store: &S) -> tokio::task::JoinHandle<Vec<RecordedEvent>> {
-    let mut sub = store.subscribe(0, EventFilter::all());
-    tokio::spawn(async move {
-        let mut seen = Vec::new();
-        while let Some(e) = sub.next().await {
-            let e = e.expect("subscription never fails here");
-            let done = e.event_type == "Done";
-            seen.push(e);
-            if done {
-                break;
-            }
-        }
-        seen
-    })
-}
-
-/// Collects the feed by polling `read_all` from its own checkpoint until it sees `Done`.
-fn spawn_poller_until_done<S: Store>(store: &S) -> tokio::task::JoinHandle<Vec<RecordedEvent>> {
-    let store = store.clone();
-    tokio::spawn(async move {
-        let mut seen = Vec::new();
-        let mut after = 0;
-        loop {
-            let page = read_all(&store, ReadAll::after(after).limit(100)).await;
-            let done = page.iter().any(|e| e.event_type == "Done");
-            if let Some(last) = page.last() {
-                after = last.global_position;
-            }
-            seen.extend(page);
-            if done {
-                break seen;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-}
-
 /// Writers on many streams while a subscriber and a polling reader tail the feed: neither
 /// misses, repeats or reorders an event, and per-stream order holds in the feed.
 pub async fn concurrent_writers_many_streams_tailing_subscriber<S: Store>(store: S) {
     const WRITERS: u64 = 16;
     const STREAMS: u64 = 100;
     const APPENDS_PER_WRITER: u64 = 60;
-    let subscriber = spawn_subscriber_until_done(&store);
-    let poller = spawn_poller_until_done(&store);
+    let subscriber = tail_until_done(&store);
+    let poller = poll_until_done(&store, 100);
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let store = store.clone();
@@ -1165,7 +1060,7 @@ pub async fn snapshots_upsert_if_newer<S: Store>(store: S) {
         version,
         schema_version: 3,
         payload: Bytes::from(payload.to_owned()),
-        recorded_at: crate::event::now_micros(),
+        recorded_at: es_core::event::now_micros(),
         event_id: Some(Uuid::from_u128(u128::from(version))),
     };
     assert!(store.load_snapshot(&s).await.unwrap().is_none());
@@ -1214,7 +1109,7 @@ pub async fn repository_runs_commands<S: Store>(store: S) {
         .await
     {
         Err(RepositoryError::Domain {
-            stream,
+            stream_id: stream,
             version,
             source,
         }) => {
@@ -1247,7 +1142,7 @@ pub async fn command_on_missing_aggregate<S: Store>(store: S) {
         .await
     {
         Err(RepositoryError::Domain {
-            stream,
+            stream_id: stream,
             version: 0,
             source: LedgerError::NotOpen,
         }) => {
@@ -1320,7 +1215,7 @@ pub async fn undecodable_snapshot_is_ignored<S: Store>(store: S) {
         version: 50,
         schema_version: 1,
         payload: Bytes::from_static(br#"{"open": "yes"}"#),
-        recorded_at: crate::event::now_micros(),
+        recorded_at: es_core::event::now_micros(),
         event_id: None,
     };
     assert!(store.save_snapshot(bad).await.unwrap());
@@ -1332,7 +1227,7 @@ pub async fn undecodable_snapshot_is_ignored<S: Store>(store: S) {
         version: 60,
         schema_version: 99,
         payload: Bytes::from(serde_json::to_vec(&loaded.aggregate).unwrap()),
-        recorded_at: crate::event::now_micros(),
+        recorded_at: es_core::event::now_micros(),
         event_id: None,
     };
     assert!(store.save_snapshot(other_schema).await.unwrap());
@@ -1359,9 +1254,9 @@ pub async fn snapshot_ahead_of_its_stream_is_ignored<S: Store>(store: S) {
     let ahead = SnapshotRecord {
         stream_id: s.clone(),
         version: 40,
-        schema_version: <Ledger as crate::Aggregate>::SNAPSHOT_VERSION,
+        schema_version: <Ledger as es_core::Aggregate>::SNAPSHOT_VERSION,
         payload: Bytes::from(serde_json::to_vec(&rich).unwrap()),
-        recorded_at: crate::event::now_micros(),
+        recorded_at: es_core::event::now_micros(),
         event_id: None,
     };
     assert!(store.save_snapshot(ahead).await.unwrap());
@@ -1394,7 +1289,7 @@ pub async fn snapshot_of_other_events_is_ignored<S: Store>(store: S) {
     let forged = SnapshotRecord {
         stream_id: s.clone(),
         version: 2,
-        schema_version: <Ledger as crate::Aggregate>::SNAPSHOT_VERSION,
+        schema_version: <Ledger as es_core::Aggregate>::SNAPSHOT_VERSION,
         payload: Bytes::from(
             serde_json::to_vec(&Ledger {
                 open: true,
@@ -1403,7 +1298,7 @@ pub async fn snapshot_of_other_events_is_ignored<S: Store>(store: S) {
             })
             .unwrap(),
         ),
-        recorded_at: crate::event::now_micros(),
+        recorded_at: es_core::event::now_micros(),
         event_id: Some(Uuid::now_v7()),
     };
     assert!(store.save_snapshot(forged).await.unwrap());
@@ -1502,7 +1397,7 @@ fn appends_every_store_refuses(s: &StreamId) -> Vec<(&'static str, AppendRequest
         (
             "NUL in an outbox payload",
             AppendRequest::new(s.clone(), ExpectedVersion::Any, vec![event("A", 1)]).with_outbox(
-                vec![crate::OutboxMessage {
+                vec![es_core::OutboxMessage {
                     message_id: Uuid::now_v7(),
                     source_event_id: Uuid::now_v7(),
                     topic: "t".into(),
@@ -1517,7 +1412,7 @@ fn appends_every_store_refuses(s: &StreamId) -> Vec<(&'static str, AppendRequest
         (
             "NUL in an outbox key",
             AppendRequest::new(s.clone(), ExpectedVersion::Any, vec![event("A", 1)]).with_outbox(
-                vec![crate::OutboxMessage {
+                vec![es_core::OutboxMessage {
                     message_id: Uuid::now_v7(),
                     source_event_id: Uuid::now_v7(),
                     topic: "t".into(),
@@ -1532,7 +1427,7 @@ fn appends_every_store_refuses(s: &StreamId) -> Vec<(&'static str, AppendRequest
     ]
 }
 
-/// Every store applies the same rule to the JSON it is given (`crate::json`) and the same size
+/// Every store applies the same rule to the JSON it is given (`es_core::json`) and the same size
 /// limits, so an append one store accepts, every store accepts and reads back; what one would
 /// refuse or could not read back, all refuse with a typed error, writing nothing.
 pub async fn the_same_json_rule_everywhere<S: Store>(store: S) {
@@ -1540,7 +1435,10 @@ pub async fn the_same_json_rule_everywhere<S: Store>(store: S) {
     let refused = appends_every_store_refuses(&s);
     for (what, request) in refused {
         match store.append(request).await {
-            Err(StoreError::InvalidRequest { stream: on, reason }) => {
+            Err(StoreError::InvalidRequest {
+                stream_id: on,
+                reason,
+            }) => {
                 assert_eq!(on, s, "{what}");
                 assert!(!reason.is_empty(), "{what}");
             }
@@ -1586,7 +1484,7 @@ pub async fn the_same_json_rule_everywhere<S: Store>(store: S) {
         version: 1,
         schema_version: 1,
         payload: Bytes::from_static(br#"{"name":"\u0000"}"#),
-        recorded_at: crate::event::now_micros(),
+        recorded_at: es_core::event::now_micros(),
         event_id: None,
     };
     assert!(matches!(
@@ -1648,7 +1546,7 @@ pub async fn historical_loads<S: Store>(store: S) {
         )
         .await
         .unwrap();
-        let stored = read(&store, &r.stream, ReadStream::backward().limit(1)).await;
+        let stored = read(&store, &r.stream_id, ReadStream::backward().limit(1)).await;
         marks.push((
             r.version,
             r.positions[0],
@@ -1712,7 +1610,10 @@ pub async fn bad_stored_events_are_typed_errors<S: Store>(store: S) {
     let repo = Repository::builder(store.clone())
         .upcaster::<Ledger>(upcast::map("Credited", 1, |mut payload| {
             if payload.get("poison").is_some() {
-                return Err("poisoned payload".to_owned());
+                return Err(upcast::UpcastError::InvalidField {
+                    field: "poison",
+                    reason: "a poisoned payload".to_owned(),
+                });
             }
             payload["currency"] = json!("EUR");
             Ok(payload)
@@ -1730,23 +1631,36 @@ pub async fn bad_stored_events_are_typed_errors<S: Store>(store: S) {
             panic!("{id}: expected a decode error, got {err:?}");
         };
         let (on, version) = match decode {
-            crate::DecodeError::UnknownEventType {
-                stream, version, ..
-            } if id == "unknown" => (stream, version),
-            crate::DecodeError::Payload {
-                stream, version, ..
-            } if id == "corrupt" => (stream, version),
-            crate::DecodeError::Upcast {
-                stream,
+            es_core::DecodeError::UnknownEventType {
+                stream_id: stream,
                 version,
-                reason,
+                ..
+            } if id == "unknown" => (stream, version),
+            es_core::DecodeError::Payload {
+                stream_id: stream,
+                version,
+                ..
+            } if id == "corrupt" => (stream, version),
+            es_core::DecodeError::Upcast {
+                stream_id: stream,
+                version,
+                source,
                 ..
             } if id == "upcast" => {
-                assert!(reason.contains("poisoned"), "{reason}");
+                assert!(
+                    matches!(
+                        source,
+                        upcast::UpcastError::InvalidField {
+                            field: "poison",
+                            ..
+                        }
+                    ),
+                    "{source}"
+                );
                 (stream, version)
             }
-            crate::DecodeError::SchemaVersion {
-                stream,
+            es_core::DecodeError::SchemaVersion {
+                stream_id: stream,
                 version,
                 stored_version: 9,
                 ..

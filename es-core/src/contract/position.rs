@@ -17,7 +17,7 @@
 //! an [`EpochStart`] with the head that survived (0 for a store whose data is new or wiped).
 //!
 //! A reader resuming after position `p` that finds the next event in a later epoch asks the store
-//! whether `p` survived ([`verify_resume`]). If an epoch began between the two with a surviving
+//! whether `p` survived ([`verify_resume`](super::verify_resume)). If an epoch began between the two with a surviving
 //! head below `p`, the events the reader saw after that head are gone: the read fails with
 //! [`StoreError::LostTail`] instead of going on as if nothing happened. Subscriptions and
 //! projections do this check themselves; it costs one read of the epoch list per epoch crossed.
@@ -27,7 +27,7 @@
 //! one having lost the first one's record, would share an epoch; stores document where that can
 //! happen.
 
-use crate::store::{EventStore, StoreError};
+use super::error::StoreError;
 
 /// Bits of a position below the epoch.
 pub const EPOCH_BITS: u32 = 22;
@@ -89,7 +89,7 @@ pub fn distance(from: u64, to: u64) -> u64 {
 /// a later epoch: fails with [`StoreError::LostTail`] when the store recorded, between the two,
 /// an epoch start whose surviving head is below `after`.
 ///
-/// `history` is the store's [`EventStore::epochs`]. Within one epoch, or from position 0, there is
+/// `history` is the store's [`EventStore::epochs`](super::EventStore::epochs). Within one epoch, or from position 0, there is
 /// nothing to check.
 pub fn check_resume(after: u64, next: u64, history: &[EpochStart]) -> Result<(), StoreError> {
     if after == 0 || epoch_of(next) <= epoch_of(after) {
@@ -107,20 +107,6 @@ pub fn check_resume(after: u64, next: u64, history: &[EpochStart]) -> Result<(),
         }),
         None => Ok(()),
     }
-}
-
-/// [`check_resume`] against the store's current epoch history (one read of it, only when `next`
-/// is in a later epoch than `after`).
-pub async fn verify_resume<S: EventStore>(
-    store: &S,
-    after: u64,
-    next: u64,
-) -> Result<(), StoreError> {
-    if after == 0 || epoch_of(next) <= epoch_of(after) {
-        return Ok(());
-    }
-    let history = store.epochs().await?;
-    check_resume(after, next, &history)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! checkpoints and the projection runner, on a backend's [`StreamingStore`].
 //!
 //! Stamped onto a backend with [`streaming_conformance_tests!`](crate::streaming_conformance_tests),
-//! like the core suite.
+//! like the core suite: every `pub async fn` of this module is a case.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -17,66 +17,23 @@ use serde_json::json;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::domain::{Ledger, LedgerCommand, LedgerEvent};
-use crate::event::{DomainEvent, EventSchema, Metadata, NewEvent, PayloadError, RecordedEvent};
-use crate::outbox::{
-    DeadLetter, Delivered, OutboxMessage, OutboxRecord, OutboxStore, PublishOutcome, Publisher,
-    Rejection, Relay, RelayConfig, RelayStatus, RelayStep, Translator,
+use es_core::contract::{
+    AppendLimits, AppendRequest, AppendResult, Checkpoint, DeadLetter, Delivered, EpochStart,
+    EventFilter, EventStore, EventStream, ExpectedVersion, LastRejection, OutboxMessage,
+    OutboxRecord, OutboxStore, ReadAll, ReadStream, Rejection, RelayStatus, StoreError,
+    StoreFuture, StreamingStore,
 };
-use crate::position::EpochStart;
-use crate::projection::{
-    AtLeastOnce, BatchError, Checkpoint, HandlerError, Projection, ProjectionRunner,
-    ProjectionSink, ProjectionStatus, RunnerConfig,
+use es_core::outbox::{PublishOutcome, Publisher, Relay, RelayConfig, RelayStep, Translator};
+use es_core::projection::{
+    AtLeastOnce, BatchError, HandlerError, Projection, ProjectionRunner, ProjectionSink,
+    ProjectionStatus, RunnerConfig,
 };
-use crate::repository::Repository;
-use crate::store::{
-    AppendLimits, AppendRequest, AppendResult, EventFilter, EventStore, EventStream,
-    ExpectedVersion, ReadAll, ReadStream, StoreError, StoreFuture, StreamingStore,
-};
-use crate::stream_id::StreamId;
+use es_core::{DomainEvent, EventSchema, Metadata, NewEvent, PayloadError, RecordedEvent};
+use es_core::{Repository, StreamId};
+
+use crate::domain::{Ledger, LedgerCommand, LedgerEvent};
 
 const PATIENCE: Duration = Duration::from_secs(60);
-
-/// Stamps every streaming case onto a backend as a named `#[tokio::test]`; the factory returns a
-/// fresh, empty [`StreamingStore`].
-#[macro_export]
-macro_rules! streaming_conformance_tests {
-    ($factory:expr) => {
-        $crate::__streaming_cases!($factory;
-            outbox_is_written_with_the_events,
-            outbox_is_not_written_by_rejected_appends,
-            outbox_keeps_commit_order_and_delivery_marks,
-            relay_lease_has_one_owner,
-            relay_lease_generations_fence_stale_owners,
-            relay_publishes_everything_in_order,
-            competing_relays_take_over,
-            dead_letters_are_parked_and_requeued,
-            relay_parks_poison_records_and_keeps_going,
-            two_relays_with_a_short_lease_never_publish_at_once,
-            checkpoints_only_move_forward,
-            checkpoint_generations_fence_stale_saves,
-            projection_catches_up_and_resumes,
-            projection_rebuild_gives_identical_results,
-            projection_rebuild_racing_a_second_runner,
-            poisoned_event_stops_the_projection,
-            repository_translates_into_the_outbox,
-        );
-    };
-}
-
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __streaming_cases {
-    ($factory:expr; $($case:ident),+ $(,)?) => {
-        $(
-            #[$crate::__private::tokio::test(flavor = "multi_thread", worker_threads = 4, crate = "::es_core::__private::tokio")]
-            async fn $case() {
-                let store = ($factory)().await;
-                $crate::testing::streaming::$case(store).await;
-            }
-        )+
-    };
-}
 
 fn stream(name: &str) -> StreamId {
     StreamId::parse(name).expect("valid test stream id")
@@ -513,7 +470,7 @@ fn relay_config(owner: &str, ttl: Duration) -> RelayConfig {
         publish_timeout: ttl / 2,
         batch_size: 7,
         idle_poll: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(100),
+        backoff: es_core::Backoff::new(Duration::from_millis(20), Duration::from_millis(100)),
     }
 }
 
@@ -801,7 +758,7 @@ pub async fn dead_letters_are_parked_and_requeued<S: StreamingStore>(store: S) {
 async fn requeue_puts_dead_letters_last<S: StreamingStore>(
     store: &S,
     before: &[OutboxRecord],
-    last: Option<crate::outbox::LastRejection>,
+    last: Option<LastRejection>,
 ) {
     let p: Vec<u64> = before.iter().map(|r| r.position).collect();
     let requeued = store
@@ -1582,7 +1539,7 @@ impl Projection for Ledgered {
 }
 
 /// Every ledger event of the feed, by global position: what a replay builds.
-pub async fn replay_ledger<S: EventStore>(store: &S) -> BTreeMap<u64, Uuid> {
+async fn replay_ledger<S: EventStore>(store: &S) -> BTreeMap<u64, Uuid> {
     store
         .read_all(ReadAll {
             filter: EventFilter::all().category("ledger"),
@@ -1609,7 +1566,7 @@ pub async fn projection_rebuild_racing_a_second_runner<S: StreamingStore>(store:
         store.clone(),
         RunnerConfig {
             max_attempts: 3,
-            backoff: Duration::from_millis(5),
+            backoff: es_core::Backoff::new(Duration::from_millis(5), Duration::from_millis(50)),
             batch_size: 5,
         },
     );
@@ -1692,7 +1649,7 @@ pub async fn poisoned_event_stops_the_projection<S: StreamingStore>(store: S) {
         store.clone(),
         RunnerConfig {
             max_attempts: 3,
-            backoff: Duration::from_millis(5),
+            backoff: es_core::Backoff::new(Duration::from_millis(5), Duration::from_millis(50)),
             batch_size: 1000,
         },
     );
@@ -1701,7 +1658,8 @@ pub async fn poisoned_event_stops_the_projection<S: StreamingStore>(store: S) {
     let ProjectionStatus::Failed(failure) = status else {
         panic!("expected the projection to fail, got {status:?}");
     };
-    assert_eq!(failure.position, Some(poison_position));
+    assert_eq!(failure.position(), Some(poison_position));
+    let message = failure.to_string();
     let event_id = poisoned.event_ids[0].to_string();
     for part in [
         event_id.as_str(),
@@ -1710,11 +1668,7 @@ pub async fn poisoned_event_stops_the_projection<S: StreamingStore>(store: S) {
         "balances",
         "cannot handle",
     ] {
-        assert!(
-            failure.message.contains(part),
-            "the error names {part}: {}",
-            failure.message
-        );
+        assert!(message.contains(part), "the error names {part}: {message}");
     }
     assert_eq!(
         projection.balances.lock().unwrap()["ledger-x"],

@@ -1,0 +1,69 @@
+//! The backend contract, in one place: the four store traits every backend implements over
+//! serialized events, their record types, their error, and the helpers a backend uses to
+//! implement them.
+//!
+//! | trait | what it keeps | records |
+//! |---|---|---|
+//! | [`EventStore`] | streams and the global feed | [`AppendRequest`], [`AppendResult`], [`ReadStream`], [`ReadAll`], [`EventFilter`], [`EventStream`] |
+//! | [`SnapshotStore`] | aggregate snapshots | [`SnapshotRecord`] |
+//! | [`OutboxStore`] | outbox records, dead letters, the relay lease | [`OutboxMessage`], [`OutboxRecord`], [`Delivered`], [`Rejection`], [`DeadLetter`], [`RelayStatus`] |
+//! | [`CheckpointStore`] | projection checkpoints | [`Checkpoint`] |
+//!
+//! [`Store`] (events and snapshots) is what the repository runs on; [`StreamingStore`] adds the
+//! outbox and checkpoints, for relays and projections. Every method fails with a [`StoreError`].
+//!
+//! Helpers for backends: [`AppendRequest::validate`] (the limits and the JSON rule every store
+//! applies), [`classify_retry`] (the rule for a batch whose event ids may be stored already),
+//! [`position`] and [`verify_resume`] (epochs, and telling readers that a store lost a tail) and
+//! [`wait_on_watch`]
+//! (waiting for appends through a `tokio::sync::watch` of the head). [`EventStore::subscribe`]
+//! has a default, catch-up-then-live subscription built on `read_all`, `head_position` and
+//! `wait_for_append`.
+//!
+//! This module depends on the shared vocabulary of the crate (events, stream ids, the JSON rule,
+//! the backoff) and on nothing of the runtime: the repository, the outbox relay and the projection
+//! runner use the contract, never the reverse.
+//!
+//! # Contract (proven for every backend by the conformance suites of `es-testkit`)
+//!
+//! - **Versions.** The first event of a stream has version 1; a stream with no events is at 0.
+//! - **Append** is atomic: all events of an [`AppendRequest`] are stored, or none. The
+//!   [`ExpectedVersion`] is checked against the stream's version by data; a mismatch is
+//!   [`StoreError::Conflict`].
+//! - **Idempotency.** Event ids are unique in the store. Re-sending a batch whose events are all
+//!   stored already, in the same stream at consecutive versions in the same order, returns the
+//!   original [`AppendResult`] and writes nothing. A batch that partly overlaps stored events is
+//!   [`StoreError::DuplicateEvent`].
+//! - **Global order, never skip.** Every event gets a global position, strictly increasing in
+//!   commit order (not necessarily dense). Once [`EventStore::read_all`] or a subscription has
+//!   returned position `p`, no event at or below `p` becomes visible later. Per-stream order in the
+//!   global feed matches stream versions.
+//! - **Reads** are lazy async streams that page through the store; they never buffer a whole large
+//!   stream.
+//! - **Outbox** records are written by the append that carries them, atomically with its events;
+//!   marks and dead letters are fenced by the relay lease's generation.
+//! - **Checkpoints** only move forward within a generation; a save naming an older generation is
+//!   [`StoreError::Fenced`].
+
+mod append;
+mod checkpoint;
+mod error;
+mod event_store;
+mod expected;
+mod outbox;
+pub mod position;
+mod read;
+mod snapshot;
+
+pub use append::{classify_retry, AppendLimits, AppendRequest, AppendResult, StoredEventRef};
+pub use checkpoint::{Checkpoint, CheckpointStore};
+pub use error::{StoreError, StoreFuture};
+pub use event_store::{verify_resume, wait_on_watch, EventStore, Store, StreamingStore};
+pub use expected::ExpectedVersion;
+pub use outbox::{
+    DeadLetter, Delivered, LastRejection, LeaseState, OutboxMessage, OutboxRecord, OutboxStore,
+    Rejection, RelayStatus,
+};
+pub use position::EpochStart;
+pub use read::{Direction, EventFilter, EventStream, ReadAll, ReadStream};
+pub use snapshot::{SnapshotRecord, SnapshotStore};

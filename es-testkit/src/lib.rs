@@ -1,0 +1,106 @@
+//! The test kit of es-core, kept apart from the library: backends and applications use it as a
+//! dev-dependency.
+//!
+//! - [`conformance`] and [`conformance_tests!`]: the contract of `es_core::contract` as executable
+//!   cases, stamped onto a backend as one named test per case.
+//! - [`streaming`] and [`streaming_conformance_tests!`]: the outbox, the relay lease, projection
+//!   checkpoints and the projection runner, the same way.
+//! - [`oracle`] and [`property_tests!`]: random operation sequences run on a backend and on the
+//!   in-memory store, every result compared.
+//! - [`AggregateTest`]: given/when/then tests for an aggregate, with no store.
+//! - [`support`]: what backends' own tests share (unique names, feed tails, patience).
+//! - [`domain`]: the ledger aggregate the suites run.
+//!
+//! A backend's conformance test file is three macro calls:
+//!
+//! ```ignore
+//! es_testkit::conformance_tests!(|| async { es_memory::InMemoryStore::new() });
+//!
+//! mod streaming {
+//!     es_testkit::streaming_conformance_tests!(|| async { es_memory::InMemoryStore::new() });
+//! }
+//!
+//! es_testkit::property_tests!(in_memory_matches_itself, || async { es_memory::InMemoryStore::new() });
+//! ```
+//!
+//! The stamping macros are generated from the suites' source by this crate's build script: every
+//! `pub async fn` of a suite is a case, so a new case runs on every backend without being listed
+//! anywhere.
+
+pub mod conformance;
+pub mod domain;
+pub mod oracle;
+mod scenario;
+pub mod streaming;
+pub mod support;
+
+pub use scenario::{AggregateTest, Outcome};
+
+#[doc(hidden)]
+pub mod __private {
+    pub use proptest;
+    pub use tokio;
+}
+
+/// Stamps `$case`s of suite module `$suite` as tests on `$factory`'s stores.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __stamp {
+    ($factory:expr; $suite:ident; $($case:ident),+ $(,)?) => {
+        $(
+            #[$crate::__private::tokio::test(
+                flavor = "multi_thread",
+                worker_threads = 4,
+                crate = "::es_testkit::__private::tokio"
+            )]
+            async fn $case() {
+                let store = ($factory)().await;
+                $crate::$suite::$case(store).await;
+            }
+        )+
+    };
+}
+
+/// Runs random operation sequences ([`oracle::ops`]) on a backend and on the in-memory store and
+/// compares every result ([`oracle::check_against_memory`]), as one proptest test named `$name`.
+///
+/// `$factory` is callable with no arguments and returns a future of a fresh, empty store. The
+/// number of cases is proptest's (`PROPTEST_CASES`, default 256) unless `cases = N` sets it. Each
+/// case runs on a runtime of its own with two worker threads.
+///
+/// ```ignore
+/// es_testkit::property_tests!(matches_the_in_memory_store, common::fresh_store, cases = 48);
+/// ```
+#[macro_export]
+macro_rules! property_tests {
+    ($name:ident, $factory:expr $(, cases = $cases:expr)? $(,)?) => {
+        $crate::__private::proptest::proptest! {
+            #![proptest_config($crate::__property_config!($($cases)?))]
+            #[test]
+            fn $name(ops in $crate::oracle::ops()) {
+                let runtime = $crate::__private::tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("a test runtime starts");
+                runtime.block_on(async {
+                    let store = ($factory)().await;
+                    $crate::oracle::check_against_memory(store, &ops).await;
+                });
+            }
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __property_config {
+    () => {
+        $crate::__private::proptest::test_runner::Config::default()
+    };
+    ($cases:expr) => {
+        $crate::__private::proptest::test_runner::Config::with_cases($cases)
+    };
+}
+
+include!(concat!(env!("OUT_DIR"), "/stamp.rs"));

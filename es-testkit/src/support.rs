@@ -1,0 +1,145 @@
+//! What the suites and the backends' own tests share: names no other test uses, tails of the
+//! global feed that run until a `Done` event, the feed check, and a bounded wait.
+//!
+//! A backend's fresh-store factory is its own (a schema, a key prefix), built on
+//! [`unique_name`]; everything that only needs the store's traits lives here once.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use es_core::{EventFilter, EventStore, ReadAll, RecordedEvent, StreamId};
+use futures::{StreamExt, TryStreamExt};
+use uuid::Uuid;
+
+/// The event type that ends [`tail_until_done`] and [`poll_until_done`].
+pub const DONE: &str = "Done";
+
+/// A name no other test uses, in this process or a concurrent run: `prefix`, the process id, a
+/// counter and the clock's nanoseconds, joined by `sep`. Made of ASCII letters, digits, `_` and
+/// `sep`, so it fits a PostgreSQL schema (`sep = '_'`, lower-case prefix) or a Redis key prefix
+/// (`sep = ':'`).
+pub fn unique_name(prefix: &str, sep: char) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{prefix}{sep}{}{sep}{}{sep}{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Awaits `fut`, failing the test with `what` after `patience`.
+pub fn patiently<T>(
+    what: &str,
+    patience: Duration,
+    fut: impl Future<Output = T>,
+) -> impl Future<Output = T> {
+    let what = what.to_owned();
+    async move {
+        tokio::time::timeout(patience, fut)
+            .await
+            .unwrap_or_else(|_| panic!("timed out after {patience:?} waiting for: {what}"))
+    }
+}
+
+/// Subscribes to `store`'s whole feed from position 0 and collects what it delivers until it
+/// delivers an event of type [`DONE`]. The subscription must not fail (it retries transient
+/// errors itself) and must not end before `Done`.
+pub fn tail_until_done<S: EventStore>(store: &S) -> tokio::task::JoinHandle<Vec<RecordedEvent>> {
+    let mut feed = store.subscribe(0, EventFilter::all());
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(event) = feed.next().await {
+            let event = event.unwrap_or_else(|e| panic!("the subscription failed: {e}"));
+            let done = event.event_type == DONE;
+            seen.push(event);
+            if done {
+                return seen;
+            }
+        }
+        panic!("the subscription ended before `{DONE}`");
+    })
+}
+
+/// Reads `store`'s feed by polling `read_all` from its own checkpoint, `page` events at a time,
+/// until it reads an event of type [`DONE`]; returns everything it read.
+pub fn poll_until_done<S: EventStore>(
+    store: &S,
+    page: u64,
+) -> tokio::task::JoinHandle<Vec<RecordedEvent>> {
+    let store = store.clone();
+    tokio::spawn(async move {
+        let mut seen: Vec<RecordedEvent> = Vec::new();
+        let mut after = 0;
+        loop {
+            let events: Vec<RecordedEvent> = store
+                .read_all(ReadAll::after(after).limit(page))
+                .try_collect()
+                .await
+                .unwrap_or_else(|e| panic!("read_all failed: {e}"));
+            let done = events.iter().any(|e| e.event_type == DONE);
+            if let Some(last) = events.last() {
+                after = last.global_position;
+            }
+            seen.extend(events);
+            if done {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+}
+
+/// Checks a feed as a reader saw it (`name` says which reader) against the ids of every event
+/// `written`: positions strictly increase, nothing is delivered twice, nothing is missed or
+/// unexpected, and each stream's events come in version order from version 1.
+#[track_caller]
+pub fn check_feed<H: BuildHasher>(name: &str, seen: &[RecordedEvent], written: &HashSet<Uuid, H>) {
+    assert!(
+        seen.windows(2)
+            .all(|w| w[0].global_position < w[1].global_position),
+        "{name}: positions strictly increase"
+    );
+    let ids: HashSet<Uuid> = seen.iter().map(|e| e.event_id).collect();
+    assert_eq!(
+        ids.len(),
+        seen.len(),
+        "{name}: an event was delivered twice"
+    );
+    let missed = written.iter().filter(|id| !ids.contains(*id)).count();
+    assert_eq!(
+        missed,
+        0,
+        "{name}: missed {missed} of {} events",
+        written.len()
+    );
+    assert_eq!(ids.len(), written.len(), "{name}: unexpected events");
+    let mut last: HashMap<&StreamId, u64> = HashMap::new();
+    for e in seen {
+        let prev = last.insert(&e.stream_id, e.stream_version).unwrap_or(0);
+        assert_eq!(
+            e.stream_version,
+            prev + 1,
+            "{name}: per-stream order in the feed"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unique_names_differ_and_fit_identifiers() {
+        let a = unique_name("t_s", '_');
+        let b = unique_name("t_s", '_');
+        assert_ne!(a, b);
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        assert!(unique_name("t:x", ':').starts_with("t:x:"));
+    }
+}
