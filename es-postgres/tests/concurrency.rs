@@ -3,16 +3,16 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use es_core::{
-    AppendRequest, EventFilter, EventStore, ExpectedVersion, NewEvent, ReadAll, ReadStream,
-    RecordedEvent, StoreError, StreamId,
+    AppendRequest, EventStore, ExpectedVersion, NewEvent, ReadAll, ReadStream, RecordedEvent,
+    StoreError, StreamId,
 };
-use futures::{StreamExt, TryStreamExt};
+use es_testkit::support::{check_feed, poll_until_done, tail_until_done};
+use futures::TryStreamExt;
 use serde_json::json;
-use uuid::Uuid;
 
 const PATIENCE: Duration = Duration::from_secs(180);
 
@@ -89,37 +89,6 @@ async fn sixteen_writers_on_one_stream() {
 
 /// Checks a tailing reader's view: strictly increasing positions, nothing twice, nothing missing,
 /// per-stream versions in order.
-fn check_feed(name: &str, seen: &[RecordedEvent], written: &HashSet<Uuid>) {
-    assert!(
-        seen.windows(2)
-            .all(|w| w[0].global_position < w[1].global_position),
-        "{name}: positions strictly increase"
-    );
-    let ids: HashSet<Uuid> = seen.iter().map(|e| e.event_id).collect();
-    assert_eq!(
-        ids.len(),
-        seen.len(),
-        "{name}: an event was delivered twice"
-    );
-    let missed = written.difference(&ids).count();
-    assert_eq!(
-        missed,
-        0,
-        "{name}: missed {missed} of {} events",
-        written.len()
-    );
-    assert_eq!(ids.len(), written.len(), "{name}: unexpected events");
-    let mut last: HashMap<&StreamId, u64> = HashMap::new();
-    for e in seen {
-        let prev = last.insert(&e.stream_id, e.stream_version).unwrap_or(0);
-        assert_eq!(
-            e.stream_version,
-            prev + 1,
-            "{name}: per-stream order in the feed"
-        );
-    }
-}
-
 /// Sixteen writers on 1,000 streams through two stores, with two tailing subscribers (one per
 /// store, so one of them is woken only by NOTIFY) and a polling reader: at least 20,000 events,
 /// none lost, repeated or reordered.
@@ -133,45 +102,8 @@ async fn sixteen_writers_thousand_streams_two_subscribers() {
     let a = common::store_on(&url, &schema).await;
     let b = common::store_on(&url, &schema).await;
 
-    let subscriber = |store: es_postgres::PgStore| {
-        let mut sub = store.subscribe(0, EventFilter::all());
-        tokio::spawn(async move {
-            let mut seen = Vec::new();
-            while let Some(e) = sub.next().await {
-                let e = e.expect("the subscription never fails here");
-                let done = e.event_type == "Done";
-                seen.push(e);
-                if done {
-                    return seen;
-                }
-            }
-            panic!("the subscription ended");
-        })
-    };
-    let subscribers = [subscriber(a.clone()), subscriber(b.clone())];
-    let poller = {
-        let store = b.clone();
-        tokio::spawn(async move {
-            let mut seen: Vec<RecordedEvent> = Vec::new();
-            let mut after = 0;
-            loop {
-                let page: Vec<RecordedEvent> = store
-                    .read_all(ReadAll::after(after).limit(500))
-                    .try_collect()
-                    .await
-                    .unwrap();
-                let done = page.iter().any(|e| e.event_type == "Done");
-                if let Some(last) = page.last() {
-                    after = last.global_position;
-                }
-                seen.extend(page);
-                if done {
-                    return seen;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        })
-    };
+    let subscribers = [tail_until_done(&a), tail_until_done(&b)];
+    let poller = poll_until_done(&b, 500);
 
     let mut writers = Vec::new();
     for w in 0..WRITERS {

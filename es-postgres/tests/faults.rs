@@ -17,6 +17,7 @@ use es_core::{
 };
 use es_test_support::{scratch_dir, PgServer};
 use es_testkit::streaming::RecordingPublisher;
+use es_testkit::support::{check_feed, tail_until_done};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 use sqlx::AssertSqlSafe;
@@ -119,22 +120,7 @@ async fn kill9_during_concurrent_appends() {
     let a = common::store_on(&url, &schema).await;
     let b = common::store_on(&url, &schema).await;
 
-    let subscriber = |store: es_postgres::PgStore| {
-        let mut sub = store.subscribe(0, EventFilter::all());
-        tokio::spawn(async move {
-            let mut seen = Vec::new();
-            while let Some(e) = sub.next().await {
-                let e = e.expect("transient failures are retried inside the subscription");
-                let done = e.event_type == "Done";
-                seen.push(e);
-                if done {
-                    return seen;
-                }
-            }
-            panic!("the subscription ended");
-        })
-    };
-    let subscribers = [subscriber(a.clone()), subscriber(b.clone())];
+    let subscribers = [tail_until_done(&a), tail_until_done(&b)];
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
@@ -246,19 +232,7 @@ async fn kill9_during_concurrent_appends() {
     let [sa, sb] = subscribers;
     for (name, task) in [("subscriber a", sa), ("subscriber b", sb)] {
         let seen = tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap();
-        assert!(
-            seen.windows(2)
-                .all(|w| w[0].global_position < w[1].global_position),
-            "{name}: positions strictly increase"
-        );
-        let ids: HashSet<Uuid> = seen.iter().map(|e| e.event_id).collect();
-        assert_eq!(ids.len(), seen.len(), "{name}: delivered twice");
-        assert_eq!(ids, expected_feed, "{name}: the feed up to Done");
-        let mut last: HashMap<&StreamId, u64> = HashMap::new();
-        for e in &seen {
-            let prev = last.insert(&e.stream_id, e.stream_version).unwrap_or(0);
-            assert_eq!(e.stream_version, prev + 1, "{name}: per-stream order");
-        }
+        check_feed(name, &seen, &expected_feed);
     }
     drop((a, b));
     let _ = server.stop();

@@ -3,14 +3,15 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use es_core::{
-    AppendRequest, EventFilter, EventStore, ExpectedVersion, NewEvent, ReadAll, ReadStream,
-    RecordedEvent, StoreError, StreamId,
+    AppendRequest, EventStore, ExpectedVersion, NewEvent, ReadAll, ReadStream, RecordedEvent,
+    StoreError, StreamId,
 };
-use futures::{StreamExt, TryStreamExt};
+use es_testkit::support::{check_feed, tail_until_done};
+use futures::TryStreamExt;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -110,22 +111,7 @@ async fn sixteen_writers_on_a_thousand_streams_with_two_subscribers() {
     const APPENDS_PER_WRITER: u64 = 650;
     let store = common::store("many").await;
 
-    let tail = |store: es_redis::RedisStore| {
-        let mut sub = store.subscribe(0, EventFilter::all());
-        tokio::spawn(async move {
-            let mut seen = Vec::new();
-            while let Some(e) = sub.next().await {
-                let e = e.expect("the subscription never fails here");
-                let done = e.event_type == "Done";
-                seen.push(e);
-                if done {
-                    break;
-                }
-            }
-            seen
-        })
-    };
-    let early = tail(store.clone());
+    let early = tail_until_done(&store);
 
     let mut writers = Vec::new();
     for w in 0..WRITERS {
@@ -149,7 +135,7 @@ async fn sixteen_writers_on_a_thousand_streams_with_two_subscribers() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let late = tail(store.clone());
+    let late = tail_until_done(&store);
 
     let mut written = HashSet::new();
     for w in writers {
@@ -187,23 +173,11 @@ async fn sixteen_writers_on_a_thousand_streams_with_two_subscribers() {
             .await
             .unwrap_or_else(|_| panic!("{name} subscriber timed out"))
             .unwrap();
-        let ids: Vec<Uuid> = seen.iter().map(|e| e.event_id).collect();
-        let unique: HashSet<Uuid> = ids.iter().copied().collect();
-        assert_eq!(unique.len(), ids.len(), "{name}: no event delivered twice");
+        check_feed(name, &seen, &written);
         assert_eq!(
-            written.difference(&unique).count(),
-            0,
-            "{name}: no event lost"
-        );
-        assert_eq!(
-            ids,
+            seen.iter().map(|e| e.event_id).collect::<Vec<_>>(),
             feed.iter().map(|e| e.event_id).collect::<Vec<_>>(),
             "{name}: the feed, in order"
         );
-        let mut last: HashMap<&StreamId, u64> = HashMap::new();
-        for e in &seen {
-            let prev = last.insert(&e.stream_id, e.stream_version).unwrap_or(0);
-            assert_eq!(e.stream_version, prev + 1, "{name}: per-stream order");
-        }
     }
 }

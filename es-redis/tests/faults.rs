@@ -27,13 +27,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use es_core::{
-    AppendRequest, AppendResult, EventFilter, EventStore, ExpectedVersion, Metadata, NewEvent,
-    OutboxMessage, OutboxRecord, OutboxStore, ReadAll, ReadStream, RecordedEvent, StoreError,
-    StreamId,
+    AppendRequest, AppendResult, EventStore, ExpectedVersion, Metadata, NewEvent, OutboxMessage,
+    OutboxRecord, OutboxStore, ReadAll, ReadStream, RecordedEvent, StoreError, StreamId,
 };
 use es_redis::RedisStore;
 use es_test_support::{scratch_dir, RedisServer};
-use futures::{StreamExt, TryStreamExt};
+use es_testkit::support::tail_until_done;
+use futures::TryStreamExt;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -339,23 +339,6 @@ async fn check_epochs(store: &RedisStore, acknowledged: &[(AppendRequest, Append
     }
 }
 
-/// A subscriber from position 0 that records everything it delivers, up to a `Done` event.
-fn tail(store: &RedisStore) -> tokio::task::JoinHandle<Vec<RecordedEvent>> {
-    let mut sub = store.subscribe(0, EventFilter::all());
-    tokio::spawn(async move {
-        let mut seen: Vec<RecordedEvent> = Vec::new();
-        while let Some(e) = sub.next().await {
-            let e = e.expect("subscriptions retry transient errors");
-            let done = e.event_type == "Done";
-            seen.push(e);
-            if done {
-                break;
-            }
-        }
-        seen
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill9_during_appends_loses_no_acknowledged_append() {
     const WRITERS: usize = 8;
@@ -378,7 +361,7 @@ async fn kill9_during_appends_loses_no_acknowledged_append() {
         "{settings}"
     );
 
-    let subscribers = [tail(&store), tail(&store)];
+    let subscribers = [tail_until_done(&store), tail_until_done(&store)];
 
     let stop = Arc::new(AtomicBool::new(false));
     let kills = Arc::new(Kills::default());

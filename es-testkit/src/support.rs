@@ -25,7 +25,7 @@ pub fn unique_name(prefix: &str, sep: char) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
+        .map_or(0, |d| d.as_nanos());
     format!(
         "{prefix}{sep}{}{sep}{}{sep}{nanos}",
         std::process::id(),

@@ -1,23 +1,14 @@
 //! Shared helpers for the es-postgres integration tests: a fresh schema per store.
 #![allow(dead_code, unreachable_pub)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use es_postgres::PgStore;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 /// A schema name no other test (in this or a concurrent run) uses.
 pub fn unique_schema(prefix: &str) -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!(
-        "t_{prefix}_{}_{}_{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    es_testkit::support::unique_name(&format!("t_{prefix}"), '_')
 }
 
 /// A pool on `url` sized for the concurrency tests.

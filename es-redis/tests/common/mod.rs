@@ -1,22 +1,11 @@
 //! Shared helpers for the es-redis integration tests.
 #![allow(dead_code, unreachable_pub)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use es_redis::RedisStore;
 
 /// A key prefix no other test (in this or a concurrent run) uses.
 pub fn unique_prefix(name: &str) -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "t:{name}:{}:{nanos}:{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    es_testkit::support::unique_name(&format!("t:{name}"), ':')
 }
 
 /// A store on the shared server (`REDIS_URL`) under a fresh prefix.

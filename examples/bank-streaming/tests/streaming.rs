@@ -5,8 +5,7 @@
 //! so tests can share the servers and run in parallel.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use es_core::{
     AppendRequest, AtLeastOnce, DomainEvent, EventStore, ExpectedVersion, Metadata, NewEvent,
@@ -29,15 +28,7 @@ const PATIENCE: Duration = Duration::from_secs(120);
 
 /// A store on a fresh schema of the shared PostgreSQL server.
 async fn fresh_store(prefix: &str) -> PgStore {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let schema = format!(
-        "t_bank_{prefix}_{}_{}_{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    );
+    let schema = es_testkit::support::unique_name(&format!("t_bank_{prefix}"), '_');
     let url = es_test_support::database_url();
     let pool = PgPoolOptions::new()
         .max_connections(8)
