@@ -1104,3 +1104,92 @@ pub async fn producer_refusals_are_permanent(config: KafkaConfig) {
         "the records around the refused one, in order"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Stamping the store cases onto a backend
+
+#[doc(hidden)]
+pub mod __private {
+    pub use tokio;
+}
+
+/// Stamps every case of this module that runs on a store (`pub async fn case<S:
+/// StreamingStore>(store: S, config: KafkaConfig)`) onto a backend, each as a named
+/// `#[tokio::test]` that prints the case's report.
+///
+/// `$factory` is callable with no arguments and returns a future of a fresh, empty store;
+/// `$config` is an expression of the [`KafkaConfig`] of the broker. The list of cases is checked
+/// against this module's source by a unit test, so a new store case cannot be left out.
+///
+/// ```ignore
+/// es_kafka::kafka_store_tests!(|| async { es_memory::InMemoryStore::new() }, config());
+/// ```
+#[macro_export]
+macro_rules! kafka_store_tests {
+    ($factory:expr, $config:expr $(,)?) => {
+        $crate::__kafka_store_cases!($factory, $config;
+            relay_delivers_every_message_in_order,
+            outside_client_reads_every_message,
+            relay_killed_mid_batch_loses_nothing,
+            poison_records_are_dead_lettered,
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __kafka_store_cases {
+    ($factory:expr, $config:expr; $($case:ident),+ $(,)?) => {
+        $(
+            #[$crate::testing::__private::tokio::test(
+                flavor = "multi_thread",
+                worker_threads = 4,
+                crate = "::es_kafka::testing::__private::tokio"
+            )]
+            async fn $case() {
+                let report = $crate::testing::$case(($factory)().await, $config).await;
+                eprintln!("{report}");
+            }
+        )+
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// The cases `kafka_store_tests!` stamps are exactly the store cases of this module.
+    #[test]
+    fn the_stamping_macro_lists_every_store_case() {
+        let source = include_str!("testing.rs");
+        let defined: BTreeSet<&str> = source
+            .split("pub async fn ")
+            .skip(1)
+            .filter_map(|rest| {
+                let (name, signature) = rest.split_once('<')?;
+                let signature = signature.split_once('{')?.0;
+                let compact: String = signature.split_whitespace().collect();
+                compact
+                    .replace(",)", ")")
+                    .starts_with("S:StreamingStore>(store:S,config:KafkaConfig)")
+                    .then_some(name)
+            })
+            .collect();
+        let body = source
+            .split("macro_rules! kafka_store_tests {")
+            .nth(1)
+            .and_then(|m| m.split(';').nth(1))
+            .and_then(|m| m.split(')').next())
+            .expect("the macro's case list");
+        let listed: BTreeSet<&str> = body
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        assert!(defined.len() >= 4, "{defined:?}");
+        assert_eq!(
+            listed, defined,
+            "kafka_store_tests! must list every store case"
+        );
+    }
+}
