@@ -373,6 +373,7 @@ mod listener;
 mod migrate;
 mod outbox;
 mod projection;
+mod protocol;
 mod read;
 mod redact;
 mod schema;
@@ -955,15 +956,15 @@ impl SnapshotStore for PgStore {
                 .map_err(store_error)?;
             let Some(row) = row else { return Ok(None) };
             let location = || format!("snapshot of `{stream}`");
-            let version: i64 = row.try_get(0).map_err(store_error)?;
-            let schema_version: i64 = row.try_get(1).map_err(store_error)?;
-            let payload = row.try_get_raw(2).map_err(store_error)?;
+            let version: i64 = row.try_get("version").map_err(store_error)?;
+            let schema_version: i64 = row.try_get("schema_version").map_err(store_error)?;
+            let payload = row.try_get_raw("payload").map_err(store_error)?;
             let payload = jsonb_text(&payload).map_err(|reason| StoreError::Corrupt {
                 location: location(),
                 reason,
             })?;
-            let recorded_at: DateTime<Utc> = row.try_get(3).map_err(store_error)?;
-            let event_id: Option<uuid::Uuid> = row.try_get(4).map_err(store_error)?;
+            let recorded_at: DateTime<Utc> = row.try_get("recorded_at").map_err(store_error)?;
+            let event_id: Option<uuid::Uuid> = row.try_get("event_id").map_err(store_error)?;
             Ok(Some(SnapshotRecord {
                 event_id,
                 version: to_u64(version, &location())?,
