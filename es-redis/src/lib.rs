@@ -520,6 +520,7 @@ mod decode;
 mod error;
 mod keys;
 mod outbox;
+mod protocol;
 mod read;
 mod script;
 mod server;
