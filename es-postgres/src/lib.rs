@@ -41,7 +41,6 @@
 //! the store relies on), for example with externally managed migrations:
 //!
 //! ```no_run
-//! # use std::time::Duration;
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use es_postgres::sqlx::postgres::PgPoolOptions;
 //!
