@@ -3,3 +3,223 @@
 pub use serde;
 pub use serde_json;
 pub use std;
+
+pub use payload::{
+    DeriveDeserialize, DeriveSerialize, DeriveSerializeAndDeserialize, PayloadCodec, PayloadProbe,
+    ProbeDeserialize, ProbeNeither, ProbeSerde, ProbeSerialize,
+};
+
+/// Asks whether an event payload type implements serde's traits without failing to compile
+/// when it does not, so that `#[derive(DomainEvent)]` reports a payload without them once, in
+/// words about the derives it lacks, instead of by one error per serde call in its expansion.
+///
+/// Autoref specialization on concrete types: for a payload type `T`,
+/// `(&&&&PayloadProbe::<T>::NEW).__es_probe()` (with the `Probe*` traits in scope) is a
+/// [`payload::Serde<T>`] if `T` implements `Serialize` and `DeserializeOwned` (method lookup
+/// takes the impl on the most references whose bounds hold), [`payload::NoDeserialize<T>`] if
+/// only `Serialize`, [`payload::NoSerialize<T>`] if only `Deserialize`, else
+/// [`payload::NoSerde<T>`].
+///
+/// Each of these implements [`PayloadCodec<T>`]: `Serde` with `serde_json`, the others with an
+/// error (they never run: their `__es_check` does not compile). Each has an inherent
+/// `__es_check`; for the three failing ones it requires a trait that `T` does not implement,
+/// whose `#[diagnostic::on_unimplemented]` message names the derives to add.
+pub mod payload {
+    use std::marker::PhantomData;
+
+    use serde::de::DeserializeOwned;
+    use serde::Serialize;
+
+    /// The payload type `T` asked about.
+    pub struct PayloadProbe<T>(PhantomData<T>);
+
+    impl<T> PayloadProbe<T> {
+        /// The probe.
+        pub const NEW: Self = PayloadProbe(PhantomData);
+    }
+
+    /// `T` implements `Serialize` and `DeserializeOwned`.
+    pub struct Serde<T>(PhantomData<T>);
+    /// `T` implements `DeserializeOwned` only.
+    pub struct NoSerialize<T>(PhantomData<T>);
+    /// `T` implements `Serialize` only.
+    pub struct NoDeserialize<T>(PhantomData<T>);
+    /// `T` implements neither.
+    pub struct NoSerde<T>(PhantomData<T>);
+
+    /// The probe when `T` implements both traits.
+    pub trait ProbeSerde<T> {
+        /// The answer.
+        #[inline]
+        fn __es_probe(&self) -> Serde<T> {
+            Serde(PhantomData)
+        }
+    }
+    impl<T: Serialize + DeserializeOwned> ProbeSerde<T> for &&&PayloadProbe<T> {}
+
+    /// The probe when `T` implements `Serialize`.
+    pub trait ProbeSerialize<T> {
+        /// The answer.
+        #[inline]
+        fn __es_probe(&self) -> NoDeserialize<T> {
+            NoDeserialize(PhantomData)
+        }
+    }
+    impl<T: Serialize> ProbeSerialize<T> for &&PayloadProbe<T> {}
+
+    /// The probe when `T` implements `DeserializeOwned`.
+    pub trait ProbeDeserialize<T> {
+        /// The answer.
+        #[inline]
+        fn __es_probe(&self) -> NoSerialize<T> {
+            NoSerialize(PhantomData)
+        }
+    }
+    impl<T: DeserializeOwned> ProbeDeserialize<T> for &PayloadProbe<T> {}
+
+    /// The probe for any `T`.
+    pub trait ProbeNeither<T> {
+        /// The answer.
+        #[inline]
+        fn __es_probe(&self) -> NoSerde<T> {
+            NoSerde(PhantomData)
+        }
+    }
+    impl<T> ProbeNeither<T> for PayloadProbe<T> {}
+
+    /// The payload's JSON codec, whatever the probe's answer.
+    pub trait PayloadCodec<T> {
+        /// `serde_json::to_vec`.
+        fn __es_to_vec(self, payload: &T) -> serde_json::Result<Vec<u8>>;
+        /// `serde_json::from_slice`.
+        fn __es_from_slice(self, payload: &[u8]) -> serde_json::Result<T>;
+        /// `serde_json::from_value`.
+        fn __es_from_value(self, payload: serde_json::Value) -> serde_json::Result<T>;
+    }
+
+    impl<T: Serialize + DeserializeOwned> PayloadCodec<T> for Serde<T> {
+        #[inline]
+        fn __es_to_vec(self, payload: &T) -> serde_json::Result<Vec<u8>> {
+            serde_json::to_vec(payload)
+        }
+        #[inline]
+        fn __es_from_slice(self, payload: &[u8]) -> serde_json::Result<T> {
+            serde_json::from_slice(payload)
+        }
+        #[inline]
+        fn __es_from_value(self, payload: serde_json::Value) -> serde_json::Result<T> {
+            serde_json::from_value(payload)
+        }
+    }
+
+    impl<T> Serde<T> {
+        /// Compiles: `T` is a payload type.
+        #[inline]
+        pub fn __es_check(self) {}
+    }
+
+    impl<T> NoSerialize<T> {
+        /// Does not compile: `T` lacks `Serialize`, which the error says.
+        pub fn __es_check(self)
+        where
+            T: DeriveSerialize,
+        {
+        }
+    }
+
+    impl<T> PayloadCodec<T> for NoSerialize<T> {
+        fn __es_to_vec(self, _: &T) -> serde_json::Result<Vec<u8>> {
+            Err(unusable())
+        }
+        fn __es_from_slice(self, _: &[u8]) -> serde_json::Result<T> {
+            Err(unusable())
+        }
+        fn __es_from_value(self, _: serde_json::Value) -> serde_json::Result<T> {
+            Err(unusable())
+        }
+    }
+
+    impl<T> NoDeserialize<T> {
+        /// Does not compile: `T` lacks `Deserialize`, which the error says.
+        pub fn __es_check(self)
+        where
+            T: DeriveDeserialize,
+        {
+        }
+    }
+
+    impl<T> PayloadCodec<T> for NoDeserialize<T> {
+        fn __es_to_vec(self, _: &T) -> serde_json::Result<Vec<u8>> {
+            Err(unusable())
+        }
+        fn __es_from_slice(self, _: &[u8]) -> serde_json::Result<T> {
+            Err(unusable())
+        }
+        fn __es_from_value(self, _: serde_json::Value) -> serde_json::Result<T> {
+            Err(unusable())
+        }
+    }
+
+    impl<T> NoSerde<T> {
+        /// Does not compile: `T` lacks `Serialize` and `Deserialize`, which the error says.
+        pub fn __es_check(self)
+        where
+            T: DeriveSerializeAndDeserialize,
+        {
+        }
+    }
+
+    impl<T> PayloadCodec<T> for NoSerde<T> {
+        fn __es_to_vec(self, _: &T) -> serde_json::Result<Vec<u8>> {
+            Err(unusable())
+        }
+        fn __es_from_slice(self, _: &[u8]) -> serde_json::Result<T> {
+            Err(unusable())
+        }
+        fn __es_from_value(self, _: serde_json::Value) -> serde_json::Result<T> {
+            Err(unusable())
+        }
+    }
+
+    fn unusable() -> serde_json::Error {
+        <serde_json::Error as serde::de::Error>::custom(
+            "the payload type does not implement `Serialize` and `Deserialize`",
+        )
+    }
+
+    /// Implemented by no payload type: a payload that lacks `Serialize` fails on it.
+    #[diagnostic::on_unimplemented(
+        message = "event payload `{Self}` does not implement `serde::Serialize`",
+        label = "add `#[derive(Serialize)]` to `{Self}`",
+        note = "events are stored as JSON: every payload type derives `serde::Serialize` and \
+                `serde::Deserialize`"
+    )]
+    pub trait DeriveSerialize {}
+
+    /// Implemented by no payload type: a payload that lacks `Deserialize` fails on it.
+    #[diagnostic::on_unimplemented(
+        message = "event payload `{Self}` does not implement `serde::Deserialize`",
+        label = "add `#[derive(Deserialize)]` to `{Self}`",
+        note = "events are stored as JSON: every payload type derives `serde::Serialize` and \
+                `serde::Deserialize`"
+    )]
+    pub trait DeriveDeserialize {}
+
+    /// Implemented by no payload type: a payload that lacks both fails on it.
+    #[diagnostic::on_unimplemented(
+        message = "event payload `{Self}` does not implement `serde::Serialize` and \
+                   `serde::Deserialize`",
+        label = "add `#[derive(Serialize, Deserialize)]` to `{Self}`",
+        note = "events are stored as JSON: every payload type derives `serde::Serialize` and \
+                `serde::Deserialize`"
+    )]
+    pub trait DeriveSerializeAndDeserialize {}
+
+    // One impl each, hidden from diagnostics, so that rustc does not suggest adding one.
+    #[diagnostic::do_not_recommend]
+    impl DeriveSerialize for PayloadProbe<()> {}
+    #[diagnostic::do_not_recommend]
+    impl DeriveDeserialize for PayloadProbe<()> {}
+    #[diagnostic::do_not_recommend]
+    impl DeriveSerializeAndDeserialize for PayloadProbe<()> {}
+}

@@ -128,7 +128,7 @@ impl<'a> Variant<'a> {
     /// The stable event type name: `rename = "..."`, else the variant name (without `r#`).
     pub(crate) fn name(&self) -> String {
         match &self.attrs.rename {
-            Some(lit) => lit.value(),
+            Some(rename) => rename.name.value(),
             None => self.ident().unraw().to_string(),
         }
     }
@@ -136,7 +136,7 @@ impl<'a> Variant<'a> {
     /// Where the name was written: the `rename` literal, else the variant name.
     pub(crate) fn name_span(&self) -> Span {
         match &self.attrs.rename {
-            Some(lit) => lit.span(),
+            Some(rename) => rename.name.span(),
             None => self.ident().span(),
         }
     }

@@ -8,7 +8,10 @@ use std::fmt::{self, Display};
 use proc_macro2::{Span, TokenTree};
 use quote::ToTokens;
 use syn::meta::ParseNestedMeta;
-use syn::{token, Attribute, Expr, ExprLit, ExprUnary, Lit, LitStr, Meta, Path, Token, Type, UnOp};
+use syn::spanned::Spanned;
+use syn::{
+    token, Attribute, Expr, ExprLit, ExprUnary, Ident, Lit, LitStr, Meta, Path, Token, Type, UnOp,
+};
 
 use crate::ctxt::Ctxt;
 
@@ -50,9 +53,25 @@ pub(crate) struct Container {
 /// Attributes on a variant.
 pub(crate) struct Variant {
     /// `rename = "..."`.
-    pub(crate) rename: Option<LitStr>,
+    pub(crate) rename: Option<Rename>,
     /// `version = N`.
     pub(crate) version: Option<Version>,
+}
+
+/// A parsed `rename = "Name"`.
+pub(crate) struct Rename {
+    /// The `rename` key, so that errors can point at the whole setting.
+    pub(crate) key: Ident,
+    /// The name.
+    pub(crate) name: LitStr,
+}
+
+impl Rename {
+    /// `rename = "Name"` as written, for errors about the setting as a whole.
+    pub(crate) fn tokens(&self) -> proc_macro2::TokenStream {
+        let Rename { key, name } = self;
+        quote::quote!(#key = #name)
+    }
 }
 
 /// A parsed `version = N`.
@@ -123,16 +142,7 @@ impl Container {
                     }
                     Ok(())
                 } else {
-                    let key = path_to_string(&meta.path);
-                    let hint = if meta.path == RENAME || meta.path == VERSION {
-                        format!("`{key}` belongs on a variant, not on the enum")
-                    } else {
-                        "expected `apply(State, ...)` or `crate = \"path\"`".to_owned()
-                    };
-                    cx.error_spanned_by(
-                        &meta.path,
-                        format_args!("unknown event attribute `{key}` on an enum: {hint}"),
-                    );
+                    unknown_key(cx, &meta.path, Place::Enum);
                     skip_value(&meta)
                 }
             });
@@ -160,7 +170,10 @@ impl Variant {
                     let first = rename.first(&meta.path);
                     if let Some(name) = parse_rename(cx, &meta)? {
                         if first {
-                            rename.set(name);
+                            rename.set(Rename {
+                                key: Ident::new(&RENAME.to_string(), meta.path.span()),
+                                name,
+                            });
                         }
                     }
                     Ok(())
@@ -173,16 +186,7 @@ impl Variant {
                     }
                     Ok(())
                 } else {
-                    let key = path_to_string(&meta.path);
-                    let hint = if meta.path == APPLY || meta.path == CRATE {
-                        format!("`{key}` belongs on the enum, not on a variant")
-                    } else {
-                        "expected `rename = \"Name\"` or `version = N`".to_owned()
-                    };
-                    cx.error_spanned_by(
-                        &meta.path,
-                        format_args!("unknown event attribute `{key}` on a variant: {hint}"),
-                    );
+                    unknown_key(cx, &meta.path, Place::Variant);
                     skip_value(&meta)
                 }
             });
@@ -196,6 +200,93 @@ impl Variant {
             version: version.get(),
         }
     }
+}
+
+/// Where an `#[event(...)]` attribute sits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Enum,
+    Variant,
+}
+
+impl Place {
+    /// The keys accepted here, each with the form it takes.
+    fn keys(self) -> &'static [(Symbol, &'static str)] {
+        match self {
+            Place::Enum => &[(APPLY, "apply(State, ...)"), (CRATE, "crate = \"path\"")],
+            Place::Variant => &[(RENAME, "rename = \"Name\""), (VERSION, "version = N")],
+        }
+    }
+
+    fn other(self) -> Self {
+        match self {
+            Place::Enum => Place::Variant,
+            Place::Variant => Place::Enum,
+        }
+    }
+
+    /// "on an enum" / "on a variant".
+    fn on(self) -> &'static str {
+        match self {
+            Place::Enum => "on an enum",
+            Place::Variant => "on a variant",
+        }
+    }
+
+    /// Where a key of this place goes: "on the enum" / "on a variant".
+    fn goes(self) -> &'static str {
+        match self {
+            Place::Enum => "on the enum",
+            Place::Variant => "on a variant",
+        }
+    }
+}
+
+/// Reports an unknown key: a key of the other place says where it belongs; a near miss of a
+/// key (by edit distance) suggests it; anything else lists the valid keys.
+fn unknown_key(cx: &Ctxt, path: &Path, place: Place) {
+    let key = path_to_string(path);
+    let other = place.other();
+    let message = if let Some((symbol, _)) = other.keys().iter().find(|(s, _)| path == s) {
+        format!(
+            "unknown key \"{key}\" {}: `{symbol}` belongs {}",
+            place.on(),
+            other.goes()
+        )
+    } else if let Some(symbol) = closest(&key, place) {
+        format!("unknown key \"{key}\"; did you mean \"{symbol}\"?")
+    } else if let Some(symbol) = closest(&key, other) {
+        format!(
+            "unknown key \"{key}\" {}; did you mean \"{symbol}\"? It belongs {}",
+            place.on(),
+            other.goes()
+        )
+    } else {
+        let valid: Vec<String> = place
+            .keys()
+            .iter()
+            .map(|(symbol, form)| format!("\"{symbol}\" (`{form}`)"))
+            .collect();
+        format!(
+            "unknown key \"{key}\" {}; the valid keys are {}",
+            place.on(),
+            valid.join(" and ")
+        )
+    };
+    cx.error_spanned_by(path, message);
+}
+
+/// The key of `place` closest to `key`, if it is close enough to be a misspelling: at most one
+/// edit (a transposition counts as one) per three characters.
+fn closest(key: &str, place: Place) -> Option<Symbol> {
+    let limit = key.len().max(3) / 3;
+    place
+        .keys()
+        .iter()
+        .map(|(symbol, _)| (strsim::osa_distance(key, symbol.0), *symbol))
+        .filter(|(distance, _)| *distance <= limit)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, symbol)| symbol)
 }
 
 /// Rejects `#[event(...)]` on the payload field of a variant: nothing is configured there.

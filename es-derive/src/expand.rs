@@ -8,11 +8,13 @@
 //!
 //! Code whose failure is the user's to fix (a payload without serde impls, a missing `Apply`
 //! handler) is built with `quote_spanned!` on the user's payload type or variant, so rustc
-//! reports it there. Those spanned tokens name only single-segment aliases imported at the top of
+//! reports it there. A payload without serde impls is reported once, by a check of its own
+//! (see [`payload_support`]), in words about the derives it lacks; the generated serialization
+//! code compiles whatever the payload implements, so it adds no errors of its own. Those spanned tokens name only single-segment aliases imported at the top of
 //! the block (`__es_to_vec`, `__EsApply`, ...): a qualified path carrying the user's span could
 //! trip `unused_qualifications` in a crate that imports the same item.
 
-use proc_macro2::{Literal, TokenStream};
+use proc_macro2::{Literal, Span, TokenStream};
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{DeriveInput, Ident, Type};
@@ -76,24 +78,20 @@ fn impl_enum(input: &Input<'_>) -> TokenStream {
         .iter()
         .map(|state| impl_apply_event(input, state, &paths));
     let apply_to = inherent_apply_to(input, &paths);
-    let Paths {
-        import,
-        krate,
-        json,
-        ..
-    } = &paths;
+    let Paths { import, krate, .. } = &paths;
     let import_apply = if input.attrs.apply.is_empty() {
         TokenStream::new()
     } else {
         quote!(use #krate::Apply as __EsApply;)
     };
+    let support = payload_support(&paths);
+    let checks = payload_checks(&input.variants);
     quote! {
         #[doc(hidden)]
         const _: () = {
             #import
-            use #json::{
-                from_slice as __es_from_slice, from_value as __es_from_value, to_vec as __es_to_vec,
-            };
+            #support
+            #checks
             #import_apply
             #domain_event
             #(#from)*
@@ -124,11 +122,12 @@ fn impl_domain_event(input: &Input<'_>, paths: &Paths) -> TokenStream {
 
     let schema_version = schema_version_body(variants);
 
-    // Spanned on the payload type: a payload without serde impls is reported there.
+    // Through the payload's codec (see `payload_support`), which compiles whatever the payload
+    // implements: a payload without serde impls is reported by its check alone.
     let to_payload = variants.iter().map(|v| {
         let variant = v.ident();
-        let call = quote_spanned!(v.payload.span()=> __es_to_vec(payload));
-        quote!(Self::#variant(payload) => #call,)
+        let codec = codec(v.payload);
+        quote!(Self::#variant(payload) => #codec.__es_to_vec(payload),)
     });
 
     let decode_arms = |decode: &str| {
@@ -137,11 +136,10 @@ fn impl_domain_event(input: &Input<'_>, paths: &Paths) -> TokenStream {
             .map(|v| {
                 let variant = v.ident();
                 let name = v.name_lit();
-                let ty = v.payload;
-                let decode = Ident::new(decode, ty.span());
-                let call = quote_spanned!(ty.span()=> #decode::<#ty>(payload));
+                let codec = codec(v.payload);
+                let decode = Ident::new(decode, Span::call_site());
                 quote! {
-                    #name => #call
+                    #name => #codec.#decode(payload)
                         .map(Self::#variant)
                         .map_err(#krate::PayloadError::Invalid),
                 }
@@ -199,6 +197,43 @@ fn impl_domain_event(input: &Input<'_>, paths: &Paths) -> TokenStream {
                 }
             }
         }
+    }
+}
+
+/// The payload codec for `ty`: `(&&&&__EsProbe::<Ty>::NEW).__es_probe()`, a value whose
+/// `PayloadCodec` methods (de)serialize `Ty` with `serde_json` if it implements both serde
+/// traits (see [`payload_support`]).
+fn codec(ty: &Type) -> TokenStream {
+    quote!((&&&&__EsProbe::<#ty>::NEW).__es_probe())
+}
+
+/// Imports for asking whether a payload type implements `Serialize` and `Deserialize` without
+/// failing to compile when it does not (see `es_core::__private::payload`): a payload that
+/// lacks them is reported once, by [`payload_checks`], naming the missing derives, instead of
+/// by one error per serde call. `(&&&&__EsProbe::<T>::NEW).__es_probe()` is the payload's codec.
+pub(crate) fn payload_support(paths: &Paths) -> TokenStream {
+    let krate = &paths.krate;
+    quote! {
+        use #krate::__private::{
+            PayloadCodec as _, PayloadProbe as __EsProbe, ProbeDeserialize as _,
+            ProbeNeither as _, ProbeSerde as _, ProbeSerialize as _,
+        };
+    }
+}
+
+/// One check per payload type, spanned on it: a payload without serde impls fails here, with
+/// the message of a trait that names the derives it lacks (see [`payload_support`]).
+pub(crate) fn payload_checks<'a>(
+    variants: impl IntoIterator<Item = &'a Variant<'a>>,
+) -> TokenStream {
+    let checks = variants.into_iter().map(|v| {
+        let ty = v.payload;
+        quote_spanned!(ty.span()=> (&&&&__EsProbe::<#ty>::NEW).__es_probe().__es_check();)
+    });
+    quote! {
+        const _: fn() = || {
+            #(#checks)*
+        };
     }
 }
 

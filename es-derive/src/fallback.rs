@@ -3,6 +3,8 @@
 //! sees only the real errors instead of a cascade of "`AccountEvent` is not a `DomainEvent`".
 //!
 //! The stubs never run (the crate does not compile) but are still written without panics.
+//! Payloads that lack serde impls are checked here too, so that their errors come with the
+//! others.
 
 use std::collections::HashSet;
 
@@ -11,7 +13,7 @@ use quote::quote;
 
 use crate::ast::Input;
 use crate::attr::type_to_string;
-use crate::expand::{from_impls, inherent_apply_to, Paths};
+use crate::expand::{from_impls, inherent_apply_to, payload_checks, payload_support, Paths};
 
 /// The compile errors and the stubs.
 pub(crate) fn expand(input: &Input<'_>, errors: &syn::Error) -> TokenStream {
@@ -37,11 +39,15 @@ pub(crate) fn expand(input: &Input<'_>, errors: &syn::Error) -> TokenStream {
     // A payload type in two variants is one of the reported errors; stub one `From` for it.
     // A generic enum gets none: `From<T>` could overlap with the other impls.
     let mut seen = HashSet::new();
-    let unique = input
+    let unique: Vec<_> = input
         .variants
         .iter()
-        .filter(|v| generics.params.is_empty() && seen.insert(type_to_string(v.payload)));
-    let from = from_impls(input, unique, &paths);
+        .filter(|v| generics.params.is_empty() && seen.insert(type_to_string(v.payload)))
+        .collect();
+    let from = from_impls(input, unique.iter().copied(), &paths);
+    // Payloads without serde impls are reported along with the other errors.
+    let support = payload_support(&paths);
+    let checks = payload_checks(unique.iter().copied());
 
     let apply = input.attrs.apply.iter().map(|state| {
         quote! {
@@ -60,6 +66,8 @@ pub(crate) fn expand(input: &Input<'_>, errors: &syn::Error) -> TokenStream {
         #[doc(hidden)]
         const _: () = {
             #import
+            #support
+            #checks
             #[automatically_derived]
             impl #impl_generics #krate::DomainEvent for #ident #ty_generics #event_where {
                 const EVENT_TYPES: &'static [#krate::EventSchema] = &[];

@@ -72,7 +72,10 @@
 //! - Payload types implement `serde::Serialize` and `serde::Deserialize`.
 //! - The enum has no generic parameters and at least one variant.
 //!
-//! Every misuse is a compile error on the offending tokens, all reported at once.
+//! Every misuse is a compile error on the offending tokens, all reported at once: a misspelt key
+//! gets a "did you mean" (`unknown key "verison"; did you mean "version"?`), a duplicate event
+//! type name is reported on the `rename` that caused it, and a payload type without serde impls
+//! gets one error naming the derives it lacks.
 
 mod ast;
 mod attr;

@@ -51,23 +51,41 @@ impl Input<'_> {
         }
     }
 
-    /// Two variants with one name could not be told apart when read back.
+    /// Two variants with one name could not be told apart when read back. Two variants cannot
+    /// share an identifier, so every clash comes from a `rename`: the error points at the
+    /// `rename` that caused it (the later variant's if both are renamed) and names the other
+    /// variant.
     fn check_unique_names(&self, cx: &Ctxt) {
         let mut seen: HashMap<String, &Variant<'_>> = HashMap::new();
         for variant in &self.variants {
             let name = variant.name();
-            if let Some(first) = seen.get(&name) {
-                cx.error_at(
-                    variant.name_span(),
-                    format_args!(
-                        "duplicate event type name `{name}`: variant `{}` already uses it; \
-                         give one of them another name with `#[event(rename = \"...\")]`",
-                        first.ident()
-                    ),
-                );
-            } else {
+            let Some(first) = seen.get(&name).copied() else {
                 seen.insert(name, variant);
-            }
+                continue;
+            };
+            let (renamed, other) = if variant.attrs.rename.is_some() {
+                (variant, first)
+            } else {
+                (first, variant)
+            };
+            let Some(rename) = &renamed.attrs.rename else {
+                continue;
+            };
+            let how = if other.attrs.rename.is_some() {
+                "given by its own `rename`"
+            } else {
+                "its variant name"
+            };
+            cx.error_spanned_by(
+                rename.tokens(),
+                format_args!(
+                    "duplicate event type name `{name}`: this rename gives variant `{}` the \
+                     name of variant `{}` ({how}); stored events of the two could not be told \
+                     apart; choose another name",
+                    renamed.ident(),
+                    other.ident(),
+                ),
+            );
         }
     }
 
@@ -108,8 +126,7 @@ impl Variant<'_> {
     /// Names are stored and matched as plain strings by every backend.
     fn check_name(&self, cx: &Ctxt) {
         let name = self.name();
-        let renamed = self.attrs.rename.is_some();
-        let fix = if renamed {
+        let fix = if self.attrs.rename.is_some() {
             "change the name"
         } else {
             "give the variant a valid name with `#[event(rename = \"...\")]`"

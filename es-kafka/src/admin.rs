@@ -25,14 +25,10 @@ pub async fn ensure_topic(
     topic: &str,
     partitions: u32,
 ) -> Result<bool, Error> {
-    let admin: AdminClient<DefaultClientContext> =
-        config
-            .client_settings(&[])
-            .create()
-            .map_err(|source| Error::Client {
-                client: "admin client",
-                source,
-            })?;
+    let admin: AdminClient<DefaultClientContext> = config
+        .client_settings(&[])
+        .create()
+        .map_err(|source| Error::client("admin client", source))?;
     let partitions = i32::try_from(partitions).unwrap_or(i32::MAX);
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
     let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
@@ -61,14 +57,10 @@ pub async fn partition_count(config: &KafkaConfig, topic: &str) -> Result<u32, E
 }
 
 async fn wait_for_metadata(config: &KafkaConfig, topic: &str) -> Result<u32, Error> {
-    let client: BaseConsumer =
-        config
-            .client_settings(&[])
-            .create()
-            .map_err(|source| Error::Client {
-                client: "consumer",
-                source,
-            })?;
+    let client: BaseConsumer = config
+        .client_settings(&[])
+        .create()
+        .map_err(|source| Error::client("consumer", source))?;
     let topic = topic.to_owned();
     let blocking = tokio::task::spawn_blocking(move || {
         let start = Instant::now();

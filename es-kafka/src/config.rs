@@ -23,12 +23,74 @@ use rdkafka::ClientConfig;
 ///     .producer_settings()
 ///     .contains(&("enable.idempotence".to_owned(), "true".to_owned())));
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Its `Debug` output shows the values of secret properties (passwords, private keys, OAuth
+/// client secrets: every property librdkafka itself treats as sensitive, and any other whose
+/// name mentions a password or a secret) as `***`.
+#[derive(Clone, PartialEq, Eq)]
 pub struct KafkaConfig {
     brokers: String,
     delivery_timeout: Duration,
     max_message_bytes: usize,
     settings: Vec<(String, String)>,
+}
+
+/// What `Debug` output and errors show instead of a secret.
+pub(crate) const REDACTED: &str = "***";
+
+/// The properties librdkafka marks as sensitive (it redacts them in its own debug output), plus
+/// the Java client's trust store password that some configurations carry over.
+const SECRET_PROPERTIES: &[&str] = &[
+    "sasl.username",
+    "sasl.password",
+    "sasl.oauthbearer.config",
+    "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.assertion.private.key.file",
+    "sasl.oauthbearer.assertion.private.key.passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem",
+    "ssl.key.location",
+    "ssl.key.password",
+    "ssl.key.pem",
+    "ssl_key",
+    "ssl.ca.pem",
+    "ssl.keystore.password",
+    "ssl.truststore.password",
+];
+
+/// Whether the value of librdkafka property `key` is a secret that `Debug` output and errors
+/// must not show.
+pub(crate) fn is_secret(key: &str) -> bool {
+    let key = key.trim().to_ascii_lowercase();
+    SECRET_PROPERTIES.contains(&key.as_str())
+        || key.contains("password")
+        || key.contains("passphrase")
+        || key.contains("secret")
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        struct Settings<'a>(&'a [(String, String)]);
+        impl std::fmt::Debug for Settings<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_map()
+                    .entries(self.0.iter().map(|(key, value)| {
+                        let value = if is_secret(key) {
+                            REDACTED
+                        } else {
+                            value.as_str()
+                        };
+                        (key, value)
+                    }))
+                    .finish()
+            }
+        }
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("delivery_timeout", &self.delivery_timeout)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("settings", &Settings(&self.settings))
+            .finish()
+    }
 }
 
 /// librdkafka's default `message.max.bytes`.
@@ -192,5 +254,70 @@ mod tests {
         assert_eq!(get(&settings, "bootstrap.servers"), Some("b:1"));
         assert_eq!(get(&settings, "client.id"), Some("x"));
         assert_eq!(get(&settings, "acks"), Some("all"));
+    }
+
+    #[test]
+    fn debug_output_hides_secret_properties() {
+        let config = KafkaConfig::new("broker.example:9093")
+            .set("security.protocol", "SASL_SSL")
+            .set("sasl.mechanism", "PLAIN")
+            .set("sasl.username", "relay-user-s3cret")
+            .set("sasl.password", "pw-s3cret")
+            .set("ssl.key.password", "key-s3cret")
+            .set("ssl.key.pem", "-----BEGIN PRIVATE KEY----- pem-s3cret")
+            .set("sasl.oauthbearer.client.secret", "oauth-s3cret")
+            .set(
+                "sasl.oauthbearer.config",
+                "principal=x clientSecret=cfg-s3cret",
+            )
+            .set("some.future.password", "future-s3cret");
+        let debug = format!("{config:?}");
+        let pretty = format!("{config:#?}");
+        for shown in [&debug, &pretty] {
+            assert!(!shown.contains("s3cret"), "a secret is shown: {shown}");
+            assert!(shown.contains("broker.example:9093"), "{shown}");
+            assert!(shown.contains("SASL_SSL"), "{shown}");
+            assert!(shown.contains("\"sasl.password\": \"***\""), "{shown}");
+        }
+    }
+
+    #[test]
+    fn client_errors_hide_refused_secret_values() {
+        use rdkafka::error::KafkaError;
+        use rdkafka::types::RDKafkaConfRes;
+
+        let refused = |key: &str, value: &str| {
+            crate::Error::client(
+                "producer",
+                KafkaError::ClientConfig(
+                    RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+                    format!("Invalid value \"{value}\" for configuration property \"{key}\""),
+                    key.to_owned(),
+                    value.to_owned(),
+                ),
+            )
+        };
+        let err = refused("sasl.password", "pw-s3cret");
+        for shown in [err.to_string(), format!("{err:?}")] {
+            assert!(!shown.contains("s3cret"), "a secret is shown: {shown}");
+            assert!(shown.contains("sasl.password"), "{shown}");
+        }
+        let source = std::error::Error::source(&err).map(ToString::to_string);
+        assert!(source.is_some_and(|s| !s.contains("s3cret") && s.contains("***")));
+        // A value that is not secret stays, so the error still says what was wrong.
+        let err = refused("acks", "sometimes");
+        assert!(err.to_string().contains("sometimes"), "{err}");
+    }
+
+    #[test]
+    fn a_client_refusing_a_secret_property_does_not_show_it() {
+        // This build of librdkafka has no TLS support, so it refuses the TLS key password:
+        // the error says which property, without the value.
+        let config = KafkaConfig::new("127.0.0.1:9").set("ssl.key.password", "key-s3cret");
+        let err = crate::TopicConsumer::subscribe(&config, "topic", "group")
+            .expect_err("librdkafka without TLS refuses `ssl.key.password`");
+        let shown = format!("{err} / {err:?}");
+        assert!(!shown.contains("s3cret"), "a secret is shown: {shown}");
+        assert!(shown.contains("ssl.key.password"), "{shown}");
     }
 }

@@ -114,10 +114,7 @@ impl TopicConsumer {
                 ("enable.partition.eof", "false"),
             ])
             .create()
-            .map_err(|source| Error::Client {
-                client: "consumer",
-                source,
-            })?;
+            .map_err(|source| Error::client("consumer", source))?;
         consumer
             .subscribe(&[topic])
             .map_err(|source| Error::Request {
@@ -181,10 +178,7 @@ pub async fn read_topic(
             ("enable.partition.eof", "true"),
         ])
         .create()
-        .map_err(|source| Error::Client {
-            client: "consumer",
-            source,
-        })?;
+        .map_err(|source| Error::client("consumer", source))?;
     let topic = topic.to_owned();
     let blocking = tokio::task::spawn_blocking(move || {
         read_partitions(&consumer, &topic, partitions, timeout)

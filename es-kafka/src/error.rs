@@ -5,11 +5,15 @@ use std::time::Duration;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use uuid::Uuid;
 
+use crate::config::{is_secret, REDACTED};
+
 /// What went wrong talking to Kafka.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// librdkafka refused the configuration.
+    /// librdkafka refused the configuration. If it refused the value of a secret property
+    /// (`sasl.password`, see [`KafkaConfig`](crate::KafkaConfig)), the error names the
+    /// property but not the value.
     #[error("cannot create the Kafka {client}: {source}")]
     Client {
         /// Which client: "producer", "consumer" or "admin client".
@@ -74,6 +78,25 @@ pub enum Error {
         /// How long it waited.
         timeout: Duration,
     },
+}
+
+impl Error {
+    /// The error of creating a client: a refused value of a secret property is replaced by
+    /// `***`, in the value and wherever librdkafka's description repeats it.
+    pub(crate) fn client(client: &'static str, source: KafkaError) -> Self {
+        let source = match source {
+            KafkaError::ClientConfig(code, description, key, value) if is_secret(&key) => {
+                let description = if value.is_empty() {
+                    description
+                } else {
+                    description.replace(&value, REDACTED)
+                };
+                KafkaError::ClientConfig(code, description, key, REDACTED.to_owned())
+            }
+            other => other,
+        };
+        Error::Client { client, source }
+    }
 }
 
 /// Why [`KafkaPublisher::check`](crate::KafkaPublisher::check) refuses a record: Kafka could

@@ -391,10 +391,7 @@ fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, Error> {
     config
         .producer_client_config()
         .create()
-        .map_err(|source| Error::Client {
-            client: "producer",
-            source,
-        })
+        .map_err(|source| Error::client("producer", source))
 }
 
 /// Hands `record` to the producer, waiting while its queue is full.

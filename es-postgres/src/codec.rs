@@ -9,7 +9,7 @@ use sqlx::postgres::types::Oid;
 use sqlx::postgres::{
     PgArgumentBuffer, PgHasArrayType, PgRow, PgTypeInfo, PgValueFormat, PgValueRef,
 };
-use sqlx::{Postgres, Row, ValueRef};
+use sqlx::{Column, Postgres, Row, ValueRef};
 use uuid::Uuid;
 
 use crate::error::store_error;
@@ -108,24 +108,64 @@ fn corrupt_at_position(position: i64, reason: impl Into<String>) -> StoreError {
     }
 }
 
-/// Decodes a row of [`crate::schema::EVENT_COLUMNS`].
+/// Where the columns of [`crate::schema::EVENT_COLUMNS`] are in the rows of one query, found by
+/// name once per page rather than once per value.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EventColumns {
+    position: usize,
+    stream: usize,
+    version: usize,
+    event_id: usize,
+    event_type: usize,
+    schema_version: usize,
+    payload: usize,
+    metadata: usize,
+    recorded_at: usize,
+}
+
+impl EventColumns {
+    /// The ordinals of the event columns in `row` (any row of the query).
+    pub(crate) fn find(row: &PgRow) -> Result<Self, StoreError> {
+        let at = |name: &str| {
+            row.try_column(name)
+                .map(Column::ordinal)
+                .map_err(store_error)
+        };
+        Ok(Self {
+            position: at("global_position")?,
+            stream: at("stream_id")?,
+            version: at("stream_version")?,
+            event_id: at("event_id")?,
+            event_type: at("event_type")?,
+            schema_version: at("schema_version")?,
+            payload: at("payload")?,
+            metadata: at("metadata")?,
+            recorded_at: at("recorded_at")?,
+        })
+    }
+}
+
+/// Decodes a row of [`crate::schema::EVENT_COLUMNS`], whose columns are where `columns` says.
 ///
 /// Values that the schema's types allow but the envelope does not (an invalid stream id, a
 /// negative version, undecodable metadata) are [`StoreError::Corrupt`].
-pub(crate) fn decode_event(row: &PgRow) -> Result<RecordedEvent, StoreError> {
-    let position: i64 = row.try_get(0).map_err(store_error)?;
-    let stream: &str = row.try_get(1).map_err(store_error)?;
+pub(crate) fn decode_event(
+    row: &PgRow,
+    columns: &EventColumns,
+) -> Result<RecordedEvent, StoreError> {
+    let position: i64 = row.try_get(columns.position).map_err(store_error)?;
+    let stream: &str = row.try_get(columns.stream).map_err(store_error)?;
     let stream_id = StreamId::parse(stream)
         .map_err(|e| corrupt_at_position(position, format!("invalid stream id: {e}")))?;
-    let version: i64 = row.try_get(2).map_err(store_error)?;
-    let event_id: Uuid = row.try_get(3).map_err(store_error)?;
-    let event_type: String = row.try_get(4).map_err(store_error)?;
-    let schema_version: i64 = row.try_get(5).map_err(store_error)?;
-    let payload = row.try_get_raw(6).map_err(store_error)?;
+    let version: i64 = row.try_get(columns.version).map_err(store_error)?;
+    let event_id: Uuid = row.try_get(columns.event_id).map_err(store_error)?;
+    let event_type: String = row.try_get(columns.event_type).map_err(store_error)?;
+    let schema_version: i64 = row.try_get(columns.schema_version).map_err(store_error)?;
+    let payload = row.try_get_raw(columns.payload).map_err(store_error)?;
     let payload = jsonb_text(&payload).map_err(|e| corrupt_at_position(position, e))?;
-    let metadata = row.try_get_raw(7).map_err(store_error)?;
+    let metadata = row.try_get_raw(columns.metadata).map_err(store_error)?;
     let metadata = jsonb_text(&metadata).map_err(|e| corrupt_at_position(position, e))?;
-    let recorded_at: DateTime<Utc> = row.try_get(8).map_err(store_error)?;
+    let recorded_at: DateTime<Utc> = row.try_get(columns.recorded_at).map_err(store_error)?;
 
     let global_position = u64::try_from(position)
         .ok()

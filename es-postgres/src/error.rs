@@ -19,9 +19,22 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// The database could not be reached.
-    #[error("cannot connect to PostgreSQL: {0}")]
-    Connect(#[source] sqlx::Error),
+    /// The database could not be reached, or the connection URL is invalid.
+    #[error(
+        "cannot connect to PostgreSQL{}: {source}",
+        url.as_deref().map(|url| format!(" at {url}")).unwrap_or_default()
+    )]
+    Connect {
+        /// The URL connected to, without its password (`postgres://app:***@db/app`); `None`
+        /// when the store was given a pool.
+        url: Option<String>,
+        /// The connection error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A builder setting is out of range or does not apply to how the store connects.
+    #[error("invalid setting: {0}")]
+    InvalidSetting(&'static str),
     /// A migration failed; its transaction was rolled back, so the schema is unchanged.
     #[error("migration {version} ({name}) of schema `{schema}` failed: {source}")]
     Migration {
@@ -77,6 +90,21 @@ pub enum Error {
     /// Any other database error while building the store.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
+}
+
+impl Error {
+    /// A connection error for `url`, which appears in the error without its password.
+    pub(crate) fn connect(url: &str, source: sqlx::Error) -> Self {
+        Error::Connect {
+            url: Some(crate::redact::url(url)),
+            source,
+        }
+    }
+
+    /// A connection error of the pool the store was given.
+    pub(crate) fn pool(source: sqlx::Error) -> Self {
+        Error::Connect { url: None, source }
+    }
 }
 
 /// The SQLSTATE of a database error, if `err` is one.

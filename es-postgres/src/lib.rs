@@ -19,19 +19,15 @@
 //! # fn main() { let _ = example(); }
 //! ```
 //!
-//! With a pool of your own, another schema, or externally managed migrations:
+//! Another schema, pool size or any other setting, from a URL alone (no `sqlx` in your
+//! manifest needed; the crate re-exports [`sqlx`] for code that does use it):
 //!
 //! ```no_run
 //! # use std::time::Duration;
-//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
-//! let pool = sqlx::postgres::PgPoolOptions::new()
-//!     .max_connections(32)
-//!     .test_before_acquire(false) // no extra round trip per query
-//!     .connect("postgres://app@localhost/app")
-//!     .await?;
-//! let store = es_postgres::PgStore::builder(pool)
+//! # async fn example() -> Result<(), es_postgres::Error> {
+//! let store = es_postgres::PgStore::builder_from_url("postgres://app@localhost/app")
 //!     .schema("billing")
-//!     .run_migrations(false) // `es_postgres::migration_script("billing")` was applied by a tool
+//!     .max_connections(32)
 //!     .poll_interval(Duration::from_millis(500))
 //!     .build()
 //!     .await?;
@@ -40,6 +36,36 @@
 //! # }
 //! # fn main() { let _ = example(); }
 //! ```
+//!
+//! Or on a pool of your own (built with [`PgStore::connect_options`] for the session settings
+//! the store relies on), for example with externally managed migrations:
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use es_postgres::sqlx::postgres::PgPoolOptions;
+//!
+//! let pool = PgPoolOptions::new()
+//!     .max_connections(32)
+//!     .test_before_acquire(false) // no extra round trip per query
+//!     .connect_with(es_postgres::PgStore::connect_options("postgres://app@localhost/app")?)
+//!     .await?;
+//! let store = es_postgres::PgStore::builder(pool)
+//!     .schema("billing")
+//!     .run_migrations(false) // `es_postgres::migration_script("billing")` was applied by a tool
+//!     .build()
+//!     .await?;
+//! # drop(store);
+//! # Ok(())
+//! # }
+//! # fn main() { let _ = example(); }
+//! ```
+//!
+//! So there are two ways in, one builder: [`PgStore::builder_from_url`] (the store creates its
+//! pool, sized with [`PgStoreBuilder::max_connections`] and
+//! [`PgStoreBuilder::acquire_timeout`]) and [`PgStore::builder`] (the store uses the given pool;
+//! those two settings are then refused). [`PgStore::connect`] is
+//! `PgStore::builder_from_url(url).build()`. Connection URLs never appear with their password in
+//! `Debug` output or error messages: `postgres://app:***@db.internal/app`.
 //!
 //! # Schema
 //!
@@ -213,8 +239,8 @@
 //! Each writer task keeps one connection of the pool ([`PgStoreBuilder::writers`], default 4,
 //! though small appends use one at a time), the listener keeps one, and reads take one per page.
 //! Build pools with `test_before_acquire(false)`: sqlx otherwise pings before every checkout, a
-//! round trip per query. [`PgStore::connect`] does, and sets the session settings of
-//! [`PgStore::connect_options`] (statement and idle-transaction time-outs of 60 s, a check every
+//! round trip per query. [`PgStore::connect`] and [`PgStore::builder_from_url`] do, and set
+//! the session settings of [`PgStore::connect_options`] (statement and idle-transaction time-outs of 60 s, a check every
 //! second that the client of a running statement is still there, TCP keepalives); use those
 //! options for a pool of your own. Appends set their own, tighter bounds (see above).
 //!
@@ -346,7 +372,9 @@ mod listener;
 mod migrate;
 mod outbox;
 mod projection;
+mod protocol;
 mod read;
+mod redact;
 mod schema;
 mod writer;
 
@@ -374,6 +402,9 @@ pub use inline::InlineHandler;
 pub use migrate::migration_script;
 pub use projection::{ExactlyOnce, PgProjection};
 pub use schema::SchemaName;
+/// The `sqlx` this store is built on, for [`PgStore::builder`], [`PgStore::pool`], inline
+/// projections and [`PgProjection`] handlers, without a `sqlx` dependency of your own.
+pub use sqlx;
 
 use codec::{jsonb_text, to_i64, to_u64, RawJsonb};
 use error::{store_error, timed};
@@ -394,6 +425,13 @@ pub const DEFAULT_APPEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The default number of appends that may wait for a writer before `append` waits for room.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
+
+/// The default size of the pool [`PgStore::connect`] and [`PgStore::builder_from_url`] create.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
+
+/// The default time [`PgStore::connect`]'s pool waits for a free connection before a query
+/// fails with [`StoreError::Unavailable`].
+pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The default client-side time-out of every other query (a page of a read, a snapshot, an outbox
 /// or checkpoint statement).
@@ -440,11 +478,16 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-/// Configures and builds a [`PgStore`] on an existing pool.
-#[derive(Debug, Clone)]
+/// Configures and builds a [`PgStore`], on a URL ([`PgStore::builder_from_url`]) or on a pool
+/// ([`PgStore::builder`]).
+///
+/// Its `Debug` output shows the URL without its password.
+#[derive(Clone)]
 #[must_use = "a builder does nothing until `build` is awaited"]
 pub struct PgStoreBuilder {
-    pool: PgPool,
+    source: Source,
+    max_connections: Option<u32>,
+    acquire_timeout: Option<Duration>,
     schema: String,
     run_migrations: bool,
     limits: AppendLimits,
@@ -456,7 +499,57 @@ pub struct PgStoreBuilder {
     inline: Vec<inline::InlineProjection>,
 }
 
+/// Where a [`PgStoreBuilder`] gets its connections.
+#[derive(Clone)]
+enum Source {
+    /// A pool the caller built.
+    Pool(PgPool),
+    /// A URL: `build` creates the pool.
+    Url(String),
+}
+
+impl std::fmt::Debug for PgStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut out = f.debug_struct("PgStoreBuilder");
+        match &self.source {
+            Source::Pool(pool) => out.field("pool", pool),
+            Source::Url(url) => out.field("url", &redact::url(url)),
+        };
+        out.field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("schema", &self.schema)
+            .field("run_migrations", &self.run_migrations)
+            .field("limits", &self.limits)
+            .field("poll_interval", &self.poll_interval)
+            .field("writers", &self.writers)
+            .field("append_timeout", &self.append_timeout)
+            .field("queue_capacity", &self.queue_capacity)
+            .field("query_timeout", &self.query_timeout)
+            .field("inline", &self.inline)
+            .finish()
+    }
+}
+
 impl PgStoreBuilder {
+    /// The most connections of the pool the store creates (default
+    /// [`DEFAULT_MAX_CONNECTIONS`]): each writer task keeps one, the listener one, and reads
+    /// and the outbox take one per query. Only for a builder from
+    /// [`PgStore::builder_from_url`]; with a pool of your own, size the pool instead (`build`
+    /// fails with [`Error::InvalidSetting`]).
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = Some(max);
+        self
+    }
+
+    /// How long a query waits for a free connection of the pool the store creates before it
+    /// fails with [`StoreError::Unavailable`] (default [`DEFAULT_ACQUIRE_TIMEOUT`]). Only for a
+    /// builder from [`PgStore::builder_from_url`], like
+    /// [`max_connections`](Self::max_connections).
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = Some(timeout);
+        self
+    }
+
     /// The schema holding the store's tables (default [`DEFAULT_SCHEMA`]). Validated by
     /// [`SchemaName::new`] when the store is built.
     pub fn schema(mut self, name: impl Into<String>) -> Self {
@@ -584,18 +677,48 @@ impl PgStoreBuilder {
         self
     }
 
-    /// Validates the configuration, migrates (or verifies) the schema, and starts the store's
-    /// writer and listener tasks.
+    /// Validates the configuration, connects (for a builder from a URL), migrates (or verifies)
+    /// the schema, and starts the store's writer and listener tasks.
     pub async fn build(self) -> Result<PgStore, Error> {
         let schema = SchemaName::new(&self.schema)?;
+        let pool = match &self.source {
+            Source::Pool(pool) => {
+                if self.max_connections.is_some() || self.acquire_timeout.is_some() {
+                    return Err(Error::InvalidSetting(
+                        "`max_connections` and `acquire_timeout` size the pool the store creates \
+                         from a URL; this builder was given a pool: configure that pool instead",
+                    ));
+                }
+                pool.clone()
+            }
+            Source::Url(url) => {
+                let max = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+                if max == 0 {
+                    return Err(Error::InvalidSetting(
+                        "`max_connections` must be at least 1",
+                    ));
+                }
+                PgPoolOptions::new()
+                    .max_connections(max)
+                    .acquire_timeout(self.acquire_timeout.unwrap_or(DEFAULT_ACQUIRE_TIMEOUT))
+                    .test_before_acquire(false)
+                    .connect_with(PgStore::connect_options(url)?)
+                    .await
+                    .map_err(|source| Error::connect(url, source))?
+            }
+        };
+        self.build_on(pool, schema).await
+    }
+
+    async fn build_on(self, pool: PgPool, schema: SchemaName) -> Result<PgStore, Error> {
         if self.run_migrations {
-            migrate::run(&self.pool, &schema).await?;
+            migrate::run(&pool, &schema).await?;
         } else {
-            migrate::verify(&self.pool, &schema).await?;
+            migrate::verify(&pool, &schema).await?;
         }
         let sql = Arc::new(Sql::new(&schema));
         let head: i64 = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&sql.head)))
-            .fetch_one(&self.pool)
+            .fetch_one(&pool)
             .await
             .map_err(Error::Database)?;
         let head = Arc::new(watch::channel(u64::try_from(head).unwrap_or(0)).0);
@@ -608,7 +731,7 @@ impl PgStoreBuilder {
         let inline: Arc<[inline::InlineProjection]> = self.inline.into();
         for _ in 0..self.writers {
             let writer = writer::Writer {
-                pool: self.pool.clone(),
+                pool: pool.clone(),
                 conn: None,
                 sql: Arc::clone(&sql),
                 head: Arc::clone(&head),
@@ -618,7 +741,7 @@ impl PgStoreBuilder {
             tokio::spawn(writer.run());
         }
         let listener = listener::Listener {
-            pool: self.pool.clone(),
+            pool: pool.clone(),
             channel: schema.channel(),
             head_sql: Arc::clone(&sql.head),
             head: Arc::clone(&head),
@@ -626,7 +749,7 @@ impl PgStoreBuilder {
         let listener = tokio::spawn(listener.run());
         Ok(PgStore {
             inner: Arc::new(Inner {
-                pool: self.pool,
+                pool,
                 schema,
                 sql,
                 limits: self.limits,
@@ -644,18 +767,32 @@ impl PgStoreBuilder {
 impl PgStore {
     /// Connects to `url`, migrates schema [`DEFAULT_SCHEMA`], and starts the store.
     ///
-    /// The pool holds up to 16 connections and gives up acquiring one after 5 s (appends and reads
-    /// then fail with [`StoreError::Unavailable`]). For other settings build the pool yourself and
-    /// use [`PgStore::builder`].
+    /// The pool holds up to [`DEFAULT_MAX_CONNECTIONS`] connections and gives up acquiring one
+    /// after [`DEFAULT_ACQUIRE_TIMEOUT`] (appends and reads then fail with
+    /// [`StoreError::Unavailable`]). For other settings use [`PgStore::builder_from_url`].
     pub async fn connect(url: &str) -> Result<Self, Error> {
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
-            .test_before_acquire(false)
-            .connect_with(Self::connect_options(url)?)
-            .await
-            .map_err(Error::Connect)?;
-        Self::builder(pool).build().await
+        Self::builder_from_url(url).build().await
+    }
+
+    /// A builder for a store on `url`: [`build`](PgStoreBuilder::build) creates the pool, with
+    /// the session settings of [`PgStore::connect_options`],
+    /// [`max_connections`](PgStoreBuilder::max_connections) (default
+    /// [`DEFAULT_MAX_CONNECTIONS`]) and [`acquire_timeout`](PgStoreBuilder::acquire_timeout)
+    /// (default [`DEFAULT_ACQUIRE_TIMEOUT`]), and without a ping before each checkout.
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), es_postgres::Error> {
+    /// let store = es_postgres::PgStore::builder_from_url("postgres://app:pw@db.internal/app")
+    ///     .schema("billing")
+    ///     .build()
+    ///     .await?;
+    /// assert_eq!(store.schema().as_str(), "billing");
+    /// # Ok(())
+    /// # }
+    /// # fn main() { let _ = example(); }
+    /// ```
+    pub fn builder_from_url(url: impl Into<String>) -> PgStoreBuilder {
+        Self::builder_on(Source::Url(url.into()))
     }
 
     /// Connection options for `url` with the session settings [`PgStore::connect`] uses, for
@@ -665,7 +802,8 @@ impl PgStore {
     /// a running statement is still there, and probes idle connections with TCP keepalives (after
     /// 30 s idle, every 10 s, 3 probes), so a vanished client host frees its locks.
     pub fn connect_options(url: &str) -> Result<PgConnectOptions, Error> {
-        let options: PgConnectOptions = url.parse().map_err(Error::Connect)?;
+        let options: PgConnectOptions =
+            url.parse().map_err(|source| Error::connect(url, source))?;
         Ok(options.options([
             ("statement_timeout", "60000"),
             ("idle_in_transaction_session_timeout", "60000"),
@@ -676,10 +814,17 @@ impl PgStore {
         ]))
     }
 
-    /// A builder on `pool`.
+    /// A builder for a store on `pool` (build it with [`PgStore::connect_options`] and
+    /// `test_before_acquire(false)`, see the crate docs, section "Connections").
     pub fn builder(pool: PgPool) -> PgStoreBuilder {
+        Self::builder_on(Source::Pool(pool))
+    }
+
+    fn builder_on(source: Source) -> PgStoreBuilder {
         PgStoreBuilder {
-            pool,
+            source,
+            max_connections: None,
+            acquire_timeout: None,
             schema: DEFAULT_SCHEMA.to_owned(),
             run_migrations: true,
             limits: AppendLimits::default(),
@@ -810,15 +955,15 @@ impl SnapshotStore for PgStore {
                 .map_err(store_error)?;
             let Some(row) = row else { return Ok(None) };
             let location = || format!("snapshot of `{stream}`");
-            let version: i64 = row.try_get(0).map_err(store_error)?;
-            let schema_version: i64 = row.try_get(1).map_err(store_error)?;
-            let payload = row.try_get_raw(2).map_err(store_error)?;
+            let version: i64 = row.try_get("version").map_err(store_error)?;
+            let schema_version: i64 = row.try_get("schema_version").map_err(store_error)?;
+            let payload = row.try_get_raw("payload").map_err(store_error)?;
             let payload = jsonb_text(&payload).map_err(|reason| StoreError::Corrupt {
                 location: location(),
                 reason,
             })?;
-            let recorded_at: DateTime<Utc> = row.try_get(3).map_err(store_error)?;
-            let event_id: Option<uuid::Uuid> = row.try_get(4).map_err(store_error)?;
+            let recorded_at: DateTime<Utc> = row.try_get("recorded_at").map_err(store_error)?;
+            let event_id: Option<uuid::Uuid> = row.try_get("event_id").map_err(store_error)?;
             Ok(Some(SnapshotRecord {
                 event_id,
                 version: to_u64(version, &location())?,

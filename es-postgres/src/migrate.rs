@@ -121,7 +121,7 @@ pub fn migration_script(schema: &str) -> Result<String, Error> {
 /// Concurrent callers (several processes starting at once) serialize on a transaction-scoped
 /// advisory lock keyed by the schema name; the second one finds everything applied.
 pub(crate) async fn run(pool: &PgPool, schema: &SchemaName) -> Result<(), Error> {
-    let mut tx = pool.begin().await.map_err(Error::Connect)?;
+    let mut tx = pool.begin().await.map_err(Error::pool)?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
         .bind(format!("es-postgres migrate {schema}"))
         .execute(&mut *tx)
@@ -183,7 +183,7 @@ pub(crate) async fn verify(pool: &PgPool, schema: &SchemaName) -> Result<(), Err
     .bind(schema.as_str())
     .fetch_one(pool)
     .await
-    .map_err(Error::Connect)?;
+    .map_err(Error::pool)?;
     let not_ready = |found| Error::SchemaNotReady {
         schema: schema.to_string(),
         found,

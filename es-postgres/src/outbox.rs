@@ -19,12 +19,13 @@ use uuid::Uuid;
 use crate::codec::{json_text, to_i64, to_u64};
 use crate::error::store_error;
 use crate::error::timed;
+use crate::protocol::CheckpointSave;
 use crate::{PgStore, SchemaName};
 
 /// The lease name of the outbox relay in `relay_leases`.
 const OUTBOX_LEASE: &str = "outbox";
 
-/// The outbox columns, in the order [`decode_record`] reads them.
+/// The outbox columns [`decode_record`] reads (by name).
 const RECORD_COLUMNS: &str = "position, stream_id, message_id, source_event_id, topic, key, \
      message_type, schema_version, payload, metadata, recorded_at";
 
@@ -189,11 +190,11 @@ impl OutboxStore for PgStore {
             rows.iter()
                 .map(|row| {
                     let record = decode_record(row)?;
-                    let attempts: i32 = row.try_get(12).map_err(store_error)?;
+                    let attempts: i32 = row.try_get("attempts").map_err(store_error)?;
                     Ok(DeadLetter {
-                        error: row.try_get(11).map_err(store_error)?,
+                        error: row.try_get("error").map_err(store_error)?,
                         attempts: u32::try_from(attempts).unwrap_or(0),
-                        dead_at: row.try_get(13).map_err(store_error)?,
+                        dead_at: row.try_get("dead_at").map_err(store_error)?,
                         record,
                     })
                 })
@@ -231,9 +232,9 @@ impl OutboxStore for PgStore {
         let sql = sql(
             self,
             &format!(
-                "SELECT (SELECT count(*) FROM __S__.outbox), \
-                        (SELECT count(*) FROM __S__.outbox_dead_letters), \
-                        l.owner, l.generation, l.expires_at > clock_timestamp(), \
+                "SELECT (SELECT count(*) FROM __S__.outbox) AS pending, \
+                        (SELECT count(*) FROM __S__.outbox_dead_letters) AS dead_letters, \
+                        l.owner, l.generation, l.expires_at > clock_timestamp() AS held, \
                         l.last_error_position, l.last_error, l.last_error_at \
                  FROM (SELECT 1) AS one \
                  LEFT JOIN __S__.relay_leases l ON l.name = '{OUTBOX_LEASE}'"
@@ -245,15 +246,15 @@ impl OutboxStore for PgStore {
                 .fetch_one(&pool)
                 .await
                 .map_err(store_error)?;
-            let get_u64 = |i: usize, what: &str| -> Result<Option<u64>, StoreError> {
-                let value: Option<i64> = row.try_get(i).map_err(store_error)?;
+            let get_u64 = |column: &str, what: &str| -> Result<Option<u64>, StoreError> {
+                let value: Option<i64> = row.try_get(column).map_err(store_error)?;
                 value.map(|v| to_u64(v, what)).transpose()
             };
-            let pending = get_u64(0, "the outbox")?.unwrap_or(0);
-            let dead_letters = get_u64(1, "the dead letters")?.unwrap_or(0);
-            let owner: Option<String> = row.try_get(2).map_err(store_error)?;
-            let generation = get_u64(3, "the relay lease")?;
-            let held: Option<bool> = row.try_get(4).map_err(store_error)?;
+            let pending = get_u64("pending", "the outbox")?.unwrap_or(0);
+            let dead_letters = get_u64("dead_letters", "the dead letters")?.unwrap_or(0);
+            let owner: Option<String> = row.try_get("owner").map_err(store_error)?;
+            let generation = get_u64("generation", "the relay lease")?;
+            let held: Option<bool> = row.try_get("held").map_err(store_error)?;
             let lease = match (owner, generation) {
                 (Some(owner), Some(generation)) => Some(LeaseState {
                     owner,
@@ -262,9 +263,10 @@ impl OutboxStore for PgStore {
                 }),
                 _ => None,
             };
-            let last_position = get_u64(5, "the relay lease")?;
-            let last_error: Option<String> = row.try_get(6).map_err(store_error)?;
-            let last_at: Option<DateTime<Utc>> = row.try_get(7).map_err(store_error)?;
+            let last_position = get_u64("last_error_position", "the relay lease")?;
+            let last_error: Option<String> = row.try_get("last_error").map_err(store_error)?;
+            let last_at: Option<DateTime<Utc>> =
+                row.try_get("last_error_at").map_err(store_error)?;
             let last_error = match (last_position, last_error, last_at) {
                 (Some(position), Some(error), Some(at)) => Some(LastRejection {
                     position,
@@ -283,30 +285,30 @@ impl OutboxStore for PgStore {
     }
 }
 
-/// Decodes the first columns of a row in [`RECORD_COLUMNS`] order.
+/// Decodes the [`RECORD_COLUMNS`] of a row.
 fn decode_record(row: &PgRow) -> Result<OutboxRecord, StoreError> {
-    let position: i64 = row.try_get(0).map_err(store_error)?;
+    let position: i64 = row.try_get("position").map_err(store_error)?;
     let location = || format!("outbox position {position}");
     let corrupt = |reason: String| StoreError::Corrupt {
         location: location(),
         reason,
     };
-    let stream: &str = row.try_get(1).map_err(store_error)?;
+    let stream: &str = row.try_get("stream_id").map_err(store_error)?;
     let stream_id =
         StreamId::parse(stream).map_err(|e| corrupt(format!("invalid stream id: {e}")))?;
-    let message_id: Uuid = row.try_get(2).map_err(store_error)?;
-    let source_event_id: Uuid = row.try_get(3).map_err(store_error)?;
-    let topic: String = row.try_get(4).map_err(store_error)?;
-    let key: String = row.try_get(5).map_err(store_error)?;
-    let message_type: String = row.try_get(6).map_err(store_error)?;
-    let schema_version: i64 = row.try_get(7).map_err(store_error)?;
-    let payload = row.try_get_raw(8).map_err(store_error)?;
+    let message_id: Uuid = row.try_get("message_id").map_err(store_error)?;
+    let source_event_id: Uuid = row.try_get("source_event_id").map_err(store_error)?;
+    let topic: String = row.try_get("topic").map_err(store_error)?;
+    let key: String = row.try_get("key").map_err(store_error)?;
+    let message_type: String = row.try_get("message_type").map_err(store_error)?;
+    let schema_version: i64 = row.try_get("schema_version").map_err(store_error)?;
+    let payload = row.try_get_raw("payload").map_err(store_error)?;
     let payload = json_text(&payload).map_err(corrupt)?;
-    let metadata = row.try_get_raw(9).map_err(store_error)?;
+    let metadata = row.try_get_raw("metadata").map_err(store_error)?;
     let metadata = json_text(&metadata).map_err(corrupt)?;
     let metadata =
         Metadata::from_json(metadata).map_err(|e| corrupt(format!("invalid metadata: {e}")))?;
-    let recorded_at: DateTime<Utc> = row.try_get(10).map_err(store_error)?;
+    let recorded_at: DateTime<Utc> = row.try_get("recorded_at").map_err(store_error)?;
     Ok(OutboxRecord {
         position: to_u64(position, &location())?,
         stream_id,
@@ -387,9 +389,15 @@ impl CheckpointStore for PgStore {
                 .fetch_one(&pool)
                 .await
                 .map_err(store_error)?;
-            match outcome {
-                -1 => Err(checkpoint_fenced(&name, checkpoint.generation, None)),
-                written => Ok(written == 1),
+            match CheckpointSave::from_code(outcome) {
+                Some(CheckpointSave::Fenced) => {
+                    Err(checkpoint_fenced(&name, checkpoint.generation, None))
+                }
+                Some(CheckpointSave::Saved) => Ok(true),
+                Some(CheckpointSave::NotHigher) => Ok(false),
+                None => Err(StoreError::backend(format!(
+                    "checkpoint_save returned the unknown code {outcome} for projection `{name}`"
+                ))),
             }
         })
     }

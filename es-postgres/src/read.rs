@@ -23,7 +23,7 @@ use sqlx::postgres::PgPool;
 use sqlx::AssertSqlSafe;
 use tokio::task::JoinHandle;
 
-use crate::codec::{decode_event, to_i64};
+use crate::codec::{decode_event, to_i64, EventColumns};
 use crate::error::{store_error, timed};
 use crate::schema::Sql;
 
@@ -348,8 +348,13 @@ impl Page {
         };
         let mut rows = query.fetch(&self.pool);
         let mut page = Vec::with_capacity(self.rows.min(MAX_PAGE) as usize);
+        let mut columns = None;
         while let Some(row) = rows.try_next().await.map_err(store_error)? {
-            page.push(decode_event(&row)?);
+            let columns = match columns {
+                Some(columns) => columns,
+                None => *columns.insert(EventColumns::find(&row)?),
+            };
+            page.push(decode_event(&row, &columns)?);
         }
         Ok(page)
     }

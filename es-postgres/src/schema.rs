@@ -144,7 +144,7 @@ pub(crate) struct Sql {
     pub(crate) set_checkpoint: Arc<str>,
 }
 
-/// The columns every event read selects, in the order [`crate::codec::decode_event`] expects.
+/// The columns every event read selects ([`crate::codec::decode_event`] finds them by name).
 pub(crate) const EVENT_COLUMNS: &str = "global_position, stream_id, stream_version, event_id, \
      event_type, schema_version, payload, metadata, recorded_at";
 
@@ -160,10 +160,10 @@ impl Sql {
         };
         Self {
             append: format!(
-                "SELECT outcomes, versions, offsets, base, recorded, found_ids, found_streams, \
-                 found_versions, found_positions \
+                "SELECT {} \
                  FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
-                 $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
+                 $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)",
+                crate::protocol::column::ALL.join(", ")
             )
             .into(),
             wait_for_predecessors: format!("{s}.wait_for_predecessors").into(),

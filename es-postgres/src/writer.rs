@@ -40,8 +40,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use es_core::contract::{classify_retry, StoredEventRef};
 use es_core::projection::HandlerError;
+use es_core::contract::{classify_retry, StoredEventRef};
 use es_core::{AppendRequest, AppendResult, ExpectedVersion, RecordedEvent, StoreError, StreamId};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgBindIterExt, PgConnection, PgPool, PgRow};
@@ -50,16 +50,13 @@ use sqlx::{AssertSqlSafe, Connection, Postgres, Row};
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use uuid::Uuid;
 
-use crate::codec::{to_i64, to_u64, RawJson, RawJsonb};
+use crate::codec::{to_u64, RawJson, RawJsonb};
 use crate::error::{
     constraint, is_retryable, is_unavailable, shared_store_error, sqlstate, store_error,
 };
 use crate::inline::InlineProjection;
+use crate::protocol::{column, AppendOutcome, ExpectedKind, UNCHECKED_INCARNATION};
 use crate::schema::Sql;
-
-/// The SQLSTATE `append_events` raises in a session that has not checked the server's
-/// incarnation yet (migration 3); nothing was allocated.
-const UNCHECKED_INCARNATION: &str = "ES001";
 
 /// Most appends in one group.
 const MAX_GROUP_APPENDS: usize = 256;
@@ -183,7 +180,7 @@ pub(crate) struct Writer {
 }
 
 /// The outcome of one `append_events` call.
-struct CallResult {
+pub(crate) struct CallResult {
     outcomes: Vec<i16>,
     versions: Vec<i64>,
     offsets: Vec<Option<i64>>,
@@ -192,7 +189,7 @@ struct CallResult {
     found: HashMap<Uuid, StoredEventRef>,
 }
 
-enum CallError {
+pub(crate) enum CallError {
     /// The call failed as a whole.
     Sql(sqlx::Error),
     /// The call succeeded but its result could not be read (a corrupt stored row).
@@ -503,7 +500,7 @@ impl Writer {
 }
 
 /// The `append_events` call for `jobs`, every argument bound.
-fn append_query(
+pub(crate) fn append_query(
     sql: &Arc<str>,
     jobs: &[Job],
     lookup: bool,
@@ -518,8 +515,16 @@ fn append_query(
     sqlx::query(AssertSqlSafe(Arc::clone(sql)))
         .bind(requests().map(|r| r.stream_id.as_str()).bind_iter())
         .bind(requests().map(|r| r.stream_id.category()).bind_iter())
-        .bind(requests().map(|r| expected_kind(r.expected)).bind_iter())
-        .bind(requests().map(|r| expected_value(r.expected)).bind_iter())
+        .bind(
+            requests()
+                .map(|r| ExpectedKind::of(r.expected).0.code())
+                .bind_iter(),
+        )
+        .bind(
+            requests()
+                .map(|r| ExpectedKind::of(r.expected).1)
+                .bind_iter(),
+        )
         .bind(requests().map(|r| int4(r.events.len())).bind_iter())
         .bind(
             requests()
@@ -711,31 +716,15 @@ fn int4(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-fn expected_kind(expected: ExpectedVersion) -> i16 {
-    match expected {
-        ExpectedVersion::Any => 0,
-        ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => 1,
-        ExpectedVersion::StreamExists => 2,
-        ExpectedVersion::Exact(_) => 3,
-    }
-}
-
-fn expected_value(expected: ExpectedVersion) -> i64 {
-    match expected {
-        ExpectedVersion::Exact(v) => to_i64(v),
-        _ => 0,
-    }
-}
-
 impl CallResult {
-    fn decode(row: &PgRow) -> Result<Self, CallError> {
+    pub(crate) fn decode(row: &PgRow) -> Result<Self, CallError> {
         let get = |e: sqlx::Error| CallError::Sql(e);
-        let found_ids: Option<Vec<Uuid>> = row.try_get("found_ids").map_err(get)?;
+        let found_ids: Option<Vec<Uuid>> = row.try_get(column::FOUND_IDS).map_err(get)?;
         let mut found = HashMap::new();
         if let Some(ids) = found_ids {
-            let streams: Vec<String> = row.try_get("found_streams").map_err(get)?;
-            let versions: Vec<i64> = row.try_get("found_versions").map_err(get)?;
-            let positions: Vec<i64> = row.try_get("found_positions").map_err(get)?;
+            let streams: Vec<String> = row.try_get(column::FOUND_STREAMS).map_err(get)?;
+            let versions: Vec<i64> = row.try_get(column::FOUND_VERSIONS).map_err(get)?;
+            let positions: Vec<i64> = row.try_get(column::FOUND_POSITIONS).map_err(get)?;
             for (((id, stream), version), position) in
                 ids.into_iter().zip(streams).zip(versions).zip(positions)
             {
@@ -758,13 +747,27 @@ impl CallResult {
             }
         }
         Ok(Self {
-            outcomes: row.try_get("outcomes").map_err(get)?,
-            versions: row.try_get("versions").map_err(get)?,
-            offsets: row.try_get("offsets").map_err(get)?,
-            base: row.try_get("base").map_err(get)?,
-            recorded: row.try_get("recorded").map_err(get)?,
+            outcomes: row.try_get(column::OUTCOMES).map_err(get)?,
+            versions: row.try_get(column::VERSIONS).map_err(get)?,
+            offsets: row.try_get(column::OFFSETS).map_err(get)?,
+            base: row.try_get(column::BASE).map_err(get)?,
+            recorded: row.try_get(column::RECORDED).map_err(get)?,
             found,
         })
+    }
+
+    /// The outcome of append `i` as the server reported it, if it reported a known one.
+    pub(crate) fn outcome_of(&self, i: usize) -> Option<AppendOutcome> {
+        self.outcomes
+            .get(i)
+            .copied()
+            .and_then(AppendOutcome::from_code)
+    }
+
+    /// The version the server reported for append `i`.
+    #[cfg(test)]
+    pub(crate) fn version_of(&self, i: usize) -> Option<i64> {
+        self.versions.get(i).copied()
     }
 
     /// The events append `i` wrote, as they are stored (`None` if it wrote none). The payloads
@@ -774,7 +777,7 @@ impl CallResult {
         i: usize,
         request: &AppendRequest,
     ) -> Result<Option<Vec<RecordedEvent>>, CallError> {
-        if request.events.is_empty() || self.outcomes.get(i) != Some(&0) {
+        if request.events.is_empty() || self.outcome_of(i) != Some(AppendOutcome::Written) {
             return Ok(None);
         }
         let result = self.outcome(i, request).map_err(CallError::Store)?;
@@ -805,10 +808,15 @@ impl CallResult {
 
     fn outcome(&self, i: usize, request: &AppendRequest) -> Result<AppendResult, StoreError> {
         let missing = || StoreError::backend(format!("append_events returned no outcome for {i}"));
-        let outcome = *self.outcomes.get(i).ok_or_else(missing)?;
+        let code = *self.outcomes.get(i).ok_or_else(missing)?;
         let version = to_u64(*self.versions.get(i).ok_or_else(missing)?, "streams")?;
+        let outcome = AppendOutcome::from_code(code).ok_or_else(|| {
+            StoreError::backend(format!(
+                "append_events returned the unknown outcome {code} for append {i}"
+            ))
+        })?;
         match outcome {
-            0 => {
+            AppendOutcome::Written => {
                 let positions = match (self.offsets.get(i).copied().flatten(), self.base) {
                     (Some(offset), Some(base)) => {
                         let first = to_u64(base + offset, "head")?;
@@ -822,12 +830,12 @@ impl CallResult {
                     duplicate: false,
                 })
             }
-            1 => Err(StoreError::Conflict {
+            AppendOutcome::Conflict => Err(StoreError::Conflict {
                 stream_id: request.stream_id.clone(),
                 expected: request.expected,
                 actual: version,
             }),
-            _ => {
+            AppendOutcome::Duplicate => {
                 let found: Vec<Option<StoredEventRef>> = request
                     .events
                     .iter()

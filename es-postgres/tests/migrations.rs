@@ -209,7 +209,7 @@ async fn connect_reports_an_unreachable_server() {
     let port = es_test_support::free_port().unwrap();
     let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
     match PgStore::connect(&url).await {
-        Err(Error::Connect(_)) => {}
+        Err(Error::Connect { .. }) => {}
         other => panic!("expected Error::Connect, got {other:?}"),
     }
 }

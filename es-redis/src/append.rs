@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use es_core::contract::{classify_retry, StoredEventRef};
-use es_core::{AppendRequest, AppendResult, ExpectedVersion, StoreError, StreamId};
+use es_core::{AppendRequest, AppendResult, StoreError, StreamId};
 use futures::stream::{FuturesUnordered, StreamExt};
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Value};
@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::store_error;
 use crate::keys::Keys;
+use crate::protocol::{AppendCode, ExpectedArg};
 use crate::script::Function;
 use crate::server::Server;
 use crate::watch::Head;
@@ -163,11 +164,9 @@ impl Appender {
             .arg(if self.allow_eviction { "1" } else { "0" });
         let mut buf = uuid::Uuid::encode_buffer();
         for request in group {
-            match request.expected {
-                ExpectedVersion::Any => cmd.arg("any"),
-                ExpectedVersion::NoStream => cmd.arg("none"),
-                ExpectedVersion::StreamExists => cmd.arg("exists"),
-                ExpectedVersion::Exact(v) => cmd.arg(v),
+            match ExpectedArg::of(request.expected) {
+                ExpectedArg::Mode(mode) => cmd.arg(mode.arg()),
+                ExpectedArg::Exact(version) => cmd.arg(version),
             };
             cmd.arg(request.stream_id.as_str())
                 .arg(request.events.len())
@@ -469,12 +468,16 @@ fn append_reply(
         Value::Int(n) => u64::try_from(*n).ok(),
         _ => None,
     };
+    let code = match code {
+        Value::Int(n) => AppendCode::from_code(*n),
+        _ => None,
+    };
     let text = |v: &Value| match v {
         Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
         _ => "unknown".to_owned(),
     };
-    match int(code) {
-        Some(0) => {
+    match code {
+        Some(AppendCode::Appended) => {
             let version = int(&x).ok_or_else(|| bad("no version"))?;
             let n = request.events.len() as u64;
             let positions = if n == 0 {
@@ -489,7 +492,7 @@ fn append_reply(
                 duplicate: false,
             })
         }
-        Some(1) => {
+        Some(AppendCode::Duplicate) => {
             let Value::Array(refs) = x else {
                 return Err(bad("no id lookups"));
             };
@@ -515,7 +518,7 @@ fn append_reply(
             classify_retry(request, &found)?
                 .ok_or_else(|| bad("ids reported stored, but none was found"))
         }
-        Some(2) => {
+        Some(AppendCode::Conflict) => {
             let actual = int(&x).ok_or_else(|| bad("no actual version"))?;
             Err(StoreError::Conflict {
                 stream_id: stream.clone(),
@@ -523,7 +526,7 @@ fn append_reply(
                 actual,
             })
         }
-        Some(3) => {
+        Some(AppendCode::Corrupt) => {
             let what = text(&x);
             let reason = match what.as_str() {
                 "version" => "the version key does not hold a number".to_owned(),
@@ -540,19 +543,19 @@ fn append_reply(
                 reason: format!("{reason}; nothing was written"),
             })
         }
-        Some(4) => Err(StoreError::backend(format!(
+        Some(AppendCode::Refused) => Err(StoreError::backend(format!(
             "Redis refused the append to `{stream}` (nothing was written): {}",
             text(&x)
         ))),
-        Some(5) => Err(StoreError::backend(Error::EvictionPolicy {
+        Some(AppendCode::Evicting) => Err(StoreError::backend(Error::EvictionPolicy {
             policy: text(&x),
         })),
-        Some(6) => Err(StoreError::backend(format!(
+        Some(AppendCode::Exhausted) => Err(StoreError::backend(format!(
             "the append to `{stream}` would take {} above 2^53 - 1, the most the store can hand \
              out (epochs up to 2^31 - 1 of 2^22 positions each); nothing was written",
             text(&x)
         ))),
-        _ => Err(bad("unknown reply code")),
+        None => Err(bad("unknown reply code")),
     }
 }
 

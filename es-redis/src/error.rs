@@ -14,8 +14,15 @@ use redis::{ErrorKind, RedisError, ServerErrorKind};
 #[non_exhaustive]
 pub enum Error {
     /// The connection URL cannot be parsed.
-    #[error("invalid Redis URL: {0}")]
-    InvalidUrl(#[source] RedisError),
+    #[error("invalid Redis URL {url}: {source}")]
+    InvalidUrl {
+        /// The URL, without its password (`redis://app:***@cache/0`; not shown at all if it does
+        /// not parse as a URL).
+        url: String,
+        /// Why the `redis` crate refused it.
+        #[source]
+        source: RedisError,
+    },
     /// The key prefix is empty, too long or holds characters outside `[A-Za-z0-9_.:-]`.
     #[error("invalid key prefix {prefix:?}: {reason}")]
     InvalidPrefix {
@@ -28,8 +35,18 @@ pub enum Error {
     #[error("invalid setting: {0}")]
     InvalidSetting(&'static str),
     /// The server could not be reached, or refused the connection or the scripts.
-    #[error("cannot connect to Redis: {0}")]
-    Connect(#[source] RedisError),
+    #[error(
+        "cannot connect to Redis{}: {source}",
+        url.as_deref().map(|url| format!(" at {url}")).unwrap_or_default()
+    )]
+    Connect {
+        /// The URL connected to, without its password (`redis://app:***@cache/0`); `None` for
+        /// the store's background checks, which log their errors.
+        url: Option<String>,
+        /// The connection error.
+        #[source]
+        source: RedisError,
+    },
     /// The server's `maxmemory-policy` lets it evict keys that have no expiry (`allkeys-lru`,
     /// `allkeys-lfu`, `allkeys-random`, or a policy this crate does not know): under memory
     /// pressure it would drop acknowledged events, stream versions or the id index without an
@@ -76,6 +93,37 @@ pub enum Error {
         /// Why it cannot be read, and what to do.
         reason: String,
     },
+}
+
+impl Error {
+    /// An invalid `url`, which appears in the error without its password.
+    pub(crate) fn invalid_url(url: &str, source: RedisError) -> Self {
+        Error::InvalidUrl {
+            url: crate::redact::url(url),
+            source,
+        }
+    }
+
+    /// A connection error for `url`, which appears in the error without its password.
+    pub(crate) fn connect(url: &str, source: RedisError) -> Self {
+        Error::Connect {
+            url: Some(crate::redact::url(url)),
+            source,
+        }
+    }
+
+    /// A connection error where the URL is not at hand (see [`Error::at`]).
+    pub(crate) fn connection(source: RedisError) -> Self {
+        Error::Connect { url: None, source }
+    }
+
+    /// This error, with `url` (without its password) in a connection error that has none.
+    pub(crate) fn at(self, url: &str) -> Self {
+        match self {
+            Error::Connect { url: None, source } => Error::connect(url, source),
+            other => other,
+        }
+    }
 }
 
 /// Maps a Redis error to the store error a caller can act on.

@@ -28,6 +28,10 @@
 //! # let _ = example;
 //! ```
 //!
+//! The URL may carry a password (`redis://:password@host`, `redis://user:password@host`,
+//! `redis+unix:///path?pass=password`); it never appears in `Debug` output or error messages,
+//! which show `redis://:***@host`.
+//!
 //! # Key layout
 //!
 //! Every key starts with the store's prefix `<p>` (default `es`; 1 to 64 bytes of
@@ -520,7 +524,9 @@ mod decode;
 mod error;
 mod keys;
 mod outbox;
+mod protocol;
 mod read;
+mod redact;
 mod script;
 mod server;
 mod watch;
@@ -594,7 +600,9 @@ impl std::fmt::Debug for RedisStore {
 }
 
 /// Builds a [`RedisStore`]; see [`RedisStore::builder`].
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` output shows the URL without its password (`redis://app:***@cache/0`).
+#[derive(Clone)]
 pub struct RedisStoreBuilder {
     url: String,
     prefix: String,
@@ -607,6 +615,24 @@ pub struct RedisStoreBuilder {
     group_commit: bool,
     allow_eviction: bool,
     allow_no_persistence: bool,
+}
+
+impl std::fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStoreBuilder")
+            .field("url", &redact::url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("limits", &self.limits)
+            .field("poll_interval", &self.poll_interval)
+            .field("response_timeout", &self.response_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("server_check_interval", &self.server_check_interval)
+            .field("page_size", &self.page_size)
+            .field("group_commit", &self.group_commit)
+            .field("allow_eviction", &self.allow_eviction)
+            .field("allow_no_persistence", &self.allow_no_persistence)
+            .finish()
+    }
 }
 
 /// How many times the connection is re-established before a command waiting for it fails
@@ -711,7 +737,9 @@ impl RedisStoreBuilder {
             allow_eviction: self.allow_eviction,
             allow_no_persistence: self.allow_no_persistence,
         };
-        let settings = server::read_settings(&mut conn).await?;
+        let settings = server::read_settings(&mut conn)
+            .await
+            .map_err(|err| err.at(&self.url))?;
         requirements.check(&settings)?;
         tracing::info!(
             prefix = keys.prefix(),
@@ -730,7 +758,10 @@ impl RedisStoreBuilder {
             });
         }
         let append = script::append_library();
-        append.load(&mut conn).await.map_err(Error::Connect)?;
+        append
+            .load(&mut conn)
+            .await
+            .map_err(|source| Error::connect(&self.url, source))?;
         let save_snapshot = Lua::new(script::SAVE_SNAPSHOT);
         let delete_snapshot = Lua::new(script::DELETE_SNAPSHOT);
         let acquire_lease = Lua::new(script::ACQUIRE_LEASE);
@@ -743,7 +774,10 @@ impl RedisStoreBuilder {
             &release_lease,
             &save_checkpoint,
         ] {
-            script.load(&mut conn).await.map_err(Error::Connect)?;
+            script
+                .load(&mut conn)
+                .await
+                .map_err(|source| Error::connect(&self.url, source))?;
         }
         let server = Arc::new(Server::new(settings, requirements));
         server.start_monitor(MonitorConfig {
@@ -826,13 +860,14 @@ impl RedisStoreBuilder {
             .url
             .as_str()
             .into_connection_info()
-            .map_err(Error::InvalidUrl)?;
+            .map_err(|source| Error::invalid_url(&self.url, source))?;
         let keepalive = TcpKeepalive::new()
             .with_time(KEEPALIVE_IDLE)
             .with_interval(KEEPALIVE_INTERVAL)
             .with_retries(KEEPALIVE_PROBES);
         let tcp = info.tcp_settings().clone().set_keepalive(keepalive);
-        let client = redis::Client::open(info.set_tcp_settings(tcp)).map_err(Error::InvalidUrl)?;
+        let client = redis::Client::open(info.set_tcp_settings(tcp))
+            .map_err(|source| Error::invalid_url(&self.url, source))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout))
@@ -841,7 +876,7 @@ impl RedisStoreBuilder {
             .set_max_delay(RECONNECT_MAX_DELAY);
         let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
-            .map_err(Error::Connect)?;
+            .map_err(|source| Error::connect(&self.url, source))?;
         Ok((client, conn))
     }
 }

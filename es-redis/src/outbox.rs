@@ -1,8 +1,8 @@
 //! The outbox side of the store ([`OutboxStore`]: pending records, delivery marks, dead letters,
 //! the relay lease) and projection checkpoints ([`CheckpointStore`]), with their fencing
 //! generations. Outbox records are written by the append script; see the crate docs, section
-//! "Outbox, relay lease and checkpoints". The scripts here are invoked by SHA and loaded on
-//! `NOSCRIPT` like the append script.
+//! "Outbox, relay lease and checkpoints". The scripts here (their code in `outbox/*.lua`) are
+//! invoked by SHA and loaded on `NOSCRIPT` like the append script.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::decode;
 use crate::error::store_error;
+use crate::protocol::CheckpointSave;
 use crate::script::{query, Lua};
 use crate::{Inner, RedisStore};
 
@@ -30,34 +31,13 @@ use crate::{Inner, RedisStore};
 /// replies -1. If the caller holds it, extends it and replies its generation. Otherwise (free,
 /// released, expired: whoever held it) raises the generation, takes it and replies the new
 /// generation. Replies -2, writing nothing, if the hash holds something the store did not write.
-pub(crate) const ACQUIRE_LEASE: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local l = redis.call('HMGET', KEYS[1], 'owner', 'generation', 'expires')
-local gen, expires = tonumber(l[2] or '0'), tonumber(l[3] or '0')
-if gen == nil or expires == nil then return -2 end
-if expires > now then
-  if l[1] ~= ARGV[1] then return -1 end
-else
-  gen = gen + 1
-end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'generation', string.format('%.0f', gen),
-  'expires', string.format('%.0f', now + tonumber(ARGV[2])))
-return gen
-";
+pub(crate) const ACQUIRE_LEASE: &str = include_str!("outbox/acquire_lease.lua");
 
 /// The relay lease, given up by its owner in its generation (and only then): it expires now,
 /// keeping its generation.
 ///
 /// KEYS: 1 the relay hash. ARGV: owner, generation. Replies 1 if released, 0 if not held so.
-pub(crate) const RELEASE_LEASE: &str = r"
-local l = redis.call('HMGET', KEYS[1], 'owner', 'generation')
-if l[1] == ARGV[1] and l[2] == ARGV[2] then
-  redis.call('HSET', KEYS[1], 'expires', '0')
-  return 1
-end
-return 0
-";
+pub(crate) const RELEASE_LEASE: &str = include_str!("outbox/release_lease.lua");
 
 /// Delivery marks: deletes outbox entries if the caller's generation is the lease's, each only
 /// while it still holds the message delivered (a position handed out again after a lost tail
@@ -66,32 +46,7 @@ return 0
 /// KEYS: 1 the relay hash, 2 the outbox. ARGV: generation, then per record its outbox position
 /// and message id. Replies 1 if allowed (positions not in the outbox, or holding another message,
 /// are ignored), 0 if the generation moved on (nothing deleted).
-const MARK_DELIVERED: &str = r"
-if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[1] then return 0 end
-local gone, n = {}, 0
-for i = 2, #ARGV, 2 do
-  local id = ARGV[i] .. '-0'
-  local entry = redis.call('XRANGE', KEYS[2], id, id)[1]
-  if entry then
-    local f = entry[2]
-    for j = 1, #f, 2 do
-      if f[j] == 'message_id' then
-        if f[j + 1] == ARGV[i + 1] then
-          n = n + 1
-          gone[n] = id
-        end
-        break
-      end
-    end
-  end
-  if n >= 500 then
-    redis.call('XDEL', KEYS[2], unpack(gone))
-    gone, n = {}, 0
-  end
-end
-if n > 0 then redis.call('XDEL', KEYS[2], unpack(gone)) end
-return 1
-";
+const MARK_DELIVERED: &str = include_str!("outbox/mark_delivered.lua");
 
 /// Dead-lettering: moves outbox entries to the dead letters if the caller's generation is the
 /// lease's, and records the last one moved as the lease's last error.
@@ -103,43 +58,7 @@ return 1
 /// `attempts` and `dead_at` (µs, server clock) with theirs, each as `<length>:<bytes>`, so any
 /// byte can appear. Replies 1 if allowed (positions not in the outbox are ignored), 0 if the
 /// generation moved on (nothing moved).
-const DEAD_LETTER: &str = r"
-if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[1] then return 0 end
-local t = redis.call('TIME')
-local now = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
-local last, last_error
-for i = 2, #ARGV, 4 do
-  local p = ARGV[i]
-  local entry = redis.call('XRANGE', KEYS[2], p .. '-0', p .. '-0')[1]
-  if entry then
-    local holds = false
-    for j = 1, #entry[2], 2 do
-      if entry[2][j] == 'message_id' then
-        holds = entry[2][j + 1] == ARGV[i + 1]
-        break
-      end
-    end
-    if not holds then entry = nil end
-  end
-  if entry then
-    local parts = {}
-    local function put(s) parts[#parts + 1] = #s .. ':' .. s end
-    for _, v in ipairs(entry[2]) do put(v) end
-    put('position') put(p)
-    put('error') put(ARGV[i + 2])
-    put('attempts') put(ARGV[i + 3])
-    put('dead_at') put(now)
-    redis.call('ZADD', KEYS[3], p, table.concat(parts))
-    redis.call('XDEL', KEYS[2], p .. '-0')
-    last, last_error = p, ARGV[i + 2]
-  end
-end
-if last then
-  redis.call('HSET', KEYS[1], 'last_error_position', last, 'last_error', last_error,
-    'last_error_at', now)
-end
-return 1
-";
+const DEAD_LETTER: &str = include_str!("outbox/dead_letter.lua");
 
 /// Re-queueing: moves dead letters back to the end of the outbox with new outbox positions (from
 /// the index hash's `outbox` counter, like appends), in the order of their old positions.
@@ -147,54 +66,13 @@ return 1
 /// KEYS: 1 the index hash, 2 the outbox, 3 the dead letters. ARGV: old positions, ascending.
 /// Replies the number moved, or -1 (nothing written) if the outbox holds an entry beyond the
 /// counter (written behind the store's back).
-const REQUEUE: &str = r"
-local ob = tonumber(redis.call('HGET', KEYS[1], 'outbox') or '0')
-if ob == nil then return -1 end
-local info = redis.pcall('XINFO', 'STREAM', KEYS[2])
-if type(info) == 'table' and info.err == nil then
-  for j = 1, #info, 2 do
-    if info[j] == 'last-generated-id' then
-      local top = tonumber(string.match(info[j + 1], '^(%d+)-'))
-      if top == nil or top > ob then return -1 end
-    end
-  end
-end
-local n = 0
-for i = 1, #ARGV do
-  local m = redis.call('ZRANGEBYSCORE', KEYS[3], ARGV[i], ARGV[i])[1]
-  if m then
-    local values, at = {}, 1
-    while at <= #m do
-      local colon = string.find(m, ':', at, true)
-      local len = tonumber(string.sub(m, at, colon - 1))
-      values[#values + 1] = string.sub(m, colon + 1, colon + len)
-      at = colon + len + 1
-    end
-    local fields = {}
-    for j = 1, #values, 2 do
-      local name = values[j]
-      if name ~= 'position' and name ~= 'error' and name ~= 'attempts' and name ~= 'dead_at' then
-        fields[#fields + 1] = name
-        fields[#fields + 1] = values[j + 1]
-      end
-    end
-    ob = ob + 1
-    redis.call('XADD', KEYS[2], string.format('%.0f', ob) .. '-0', unpack(fields))
-    redis.call('ZREM', KEYS[3], m)
-    n = n + 1
-  end
-end
-if n > 0 then redis.call('HSET', KEYS[1], 'outbox', string.format('%.0f', ob)) end
-return n
-";
+const REQUEUE: &str = include_str!("outbox/requeue.lua");
 
 /// A checkpoint and its generation, read together.
 ///
 /// KEYS: 1 the checkpoint hash, 2 the generation hash. ARGV: name. Replies `{position,
 /// generation}`, each nil if not stored.
-const LOAD_CHECKPOINT: &str = r"
-return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('HGET', KEYS[2], ARGV[1])}
-";
+const LOAD_CHECKPOINT: &str = include_str!("outbox/load_checkpoint.lua");
 
 /// A projection checkpoint, raised only, within its generation.
 ///
@@ -203,29 +81,12 @@ return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('HGET', KEYS[2], ARGV[1
 /// whole `u64` range where Lua's numbers (doubles) are not. Replies 1 if written, 0 if the stored
 /// checkpoint is as high or higher, -1 if the stored value is not a number, -2 if the generation
 /// is not the stored one (nothing written in either case).
-pub(crate) const SAVE_CHECKPOINT: &str = r"
-local generation = redis.call('HGET', KEYS[2], ARGV[1]) or '0'
-if generation ~= ARGV[2] then return -2 end
-local stored = redis.call('HGET', KEYS[1], ARGV[1])
-local new = string.gsub(ARGV[3], '^0+', '')
-if stored then
-  if not string.find(stored, '^%d+$') then return -1 end
-  stored = string.gsub(stored, '^0+', '')
-  if #new < #stored or (#new == #stored and new <= stored) then return 0 end
-elseif new == '' then
-  return 0
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-return 1
-";
+pub(crate) const SAVE_CHECKPOINT: &str = include_str!("outbox/save_checkpoint.lua");
 
 /// A new generation of a checkpoint, at position 0.
 ///
 /// KEYS: 1 the checkpoint hash, 2 the generation hash. ARGV: name. Replies the new generation.
-const RESET_CHECKPOINT: &str = r"
-redis.call('HSET', KEYS[1], ARGV[1], '0')
-return redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
-";
+const RESET_CHECKPOINT: &str = include_str!("outbox/reset_checkpoint.lua");
 
 /// The scripts of this module that the store does not load when it is built.
 struct Scripts {
@@ -693,22 +554,27 @@ impl CheckpointStore for RedisStore {
             cmd.arg(&name)
                 .arg(checkpoint.generation)
                 .arg(checkpoint.position);
-            match inner
+            let code = inner
                 .int_script(&inner.save_checkpoint, &cmd, || checkpoint_location(&name))
-                .await?
-            {
-                -2 => Err(StoreError::Fenced {
+                .await?;
+            match CheckpointSave::from_code(code) {
+                Some(CheckpointSave::Fenced) => Err(StoreError::Fenced {
                     resource: checkpoint_location(&name),
                     reason: format!(
                         "generation {} is over; the projection was reset",
                         checkpoint.generation
                     ),
                 }),
-                -1 => Err(StoreError::Corrupt {
+                Some(CheckpointSave::NotANumber) => Err(StoreError::Corrupt {
                     location: checkpoint_location(&name),
                     reason: "the stored checkpoint is not a number; nothing was written".to_owned(),
                 }),
-                written => Ok(written == 1),
+                Some(CheckpointSave::Saved) => Ok(true),
+                Some(CheckpointSave::NotHigher) => Ok(false),
+                None => Err(StoreError::backend(format!(
+                    "unexpected reply {code} from the checkpoint script for {}",
+                    checkpoint_location(&name)
+                ))),
             }
         }
     }

@@ -109,10 +109,10 @@ pub(crate) async fn read_settings<C: ConnectionLike>(
     // sections hold these three as well.
     let info: String = match sections.query_async(conn).await {
         Ok(info) => info,
-        Err(err) if is_connection_error(&err) => return Err(Error::Connect(err)),
+        Err(err) if is_connection_error(&err) => return Err(Error::connection(err)),
         Err(_) => match redis::cmd("INFO").query_async(conn).await {
             Ok(info) => info,
-            Err(err) if is_connection_error(&err) => return Err(Error::Connect(err)),
+            Err(err) if is_connection_error(&err) => return Err(Error::connection(err)),
             Err(err) => {
                 return Err(Error::SettingUnknown {
                     setting: "INFO",
@@ -171,7 +171,7 @@ async fn config_value<C: ConnectionLike>(
 ) -> Result<Option<String>, Error> {
     match cmd.query_async::<HashMap<String, String>>(conn).await {
         Ok(map) => Ok(map.get(name).cloned()),
-        Err(err) if is_connection_error(&err) => Err(Error::Connect(err)),
+        Err(err) if is_connection_error(&err) => Err(Error::connection(err)),
         Err(err) => {
             tracing::debug!(error = %err, setting = name, "CONFIG GET refused");
             Ok(None)

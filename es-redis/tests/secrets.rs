@@ -1,0 +1,132 @@
+//! Connection URLs never show their password: not in `Debug` output, not in errors. Against a
+//! server of its own that requires a password.
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use es_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
+use es_redis::{Error, RedisStore};
+
+const PASSWORD: &str = "s3cret-pw";
+
+/// Everything an error shows: its `Display`, its `Debug`, and the `Display` of every source.
+fn everything_shown(err: &Error) -> String {
+    let mut shown = vec![err.to_string(), format!("{err:?}")];
+    let mut source = err.source();
+    while let Some(cause) = source {
+        shown.push(cause.to_string());
+        source = cause.source();
+    }
+    shown.join("\n")
+}
+
+#[test]
+fn builder_debug_output_does_not_show_the_password() {
+    for (url, visible) in [
+        (
+            "redis://relay:s3cret-pw@cache.example.invalid:6380/2",
+            "redis://relay:***@cache.example.invalid:6380/2",
+        ),
+        (
+            "rediss://:s3cret-pw@cache.example.invalid",
+            "rediss://:***@cache.example.invalid",
+        ),
+        (
+            "redis+unix:///run/redis.sock?db=1&pass=s3cret-pw",
+            "redis+unix:///run/redis.sock?db=1&pass=***",
+        ),
+    ] {
+        let builder = RedisStore::builder(url).prefix("billing");
+        for shown in [format!("{builder:?}"), format!("{builder:#?}")] {
+            assert!(!shown.contains("s3cret"), "the password is shown: {shown}");
+            assert!(shown.contains(visible), "{shown}");
+            assert!(shown.contains("billing"), "{shown}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_a_password_is_used_without_showing_it() {
+    let dir = es_test_support::scratch_dir("redis-password");
+    let server = es_test_support::RedisServer::start(
+        &dir,
+        &["--appendonly", "yes", "--requirepass", PASSWORD],
+    )
+    .expect("start redis-server");
+    let port = server.port();
+
+    // The right password: the store works, and neither it nor its builder shows the password.
+    let url = format!("redis://:{PASSWORD}@127.0.0.1:{port}");
+    let builder = RedisStore::builder(url.as_str()).prefix("secrets");
+    assert!(!format!("{builder:?}").contains(PASSWORD));
+    let store = builder.build().await.expect("the right password");
+    assert!(!format!("{store:?}").contains(PASSWORD), "{store:?}");
+    let stream = StreamId::new("account", "1").unwrap();
+    let event = NewEvent::new("Opened", 1, "{}").unwrap();
+    store
+        .append(AppendRequest::new(
+            stream,
+            ExpectedVersion::NoStream,
+            vec![event],
+        ))
+        .await
+        .unwrap();
+
+    // A wrong password: refused, and the error shows the server but neither password.
+    let wrong = "wrong-s3cret-pw";
+    let err = RedisStore::builder(format!("redis://:{wrong}@127.0.0.1:{port}"))
+        .connect_timeout(Duration::from_secs(1))
+        .build()
+        .await
+        .expect_err("a wrong password");
+    assert!(
+        matches!(&err, Error::Connect { url: Some(_), .. }),
+        "{err:?}"
+    );
+    let shown = everything_shown(&err);
+    assert!(!shown.contains("s3cret"), "a password is shown: {shown}");
+    assert!(
+        shown.contains(&format!("redis://:***@127.0.0.1:{port}")),
+        "{shown}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_errors_do_not_show_the_password() {
+    // Nothing listens on the port.
+    let port = es_test_support::free_port().unwrap();
+    let err = RedisStore::builder(format!("redis://relay:{PASSWORD}@127.0.0.1:{port}/0"))
+        .connect_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .expect_err("nothing listens there");
+    assert!(matches!(&err, Error::Connect { .. }), "{err:?}");
+    let shown = everything_shown(&err);
+    assert!(!shown.contains("s3cret"), "the password is shown: {shown}");
+    assert!(
+        shown.contains(&format!("redis://relay:***@127.0.0.1:{port}/0")),
+        "{shown}"
+    );
+
+    // URLs the redis crate refuses: shown without the password, or not at all if they do not
+    // parse as URLs.
+    for (url, visible) in [
+        (
+            "redis://:s3cret-pw@127.0.0.1:6379/not-a-number",
+            Some("redis://:***@127.0.0.1:6379/not-a-number"),
+        ),
+        (
+            "http://:s3cret-pw@127.0.0.1:6379",
+            Some("http://:***@127.0.0.1:6379"),
+        ),
+        ("redis://:s3cret-pw@127.0.0.1:notaport", None),
+    ] {
+        let err = RedisStore::connect(url).await.expect_err("an invalid URL");
+        assert!(matches!(&err, Error::InvalidUrl { .. }), "{url}: {err:?}");
+        let shown = everything_shown(&err);
+        assert!(!shown.contains("s3cret"), "the password is shown: {shown}");
+        if let Some(visible) = visible {
+            assert!(shown.contains(visible), "{shown}");
+        }
+    }
+}
