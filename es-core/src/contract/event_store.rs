@@ -113,8 +113,9 @@ impl<T: EventStore> EventStore for Arc<T> {
     }
 }
 
-/// [`check_resume`](position::check_resume) against the store's current epoch history (one read of it, only when `next`
-/// is in a later epoch than `after`).
+/// [`check_resume`](position::check_resume) against the store's current epoch history (one read
+/// of it, only when `next` is in a later epoch than `after`): a reader that has seen everything up
+/// to `after` may go on to `next`, or gets [`StoreError::LostTail`].
 pub async fn verify_resume<S: EventStore>(
     store: &S,
     after: u64,
@@ -126,6 +127,9 @@ pub async fn verify_resume<S: EventStore>(
     let history = store.epochs().await?;
     position::check_resume(after, next, &history)
 }
+
+// ---------------------------------------------------------------------------------------------
+// The default subscription (see the module docs)
 
 /// Pauses between attempts after a transient failure.
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
