@@ -561,8 +561,13 @@ fn plan(missing: &[Missing], privilege: Privilege, has_apt: bool) -> Plan {
                     continue;
                 }
                 apt_packages.extend(&new);
+                let label = if new == [m.what] {
+                    m.what.to_owned()
+                } else {
+                    format!("{} ({})", m.what, new.join(" "))
+                };
                 steps.push(Step {
-                    label: format!("{} ({})", m.what, new.join(" ")),
+                    label,
                     argv: apt_install(&new),
                     fallback: None,
                 });
@@ -755,6 +760,7 @@ fn install(step: &Step, logs: &Path) -> Result<()> {
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
+    let slug = slug.trim_matches('-');
     let log = logs.join(format!("{slug}.log"));
     let verb = if step.label == "package lists" {
         "updating"
