@@ -101,12 +101,8 @@ fn assert_never_skipped(name: &str, seen: &[(i64, Uuid)], all: &BTreeMap<i64, Uu
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_never_shows_a_position_before_an_earlier_one() {
     let primary = PgServer::start(&scratch_dir("standby-primary"), &[]).unwrap();
-    let standby = PgServer::start_standby(
-        &primary,
-        &scratch_dir("standby-replica"),
-        &[("hot_standby", "on")],
-    )
-    .unwrap();
+    let replica = scratch_dir("standby-replica");
+    let standby = PgServer::start_standby(&primary, &replica, &[("hot_standby", "on")]).unwrap();
     let primary_url = primary.url("postgres");
     let standby_pool = common::pool(&standby.url("postgres"), 4).await;
     let primary_pool = common::pool(&primary_url, 4).await;

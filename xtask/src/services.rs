@@ -27,6 +27,7 @@ use crate::setup::Server;
 
 /// One server the tests need.
 struct Service {
+    /// The server a run asks for by this name.
     kind: Server,
     /// Short name; its directory is `<name>-<pid>` for a run, `dev/<name>` for `db up`.
     name: &'static str,

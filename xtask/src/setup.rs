@@ -546,8 +546,11 @@ fn plan(missing: &[Missing], privilege: Privilege, has_apt: bool) -> Plan {
         strings(&argv)
     };
 
+    // System packages first (the builds and pip need them), then cargo, then pip.
     let mut apt_packages: Vec<&str> = Vec::new();
-    let mut steps = Vec::new();
+    let mut apt_steps = Vec::new();
+    let mut other_steps = Vec::new();
+    let mut pip_steps = Vec::new();
     let mut manual = false;
     for m in missing {
         match &m.fix {
@@ -566,7 +569,7 @@ fn plan(missing: &[Missing], privilege: Privilege, has_apt: bool) -> Plan {
                 } else {
                     format!("{} ({})", m.what, new.join(" "))
                 };
-                steps.push(Step {
+                apt_steps.push(Step {
                     label,
                     argv: apt_install(&new),
                     fallback: None,
@@ -575,13 +578,13 @@ fn plan(missing: &[Missing], privilege: Privilege, has_apt: bool) -> Plan {
             Fix::Cargo(cargo_args) => {
                 let mut command = vec!["cargo", "install"];
                 command.extend(cargo_args);
-                steps.push(Step {
+                other_steps.push(Step {
                     label: m.what.to_owned(),
                     argv: strings(&command),
                     fallback: None,
                 });
             }
-            Fix::Pip(python) => steps.push(Step {
+            Fix::Pip(python) => pip_steps.push(Step {
                 label: m.what.to_owned(),
                 argv: pip(python, &[]),
                 // Debian's Python refuses to install into itself without this (PEP 668).
@@ -594,18 +597,19 @@ fn plan(missing: &[Missing], privilege: Privilege, has_apt: bool) -> Plan {
     if manual || (!apt_packages.is_empty() && !can_apt) {
         return Plan::Blocked(blocked_message(missing, &apt_packages, privilege, has_apt));
     }
+    let mut steps = Vec::new();
     if !apt_packages.is_empty() {
         let mut update = apt_prefix.clone();
         update.extend(["apt-get", "update"]);
-        steps.insert(
-            0,
-            Step {
-                label: "package lists".to_owned(),
-                argv: strings(&update),
-                fallback: None,
-            },
-        );
+        steps.push(Step {
+            label: "package lists".to_owned(),
+            argv: strings(&update),
+            fallback: None,
+        });
     }
+    steps.extend(apt_steps);
+    steps.extend(other_steps);
+    steps.extend(pip_steps);
     Plan::Run(steps)
 }
 
@@ -904,8 +908,8 @@ mod tests {
                 format!("{apt} postgresql"),
                 format!("{apt} redis-server"),
                 format!("{apt} procps"),
-                "cargo install tansu --version 0.6.0".to_owned(),
                 format!("{apt} python3 python3-pip"),
+                "cargo install tansu --version 0.6.0".to_owned(),
                 "python3 -m pip install --quiet kafka-python".to_owned(),
             ]
         );
@@ -923,7 +927,7 @@ mod tests {
         };
         assert_eq!(argv(&steps[0]), "sudo apt-get update");
         assert!(argv(&steps[1]).starts_with("sudo env DEBIAN_FRONTEND=noninteractive apt-get"));
-        assert_eq!(argv(&steps[4]), "cargo install tansu --version 0.6.0");
+        assert_eq!(argv(&steps[5]), "cargo install tansu --version 0.6.0");
         assert_eq!(
             argv(&steps[6]),
             "python3 -m pip install --quiet --user kafka-python"
