@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -74,10 +74,6 @@ async fn next_item(
         .await
         .expect("the subscription delivers")
         .expect("the subscription goes on")
-}
-
-fn data_dir(dir: &Path) -> PathBuf {
-    dir.canonicalize().unwrap().join("data")
 }
 
 fn cp(from: &Path, to: &Path) {
@@ -164,7 +160,7 @@ async fn a_restore_from_an_older_backup_is_a_lost_tail() {
 
     // A cold backup of the cluster, with five events.
     server.stop().unwrap();
-    let data = data_dir(&dir);
+    let data = server.data_dir();
     let backup = data.with_file_name("backup");
     cp(&data, &backup);
     server.restart().unwrap();

@@ -3,13 +3,12 @@
 //! positions. A reader polling the standby must therefore never pass a position that becomes
 //! visible there later, even while appends on the primary roll back after drawing positions.
 //!
-//! The test runs a primary and a standby of its own (`pg_basebackup -R`).
+//! The test runs a primary and a standby of its own (`pg_basebackup -R`, by
+//! `PgServer::start_standby`).
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,50 +48,6 @@ fn unruly(
             }
         })
     }
-}
-
-fn basebackup(primary: &PgServer, dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let data = dir.canonicalize().unwrap().join("data");
-    let tool = Path::new(es_test_support::PG_BIN).join("pg_basebackup");
-    let mut cmd = if is_root() {
-        Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(tool);
-        c
-    } else {
-        Command::new(tool)
-    };
-    let out = cmd
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &primary.port().to_string(),
-            "-U",
-            "postgres",
-        ])
-        .arg("-D")
-        .arg(&data)
-        .args(["-R", "-X", "stream", "-c", "fast"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_basebackup failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 /// Polls `pool` for events after the last one seen, as fast as it can, until `stop`; returns
@@ -146,9 +101,8 @@ fn assert_never_skipped(name: &str, seen: &[(i64, Uuid)], all: &BTreeMap<i64, Uu
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_never_shows_a_position_before_an_earlier_one() {
     let primary = PgServer::start(&scratch_dir("standby-primary"), &[]).unwrap();
-    let standby_dir = scratch_dir("standby-replica");
-    basebackup(&primary, &standby_dir);
-    let standby = PgServer::start(&standby_dir, &[("hot_standby", "on")]).unwrap();
+    let replica = scratch_dir("standby-replica");
+    let standby = PgServer::start_standby(&primary, &replica, &[("hot_standby", "on")]).unwrap();
     let primary_url = primary.url("postgres");
     let standby_pool = common::pool(&standby.url("postgres"), 4).await;
     let primary_pool = common::pool(&primary_url, 4).await;

@@ -16,6 +16,7 @@ use std::process::Stdio;
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::services::Services;
+use crate::setup::{self, Needs, Prereq, Server};
 use crate::{cargo, project_root, show};
 
 const UPDATE_README: &str = "--update-readme";
@@ -23,6 +24,8 @@ const START: &str = "<!-- bench:start -->";
 const END: &str = "<!-- bench:end -->";
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
+    let (mode, args) = setup::mode_from(args);
+    let args = args.as_slice();
     let update_readme = args.iter().any(|a| a == UPDATE_README);
     let args: Vec<&String> = args.iter().filter(|a| *a != UPDATE_README).collect();
     ensure!(
@@ -37,7 +40,12 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         splice(&text, "").with_context(|| format!("in {}", readme.display()))?;
     }
 
-    let services = Services::start()?;
+    let needs = Needs::new(
+        &[Prereq::CBuild],
+        &[Server::Postgres, Server::Redis, Server::Kafka],
+    );
+    setup::ensure(&needs, mode)?;
+    let services = Services::start(&needs.servers)?;
     let mut bench = cargo();
     bench
         .args(["run", "--release", "-p", "es-bench", "--"])

@@ -19,8 +19,9 @@ use std::process::{self, Command};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Result};
-use es_test_support::PgServer;
+use es_test_support::{process_alive, PgServer};
 
+use crate::setup::{self, Needs};
 use crate::{cargo, services, target_dir};
 
 /// The seed every `cargo xtask test` runs, so that CI always covers one known schedule.
@@ -30,8 +31,10 @@ pub(crate) const FIXED_SEED: u64 = 20_240_808;
 const SHORT_SECONDS: u64 = 35;
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
+    let (mode, args) = setup::mode_from(args);
+    setup::ensure(&Needs::chaos(), mode)?;
     build()?;
-    run_chaos(args)
+    run_chaos(&args)
 }
 
 /// The short run `cargo xtask test` includes: each store for [`SHORT_SECONDS`] s on
@@ -99,6 +102,7 @@ fn random_seed() -> u64 {
 /// Removes `chaos-<pid>` directories whose xtask is gone, stopping the servers left in them
 /// (PostgreSQL through its data directory, Redis through the pid es-chaos recorded).
 fn remove_stale(root: &Path) {
+    es_test_support::remove_orphaned_clusters();
     let Ok(entries) = fs::read_dir(root) else {
         return;
     };
@@ -107,12 +111,13 @@ fn remove_stale(root: &Path) {
         let Some(pid) = name.strip_prefix("chaos-") else {
             continue;
         };
-        if pid.parse::<u32>().is_err() || alive(pid) {
+        if pid.parse::<u32>().is_err() || process_alive(pid) {
             continue;
         }
         for store in server_dirs(&entry.path()) {
-            if store.join("data/postmaster.pid").exists() {
-                let _ = PgServer::stop_dir(&store);
+            if store.join("data").exists() {
+                // Also removes the cluster when it was kept outside the directory.
+                let _ = PgServer::remove_dir(&store);
             }
             if let Ok(pid) = fs::read_to_string(store.join("redis-server.pid")) {
                 let pid = pid.trim();
@@ -138,12 +143,4 @@ fn server_dirs(run: &Path) -> Vec<PathBuf> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// Whether process `pid` exists and is not a zombie.
-fn alive(pid: &str) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-    })
 }

@@ -1,4 +1,5 @@
-//! `cargo xtask db up|down|env`: PostgreSQL and Redis left running for running tests by hand.
+//! `cargo xtask db up|down|env`: PostgreSQL, Redis and the Kafka broker left running for running
+//! tests by hand.
 //!
 //! `up` starts them detached under `target/es-services/dev` and prints `export` lines (also kept
 //! in `target/es-services/dev/env`), so `eval "$(cargo xtask db up)"` sets up a shell for
@@ -11,12 +12,17 @@ use anyhow::{bail, Context, Result};
 use es_test_support::port_open;
 
 use crate::services;
+use crate::setup::{self, Mode, Needs, Server};
 
-const USAGE: &str = "usage: cargo xtask db up|down|env";
+/// `db up` starts every service.
+const ALL_SERVERS: [Server; 3] = [Server::Postgres, Server::Redis, Server::Kafka];
+
+const USAGE: &str = "usage: cargo xtask db up [--no-install] | down | env";
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
-    match args {
-        [cmd] if cmd == "up" => up(),
+    let (mode, args) = setup::mode_from(args);
+    match args.as_slice() {
+        [cmd] if cmd == "up" => up(mode),
         [cmd] if cmd == "down" => down(),
         [cmd] if cmd == "env" => env(),
         _ => bail!(USAGE),
@@ -31,7 +37,7 @@ fn env_file() -> PathBuf {
     dev_dir().join("env")
 }
 
-fn up() -> Result<()> {
+fn up(mode: Mode) -> Result<()> {
     if let Ok(exports) = fs::read_to_string(env_file()) {
         if exports.lines().filter_map(port).all(port_open) {
             eprintln!("xtask: already running (`cargo xtask db down` stops them)");
@@ -42,9 +48,9 @@ fn up() -> Result<()> {
     let dir = dev_dir();
     if dir.exists() {
         // What is left of an earlier `up` whose servers died: start afresh.
-        let _ = services::stop_detached(&dir);
-        fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        services::remove_detached(&dir)?;
     }
+    setup::ensure(&Needs::new(&[], &ALL_SERVERS), mode)?;
     let urls = services::start_detached(&dir)?;
     let lines: Vec<String> = urls
         .iter()
@@ -64,9 +70,7 @@ fn down() -> Result<()> {
         eprintln!("xtask: nothing to stop in {}", dir.display());
         return Ok(());
     }
-    services::stop_detached(&dir)?;
-    fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
-    Ok(())
+    services::remove_detached(&dir)
 }
 
 fn env() -> Result<()> {

@@ -1,14 +1,17 @@
 //! Project automation, run as `cargo xtask <task>` (the alias is in `.cargo/config.toml`).
 //!
-//! Each task lives in its own file; `services.rs` starts and stops the servers the tests and
-//! benchmarks need. Only `std`, `anyhow` and `es-test-support` are used, so this builds quickly.
+//! Each task lives in its own file; `setup.rs` checks (and installs) what the tests need on the
+//! machine, `services.rs` starts and stops the servers they use. Only `std`, `anyhow` and
+//! `es-test-support` are used, so this builds quickly.
 
 mod bench;
 mod bless;
 mod chaos;
 mod ci;
 mod db;
+mod fresh;
 mod services;
+mod setup;
 mod test;
 
 use std::env;
@@ -22,13 +25,25 @@ const HELP: &str = "\
 Usage: cargo xtask <task> [args]
 
 Tasks:
-  test [args]      Start throwaway PostgreSQL, Redis and a Kafka-protocol broker (tansu) unless
-                   DATABASE_URL / REDIS_URL / KAFKA_BROKERS are set, run `cargo nextest run --workspace --all-features [args]`, then the doctests,
+  test [args]      Check what the selected tests need and install what is missing (see `setup`),
+                   start the throwaway servers they use (PostgreSQL, Redis, the Kafka-protocol
+                   broker tansu) unless DATABASE_URL / REDIS_URL / KAFKA_BROKERS are set, run
+                   `cargo nextest run --workspace --all-features [args]` (`-p <package>` replaces
+                   `--workspace` and starts only that package's servers), then the doctests,
                    then (with no [args]) a short `chaos` run per store.
+  setup [--check | --dry-run] [-p <package>]...
+                   Check what the tests need (PostgreSQL >= 14, redis-server >= 7, tansu with
+                   SQLite storage, kafka-python, procps, a C toolchain, cargo-nextest) and
+                   install what is missing: apt-get as root or with sudo, cargo install, pip.
+                   `--check` only reports, `--dry-run` prints the commands. `--no-install` (or
+                   XTASK_NO_INSTALL=1) makes test, ci, bench, chaos and db only check.
   chaos [args]     The fault-injecting checker: `--store postgres|redis|all`, `--minutes N` or
                    `--seconds N` of faults per store (default 60 s), `--writers K`, `--seed S`.
                    Builds es-chaos in release and runs it on servers of its own.
-  ci               rustfmt, clippy and rustdoc with warnings denied, then `test`.
+  ci               `setup`, then rustfmt, clippy and rustdoc with warnings denied, then `test`.
+  fresh [--keep] [-- <test args>]
+                   Clone HEAD into a new 0700 directory and run the README's two commands there
+                   (`cargo run -p example-bank`, `cargo xtask test`), timing each step.
   bench [args]     Start the servers and run `cargo run --release -p es-bench -- [args]`.
                    `--update-readme` also writes its table between the `<!-- bench:start -->`
                    and `<!-- bench:end -->` lines of README.md.
@@ -59,6 +74,8 @@ fn try_main() -> Result<()> {
         Some("chaos") => chaos::run(&args),
         Some("bless") => bless::run(&args),
         Some("db") => db::run(&args),
+        Some("setup") => setup::run(&args),
+        Some("fresh") => fresh::run(&args),
         Some(services::REAP_TASK) => services::reap(&args),
         None | Some("help" | "-h" | "--help") => {
             print!("{HELP}");

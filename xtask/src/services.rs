@@ -1,8 +1,9 @@
 //! The servers the tests and benchmarks talk to, started under `target/es-services/`.
 //!
 //! Each service is one entry in [`SERVICES`]: its name, the environment variable through which
-//! tests find it, and how to start it and stop it. To add a service, add an entry there with its
-//! two functions; `test`, `bench` and `db` pick it up from the list.
+//! tests find it, and how to start it, stop it and remove it. To add a service, add an entry there
+//! with its functions (and a [`Server`] for it); `test`, `bench` and `db` pick it up from the
+//! list. A run starts only the services it is asked for.
 //!
 //! A run's servers are stopped when its [`Services`] is dropped. So that Ctrl-C (which kills
 //! xtask before any destructor runs) leaves nothing behind either, every run also starts a
@@ -10,6 +11,7 @@
 //! When the run ends the pipe closes; unless the run said it stopped its servers itself, the
 //! reaper stops them. Directories left by earlier runs are removed when the next run starts.
 
+use std::collections::BTreeSet;
 use std::env;
 use std::fs;
 use std::io::{Read, Write};
@@ -19,10 +21,14 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use es_test_support::{KafkaBroker, KafkaStorage, PgServer, RedisServer};
+use es_test_support::{process_alive, KafkaBroker, KafkaStorage, PgServer, RedisServer};
+
+use crate::setup::Server;
 
 /// One server the tests need.
 struct Service {
+    /// The server a run asks for by this name.
+    kind: Server,
     /// Short name; its directory is `<name>-<pid>` for a run, `dev/<name>` for `db up`.
     name: &'static str,
     /// What it is, for messages.
@@ -32,32 +38,41 @@ struct Service {
     /// Starts it with its data and log in the directory.
     start: fn(&Path) -> Result<Started>,
     /// Stops a server left running in the directory (by `db up`, or by an interrupted run);
-    /// `Ok(false)` when none was running.
+    /// `Ok(false)` when none was running. Its files stay.
     stop_dir: fn(&Path) -> Result<bool>,
+    /// Stops a server left running in the directory, if any, and removes the directory with
+    /// everything the server kept (PostgreSQL may keep its cluster outside it).
+    remove_dir: fn(&Path) -> Result<()>,
 }
 
 /// Every service, in start order.
 const SERVICES: &[Service] = &[
     Service {
+        kind: Server::Postgres,
         name: "pg",
         what: "PostgreSQL",
         env_var: "DATABASE_URL",
         start: start_postgres,
         stop_dir: stop_postgres,
+        remove_dir: remove_postgres,
     },
     Service {
+        kind: Server::Redis,
         name: "redis",
         what: "Redis",
         env_var: "REDIS_URL",
         start: start_redis,
         stop_dir: stop_redis,
+        remove_dir: remove_redis,
     },
     Service {
+        kind: Server::Kafka,
         name: "kafka",
         what: "the Kafka broker (tansu)",
         env_var: "KAFKA_BROKERS",
         start: start_kafka,
         stop_dir: stop_kafka,
+        remove_dir: remove_kafka,
     },
 ];
 
@@ -109,6 +124,11 @@ fn stop_postgres(dir: &Path) -> Result<bool> {
     Ok(true)
 }
 
+fn remove_postgres(dir: &Path) -> Result<()> {
+    PgServer::remove_dir(dir)?;
+    Ok(())
+}
+
 /// Redis with an append-only file fsynced every second.
 fn start_redis(dir: &Path) -> Result<Started> {
     let server = RedisServer::start(dir, &["--appendonly", "yes", "--appendfsync", "everysec"])?;
@@ -122,6 +142,11 @@ fn start_redis(dir: &Path) -> Result<Started> {
 
 fn stop_redis(dir: &Path) -> Result<bool> {
     stop_pid(dir, "redis-server")
+}
+
+fn remove_redis(dir: &Path) -> Result<()> {
+    stop_redis(dir)?;
+    remove_all(dir)
 }
 
 /// A Kafka-protocol broker keeping its data in memory: tests create topics of their own, and a
@@ -138,6 +163,21 @@ fn start_kafka(dir: &Path) -> Result<Started> {
 
 fn stop_kafka(dir: &Path) -> Result<bool> {
     stop_pid(dir, "tansu")
+}
+
+fn remove_kafka(dir: &Path) -> Result<()> {
+    stop_kafka(dir)?;
+    remove_all(dir)
+}
+
+/// Removes `dir` and everything in it; nothing to do if it is gone.
+fn remove_all(dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Records the pid of a server started as a child process, for [`stop_pid`].
@@ -172,15 +212,6 @@ fn stop_pid(dir: &Path, program: &str) -> Result<bool> {
     Ok(true)
 }
 
-/// Whether process `pid` exists and is not a zombie.
-fn process_alive(pid: &str) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        // The state follows the parenthesised command name.
-        stat.rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-    })
-}
-
 /// Where the servers keep their data and logs.
 pub(crate) fn root() -> PathBuf {
     crate::target_dir().join("es-services")
@@ -196,13 +227,13 @@ pub(crate) struct Services {
 }
 
 impl Services {
-    /// Starts, each in a fresh `target/es-services/<name>-<pid>`, every service whose variable
-    /// is not already set.
-    pub(crate) fn start() -> Result<Self> {
+    /// Starts, each in a fresh `target/es-services/<name>-<pid>`, every service of `servers`
+    /// whose variable is not already set.
+    pub(crate) fn start(servers: &BTreeSet<Server>) -> Result<Self> {
         let root = root();
         remove_stale(&root);
         let mut wanted = Vec::new();
-        for service in SERVICES {
+        for service in SERVICES.iter().filter(|s| servers.contains(&s.kind)) {
             if let Ok(url) = env::var(service.env_var) {
                 eprintln!(
                     "xtask: {} is set, using {} at {url}",
@@ -252,7 +283,7 @@ impl Services {
             if keep_logs {
                 eprintln!("xtask: {} log kept: {}", service.what, log.display());
             } else {
-                let _ = fs::remove_dir_all(dir);
+                let _ = (service.remove_dir)(&dir);
             }
         }
         self.release_reaper();
@@ -274,8 +305,16 @@ impl Drop for Services {
     }
 }
 
-/// Removes directories of runs whose xtask is gone, stopping any server still running there.
+/// Removes directories of runs whose xtask is gone, stopping any server still running there,
+/// and PostgreSQL clusters kept outside directories that are gone
+/// ([`es_test_support::remove_orphaned_clusters`]).
 fn remove_stale(root: &Path) {
+    for dir in es_test_support::remove_orphaned_clusters() {
+        eprintln!(
+            "xtask: removed the orphaned PostgreSQL cluster {}",
+            dir.display()
+        );
+    }
     let Ok(entries) = fs::read_dir(root) else {
         return;
     };
@@ -290,8 +329,7 @@ fn remove_stale(root: &Path) {
         if pid.parse::<u32>().is_err() || process_alive(pid) {
             continue;
         }
-        let _ = (service.stop_dir)(&entry.path());
-        let _ = fs::remove_dir_all(entry.path());
+        let _ = (service.remove_dir)(&entry.path());
     }
 }
 
@@ -387,23 +425,21 @@ pub(crate) fn start_detached(dir: &Path) -> Result<Vec<(&'static str, String)>> 
         .collect())
 }
 
-/// Stops the servers [`start_detached`] left running in `dir`.
-pub(crate) fn stop_detached(dir: &Path) -> Result<()> {
+/// Stops the servers [`start_detached`] left running in `dir` and removes `dir`.
+pub(crate) fn remove_detached(dir: &Path) -> Result<()> {
     let mut failed = Vec::new();
     for service in SERVICES.iter().rev() {
         let sub = dir.join(service.name);
-        match (service.stop_dir)(&sub) {
-            Ok(true) => eprintln!("xtask: stopped {} in {}", service.what, sub.display()),
-            Ok(false) => eprintln!(
-                "xtask: {} was not running in {}",
-                service.what,
-                sub.display()
-            ),
+        if !sub.exists() {
+            continue;
+        }
+        match (service.remove_dir)(&sub) {
+            Ok(()) => eprintln!("xtask: stopped {} in {}", service.what, sub.display()),
             Err(e) => failed.push(format!("{}: {e:#}", service.what)),
         }
     }
     if !failed.is_empty() {
         bail!("cannot stop {}", failed.join("; "));
     }
-    Ok(())
+    remove_all(dir)
 }

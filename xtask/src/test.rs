@@ -1,41 +1,47 @@
-//! `cargo xtask test [nextest args]`: the whole test suite against throwaway servers.
+//! `cargo xtask test [--no-install] [nextest args]`: the test suite against throwaway servers.
 //!
-//! Starts PostgreSQL and Redis (see `services.rs`) unless `DATABASE_URL` / `REDIS_URL` are set,
-//! runs `cargo nextest run --workspace --all-features --no-fail-fast [args]` and then the
-//! doctests, which nextest does not run. Without cargo-nextest it runs `cargo test` instead.
-//! `-p <package>` arguments replace `--workspace` and select the doctests too. Run without
-//! arguments (as CI does), it ends with the short run of the fault-injecting checker
-//! ([`crate::chaos::short_runs`]) on servers of its own.
-
-use std::process::Stdio;
+//! Works out from the `-p <package>` arguments what the selected tests need (the whole workspace
+//! without any; see [`crate::setup::PACKAGES`]), checks all of it up front and installs what is
+//! missing ([`crate::setup::ensure`]; `--no-install` only checks). Then starts the shared servers
+//! those packages use, and only those (see `services.rs`), unless `DATABASE_URL` / `REDIS_URL` /
+//! `KAFKA_BROKERS` are set; runs `cargo nextest run --workspace --all-features --no-fail-fast
+//! [args]` and then the doctests, which nextest does not run. `-p <package>` arguments replace
+//! `--workspace` and select the doctests too. Run without arguments (as CI does), it ends with
+//! the short run of the fault-injecting checker ([`crate::chaos::short_runs`]) on servers of its
+//! own.
 
 use anyhow::{bail, Result};
 
 use crate::cargo;
 use crate::services::Services;
+use crate::setup::{self, Needs};
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
-    let services = Services::start()?;
-    let result = run_tests(&services, args);
+    let (mode, args) = setup::mode_from(args);
+    let packages = package_names(&args);
+    let needs = if packages.is_empty() {
+        let needs = Needs::workspace();
+        if args.is_empty() {
+            needs.with(&Needs::chaos())
+        } else {
+            needs
+        }
+    } else {
+        Needs::of_packages(&packages)
+    };
+    setup::ensure(&needs, mode)?;
+    let services = Services::start(&needs.servers)?;
+    let result = run_tests(&services, &args);
     services.stop(result.is_err());
     result
 }
 
 fn run_tests(services: &Services, args: &[String]) -> Result<()> {
     let packages = package_args(args);
-    let nextest = has_nextest();
     let mut failed = Vec::new();
 
     let mut tests = cargo();
-    if nextest {
-        tests.args(["nextest", "run"]);
-    } else {
-        eprintln!(
-            "xtask: cargo-nextest not found, using `cargo test` \
-             (install it with `cargo install cargo-nextest --locked`)"
-        );
-        tests.arg("test");
-    }
+    tests.args(["nextest", "run"]);
     if packages.is_empty() {
         tests.arg("--workspace");
     }
@@ -45,17 +51,15 @@ fn run_tests(services: &Services, args: &[String]) -> Result<()> {
         failed.push(e);
     }
 
-    if nextest {
-        let mut doctests = cargo();
-        doctests.arg("test");
-        if packages.is_empty() {
-            doctests.arg("--workspace");
-        }
-        doctests.args(&packages).args(["--all-features", "--doc"]);
-        services.apply(&mut doctests);
-        if let Err(e) = crate::run(&mut doctests) {
-            failed.push(e);
-        }
+    let mut doctests = cargo();
+    doctests.arg("test");
+    if packages.is_empty() {
+        doctests.arg("--workspace");
+    }
+    doctests.args(&packages).args(["--all-features", "--doc"]);
+    services.apply(&mut doctests);
+    if let Err(e) = crate::run(&mut doctests) {
+        failed.push(e);
     }
 
     if args.is_empty() {
@@ -69,16 +73,6 @@ fn run_tests(services: &Services, args: &[String]) -> Result<()> {
         bail!("{} steps failed:{}", failed.len(), list.concat());
     }
     failed.pop().map_or(Ok(()), Err)
-}
-
-/// Whether `cargo nextest` is installed.
-fn has_nextest() -> bool {
-    cargo()
-        .args(["nextest", "--version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// The `-p <name>` / `--package <name>` / `--package=<name>` arguments in `args` (before `--`).
@@ -98,9 +92,26 @@ fn package_args(args: &[String]) -> Vec<String> {
     packages
 }
 
+/// The package names (or patterns) [`package_args`] selects.
+fn package_names(args: &[String]) -> Vec<String> {
+    let selection = package_args(args);
+    let mut names = Vec::new();
+    let mut words = selection.iter();
+    while let Some(word) = words.next() {
+        if word == "-p" || word == "--package" {
+            names.extend(words.next().cloned());
+        } else if let Some(name) = word.strip_prefix("--package=") {
+            names.push(name.to_owned());
+        } else if let Some(name) = word.strip_prefix("-p") {
+            names.push(name.to_owned());
+        }
+    }
+    names
+}
+
 #[cfg(test)]
 mod tests {
-    use super::package_args;
+    use super::{package_args, package_names};
 
     fn strings(args: &[&str]) -> Vec<String> {
         args.iter().map(|&a| a.to_owned()).collect()
@@ -122,6 +133,7 @@ mod tests {
             package_args(&args),
             strings(&["-p", "a", "--package", "b", "--package=c", "-pd"])
         );
+        assert_eq!(package_names(&args), strings(&["a", "b", "c", "d"]));
         assert!(package_args(&strings(&["--", "-p", "a"])).is_empty());
     }
 }

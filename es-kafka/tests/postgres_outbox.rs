@@ -3,15 +3,14 @@
 //! in the append transaction, the relay, the broker, and consumers that check every integration
 //! event arrived as translated, in per-stream order.
 //!
-//! The generic cases of `es_kafka::testing` run on a store in a fresh schema each; the last case
-//! kills PostgreSQL with SIGKILL while commands and the relay run, and restarts it.
-
-mod common;
+//! The generic cases of `es_kafka::testing` run on a store in a fresh schema each of the shared
+//! server (`DATABASE_URL`); the last case kills a PostgreSQL server of its own with SIGKILL while
+//! commands and the relay run, and restarts it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use es_core::{
     EventFilter, EventStore, Metadata, ReadAll, RecordedEvent, Repository, RepositoryError,
@@ -22,10 +21,51 @@ use es_postgres::PgStore;
 use es_test_support::{scratch_dir, PgServer};
 use es_testkit::domain::{Ledger, LedgerCommand, LedgerEvent};
 use futures::TryStreamExt;
+use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
 fn config() -> KafkaConfig {
     KafkaConfig::new(es_test_support::kafka_brokers())
+}
+
+/// Stores on fresh schemas.
+mod common {
+    use super::{AtomicU64, Duration, Ordering, PgPoolOptions, PgStore, SystemTime, UNIX_EPOCH};
+
+    /// A schema name no other test (in this or a concurrent run) uses.
+    pub(crate) fn unique_schema(prefix: &str) -> String {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        format!(
+            "t_{prefix}_{}_{}_{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// A store on a fresh schema of the shared server (`DATABASE_URL`).
+    pub(crate) async fn fresh_store() -> PgStore {
+        store_on(&es_test_support::database_url(), &unique_schema("s")).await
+    }
+
+    /// A store on `schema` of the server at `url`.
+    pub(crate) async fn store_on(url: &str, schema: &str) -> PgStore {
+        let pool = PgPoolOptions::new()
+            .max_connections(24)
+            .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
+            .connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+        PgStore::builder(pool)
+            .schema(schema)
+            .poll_interval(Duration::from_millis(200))
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("cannot build the store on schema {schema}: {e}"))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -168,7 +208,7 @@ async fn expected_from_store(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[allow(clippy::too_many_lines)] // one scenario, checked end to end
 async fn relay_to_kafka_survives_a_postgres_restart() {
-    let dir = scratch_dir("es-postgres-kafka-restart");
+    let dir = scratch_dir("es-kafka-postgres-restart");
     let mut server = PgServer::start(&dir, &[]).expect("start PostgreSQL");
     let url = server.url("postgres");
     let store = common::store_on(&url, &common::unique_schema("kafka")).await;

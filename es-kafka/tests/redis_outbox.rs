@@ -8,11 +8,9 @@
 //! it from its AOF, and checks that every integration event reaches the topic, in per-stream
 //! order, duplicates (from batches re-sent after a crash) identical and detectable by message id.
 
-mod common;
-
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use es_core::{
     Aggregate, EventStore, Metadata, OutboxStore, ReadStream, Repository, RepositoryError,
@@ -28,6 +26,34 @@ use uuid::Uuid;
 
 fn config() -> KafkaConfig {
     KafkaConfig::new(es_test_support::kafka_brokers())
+}
+
+/// Stores under fresh key prefixes.
+mod common {
+    use super::{AtomicU64, Ordering, RedisStore, SystemTime, UNIX_EPOCH};
+
+    /// A key prefix no other test (in this or a concurrent run) uses.
+    pub(crate) fn unique_prefix(name: &str) -> String {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!(
+            "t:{name}:{}:{nanos}:{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// A store on the shared server (`REDIS_URL`) under a fresh prefix.
+    pub(crate) async fn store(name: &str) -> RedisStore {
+        let url = es_test_support::redis_url();
+        RedisStore::builder(url.as_str())
+            .prefix(unique_prefix(name))
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to Redis at {url}: {e}"))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -267,7 +293,7 @@ async fn check_stored(store: &RedisStore, expected: &Expected) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_killed_mid_stream_loses_no_message() {
-    let dir = scratch_dir("es-redis-kafka-kill9");
+    let dir = scratch_dir("es-kafka-redis-kill9");
     let mut server =
         RedisServer::start(&dir, &["--appendonly", "yes", "--appendfsync", "always"]).unwrap();
     let store = RedisStore::builder(server.url())

@@ -1,0 +1,165 @@
+//! Redis: finding `redis-server`, and servers of their own.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::child::ChildServer;
+use crate::{free_port, on_path, run, wait_for_port, Result, ServerError};
+
+/// The oldest Redis major version the store supports (it loads Redis functions).
+pub const MIN_REDIS_MAJOR: u32 = 7;
+
+/// How to install Redis on Debian and Ubuntu, for error messages.
+pub const REDIS_INSTALL: &str = "apt-get install -y redis-server";
+
+/// Finds `redis-server` on `PATH` and checks it is at least [`MIN_REDIS_MAJOR`]; returns its
+/// path and version (`7.0.15`).
+pub fn find_redis() -> Result<(PathBuf, String)> {
+    let Some(program) = on_path("redis-server") else {
+        return Err(ServerError(format!(
+            "redis-server is not on PATH: install Redis {MIN_REDIS_MAJOR} or later \
+             (`{REDIS_INSTALL}`, or let `cargo xtask test` install it)"
+        )));
+    };
+    let out = run(
+        Command::new(&program).arg("--version").stdin(Stdio::null()),
+        "redis-server --version",
+    )?;
+    let (version, major) = parse_redis_version(&out).ok_or_else(|| {
+        ServerError(format!(
+            "cannot read the version `{} --version` printed: {out}",
+            program.display()
+        ))
+    })?;
+    if major < MIN_REDIS_MAJOR {
+        return Err(ServerError(format!(
+            "redis-server {version} ({}) is too old: the store needs Redis {MIN_REDIS_MAJOR} or \
+             later for its functions; install a newer one (`{REDIS_INSTALL}` on Debian 12 or \
+             Ubuntu 24.04)",
+            program.display()
+        )));
+    }
+    Ok((program, version))
+}
+
+/// `Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0 bits=64 build=...` ->
+/// (`7.0.15`, 7).
+fn parse_redis_version(text: &str) -> Option<(String, u32)> {
+    let version = text
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("v="))?;
+    let major = version.split('.').next()?.parse().ok()?;
+    Some((version.to_owned(), major))
+}
+
+/// A redis-server child process of its own.
+#[derive(Debug)]
+pub struct RedisServer {
+    dir: PathBuf,
+    port: u16,
+    args: Vec<String>,
+    server: ChildServer,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` on a free port with its data in `dir` and extra `args`
+    /// (for example `["--appendonly", "yes", "--appendfsync", "always"]`).
+    pub fn start(dir: &Path, args: &[&str]) -> Result<Self> {
+        fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let mut server = Self {
+            dir: dir.canonicalize()?,
+            port,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            server: ChildServer::new("redis-server", port),
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = self.dir.join("redis.log");
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(&log)
+            .args(["--daemonize", "no", "--save", ""])
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                ServerError(format!(
+                    "cannot start redis-server ({e}): install it with `{REDIS_INSTALL}` \
+                     (or let `cargo xtask test` install it)"
+                ))
+            })?;
+        self.server.child = Some(child);
+        wait_for_port(self.port, true, Duration::from_secs(30), "redis-server").map_err(|e| {
+            let log = fs::read_to_string(&log).unwrap_or_default();
+            ServerError(format!("{e}\nredis log:\n{log}"))
+        })
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A connection URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.server.pid()
+    }
+
+    /// Kills the server with SIGKILL and waits for it to exit.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.server.kill9()
+    }
+
+    /// Stops the server cleanly (SIGTERM: Redis writes and fsyncs its AOF, then exits) and waits
+    /// until it is gone.
+    pub fn terminate(&mut self) -> Result<()> {
+        self.server.terminate()
+    }
+
+    /// Starts the server again on the same port and data directory (it reloads its AOF).
+    pub fn restart(&mut self) -> Result<()> {
+        self.server.kill_if_running()?;
+        self.spawn()
+    }
+
+    /// Leaves the server running when this value is dropped; returns its port and pid.
+    pub fn detach(mut self) -> (u16, Option<u32>) {
+        self.server.detach()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_redis_version;
+
+    #[test]
+    fn reads_redis_server_versions() {
+        assert_eq!(
+            parse_redis_version(
+                "Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0 bits=64 build=1"
+            ),
+            Some(("7.0.15".to_owned(), 7))
+        );
+        assert_eq!(
+            parse_redis_version("Redis server v=6.0.16 sha=0"),
+            Some(("6.0.16".to_owned(), 6))
+        );
+        assert_eq!(parse_redis_version("redis-server: not found"), None);
+    }
+}
