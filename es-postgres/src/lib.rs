@@ -198,13 +198,9 @@
 //! with one short query per page, so a large stream never sits in memory and no transaction stays
 //! open; the next page is fetched while the caller consumes the current one (stream reads, whose
 //! pages start at known versions, keep two pages in flight). Pages grow from 512 rows to 10,000
-//! rows or about 8 MiB of payload. `read_all` filters by category and event type in SQL. Against
-//! one unpaged raw SELECT decoded into the same `RecordedEvent`s, reading a 10k-event stream ran
-//! at 0.79x - 0.93x and `read_all` of 100k events at 0.65x - 0.83x in the same runs as above; in
-//! later runs of the read benchmarks alone (a less loaded machine), 1.22x - 1.36x (three runs)
-//! and 0.90x - 1.01x (five runs). The remaining gap of `read_all` is the page buffer: events are
-//! decoded into a page on the fetching task and handed over, where the raw loop drops each row
-//! right away.
+//! rows or about 8 MiB of payload. `read_all` filters by category and event type in SQL. The
+//! read benchmarks compare both reads with one unpaged raw SELECT decoded into the same
+//! `RecordedEvent`s; the README's benchmark table has the current ratios.
 //!
 //! [`EventStore::subscribe`] is es-core's catch-up-then-live loop over `read_all`. Its wake-ups
 //! come from a listener task: `LISTEN <schema>_events` on a connection of the pool, a
@@ -293,76 +289,14 @@
 //!
 //! # Projections
 //!
-//! Checkpoints live in the `checkpoints` table. With es-core's at-least-once runner a checkpoint
-//! is raised after the handler ran (never lowered, see
-//! [`save_checkpoint`](es_core::CheckpointStore::save_checkpoint)). For read models in the same
-//! database, [`ExactlyOnce`] runs a [`PgProjection`] so that each batch's read-model writes and
-//! its checkpoint commit in one transaction: after any crash every event has been applied
-//! exactly once. A rebuild ([`es_core::ProjectionHandle::rebuild`]) drops the read model and
-//! starts a new checkpoint generation at position 0 in one transaction, and replays from position
-//! 0. Each exactly-once batch checks, under the checkpoint row's lock, that the generation is the
-//! one its sink loaded; a batch of another runner that was busy during the rebuild finds the new
-//! generation, rolls back without applying anything and reloads the checkpoint
-//! ([`StoreError::Fenced`]). So a rebuild racing a second runner of the same projection neither
-//! loses nor doubles an event (test `rebuild_racing_a_second_runner_applies_every_event_once` in
-//! `tests/projections.rs`: the second runner parked in the middle of its batch while the first
-//! rebuilds, released before the first reloads its checkpoint; every event applied exactly
-//! once, balances equal to a replay). At-least-once checkpoints saved through
-//! [`save_checkpoint`](es_core::CheckpointStore::save_checkpoint) are fenced the same way
-//! (`checkpoint_save` compares the generation under the row lock). An event whose handler keeps
-//! failing stops the runner with an error naming the projection, the event's id, type, stream,
-//! stream version and global position; the events before it are committed with their checkpoint.
-//!
-//! ```no_run
-//! use es_core::projection::HandlerError;
-//! use es_core::{EventFilter, ProjectionRunner, RecordedEvent};
-//! use es_postgres::{ExactlyOnce, PgProjection, PgStore};
-//! use sqlx::PgConnection;
-//!
-//! /// Events per stream, in table `app.event_counts (stream_id text primary key, n bigint)`.
-//! struct EventCounts;
-//!
-//! impl PgProjection for EventCounts {
-//!     fn name(&self) -> &str {
-//!         "event_counts"
-//!     }
-//!
-//!     fn filter(&self) -> EventFilter {
-//!         EventFilter::all().category("account")
-//!     }
-//!
-//!     async fn handle(
-//!         &mut self,
-//!         tx: &mut PgConnection,
-//!         event: &RecordedEvent,
-//!     ) -> Result<(), HandlerError> {
-//!         sqlx::query(
-//!             "INSERT INTO app.event_counts (stream_id, n) VALUES ($1, 1) \
-//!              ON CONFLICT (stream_id) DO UPDATE SET n = app.event_counts.n + 1",
-//!         )
-//!         .bind(event.stream_id.as_str())
-//!         .execute(&mut *tx)
-//!         .await?;
-//!         Ok(())
-//!     }
-//!
-//!     async fn reset(&mut self, tx: &mut PgConnection) -> Result<(), HandlerError> {
-//!         sqlx::query("TRUNCATE app.event_counts").execute(&mut *tx).await?;
-//!         Ok(())
-//!     }
-//! }
-//!
-//! # async fn example(store: PgStore) {
-//! let handle = ProjectionRunner::new(store.clone()).spawn(ExactlyOnce::new(&store, EventCounts));
-//! // ... later: replay from position 0 into an emptied table.
-//! handle.rebuild().await.expect("rebuild");
-//! # }
-//! # fn main() { let _ = example; }
-//! ```
-//!
-//! Inline projections ([`PgStoreBuilder::inline_projection`]) run inside the append's own
-//! transaction instead: the read model is never behind the events, at the price of the
-//! handler's round trips on every append.
+//! [`PgStore`] keeps projection checkpoints in the `checkpoints` table, with the generation a
+//! rebuild raises. For read models in the same database, [`ExactlyOnce`] runs a
+//! [`PgProjection`] so that each batch's read-model writes and its checkpoint commit in one
+//! transaction: after any crash every event has been applied exactly once, also when a rebuild
+//! races a second runner (`tests/projections.rs`). Inline projections
+//! ([`PgStoreBuilder::inline_projection`]) run inside the append's own transaction instead. How
+//! to write and run each, with examples: the user guide, chapter 7 (`docs/07-projections.md`,
+//! built as the `es-guide` crate's docs).
 #![doc(test(attr(deny(warnings))))]
 
 mod codec;

@@ -40,8 +40,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use es_core::projection::HandlerError;
 use es_core::contract::{classify_retry, StoredEventRef};
+use es_core::projection::HandlerError;
 use es_core::{AppendRequest, AppendResult, ExpectedVersion, RecordedEvent, StoreError, StreamId};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgBindIterExt, PgConnection, PgPool, PgRow};

@@ -148,7 +148,7 @@ async fn every_expected_kind_and_outcome_means_the_same_on_the_server() {
     let mut kinds = Vec::new();
     let mut outcomes = Vec::new();
     for (request, lookup, kind, outcome, version) in cases {
-        let label = format!("{:?} on `{}`", request.expected, request.stream);
+        let label = format!("{:?} on `{}`", request.expected, request.stream_id);
         assert_eq!(ExpectedKind::of(request.expected).0, kind, "{label}");
         assert_eq!(
             call(&mut conn, &sql, request, lookup).await,
