@@ -53,6 +53,7 @@ mod expected;
 mod outbox;
 pub mod position;
 mod read;
+mod redact;
 mod snapshot;
 
 pub use append::{classify_retry, AppendLimits, AppendRequest, AppendResult, StoredEventRef};
@@ -66,4 +67,5 @@ pub use outbox::{
 };
 pub use position::EpochStart;
 pub use read::{Direction, EventFilter, EventStream, ReadAll, ReadStream};
+pub use redact::redact_url;
 pub use snapshot::{SnapshotRecord, SnapshotStore};

@@ -96,7 +96,7 @@ impl Error {
     /// A connection error for `url`, which appears in the error without its password.
     pub(crate) fn connect(url: &str, source: sqlx::Error) -> Self {
         Error::Connect {
-            url: Some(crate::redact::url(url)),
+            url: Some(es_core::contract::redact_url(url)),
             source,
         }
     }

@@ -308,7 +308,6 @@ mod outbox;
 mod projection;
 mod protocol;
 mod read;
-mod redact;
 mod schema;
 mod writer;
 
@@ -447,7 +446,7 @@ impl std::fmt::Debug for PgStoreBuilder {
         let mut out = f.debug_struct("PgStoreBuilder");
         match &self.source {
             Source::Pool(pool) => out.field("pool", pool),
-            Source::Url(url) => out.field("url", &redact::url(url)),
+            Source::Url(url) => out.field("url", &es_core::contract::redact_url(url)),
         };
         out.field("max_connections", &self.max_connections)
             .field("acquire_timeout", &self.acquire_timeout)

@@ -99,7 +99,7 @@ impl Error {
     /// An invalid `url`, which appears in the error without its password.
     pub(crate) fn invalid_url(url: &str, source: RedisError) -> Self {
         Error::InvalidUrl {
-            url: crate::redact::url(url),
+            url: es_core::contract::redact_url(url),
             source,
         }
     }
@@ -107,7 +107,7 @@ impl Error {
     /// A connection error for `url`, which appears in the error without its password.
     pub(crate) fn connect(url: &str, source: RedisError) -> Self {
         Error::Connect {
-            url: Some(crate::redact::url(url)),
+            url: Some(es_core::contract::redact_url(url)),
             source,
         }
     }

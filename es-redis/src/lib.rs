@@ -526,7 +526,6 @@ mod keys;
 mod outbox;
 mod protocol;
 mod read;
-mod redact;
 mod script;
 mod server;
 mod watch;
@@ -620,7 +619,7 @@ pub struct RedisStoreBuilder {
 impl std::fmt::Debug for RedisStoreBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStoreBuilder")
-            .field("url", &redact::url(&self.url))
+            .field("url", &es_core::contract::redact_url(&self.url))
             .field("prefix", &self.prefix)
             .field("limits", &self.limits)
             .field("poll_interval", &self.poll_interval)
