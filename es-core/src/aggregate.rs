@@ -4,6 +4,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::event::DomainEvent;
+use crate::stream_id::{InvalidStreamId, StreamId};
 
 /// A consistency boundary whose state is rebuilt from its events.
 ///
@@ -85,6 +86,20 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Sync + 'sta
     /// or in a hand-written [`ApplyEvent`].
     fn evolve(&mut self, event: &Self::Event) {
         event.apply_to(self);
+    }
+
+    /// The stream of the aggregate with id `id`: `<CATEGORY>-<id>`, validated. Needs no store or
+    /// repository:
+    ///
+    /// ```
+    /// # use es_core::Aggregate;
+    /// # fn show<Account: Aggregate>() -> Result<(), es_core::InvalidStreamId> {
+    /// let stream = Account::stream_id("42")?;
+    /// assert_eq!(stream.id(), "42");
+    /// # Ok(()) }
+    /// ```
+    fn stream_id(id: &str) -> Result<StreamId, InvalidStreamId> {
+        StreamId::new(Self::CATEGORY, id)
     }
 }
 

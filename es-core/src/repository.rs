@@ -342,8 +342,9 @@ impl<S: Store> Repository<S> {
         self.upcasters::<A::Event>().decode(event)
     }
 
-    /// The stream id of aggregate `A` with id `id`.
+    /// The stream id of aggregate `A` with id `id`; the same as [`Aggregate::stream_id`], which
+    /// needs no repository (nor its store type).
     pub fn stream_id<A: Aggregate>(id: &str) -> Result<StreamId, InvalidStreamId> {
-        StreamId::new(A::CATEGORY, id)
+        A::stream_id(id)
     }
 }

@@ -1,7 +1,7 @@
 //! Writing an aggregate: the derived dispatch by default, a hand-written one when wanted, and
 //! `Apply` and `Aggregate` in scope together without an ambiguous method.
 
-use es_core::{Aggregate, Apply, ApplyEvent, Decision, DomainEvent, Repository};
+use es_core::{Aggregate, Apply, ApplyEvent, Decision, DomainEvent, EventStore, Repository};
 use es_memory::InMemoryStore;
 use serde::{Deserialize, Serialize};
 
@@ -142,4 +142,22 @@ async fn a_hand_written_dispatch_serves_the_repository_too() {
     let mut fresh = Tally::default();
     fresh.evolve(&Withdrawn { amount: 9 }.into());
     assert_eq!(fresh.withdrawals, 1);
+}
+
+#[tokio::test]
+async fn the_stream_id_needs_no_repository_and_matches_the_repositorys() {
+    // Called on the aggregate alone: no store type to spell out.
+    let stream = Tally::stream_id("t").unwrap();
+    assert_eq!(stream.as_str(), "tally-t");
+    assert_eq!(
+        Repository::<InMemoryStore>::stream_id::<Tally>("t").unwrap(),
+        stream
+    );
+    assert!(Tally::stream_id("").is_err(), "an empty id is refused");
+
+    // The repository writes to exactly that stream.
+    let store = InMemoryStore::new();
+    let repo = Repository::new(store.clone());
+    repo.execute::<Tally>("t", &true).await.unwrap();
+    assert_eq!(store.stream_version(&stream).await.unwrap(), 1);
 }

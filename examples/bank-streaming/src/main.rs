@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use es_core::{
-    AtLeastOnce, CheckpointStore, DomainEvent, EventStore, Metadata, ProjectionRunner, Relay,
-    RelayConfig, Repository, RepositoryError, Store,
+    Aggregate, AtLeastOnce, CheckpointStore, DomainEvent, EventStore, Metadata, ProjectionRunner,
+    Relay, RelayConfig, Repository, RepositoryError, Store,
 };
 use es_kafka::{headers, KafkaConfig, KafkaPublisher};
 use es_postgres::{ExactlyOnce, PgStore};
@@ -240,7 +240,7 @@ async fn read_back(kafka: &KafkaConfig, ids: &[String; 2]) -> anyhow::Result<()>
     println!("\n== Read back from Kafka topic `{PUBLIC_TOPIC}` ==");
     let keys: BTreeSet<String> = ids
         .iter()
-        .map(|id| Repository::<PgStore>::stream_id::<BankAccount>(id).map(|s| s.to_string()))
+        .map(|id| BankAccount::stream_id(id).map(|s| s.to_string()))
         .collect::<Result<_, _>>()?;
     let messages = es_kafka::read_topic(kafka, PUBLIC_TOPIC, PATIENCE).await?;
     let mut shown = 0;
