@@ -93,6 +93,7 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Sync + 'sta
     ///
     /// ```
     /// # use es_core::Aggregate;
+    /// # #[allow(dead_code)]
     /// # fn show<Account: Aggregate>() -> Result<(), es_core::InvalidStreamId> {
     /// let stream = Account::stream_id("42")?;
     /// assert_eq!(stream.id(), "42");

@@ -89,6 +89,10 @@ pub(crate) const PACKAGES: &[(&str, &[Prereq], &[Server])] = &[
     ("es-core", &[], &[]),
     ("es-derive", &[], &[]),
     ("es-memory", &[], &[]),
+    ("es-testkit", &[], &[]),
+    // The guide's samples run on the in-memory store; the server ones only compile, which
+    // builds librdkafka.
+    ("es-guide", &[CBuild], &[]),
     ("example-bank", &[], &[]),
     ("xtask", &[], &[]),
     ("es-chaos", &[], &[]),
