@@ -14,8 +14,9 @@ use sqlx::postgres::{PgListener, PgPool};
 use sqlx::AssertSqlSafe;
 use tokio::sync::watch;
 
-const MIN_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Pauses between reconnection attempts (the workspace's one capped, jittered backoff).
+const RECONNECT: es_core::Backoff =
+    es_core::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
 /// How often the listener checks that its connection still answers.
 const CHECK_EVERY: Duration = Duration::from_secs(30);
 /// How long that check may take before the listener reconnects.
@@ -31,14 +32,13 @@ pub(crate) struct Listener {
 impl Listener {
     /// Runs until aborted (when the store is dropped).
     pub(crate) async fn run(self) {
-        let mut backoff = MIN_BACKOFF;
+        let mut delays = RECONNECT.delays();
         loop {
             match self.session().await {
-                Ok(()) => backoff = MIN_BACKOFF,
+                Ok(()) => delays.reset(),
                 Err(err) => {
                     tracing::debug!(error = %err, "event listener disconnected; reconnecting");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    delays.sleep().await;
                 }
             }
         }

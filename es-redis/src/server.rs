@@ -342,7 +342,7 @@ impl Drop for Server {
 async fn monitor(server: Weak<Server>, wake: Arc<Notify>, config: MonitorConfig) {
     const MIN_BACKOFF: Duration = Duration::from_millis(50);
     let mut conn: Option<MultiplexedConnection> = None;
-    let mut backoff = MIN_BACKOFF;
+    let mut delays = es_core::Backoff::new(MIN_BACKOFF, config.interval).delays();
     let mut due = true;
     loop {
         if server.strong_count() == 0 {
@@ -357,8 +357,7 @@ async fn monitor(server: Weak<Server>, wake: Arc<Notify>, config: MonitorConfig)
                 }
                 Err(err) => {
                     tracing::debug!(error = %err, "the store's settings monitor cannot connect");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(config.interval.max(MIN_BACKOFF));
+                    delays.sleep().await;
                 }
             }
             continue;
@@ -372,7 +371,7 @@ async fn monitor(server: Weak<Server>, wake: Arc<Notify>, config: MonitorConfig)
         due = false;
         match read_settings(c).await {
             Ok(settings) => {
-                backoff = MIN_BACKOFF;
+                delays.reset();
                 match server.upgrade() {
                     Some(server) => server.update(&settings, &config.prefix),
                     None => return,
@@ -381,8 +380,7 @@ async fn monitor(server: Weak<Server>, wake: Arc<Notify>, config: MonitorConfig)
             Err(err) => {
                 tracing::debug!(error = %err, "reading the Redis server's settings failed; reconnecting");
                 conn = None;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(config.interval.max(MIN_BACKOFF));
+                delays.sleep().await;
             }
         }
     }

@@ -110,7 +110,7 @@ pub(crate) struct WatchConfig {
 async fn run(head: Weak<Head>, config: WatchConfig) {
     const MIN_BACKOFF: Duration = Duration::from_millis(50);
     let mut conn: Option<MultiplexedConnection> = None;
-    let mut backoff = MIN_BACKOFF;
+    let mut delays = es_core::Backoff::new(MIN_BACKOFF, config.block).delays();
     loop {
         if head.strong_count() == 0 {
             return;
@@ -126,12 +126,11 @@ async fn run(head: Weak<Head>, config: WatchConfig) {
             },
         };
         match result {
-            Ok(()) => backoff = MIN_BACKOFF,
+            Ok(()) => delays.reset(),
             Err(err) => {
                 tracing::debug!(error = %err, "head watcher lost its connection; reconnecting");
                 conn = None;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(config.block);
+                delays.sleep().await;
             }
         }
     }
