@@ -285,7 +285,7 @@
 //! record comes after every record allocated before it: it is published late for its key, see
 //! es-core's [outbox docs](es_core::outbox)). Tested by `dead_letters_are_parked_and_requeued`,
 //! `relay_parks_poison_records_and_keeps_going`, and against a real Kafka-protocol broker by
-//! `poison_records_are_dead_lettered` in `tests/kafka.rs`.
+//! `poison_records_are_dead_lettered` in `es-kafka/tests/postgres_outbox.rs`.
 //!
 //! # Projections
 //!

@@ -274,7 +274,7 @@
 //! `two_relays_with_a_short_lease_never_publish_at_once`, `dead_letters_are_parked_and_requeued`,
 //! `relay_parks_poison_records_and_keeps_going`, `checkpoint_generations_fence_stale_saves` and
 //! `projection_rebuild_racing_a_second_runner`, and against a real Kafka-protocol broker by
-//! `poison_records_are_dead_lettered` in `tests/kafka.rs`.
+//! `poison_records_are_dead_lettered` in `es-kafka/tests/redis_outbox.rs`.
 //!
 //! # Server settings
 //!
