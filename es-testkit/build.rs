@@ -94,7 +94,7 @@ fn write_macro(out: &mut String, module: &str, macro_name: &str, bound: &str, ca
 /// in a module of its own. The list of cases is generated from the suite's source, so it holds
 /// every case.
 ///
-/// ```ignore
+/// ```no_run
 /// es_testkit::{macro_name}!(|| async {{ es_memory::InMemoryStore::new() }});
 /// ```
 #[macro_export]

@@ -372,8 +372,15 @@ struct FilePublisher {
     rng: Arc<Mutex<fastrand::Rng>>,
 }
 
+/// The broker failure [`FilePublisher`] injects.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("injected broker failure")]
+struct InjectedFailure;
+
 impl Publisher for FilePublisher {
-    async fn publish(&self, records: &[OutboxRecord]) -> Vec<PublishOutcome> {
+    type Error = InjectedFailure;
+
+    async fn publish(&self, records: &[OutboxRecord]) -> Vec<PublishOutcome<InjectedFailure>> {
         let roll = self
             .rng
             .lock()
@@ -400,10 +407,7 @@ impl Publisher for FilePublisher {
             self.log.write_text(&text);
         }
         let mut outcomes = vec![PublishOutcome::Acknowledged; sent];
-        outcomes.resize(
-            records.len(),
-            PublishOutcome::Failed("injected broker failure".into()),
-        );
+        outcomes.resize(records.len(), PublishOutcome::Failed(InjectedFailure));
         outcomes
     }
 }

@@ -118,24 +118,15 @@ pub mod payload {
         pub fn __es_check(self) {}
     }
 
+    // The `__es_check` of each answer that lacks a serde trait requires a trait no payload
+    // implements, so it does not compile and the error names the derives to add. They are
+    // written out (not generated) so that the error's note shows the bound as written.
     impl<T> NoSerialize<T> {
         /// Does not compile: `T` lacks `Serialize`, which the error says.
         pub fn __es_check(self)
         where
             T: DeriveSerialize,
         {
-        }
-    }
-
-    impl<T> PayloadCodec<T> for NoSerialize<T> {
-        fn __es_to_vec(self, _: &T) -> serde_json::Result<Vec<u8>> {
-            Err(unusable())
-        }
-        fn __es_from_slice(self, _: &[u8]) -> serde_json::Result<T> {
-            Err(unusable())
-        }
-        fn __es_from_value(self, _: serde_json::Value) -> serde_json::Result<T> {
-            Err(unusable())
         }
     }
 
@@ -148,18 +139,6 @@ pub mod payload {
         }
     }
 
-    impl<T> PayloadCodec<T> for NoDeserialize<T> {
-        fn __es_to_vec(self, _: &T) -> serde_json::Result<Vec<u8>> {
-            Err(unusable())
-        }
-        fn __es_from_slice(self, _: &[u8]) -> serde_json::Result<T> {
-            Err(unusable())
-        }
-        fn __es_from_value(self, _: serde_json::Value) -> serde_json::Result<T> {
-            Err(unusable())
-        }
-    }
-
     impl<T> NoSerde<T> {
         /// Does not compile: `T` lacks `Serialize` and `Deserialize`, which the error says.
         pub fn __es_check(self)
@@ -169,17 +148,25 @@ pub mod payload {
         }
     }
 
-    impl<T> PayloadCodec<T> for NoSerde<T> {
-        fn __es_to_vec(self, _: &T) -> serde_json::Result<Vec<u8>> {
-            Err(unusable())
-        }
-        fn __es_from_slice(self, _: &[u8]) -> serde_json::Result<T> {
-            Err(unusable())
-        }
-        fn __es_from_value(self, _: serde_json::Value) -> serde_json::Result<T> {
-            Err(unusable())
-        }
+    /// The codec of the answers that lack a serde trait: it never runs, their `__es_check`
+    /// does not compile.
+    macro_rules! unusable_codec {
+        ($($answer:ident),+) => {$(
+            impl<T> PayloadCodec<T> for $answer<T> {
+                fn __es_to_vec(self, _: &T) -> serde_json::Result<Vec<u8>> {
+                    Err(unusable())
+                }
+                fn __es_from_slice(self, _: &[u8]) -> serde_json::Result<T> {
+                    Err(unusable())
+                }
+                fn __es_from_value(self, _: serde_json::Value) -> serde_json::Result<T> {
+                    Err(unusable())
+                }
+            }
+        )+};
     }
+
+    unusable_codec!(NoSerialize, NoDeserialize, NoSerde);
 
     fn unusable() -> serde_json::Error {
         <serde_json::Error as serde::de::Error>::custom(

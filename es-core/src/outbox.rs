@@ -112,32 +112,46 @@ pub trait Translator<A: Aggregate>: Send + Sync + 'static {
     fn translate(&self, stream: &StreamId, event: &A::Event) -> Vec<Self::Message>;
 }
 
-/// What became of one record of a batch handed to [`Publisher::publish`].
+/// What became of one record of a batch handed to [`Publisher::publish`]; `E` is the
+/// publisher's [`Error`](Publisher::Error).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PublishOutcome {
+pub enum PublishOutcome<E> {
     /// The broker acknowledged it.
     Acknowledged,
     /// The broker (or the publisher) refused it for good: sending it again cannot succeed
-    /// (too large, invalid topic, not authorized, ...). The relay dead-letters it.
-    Rejected(String),
+    /// (too large, invalid topic, not authorized, ...). The relay dead-letters it, with the
+    /// error's text.
+    Rejected(E),
     /// Not acknowledged this time (time-out, broker unavailable, leader moving, ...). The relay
     /// sends it again.
-    Failed(String),
+    Failed(E),
 }
 
-impl PublishOutcome {
-    /// `n` outcomes of [`Failed`](Self::Failed) with `reason`: a batch that failed as a whole.
-    pub fn all_failed(n: usize, reason: &str) -> Vec<Self> {
-        vec![Self::Failed(reason.to_owned()); n]
+impl<E> PublishOutcome<E> {
+    /// `n` outcomes of [`Failed`](Self::Failed) with `error`: a batch that failed as a whole.
+    pub fn all_failed(n: usize, error: E) -> Vec<Self>
+    where
+        E: Clone,
+    {
+        vec![Self::Failed(error); n]
+    }
+
+    /// Whether the broker acknowledged the record.
+    pub fn is_acknowledged(&self) -> bool {
+        matches!(self, Self::Acknowledged)
     }
 }
 
 /// Delivers outbox records to a broker.
 pub trait Publisher: Send + Sync + 'static {
+    /// Why a record was refused or not acknowledged. The relay logs it and, for a record it
+    /// dead-letters, stores its `Display` text.
+    type Error: std::error::Error + Send + Sync + 'static;
+
     /// Whether `record` can ever be published, by the publisher's own limits (message size,
     /// topic name rules): `Err` with the reason if not, and the relay dead-letters it without
     /// sending it. The default accepts everything.
-    fn check(&self, record: &OutboxRecord) -> Result<(), String> {
+    fn check(&self, record: &OutboxRecord) -> Result<(), Self::Error> {
         let _ = record;
         Ok(())
     }
@@ -149,8 +163,21 @@ pub trait Publisher: Send + Sync + 'static {
     /// The relay may drop the returned future when the lease runs out (see the
     /// [module docs](self#one-relay-at-a-time-the-lease-and-its-generation)); a publisher should
     /// then stop sending what it has not sent yet.
-    fn publish(&self, records: &[OutboxRecord])
-        -> impl Future<Output = Vec<PublishOutcome>> + Send;
+    fn publish(
+        &self,
+        records: &[OutboxRecord],
+    ) -> impl Future<Output = Vec<PublishOutcome<Self::Error>>> + Send;
+}
+
+/// Why a publish call failed as a whole: every record of its batch is sent again.
+#[derive(Debug, thiserror::Error)]
+enum CallFailure {
+    #[error("the publisher answered {answered} outcomes for {records} records")]
+    WrongCount { answered: usize, records: usize },
+    #[error(
+        "publishing took longer than the publish timeout ({0:?}); cut off to stay within the lease"
+    )]
+    TimedOut(Duration),
 }
 
 /// Why a relay stopped.
@@ -353,7 +380,7 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
                             position: record.position,
                             message_id: record.message.message_id,
                             attempts: self.attempts_of(record.position),
-                            error,
+                            error: error.to_string(),
                         }),
                     }
                     (ok, refused)
@@ -372,7 +399,19 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
                     .settle(generation, &rejected, &[], sendable.len())
                     .await;
             }
-            let outcomes = self.publish(&sendable).await;
+            let outcomes = match self.publish(&sendable).await {
+                Ok(outcomes) => outcomes,
+                Err(failure) => {
+                    tracing::warn!(owner = %self.config.owner, position = sendable[0].position, %failure,
+                        "publishing failed; the batch will be sent again");
+                    for record in &sendable {
+                        self.count_attempt(record.position);
+                    }
+                    return self
+                        .settle(generation, &rejected, &[], sendable.len())
+                        .await;
+                }
+            };
             let mut in_order = true;
             for (record, outcome) in sendable.iter().zip(outcomes) {
                 match outcome {
@@ -385,7 +424,7 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
                         position: record.position,
                         message_id: record.message.message_id,
                         attempts: self.attempts_of(record.position) + 1,
-                        error,
+                        error: error.to_string(),
                     }),
                     PublishOutcome::Failed(error) => {
                         if in_order {
@@ -456,29 +495,22 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
         RelayStep::Fenced
     }
 
-    /// Publishes `records`, cut off after the publish timeout.
-    async fn publish(&self, records: &[OutboxRecord]) -> Vec<PublishOutcome> {
+    /// Publishes `records`, cut off after the publish timeout: the outcome of each, or why the
+    /// call as a whole failed.
+    async fn publish(
+        &self,
+        records: &[OutboxRecord],
+    ) -> Result<Vec<PublishOutcome<P::Error>>, CallFailure> {
         let span = tracing::debug_span!("es.relay.publish", owner = %self.config.owner,
             first = records[0].position, records = records.len());
         let call = self.publisher.publish(records).instrument(span);
         match tokio::time::timeout(self.config.publish_timeout, call).await {
-            Ok(outcomes) if outcomes.len() == records.len() => outcomes,
-            Ok(outcomes) => PublishOutcome::all_failed(
-                records.len(),
-                &format!(
-                    "the publisher answered {} outcomes for {} records",
-                    outcomes.len(),
-                    records.len()
-                ),
-            ),
-            Err(_) => PublishOutcome::all_failed(
-                records.len(),
-                &format!(
-                    "publishing took longer than the publish timeout ({:?}); cut off to stay \
-                     within the lease",
-                    self.config.publish_timeout
-                ),
-            ),
+            Ok(outcomes) if outcomes.len() == records.len() => Ok(outcomes),
+            Ok(outcomes) => Err(CallFailure::WrongCount {
+                answered: outcomes.len(),
+                records: records.len(),
+            }),
+            Err(_) => Err(CallFailure::TimedOut(self.config.publish_timeout)),
         }
     }
 

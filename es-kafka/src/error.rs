@@ -124,3 +124,30 @@ pub enum RecordError {
         reason: &'static str,
     },
 }
+
+/// Why a [`KafkaPublisher`](crate::KafkaPublisher) did not publish a record: its
+/// [`Publisher::Error`](es_core::outbox::Publisher::Error). Whether the relay dead-letters the
+/// record or sends it again follows [`classify`](crate::classify).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The publisher's own check refused the record before sending it.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    /// The producer refused the message when it was handed over: it was never sent.
+    #[error("the producer refused the message: {0}")]
+    Refused(#[source] KafkaError),
+    /// The message was sent but the broker did not acknowledge it.
+    #[error("the broker did not acknowledge the message: {0}")]
+    NotAcknowledged(#[source] KafkaError),
+}
+
+impl PublishError {
+    /// The librdkafka or broker error code, if the error came from Kafka.
+    pub fn code(&self) -> Option<RDKafkaErrorCode> {
+        match self {
+            Self::Record(_) => None,
+            Self::Refused(error) | Self::NotAcknowledged(error) => error.rdkafka_error_code(),
+        }
+    }
+}

@@ -10,7 +10,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 
 use crate::config::KafkaConfig;
-use crate::error::{Error, RecordError};
+use crate::error::{Error, PublishError, RecordError};
 use crate::headers;
 
 /// Longest legal Kafka topic name.
@@ -311,25 +311,28 @@ impl Drop for CancelGuard<'_> {
 }
 
 impl Publisher for KafkaPublisher {
-    fn check(&self, record: &OutboxRecord) -> Result<(), String> {
-        Self::check(self, record).map_err(|e| e.to_string())
+    type Error = PublishError;
+
+    fn check(&self, record: &OutboxRecord) -> Result<(), PublishError> {
+        Ok(Self::check(self, record)?)
     }
 
-    async fn publish(&self, records: &[OutboxRecord]) -> Vec<PublishOutcome> {
+    async fn publish(&self, records: &[OutboxRecord]) -> Vec<PublishOutcome<PublishError>> {
         self.deliver(records)
             .await
             .into_iter()
             .map(|outcome| match outcome {
                 Ok(()) => PublishOutcome::Acknowledged,
                 Err(Failure { error, local }) => {
-                    let text = if local {
-                        format!("the producer refused the message: {error}")
+                    let permanence = classify(&error);
+                    let error = if local {
+                        PublishError::Refused(error)
                     } else {
-                        format!("the broker did not acknowledge the message: {error}")
+                        PublishError::NotAcknowledged(error)
                     };
-                    match classify(&error) {
-                        Permanence::Permanent => PublishOutcome::Rejected(text),
-                        Permanence::Transient => PublishOutcome::Failed(text),
+                    match permanence {
+                        Permanence::Permanent => PublishOutcome::Rejected(error),
+                        Permanence::Transient => PublishOutcome::Failed(error),
                     }
                 }
             })

@@ -497,14 +497,16 @@ impl<P> Instrumented<P> {
 }
 
 impl<P: Publisher> Publisher for Instrumented<P> {
-    fn check(&self, record: &OutboxRecord) -> Result<(), String> {
+    type Error = P::Error;
+
+    fn check(&self, record: &OutboxRecord) -> Result<(), P::Error> {
         self.inner.check(record)
     }
 
-    async fn publish(&self, records: &[OutboxRecord]) -> Vec<PublishOutcome> {
+    async fn publish(&self, records: &[OutboxRecord]) -> Vec<PublishOutcome<P::Error>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let result = self.inner.publish(records).await;
-        if result.iter().all(|o| *o == PublishOutcome::Acknowledged) {
+        if result.iter().all(PublishOutcome::is_acknowledged) {
             let ids = records.iter().map(|r| r.message.message_id).collect();
             self.acked
                 .lock()
@@ -1078,18 +1080,22 @@ pub async fn producer_refusals_are_permanent(config: KafkaConfig) {
         record(4, &topic, &json!({ "delta": 4 })),
     ];
     let outcomes = Publisher::publish(&publisher, &batch).await;
-    assert_eq!(outcomes[0], PublishOutcome::Acknowledged);
-    assert_eq!(
-        outcomes[1],
-        PublishOutcome::Acknowledged,
-        "a message of exactly message.max.bytes is sent"
+    assert!(outcomes[0].is_acknowledged(), "{:?}", outcomes[0]);
+    assert!(
+        outcomes[1].is_acknowledged(),
+        "a message of exactly message.max.bytes is sent: {:?}",
+        outcomes[1]
     );
     assert!(
-        matches!(&outcomes[2], PublishOutcome::Rejected(e) if e.contains("refused")),
+        matches!(
+            &outcomes[2],
+            PublishOutcome::Rejected(e @ crate::PublishError::Refused(_))
+                if e.code() == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
+        ),
         "{:?}",
         outcomes[2]
     );
-    assert_eq!(outcomes[3], PublishOutcome::Acknowledged);
+    assert!(outcomes[3].is_acknowledged(), "{:?}", outcomes[3]);
     let ids: Vec<String> = read_all(&config, &topic)
         .await
         .iter()
@@ -1121,8 +1127,11 @@ pub mod __private {
 /// `$config` is an expression of the [`KafkaConfig`] of the broker. The list of cases is checked
 /// against this module's source by a unit test, so a new store case cannot be left out.
 ///
-/// ```ignore
-/// es_kafka::kafka_store_tests!(|| async { es_memory::InMemoryStore::new() }, config());
+/// ```no_run
+/// es_kafka::kafka_store_tests!(
+///     || async { es_memory::InMemoryStore::new() },
+///     es_kafka::KafkaConfig::new("127.0.0.1:9092"),
+/// );
 /// ```
 #[macro_export]
 macro_rules! kafka_store_tests {

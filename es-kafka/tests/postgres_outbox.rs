@@ -8,93 +8,24 @@
 //! commands and the relay run, and restarts it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use es_core::{
     EventFilter, EventStore, Metadata, ReadAll, RecordedEvent, Repository, RepositoryError,
 };
 use es_kafka::testing::{self, Expected, Instrumented, RunningRelay};
-use es_kafka::{KafkaConfig, KafkaPublisher};
+use es_kafka::KafkaPublisher;
 use es_postgres::PgStore;
 use es_test_support::{scratch_dir, PgServer};
 use es_testkit::domain::{Ledger, LedgerCommand, LedgerEvent};
 use futures::TryStreamExt;
-use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
-fn config() -> KafkaConfig {
-    KafkaConfig::new(es_test_support::kafka_brokers())
-}
+mod common;
 
-/// Stores on fresh schemas.
-mod common {
-    use super::{AtomicU64, Duration, Ordering, PgPoolOptions, PgStore, SystemTime, UNIX_EPOCH};
-
-    /// A schema name no other test (in this or a concurrent run) uses.
-    pub(crate) fn unique_schema(prefix: &str) -> String {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        format!(
-            "t_{prefix}_{}_{}_{nanos}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        )
-    }
-
-    /// A store on a fresh schema of the shared server (`DATABASE_URL`).
-    pub(crate) async fn fresh_store() -> PgStore {
-        store_on(&es_test_support::database_url(), &unique_schema("s")).await
-    }
-
-    /// A store on `schema` of the server at `url`.
-    pub(crate) async fn store_on(url: &str, schema: &str) -> PgStore {
-        let pool = PgPoolOptions::new()
-            .max_connections(24)
-            .acquire_timeout(Duration::from_secs(5))
-            .test_before_acquire(false)
-            .connect(url)
-            .await
-            .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
-        PgStore::builder(pool)
-            .schema(schema)
-            .poll_interval(Duration::from_millis(200))
-            .build()
-            .await
-            .unwrap_or_else(|e| panic!("cannot build the store on schema {schema}: {e}"))
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn relay_delivers_every_message_in_order() {
-    let delivery =
-        testing::relay_delivers_every_message_in_order(common::fresh_store().await, config()).await;
-    eprintln!("{delivery}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn outside_client_reads_every_message() {
-    let delivery =
-        testing::outside_client_reads_every_message(common::fresh_store().await, config()).await;
-    eprintln!("{delivery}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn relay_killed_mid_batch_loses_nothing() {
-    let delivery =
-        testing::relay_killed_mid_batch_loses_nothing(common::fresh_store().await, config()).await;
-    eprintln!("{delivery}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn poison_records_are_dead_lettered() {
-    let report =
-        testing::poison_records_are_dead_lettered(common::fresh_store().await, config()).await;
-    eprintln!("{report}");
-}
+es_kafka::kafka_store_tests!(common::fresh_pg_store, common::config());
 
 /// Records published per relay batch in the restart case.
 const BATCH: u64 = 20;
@@ -211,8 +142,8 @@ async fn relay_to_kafka_survives_a_postgres_restart() {
     let dir = scratch_dir("es-kafka-postgres-restart");
     let mut server = PgServer::start(&dir, &[]).expect("start PostgreSQL");
     let url = server.url("postgres");
-    let store = common::store_on(&url, &common::unique_schema("kafka")).await;
-    let config = config();
+    let store = common::pg_store_on(&url, &common::unique_schema("kafka")).await;
+    let config = common::config();
     let (topic, repo) = testing::setup(&store, &config, "pg-restart").await;
     let metadata = testing::command_metadata();
     let ledgers: Vec<String> = (0..4).map(|i| format!("pg{i}")).collect();

@@ -8,9 +8,9 @@
 //! it from its AOF, and checks that every integration event reaches the topic, in per-stream
 //! order, duplicates (from batches re-sent after a crash) identical and detectable by message id.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use es_core::{
     Aggregate, EventStore, Metadata, OutboxStore, ReadStream, Repository, RepositoryError,
@@ -24,65 +24,9 @@ use es_testkit::domain::{Ledger, LedgerCommand};
 use futures::TryStreamExt;
 use uuid::Uuid;
 
-fn config() -> KafkaConfig {
-    KafkaConfig::new(es_test_support::kafka_brokers())
-}
+mod common;
 
-/// Stores under fresh key prefixes.
-mod common {
-    use super::{AtomicU64, Ordering, RedisStore, SystemTime, UNIX_EPOCH};
-
-    /// A key prefix no other test (in this or a concurrent run) uses.
-    pub(crate) fn unique_prefix(name: &str) -> String {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        format!(
-            "t:{name}:{}:{nanos}:{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        )
-    }
-
-    /// A store on the shared server (`REDIS_URL`) under a fresh prefix.
-    pub(crate) async fn store(name: &str) -> RedisStore {
-        let url = es_test_support::redis_url();
-        RedisStore::builder(url.as_str())
-            .prefix(unique_prefix(name))
-            .build()
-            .await
-            .unwrap_or_else(|e| panic!("cannot connect to Redis at {url}: {e}"))
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn relay_delivers_every_message_in_order() {
-    let store = common::store("kafka-order").await;
-    let delivery = testing::relay_delivers_every_message_in_order(store, config()).await;
-    eprintln!("{delivery}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn outside_client_reads_every_message() {
-    let store = common::store("kafka-python").await;
-    let delivery = testing::outside_client_reads_every_message(store, config()).await;
-    eprintln!("{delivery}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn relay_killed_mid_batch_loses_nothing() {
-    let store = common::store("kafka-abort").await;
-    let delivery = testing::relay_killed_mid_batch_loses_nothing(store, config()).await;
-    eprintln!("{delivery}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn poison_records_are_dead_lettered() {
-    let store = common::store("kafka-poison").await;
-    let report = testing::poison_records_are_dead_lettered(store, config()).await;
-    eprintln!("{report}");
-}
+es_kafka::kafka_store_tests!(common::fresh_redis_store, common::config());
 
 // ---------------------------------------------------------------------------------------------
 // Redis killed and restarted from its AOF while commands run and the relay publishes.
@@ -303,7 +247,7 @@ async fn redis_killed_mid_stream_loses_no_message() {
         .build()
         .await
         .unwrap();
-    let config = config();
+    let config = common::config();
     let (topic, repo) = crash_repository(&store, &config).await;
 
     let publisher = Instrumented::new(

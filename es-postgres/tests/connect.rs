@@ -3,11 +3,11 @@
 
 mod common;
 
-use std::error::Error as _;
 use std::time::Duration;
 
 use es_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
 use es_postgres::{Error, PgStore};
+use es_testkit::support::everything_shown;
 
 /// `url` with `password` as its password (the test server trusts every local connection, so
 /// any password is accepted).
@@ -15,17 +15,6 @@ fn with_password(url: &str, password: &str) -> String {
     let mut url = url::Url::parse(url).unwrap();
     url.set_password(Some(password)).unwrap();
     url.to_string()
-}
-
-/// Everything an error shows: its `Display`, its `Debug`, and the `Display` of every source.
-fn everything_shown(err: &Error) -> String {
-    let mut shown = vec![err.to_string(), format!("{err:?}")];
-    let mut source = err.source();
-    while let Some(cause) = source {
-        shown.push(cause.to_string());
-        source = cause.source();
-    }
-    shown.join("\n")
 }
 
 #[tokio::test]

@@ -1,24 +1,13 @@
 //! Connection URLs never show their password: not in `Debug` output, not in errors. Against a
 //! server of its own that requires a password.
 
-use std::error::Error as _;
 use std::time::Duration;
 
 use es_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
 use es_redis::{Error, RedisStore};
+use es_testkit::support::everything_shown;
 
 const PASSWORD: &str = "s3cret-pw";
-
-/// Everything an error shows: its `Display`, its `Debug`, and the `Display` of every source.
-fn everything_shown(err: &Error) -> String {
-    let mut shown = vec![err.to_string(), format!("{err:?}")];
-    let mut source = err.source();
-    while let Some(cause) = source {
-        shown.push(cause.to_string());
-        source = cause.source();
-    }
-    shown.join("\n")
-}
 
 #[test]
 fn builder_debug_output_does_not_show_the_password() {

@@ -4,7 +4,7 @@
 //! violation. Backends run them all through [`conformance_tests!`](crate::conformance_tests),
 //! which stamps one named `#[tokio::test]` per case onto a factory:
 //!
-//! ```ignore
+//! ```no_run
 //! es_testkit::conformance_tests!(|| async { es_memory::InMemoryStore::new() });
 //! ```
 //!

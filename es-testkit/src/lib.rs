@@ -13,7 +13,7 @@
 //!
 //! A backend's conformance test file is three macro calls:
 //!
-//! ```ignore
+//! ```no_run
 //! es_testkit::conformance_tests!(|| async { es_memory::InMemoryStore::new() });
 //!
 //! mod streaming {
@@ -68,8 +68,8 @@ macro_rules! __stamp {
 /// number of cases is proptest's (`PROPTEST_CASES`, default 256) unless `cases = N` sets it. Each
 /// case runs on a runtime of its own with two worker threads.
 ///
-/// ```ignore
-/// es_testkit::property_tests!(matches_the_in_memory_store, common::fresh_store, cases = 48);
+/// ```no_run
+/// es_testkit::property_tests!(matches_the_in_memory_store, || async { es_memory::InMemoryStore::new() }, cases = 48);
 /// ```
 #[macro_export]
 macro_rules! property_tests {

@@ -13,8 +13,8 @@
 //! A backend runs it with [`property_tests!`](crate::property_tests), one proptest test per
 //! backend:
 //!
-//! ```ignore
-//! es_testkit::property_tests!(matches_the_in_memory_store, common::fresh_store, cases = 48);
+//! ```no_run
+//! es_testkit::property_tests!(matches_the_in_memory_store, || async { es_memory::InMemoryStore::new() }, cases = 48);
 //! ```
 
 use std::collections::HashMap;

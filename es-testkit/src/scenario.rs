@@ -9,10 +9,24 @@ use es_core::{Aggregate, DomainEvent};
 /// Every given and emitted event is also round-tripped through its stored form, so a payload that
 /// does not deserialize back into itself fails the test.
 ///
-/// ```ignore
-/// AggregateTest::<Account>::given([Opened { owner: "ada".into() }])
-///     .when(Deposit { amount: 5 })
-///     .then_expect_events([Deposited { amount: 5 }]);
+/// ```
+/// use es_testkit::domain::{
+///     Credited, Debited, Ledger, LedgerCommand, LedgerError, LedgerEvent, Opened,
+/// };
+/// use es_testkit::AggregateTest;
+///
+/// AggregateTest::<Ledger>::given([LedgerEvent::Opened(Opened {})])
+///     .when(LedgerCommand::Debit(5))
+///     .then_expect_error(LedgerError::InsufficientFunds { balance: 0, requested: 5 });
+///
+/// let credited = Credited { amount: 7, currency: "EUR".into() };
+/// let ledger = AggregateTest::<Ledger>::given([
+///     LedgerEvent::Opened(Opened {}),
+///     LedgerEvent::Credited(credited),
+/// ])
+/// .when(LedgerCommand::Debit(5))
+/// .then_expect_events([LedgerEvent::Debited(Debited { amount: 5 })]);
+/// assert_eq!(ledger.balance, 2);
 /// ```
 #[derive(Debug)]
 pub struct AggregateTest<A> {

@@ -394,18 +394,34 @@ impl Drop for CallGuard<'_> {
     }
 }
 
+/// The failures [`RecordingPublisher`] plays.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// Refused by the publisher's check.
+    #[error("topic {0:?} is not a legal topic name")]
+    IllegalTopic(String),
+    /// Rejected for good.
+    #[error("the message is larger than the broker accepts")]
+    TooLarge,
+    /// The whole batch failed.
+    #[error("broker unavailable")]
+    Unavailable,
+    /// One key's records failed this time.
+    #[error("the partition's leader moved")]
+    LeaderMoved,
+}
+
 impl Publisher for RecordingPublisher {
-    fn check(&self, record: &OutboxRecord) -> Result<(), String> {
+    type Error = BrokerError;
+
+    fn check(&self, record: &OutboxRecord) -> Result<(), BrokerError> {
         if lock(&self.refuse_topics).contains(&record.message.topic) {
-            return Err(format!(
-                "topic {:?} is not a legal topic name",
-                record.message.topic
-            ));
+            return Err(BrokerError::IllegalTopic(record.message.topic.clone()));
         }
         Ok(())
     }
 
-    async fn publish(&self, records: &[OutboxRecord]) -> Vec<PublishOutcome> {
+    async fn publish(&self, records: &[OutboxRecord]) -> Vec<PublishOutcome<BrokerError>> {
         let index = {
             let mut calls = lock(&self.calls);
             calls.push(PublishCall {
@@ -434,7 +450,7 @@ impl Publisher for RecordingPublisher {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         let outcomes = if refused {
-            PublishOutcome::all_failed(records.len(), "broker unavailable")
+            PublishOutcome::all_failed(records.len(), BrokerError::Unavailable)
         } else {
             let mut received = lock(&self.received);
             let reject = lock(&self.reject);
@@ -445,12 +461,10 @@ impl Publisher for RecordingPublisher {
                 .map(|r| {
                     let id = r.message.message_id;
                     if reject.contains(&id) {
-                        PublishOutcome::Rejected(
-                            "the message is larger than the broker accepts".into(),
-                        )
+                        PublishOutcome::Rejected(BrokerError::TooLarge)
                     } else if fail_once.remove(&id) || failed_keys.contains(&r.message.key) {
                         failed_keys.insert(r.message.key.clone());
-                        PublishOutcome::Failed("the partition's leader moved".into())
+                        PublishOutcome::Failed(BrokerError::LeaderMoved)
                     } else {
                         received.push((self.relay.clone(), r.clone()));
                         PublishOutcome::Acknowledged

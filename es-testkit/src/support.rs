@@ -130,6 +130,18 @@ pub fn check_feed<H: BuildHasher>(name: &str, seen: &[RecordedEvent], written: &
     }
 }
 
+/// Everything an error shows a user or a log: its `Display`, its `Debug`, and the `Display` of
+/// every source. A test that a secret never appears searches this.
+pub fn everything_shown(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut shown = vec![err.to_string(), format!("{err:?}")];
+    let mut source = err.source();
+    while let Some(cause) = source {
+        shown.push(cause.to_string());
+        source = cause.source();
+    }
+    shown.join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
