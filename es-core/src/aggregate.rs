@@ -29,7 +29,7 @@ use crate::stream_id::{InvalidStreamId, StreamId};
 /// #[event(apply(Account))]
 /// enum AccountEvent { Deposited(Deposited) }
 ///
-/// #[derive(Debug, Default, Serialize, Deserialize)]
+/// #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 /// struct Account { balance: u64 }
 ///
 /// impl Apply<Deposited> for Account {
@@ -56,10 +56,13 @@ use crate::stream_id::{InvalidStreamId, StreamId};
 /// Without the derive's `apply(..)`, implement [`ApplyEvent<Account>`](ApplyEvent) for the event
 /// enum by hand: a `match` that says what each variant does.
 ///
-/// The state is serializable so that it can be snapshotted; bump
+/// The state is cloned (a repository keeps it in memory between commands and hands each caller
+/// the state after its command) and serializable (for snapshots); bump
 /// [`SNAPSHOT_VERSION`](Aggregate::SNAPSHOT_VERSION) whenever its serialized shape changes and old
 /// snapshots are ignored (the aggregate is then rebuilt from its events).
-pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Sync + 'static {
+pub trait Aggregate:
+    Clone + Default + Serialize + DeserializeOwned + Send + Sync + 'static
+{
     /// The aggregate type's name; it is the category of its streams (`<CATEGORY>-<id>`).
     const CATEGORY: &'static str;
 

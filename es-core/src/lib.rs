@@ -43,7 +43,7 @@
 //!     Deposited(Deposited),
 //! }
 //!
-//! #[derive(Debug, Default, Serialize, Deserialize)]
+//! #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 //! struct Account { open: bool, balance: u64 }
 //!
 //! impl Apply<Opened> for Account {

@@ -18,11 +18,16 @@ use crate::stream_id::{InvalidStreamId, StreamId};
 use crate::upcast::{DecodeError, UpcastChainError, Upcaster, Upcasters};
 
 mod command;
+mod lane;
 mod load;
 mod snapshot;
 
 use command::ErasedTranslator;
 pub use snapshot::{SnapshotContext, SnapshotPolicy};
+
+/// How many aggregates a repository keeps in memory between commands unless
+/// [`RepositoryBuilder::cache_capacity`] says otherwise.
+pub const DEFAULT_CACHE_CAPACITY: usize = 1024;
 
 /// How often and how patiently to retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +198,7 @@ pub struct RepositoryBuilder<S> {
     snapshot_policies: HashMap<TypeId, SnapshotPolicy>,
     default_snapshot_policy: SnapshotPolicy,
     retry: RetryPolicy,
+    cache_capacity: usize,
 }
 
 impl<S: Store> RepositoryBuilder<S> {
@@ -239,6 +245,17 @@ impl<S: Store> RepositoryBuilder<S> {
         self
     }
 
+    /// How many aggregates stay in memory between commands (default
+    /// [`DEFAULT_CACHE_CAPACITY`]), least recently used first out. A command on an aggregate in
+    /// memory decides without reading its stream; the append, which expects the version in
+    /// memory, catches a write by another process (a conflict: the aggregate is loaded again).
+    /// 0 keeps none: every command loads its aggregate. Aggregates with commands in progress
+    /// stay in memory until they finish, whatever the capacity. See [`Repository::execute_with`].
+    pub fn cache_capacity(mut self, aggregates: usize) -> Self {
+        self.cache_capacity = aggregates;
+        self
+    }
+
     /// Validates the configuration (upcaster chains) and builds the repository.
     pub fn build(self) -> Result<Repository<S>, BuildError> {
         let mut upcasters = HashMap::new();
@@ -258,6 +275,7 @@ impl<S: Store> RepositoryBuilder<S> {
                 snapshot_policies: self.snapshot_policies,
                 default_snapshot_policy: self.default_snapshot_policy,
                 retry: self.retry,
+                lanes: lane::Lanes::new(self.cache_capacity),
             }),
         })
     }
@@ -270,6 +288,7 @@ struct Inner<S> {
     snapshot_policies: HashMap<TypeId, SnapshotPolicy>,
     default_snapshot_policy: SnapshotPolicy,
     retry: RetryPolicy,
+    lanes: lane::Lanes,
 }
 
 /// Loads and changes aggregates of any type on one store. Cheap to clone, `Send + Sync`.
@@ -293,6 +312,7 @@ impl<S> fmt::Debug for Repository<S> {
                 "default_snapshot_policy",
                 &self.inner.default_snapshot_policy,
             )
+            .field("aggregates_in_memory", &self.inner.lanes.len())
             .finish_non_exhaustive()
     }
 }
@@ -318,6 +338,7 @@ impl<S: Store> Repository<S> {
             snapshot_policies: HashMap::new(),
             default_snapshot_policy: SnapshotPolicy::Never,
             retry: RetryPolicy::default(),
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
         }
     }
 

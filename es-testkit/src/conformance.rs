@@ -1719,3 +1719,258 @@ pub async fn concurrent_commands_retry_conflicts<S: Store>(store: S) {
     let replay = repo.load_without_snapshot::<Ledger>("hot").await.unwrap();
     assert_eq!(replay.aggregate, loaded.aggregate);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Commands through the repository: one aggregate, many callers
+
+/// Runs `tasks` commands at once on ledger `id`, each made by `command(i)`, through `repo`.
+async fn race<S: Store>(
+    repo: &Repository<S>,
+    id: &str,
+    tasks: usize,
+    command: impl Fn(usize) -> (LedgerCommand, Metadata),
+) -> Vec<Result<es_core::Executed<Ledger>, RepositoryError<LedgerError>>> {
+    let handles: Vec<_> = (0..tasks)
+        .map(|i| {
+            let repo = repo.clone();
+            let id = id.to_owned();
+            let (command, metadata) = command(i);
+            tokio::spawn(async move { repo.execute_with::<Ledger>(&id, &command, &metadata).await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for handle in handles {
+        results.push(
+            patiently("a racing command", handle)
+                .await
+                .expect("no panic"),
+        );
+    }
+    results
+}
+
+/// 32 callers each take 1 of the 20 units of one aggregate at once, through a repository with
+/// the default settings: every command ends in success or the domain error, none in a conflict,
+/// exactly 20 succeed, and each success saw the state its predecessors left.
+pub async fn commands_racing_for_stock_end_in_success_or_domain_error<S: Store>(store: S) {
+    let repo = Repository::new(store.clone());
+    run(&repo, "stock", LedgerCommand::Open).await;
+    run(&repo, "stock", LedgerCommand::Credit(20)).await;
+    let results = race(&repo, "stock", 32, |_| {
+        (LedgerCommand::Debit(1), Metadata::default())
+    })
+    .await;
+    let mut versions = Vec::new();
+    let mut refused = 0;
+    for result in results {
+        match result {
+            Ok(done) => {
+                assert_eq!(done.attempts, 1, "no conflict within one repository");
+                assert_eq!(
+                    done.aggregate.balance,
+                    20 - i64::try_from(done.version - 2).unwrap(),
+                    "the state after the command at version {}",
+                    done.version
+                );
+                versions.push(done.version);
+            }
+            Err(RepositoryError::Domain {
+                source: LedgerError::InsufficientFunds { balance: 0, .. },
+                ..
+            }) => refused += 1,
+            Err(other) => panic!("a command ended in {other:?}"),
+        }
+    }
+    versions.sort_unstable();
+    assert_eq!(
+        versions,
+        (3..=22).collect::<Vec<_>>(),
+        "20 successes, one version each"
+    );
+    assert_eq!(refused, 12);
+    let loaded = repo.load_without_snapshot::<Ledger>("stock").await.unwrap();
+    assert_eq!((loaded.version, loaded.aggregate.balance), (22, 0));
+}
+
+/// Two repositories (two processes, as far as the store can tell) send commands to one aggregate
+/// at once: every command succeeds (conflicts between them are retried), no update is lost, and
+/// each repository's in-memory state follows the other's writes.
+pub async fn two_repositories_on_one_aggregate_lose_no_update<S: Store>(store: S) {
+    let patient = RetryPolicy {
+        max_attempts: 1000,
+        ..RetryPolicy::default()
+    };
+    let first = Repository::builder(store.clone())
+        .retry_policy(patient)
+        .build()
+        .unwrap();
+    let second = Repository::builder(store.clone())
+        .retry_policy(patient)
+        .build()
+        .unwrap();
+    run(&first, "shared", LedgerCommand::Open).await;
+    let mut handles = Vec::new();
+    for repo in [&first, &second] {
+        for _ in 0..8 {
+            let repo = repo.clone();
+            handles.push(tokio::spawn(async move {
+                for _ in 0..10 {
+                    repo.execute::<Ledger>("shared", &LedgerCommand::Credit(1))
+                        .await
+                        .unwrap_or_else(|e| panic!("a credit failed: {e}"));
+                }
+            }));
+        }
+    }
+    for handle in handles {
+        patiently("the credits", handle).await.expect("no panic");
+    }
+    for repo in [&first, &second] {
+        let loaded = repo
+            .load_without_snapshot::<Ledger>("shared")
+            .await
+            .unwrap();
+        assert_eq!((loaded.version, loaded.aggregate.balance), (161, 160));
+    }
+    // The next command of each decides on the stream as it is, not on a stale copy.
+    for (repo, balance) in [(&first, 159), (&second, 158)] {
+        let done = repo
+            .execute::<Ledger>("shared", &LedgerCommand::Debit(1))
+            .await
+            .unwrap();
+        assert_eq!(done.aggregate.balance, balance);
+    }
+}
+
+/// A repository that keeps an aggregate in memory answers as if it had loaded it: another
+/// writer's events are seen before a command is refused, and an append on a stale copy is
+/// retried on the fresh state.
+pub async fn a_cached_aggregate_follows_another_writer<S: Store>(store: S) {
+    let cached = Repository::new(store.clone());
+    let other = Repository::builder(store.clone())
+        .cache_capacity(0)
+        .build()
+        .unwrap();
+    run(&cached, "acct", LedgerCommand::Open).await;
+    run(&cached, "acct", LedgerCommand::Credit(5)).await;
+    run(&other, "acct", LedgerCommand::Credit(10)).await;
+    // On the copy in memory (balance 5) this debit would be refused.
+    let done = cached
+        .execute::<Ledger>("acct", &LedgerCommand::Debit(12))
+        .await
+        .expect("the debit sees the other writer's credit");
+    assert_eq!((done.version, done.aggregate.balance), (4, 3));
+    run(&other, "acct", LedgerCommand::Credit(1)).await;
+    // Emitting events on a stale copy: the append conflicts, the aggregate is loaded again.
+    let done = cached
+        .execute::<Ledger>("acct", &LedgerCommand::Credit(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        (done.version, done.aggregate.balance, done.attempts),
+        (6, 5, 2)
+    );
+    // And a refusal decided on a stale copy is checked against the stream first.
+    run(&other, "acct", LedgerCommand::Debit(5)).await;
+    let refused = cached
+        .execute::<Ledger>("acct", &LedgerCommand::Debit(1))
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(RepositoryError::Domain {
+                version: 7,
+                source: LedgerError::InsufficientFunds { balance: 0, .. },
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+}
+
+/// One command the store refuses (its metadata is over the limit) among commands appended with
+/// it: it alone fails, with the store's error, and the others are stored.
+pub async fn a_refused_command_does_not_fail_those_batched_with_it<S: Store>(store: S) {
+    let repo = Repository::new(store.clone());
+    run(&repo, "mixed", LedgerCommand::Open).await;
+    let mut huge = Metadata::default();
+    huge.custom.insert(
+        "blob".into(),
+        json!("x".repeat(AppendLimits::default().max_metadata_bytes + 1)),
+    );
+    let results = race(&repo, "mixed", 16, |i| {
+        let metadata = if i == 5 {
+            huge.clone()
+        } else {
+            Metadata::default()
+        };
+        (LedgerCommand::Credit(1), metadata)
+    })
+    .await;
+    for (i, result) in results.iter().enumerate() {
+        if i == 5 {
+            assert!(
+                matches!(
+                    result,
+                    Err(RepositoryError::Store {
+                        source: StoreError::InvalidRequest { .. },
+                        ..
+                    })
+                ),
+                "the oversized command: {result:?}"
+            );
+        } else {
+            assert!(result.is_ok(), "command {i}: {result:?}");
+        }
+    }
+    let loaded = repo.load_without_snapshot::<Ledger>("mixed").await.unwrap();
+    assert_eq!((loaded.version, loaded.aggregate.balance), (16, 15));
+}
+
+/// Callers that give up (their futures dropped) while their commands wait or are being appended
+/// do not stall the others, and the stream stays whole: each stored credit is one command.
+pub async fn cancelled_commands_do_not_stall_the_others<S: Store>(store: S) {
+    let repo = Repository::new(store.clone());
+    run(&repo, "cancel", LedgerCommand::Open).await;
+    let handles: Vec<_> = (0..24)
+        .map(|_| {
+            let repo = repo.clone();
+            tokio::spawn(async move {
+                repo.execute::<Ledger>("cancel", &LedgerCommand::Credit(1))
+                    .await
+            })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    let mut finished = 0;
+    for (i, handle) in handles.into_iter().enumerate() {
+        if i % 2 == 0 {
+            handle.abort();
+            // An aborted command may still have been stored.
+            let _ = handle.await;
+        } else {
+            patiently("a command next to cancelled ones", handle)
+                .await
+                .expect("no panic")
+                .expect("the command succeeds");
+            finished += 1;
+        }
+    }
+    assert_eq!(finished, 12);
+    let done = patiently(
+        "a command after the cancellations",
+        repo.execute::<Ledger>("cancel", &LedgerCommand::Credit(1)),
+    )
+    .await
+    .unwrap();
+    let loaded = repo
+        .load_without_snapshot::<Ledger>("cancel")
+        .await
+        .unwrap();
+    assert_eq!(loaded.version, done.version);
+    assert_eq!(
+        loaded.aggregate.balance,
+        i64::try_from(loaded.version).unwrap() - 1
+    );
+    assert!((14..=26).contains(&loaded.version), "{}", loaded.version);
+}

@@ -6,12 +6,10 @@ use std::any::TypeId;
 use bytes::Bytes;
 use tracing::Instrument;
 
-use super::snapshot::SnapshotContext;
-use super::{Executed, Loaded, RepoResult, Repository, RepositoryError, Until};
+use super::lane::{self, Attempt};
+use super::{Executed, RepoResult, Repository, RepositoryError};
 use crate::aggregate::Aggregate;
-use crate::contract::{
-    AppendRequest, AppendResult, ExpectedVersion, OutboxMessage, Store, StoreError,
-};
+use crate::contract::{AppendRequest, AppendResult, OutboxMessage, Store, StoreError};
 use crate::event::{DomainEvent, Metadata, NewEvent};
 use crate::outbox::Translator;
 use crate::stream_id::StreamId;
@@ -49,106 +47,66 @@ impl<S: Store> Repository<S> {
         command: &A::Command,
         metadata: &Metadata,
     ) -> RepoResult<Executed<A>, A> {
+        let lane = self.inner.lanes.lane::<A>(&stream_id);
+        let result = self.run_on_lane(&lane, stream_id, command, metadata).await;
+        drop(lane);
+        self.inner.lanes.trim();
+        result
+    }
+
+    async fn run_on_lane<A: Aggregate>(
+        &self,
+        lane: &std::sync::Arc<lane::Lane<A>>,
+        stream_id: StreamId,
+        command: &A::Command,
+        metadata: &Metadata,
+    ) -> RepoResult<Executed<A>, A> {
         let retry = self.inner.retry;
         let mut backoff = retry.backoff.delays();
         let mut attempts = 0;
+        let mut alone = false;
         loop {
             attempts += 1;
-            let loaded: Loaded<A> = self.load_stream(stream_id.clone(), Until::Latest).await?;
-            let Loaded {
-                mut aggregate,
-                version,
-                snapshot_version,
-                ..
-            } = loaded;
-            let events = aggregate
-                .handle(command)
-                .map_err(|source| RepositoryError::Domain {
-                    stream_id: stream_id.clone(),
-                    version,
-                    source,
-                })?;
-            if events.is_empty() {
-                return Ok(Executed {
-                    stream_id,
-                    aggregate,
-                    version,
-                    events,
-                    event_ids: Vec::new(),
-                    positions: Vec::new(),
-                    attempts,
-                    snapshot_saved: false,
-                });
-            }
-            let new_events = encode_events::<A>(&stream_id, &events, metadata)?;
-            let event_ids: Vec<uuid::Uuid> = new_events.iter().map(|e| e.event_id).collect();
-            let outbox = self.translate::<A>(&stream_id, &events, &new_events, metadata)?;
-            let request = AppendRequest::new(
-                stream_id.clone(),
-                ExpectedVersion::Exact(version),
-                new_events,
-            )
-            .with_outbox(outbox);
-            match self.append(request).await {
-                Ok(result) => {
-                    for event in &events {
-                        aggregate.evolve(event);
-                    }
+            match self
+                .attempt(lane, &stream_id, command, metadata, attempts, alone)
+                .await?
+            {
+                Attempt::Done(executed) => {
                     let span = tracing::Span::current();
-                    span.record("version", result.stream_version);
-                    span.record("events", events.len());
+                    span.record("version", executed.version);
+                    span.record("events", executed.events.len());
                     span.record("attempts", attempts);
-                    let ctx = SnapshotContext {
-                        stream_id: &stream_id,
-                        version: result.stream_version,
-                        previous_version: version,
-                        last_snapshot_version: snapshot_version,
-                    };
-                    let snapshot_saved = self.snapshot_policy::<A>().should_snapshot(&ctx)
-                        && self
-                            .save_snapshot(
-                                &stream_id,
-                                &aggregate,
-                                result.stream_version,
-                                event_ids.last().copied(),
-                            )
-                            .await;
-                    return Ok(Executed {
-                        stream_id,
-                        aggregate,
-                        version: result.stream_version,
-                        events,
-                        event_ids,
-                        positions: result.positions,
-                        attempts,
-                        snapshot_saved,
-                    });
+                    return Ok(executed);
                 }
-                Err(StoreError::Conflict { actual, .. }) => {
+                Attempt::Again {
+                    conflict: Some((expected, actual)),
+                    ..
+                } => {
                     if attempts >= retry.max_attempts {
                         return Err(RepositoryError::Conflict {
                             stream_id,
-                            expected: version,
+                            expected,
                             actual,
                             attempts,
                         });
                     }
-                    tracing::debug!(stream_id = %stream_id, expected = version, actual, attempts, "conflict; retrying command");
+                    tracing::debug!(stream_id = %stream_id, expected, actual, attempts, "conflict; retrying command");
                     backoff.sleep().await;
                 }
-                Err(source) => {
-                    return Err(RepositoryError::Store {
-                        stream_id,
-                        version,
-                        source,
-                    })
+                Attempt::Again {
+                    conflict: None,
+                    alone: now_alone,
+                } => {
+                    // A batch this command was part of failed without a conflict of its own:
+                    // it runs again, alone if the batch was refused.
+                    alone |= now_alone;
                 }
             }
         }
     }
 
     /// The outbox messages of `A`'s translator for these events (none without a translator).
-    fn translate<A: Aggregate>(
+    pub(super) fn translate<A: Aggregate>(
         &self,
         stream_id: &StreamId,
         events: &[A::Event],
@@ -171,7 +129,7 @@ impl<S: Store> Repository<S> {
     }
 
     /// Appends, re-sending the same request (same event ids) while the store is unreachable.
-    async fn append(&self, request: AppendRequest) -> Result<AppendResult, StoreError> {
+    pub(super) async fn append(&self, request: AppendRequest) -> Result<AppendResult, StoreError> {
         let span = tracing::debug_span!("es.append", stream_id = %request.stream_id,
             expected = %request.expected, events = request.events.len());
         async move {
@@ -238,7 +196,7 @@ pub(super) fn translate<A: Aggregate, T: Translator<A>>(
     Ok(out)
 }
 
-fn encode_events<A: Aggregate>(
+pub(super) fn encode_events<A: Aggregate>(
     stream_id: &StreamId,
     events: &[A::Event],
     metadata: &Metadata,

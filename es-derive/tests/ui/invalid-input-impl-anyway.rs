@@ -15,7 +15,7 @@ enum AccountEvent {
     Deposited(Deposited),
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Account {
     balance: u64,
 }
