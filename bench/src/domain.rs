@@ -1,8 +1,10 @@
-//! The order aggregate the benchmarks rehydrate: realistic payloads (about 200 bytes of JSON per
-//! event), one upcast event type.
+//! The order aggregate the benchmarks rehydrate and command: realistic payloads (about 200 bytes
+//! of JSON per event), one upcast event type. And a warehouse item, whose commands can be
+//! rejected, for the command race.
 
-use es_core::{upcast, Aggregate, Apply, DomainEvent};
+use es_core::{upcast, Aggregate, Apply, DomainEvent, Metadata};
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 /// A line added to an order (schema v2; v1 had no currency).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,14 +81,15 @@ impl Apply<OrderShipped> for Order {
 #[error("never")]
 pub(crate) struct Never;
 
+/// An order's command is the events it records: the benchmarks choose how many per command.
 impl Aggregate for Order {
     const CATEGORY: &'static str = "order";
-    type Command = OrderEvent;
+    type Command = Vec<OrderEvent>;
     type Event = OrderEvent;
     type Error = Never;
 
-    fn handle(&self, command: &OrderEvent) -> Result<Vec<OrderEvent>, Never> {
-        Ok(vec![command.clone()])
+    fn handle(&self, command: &Vec<OrderEvent>) -> Result<Vec<OrderEvent>, Never> {
+        Ok(command.clone())
     }
 }
 
@@ -106,6 +109,24 @@ pub(crate) fn decode_by_hand(event_type: &str, payload: &[u8]) -> serde_json::Re
         "PaymentReceived" => OrderEvent::PaymentReceived(serde_json::from_slice(payload)?),
         _ => OrderEvent::OrderShipped(serde_json::from_slice(payload)?),
     })
+}
+
+/// The `i`-th event of the benchmark stream as the domain emits it today (current schemas).
+pub(crate) fn order_event(i: u64) -> OrderEvent {
+    let (event_type, _, mut payload) = stored_event(i);
+    if event_type == "ItemAdded" {
+        payload["currency"] = "EUR".into();
+    }
+    decode_by_hand(event_type, payload.to_string().as_bytes())
+        .expect("the benchmark payloads decode")
+}
+
+/// The metadata of one benchmark command: a correlation and a causation id, as an application
+/// would set them.
+pub(crate) fn metadata() -> Metadata {
+    Metadata::new()
+        .with_correlation_id(Uuid::now_v7())
+        .with_causation_id(Uuid::new_v4())
 }
 
 /// `ItemAdded` v1 had no currency; every v1 order was in euros.
@@ -145,5 +166,82 @@ pub(crate) fn stored_event(i: u64) -> (&'static str, u32, serde_json::Value) {
             serde_json::json!({ "order_id": order_id, "carrier": "DHL Express",
                 "tracking": format!("JD0146000033{i:08}") }),
         ),
+    }
+}
+
+/// Units put on the shelf.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Stocked {
+    pub(crate) units: u64,
+}
+
+/// Units set aside for an order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Reserved {
+    pub(crate) units: u64,
+}
+
+/// Warehouse item events.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+#[event(apply(Item))]
+pub(crate) enum ItemEvent {
+    Stocked(Stocked),
+    Reserved(Reserved),
+}
+
+/// The stock of one warehouse item.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Item {
+    pub(crate) available: u64,
+    pub(crate) reserved: u64,
+}
+
+impl Apply<Stocked> for Item {
+    fn apply(&mut self, e: &Stocked) {
+        self.available += e.units;
+    }
+}
+
+impl Apply<Reserved> for Item {
+    fn apply(&mut self, e: &Reserved) {
+        self.available -= e.units;
+        self.reserved += e.units;
+    }
+}
+
+/// Warehouse item commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ItemCommand {
+    /// Put this many units on the shelf.
+    Stock(u64),
+    /// Set this many units aside, if there are that many.
+    Reserve(u64),
+}
+
+/// A reservation asked for more than is on the shelf.
+#[derive(Debug, thiserror::Error)]
+#[error("out of stock: {requested} unit(s) asked for, {available} available")]
+pub(crate) struct OutOfStock {
+    pub(crate) requested: u64,
+    pub(crate) available: u64,
+}
+
+impl Aggregate for Item {
+    const CATEGORY: &'static str = "item";
+    type Command = ItemCommand;
+    type Event = ItemEvent;
+    type Error = OutOfStock;
+
+    fn handle(&self, command: &ItemCommand) -> Result<Vec<ItemEvent>, OutOfStock> {
+        Ok(vec![match *command {
+            ItemCommand::Stock(units) => Stocked { units }.into(),
+            ItemCommand::Reserve(units) if units <= self.available => Reserved { units }.into(),
+            ItemCommand::Reserve(requested) => {
+                return Err(OutOfStock {
+                    requested,
+                    available: self.available,
+                })
+            }
+        }])
     }
 }

@@ -13,6 +13,7 @@
     clippy::cast_possible_wrap
 )]
 
+mod command;
 mod config;
 mod domain;
 mod kafka;
@@ -72,11 +73,10 @@ fn run(args: &config::Args) -> anyhow::Result<()> {
     eprintln!("es-bench: done in {:.0}s", started.elapsed().as_secs_f64());
     for row in report.missed() {
         eprintln!(
-            "es-bench: target not met: [{}] {} ({:.2}x < {:.2}x)",
+            "es-bench: target not met: [{}] {} ({})",
             row.group,
             row.workload,
-            row.ratio().unwrap_or_default(),
-            row.target.unwrap_or_default()
+            row.against_target()
         );
     }
     if !report.all_targets_met() {

@@ -1,5 +1,6 @@
 //! In-memory benchmarks: rehydration against plain `serde_json` decoding, derived apply dispatch
-//! against a hand-written match, append throughput, and projection catch-up.
+//! against a hand-written match, append throughput, commands (see [`crate::command`]), and
+//! projection catch-up.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -13,9 +14,11 @@ use es_core::{
 use es_memory::InMemoryStore;
 use futures::TryStreamExt;
 
+use crate::command::{self, Baseline, Targets};
 use crate::config::{pick, Args};
 use crate::domain::{self, Order, OrderEvent};
-use crate::report::{heap_size, Report, Row, Samples};
+use crate::load::timed;
+use crate::report::{heap_size, rate, Report, Row, Samples};
 use crate::PEAK;
 
 const GROUP: &str = "es-memory";
@@ -30,6 +33,10 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
     }
     if args.wants("memory", "append") {
         appends(report).await?;
+    }
+    if args.wants("memory", "command") {
+        let store = InMemoryStore::new();
+        command::run(report, GROUP, store, &NaiveRounds, Targets::default()).await?;
     }
     if args.wants("memory", "catch-up") {
         let count = pick(EVENTS, 20_000);
@@ -218,6 +225,49 @@ struct Naive {
     streams: Mutex<HashMap<String, Vec<Arc<NewEvent>>>>,
 }
 
+impl Naive {
+    /// Adds `events` to the end of `stream`.
+    fn push(&self, stream: &str, events: Vec<Arc<NewEvent>>) {
+        self.streams
+            .lock()
+            .expect("naive lock")
+            .entry(stream.to_owned())
+            .or_default()
+            .extend(events);
+    }
+}
+
+/// The command rows' raw side: timed rounds of pushes into a fresh [`Naive`], each task to a
+/// stream of its own, the events carrying metadata as the commands' do.
+struct NaiveRounds;
+
+impl Baseline for NaiveRounds {
+    fn describe(&self, batch: usize) -> String {
+        format!(
+            "pushes of {batch} event(s) into a mutex-guarded map of vectors with no version, id \
+             or order checks"
+        )
+    }
+
+    async fn round(&self, tasks: usize, batch: usize) -> anyhow::Result<f64> {
+        let naive = Arc::new(Naive::default());
+        let template = payload_event();
+        let (pushes, took) = timed(tasks, move |t, _| {
+            let metadata = domain::metadata();
+            let events = (0..batch)
+                .map(|_| {
+                    let event = template.clone().with_id(uuid::Uuid::now_v7());
+                    Arc::new(event.with_metadata(metadata.clone()))
+                })
+                .collect();
+            naive.push(&format!("order-t{t}"), events);
+            async { Ok(()) }
+        })
+        .await?;
+        Ok(rate(pushes * batch as u64, took))
+    }
+}
+
 fn payload_event() -> NewEvent {
     let payload = serde_json::json!({
         "order_id": "ord_7f3c2a9e-4b1d-4c8e-9a2f-1e5d6c7b8a90", "customer_id": "cus_42a1b3c4",
@@ -274,13 +324,7 @@ async fn append_raw(tasks: usize, batch: usize, per_task: usize) -> anyhow::Resu
                 let events: Vec<Arc<NewEvent>> = (0..batch)
                     .map(|_| Arc::new(template.clone().with_id(uuid::Uuid::now_v7())))
                     .collect();
-                naive
-                    .streams
-                    .lock()
-                    .expect("naive lock")
-                    .entry(stream.clone())
-                    .or_default()
-                    .extend(events);
+                naive.push(&stream, events);
             }
         }));
     }

@@ -24,8 +24,9 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow, PgValueFormat};
 use sqlx::{AssertSqlSafe, Row, ValueRef};
 use uuid::Uuid;
 
+use crate::command::{self, Baseline, Targets};
 use crate::config::{pick, Args};
-use crate::domain::{self, Order};
+use crate::domain::{self, metadata, Order};
 use crate::load::{read_repeats, round, rounds, timed};
 use crate::report::{heap_size, rate, Report, Row as ReportRow, Samples};
 use crate::PEAK;
@@ -70,6 +71,13 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
             appends(report, &store, &raw, 16, 100, Some(0.8)).await?;
             appends(report, &store, &raw, 1, 1, None).await?;
             appends(report, &store, &raw, 4, 100, None).await?;
+        }
+        if args.wants("postgres", "command") {
+            let targets = Targets {
+                distinct: Some(0.8),
+                contended: Some(1000.0),
+            };
+            command::run(report, GROUP, store.clone(), &raw, targets).await?;
         }
         let (read, catch_up) = (
             args.wants("postgres", "read"),
@@ -181,10 +189,23 @@ impl Raw {
     }
 }
 
-fn metadata() -> Metadata {
-    Metadata::new()
-        .with_correlation_id(Uuid::now_v7())
-        .with_causation_id(Uuid::new_v4())
+/// The command rows' raw side: the append rows' INSERT transactions.
+impl Baseline for Raw {
+    fn describe(&self, batch: usize) -> String {
+        if batch == 1 {
+            "single-row INSERT txns, as in the 1-event append row".to_owned()
+        } else {
+            format!("{batch}-row (UNNEST) INSERT txns")
+        }
+    }
+
+    async fn round(&self, tasks: usize, batch: usize) -> anyhow::Result<f64> {
+        round_raw(self, tasks, batch).await
+    }
+
+    async fn settle(&self) {
+        checkpoint(&self.pool).await;
+    }
 }
 
 async fn checkpoint(pool: &PgPool) {

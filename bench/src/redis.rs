@@ -25,7 +25,9 @@ use redis::aio::{ConnectionLike as _, ConnectionManager};
 use redis::Value;
 use uuid::Uuid;
 
+use crate::command::{self, Baseline, Targets};
 use crate::config::{pick, Args};
+use crate::domain::metadata;
 use crate::load::{read_repeats, round, rounds, timed};
 use crate::report::{heap_size, rate, Report, Row, Samples};
 use crate::PEAK;
@@ -63,6 +65,13 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
             appends(report, &store, 16, 1, Some(0.7), &settings).await?;
             appends(report, &store, 16, 100, Some(0.7), &settings).await?;
             appends(report, &store, 1, 1, None, &settings).await?;
+        }
+        if args.wants("redis", "command") {
+            let raw = RawXadds {
+                store: &store,
+                settings: &settings,
+            };
+            command::run(report, GROUP, store.clone(), &raw, Targets::default()).await?;
         }
         let (read, catch_up) = (args.wants("redis", "read"), args.wants("redis", "catch-up"));
         if read || catch_up {
@@ -131,12 +140,6 @@ async fn cleanup(store: &RedisStore, prefix: &str) {
         }
         cursor = next;
     }
-}
-
-fn metadata() -> Metadata {
-    Metadata::new()
-        .with_correlation_id(Uuid::now_v7())
-        .with_causation_id(Uuid::new_v4())
 }
 
 fn new_event() -> NewEvent {
@@ -236,6 +239,25 @@ async fn appends(
         ),
     ));
     Ok(())
+}
+
+/// The command rows' raw side: the append rows' pipelined `XADD`s.
+struct RawXadds<'a> {
+    store: &'a RedisStore,
+    settings: &'a str,
+}
+
+impl Baseline for RawXadds<'_> {
+    fn describe(&self, batch: usize) -> String {
+        format!(
+            "a pipeline of 2 XADDs per event, {batch} event(s) per pipeline; {}",
+            self.settings
+        )
+    }
+
+    async fn round(&self, tasks: usize, batch: usize) -> anyhow::Result<f64> {
+        round_raw(self.store, tasks, batch).await
+    }
 }
 
 static RUN: AtomicU64 = AtomicU64::new(0);

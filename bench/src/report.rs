@@ -7,6 +7,36 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+/// What a row must reach to meet its target.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    /// ours/raw at least this.
+    RatioAtLeast(f64),
+    /// ours/raw at most this: for costs, such as a latency against an earlier one.
+    RatioAtMost(f64),
+    /// The framework figure itself at least this, in the row's unit (no baseline needed).
+    AtLeast(f64),
+    /// Counts that must come out exactly as `expected` says; `met` is whether they did.
+    Exactly {
+        /// The expected counts, as shown in the table.
+        expected: String,
+        /// Whether every run came out so.
+        met: bool,
+    },
+}
+
+impl Target {
+    /// The target as shown in the table, e.g. `>= 0.80x` or `>= 1,000 commands/s`.
+    fn describe(&self, unit: &str) -> String {
+        match self {
+            Self::RatioAtLeast(t) => format!(">= {t:.2}x"),
+            Self::RatioAtMost(t) => format!("<= {t:.2}x"),
+            Self::AtLeast(t) => format!(">= {} {unit}", human(*t)),
+            Self::Exactly { expected, .. } => expected.clone(),
+        }
+    }
+}
+
 /// One benchmark row: a workload measured on the framework and on the raw baseline.
 #[derive(Debug, Clone)]
 pub(crate) struct Row {
@@ -16,20 +46,23 @@ pub(crate) struct Row {
     pub(crate) workload: String,
     /// Units per second through the framework.
     pub(crate) ours: f64,
+    /// The framework column as text, for a figure that is not one rate (counts of outcomes).
+    pub(crate) shown: Option<String>,
     /// Units per second of the raw baseline, if there is one.
     pub(crate) raw: Option<f64>,
     /// ours/raw; by default `ours / raw`, or the median of paired ratios (see [`Samples`]).
     pub(crate) ratio: Option<f64>,
     /// Unit of the rates ("events/s", ...).
     pub(crate) unit: &'static str,
-    /// The target ratio ours/raw, if the issue sets one.
-    pub(crate) target: Option<f64>,
+    /// The target, if the issue sets one.
+    pub(crate) target: Option<Target>,
     /// Free-form note (peak memory, settings).
     pub(crate) note: String,
 }
 
 impl Row {
-    /// A row from alternating samples: median rates and the median paired ratio.
+    /// A row from alternating samples: median rates and the median paired ratio; `target` is a
+    /// lower bound on the ratio.
     pub(crate) fn paired(
         group: &'static str,
         workload: impl Into<String>,
@@ -42,12 +75,46 @@ impl Row {
             group,
             workload: workload.into(),
             ours: samples.ours(),
+            shown: None,
             raw: Some(samples.raw()),
             ratio: Some(samples.ratio()),
             unit,
-            target,
+            target: target.map(Target::RatioAtLeast),
             note: note.into(),
         }
+    }
+
+    /// A row with no raw baseline: one figure of the framework's own.
+    pub(crate) fn alone(
+        group: &'static str,
+        workload: impl Into<String>,
+        ours: f64,
+        unit: &'static str,
+        note: impl Into<String>,
+    ) -> Self {
+        Self {
+            group,
+            workload: workload.into(),
+            ours,
+            shown: None,
+            raw: None,
+            ratio: None,
+            unit,
+            target: None,
+            note: note.into(),
+        }
+    }
+
+    /// The same row with `target` in place of its own.
+    pub(crate) fn with_target(mut self, target: Target) -> Self {
+        self.target = Some(target);
+        self
+    }
+
+    /// The same row showing `text` in the framework column instead of the rate.
+    pub(crate) fn showing(mut self, text: impl Into<String>) -> Self {
+        self.shown = Some(text.into());
+        self
     }
 
     /// ours/raw, if there is a raw baseline.
@@ -55,9 +122,35 @@ impl Row {
         self.ratio.or_else(|| self.raw.map(|raw| self.ours / raw))
     }
 
-    /// Whether the target is met (`None` without a target or a baseline).
+    /// Whether the target is met (`None` without a target, or without the baseline it needs).
     pub(crate) fn met(&self) -> Option<bool> {
-        Some(self.ratio()? >= self.target?)
+        match self.target.as_ref()? {
+            Target::RatioAtLeast(t) => Some(self.ratio()? >= *t),
+            Target::RatioAtMost(t) => Some(self.ratio()? <= *t),
+            Target::AtLeast(t) => Some(self.ours >= *t),
+            Target::Exactly { met, .. } => Some(*met),
+        }
+    }
+
+    /// The framework column: the rate with its unit, or the row's own text.
+    fn framework(&self) -> String {
+        self.shown
+            .clone()
+            .unwrap_or_else(|| format!("{} {}", human(self.ours), self.unit))
+    }
+
+    /// What was reached against what was wanted, e.g. `0.75x, wanted >= 0.80x`.
+    pub(crate) fn against_target(&self) -> String {
+        let Some(target) = &self.target else {
+            return "no target".to_owned();
+        };
+        let got = match target {
+            Target::RatioAtLeast(_) | Target::RatioAtMost(_) => self
+                .ratio()
+                .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x")),
+            Target::AtLeast(_) | Target::Exactly { .. } => self.framework(),
+        };
+        format!("{got}, wanted {}", target.describe(self.unit))
     }
 }
 
@@ -148,11 +241,10 @@ impl Report {
     /// Adds a row and echoes it to stderr as it is measured.
     pub(crate) fn push(&mut self, row: Row) {
         eprintln!(
-            "[{}] {}: {} {} (raw {}, ratio {}) {}",
+            "[{}] {}: {} (raw {}, ratio {}) {}",
             row.group,
             row.workload,
-            human(row.ours),
-            row.unit,
+            row.framework(),
             row.raw.map_or_else(|| "-".to_owned(), human),
             row.ratio()
                 .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x")),
@@ -186,19 +278,18 @@ impl Report {
             let ratio = r
                 .ratio()
                 .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}x"));
-            let target = match (r.target, r.met()) {
-                (Some(t), Some(true)) => format!(">= {t:.2}x met"),
-                (Some(t), Some(false)) => format!(">= {t:.2}x **NOT met**"),
-                (Some(t), None) => format!(">= {t:.2}x"),
+            let target = match (&r.target, r.met()) {
+                (Some(t), Some(true)) => format!("{} met", t.describe(r.unit)),
+                (Some(t), Some(false)) => format!("{} **NOT met**", t.describe(r.unit)),
+                (Some(t), None) => t.describe(r.unit),
                 (None, _) => "-".to_owned(),
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} {} | {raw} | {ratio} | {target} | {} |",
+                "| {} | {} | {} | {raw} | {ratio} | {target} | {} |",
                 r.group,
                 r.workload,
-                human(r.ours),
-                r.unit,
+                r.framework(),
                 r.note
             );
         }

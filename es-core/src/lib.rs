@@ -111,7 +111,8 @@ pub use projection::{
 };
 pub use repository::{
     AsOf, BuildError, Executed, Loaded, Repository, RepositoryBuilder, RepositoryError,
-    RetryPolicy, SnapshotContext, SnapshotPolicy,
+    RetryPolicy, SnapshotContext, SnapshotPolicy, DEFAULT_CACHE_CAPACITY,
+    DEFAULT_SNAPSHOT_INTERVAL,
 };
 pub use retry::Backoff;
 pub use stream_id::{InvalidStreamId, StreamId};

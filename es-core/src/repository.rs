@@ -23,7 +23,7 @@ mod load;
 mod snapshot;
 
 use command::ErasedTranslator;
-pub use snapshot::{SnapshotContext, SnapshotPolicy};
+pub use snapshot::{SnapshotContext, SnapshotPolicy, DEFAULT_SNAPSHOT_INTERVAL};
 
 /// How many aggregates a repository keeps in memory between commands unless
 /// [`RepositoryBuilder::cache_capacity`] says otherwise.
@@ -322,7 +322,9 @@ static NO_UPCASTERS: std::sync::LazyLock<Upcasters> = std::sync::LazyLock::new(U
 type RepoResult<T, A> = Result<T, RepositoryError<<A as Aggregate>::Error>>;
 
 impl<S: Store> Repository<S> {
-    /// A repository on `store` with default policies (no snapshots, 5 attempts on conflict).
+    /// A repository on `store` with the default policies: a snapshot every
+    /// [`DEFAULT_SNAPSHOT_INTERVAL`] events, 5 attempts on conflict, up to
+    /// [`DEFAULT_CACHE_CAPACITY`] aggregates in memory.
     pub fn new(store: S) -> Self {
         Self::builder(store)
             .build()
@@ -336,10 +338,16 @@ impl<S: Store> Repository<S> {
             upcasters: HashMap::new(),
             translators: HashMap::new(),
             snapshot_policies: HashMap::new(),
-            default_snapshot_policy: SnapshotPolicy::Never,
+            default_snapshot_policy: SnapshotPolicy::default(),
             retry: RetryPolicy::default(),
             cache_capacity: DEFAULT_CACHE_CAPACITY,
         }
+    }
+
+    /// How many aggregates this repository keeps in memory now (at most
+    /// [`RepositoryBuilder::cache_capacity`], plus those with commands in progress).
+    pub fn aggregates_in_memory(&self) -> usize {
+        self.inner.lanes.len()
     }
 
     /// The underlying store.

@@ -91,6 +91,8 @@ struct Faulty {
     down: bool,
     /// Snapshot writes fail.
     snapshots_fail: bool,
+    /// Each append takes this long before it reaches the store.
+    delay: Duration,
     appends: Arc<AtomicU32>,
 }
 
@@ -99,6 +101,7 @@ impl EventStore for Faulty {
         let this = self.clone();
         async move {
             this.appends.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(this.delay).await;
             if this.down {
                 return Err(StoreError::unavailable("connection refused"));
             }
@@ -333,4 +336,115 @@ fn an_invalid_upcaster_chain_fails_the_build() {
 #[test]
 fn the_event_enum_knows_its_types() {
     assert_eq!(CounterEvent::from(Added { n: 1 }).event_type(), "Added");
+}
+
+/// 16 callers send 10 commands each to one aggregate while every append takes 5 ms: no command
+/// conflicts with another of the same repository, the commands share appends, and the result is
+/// what the commands one after another would give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_to_one_aggregate_share_appends_and_never_conflict() {
+    let store = Faulty {
+        delay: Duration::from_millis(5),
+        ..Faulty::default()
+    };
+    let repo = Repository::new(store.clone());
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let repo = repo.clone();
+            tokio::spawn(async move {
+                let mut versions = Vec::new();
+                for _ in 0..10 {
+                    let done = repo.execute::<Counter>("hot", &1).await.unwrap();
+                    assert_eq!(done.attempts, 1, "no conflict within one repository");
+                    versions.push(done.version);
+                }
+                versions
+            })
+        })
+        .collect();
+    let mut versions = Vec::new();
+    for task in tasks {
+        let mine = task.await.unwrap();
+        assert!(mine.windows(2).all(|w| w[0] < w[1]), "{mine:?}");
+        versions.extend(mine);
+    }
+    let appends = store.appends.load(Ordering::SeqCst);
+    assert!(appends <= 40, "160 commands took {appends} appends");
+    let loaded = repo.load::<Counter>("hot").await.unwrap();
+    // 160 additions and the bonus for crossing 100.
+    assert_eq!((loaded.aggregate.total, loaded.aggregate.bonuses), (161, 1));
+    assert_eq!(loaded.version, 161);
+    versions.sort_unstable();
+    versions.dedup();
+    assert_eq!(versions.len(), 160, "each command has its own version");
+}
+
+/// The aggregates kept in memory stay within the capacity; commands on evicted ones load them
+/// again and give the same results as a repository that keeps none.
+#[tokio::test]
+async fn the_cache_is_bounded_and_changes_no_result() {
+    let cached_store = InMemoryStore::new();
+    let plain_store = InMemoryStore::new();
+    let cached = Repository::builder(cached_store)
+        .cache_capacity(3)
+        .build()
+        .unwrap();
+    let plain = Repository::builder(plain_store)
+        .cache_capacity(0)
+        .build()
+        .unwrap();
+    for round in 0..5u64 {
+        for id in 0..20u64 {
+            let n = (id * 7 + round * 13) % 60;
+            let a = cached.execute::<Counter>(&format!("c{id}"), &n).await;
+            let b = plain.execute::<Counter>(&format!("c{id}"), &n).await;
+            match (a, b) {
+                (Ok(a), Ok(b)) => {
+                    assert_eq!(
+                        (a.version, &a.aggregate, &a.events),
+                        (b.version, &b.aggregate, &b.events)
+                    );
+                }
+                (
+                    Err(RepositoryError::Domain { version: va, .. }),
+                    Err(RepositoryError::Domain { version: vb, .. }),
+                ) => {
+                    assert_eq!(va, vb);
+                }
+                (a, b) => panic!("different outcomes: {a:?} and {b:?}"),
+            }
+            assert!(
+                cached.aggregates_in_memory() <= 3,
+                "{}",
+                cached.aggregates_in_memory()
+            );
+            assert_eq!(plain.aggregates_in_memory(), 0);
+        }
+    }
+}
+
+/// A reply lost after the store wrote a shared append: the same batch is sent again, the store
+/// recognizes it, and every command of the batch succeeds once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_reply_to_a_shared_append_applies_every_command_once() {
+    let store = Faulty {
+        delay: Duration::from_millis(5),
+        lose_replies: Arc::new(AtomicU32::new(3)),
+        ..Faulty::default()
+    };
+    let repo = Repository::new(store.clone());
+    let tasks: Vec<_> = (0..12)
+        .map(|_| {
+            let repo = repo.clone();
+            tokio::spawn(async move { repo.execute::<Counter>("lossy", &2).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().expect("every command succeeds");
+    }
+    let loaded = repo
+        .load_without_snapshot::<Counter>("lossy")
+        .await
+        .unwrap();
+    assert_eq!((loaded.aggregate.total, loaded.version), (24, 12));
 }

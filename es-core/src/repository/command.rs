@@ -24,9 +24,16 @@ impl<S: Store> Repository<S> {
         self.execute_with(id, command, &Metadata::default()).await
     }
 
-    /// Runs `command` on aggregate `id`: loads it, decides, appends the events with the loaded
-    /// version as the expected version, and applies them. On a conflict it reloads and decides
-    /// again, up to the retry policy. Every event carries `metadata`.
+    /// Runs `command` on aggregate `id`: loads it (or takes the state kept in memory), decides,
+    /// appends the events with that state's version as the expected version, and applies them.
+    /// On a conflict it loads again and decides again, up to the retry policy. Every event
+    /// carries `metadata`.
+    ///
+    /// Commands to one aggregate in this repository (and its clones) queue up and never conflict
+    /// with each other; those that queued behind an append in flight are decided one after
+    /// another and appended together. The guide's chapter 2 (`docs/02-first-aggregate.md`)
+    /// says how, and [`RepositoryBuilder::cache_capacity`](super::RepositoryBuilder::cache_capacity)
+    /// how the state is kept between commands.
     pub async fn execute_with<A: Aggregate>(
         &self,
         id: &str,

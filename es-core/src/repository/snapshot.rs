@@ -13,16 +13,30 @@ use crate::contract::{SnapshotRecord, Store};
 use crate::event::now_micros;
 use crate::stream_id::StreamId;
 
+/// The default snapshot policy snapshots an aggregate every this many events.
+///
+/// It bounds what a load replays (a command loads after a restart, after its aggregate left the
+/// repository's memory, or after a conflict) to 100 events on top of a snapshot: about 0.5 ms at
+/// the 190,000 events/s a PostgreSQL rehydrate reaches in the README's benchmark table, against
+/// 53 ms for a 10,000-event history. It costs one snapshot write per 100 events appended.
+pub const DEFAULT_SNAPSHOT_INTERVAL: u64 = 100;
+
 /// When to snapshot an aggregate after a command.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub enum SnapshotPolicy {
-    /// Never (the default).
-    #[default]
+    /// Never.
     Never,
-    /// When at least this many events were appended since the last snapshot.
+    /// When at least this many events were appended since the last snapshot (the default:
+    /// every [`DEFAULT_SNAPSHOT_INTERVAL`] events).
     EveryNEvents(u64),
     /// A custom rule.
     Custom(Arc<dyn Fn(&SnapshotContext<'_>) -> bool + Send + Sync>),
+}
+
+impl Default for SnapshotPolicy {
+    fn default() -> Self {
+        Self::EveryNEvents(DEFAULT_SNAPSHOT_INTERVAL)
+    }
 }
 
 impl fmt::Debug for SnapshotPolicy {
