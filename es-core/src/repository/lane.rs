@@ -13,29 +13,31 @@
 //! Between commands a lane keeps its aggregate (the *cache*): the next command decides without
 //! reading the stream. Nothing is lost by that if another process wrote meanwhile: the append
 //! expects the cached version and fails with a conflict, which reloads. A command that emits
-//! nothing (a domain error, or no events) has no append to check it, so on a cached state it
-//! first reads the events after the cached version. Idle lanes beyond the repository's
-//! `cache_capacity` are dropped, least recently used first.
+//! nothing (a domain error, or no events) joins a batch too, with no events: a batch with events
+//! checks its members' state by its append; a batch without checks it by reading the stream's
+//! version once its predecessor committed (a different version is a conflict). Either way the
+//! state each answer was decided on is the stream's at a moment after the command began. Only a
+//! state loaded by the command itself is answered from at once. Idle lanes beyond the
+//! repository's `cache_capacity` are dropped, least recently used first.
 //!
 //! A batch that the store refuses for a reason other than a conflict (an inline projection, a
 //! payload over the limit) may have been refused for one command's events only: each of its
 //! commands then runs again alone, so that each gets the answer of its own events.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use futures::StreamExt;
 use hashlink::LruCache;
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::snapshot::SnapshotContext;
-use super::{RepoResult, Repository, RepositoryError};
+use super::{Executed, RepoResult, Repository, RepositoryError, Until};
 use crate::aggregate::Aggregate;
-use crate::contract::{
-    AppendRequest, ExpectedVersion, OutboxMessage, ReadStream, Store, StoreError,
-};
-use crate::event::NewEvent;
+use crate::contract::{AppendRequest, ExpectedVersion, OutboxMessage, Store, StoreError};
+use crate::event::{Metadata, NewEvent};
 use crate::stream_id::StreamId;
 
 /// Most events one batch takes; a command whose events do not fit opens the next batch.
@@ -47,10 +49,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A lane's key: the aggregate type and its stream.
+type Key = (TypeId, StreamId);
+
 /// The lanes of a repository, least recently used first.
 pub(super) struct Lanes {
     capacity: usize,
-    map: Mutex<LruCache<StreamId, Arc<dyn Any + Send + Sync>>>,
+    map: Mutex<LruCache<Key, Arc<dyn Any + Send + Sync>>>,
 }
 
 impl Lanes {
@@ -63,38 +68,49 @@ impl Lanes {
 
     /// The lane of `stream_id` for aggregate type `A`.
     pub(super) fn lane<A: Aggregate>(&self, stream_id: &StreamId) -> Arc<Lane<A>> {
+        let key = (TypeId::of::<A>(), stream_id.clone());
         let mut map = lock(&self.map);
-        if let Some(lane) = map.get(stream_id) {
+        if let Some(lane) = map.get(&key) {
             if let Ok(lane) = Arc::clone(lane).downcast::<Lane<A>>() {
                 return lane;
             }
         }
         let lane = Arc::new(Lane::<A>::new());
-        map.insert(stream_id.clone(), Arc::clone(&lane) as _);
+        map.insert(key, Arc::clone(&lane) as _);
+        Self::trim_locked(&mut map, self.capacity);
         lane
     }
 
     /// Drops idle lanes, least recently used first, until at most `capacity` remain (lanes in
     /// use stay).
     pub(super) fn trim(&self) {
-        let mut map = lock(&self.map);
+        Self::trim_locked(&mut lock(&self.map), self.capacity);
+    }
+
+    fn trim_locked(map: &mut LruCache<Key, Arc<dyn Any + Send + Sync>>, capacity: usize) {
         let mut busy = Vec::new();
-        while map.len() > self.capacity {
-            let Some((stream_id, lane)) = map.remove_lru() else {
+        while map.len() > capacity {
+            let Some((key, lane)) = map.remove_lru() else {
                 break;
             };
             if Arc::strong_count(&lane) > 1 {
-                busy.push((stream_id, lane));
+                busy.push((key, lane));
             }
         }
-        for (stream_id, lane) in busy {
-            map.insert(stream_id, lane);
+        for (key, lane) in busy {
+            map.insert(key, lane);
         }
     }
 
-    /// Drops the lane of `stream_id` and the state it keeps: the next command loads it.
-    pub(super) fn forget(&self, stream_id: &StreamId) {
-        lock(&self.map).remove(stream_id);
+    /// Notes that the stored snapshot of `stream_id` was deleted: the lane of `A` there counts
+    /// the next snapshot from none.
+    pub(super) fn snapshot_deleted<A: Aggregate>(&self, stream_id: &StreamId) {
+        let key = (TypeId::of::<A>(), stream_id.clone());
+        if let Some(lane) = lock(&self.map).peek(&key) {
+            if let Some(lane) = lane.downcast_ref::<Lane<A>>() {
+                lane.snapshot_deleted.store(true, Ordering::SeqCst);
+            }
+        }
     }
 
     /// Lanes held now.
@@ -106,16 +122,31 @@ impl Lanes {
 /// One aggregate's commands in this process.
 pub(super) struct Lane<A: Aggregate> {
     state: tokio::sync::Mutex<LaneState<A>>,
+    /// The stream's snapshot was deleted (found not to match the stream) by a load outside the
+    /// lane.
+    snapshot_deleted: AtomicBool,
 }
 
 struct LaneState<A: Aggregate> {
     /// The aggregate after every event the lane knows of: the committed ones, then those of the
     /// batches not settled yet. `None`: load it.
     tip: Option<Tip<A>>,
-    /// The batch commands join, until it is sealed.
+    /// The batch commands join, until it is closed.
     open: Option<Arc<Batch<A>>>,
     /// The newest batch, which the next one waits for.
     last: Option<Arc<Batch<A>>>,
+}
+
+impl<A: Aggregate> LaneState<A> {
+    /// Forgets the state and the batches not settled: the next command loads the aggregate and
+    /// starts a new line of batches. Those in flight still settle; a batch decided on the
+    /// forgotten state fails by its expected version, never commits on a state it was not
+    /// decided on.
+    fn forget(&mut self) {
+        self.tip = None;
+        self.open = None;
+        self.last = None;
+    }
 }
 
 struct Tip<A> {
@@ -133,33 +164,33 @@ impl<A: Aggregate> Lane<A> {
                 open: None,
                 last: None,
             }),
+            snapshot_deleted: AtomicBool::new(false),
         }
     }
 
-    /// Forgets the state and every batch not settled: after a failed batch, commands load again.
-    async fn reset(&self) {
-        let mut state = self.state.lock().await;
-        state.tip = None;
-        state.open = None;
-        state.last = None;
+    async fn forget(&self) {
+        self.state.lock().await.forget();
     }
 }
 
-/// Events of several commands, appended together.
+/// The events of several commands, appended together (or, if none has events, the check that
+/// the stream is still at the version they were decided at).
 struct Batch<A: Aggregate> {
     /// The stream version the batch expects.
     expected: u64,
-    /// The batch before it on the lane; this one is sent once that one committed.
-    previous: Option<Arc<Batch<A>>>,
+    /// The batch before it on the lane, until this one's task took it to wait for it.
+    previous: Mutex<Option<Arc<Batch<A>>>>,
     parts: Mutex<Parts<A>>,
-    outcome: watch::Sender<Option<Arc<Outcome>>>,
+    /// Set by the batch's task; closed (an error for waiters) if the task ends without setting it.
+    outcome: watch::Receiver<Option<Arc<Outcome>>>,
 }
 
 struct Parts<A> {
     events: Vec<NewEvent>,
     outbox: Vec<OutboxMessage>,
     bytes: usize,
-    members: usize,
+    /// Members with events.
+    writers: usize,
     /// No more commands join: it is being sent, or it belongs to one command alone.
     closed: bool,
     /// The state to snapshot once committed, at its version, with the event id there.
@@ -168,66 +199,74 @@ struct Parts<A> {
 
 /// How a batch ended.
 enum Outcome {
-    /// Appended: the global position of each event.
+    /// Appended (or, without events, the stream was found at the expected version): the global
+    /// position of each event.
     Committed {
         positions: Vec<u64>,
         snapshot_saved: bool,
     },
     /// Another writer moved the stream; `actual` is its version then.
     Conflict { actual: u64 },
-    /// The store refused the batch for another reason, and wrote nothing: with one command, its
+    /// The store refused the batch for another reason, and wrote nothing: with one writer, its
     /// error; with several, each runs again alone.
     Refused {
         error: Mutex<Option<StoreError>>,
-        members: usize,
+        writers: usize,
     },
     /// The append failed and may or may not have been written: every command gets the error.
     Unknown(Arc<StoreError>),
-    /// Never sent: the batch before it failed, or its task ended early.
+    /// Never sent: the batch before it did not commit.
     Abandoned,
+    /// The batch's task ended before it settled (it panicked, or its runtime shut down): whether
+    /// the events were written is unknown.
+    Lost,
 }
 
 impl<A: Aggregate> Batch<A> {
-    fn new(expected: u64, previous: Option<Arc<Batch<A>>>, alone: bool) -> Self {
-        Self {
+    /// A batch and the sender its task settles it with.
+    fn new(
+        expected: u64,
+        previous: Option<Arc<Batch<A>>>,
+        alone: bool,
+    ) -> (Self, watch::Sender<Option<Arc<Outcome>>>) {
+        let (tx, rx) = watch::channel(None);
+        let batch = Self {
             expected,
-            previous,
+            previous: Mutex::new(previous),
             parts: Mutex::new(Parts {
                 events: Vec::new(),
                 outbox: Vec::new(),
                 bytes: 0,
-                members: 0,
+                writers: 0,
                 closed: alone,
                 snapshot: None,
             }),
-            outcome: watch::channel(None).0,
-        }
+            outcome: rx,
+        };
+        (batch, tx)
     }
 
-    fn settle(&self, outcome: Outcome) {
-        self.outcome.send_replace(Some(Arc::new(outcome)));
-    }
-
-    fn settled(&self) -> Option<Arc<Outcome>> {
-        self.outcome.borrow().clone()
+    fn settled(&self) -> bool {
+        self.outcome.borrow().is_some()
     }
 
     /// Waits until the batch is settled.
     async fn wait(&self) -> Arc<Outcome> {
-        let mut rx = self.outcome.subscribe();
+        let mut rx = self.outcome.clone();
         let outcome = match rx.wait_for(Option::is_some).await {
             Ok(outcome) => outcome.clone(),
             Err(_) => None,
         };
-        outcome.unwrap_or_else(|| Arc::new(Outcome::Abandoned))
+        outcome.unwrap_or_else(|| Arc::new(Outcome::Lost))
     }
 }
 
 /// What one command's attempt came to.
 pub(super) enum Attempt<A: Aggregate> {
     /// Done: the events were appended (or there were none).
-    Done(super::Executed<A>),
-    /// Run again: after a conflict (`Some(actual)`) or a failure that wrote nothing.
+    Done(Executed<A>),
+    /// Run again: after a conflict (`Some((expected, actual))`) or a batch that failed for
+    /// another command's sake; `alone`: without sharing a batch.
     Again {
         conflict: Option<(u64, u64)>,
         alone: bool,
@@ -239,10 +278,19 @@ struct Member<A: Aggregate> {
     batch: Arc<Batch<A>>,
     /// Offset of its first event in the batch.
     offset: usize,
+    /// The version it was decided at.
+    decided_at: u64,
     events: Vec<A::Event>,
     event_ids: Vec<Uuid>,
     /// The aggregate after its events.
     aggregate: A,
+}
+
+/// A command's decision, before it joins a batch.
+struct Decided<A: Aggregate> {
+    events: Vec<A::Event>,
+    new_events: Vec<NewEvent>,
+    outbox: Vec<OutboxMessage>,
 }
 
 impl<S: Store> Repository<S> {
@@ -253,15 +301,20 @@ impl<S: Store> Repository<S> {
         lane: &Arc<Lane<A>>,
         stream_id: &StreamId,
         command: &A::Command,
-        metadata: &crate::event::Metadata,
+        metadata: &Metadata,
         attempts: u32,
         alone: bool,
     ) -> RepoResult<Attempt<A>, A> {
         let mut state = lane.state.lock().await;
-        let mut cached = true;
-        if state.tip.is_none() {
+        if lane.snapshot_deleted.swap(false, Ordering::SeqCst) {
+            if let Some(tip) = state.tip.as_mut() {
+                tip.snapshot_version = None;
+            }
+        }
+        let loaded_now = state.tip.is_none();
+        if loaded_now {
             let loaded = self
-                .load_stream::<A>(stream_id.clone(), super::Until::Latest)
+                .load_stream::<A>(stream_id.clone(), Until::Latest)
                 .await?;
             state.tip = Some(Tip {
                 aggregate: loaded.aggregate,
@@ -269,129 +322,128 @@ impl<S: Store> Repository<S> {
                 snapshot_version: loaded.snapshot_version,
                 last_event_id: loaded.last_event_id,
             });
-            cached = false;
         }
-        loop {
-            let tip = state
-                .tip
-                .as_ref()
-                .unwrap_or_else(|| unreachable!("loaded above"));
-            let version = tip.version;
-            let answer = match tip.aggregate.handle(command) {
-                Ok(events) if !events.is_empty() => {
-                    let member = self.join(lane, &mut state, stream_id, events, metadata, alone)?;
-                    drop(state);
-                    return self.await_member(member, stream_id, attempts).await;
-                }
-                Ok(events) => Ok(Attempt::Done(super::Executed {
-                    stream_id: stream_id.clone(),
-                    aggregate: tip.aggregate.clone(),
-                    version,
-                    events,
-                    event_ids: Vec::new(),
-                    positions: Vec::new(),
-                    attempts,
-                    snapshot_saved: false,
-                })),
-                Err(source) => Err(RepositoryError::Domain {
+        let tip = state
+            .tip
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("loaded above"));
+        let version = tip.version;
+        let decided = match tip.aggregate.handle(command) {
+            Ok(events) => events,
+            Err(source) => {
+                let error = RepositoryError::Domain {
                     stream_id: stream_id.clone(),
                     version,
                     source,
-                }),
-            };
-            // No append checks an answer without events: it stands once the state it was
-            // decided on is known to be the stream's. That state includes the batches not
-            // settled yet: they must commit. A cached state may be behind another process's
-            // writes: read them first.
-            let pending = state
-                .last
-                .as_ref()
-                .filter(|b| b.settled().is_none())
-                .cloned();
-            if let Some(batch) = pending {
-                drop(state);
-                return match *batch.wait().await {
-                    Outcome::Committed { .. } => answer,
-                    _ => Ok(Attempt::Again {
-                        conflict: None,
-                        alone,
-                    }),
                 };
-            }
-            if cached && self.catch_up(&mut state, stream_id).await? {
-                cached = false;
-                continue;
-            }
-            return answer;
-        }
-    }
-
-    /// Reads the events after the cached state and applies them; whether there were any.
-    async fn catch_up<A: Aggregate>(
-        &self,
-        state: &mut LaneState<A>,
-        stream_id: &StreamId,
-    ) -> RepoResult<bool, A> {
-        let Some(mut tip) = state.tip.take() else {
-            return Ok(false);
-        };
-        let upcasters = self.upcasters::<A::Event>();
-        let mut events = self
-            .inner
-            .store
-            .read_stream(stream_id, ReadStream::forward().from(tip.version + 1));
-        let mut moved = false;
-        while let Some(event) = events.next().await {
-            let event = event.map_err(|source| RepositoryError::Store {
-                stream_id: stream_id.clone(),
-                version: tip.version,
-                source,
-            })?;
-            if event.stream_version != tip.version + 1 {
-                return Err(RepositoryError::Store {
-                    stream_id: stream_id.clone(),
-                    version: tip.version,
-                    source: StoreError::corrupt_at(
+                return self
+                    .answer_after_check(
+                        lane,
+                        state,
                         stream_id,
-                        event.stream_version,
-                        format!("expected version {} next", tip.version + 1),
-                    ),
-                });
+                        loaded_now,
+                        attempts,
+                        alone,
+                        Err(error),
+                    )
+                    .await;
             }
-            upcasters.decode_into::<A::Event>(&event, |e| tip.aggregate.evolve(&e))?;
-            tip.version = event.stream_version;
-            tip.last_event_id = Some(event.event_id);
-            moved = true;
+        };
+        if decided.is_empty() {
+            let executed = Executed {
+                stream_id: stream_id.clone(),
+                aggregate: tip.aggregate.clone(),
+                version,
+                events: decided,
+                event_ids: Vec::new(),
+                positions: Vec::new(),
+                attempts,
+                snapshot_saved: false,
+            };
+            return self
+                .answer_after_check(
+                    lane,
+                    state,
+                    stream_id,
+                    loaded_now,
+                    attempts,
+                    alone,
+                    Ok(executed),
+                )
+                .await;
         }
-        state.tip = Some(tip);
-        Ok(moved)
+        let new_events = super::command::encode_events::<A>(stream_id, &decided, metadata)?;
+        let outbox = self.translate::<A>(stream_id, &decided, &new_events, metadata)?;
+        let member = self.join(
+            lane,
+            &mut state,
+            stream_id,
+            Decided {
+                events: decided,
+                new_events,
+                outbox,
+            },
+            alone,
+        );
+        drop(state);
+        self.await_member(lane, member, stream_id, attempts).await
     }
 
-    /// Adds a command's events to the lane's open batch (or a new one) and applies them to the
-    /// lane's state.
+    /// Answers a command that emitted no events, decided on the lane's state: at once if the
+    /// state was loaded by this attempt and no batch is pending (it is the stream's as read
+    /// after the command began); else once a batch without events, joined now, found the stream
+    /// at the version the command was decided at.
+    #[allow(clippy::too_many_arguments)]
+    async fn answer_after_check<A: Aggregate>(
+        &self,
+        lane: &Arc<Lane<A>>,
+        mut state: tokio::sync::MutexGuard<'_, LaneState<A>>,
+        stream_id: &StreamId,
+        loaded_now: bool,
+        attempts: u32,
+        alone: bool,
+        answer: RepoResult<Executed<A>, A>,
+    ) -> RepoResult<Attempt<A>, A> {
+        let pending = state.last.as_ref().is_some_and(|b| !b.settled());
+        if loaded_now && !pending {
+            return answer.map(Attempt::Done);
+        }
+        let member = self.join(
+            lane,
+            &mut state,
+            stream_id,
+            Decided {
+                events: Vec::new(),
+                new_events: Vec::new(),
+                outbox: Vec::new(),
+            },
+            alone,
+        );
+        drop(state);
+        match self.await_member(lane, member, stream_id, attempts).await? {
+            Attempt::Done(_) => answer.map(Attempt::Done),
+            again @ Attempt::Again { .. } => Ok(again),
+        }
+    }
+
+    /// Adds a command's events (possibly none) to the lane's open batch, or to a new one, and
+    /// applies them to the lane's state.
     fn join<A: Aggregate>(
         &self,
         lane: &Arc<Lane<A>>,
         state: &mut LaneState<A>,
         stream_id: &StreamId,
-        events: Vec<A::Event>,
-        metadata: &crate::event::Metadata,
+        decided: Decided<A>,
         alone: bool,
-    ) -> RepoResult<Member<A>, A> {
-        let new_events = super::command::encode_events::<A>(stream_id, &events, metadata)?;
-        let outbox = self.translate::<A>(stream_id, &events, &new_events, metadata)?;
+    ) -> Member<A> {
+        let Decided {
+            events,
+            new_events,
+            outbox,
+        } = decided;
         let event_ids: Vec<Uuid> = new_events.iter().map(|e| e.event_id).collect();
         let bytes: usize = new_events.iter().map(|e| e.payload.len()).sum();
-
-        // Apply to the lane's state; if that panics, the lane loads again.
-        let mut tip = state.tip.take().unwrap_or_else(|| unreachable!("loaded"));
-        let before = tip.version;
-        for event in &events {
-            tip.aggregate.evolve(event);
-        }
-        tip.version += events.len() as u64;
-        tip.last_event_id = event_ids.last().copied();
-
+        let writes = !new_events.is_empty();
         let joinable = state.open.as_ref().filter(|batch| {
             let parts = lock(&batch.parts);
             !alone
@@ -399,93 +451,129 @@ impl<S: Store> Repository<S> {
                 && parts.events.len() + new_events.len() <= MAX_BATCH_EVENTS
                 && parts.bytes + bytes <= MAX_BATCH_BYTES
         });
+        let before = state
+            .tip
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("loaded"))
+            .version;
         let batch = if let Some(batch) = joinable {
             Arc::clone(batch)
         } else {
-            let batch = Arc::new(Batch::new(before, state.last.clone(), alone));
+            let (batch, settle) = Batch::new(before, state.last.take(), alone);
+            let batch = Arc::new(batch);
             state.last = Some(Arc::clone(&batch));
             state.open = (!alone).then(|| Arc::clone(&batch));
             tokio::spawn(self.clone().send_batch(
                 Arc::clone(lane),
                 Arc::clone(&batch),
+                settle,
                 stream_id.clone(),
             ));
             batch
         };
-        let offset = {
-            let mut parts = lock(&batch.parts);
-            let offset = parts.events.len();
-            parts.events.extend(new_events);
-            parts.outbox.extend(outbox);
-            parts.bytes += bytes;
-            parts.members += 1;
+        // Applying the events and asking the snapshot policy run user code: if it panics, the
+        // lane forgets its state (and the batches built on it) rather than keep a state that
+        // misses events it has queued.
+        let applied = panic::catch_unwind(AssertUnwindSafe(|| {
+            let tip = state.tip.as_mut().unwrap_or_else(|| unreachable!("loaded"));
+            for event in &events {
+                tip.aggregate.evolve(event);
+            }
+            tip.version += events.len() as u64;
+            if writes {
+                tip.last_event_id = event_ids.last().copied();
+            }
             let ctx = SnapshotContext {
                 stream_id,
                 version: tip.version,
-                previous_version: batch.expected,
+                previous_version: before,
                 last_snapshot_version: tip.snapshot_version,
             };
-            if self.snapshot_policy::<A>().should_snapshot(&ctx) {
-                parts.snapshot = Some((tip.aggregate.clone(), tip.version, tip.last_event_id));
+            let snapshot = (writes && self.snapshot_policy::<A>().should_snapshot(&ctx))
+                .then(|| (tip.aggregate.clone(), tip.version, tip.last_event_id));
+            (tip.aggregate.clone(), snapshot)
+        }));
+        let (aggregate, snapshot) = match applied {
+            Ok(applied) => applied,
+            Err(panic) => {
+                state.forget();
+                lock(&batch.parts).closed = true;
+                panic::resume_unwind(panic);
             }
-            offset
         };
-        let aggregate = tip.aggregate.clone();
-        state.tip = Some(tip);
-        Ok(Member {
+        let mut parts = lock(&batch.parts);
+        let offset = parts.events.len();
+        parts.events.extend(new_events);
+        parts.outbox.extend(outbox);
+        parts.bytes += bytes;
+        parts.writers += usize::from(writes);
+        if snapshot.is_some() {
+            parts.snapshot = snapshot;
+        }
+        drop(parts);
+        Member {
             batch,
             offset,
+            decided_at: before,
             events,
             event_ids,
             aggregate,
-        })
+        }
     }
 
     /// Waits for a member's batch and makes its answer.
     async fn await_member<A: Aggregate>(
         &self,
+        lane: &Lane<A>,
         member: Member<A>,
         stream_id: &StreamId,
         attempts: u32,
     ) -> RepoResult<Attempt<A>, A> {
         let outcome = member.batch.wait().await;
-        let first = member.batch.expected + member.offset as u64;
         let again = |conflict, alone| Ok(Attempt::Again { conflict, alone });
+        let store_error = |source| {
+            Err(RepositoryError::Store {
+                stream_id: stream_id.clone(),
+                version: member.decided_at,
+                source,
+            })
+        };
         match &*outcome {
             Outcome::Committed {
                 positions,
                 snapshot_saved,
             } => {
                 let n = member.events.len();
-                Ok(Attempt::Done(super::Executed {
+                Ok(Attempt::Done(Executed {
                     stream_id: stream_id.clone(),
                     aggregate: member.aggregate,
-                    version: first + n as u64,
+                    version: member.decided_at + n as u64,
                     positions: positions[member.offset..member.offset + n].to_vec(),
                     events: member.events,
                     event_ids: member.event_ids,
                     attempts,
-                    snapshot_saved: *snapshot_saved,
+                    snapshot_saved: *snapshot_saved && n > 0,
                 }))
             }
             Outcome::Conflict { actual } => again(Some((member.batch.expected, *actual)), false),
-            Outcome::Refused { members, .. } if *members > 1 => again(None, true),
-            Outcome::Refused { error, .. } => {
-                let source = lock(error).take().unwrap_or_else(|| {
-                    StoreError::backend("the store refused the append (its error was taken)")
-                });
-                Err(RepositoryError::Store {
-                    stream_id: stream_id.clone(),
-                    version: member.batch.expected,
-                    source,
-                })
+            Outcome::Refused { writers, .. } if *writers > 1 || member.events.is_empty() => {
+                again(None, true)
             }
-            Outcome::Unknown(error) => Err(RepositoryError::Store {
-                stream_id: stream_id.clone(),
-                version: member.batch.expected,
-                source: shared(error),
-            }),
+            Outcome::Refused { error, .. } => {
+                store_error(lock(error).take().unwrap_or_else(|| {
+                    StoreError::backend("the store refused the append (its error was taken)")
+                }))
+            }
+            Outcome::Unknown(error) => store_error(shared(error)),
             Outcome::Abandoned => again(None, false),
+            Outcome::Lost => {
+                lane.forget().await;
+                store_error(StoreError::unavailable(
+                    "the task appending this command's batch ended before the append settled \
+                     (it panicked, or its runtime shut down); whether the events were written \
+                     is unknown",
+                ))
+            }
         }
     }
 
@@ -494,66 +582,123 @@ impl<S: Store> Repository<S> {
         self,
         lane: Arc<Lane<A>>,
         batch: Arc<Batch<A>>,
+        settle: watch::Sender<Option<Arc<Outcome>>>,
         stream_id: StreamId,
     ) {
-        if let Some(previous) = &batch.previous {
-            match &*previous.wait().await {
-                Outcome::Committed { .. } => {}
-                Outcome::Conflict { actual } => {
-                    close(&lane, &batch).await;
-                    batch.settle(Outcome::Conflict { actual: *actual });
-                    return;
+        let previous = lock(&batch.previous).take();
+        if let Some(previous) = previous {
+            let before = previous.wait().await;
+            if !matches!(*before, Outcome::Committed { .. }) {
+                // Decided on events that were not written (or may not have been): never sent.
+                // A failed predecessor made the lane forget them; a lost one could not.
+                if matches!(*before, Outcome::Lost) {
+                    lane.forget().await;
                 }
-                _ => {
-                    close(&lane, &batch).await;
-                    batch.settle(Outcome::Abandoned);
-                    return;
-                }
+                close(&lane, &batch).await;
+                settle.send_replace(Some(Arc::new(match *before {
+                    Outcome::Conflict { actual } => Outcome::Conflict { actual },
+                    _ => Outcome::Abandoned,
+                })));
+                return;
             }
         }
-        let (request, members, snapshot) = {
-            close(&lane, &batch).await;
+        close(&lane, &batch).await;
+        let (events, outbox, writers, snapshot) = {
             let mut parts = lock(&batch.parts);
+            (
+                std::mem::take(&mut parts.events),
+                std::mem::take(&mut parts.outbox),
+                parts.writers,
+                parts.snapshot.take(),
+            )
+        };
+        let outcome = if events.is_empty() {
+            self.check_version(&lane, &stream_id, batch.expected).await
+        } else {
             let request = AppendRequest::new(
                 stream_id.clone(),
                 ExpectedVersion::Exact(batch.expected),
-                std::mem::take(&mut parts.events),
+                events,
             )
-            .with_outbox(std::mem::take(&mut parts.outbox));
-            (request, parts.members, parts.snapshot.take())
-        };
-        let outcome = match self.append(request).await {
-            Ok(result) => {
-                let mut snapshot_saved = false;
-                if let Some((aggregate, version, event_id)) = snapshot {
-                    snapshot_saved = self
-                        .save_snapshot(&stream_id, &aggregate, version, event_id)
-                        .await;
-                    if snapshot_saved {
-                        let mut state = lane.state.lock().await;
-                        if let Some(tip) = state.tip.as_mut() {
-                            tip.snapshot_version = Some(version);
+            .with_outbox(outbox);
+            match self.append(request).await {
+                Ok(result) => {
+                    let snapshot_saved = match snapshot {
+                        Some((aggregate, version, event_id)) => {
+                            self.save_and_note_snapshot(
+                                &lane, &stream_id, &aggregate, version, event_id,
+                            )
+                            .await
                         }
+                        None => false,
+                    };
+                    Outcome::Committed {
+                        positions: result.positions,
+                        snapshot_saved,
                     }
                 }
-                Outcome::Committed {
-                    positions: result.positions,
-                    snapshot_saved,
-                }
-            }
-            Err(error) => {
-                lane.reset().await;
-                match error {
-                    StoreError::Conflict { actual, .. } => Outcome::Conflict { actual },
-                    error if nothing_written(&error) => Outcome::Refused {
-                        error: Mutex::new(Some(error)),
-                        members,
-                    },
-                    error => Outcome::Unknown(Arc::new(error)),
+                Err(error) => {
+                    lane.forget().await;
+                    match error {
+                        StoreError::Conflict { actual, .. } => Outcome::Conflict { actual },
+                        error if nothing_written(&error) => Outcome::Refused {
+                            error: Mutex::new(Some(error)),
+                            writers,
+                        },
+                        error => Outcome::Unknown(Arc::new(error)),
+                    }
                 }
             }
         };
-        batch.settle(outcome);
+        settle.send_replace(Some(Arc::new(outcome)));
+        drop((lane, batch));
+        self.inner.lanes.trim();
+    }
+
+    /// The outcome of a batch without events: whether the stream is at `expected`.
+    async fn check_version<A: Aggregate>(
+        &self,
+        lane: &Lane<A>,
+        stream_id: &StreamId,
+        expected: u64,
+    ) -> Outcome {
+        match self.inner.store.stream_version(stream_id).await {
+            Ok(actual) if actual == expected => Outcome::Committed {
+                positions: Vec::new(),
+                snapshot_saved: false,
+            },
+            Ok(actual) => {
+                lane.forget().await;
+                Outcome::Conflict { actual }
+            }
+            Err(error) => {
+                lane.forget().await;
+                Outcome::Unknown(Arc::new(error))
+            }
+        }
+    }
+
+    /// Saves a snapshot after a batch; the lane counts the next one from it.
+    async fn save_and_note_snapshot<A: Aggregate>(
+        &self,
+        lane: &Lane<A>,
+        stream_id: &StreamId,
+        aggregate: &A,
+        version: u64,
+        event_id: Option<Uuid>,
+    ) -> bool {
+        let saved = self
+            .save_snapshot(stream_id, aggregate, version, event_id)
+            .await;
+        if saved {
+            let mut state = lane.state.lock().await;
+            if let Some(tip) = state.tip.as_mut() {
+                if tip.snapshot_version.is_none_or(|v| v < version) {
+                    tip.snapshot_version = Some(version);
+                }
+            }
+        }
+        saved
     }
 }
 

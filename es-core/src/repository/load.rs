@@ -118,7 +118,7 @@ impl<S: Store> Repository<S> {
                             stream_event_version = event.stream_version,
                             "snapshot does not match the stream's events; deleting it and \
                              replaying every event");
-                        self.discard_snapshot(&stream_id, version).await;
+                        self.discard_snapshot::<A>(&stream_id, version).await;
                         continue 'replay;
                     }
                     checked = true;
@@ -153,7 +153,7 @@ impl<S: Store> Repository<S> {
                 tracing::warn!(stream_id = %stream_id, snapshot_version = version,
                     "snapshot is ahead of its stream (the stream has no event at its version); \
                      deleting it and replaying every event");
-                self.discard_snapshot(&stream_id, version).await;
+                self.discard_snapshot::<A>(&stream_id, version).await;
                 continue 'replay;
             }
             return Ok(Loaded {

@@ -131,12 +131,11 @@ impl<S: Store> Repository<S> {
 
     /// Deletes a snapshot found not to match its stream; a failure is logged (the next load finds
     /// it again and ignores it again).
-    pub(super) async fn discard_snapshot(&self, stream_id: &StreamId, version: u64) {
-        // A state kept in memory counts from the snapshot it knew of.
-        self.inner.lanes.forget(stream_id);
+    pub(super) async fn discard_snapshot<A: Aggregate>(&self, stream_id: &StreamId, version: u64) {
         if let Err(err) = self.inner.store.delete_snapshot(stream_id, version).await {
             tracing::warn!(stream_id = %stream_id, version, error = %err, "could not delete a snapshot that does not match its stream");
         }
+        self.inner.lanes.snapshot_deleted::<A>(stream_id);
     }
 
     /// Serializes and stores a snapshot; a failure is logged, never returned.
