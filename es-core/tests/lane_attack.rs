@@ -1,7 +1,7 @@
 //! Adversarial tests of the per-aggregate lanes (`es-core/src/repository/lane.rs`,
 //! `es-core/src/repository/command.rs`): each test tries to break one of their guarantees.
-//! `child_*` tests are `#[ignore]`d helpers that other tests run in a child process (they measure
-//! the process' memory, or would crash it).
+//! Two tests run their body in a child process (they measure the process' memory, or would crash
+//! it): the test runs itself again with the `CHILD` variable set.
 //!
 //! Every history check replays the stream from the store and compares it with what callers were
 //! told: each `Ok`'s events stored exactly once at its version, each stored command's events
@@ -1524,13 +1524,7 @@ const CHILD: &str = "LANE_ATTACK_CHILD";
 
 fn run_child(name: &str) -> std::process::Output {
     std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            name,
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD, "1")
         .output()
         .unwrap()
@@ -1561,12 +1555,8 @@ async fn sequential(repo: &Repository<BlackHole>, id: &str, from: u64, count: u6
     }
 }
 
-#[test]
-#[ignore = "run by a_hot_aggregate_does_not_grow_memory"]
+/// The part of `a_hot_aggregate_does_not_grow_memory` that runs in a child process.
 fn child_memory_of_a_hot_aggregate() {
-    if std::env::var_os(CHILD).is_none() {
-        return;
-    }
     on_worker_sized_thread(|| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1592,7 +1582,11 @@ fn child_memory_of_a_hot_aggregate() {
 /// nothing: the repository's memory does not grow (a lane keeps only its batches not settled).
 #[test]
 fn a_hot_aggregate_does_not_grow_memory() {
-    let out = run_child("child_memory_of_a_hot_aggregate");
+    if std::env::var_os(CHILD).is_some() {
+        child_memory_of_a_hot_aggregate();
+        return;
+    }
+    let out = run_child("a_hot_aggregate_does_not_grow_memory");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "child failed: {stdout}");
     let growth: u64 = stdout
@@ -1610,12 +1604,8 @@ fn a_hot_aggregate_does_not_grow_memory() {
     );
 }
 
-#[test]
-#[ignore = "run by evicting_a_long_lived_aggregate_does_not_overflow_the_stack"]
+/// The part of `evicting_a_long_lived_aggregate_does_not_overflow_the_stack` that runs in a child process.
 fn child_evict_a_long_lived_aggregate() {
-    if std::env::var_os(CHILD).is_none() {
-        return;
-    }
     on_worker_sized_thread(|| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1645,7 +1635,11 @@ fn child_evict_a_long_lived_aggregate() {
 /// 2 MiB stack (a tokio worker's default).
 #[test]
 fn evicting_a_long_lived_aggregate_does_not_overflow_the_stack() {
-    let out = run_child("child_evict_a_long_lived_aggregate");
+    if std::env::var_os(CHILD).is_some() {
+        child_evict_a_long_lived_aggregate();
+        return;
+    }
+    let out = run_child("evicting_a_long_lived_aggregate_does_not_overflow_the_stack");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
