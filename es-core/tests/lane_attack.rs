@@ -1188,30 +1188,49 @@ async fn a_panicking_evolve_makes_the_lane_load_again() {
     );
 }
 
+/// Where the append of a batch is slow to settle after the store wrote it.
+#[derive(Clone, Copy)]
+enum SlowAfterWrite {
+    /// The append's reply.
+    Reply,
+    /// The snapshot written after it (one more round trip before the batch settles).
+    SnapshotWrite,
+}
+
 /// Guarantee 1 (linearizability across processes). A command without events decided on a
 /// state that includes a batch not settled yet: the batch may have been written before the
-/// command began (only its reply is late), and another process may have written since. Here
-/// repository A's deposit is written (balance 15) with a slow reply (100 ms); repository B
+/// command began (only its settlement is late), and another process may have written since.
+/// Repository A's deposit is written (balance 15) but settles 100 ms late; repository B
 /// deposits 100 and returns (balance 116); then A's caller asks `AtLeast(100)`: Ok at version 4.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_answer_without_events_is_not_stale_after_a_slow_append_reply() {
+async fn an_answer_without_events_is_not_stale(slow: SlowAfterWrite) {
     let (inner, store, log) = setup(0);
-    let a = Repository::new(store.clone());
+    let policy = match slow {
+        SlowAfterWrite::Reply => SnapshotPolicy::Never,
+        SlowAfterWrite::SnapshotWrite => SnapshotPolicy::EveryNEvents(1),
+    };
+    let a = Repository::builder(store.clone())
+        .snapshot_policy::<Acct>(policy)
+        .build()
+        .unwrap();
     let b = Repository::builder(store.clone())
         .cache_capacity(0)
         .build()
         .unwrap();
     run(&a, &log, "x", cmd(1, Op::Deposit(10)), None).await;
-    store.knobs.reply_delay_ms.store(100, Ordering::SeqCst);
+    let knob = match slow {
+        SlowAfterWrite::Reply => &store.knobs.reply_delay_ms,
+        SlowAfterWrite::SnapshotWrite => &store.knobs.snapshot_delay_ms,
+    };
+    knob.store(100, Ordering::SeqCst);
     let (a2, l2) = (a.clone(), Arc::clone(&log));
-    let slow = tokio::spawn(async move { run(&a2, &l2, "x", cmd(2, Op::Deposit(5)), None).await });
+    let late = tokio::spawn(async move { run(&a2, &l2, "x", cmd(2, Op::Deposit(5)), None).await });
     tokio::time::sleep(Duration::from_millis(20)).await;
-    store.knobs.reply_delay_ms.store(0, Ordering::SeqCst);
+    knob.store(0, Ordering::SeqCst);
     let other = run(&b, &log, "x", cmd(3, Op::Deposit(100)), None).await;
     assert!(matches!(other, Told::Ok { version: 4, .. }), "{other:?}");
     // Started after the other process' deposit returned: balance 116.
     let asked = run(&a, &log, "x", cmd(4, Op::AtLeast(100)), None).await;
-    slow.await.unwrap();
+    late.await.unwrap();
     let records = log.lock().unwrap().clone();
     let problems = check(&inner, &records).await;
     assert!(
@@ -1221,36 +1240,14 @@ async fn an_answer_without_events_is_not_stale_after_a_slow_append_reply() {
     );
 }
 
-/// Same cause, with no fault at all: the batch's snapshot is written between the append and
-/// the batch's settlement (`send_batch`, lane.rs:528-536), so a slow snapshot write (one more
-/// round trip to the database) opens the same window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_without_events_is_not_stale_after_a_slow_append_reply() {
+    an_answer_without_events_is_not_stale(SlowAfterWrite::Reply).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_without_events_is_not_stale_behind_a_slow_snapshot_write() {
-    let (inner, store, log) = setup(0);
-    let a = Repository::builder(store.clone())
-        .snapshot_policy::<Acct>(SnapshotPolicy::EveryNEvents(1))
-        .build()
-        .unwrap();
-    let b = Repository::builder(store.clone())
-        .cache_capacity(0)
-        .build()
-        .unwrap();
-    run(&a, &log, "x", cmd(1, Op::Deposit(10)), None).await;
-    store.knobs.snapshot_delay_ms.store(100, Ordering::SeqCst);
-    let (a2, l2) = (a.clone(), Arc::clone(&log));
-    let slow = tokio::spawn(async move { run(&a2, &l2, "x", cmd(2, Op::Deposit(5)), None).await });
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let other = run(&b, &log, "x", cmd(3, Op::Deposit(100)), None).await;
-    assert!(matches!(other, Told::Ok { version: 4, .. }), "{other:?}");
-    let asked = run(&a, &log, "x", cmd(4, Op::AtLeast(100)), None).await;
-    slow.await.unwrap();
-    let records = log.lock().unwrap().clone();
-    let problems = check(&inner, &records).await;
-    assert!(
-        problems.is_empty(),
-        "AtLeast(100) was told {asked:?}\n{}",
-        problems.join("\n")
-    );
+    an_answer_without_events_is_not_stale(SlowAfterWrite::SnapshotWrite).await;
 }
 
 /// A hung append blocks its own aggregate only.

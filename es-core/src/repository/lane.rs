@@ -329,49 +329,29 @@ impl<S: Store> Repository<S> {
             .unwrap_or_else(|| unreachable!("loaded above"));
         let version = tip.version;
         let decided = match tip.aggregate.handle(command) {
-            Ok(events) => events,
-            Err(source) => {
-                let error = RepositoryError::Domain {
-                    stream_id: stream_id.clone(),
-                    version,
-                    source,
-                };
-                return self
-                    .answer_after_check(
-                        lane,
-                        state,
-                        stream_id,
-                        loaded_now,
+            Ok(events) if !events.is_empty() => events,
+            decided => {
+                let answer = decided
+                    .map(|events| Executed {
+                        stream_id: stream_id.clone(),
+                        aggregate: tip.aggregate.clone(),
+                        version,
+                        events,
+                        event_ids: Vec::new(),
+                        positions: Vec::new(),
                         attempts,
-                        alone,
-                        Err(error),
-                    )
+                        snapshot_saved: false,
+                    })
+                    .map_err(|source| RepositoryError::Domain {
+                        stream_id: stream_id.clone(),
+                        version,
+                        source,
+                    });
+                return self
+                    .answer_after_check(lane, state, stream_id, loaded_now, attempts, alone, answer)
                     .await;
             }
         };
-        if decided.is_empty() {
-            let executed = Executed {
-                stream_id: stream_id.clone(),
-                aggregate: tip.aggregate.clone(),
-                version,
-                events: decided,
-                event_ids: Vec::new(),
-                positions: Vec::new(),
-                attempts,
-                snapshot_saved: false,
-            };
-            return self
-                .answer_after_check(
-                    lane,
-                    state,
-                    stream_id,
-                    loaded_now,
-                    attempts,
-                    alone,
-                    Ok(executed),
-                )
-                .await;
-        }
         let new_events = super::command::encode_events::<A>(stream_id, &decided, metadata)?;
         let outbox = self.translate::<A>(stream_id, &decided, &new_events, metadata)?;
         let member = self.join(
