@@ -38,6 +38,10 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
         (default_batch, Samples::default()),
         (2000, Samples::default()),
     ];
+    // The raw producer sending in waves of each batch size, awaiting a wave's acknowledgements
+    // before the next: the relay's shape without the relay, against the raw producer with every
+    // record in flight. It tells the broker's cost of waiting per batch from the relay's own.
+    let mut waves: Vec<Samples> = vec![Samples::default(), Samples::default()];
     let mut bytes = 0;
     // Alternate the order (ABBA) so every variant sees the broker in the same state; each run
     // warms its producer up with one record first.
@@ -71,10 +75,17 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
         } else {
             (0..ours.len()).rev().collect()
         };
+        let mut wave_times = Vec::new();
         for &k in &order {
             let topic = fresh_topic(&config, "relay").await?;
             let took = relay(&config, filled_store(&topic).await?, ours[k].0).await?;
             relays.push((k, took));
+            let topic = fresh_topic(&config, "waves").await?;
+            let wave = usize::try_from(ours[k].0)?;
+            wave_times.push((
+                k,
+                raw_in_waves(&config, &retarget(&records, &topic), wave).await?,
+            ));
         }
         if raw.is_none() {
             raw = Some(raw_producer(&config, &records).await?);
@@ -83,8 +94,24 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
         for (k, took) in relays {
             ours[k].1.push_times(records_n, took, raw);
         }
+        for (k, took) in wave_times {
+            waves[k].push_times(records_n, took, raw);
+        }
     }
-    for (batch_size, samples) in &ours {
+    push_rows(report, &ours, &waves, records_n, bytes, default_batch);
+    Ok(())
+}
+
+/// The relay rows and the raw-in-waves rows.
+fn push_rows(
+    report: &mut Report,
+    ours: &[(u64, Samples)],
+    waves: &[Samples],
+    records_n: u64,
+    bytes: usize,
+    default_batch: u64,
+) {
+    for (batch_size, samples) in ours {
         let default = if *batch_size == default_batch {
             " (default)"
         } else {
@@ -104,7 +131,22 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
             ),
         ));
     }
-    Ok(())
+    for ((batch_size, _), samples) in ours.iter().zip(waves) {
+        report.push(Row::paired(
+            GROUP,
+            format!(
+                "raw producer in waves of {batch_size} (each wave's acks awaited) vs all in flight"
+            ),
+            samples,
+            "msgs/s",
+            None,
+            format!(
+                "the relay's batch shape without the relay: the ceiling a relay that waits for \
+                 each batch can reach on this broker; same records and settings; {}",
+                samples.describe()
+            ),
+        ));
+    }
 }
 
 /// Records per run.
@@ -219,6 +261,22 @@ async fn raw_producer(config: &KafkaConfig, records: &[OutboxRecord]) -> anyhow:
     send_all(&producer, &records[..1]).await?;
     let start = Instant::now();
     send_all(&producer, records).await?;
+    Ok(start.elapsed())
+}
+
+/// A raw producer sending `records` in waves of `wave`, each wave's acknowledgements awaited
+/// before the next is sent.
+async fn raw_in_waves(
+    config: &KafkaConfig,
+    records: &[OutboxRecord],
+    wave: usize,
+) -> anyhow::Result<Duration> {
+    let producer: FutureProducer = config.producer_client_config().create()?;
+    send_all(&producer, &records[..1]).await?;
+    let start = Instant::now();
+    for chunk in records.chunks(wave) {
+        send_all(&producer, chunk).await?;
+    }
     Ok(start.elapsed())
 }
 

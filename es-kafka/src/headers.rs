@@ -34,6 +34,20 @@ pub const CONTENT_TYPE: &str = "content_type";
 /// The headers [`KafkaPublisher`](crate::KafkaPublisher) sends with `record`, in the order
 /// listed in this module.
 pub fn encode(record: &OutboxRecord) -> OwnedHeaders {
+    let pairs = pairs(record);
+    pairs.iter().fold(
+        OwnedHeaders::new_with_capacity(pairs.len()),
+        |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value.as_str()),
+            })
+        },
+    )
+}
+
+/// The header names and values of `record`, as [`encode`] sends them.
+pub(crate) fn pairs(record: &OutboxRecord) -> Vec<(&'static str, String)> {
     let m = &record.message;
     let mut pairs = vec![
         (MESSAGE_ID, m.message_id.to_string()),
@@ -60,13 +74,5 @@ pub fn encode(record: &OutboxRecord) -> OwnedHeaders {
         ));
     }
     pairs.push((CONTENT_TYPE, "application/json".to_owned()));
-    pairs.iter().fold(
-        OwnedHeaders::new_with_capacity(pairs.len()),
-        |h, (key, value)| {
-            h.insert(Header {
-                key,
-                value: Some(value.as_str()),
-            })
-        },
-    )
+    pairs
 }

@@ -378,13 +378,10 @@ fn varint_len(n: usize) -> usize {
 /// The size librdkafka compares with `message.max.bytes`: key, value, serialized headers and
 /// the record overhead.
 fn message_size(record: &OutboxRecord) -> usize {
-    use rdkafka::message::Headers as _;
-    let headers = headers::encode(record);
-    let header_bytes: usize = headers
+    let header_bytes: usize = headers::pairs(record)
         .iter()
-        .map(|h| {
-            let value = h.value.map_or(0, <[u8]>::len);
-            h.key.len() + value + varint_len(h.key.len()) + varint_len(value)
+        .map(|(key, value)| {
+            key.len() + value.len() + varint_len(key.len()) + varint_len(value.len())
         })
         .sum();
     RECORD_OVERHEAD + record.message.key.len() + record.message.payload.len() + header_bytes
