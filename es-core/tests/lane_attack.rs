@@ -1352,6 +1352,15 @@ async fn a_panicking_append_answers_the_caller_and_frees_the_aggregate() {
             "no answer"
         },
     );
+    // The caller is told the outcome is unknown; the append wrote nothing, so the next command
+    // follows the first deposit.
+    let first = first.unwrap();
+    assert!(
+        matches!(&first, Err(RepositoryError::Store { source, .. }) if source.is_transient()),
+        "{first:?}"
+    );
+    let second = second.unwrap().expect("the next command succeeds");
+    assert_eq!(second.version, 2, "{second:?}");
 }
 
 /// Guarantee 2. A `load` (from any caller, even a read-only query) finds a snapshot that does

@@ -70,6 +70,17 @@ fn append_with_outbox(
     AppendRequest::new(s.clone(), expected, events).with_outbox(outbox)
 }
 
+/// Appends `appends`, the `i`-th as 3 events with their outbox messages to `ledger-{i % 3}`.
+async fn append_to_three_ledgers<S: StreamingStore>(store: &S, appends: std::ops::Range<u64>) {
+    for i in appends {
+        let s = stream(&format!("ledger-{}", i % 3));
+        store
+            .append(append_with_outbox(&s, ExpectedVersion::Any, i * 10, 3))
+            .await
+            .unwrap();
+    }
+}
+
 fn n_of(record: &OutboxRecord) -> u64 {
     serde_json::from_slice::<serde_json::Value>(&record.message.payload).expect("JSON")["n"]
         .as_u64()
@@ -1063,17 +1074,7 @@ pub async fn two_relays_with_a_short_lease_never_publish_at_once<S: StreamingSto
         slow_every: Some((4, ttl * 3)),
         ..RecordingPublisher::default()
     };
-    for i in 0..12u64 {
-        store
-            .append(append_with_outbox(
-                &stream(&format!("ledger-{}", i % 3)),
-                ExpectedVersion::Any,
-                i * 10,
-                3,
-            ))
-            .await
-            .unwrap();
-    }
+    append_to_three_ledgers(&store, 0..12).await;
     let stalling = StallingMarks::new(store.clone(), 1, Duration::from_millis(2500));
     let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
     let (stop_b, stopped_b) = tokio::sync::oneshot::channel::<()>();
@@ -1094,17 +1095,7 @@ pub async fn two_relays_with_a_short_lease_never_publish_at_once<S: StreamingSto
             let _ = stopped_b.await;
         }),
     );
-    for i in 12..20u64 {
-        store
-            .append(append_with_outbox(
-                &stream(&format!("ledger-{}", i % 3)),
-                ExpectedVersion::Any,
-                i * 10,
-                3,
-            ))
-            .await
-            .unwrap();
-    }
+    append_to_three_ledgers(&store, 12..20).await;
     drained(&store, "the relays deliver everything").await;
     patiently("a's stalled mark returns", async {
         while stalling.fenced.load(Ordering::SeqCst) + stalling.accepted.load(Ordering::SeqCst) == 0
