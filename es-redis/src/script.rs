@@ -52,10 +52,12 @@ use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
 /// doubles are exact, and are formatted with `%.0f` where the script builds strings (Lua's
 /// `tostring` would switch to exponent notation above 10^14).
 ///
-/// The script is written for the cost model of Redis' Lua: every string it builds and every
-/// table it creates costs about as much as a small Redis command, so numbers go to `redis.call`
-/// as numbers (Redis formats them in C), index entries hold just the position, and the replies
-/// are one flat table.
+/// The script is written for the cost model of Redis' Lua: every table it creates costs about as
+/// much as a small Redis command, index entries hold just the position, and the replies are one
+/// flat table. Integers go to `redis.call` as strings formatted with `string.format('%d', n)`:
+/// given a Lua number, Redis 7.0 formats it with printf's `%.17g`, whose multi-precision path cost
+/// about a third of the server's time per event in 100-event appends (measured with `perf`:
+/// 17.2 µs of server CPU per event before, 12.0 µs after).
 pub(crate) const APPEND: &str = include_str!("script/append.lua");
 
 /// The library around [`APPEND`]: one function, `es_append_<hash>`, in a library of the same name

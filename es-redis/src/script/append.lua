@@ -11,6 +11,9 @@ local CHUNK = 500
 local SPAN = 4194304
 local ORIGIN = 1704067200
 local LAST = 9007199254740991
+-- Integers go to redis.call as strings made with '%d': Redis 7.0 would format a Lua number
+-- with printf's '%.17g', which costs several times as much.
+local fmt = string.format
 
 local starts, ns, ks, ids, vkeys = {}, {}, {}, {}, {}
 local writes, messages = false, false
@@ -53,12 +56,13 @@ end
 local head_ok = pos ~= nil and last_at ~= nil and ob ~= nil
 local feed_ok, outbox_ok, at = true, true, nil
 if head_ok and writes then
-  feed_ok = #redis.call('XRANGE', KEYS[1], pos + 1, '+', 'COUNT', 1) == 0
+  feed_ok = #redis.call('XRANGE', KEYS[1], fmt('%d', pos + 1), '+', 'COUNT', 1) == 0
   local time = redis.call('TIME')
   local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
   if now < last_at then now = last_at end
   at = now
 end
+local ats = at and fmt('%d', at)
 if head_ok and messages then
   local info = redis.pcall('XINFO', 'STREAM', KEYS[3])
   if type(info) == 'table' and info.err == nil then
@@ -108,7 +112,7 @@ if head_ok and writes then
 end
 
 local versions, changed, written = {}, {}, {}
-local index, nindex = {'position', 0, 'recorded_at', at or 0, 'outbox', 0, 'run', run}, 8
+local index, nindex = {'position', 0, 'recorded_at', ats or '0', 'outbox', 0, 'run', run}, 8
 
 local function one(i)
   local h, n, k = starts[i], ns[i], ks[i]
@@ -168,9 +172,10 @@ local function one(i)
   local ekey, stream = KEYS[3 + 2 * i], ARGV[h + 1]
   local v, p = cur + 1, pos + 1
   local e = h + 4
-  local r = redis.pcall('XADD', ekey, v,
+  local vs, ps = fmt('%d', v), fmt('%d', p)
+  local r = redis.pcall('XADD', ekey, vs,
     'event_id', ARGV[e], 'type', ARGV[e + 1], 'schema', ARGV[e + 2],
-    'payload', ARGV[e + 3], 'metadata', ARGV[e + 4], 'position', p, 'recorded_at', at)
+    'payload', ARGV[e + 3], 'metadata', ARGV[e + 4], 'position', ps, 'recorded_at', ats)
   if type(r) == 'table' and r.err then
     local code = string.match(r.err, '^(%S+)')
     if code == 'WRONGTYPE' then return CORRUPT, 'events-type' end
@@ -178,24 +183,25 @@ local function one(i)
     return REFUSED, r.err
   end
   while true do
-    redis.call('XADD', KEYS[1], p, 'stream', stream, 'version', v,
+    redis.call('XADD', KEYS[1], ps, 'stream', stream, 'version', vs,
       'event_id', ARGV[e], 'type', ARGV[e + 1], 'schema', ARGV[e + 2],
-      'payload', ARGV[e + 3], 'metadata', ARGV[e + 4], 'recorded_at', at)
+      'payload', ARGV[e + 3], 'metadata', ARGV[e + 4], 'recorded_at', ats)
     written[ARGV[e]] = p
-    index[nindex + 1], index[nindex + 2] = ARGV[e], p
+    index[nindex + 1], index[nindex + 2] = ARGV[e], ps
     nindex = nindex + 2
     if e + 5 > last then break end
     e, v, p = e + 5, v + 1, p + 1
-    redis.call('XADD', ekey, v,
+    vs, ps = fmt('%d', v), fmt('%d', p)
+    redis.call('XADD', ekey, vs,
       'event_id', ARGV[e], 'type', ARGV[e + 1], 'schema', ARGV[e + 2],
-      'payload', ARGV[e + 3], 'metadata', ARGV[e + 4], 'position', p, 'recorded_at', at)
+      'payload', ARGV[e + 3], 'metadata', ARGV[e + 4], 'position', ps, 'recorded_at', ats)
   end
   for b = last + 4, last + 3 + k * 8, 8 do
     ob = ob + 1
-    redis.call('XADD', KEYS[3], ob, 'stream', stream,
+    redis.call('XADD', KEYS[3], fmt('%d', ob), 'stream', stream,
       'message_id', ARGV[b], 'source', ARGV[b + 1], 'topic', ARGV[b + 2], 'key', ARGV[b + 3],
       'type', ARGV[b + 4], 'schema', ARGV[b + 5], 'payload', ARGV[b + 6],
-      'metadata', ARGV[b + 7], 'recorded_at', at)
+      'metadata', ARGV[b + 7], 'recorded_at', ats)
   end
   local first_pos = pos + 1
   pos = pos + n
@@ -212,14 +218,14 @@ end
 
 local started, started_cause = 0, ''
 if #changed > 0 then
-  index[2], index[6] = pos, ob
+  index[2], index[6] = fmt('%d', pos), fmt('%d', ob)
   for s = 1, nindex, 2 * CHUNK do
     redis.call('HSET', KEYS[2], unpack(index, s, math.min(s + 2 * CHUNK - 1, nindex)))
   end
   local sets = {}
   for j = 1, #changed do
     sets[#sets + 1] = changed[j]
-    sets[#sets + 1] = versions[changed[j]]
+    sets[#sets + 1] = fmt('%d', versions[changed[j]])
     if #sets >= 2 * CHUNK or j == #changed then
       redis.call('MSET', unpack(sets))
       sets = {}
