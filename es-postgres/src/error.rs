@@ -32,6 +32,14 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// A role name cannot be used in the statements of [`grants_script`](crate::grants_script).
+    #[error("invalid role name {name:?}: {reason}")]
+    InvalidRoleName {
+        /// The rejected name, shortened to at most 80 characters.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// A builder setting is out of range or does not apply to how the store connects.
     #[error("invalid setting: {0}")]
     InvalidSetting(&'static str),

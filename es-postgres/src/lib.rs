@@ -103,7 +103,7 @@ use tokio::task::JoinHandle;
 
 pub use error::Error;
 pub use inline::InlineHandler;
-pub use migrate::migration_script;
+pub use migrate::{grants_script, migration_script};
 pub use projection::{ExactlyOnce, PgProjection};
 pub use schema::SchemaName;
 /// The `sqlx` this store is built on, for [`PgStore::builder`], [`PgStore::pool`], inline
@@ -693,10 +693,10 @@ impl SnapshotStore for PgStore {
                 .bind(RawJsonb(&snapshot.payload))
                 .bind(snapshot.recorded_at)
                 .bind(snapshot.event_id)
-                .execute(&inner.pool)
+                .fetch_one(&inner.pool)
                 .await;
             match result {
-                Ok(done) => Ok(done.rows_affected() == 1),
+                Ok(row) => row.try_get::<bool, _>(0).map_err(store_error),
                 Err(err)
                     if error::sqlstate(&err)
                         .is_some_and(|c| c.starts_with("22") || c.starts_with("54")) =>
@@ -715,13 +715,12 @@ impl SnapshotStore for PgStore {
         let inner = Arc::clone(&self.inner);
         let stream = stream.clone();
         timed(self.inner.query_timeout, async move {
-            let done = sqlx::query(AssertSqlSafe(Arc::clone(&inner.sql.delete_snapshot)))
+            sqlx::query_scalar(AssertSqlSafe(Arc::clone(&inner.sql.delete_snapshot)))
                 .bind(stream.as_str())
                 .bind(to_i64(version))
-                .execute(&inner.pool)
+                .fetch_one(&inner.pool)
                 .await
-                .map_err(store_error)?;
-            Ok(done.rows_affected() == 1)
+                .map_err(store_error)
         })
     }
 }

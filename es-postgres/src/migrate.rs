@@ -43,6 +43,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "snapshot_event",
         sql: include_str!("../migrations/0005_snapshot_event.sql"),
     },
+    Migration {
+        version: 6,
+        name: "least_privilege",
+        sql: include_str!("../migrations/0006_least_privilege.sql"),
+    },
 ];
 
 /// The latest migration version this crate knows.
@@ -116,11 +121,68 @@ pub fn migration_script(schema: &str) -> Result<String, Error> {
     Ok(script)
 }
 
+/// The statements that give `role` what a store on `schema` needs, and nothing more, for a DBA
+/// to run once the schema is migrated (by [`migration_script`] or by a store built with a role
+/// that may create it):
+///
+/// - `USAGE` on the schema, so that the role can name what is in it;
+/// - `SELECT` on its tables, for reads, subscriptions and the relay's queries;
+/// - `EXECUTE` on its functions, through which every write goes: appends, snapshots, the outbox
+///   relay's marks and lease, checkpoints.
+///
+/// The functions run with their owner's rights (`SECURITY DEFINER`, `search_path` pinned), so the
+/// role needs no right on the sequences and no `INSERT`, `UPDATE` or `DELETE` on any table: it
+/// cannot add events below the head, move a position sequence, or edit snapshots, checkpoints or
+/// the lease other than as the functions do. A store built with this role on a migrated schema
+/// issues no DDL ([`run_migrations`](crate::PgStoreBuilder::run_migrations) finds nothing to do).
+/// The statements are idempotent; run them again after a migration that adds tables or
+/// functions.
+///
+/// ```
+/// let sql = es_postgres::grants_script("billing", "billing_app").unwrap();
+/// assert!(sql.contains(r#"GRANT USAGE ON SCHEMA "billing" TO "billing_app";"#));
+/// assert!(!sql.contains("INSERT"));
+/// ```
+pub fn grants_script(schema: &str, role: &str) -> Result<String, Error> {
+    let schema = SchemaName::new(schema)?.quoted();
+    let reason = if role.is_empty() {
+        Some("the name is empty")
+    } else if role.len() > 63 {
+        Some("PostgreSQL names are at most 63 bytes")
+    } else if role.contains('\0') {
+        Some("the name holds a NUL character")
+    } else if role.starts_with("pg_") {
+        Some("names starting with `pg_` are reserved by PostgreSQL")
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        let name: String = role.chars().take(80).collect();
+        return Err(Error::InvalidRoleName { name, reason });
+    }
+    let role = format!("\"{}\"", role.replace('"', "\"\""));
+    Ok(format!(
+        "GRANT USAGE ON SCHEMA {schema} TO {role};\n\
+         GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role};\n\
+         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} TO {role};\n"
+    ))
+}
+
 /// Applies the pending migrations to `schema` in one transaction.
 ///
 /// Concurrent callers (several processes starting at once) serialize on a transaction-scoped
 /// advisory lock keyed by the schema name; the second one finds everything applied.
+///
+/// A schema found at the latest version is left alone without any DDL (no `CREATE`, no lock), so
+/// that a store whose role has no rights but its grants (see [`grants_script`]) can be built with
+/// the default settings on a schema migrated by another role.
 pub(crate) async fn run(pool: &PgPool, schema: &SchemaName) -> Result<(), Error> {
+    if let Some(done) = applied(pool, schema).await? {
+        check_applied(schema, &done)?;
+        if done.len() == MIGRATIONS.len() {
+            return Ok(());
+        }
+    }
     let mut tx = pool.begin().await.map_err(Error::pool)?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
         .bind(format!("es-postgres migrate {schema}"))
@@ -176,6 +238,24 @@ pub(crate) async fn run(pool: &PgPool, schema: &SchemaName) -> Result<(), Error>
 
 /// Checks that an externally managed schema is at the latest version.
 pub(crate) async fn verify(pool: &PgPool, schema: &SchemaName) -> Result<(), Error> {
+    let not_ready = |found| Error::SchemaNotReady {
+        schema: schema.to_string(),
+        found,
+        expected: latest(),
+    };
+    let Some(done) = applied(pool, schema).await? else {
+        return Err(not_ready(None));
+    };
+    check_applied(schema, &done)?;
+    if done.len() < MIGRATIONS.len() {
+        return Err(not_ready(done.last().map(|(v, _)| *v)));
+    }
+    Ok(())
+}
+
+/// The migrations recorded as applied to `schema`, `(version, checksum)` in order, or `None` if
+/// the schema has no bookkeeping table. Reads only.
+async fn applied(pool: &PgPool, schema: &SchemaName) -> Result<Option<Vec<(i64, String)>>, Error> {
     let exists: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables \
          WHERE schemaname = $1 AND tablename = 'schema_migrations')",
@@ -184,13 +264,8 @@ pub(crate) async fn verify(pool: &PgPool, schema: &SchemaName) -> Result<(), Err
     .fetch_one(pool)
     .await
     .map_err(Error::pool)?;
-    let not_ready = |found| Error::SchemaNotReady {
-        schema: schema.to_string(),
-        found,
-        expected: latest(),
-    };
     if !exists {
-        return Err(not_ready(None));
+        return Ok(None);
     }
     let rows = sqlx::query(AssertSqlSafe(format!(
         "SELECT version, checksum FROM {}.schema_migrations ORDER BY version",
@@ -206,11 +281,7 @@ pub(crate) async fn verify(pool: &PgPool, schema: &SchemaName) -> Result<(), Err
             row.try_get::<String, _>(1).map_err(Error::Database)?,
         ));
     }
-    check_applied(schema, &done)?;
-    if done.len() < MIGRATIONS.len() {
-        return Err(not_ready(done.last().map(|(v, _)| *v)));
-    }
-    Ok(())
+    Ok(Some(done))
 }
 
 fn check_applied(schema: &SchemaName, done: &[(i64, String)]) -> Result<(), Error> {

@@ -53,29 +53,16 @@ impl OutboxStore for PgStore {
         // Taken when free, released, expired or already ours; the generation goes up unless the
         // owner renews a lease it still holds. The conflict clause locks the row, so concurrent
         // relays decide one after the other on the latest committed lease.
-        let sql = sql(
-            self,
-            &format!(
-                "INSERT INTO __S__.relay_leases AS l (name, owner, expires_at, generation) \
-                 VALUES ('{OUTBOX_LEASE}', $1, \
-                         clock_timestamp() + $2::float8 * interval '1 microsecond', 1) \
-                 ON CONFLICT (name) DO UPDATE SET \
-                     generation = CASE WHEN l.owner = excluded.owner \
-                                            AND l.expires_at > clock_timestamp() \
-                                       THEN l.generation ELSE l.generation + 1 END, \
-                     owner = excluded.owner, expires_at = excluded.expires_at \
-                 WHERE l.owner = excluded.owner OR l.expires_at <= clock_timestamp() \
-                 RETURNING generation"
-            ),
-        );
+        let sql = sql(self, "SELECT __S__.relay_lease_acquire($1, $2, $3)");
         let pool = self.inner.pool.clone();
         let owner = owner.to_owned();
         timed(self.inner.query_timeout, async move {
             let ttl = i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX);
             let generation: Option<i64> = sqlx::query_scalar(sql)
+                .bind(OUTBOX_LEASE)
                 .bind(owner)
                 .bind(ttl)
-                .fetch_optional(&pool)
+                .fetch_one(&pool)
                 .await
                 .map_err(store_error)?;
             generation
@@ -85,18 +72,12 @@ impl OutboxStore for PgStore {
     }
 
     fn release_relay_lease(&self, owner: &str, generation: u64) -> impl StoreFuture<()> {
-        let sql = sql(
-            self,
-            &format!(
-                "UPDATE __S__.relay_leases SET expires_at = clock_timestamp() \
-                 WHERE name = '{OUTBOX_LEASE}' AND owner = $1 AND generation = $2 \
-                   AND expires_at > clock_timestamp()"
-            ),
-        );
+        let sql = sql(self, "SELECT __S__.relay_lease_release($1, $2, $3)");
         let pool = self.inner.pool.clone();
         let owner = owner.to_owned();
         timed(self.inner.query_timeout, async move {
             sqlx::query(sql)
+                .bind(OUTBOX_LEASE)
                 .bind(owner)
                 .bind(to_i64(generation))
                 .execute(&pool)
@@ -333,11 +314,7 @@ pub(crate) const LOAD_CHECKPOINT: &str =
 
 /// SQL starting a new generation of a checkpoint at position 0 (the row is kept, so generations
 /// never go down); returns the generation.
-pub(crate) const RESET_CHECKPOINT: &str =
-    "INSERT INTO __S__.checkpoints AS c (name, position, generation, updated_at) \
-     VALUES ($1, 0, 1, now()) \
-     ON CONFLICT (name) DO UPDATE SET position = 0, generation = c.generation + 1, \
-     updated_at = now() RETURNING generation";
+pub(crate) const RESET_CHECKPOINT: &str = "SELECT __S__.checkpoint_reset($1)";
 
 /// A stored `(position, generation)` pair as a [`Checkpoint`].
 pub(crate) fn checkpoint_of(name: &str, row: Option<(i64, i64)>) -> Result<Checkpoint, StoreError> {

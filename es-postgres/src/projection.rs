@@ -15,9 +15,8 @@ use crate::PgStore;
 
 /// Locks a projection's checkpoint row (creating it at position 0, generation 0) and returns its
 /// position and generation.
-const LOCK_CHECKPOINT: &str = "INSERT INTO __S__.checkpoints AS c (name, position, generation, \
-     updated_at) VALUES ($1, 0, 0, now()) \
-     ON CONFLICT (name) DO UPDATE SET name = c.name RETURNING c.position, c.generation";
+const LOCK_CHECKPOINT: &str =
+    "SELECT locked_position, locked_generation FROM __S__.checkpoint_lock($1)";
 
 /// A projection whose read model lives in the store's PostgreSQL database.
 ///

@@ -196,19 +196,8 @@ impl Sql {
                  FROM {s}.snapshots WHERE stream_id = $1"
             )
             .into(),
-            save_snapshot: format!(
-                "INSERT INTO {s}.snapshots AS t (stream_id, version, schema_version, payload, \
-                 recorded_at, event_id) VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, \
-                 schema_version = excluded.schema_version, payload = excluded.payload, \
-                 recorded_at = excluded.recorded_at, event_id = excluded.event_id \
-                 WHERE t.version < excluded.version"
-            )
-            .into(),
-            delete_snapshot: format!(
-                "DELETE FROM {s}.snapshots WHERE stream_id = $1 AND version = $2"
-            )
-            .into(),
+            save_snapshot: format!("SELECT {s}.snapshot_save($1, $2, $3, $4, $5, $6)").into(),
+            delete_snapshot: format!("SELECT {s}.snapshot_delete($1, $2)").into(),
             pending_outbox: format!(
                 "SELECT position, stream_id, message_id, source_event_id, topic, key, \
                  message_type, schema_version, payload, metadata, recorded_at \
@@ -216,11 +205,7 @@ impl Sql {
             )
             .into(),
             outbox_len: format!("SELECT count(*) FROM {s}.outbox").into(),
-            set_checkpoint: format!(
-                "UPDATE {s}.checkpoints SET position = $2, updated_at = now() \
-                 WHERE name = $1 AND position < $2"
-            )
-            .into(),
+            set_checkpoint: format!("SELECT {s}.checkpoint_raise($1, $2)").into(),
         }
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use es_postgres::PgStore;
 use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::AssertSqlSafe;
 
 /// A schema name no other test (in this or a concurrent run) uses.
 pub fn unique_schema(prefix: &str) -> String {
@@ -36,4 +37,41 @@ pub async fn store_on(url: &str, schema: &str) -> PgStore {
         .build()
         .await
         .unwrap_or_else(|e| panic!("cannot build the store on schema {schema}: {e}"))
+}
+
+/// The login role the least-privilege tests run stores as: no right of its own, only what
+/// `es_postgres::grants_script` gives it per schema. Created once per server (roles are
+/// cluster-wide); creating it twice at once is harmless.
+pub const APP_ROLE: &str = "es_test_app";
+
+/// `url` with its user replaced by `role` (the test servers trust loopback connections).
+pub fn url_as(url: &str, role: &str) -> String {
+    let mut parsed = url::Url::parse(url).unwrap_or_else(|e| panic!("bad DATABASE_URL {url}: {e}"));
+    parsed
+        .set_username(role)
+        .unwrap_or_else(|()| panic!("cannot set the user of {url}"));
+    parsed.to_string()
+}
+
+/// Creates [`APP_ROLE`] if missing and grants it what a store on `schema` needs.
+pub async fn grant_app_role(admin: &PgPool, schema: &str) {
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DO $$ BEGIN CREATE ROLE {APP_ROLE} LOGIN; \
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;\n{}",
+        es_postgres::grants_script(schema, APP_ROLE).expect("valid names")
+    )))
+    .execute(admin)
+    .await
+    .unwrap_or_else(|e| panic!("cannot grant {APP_ROLE} on {schema}: {e}"));
+}
+
+/// A store on a fresh schema, migrated by the server's superuser, run by [`APP_ROLE`] with only
+/// the grants of `es_postgres::grants_script` and the builder's default settings.
+pub async fn restricted_store() -> PgStore {
+    let url = es_test_support::database_url();
+    let schema = unique_schema("lp");
+    let admin = pool(&url, 2).await;
+    store_on(&url, &schema).await;
+    grant_app_role(&admin, &schema).await;
+    store_on(&url_as(&url, APP_ROLE), &schema).await
 }
