@@ -40,6 +40,13 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// [`require_tls`](crate::PgStoreBuilder::require_tls) is set and the connection may be, or
+    /// is, unencrypted.
+    #[error("TLS is required but {found}: use sslmode=verify-full (or require) with a server that has ssl=on")]
+    TlsRequired {
+        /// What allows or shows plaintext.
+        found: String,
+    },
     /// A builder setting is out of range or does not apply to how the store connects.
     #[error("invalid setting: {0}")]
     InvalidSetting(&'static str),

@@ -80,6 +80,7 @@ mod projection;
 mod protocol;
 mod read;
 mod schema;
+mod server;
 mod writer;
 
 use std::future::Future;
@@ -96,7 +97,7 @@ use es_core::{
     RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
 };
 use futures::future::BoxFuture;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -106,6 +107,7 @@ pub use inline::InlineHandler;
 pub use migrate::{grants_script, migration_script};
 pub use projection::{ExactlyOnce, PgProjection};
 pub use schema::SchemaName;
+pub use server::ServerSettings;
 /// The `sqlx` this store is built on, for [`PgStore::builder`], [`PgStore::pool`], inline
 /// projections and [`PgProjection`] handlers, without a `sqlx` dependency of your own.
 pub use sqlx;
@@ -163,6 +165,7 @@ struct Inner {
     writers: Arc<writer::Shared>,
     head: Arc<watch::Sender<u64>>,
     listener: JoinHandle<()>,
+    server: ServerSettings,
 }
 
 impl Drop for Inner {
@@ -201,6 +204,7 @@ pub struct PgStoreBuilder {
     queue_capacity: usize,
     query_timeout: Duration,
     inline: Vec<inline::InlineProjection>,
+    require_tls: bool,
 }
 
 /// Where a [`PgStoreBuilder`] gets its connections.
@@ -230,6 +234,7 @@ impl std::fmt::Debug for PgStoreBuilder {
             .field("queue_capacity", &self.queue_capacity)
             .field("query_timeout", &self.query_timeout)
             .field("inline", &self.inline)
+            .field("require_tls", &self.require_tls)
             .finish()
     }
 }
@@ -381,10 +386,35 @@ impl PgStoreBuilder {
         self
     }
 
+    /// Refuses to build the store unless its connections are encrypted (default: `false`).
+    ///
+    /// PostgreSQL clients default to `sslmode=prefer`, which runs in plaintext, without a word,
+    /// when the server offers no TLS. With this set, a builder from a URL whose `sslmode` allows
+    /// plaintext (`disable`, `allow`, `prefer`, or none given) fails with
+    /// [`Error::TlsRequired`] before connecting, and any builder whose connection the server
+    /// reports as unencrypted fails with it after connecting. Use `sslmode=verify-full` with
+    /// `sslrootcert=<CA file>` in production (see the production recipe); TLS needs the crate's
+    /// `tls` feature.
+    pub fn require_tls(mut self, require: bool) -> Self {
+        self.require_tls = require;
+        self
+    }
+
     /// Validates the configuration, connects (for a builder from a URL), migrates (or verifies)
     /// the schema, and starts the store's writer and listener tasks.
     pub async fn build(self) -> Result<PgStore, Error> {
         let schema = SchemaName::new(&self.schema)?;
+        if let (true, Source::Url(url)) = (self.require_tls, &self.source) {
+            let mode = PgStore::connect_options(url)?.get_ssl_mode();
+            if matches!(
+                mode,
+                PgSslMode::Disable | PgSslMode::Allow | PgSslMode::Prefer
+            ) {
+                return Err(Error::TlsRequired {
+                    found: format!("the URL's sslmode is {mode:?}, which allows plaintext"),
+                });
+            }
+        }
         let pool = match &self.source {
             Source::Pool(pool) => {
                 if self.max_connections.is_some() || self.acquire_timeout.is_some() {
@@ -415,6 +445,12 @@ impl PgStoreBuilder {
     }
 
     async fn build_on(self, pool: PgPool, schema: SchemaName) -> Result<PgStore, Error> {
+        let server = ServerSettings::read(&pool).await?;
+        if self.require_tls && !server.tls {
+            return Err(Error::TlsRequired {
+                found: "the server reports the connection as unencrypted".to_owned(),
+            });
+        }
         if self.run_migrations {
             migrate::run(&pool, &schema).await?;
         } else {
@@ -451,6 +487,7 @@ impl PgStoreBuilder {
             head: Arc::clone(&head),
         };
         let listener = tokio::spawn(listener.run());
+        server.log(&schema);
         Ok(PgStore {
             inner: Arc::new(Inner {
                 pool,
@@ -463,6 +500,7 @@ impl PgStoreBuilder {
                 writers: shared,
                 head,
                 listener,
+                server,
             }),
         })
     }
@@ -538,7 +576,14 @@ impl PgStore {
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             query_timeout: DEFAULT_QUERY_TIMEOUT,
             inline: Vec::new(),
+            require_tls: false,
         }
+    }
+
+    /// What the server runs under, as read when the store was built: version, role, TLS,
+    /// durability settings (also logged then, as one line).
+    pub fn server(&self) -> &ServerSettings {
+        &self.inner.server
     }
 
     /// The pool the store runs on.

@@ -240,6 +240,18 @@ impl PgServer {
     /// authentication on loopback, superuser `postgres`. See the module docs for where the
     /// cluster's files are when the current user is root.
     pub fn start(dir: &Path, settings: &[(&str, &str)]) -> Result<Self> {
+        Self::start_with_files(dir, settings, &[])
+    }
+
+    /// [`PgServer::start`], with `files` (name, contents) written into the data directory before
+    /// the server starts: owned by the server's user, readable by it alone (mode 0600), as
+    /// PostgreSQL wants a TLS key to be. Settings name them relative to the data directory
+    /// (`ssl_cert_file=server.crt`).
+    pub fn start_with_files(
+        dir: &Path,
+        settings: &[(&str, &str)],
+        files: &[(&str, &[u8])],
+    ) -> Result<Self> {
         let mut server = Self::prepare(dir, settings)?;
         let data = server.data_dir();
         if !data.join("PG_VERSION").exists() {
@@ -253,6 +265,9 @@ impl PgServer {
                 "--locale=C.UTF-8",
             ]);
             run(&mut initdb, "initdb")?;
+        }
+        for (name, contents) in files {
+            write_private(&data, name, contents)?;
         }
         server.start_server()?;
         Ok(server)
@@ -838,4 +853,22 @@ mod tests {
         }
         let _ = fs::remove_dir_all(root);
     }
+}
+
+/// Writes `dir/name` with mode 0600, owned by the owner of `dir`.
+fn write_private(dir: &Path, name: &str, contents: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+
+    let path = dir.join(name);
+    let _ = fs::remove_file(&path);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    file.write_all(contents)?;
+    let owner = fs::metadata(dir)?;
+    std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid()))?;
+    Ok(())
 }
