@@ -79,6 +79,7 @@ mod outbox;
 mod projection;
 mod protocol;
 mod read;
+mod replica;
 mod schema;
 mod server;
 mod writer;
@@ -97,6 +98,7 @@ use es_core::{
     RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
 };
 use futures::future::BoxFuture;
+use futures::StreamExt as _;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -106,6 +108,7 @@ pub use error::Error;
 pub use inline::InlineHandler;
 pub use migrate::{grants_script, migration_script};
 pub use projection::{ExactlyOnce, PgProjection};
+pub use replica::{ReplicaReads, DEFAULT_REPLICA_WAIT};
 pub use schema::SchemaName;
 pub use server::ServerSettings;
 /// The `sqlx` this store is built on, for [`PgStore::builder`], [`PgStore::pool`], inline
@@ -139,6 +142,9 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
 /// fails with [`StoreError::Unavailable`].
 pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The least time a build waits for its read replica to replay the schema's migrations.
+const REPLICA_SCHEMA_WAIT: Duration = Duration::from_secs(10);
+
 /// The default client-side time-out of every other query (a page of a read, a snapshot, an outbox
 /// or checkpoint statement).
 pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(75);
@@ -166,6 +172,7 @@ struct Inner {
     head: Arc<watch::Sender<u64>>,
     listener: JoinHandle<()>,
     server: ServerSettings,
+    replica: Option<replica::Replica>,
 }
 
 impl Drop for Inner {
@@ -205,6 +212,8 @@ pub struct PgStoreBuilder {
     query_timeout: Duration,
     inline: Vec<inline::InlineProjection>,
     require_tls: bool,
+    replica: Option<Source>,
+    replica_wait: Duration,
 }
 
 /// Where a [`PgStoreBuilder`] gets its connections.
@@ -235,6 +244,14 @@ impl std::fmt::Debug for PgStoreBuilder {
             .field("query_timeout", &self.query_timeout)
             .field("inline", &self.inline)
             .field("require_tls", &self.require_tls)
+            .field(
+                "replica",
+                &self.replica.as_ref().map(|source| match source {
+                    Source::Pool(_) => "<pool>".to_owned(),
+                    Source::Url(url) => es_core::contract::redact_url(url),
+                }),
+            )
+            .field("replica_wait", &self.replica_wait)
             .finish()
     }
 }
@@ -400,22 +417,57 @@ impl PgStoreBuilder {
         self
     }
 
+    /// Reads events (`read_stream`, `read_all`, and the subscriptions and projections on them)
+    /// from a streaming-replication standby of the primary at `url`, with read-your-writes: a
+    /// read waits until the standby has replayed past the head this store knows (its own appends
+    /// included), at most [`replica_wait`](Self::replica_wait), then reads from the primary
+    /// instead. Never-skip holds on the standby as on the primary (see the crate docs, section
+    /// "Read replicas"). Appends, snapshots, the outbox and checkpoints stay on the primary. The
+    /// replica's pool has the primary's size and time-outs; [`require_tls`](Self::require_tls)
+    /// applies to it too.
+    pub fn read_replica(mut self, url: impl Into<String>) -> Self {
+        self.replica = Some(Source::Url(url.into()));
+        self
+    }
+
+    /// [`read_replica`](Self::read_replica) on a pool of the caller's.
+    pub fn read_replica_pool(mut self, pool: PgPool) -> Self {
+        self.replica = Some(Source::Pool(pool));
+        self
+    }
+
+    /// The longest a read waits for the replica to reach its target before it reads from the
+    /// primary (default [`DEFAULT_REPLICA_WAIT`]). Zero sends every read the replica has not
+    /// caught up with to the primary at once.
+    pub fn replica_wait(mut self, wait: Duration) -> Self {
+        self.replica_wait = wait;
+        self
+    }
+
     /// Validates the configuration, connects (for a builder from a URL), migrates (or verifies)
     /// the schema, and starts the store's writer and listener tasks.
     pub async fn build(self) -> Result<PgStore, Error> {
         let schema = SchemaName::new(&self.schema)?;
-        if let (true, Source::Url(url)) = (self.require_tls, &self.source) {
-            let mode = PgStore::connect_options(url)?.get_ssl_mode();
-            if matches!(
-                mode,
-                PgSslMode::Disable | PgSslMode::Allow | PgSslMode::Prefer
-            ) {
-                return Err(Error::TlsRequired {
-                    found: format!("the URL's sslmode is {mode:?}, which allows plaintext"),
-                });
+        for source in std::iter::once(&self.source).chain(&self.replica) {
+            if let (true, Source::Url(url)) = (self.require_tls, source) {
+                let mode = PgStore::connect_options(url)?.get_ssl_mode();
+                if matches!(
+                    mode,
+                    PgSslMode::Disable | PgSslMode::Allow | PgSslMode::Prefer
+                ) {
+                    return Err(Error::TlsRequired {
+                        found: format!("the URL's sslmode is {mode:?}, which allows plaintext"),
+                    });
+                }
             }
         }
-        let pool = match &self.source {
+        let pool = self.pool_of(&self.source).await?;
+        self.build_on(pool, schema).await
+    }
+
+    /// The pool of `source`: the caller's, or one made from the URL with the builder's size.
+    async fn pool_of(&self, source: &Source) -> Result<PgPool, Error> {
+        Ok(match source {
             Source::Pool(pool) => {
                 if self.max_connections.is_some() || self.acquire_timeout.is_some() {
                     return Err(Error::InvalidSetting(
@@ -440,8 +492,7 @@ impl PgStoreBuilder {
                     .await
                     .map_err(|source| Error::connect(url, source))?
             }
-        };
-        self.build_on(pool, schema).await
+        })
     }
 
     async fn build_on(self, pool: PgPool, schema: SchemaName) -> Result<PgStore, Error> {
@@ -456,6 +507,33 @@ impl PgStoreBuilder {
         } else {
             migrate::verify(&pool, &schema).await?;
         }
+        let replica = match &self.replica {
+            None => None,
+            Some(source) => {
+                let pool = self.pool_of(source).await?;
+                let settings = ServerSettings::read(&pool).await?;
+                if self.require_tls && !settings.tls {
+                    return Err(Error::TlsRequired {
+                        found: "the replica reports the connection as unencrypted".to_owned(),
+                    });
+                }
+                // The replica must hold the schema at this version: it replays the primary's, so a
+                // migration just made there may take a moment to arrive.
+                let patience =
+                    tokio::time::Instant::now() + self.replica_wait.max(REPLICA_SCHEMA_WAIT);
+                while let Err(err) = migrate::verify(&pool, &schema).await {
+                    if tokio::time::Instant::now() >= patience {
+                        return Err(err);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Some(replica::Replica {
+                    pool,
+                    wait: self.replica_wait,
+                    counts: Arc::default(),
+                })
+            }
+        };
         let sql = Arc::new(Sql::new(&schema));
         let head: i64 = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&sql.head)))
             .fetch_one(&pool)
@@ -501,6 +579,7 @@ impl PgStoreBuilder {
                 head,
                 listener,
                 server,
+                replica,
             }),
         })
     }
@@ -577,6 +656,8 @@ impl PgStore {
             query_timeout: DEFAULT_QUERY_TIMEOUT,
             inline: Vec::new(),
             require_tls: false,
+            replica: None,
+            replica_wait: DEFAULT_REPLICA_WAIT,
         }
     }
 
@@ -584,6 +665,36 @@ impl PgStore {
     /// durability settings (also logged then, as one line).
     pub fn server(&self) -> &ServerSettings {
         &self.inner.server
+    }
+
+    /// The read replica's pool, if the store has one
+    /// ([`read_replica`](PgStoreBuilder::read_replica)).
+    pub fn replica_pool(&self) -> Option<&PgPool> {
+        self.inner.replica.as_ref().map(|r| &r.pool)
+    }
+
+    /// Where the event reads of a store with a read replica went so far; `None` without one.
+    pub fn replica_reads(&self) -> Option<ReplicaReads> {
+        self.inner.replica.as_ref().map(|r| r.counts.get())
+    }
+
+    /// `read` on the pool for event reads: the primary's, or, with a replica, the replica's once
+    /// it has caught up with the head this handle knows now (else the primary's).
+    fn on_read_pool(
+        &self,
+        read: impl FnOnce(PgPool) -> EventStream + Send + 'static,
+    ) -> EventStream {
+        let Some(replica) = self.inner.replica.clone() else {
+            return read(self.inner.pool.clone());
+        };
+        let target = *self.inner.head.borrow();
+        let inner = Arc::clone(&self.inner);
+        Box::pin(
+            futures::stream::once(async move {
+                read(replica.pool_for(target, &inner.sql.head, &inner.pool).await)
+            })
+            .flatten(),
+        )
     }
 
     /// The pool the store runs on.
@@ -637,22 +748,17 @@ impl EventStore for PgStore {
     }
 
     fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
-        read::read_stream(
-            self.inner.pool.clone(),
+        let (sql, timeout, stream) = (
             Arc::clone(&self.inner.sql),
             self.inner.query_timeout,
             stream.clone(),
-            read,
-        )
+        );
+        self.on_read_pool(move |pool| read::read_stream(pool, sql, timeout, stream, read))
     }
 
     fn read_all(&self, read: ReadAll) -> EventStream {
-        read::read_all(
-            self.inner.pool.clone(),
-            Arc::clone(&self.inner.sql),
-            self.inner.query_timeout,
-            read,
-        )
+        let (sql, timeout) = (Arc::clone(&self.inner.sql), self.inner.query_timeout);
+        self.on_read_pool(move |pool| read::read_all(pool, sql, timeout, read))
     }
 
     fn head_position(&self) -> impl StoreFuture<u64> {

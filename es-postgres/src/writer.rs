@@ -476,17 +476,22 @@ impl Writer {
     }
 
     /// Answers every job of a successful call and publishes the new head.
+    ///
+    /// The head goes first, so that a caller answered here finds it at or past its append (reads
+    /// from a replica wait for the replica to reach it).
     fn answer(&self, jobs: Vec<Job>, result: &CallResult) {
-        let mut last = 0;
-        for (i, job) in jobs.into_iter().enumerate() {
-            let outcome = result.outcome(i, &job.request);
-            if let Ok(r) = &outcome {
-                if !r.duplicate {
-                    last = last.max(r.positions.last().copied().unwrap_or(0));
-                }
-            }
-            let _ = job.reply.send(outcome);
-        }
+        let outcomes: Vec<_> = jobs
+            .iter()
+            .enumerate()
+            .map(|(i, job)| result.outcome(i, &job.request))
+            .collect();
+        let last = outcomes
+            .iter()
+            .filter_map(|o| o.as_ref().ok())
+            .filter(|r| !r.duplicate)
+            .filter_map(|r| r.positions.last().copied())
+            .max()
+            .unwrap_or(0);
         if last > 0 {
             self.head.send_if_modified(|head| {
                 let newer = last > *head;
@@ -495,6 +500,9 @@ impl Writer {
                 }
                 newer
             });
+        }
+        for (job, outcome) in jobs.into_iter().zip(outcomes) {
+            let _ = job.reply.send(outcome);
         }
     }
 }
