@@ -18,6 +18,7 @@
 //! 9. [`testing`]: given/when/then tests and the conformance suites.
 //! 10. [`operating`]: migrations, what each failure looks like, monitoring, the chaos checker.
 //! 11. [`guarantees`]: what holds, where it stops, and the tests that try to break it.
+//! 12. [`production`]: TLS, least-privilege roles, durability settings, failover, read replicas.
 #![doc(test(attr(deny(warnings))))]
 
 /// Cross-references between chapters, resolved by rustdoc. Each chapter's own Markdown defines
@@ -35,7 +36,8 @@ macro_rules! chapter_links {
          [outbox]: crate::outbox\n\
          [testing]: crate::testing\n\
          [operating]: crate::operating\n\
-         [guarantees]: crate::guarantees\n\n"
+         [guarantees]: crate::guarantees\n\
+         [production]: crate::production\n\n"
     };
 }
 
@@ -82,3 +84,7 @@ pub mod operating {}
 #[doc = chapter_links!()]
 #[doc = include_str!("../../docs/11-guarantees.md")]
 pub mod guarantees {}
+
+#[doc = chapter_links!()]
+#[doc = include_str!("../../docs/12-production.md")]
+pub mod production {}
