@@ -26,7 +26,7 @@ async fn refused(pool: &PgPool, sql: &str) -> String {
         Ok(_) => panic!("the application role was allowed to run `{sql}`"),
         Err(err) => err
             .as_database_error()
-            .and_then(|e| e.code().map(|c| c.into_owned()))
+            .and_then(|e| e.code().map(std::borrow::Cow::into_owned))
             .unwrap_or_else(|| panic!("`{sql}` failed without a SQLSTATE: {err}")),
     }
 }
@@ -125,7 +125,7 @@ async fn a_role_without_grants_gets_a_typed_error_and_changes_nothing() {
         .await
     {
         Err(Error::Migration { source, .. } | Error::Database(source)) => {
-            let code = source.as_database_error().and_then(|e| e.code());
+            let code = source.as_database_error().and_then(sqlx::error::DatabaseError::code);
             assert_eq!(code.as_deref(), Some("42501"), "{source}");
         }
         other => panic!("a role without CREATE built a store: {other:?}"),
@@ -147,7 +147,7 @@ async fn a_role_without_grants_gets_a_typed_error_and_changes_nothing() {
         .await
     {
         Err(Error::Database(source)) => {
-            let code = source.as_database_error().and_then(|e| e.code());
+            let code = source.as_database_error().and_then(sqlx::error::DatabaseError::code);
             assert_eq!(code.as_deref(), Some("42501"), "{source}");
         }
         other => panic!("a role without grants built a store: {other:?}"),

@@ -694,6 +694,24 @@ fn orphaned(home: &Path) -> bool {
     !linked || (!process_alive(pid) && !home.join(DETACHED).exists())
 }
 
+/// Writes `dir/name` with mode 0600, owned by the owner of `dir`.
+fn write_private(dir: &Path, name: &str, contents: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+
+    let path = dir.join(name);
+    let _ = fs::remove_file(&path);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    file.write_all(contents)?;
+    let owner = fs::metadata(dir)?;
+    std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -853,22 +871,4 @@ mod tests {
         }
         let _ = fs::remove_dir_all(root);
     }
-}
-
-/// Writes `dir/name` with mode 0600, owned by the owner of `dir`.
-fn write_private(dir: &Path, name: &str, contents: &[u8]) -> Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-
-    let path = dir.join(name);
-    let _ = fs::remove_file(&path);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)?;
-    file.write_all(contents)?;
-    let owner = fs::metadata(dir)?;
-    std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid()))?;
-    Ok(())
 }
