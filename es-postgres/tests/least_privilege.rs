@@ -125,7 +125,9 @@ async fn a_role_without_grants_gets_a_typed_error_and_changes_nothing() {
         .await
     {
         Err(Error::Migration { source, .. } | Error::Database(source)) => {
-            let code = source.as_database_error().and_then(sqlx::error::DatabaseError::code);
+            let code = source
+                .as_database_error()
+                .and_then(sqlx::error::DatabaseError::code);
             assert_eq!(code.as_deref(), Some("42501"), "{source}");
         }
         other => panic!("a role without CREATE built a store: {other:?}"),
@@ -147,7 +149,9 @@ async fn a_role_without_grants_gets_a_typed_error_and_changes_nothing() {
         .await
     {
         Err(Error::Database(source)) => {
-            let code = source.as_database_error().and_then(sqlx::error::DatabaseError::code);
+            let code = source
+                .as_database_error()
+                .and_then(sqlx::error::DatabaseError::code);
             assert_eq!(code.as_deref(), Some("42501"), "{source}");
         }
         other => panic!("a role without grants built a store: {other:?}"),
