@@ -92,8 +92,8 @@ use es_core::contract::position::EpochStart;
 use es_core::contract::StoreFuture;
 use es_core::projection::HandlerError;
 use es_core::{
-    AppendLimits, AppendRequest, AppendResult, EventStore, EventStream, ReadAll, ReadStream,
-    RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
+    AppendLimits, AppendRequest, AppendResult, EventPages, EventStore, EventStream, ReadAll,
+    ReadStream, RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
 };
 use futures::future::BoxFuture;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -593,6 +593,18 @@ impl EventStore for PgStore {
 
     fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
         read::read_stream(
+            self.inner.pool.clone(),
+            Arc::clone(&self.inner.sql),
+            self.inner.query_timeout,
+            stream.clone(),
+            read,
+        )
+    }
+
+    /// Pages of rows as received, of the columns a load reads (no stream id, no metadata):
+    /// each payload is decoded straight from its row.
+    fn read_stream_pages(&self, stream: &StreamId, read: ReadStream) -> EventPages {
+        read::read_stream_pages(
             self.inner.pool.clone(),
             Arc::clone(&self.inner.sql),
             self.inner.query_timeout,
