@@ -548,7 +548,7 @@ async fn rehydrate(
         "rehydrate a 10k-event aggregate, no snapshot",
         &without,
         "events/s",
-        None,
+        Some(0.8),
         format!(
             "raw = SELECT type + payload, serde + match by hand; peak heap during load {}; {}",
             heap_size(peak_heap(&plain, id).await?),

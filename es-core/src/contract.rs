@@ -4,7 +4,7 @@
 //!
 //! | trait | what it keeps | records |
 //! |---|---|---|
-//! | [`EventStore`] | streams and the global feed | [`AppendRequest`], [`AppendResult`], [`ReadStream`], [`ReadAll`], [`EventFilter`], [`EventStream`] |
+//! | [`EventStore`] | streams and the global feed | [`AppendRequest`], [`AppendResult`], [`ReadStream`], [`ReadAll`], [`EventFilter`], [`EventStream`], [`EventPages`] |
 //! | [`SnapshotStore`] | aggregate snapshots | [`SnapshotRecord`] |
 //! | [`OutboxStore`] | outbox records, dead letters, the relay lease | [`OutboxMessage`], [`OutboxRecord`], [`Delivered`], [`Rejection`], [`DeadLetter`], [`RelayStatus`] |
 //! | [`CheckpointStore`] | projection checkpoints | [`Checkpoint`] |
@@ -14,8 +14,8 @@
 //!
 //! Helpers for backends: [`AppendRequest::validate`] (the limits and the JSON rule every store
 //! applies), [`classify_retry`] (the rule for a batch whose event ids may be stored already),
-//! [`position`] and [`verify_resume`] (epochs, and telling readers that a store lost a tail) and
-//! [`wait_on_watch`]
+//! [`position`] and [`verify_resume`] (epochs, and telling readers that a store lost a tail),
+//! [`pages_of`] (pages of borrowed events from a stream of events) and [`wait_on_watch`]
 //! (waiting for appends through a `tokio::sync::watch` of the head). [`EventStore::subscribe`]
 //! has a default, catch-up-then-live subscription built on `read_all`, `head_position` and
 //! `wait_for_append`.
@@ -66,6 +66,8 @@ pub use outbox::{
     Rejection, RelayStatus,
 };
 pub use position::EpochStart;
-pub use read::{Direction, EventFilter, EventStream, ReadAll, ReadStream};
+pub use read::{
+    pages_of, Direction, EventFilter, EventPage, EventPages, EventStream, ReadAll, ReadStream,
+};
 pub use redact::redact_url;
 pub use snapshot::{SnapshotRecord, SnapshotStore};

@@ -247,6 +247,43 @@ impl RecordedEvent {
     pub fn payload_json(&self) -> Result<serde_json::Value, serde_json::Error> {
         serde_json::from_slice(&self.payload)
     }
+
+    /// The envelope as a load reads it, borrowing the type name and the payload.
+    pub fn borrowed(&self) -> RecordedEventRef<'_> {
+        RecordedEventRef {
+            event_id: self.event_id,
+            stream_version: self.stream_version,
+            global_position: self.global_position,
+            event_type: &self.event_type,
+            schema_version: self.schema_version,
+            payload: &self.payload,
+            recorded_at: self.recorded_at,
+        }
+    }
+}
+
+/// A stored event as loading an aggregate reads it: borrowed from a page the store fetched
+/// (see [`EventStore::read_stream_pages`](crate::EventStore::read_stream_pages)), so that the
+/// payload is decoded where it lies, without copying the envelope first.
+///
+/// It leaves out the stream id (the load knows which stream it reads) and the metadata (a load
+/// does not read it; [`RecordedEvent`] has both).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecordedEventRef<'a> {
+    /// Unique event id.
+    pub event_id: Uuid,
+    /// Version of the stream after this event; the first event of a stream has version 1.
+    pub stream_version: u64,
+    /// Position in the global feed.
+    pub global_position: u64,
+    /// Stable event type name.
+    pub event_type: &'a str,
+    /// Schema version of the payload as stored.
+    pub schema_version: u32,
+    /// JSON payload as stored.
+    pub payload: &'a [u8],
+    /// When the store recorded the event.
+    pub recorded_at: DateTime<Utc>,
 }
 
 /// The current time truncated to microseconds, the precision every store keeps.

@@ -96,11 +96,13 @@ pub struct ReadmeDoctests;
 pub use aggregate::{Aggregate, Apply, ApplyEvent, Decision};
 pub use contract::{
     AppendLimits, AppendRequest, AppendResult, Checkpoint, CheckpointStore, DeadLetter, Delivered,
-    Direction, EpochStart, EventFilter, EventStore, EventStream, ExpectedVersion, OutboxMessage,
-    OutboxRecord, OutboxStore, ReadAll, ReadStream, Rejection, RelayStatus, SnapshotRecord,
-    SnapshotStore, Store, StoreError, StoreFuture, StreamingStore,
+    Direction, EpochStart, EventFilter, EventPage, EventPages, EventStore, EventStream,
+    ExpectedVersion, OutboxMessage, OutboxRecord, OutboxStore, ReadAll, ReadStream, Rejection,
+    RelayStatus, SnapshotRecord, SnapshotStore, Store, StoreError, StoreFuture, StreamingStore,
 };
-pub use event::{DomainEvent, EventSchema, Metadata, NewEvent, PayloadError, RecordedEvent};
+pub use event::{
+    DomainEvent, EventSchema, Metadata, NewEvent, PayloadError, RecordedEvent, RecordedEventRef,
+};
 pub use outbox::{
     PublishOutcome, Publisher, Relay, RelayConfig, RelayConfigError, RelayError, RelayStep,
     Translator,

@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::event::{DomainEvent, EventSchema, PayloadError, RecordedEvent};
+use crate::event::{DomainEvent, EventSchema, PayloadError, RecordedEvent, RecordedEventRef};
 use crate::stream_id::StreamId;
 
 /// One event produced by an upcaster.
@@ -322,16 +322,16 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    fn from_payload(event: &RecordedEvent, event_type: &str, err: PayloadError) -> Self {
+    fn from_payload(at: &At<'_>, event_type: &str, err: PayloadError) -> Self {
         match err {
             PayloadError::UnknownType(event_type) => Self::UnknownEventType {
-                stream_id: event.stream_id.clone(),
-                version: event.stream_version,
+                stream_id: at.stream_id.clone(),
+                version: at.version,
                 event_type,
             },
             PayloadError::Invalid(source) => Self::Payload {
-                stream_id: event.stream_id.clone(),
-                version: event.stream_version,
+                stream_id: at.stream_id.clone(),
+                version: at.version,
                 event_type: event_type.to_owned(),
                 source,
             },
@@ -339,12 +339,41 @@ impl DecodeError {
     }
 }
 
+/// The stored event being decoded: what its errors name.
+struct At<'a> {
+    stream_id: &'a StreamId,
+    version: u64,
+    event_type: &'a str,
+    schema_version: u32,
+}
+
+impl At<'_> {
+    fn upcast_error(&self, source: UpcastError) -> DecodeError {
+        DecodeError::Upcast {
+            stream_id: self.stream_id.clone(),
+            version: self.version,
+            event_type: self.event_type.to_owned(),
+            schema_version: self.schema_version,
+            source,
+        }
+    }
+}
+
+/// One validated upcaster with what it declared it produces, asked once.
+#[derive(Clone)]
+struct Step {
+    version: u32,
+    event_type: String,
+    upcaster: Arc<dyn Upcaster>,
+    produces: Vec<(String, u32)>,
+}
+
 /// A validated set of upcasters for one event enum; decodes stored events into typed ones.
 #[derive(Clone, Default)]
 pub struct Upcasters {
-    /// `(source version, source type, upcaster)`, sorted. Chains are short, so a scan that
-    /// compares the version first beats hashing the type name of every event read.
-    by_source: Vec<(u32, String, Arc<dyn Upcaster>)>,
+    /// Sorted by source version and type. Chains are short, so a scan that compares the
+    /// version first beats hashing the type name of every event read.
+    by_source: Vec<Step>,
 }
 
 impl fmt::Debug for Upcasters {
@@ -352,7 +381,7 @@ impl fmt::Debug for Upcasters {
         let keys: Vec<_> = self
             .by_source
             .iter()
-            .map(|(v, t, _)| format!("{t} v{v}"))
+            .map(|s| format!("{} v{}", s.event_type, s.version))
             .collect();
         f.debug_struct("Upcasters").field("reads", &keys).finish()
     }
@@ -409,8 +438,16 @@ impl Upcasters {
             let mut path = Vec::new();
             find_cycle(key, &by_key, &mut state, &mut path)?;
         }
-        let mut by_source: Vec<_> = by_key.into_iter().map(|((t, v), u)| (v, t, u)).collect();
-        by_source.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let mut by_source: Vec<_> = by_key
+            .into_iter()
+            .map(|((event_type, version), upcaster)| Step {
+                version,
+                event_type,
+                produces: upcaster.produces(),
+                upcaster,
+            })
+            .collect();
+        by_source.sort_by(|a, b| (a.version, &a.event_type).cmp(&(b.version, &b.event_type)));
         Ok(Self { by_source })
     }
 
@@ -419,11 +456,10 @@ impl Upcasters {
         self.by_source.is_empty()
     }
 
-    fn find(&self, event_type: &str, version: u32) -> Option<&Arc<dyn Upcaster>> {
+    fn find(&self, event_type: &str, version: u32) -> Option<&Step> {
         self.by_source
             .iter()
-            .find(|(v, t, _)| *v == version && t == event_type)
-            .map(|(_, _, u)| u)
+            .find(|s| s.version == version && s.event_type == event_type)
     }
 
     /// Upcasts and decodes one stored event, passing each resulting typed event to `sink`
@@ -431,61 +467,73 @@ impl Upcasters {
     pub fn decode_into<E: DomainEvent>(
         &self,
         event: &RecordedEvent,
+        sink: impl FnMut(E),
+    ) -> Result<(), DecodeError> {
+        self.decode_ref_into(&event.stream_id, event.borrowed(), sink)
+    }
+
+    /// [`decode_into`](Upcasters::decode_into) for an event of stream `stream_id` borrowed from
+    /// a page: the payload is decoded where it lies.
+    pub fn decode_ref_into<E: DomainEvent>(
+        &self,
+        stream_id: &StreamId,
+        event: RecordedEventRef<'_>,
         mut sink: impl FnMut(E),
     ) -> Result<(), DecodeError> {
-        let Some(upcaster) = self.find(&event.event_type, event.schema_version) else {
-            check_version::<E>(event, &event.event_type, event.schema_version)?;
-            let typed = E::from_payload(&event.event_type, &event.payload)
-                .map_err(|e| DecodeError::from_payload(event, &event.event_type, e))?;
+        let at = At {
+            stream_id,
+            version: event.stream_version,
+            event_type: event.event_type,
+            schema_version: event.schema_version,
+        };
+        let Some(step) = self.find(event.event_type, event.schema_version) else {
+            check_version::<E>(&at, event.event_type, event.schema_version)?;
+            let typed = E::from_payload(event.event_type, event.payload)
+                .map_err(|e| DecodeError::from_payload(&at, event.event_type, e))?;
             sink(typed);
             return Ok(());
         };
-        let upcast_err = |source: UpcastError| DecodeError::Upcast {
-            stream_id: event.stream_id.clone(),
-            version: event.stream_version,
-            event_type: event.event_type.clone(),
-            schema_version: event.schema_version,
-            source,
-        };
         let payload: Value =
-            serde_json::from_slice(&event.payload).map_err(|source| DecodeError::Payload {
-                stream_id: event.stream_id.clone(),
+            serde_json::from_slice(event.payload).map_err(|source| DecodeError::Payload {
+                stream_id: stream_id.clone(),
                 version: event.stream_version,
-                event_type: event.event_type.clone(),
+                event_type: event.event_type.to_owned(),
                 source,
             })?;
-        self.expand(event, upcaster, payload, &upcast_err, &mut sink)
+        self.expand(&at, step, payload, &mut sink)
     }
 
-    /// Runs `upcaster` on `payload` and follows the chain for each output, in order.
+    /// Runs the upcaster of `step` on `payload` and follows the chain for each output, in order.
     fn expand<E: DomainEvent>(
         &self,
-        event: &RecordedEvent,
-        upcaster: &Arc<dyn Upcaster>,
+        at: &At<'_>,
+        step: &Step,
         payload: Value,
-        upcast_err: &dyn Fn(UpcastError) -> DecodeError,
         sink: &mut impl FnMut(E),
     ) -> Result<(), DecodeError> {
-        let outputs = upcaster.upcast(payload).map_err(upcast_err)?;
-        let declared = upcaster.produces();
+        let outputs = step
+            .upcaster
+            .upcast(payload)
+            .map_err(|e| at.upcast_error(e))?;
         for out in outputs {
-            if !declared
+            if !step
+                .produces
                 .iter()
                 .any(|(t, v)| *t == out.event_type && *v == out.schema_version)
             {
-                return Err(upcast_err(UpcastError::Undeclared {
-                    from_type: upcaster.source_type().to_owned(),
-                    from_version: upcaster.source_version(),
+                return Err(at.upcast_error(UpcastError::Undeclared {
+                    from_type: step.event_type.clone(),
+                    from_version: step.version,
                     event_type: out.event_type,
                     version: out.schema_version,
                 }));
             }
             if let Some(next) = self.find(&out.event_type, out.schema_version) {
-                self.expand(event, next, out.payload, upcast_err, sink)?;
+                self.expand(at, next, out.payload, sink)?;
             } else {
-                check_version::<E>(event, &out.event_type, out.schema_version)?;
+                check_version::<E>(at, &out.event_type, out.schema_version)?;
                 let typed = E::from_value(&out.event_type, out.payload)
-                    .map_err(|e| DecodeError::from_payload(event, &out.event_type, e))?;
+                    .map_err(|e| DecodeError::from_payload(at, &out.event_type, e))?;
                 sink(typed);
             }
         }
@@ -501,19 +549,19 @@ impl Upcasters {
 }
 
 fn check_version<E: DomainEvent>(
-    event: &RecordedEvent,
+    at: &At<'_>,
     event_type: &str,
     version: u32,
 ) -> Result<(), DecodeError> {
     match E::schema_of(event_type) {
         None => Err(DecodeError::UnknownEventType {
-            stream_id: event.stream_id.clone(),
-            version: event.stream_version,
+            stream_id: at.stream_id.clone(),
+            version: at.version,
             event_type: event_type.to_owned(),
         }),
         Some(schema) if schema.version != version => Err(DecodeError::SchemaVersion {
-            stream_id: event.stream_id.clone(),
-            version: event.stream_version,
+            stream_id: at.stream_id.clone(),
+            version: at.version,
             event_type: event_type.to_owned(),
             stored_version: version,
             current_version: schema.version,

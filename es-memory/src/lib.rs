@@ -3,8 +3,8 @@
 //! It keeps the whole contract of [`es_core::contract`]: optimistic concurrency, idempotent retries
 //! by event id, atomic batches, a never-skip global feed in commit order, snapshots, and live
 //! subscriptions. One mutex orders every append, so the global position order is the commit
-//! order by construction; readers copy pages of events out under the lock and never hold it while
-//! the caller consumes them.
+//! order by construction; readers copy pages of events out under the lock (a load shares a
+//! segment of the stream's events instead) and never hold it while the caller consumes them.
 //!
 //! Nothing is persisted: the data lives as long as the last clone of the store.
 //!
@@ -38,12 +38,16 @@ use es_core::contract::{DeadLetter, Delivered, LastRejection, LeaseState, Reject
 use es_core::event::now_micros;
 use es_core::projection::HandlerError;
 use es_core::{
-    AppendLimits, AppendRequest, AppendResult, CheckpointStore, Direction, EventFilter, EventStore,
-    EventStream, OutboxRecord, OutboxStore, ReadAll, ReadStream, RecordedEvent, SnapshotRecord,
-    SnapshotStore, StoreError, StreamId,
+    AppendLimits, AppendRequest, AppendResult, CheckpointStore, Direction, EventFilter, EventPage,
+    EventPages, EventStore, EventStream, OutboxRecord, OutboxStore, ReadAll, ReadStream,
+    RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
 };
 use tokio::sync::watch;
 use uuid::Uuid;
+
+use stream::StreamEvents;
+
+mod stream;
 
 /// Events copied out of the store per lock acquisition while reading.
 const PAGE: usize = 512;
@@ -69,8 +73,8 @@ pub type InlineProjection = dyn Fn(&[RecordedEvent]) -> Result<(), HandlerError>
 struct State {
     /// The global feed; the event at index `i` has global position `i + 1`.
     log: Vec<Arc<RecordedEvent>>,
-    /// Per stream, the indices of its events in `log`, in version order.
-    streams: HashMap<StreamId, Vec<usize>>,
+    /// Per stream, its events in version order (shared with `log`).
+    streams: HashMap<StreamId, StreamEvents>,
     /// Event id to its index in `log`.
     ids: HashMap<Uuid, usize>,
     snapshots: HashMap<StreamId, SnapshotRecord>,
@@ -221,7 +225,10 @@ impl Inner {
         if let Some(original) = classify_retry(request, &found)? {
             return Ok(original);
         }
-        let current = state.streams.get(&request.stream_id).map_or(0, Vec::len) as u64;
+        let current = state
+            .streams
+            .get(&request.stream_id)
+            .map_or(0, StreamEvents::len);
         request.expected.check(&request.stream_id, current)?;
         if request.events.is_empty() {
             return Ok(AppendResult {
@@ -261,15 +268,14 @@ impl Inner {
         // Every check passed: commit.
         state.last_recorded_at = Some(recorded_at);
         let positions: Vec<u64> = recorded.iter().map(|e| e.global_position).collect();
+        let state = &mut *state;
+        let stream = state.streams.entry(request.stream_id.clone()).or_default();
         for (i, event) in recorded.into_iter().enumerate() {
             state.ids.insert(event.event_id, first_index + i);
-            state.log.push(Arc::new(event));
+            let event = Arc::new(event);
+            stream.push(Arc::clone(&event));
+            state.log.push(event);
         }
-        state
-            .streams
-            .entry(request.stream_id.clone())
-            .or_default()
-            .extend(first_index..first_index + positions.len());
         for message in &request.outbox {
             state.outbox_position += 1;
             let position = state.outbox_position;
@@ -294,46 +300,19 @@ impl Inner {
     }
 
     /// Copies the next page of a stream read: up to `take` events from version `cursor` on in
-    /// `direction`. Returns the page and whether the stream has nothing after it.
+    /// `direction`, moving `cursor` past them. Returns the page and whether the stream has
+    /// nothing after it.
     fn stream_page(
         &self,
         stream: &StreamId,
         direction: Direction,
-        cursor: u64,
+        cursor: &mut u64,
         take: usize,
     ) -> (Vec<RecordedEvent>, bool) {
         let state = self.lock();
-        let Some(indices) = state.streams.get(stream) else {
-            return (Vec::new(), true);
-        };
-        let len = indices.len() as u64;
-        match direction {
-            Direction::Forward => {
-                let first = cursor.max(1);
-                if first > len {
-                    return (Vec::new(), true);
-                }
-                let range = &indices[(first - 1) as usize..];
-                let range = &range[..range.len().min(take)];
-                let page: Vec<RecordedEvent> = range
-                    .iter()
-                    .map(|&i| RecordedEvent::clone(&state.log[i]))
-                    .collect();
-                let end = first - 1 + page.len() as u64 >= len;
-                (page, end)
-            }
-            Direction::Backward => {
-                let last = cursor.min(len);
-                let range = &indices[..last as usize];
-                let range = &range[range.len().saturating_sub(take)..];
-                let page: Vec<RecordedEvent> = range
-                    .iter()
-                    .rev()
-                    .map(|&i| RecordedEvent::clone(&state.log[i]))
-                    .collect();
-                let end = page.len() as u64 >= last;
-                (page, end)
-            }
+        match state.streams.get(stream) {
+            Some(events) => events.copy(direction, cursor, take, |e| RecordedEvent::clone(e)),
+            None => (Vec::new(), true),
         }
     }
 
@@ -429,13 +408,7 @@ impl Pages {
                 direction,
                 cursor,
             } => {
-                let (page, end) = self.inner.stream_page(stream, *direction, *cursor, take);
-                if let Some(last) = page.last() {
-                    *cursor = match direction {
-                        Direction::Forward => last.stream_version + 1,
-                        Direction::Backward => last.stream_version - 1,
-                    };
-                }
+                let (page, end) = self.inner.stream_page(stream, *direction, cursor, take);
                 self.done = end;
                 page
             }
@@ -494,7 +467,12 @@ impl EventStore for InMemoryStore {
     }
 
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
-        let version = self.inner.lock().streams.get(stream).map_or(0, Vec::len) as u64;
+        let version = self
+            .inner
+            .lock()
+            .streams
+            .get(stream)
+            .map_or(0, StreamEvents::len);
         futures::future::ready(Ok(version))
     }
 
@@ -505,6 +483,33 @@ impl EventStore for InMemoryStore {
             cursor: read.from,
         };
         Box::pin(Pages::new(Arc::clone(&self.inner), source, read.limit))
+    }
+
+    /// Pages that share the stream's own segments of up to 512 events: a load decodes each
+    /// event where it is stored, with no copy of its envelope.
+    fn read_stream_pages(&self, stream: &StreamId, read: ReadStream) -> EventPages {
+        let inner = Arc::clone(&self.inner);
+        let stream = stream.clone();
+        let mut cursor = read.from;
+        let mut remaining = read.limit.unwrap_or(u64::MAX);
+        let mut done = false;
+        Box::pin(futures::stream::poll_fn(move |_| {
+            if done || remaining == 0 {
+                return Poll::Ready(None);
+            }
+            let take = remaining.min(PAGE as u64) as usize;
+            let (page, end) = match inner.lock().streams.get(&stream) {
+                Some(events) => events.page(read.direction, &mut cursor, take),
+                None => (None, true),
+            };
+            done = end;
+            let Some(page) = page else {
+                return Poll::Ready(None);
+            };
+            remaining -= page.len() as u64;
+            let page: Box<dyn EventPage> = Box::new(page);
+            Poll::Ready(Some(Ok(page)))
+        }))
     }
 
     fn read_all(&self, read: ReadAll) -> EventStream {

@@ -94,8 +94,8 @@ use es_core::contract::position::EpochStart;
 use es_core::contract::StoreFuture;
 use es_core::projection::HandlerError;
 use es_core::{
-    AppendLimits, AppendRequest, AppendResult, EventStore, EventStream, ReadAll, ReadStream,
-    RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
+    AppendLimits, AppendRequest, AppendResult, EventPages, EventStore, EventStream, ReadAll,
+    ReadStream, RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
 };
 use futures::future::BoxFuture;
 use futures::StreamExt as _;
@@ -754,6 +754,18 @@ impl EventStore for PgStore {
             stream.clone(),
         );
         self.on_read_pool(move |pool| read::read_stream(pool, sql, timeout, stream, read))
+    }
+
+    /// Pages of rows as received, of the columns a load reads (no stream id, no metadata):
+    /// each payload is decoded straight from its row.
+    fn read_stream_pages(&self, stream: &StreamId, read: ReadStream) -> EventPages {
+        read::read_stream_pages(
+            self.inner.pool.clone(),
+            Arc::clone(&self.inner.sql),
+            self.inner.query_timeout,
+            stream.clone(),
+            read,
+        )
     }
 
     fn read_all(&self, read: ReadAll) -> EventStream {

@@ -17,13 +17,16 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use es_core::{Direction, EventStream, ReadAll, ReadStream, RecordedEvent, StoreError, StreamId};
+use es_core::{
+    Direction, EventPage, EventPages, EventStream, ReadAll, ReadStream, RecordedEvent, StoreError,
+    StreamId,
+};
 use futures::{Stream, TryStreamExt};
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgPool, PgRow};
 use sqlx::AssertSqlSafe;
 use tokio::task::JoinHandle;
 
-use crate::codec::{decode_event, to_i64, EventColumns};
+use crate::codec::{decode_event, to_i64, EventColumns, RowPage, Rows};
 use crate::error::{store_error, timed};
 use crate::schema::Sql;
 
@@ -51,21 +54,28 @@ enum Cursor {
 }
 
 impl Cursor {
-    /// The cursor after `last`, or `None` when nothing can follow it.
-    fn after(&self, last: &RecordedEvent) -> Option<Self> {
+    /// The cursor after the last event of a page (`Last`), or `None` when nothing can follow it.
+    fn after(&self, last: Last) -> Option<Self> {
         let mut next = self.clone();
-        match &mut next {
-            Cursor::Stream {
-                direction: Direction::Forward,
-                next,
-                ..
-            } => *next = last.stream_version.checked_add(1)?,
-            Cursor::Stream {
-                direction: Direction::Backward,
-                next,
-                ..
-            } => *next = last.stream_version.checked_sub(1).filter(|v| *v > 0)?,
-            Cursor::All { after, .. } => *after = last.global_position,
+        match (&mut next, last) {
+            (
+                Cursor::Stream {
+                    direction: Direction::Forward,
+                    next,
+                    ..
+                },
+                Last::Version(version),
+            ) => *next = version.checked_add(1)?,
+            (
+                Cursor::Stream {
+                    direction: Direction::Backward,
+                    next,
+                    ..
+                },
+                Last::Version(version),
+            ) => *next = version.checked_sub(1).filter(|v| *v > 0)?,
+            (Cursor::All { after, .. }, Last::Position(position)) => *after = position,
+            _ => return None,
         }
         Some(next)
     }
@@ -100,9 +110,127 @@ impl Cursor {
     }
 }
 
+/// Where the last event of a page was: what the cursor after it needs.
+#[derive(Debug, Clone, Copy)]
+enum Last {
+    Version(u64),
+    Position(u64),
+}
+
+/// What a page fetch makes of the rows of its query: decoded envelopes for `read_stream` and
+/// `read_all`, the rows themselves for a load.
+trait Fetched: Sized + Send + 'static {
+    /// An empty page for at most `rows` rows of the read at `cursor`.
+    fn with_capacity(cursor: &Cursor, rows: usize) -> Self;
+    /// The query that reads a page at `cursor`.
+    fn sql(sql: &Sql, cursor: &Cursor) -> Arc<str>;
+    /// Adds the next row.
+    fn push(&mut self, row: PgRow) -> Result<(), StoreError>;
+    fn len(&self) -> usize;
+    /// Where the last event is, if the page has one (and it is readable).
+    fn last(&self, cursor: &Cursor) -> Option<Last>;
+    /// Payload bytes in the page.
+    fn payload_bytes(&self) -> u64;
+}
+
+/// Decoded envelopes: a page of `read_stream` or `read_all`.
+struct Envelopes {
+    events: Vec<RecordedEvent>,
+    columns: Option<EventColumns>,
+}
+
+impl Fetched for Envelopes {
+    fn with_capacity(_: &Cursor, rows: usize) -> Self {
+        Self {
+            events: Vec::with_capacity(rows),
+            columns: None,
+        }
+    }
+
+    fn sql(sql: &Sql, cursor: &Cursor) -> Arc<str> {
+        let sql = match cursor {
+            Cursor::Stream {
+                direction: Direction::Forward,
+                ..
+            } => &sql.stream_forward,
+            Cursor::Stream {
+                direction: Direction::Backward,
+                ..
+            } => &sql.stream_backward,
+            Cursor::All {
+                categories, types, ..
+            } => match (categories.is_empty(), types.is_empty()) {
+                (true, true) => &sql.all,
+                (false, true) => &sql.all_categories,
+                (true, false) => &sql.all_types,
+                (false, false) => &sql.all_both,
+            },
+        };
+        Arc::clone(sql)
+    }
+
+    fn push(&mut self, row: PgRow) -> Result<(), StoreError> {
+        let columns = match self.columns {
+            Some(columns) => columns,
+            None => *self.columns.insert(EventColumns::find(&row)?),
+        };
+        self.events.push(decode_event(&row, &columns)?);
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    fn last(&self, cursor: &Cursor) -> Option<Last> {
+        let last = self.events.last()?;
+        Some(match cursor {
+            Cursor::Stream { .. } => Last::Version(last.stream_version),
+            Cursor::All { .. } => Last::Position(last.global_position),
+        })
+    }
+
+    fn payload_bytes(&self) -> u64 {
+        self.events.iter().map(|e| e.payload.len() as u64).sum()
+    }
+}
+
+impl Fetched for Rows {
+    fn with_capacity(_: &Cursor, rows: usize) -> Self {
+        Rows::with_capacity(rows)
+    }
+
+    fn sql(sql: &Sql, cursor: &Cursor) -> Arc<str> {
+        match cursor {
+            Cursor::Stream {
+                direction: Direction::Backward,
+                ..
+            } => Arc::clone(&sql.load_backward),
+            // Rows are read for stream reads only (`read_stream_pages`).
+            _ => Arc::clone(&sql.load_forward),
+        }
+    }
+
+    fn push(&mut self, row: PgRow) -> Result<(), StoreError> {
+        Rows::push(self, row)
+    }
+
+    fn len(&self) -> usize {
+        Rows::len(self)
+    }
+
+    fn last(&self, _: &Cursor) -> Option<Last> {
+        self.last_version().map(Last::Version)
+    }
+
+    fn payload_bytes(&self) -> u64 {
+        Rows::payload_bytes(self)
+    }
+}
+
 /// A page being fetched in the background.
-struct Ahead {
-    task: Prefetch,
+struct Ahead<P> {
+    task: Prefetch<P>,
     start: Cursor,
     rows: u64,
 }
@@ -110,24 +238,23 @@ struct Ahead {
 /// One page request.
 struct Page {
     pool: PgPool,
-    sql: Arc<Sql>,
+    sql: Arc<str>,
     cursor: Cursor,
     rows: u64,
     timeout: Duration,
 }
 
-type PageResult = Result<Vec<RecordedEvent>, StoreError>;
-
 /// Aborts the prefetch when the read is dropped.
-struct Prefetch(JoinHandle<PageResult>);
+struct Prefetch<P>(JoinHandle<Result<P, StoreError>>);
 
-impl Drop for Prefetch {
+impl<P> Drop for Prefetch<P> {
     fn drop(&mut self) {
         self.0.abort();
     }
 }
 
-struct Reader {
+/// Pages of a read, fetched ahead in the background.
+struct Reader<P> {
     pool: PgPool,
     sql: Arc<Sql>,
     /// The client-side time-out of one page.
@@ -139,9 +266,22 @@ struct Reader {
     page_rows: u64,
     /// The largest page for the event sizes seen so far.
     max_rows: u64,
-    buffer: std::vec::IntoIter<RecordedEvent>,
     /// Pages requested and not yet consumed, in order (at most two).
-    ahead: VecDeque<Ahead>,
+    ahead: VecDeque<Ahead<P>>,
+}
+
+/// The events of a read, one by one, from the pages of a [`Reader`].
+struct Events {
+    pages: Reader<Envelopes>,
+    buffer: std::vec::IntoIter<RecordedEvent>,
+}
+
+fn stream_cursor(stream: StreamId, read: ReadStream) -> Option<Cursor> {
+    (read.direction == Direction::Forward || read.from > 0).then_some(Cursor::Stream {
+        stream,
+        direction: read.direction,
+        next: read.from,
+    })
 }
 
 pub(crate) fn read_stream(
@@ -151,13 +291,31 @@ pub(crate) fn read_stream(
     stream: StreamId,
     read: ReadStream,
 ) -> EventStream {
-    let cursor =
-        (read.direction == Direction::Forward || read.from > 0).then_some(Cursor::Stream {
-            stream,
-            direction: read.direction,
-            next: read.from,
-        });
-    reader(pool, sql, timeout, cursor, read.limit)
+    events(Reader::new(
+        pool,
+        sql,
+        timeout,
+        stream_cursor(stream, read),
+        read.limit,
+    ))
+}
+
+/// The pages of a stream read as rows, for a load (see [`RowPage`]).
+pub(crate) fn read_stream_pages(
+    pool: PgPool,
+    sql: Arc<Sql>,
+    timeout: Duration,
+    stream: StreamId,
+    read: ReadStream,
+) -> EventPages {
+    let cursor = stream_cursor(stream.clone(), read);
+    let reader: Reader<Rows> = Reader::new(pool, sql, timeout, cursor, read.limit);
+    Box::pin(reader.map_ok(move |rows| -> Box<dyn EventPage> {
+        Box::new(RowPage {
+            stream_id: stream.clone(),
+            rows,
+        })
+    }))
 }
 
 pub(crate) fn read_all(
@@ -171,32 +329,19 @@ pub(crate) fn read_all(
         categories: read.filter.categories.into(),
         types: read.filter.event_types.into(),
     };
-    reader(pool, sql, timeout, Some(cursor), read.limit)
+    events(Reader::new(pool, sql, timeout, Some(cursor), read.limit))
 }
 
-fn reader(
-    pool: PgPool,
-    sql: Arc<Sql>,
-    timeout: Duration,
-    cursor: Option<Cursor>,
-    limit: Option<u64>,
-) -> EventStream {
-    Box::pin(Reader {
-        pool,
-        sql,
-        timeout,
-        cursor,
-        remaining: limit.unwrap_or(u64::MAX),
-        page_rows: FIRST_PAGE,
-        max_rows: MAX_PAGE,
+fn events(pages: Reader<Envelopes>) -> EventStream {
+    Box::pin(Events {
+        pages,
         buffer: Vec::new().into_iter(),
-        ahead: VecDeque::new(),
     })
 }
 
 /// Hands out the buffered page event by event, without an allocation or a future per event;
 /// between pages it waits for the page fetched in the background.
-impl Stream for Reader {
+impl Stream for Events {
     type Item = Result<RecordedEvent, StoreError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -205,6 +350,22 @@ impl Stream for Reader {
             if let Some(event) = this.buffer.next() {
                 return Poll::Ready(Some(Ok(event)));
             }
+            match ready!(Pin::new(&mut this.pages).poll_next(cx)) {
+                Some(Ok(page)) => this.buffer = page.events.into_iter(),
+                Some(Err(err)) => return Poll::Ready(Some(Err(err))),
+                None => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
+/// Between pages, waits for the page fetched in the background.
+impl<P: Fetched> Stream for Reader<P> {
+    type Item = Result<P, StoreError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
             this.request_pages();
             let Some(front) = this.ahead.front_mut() else {
                 return Poll::Ready(None);
@@ -217,7 +378,12 @@ impl Stream for Reader {
                 .map_err(|e| StoreError::backend(format!("page fetch failed: {e}")))
                 .and_then(|page| page);
             match page {
-                Ok(page) => this.take_page(page, &start, rows),
+                // An empty page ends the read (`take_page` leaves no cursor).
+                Ok(page) if page.len() == 0 => this.take_page(&page, &start, rows),
+                Ok(page) => {
+                    this.take_page(&page, &start, rows);
+                    return Poll::Ready(Some(Ok(page)));
+                }
                 Err(err) => {
                     this.cursor = None;
                     this.ahead.clear();
@@ -228,7 +394,26 @@ impl Stream for Reader {
     }
 }
 
-impl Reader {
+impl<P: Fetched> Reader<P> {
+    fn new(
+        pool: PgPool,
+        sql: Arc<Sql>,
+        timeout: Duration,
+        cursor: Option<Cursor>,
+        limit: Option<u64>,
+    ) -> Self {
+        Self {
+            pool,
+            sql,
+            timeout,
+            cursor,
+            remaining: limit.unwrap_or(u64::MAX),
+            page_rows: FIRST_PAGE,
+            max_rows: MAX_PAGE,
+            ahead: VecDeque::new(),
+        }
+    }
+
     /// Starts fetching the page at `cursor` in the background.
     fn spawn(&mut self, cursor: Cursor) {
         let rows = self.remaining.min(self.page_rows);
@@ -241,13 +426,13 @@ impl Reader {
         self.page_rows = (self.page_rows * 4).min(self.max_rows);
         let page = Page {
             pool: self.pool.clone(),
-            sql: Arc::clone(&self.sql),
+            sql: P::sql(&self.sql, &cursor),
             cursor: cursor.clone(),
             rows,
             timeout: self.timeout,
         };
         self.ahead.push_back(Ahead {
-            task: Prefetch(tokio::spawn(timed(page.timeout, page.fetch()))),
+            task: Prefetch(tokio::spawn(timed(page.timeout, page.fetch::<P>()))),
             start: cursor,
             rows,
         });
@@ -269,11 +454,11 @@ impl Reader {
         }
     }
 
-    /// Takes a fetched page of the `rows` requested at `start` into the buffer, and works out
-    /// where the read goes on.
-    fn take_page(&mut self, page: Vec<RecordedEvent>, start: &Cursor, rows: u64) {
+    /// Takes in a fetched page of the `rows` requested at `start`, and works out where the read
+    /// goes on.
+    fn take_page(&mut self, page: &P, start: &Cursor, rows: u64) {
         let got = page.len() as u64;
-        let next = match page.last() {
+        let next = match page.last(start) {
             Some(last) if got == rows => start.after(last),
             _ => None,
         };
@@ -290,7 +475,7 @@ impl Reader {
                 self.cursor = next;
             }
         }
-        let bytes: u64 = page.iter().map(|e| e.payload.len() as u64 + 128).sum();
+        let bytes = page.payload_bytes() + 128 * got;
         if let Some(per_event) = bytes.checked_div(got) {
             self.max_rows = (PAGE_BYTES / per_event.max(1)).clamp(16, MAX_PAGE);
             self.page_rows = self.page_rows.min(self.max_rows);
@@ -301,40 +486,23 @@ impl Reader {
                 self.spawn(cursor);
             }
         }
-        self.buffer = page.into_iter();
     }
 }
 
 impl Page {
-    async fn fetch(self) -> PageResult {
+    async fn fetch<P: Fetched>(self) -> Result<P, StoreError> {
         let limit = to_i64(self.rows);
         let query = match &self.cursor {
-            Cursor::Stream {
-                stream,
-                direction,
-                next,
-            } => {
-                let sql = match direction {
-                    Direction::Forward => &self.sql.stream_forward,
-                    Direction::Backward => &self.sql.stream_backward,
-                };
-                sqlx::query(AssertSqlSafe(Arc::clone(sql)))
-                    .bind(stream.as_str())
-                    .bind(to_i64(*next))
-                    .bind(limit)
-            }
+            Cursor::Stream { stream, next, .. } => sqlx::query(AssertSqlSafe(self.sql))
+                .bind(stream.as_str())
+                .bind(to_i64(*next))
+                .bind(limit),
             Cursor::All {
                 after,
                 categories,
                 types,
             } => {
-                let sql = match (categories.is_empty(), types.is_empty()) {
-                    (true, true) => &self.sql.all,
-                    (false, true) => &self.sql.all_categories,
-                    (true, false) => &self.sql.all_types,
-                    (false, false) => &self.sql.all_both,
-                };
-                let mut query = sqlx::query(AssertSqlSafe(Arc::clone(sql)))
+                let mut query = sqlx::query(AssertSqlSafe(self.sql))
                     .bind(to_i64(*after))
                     .bind(limit);
                 if !categories.is_empty() {
@@ -347,14 +515,9 @@ impl Page {
             }
         };
         let mut rows = query.fetch(&self.pool);
-        let mut page = Vec::with_capacity(self.rows.min(MAX_PAGE) as usize);
-        let mut columns = None;
+        let mut page = P::with_capacity(&self.cursor, self.rows.min(MAX_PAGE) as usize);
         while let Some(row) = rows.try_next().await.map_err(store_error)? {
-            let columns = match columns {
-                Some(columns) => columns,
-                None => *columns.insert(EventColumns::find(&row)?),
-            };
-            page.push(decode_event(&row, &columns)?);
+            page.push(row)?;
         }
         Ok(page)
     }

@@ -131,6 +131,9 @@ pub(crate) struct Sql {
     pub(crate) epochs: Arc<str>,
     pub(crate) stream_forward: Arc<str>,
     pub(crate) stream_backward: Arc<str>,
+    /// Stream reads of the columns a load decodes ([`LOAD_COLUMNS`]).
+    pub(crate) load_forward: Arc<str>,
+    pub(crate) load_backward: Arc<str>,
     pub(crate) all: Arc<str>,
     pub(crate) all_categories: Arc<str>,
     pub(crate) all_types: Arc<str>,
@@ -148,10 +151,23 @@ pub(crate) struct Sql {
 pub(crate) const EVENT_COLUMNS: &str = "global_position, stream_id, stream_version, event_id, \
      event_type, schema_version, payload, metadata, recorded_at";
 
+/// The columns a load reads ([`crate::codec::RowPage`] finds them by name): the envelope without
+/// the stream id, which the load knows, and the metadata, which it does not read (turning `jsonb`
+/// into text is most of the server's work per row).
+pub(crate) const LOAD_COLUMNS: &str = "global_position, stream_version, event_id, event_type, \
+     schema_version, payload, recorded_at";
+
 impl Sql {
     pub(crate) fn new(schema: &SchemaName) -> Self {
         let s = schema.quoted();
         let c = EVENT_COLUMNS;
+        let stream_where = |columns: &str, forward: bool| {
+            let (cmp, order) = if forward { (">=", "") } else { ("<=", " DESC") };
+            format!(
+                "SELECT {columns} FROM {s}.events WHERE stream_id = $1 AND stream_version {cmp} $2 \
+                 ORDER BY stream_version{order} LIMIT $3"
+            )
+        };
         let all_where = |extra: &str| {
             format!(
                 "SELECT {c} FROM {s}.events WHERE global_position > $1{extra} \
@@ -177,16 +193,10 @@ impl Sql {
                 "SELECT epoch, previous_head FROM {s}.epochs WHERE epoch > 0 ORDER BY epoch"
             )
             .into(),
-            stream_forward: format!(
-                "SELECT {c} FROM {s}.events WHERE stream_id = $1 AND stream_version >= $2 \
-                 ORDER BY stream_version LIMIT $3"
-            )
-            .into(),
-            stream_backward: format!(
-                "SELECT {c} FROM {s}.events WHERE stream_id = $1 AND stream_version <= $2 \
-                 ORDER BY stream_version DESC LIMIT $3"
-            )
-            .into(),
+            stream_forward: stream_where(c, true).into(),
+            stream_backward: stream_where(c, false).into(),
+            load_forward: stream_where(LOAD_COLUMNS, true).into(),
+            load_backward: stream_where(LOAD_COLUMNS, false).into(),
             all: all_where("").into(),
             all_categories: all_where(" AND category = ANY ($3)").into(),
             all_types: all_where(" AND event_type = ANY ($3)").into(),

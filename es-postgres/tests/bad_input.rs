@@ -482,3 +482,113 @@ async fn corrupt_rows_are_typed_errors() {
         Err(StoreError::InvalidRequest { .. })
     ));
 }
+
+/// A load reads its own columns straight from the rows (no stream id, no metadata): rows
+/// changed behind the store's back are typed errors there too, each naming the stream, and no
+/// event is skipped. Metadata, which a load does not read, does not stop it; `read_stream`
+/// still reports it.
+#[tokio::test]
+async fn corrupt_rows_are_typed_errors_when_loading() {
+    let url = es_test_support::database_url();
+    let schema = common::unique_schema("corrupt_load");
+    let store = common::store_on(&url, &schema).await;
+    let admin = common::pool(&url, 2).await;
+    let repo = Repository::new(store.clone());
+    let table = format!("\"{schema}\".events");
+    let cases = [
+        ("gap", "DELETE FROM {t} WHERE stream_id = '{s}' AND stream_version = 700"),
+        ("moved", "UPDATE {t} SET stream_version = 100000 WHERE stream_id = '{s}' AND stream_version = 700"),
+        ("schema", "UPDATE {t} SET schema_version = -1 WHERE stream_id = '{s}' AND stream_version = 700"),
+        ("position", "UPDATE {t} SET global_position = -5 WHERE stream_id = '{s}' AND stream_version = 700"),
+        ("payload", "UPDATE {t} SET payload = '{{\"amount\": \"lots\", \"currency\": \"EUR\"}}' WHERE stream_id = '{s}' AND stream_version = 700"),
+        ("type", "UPDATE {t} SET event_type = 'Exploded' WHERE stream_id = '{s}' AND stream_version = 700"),
+        ("newer", "UPDATE {t} SET schema_version = 7 WHERE stream_id = '{s}' AND stream_version = 700"),
+        ("metadata", "UPDATE {t} SET metadata = '[1, 2]' WHERE stream_id = '{s}' AND stream_version = 700"),
+    ];
+    for (name, damage) in cases {
+        // Enough events for several pages; the damage is in the second page, read while others are
+        // fetched.
+        let id = format!("load-{name}");
+        let s = StreamId::new("ledger", &id).unwrap();
+        let mut events = vec![NewEvent::from_value("Opened", 1, &json!({}))];
+        events.extend((0..1200).map(|_| {
+            NewEvent::from_value("Credited", 2, &json!({ "amount": 1, "currency": "EUR" }))
+        }));
+        store
+            .append(AppendRequest::new(
+                s.clone(),
+                ExpectedVersion::NoStream,
+                events,
+            ))
+            .await
+            .unwrap();
+        let sql = damage
+            .replace("{t}", &table)
+            .replace("{s}", s.as_str())
+            .replace("{{", "{")
+            .replace("}}", "}");
+        sqlx::query(AssertSqlSafe(sql))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let result = repo.load_without_snapshot::<Ledger>(&id).await;
+        match (name, &result) {
+            (
+                "gap" | "moved" | "schema",
+                Err(RepositoryError::Store {
+                    source: StoreError::Corrupt { location, .. },
+                    stream_id,
+                    ..
+                }),
+            ) => {
+                assert_eq!(stream_id, &s, "{name}");
+                assert!(location.contains(s.as_str()), "{name}: {location}");
+            }
+            (
+                "position",
+                Err(RepositoryError::Store {
+                    source: StoreError::Corrupt { location, .. },
+                    stream_id,
+                    ..
+                }),
+            ) => {
+                assert_eq!(stream_id, &s);
+                assert!(location.contains("global position -5"), "{location}");
+            }
+            (
+                "payload",
+                Err(RepositoryError::Decode(es_core::DecodeError::Payload {
+                    stream_id,
+                    version,
+                    ..
+                })),
+            )
+            | (
+                "type",
+                Err(RepositoryError::Decode(es_core::DecodeError::UnknownEventType {
+                    stream_id,
+                    version,
+                    ..
+                })),
+            )
+            | (
+                "newer",
+                Err(RepositoryError::Decode(es_core::DecodeError::SchemaVersion {
+                    stream_id,
+                    version,
+                    ..
+                })),
+            ) => {
+                assert_eq!((stream_id, *version), (&s, 700), "{name}");
+            }
+            ("metadata", Ok(loaded)) => {
+                assert_eq!((loaded.version, loaded.aggregate.balance), (1201, 1200));
+                assert!(matches!(
+                    read(&store, &s).await,
+                    Err(StoreError::Corrupt { .. })
+                ));
+            }
+            _ => panic!("{name}: unexpected {result:?}"),
+        }
+    }
+}

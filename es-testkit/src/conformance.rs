@@ -601,6 +601,83 @@ pub async fn read_stream_pages_through_large_stream<S: Store>(store: S) {
         .all(|w| w[0].global_position < w[1].global_position));
 }
 
+/// The pages a load decodes (`read_stream_pages`) lend out exactly the events of `read_stream`:
+/// the same envelopes in the same order, for every direction, start and limit, across page
+/// boundaries, with no empty page.
+pub async fn read_stream_pages_lend_the_events_of_read_stream<S: Store>(store: S) {
+    let s = stream("order-pages");
+    let other = stream("order-between");
+    for chunk in 0..3u64 {
+        let mut batch = events("A", chunk * 700..(chunk + 1) * 700);
+        // Another type and schema now and then, and metadata the pages leave out.
+        for (i, e) in batch.iter_mut().enumerate().filter(|(i, _)| i % 97 == 0) {
+            *e = NewEvent::from_value("B", 3, &json!({ "n": i, "text": "ünïcode \"quoted\"" }))
+                .with_metadata(Metadata::new().with_actor("ada"));
+        }
+        append(&store, &s, ExpectedVersion::Exact(chunk * 700), batch)
+            .await
+            .unwrap();
+        append(&store, &other, ExpectedVersion::Any, events("C", 0..3))
+            .await
+            .unwrap();
+    }
+    let reads = [
+        ReadStream::forward(),
+        ReadStream::forward().from(0),
+        ReadStream::forward().from(511).limit(1030),
+        ReadStream::forward().from(2099),
+        ReadStream::forward().from(2100),
+        ReadStream::forward().from(5000),
+        ReadStream::forward().limit(0),
+        ReadStream::backward(),
+        ReadStream::backward().from(1500).limit(600),
+        ReadStream::backward().from(1),
+        ReadStream::backward().from(0),
+    ];
+    for read_spec in reads {
+        let events = read(&store, &s, read_spec).await;
+        let mut lent = Vec::new();
+        let mut pages = store.read_stream_pages(&s, read_spec);
+        while let Some(page) = pages.next().await {
+            let page = page.expect("pages read");
+            assert!(!page.is_empty(), "{read_spec:?}: an empty page");
+            for i in 0..page.len() {
+                let e = page.event(i).expect("a stored event");
+                lent.push((
+                    e.event_id,
+                    e.stream_version,
+                    e.global_position,
+                    e.event_type.to_owned(),
+                    e.schema_version,
+                    e.payload.to_vec(),
+                    e.recorded_at,
+                ));
+            }
+        }
+        let expected: Vec<_> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.event_id,
+                    e.stream_version,
+                    e.global_position,
+                    e.event_type.clone(),
+                    e.schema_version,
+                    e.payload.to_vec(),
+                    e.recorded_at,
+                )
+            })
+            .collect();
+        assert_eq!(lent.len(), expected.len(), "{read_spec:?}");
+        assert!(
+            lent == expected,
+            "{read_spec:?}: pages differ from read_stream"
+        );
+    }
+    let mut missing = store.read_stream_pages(&stream("order-none"), ReadStream::forward());
+    assert!(missing.next().await.is_none());
+}
+
 /// Every envelope field survives the round trip.
 pub async fn envelope_round_trips<S: Store>(store: S) {
     let s = stream("order-env");

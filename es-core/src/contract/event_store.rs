@@ -32,7 +32,7 @@ use super::checkpoint::CheckpointStore;
 use super::error::{StoreError, StoreFuture};
 use super::outbox::OutboxStore;
 use super::position::{self, EpochStart};
-use super::read::{EventFilter, EventStream, ReadAll, ReadStream};
+use super::read::{pages_of, EventFilter, EventPages, EventStream, ReadAll, ReadStream};
 use super::snapshot::SnapshotStore;
 use crate::retry::{Backoff, Delays};
 use crate::stream_id::StreamId;
@@ -49,6 +49,18 @@ pub trait EventStore: Clone + Send + Sync + 'static {
 
     /// Reads a stream lazily, in pages.
     fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream;
+
+    /// Reads a stream lazily as pages of borrowed events: what the repository decodes when it
+    /// loads an aggregate. The same events, in the same order, with the same errors as
+    /// [`read_stream`](EventStore::read_stream) (whose [`RecordedEvent`](crate::RecordedEvent)s
+    /// keep the stream id and metadata that a page may leave out).
+    ///
+    /// The default groups the events of `read_stream` into pages ([`pages_of`]); a backend
+    /// overrides it to lend out events from the pages it fetched (rows as received, shared
+    /// entries) instead of copying each into an owned envelope first.
+    fn read_stream_pages(&self, stream: &StreamId, read: ReadStream) -> EventPages {
+        pages_of(self.read_stream(stream, read))
+    }
 
     /// Reads the global feed lazily, in pages, in position order.
     fn read_all(&self, read: ReadAll) -> EventStream;
@@ -95,6 +107,9 @@ impl<T: EventStore> EventStore for Arc<T> {
     }
     fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
         (**self).read_stream(stream, read)
+    }
+    fn read_stream_pages(&self, stream: &StreamId, read: ReadStream) -> EventPages {
+        (**self).read_stream_pages(stream, read)
     }
     fn read_all(&self, read: ReadAll) -> EventStream {
         (**self).read_all(read)

@@ -1,11 +1,13 @@
-//! Reads: which part of a stream or of the global feed, and the lazy stream they return.
+//! Reads: which part of a stream or of the global feed, and the lazy streams they return: of
+//! events, or of pages of borrowed events for loading aggregates.
 
 use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 
 use super::error::StoreError;
-use crate::event::RecordedEvent;
+use crate::event::{RecordedEvent, RecordedEventRef};
 
 /// Direction of a stream read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -141,3 +143,179 @@ impl ReadAll {
 
 /// A lazy stream of recorded events. It owns what it needs, so it can outlive the store handle.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<RecordedEvent, StoreError>> + Send>>;
+
+/// A page of a stream's events, as [`EventStore::read_stream_pages`](super::EventStore::read_stream_pages)
+/// hands them to the repository's load: the store keeps them in its own form (rows as received,
+/// shared entries) and lends each one out as a [`RecordedEventRef`] that the load decodes in
+/// place.
+pub trait EventPage: Send {
+    /// How many events the page holds.
+    fn len(&self) -> usize;
+
+    /// Whether the page holds no event.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The event at `index` (below [`len`](EventPage::len)), borrowed from the page. A stored
+    /// event the store cannot turn into an envelope (a row changed behind its back) is
+    /// [`StoreError::Corrupt`], the same error [`read_stream`](super::EventStore::read_stream)
+    /// gives for it.
+    fn event(&self, index: usize) -> Result<RecordedEventRef<'_>, StoreError>;
+}
+
+impl EventPage for Vec<RecordedEvent> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn event(&self, index: usize) -> Result<RecordedEventRef<'_>, StoreError> {
+        Ok(self[index].borrowed())
+    }
+}
+
+/// A lazy stream of pages of one stream's events, in the order of the read. It owns what it
+/// needs, so it can outlive the store handle.
+pub type EventPages = Pin<Box<dyn Stream<Item = Result<Box<dyn EventPage>, StoreError>> + Send>>;
+
+/// Most events [`pages_of`] puts in one page.
+const PAGE: usize = 512;
+
+/// Groups the events of `events` into pages, in order: each page holds what the stream has ready
+/// (at most 512 events), so it never waits to fill a page. An error comes after the page of the
+/// events before it, and ends the pages. The default
+/// [`EventStore::read_stream_pages`](super::EventStore::read_stream_pages).
+pub fn pages_of(events: EventStream) -> EventPages {
+    Box::pin(Paged {
+        events,
+        failed: None,
+        done: false,
+    })
+}
+
+struct Paged {
+    events: EventStream,
+    /// An error met after some events of a page: yielded after that page.
+    failed: Option<StoreError>,
+    done: bool,
+}
+
+impl Stream for Paged {
+    type Item = Result<Box<dyn EventPage>, StoreError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if let Some(err) = this.failed.take() {
+            this.done = true;
+            return Poll::Ready(Some(Err(err)));
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let mut page: Vec<RecordedEvent> = Vec::new();
+        let ready = |page: Vec<RecordedEvent>| -> Poll<Option<Self::Item>> {
+            Poll::Ready(Some(Ok(Box::new(page))))
+        };
+        loop {
+            match this.events.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(event))) => {
+                    page.push(event);
+                    if page.len() == PAGE {
+                        return ready(page);
+                    }
+                }
+                Poll::Ready(Some(Err(err))) if page.is_empty() => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(err)));
+                }
+                Poll::Ready(Some(Err(err))) => {
+                    this.failed = Some(err);
+                    return ready(page);
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    return if page.is_empty() {
+                        Poll::Ready(None)
+                    } else {
+                        ready(page)
+                    };
+                }
+                Poll::Pending if page.is_empty() => return Poll::Pending,
+                Poll::Pending => return ready(page),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Metadata;
+    use crate::stream_id::StreamId;
+
+    fn event(version: u64) -> RecordedEvent {
+        RecordedEvent {
+            event_id: uuid::Uuid::new_v4(),
+            stream_id: StreamId::new("t", "s").unwrap(),
+            stream_version: version,
+            global_position: version,
+            event_type: "E".to_owned(),
+            schema_version: 1,
+            payload: bytes::Bytes::from_static(b"{}"),
+            metadata: Metadata::default(),
+            recorded_at: chrono::Utc::now(),
+        }
+    }
+
+    /// The versions of each page, and the error that ended them, if any.
+    async fn paged(items: Vec<Result<RecordedEvent, StoreError>>) -> (Vec<Vec<u64>>, bool) {
+        let mut pages = pages_of(Box::pin(futures::stream::iter(items)));
+        let (mut seen, mut failed) = (Vec::new(), false);
+        while let Some(page) = pages.next().await {
+            if let Ok(page) = page {
+                let versions = (0..page.len()).map(|i| page.event(i).unwrap().stream_version);
+                seen.push(versions.collect());
+            } else {
+                assert!(!failed, "one error at most");
+                failed = true;
+            }
+        }
+        (seen, failed)
+    }
+
+    #[tokio::test]
+    async fn pages_of_keeps_order_and_reports_errors_after_the_events_before_them() {
+        let (pages, failed) = paged((1..=1100).map(|v| Ok(event(v))).collect()).await;
+        assert_eq!(
+            pages.iter().map(Vec::len).collect::<Vec<_>>(),
+            [512, 512, 76]
+        );
+        assert_eq!(pages.concat(), (1..=1100).collect::<Vec<_>>());
+        assert!(!failed);
+
+        let mut items: Vec<_> = (1..=3).map(|v| Ok(event(v))).collect();
+        items.push(Err(StoreError::backend("broken")));
+        items.push(Ok(event(4)));
+        let (pages, failed) = paged(items).await;
+        assert_eq!(pages, [vec![1, 2, 3]], "nothing after the error");
+        assert!(failed);
+
+        let (pages, failed) = paged(vec![Err(StoreError::backend("broken"))]).await;
+        assert!(pages.is_empty() && failed);
+        assert_eq!(paged(Vec::new()).await, (Vec::new(), false));
+    }
+
+    #[tokio::test]
+    async fn pages_of_hands_out_what_is_ready_without_waiting_to_fill_a_page() {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let mut pages = pages_of(Box::pin(rx));
+        tx.unbounded_send(Ok(event(1))).unwrap();
+        tx.unbounded_send(Ok(event(2))).unwrap();
+        let page = pages.next().await.unwrap().unwrap();
+        assert_eq!(page.len(), 2);
+        tx.unbounded_send(Ok(event(3))).unwrap();
+        drop(tx);
+        assert_eq!(pages.next().await.unwrap().unwrap().len(), 1);
+        assert!(pages.next().await.is_none());
+    }
+}

@@ -8,6 +8,7 @@ use super::snapshot::Snapshot;
 use super::{AsOf, Loaded, RepoResult, Repository, RepositoryError, Until};
 use crate::aggregate::Aggregate;
 use crate::contract::{ReadStream, Store, StoreError};
+use crate::event::RecordedEventRef;
 use crate::stream_id::StreamId;
 
 /// Where a replay starts.
@@ -99,55 +100,55 @@ impl<S: Store> Repository<S> {
                 read = read.limit(v - first + 1);
             }
             let upcasters = self.upcasters::<A::Event>();
-            let mut events = self.inner.store.read_stream(&stream_id, read);
+            let store_error = |version, source| RepositoryError::Store {
+                stream_id: stream_id.clone(),
+                version,
+                source,
+            };
+            // Pages of events borrowed from the store: each payload is decoded where it lies.
+            let mut pages = self.inner.store.read_stream_pages(&stream_id, read);
             let mut events_read = 0;
             let mut checked = check.is_none();
-            while let Some(event) = events.next().await {
-                let event = event.map_err(|source| RepositoryError::Store {
-                    stream_id: stream_id.clone(),
-                    version,
-                    source,
-                })?;
-                if !checked {
-                    let expected_id = check.flatten();
-                    if event.stream_version != version
-                        || expected_id.is_some_and(|id| id != event.event_id)
-                    {
-                        tracing::warn!(stream_id = %stream_id, snapshot_version = version,
-                            snapshot_event = ?expected_id, stream_event = %event.event_id,
-                            stream_event_version = event.stream_version,
-                            "snapshot does not match the stream's events; deleting it and \
-                             replaying every event");
-                        self.discard_snapshot::<A>(&stream_id, version).await;
-                        continue 'replay;
+            'pages: while let Some(page) = pages.next().await {
+                let page = page.map_err(|source| store_error(version, source))?;
+                for index in 0..page.len() {
+                    let event = page
+                        .event(index)
+                        .map_err(|source| store_error(version, source))?;
+                    if !checked {
+                        let expected_id = check.flatten();
+                        if event.stream_version != version
+                            || expected_id.is_some_and(|id| id != event.event_id)
+                        {
+                            tracing::warn!(stream_id = %stream_id, snapshot_version = version,
+                                snapshot_event = ?expected_id, stream_event = %event.event_id,
+                                stream_event_version = event.stream_version,
+                                "snapshot does not match the stream's events; deleting it and \
+                                 replaying every event");
+                            drop(pages);
+                            self.discard_snapshot::<A>(&stream_id, version).await;
+                            continue 'replay;
+                        }
+                        checked = true;
+                        last_event_id = Some(event.event_id);
+                        continue;
                     }
-                    checked = true;
+                    if until.excludes(&event) {
+                        break 'pages;
+                    }
+                    if event.stream_version != version + 1 {
+                        return Err(store_error(
+                            version,
+                            out_of_order(&stream_id, version, &event),
+                        ));
+                    }
+                    upcasters.decode_ref_into::<A::Event>(&stream_id, event, |e| {
+                        aggregate.evolve(&e);
+                    })?;
+                    version = event.stream_version;
                     last_event_id = Some(event.event_id);
-                    continue;
+                    events_read += 1;
                 }
-                let past_bound = match until {
-                    Until::Past(AsOf::Position(p)) => event.global_position > p,
-                    Until::Past(AsOf::Time(t)) => event.recorded_at > t,
-                    _ => false,
-                };
-                if past_bound {
-                    break;
-                }
-                if event.stream_version != version + 1 {
-                    return Err(RepositoryError::Store {
-                        stream_id: stream_id.clone(),
-                        version,
-                        source: StoreError::corrupt_at(
-                            &stream_id,
-                            event.stream_version,
-                            format!("expected version {} next", version + 1),
-                        ),
-                    });
-                }
-                upcasters.decode_into::<A::Event>(&event, |e| aggregate.evolve(&e))?;
-                version = event.stream_version;
-                last_event_id = Some(event.event_id);
-                events_read += 1;
             }
             if !checked {
                 tracing::warn!(stream_id = %stream_id, snapshot_version = version,
@@ -166,4 +167,25 @@ impl<S: Store> Repository<S> {
             });
         }
     }
+}
+
+impl Until {
+    /// Whether `event` lies past a position or time bound (and so does every event after it).
+    fn excludes(self, event: &RecordedEventRef<'_>) -> bool {
+        match self {
+            Until::Past(AsOf::Position(p)) => event.global_position > p,
+            Until::Past(AsOf::Time(t)) => event.recorded_at > t,
+            _ => false,
+        }
+    }
+}
+
+/// A stream whose event after `version` is not at `version + 1` (lost, moved or duplicated):
+/// replaying on would build a state the stream never had.
+fn out_of_order(stream_id: &StreamId, version: u64, event: &RecordedEventRef<'_>) -> StoreError {
+    StoreError::corrupt_at(
+        stream_id,
+        event.stream_version,
+        format!("expected version {} next", version + 1),
+    )
 }
