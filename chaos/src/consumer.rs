@@ -330,6 +330,7 @@ pub(crate) fn relay(args: &[String]) -> Result<()> {
         lease_ttl: Duration::from_secs(2),
         publish_timeout: Duration::from_secs(1),
         batch_size: 64,
+        max_in_flight: 4,
         idle_poll: Duration::from_millis(200),
         backoff: es_core::Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
     };

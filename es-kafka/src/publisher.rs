@@ -1,11 +1,11 @@
 //! [`KafkaPublisher`]: the outbox relay's way to Kafka.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use es_core::outbox::PublishOutcome;
 use es_core::{OutboxRecord, Publisher};
-use futures::future::join_all;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 
@@ -35,9 +35,19 @@ const RECORD_OVERHEAD: usize = 5 + 1 + 10 + 5 + 5 + 5 + 5;
 /// each relay its own and share it rather than creating one per batch. After a batch failed, or
 /// was cut off by the relay, the next one goes through a fresh producer (a new producer id),
 /// whatever state the old one was left in.
+///
+/// Batches may overlap (the relay keeps several in flight): they share the producer, which
+/// keeps each partition's records in the order they were handed over, across batches. A
+/// producer is replaced only once no batch is in flight on it: a batch started after a failure
+/// waits for the batches still in flight to settle, so two producers never write one partition
+/// at once (two producers' records could interleave in any order).
 pub struct KafkaPublisher {
     config: KafkaConfig,
     producer: Mutex<FutureProducer>,
+    /// Held shared by every batch in flight, exclusively to replace the producer.
+    batches: tokio::sync::RwLock<()>,
+    /// A batch failed or was cut off: replace the producer before the next batch.
+    stale: AtomicBool,
 }
 
 impl std::fmt::Debug for KafkaPublisher {
@@ -108,6 +118,8 @@ impl KafkaPublisher {
         Ok(Self {
             config,
             producer: Mutex::new(producer),
+            batches: tokio::sync::RwLock::new(()),
+            stale: AtomicBool::new(false),
         })
     }
 
@@ -166,10 +178,11 @@ impl KafkaPublisher {
     /// with the same error), so nothing overtakes it. Returns only after every record sent is
     /// settled, so no attempt of the batch is still in flight when it is sent again. If the
     /// returned future is dropped first (the relay's lease ran out), the producer's queue and
-    /// requests in flight are purged at once and the producer replaced: what it had not yet
-    /// written to a socket is never sent; a produce request already on the wire may still be
-    /// written by the broker.
+    /// requests in flight are purged at once (failing the other batches in flight on it) and the
+    /// producer replaced: what it had not yet written to a socket is never sent; a produce
+    /// request already on the wire may still be written by the broker.
     async fn deliver(&self, records: &[OutboxRecord]) -> Vec<Result<(), Failure>> {
+        let _in_flight = self.start_batch().await;
         let producer = self
             .producer
             .lock()
@@ -197,9 +210,13 @@ impl KafkaPublisher {
                 }
             }
         }
-        let outcomes: Vec<Result<(), Failure>> =
-            join_all(pending.into_iter().map(|delivery| async move {
-                match delivery?.await {
+        // Awaited in order, one after the other: each resolves when the producer's thread
+        // settles its record, so this ends with the last one, without a task per record.
+        let mut outcomes: Vec<Result<(), Failure>> = Vec::with_capacity(pending.len());
+        for delivery in pending {
+            outcomes.push(match delivery {
+                Err(failure) => Err(failure),
+                Ok(delivery) => match delivery.await {
                     Ok(Ok(_)) => Ok(()),
                     Ok(Err((error, _))) => Err(Failure {
                         error,
@@ -209,22 +226,35 @@ impl KafkaPublisher {
                         error: KafkaError::Canceled,
                         local: false,
                     }),
-                }
-            }))
-            .await;
-        // Settled: nothing is left to cancel.
-        if let Some(producer) = cancel.producer.take() {
-            // A broker error, or a producer refusing for now, may have left the producer's
-            // idempotence state behind; a record refused for good when handed over has not.
-            let broken = outcomes.iter().any(|o| {
-                o.as_ref()
-                    .is_err_and(|f| !f.local || classify(&f.error) == Permanence::Transient)
+                },
             });
-            if broken {
-                self.renew(producer);
-            }
+        }
+        // Settled: nothing is left to cancel.
+        cancel.producer = None;
+        // A broker error, or a producer refusing for now, may have left the producer's
+        // idempotence state behind; a record refused for good when handed over has not.
+        let broken = outcomes.iter().any(|o| {
+            o.as_ref()
+                .is_err_and(|f| !f.local || classify(&f.error) == Permanence::Transient)
+        });
+        if broken {
+            self.stale.store(true, Ordering::SeqCst);
         }
         outcomes
+    }
+
+    /// Waits until a batch may start: at once, unless the producer is to be replaced; then
+    /// once the batches in flight on it settled, after replacing it. Held while the batch is in
+    /// flight.
+    async fn start_batch(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        if self.stale.load(Ordering::SeqCst) {
+            let exclusive = self.batches.write().await;
+            if self.stale.swap(false, Ordering::SeqCst) {
+                self.renew();
+            }
+            return tokio::sync::RwLockWriteGuard::downgrade(exclusive);
+        }
+        self.batches.read().await
     }
 
     /// Waits up to `timeout` for messages still queued in the producer (none are after
@@ -242,7 +272,7 @@ impl KafkaPublisher {
     }
 
     /// Replaces the producer after a failed or cut-off batch, so the batch is sent again by a
-    /// producer with a fresh identity.
+    /// producer with a fresh identity. Called only while no batch is in flight.
     ///
     /// Kept, a producer whose messages failed would recover its idempotence state after the
     /// timeouts by bumping its producer epoch on its own (KIP-360) and sending with an epoch the
@@ -250,10 +280,7 @@ impl KafkaPublisher {
     /// stops serving, its in-memory engine answers `ProducerFenced`). A fresh producer only asks
     /// the broker for a new producer id. A producer in a fatal state would refuse everything
     /// anyway.
-    fn renew(&self, failed: FutureProducer) {
-        if let Some((code, reason)) = failed.client().fatal_error() {
-            tracing::warn!(%code, %reason, "the Kafka producer hit a fatal error");
-        }
+    fn renew(&self) {
         let old = match create_producer(&self.config) {
             Ok(fresh) => std::mem::replace(
                 &mut *self.producer.lock().unwrap_or_else(PoisonError::into_inner),
@@ -264,11 +291,14 @@ impl KafkaPublisher {
                 return;
             }
         };
+        if let Some((code, reason)) = old.client().fatal_error() {
+            tracing::warn!(%code, %reason, "the Kafka producer hit a fatal error");
+        }
         // Dropping a producer purges, flushes and joins its thread: not on the async runtime.
-        let drop_both = move || drop((old, failed));
+        let drop_old = move || drop(old);
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(drop_both)),
-            Err(_) => drop_both(),
+            Ok(runtime) => drop(runtime.spawn_blocking(drop_old)),
+            Err(_) => drop_old(),
         }
     }
 }
@@ -305,7 +335,7 @@ impl Drop for CancelGuard<'_> {
         if let Some(producer) = self.producer.take() {
             tracing::warn!("publishing was cut off; purging the producer's queue and requests");
             producer.purge(PurgeConfig::default().queue().inflight());
-            self.publisher.renew(producer);
+            self.publisher.stale.store(true, Ordering::SeqCst);
         }
     }
 }
@@ -378,12 +408,9 @@ fn varint_len(n: usize) -> usize {
 /// The size librdkafka compares with `message.max.bytes`: key, value, serialized headers and
 /// the record overhead.
 fn message_size(record: &OutboxRecord) -> usize {
-    let header_bytes: usize = headers::pairs(record)
-        .iter()
-        .map(|(key, value)| {
-            key.len() + value.len() + varint_len(key.len()) + varint_len(value.len())
-        })
-        .sum();
+    let header_bytes = headers::sized(record, |key, value| {
+        key + value + varint_len(key) + varint_len(value)
+    });
     RECORD_OVERHEAD + record.message.key.len() + record.message.payload.len() + header_bytes
 }
 

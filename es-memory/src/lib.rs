@@ -641,6 +641,17 @@ impl OutboxStore for InMemoryStore {
         futures::future::ready(Ok(records))
     }
 
+    fn pending_outbox_after(&self, after: u64, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>> {
+        let state = self.inner.lock();
+        let records = state
+            .outbox
+            .range(after.saturating_add(1)..)
+            .take(limit as usize)
+            .map(|(_, record)| record.clone())
+            .collect();
+        futures::future::ready(Ok(records))
+    }
+
     fn mark_delivered(&self, generation: u64, delivered: &[Delivered]) -> impl StoreFuture<()> {
         let mut state = self.inner.lock();
         let result = Self::check_fence(&state, generation).map(|()| {

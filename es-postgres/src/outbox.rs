@@ -88,10 +88,15 @@ impl OutboxStore for PgStore {
     }
 
     fn pending_outbox(&self, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>> {
+        self.pending_outbox_after(0, limit)
+    }
+
+    fn pending_outbox_after(&self, after: u64, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>> {
         let sql = Arc::clone(&self.inner.sql.pending_outbox);
         let pool = self.inner.pool.clone();
         timed(self.inner.query_timeout, async move {
             let rows = sqlx::query(AssertSqlSafe(sql))
+                .bind(to_i64(after))
                 .bind(to_i64(limit))
                 .fetch_all(&pool)
                 .await

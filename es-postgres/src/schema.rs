@@ -211,7 +211,7 @@ impl Sql {
             pending_outbox: format!(
                 "SELECT position, stream_id, message_id, source_event_id, topic, key, \
                  message_type, schema_version, payload, metadata, recorded_at \
-                 FROM {s}.outbox ORDER BY position LIMIT $1"
+                 FROM {s}.outbox WHERE position > $1 ORDER BY position LIMIT $2"
             )
             .into(),
             outbox_len: format!("SELECT count(*) FROM {s}.outbox").into(),

@@ -413,6 +413,7 @@ async fn relay_survives_a_postgres_restart() {
                 lease_ttl: Duration::from_secs(2),
                 publish_timeout: Duration::from_millis(1500),
                 batch_size: 25,
+                max_in_flight: 4,
                 idle_poll: Duration::from_millis(50),
                 backoff: es_core::Backoff::new(
                     Duration::from_millis(50),

@@ -186,14 +186,19 @@ impl OutboxStore for RedisStore {
     }
 
     fn pending_outbox(&self, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>> {
+        self.pending_outbox_after(0, limit)
+    }
+
+    fn pending_outbox_after(&self, after: u64, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>> {
         let inner = Arc::clone(&self.inner);
         async move {
-            if limit == 0 {
+            if limit == 0 || after == u64::MAX {
                 return Ok(Vec::new());
             }
+            // Entry ids are `<position>-0`: the range starts at the first position above `after`.
             let mut cmd = redis::cmd("XRANGE");
             cmd.arg(inner.keys.outbox())
-                .arg("-")
+                .arg(format!("{}-0", after + 1))
                 .arg("+")
                 .arg("COUNT")
                 // Redis takes a signed 64-bit count.

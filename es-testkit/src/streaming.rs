@@ -338,9 +338,17 @@ pub struct PublishCall {
 /// An in-process broker for relay tests: records what was acknowledged and every publish call,
 /// can fail batches or single records for a while, reject records for good, refuse topics in
 /// its checks, and be slow. Clones (and [`for_relay`](Self::for_relay) handles) share all of it.
+///
+/// Like a Kafka broker behind one producer, it writes the records it accepts when a call hands
+/// them over, in the order calls are made (so overlapping calls keep their order), and answers
+/// after [`delay`](Self::delay): a call cut off before its answer has still written them. A
+/// record failing in one call does not fail the records of its key in calls already made: the
+/// broker writes a later record of a key whose earlier record failed, which is what Kafka can do
+/// when an earlier batch times out (see `es_core::outbox`, "Pipelining").
 #[derive(Clone, Default)]
 pub struct RecordingPublisher {
-    /// Records acknowledged, in order, with the relay that sent them.
+    /// Records written (acknowledged, or cut off before the answer), in order, with the relay
+    /// that sent them.
     pub received: Arc<Mutex<Vec<(String, OutboxRecord)>>>,
     /// Batches to fail as a whole (transiently) before accepting again.
     pub fail_next: Arc<AtomicU32>,
@@ -455,7 +463,9 @@ impl Publisher for RecordingPublisher {
             Some((every, slow)) if (index + 1) % every == 0 => slow,
             _ => self.delay,
         };
-        tokio::time::sleep(delay).await;
+        // The broker writes what it accepts as soon as it is handed over, in hand-over order
+        // across calls (as one Kafka producer keeps a partition's order across batches); the
+        // answer comes after the delay, or never if the call is cut off.
         let refused = self
             .fail_next
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -483,6 +493,7 @@ impl Publisher for RecordingPublisher {
                 })
                 .collect()
         };
+        tokio::time::sleep(delay).await;
         call.completed = true;
         outcomes
     }
@@ -494,6 +505,7 @@ fn relay_config(owner: &str, ttl: Duration) -> RelayConfig {
         lease_ttl: ttl,
         publish_timeout: ttl / 2,
         batch_size: 7,
+        max_in_flight: 3,
         idle_poll: Duration::from_millis(50),
         backoff: es_core::Backoff::new(Duration::from_millis(20), Duration::from_millis(100)),
     }
@@ -640,11 +652,8 @@ pub async fn competing_relays_take_over<S: StreamingStore>(store: S) {
     drained(&store, "relay b takes over").await;
     let _ = stop_b.send(());
     patiently("relay b shuts down", b).await.unwrap().unwrap();
-    assert_eq!(
-        broker.max_in_flight.load(Ordering::SeqCst),
-        1,
-        "one relay publishes at a time"
-    );
+    // One relay publishes at a time (it may keep several of its own batches in flight).
+    assert_no_overlap(&lock(&broker.calls));
     let received = lock(&broker.received).clone();
     let by = |relay: &str| received.iter().filter(|(r, _)| r == relay).count();
     assert!(
@@ -1001,6 +1010,9 @@ impl<S: OutboxStore> OutboxStore for StallingMarks<S> {
     fn pending_outbox(&self, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>> {
         self.inner.pending_outbox(limit)
     }
+    fn pending_outbox_after(&self, after: u64, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>> {
+        self.inner.pending_outbox_after(after, limit)
+    }
     fn mark_delivered(&self, generation: u64, delivered: &[Delivered]) -> impl StoreFuture<()> {
         let this = self.clone();
         let positions = delivered.to_vec();
@@ -1131,6 +1143,316 @@ pub async fn two_relays_with_a_short_lease_never_publish_at_once<S: StreamingSto
     );
     assert_eq!(store.outbox_len().await.unwrap(), 0);
     assert!(store.dead_letters(10).await.unwrap().is_empty());
+}
+
+/// Per key, the outbox positions of `received` (every appearance), in the order received.
+fn positions_by_key(received: &[(String, OutboxRecord)]) -> HashMap<String, Vec<u64>> {
+    let mut by_key: HashMap<String, Vec<u64>> = HashMap::new();
+    for (_, r) in received {
+        by_key
+            .entry(r.message.key.clone())
+            .or_default()
+            .push(r.position);
+    }
+    by_key
+}
+
+/// Per key, the positions in the order of each record's *last* appearance: what a consumer that
+/// lets a later copy win (an upsert by message id) ends up ordered by.
+fn last_appearances(positions: &[u64]) -> Vec<u64> {
+    let mut last: Vec<u64> = Vec::new();
+    for p in positions {
+        last.retain(|q| q != p);
+        last.push(*p);
+    }
+    last
+}
+
+/// Asserts at-least-once (every record of `pending` was written) and, per key, that every
+/// record's last copy is in outbox order and that the log ends with the key's records in outbox
+/// order (the retry resent everything after a failure).
+fn assert_at_least_once_in_order(received: &[(String, OutboxRecord)], pending: &[OutboxRecord]) {
+    let written: HashSet<Uuid> = received.iter().map(|(_, r)| r.message.message_id).collect();
+    for r in pending {
+        assert!(
+            written.contains(&r.message.message_id),
+            "record {} was never written",
+            r.position
+        );
+    }
+    for (key, positions) in positions_by_key(received) {
+        let last = last_appearances(&positions);
+        let mut sorted = last.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            last, sorted,
+            "{key}: last copies in outbox order ({positions:?})"
+        );
+    }
+}
+
+/// A relay draining a long outbox keeps several batches in flight (never more than
+/// `max_in_flight`), and the broker gets every record once, per key in outbox order.
+pub async fn pipelined_relay_keeps_batches_in_flight_in_order<S: StreamingStore>(store: S) {
+    append_to_three_ledgers(&store, 0..20).await;
+    let pending = store.pending_outbox(100).await.unwrap();
+    assert_eq!(pending.len(), 60);
+    let broker = RecordingPublisher {
+        delay: Duration::from_millis(30),
+        ..RecordingPublisher::default()
+    };
+    let relay = Relay::new(
+        store.clone(),
+        broker.clone(),
+        relay_config("r1", Duration::from_secs(30)),
+    );
+    // 60 records in batches of 7: 9 batches, the last one short, so the pass ends caught up.
+    assert_eq!(relay.drain().await.unwrap(), RelayStep::Published(60));
+    assert_eq!(relay.drain().await.unwrap(), RelayStep::Idle);
+    let most = broker.max_in_flight.load(Ordering::SeqCst);
+    assert_eq!(
+        most, 3,
+        "three batches in flight at most, and at times all three"
+    );
+    let received = lock(&broker.received).clone();
+    let order: Vec<u64> = received.iter().map(|(_, r)| r.position).collect();
+    let expected: Vec<u64> = pending.iter().map(|r| r.position).collect();
+    assert_eq!(order, expected, "every record once, in outbox order");
+    assert_eq!(store.outbox_len().await.unwrap(), 0);
+}
+
+/// A record fails while later batches are in flight, and the broker writes a later record of
+/// the same key (in a later batch) before the failed one is sent again. The relay marks only
+/// the records before the failure, stops starting batches, lets the ones in flight settle, and
+/// the next pass sends the failed record and everything after it again, in order: every record
+/// is written, and per key every record's last copy is in outbox order (the first copy of the
+/// later record precedes the failed one: that is what the broker wrote).
+pub async fn pipelined_relay_resends_after_a_failure_mid_window<S: StreamingStore>(store: S) {
+    append_to_three_ledgers(&store, 0..20).await;
+    let pending = store.pending_outbox(100).await.unwrap();
+    let broker = RecordingPublisher {
+        delay: Duration::from_millis(40),
+        ..RecordingPublisher::default()
+    };
+    // Batches of 7 with three in flight: record 9 (the second batch) fails; the third batch
+    // (records 14..21) is already in flight and holds later records of record 9's key.
+    let failing = &pending[9];
+    lock(&broker.fail_once).insert(failing.message.message_id);
+    let key = failing.message.key.clone();
+    let later_same_key: Vec<u64> = pending[14..21]
+        .iter()
+        .filter(|r| r.message.key == key)
+        .map(|r| r.position)
+        .collect();
+    assert!(!later_same_key.is_empty(), "the third batch holds the key");
+    let failed_in_batch = pending[9..14]
+        .iter()
+        .filter(|r| r.message.key == key)
+        .count();
+    let relay = Relay::new(
+        store.clone(),
+        broker.clone(),
+        relay_config("r1", Duration::from_secs(30)),
+    );
+    let first = relay.drain().await.unwrap();
+    assert_eq!(
+        first,
+        RelayStep::PublishFailed {
+            delivered: 9,
+            dead_lettered: 0,
+            failed: failed_in_batch,
+        },
+        "only the records before the failure are marked"
+    );
+    assert!(broker.max_in_flight.load(Ordering::SeqCst) >= 2);
+    let left = store.pending_outbox(100).await.unwrap();
+    assert_eq!(
+        left.first().map(|r| r.position),
+        Some(failing.position),
+        "no mark skipped past the failed record"
+    );
+    assert_eq!(left.len(), 51, "nothing after the failure was marked");
+    {
+        // The broker wrote a later record of the key before the failed record was resent.
+        let received = lock(&broker.received);
+        assert!(received
+            .iter()
+            .any(|(_, r)| later_same_key.contains(&r.position)));
+        assert!(!received
+            .iter()
+            .any(|(_, r)| r.message.message_id == failing.message.message_id));
+    }
+    let mut passes = vec![first];
+    loop {
+        let step = relay.drain().await.unwrap();
+        passes.push(step);
+        if step == RelayStep::Idle {
+            break;
+        }
+        assert!(passes.len() < 10, "the relay makes progress: {passes:?}");
+    }
+    assert_eq!(store.outbox_len().await.unwrap(), 0);
+    let received = lock(&broker.received).clone();
+    assert_at_least_once_in_order(&received, &pending);
+    // The key's log ends with its records from the failed one on, in outbox order.
+    let of_key = &positions_by_key(&received)[&key];
+    let suffix: Vec<u64> = pending[9..]
+        .iter()
+        .filter(|r| r.message.key == key)
+        .map(|r| r.position)
+        .collect();
+    assert_eq!(
+        &of_key[of_key.len() - suffix.len()..],
+        &suffix[..],
+        "{of_key:?}"
+    );
+}
+
+/// A relay is dropped (its process killed) with batches in flight and its lease held; a second
+/// relay takes over once the lease expires and resumes from the oldest unmarked record. Every
+/// record is written, the ones the first relay had in flight twice, and per key in outbox order
+/// (first copies and last copies alike: nothing failed).
+pub async fn relay_killed_mid_window_is_resumed_by_another<S: StreamingStore>(store: S) {
+    append_to_three_ledgers(&store, 0..20).await;
+    let pending = store.pending_outbox(100).await.unwrap();
+    let ttl = Duration::from_secs(1);
+    // `a`'s broker answers after 10 s: a window handed over is still unanswered when `a` dies.
+    let broker = RecordingPublisher {
+        delay: Duration::from_secs(10),
+        ..RecordingPublisher::default()
+    };
+    let a = Relay::new(store.clone(), broker.for_relay("a"), relay_config("a", ttl));
+    // Kill `a` once its window is in flight: three batches handed over, none answered.
+    patiently("a fills its window", async {
+        tokio::select! {
+            step = a.drain() => panic!("a's pass ended: {step:?}"),
+            () = async {
+                while lock(&broker.calls).len() < 3 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            } => {}
+        }
+    })
+    .await;
+    drop(a);
+    assert_eq!(broker.in_flight.load(Ordering::SeqCst), 0);
+    let written_by_a = lock(&broker.received).len();
+    assert_eq!(written_by_a, 21, "a's three batches were handed over");
+    assert_eq!(store.outbox_len().await.unwrap(), 60, "a marked nothing");
+    let b_broker = RecordingPublisher {
+        delay: Duration::ZERO,
+        ..broker.for_relay("b")
+    };
+    let b = Relay::new(store.clone(), b_broker, relay_config("b", ttl));
+    assert_eq!(
+        b.drain().await.unwrap(),
+        RelayStep::Standby,
+        "a's lease still holds"
+    );
+    tokio::time::sleep(ttl).await;
+    let mut published = 0;
+    loop {
+        match b.drain().await.unwrap() {
+            RelayStep::Published(n) => published += n,
+            RelayStep::Idle => break,
+            other => panic!("b: {other:?}"),
+        }
+    }
+    assert_eq!(
+        published, 60,
+        "b published everything, a having marked nothing"
+    );
+    assert_eq!(store.outbox_len().await.unwrap(), 0);
+    let received = lock(&broker.received).clone();
+    assert_at_least_once_in_order(&received, &pending);
+    let twice: Vec<u64> = broker
+        .received_ids()
+        .into_iter()
+        .filter(|(_, n)| *n == 2)
+        .map(|(id, _)| {
+            pending
+                .iter()
+                .find(|r| r.message.message_id == id)
+                .expect("a pending record")
+                .position
+        })
+        .collect();
+    assert_eq!(twice.len(), 21, "what a had in flight came twice");
+    for (key, positions) in positions_by_key(&received) {
+        let mut seen = HashSet::new();
+        let firsts: Vec<u64> = positions.into_iter().filter(|p| seen.insert(*p)).collect();
+        let mut sorted = firsts.clone();
+        sorted.sort_unstable();
+        assert_eq!(firsts, sorted, "{key}: first copies in outbox order");
+    }
+}
+
+/// A relay's lease passes to another relay while its pipeline is busy: its first mark stalls
+/// past the lease (a paused process), it keeps publishing within its lease, and the mark comes
+/// back refused. The relay stops (`Fenced`) without writing any later mark; the other relay
+/// publishes what was not marked; their publish calls never overlap; every record is written,
+/// per key with last copies in outbox order.
+pub async fn relay_fenced_with_batches_in_flight_marks_nothing_more<S: StreamingStore>(store: S) {
+    append_to_three_ledgers(&store, 0..20).await;
+    let pending = store.pending_outbox(100).await.unwrap();
+    let ttl = Duration::from_millis(800);
+    let broker = RecordingPublisher {
+        delay: Duration::from_millis(30),
+        ..RecordingPublisher::default()
+    };
+    let stalling = StallingMarks::new(store.clone(), 1, Duration::from_secs(2));
+    let config = |owner: &str| RelayConfig {
+        publish_timeout: Duration::from_millis(300),
+        ..relay_config(owner, ttl)
+    };
+    let a = Relay::new(stalling.clone(), broker.for_relay("a"), config("a"));
+    let a_pass = tokio::spawn(async move { a.drain().await });
+    patiently("a takes the lease", async {
+        while lock(&broker.calls).is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let b = Relay::new(store.clone(), broker.for_relay("b"), config("b"));
+    patiently("b takes the lease once a's expires", async {
+        while b.drain().await.unwrap() == RelayStep::Standby {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let a_step = patiently("a's pass ends", a_pass).await.unwrap().unwrap();
+    assert_eq!(a_step, RelayStep::Fenced, "a's stalled mark was refused");
+    assert_eq!(stalling.fenced.load(Ordering::SeqCst), 1);
+    assert_eq!(stalling.accepted.load(Ordering::SeqCst), 0);
+    loop {
+        if b.drain().await.unwrap() == RelayStep::Idle {
+            break;
+        }
+    }
+    assert_eq!(store.outbox_len().await.unwrap(), 0);
+    let calls = lock(&broker.calls).clone();
+    assert_no_overlap(&calls);
+    let a_calls = calls.iter().filter(|c| c.relay == "a").count();
+    assert!(
+        a_calls > 1,
+        "a kept publishing while its mark stalled: {calls:?}"
+    );
+    let received = lock(&broker.received).clone();
+    assert_at_least_once_in_order(&received, &pending);
+    let by_a: HashSet<u64> = received
+        .iter()
+        .filter(|(relay, _)| relay == "a")
+        .map(|(_, r)| r.position)
+        .collect();
+    let by_b: HashSet<u64> = received
+        .iter()
+        .filter(|(relay, _)| relay == "b")
+        .map(|(_, r)| r.position)
+        .collect();
+    assert!(
+        by_a.iter().all(|p| by_b.contains(p)),
+        "a marked nothing: b published again everything a did"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -154,6 +154,13 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
     /// Up to `limit` undelivered records, in outbox order.
     fn pending_outbox(&self, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>>;
 
+    /// Up to `limit` undelivered records at outbox positions above `after`, in outbox order: the
+    /// relay reads its next batch with it while earlier ones are still being published. Records
+    /// become visible in position order (a record is never seen after a higher position was
+    /// seen), except re-queued dead letters in PostgreSQL, which a relay reading past them finds
+    /// on its next pass from the head.
+    fn pending_outbox_after(&self, after: u64, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>>;
+
     /// Marks the `delivered` records delivered (removes them from the outbox), if `generation`
     /// is still the lease's generation; otherwise fails with [`StoreError::Fenced`](super::StoreError::Fenced) and marks
     /// nothing. A position that is not pending, or holds another message, is left alone
