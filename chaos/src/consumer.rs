@@ -330,7 +330,9 @@ pub(crate) fn relay(args: &[String]) -> Result<()> {
         lease_ttl: Duration::from_secs(2),
         publish_timeout: Duration::from_secs(1),
         batch_size: 64,
-        max_in_flight: 4,
+        // The default: the `outbox_order` rule checks first copies, which only one batch in
+        // flight keeps in order after a failure (see `RelayConfig::max_in_flight`).
+        max_in_flight: 1,
         idle_poll: Duration::from_millis(200),
         backoff: es_core::Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
     };
