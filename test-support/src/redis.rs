@@ -60,6 +60,7 @@ pub struct RedisServer {
     dir: PathBuf,
     port: u16,
     args: Vec<String>,
+    tls: bool,
     server: ChildServer,
 }
 
@@ -73,7 +74,37 @@ impl RedisServer {
             dir: dir.canonicalize()?,
             port,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
+            tls: false,
             server: ChildServer::new("redis-server", port),
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// Starts `redis-server` that accepts only TLS, on a free port (no plaintext port), with
+    /// the server certificate of `certs` and their CA for client certificates, which it asks
+    /// for but does not require (`tls-auth-clients optional`).
+    pub fn start_tls(dir: &Path, certs: &crate::TestCerts, args: &[&str]) -> Result<Self> {
+        let path = |p: &Path| p.display().to_string();
+        let mut all = vec![
+            "--tls-cert-file".to_owned(),
+            path(&certs.server_cert),
+            "--tls-key-file".to_owned(),
+            path(&certs.server_key),
+            "--tls-ca-cert-file".to_owned(),
+            path(&certs.ca_cert),
+            "--tls-auth-clients".to_owned(),
+            "optional".to_owned(),
+        ];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let mut server = Self {
+            dir: dir.canonicalize()?,
+            port,
+            args: all,
+            tls: true,
+            server: ChildServer::new("redis-server (TLS)", port),
         };
         server.spawn()?;
         Ok(server)
@@ -81,8 +112,15 @@ impl RedisServer {
 
     fn spawn(&mut self) -> Result<()> {
         let log = self.dir.join("redis.log");
+        let port = self.port.to_string();
+        let ports: &[&str] = if self.tls {
+            &["--port", "0", "--tls-port", &port]
+        } else {
+            &["--port", &port]
+        };
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(ports)
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
@@ -111,9 +149,19 @@ impl RedisServer {
         self.port
     }
 
-    /// A connection URL.
+    /// A connection URL: `redis://127.0.0.1:<port>`, or `rediss://127.0.0.1:<port>` for a TLS
+    /// server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        if self.tls {
+            format!("rediss://127.0.0.1:{}", self.port)
+        } else {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+    }
+
+    /// The directory holding the server's data and its log (`redis.log`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The server's process id.
