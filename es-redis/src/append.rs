@@ -543,10 +543,7 @@ fn append_reply(
                 reason: format!("{reason}; nothing was written"),
             })
         }
-        Some(AppendCode::Refused) => Err(StoreError::backend(format!(
-            "Redis refused the append to `{stream}` (nothing was written): {}",
-            text(&x)
-        ))),
+        Some(AppendCode::Refused) => Err(refused(stream, &text(&x))),
         Some(AppendCode::Evicting) => Err(StoreError::backend(Error::EvictionPolicy {
             policy: text(&x),
         })),
@@ -577,3 +574,14 @@ fn stored_ref(event_id: uuid::Uuid, entry: &[u8]) -> Option<StoredEventRef> {
 
 #[cfg(test)]
 mod tests;
+
+/// The error for an append whose first write the server refused (`refusal`, its error text):
+/// [`Error::NoPermission`] for a command the user may not run, else the text.
+fn refused(stream: &StreamId, refusal: &str) -> StoreError {
+    match crate::error::refused_in_script(refusal) {
+        Some(err) => StoreError::backend(err),
+        None => StoreError::backend(format!(
+            "Redis refused the append to `{stream}` (nothing was written): {refusal}"
+        )),
+    }
+}

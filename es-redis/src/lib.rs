@@ -130,6 +130,39 @@ pub struct RedisStoreBuilder {
     group_commit: bool,
     allow_eviction: bool,
     allow_no_persistence: bool,
+    tls: TlsOptions,
+}
+
+/// The TLS material a builder holds: CA certificates to trust instead of the system's, and a
+/// client certificate and key for mutual TLS. Its `Debug` output shows what is set, never the
+/// key.
+#[derive(Clone, Default)]
+struct TlsOptions {
+    root_certificates: Option<Vec<u8>>,
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsOptions {
+    fn is_set(&self) -> bool {
+        self.root_certificates.is_some() || self.client.is_some()
+    }
+}
+
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |set: bool| if set { "set" } else { "none" };
+        f.debug_struct("Tls")
+            .field(
+                "root_certificates",
+                &shown(self.root_certificates.is_some()),
+            )
+            .field("client_certificate", &shown(self.client.is_some()))
+            .field(
+                "client_key",
+                &if self.client.is_some() { "***" } else { "none" },
+            )
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for RedisStoreBuilder {
@@ -146,6 +179,7 @@ impl std::fmt::Debug for RedisStoreBuilder {
             .field("group_commit", &self.group_commit)
             .field("allow_eviction", &self.allow_eviction)
             .field("allow_no_persistence", &self.allow_no_persistence)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -242,6 +276,55 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Trust these CA certificates (PEM, one or more) for a `rediss://` URL instead of the
+    /// system's. The server's certificate must chain to one of them and be valid for the URL's
+    /// host name; otherwise `build` fails with [`Error::Tls`]. Setting this for a plain
+    /// `redis://` URL is refused ([`Error::InvalidSetting`]): the store never connects in
+    /// plaintext when TLS is configured. See the crate docs, section "Production".
+    #[cfg(feature = "tls")]
+    pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.root_certificates = Some(pem.into());
+        self
+    }
+
+    /// Present this client certificate and private key (both PEM) to a server that
+    /// authenticates clients by certificate (`tls-auth-clients yes`). The key never appears in
+    /// `Debug` output or errors.
+    #[cfg(feature = "tls")]
+    pub fn tls_client_certificate(
+        mut self,
+        certificate_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client = Some((certificate_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// Installs the store's Redis function library on the server if it does not hold it, and
+    /// nothing else: the deployment step for stores whose own user may not run `FUNCTION LOAD`
+    /// (see the crate docs, section "Production"). Call it on a builder whose URL names an
+    /// administrative user; each version of this crate has a library of its own
+    /// (`es_append_<hash>`), so run it when deploying a new version.
+    pub async fn install_functions(&self) -> Result<(), Error> {
+        let (_, mut conn) = self.connect().await?;
+        let append = script::append_library();
+        let loaded = append
+            .loaded(&mut conn)
+            .await
+            .map_err(|source| Error::connect(&self.url, source))?;
+        if !loaded {
+            append
+                .install(&mut conn)
+                .await
+                .map_err(|source| Error::connect(&self.url, source))?;
+            tracing::info!(
+                library = append.name(),
+                "installed the store's Redis functions"
+            );
+        }
+        Ok(())
+    }
+
     /// Connects, checks the server's settings (see the crate docs, section "Server settings"),
     /// loads the scripts and returns the store.
     pub async fn build(self) -> Result<RedisStore, Error> {
@@ -256,27 +339,13 @@ impl RedisStoreBuilder {
             .await
             .map_err(|err| err.at(&self.url))?;
         requirements.check(&settings)?;
-        tracing::info!(
-            prefix = keys.prefix(),
-            version = %settings.version,
-            run_id = %settings.run_id,
-            appendonly = settings.appendonly,
-            appendfsync = settings.appendfsync.as_deref().unwrap_or("unknown"),
-            save = settings.save.as_deref().unwrap_or("unknown"),
-            maxmemory_policy = %settings.maxmemory_policy,
-            maxmemory = settings.maxmemory,
-            "Redis store on {settings}"
-        );
+        self.log_settings(&keys, &client, &settings);
         if settings.major_version() < 7 {
             return Err(Error::UnsupportedVersion {
                 version: settings.version.clone(),
             });
         }
-        let append = script::append_library();
-        append
-            .load(&mut conn)
-            .await
-            .map_err(|source| Error::connect(&self.url, source))?;
+        let append = self.load_functions(&mut conn).await?;
         let save_snapshot = Lua::new(script::SAVE_SNAPSHOT);
         let delete_snapshot = Lua::new(script::DELETE_SNAPSHOT);
         let acquire_lease = Lua::new(script::ACQUIRE_LEASE);
@@ -345,6 +414,52 @@ impl RedisStoreBuilder {
 }
 
 impl RedisStoreBuilder {
+    /// The one line a store logs when it is built: what it runs under.
+    fn log_settings(&self, keys: &Keys, client: &redis::Client, settings: &ServerSettings) {
+        tracing::info!(
+            prefix = keys.prefix(),
+            url = %es_core::contract::redact_url(&self.url),
+            tls = matches!(
+                client.get_connection_info().addr(),
+                redis::ConnectionAddr::TcpTls { .. }
+            ),
+            version = %settings.version,
+            run_id = %settings.run_id,
+            appendonly = settings.appendonly,
+            appendfsync = settings.appendfsync.as_deref().unwrap_or("unknown"),
+            save = settings.save.as_deref().unwrap_or("unknown"),
+            maxmemory_policy = %settings.maxmemory_policy,
+            maxmemory = settings.maxmemory,
+            "Redis store on {settings}"
+        );
+    }
+
+    /// The append function's library, loaded unless the server holds it; a user that may not
+    /// load it gets [`Error::FunctionsNotInstalled`].
+    async fn load_functions(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> Result<script::Function, Error> {
+        let append = script::append_library();
+        let loaded = append
+            .loaded(conn)
+            .await
+            .map_err(|source| Error::connect(&self.url, source))?;
+        if !loaded {
+            append.install(conn).await.map_err(|source| {
+                if error::is_permission_error(&source) {
+                    Error::FunctionsNotInstalled {
+                        library: append.name().to_owned(),
+                        source,
+                    }
+                } else {
+                    Error::connect(&self.url, source)
+                }
+            })?;
+        }
+        Ok(append)
+    }
+
     fn validate(&self) -> Result<(), Error> {
         for (duration, what) in [
             (self.poll_interval, "the poll interval must not be zero"),
@@ -381,8 +496,23 @@ impl RedisStoreBuilder {
             .with_interval(KEEPALIVE_INTERVAL)
             .with_retries(KEEPALIVE_PROBES);
         let tcp = info.tcp_settings().clone().set_keepalive(keepalive);
-        let client = redis::Client::open(info.set_tcp_settings(tcp))
-            .map_err(|source| Error::invalid_url(&self.url, source))?;
+        let info = info.set_tcp_settings(tcp);
+        let client =
+            match info.addr() {
+                redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
+                    return Err(Error::InvalidSetting(
+                        "`#insecure` in a `rediss://` URL turns off certificate checks, which the \
+                     store does not accept; give the server's CA with `tls_root_certificates`",
+                    ))
+                }
+                redis::ConnectionAddr::TcpTls { .. } => self.tls_client(info)?,
+                _ if self.tls.is_set() => return Err(Error::InvalidSetting(
+                    "TLS certificates are set but the URL is not `rediss://`; the store does not \
+                     connect in plaintext when TLS is configured",
+                )),
+                _ => redis::Client::open(info)
+                    .map_err(|source| Error::invalid_url(&self.url, source))?,
+            };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout))
@@ -393,6 +523,46 @@ impl RedisStoreBuilder {
             .await
             .map_err(|source| Error::connect(&self.url, source))?;
         Ok((client, conn))
+    }
+}
+
+impl RedisStoreBuilder {
+    /// The client for a `rediss://` URL, with the CA and client certificate set on the builder.
+    #[cfg(feature = "tls")]
+    fn tls_client(&self, info: redis::ConnectionInfo) -> Result<redis::Client, Error> {
+        // rustls needs a process-wide crypto provider; this crate brings `ring`. If the
+        // application installed one already, that one stays. rustls deprecates `ring` for
+        // lacking post-quantum key exchange, which Redis built on OpenSSL 3.0 (Debian 12) does
+        // not offer either; `ring` builds with a C compiler alone, aws-lc needs more.
+        #[allow(deprecated)]
+        let provider = rustls::crypto::ring::default_provider();
+        let _ = provider.install_default();
+        if !self.tls.is_set() {
+            return redis::Client::open(info)
+                .map_err(|source| Error::invalid_url(&self.url, source));
+        }
+        let certificates = redis::TlsCertificates {
+            client_tls: self
+                .tls
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.tls.root_certificates.clone(),
+        };
+        redis::Client::build_with_tls(info, certificates).map_err(|source| Error::Tls {
+            url: es_core::contract::redact_url(&self.url),
+            source,
+        })
+    }
+
+    /// Without the `tls` feature the `redis` crate refuses `rediss://` URLs when parsing them,
+    /// so this is never reached; it keeps the error typed all the same.
+    #[cfg(not(feature = "tls"))]
+    fn tls_client(&self, info: redis::ConnectionInfo) -> Result<redis::Client, Error> {
+        redis::Client::open(info).map_err(|source| Error::invalid_url(&self.url, source))
     }
 }
 
@@ -416,6 +586,7 @@ impl RedisStore {
             group_commit: true,
             allow_eviction: false,
             allow_no_persistence: false,
+            tls: TlsOptions::default(),
         }
     }
 

@@ -35,8 +35,8 @@ use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
 ///   feed no longer holds that position);
 /// - `2, actual, nil`: the expected version does not match, nothing was written;
 /// - `3, what, nil`: a key holds data the store did not write, nothing was written;
-/// - `4, error, nil`: the server refused the append's first write (out of memory), nothing was
-///   written;
+/// - `4, error, nil`: the server refused the append's first write (out of memory, or a command
+///   the user may not run), nothing was written;
 /// - `5, policy, nil`: this is the first write of a new server incarnation and the server's
 ///   `maxmemory-policy` can evict the store's keys, nothing was written;
 /// - `6, what, nil`: the append would take a position or outbox position above 2^53 - 1 (an
@@ -197,8 +197,13 @@ impl Function {
         cmd
     }
 
+    /// The library's (and the function's) name.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Whether the server holds the library.
-    async fn loaded(&self, conn: &mut ConnectionManager) -> RedisResult<bool> {
+    pub(crate) async fn loaded(&self, conn: &mut ConnectionManager) -> RedisResult<bool> {
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("LIST").arg("LIBRARYNAME").arg(&self.name);
         match query(conn, &cmd).await? {
@@ -213,6 +218,11 @@ impl Function {
         if self.loaded(conn).await? {
             return Ok(());
         }
+        self.install(conn).await
+    }
+
+    /// Loads the library (`FUNCTION LOAD REPLACE`).
+    pub(crate) async fn install(&self, conn: &mut ConnectionManager) -> RedisResult<()> {
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("LOAD").arg("REPLACE").arg(&self.code);
         query(conn, &cmd).await?;

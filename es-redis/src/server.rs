@@ -112,7 +112,9 @@ pub(crate) async fn read_settings<C: ConnectionLike>(
         Err(err) if is_connection_error(&err) => return Err(Error::connection(err)),
         Err(_) => match redis::cmd("INFO").query_async(conn).await {
             Ok(info) => info,
-            Err(err) if is_connection_error(&err) => return Err(Error::connection(err)),
+            Err(err) if is_connection_error(&err) || crate::error::is_permission_error(&err) => {
+                return Err(Error::connection(err))
+            }
             Err(err) => {
                 return Err(Error::SettingUnknown {
                     setting: "INFO",

@@ -1,11 +1,14 @@
-//! Connection URLs never show their password: not in `Debug` output, not in errors. Against a
-//! server of its own that requires a password.
+//! Connection URLs never show their password: not in `Debug` output, not in errors, not in
+//! tracing fields. Against a server of its own that requires a password. The store logs one line
+//! of the server settings it runs under when it is built.
 
 use std::time::Duration;
 
 use es_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
 use es_redis::{Error, RedisStore};
 use es_testkit::support::everything_shown;
+
+mod common;
 
 const PASSWORD: &str = "s3cret-pw";
 
@@ -117,5 +120,89 @@ async fn connection_errors_do_not_show_the_password() {
         if let Some(visible) = visible {
             assert!(shown.contains(visible), "{shown}");
         }
+    }
+}
+
+#[cfg(feature = "tls")]
+#[test]
+fn tls_settings_do_not_show_the_client_key() {
+    let key = "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1zM2NyZXQ=\n-----END PRIVATE KEY-----\n";
+    let builder = RedisStore::builder("rediss://app:s3cret-pw@cache.example.invalid")
+        .tls_root_certificates("-----BEGIN CERTIFICATE-----\nQ0E=\n-----END CERTIFICATE-----\n")
+        .tls_client_certificate(
+            "-----BEGIN CERTIFICATE-----\nY2xpZW50\n-----END CERTIFICATE-----\n",
+            key,
+        );
+    for shown in [format!("{builder:?}"), format!("{builder:#?}")] {
+        assert!(!shown.contains("s3cret"), "a secret is shown: {shown}");
+        assert!(!shown.contains("c2VjcmV0"), "the key is shown: {shown}");
+        assert!(!shown.contains("PRIVATE KEY"), "the key is shown: {shown}");
+        assert!(shown.contains("client_key: \"***\""), "{shown}");
+        assert!(shown.contains("root_certificates: \"set\""), "{shown}");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_build_logs_one_line_of_what_it_runs_under_without_the_password() {
+    let dir = es_test_support::scratch_dir("redis-log-line");
+    let server = es_test_support::RedisServer::start(
+        &dir,
+        &[
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--requirepass",
+            PASSWORD,
+        ],
+    )
+    .expect("start redis-server");
+    let port = server.port();
+    let capture = common::Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
+
+    let url = format!("redis://:{PASSWORD}@127.0.0.1:{port}/0");
+    let store = RedisStore::builder(url.as_str())
+        .prefix("logged")
+        .build()
+        .await
+        .expect("the right password");
+    let stream = StreamId::new("account", "7").unwrap();
+    let event = NewEvent::new("Opened", 1, "{}").unwrap();
+    store
+        .append(AppendRequest::new(
+            stream,
+            ExpectedVersion::NoStream,
+            vec![event],
+        ))
+        .await
+        .unwrap();
+    let _ = RedisStore::builder(format!("redis://:wrong-s3cret-pw@127.0.0.1:{port}/0"))
+        .connect_timeout(Duration::from_secs(1))
+        .build()
+        .await
+        .expect_err("a wrong password");
+    drop(store);
+
+    let lines = capture.lines();
+    for line in &lines {
+        assert!(!line.contains("s3cret"), "a password is logged: {line}");
+    }
+    let settings: Vec<&String> = lines
+        .iter()
+        .filter(|line| line.contains("Redis store on"))
+        .collect();
+    assert_eq!(settings.len(), 1, "one line per build: {lines:#?}");
+    let line = settings[0];
+    for expected in [
+        "INFO es_redis: Redis store on Redis 7.",
+        "appendonly yes, appendfsync always",
+        "RDB snapshots off",
+        "maxmemory-policy noeviction",
+        "prefix=logged",
+        &format!("url=redis://:***@127.0.0.1:{port}/0"),
+        "tls=false",
+    ] {
+        assert!(line.contains(expected), "`{expected}` missing from: {line}");
     }
 }
