@@ -192,6 +192,83 @@ impl RedisServer {
     }
 }
 
+/// A Redis Sentinel child process of its own (`redis-server <config> --sentinel`, the program
+/// Debian's `redis-sentinel` package links to), monitoring one primary.
+#[derive(Debug)]
+pub struct RedisSentinel {
+    dir: PathBuf,
+    port: u16,
+    server: ChildServer,
+}
+
+impl RedisSentinel {
+    /// Starts a sentinel on a free port, with its config file, state and log (`sentinel.log`) in
+    /// `dir`, monitoring the primary on 127.0.0.1:`primary_port` as `service`, with `quorum`
+    /// sentinels to agree that it is down after `down_after_ms` milliseconds without an answer.
+    pub fn start(
+        dir: &Path,
+        service: &str,
+        primary_port: u16,
+        quorum: u32,
+        down_after_ms: u64,
+    ) -> Result<Self> {
+        fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        let port = free_port()?;
+        let config = format!(
+            "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile {log}\n\
+             sentinel monitor {service} 127.0.0.1 {primary_port} {quorum}\n\
+             sentinel down-after-milliseconds {service} {down_after_ms}\n\
+             sentinel failover-timeout {service} 10000\n\
+             sentinel parallel-syncs {service} 1\n",
+            dir = dir.display(),
+            log = dir.join("sentinel.log").display(),
+        );
+        let file = dir.join("sentinel.conf");
+        fs::write(&file, config)?;
+        let child = Command::new("redis-server")
+            .arg(&file)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                ServerError(format!(
+                    "cannot start redis-server --sentinel ({e}): install Redis with \
+                     `{REDIS_INSTALL}` (or let `cargo xtask test` install it)"
+                ))
+            })?;
+        let mut server = ChildServer::new("redis-sentinel", port);
+        server.child = Some(child);
+        wait_for_port(port, true, Duration::from_secs(30), "redis-sentinel").map_err(|e| {
+            let log = fs::read_to_string(dir.join("sentinel.log")).unwrap_or_default();
+            ServerError(format!("{e}\nsentinel log:\n{log}"))
+        })?;
+        Ok(Self { dir, port, server })
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its URL (`redis://127.0.0.1:<port>`).
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The directory holding its config, state and log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Kills it with SIGKILL.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.server.kill9()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_redis_version;
