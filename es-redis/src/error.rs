@@ -92,6 +92,21 @@ pub enum Error {
         #[source]
         source: RedisError,
     },
+    /// Fewer replicas than
+    /// [`min_replicas_acked`](crate::RedisStoreBuilder::min_replicas_acked) asks for
+    /// acknowledged an append within its time-out. The append is stored on the primary but not
+    /// acknowledged: a failover could lose it. Appends return it inside
+    /// [`StoreError::Unavailable`]; retrying the same request is idempotent and waits again.
+    #[error(
+        "{acked} of the {required} Redis replicas the store waits for acknowledged the append in \
+         time; it is on the primary but not acknowledged (retry: appends are idempotent)"
+    )]
+    ReplicasNotAcked {
+        /// The replicas asked for.
+        required: usize,
+        /// The replicas that acknowledged (`WAIT`'s reply).
+        acked: i64,
+    },
     /// The server's `maxmemory-policy` lets it evict keys that have no expiry (`allkeys-lru`,
     /// `allkeys-lfu`, `allkeys-random`, or a policy this crate does not know): under memory
     /// pressure it would drop acknowledged events, stream versions or the id index without an

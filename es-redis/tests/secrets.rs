@@ -206,3 +206,40 @@ async fn the_build_logs_one_line_of_what_it_runs_under_without_the_password() {
         assert!(line.contains(expected), "`{expected}` missing from: {line}");
     }
 }
+
+#[cfg(feature = "sentinel")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_urls_do_not_show_their_passwords() {
+    let builder = RedisStore::builder("redis://app:s3cret-pw@unused/0")
+        .sentinels(
+            "shop",
+            [
+                "redis://:s3cret-sentinel@10.0.0.1:26379",
+                "redis://watcher:s3cret-sentinel@10.0.0.2:26379",
+            ],
+        )
+        .min_replicas_acked(1, Duration::from_secs(1));
+    for shown in [format!("{builder:?}"), format!("{builder:#?}")] {
+        assert!(!shown.contains("s3cret"), "a password is shown: {shown}");
+        assert!(shown.contains("redis://:***@10.0.0.1:26379"), "{shown}");
+        assert!(
+            shown.contains("redis://watcher:***@10.0.0.2:26379"),
+            "{shown}"
+        );
+    }
+
+    // No sentinel answers: the error shows neither password.
+    let port = es_test_support::free_port().unwrap();
+    let err = RedisStore::builder(format!("redis://app:{PASSWORD}@unused/0"))
+        .sentinels(
+            "shop",
+            [format!("redis://:s3cret-sentinel@127.0.0.1:{port}")],
+        )
+        .connect_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .expect_err("no sentinel listens");
+    assert!(matches!(&err, Error::Connect { .. }), "{err:?}");
+    let shown = everything_shown(&err);
+    assert!(!shown.contains("s3cret"), "a password is shown: {shown}");
+}
