@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use es_core::contract::{classify_retry, StoredEventRef};
 use es_core::{AppendRequest, AppendResult, StoreError, StreamId};
 use futures::stream::{FuturesUnordered, StreamExt};
-use redis::aio::ConnectionManager;
 use redis::{Cmd, Value};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
+use crate::conn::Connection;
 use crate::error::store_error;
 use crate::keys::Keys;
 use crate::protocol::{AppendCode, ExpectedArg};
@@ -54,13 +54,16 @@ impl GroupLimits {
 /// What every append needs: the connection, the key names, the script, the head to publish and
 /// the server settings to watch.
 pub(crate) struct Appender {
-    pub(crate) conn: ConnectionManager,
+    pub(crate) conn: Connection,
     pub(crate) keys: Keys,
     pub(crate) script: Function,
     pub(crate) head: Arc<Head>,
     pub(crate) server: Arc<Server>,
     /// Whether the store accepts a server that can evict its keys.
     pub(crate) allow_eviction: bool,
+    /// How many replicas must acknowledge each script call, and how long to wait for them
+    /// ([`RedisStoreBuilder::min_replicas_acked`](crate::RedisStoreBuilder::min_replicas_acked)).
+    pub(crate) wait: Option<(usize, std::time::Duration)>,
 }
 
 impl Appender {
@@ -71,8 +74,24 @@ impl Appender {
     ) -> Vec<Result<AppendResult, StoreError>> {
         let cmd = self.command(group);
         let mut conn = self.conn.clone();
-        let reply = self.script.invoke(&mut conn, &cmd).await;
-        let outcomes: Vec<Result<AppendResult, StoreError>> = match reply {
+        let (reply, acked) = match self.wait {
+            None => (self.script.invoke(&mut conn, &cmd).await, None),
+            Some((replicas, timeout)) => match self
+                .script
+                .invoke_then_wait(
+                    &mut conn,
+                    &cmd,
+                    self.keys.replication_fence(),
+                    replicas,
+                    timeout,
+                )
+                .await
+            {
+                Ok((reply, acked)) => (Ok(reply), Some(acked)),
+                Err(err) => (Err(err), None),
+            },
+        };
+        let mut outcomes: Vec<Result<AppendResult, StoreError>> = match reply {
             Ok(Value::Array(items)) if items.len() == 3 * group.len() + 3 => {
                 let mut items = items.into_iter();
                 let outcomes = group
@@ -113,6 +132,20 @@ impl Appender {
             .max();
         if let Some(head) = head {
             self.head.advance(head);
+        }
+        if let (Some((required, _)), Some(acked)) = (self.wait, acked) {
+            if usize::try_from(acked).unwrap_or(0) < required {
+                // Written on the primary, but a failover now could lose it: not acknowledged.
+                // A retry is idempotent and waits again.
+                for outcome in &mut outcomes {
+                    if outcome.is_ok() {
+                        *outcome = Err(StoreError::unavailable(Error::ReplicasNotAcked {
+                            required,
+                            acked,
+                        }));
+                    }
+                }
+            }
         }
         outcomes
     }
@@ -543,10 +576,7 @@ fn append_reply(
                 reason: format!("{reason}; nothing was written"),
             })
         }
-        Some(AppendCode::Refused) => Err(StoreError::backend(format!(
-            "Redis refused the append to `{stream}` (nothing was written): {}",
-            text(&x)
-        ))),
+        Some(AppendCode::Refused) => Err(refused(stream, &text(&x))),
         Some(AppendCode::Evicting) => Err(StoreError::backend(Error::EvictionPolicy {
             policy: text(&x),
         })),
@@ -577,3 +607,14 @@ fn stored_ref(event_id: uuid::Uuid, entry: &[u8]) -> Option<StoredEventRef> {
 
 #[cfg(test)]
 mod tests;
+
+/// The error for an append whose first write the server refused (`refusal`, its error text):
+/// [`Error::NoPermission`] for a command the user may not run, else the text.
+fn refused(stream: &StreamId, refusal: &str) -> StoreError {
+    match crate::error::refused_in_script(refusal) {
+        Some(err) => StoreError::backend(err),
+        None => StoreError::backend(format!(
+            "Redis refused the append to `{stream}` (nothing was written): {refusal}"
+        )),
+    }
+}

@@ -47,6 +47,66 @@ pub enum Error {
         #[source]
         source: RedisError,
     },
+    /// The TLS handshake failed: the server's certificate is not signed by a trusted CA (the
+    /// system's, or those given to `RedisStoreBuilder::tls_root_certificates`, feature `tls`),
+    /// is not valid for the host name in the URL, or has expired; or the server does not speak
+    /// TLS. The store never falls back to plaintext.
+    #[error("TLS to Redis at {url} failed (the server's certificate is not trusted or not valid for the host): {source}")]
+    Tls {
+        /// The URL connected to, without its password.
+        url: String,
+        /// The handshake error.
+        #[source]
+        source: RedisError,
+    },
+    /// The server refused a command or key the store needs for its user (`NOPERM`, or a command
+    /// its append function calls: Redis 7.0 reports that as `ERR The user executing the script
+    /// can't run this command`). The user needs the commands and the key pattern of the
+    /// `ACL SETUSER` line in the crate docs, section "Production: TLS, ACLs, failover". Returned
+    /// by `build`, and by store operations inside [`StoreError::Backend`].
+    #[error(
+        "the Redis user{} lacks a permission the store needs: {source}; grant it the commands and \
+         the key pattern `~<prefix>:*` of the documented `ACL SETUSER` line",
+        url.as_deref().map(|url| format!(" at {url}")).unwrap_or_default()
+    )]
+    NoPermission {
+        /// The URL connected to, without its password; `None` for store operations.
+        url: Option<String>,
+        /// The refusal.
+        #[source]
+        source: RedisError,
+    },
+    /// The store's append function library is not on the server, and the store's user may not
+    /// load it (`FUNCTION LOAD`). An administrator installs it once per version of this crate:
+    /// [`RedisStoreBuilder::install_functions`](crate::RedisStoreBuilder::install_functions) with
+    /// an admin user's URL, for example as a deployment step.
+    #[error(
+        "the Redis function library `{library}` of this es-redis version is not installed, and \
+         the store's user may not load it ({source}); install it with an admin user: \
+         `RedisStore::builder(admin_url).install_functions()`"
+    )]
+    FunctionsNotInstalled {
+        /// The library's name (`es_append_<hash>`).
+        library: String,
+        /// The refusal of `FUNCTION LOAD`.
+        #[source]
+        source: RedisError,
+    },
+    /// Fewer replicas than
+    /// [`min_replicas_acked`](crate::RedisStoreBuilder::min_replicas_acked) asks for
+    /// acknowledged an append within its time-out. The append is stored on the primary but not
+    /// acknowledged: a failover could lose it. Appends return it inside
+    /// [`StoreError::Unavailable`]; retrying the same request is idempotent and waits again.
+    #[error(
+        "{acked} of the {required} Redis replicas the store waits for acknowledged the append in \
+         time; it is on the primary but not acknowledged (retry: appends are idempotent)"
+    )]
+    ReplicasNotAcked {
+        /// The replicas asked for.
+        required: usize,
+        /// The replicas that acknowledged (`WAIT`'s reply).
+        acked: i64,
+    },
     /// The server's `maxmemory-policy` lets it evict keys that have no expiry (`allkeys-lru`,
     /// `allkeys-lfu`, `allkeys-random`, or a policy this crate does not know): under memory
     /// pressure it would drop acknowledged events, stream versions or the id index without an
@@ -104,26 +164,99 @@ impl Error {
         }
     }
 
-    /// A connection error for `url`, which appears in the error without its password.
+    /// A connection error for `url`, which appears in the error without its password: a
+    /// permission refusal or a failed TLS handshake gets its own variant.
     pub(crate) fn connect(url: &str, source: RedisError) -> Self {
-        Error::Connect {
-            url: Some(es_core::contract::redact_url(url)),
-            source,
-        }
+        Self::classify(Some(es_core::contract::redact_url(url)), source)
     }
 
     /// A connection error where the URL is not at hand (see [`Error::at`]).
     pub(crate) fn connection(source: RedisError) -> Self {
-        Error::Connect { url: None, source }
+        Self::classify(None, source)
+    }
+
+    fn classify(url: Option<String>, source: RedisError) -> Self {
+        if is_permission_error(&source) {
+            Error::NoPermission { url, source }
+        } else if is_tls_error(&source) {
+            Error::Tls {
+                url: url.unwrap_or_else(|| "<unknown>".to_owned()),
+                source,
+            }
+        } else {
+            Error::Connect { url, source }
+        }
     }
 
     /// This error, with `url` (without its password) in a connection error that has none.
     pub(crate) fn at(self, url: &str) -> Self {
         match self {
             Error::Connect { url: None, source } => Error::connect(url, source),
+            Error::NoPermission { url: None, source } => Error::NoPermission {
+                url: Some(es_core::contract::redact_url(url)),
+                source,
+            },
             other => other,
         }
     }
+}
+
+/// Whether the server refused a command or key for the user: `NOPERM`, or the plain `ERR` Redis
+/// 7.0 answers when a script or function calls a command the user may not run (it has no code
+/// of its own, so this one case is told by its text).
+pub(crate) fn is_permission_error(err: &RedisError) -> bool {
+    match err.code() {
+        Some("NOPERM") => true,
+        Some("ERR") => err
+            .detail()
+            .is_some_and(|detail| detail.starts_with("The user executing the script can't run")),
+        _ => false,
+    }
+}
+
+/// The typed error for a refusal the append function caught (`redis.pcall`) and replied as
+/// text, if it is a permission refusal.
+pub(crate) fn refused_in_script(text: &str) -> Option<Error> {
+    let denied = text.starts_with("NOPERM")
+        || text.starts_with("ERR The user executing the script can't run");
+    denied.then(|| Error::NoPermission {
+        url: None,
+        source: RedisError::from((
+            ErrorKind::Server(ServerErrorKind::NoPerm),
+            "the store's user may not run a command of its append function",
+            text.to_owned(),
+        )),
+    })
+}
+
+/// Whether `err` is a failed TLS handshake (a rustls error somewhere in its chain of causes).
+#[cfg(feature = "tls")]
+fn is_tls_error(err: &RedisError) -> bool {
+    use std::error::Error as _;
+    use std::sync::Arc;
+
+    fn holds_rustls(err: &(dyn std::error::Error + 'static)) -> bool {
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.get_ref().is_some_and(|inner| holds_rustls(inner)) {
+                return true;
+            }
+        }
+        if let Some(inner) = err.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>() {
+            if holds_rustls(&**inner) {
+                return true;
+            }
+        }
+        err.source().is_some_and(holds_rustls)
+    }
+    err.source().is_some_and(holds_rustls)
+}
+
+#[cfg(not(feature = "tls"))]
+fn is_tls_error(_: &RedisError) -> bool {
+    false
 }
 
 /// Maps a Redis error to the store error a caller can act on.
@@ -151,6 +284,11 @@ pub(crate) fn store_error(err: RedisError, location: impl FnOnce() -> String) ->
         || matches!(err.code(), Some("MISCONF" | "NOREPLICAS" | "BUSY"));
     if transient {
         StoreError::unavailable(err)
+    } else if is_permission_error(&err) {
+        StoreError::backend(Error::NoPermission {
+            url: None,
+            source: err,
+        })
     } else if err.code() == Some("WRONGTYPE") {
         StoreError::Corrupt {
             location: location(),

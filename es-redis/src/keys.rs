@@ -26,6 +26,7 @@ pub struct Keys {
     checkpoints: Arc<str>,
     checkpoint_generations: Arc<str>,
     epochs: Arc<str>,
+    replication_fence: Arc<str>,
 }
 
 impl Keys {
@@ -47,6 +48,7 @@ impl Keys {
             checkpoints: global("checkpoints"),
             checkpoint_generations: global("checkpoint-generations"),
             epochs: global("epochs"),
+            replication_fence: global("replication-fence"),
         })
     }
 
@@ -119,6 +121,13 @@ impl Keys {
     /// `cause` and `recorded_at`. See the [crate documentation](crate#epochs-and-lost-tails).
     pub fn epochs(&self) -> &str {
         &self.epochs
+    }
+
+    /// The string the store sets before each `WAIT` when
+    /// [`min_replicas_acked`](crate::RedisStoreBuilder::min_replicas_acked) is on, so that the
+    /// `WAIT` also covers what an idempotent retry found already stored. Holds `1`.
+    pub fn replication_fence(&self) -> &str {
+        &self.replication_fence
     }
 }
 

@@ -36,6 +36,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod append;
+mod conn;
 mod decode;
 mod error;
 mod keys;
@@ -52,6 +53,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::DateTime;
+use conn::{Connection, Target};
 use es_core::contract::position::EpochStart;
 use es_core::contract::StoreFuture;
 use es_core::{
@@ -84,7 +86,7 @@ pub struct RedisStore {
 }
 
 pub(crate) struct Inner {
-    pub(crate) conn: ConnectionManager,
+    pub(crate) conn: Connection,
     pub(crate) keys: Keys,
     pub(crate) page_size: u64,
     limits: AppendLimits,
@@ -130,6 +132,65 @@ pub struct RedisStoreBuilder {
     group_commit: bool,
     allow_eviction: bool,
     allow_no_persistence: bool,
+    tls: TlsOptions,
+    sentinel: Option<SentinelOptions>,
+    wait: Option<(usize, Duration)>,
+}
+
+/// The sentinels to ask for the primary, and the name they monitor it by. Their URLs show
+/// without passwords in `Debug` output.
+// Without the `sentinel` feature nothing sets it; the builder's `Debug` and `build` still read it.
+#[cfg_attr(not(feature = "sentinel"), allow(dead_code))]
+#[derive(Clone)]
+struct SentinelOptions {
+    service: String,
+    urls: Vec<String>,
+}
+
+impl std::fmt::Debug for SentinelOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self
+            .urls
+            .iter()
+            .map(|url| es_core::contract::redact_url(url))
+            .collect();
+        f.debug_struct("Sentinel")
+            .field("service", &self.service)
+            .field("sentinels", &urls)
+            .finish()
+    }
+}
+
+/// The TLS material a builder holds: CA certificates to trust instead of the system's, and a
+/// client certificate and key for mutual TLS. Its `Debug` output shows what is set, never the
+/// key.
+#[derive(Clone, Default)]
+struct TlsOptions {
+    root_certificates: Option<Vec<u8>>,
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsOptions {
+    fn is_set(&self) -> bool {
+        self.root_certificates.is_some() || self.client.is_some()
+    }
+}
+
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |set: bool| if set { "set" } else { "none" };
+        f.debug_struct("Tls")
+            .field(
+                "root_certificates",
+                &shown(self.root_certificates.is_some()),
+            )
+            .field("client_certificate", &shown(self.client.is_some()))
+            .field(
+                "client_key",
+                &if self.client.is_some() { "***" } else { "none" },
+            )
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for RedisStoreBuilder {
@@ -146,6 +207,9 @@ impl std::fmt::Debug for RedisStoreBuilder {
             .field("group_commit", &self.group_commit)
             .field("allow_eviction", &self.allow_eviction)
             .field("allow_no_persistence", &self.allow_no_persistence)
+            .field("tls", &self.tls)
+            .field("sentinel", &self.sentinel)
+            .field("min_replicas_acked", &self.wait)
             .finish()
     }
 }
@@ -242,12 +306,94 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Trust these CA certificates (PEM, one or more) for a `rediss://` URL instead of the
+    /// system's. The server's certificate must chain to one of them and be valid for the URL's
+    /// host name; otherwise `build` fails with [`Error::Tls`]. Setting this for a plain
+    /// `redis://` URL is refused ([`Error::InvalidSetting`]): the store never connects in
+    /// plaintext when TLS is configured. See the crate docs, section "Production".
+    #[cfg(feature = "tls")]
+    pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.root_certificates = Some(pem.into());
+        self
+    }
+
+    /// Present this client certificate and private key (both PEM) to a server that
+    /// authenticates clients by certificate (`tls-auth-clients yes`). The key never appears in
+    /// `Debug` output or errors.
+    #[cfg(feature = "tls")]
+    pub fn tls_client_certificate(
+        mut self,
+        certificate_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client = Some((certificate_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// Find the primary through Redis Sentinel: `sentinels` are the sentinels' URLs
+    /// (`redis://host:26379`, with a password if they require one), `service` the name they
+    /// monitor the primary by (`sentinel monitor <service> ...`). The builder's URL then gives
+    /// the user, password and database for the primary and its replicas; its host and port are
+    /// not used. After a failover the store moves to the primary the sentinels name: commands
+    /// in flight fail as [`StoreError::Unavailable`] (retry them: appends are idempotent), and
+    /// the first write on the new primary begins an epoch (see the crate docs, sections
+    /// "Production" and "Epochs and lost tails"). Not combined with TLS yet.
+    #[cfg(feature = "sentinel")]
+    pub fn sentinels(
+        mut self,
+        service: impl Into<String>,
+        sentinels: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.sentinel = Some(SentinelOptions {
+            service: service.into(),
+            urls: sentinels.into_iter().map(Into::into).collect(),
+        });
+        self
+    }
+
+    /// Acknowledge an append only once `replicas` replicas have it (`WAIT`, at most `timeout`),
+    /// default off. Then a failover to one of them loses no acknowledged append; an append the
+    /// replicas do not confirm in time fails with [`StoreError::Unavailable`] whose source is
+    /// [`Error::ReplicasNotAcked`] (it is stored on the primary: retry, appends are
+    /// idempotent). Costs a replication round trip per script call, shared by a group. Without
+    /// it, replication is asynchronous and a failover can lose the last acknowledged appends;
+    /// see the crate docs, section "Production".
+    pub fn min_replicas_acked(mut self, replicas: usize, timeout: Duration) -> Self {
+        self.wait = Some((replicas, timeout));
+        self
+    }
+
+    /// Installs the store's Redis function library on the server if it does not hold it, and
+    /// nothing else: the deployment step for stores whose own user may not run `FUNCTION LOAD`
+    /// (see the crate docs, section "Production"). Call it on a builder whose URL names an
+    /// administrative user; each version of this crate has a library of its own
+    /// (`es_append_<hash>`), so run it when deploying a new version.
+    pub async fn install_functions(&self) -> Result<(), Error> {
+        let (_, mut conn) = self.connect().await?;
+        let append = script::append_library();
+        let loaded = append
+            .loaded(&mut conn)
+            .await
+            .map_err(|source| Error::connect(&self.url, source))?;
+        if !loaded {
+            append
+                .install(&mut conn)
+                .await
+                .map_err(|source| Error::connect(&self.url, source))?;
+            tracing::info!(
+                library = append.name(),
+                "installed the store's Redis functions"
+            );
+        }
+        Ok(())
+    }
+
     /// Connects, checks the server's settings (see the crate docs, section "Server settings"),
     /// loads the scripts and returns the store.
     pub async fn build(self) -> Result<RedisStore, Error> {
         let keys = Keys::new(&self.prefix)?;
         self.validate()?;
-        let (client, mut conn) = self.connect().await?;
+        let (target, mut conn) = self.connect().await?;
         let requirements = Requirements {
             allow_eviction: self.allow_eviction,
             allow_no_persistence: self.allow_no_persistence,
@@ -256,27 +402,13 @@ impl RedisStoreBuilder {
             .await
             .map_err(|err| err.at(&self.url))?;
         requirements.check(&settings)?;
-        tracing::info!(
-            prefix = keys.prefix(),
-            version = %settings.version,
-            run_id = %settings.run_id,
-            appendonly = settings.appendonly,
-            appendfsync = settings.appendfsync.as_deref().unwrap_or("unknown"),
-            save = settings.save.as_deref().unwrap_or("unknown"),
-            maxmemory_policy = %settings.maxmemory_policy,
-            maxmemory = settings.maxmemory,
-            "Redis store on {settings}"
-        );
+        self.log_settings(&keys, &settings);
         if settings.major_version() < 7 {
             return Err(Error::UnsupportedVersion {
                 version: settings.version.clone(),
             });
         }
-        let append = script::append_library();
-        append
-            .load(&mut conn)
-            .await
-            .map_err(|source| Error::connect(&self.url, source))?;
+        let append = self.load_functions(&mut conn).await?;
         let save_snapshot = Lua::new(script::SAVE_SNAPSHOT);
         let delete_snapshot = Lua::new(script::DELETE_SNAPSHOT);
         let acquire_lease = Lua::new(script::ACQUIRE_LEASE);
@@ -296,14 +428,14 @@ impl RedisStoreBuilder {
         }
         let server = Arc::new(Server::new(settings, requirements));
         server.start_monitor(MonitorConfig {
-            client: client.clone(),
+            client: target.clone(),
             interval: self.server_check_interval,
             connect_timeout: self.connect_timeout,
             response_timeout: self.response_timeout,
             prefix: keys.prefix().into(),
         });
         let watch = WatchConfig {
-            client,
+            client: target,
             feed: keys.feed().into(),
             index: keys.index().into(),
             block: self.poll_interval,
@@ -318,6 +450,7 @@ impl RedisStoreBuilder {
             head: Arc::clone(&head),
             server: Arc::clone(&server),
             allow_eviction: self.allow_eviction,
+            wait: self.wait,
         });
         let group = self
             .group_commit
@@ -345,6 +478,48 @@ impl RedisStoreBuilder {
 }
 
 impl RedisStoreBuilder {
+    /// The one line a store logs when it is built: what it runs under.
+    fn log_settings(&self, keys: &Keys, settings: &ServerSettings) {
+        tracing::info!(
+            prefix = keys.prefix(),
+            url = %es_core::contract::redact_url(&self.url),
+            tls = self.url.trim_start().starts_with("rediss:"),
+            sentinel = self.sentinel.as_ref().map_or("none", |s| s.service.as_str()),
+            min_replicas_acked = self.wait.map_or(0, |(replicas, _)| replicas),
+            version = %settings.version,
+            run_id = %settings.run_id,
+            appendonly = settings.appendonly,
+            appendfsync = settings.appendfsync.as_deref().unwrap_or("unknown"),
+            save = settings.save.as_deref().unwrap_or("unknown"),
+            maxmemory_policy = %settings.maxmemory_policy,
+            maxmemory = settings.maxmemory,
+            "Redis store on {settings}"
+        );
+    }
+
+    /// The append function's library, loaded unless the server holds it; a user that may not
+    /// load it gets [`Error::FunctionsNotInstalled`].
+    async fn load_functions(&self, conn: &mut Connection) -> Result<script::Function, Error> {
+        let append = script::append_library();
+        let loaded = append
+            .loaded(conn)
+            .await
+            .map_err(|source| Error::connect(&self.url, source))?;
+        if !loaded {
+            append.install(conn).await.map_err(|source| {
+                if error::is_permission_error(&source) {
+                    Error::FunctionsNotInstalled {
+                        library: append.name().to_owned(),
+                        source,
+                    }
+                } else {
+                    Error::connect(&self.url, source)
+                }
+            })?;
+        }
+        Ok(append)
+    }
+
     fn validate(&self) -> Result<(), Error> {
         for (duration, what) in [
             (self.poll_interval, "the poll interval must not be zero"),
@@ -362,15 +537,23 @@ impl RedisStoreBuilder {
                 return Err(Error::InvalidSetting(what));
             }
         }
+        if let Some((replicas, timeout)) = self.wait {
+            if replicas == 0 || timeout.is_zero() {
+                return Err(Error::InvalidSetting(
+                    "min_replicas_acked needs at least one replica and a non-zero time-out",
+                ));
+            }
+        }
         if self.page_size == 0 {
             return Err(Error::InvalidSetting("the read page size must not be zero"));
         }
         Ok(())
     }
 
-    /// The client (with TCP keepalive on its connections) and the shared connection, with the
-    /// time-outs and reconnection budget of the crate docs, section "Time-outs".
-    async fn connect(&self) -> Result<(redis::Client, ConnectionManager), Error> {
+    /// Where the store's own extra connections go, and the shared connection (with TCP
+    /// keepalive), with the time-outs and reconnection budget of the crate docs, section
+    /// "Time-outs".
+    async fn connect(&self) -> Result<(Target, Connection), Error> {
         let info = self
             .url
             .as_str()
@@ -381,18 +564,133 @@ impl RedisStoreBuilder {
             .with_interval(KEEPALIVE_INTERVAL)
             .with_retries(KEEPALIVE_PROBES);
         let tcp = info.tcp_settings().clone().set_keepalive(keepalive);
-        let client = redis::Client::open(info.set_tcp_settings(tcp))
-            .map_err(|source| Error::invalid_url(&self.url, source))?;
+        let info = info.set_tcp_settings(tcp);
+        let tls_url = match info.addr() {
+            redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
+                return Err(Error::InvalidSetting(INSECURE_REFUSED))
+            }
+            redis::ConnectionAddr::TcpTls { .. } => true,
+            _ => false,
+        };
+        if self.tls.is_set() && !tls_url {
+            return Err(Error::InvalidSetting(PLAINTEXT_REFUSED));
+        }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout))
             .set_number_of_retries(RECONNECT_RETRIES)
             .set_min_delay(RECONNECT_MIN_DELAY)
             .set_max_delay(RECONNECT_MAX_DELAY);
+        if let Some(sentinel) = &self.sentinel {
+            return self.follow(sentinel, &info, tls_url, config).await;
+        }
+        let client = if tls_url {
+            self.tls_client(info)?
+        } else {
+            redis::Client::open(info).map_err(|source| Error::invalid_url(&self.url, source))?
+        };
         let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(|source| Error::connect(&self.url, source))?;
-        Ok((client, conn))
+        Ok((Target::Client(Box::new(client)), Connection::direct(conn)))
+    }
+
+    /// The connection to the primary the sentinels name, followed across failovers.
+    #[cfg(feature = "sentinel")]
+    async fn follow(
+        &self,
+        sentinel: &SentinelOptions,
+        info: &redis::ConnectionInfo,
+        tls_url: bool,
+        config: ConnectionManagerConfig,
+    ) -> Result<(Target, Connection), Error> {
+        if tls_url || sentinel.urls.iter().any(|url| url.starts_with("rediss")) {
+            return Err(Error::InvalidSetting(
+                "TLS together with Sentinel is not supported yet; use TLS or Sentinel",
+            ));
+        }
+        if sentinel.urls.is_empty() {
+            return Err(Error::InvalidSetting("no sentinel addresses were given"));
+        }
+        let mut sentinels = Vec::with_capacity(sentinel.urls.len());
+        for url in &sentinel.urls {
+            let info = url
+                .as_str()
+                .into_connection_info()
+                .map_err(|source| Error::invalid_url(url, source))?;
+            sentinels.push(info);
+        }
+        let following =
+            conn::sentinel::Following::connect(sentinels, &sentinel.service, info.clone(), config)
+                .await
+                .map_err(|source| Error::connect(&self.url, source))?;
+        Ok((
+            Target::Sentinel(Arc::clone(&following)),
+            Connection::sentinel(following),
+        ))
+    }
+
+    /// Without the `sentinel` feature the builder has no way to set sentinels.
+    #[cfg(not(feature = "sentinel"))]
+    #[allow(clippy::unused_async)] // The same signature as with the feature.
+    async fn follow(
+        &self,
+        _: &SentinelOptions,
+        _: &redis::ConnectionInfo,
+        _: bool,
+        _: ConnectionManagerConfig,
+    ) -> Result<(Target, Connection), Error> {
+        Err(Error::InvalidSetting(
+            "Sentinel needs the `sentinel` feature of es-redis",
+        ))
+    }
+}
+
+/// Why `#insecure` is refused.
+const INSECURE_REFUSED: &str = "`#insecure` in a `rediss://` URL turns off certificate checks, \
+     which the store does not accept; give the server's CA with `tls_root_certificates`";
+
+/// Why TLS certificates with a `redis://` URL are refused.
+const PLAINTEXT_REFUSED: &str = "TLS certificates are set but the URL is not `rediss://`; the \
+     store does not connect in plaintext when TLS is configured";
+
+impl RedisStoreBuilder {
+    /// The client for a `rediss://` URL, with the CA and client certificate set on the builder.
+    #[cfg(feature = "tls")]
+    fn tls_client(&self, info: redis::ConnectionInfo) -> Result<redis::Client, Error> {
+        // rustls needs a process-wide crypto provider; this crate brings `ring`. If the
+        // application installed one already, that one stays. rustls deprecates `ring` for
+        // lacking post-quantum key exchange, which Redis built on OpenSSL 3.0 (Debian 12) does
+        // not offer either; `ring` builds with a C compiler alone, aws-lc needs more.
+        #[allow(deprecated)]
+        let provider = rustls::crypto::ring::default_provider();
+        let _ = provider.install_default();
+        if !self.tls.is_set() {
+            return redis::Client::open(info)
+                .map_err(|source| Error::invalid_url(&self.url, source));
+        }
+        let certificates = redis::TlsCertificates {
+            client_tls: self
+                .tls
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.tls.root_certificates.clone(),
+        };
+        redis::Client::build_with_tls(info, certificates).map_err(|source| Error::Tls {
+            url: es_core::contract::redact_url(&self.url),
+            source,
+        })
+    }
+
+    /// Without the `tls` feature the `redis` crate refuses `rediss://` URLs when parsing them,
+    /// so this is never reached; it keeps the error typed all the same.
+    #[cfg(not(feature = "tls"))]
+    fn tls_client(&self, info: redis::ConnectionInfo) -> Result<redis::Client, Error> {
+        redis::Client::open(info).map_err(|source| Error::invalid_url(&self.url, source))
     }
 }
 
@@ -416,6 +714,9 @@ impl RedisStore {
             group_commit: true,
             allow_eviction: false,
             allow_no_persistence: false,
+            tls: TlsOptions::default(),
+            sentinel: None,
+            wait: None,
         }
     }
 
@@ -430,9 +731,10 @@ impl RedisStore {
     }
 
     /// A handle to the store's connection (it reconnects by itself), for tools and tests that
-    /// need to look at the keys directly.
+    /// need to look at the keys directly. With Sentinel it is the connection to the primary of
+    /// the moment: after a failover, ask again.
     pub fn connection(&self) -> ConnectionManager {
-        self.inner.conn.clone()
+        self.inner.conn.current()
     }
 
     /// The server's version, persistence and eviction settings, as last read (when the store

@@ -77,8 +77,8 @@ pub(crate) enum AppendCode {
     Conflict = 2,
     /// A key holds data the store did not write, nothing written: `x` which.
     Corrupt = 3,
-    /// The server refused the append's first write (out of memory), nothing written: `x` the
-    /// error.
+    /// The server refused the append's first write (out of memory, or a command the user may
+    /// not run), nothing written: `x` the error.
     Refused = 4,
     /// A new server incarnation whose `maxmemory-policy` can evict the store's keys, nothing
     /// written: `x` the policy.

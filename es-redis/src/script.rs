@@ -1,7 +1,11 @@
 //! The server-side Lua scripts and their invocation (EVALSHA, reloaded on NOSCRIPT).
 
-use redis::aio::{ConnectionLike, ConnectionManager};
-use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
+use std::time::Duration;
+
+use redis::aio::ConnectionLike;
+use redis::{Cmd, ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
+
+use crate::conn::Connection;
 
 /// The append function's body: applies a group of appends, each to one stream, in order,
 /// atomically as a whole, each with its own outcome. See the crate docs, sections "The append
@@ -35,8 +39,8 @@ use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
 ///   feed no longer holds that position);
 /// - `2, actual, nil`: the expected version does not match, nothing was written;
 /// - `3, what, nil`: a key holds data the store did not write, nothing was written;
-/// - `4, error, nil`: the server refused the append's first write (out of memory), nothing was
-///   written;
+/// - `4, error, nil`: the server refused the append's first write (out of memory, or a command
+///   the user may not run), nothing was written;
 /// - `5, policy, nil`: this is the first write of a new server incarnation and the server's
 ///   `maxmemory-policy` can evict the store's keys, nothing was written;
 /// - `6, what, nil`: the append would take a position or outbox position above 2^53 - 1 (an
@@ -143,7 +147,7 @@ impl Lua {
     }
 
     /// Loads the script into the server's script cache.
-    pub(crate) async fn load(&self, conn: &mut ConnectionManager) -> RedisResult<()> {
+    pub(crate) async fn load(&self, conn: &mut Connection) -> RedisResult<()> {
         let sha: String = redis::cmd("SCRIPT")
             .arg("LOAD")
             .arg(self.source)
@@ -158,11 +162,7 @@ impl Lua {
     /// means the script did not run, so resending cannot apply it twice. The cache can be
     /// flushed again between the load and the resend (another client's `SCRIPT FLUSH`), so this
     /// tries [`NOSCRIPT_RELOADS`] times before giving up with the NOSCRIPT error.
-    pub(crate) async fn invoke(
-        &self,
-        conn: &mut ConnectionManager,
-        cmd: &Cmd,
-    ) -> RedisResult<Value> {
+    pub(crate) async fn invoke(&self, conn: &mut Connection, cmd: &Cmd) -> RedisResult<Value> {
         let mut reloads = 0;
         loop {
             match query(conn, cmd).await {
@@ -197,8 +197,13 @@ impl Function {
         cmd
     }
 
+    /// The library's (and the function's) name.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Whether the server holds the library.
-    async fn loaded(&self, conn: &mut ConnectionManager) -> RedisResult<bool> {
+    pub(crate) async fn loaded(&self, conn: &mut Connection) -> RedisResult<bool> {
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("LIST").arg("LIBRARYNAME").arg(&self.name);
         match query(conn, &cmd).await? {
@@ -209,10 +214,15 @@ impl Function {
 
     /// Loads the library unless the server holds it (`REPLACE`, so that two stores loading it at
     /// once both succeed).
-    pub(crate) async fn load(&self, conn: &mut ConnectionManager) -> RedisResult<()> {
+    pub(crate) async fn load(&self, conn: &mut Connection) -> RedisResult<()> {
         if self.loaded(conn).await? {
             return Ok(());
         }
+        self.install(conn).await
+    }
+
+    /// Loads the library (`FUNCTION LOAD REPLACE`).
+    pub(crate) async fn install(&self, conn: &mut Connection) -> RedisResult<()> {
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("LOAD").arg("REPLACE").arg(&self.code);
         query(conn, &cmd).await?;
@@ -223,11 +233,7 @@ impl Function {
     /// does not hold the library (`FUNCTION FLUSH`, a restart that lost it with the data), the
     /// library is loaded and the command sent again: a call of a function the server does not
     /// hold did not run. Tries [`NOSCRIPT_RELOADS`] times, as [`Lua::invoke`] does.
-    pub(crate) async fn invoke(
-        &self,
-        conn: &mut ConnectionManager,
-        cmd: &Cmd,
-    ) -> RedisResult<Value> {
+    pub(crate) async fn invoke(&self, conn: &mut Connection, cmd: &Cmd) -> RedisResult<Value> {
         let mut reloads = 0;
         loop {
             match query(conn, cmd).await {
@@ -245,6 +251,66 @@ impl Function {
     }
 }
 
+impl Function {
+    /// Runs `cmd` (built by [`Function::fcall`]) as [`Function::invoke`] does, followed on the
+    /// same connection, in one pipeline, by `SET <fence> 1` and `WAIT <replicas> <timeout>`:
+    /// the reply and the number of replicas that acknowledged every write of the connection up
+    /// to the fence (so also a write an idempotent retry found stored: it came before the fence).
+    pub(crate) async fn invoke_then_wait(
+        &self,
+        conn: &mut Connection,
+        cmd: &Cmd,
+        fence: &str,
+        replicas: usize,
+        timeout: Duration,
+    ) -> RedisResult<(Value, i64)> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd.clone())
+            .cmd("SET")
+            .arg(fence)
+            .arg(1)
+            .cmd("WAIT")
+            .arg(replicas)
+            .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        let mut reloads = 0;
+        loop {
+            let mut replies = conn.req_packed_commands(&pipe, 0, 3).await?.into_iter();
+            let (reply, _fence, wait) = (replies.next(), replies.next(), replies.next());
+            match reply {
+                Some(Value::ServerError(err)) => {
+                    let err = RedisError::from(err);
+                    if err.code() == Some("ERR") && reloads < NOSCRIPT_RELOADS {
+                        if self.loaded(conn).await? {
+                            return Err(err);
+                        }
+                        reloads += 1;
+                        self.load(conn).await?;
+                        continue;
+                    }
+                    return Err(err);
+                }
+                Some(reply) => {
+                    return match wait {
+                        Some(Value::Int(acked)) => Ok((reply, acked)),
+                        Some(Value::ServerError(err)) => Err(err.into()),
+                        other => Err(RedisError::from((
+                            ErrorKind::Parse,
+                            "unexpected reply to WAIT",
+                            format!("{other:?}"),
+                        ))),
+                    };
+                }
+                None => {
+                    return Err(RedisError::from((
+                        ErrorKind::Parse,
+                        "no reply to the append function",
+                    )))
+                }
+            }
+        }
+    }
+}
+
 /// How many times [`Lua::invoke`] loads a script the server answered NOSCRIPT for.
 const NOSCRIPT_RELOADS: u32 = 5;
 
@@ -253,7 +319,7 @@ const NOSCRIPT_RELOADS: u32 = 5;
 /// Unlike `Cmd::query_async` this does not walk nested replies looking for errors: the replies
 /// used here (stream entries, script results) cannot hold nested errors, and large pages are read
 /// without the extra pass.
-pub(crate) async fn query(conn: &mut ConnectionManager, cmd: &Cmd) -> RedisResult<Value> {
+pub(crate) async fn query(conn: &mut Connection, cmd: &Cmd) -> RedisResult<Value> {
     match conn.req_packed_command(cmd).await? {
         Value::ServerError(err) => Err(err.into()),
         value => Ok(value),

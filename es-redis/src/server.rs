@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, RedisError};
+use redis::{AsyncConnectionConfig, RedisError};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -40,6 +40,8 @@ pub struct ServerSettings {
     /// `maxmemory-policy` (`noeviction`, `allkeys-lru`, `volatile-lru`, ...; `unknown` if the
     /// server does not report it).
     pub maxmemory_policy: String,
+    /// The server's replication role (`master` or `slave`; `unknown` if not reported).
+    pub role: String,
 }
 
 impl ServerSettings {
@@ -86,8 +88,8 @@ impl fmt::Display for ServerSettings {
         }
         write!(
             f,
-            ", maxmemory-policy {}, maxmemory {}",
-            self.maxmemory_policy, self.maxmemory
+            ", maxmemory-policy {}, maxmemory {}, role {}",
+            self.maxmemory_policy, self.maxmemory, self.role
         )
     }
 }
@@ -104,7 +106,11 @@ pub(crate) async fn read_settings<C: ConnectionLike>(
     conn: &mut C,
 ) -> Result<ServerSettings, Error> {
     let mut sections = redis::cmd("INFO");
-    sections.arg("server").arg("memory").arg("persistence");
+    sections
+        .arg("server")
+        .arg("memory")
+        .arg("persistence")
+        .arg("replication");
     // Several sections in one `INFO` is Redis 7; an older server refuses it, and its default
     // sections hold these three as well.
     let info: String = match sections.query_async(conn).await {
@@ -112,7 +118,9 @@ pub(crate) async fn read_settings<C: ConnectionLike>(
         Err(err) if is_connection_error(&err) => return Err(Error::connection(err)),
         Err(_) => match redis::cmd("INFO").query_async(conn).await {
             Ok(info) => info,
-            Err(err) if is_connection_error(&err) => return Err(Error::connection(err)),
+            Err(err) if is_connection_error(&err) || crate::error::is_permission_error(&err) => {
+                return Err(Error::connection(err))
+            }
             Err(err) => {
                 return Err(Error::SettingUnknown {
                     setting: "INFO",
@@ -158,6 +166,9 @@ pub(crate) async fn read_settings<C: ConnectionLike>(
             .unwrap_or(0),
         maxmemory_policy: fields
             .get("maxmemory_policy")
+            .map_or_else(|| "unknown".to_owned(), |v| (*v).to_owned()),
+        role: fields
+            .get("role")
             .map_or_else(|| "unknown".to_owned(), |v| (*v).to_owned()),
     })
 }
@@ -235,7 +246,7 @@ pub(crate) struct Server {
 /// How the background task reaches the server.
 #[derive(Debug, Clone)]
 pub(crate) struct MonitorConfig {
-    pub(crate) client: Client,
+    pub(crate) client: crate::conn::Target,
     pub(crate) interval: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) response_timeout: Duration,
@@ -376,6 +387,12 @@ async fn monitor(server: Weak<Server>, wake: Arc<Notify>, config: MonitorConfig)
                     Some(server) => server.update(&settings, &config.prefix),
                     None => return,
                 }
+                if settings.role != "master" && config.client.follows_primary() {
+                    // With Sentinel, a primary that became a replica: ask the sentinels again.
+                    tracing::debug!(role = %settings.role, "the settings monitor reached a replica; reconnecting");
+                    conn = None;
+                    delays.sleep().await;
+                }
             }
             Err(err) => {
                 tracing::debug!(error = %err, "reading the Redis server's settings failed; reconnecting");
@@ -392,6 +409,8 @@ async fn connect(config: &MonitorConfig) -> redis::RedisResult<MultiplexedConnec
         .set_response_timeout(Some(config.response_timeout));
     config
         .client
+        .client()
+        .await?
         .get_multiplexed_async_connection_with_config(&settings)
         .await
 }

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, RedisResult};
+use redis::{AsyncConnectionConfig, RedisResult};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -97,7 +97,7 @@ impl Drop for Head {
 /// The watcher's connection settings.
 #[derive(Debug, Clone)]
 pub(crate) struct WatchConfig {
-    pub(crate) client: Client,
+    pub(crate) client: crate::conn::Target,
     pub(crate) feed: Arc<str>,
     pub(crate) index: Arc<str>,
     /// How long one `XREAD BLOCK` waits.
@@ -145,6 +145,8 @@ async fn connect(config: &WatchConfig) -> RedisResult<MultiplexedConnection> {
         .set_response_timeout(Some(config.response_timeout + config.block));
     config
         .client
+        .client()
+        .await?
         .get_multiplexed_async_connection_with_config(&settings)
         .await
 }

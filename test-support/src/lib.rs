@@ -17,6 +17,7 @@ mod child;
 mod kafka;
 mod pg;
 mod redis;
+mod tls;
 
 use std::fmt;
 use std::io;
@@ -30,7 +31,8 @@ pub use kafka::{find_tansu, kafka_brokers, tansu_bin, KafkaBroker, KafkaStorage,
 pub use pg::{
     find_postgres, remove_orphaned_clusters, PgInstall, PgServer, MIN_PG_MAJOR, PG_INSTALL,
 };
-pub use redis::{find_redis, RedisServer, MIN_REDIS_MAJOR, REDIS_INSTALL};
+pub use redis::{find_redis, RedisSentinel, RedisServer, MIN_REDIS_MAJOR, REDIS_INSTALL};
+pub use tls::{TestCerts, OPENSSL_INSTALL};
 
 /// An error starting or controlling a server, with the command's output when there is one.
 #[derive(Debug)]

@@ -60,6 +60,7 @@ pub struct RedisServer {
     dir: PathBuf,
     port: u16,
     args: Vec<String>,
+    tls: bool,
     server: ChildServer,
 }
 
@@ -73,7 +74,37 @@ impl RedisServer {
             dir: dir.canonicalize()?,
             port,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
+            tls: false,
             server: ChildServer::new("redis-server", port),
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// Starts `redis-server` that accepts only TLS, on a free port (no plaintext port), with
+    /// the server certificate of `certs` and their CA for client certificates, which it asks
+    /// for but does not require (`tls-auth-clients optional`).
+    pub fn start_tls(dir: &Path, certs: &crate::TestCerts, args: &[&str]) -> Result<Self> {
+        let path = |p: &Path| p.display().to_string();
+        let mut all = vec![
+            "--tls-cert-file".to_owned(),
+            path(&certs.server_cert),
+            "--tls-key-file".to_owned(),
+            path(&certs.server_key),
+            "--tls-ca-cert-file".to_owned(),
+            path(&certs.ca_cert),
+            "--tls-auth-clients".to_owned(),
+            "optional".to_owned(),
+        ];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let mut server = Self {
+            dir: dir.canonicalize()?,
+            port,
+            args: all,
+            tls: true,
+            server: ChildServer::new("redis-server (TLS)", port),
         };
         server.spawn()?;
         Ok(server)
@@ -81,8 +112,15 @@ impl RedisServer {
 
     fn spawn(&mut self) -> Result<()> {
         let log = self.dir.join("redis.log");
+        let port = self.port.to_string();
+        let ports: &[&str] = if self.tls {
+            &["--port", "0", "--tls-port", &port]
+        } else {
+            &["--port", &port]
+        };
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(ports)
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
@@ -111,9 +149,19 @@ impl RedisServer {
         self.port
     }
 
-    /// A connection URL.
+    /// A connection URL: `redis://127.0.0.1:<port>`, or `rediss://127.0.0.1:<port>` for a TLS
+    /// server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        if self.tls {
+            format!("rediss://127.0.0.1:{}", self.port)
+        } else {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+    }
+
+    /// The directory holding the server's data and its log (`redis.log`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The server's process id.
@@ -141,6 +189,83 @@ impl RedisServer {
     /// Leaves the server running when this value is dropped; returns its port and pid.
     pub fn detach(mut self) -> (u16, Option<u32>) {
         self.server.detach()
+    }
+}
+
+/// A Redis Sentinel child process of its own (`redis-server <config> --sentinel`, the program
+/// Debian's `redis-sentinel` package links to), monitoring one primary.
+#[derive(Debug)]
+pub struct RedisSentinel {
+    dir: PathBuf,
+    port: u16,
+    server: ChildServer,
+}
+
+impl RedisSentinel {
+    /// Starts a sentinel on a free port, with its config file, state and log (`sentinel.log`) in
+    /// `dir`, monitoring the primary on 127.0.0.1:`primary_port` as `service`, with `quorum`
+    /// sentinels to agree that it is down after `down_after_ms` milliseconds without an answer.
+    pub fn start(
+        dir: &Path,
+        service: &str,
+        primary_port: u16,
+        quorum: u32,
+        down_after_ms: u64,
+    ) -> Result<Self> {
+        fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        let port = free_port()?;
+        let config = format!(
+            "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile {log}\n\
+             sentinel monitor {service} 127.0.0.1 {primary_port} {quorum}\n\
+             sentinel down-after-milliseconds {service} {down_after_ms}\n\
+             sentinel failover-timeout {service} 10000\n\
+             sentinel parallel-syncs {service} 1\n",
+            dir = dir.display(),
+            log = dir.join("sentinel.log").display(),
+        );
+        let file = dir.join("sentinel.conf");
+        fs::write(&file, config)?;
+        let child = Command::new("redis-server")
+            .arg(&file)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                ServerError(format!(
+                    "cannot start redis-server --sentinel ({e}): install Redis with \
+                     `{REDIS_INSTALL}` (or let `cargo xtask test` install it)"
+                ))
+            })?;
+        let mut server = ChildServer::new("redis-sentinel", port);
+        server.child = Some(child);
+        wait_for_port(port, true, Duration::from_secs(30), "redis-sentinel").map_err(|e| {
+            let log = fs::read_to_string(dir.join("sentinel.log")).unwrap_or_default();
+            ServerError(format!("{e}\nsentinel log:\n{log}"))
+        })?;
+        Ok(Self { dir, port, server })
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its URL (`redis://127.0.0.1:<port>`).
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The directory holding its config, state and log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Kills it with SIGKILL.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.server.kill9()
     }
 }
 

@@ -4,7 +4,8 @@
 //! Each workspace package's tests need some of: PostgreSQL's server programs (14 or later),
 //! `redis-server` (7 or later), the tansu Kafka-protocol broker with SQLite storage, Python with
 //! kafka-python (the outside-client test), procps (`pgrep`, `kill`), a C toolchain with make and
-//! perl (librdkafka is built from source) and cargo-nextest ([`PACKAGES`]). `cargo xtask test`,
+//! perl (librdkafka is built from source), `openssl` (the Redis TLS tests' certificates) and
+//! cargo-nextest ([`PACKAGES`]). `cargo xtask test`,
 //! `bench`, `chaos` and `db up` check what theirs need up front ([`ensure`]) and install what is
 //! missing: Debian/Ubuntu packages with `apt-get` (as root, or through `sudo` when it needs no
 //! password), tansu and cargo-nextest with `cargo install`, kafka-python with pip. One line per
@@ -46,6 +47,8 @@ pub(crate) enum Prereq {
     Postgres,
     /// `redis-server`.
     Redis,
+    /// The `openssl` command, with which the Redis TLS tests make their certificates.
+    OpenSsl,
     /// The tansu broker, with SQLite storage.
     Tansu,
     /// Python with kafka-python.
@@ -103,7 +106,13 @@ pub(crate) const PACKAGES: &[(&str, &[Prereq], &[Server])] = &[
         &[],
     ),
     ("es-postgres", &[Procps], &[Server::Postgres]),
-    ("es-redis", &[Procps], &[Server::Redis]),
+    // The `tls` feature builds `ring` (C); the TLS tests make certificates with `openssl`; the
+    // failover tests run sentinels with `redis-server --sentinel`.
+    (
+        "es-redis",
+        &[CBuild, Procps, Prereq::OpenSsl],
+        &[Server::Redis],
+    ),
     (
         "es-kafka",
         &[CBuild, Procps, KafkaPython],
@@ -313,6 +322,14 @@ fn check(prereq: Prereq) -> std::result::Result<String, Vec<Missing>> {
                 "redis-server",
                 e.to_string(),
                 Fix::Apt(vec!["redis-server"]),
+            )]),
+        },
+        Prereq::OpenSsl => match which("openssl") {
+            Some(openssl) => Ok(format!("openssl ({})", openssl.display())),
+            None => Err(vec![Missing::new(
+                "openssl",
+                "`openssl` is not on PATH (the Redis TLS tests make their certificates with it)",
+                Fix::Apt(vec!["openssl"]),
             )]),
         },
         Prereq::Tansu => check_tansu(),
@@ -1013,6 +1030,7 @@ mod tests {
 
         let redis = Needs::of_packages(&names(&["es-redis"]));
         assert_eq!(redis.servers, BTreeSet::from([Server::Redis]));
+        assert!(redis.prereqs.contains(&Prereq::OpenSsl));
 
         let kafka = Needs::of_packages(&names(&["es-kafka"]));
         assert_eq!(

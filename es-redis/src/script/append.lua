@@ -179,7 +179,11 @@ local function one(i)
   if type(r) == 'table' and r.err then
     local code = string.match(r.err, '^(%S+)')
     if code == 'WRONGTYPE' then return CORRUPT, 'events-type' end
-    if code == 'ERR' then return CORRUPT, 'events' end
+    -- An entry at or beyond the next version exists; any other refusal (out of memory, a
+    -- command the user may not run) is the server's, and reported as such.
+    if code == 'ERR' and string.find(r.err, 'equal or smaller', 1, true) then
+      return CORRUPT, 'events'
+    end
     return REFUSED, r.err
   end
   while true do

@@ -1,6 +1,8 @@
 //! Shared helpers for the es-redis integration tests.
 #![allow(dead_code, unreachable_pub)]
 
+use std::fmt::Write as _;
+
 use es_redis::RedisStore;
 
 /// A key prefix no other test (in this or a concurrent run) uses.
@@ -20,4 +22,125 @@ pub async fn store_at(url: &str, name: &str) -> RedisStore {
         .build()
         .await
         .unwrap_or_else(|e| panic!("cannot connect to Redis at {url}: {e}"))
+}
+
+/// The rules of the `ACL SETUSER` line of the production recipe (docs/12-production.md): its
+/// words after the user name, with `<password>` and `<prefix>` filled in.
+pub fn documented_acl(user: &str, password: &str, prefix: &str) -> Vec<String> {
+    const RECIPE: &str = include_str!("../../../docs/12-production.md");
+    let line = RECIPE
+        .lines()
+        .find(|line| line.starts_with("ACL SETUSER <user>"))
+        .expect("docs/12-production.md holds the `ACL SETUSER <user> ...` line");
+    assert!(line.contains("~<prefix>:*"), "{line}");
+    line.split_whitespace()
+        .skip(3)
+        .map(|word| {
+            word.replace("<user>", user)
+                .replace("<password>", password)
+                .replace("<prefix>", prefix)
+        })
+        .collect()
+}
+
+/// `base` (`redis://host:port[/db]`, no credentials) with `user:password@` in front of the host.
+pub fn url_with_user(base: &str, user: &str, password: &str) -> String {
+    let (scheme, rest) = base.split_once("://").expect("a URL with a scheme");
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{user}:{password}@{rest}")
+}
+
+/// Runs `ACL SETUSER` on the server at `admin_url` with `rules` (the words after the user name).
+pub async fn set_user(admin_url: &str, user: &str, rules: &[String]) {
+    let client = es_redis::redis::Client::open(admin_url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cmd = es_redis::redis::cmd("ACL");
+    cmd.arg("SETUSER").arg(user).arg("reset");
+    for rule in rules {
+        cmd.arg(rule);
+    }
+    let _: () = cmd.query_async(&mut conn).await.unwrap();
+}
+
+/// The words of `rules` without `remove`.
+pub fn without(rules: &[String], remove: &str) -> Vec<String> {
+    let kept: Vec<String> = rules.iter().filter(|r| *r != remove).cloned().collect();
+    assert_eq!(kept.len() + 1, rules.len(), "{remove} is not in {rules:?}");
+    kept
+}
+
+/// A tracing subscriber that keeps every event as one line (`LEVEL target: message k=v ...`).
+#[derive(Clone, Default)]
+pub struct Capture {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Capture {
+    /// The events seen so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+struct Fields(String);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}{}", self.0);
+        } else {
+            let _ = write!(self.0, " {}={value:?}", field.name());
+        }
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.0 = format!("{value}{}", self.0);
+        } else {
+            let _ = write!(self.0, " {}={value}", field.name());
+        }
+    }
+}
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        let mut fields = Fields(String::new());
+        span.record(&mut fields);
+        self.lines
+            .lock()
+            .unwrap()
+            .push(format!("SPAN {}:{}", span.metadata().name(), fields.0));
+        tracing::span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, values: &tracing::span::Record<'_>) {
+        let mut fields = Fields(String::new());
+        values.record(&mut fields);
+        self.lines
+            .lock()
+            .unwrap()
+            .push(format!("SPAN RECORD{}", fields.0));
+    }
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = Fields(String::new());
+        event.record(&mut fields);
+        let meta = event.metadata();
+        self.lines.lock().unwrap().push(format!(
+            "{} {}: {}",
+            meta.level(),
+            meta.target(),
+            fields.0
+        ));
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
 }
