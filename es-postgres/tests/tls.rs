@@ -3,119 +3,34 @@
 //! require TLS.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use es_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
 use es_postgres::{Error, PgStore};
-use es_test_support::PgServer;
+use es_test_support::{scratch_dir, PgServer, TestCerts};
 
-/// Runs `openssl` with `args` in `dir`, or panics with its output.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run openssl ({e}): this test needs it, `apt-get install openssl`")
-        });
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA (`<name>.pem`, `<name>.key`) in `dir`.
-fn make_ca(dir: &Path, name: &str) -> PathBuf {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
-    dir.join(format!("{name}.pem"))
-}
-
-/// A server certificate for `localhost` only (not `127.0.0.1`), signed by CA `ca`: returns the
-/// certificate and key PEM.
-fn make_server_cert(dir: &Path, ca: &str) -> (Vec<u8>, Vec<u8>) {
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ],
-    );
-    (
-        std::fs::read(dir.join("server.crt")).unwrap(),
-        std::fs::read(dir.join("server.key")).unwrap(),
-    )
-}
-
+/// A PostgreSQL server with `ssl=on` serving `cert`/`key`, and the test certificates.
 struct TlsServer {
     server: PgServer,
-    ca: PathBuf,
-    wrong_ca: PathBuf,
+    certs: TestCerts,
 }
 
 impl TlsServer {
+    /// A server whose certificate names `localhost` and `127.0.0.1`.
     fn start() -> Self {
-        let dir = es_test_support::scratch_dir("pg-tls");
-        let certs = dir.join("certs");
-        std::fs::create_dir_all(&certs).unwrap();
-        let ca = make_ca(&certs, "es-test-ca");
-        let wrong_ca = make_ca(&certs, "other-ca");
-        let (cert, key) = make_server_cert(&certs, "es-test-ca");
+        Self::start_with(|certs| (certs.server_cert.clone(), certs.server_key.clone()))
+    }
+
+    /// A server whose certificate names only another host.
+    fn start_for_another_host() -> Self {
+        Self::start_with(|certs| (certs.wrong_host_cert.clone(), certs.wrong_host_key.clone()))
+    }
+
+    fn start_with(pick: impl Fn(&TestCerts) -> (PathBuf, PathBuf)) -> Self {
+        let dir = scratch_dir("pg-tls");
+        let certs = TestCerts::generate(&dir.join("certs"))
+            .unwrap_or_else(|e| panic!("cannot make the test certificates: {e}"));
+        let (cert, key) = pick(&certs);
+        let (cert, key) = (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap());
         let server = PgServer::start_with_files(
             &dir.join("pg"),
             &[
@@ -126,11 +41,7 @@ impl TlsServer {
             &[("server.crt", &cert), ("server.key", &key)],
         )
         .unwrap_or_else(|e| panic!("cannot start PostgreSQL with TLS: {e}"));
-        Self {
-            server,
-            ca,
-            wrong_ca,
-        }
+        Self { server, certs }
     }
 
     fn url(&self, host: &str, mode: &str, ca: &Path) -> String {
@@ -153,9 +64,12 @@ async fn build(url: &str, require_tls: bool) -> Result<PgStore, Error> {
 #[tokio::test]
 async fn verify_full_connects_encrypted_and_appends() {
     let tls = TlsServer::start();
-    let store = build(&tls.url("localhost", "verify-full", &tls.ca), true)
-        .await
-        .unwrap_or_else(|e| panic!("verify-full with the right CA failed: {e}"));
+    let store = build(
+        &tls.url("localhost", "verify-full", &tls.certs.ca_cert),
+        true,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("verify-full with the right CA failed: {e}"));
     assert!(store.server().tls, "{:?}", store.server());
     assert!(store
         .server()
@@ -178,7 +92,7 @@ async fn verify_full_connects_encrypted_and_appends() {
 async fn a_certificate_from_another_ca_is_refused() {
     let tls = TlsServer::start();
     for mode in ["verify-full", "verify-ca"] {
-        match build(&tls.url("localhost", mode, &tls.wrong_ca), false).await {
+        match build(&tls.url("localhost", mode, &tls.certs.other_ca_cert), false).await {
             Err(Error::Connect { source, .. }) => {
                 let text = format!("{source:?}").to_lowercase();
                 assert!(
@@ -193,9 +107,14 @@ async fn a_certificate_from_another_ca_is_refused() {
 
 #[tokio::test]
 async fn a_certificate_for_another_host_name_is_refused() {
-    let tls = TlsServer::start();
-    // The certificate names `localhost`; the URL names 127.0.0.1.
-    match build(&tls.url("127.0.0.1", "verify-full", &tls.ca), false).await {
+    let tls = TlsServer::start_for_another_host();
+    // The certificate names `redis.invalid`; the URL names localhost.
+    match build(
+        &tls.url("localhost", "verify-full", &tls.certs.ca_cert),
+        false,
+    )
+    .await
+    {
         Err(Error::Connect { source, .. }) => {
             let text = format!("{source:?}").to_lowercase();
             assert!(
@@ -206,7 +125,7 @@ async fn a_certificate_for_another_host_name_is_refused() {
         other => panic!("verify-full with the wrong host name: {other:?}"),
     }
     // verify-ca checks the chain only, and connects.
-    let store = build(&tls.url("127.0.0.1", "verify-ca", &tls.ca), true)
+    let store = build(&tls.url("localhost", "verify-ca", &tls.certs.ca_cert), true)
         .await
         .unwrap();
     assert!(store.server().tls);
