@@ -65,36 +65,33 @@ impl ServerSettings {
     /// acknowledged append could be lost.
     pub(crate) fn log(&self, schema: &SchemaName) {
         let tls = self.tls_version.as_deref().unwrap_or("off");
-        if self.durable() {
-            tracing::info!(
-                schema = schema.as_str(),
-                server_version = self.version.as_str(),
-                role = self.role.as_str(),
-                tls,
-                fsync = self.fsync.as_str(),
-                synchronous_commit = self.synchronous_commit.as_str(),
-                "es-postgres store on schema `{schema}`: PostgreSQL {}, role `{}`, TLS {tls}, \
-                 fsync {}, synchronous_commit {}",
-                self.version,
-                self.role,
-                self.fsync,
-                self.synchronous_commit
-            );
+        let risk = if self.durable() {
+            ""
         } else {
-            tracing::warn!(
-                schema = schema.as_str(),
-                server_version = self.version.as_str(),
-                role = self.role.as_str(),
-                tls,
-                fsync = self.fsync.as_str(),
-                synchronous_commit = self.synchronous_commit.as_str(),
-                "es-postgres store on schema `{schema}`: PostgreSQL {}, role `{}`, TLS {tls}, \
-                 fsync {}, synchronous_commit {}: a crash can lose acknowledged appends",
-                self.version,
-                self.role,
-                self.fsync,
-                self.synchronous_commit
-            );
+            ": a crash can lose acknowledged appends"
+        };
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    schema = schema.as_str(),
+                    server_version = self.version.as_str(),
+                    role = self.role.as_str(),
+                    tls,
+                    fsync = self.fsync.as_str(),
+                    synchronous_commit = self.synchronous_commit.as_str(),
+                    "es-postgres store on schema `{schema}`: PostgreSQL {}, role `{}`, TLS {tls}, \
+                     fsync {}, synchronous_commit {}{risk}",
+                    self.version,
+                    self.role,
+                    self.fsync,
+                    self.synchronous_commit
+                )
+            };
+        }
+        if self.durable() {
+            line!(info);
+        } else {
+            line!(warn);
         }
     }
 }

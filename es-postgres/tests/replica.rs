@@ -50,6 +50,25 @@ fn event(n: u64) -> NewEvent {
     NewEvent::new("Deposited", 1, format!(r#"{{"n":{n}}}"#)).unwrap()
 }
 
+/// Appends event `n` to `stream` at version `n` (a new stream for 0), then reads the stream back
+/// through the store: every event up to `n` must be there.
+async fn append_and_read_back(store: &PgStore, stream: &StreamId, n: u64) {
+    let expected = if n == 0 {
+        ExpectedVersion::NoStream
+    } else {
+        ExpectedVersion::Exact(n)
+    };
+    store
+        .append(AppendRequest::new(stream.clone(), expected, vec![event(n)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        stream_len(store, stream).await as u64,
+        n + 1,
+        "append {n} of {stream} not read back"
+    );
+}
+
 async fn stream_len(store: &PgStore, stream: &StreamId) -> usize {
     store
         .read_stream(stream, ReadStream::forward())
@@ -175,15 +194,7 @@ async fn a_lagging_replica_sends_reads_to_the_primary() {
     let store = store(&pair, "lag", Duration::from_millis(300)).await;
     let standby = common::pool(&pair.standby.url("postgres"), 1).await;
     let stream = StreamId::new("account", "lag-1").unwrap();
-    store
-        .append(AppendRequest::new(
-            stream.clone(),
-            ExpectedVersion::NoStream,
-            vec![event(0)],
-        ))
-        .await
-        .unwrap();
-    assert_eq!(stream_len(&store, &stream).await, 1);
+    append_and_read_back(&store, &stream, 0).await;
 
     // The standby stops replaying: appends from now on are not there.
     sqlx::query("SELECT pg_wal_replay_pause()")
@@ -192,15 +203,7 @@ async fn a_lagging_replica_sends_reads_to_the_primary() {
         .unwrap();
     let before = store.replica_reads().unwrap();
     for n in 1..=5u64 {
-        store
-            .append(AppendRequest::new(
-                stream.clone(),
-                ExpectedVersion::Exact(n),
-                vec![event(n)],
-            ))
-            .await
-            .unwrap();
-        assert_eq!(stream_len(&store, &stream).await as u64, n + 1);
+        append_and_read_back(&store, &stream, n).await;
     }
     let after = store.replica_reads().unwrap();
     assert_eq!(after.primary - before.primary, 5, "{before:?} -> {after:?}");
@@ -226,28 +229,12 @@ async fn a_dead_replica_sends_reads_to_the_primary() {
     let pair = start_pair("dead");
     let store = store(&pair, "dead", Duration::from_millis(500)).await;
     let stream = StreamId::new("account", "dead-1").unwrap();
-    store
-        .append(AppendRequest::new(
-            stream.clone(),
-            ExpectedVersion::NoStream,
-            vec![event(0)],
-        ))
-        .await
-        .unwrap();
-    assert_eq!(stream_len(&store, &stream).await, 1);
+    append_and_read_back(&store, &stream, 0).await;
     pair.standby.kill9().unwrap();
     let before = store.replica_reads().unwrap();
     for n in 1..=3u64 {
-        store
-            .append(AppendRequest::new(
-                stream.clone(),
-                ExpectedVersion::Exact(n),
-                vec![event(n)],
-            ))
-            .await
-            .unwrap();
         let started = std::time::Instant::now();
-        assert_eq!(stream_len(&store, &stream).await as u64, n + 1);
+        append_and_read_back(&store, &stream, n).await;
         assert!(
             started.elapsed() < Duration::from_secs(3),
             "{:?}",
