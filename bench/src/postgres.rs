@@ -71,6 +71,7 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
             appends(report, &store, &raw, 16, 100, Some(0.8)).await?;
             appends(report, &store, &raw, 1, 1, None).await?;
             appends(report, &store, &raw, 4, 100, None).await?;
+            tls_appends(report).await?;
         }
         if args.wants("postgres", "command") {
             let targets = Targets {
@@ -253,6 +254,82 @@ async fn appends(
             samples.describe()
         ),
     ));
+    Ok(())
+}
+
+/// What TLS costs appends: 16 tasks of 1-event appends over `sslmode=verify-full` against the
+/// same appends in plaintext, to two schemas of one server of the benchmark's own with `ssl=on`
+/// (certificates from a CA made for the run), rounds alternating.
+async fn tls_appends(report: &mut Report) -> anyhow::Result<()> {
+    let dir = es_test_support::scratch_dir("bench-pg-tls");
+    let certs = es_test_support::TestCerts::generate(&dir.join("certs"))
+        .map_err(|e| anyhow::anyhow!("cannot make TLS certificates: {e}"))?;
+    let (cert, key) = (
+        std::fs::read(&certs.server_cert)?,
+        std::fs::read(&certs.server_key)?,
+    );
+    let server = es_test_support::PgServer::start_with_files(
+        &dir.join("pg"),
+        &[
+            ("ssl", "on"),
+            ("ssl_cert_file", "server.crt"),
+            ("ssl_key_file", "server.key"),
+        ],
+        &[("server.crt", &cert), ("server.key", &key)],
+    )
+    .map_err(|e| anyhow::anyhow!("cannot start PostgreSQL with TLS: {e}"))?;
+    let port = server.port();
+    let store = |mode: String, schema: &'static str| async move {
+        let url = format!("postgres://postgres@localhost:{port}/postgres?sslmode={mode}");
+        let pool = PgPoolOptions::new()
+            .max_connections(40)
+            .test_before_acquire(false)
+            .connect(&url)
+            .await
+            .with_context(|| format!("cannot connect to {url}"))?;
+        anyhow::Ok(PgStore::builder(pool).schema(schema).build().await?)
+    };
+    let tls = store(
+        format!("verify-full&sslrootcert={}", certs.ca_cert.display()),
+        "bench_tls",
+    )
+    .await?;
+    let plain = store("disable".to_owned(), "bench_plain").await?;
+    anyhow::ensure!(
+        tls.server().tls && !plain.server().tls,
+        "TLS on one store only"
+    );
+    let mut samples = Samples::default();
+    round_ours(&plain, 16, 1).await?;
+    round_ours(&tls, 16, 1).await?;
+    for i in 0..rounds() {
+        let (ours, raw) = if i % 2 == 0 {
+            let raw = round_ours(&plain, 16, 1).await?;
+            (round_ours(&tls, 16, 1).await?, raw)
+        } else {
+            let ours = round_ours(&tls, 16, 1).await?;
+            (ours, round_ours(&plain, 16, 1).await?)
+        };
+        samples.push(ours, raw);
+    }
+    let version = tls.server().tls_version.clone().unwrap_or_default();
+    report.push(ReportRow::paired(
+        GROUP,
+        "append 1-event batches, 16 task(s), over TLS (verify-full) vs the same appends in \
+         plaintext",
+        &samples,
+        "events/s",
+        None,
+        format!(
+            "{version}, one server with ssl=on, two schemas; raw column = the store in plaintext \
+             (sslmode=disable); {:.1}s rounds, {}",
+            round().as_secs_f64(),
+            samples.describe()
+        ),
+    ));
+    drop((tls, plain));
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 

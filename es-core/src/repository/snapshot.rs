@@ -17,8 +17,8 @@ use crate::stream_id::StreamId;
 ///
 /// It bounds what a load replays (a command loads after a restart, after its aggregate left the
 /// repository's memory, or after a conflict) to 100 events on top of a snapshot: about 0.2 ms at
-/// the 485,000 events/s a PostgreSQL rehydrate reaches in the README's benchmark table, against
-/// 21 ms for a 10,000-event history. It costs one snapshot write per 100 events appended.
+/// the 512,000 events/s a PostgreSQL rehydrate reaches in the README's benchmark table, against
+/// 20 ms for a 10,000-event history. It costs one snapshot write per 100 events appended.
 pub const DEFAULT_SNAPSHOT_INTERVAL: u64 = 100;
 
 /// When to snapshot an aggregate after a command.
