@@ -42,14 +42,8 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
     let url = std::env::var("DATABASE_URL").context(
         "DATABASE_URL is not set: run `cargo xtask bench`, or start PostgreSQL and export it",
     )?;
-    // One pool for the framework and the raw baseline alike. No ping before each checkout: it
-    // would add a round trip to every raw statement and every read page.
-    let pool = PgPoolOptions::new()
-        .max_connections(40)
-        .test_before_acquire(false)
-        .connect(&url)
-        .await
-        .with_context(|| format!("cannot connect to {url}"))?;
+    // One pool for the framework and the raw baseline alike.
+    let pool = bench_pool(&url).await?;
     let tag = format!(
         "{}_{}",
         std::process::id(),
@@ -257,6 +251,17 @@ async fn appends(
     Ok(())
 }
 
+/// The benchmark's pool on `url`: 40 connections, no ping before each checkout (it would add a
+/// round trip to every raw statement and every read page).
+async fn bench_pool(url: &str) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(40)
+        .test_before_acquire(false)
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot connect to {url}"))
+}
+
 /// What TLS costs appends: 16 tasks of 1-event appends over `sslmode=verify-full` against the
 /// same appends in plaintext, to two schemas of one server of the benchmark's own with `ssl=on`
 /// (certificates from a CA made for the run), rounds alternating.
@@ -264,29 +269,16 @@ async fn tls_appends(report: &mut Report) -> anyhow::Result<()> {
     let dir = es_test_support::scratch_dir("bench-pg-tls");
     let certs = es_test_support::TestCerts::generate(&dir.join("certs"))
         .map_err(|e| anyhow::anyhow!("cannot make TLS certificates: {e}"))?;
-    let (cert, key) = (
-        std::fs::read(&certs.server_cert)?,
-        std::fs::read(&certs.server_key)?,
-    );
-    let server = es_test_support::PgServer::start_with_files(
+    let server = es_test_support::PgServer::start_tls(
         &dir.join("pg"),
-        &[
-            ("ssl", "on"),
-            ("ssl_cert_file", "server.crt"),
-            ("ssl_key_file", "server.key"),
-        ],
-        &[("server.crt", &cert), ("server.key", &key)],
+        &certs.server_cert,
+        &certs.server_key,
     )
     .map_err(|e| anyhow::anyhow!("cannot start PostgreSQL with TLS: {e}"))?;
     let port = server.port();
     let store = |mode: String, schema: &'static str| async move {
         let url = format!("postgres://postgres@localhost:{port}/postgres?sslmode={mode}");
-        let pool = PgPoolOptions::new()
-            .max_connections(40)
-            .test_before_acquire(false)
-            .connect(&url)
-            .await
-            .with_context(|| format!("cannot connect to {url}"))?;
+        let pool = bench_pool(&url).await?;
         anyhow::Ok(PgStore::builder(pool).schema(schema).build().await?)
     };
     let tls = store(

@@ -1,5 +1,6 @@
 //! Building a store from a URL alone (schema and pool settings without a `sqlx` dependency), and
-//! connection URLs that never show their password: not in `Debug` output, not in errors.
+//! connection URLs that never show their password: not in `Debug` output, not in errors; and what
+//! the store reports of the server it runs on.
 
 mod common;
 
@@ -165,4 +166,36 @@ async fn connection_errors_do_not_show_the_password() {
             assert!(!shown.contains("s3cret"), "the password is shown: {shown}");
         }
     }
+}
+
+#[tokio::test]
+async fn the_store_reports_what_the_server_runs_under() {
+    let url = es_test_support::database_url();
+    let store = common::store_on(&url, &common::unique_schema("srv")).await;
+    let server = store.server();
+    assert!(server.version.starts_with("15"), "{server:?}");
+    assert_eq!(server.role, "postgres");
+    assert!(!server.tls && server.tls_version.is_none(), "{server:?}");
+    assert_eq!(
+        (server.fsync.as_str(), server.synchronous_commit.as_str()),
+        ("on", "on")
+    );
+    assert!(server.durable());
+
+    // Sessions that acknowledge commits before they are flushed: reported, and not durable.
+    let options = PgStore::connect_options(&url)
+        .unwrap()
+        .options([("synchronous_commit", "off")]);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let store = PgStore::builder(pool)
+        .schema(common::unique_schema("srv"))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(store.server().synchronous_commit, "off");
+    assert!(!store.server().durable(), "{:?}", store.server());
 }

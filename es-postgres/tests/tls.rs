@@ -30,17 +30,8 @@ impl TlsServer {
         let certs = TestCerts::generate(&dir.join("certs"))
             .unwrap_or_else(|e| panic!("cannot make the test certificates: {e}"));
         let (cert, key) = pick(&certs);
-        let (cert, key) = (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap());
-        let server = PgServer::start_with_files(
-            &dir.join("pg"),
-            &[
-                ("ssl", "on"),
-                ("ssl_cert_file", "server.crt"),
-                ("ssl_key_file", "server.key"),
-            ],
-            &[("server.crt", &cert), ("server.key", &key)],
-        )
-        .unwrap_or_else(|e| panic!("cannot start PostgreSQL with TLS: {e}"));
+        let server = PgServer::start_tls(&dir.join("pg"), &cert, &key)
+            .unwrap_or_else(|e| panic!("cannot start PostgreSQL with TLS: {e}"));
         Self { server, certs }
     }
 

@@ -243,6 +243,21 @@ impl PgServer {
         Self::start_with_files(dir, settings, &[])
     }
 
+    /// [`PgServer::start`] with TLS on (`ssl=on`), serving the certificate `cert` (PEM, with its
+    /// chain) and its key `key`, for example from [`TestCerts`](crate::TestCerts).
+    pub fn start_tls(dir: &Path, cert: &Path, key: &Path) -> Result<Self> {
+        let (cert, key) = (fs::read(cert)?, fs::read(key)?);
+        Self::start_with_files(
+            dir,
+            &[
+                ("ssl", "on"),
+                ("ssl_cert_file", "server.crt"),
+                ("ssl_key_file", "server.key"),
+            ],
+            &[("server.crt", &cert), ("server.key", &key)],
+        )
+    }
+
     /// [`PgServer::start`], with `files` (name, contents) written into the data directory before
     /// the server starts: owned by the server's user, readable by it alone (mode 0600), as
     /// PostgreSQL wants a TLS key to be. Settings name them relative to the data directory
