@@ -17,6 +17,7 @@ use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -324,15 +325,15 @@ pub(crate) fn relay(args: &[String]) -> Result<()> {
         rng: Arc::new(Mutex::new(fastrand::Rng::with_seed(mix(
             seed ^ mix(u64::from(id) << 32 | u64::from(incarnation))
         )))),
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        broken: Arc::new(AtomicBool::new(false)),
     };
     let config = RelayConfig {
         owner,
         lease_ttl: Duration::from_secs(2),
         publish_timeout: Duration::from_secs(1),
         batch_size: 64,
-        // The default: the `outbox_order` rule checks first copies, which only one batch in
-        // flight keeps in order after a failure (see `RelayConfig::max_in_flight`).
-        max_in_flight: 1,
+        max_in_flight: RelayConfig::default().max_in_flight,
         idle_poll: Duration::from_millis(200),
         backoff: es_core::Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
     };
@@ -368,11 +369,17 @@ where
 
 /// Publishes by appending to the relay's log. As a broker might, it fails about 3% of the
 /// batches before sending anything, and about 2% after the first half (the rest fail); it never
-/// rejects a record for good, so every record must end up published.
+/// rejects a record for good, so every record must end up published. It answers after 0 to 20
+/// ms, so the relay has several batches in flight. It is gapless, as `es-kafka` is: after a
+/// failure it writes nothing (every record fails) until a call starts with none in flight.
 struct FilePublisher {
     log: Arc<LogFile>,
     owner: String,
     rng: Arc<Mutex<fastrand::Rng>>,
+    /// Publish calls in progress.
+    in_flight: Arc<AtomicUsize>,
+    /// A batch failed: nothing more is written until a call starts with none in flight.
+    broken: Arc<AtomicBool>,
 }
 
 /// The broker failure [`FilePublisher`] injects.
@@ -380,20 +387,43 @@ struct FilePublisher {
 #[error("injected broker failure")]
 struct InjectedFailure;
 
+/// Counts a publish call in progress until dropped (returned, or cut off by the relay).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Publisher for FilePublisher {
     type Error = InjectedFailure;
 
+    fn gapless(&self) -> bool {
+        true
+    }
+
     async fn publish(&self, records: &[OutboxRecord]) -> Vec<PublishOutcome<InjectedFailure>> {
-        let roll = self
-            .rng
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .u8(0..100);
+        let _call = InFlight(&self.in_flight);
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.broken.store(false, Ordering::SeqCst);
+        }
+        let (roll, answer_after) = {
+            let mut rng = self
+                .rng
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            (rng.u8(0..100), rng.u64(0..=20))
+        };
         let sent = match roll {
+            _ if self.broken.load(Ordering::SeqCst) => 0,
             0..=2 => 0,
             3..=4 => records.len() / 2,
             _ => records.len(),
         };
+        if sent < records.len() {
+            self.broken.store(true, Ordering::SeqCst);
+        }
         let mut text = String::new();
         for r in &records[..sent] {
             let _ = writeln!(
@@ -409,6 +439,7 @@ impl Publisher for FilePublisher {
         if !text.is_empty() {
             self.log.write_text(&text);
         }
+        tokio::time::sleep(Duration::from_millis(answer_after)).await;
         let mut outcomes = vec![PublishOutcome::Acknowledged; sent];
         outcomes.resize(records.len(), PublishOutcome::Failed(InjectedFailure));
         outcomes

@@ -78,21 +78,22 @@
 //! `relay_parks_poison_records_and_keeps_going`.
 //!
 //! **Partial failures.** When a record of a batch fails transiently, the records acknowledged
-//! after it are sent again with it (duplicates, never gaps); if the broker wrote a later record
-//! of the same key before failing the earlier one, that later record's first copy precedes the
-//! earlier one's (the publisher's documentation says when a broker does that). Tested by
-//! `relay_publishes_everything_in_order`.
+//! after it are sent again with it (duplicates, never gaps). A publisher that wrote a later
+//! record of the same key although the earlier one failed would put that later record's first
+//! copy before the earlier one's; a [gapless](Publisher::gapless) publisher never does. Tested
+//! by `relay_publishes_everything_in_order`.
 //!
 //! # Pipelining: batches in flight
 //!
-//! [`Relay::drain`] (and so [`Relay::run`]) keeps up to [`RelayConfig::max_in_flight`] batches
-//! in flight (default 1: the pipeline is opt-in, because of the first-copy order case below): it reads the next batch ([`OutboxStore::pending_outbox_after`] the last position
-//! read) and hands it to the publisher while earlier batches wait for their acknowledgements, and
-//! writes each batch's marks and dead letters as it settles (one store write at a time, in
-//! batch order), while later batches are still in flight. [`Relay::step`] is the same with one
-//! batch. A waiting relay would otherwise pay a broker round trip per batch: with the raw
-//! producer against the test broker, waves of 500 records, each awaited, ran at 0.6x of the same
-//! records all in flight (README, `kafka` rows).
+//! With a [gapless](Publisher::gapless) publisher, [`Relay::drain`] (and so [`Relay::run`])
+//! keeps up to [`RelayConfig::max_in_flight`] batches in flight (default 4): it reads the next
+//! batch ([`OutboxStore::pending_outbox_after`] the last position read) and hands it to the
+//! publisher while earlier batches wait for their acknowledgements, and writes each batch's
+//! marks and dead letters as it settles (one store write at a time, in batch order), while
+//! later batches are still in flight. With a publisher that is not gapless it keeps one.
+//! [`Relay::step`] is the same with one batch. A relay that waits for each batch pays a broker
+//! round trip per batch: with the raw producer against the test broker, waves of 500 records,
+//! each awaited, ran at 0.6–0.8x of the same records all in flight (README, `kafka` rows).
 //!
 //! - **Marks never skip an unacknowledged record.** Outcomes are taken in outbox order (batch
 //!   after batch); acknowledged records are marked only while no record before them failed in
@@ -100,18 +101,14 @@
 //!   in flight settle (rejections in them are still dead-lettered, acknowledgements are not
 //!   marked) and ends; the next pass reads again from the oldest pending record, so the failed
 //!   record and everything after it are sent again, in order.
-//! - **The publisher keeps per-key order across overlapping calls**: calls are made in outbox
-//!   order, and a [`Publisher`] must not write a record of a later call before an acknowledged
-//!   record of the same key from an earlier one (`es-kafka` shares one producer between the
-//!   batches in flight and replaces it only when none is in flight).
-//! - **What a consumer sees after a failure.** If record `k#1` fails (a time-out) while `k#2`, a
-//!   later record of the same key in a batch already handed over, is written, the broker holds
-//!   `k#2` before `k#1`; the retry then writes `k#1, k#2` again. Per key, every record's *last*
-//!   copy is in outbox order and the log ends with the key's records from the failed one on, in
-//!   order; the *first* copies are not in order in that case. A single batch had the same case
-//!   (the idempotent producer's gap between two delivery deadlines); with batches in flight the
-//!   gap between the deadlines of records of one key grows to the time between their batches'
-//!   hand-over. Without a failure, first copies are in outbox order.
+//! - **First copies stay in order.** Calls are made in outbox order, and a gapless publisher
+//!   writes, per key, a prefix of what it was handed: once a record fails, no later record of
+//!   its key that was already handed over (in a later batch in flight) is written. So the
+//!   retry's copy of the failed record is the first one written, and per key every record's
+//!   first copy is in outbox order, failures or not. Why a gapless publisher is needed: with
+//!   one that writes what it is handed regardless (the in-process test broker in its default
+//!   mode), `k#2` in a later batch would be written although `k#1` failed, and the retry would
+//!   write `k#1` after it.
 //! - **Within the lease.** A pass takes or renews the lease once, at its start, and starts a
 //!   batch only while [`RelayConfig::publish_timeout`] still fits before the lease's end (each
 //!   batch is cut off after it); once it does not, the pass stops starting batches, lets those
@@ -128,11 +125,14 @@
 //!
 //! Tested by the streaming conformance cases `pipelined_relay_keeps_batches_in_flight_in_order`,
 //! `pipelined_relay_resends_after_a_failure_mid_window` (a record fails while a later batch with
-//! later records of its key is in flight and written),
+//! later records of its key is in flight: first copies stay in order),
+//! `relay_waits_for_each_batch_of_a_publisher_that_is_not_gapless`,
 //! `relay_killed_mid_window_is_resumed_by_another` and
 //! `relay_fenced_with_batches_in_flight_marks_nothing_more`, each checking at-least-once and
-//! per-key order from the in-process broker's log of what it wrote; and against Kafka by the
-//! `es-kafka` relay tests, which run with four batches in flight.
+//! per-key order from the in-process broker's log of what it wrote; against Kafka by the
+//! `es-kafka` relay tests (four batches in flight, a broker killed and restarted), and by the
+//! chaos checker's `outbox_order` rule (relays killed, stalled and failing at random, with the
+//! default window).
 //!
 //! **Limits.** A pass reads past a position once: a record that becomes visible below it later
 //! (a dead letter re-queued in PostgreSQL while a pass runs, whose new position is drawn outside
@@ -222,15 +222,28 @@ pub trait Publisher: Send + Sync + 'static {
     /// [module docs](self#one-relay-at-a-time-the-lease-and-its-generation)); a publisher should
     /// then stop sending what it has not sent yet.
     ///
-    /// The relay calls `publish` again before earlier calls returned (up to
-    /// [`RelayConfig::max_in_flight`] calls, made in outbox order; see
-    /// [Pipelining](self#pipelining-batches-in-flight)). A publisher must keep per-key order
-    /// across them: it never writes a record of a later call before an acknowledged record of the
-    /// same key from an earlier call.
+    /// If the publisher is [`gapless`](Self::gapless), the relay calls `publish` again before
+    /// earlier calls returned (up to [`RelayConfig::max_in_flight`] calls, made in outbox order;
+    /// see [Pipelining](self#pipelining-batches-in-flight)); otherwise it waits for each call.
     fn publish(
         &self,
         records: &[OutboxRecord],
     ) -> impl Future<Output = Vec<PublishOutcome<Self::Error>>> + Send;
+
+    /// Whether the publisher writes, per key, only a prefix of what it was handed: it keeps each
+    /// key's records in hand-over order across calls, and once a record fails
+    /// ([`PublishOutcome::Failed`], or a call cut off), it writes no record of that key handed
+    /// over after it, in the same call or in calls made before every call in flight at the
+    /// failure returned. A rejected record ([`PublishOutcome::Rejected`]) is a dead letter, not
+    /// a failure: the records after it may be written.
+    ///
+    /// Only a gapless publisher gets several calls in flight ([`RelayConfig::max_in_flight`]):
+    /// with one that is not, a later record of a key already handed over could be written
+    /// before the first copy of an earlier one that failed. The default is `false`: one call
+    /// at a time. `es-kafka` is gapless (see its delivery semantics).
+    fn gapless(&self) -> bool {
+        false
+    }
 }
 
 /// Why a publish call failed as a whole: every record of its batch is sent again.
@@ -295,14 +308,13 @@ pub struct RelayConfig {
     pub publish_timeout: Duration,
     /// Records published per batch.
     pub batch_size: u64,
-    /// Batches a relay keeps in flight at once in [`Relay::drain`] (and [`Relay::run`]): while
-    /// the oldest waits for its acknowledgements, the next ones are read, checked and handed to
-    /// the publisher. `1` (the default) waits for each batch before reading the next, and keeps
-    /// every key's *first* copies in outbox order even after a failure; more is faster on a
-    /// broker with a round trip per batch, but after a transient failure a later record of a key
-    /// already handed over can be written before the failed one's first copy (see the module
-    /// docs, "Pipelining"; the chaos checker's `outbox_order` rule finds such cases within a
-    /// 35-second run with faults). Must not be 0.
+    /// Batches a relay keeps in flight at once in [`Relay::drain`] (and [`Relay::run`]) when its
+    /// publisher is [`gapless`](Publisher::gapless): while the oldest waits for its
+    /// acknowledgements, the next ones are read, checked and handed to the publisher. A relay
+    /// whose publisher is not gapless keeps one. Default 4: on the benchmark's broker that
+    /// reaches the raw producer's rate, where one batch at a time pays a round trip per batch
+    /// (README, `kafka` rows). Memory held: up to `max_in_flight * batch_size` records. Must not
+    /// be 0.
     pub max_in_flight: usize,
     /// How long to wait for new records when the outbox is empty (it also wakes on appends).
     pub idle_poll: Duration,
@@ -317,7 +329,7 @@ impl Default for RelayConfig {
             lease_ttl: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(6),
             batch_size: 500,
-            max_in_flight: 1,
+            max_in_flight: 4,
             idle_poll: Duration::from_millis(500),
             backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
         }
@@ -569,7 +581,11 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
             return Ok(RelayStep::Standby);
         };
         let generation = lease.generation;
-        let window = self.config.max_in_flight.max(1);
+        let window = if self.publisher.gapless() {
+            self.config.max_in_flight.max(1)
+        } else {
+            1
+        };
         let limit = self.config.batch_size;
         let mut pass = Pass::default();
         let mut reading: Option<BoxFuture<'_, Result<Vec<OutboxRecord>, StoreError>>> = None;
@@ -658,6 +674,11 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
             if let Some(first) = batch.first() {
                 self.forget_settled(first.position);
             }
+        }
+        if pass.halt.is_some() {
+            // Read before the pass halted (a failure settled meanwhile): not handed over, so
+            // nothing is sent after a failed record; the next pass reads it again.
+            return None;
         }
         pass.caught_up = (batch.len() as u64) < self.config.batch_size;
         pass.after = Some(batch.last()?.position);

@@ -113,8 +113,10 @@ impl KafkaConfig {
     }
 
     /// How long a batch may wait for the broker's acknowledgements before
-    /// [`publish`](es_core::Publisher::publish) fails and the relay sends it again
-    /// (`message.timeout.ms`). Default 5 s.
+    /// [`publish`](es_core::Publisher::publish) fails and the relay sends it again (and
+    /// librdkafka's `request.timeout.ms`). Default 5 s. The publisher keeps it itself, by
+    /// closing the producer (see [`KafkaPublisher`](crate::KafkaPublisher), "Gapless");
+    /// librdkafka's own `message.timeout.ms` is infinite.
     ///
     /// Keep it below [`RelayConfig::publish_timeout`](es_core::RelayConfig::publish_timeout):
     /// the relay cuts a publish call off after that (to stay within its lease), and a batch the
@@ -182,9 +184,13 @@ impl KafkaConfig {
             ("message.send.max.retries", "2147483647"),
             ("retry.backoff.ms", "100"),
             ("retry.backoff.max.ms", "1000"),
-            // The delivery deadline of a batch; requests never outlive it.
-            ("message.timeout.ms", timeout_ms.as_str()),
+            // No local time-out: a message timed out while a later one of its partition goes
+            // on would leave a gap. The publisher keeps each batch's deadline itself, by
+            // closing (purging) the whole producer.
+            ("message.timeout.ms", "0"),
             ("request.timeout.ms", timeout_ms.as_str()),
+            // Any other error that would leave a gap stops the producer instead.
+            ("enable.gapless.guarantee", "true"),
             // Same key, same partition as the Java client (and kafka-python).
             ("partitioner", "murmur2_random"),
             // A relay batch is queued at once and then waited for: lingering would only add
@@ -250,7 +256,9 @@ mod tests {
         let settings = config.producer_settings();
         assert_eq!(get(&settings, "linger.ms"), Some("30"));
         assert_eq!(settings.iter().filter(|(k, _)| k == "linger.ms").count(), 1);
-        assert_eq!(get(&settings, "message.timeout.ms"), Some("1500"));
+        assert_eq!(get(&settings, "request.timeout.ms"), Some("1500"));
+        assert_eq!(get(&settings, "message.timeout.ms"), Some("0"));
+        assert_eq!(get(&settings, "enable.gapless.guarantee"), Some("true"));
         assert_eq!(get(&settings, "bootstrap.servers"), Some("b:1"));
         assert_eq!(get(&settings, "client.id"), Some("x"));
         assert_eq!(get(&settings, "acks"), Some("all"));

@@ -1,7 +1,6 @@
 //! [`KafkaPublisher`]: the outbox relay's way to Kafka.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use es_core::outbox::PublishOutcome;
@@ -32,22 +31,95 @@ const RECORD_OVERHEAD: usize = 5 + 1 + 10 + 5 + 5 + 5 + 5;
 /// [`classify`]). See the [crate docs](crate#delivery-semantics) for what that guarantees.
 ///
 /// One publisher holds one producer (a background thread and a connection per broker); give
-/// each relay its own and share it rather than creating one per batch. After a batch failed, or
-/// was cut off by the relay, the next one goes through a fresh producer (a new producer id),
-/// whatever state the old one was left in.
+/// each relay its own and share it rather than creating one per batch.
 ///
-/// Batches may overlap (the relay keeps several in flight): they share the producer, which
-/// keeps each partition's records in the order they were handed over, across batches. A
-/// producer is replaced only once no batch is in flight on it: a batch started after a failure
-/// waits for the batches still in flight to settle, so two producers never write one partition
-/// at once (two producers' records could interleave in any order).
+/// **Gapless.** The producer never times a message out on its own (`message.timeout.ms=0`); a
+/// batch's deadline ([`KafkaConfig::delivery_timeout`]) is kept by the publisher. The first
+/// failure of a batch (a record not acknowledged by its deadline, a delivery error, a record
+/// the producer refuses for now, a call the relay cut off) *closes* the producer: its queue and
+/// requests in flight are purged, and it takes no more records, so every record handed over
+/// after the failed one, in this batch and in the batches in flight, fails too. Per partition,
+/// what the idempotent producer wrote is then a prefix of what it was handed
+/// ([`Publisher::gapless`]): a key's later record is never written while an earlier one
+/// failed. A closed producer is replaced before the next batch, once no batch is in flight on
+/// it (a batch started meanwhile waits), so two producers never write one partition at once.
+/// A record the producer refuses for good when it is handed over (too large, ...) does not
+/// close it: the relay dead-letters it and the records after it go on.
 pub struct KafkaPublisher {
     config: KafkaConfig,
-    producer: Mutex<FutureProducer>,
-    /// Held shared by every batch in flight, exclusively to replace the producer.
+    line: Mutex<Arc<Line>>,
+    /// Held shared by every batch in flight, exclusively to replace a closed producer.
     batches: tokio::sync::RwLock<()>,
-    /// A batch failed or was cut off: replace the producer before the next batch.
-    stale: AtomicBool,
+}
+
+/// A producer and whether it was closed after a failure.
+struct Line {
+    producer: FutureProducer,
+    /// Set once, under the write lock, with the purge; every hand-over reads it first.
+    closed: RwLock<bool>,
+}
+
+impl Line {
+    fn new(config: &KafkaConfig) -> Result<Self, Error> {
+        Ok(Self {
+            producer: create_producer(config)?,
+            closed: RwLock::new(false),
+        })
+    }
+
+    fn is_closed(&self) -> bool {
+        *self.closed.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Purges the queue and the requests in flight, and takes no more records: nothing handed
+    /// over from now on is written. A produce request already on the wire may still be written
+    /// by the broker; it holds records handed over before everything purged.
+    fn close(&self, why: &str) {
+        let mut closed = self.closed.write().unwrap_or_else(PoisonError::into_inner);
+        if !*closed {
+            *closed = true;
+            tracing::warn!(
+                why,
+                "closing the Kafka producer: purging its queue and requests"
+            );
+            self.producer
+                .purge(PurgeConfig::default().queue().inflight());
+        }
+    }
+
+    /// Hands `record` to the producer, waiting while its queue is full; refused with
+    /// `_PURGE_QUEUE` once the line is closed.
+    async fn enqueue(
+        &self,
+        record: &OutboxRecord,
+        deadline: Instant,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        let message = &record.message;
+        let mut future_record = FutureRecord::to(&message.topic)
+            .key(message.key.as_bytes())
+            .payload(&message.payload[..])
+            .headers(headers::encode(record))
+            .timestamp(record.recorded_at.timestamp_millis());
+        loop {
+            let sent = {
+                let closed = self.closed.read().unwrap_or_else(PoisonError::into_inner);
+                if *closed {
+                    return Err(KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue));
+                }
+                self.producer.send_result(future_record)
+            };
+            match sent {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if Instant::now() < deadline =>
+                {
+                    future_record = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((error, _)) => return Err(error),
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for KafkaPublisher {
@@ -114,13 +186,16 @@ impl KafkaPublisher {
     /// A publisher with `config`'s producer settings. Connecting happens in the background: a
     /// broker that is down now only delays the first batch.
     pub fn new(config: KafkaConfig) -> Result<Self, Error> {
-        let producer = create_producer(&config)?;
+        let line = Line::new(&config)?;
         Ok(Self {
             config,
-            producer: Mutex::new(producer),
+            line: Mutex::new(Arc::new(line)),
             batches: tokio::sync::RwLock::new(()),
-            stale: AtomicBool::new(false),
         })
+    }
+
+    fn line(&self) -> Arc<Line> {
+        Arc::clone(&self.line.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// The settings it was created with.
@@ -173,128 +248,138 @@ impl KafkaPublisher {
     /// Sends `records` in order and settles each: `Ok` once acknowledged, else the error.
     ///
     /// A record the producer refuses for good when it is handed over (too large, ...) is skipped
-    /// and the next ones are sent; a record it refuses for now (its queue stays full until the
-    /// delivery timeout) stops the batch there: the records after it are not sent (they fail
-    /// with the same error), so nothing overtakes it. Returns only after every record sent is
-    /// settled, so no attempt of the batch is still in flight when it is sent again. If the
-    /// returned future is dropped first (the relay's lease ran out), the producer's queue and
-    /// requests in flight are purged at once (failing the other batches in flight on it) and the
-    /// producer replaced: what it had not yet written to a socket is never sent; a produce
-    /// request already on the wire may still be written by the broker.
+    /// and the next ones are sent. Any other failure closes the producer (see
+    /// [`KafkaPublisher`]), so the records after it fail too. Returns only after every record
+    /// sent is settled. If the returned future is dropped first (the relay's lease ran out),
+    /// the producer is closed at once (failing the other batches in flight on it).
     async fn deliver(&self, records: &[OutboxRecord]) -> Vec<Result<(), Failure>> {
-        let _in_flight = self.start_batch().await;
-        let producer = self
-            .producer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let mut cancel = CancelGuard {
-            publisher: self,
-            producer: Some(producer.clone()),
+        let Some(_in_flight) = self.start_batch() else {
+            return records
+                .iter()
+                .map(|_| {
+                    Err(Failure::local(KafkaError::MessageProduction(
+                        RDKafkaErrorCode::PurgeQueue,
+                    )))
+                })
+                .collect();
         };
+        let line = self.line();
+        let mut cancel = CancelGuard(Some(Arc::clone(&line)));
         let deadline = Instant::now() + self.config.delivery_timeout();
         let mut pending: Vec<Result<DeliveryFuture, Failure>> = Vec::with_capacity(records.len());
-        let mut stopped: Option<KafkaError> = None;
         for record in records {
-            if let Some(error) = &stopped {
-                pending.push(Err(Failure::local(clone_error(error))));
-                continue;
-            }
-            match enqueue(&producer, record, deadline).await {
-                Ok(delivery) => pending.push(Ok(delivery)),
+            pending.push(match line.enqueue(record, deadline).await {
+                Ok(delivery) => Ok(delivery),
                 Err(error) => {
                     if classify(&error) == Permanence::Transient {
-                        stopped = Some(clone_error(&error));
+                        line.close("a record could not be handed over");
                     }
-                    pending.push(Err(Failure::local(error)));
+                    Err(Failure::local(error))
                 }
-            }
+            });
         }
         // Awaited in order, one after the other: each resolves when the producer's thread
         // settles its record, so this ends with the last one, without a task per record.
         let mut outcomes: Vec<Result<(), Failure>> = Vec::with_capacity(pending.len());
         for delivery in pending {
-            outcomes.push(match delivery {
-                Err(failure) => Err(failure),
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((error, _))) => Err(Failure {
+            let mut delivery = match delivery {
+                Err(failure) => {
+                    outcomes.push(Err(failure));
+                    continue;
+                }
+                Ok(delivery) => delivery,
+            };
+            let mut settled = tokio::time::timeout_at(deadline.into(), &mut delivery)
+                .await
+                .ok();
+            if settled.is_none() {
+                line.close("the batch was not acknowledged by its deadline");
+                // Purged: the producer's thread settles it with `_PURGE_*` at once; should it
+                // not, it counts as timed out.
+                let grace = self.config.delivery_timeout();
+                settled = tokio::time::timeout(grace, delivery).await.ok();
+            }
+            outcomes.push(match settled {
+                Some(Ok(Ok(_))) => Ok(()),
+                Some(Ok(Err((error, _)))) => {
+                    line.close("a record was not acknowledged");
+                    Err(Failure {
                         error,
                         local: false,
-                    }),
-                    Err(_) => Err(Failure {
+                    })
+                }
+                Some(Err(_)) => {
+                    line.close("a delivery report was lost");
+                    Err(Failure {
                         error: KafkaError::Canceled,
                         local: false,
-                    }),
-                },
+                    })
+                }
+                None => Err(Failure {
+                    error: KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+                    local: false,
+                }),
             });
         }
         // Settled: nothing is left to cancel.
-        cancel.producer = None;
-        // A broker error, or a producer refusing for now, may have left the producer's
-        // idempotence state behind; a record refused for good when handed over has not.
-        let broken = outcomes.iter().any(|o| {
-            o.as_ref()
-                .is_err_and(|f| !f.local || classify(&f.error) == Permanence::Transient)
-        });
-        if broken {
-            self.stale.store(true, Ordering::SeqCst);
-        }
+        cancel.0 = None;
         outcomes
     }
 
-    /// Waits until a batch may start: at once, unless the producer is to be replaced; then
-    /// once the batches in flight on it settled, after replacing it. Held while the batch is in
-    /// flight.
-    async fn start_batch(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
-        if self.stale.load(Ordering::SeqCst) {
-            let exclusive = self.batches.write().await;
-            if self.stale.swap(false, Ordering::SeqCst) {
-                self.renew();
+    /// Lets a batch start, holding a share of `batches` while it is in flight: at once on an
+    /// open producer; on a closed one, after replacing it if no batch is in flight, else not at
+    /// all (`None`: a batch handed over after a failure, while batches that were in flight at
+    /// the failure have not all returned, fails as a whole, so nothing after the failed record
+    /// is written).
+    fn start_batch(&self) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        if !self.line().is_closed() {
+            if let Ok(shared) = self.batches.try_read() {
+                return Some(shared);
             }
-            return tokio::sync::RwLockWriteGuard::downgrade(exclusive);
         }
-        self.batches.read().await
+        let exclusive = self.batches.try_write().ok()?;
+        if self.line().is_closed() {
+            self.renew();
+        }
+        Some(tokio::sync::RwLockWriteGuard::downgrade(exclusive))
     }
 
     /// Waits up to `timeout` for messages still queued in the producer (none are after
     /// [`send`](Self::send) returned).
     pub fn flush(&self, timeout: Duration) -> Result<(), Error> {
-        let producer = self
+        self.line()
             .producer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        producer.flush(timeout).map_err(|source| Error::Request {
-            what: "flush the producer".into(),
-            source,
-        })
+            .flush(timeout)
+            .map_err(|source| Error::Request {
+                what: "flush the producer".into(),
+                source,
+            })
     }
 
-    /// Replaces the producer after a failed or cut-off batch, so the batch is sent again by a
-    /// producer with a fresh identity. Called only while no batch is in flight.
+    /// Replaces a closed producer, so the next batch is sent by a producer with a fresh
+    /// identity. Called only while no batch is in flight.
     ///
-    /// Kept, a producer whose messages failed would recover its idempotence state after the
-    /// timeouts by bumping its producer epoch on its own (KIP-360) and sending with an epoch the
-    /// broker never handed out; Kafka accepts that, but tansu 0.6 does not (its SQLite engine
-    /// stops serving, its in-memory engine answers `ProducerFenced`). A fresh producer only asks
-    /// the broker for a new producer id. A producer in a fatal state would refuse everything
-    /// anyway.
+    /// A fresh producer asks the broker for a new producer id. Kept, a producer whose messages
+    /// failed would have to recover its idempotence state by bumping its producer epoch on its
+    /// own (KIP-360), with an epoch the broker never handed out; Kafka accepts that, tansu 0.6
+    /// does not (its SQLite engine stops serving, its in-memory engine answers
+    /// `ProducerFenced`). A producer in a fatal state would refuse everything anyway.
     fn renew(&self) {
-        let old = match create_producer(&self.config) {
-            Ok(fresh) => std::mem::replace(
-                &mut *self.producer.lock().unwrap_or_else(PoisonError::into_inner),
-                fresh,
-            ),
+        let fresh = match Line::new(&self.config) {
+            Ok(fresh) => Arc::new(fresh),
             Err(error) => {
-                tracing::warn!(%error, "cannot create a new Kafka producer; keeping the old one");
+                tracing::warn!(%error, "cannot create a new Kafka producer; retrying with the next batch");
                 return;
             }
         };
-        if let Some((code, reason)) = old.client().fatal_error() {
+        let old = std::mem::replace(
+            &mut *self.line.lock().unwrap_or_else(PoisonError::into_inner),
+            fresh,
+        );
+        if let Some((code, reason)) = old.producer.client().fatal_error() {
             tracing::warn!(%code, %reason, "the Kafka producer hit a fatal error");
         }
-        // Dropping a producer purges, flushes and joins its thread: not on the async runtime.
+        // Dropping a producer flushes and joins its thread: not on the async runtime.
         let drop_old = move || drop(old);
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn_blocking(drop_old)),
@@ -317,31 +402,24 @@ impl Failure {
     }
 }
 
-fn clone_error(error: &KafkaError) -> KafkaError {
-    match error.rdkafka_error_code() {
-        Some(code) => KafkaError::MessageProduction(code),
-        None => KafkaError::Canceled,
-    }
-}
+/// Closes the producer if a batch's future is dropped before it settled.
+struct CancelGuard(Option<Arc<Line>>);
 
-/// Purges and replaces the producer if a batch's future is dropped before it settled.
-struct CancelGuard<'a> {
-    publisher: &'a KafkaPublisher,
-    producer: Option<FutureProducer>,
-}
-
-impl Drop for CancelGuard<'_> {
+impl Drop for CancelGuard {
     fn drop(&mut self) {
-        if let Some(producer) = self.producer.take() {
-            tracing::warn!("publishing was cut off; purging the producer's queue and requests");
-            producer.purge(PurgeConfig::default().queue().inflight());
-            self.publisher.stale.store(true, Ordering::SeqCst);
+        if let Some(line) = self.0.take() {
+            line.close("publishing was cut off");
         }
     }
 }
 
 impl Publisher for KafkaPublisher {
     type Error = PublishError;
+
+    /// `true`: see [`KafkaPublisher`], "Gapless".
+    fn gapless(&self) -> bool {
+        true
+    }
 
     fn check(&self, record: &OutboxRecord) -> Result<(), PublishError> {
         Ok(Self::check(self, record)?)
@@ -419,32 +497,6 @@ fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, Error> {
         .producer_client_config()
         .create()
         .map_err(|source| Error::client("producer", source))
-}
-
-/// Hands `record` to the producer, waiting while its queue is full.
-async fn enqueue(
-    producer: &FutureProducer,
-    record: &OutboxRecord,
-    deadline: Instant,
-) -> Result<DeliveryFuture, KafkaError> {
-    let message = &record.message;
-    let mut future_record = FutureRecord::to(&message.topic)
-        .key(message.key.as_bytes())
-        .payload(&message.payload[..])
-        .headers(headers::encode(record))
-        .timestamp(record.recorded_at.timestamp_millis());
-    loop {
-        match producer.send_result(future_record) {
-            Ok(delivery) => return Ok(delivery),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
-                if Instant::now() < deadline =>
-            {
-                future_record = back;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            Err((error, _)) => return Err(error),
-        }
-    }
 }
 
 #[cfg(test)]

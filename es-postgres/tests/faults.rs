@@ -401,6 +401,7 @@ async fn relay_survives_a_postgres_restart() {
     let broker = RecordingPublisher {
         relay: "relay-1".into(),
         delay: Duration::from_millis(1),
+        gapless: true,
         ..RecordingPublisher::default()
     };
     let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();

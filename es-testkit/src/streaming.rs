@@ -341,10 +341,12 @@ pub struct PublishCall {
 ///
 /// Like a Kafka broker behind one producer, it writes the records it accepts when a call hands
 /// them over, in the order calls are made (so overlapping calls keep their order), and answers
-/// after [`delay`](Self::delay): a call cut off before its answer has still written them. A
-/// record failing in one call does not fail the records of its key in calls already made: the
-/// broker writes a later record of a key whose earlier record failed, which is what Kafka can do
-/// when an earlier batch times out (see `es_core::outbox`, "Pipelining").
+/// after [`delay`](Self::delay): a call cut off before its answer has still written them.
+///
+/// By default it is not [gapless](Publisher::gapless): a record failing in one call does not
+/// fail the records of its key in calls made after it, so the relay keeps one call in flight.
+/// With [`gapless`](Self::gapless) set it plays what `es-kafka` does: after a failure it writes
+/// nothing more (every record handed over fails) until a call starts with none in flight.
 #[derive(Clone, Default)]
 pub struct RecordingPublisher {
     /// Records written (acknowledged, or cut off before the answer), in order, with the relay
@@ -372,6 +374,11 @@ pub struct RecordingPublisher {
     pub delay: Duration,
     /// Every `n`-th publish call (counted over all handles) pauses this long instead.
     pub slow_every: Option<(usize, Duration)>,
+    /// Whether it is [gapless](Publisher::gapless).
+    pub gapless: bool,
+    /// A record failed: a gapless broker writes nothing more until a call starts with none in
+    /// flight.
+    pub broken: Arc<AtomicBool>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -433,6 +440,10 @@ pub enum BrokerError {
 impl Publisher for RecordingPublisher {
     type Error = BrokerError;
 
+    fn gapless(&self) -> bool {
+        self.gapless
+    }
+
     fn check(&self, record: &OutboxRecord) -> Result<(), BrokerError> {
         if lock(&self.refuse_topics).contains(&record.message.topic) {
             return Err(BrokerError::IllegalTopic(record.message.topic.clone()));
@@ -454,6 +465,10 @@ impl Publisher for RecordingPublisher {
         };
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        if now == 1 {
+            // Nothing else in flight: a fresh start, as `es-kafka` replaces its producer.
+            self.broken.store(false, Ordering::SeqCst);
+        }
         let mut call = CallGuard {
             broker: self,
             index,
@@ -470,6 +485,9 @@ impl Publisher for RecordingPublisher {
             .fail_next
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
+        if refused && self.gapless {
+            self.broken.store(true, Ordering::SeqCst);
+        }
         let outcomes = if refused {
             PublishOutcome::all_failed(records.len(), BrokerError::Unavailable)
         } else {
@@ -483,8 +501,13 @@ impl Publisher for RecordingPublisher {
                     let id = r.message.message_id;
                     if reject.contains(&id) {
                         PublishOutcome::Rejected(BrokerError::TooLarge)
+                    } else if self.gapless && self.broken.load(Ordering::SeqCst) {
+                        PublishOutcome::Failed(BrokerError::Unavailable)
                     } else if fail_once.remove(&id) || failed_keys.contains(&r.message.key) {
                         failed_keys.insert(r.message.key.clone());
+                        if self.gapless {
+                            self.broken.store(true, Ordering::SeqCst);
+                        }
                         PublishOutcome::Failed(BrokerError::LeaderMoved)
                     } else {
                         received.push((self.relay.clone(), r.clone()));
@@ -1199,6 +1222,7 @@ pub async fn pipelined_relay_keeps_batches_in_flight_in_order<S: StreamingStore>
     assert_eq!(pending.len(), 60);
     let broker = RecordingPublisher {
         delay: Duration::from_millis(30),
+        gapless: true,
         ..RecordingPublisher::default()
     };
     let relay = Relay::new(
@@ -1221,34 +1245,28 @@ pub async fn pipelined_relay_keeps_batches_in_flight_in_order<S: StreamingStore>
     assert_eq!(store.outbox_len().await.unwrap(), 0);
 }
 
-/// A record fails while later batches are in flight, and the broker writes a later record of
-/// the same key (in a later batch) before the failed one is sent again. The relay marks only
-/// the records before the failure, stops starting batches, lets the ones in flight settle, and
-/// the next pass sends the failed record and everything after it again, in order: every record
-/// is written, and per key every record's last copy is in outbox order (the first copy of the
-/// later record precedes the failed one: that is what the broker wrote).
+/// A record fails while later batches are in flight, one of them holding later records of its
+/// key. The gapless broker writes nothing after the failure (as `es-kafka`'s producer, purged,
+/// does). The relay marks only the records before the failure, stops starting batches, lets
+/// the ones in flight settle, and the next pass sends the failed record and everything after it
+/// again: every record is written, and per key every record's first copy is in outbox order.
 pub async fn pipelined_relay_resends_after_a_failure_mid_window<S: StreamingStore>(store: S) {
     append_to_three_ledgers(&store, 0..20).await;
     let pending = store.pending_outbox(100).await.unwrap();
     let broker = RecordingPublisher {
         delay: Duration::from_millis(40),
+        gapless: true,
         ..RecordingPublisher::default()
     };
     // Batches of 7 with three in flight: record 9 (the second batch) fails; the third batch
-    // (records 14..21) is already in flight and holds later records of record 9's key.
+    // (records 14..21) is handed over after it and holds later records of record 9's key.
     let failing = &pending[9];
     lock(&broker.fail_once).insert(failing.message.message_id);
     let key = failing.message.key.clone();
-    let later_same_key: Vec<u64> = pending[14..21]
-        .iter()
-        .filter(|r| r.message.key == key)
-        .map(|r| r.position)
-        .collect();
-    assert!(!later_same_key.is_empty(), "the third batch holds the key");
-    let failed_in_batch = pending[9..14]
-        .iter()
-        .filter(|r| r.message.key == key)
-        .count();
+    assert!(
+        pending[14..21].iter().any(|r| r.message.key == key),
+        "the third batch holds the key"
+    );
     let relay = Relay::new(
         store.clone(),
         broker.clone(),
@@ -1260,11 +1278,12 @@ pub async fn pipelined_relay_resends_after_a_failure_mid_window<S: StreamingStor
         RelayStep::PublishFailed {
             delivered: 9,
             dead_lettered: 0,
-            failed: failed_in_batch,
+            failed: 12,
         },
-        "only the records before the failure are marked"
+        "only the records before the failure are marked; the rest of its batch and the third \
+         batch failed with it"
     );
-    assert!(broker.max_in_flight.load(Ordering::SeqCst) >= 2);
+    assert_eq!(broker.max_in_flight.load(Ordering::SeqCst), 3);
     let left = store.pending_outbox(100).await.unwrap();
     assert_eq!(
         left.first().map(|r| r.position),
@@ -1272,16 +1291,15 @@ pub async fn pipelined_relay_resends_after_a_failure_mid_window<S: StreamingStor
         "no mark skipped past the failed record"
     );
     assert_eq!(left.len(), 51, "nothing after the failure was marked");
-    {
-        // The broker wrote a later record of the key before the failed record was resent.
-        let received = lock(&broker.received);
-        assert!(received
-            .iter()
-            .any(|(_, r)| later_same_key.contains(&r.position)));
-        assert!(!received
-            .iter()
-            .any(|(_, r)| r.message.message_id == failing.message.message_id));
-    }
+    let written: Vec<u64> = lock(&broker.received)
+        .iter()
+        .map(|(_, r)| r.position)
+        .collect();
+    assert_eq!(
+        written,
+        pending[..9].iter().map(|r| r.position).collect::<Vec<_>>(),
+        "nothing handed over after the failure was written"
+    );
     let mut passes = vec![first];
     loop {
         let step = relay.drain().await.unwrap();
@@ -1294,18 +1312,63 @@ pub async fn pipelined_relay_resends_after_a_failure_mid_window<S: StreamingStor
     assert_eq!(store.outbox_len().await.unwrap(), 0);
     let received = lock(&broker.received).clone();
     assert_at_least_once_in_order(&received, &pending);
-    // The key's log ends with its records from the failed one on, in outbox order.
-    let of_key = &positions_by_key(&received)[&key];
-    let suffix: Vec<u64> = pending[9..]
-        .iter()
-        .filter(|r| r.message.key == key)
-        .map(|r| r.position)
-        .collect();
-    assert_eq!(
-        &of_key[of_key.len() - suffix.len()..],
-        &suffix[..],
-        "{of_key:?}"
+    assert_first_copies_in_order(&received);
+    assert_eq!(received.len(), 60, "each record written once");
+}
+
+/// The same failure with a broker that is not gapless (it writes a later record of a key whose
+/// earlier record failed): the relay, configured for three batches in flight, keeps one, so no
+/// later record of the failed one's key is handed over before the retry, and per key every
+/// record's first copy is in outbox order.
+pub async fn relay_waits_for_each_batch_of_a_publisher_that_is_not_gapless<S: StreamingStore>(
+    store: S,
+) {
+    append_to_three_ledgers(&store, 0..20).await;
+    let pending = store.pending_outbox(100).await.unwrap();
+    let broker = RecordingPublisher {
+        delay: Duration::from_millis(20),
+        ..RecordingPublisher::default()
+    };
+    lock(&broker.fail_once).insert(pending[9].message.message_id);
+    let relay = Relay::new(
+        store.clone(),
+        broker.clone(),
+        relay_config("r1", Duration::from_secs(30)),
     );
+    assert_eq!(relay.config().max_in_flight, 3);
+    let mut passes = Vec::new();
+    loop {
+        let step = relay.drain().await.unwrap();
+        passes.push(step);
+        if step == RelayStep::Idle {
+            break;
+        }
+        assert!(passes.len() < 10, "the relay makes progress: {passes:?}");
+    }
+    assert!(
+        matches!(passes[0], RelayStep::PublishFailed { delivered: 9, .. }),
+        "{passes:?}"
+    );
+    assert_eq!(
+        broker.max_in_flight.load(Ordering::SeqCst),
+        1,
+        "one batch at a time"
+    );
+    assert_eq!(store.outbox_len().await.unwrap(), 0);
+    let received = lock(&broker.received).clone();
+    assert_at_least_once_in_order(&received, &pending);
+    assert_first_copies_in_order(&received);
+}
+
+/// Per key, the first copy of each record in `received` comes in outbox order.
+fn assert_first_copies_in_order(received: &[(String, OutboxRecord)]) {
+    for (key, positions) in positions_by_key(received) {
+        let mut seen = HashSet::new();
+        let firsts: Vec<u64> = positions.into_iter().filter(|p| seen.insert(*p)).collect();
+        let mut sorted = firsts.clone();
+        sorted.sort_unstable();
+        assert_eq!(firsts, sorted, "{key}: first copies in outbox order");
+    }
 }
 
 /// A relay is dropped (its process killed) with batches in flight and its lease held; a second
@@ -1319,6 +1382,7 @@ pub async fn relay_killed_mid_window_is_resumed_by_another<S: StreamingStore>(st
     // `a`'s broker answers after 10 s: a window handed over is still unanswered when `a` dies.
     let broker = RecordingPublisher {
         delay: Duration::from_secs(10),
+        gapless: true,
         ..RecordingPublisher::default()
     };
     let a = Relay::new(store.clone(), broker.for_relay("a"), relay_config("a", ttl));
@@ -1378,26 +1442,21 @@ pub async fn relay_killed_mid_window_is_resumed_by_another<S: StreamingStore>(st
         })
         .collect();
     assert_eq!(twice.len(), 21, "what a had in flight came twice");
-    for (key, positions) in positions_by_key(&received) {
-        let mut seen = HashSet::new();
-        let firsts: Vec<u64> = positions.into_iter().filter(|p| seen.insert(*p)).collect();
-        let mut sorted = firsts.clone();
-        sorted.sort_unstable();
-        assert_eq!(firsts, sorted, "{key}: first copies in outbox order");
-    }
+    assert_first_copies_in_order(&received);
 }
 
 /// A relay's lease passes to another relay while its pipeline is busy: its first mark stalls
 /// past the lease (a paused process), it keeps publishing within its lease, and the mark comes
 /// back refused. The relay stops (`Fenced`) without writing any later mark; the other relay
 /// publishes what was not marked; their publish calls never overlap; every record is written,
-/// per key with last copies in outbox order.
+/// per key with first and last copies in outbox order.
 pub async fn relay_fenced_with_batches_in_flight_marks_nothing_more<S: StreamingStore>(store: S) {
     append_to_three_ledgers(&store, 0..20).await;
     let pending = store.pending_outbox(100).await.unwrap();
     let ttl = Duration::from_millis(800);
     let broker = RecordingPublisher {
         delay: Duration::from_millis(30),
+        gapless: true,
         ..RecordingPublisher::default()
     };
     let stalling = StallingMarks::new(store.clone(), 1, Duration::from_secs(2));
@@ -1453,6 +1512,7 @@ pub async fn relay_fenced_with_batches_in_flight_marks_nothing_more<S: Streaming
         by_a.iter().all(|p| by_b.contains(p)),
         "a marked nothing: b published again everything a did"
     );
+    assert_first_copies_in_order(&received);
 }
 
 // ---------------------------------------------------------------------------------------------
