@@ -413,10 +413,9 @@ impl Publisher for FilePublisher {
                 .rng
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            (rng.u8(0..100), rng.u64(0..=20))
+            (rng.u8(0..100), rng.u64(0..=60))
         };
         let sent = match roll {
-            _ if self.broken.load(Ordering::SeqCst) => 0,
             0..=2 => 0,
             3..=4 => records.len() / 2,
             _ => records.len(),
