@@ -369,7 +369,7 @@ where
 
 /// Publishes by appending to the relay's log. As a broker might, it fails about 3% of the
 /// batches before sending anything, and about 2% after the first half (the rest fail); it never
-/// rejects a record for good, so every record must end up published. It answers after 0 to 20
+/// rejects a record for good, so every record must end up published. It answers after 0 to 60
 /// ms, so the relay has several batches in flight. It is gapless, as `es-kafka` is: after a
 /// failure it writes nothing (every record fails) until a call starts with none in flight.
 struct FilePublisher {
@@ -416,6 +416,7 @@ impl Publisher for FilePublisher {
             (rng.u8(0..100), rng.u64(0..=60))
         };
         let sent = match roll {
+            _ if self.broken.load(Ordering::SeqCst) => 0,
             0..=2 => 0,
             3..=4 => records.len() / 2,
             _ => records.len(),
