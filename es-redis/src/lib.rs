@@ -341,11 +341,10 @@ impl RedisStoreBuilder {
     ///
     /// With TLS (feature `tls`) every URL is `rediss://`, the sentinels' and the builder's:
     /// the store then talks TLS to the sentinels and to the primary they name, verifying each
-    /// against the builder's CA ([`tls_root_certificates`](Self::tls_root_certificates), or the
-    /// system's) and presenting its client certificate if one is set. The primary's
-    /// certificate must be valid for the address the sentinels report (an IP address unless
-    /// they announce host names). TLS for some and plaintext for others is refused
-    /// ([`Error::MixedTls`]).
+    /// against the builder's CA (`tls_root_certificates`, or the system's) and presenting its
+    /// client certificate if one is set. The primary's certificate must be valid for the
+    /// address the sentinels report (an IP address unless they announce host names). TLS for
+    /// some and plaintext for others is refused ([`Error::MixedTls`]).
     #[cfg(feature = "sentinel")]
     pub fn sentinels(
         mut self,

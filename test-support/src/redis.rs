@@ -276,31 +276,34 @@ impl RedisSentinel {
         fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let port = free_port()?;
-        let mut config = match tls {
+        let ports = match tls {
             None => format!("port {port}\n"),
-            Some(certs) => {
-                let mut lines = format!("port 0\ntls-port {port}\n");
-                for (name, value) in tls_settings(certs) {
-                    lines.push_str(&format!("{name} {value}\n"));
-                }
-                lines
-            }
+            Some(_) => format!("port 0\ntls-port {port}\n"),
         };
-        config.push_str(&format!(
-            "bind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile {log}\n\
+        let tls_lines = tls
+            .map(tls_settings)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, value)| format!("{name} {value}\n"))
+            .collect::<Vec<_>>()
+            .concat();
+        let auth = password
+            .map(|password| {
+                format!(
+                    "requirepass {password}\nsentinel auth-pass {service} {password}\n\
+                     sentinel sentinel-pass {password}\n"
+                )
+            })
+            .unwrap_or_default();
+        let config = format!(
+            "{ports}{tls_lines}bind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile {log}\n\
              sentinel monitor {service} 127.0.0.1 {primary_port} {quorum}\n\
              sentinel down-after-milliseconds {service} {down_after_ms}\n\
              sentinel failover-timeout {service} 10000\n\
-             sentinel parallel-syncs {service} 1\n",
+             sentinel parallel-syncs {service} 1\n{auth}",
             dir = dir.display(),
             log = dir.join("sentinel.log").display(),
-        ));
-        if let Some(password) = password {
-            config.push_str(&format!(
-                "requirepass {password}\nsentinel auth-pass {service} {password}\n\
-                 sentinel sentinel-pass {password}\n"
-            ));
-        }
+        );
         let file = dir.join("sentinel.conf");
         fs::write(&file, config)?;
         let child = Command::new("redis-server")
