@@ -256,7 +256,7 @@ pub(crate) mod sentinel {
         /// current one answers as a primary again), and moves the connection there.
         async fn refresh(self: Arc<Self>) {
             for _ in 0..REFRESH_ATTEMPTS {
-                match self.primary().await {
+                match find_primary(&self.sentinels, &self.node, &self.service, &self.config).await {
                     Ok(client) => {
                         let address = client.get_connection_info().addr().to_string();
                         let same = self
@@ -287,7 +287,19 @@ pub(crate) mod sentinel {
                             }
                         }
                     }
-                    Err(err) => {
+                    // Waiting does not mend a certificate: say so where operators look.
+                    Err((at, err)) if crate::error::is_tls_error(&err) => {
+                        tracing::warn!(
+                            error = %err,
+                            endpoint = ?at,
+                            "TLS to Redis fails (the certificate is not trusted or does not name \
+                             the address); the store cannot follow the primary"
+                        );
+                    }
+                    Err((Endpoint::Primary(address), err)) => {
+                        tracing::debug!(error = %err, primary = %address, "the server the sentinels name is not a primary yet");
+                    }
+                    Err((Endpoint::Sentinel(_), err)) => {
                         tracing::debug!(error = %err, "the sentinels name no primary yet");
                     }
                 }

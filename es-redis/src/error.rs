@@ -248,7 +248,7 @@ pub(crate) fn refused_in_script(text: &str) -> Option<Error> {
 
 /// Whether `err` is a failed TLS handshake (a rustls error somewhere in its chain of causes).
 #[cfg(feature = "tls")]
-fn is_tls_error(err: &RedisError) -> bool {
+pub(crate) fn is_tls_error(err: &RedisError) -> bool {
     use std::error::Error as _;
     use std::sync::Arc;
 
@@ -272,7 +272,7 @@ fn is_tls_error(err: &RedisError) -> bool {
 }
 
 #[cfg(not(feature = "tls"))]
-fn is_tls_error(_: &RedisError) -> bool {
+pub(crate) fn is_tls_error(_: &RedisError) -> bool {
     false
 }
 

@@ -660,6 +660,37 @@ async fn over_tls_the_store_appends_and_reads_through_tls_sentinels() {
         .unwrap();
     assert_eq!(all.len(), 3);
 
+    // A named ACL user in the builder's URL reaches the primary the sentinels name as well.
+    let mut admin = group.security.connect(group.primary.port()).await;
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("stls_app")
+        .arg("on")
+        .arg(format!(">{PASSWORD}-app"))
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let user_store = RedisStore::builder(format!("rediss://stls_app:{PASSWORD}-app@127.0.0.1:1"))
+        .sentinels(
+            SERVICE,
+            group.sentinels.iter().map(|s| group.security.url(s.port())),
+        )
+        .tls_root_certificates(pem(&certs.ca_cert))
+        .prefix("stls")
+        .build()
+        .await
+        .expect("a store as an ACL user through the TLS sentinels");
+    let whoami: String = redis::cmd("ACL")
+        .arg("WHOAMI")
+        .query_async(&mut user_store.connection())
+        .await
+        .unwrap();
+    assert_eq!(whoami, "stls_app");
+    assert_eq!(user_store.stream_version(&stream).await.unwrap(), 3);
+
     // Everything went to the primary over TLS (it has no plaintext port), and reached the
     // replica over TLS replication.
     let replication = group
