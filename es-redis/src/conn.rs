@@ -160,8 +160,10 @@ pub(crate) mod sentinel {
 
     /// The current primary's connection, and the sentinels to ask when it fails.
     pub(crate) struct Following {
+        /// The sentinels' connection settings, with the TLS settings (CA, client certificate)
+        /// if their URLs are `rediss://`.
         sentinels: Vec<ConnectionInfo>,
-        /// The primary's connection settings (user, password, database, TCP), without its
+        /// The primary's connection settings (user, password, database, TCP, TLS), without its
         /// address.
         node: ConnectionInfo,
         /// The primary's address and connection.
@@ -176,6 +178,16 @@ pub(crate) mod sentinel {
     const REFRESH_ATTEMPTS: u32 = 20;
     const REFRESH_DELAY: Duration = Duration::from_millis(250);
 
+    /// Where finding the primary failed.
+    #[derive(Debug)]
+    pub(crate) enum Endpoint {
+        /// At the sentinel of this index (in the order given to the builder); or, when no
+        /// majority names a primary, the last sentinel that failed (the first if none did).
+        Sentinel(usize),
+        /// At the server the sentinels name (`host:port`).
+        Primary(String),
+    }
+
     impl Following {
         /// Asks the sentinels for the primary of `service` and connects to it.
         pub(crate) async fn connect(
@@ -183,10 +195,12 @@ pub(crate) mod sentinel {
             service: &str,
             node: ConnectionInfo,
             config: ConnectionManagerConfig,
-        ) -> RedisResult<Arc<Self>> {
+        ) -> Result<Arc<Self>, (Endpoint, RedisError)> {
             let primary = find_primary(&sentinels, &node, service, &config).await?;
             let address = primary.get_connection_info().addr().to_string();
-            let conn = ConnectionManager::new_with_config(primary, config.clone()).await?;
+            let conn = ConnectionManager::new_with_config(primary, config.clone())
+                .await
+                .map_err(|err| (Endpoint::Primary(address.clone()), err))?;
             tracing::info!(service, primary = %address, "Redis Sentinel names the primary");
             Ok(Arc::new(Self {
                 sentinels,
@@ -200,7 +214,9 @@ pub(crate) mod sentinel {
 
         /// A client for the primary the sentinels name now (see [`find_primary`]).
         pub(crate) async fn primary(&self) -> RedisResult<Client> {
-            find_primary(&self.sentinels, &self.node, &self.service, &self.config).await
+            find_primary(&self.sentinels, &self.node, &self.service, &self.config)
+                .await
+                .map_err(|(_, err)| err)
         }
 
         pub(crate) fn current(&self) -> ConnectionManager {
@@ -240,7 +256,7 @@ pub(crate) mod sentinel {
         /// current one answers as a primary again), and moves the connection there.
         async fn refresh(self: Arc<Self>) {
             for _ in 0..REFRESH_ATTEMPTS {
-                match self.primary().await {
+                match find_primary(&self.sentinels, &self.node, &self.service, &self.config).await {
                     Ok(client) => {
                         let address = client.get_connection_info().addr().to_string();
                         let same = self
@@ -271,7 +287,19 @@ pub(crate) mod sentinel {
                             }
                         }
                     }
-                    Err(err) => {
+                    // Waiting does not mend a certificate: say so where operators look.
+                    Err((at, err)) if crate::error::is_tls_error(&err) => {
+                        tracing::warn!(
+                            error = %err,
+                            endpoint = ?at,
+                            "TLS to Redis fails (the certificate is not trusted or does not name \
+                             the address); the store cannot follow the primary"
+                        );
+                    }
+                    Err((Endpoint::Primary(address), err)) => {
+                        tracing::debug!(error = %err, primary = %address, "the server the sentinels name is not a primary yet");
+                    }
+                    Err((Endpoint::Sentinel(_), err)) => {
                         tracing::debug!(error = %err, "the sentinels name no primary yet");
                     }
                 }
@@ -285,18 +313,22 @@ pub(crate) mod sentinel {
     /// `ROLE` as a primary. A sentinel that has not heard of a failover yet names the old
     /// primary, which may be back as a primary for a moment before the sentinels make it a
     /// replica; a majority does not follow it there.
+    ///
+    /// The primary is reached at the address the sentinels report (an IP address unless they
+    /// announce host names), over TLS if `node` is a TLS address, with its CA and client
+    /// certificate: its certificate must be valid for that address.
     async fn find_primary(
         sentinels: &[ConnectionInfo],
         node: &ConnectionInfo,
         service: &str,
         config: &ConnectionManagerConfig,
-    ) -> RedisResult<Client> {
+    ) -> Result<Client, (Endpoint, RedisError)> {
         let timeouts = AsyncConnectionConfig::new()
             .set_connection_timeout(config.connection_timeout())
             .set_response_timeout(config.response_timeout());
         let mut votes: HashMap<(String, u16), usize> = HashMap::new();
         let mut last_error = None;
-        for sentinel in sentinels {
+        for (index, sentinel) in sentinels.iter().enumerate() {
             let named: RedisResult<Option<(String, u16)>> = async {
                 let mut conn = Client::open(sentinel.clone())?
                     .get_multiplexed_async_connection_with_config(&timeouts)
@@ -311,33 +343,58 @@ pub(crate) mod sentinel {
             match named {
                 Ok(Some(address)) => *votes.entry(address).or_default() += 1,
                 Ok(None) => {}
-                Err(err) => last_error = Some(err),
+                Err(err) => last_error = Some((Endpoint::Sentinel(index), err)),
             }
         }
         let majority = sentinels.len() / 2 + 1;
         let Some(((host, port), _)) = votes.into_iter().find(|(_, n)| *n >= majority) else {
             return Err(last_error.unwrap_or_else(|| {
-                RedisError::from((
+                let err = RedisError::from((
                     ErrorKind::MasterNameNotFoundBySentinel,
                     "no majority of the sentinels names a primary",
                     service.to_owned(),
-                ))
+                ));
+                (Endpoint::Sentinel(0), err)
             }));
         };
-        let client = Client::open(node.clone().set_addr(ConnectionAddr::Tcp(host, port)))?;
+        let address = format!("{host}:{port}");
+        let at_primary = |err| (Endpoint::Primary(address.clone()), err);
+        let client =
+            Client::open(node.clone().set_addr(at(node.addr(), host, port))).map_err(at_primary)?;
         let mut conn = client
             .get_multiplexed_async_connection_with_config(&timeouts)
-            .await?;
-        let role: Value = redis::cmd("ROLE").query_async(&mut conn).await?;
+            .await
+            .map_err(at_primary)?;
+        let role: Value = redis::cmd("ROLE")
+            .query_async(&mut conn)
+            .await
+            .map_err(at_primary)?;
         match role {
             Value::Array(items) if matches!(items.first(), Some(Value::BulkString(r)) if r == b"master") => {
                 Ok(client)
             }
-            other => Err(RedisError::from((
+            other => Err(at_primary(RedisError::from((
                 ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
                 "the server the sentinels name is not a primary (yet)",
                 format!("{other:?}"),
-            ))),
+            )))),
+        }
+    }
+
+    /// `node`'s kind of address (TLS with its settings, or plain TCP) at `host` and `port`.
+    fn at(node: &ConnectionAddr, host: String, port: u16) -> ConnectionAddr {
+        match node {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => ConnectionAddr::Tcp(host, port),
         }
     }
 }

@@ -49,8 +49,9 @@ pub enum Error {
     },
     /// The TLS handshake failed: the server's certificate is not signed by a trusted CA (the
     /// system's, or those given to `RedisStoreBuilder::tls_root_certificates`, feature `tls`),
-    /// is not valid for the host name in the URL, or has expired; or the server does not speak
-    /// TLS. The store never falls back to plaintext.
+    /// is not valid for the host name in the URL (with Sentinel: for the address the sentinels
+    /// report for the primary, which `url` then shows), or has expired; or the server does not
+    /// speak TLS. The store never falls back to plaintext.
     #[error("TLS to Redis at {url} failed (the server's certificate is not trusted or not valid for the host): {source}")]
     Tls {
         /// The URL connected to, without its password.
@@ -58,6 +59,22 @@ pub enum Error {
         /// The handshake error.
         #[source]
         source: RedisError,
+    },
+    /// With Sentinel, some of the URLs are `rediss://` and others `redis://` (the builder's URL,
+    /// for the primary, and the sentinels'). The store talks TLS to all of them or to none: it
+    /// never reaches a server in plaintext that the configuration reaches over TLS elsewhere.
+    /// Returned by `build` before connecting anywhere.
+    #[error(
+        "TLS for some Redis endpoints and plaintext for others: TLS to {}, plaintext to {}; make \
+         the builder's URL and every sentinel URL `rediss://` (or all `redis://`)",
+        tls.join(", "),
+        plaintext.join(", ")
+    )]
+    MixedTls {
+        /// The `rediss://` URLs, without their passwords.
+        tls: Vec<String>,
+        /// The `redis://` URLs, without their passwords.
+        plaintext: Vec<String>,
     },
     /// The server refused a command or key the store needs for its user (`NOPERM`, or a command
     /// its append function calls: Redis 7.0 reports that as `ERR The user executing the script
@@ -231,7 +248,7 @@ pub(crate) fn refused_in_script(text: &str) -> Option<Error> {
 
 /// Whether `err` is a failed TLS handshake (a rustls error somewhere in its chain of causes).
 #[cfg(feature = "tls")]
-fn is_tls_error(err: &RedisError) -> bool {
+pub(crate) fn is_tls_error(err: &RedisError) -> bool {
     use std::error::Error as _;
     use std::sync::Arc;
 
@@ -255,7 +272,7 @@ fn is_tls_error(err: &RedisError) -> bool {
 }
 
 #[cfg(not(feature = "tls"))]
-fn is_tls_error(_: &RedisError) -> bool {
+pub(crate) fn is_tls_error(_: &RedisError) -> bool {
     false
 }
 

@@ -337,7 +337,14 @@ impl RedisStoreBuilder {
     /// not used. After a failover the store moves to the primary the sentinels name: commands
     /// in flight fail as [`StoreError::Unavailable`] (retry them: appends are idempotent), and
     /// the first write on the new primary begins an epoch (see the crate docs, sections
-    /// "Production" and "Epochs and lost tails"). Not combined with TLS yet.
+    /// "Production" and "Epochs and lost tails").
+    ///
+    /// With TLS (feature `tls`) every URL is `rediss://`, the sentinels' and the builder's:
+    /// the store then talks TLS to the sentinels and to the primary they name, verifying each
+    /// against the builder's CA (`tls_root_certificates`, or the system's) and presenting its
+    /// client certificate if one is set. The primary's certificate must be valid for the
+    /// address the sentinels report (an IP address unless they announce host names). TLS for
+    /// some and plaintext for others is refused ([`Error::MixedTls`]).
     #[cfg(feature = "sentinel")]
     pub fn sentinels(
         mut self,
@@ -572,9 +579,6 @@ impl RedisStoreBuilder {
             redis::ConnectionAddr::TcpTls { .. } => true,
             _ => false,
         };
-        if self.tls.is_set() && !tls_url {
-            return Err(Error::InvalidSetting(PLAINTEXT_REFUSED));
-        }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout))
@@ -582,10 +586,14 @@ impl RedisStoreBuilder {
             .set_min_delay(RECONNECT_MIN_DELAY)
             .set_max_delay(RECONNECT_MAX_DELAY);
         if let Some(sentinel) = &self.sentinel {
-            return self.follow(sentinel, &info, tls_url, config).await;
+            return self.follow(sentinel, info, tls_url, config).await;
+        }
+        if self.tls.is_set() && !tls_url {
+            return Err(Error::InvalidSetting(PLAINTEXT_REFUSED));
         }
         let client = if tls_url {
-            self.tls_client(info)?
+            redis::Client::open(self.tls_info(&self.url, info)?)
+                .map_err(|source| Error::invalid_url(&self.url, source))?
         } else {
             redis::Client::open(info).map_err(|source| Error::invalid_url(&self.url, source))?
         };
@@ -595,35 +603,66 @@ impl RedisStoreBuilder {
         Ok((Target::Client(Box::new(client)), Connection::direct(conn)))
     }
 
-    /// The connection to the primary the sentinels name, followed across failovers.
+    /// The connection to the primary the sentinels name, followed across failovers: TLS to
+    /// every sentinel and to the primary, or to none of them.
     #[cfg(feature = "sentinel")]
     async fn follow(
         &self,
         sentinel: &SentinelOptions,
-        info: &redis::ConnectionInfo,
+        node: redis::ConnectionInfo,
         tls_url: bool,
         config: ConnectionManagerConfig,
     ) -> Result<(Target, Connection), Error> {
-        if tls_url || sentinel.urls.iter().any(|url| url.starts_with("rediss")) {
-            return Err(Error::InvalidSetting(
-                "TLS together with Sentinel is not supported yet; use TLS or Sentinel",
-            ));
-        }
+        use conn::sentinel::{Endpoint, Following};
+
         if sentinel.urls.is_empty() {
             return Err(Error::InvalidSetting("no sentinel addresses were given"));
         }
         let mut sentinels = Vec::with_capacity(sentinel.urls.len());
+        let (mut tls, mut plaintext) = (Vec::new(), Vec::new());
+        let shown = |url: &str| es_core::contract::redact_url(url);
+        if tls_url {
+            tls.push(shown(&self.url));
+        } else {
+            plaintext.push(shown(&self.url));
+        }
         for url in &sentinel.urls {
             let info = url
                 .as_str()
                 .into_connection_info()
                 .map_err(|source| Error::invalid_url(url, source))?;
+            match info.addr() {
+                redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
+                    return Err(Error::InvalidSetting(INSECURE_REFUSED))
+                }
+                redis::ConnectionAddr::TcpTls { .. } => tls.push(shown(url)),
+                _ => plaintext.push(shown(url)),
+            }
             sentinels.push(info);
         }
-        let following =
-            conn::sentinel::Following::connect(sentinels, &sentinel.service, info.clone(), config)
-                .await
-                .map_err(|source| Error::connect(&self.url, source))?;
+        if !tls.is_empty() && !plaintext.is_empty() {
+            return Err(Error::MixedTls { tls, plaintext });
+        }
+        if !tls_url && self.tls.is_set() {
+            return Err(Error::InvalidSetting(PLAINTEXT_REFUSED));
+        }
+        let node = if tls_url {
+            for (info, url) in sentinels.iter_mut().zip(&sentinel.urls) {
+                *info = self.tls_info(url, info.clone())?;
+            }
+            self.tls_info(&self.url, node)?
+        } else {
+            node
+        };
+        let following = Following::connect(sentinels, &sentinel.service, node, config)
+            .await
+            .map_err(|(at, source)| match at {
+                Endpoint::Sentinel(i) => Error::connect(&sentinel.urls[i], source),
+                Endpoint::Primary(address) => {
+                    let scheme = if tls_url { "rediss" } else { "redis" };
+                    Error::connect(&format!("{scheme}://{address}"), source)
+                }
+            })?;
         Ok((
             Target::Sentinel(Arc::clone(&following)),
             Connection::sentinel(following),
@@ -636,7 +675,7 @@ impl RedisStoreBuilder {
     async fn follow(
         &self,
         _: &SentinelOptions,
-        _: &redis::ConnectionInfo,
+        _: redis::ConnectionInfo,
         _: bool,
         _: ConnectionManagerConfig,
     ) -> Result<(Target, Connection), Error> {
@@ -655,9 +694,14 @@ const PLAINTEXT_REFUSED: &str = "TLS certificates are set but the URL is not `re
      store does not connect in plaintext when TLS is configured";
 
 impl RedisStoreBuilder {
-    /// The client for a `rediss://` URL, with the CA and client certificate set on the builder.
+    /// The connection settings for the `rediss://` endpoint `url` (parsed as `info`), with the
+    /// CA and client certificate set on the builder; without them, the system's CAs.
     #[cfg(feature = "tls")]
-    fn tls_client(&self, info: redis::ConnectionInfo) -> Result<redis::Client, Error> {
+    fn tls_info(
+        &self,
+        url: &str,
+        info: redis::ConnectionInfo,
+    ) -> Result<redis::ConnectionInfo, Error> {
         // rustls needs a process-wide crypto provider; this crate brings `ring`. If the
         // application installed one already, that one stays. rustls deprecates `ring` for
         // lacking post-quantum key exchange, which Redis built on OpenSSL 3.0 (Debian 12) does
@@ -666,8 +710,7 @@ impl RedisStoreBuilder {
         let provider = rustls::crypto::ring::default_provider();
         let _ = provider.install_default();
         if !self.tls.is_set() {
-            return redis::Client::open(info)
-                .map_err(|source| Error::invalid_url(&self.url, source));
+            return Ok(info);
         }
         let certificates = redis::TlsCertificates {
             client_tls: self
@@ -680,17 +723,24 @@ impl RedisStoreBuilder {
                 }),
             root_cert: self.tls.root_certificates.clone(),
         };
-        redis::Client::build_with_tls(info, certificates).map_err(|source| Error::Tls {
-            url: es_core::contract::redact_url(&self.url),
-            source,
-        })
+        let client =
+            redis::Client::build_with_tls(info, certificates).map_err(|source| Error::Tls {
+                url: es_core::contract::redact_url(url),
+                source,
+            })?;
+        Ok(client.get_connection_info().clone())
     }
 
     /// Without the `tls` feature the `redis` crate refuses `rediss://` URLs when parsing them,
-    /// so this is never reached; it keeps the error typed all the same.
+    /// so this is never reached.
     #[cfg(not(feature = "tls"))]
-    fn tls_client(&self, info: redis::ConnectionInfo) -> Result<redis::Client, Error> {
-        redis::Client::open(info).map_err(|source| Error::invalid_url(&self.url, source))
+    #[allow(clippy::unused_self, clippy::unnecessary_wraps)] // The same signature as with the feature.
+    fn tls_info(
+        &self,
+        _: &str,
+        info: redis::ConnectionInfo,
+    ) -> Result<redis::ConnectionInfo, Error> {
+        Ok(info)
     }
 }
 

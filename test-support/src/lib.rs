@@ -31,7 +31,9 @@ pub use kafka::{find_tansu, kafka_brokers, tansu_bin, KafkaBroker, KafkaStorage,
 pub use pg::{
     find_postgres, remove_orphaned_clusters, PgInstall, PgServer, MIN_PG_MAJOR, PG_INSTALL,
 };
-pub use redis::{find_redis, RedisSentinel, RedisServer, MIN_REDIS_MAJOR, REDIS_INSTALL};
+pub use redis::{
+    find_redis, RedisSentinel, RedisServer, SentinelConfig, MIN_REDIS_MAJOR, REDIS_INSTALL,
+};
 pub use tls::{TestCerts, OPENSSL_INSTALL};
 
 /// An error starting or controlling a server, with the command's output when there is one.

@@ -83,19 +83,14 @@ impl RedisServer {
 
     /// Starts `redis-server` that accepts only TLS, on a free port (no plaintext port), with
     /// the server certificate of `certs` and their CA for client certificates, which it asks
-    /// for but does not require (`tls-auth-clients optional`).
+    /// for but does not require (`tls-auth-clients optional`). Made a replica (`--replicaof`
+    /// in `args`, or by Sentinel), it replicates over TLS (`tls-replication yes`), presenting
+    /// the client certificate of `certs`.
     pub fn start_tls(dir: &Path, certs: &crate::TestCerts, args: &[&str]) -> Result<Self> {
-        let path = |p: &Path| p.display().to_string();
-        let mut all = vec![
-            "--tls-cert-file".to_owned(),
-            path(&certs.server_cert),
-            "--tls-key-file".to_owned(),
-            path(&certs.server_key),
-            "--tls-ca-cert-file".to_owned(),
-            path(&certs.ca_cert),
-            "--tls-auth-clients".to_owned(),
-            "optional".to_owned(),
-        ];
+        let mut all: Vec<String> = tls_settings(certs)
+            .into_iter()
+            .flat_map(|(name, value)| [format!("--{name}"), value])
+            .collect();
         all.extend(args.iter().map(|a| (*a).to_owned()));
         fs::create_dir_all(dir)?;
         let port = free_port()?;
@@ -192,19 +187,61 @@ impl RedisServer {
     }
 }
 
+/// The TLS settings of a server or sentinel with the certificates of `certs`: its certificate
+/// and key, the CA it checks clients and servers against, clients asked for a certificate but
+/// not required to give one, and TLS (with the client certificate) to the servers it replicates
+/// from or, for a sentinel, monitors and to the other sentinels.
+fn tls_settings(certs: &crate::TestCerts) -> Vec<(&'static str, String)> {
+    let path = |p: &Path| p.display().to_string();
+    vec![
+        ("tls-cert-file", path(&certs.server_cert)),
+        ("tls-key-file", path(&certs.server_key)),
+        ("tls-ca-cert-file", path(&certs.ca_cert)),
+        ("tls-auth-clients", "optional".to_owned()),
+        ("tls-replication", "yes".to_owned()),
+        // The server certificate is for servers only (`serverAuth`); a server that asks for a
+        // client certificate checks it is for clients.
+        ("tls-client-cert-file", path(&certs.client_cert)),
+        ("tls-client-key-file", path(&certs.client_key)),
+    ]
+}
+
 /// A Redis Sentinel child process of its own (`redis-server <config> --sentinel`, the program
 /// Debian's `redis-sentinel` package links to), monitoring one primary.
 #[derive(Debug)]
 pub struct RedisSentinel {
     dir: PathBuf,
     port: u16,
+    tls: bool,
     server: ChildServer,
+}
+
+/// What a sentinel monitors, and how it is reached; see [`RedisSentinel::start_with`].
+#[derive(Debug, Clone, Copy)]
+pub struct SentinelConfig<'a> {
+    /// The name it monitors the primary by (`sentinel monitor <service> ...`).
+    pub service: &'a str,
+    /// The primary's port on 127.0.0.1.
+    pub primary_port: u16,
+    /// How many sentinels must agree that the primary is down.
+    pub quorum: u32,
+    /// How long the primary may not answer before it is thought down, in milliseconds.
+    pub down_after_ms: u64,
+    /// With certificates, the sentinel accepts only TLS (`port 0`, `tls-port`) and talks TLS to
+    /// the servers it monitors and to the other sentinels, as [`RedisServer::start_tls`]
+    /// servers do.
+    pub tls: Option<&'a crate::TestCerts>,
+    /// A password the monitored servers require (`sentinel auth-pass`), which the sentinel then
+    /// requires of its clients too (`requirepass`), the other sentinels included
+    /// (`sentinel sentinel-pass`).
+    pub password: Option<&'a str>,
 }
 
 impl RedisSentinel {
     /// Starts a sentinel on a free port, with its config file, state and log (`sentinel.log`) in
     /// `dir`, monitoring the primary on 127.0.0.1:`primary_port` as `service`, with `quorum`
     /// sentinels to agree that it is down after `down_after_ms` milliseconds without an answer.
+    /// In plaintext, without passwords; see [`start_with`](Self::start_with) for more.
     pub fn start(
         dir: &Path,
         service: &str,
@@ -212,15 +249,58 @@ impl RedisSentinel {
         quorum: u32,
         down_after_ms: u64,
     ) -> Result<Self> {
+        Self::start_with(
+            dir,
+            &SentinelConfig {
+                service,
+                primary_port,
+                quorum,
+                down_after_ms,
+                tls: None,
+                password: None,
+            },
+        )
+    }
+
+    /// Starts a sentinel on a free port, with its config file, state and log (`sentinel.log`) in
+    /// `dir`, as `config` says.
+    pub fn start_with(dir: &Path, config: &SentinelConfig<'_>) -> Result<Self> {
+        let SentinelConfig {
+            service,
+            primary_port,
+            quorum,
+            down_after_ms,
+            tls,
+            password,
+        } = *config;
         fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let port = free_port()?;
+        let ports = match tls {
+            None => format!("port {port}\n"),
+            Some(_) => format!("port 0\ntls-port {port}\n"),
+        };
+        let tls_lines = tls
+            .map(tls_settings)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, value)| format!("{name} {value}\n"))
+            .collect::<Vec<_>>()
+            .concat();
+        let auth = password
+            .map(|password| {
+                format!(
+                    "requirepass {password}\nsentinel auth-pass {service} {password}\n\
+                     sentinel sentinel-pass {password}\n"
+                )
+            })
+            .unwrap_or_default();
         let config = format!(
-            "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile {log}\n\
+            "{ports}{tls_lines}bind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile {log}\n\
              sentinel monitor {service} 127.0.0.1 {primary_port} {quorum}\n\
              sentinel down-after-milliseconds {service} {down_after_ms}\n\
              sentinel failover-timeout {service} 10000\n\
-             sentinel parallel-syncs {service} 1\n",
+             sentinel parallel-syncs {service} 1\n{auth}",
             dir = dir.display(),
             log = dir.join("sentinel.log").display(),
         );
@@ -245,7 +325,12 @@ impl RedisSentinel {
             let log = fs::read_to_string(dir.join("sentinel.log")).unwrap_or_default();
             ServerError(format!("{e}\nsentinel log:\n{log}"))
         })?;
-        Ok(Self { dir, port, server })
+        Ok(Self {
+            dir,
+            port,
+            tls: tls.is_some(),
+            server,
+        })
     }
 
     /// The port it listens on.
@@ -253,9 +338,11 @@ impl RedisSentinel {
         self.port
     }
 
-    /// Its URL (`redis://127.0.0.1:<port>`).
+    /// Its URL (`redis://127.0.0.1:<port>`, or `rediss://127.0.0.1:<port>` with TLS), without
+    /// a password.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The directory holding its config, state and log.

@@ -1,6 +1,6 @@
 //! Test certificates made with the `openssl` command: a CA, a server certificate it signs for
-//! `localhost` and `127.0.0.1`, one it signs for another host name, a client certificate, and a
-//! second, unrelated CA.
+//! `localhost` and `127.0.0.1`, one for `localhost` alone, one for another host name, a client
+//! certificate, and a second, unrelated CA.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -27,6 +27,12 @@ pub struct TestCerts {
     pub wrong_host_cert: PathBuf,
     /// Its private key.
     pub wrong_host_key: PathBuf,
+    /// A certificate the CA signed for the host name `localhost` only, without the address
+    /// 127.0.0.1: a server on loopback using it passes host name verification when reached as
+    /// `localhost` and fails it when reached by its IP address.
+    pub localhost_only_cert: PathBuf,
+    /// Its private key.
+    pub localhost_only_key: PathBuf,
     /// A client certificate signed by the CA (for servers that authenticate clients).
     pub client_cert: PathBuf,
     /// The client's private key.
@@ -59,6 +65,11 @@ impl TestCerts {
             "/CN=redis.invalid",
             "subjectAltName=DNS:redis.invalid\nextendedKeyUsage=serverAuth\n",
         )?;
+        openssl.leaf(
+            "localhost-only",
+            "/CN=localhost",
+            "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        )?;
         openssl.leaf("client", "/CN=es client", "extendedKeyUsage=clientAuth\n")?;
         let path = |name: &str| openssl.dir.join(name);
         Ok(Self {
@@ -68,6 +79,8 @@ impl TestCerts {
             server_key: path("server.key"),
             wrong_host_cert: path("wrong-host.crt"),
             wrong_host_key: path("wrong-host.key"),
+            localhost_only_cert: path("localhost-only.crt"),
+            localhost_only_key: path("localhost-only.key"),
             client_cert: path("client.crt"),
             client_key: path("client.key"),
         })
