@@ -78,6 +78,48 @@ pub enum Error {
         /// How long it waited.
         timeout: Duration,
     },
+    /// The settings are refused before any client is created: SASL without TLS (unless
+    /// allowed, and never `PLAIN`), or a [`set`](crate::KafkaConfig::set) property that
+    /// contradicts [`with_tls`](crate::KafkaConfig::with_tls) or
+    /// [`with_sasl`](crate::KafkaConfig::with_sasl). The reason names properties, never
+    /// their secret values.
+    #[error("invalid Kafka settings: {reason}")]
+    InvalidSetting {
+        /// What is wrong.
+        reason: String,
+    },
+    /// TLS with a broker failed: its certificate does not chain to a trusted CA, is not valid
+    /// for the host name the client connected to, or the handshake failed otherwise. Nothing
+    /// was sent to it, in TLS or in plaintext.
+    #[error("TLS with the Kafka brokers `{brokers}` failed: {reason}")]
+    Tls {
+        /// The `bootstrap.servers` list.
+        brokers: String,
+        /// librdkafka's description (secrets of the settings replaced by `***`).
+        reason: String,
+    },
+    /// SASL authentication failed: wrong user name or password, or a mechanism the broker
+    /// does not offer.
+    #[error("SASL authentication with the Kafka brokers `{brokers}` failed: {reason}")]
+    Authentication {
+        /// The `bootstrap.servers` list.
+        brokers: String,
+        /// librdkafka's description (secrets of the settings replaced by `***`).
+        reason: String,
+    },
+    /// No broker answered in time.
+    #[error(
+        "no Kafka broker of `{brokers}` answered within {timeout:?}{}",
+        reason.as_ref().map(|r| format!(" (last error: {r})")).unwrap_or_default()
+    )]
+    Unreachable {
+        /// The `bootstrap.servers` list.
+        brokers: String,
+        /// How long it waited.
+        timeout: Duration,
+        /// The last error librdkafka reported, if any (secrets replaced by `***`).
+        reason: Option<String>,
+    },
 }
 
 impl Error {

@@ -36,19 +36,26 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod admin;
+mod client;
 mod config;
 mod consumer;
 mod error;
 pub mod headers;
 mod publisher;
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+mod security;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
 pub use admin::{ensure_topic, partition_count};
+pub use client::check_connection;
 pub use config::{KafkaConfig, DEFAULT_MAX_MESSAGE_BYTES};
 pub use consumer::{read_topic, ConsumedMessage, TopicConsumer};
 pub use error::{Error, PublishError, RecordError};
 pub use publisher::{classify, KafkaPublisher, Permanence};
 /// The Kafka client this crate is built on, for settings and raw access.
 pub use rdkafka;
+#[cfg(feature = "tls")]
+pub use security::{KafkaSasl, KafkaTls, SaslMechanism};

@@ -9,6 +9,7 @@ use es_core::{OutboxRecord, Publisher};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 
+use crate::client::{self, Context};
 use crate::config::KafkaConfig;
 use crate::error::{Error, PublishError, RecordError};
 use crate::headers;
@@ -43,7 +44,7 @@ const RECORD_OVERHEAD: usize = 5 + 1 + 10 + 5 + 5 + 5 + 5;
 /// at once (two producers' records could interleave in any order).
 pub struct KafkaPublisher {
     config: KafkaConfig,
-    producer: Mutex<FutureProducer>,
+    producer: Mutex<FutureProducer<Context>>,
     /// Held shared by every batch in flight, exclusively to replace the producer.
     batches: tokio::sync::RwLock<()>,
     /// A batch failed or was cut off: replace the producer before the next batch.
@@ -111,8 +112,20 @@ pub enum Permanence {
 }
 
 impl KafkaPublisher {
+    /// A publisher whose brokers answered, over TLS and authenticated when `config` says so:
+    /// [`check_connection`](crate::check_connection), then [`new`](Self::new). A wrong CA,
+    /// a certificate for another host name or wrong SASL credentials fail here, typed
+    /// ([`Error::Tls`], [`Error::Authentication`]), rather than as delivery time-outs of the
+    /// first batches.
+    pub async fn connect(config: KafkaConfig) -> Result<Self, Error> {
+        crate::check_connection(&config).await?;
+        Self::new(config)
+    }
+
     /// A publisher with `config`'s producer settings. Connecting happens in the background: a
-    /// broker that is down now only delays the first batch.
+    /// broker that is down now only delays the first batch, and so does a TLS or SASL failure
+    /// (logged as a `tracing` warning; its records fail as not acknowledged and are sent
+    /// again). [`connect`](Self::connect) checks the connection first.
     pub fn new(config: KafkaConfig) -> Result<Self, Error> {
         let producer = create_producer(&config)?;
         Ok(Self {
@@ -327,7 +340,7 @@ fn clone_error(error: &KafkaError) -> KafkaError {
 /// Purges and replaces the producer if a batch's future is dropped before it settled.
 struct CancelGuard<'a> {
     publisher: &'a KafkaPublisher,
-    producer: Option<FutureProducer>,
+    producer: Option<FutureProducer<Context>>,
 }
 
 impl Drop for CancelGuard<'_> {
@@ -414,16 +427,13 @@ fn message_size(record: &OutboxRecord) -> usize {
     RECORD_OVERHEAD + record.message.key.len() + record.message.payload.len() + header_bytes
 }
 
-fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, Error> {
-    config
-        .producer_client_config()
-        .create()
-        .map_err(|source| Error::client("producer", source))
+fn create_producer(config: &KafkaConfig) -> Result<FutureProducer<Context>, Error> {
+    client::create(config, "producer", &config.producer_client_config())
 }
 
 /// Hands `record` to the producer, waiting while its queue is full.
 async fn enqueue(
-    producer: &FutureProducer,
+    producer: &FutureProducer<Context>,
     record: &OutboxRecord,
     deadline: Instant,
 ) -> Result<DeliveryFuture, KafkaError> {
