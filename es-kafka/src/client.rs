@@ -132,9 +132,11 @@ where
     T: FromClientConfigAndContext<Context>,
 {
     config.validate()?;
+    let context = Context::new(config);
+    let secrets = context.secrets.clone();
     settings
-        .create_with_context(Context::new(config))
-        .map_err(|source| Error::client(what, source))
+        .create_with_context(context)
+        .map_err(|source| Error::client_scrubbed(what, source, &secrets))
 }
 
 /// Checks that the brokers of `config` can be talked to with its settings: a broker answers a

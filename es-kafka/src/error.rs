@@ -80,8 +80,8 @@ pub enum Error {
     },
     /// The settings are refused before any client is created: SASL without TLS (unless
     /// allowed, and never `PLAIN`), or a [`set`](crate::KafkaConfig::set) property that
-    /// contradicts [`with_tls`](crate::KafkaConfig::with_tls) or
-    /// [`with_sasl`](crate::KafkaConfig::with_sasl). The reason names properties, never
+    /// contradicts `with_tls` or `with_sasl` (the `tls` feature). The reason names properties,
+    /// never
     /// their secret values.
     #[error("invalid Kafka settings: {reason}")]
     InvalidSetting {
@@ -124,8 +124,19 @@ pub enum Error {
 
 impl Error {
     /// The error of creating a client: a refused value of a secret property is replaced by
-    /// `***`, in the value and wherever librdkafka's description repeats it.
-    pub(crate) fn client(client: &'static str, source: KafkaError) -> Self {
+    /// `***`, in the value and wherever librdkafka's description repeats it, and so is each of
+    /// `secrets` (the secret values of the settings).
+    pub(crate) fn client_scrubbed(
+        client: &'static str,
+        source: KafkaError,
+        secrets: &[String],
+    ) -> Self {
+        let scrub = |mut text: String| {
+            for secret in secrets.iter().filter(|s| !s.is_empty()) {
+                text = text.replace(secret.as_str(), REDACTED);
+            }
+            text
+        };
         let source = match source {
             KafkaError::ClientConfig(code, description, key, value) if is_secret(&key) => {
                 let description = if value.is_empty() {
@@ -133,7 +144,13 @@ impl Error {
                 } else {
                     description.replace(&value, REDACTED)
                 };
-                KafkaError::ClientConfig(code, description, key, REDACTED.to_owned())
+                KafkaError::ClientConfig(code, scrub(description), key, REDACTED.to_owned())
+            }
+            KafkaError::ClientConfig(code, description, key, value) => {
+                KafkaError::ClientConfig(code, scrub(description), key, value)
+            }
+            KafkaError::ClientCreation(description) => {
+                KafkaError::ClientCreation(scrub(description))
             }
             other => other,
         };

@@ -105,7 +105,10 @@ async fn publish_and_read(config: &KafkaConfig, what: &str) {
         .recv_until(PATIENCE, |got| got.len() >= sent.len())
         .await
         .unwrap_or_else(|e| panic!("{what}: consume: {e}"));
-    let got: Vec<Uuid> = got.iter().filter_map(|m| m.message_id()).collect();
+    let got: Vec<Uuid> = got
+        .iter()
+        .filter_map(es_kafka::ConsumedMessage::message_id)
+        .collect();
     assert_eq!(
         got, sent,
         "{what}: the consumer group read what was published"
@@ -114,7 +117,10 @@ async fn publish_and_read(config: &KafkaConfig, what: &str) {
     let all = es_kafka::read_topic(config, &topic, PATIENCE)
         .await
         .unwrap_or_else(|e| panic!("{what}: read the topic: {e}"));
-    let all: Vec<Uuid> = all.iter().filter_map(|m| m.message_id()).collect();
+    let all: Vec<Uuid> = all
+        .iter()
+        .filter_map(es_kafka::ConsumedMessage::message_id)
+        .collect();
     assert_eq!(all, sent, "{what}: the topic holds what was published");
 }
 
@@ -217,6 +223,27 @@ async fn a_certificate_from_another_ca_is_a_tls_error() {
     let other_ca = KafkaConfig::new(broker.brokers())
         .with_tls(KafkaTls::new().with_ca_file(&certs.other_ca_cert));
     assert_every_client_fails_tls(&other_ca, "another CA").await;
+    // A consumer that subscribed without checking gets the error from `recv`.
+    let consumer = TopicConsumer::subscribe(&other_ca, &testing::unique_topic("tls"), "g")
+        .expect("subscribing does not connect");
+    let err = consumer
+        .recv(PATIENCE)
+        .await
+        .expect_err("no message over a failed handshake");
+    assert!(matches!(err, Error::Tls { .. }), "recv: {err:?}");
+    // A publisher made with `new` connects in the background: its records are not
+    // acknowledged, and never sent in plaintext.
+    let publisher = KafkaPublisher::new(
+        other_ca
+            .clone()
+            .with_delivery_timeout(Duration::from_secs(2)),
+    )
+    .expect("new does not connect");
+    let err = publisher
+        .send(&[record(1, &testing::unique_topic("tls"))])
+        .await
+        .expect_err("not acknowledged over a failed handshake");
+    assert!(matches!(err, Error::Delivery { .. }), "send: {err:?}");
     // The system's CAs do not hold the test CA either.
     let system = KafkaConfig::new(broker.brokers()).with_tls(KafkaTls::new());
     let err = es_kafka::check_connection(&system)
