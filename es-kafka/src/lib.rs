@@ -5,6 +5,10 @@
 //! Kafka's client (librdkafka, built from source by `rdkafka`) lives in this crate only, so
 //! applications that do not publish to Kafka do not compile it.
 //!
+//! Features: `tls` builds librdkafka with TLS and SASL/SCRAM against the system's OpenSSL and
+//! adds `KafkaTls`, `KafkaSasl` and `KafkaConfig::with_tls` / `with_sasl` (see "TLS and SASL"
+//! below); `testing` adds the `testing` module, the end-to-end cases the stores run.
+//!
 //! # Example
 //!
 //! ```no_run
