@@ -3,10 +3,10 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 
+use crate::client::{self, Context};
 use crate::config::KafkaConfig;
 use crate::error::Error;
 
@@ -20,15 +20,17 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// A topic that already exists counts as success, whatever its partition count; the
 /// partition count of an existing topic is not changed (doing so would move keys to other
 /// partitions and break per-stream order for consumers).
+///
+/// Checks the connection first ([`check_connection`](crate::check_connection)), so TLS and
+/// SASL failures are [`Error::Tls`] and [`Error::Authentication`].
 pub async fn ensure_topic(
     config: &KafkaConfig,
     topic: &str,
     partitions: u32,
 ) -> Result<bool, Error> {
-    let admin: AdminClient<DefaultClientContext> = config
-        .client_settings(&[])
-        .create()
-        .map_err(|source| Error::client("admin client", source))?;
+    crate::check_connection(config).await?;
+    let admin: AdminClient<Context> =
+        client::create(config, "admin client", &config.client_settings(&[]))?;
     let partitions = i32::try_from(partitions).unwrap_or(i32::MAX);
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
     let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
@@ -57,13 +59,12 @@ pub async fn partition_count(config: &KafkaConfig, topic: &str) -> Result<u32, E
 }
 
 async fn wait_for_metadata(config: &KafkaConfig, topic: &str) -> Result<u32, Error> {
-    let client: BaseConsumer = config
-        .client_settings(&[])
-        .create()
-        .map_err(|source| Error::client("consumer", source))?;
+    let client: BaseConsumer<Context> =
+        client::create(config, "consumer", &config.client_settings(&[]))?;
     let topic = topic.to_owned();
     let blocking = tokio::task::spawn_blocking(move || {
         let start = Instant::now();
+        client::wait_connected(&client, ADMIN_TIMEOUT)?;
         loop {
             let left = ADMIN_TIMEOUT.saturating_sub(start.elapsed());
             let what = || format!("read the metadata of topic `{topic}`");

@@ -10,6 +10,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
+use crate::client::{self, Context};
 use crate::config::KafkaConfig;
 use crate::error::Error;
 use crate::headers;
@@ -93,7 +94,7 @@ impl ConsumedMessage {
 /// This is how a service downstream watches the integration events; for a one-off look at a
 /// whole topic [`read_topic`] is simpler.
 pub struct TopicConsumer {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<Context>,
 }
 
 impl std::fmt::Debug for TopicConsumer {
@@ -103,18 +104,29 @@ impl std::fmt::Debug for TopicConsumer {
 }
 
 impl TopicConsumer {
+    /// [`check_connection`](crate::check_connection), then [`subscribe`](Self::subscribe): a
+    /// wrong CA, a certificate for another host name or wrong SASL credentials fail here,
+    /// typed ([`Error::Tls`], [`Error::Authentication`]).
+    pub async fn connect(config: &KafkaConfig, topic: &str, group: &str) -> Result<Self, Error> {
+        crate::check_connection(config).await?;
+        Self::subscribe(config, topic, group)
+    }
+
     /// Joins `group` and subscribes to `topic`. Messages flow once the group has assigned
-    /// partitions to it, which takes a moment.
+    /// partitions to it, which takes a moment. Connecting happens in the background: a TLS or
+    /// SASL failure shows as [`Error::Tls`] or [`Error::Authentication`] from
+    /// [`recv`](Self::recv).
     pub fn subscribe(config: &KafkaConfig, topic: &str, group: &str) -> Result<Self, Error> {
-        let consumer: StreamConsumer = config
-            .client_settings(&[
+        let consumer: StreamConsumer<Context> = client::create(
+            config,
+            "consumer",
+            &config.client_settings(&[
                 ("group.id", group),
                 ("auto.offset.reset", "earliest"),
                 ("enable.auto.commit", "true"),
                 ("enable.partition.eof", "false"),
-            ])
-            .create()
-            .map_err(|source| Error::client("consumer", source))?;
+            ]),
+        )?;
         consumer
             .subscribe(&[topic])
             .map_err(|source| Error::Request {
@@ -129,10 +141,14 @@ impl TopicConsumer {
         match tokio::time::timeout(timeout, self.consumer.recv()).await {
             Err(_) => Ok(None),
             Ok(Ok(message)) => Ok(Some(ConsumedMessage::from_message(&message))),
-            Ok(Err(source)) => Err(Error::Request {
-                what: "receive a message".into(),
-                source,
-            }),
+            Ok(Err(source)) => Err(self
+                .consumer
+                .context()
+                .security_error_for(source.rdkafka_error_code())
+                .unwrap_or(Error::Request {
+                    what: "receive a message".into(),
+                    source,
+                })),
         }
     }
 
@@ -171,14 +187,15 @@ pub async fn read_topic(
     timeout: Duration,
 ) -> Result<Vec<ConsumedMessage>, Error> {
     let partitions = crate::admin::partition_count(config, topic).await?;
-    let consumer: BaseConsumer = config
-        .client_settings(&[
+    let consumer: BaseConsumer<Context> = client::create(
+        config,
+        "consumer",
+        &config.client_settings(&[
             ("group.id", "es-kafka-read-topic"),
             ("enable.auto.commit", "false"),
             ("enable.partition.eof", "true"),
-        ])
-        .create()
-        .map_err(|source| Error::client("consumer", source))?;
+        ]),
+    )?;
     let topic = topic.to_owned();
     let blocking = tokio::task::spawn_blocking(move || {
         read_partitions(&consumer, &topic, partitions, timeout)
@@ -189,7 +206,7 @@ pub async fn read_topic(
 }
 
 fn read_partitions(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<Context>,
     topic: &str,
     partitions: u32,
     timeout: Duration,
@@ -226,10 +243,13 @@ fn read_partitions(
                 at_end.insert(partition);
             }
             Some(Err(source)) => {
-                return Err(Error::Request {
-                    what: format!("read `{topic}`"),
-                    source,
-                })
+                return Err(consumer
+                    .context()
+                    .security_error_for(source.rdkafka_error_code())
+                    .unwrap_or(Error::Request {
+                        what: format!("read `{topic}`"),
+                        source,
+                    }))
             }
             Some(Ok(message)) => out.push(ConsumedMessage::from_message(&message)),
         }

@@ -78,12 +78,65 @@ pub enum Error {
         /// How long it waited.
         timeout: Duration,
     },
+    /// The settings are refused before any client is created: SASL without TLS (unless
+    /// allowed, and never `PLAIN`), or a [`set`](crate::KafkaConfig::set) property that
+    /// contradicts `with_tls` or `with_sasl` (the `tls` feature). The reason names properties,
+    /// never
+    /// their secret values.
+    #[error("invalid Kafka settings: {reason}")]
+    InvalidSetting {
+        /// What is wrong.
+        reason: String,
+    },
+    /// TLS with a broker failed: its certificate does not chain to a trusted CA, is not valid
+    /// for the host name the client connected to, or the handshake failed otherwise. Nothing
+    /// was sent to it, in TLS or in plaintext.
+    #[error("TLS with the Kafka brokers `{brokers}` failed: {reason}")]
+    Tls {
+        /// The `bootstrap.servers` list.
+        brokers: String,
+        /// librdkafka's description (secrets of the settings replaced by `***`).
+        reason: String,
+    },
+    /// SASL authentication failed: wrong user name or password, or a mechanism the broker
+    /// does not offer.
+    #[error("SASL authentication with the Kafka brokers `{brokers}` failed: {reason}")]
+    Authentication {
+        /// The `bootstrap.servers` list.
+        brokers: String,
+        /// librdkafka's description (secrets of the settings replaced by `***`).
+        reason: String,
+    },
+    /// No broker answered in time.
+    #[error(
+        "no Kafka broker of `{brokers}` answered within {timeout:?}{}",
+        reason.as_ref().map(|r| format!(" (last error: {r})")).unwrap_or_default()
+    )]
+    Unreachable {
+        /// The `bootstrap.servers` list.
+        brokers: String,
+        /// How long it waited.
+        timeout: Duration,
+        /// The last error librdkafka reported, if any (secrets replaced by `***`).
+        reason: Option<String>,
+    },
 }
 
 impl Error {
     /// The error of creating a client: a refused value of a secret property is replaced by
-    /// `***`, in the value and wherever librdkafka's description repeats it.
-    pub(crate) fn client(client: &'static str, source: KafkaError) -> Self {
+    /// `***`, in the value and wherever librdkafka's description repeats it, and so is each of
+    /// `secrets` (the secret values of the settings).
+    pub(crate) fn client_scrubbed(
+        client: &'static str,
+        source: KafkaError,
+        secrets: &[String],
+    ) -> Self {
+        let scrub = |mut text: String| {
+            for secret in secrets.iter().filter(|s| !s.is_empty()) {
+                text = text.replace(secret.as_str(), REDACTED);
+            }
+            text
+        };
         let source = match source {
             KafkaError::ClientConfig(code, description, key, value) if is_secret(&key) => {
                 let description = if value.is_empty() {
@@ -91,7 +144,13 @@ impl Error {
                 } else {
                     description.replace(&value, REDACTED)
                 };
-                KafkaError::ClientConfig(code, description, key, REDACTED.to_owned())
+                KafkaError::ClientConfig(code, scrub(description), key, REDACTED.to_owned())
+            }
+            KafkaError::ClientConfig(code, description, key, value) => {
+                KafkaError::ClientConfig(code, scrub(description), key, value)
+            }
+            KafkaError::ClientCreation(description) => {
+                KafkaError::ClientCreation(scrub(description))
             }
             other => other,
         };

@@ -5,6 +5,10 @@
 //! Kafka's client (librdkafka, built from source by `rdkafka`) lives in this crate only, so
 //! applications that do not publish to Kafka do not compile it.
 //!
+//! Features: `tls` builds librdkafka with TLS and SASL/SCRAM against the system's OpenSSL and
+//! adds `KafkaTls`, `KafkaSasl` and `KafkaConfig::with_tls` / `with_sasl` (see "TLS and SASL"
+//! below); `testing` adds the `testing` module, the end-to-end cases the stores run.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -36,19 +40,26 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod admin;
+mod client;
 mod config;
 mod consumer;
 mod error;
 pub mod headers;
 mod publisher;
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+mod security;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
 pub use admin::{ensure_topic, partition_count};
+pub use client::check_connection;
 pub use config::{KafkaConfig, DEFAULT_MAX_MESSAGE_BYTES};
 pub use consumer::{read_topic, ConsumedMessage, TopicConsumer};
 pub use error::{Error, PublishError, RecordError};
 pub use publisher::{classify, KafkaPublisher, Permanence};
 /// The Kafka client this crate is built on, for settings and raw access.
 pub use rdkafka;
+#[cfg(feature = "tls")]
+pub use security::{KafkaSasl, KafkaTls, SaslMechanism};

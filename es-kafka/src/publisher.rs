@@ -8,6 +8,7 @@ use es_core::{OutboxRecord, Publisher};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 
+use crate::client::{self, Context};
 use crate::config::KafkaConfig;
 use crate::error::{Error, PublishError, RecordError};
 use crate::headers;
@@ -54,7 +55,7 @@ pub struct KafkaPublisher {
 
 /// A producer and whether it was closed after a failure.
 struct Line {
-    producer: FutureProducer,
+    producer: FutureProducer<Context>,
     /// Set once, under the write lock, with the purge; every hand-over reads it first.
     closed: RwLock<bool>,
 }
@@ -183,8 +184,20 @@ pub enum Permanence {
 }
 
 impl KafkaPublisher {
+    /// A publisher whose brokers answered, over TLS and authenticated when `config` says so:
+    /// [`check_connection`](crate::check_connection), then [`new`](Self::new). A wrong CA,
+    /// a certificate for another host name or wrong SASL credentials fail here, typed
+    /// ([`Error::Tls`], [`Error::Authentication`]), rather than as delivery time-outs of the
+    /// first batches.
+    pub async fn connect(config: KafkaConfig) -> Result<Self, Error> {
+        crate::check_connection(&config).await?;
+        Self::new(config)
+    }
+
     /// A publisher with `config`'s producer settings. Connecting happens in the background: a
-    /// broker that is down now only delays the first batch.
+    /// broker that is down now only delays the first batch, and so does a TLS or SASL failure
+    /// (logged as a `tracing` warning; its records fail as not acknowledged and are sent
+    /// again). [`connect`](Self::connect) checks the connection first.
     pub fn new(config: KafkaConfig) -> Result<Self, Error> {
         let line = Line::new(&config)?;
         Ok(Self {
@@ -492,11 +505,8 @@ fn message_size(record: &OutboxRecord) -> usize {
     RECORD_OVERHEAD + record.message.key.len() + record.message.payload.len() + header_bytes
 }
 
-fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, Error> {
-    config
-        .producer_client_config()
-        .create()
-        .map_err(|source| Error::client("producer", source))
+fn create_producer(config: &KafkaConfig) -> Result<FutureProducer<Context>, Error> {
+    client::create(config, "producer", &config.producer_client_config())
 }
 
 #[cfg(test)]

@@ -27,7 +27,10 @@ use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-pub use kafka::{find_tansu, kafka_brokers, tansu_bin, KafkaBroker, KafkaStorage, TANSU_INSTALL};
+pub use kafka::{
+    find_tansu, kafka_brokers, tansu_bin, KafkaBroker, KafkaSecurity, KafkaStorage, Scram,
+    ScramUser, SOCAT_INSTALL, TANSU_INSTALL,
+};
 pub use pg::{
     find_postgres, remove_orphaned_clusters, PgInstall, PgServer, MIN_PG_MAJOR, PG_INSTALL,
 };

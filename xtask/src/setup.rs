@@ -4,7 +4,9 @@
 //! Each workspace package's tests need some of: PostgreSQL's server programs (14 or later),
 //! `redis-server` (7 or later), the tansu Kafka-protocol broker with SQLite storage, Python with
 //! kafka-python (the outside-client test), procps (`pgrep`, `kill`), a C toolchain with make and
-//! perl (librdkafka is built from source), `openssl` (the Redis TLS tests' certificates) and
+//! perl (librdkafka is built from source), OpenSSL's headers with pkg-config (es-kafka's `tls`
+//! feature builds librdkafka with the system OpenSSL), `openssl` (the TLS tests' certificates),
+//! `socat` (the TLS front of the Kafka TLS tests: tansu 0.6.0 cannot serve TLS) and
 //! cargo-nextest ([`PACKAGES`]). `cargo xtask test`,
 //! `bench`, `chaos` and `db up` check what theirs need up front ([`ensure`]) and install what is
 //! missing: Debian/Ubuntu packages with `apt-get` (as root, or through `sudo` when it needs no
@@ -47,8 +49,13 @@ pub(crate) enum Prereq {
     Postgres,
     /// `redis-server`.
     Redis,
-    /// The `openssl` command, with which the Redis TLS tests make their certificates.
+    /// The `openssl` command, with which the TLS tests make their certificates.
     OpenSsl,
+    /// OpenSSL's headers and pkg-config: es-kafka's `tls` feature builds librdkafka with the
+    /// system OpenSSL (openssl-sys finds it with pkg-config).
+    OpenSslDev,
+    /// `socat`, the TLS front of the Kafka TLS tests (tansu 0.6.0 cannot serve TLS).
+    Socat,
     /// The tansu broker, with SQLite storage.
     Tansu,
     /// Python with kafka-python.
@@ -94,8 +101,8 @@ pub(crate) const PACKAGES: &[(&str, &[Prereq], &[Server])] = &[
     ("es-memory", &[], &[]),
     ("es-testkit", &[], &[]),
     // The guide's samples run on the in-memory store; the server ones only compile, which
-    // builds librdkafka.
-    ("es-guide", &[CBuild], &[]),
+    // builds librdkafka (with es-kafka's `tls` feature: OpenSSL's headers).
+    ("es-guide", &[CBuild, Prereq::OpenSslDev], &[]),
     ("example-bank", &[], &[]),
     ("xtask", &[], &[]),
     ("es-chaos", &[], &[]),
@@ -113,9 +120,18 @@ pub(crate) const PACKAGES: &[(&str, &[Prereq], &[Server])] = &[
         &[CBuild, Procps, Prereq::OpenSsl],
         &[Server::Redis],
     ),
+    // The `tls` feature builds librdkafka with the system OpenSSL; the TLS tests make
+    // certificates with `openssl` and serve TLS with `socat` in front of tansu.
     (
         "es-kafka",
-        &[CBuild, Procps, KafkaPython],
+        &[
+            CBuild,
+            Procps,
+            KafkaPython,
+            Prereq::OpenSslDev,
+            Prereq::OpenSsl,
+            Prereq::Socat,
+        ],
         &[Server::Postgres, Server::Redis, Server::Kafka],
     ),
     (
@@ -328,8 +344,18 @@ fn check(prereq: Prereq) -> std::result::Result<String, Vec<Missing>> {
             Some(openssl) => Ok(format!("openssl ({})", openssl.display())),
             None => Err(vec![Missing::new(
                 "openssl",
-                "`openssl` is not on PATH (the Redis TLS tests make their certificates with it)",
+                "`openssl` is not on PATH (the TLS tests make their certificates with it)",
                 Fix::Apt(vec!["openssl"]),
+            )]),
+        },
+        Prereq::OpenSslDev => check_openssl_dev(),
+        Prereq::Socat => match which("socat") {
+            Some(socat) => Ok(format!("socat ({})", socat.display())),
+            None => Err(vec![Missing::new(
+                "socat",
+                "`socat` is not on PATH (the Kafka TLS tests serve TLS with it in front of \
+                 tansu, which cannot serve TLS itself)",
+                Fix::Apt(vec!["socat"]),
             )]),
         },
         Prereq::Tansu => check_tansu(),
@@ -342,6 +368,37 @@ fn check(prereq: Prereq) -> std::result::Result<String, Vec<Missing>> {
                 Fix::Apt(vec!["git"]),
             )]),
         },
+    }
+}
+
+/// pkg-config, and OpenSSL's headers and library as pkg-config finds them (`openssl.pc`, from
+/// libssl-dev): what openssl-sys needs to build librdkafka with TLS.
+fn check_openssl_dev() -> std::result::Result<String, Vec<Missing>> {
+    let why_pkg_config = "`pkg-config` is not on PATH (openssl-sys finds OpenSSL with it for \
+                          es-kafka's `tls` feature)";
+    let Some(pkg_config) = which("pkg-config") else {
+        return Err(vec![Missing::new(
+            "OpenSSL headers",
+            why_pkg_config,
+            Fix::Apt(vec!["pkg-config", "libssl-dev"]),
+        )]);
+    };
+    let version = Command::new(&pkg_config)
+        .args(["--modversion", "openssl"])
+        .stdin(Stdio::null())
+        .output();
+    match version {
+        Ok(out) if out.status.success() => Ok(format!(
+            "OpenSSL {} headers (pkg-config, {})",
+            first_line(&out.stdout),
+            pkg_config.display()
+        )),
+        _ => Err(vec![Missing::new(
+            "OpenSSL headers",
+            "pkg-config finds no `openssl` (es-kafka's `tls` feature builds librdkafka with the \
+             system OpenSSL, whose headers libssl-dev installs)",
+            Fix::Apt(vec!["libssl-dev"]),
+        )]),
     }
 }
 
@@ -1038,6 +1095,12 @@ mod tests {
             BTreeSet::from([Server::Postgres, Server::Redis, Server::Kafka])
         );
         assert!(kafka.prereqs.contains(&KafkaPython) && kafka.prereqs.contains(&Prereq::Tansu));
+        for tls in [Prereq::OpenSslDev, Prereq::OpenSsl, Prereq::Socat] {
+            assert!(
+                kafka.prereqs.contains(&tls),
+                "es-kafka's TLS tests need {tls:?}"
+            );
+        }
 
         let streaming = Needs::of_packages(&names(&["example-bank-streaming"]));
         assert_eq!(
