@@ -105,7 +105,11 @@
 //!   writes, per key, a prefix of what it was handed: once a record fails, no later record of
 //!   its key that was already handed over (in a later batch in flight) is written. So the
 //!   retry's copy of the failed record is the first one written, and per key every record's
-//!   first copy is in outbox order, failures or not. Why a gapless publisher is needed: with
+//!   first copy is in outbox order, failures or not. A batch's call begins when the window is
+//!   next polled after the batch joined it; if the pass settled a failure in between, the batch
+//!   is not handed over at all (a gapless publisher with no call in flight would otherwise start
+//!   afresh and write it: `pipelined_relay_makes_no_call_after_it_settled_a_failure`). Why a
+//!   gapless publisher is needed: with
 //!   one that writes what it is handed regardless (the in-process test broker in its default
 //!   mode), `k#2` in a later batch would be written although `k#1` failed, and the retry would
 //!   write `k#1` after it.
@@ -141,7 +145,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -255,6 +259,10 @@ enum CallFailure {
         "publishing took longer than the publish timeout ({0:?}); cut off to stay within the lease"
     )]
     TimedOut(Duration),
+    /// The pass had settled a failure before the batch's call would have begun: not handed
+    /// over, so nothing after the failed record is written.
+    #[error("not handed over: an earlier record of the pass failed first")]
+    NotHandedOver,
 }
 
 /// Why a relay stopped.
@@ -590,6 +598,12 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
         let mut pass = Pass::default();
         let mut reading: Option<BoxFuture<'_, Result<Vec<OutboxRecord>, StoreError>>> = None;
         let mut writing: Option<BoxFuture<'_, Result<(usize, usize), StoreError>>> = None;
+        // Set once the pass settled a failure. A batch's call begins when the window is first
+        // polled after its push, not at the push: a failure settled in between must keep it from
+        // being handed over, or a gapless publisher, with no call in flight any more, would start
+        // afresh and write later records of the failed record's key before its retry.
+        let failed = AtomicBool::new(false);
+        let failed = &failed;
         let mut in_flight: FuturesOrdered<BoxFuture<'_, Sent<P::Error>>> = FuturesOrdered::new();
         loop {
             if reading.is_none()
@@ -618,6 +632,9 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
                 biased;
                 Some((records, outcomes)) = in_flight.next(), if !in_flight.is_empty() => {
                     self.settle(&records, outcomes, &mut pass);
+                    if pass.out_of_order {
+                        failed.store(true, Ordering::SeqCst);
+                    }
                 }
                 Some(written) = OptionFuture::from(writing.as_mut()) => {
                     writing = None;
@@ -639,6 +656,9 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
                     reading = None;
                     if let Some(batch) = self.next_batch(read, &lease, &mut pass) {
                         in_flight.push_back(Box::pin(async move {
+                            if failed.load(Ordering::SeqCst) {
+                                return (batch, Err(CallFailure::NotHandedOver));
+                            }
                             let outcomes = self.publish(&batch).await;
                             (batch, outcomes)
                         }));
@@ -737,6 +757,12 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
     ) {
         let outcomes = match outcomes {
             Ok(outcomes) => outcomes,
+            Err(CallFailure::NotHandedOver) => {
+                pass.failed += records.len();
+                pass.halt(Halt::Failed);
+                pass.out_of_order = true;
+                return;
+            }
             Err(failure) => {
                 tracing::warn!(owner = %self.config.owner, position = records[0].position, %failure,
                     "publishing failed; the batch will be sent again");

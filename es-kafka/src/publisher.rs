@@ -45,12 +45,21 @@ const RECORD_OVERHEAD: usize = 5 + 1 + 10 + 5 + 5 + 5 + 5;
 /// failed. A closed producer is replaced before the next batch, once no batch is in flight on
 /// it (a batch started meanwhile waits), so two producers never write one partition at once.
 /// A record the producer refuses for good when it is handed over (too large, ...) does not
-/// close it: the relay dead-letters it and the records after it go on.
+/// close it: the relay dead-letters it and the records after it go on. A batch hands its
+/// records over as a whole, batches in the order they began: one that waits for room in the
+/// producer's queue keeps the batches begun after it waiting too, or their records would be
+/// handed over (and written) between its own
+/// (`batches_in_flight_keep_outbox_order_when_the_producer_queue_is_full`).
 pub struct KafkaPublisher {
     config: KafkaConfig,
     line: Mutex<Arc<Line>>,
     /// Held shared by every batch in flight, exclusively to replace a closed producer.
     batches: tokio::sync::RwLock<()>,
+    /// Held by a batch while it hands its records to the producer. Handing over waits while the
+    /// producer's queue is full; without it, a batch begun meanwhile would hand its records over
+    /// in between. Fair (first come, first served), so batches hand over in the order they
+    /// began, each as a whole.
+    handing_over: tokio::sync::Mutex<()>,
 }
 
 /// A producer and whether it was closed after a failure.
@@ -204,6 +213,7 @@ impl KafkaPublisher {
             config,
             line: Mutex::new(Arc::new(line)),
             batches: tokio::sync::RwLock::new(()),
+            handing_over: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -280,6 +290,7 @@ impl KafkaPublisher {
         let mut cancel = CancelGuard(Some(Arc::clone(&line)));
         let deadline = Instant::now() + self.config.delivery_timeout();
         let mut pending: Vec<Result<DeliveryFuture, Failure>> = Vec::with_capacity(records.len());
+        let handing_over = self.handing_over.lock().await;
         for record in records {
             pending.push(match line.enqueue(record, deadline).await {
                 Ok(delivery) => Ok(delivery),
@@ -291,6 +302,7 @@ impl KafkaPublisher {
                 }
             });
         }
+        drop(handing_over);
         // Awaited in order, one after the other: each resolves when the producer's thread
         // settles its record, so this ends with the last one, without a task per record.
         let mut outcomes: Vec<Result<(), Failure>> = Vec::with_capacity(pending.len());

@@ -1371,6 +1371,152 @@ fn assert_first_copies_in_order(received: &[(String, OutboxRecord)]) {
     }
 }
 
+/// A batch is pushed into the relay's window, but its publish call only begins when the window
+/// is next polled. If an earlier batch's failure is woken in between (the broker's answer comes
+/// on another thread while the relay is finishing the read of the next batch), the relay
+/// settles the failure first and *then* makes the later batch's call, with no call in flight:
+/// a gapless publisher starts afresh (as `es-kafka` replaces its producer) and writes the later
+/// records of the failed record's key before the retry writes the failed one. The read of the
+/// second batch here takes longer than the first batch's answer (a store, or a relay thread
+/// preempted, slower than the broker).
+pub async fn pipelined_relay_makes_no_call_after_it_settled_a_failure<S: StreamingStore>(store: S) {
+    append_to_three_ledgers(&store, 0..20).await;
+    let pending = store.pending_outbox(100).await.unwrap();
+    let broker = RecordingPublisher {
+        delay: Duration::from_millis(50),
+        gapless: true,
+        ..RecordingPublisher::default()
+    };
+    // The first batch (records 0..7) fails at its first record; the second (7..14) holds later
+    // records of its key.
+    let failing = &pending[0];
+    lock(&broker.fail_once).insert(failing.message.message_id);
+    assert!(pending[7..14]
+        .iter()
+        .any(|r| r.message.key == failing.message.key));
+    let slow = SlowReadAfter::new(store.clone(), Duration::from_millis(300));
+    let relay = Relay::new(
+        slow,
+        broker.clone(),
+        relay_config("r1", Duration::from_secs(30)),
+    );
+    let first = relay.drain().await.unwrap();
+    assert!(
+        matches!(first, RelayStep::PublishFailed { delivered: 0, .. }),
+        "{first:?}"
+    );
+    let written: Vec<u64> = lock(&broker.received)
+        .iter()
+        .map(|(_, r)| r.position)
+        .collect();
+    let mut passes = vec![first];
+    loop {
+        let step = relay.drain().await.unwrap();
+        passes.push(step);
+        if step == RelayStep::Idle {
+            break;
+        }
+        assert!(passes.len() < 10, "the relay makes progress: {passes:?}");
+    }
+    let received = lock(&broker.received).clone();
+    assert_first_copies_in_order(&received);
+    assert_at_least_once_in_order(&received, &pending);
+    assert_eq!(
+        written,
+        Vec::<u64>::new(),
+        "nothing after the failed record was written by the failing pass"
+    );
+}
+
+/// A store handle whose first [`OutboxStore::pending_outbox_after`] holds its thread for
+/// `pause` once the store answered, before it returns (a slow synchronous step, or the relay's
+/// thread preempted): whatever another thread wakes meanwhile is woken before the read
+/// returns. Everything else goes straight through.
+#[derive(Clone)]
+struct SlowReadAfter<S> {
+    inner: S,
+    slow: Arc<AtomicBool>,
+    pause: Duration,
+}
+
+impl<S> SlowReadAfter<S> {
+    fn new(inner: S, pause: Duration) -> Self {
+        Self {
+            inner,
+            slow: Arc::new(AtomicBool::new(true)),
+            pause,
+        }
+    }
+}
+
+impl<S: EventStore> EventStore for SlowReadAfter<S> {
+    fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {
+        self.inner.append(request)
+    }
+    fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
+        self.inner.stream_version(stream)
+    }
+    fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
+        self.inner.read_stream(stream, read)
+    }
+    fn read_all(&self, read: ReadAll) -> EventStream {
+        self.inner.read_all(read)
+    }
+    fn head_position(&self) -> impl StoreFuture<u64> {
+        self.inner.head_position()
+    }
+    fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send {
+        self.inner.wait_for_append(after)
+    }
+    fn epochs(&self) -> impl StoreFuture<Vec<EpochStart>> {
+        self.inner.epochs()
+    }
+    fn subscribe(&self, after: u64, filter: EventFilter) -> EventStream {
+        self.inner.subscribe(after, filter)
+    }
+}
+
+impl<S: OutboxStore> OutboxStore for SlowReadAfter<S> {
+    fn acquire_relay_lease(&self, owner: &str, ttl: Duration) -> impl StoreFuture<Option<u64>> {
+        self.inner.acquire_relay_lease(owner, ttl)
+    }
+    fn release_relay_lease(&self, owner: &str, generation: u64) -> impl StoreFuture<()> {
+        self.inner.release_relay_lease(owner, generation)
+    }
+    fn pending_outbox(&self, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>> {
+        self.inner.pending_outbox(limit)
+    }
+    fn pending_outbox_after(&self, after: u64, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>> {
+        let this = self.clone();
+        async move {
+            let read = this.inner.pending_outbox_after(after, limit).await;
+            if this.slow.swap(false, Ordering::SeqCst) {
+                // Held in the poll that returns the read: not an await point.
+                std::thread::sleep(this.pause);
+            }
+            read
+        }
+    }
+    fn mark_delivered(&self, generation: u64, delivered: &[Delivered]) -> impl StoreFuture<()> {
+        self.inner.mark_delivered(generation, delivered)
+    }
+    fn dead_letter(&self, generation: u64, rejections: &[Rejection]) -> impl StoreFuture<()> {
+        self.inner.dead_letter(generation, rejections)
+    }
+    fn dead_letters(&self, limit: u64) -> impl StoreFuture<Vec<DeadLetter>> {
+        self.inner.dead_letters(limit)
+    }
+    fn requeue_dead_letters(&self, positions: &[u64]) -> impl StoreFuture<u64> {
+        self.inner.requeue_dead_letters(positions)
+    }
+    fn outbox_len(&self) -> impl StoreFuture<u64> {
+        self.inner.outbox_len()
+    }
+    fn relay_status(&self) -> impl StoreFuture<RelayStatus> {
+        self.inner.relay_status()
+    }
+}
+
 /// A relay is dropped (its process killed) with batches in flight and its lease held; a second
 /// relay takes over once the lease expires and resumes from the oldest unmarked record. Every
 /// record is written, the ones the first relay had in flight twice, and per key in outbox order
