@@ -13,6 +13,8 @@
 //! address the sentinels report, and TLS for some endpoints but not others are typed errors.
 #![cfg(feature = "sentinel")]
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -636,23 +638,7 @@ async fn over_tls_the_store_appends_and_reads_through_tls_sentinels() {
 
     // The head watcher reaches the primary through the sentinels over TLS as well: a waiter
     // is woken by the next append.
-    let head = store.head_position().await.unwrap();
-    let waiter = {
-        let store = store.clone();
-        tokio::spawn(async move { store.wait_for_append(head).await })
-    };
-    store
-        .append(AppendRequest::new(
-            stream.clone(),
-            ExpectedVersion::Exact(2),
-            vec![NewEvent::new("Deposited", 1, r#"{"amount":6}"#).unwrap()],
-        ))
-        .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), waiter)
-        .await
-        .expect("woken by the append")
-        .unwrap();
+    common::append_wakes_a_waiter(&store, &stream, 2).await;
     let all: Vec<_> = store
         .read_all(ReadAll::after(0))
         .try_collect()

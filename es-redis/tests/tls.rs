@@ -4,6 +4,8 @@
 //! to turn the checks off are typed errors, and nothing falls back to plaintext.
 #![cfg(feature = "tls")]
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -79,23 +81,7 @@ async fn the_store_works_over_tls_with_the_right_ca() {
     assert!(!shown.contains("s3cret"), "{shown}");
 
     // A subscriber's head watcher and the settings monitor use TLS connections too.
-    let head = store.head_position().await.unwrap();
-    let waiter = {
-        let store = store.clone();
-        tokio::spawn(async move { store.wait_for_append(head).await })
-    };
-    store
-        .append(AppendRequest::new(
-            stream.clone(),
-            ExpectedVersion::Exact(2),
-            vec![NewEvent::new("Deposited", 1, r#"{"amount":6}"#).unwrap()],
-        ))
-        .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(5), waiter)
-        .await
-        .expect("woken by the append")
-        .unwrap();
+    common::append_wakes_a_waiter(&store, &stream, 2).await;
 
     // With a client certificate as well (the server asks for one and checks it).
     let store = RedisStore::builder(url(&server))

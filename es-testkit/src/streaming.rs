@@ -547,6 +547,21 @@ async fn step_until_idle<S: StreamingStore, P: Publisher>(relay: &Relay<S, P>) -
     }
 }
 
+/// Runs passes of `relay` until it is idle; returns them.
+async fn drain_until_idle<S: EventStore + OutboxStore, P: Publisher>(
+    relay: &Relay<S, P>,
+) -> Vec<RelayStep> {
+    let mut passes = Vec::new();
+    loop {
+        let step = relay.drain().await.unwrap();
+        passes.push(step);
+        if step == RelayStep::Idle {
+            return passes;
+        }
+        assert!(passes.len() < 10, "the relay makes progress: {passes:?}");
+    }
+}
+
 /// The records of `received` in first-appearance order, by message id.
 fn first_appearances(received: &[(String, OutboxRecord)]) -> Vec<OutboxRecord> {
     let mut seen = HashSet::new();
@@ -1273,15 +1288,18 @@ pub async fn pipelined_relay_resends_after_a_failure_mid_window<S: StreamingStor
         relay_config("r1", Duration::from_secs(30)),
     );
     let first = relay.drain().await.unwrap();
-    assert_eq!(
-        first,
-        RelayStep::PublishFailed {
-            delivered: 9,
-            dead_lettered: 0,
-            failed: 12,
-        },
-        "only the records before the failure are marked; the rest of its batch and the third \
-         batch failed with it"
+    // Failed: the rest of the second batch (5) and the third (7), and the fourth (7) too if its
+    // read came back before the failure was settled (it is then not handed over).
+    assert!(
+        matches!(
+            first,
+            RelayStep::PublishFailed {
+                delivered: 9,
+                dead_lettered: 0,
+                failed: 12 | 19,
+            }
+        ),
+        "only the records before the failure are marked: {first:?}"
     );
     assert_eq!(broker.max_in_flight.load(Ordering::SeqCst), 3);
     let left = store.pending_outbox(100).await.unwrap();
@@ -1300,15 +1318,7 @@ pub async fn pipelined_relay_resends_after_a_failure_mid_window<S: StreamingStor
         pending[..9].iter().map(|r| r.position).collect::<Vec<_>>(),
         "nothing handed over after the failure was written"
     );
-    let mut passes = vec![first];
-    loop {
-        let step = relay.drain().await.unwrap();
-        passes.push(step);
-        if step == RelayStep::Idle {
-            break;
-        }
-        assert!(passes.len() < 10, "the relay makes progress: {passes:?}");
-    }
+    drain_until_idle(&relay).await;
     assert_eq!(store.outbox_len().await.unwrap(), 0);
     let received = lock(&broker.received).clone();
     assert_at_least_once_in_order(&received, &pending);
@@ -1336,15 +1346,7 @@ pub async fn relay_waits_for_each_batch_of_a_publisher_that_is_not_gapless<S: St
         relay_config("r1", Duration::from_secs(30)),
     );
     assert_eq!(relay.config().max_in_flight, 3);
-    let mut passes = Vec::new();
-    loop {
-        let step = relay.drain().await.unwrap();
-        passes.push(step);
-        if step == RelayStep::Idle {
-            break;
-        }
-        assert!(passes.len() < 10, "the relay makes progress: {passes:?}");
-    }
+    let passes = drain_until_idle(&relay).await;
     assert!(
         matches!(passes[0], RelayStep::PublishFailed { delivered: 9, .. }),
         "{passes:?}"
@@ -1409,15 +1411,7 @@ pub async fn pipelined_relay_makes_no_call_after_it_settled_a_failure<S: Streami
         .iter()
         .map(|(_, r)| r.position)
         .collect();
-    let mut passes = vec![first];
-    loop {
-        let step = relay.drain().await.unwrap();
-        passes.push(step);
-        if step == RelayStep::Idle {
-            break;
-        }
-        assert!(passes.len() < 10, "the relay makes progress: {passes:?}");
-    }
+    drain_until_idle(&relay).await;
     let received = lock(&broker.received).clone();
     assert_first_copies_in_order(&received);
     assert_at_least_once_in_order(&received, &pending);

@@ -144,3 +144,26 @@ impl tracing::Subscriber for Capture {
 
     fn exit(&self, _: &tracing::span::Id) {}
 }
+
+/// Appends one event to `stream` (expected at `version`) while a task waits for the next append:
+/// the waiter is woken, so the store's head watcher works over the same kind of connection.
+pub async fn append_wakes_a_waiter(store: &RedisStore, stream: &es_core::StreamId, version: u64) {
+    use es_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent};
+    let head = store.head_position().await.unwrap();
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move { store.wait_for_append(head).await })
+    };
+    store
+        .append(AppendRequest::new(
+            stream.clone(),
+            ExpectedVersion::Exact(version),
+            vec![NewEvent::new("Deposited", 1, r#"{"amount":6}"#).unwrap()],
+        ))
+        .await
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+        .await
+        .expect("woken by the append")
+        .unwrap();
+}
