@@ -235,7 +235,8 @@ impl KafkaConfig {
     }
 
     /// The librdkafka properties of [`with_tls`](Self::with_tls) and
-    /// [`with_sasl`](Self::with_sasl).
+    /// [`with_sasl`](Self::with_sasl): none without the `tls` feature.
+    #[cfg_attr(not(feature = "tls"), allow(clippy::unused_self))]
     fn security_properties(&self) -> Vec<(&'static str, String)> {
         #[cfg(feature = "tls")]
         {
