@@ -448,6 +448,51 @@ pub async fn read_all(config: &KafkaConfig, topic: &str) -> Vec<Received> {
         .collect()
 }
 
+/// Appends `n` events to one stream (`ledger-k`), each with one outbox message to `topic`: the
+/// outbox then holds `n` records of one key, which are returned in outbox order.
+pub async fn one_key_outbox<S: StreamingStore>(
+    store: &S,
+    topic: &str,
+    n: u64,
+) -> Vec<OutboxRecord> {
+    let stream = StreamId::new("ledger", "k").expect("a stream id");
+    for i in 0..n {
+        let event = NewEvent::from_value("Credited", 1, &json!({ "n": i }));
+        let message = OutboxMessage {
+            message_id: Uuid::now_v7(),
+            source_event_id: event.event_id,
+            topic: topic.to_owned(),
+            key: stream.to_string(),
+            message_type: "ledger.credited".into(),
+            schema_version: 1,
+            payload: json!({ "n": i }).to_string().into(),
+            metadata: Metadata::new(),
+        };
+        store
+            .append(
+                AppendRequest::new(stream.clone(), ExpectedVersion::Any, vec![event])
+                    .with_outbox(vec![message]),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("append with an outbox message: {e}"));
+    }
+    store.pending_outbox(n).await.expect("the outbox")
+}
+
+/// The outbox positions of `received` (in topic order), each at its first copy only.
+pub fn first_positions(received: &[Received]) -> Vec<u64> {
+    let mut seen = std::collections::HashSet::new();
+    received
+        .iter()
+        .map(|m| {
+            header(m, headers::OUTBOX_POSITION)
+                .parse::<u64>()
+                .expect("outbox_position is a number")
+        })
+        .filter(|p| seen.insert(*p))
+        .collect()
+}
+
 /// Wraps a publisher: counts calls, failures and acknowledged batches, remembers the message
 /// ids of each acknowledged batch, and pauses after each acknowledgement (before the relay can
 /// mark the batch delivered), which is where a crash costs the most. Clones share the counters.

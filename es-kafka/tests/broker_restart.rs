@@ -27,12 +27,9 @@ async fn a_failure_fails_every_batch_handed_over_after_it() {
     use std::time::Duration;
 
     use es_core::outbox::PublishOutcome;
-    use es_core::{
-        AppendRequest, EventStore, ExpectedVersion, NewEvent, OutboxMessage, OutboxStore,
-        Publisher, StreamId,
-    };
+    use es_core::Publisher;
     use es_kafka::rdkafka::error::RDKafkaErrorCode;
-    use es_kafka::{headers, KafkaConfig, KafkaPublisher, PublishError};
+    use es_kafka::{KafkaConfig, KafkaPublisher, PublishError};
 
     let dir = es_test_support::scratch_dir("kafka-gapless");
     let mut broker = testing::durable_broker(&dir);
@@ -40,28 +37,7 @@ async fn a_failure_fails_every_batch_handed_over_after_it() {
     let topic = testing::unique_topic("gapless");
     es_kafka::ensure_topic(&config, &topic, 1).await.unwrap();
     let store = InMemoryStore::new();
-    let stream = StreamId::new("ledger", "k").unwrap();
-    for n in 0..16 {
-        let event = NewEvent::from_value("Credited", 1, &serde_json::json!({ "n": n }));
-        let message = OutboxMessage {
-            message_id: uuid::Uuid::now_v7(),
-            source_event_id: event.event_id,
-            topic: topic.clone(),
-            key: stream.to_string(),
-            message_type: "ledger.credited".into(),
-            schema_version: 1,
-            payload: serde_json::json!({ "n": n }).to_string().into(),
-            metadata: es_core::Metadata::new(),
-        };
-        store
-            .append(
-                AppendRequest::new(stream.clone(), ExpectedVersion::Any, vec![event])
-                    .with_outbox(vec![message]),
-            )
-            .await
-            .unwrap();
-    }
-    let records = store.pending_outbox(16).await.unwrap();
+    let records = testing::one_key_outbox(&store, &topic, 16).await;
     let publisher = KafkaPublisher::new(config.clone()).unwrap();
     let acknowledged = |outcomes: &[PublishOutcome<PublishError>]| {
         outcomes.iter().all(PublishOutcome::is_acknowledged)
@@ -107,12 +83,7 @@ async fn a_failure_fails_every_batch_handed_over_after_it() {
     assert!(acknowledged(&again), "sent again: {again:?}");
 
     let received = testing::read_all(&config, &topic).await;
-    let mut seen = std::collections::HashSet::new();
-    let firsts: Vec<u64> = received
-        .iter()
-        .map(|m| m.headers[headers::OUTBOX_POSITION].parse::<u64>().unwrap())
-        .filter(|p| seen.insert(*p))
-        .collect();
+    let firsts = testing::first_positions(&received);
     let expected: Vec<u64> = records.iter().map(|r| r.position).collect();
     assert_eq!(
         firsts, expected,

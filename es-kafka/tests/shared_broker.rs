@@ -26,11 +26,8 @@ async fn producer_refusals_are_permanent() {
 async fn batches_in_flight_keep_outbox_order_when_the_producer_queue_is_full() {
     use std::time::Duration;
 
-    use es_core::{
-        AppendRequest, EventStore, ExpectedVersion, NewEvent, OutboxMessage, OutboxStore, Relay,
-        RelayStep, StreamId,
-    };
-    use es_kafka::{headers, KafkaPublisher};
+    use es_core::{OutboxStore, Relay, RelayStep};
+    use es_kafka::KafkaPublisher;
 
     let config = config()
         .with_delivery_timeout(Duration::from_secs(10))
@@ -38,28 +35,7 @@ async fn batches_in_flight_keep_outbox_order_when_the_producer_queue_is_full() {
     let topic = testing::unique_topic("queuefull");
     es_kafka::ensure_topic(&config, &topic, 1).await.unwrap();
     let store = InMemoryStore::new();
-    let stream = StreamId::new("ledger", "k").unwrap();
-    for n in 0..400 {
-        let event = NewEvent::from_value("Credited", 1, &serde_json::json!({ "n": n }));
-        let message = OutboxMessage {
-            message_id: uuid::Uuid::now_v7(),
-            source_event_id: event.event_id,
-            topic: topic.clone(),
-            key: stream.to_string(),
-            message_type: "ledger.credited".into(),
-            schema_version: 1,
-            payload: serde_json::json!({ "n": n }).to_string().into(),
-            metadata: es_core::Metadata::new(),
-        };
-        store
-            .append(
-                AppendRequest::new(stream.clone(), ExpectedVersion::Any, vec![event])
-                    .with_outbox(vec![message]),
-            )
-            .await
-            .unwrap();
-    }
-    let records = store.pending_outbox(1000).await.unwrap();
+    let records = testing::one_key_outbox(&store, &topic, 400).await;
     let publisher = KafkaPublisher::new(config.clone()).unwrap();
     let relay = Relay::new(
         store.clone(),
@@ -77,12 +53,7 @@ async fn batches_in_flight_keep_outbox_order_when_the_producer_queue_is_full() {
     }
     assert_eq!(store.outbox_len().await.unwrap(), 0, "{steps:?}");
     let received = testing::read_all(&config, &topic).await;
-    let mut seen = std::collections::HashSet::new();
-    let firsts: Vec<u64> = received
-        .iter()
-        .map(|m| m.headers[headers::OUTBOX_POSITION].parse::<u64>().unwrap())
-        .filter(|p| seen.insert(*p))
-        .collect();
+    let firsts = testing::first_positions(&received);
     let expected: Vec<u64> = records.iter().map(|r| r.position).collect();
     assert_eq!(firsts, expected, "first copies in outbox order ({steps:?})");
 }

@@ -984,34 +984,48 @@ fn check_dead_letters<const N: usize>(
     }
 }
 
-/// A store handle whose first `n` delivery marks stall before they reach the store (a relay
-/// paused between the broker's acknowledgement and its mark: a GC pause, SIGSTOP, a slow
-/// network), recording what the store answered them. Everything else goes straight through.
+/// A store handle that gets in a relay's way, where a relay is slow in real life. Its first `n`
+/// delivery marks may stall before they reach the store (a relay paused between the broker's
+/// acknowledgement and its mark: a GC pause, SIGSTOP, a slow network), recording what the store
+/// answered them; its first [`OutboxStore::pending_outbox_after`] may hold its thread once the
+/// store answered, before it returns (a slow synchronous step, or the relay's thread
+/// preempted), so that whatever another thread wakes meanwhile is woken before the read
+/// returns. Everything else goes straight through.
 #[derive(Clone)]
-pub struct StallingMarks<S> {
+pub struct Interfering<S> {
     inner: S,
     stalls: Arc<AtomicU32>,
     pause: Duration,
+    /// How long the first `pending_outbox_after` holds its thread (taken by that read).
+    read_hold: Arc<Mutex<Option<Duration>>>,
     /// Stalled marks the store refused as fenced.
     pub fenced: Arc<AtomicU32>,
     /// Stalled marks the store accepted.
     pub accepted: Arc<AtomicU32>,
 }
 
-impl<S> StallingMarks<S> {
+impl<S> Interfering<S> {
     /// Stalls the first `n` marks through this handle for `pause` each.
-    pub fn new(inner: S, n: u32, pause: Duration) -> Self {
+    pub fn stalling_marks(inner: S, n: u32, pause: Duration) -> Self {
         Self {
             inner,
             stalls: Arc::new(AtomicU32::new(n)),
             pause,
+            read_hold: Arc::default(),
             fenced: Arc::default(),
             accepted: Arc::default(),
         }
     }
+
+    /// Holds the thread for `hold` in the poll that returns the first `pending_outbox_after`.
+    pub fn slow_first_read_after(inner: S, hold: Duration) -> Self {
+        let this = Self::stalling_marks(inner, 0, Duration::ZERO);
+        *lock(&this.read_hold) = Some(hold);
+        this
+    }
 }
 
-impl<S: EventStore> EventStore for StallingMarks<S> {
+impl<S: EventStore> EventStore for Interfering<S> {
     fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {
         self.inner.append(request)
     }
@@ -1038,7 +1052,7 @@ impl<S: EventStore> EventStore for StallingMarks<S> {
     }
 }
 
-impl<S: OutboxStore> OutboxStore for StallingMarks<S> {
+impl<S: OutboxStore> OutboxStore for Interfering<S> {
     fn acquire_relay_lease(&self, owner: &str, ttl: Duration) -> impl StoreFuture<Option<u64>> {
         self.inner.acquire_relay_lease(owner, ttl)
     }
@@ -1049,7 +1063,16 @@ impl<S: OutboxStore> OutboxStore for StallingMarks<S> {
         self.inner.pending_outbox(limit)
     }
     fn pending_outbox_after(&self, after: u64, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>> {
-        self.inner.pending_outbox_after(after, limit)
+        let this = self.clone();
+        async move {
+            let read = this.inner.pending_outbox_after(after, limit).await;
+            let hold = lock(&this.read_hold).take();
+            if let Some(hold) = hold {
+                // Held in the poll that returns the read: not an await point.
+                std::thread::sleep(hold);
+            }
+            read
+        }
     }
     fn mark_delivered(&self, generation: u64, delivered: &[Delivered]) -> impl StoreFuture<()> {
         let this = self.clone();
@@ -1125,7 +1148,7 @@ pub async fn two_relays_with_a_short_lease_never_publish_at_once<S: StreamingSto
         ..RecordingPublisher::default()
     };
     append_to_three_ledgers(&store, 0..12).await;
-    let stalling = StallingMarks::new(store.clone(), 1, Duration::from_millis(2500));
+    let stalling = Interfering::stalling_marks(store.clone(), 1, Duration::from_millis(2500));
     let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
     let (stop_b, stopped_b) = tokio::sync::oneshot::channel::<()>();
     let a = tokio::spawn(
@@ -1396,7 +1419,7 @@ pub async fn pipelined_relay_makes_no_call_after_it_settled_a_failure<S: Streami
     assert!(pending[7..14]
         .iter()
         .any(|r| r.message.key == failing.message.key));
-    let slow = SlowReadAfter::new(store.clone(), Duration::from_millis(300));
+    let slow = Interfering::slow_first_read_after(store.clone(), Duration::from_millis(300));
     let relay = Relay::new(
         slow,
         broker.clone(),
@@ -1420,95 +1443,6 @@ pub async fn pipelined_relay_makes_no_call_after_it_settled_a_failure<S: Streami
         Vec::<u64>::new(),
         "nothing after the failed record was written by the failing pass"
     );
-}
-
-/// A store handle whose first [`OutboxStore::pending_outbox_after`] holds its thread for
-/// `pause` once the store answered, before it returns (a slow synchronous step, or the relay's
-/// thread preempted): whatever another thread wakes meanwhile is woken before the read
-/// returns. Everything else goes straight through.
-#[derive(Clone)]
-struct SlowReadAfter<S> {
-    inner: S,
-    slow: Arc<AtomicBool>,
-    pause: Duration,
-}
-
-impl<S> SlowReadAfter<S> {
-    fn new(inner: S, pause: Duration) -> Self {
-        Self {
-            inner,
-            slow: Arc::new(AtomicBool::new(true)),
-            pause,
-        }
-    }
-}
-
-impl<S: EventStore> EventStore for SlowReadAfter<S> {
-    fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {
-        self.inner.append(request)
-    }
-    fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
-        self.inner.stream_version(stream)
-    }
-    fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
-        self.inner.read_stream(stream, read)
-    }
-    fn read_all(&self, read: ReadAll) -> EventStream {
-        self.inner.read_all(read)
-    }
-    fn head_position(&self) -> impl StoreFuture<u64> {
-        self.inner.head_position()
-    }
-    fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send {
-        self.inner.wait_for_append(after)
-    }
-    fn epochs(&self) -> impl StoreFuture<Vec<EpochStart>> {
-        self.inner.epochs()
-    }
-    fn subscribe(&self, after: u64, filter: EventFilter) -> EventStream {
-        self.inner.subscribe(after, filter)
-    }
-}
-
-impl<S: OutboxStore> OutboxStore for SlowReadAfter<S> {
-    fn acquire_relay_lease(&self, owner: &str, ttl: Duration) -> impl StoreFuture<Option<u64>> {
-        self.inner.acquire_relay_lease(owner, ttl)
-    }
-    fn release_relay_lease(&self, owner: &str, generation: u64) -> impl StoreFuture<()> {
-        self.inner.release_relay_lease(owner, generation)
-    }
-    fn pending_outbox(&self, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>> {
-        self.inner.pending_outbox(limit)
-    }
-    fn pending_outbox_after(&self, after: u64, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>> {
-        let this = self.clone();
-        async move {
-            let read = this.inner.pending_outbox_after(after, limit).await;
-            if this.slow.swap(false, Ordering::SeqCst) {
-                // Held in the poll that returns the read: not an await point.
-                std::thread::sleep(this.pause);
-            }
-            read
-        }
-    }
-    fn mark_delivered(&self, generation: u64, delivered: &[Delivered]) -> impl StoreFuture<()> {
-        self.inner.mark_delivered(generation, delivered)
-    }
-    fn dead_letter(&self, generation: u64, rejections: &[Rejection]) -> impl StoreFuture<()> {
-        self.inner.dead_letter(generation, rejections)
-    }
-    fn dead_letters(&self, limit: u64) -> impl StoreFuture<Vec<DeadLetter>> {
-        self.inner.dead_letters(limit)
-    }
-    fn requeue_dead_letters(&self, positions: &[u64]) -> impl StoreFuture<u64> {
-        self.inner.requeue_dead_letters(positions)
-    }
-    fn outbox_len(&self) -> impl StoreFuture<u64> {
-        self.inner.outbox_len()
-    }
-    fn relay_status(&self) -> impl StoreFuture<RelayStatus> {
-        self.inner.relay_status()
-    }
 }
 
 /// A relay is dropped (its process killed) with batches in flight and its lease held; a second
@@ -1599,7 +1533,7 @@ pub async fn relay_fenced_with_batches_in_flight_marks_nothing_more<S: Streaming
         gapless: true,
         ..RecordingPublisher::default()
     };
-    let stalling = StallingMarks::new(store.clone(), 1, Duration::from_secs(2));
+    let stalling = Interfering::stalling_marks(store.clone(), 1, Duration::from_secs(2));
     let config = |owner: &str| RelayConfig {
         publish_timeout: Duration::from_millis(300),
         ..relay_config(owner, ttl)
