@@ -211,15 +211,6 @@ async fn start_group(name: &str, security: Security) -> Group {
     }
 }
 
-fn signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} {pid}");
-}
-
 /// One acknowledged append: its request and result.
 type Acked = (AppendRequest, AppendResult);
 
@@ -250,7 +241,7 @@ async fn lag_and_kill(
     acked_count: &AtomicUsize,
 ) -> (usize, usize, Instant, Duration) {
     let replica_pid = group.replica.pid().unwrap();
-    signal(replica_pid, "STOP");
+    common::signal(replica_pid, "STOP");
     let before_freeze = acked_count.load(Ordering::Relaxed);
     let _: redis::Value = redis::cmd("CLIENT")
         .arg("KILL")
@@ -264,7 +255,7 @@ async fn lag_and_kill(
     tokio::task::block_in_place(|| group.primary.kill9()).unwrap();
     let killed_at = Instant::now();
     let at_kill = acked_count.load(Ordering::Relaxed);
-    signal(replica_pid, "CONT");
+    common::signal(replica_pid, "CONT");
 
     // Every sentinel names the new primary before the old one comes back: one that has not
     // heard of the failover yet would otherwise take the returning old primary back as the

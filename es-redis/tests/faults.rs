@@ -68,7 +68,7 @@ impl Kills {
     }
 
     async fn kill(&self, server: &mut RedisServer) {
-        signal(server.pid().unwrap(), "STOP");
+        common::signal(server.pid().unwrap(), "STOP");
         // Counted from here: the frozen server answers nothing until it is killed.
         let k = self.started.fetch_add(1, Ordering::SeqCst);
         self.hit.lock().unwrap().resize(k + 1, 0);
@@ -488,22 +488,12 @@ async fn server_down_is_unavailable_then_recovers() {
     assert_eq!(store.stream_version(&s).await.unwrap(), 2);
 }
 
-/// Sends `signal` (`STOP`, `CONT`) to the test's own server process.
-fn signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} {pid}");
-}
-
 /// Resumes a stopped server when dropped, so a failing test does not leave it stopped.
 struct Resume(u32);
 
 impl Drop for Resume {
     fn drop(&mut self) {
-        signal(self.0, "CONT");
+        common::signal(self.0, "CONT");
     }
 }
 
@@ -535,7 +525,7 @@ async fn a_stalled_server_times_calls_out_instead_of_hanging() {
         .unwrap();
 
     let pid = server.pid().unwrap();
-    signal(pid, "STOP");
+    common::signal(pid, "STOP");
     let resume = Resume(pid);
     let second = NewEvent::from_value("Paid", 1, &json!({}));
     let request = AppendRequest::new(s.clone(), ExpectedVersion::Exact(1), vec![second]);

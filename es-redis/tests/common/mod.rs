@@ -167,3 +167,13 @@ pub async fn append_wakes_a_waiter(store: &RedisStore, stream: &es_core::StreamI
         .expect("woken by the append")
         .unwrap();
 }
+
+/// Sends `signal` (`STOP`, `CONT`, ...) to a server process the test started.
+pub fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
