@@ -426,7 +426,8 @@ fn client_config(settings: &[(String, String)]) -> ClientConfig {
 mod tests {
     use super::*;
 
-    fn get<'a>(settings: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    /// The value of `key` in `settings`.
+    pub(super) fn get<'a>(settings: &'a [(String, String)], key: &str) -> Option<&'a str> {
         settings
             .iter()
             .find(|(k, _)| k == key)
@@ -533,15 +534,9 @@ mod tests {
 
 #[cfg(all(test, feature = "tls"))]
 mod tls_tests {
+    use super::tests::get;
     use super::*;
     use crate::{Error, KafkaSasl, KafkaTls};
-
-    fn get<'a>(settings: &'a [(String, String)], key: &str) -> Option<&'a str> {
-        settings
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
 
     #[test]
     fn the_protocol_follows_what_is_set() {

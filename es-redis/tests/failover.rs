@@ -607,25 +607,7 @@ async fn over_tls_the_store_appends_and_reads_through_tls_sentinels() {
     assert_eq!(store.server_settings().run_id, primary_run_id);
 
     let stream = StreamId::new("account", "1").unwrap();
-    for expected in [ExpectedVersion::NoStream, ExpectedVersion::Exact(1)] {
-        store
-            .append(AppendRequest::new(
-                stream.clone(),
-                expected,
-                vec![NewEvent::new("Deposited", 1, r#"{"amount":5}"#).unwrap()],
-            ))
-            .await
-            .unwrap();
-    }
-    let events: Vec<_> = store
-        .read_stream(&stream, ReadStream::forward())
-        .try_collect()
-        .await
-        .unwrap();
-    assert_eq!(
-        events.iter().map(|e| e.stream_version).collect::<Vec<_>>(),
-        [1, 2]
-    );
+    common::append_two_and_read_back(&store, &stream).await;
 
     // The head watcher reaches the primary through the sentinels over TLS as well: a waiter
     // is woken by the next append.

@@ -9,11 +9,10 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use es_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, ReadStream, StreamId};
+use es_core::{EventStore, StreamId};
 use es_redis::{Error, RedisStore};
 use es_test_support::{RedisServer, TestCerts};
 use es_testkit::support::everything_shown;
-use futures::TryStreamExt;
 
 const PASSWORD: &str = "tls-s3cret-pw";
 
@@ -61,21 +60,7 @@ async fn the_store_works_over_tls_with_the_right_ca() {
         .await
         .expect("TLS with the test CA");
     let stream = StreamId::new("account", "1").unwrap();
-    for expected in [ExpectedVersion::NoStream, ExpectedVersion::Exact(1)] {
-        store
-            .append(AppendRequest::new(
-                stream.clone(),
-                expected,
-                vec![NewEvent::new("Deposited", 1, r#"{"amount":5}"#).unwrap()],
-            ))
-            .await
-            .unwrap();
-    }
-    let events: Vec<_> = store
-        .read_stream(&stream, ReadStream::forward())
-        .try_collect()
-        .await
-        .unwrap();
+    let events = common::append_two_and_read_back(&store, &stream).await;
     assert_eq!(events.len(), 2);
     let shown = format!("{store:?}");
     assert!(!shown.contains("s3cret"), "{shown}");

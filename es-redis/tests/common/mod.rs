@@ -177,3 +177,33 @@ pub fn signal(pid: u32, signal: &str) {
         .unwrap();
     assert!(status.success(), "kill -{signal} {pid}");
 }
+
+/// Appends two events to `stream` (a new stream, then at version 1) and reads them back:
+/// versions 1 and 2.
+pub async fn append_two_and_read_back(
+    store: &RedisStore,
+    stream: &es_core::StreamId,
+) -> Vec<es_core::RecordedEvent> {
+    use es_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, ReadStream};
+    use futures::TryStreamExt;
+    for expected in [ExpectedVersion::NoStream, ExpectedVersion::Exact(1)] {
+        store
+            .append(AppendRequest::new(
+                stream.clone(),
+                expected,
+                vec![NewEvent::new("Deposited", 1, r#"{"amount":5}"#).unwrap()],
+            ))
+            .await
+            .unwrap();
+    }
+    let events: Vec<_> = store
+        .read_stream(stream, ReadStream::forward())
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.stream_version).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    events
+}
