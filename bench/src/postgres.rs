@@ -392,6 +392,7 @@ fn decode(row: &PgRow) -> anyhow::Result<RecordedEvent> {
     let _ = row.try_get_raw(0)?.is_null();
     Ok(RecordedEvent {
         global_position: row.try_get::<i64, _>(0)? as u64,
+        partition: 0,
         stream_id: StreamId::parse(row.try_get::<&str, _>(1)?)?,
         stream_version: row.try_get::<i64, _>(2)? as u64,
         event_id: row.try_get(3)?,

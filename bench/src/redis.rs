@@ -561,6 +561,7 @@ fn decode_by_hand(
             .unwrap_or_else(|| StreamId::parse("x-x").expect("valid")),
         stream_version: number,
         global_position: number,
+        partition: 0,
         event_type: String::new(),
         schema_version: 0,
         payload: Bytes::new(),

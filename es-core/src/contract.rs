@@ -38,6 +38,10 @@
 //!   commit order (not necessarily dense). Once [`EventStore::read_all`] or a subscription has
 //!   returned position `p`, no event at or below `p` becomes visible later. Per-stream order in the
 //!   global feed matches stream versions.
+//! - **Partitions.** A store with several feed [`partition`]s keeps each of the above per
+//!   partition: a stream lives in one partition, each partition's positions are its own, and
+//!   nothing orders events of different partitions. Single-feed calls on such a store fail with
+//!   [`StoreError::Partitioned`].
 //! - **Reads** are lazy async streams that page through the store; they never buffer a whole large
 //!   stream.
 //! - **Outbox** records are written by the append that carries them, atomically with its events;
@@ -51,6 +55,7 @@ mod error;
 mod event_store;
 mod expected;
 mod outbox;
+pub mod partition;
 pub mod position;
 mod read;
 mod redact;
@@ -65,9 +70,11 @@ pub use outbox::{
     DeadLetter, Delivered, LastRejection, LeaseState, OutboxMessage, OutboxRecord, OutboxStore,
     Rejection, RelayStatus,
 };
+pub use partition::{FeedPosition, PartitionKey, Partitioning, MAX_PARTITIONS};
 pub use position::EpochStart;
 pub use read::{
-    pages_of, Direction, EventFilter, EventPage, EventPages, EventStream, ReadAll, ReadStream,
+    failed_read, pages_of, Direction, EventFilter, EventPage, EventPages, EventStream, ReadAll,
+    ReadStream,
 };
 pub use redact::redact_url;
 pub use snapshot::{SnapshotRecord, SnapshotStore};

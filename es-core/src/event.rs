@@ -223,8 +223,11 @@ pub struct RecordedEvent {
     pub stream_id: StreamId,
     /// Version of the stream after this event; the first event of a stream has version 1.
     pub stream_version: u64,
-    /// Position in the global feed: strictly increasing in commit order, not necessarily dense.
+    /// Position in its partition's feed (the whole feed with one partition): strictly
+    /// increasing in commit order, not necessarily dense.
     pub global_position: u64,
+    /// The feed partition the event's stream belongs to (0 on a store with one partition).
+    pub partition: u32,
     /// Stable event type name.
     pub event_type: String,
     /// Schema version of the payload as stored.

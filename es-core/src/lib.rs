@@ -97,8 +97,9 @@ pub use aggregate::{Aggregate, Apply, ApplyEvent, Decision};
 pub use contract::{
     AppendLimits, AppendRequest, AppendResult, Checkpoint, CheckpointStore, DeadLetter, Delivered,
     Direction, EpochStart, EventFilter, EventPage, EventPages, EventStore, EventStream,
-    ExpectedVersion, OutboxMessage, OutboxRecord, OutboxStore, ReadAll, ReadStream, Rejection,
-    RelayStatus, SnapshotRecord, SnapshotStore, Store, StoreError, StoreFuture, StreamingStore,
+    ExpectedVersion, FeedPosition, OutboxMessage, OutboxRecord, OutboxStore, PartitionKey,
+    Partitioning, ReadAll, ReadStream, Rejection, RelayStatus, SnapshotRecord, SnapshotStore,
+    Store, StoreError, StoreFuture, StreamingStore,
 };
 pub use event::{
     DomainEvent, EventSchema, Metadata, NewEvent, PayloadError, RecordedEvent, RecordedEventRef,

@@ -453,11 +453,11 @@ impl EventStore for Faulty {
     fn read_all(&self, read: ReadAll) -> EventStream {
         self.inner.read_all(read)
     }
-    fn head_position(&self) -> impl StoreFuture<u64> {
-        self.inner.head_position()
+    fn partition_head(&self, partition: u32) -> impl StoreFuture<u64> {
+        self.inner.partition_head(partition)
     }
-    fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send {
-        self.inner.wait_for_append(after)
+    fn wait_for_partition(&self, partition: u32, after: u64) -> impl Future<Output = ()> + Send {
+        self.inner.wait_for_partition(partition, after)
     }
 }
 
@@ -1506,10 +1506,10 @@ impl EventStore for BlackHole {
     fn read_all(&self, _: ReadAll) -> EventStream {
         Box::pin(futures::stream::empty())
     }
-    fn head_position(&self) -> impl StoreFuture<u64> {
+    fn partition_head(&self, _: u32) -> impl StoreFuture<u64> {
         futures::future::ready(Ok(0))
     }
-    fn wait_for_append(&self, _: u64) -> impl Future<Output = ()> + Send {
+    fn wait_for_partition(&self, _: u32, _: u64) -> impl Future<Output = ()> + Send {
         futures::future::ready(())
     }
 }

@@ -39,6 +39,7 @@ fn stored(event_type: &str, version: u32, payload: &serde_json::Value) -> Record
         stream_id: StreamId::parse("person-1").unwrap(),
         stream_version: 7,
         global_position: 70,
+        partition: 0,
         event_type: event_type.into(),
         schema_version: version,
         payload: Bytes::from(payload.to_string()),

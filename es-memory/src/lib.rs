@@ -33,14 +33,14 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use es_core::contract::Checkpoint;
-use es_core::contract::{classify_retry, StoreFuture, StoredEventRef};
+use es_core::contract::{classify_retry, failed_read, StoreFuture, StoredEventRef};
 use es_core::contract::{DeadLetter, Delivered, LastRejection, LeaseState, Rejection, RelayStatus};
 use es_core::event::now_micros;
 use es_core::projection::HandlerError;
 use es_core::{
     AppendLimits, AppendRequest, AppendResult, CheckpointStore, Direction, EventFilter, EventPage,
-    EventPages, EventStore, EventStream, OutboxRecord, OutboxStore, ReadAll, ReadStream,
-    RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
+    EventPages, EventStore, EventStream, OutboxRecord, OutboxStore, Partitioning, ReadAll,
+    ReadStream, RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
 };
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -60,7 +60,9 @@ pub struct InMemoryStore {
 
 struct Inner {
     state: Mutex<State>,
-    head: watch::Sender<u64>,
+    partitioning: Partitioning,
+    /// Per partition, the head position.
+    heads: Vec<watch::Sender<u64>>,
     limits: AppendLimits,
     inline: Vec<(String, Box<InlineProjection>)>,
 }
@@ -71,12 +73,12 @@ pub type InlineProjection = dyn Fn(&[RecordedEvent]) -> Result<(), HandlerError>
 
 #[derive(Default)]
 struct State {
-    /// The global feed; the event at index `i` has global position `i + 1`.
-    log: Vec<Arc<RecordedEvent>>,
-    /// Per stream, its events in version order (shared with `log`).
+    /// Per partition, its feed; the event at index `i` has position `i + 1`.
+    logs: Vec<Vec<Arc<RecordedEvent>>>,
+    /// Per stream, its events in version order (shared with its partition's log).
     streams: HashMap<StreamId, StreamEvents>,
-    /// Event id to its index in `log`.
-    ids: HashMap<Uuid, usize>,
+    /// Event id to its partition and its index in that partition's log.
+    ids: HashMap<Uuid, (u32, usize)>,
     snapshots: HashMap<StreamId, SnapshotRecord>,
     last_recorded_at: Option<DateTime<Utc>>,
     /// Undelivered outbox records by outbox position.
@@ -107,7 +109,8 @@ impl std::fmt::Debug for InMemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = self.inner.lock();
         f.debug_struct("InMemoryStore")
-            .field("events", &state.log.len())
+            .field("events", &state.logs.iter().map(Vec::len).sum::<usize>())
+            .field("partitioning", &self.inner.partitioning)
             .field("streams", &state.streams.len())
             .field("snapshots", &state.snapshots.len())
             .finish()
@@ -135,13 +138,14 @@ impl InMemoryStore {
     pub fn builder() -> InMemoryStoreBuilder {
         InMemoryStoreBuilder {
             limits: AppendLimits::default(),
+            partitioning: Partitioning::single(),
             inline: Vec::new(),
         }
     }
 
     /// Number of stored events.
     pub fn len(&self) -> usize {
-        self.inner.lock().log.len()
+        self.inner.lock().logs.iter().map(Vec::len).sum()
     }
 
     /// Whether the store holds no events.
@@ -153,6 +157,7 @@ impl InMemoryStore {
 /// Configures an [`InMemoryStore`].
 pub struct InMemoryStoreBuilder {
     limits: AppendLimits,
+    partitioning: Partitioning,
     inline: Vec<(String, Box<InlineProjection>)>,
 }
 
@@ -161,6 +166,7 @@ impl std::fmt::Debug for InMemoryStoreBuilder {
         let names: Vec<&str> = self.inline.iter().map(|(n, _)| n.as_str()).collect();
         f.debug_struct("InMemoryStoreBuilder")
             .field("limits", &self.limits)
+            .field("partitioning", &self.partitioning)
             .field("inline", &names)
             .finish()
     }
@@ -170,6 +176,13 @@ impl InMemoryStoreBuilder {
     /// Enforces `limits` on appends.
     pub fn limits(mut self, limits: AppendLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Divides the streams among feed partitions (default: one feed). See
+    /// [`es_core::contract::partition`].
+    pub fn partitioning(mut self, partitioning: Partitioning) -> Self {
+        self.partitioning = partitioning;
         self
     }
 
@@ -188,8 +201,16 @@ impl InMemoryStoreBuilder {
     pub fn build(self) -> InMemoryStore {
         InMemoryStore {
             inner: Arc::new(Inner {
-                state: Mutex::new(State::default()),
-                head: watch::channel(0).0,
+                state: Mutex::new(State {
+                    logs: vec![Vec::new(); self.partitioning.count() as usize],
+                    ..State::default()
+                }),
+                heads: self
+                    .partitioning
+                    .partitions()
+                    .map(|_| watch::channel(0).0)
+                    .collect(),
+                partitioning: self.partitioning,
                 limits: self.limits,
                 inline: self.inline,
             }),
@@ -211,8 +232,8 @@ impl Inner {
             .events
             .iter()
             .map(|e| {
-                state.ids.get(&e.event_id).map(|&i| {
-                    let stored = &state.log[i];
+                state.ids.get(&e.event_id).map(|&(p, i)| {
+                    let stored = &state.logs[p as usize][i];
                     StoredEventRef {
                         event_id: stored.event_id,
                         stream_id: stored.stream_id.clone(),
@@ -241,7 +262,8 @@ impl Inner {
             Some(last) => now_micros().max(last),
             None => now_micros(),
         };
-        let first_index = state.log.len();
+        let partition = self.partitioning.partition_of(&request.stream_id);
+        let first_index = state.logs[partition as usize].len();
         let recorded: Vec<RecordedEvent> = request
             .events
             .iter()
@@ -251,6 +273,7 @@ impl Inner {
                 stream_id: request.stream_id.clone(),
                 stream_version: current + i as u64 + 1,
                 global_position: (first_index + i) as u64 + 1,
+                partition,
                 event_type: event.event_type.clone(),
                 schema_version: event.schema_version,
                 payload: event.payload.clone(),
@@ -270,11 +293,14 @@ impl Inner {
         let positions: Vec<u64> = recorded.iter().map(|e| e.global_position).collect();
         let state = &mut *state;
         let stream = state.streams.entry(request.stream_id.clone()).or_default();
+        let log = &mut state.logs[partition as usize];
         for (i, event) in recorded.into_iter().enumerate() {
-            state.ids.insert(event.event_id, first_index + i);
+            state
+                .ids
+                .insert(event.event_id, (partition, first_index + i));
             let event = Arc::new(event);
             stream.push(Arc::clone(&event));
-            state.log.push(event);
+            log.push(event);
         }
         for message in &request.outbox {
             state.outbox_position += 1;
@@ -289,9 +315,9 @@ impl Inner {
                 },
             );
         }
-        let head = state.log.len() as u64;
+        let head = state.logs[partition as usize].len() as u64;
         // Published under the lock, so the head only ever moves forward.
-        self.head.send_replace(head);
+        self.heads[partition as usize].send_replace(head);
         Ok(AppendResult {
             stream_version: current + request.events.len() as u64,
             positions,
@@ -316,24 +342,26 @@ impl Inner {
         }
     }
 
-    /// Copies the next page of the global feed: up to `take` events after position `after` that
-    /// pass `filter`, scanning at most [`SCAN`] entries. Returns the page, the position scanned
-    /// up to, and whether that is the end of the feed.
+    /// Copies the next page of `partition`'s feed: up to `take` events after position `after`
+    /// that pass `filter`, scanning at most [`SCAN`] entries. Returns the page, the position
+    /// scanned up to, and whether that is the end of the feed.
     fn all_page(
         &self,
+        partition: u32,
         after: u64,
         filter: &EventFilter,
         take: usize,
     ) -> (Vec<RecordedEvent>, u64, bool) {
         let state = self.lock();
-        let start = (after as usize).min(state.log.len());
-        let entries = &state.log[start..];
+        let log = &state.logs[partition as usize];
+        let start = (after as usize).min(log.len());
+        let entries = &log[start..];
         if filter.is_empty() {
             let entries = &entries[..entries.len().min(take)];
             let page: Vec<RecordedEvent> =
                 entries.iter().map(|e| RecordedEvent::clone(e)).collect();
             let scanned = start + entries.len();
-            return (page, scanned as u64, scanned == state.log.len());
+            return (page, scanned as u64, scanned == log.len());
         }
         let mut page = Vec::new();
         let mut scanned = start;
@@ -346,7 +374,7 @@ impl Inner {
                 page.push(RecordedEvent::clone(e));
             }
         }
-        (page, scanned as u64, scanned == state.log.len())
+        (page, scanned as u64, scanned == log.len())
     }
 }
 
@@ -361,9 +389,10 @@ enum Source {
         direction: Direction,
         cursor: u64,
     },
-    /// The global feed after `after`; `follow` waits for appends at the end (a subscription)
-    /// instead of ending.
+    /// A partition's feed after `after`; `follow` waits for appends at the end (a
+    /// subscription) instead of ending.
     All {
+        partition: u32,
         after: u64,
         filter: EventFilter,
         follow: bool,
@@ -413,11 +442,12 @@ impl Pages {
                 page
             }
             Source::All {
+                partition,
                 after,
                 filter,
                 follow,
             } => {
-                let (page, scanned, end) = self.inner.all_page(*after, filter, take);
+                let (page, scanned, end) = self.inner.all_page(*partition, *after, filter, take);
                 // Entries scanned but filtered out are passed too: nothing at or below a visible
                 // position can appear later.
                 *after = scanned;
@@ -426,7 +456,7 @@ impl Pages {
                 } else if end && page.is_empty() {
                     // Caught up: wait for an append after `after` (spurious wake-ups just read
                     // an empty page and wait again).
-                    let rx = self.inner.head.subscribe();
+                    let rx = self.inner.heads[*partition as usize].subscribe();
                     let after = *after;
                     self.waiting = Some(Box::pin(async move {
                         es_core::contract::wait_on_watch(&rx, after, Duration::from_secs(5)).await;
@@ -513,7 +543,12 @@ impl EventStore for InMemoryStore {
     }
 
     fn read_all(&self, read: ReadAll) -> EventStream {
+        let partition = match read.partition_in(&self.inner.partitioning) {
+            Ok(partition) => partition,
+            Err(err) => return failed_read(err),
+        };
         let source = Source::All {
+            partition,
             after: read.after,
             filter: read.filter,
             follow: false,
@@ -521,10 +556,18 @@ impl EventStore for InMemoryStore {
         Box::pin(Pages::new(Arc::clone(&self.inner), source, read.limit))
     }
 
-    fn subscribe(&self, after: u64, filter: EventFilter) -> EventStream {
+    fn partitioning(&self) -> Partitioning {
+        self.inner.partitioning
+    }
+
+    fn subscribe_partition(&self, partition: u32, after: u64, filter: EventFilter) -> EventStream {
+        if let Err(err) = self.inner.partitioning.check(partition) {
+            return failed_read(err);
+        }
         // Pages straight from the log, as `read_all` reads them: catching up copies each event
         // out once, and at the end of the feed the stream waits for the next append.
         let source = Source::All {
+            partition,
             after,
             filter,
             follow: true,
@@ -532,12 +575,21 @@ impl EventStore for InMemoryStore {
         Box::pin(Pages::new(Arc::clone(&self.inner), source, None))
     }
 
-    fn head_position(&self) -> impl StoreFuture<u64> {
-        futures::future::ready(Ok(*self.inner.head.borrow()))
+    fn partition_head(&self, partition: u32) -> impl StoreFuture<u64> {
+        let head = self
+            .inner
+            .partitioning
+            .check(partition)
+            .map(|()| *self.inner.heads[partition as usize].borrow());
+        futures::future::ready(head)
     }
 
-    fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send {
-        let rx = self.inner.head.subscribe();
+    fn wait_for_partition(&self, partition: u32, after: u64) -> impl Future<Output = ()> + Send {
+        // A partition that does not exist never moves: wait the polling interval.
+        let rx = match self.inner.heads.get(partition as usize) {
+            Some(head) => head.subscribe(),
+            None => watch::channel(0).1,
+        };
         async move {
             es_core::contract::wait_on_watch(&rx, after, Duration::from_secs(5)).await;
         }

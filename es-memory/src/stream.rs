@@ -166,6 +166,7 @@ mod tests {
                 stream_id: id.clone(),
                 stream_version: v,
                 global_position: v,
+                partition: 0,
                 event_type: "E".to_owned(),
                 schema_version: 1,
                 payload: bytes::Bytes::from_static(b"{}"),

@@ -272,6 +272,7 @@ pub(crate) fn decode_event(
         stream_id,
         stream_version: event.stream_version,
         global_position: event.global_position,
+        partition: 0,
         event_type: event.event_type.to_owned(),
         schema_version: event.schema_version,
         payload: Bytes::copy_from_slice(event.payload),

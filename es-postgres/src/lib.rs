@@ -91,7 +91,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use es_core::contract::position::EpochStart;
-use es_core::contract::StoreFuture;
+use es_core::contract::{Partitioning, StoreFuture};
 use es_core::projection::HandlerError;
 use es_core::{
     AppendLimits, AppendRequest, AppendResult, EventPages, EventStore, EventStream, ReadAll,
@@ -769,13 +769,18 @@ impl EventStore for PgStore {
     }
 
     fn read_all(&self, read: ReadAll) -> EventStream {
+        if let Err(err) = read.partition_in(&Partitioning::single()) {
+            return es_core::contract::failed_read(err);
+        }
         let (sql, timeout) = (Arc::clone(&self.inner.sql), self.inner.query_timeout);
         self.on_read_pool(move |pool| read::read_all(pool, sql, timeout, read))
     }
 
-    fn head_position(&self) -> impl StoreFuture<u64> {
+    fn partition_head(&self, partition: u32) -> impl StoreFuture<u64> {
+        let single = Partitioning::single().check(partition);
         let inner = Arc::clone(&self.inner);
         timed(self.inner.query_timeout, async move {
+            single?;
             let head: i64 = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&inner.sql.head)))
                 .fetch_one(&inner.pool)
                 .await
@@ -784,9 +789,11 @@ impl EventStore for PgStore {
         })
     }
 
-    fn epochs(&self) -> impl StoreFuture<Vec<EpochStart>> {
+    fn partition_epochs(&self, partition: u32) -> impl StoreFuture<Vec<EpochStart>> {
+        let single = Partitioning::single().check(partition);
         let inner = Arc::clone(&self.inner);
         timed(self.inner.query_timeout, async move {
+            single?;
             let rows: Vec<(i64, i64)> =
                 sqlx::query_as(AssertSqlSafe(Arc::clone(&inner.sql.epochs)))
                     .fetch_all(&inner.pool)
@@ -803,7 +810,9 @@ impl EventStore for PgStore {
         })
     }
 
-    fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send {
+    fn wait_for_partition(&self, partition: u32, after: u64) -> impl Future<Output = ()> + Send {
+        // One partition: partition 0 is the whole feed; any other never moves.
+        let after = if partition == 0 { after } else { u64::MAX };
         let rx = self.inner.head.subscribe();
         let poll = self.inner.poll_interval;
         async move { es_core::contract::wait_on_watch(&rx, after, poll).await }

@@ -804,6 +804,7 @@ impl CallResult {
                     stream_id: request.stream_id.clone(),
                     stream_version,
                     global_position,
+                    partition: 0,
                     event_type: e.event_type.clone(),
                     schema_version: e.schema_version,
                     payload: e.payload.clone(),

@@ -167,6 +167,7 @@ pub(crate) fn event(
         stream_id,
         stream_version,
         global_position,
+        partition: 0,
         event_type,
         schema_version,
         payload,

@@ -55,7 +55,7 @@ use bytes::Bytes;
 use chrono::DateTime;
 use conn::{Connection, Target};
 use es_core::contract::position::EpochStart;
-use es_core::contract::StoreFuture;
+use es_core::contract::{Partitioning, StoreFuture};
 use es_core::{
     AppendLimits, AppendRequest, AppendResult, EventStore, EventStream, ReadAll, ReadStream,
     SnapshotRecord, SnapshotStore, StoreError, StreamId,
@@ -833,14 +833,19 @@ impl EventStore for RedisStore {
     }
 
     fn read_all(&self, read: ReadAll) -> EventStream {
+        if let Err(err) = read.partition_in(&Partitioning::single()) {
+            return es_core::contract::failed_read(err);
+        }
         read::all(Arc::clone(&self.inner), read)
     }
 
-    fn head_position(&self) -> impl StoreFuture<u64> {
+    fn partition_head(&self, partition: u32) -> impl StoreFuture<u64> {
+        let single = Partitioning::single().check(partition);
         let mut conn = self.inner.conn.clone();
         let key = self.inner.keys.index().to_owned();
         let head = Arc::clone(&self.inner.head);
         async move {
+            single?;
             let location = || "the global head".to_owned();
             let value = script::query(&mut conn, redis::cmd("HGET").arg(&key).arg("position"))
                 .await
@@ -851,10 +856,12 @@ impl EventStore for RedisStore {
         }
     }
 
-    fn epochs(&self) -> impl StoreFuture<Vec<EpochStart>> {
+    fn partition_epochs(&self, partition: u32) -> impl StoreFuture<Vec<EpochStart>> {
+        let single = Partitioning::single().check(partition);
         let mut conn = self.inner.conn.clone();
         let key = self.inner.keys.epochs().to_owned();
         async move {
+            single?;
             let location = || "the epoch history".to_owned();
             let reply = script::query(&mut conn, redis::cmd("XRANGE").arg(&key).arg("-").arg("+"))
                 .await
@@ -863,7 +870,9 @@ impl EventStore for RedisStore {
         }
     }
 
-    fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send {
+    fn wait_for_partition(&self, partition: u32, after: u64) -> impl Future<Output = ()> + Send {
+        // One partition: partition 0 is the whole feed; any other never moves.
+        let after = if partition == 0 { after } else { u64::MAX };
         let inner = &self.inner;
         inner.head.ensure_watching(inner.watch.clone());
         let rx = inner.head.subscribe();

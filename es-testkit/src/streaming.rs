@@ -20,8 +20,8 @@ use uuid::Uuid;
 use es_core::contract::{
     AppendLimits, AppendRequest, AppendResult, Checkpoint, DeadLetter, Delivered, EpochStart,
     EventFilter, EventStore, EventStream, ExpectedVersion, LastRejection, OutboxMessage,
-    OutboxRecord, OutboxStore, ReadAll, ReadStream, Rejection, RelayStatus, StoreError,
-    StoreFuture, StreamingStore,
+    OutboxRecord, OutboxStore, Partitioning, ReadAll, ReadStream, Rejection, RelayStatus,
+    StoreError, StoreFuture, StreamingStore,
 };
 use es_core::outbox::{PublishOutcome, Publisher, Relay, RelayConfig, RelayStep, Translator};
 use es_core::projection::{
@@ -1038,17 +1038,20 @@ impl<S: EventStore> EventStore for Interfering<S> {
     fn read_all(&self, read: ReadAll) -> EventStream {
         self.inner.read_all(read)
     }
-    fn head_position(&self) -> impl StoreFuture<u64> {
-        self.inner.head_position()
+    fn partitioning(&self) -> Partitioning {
+        self.inner.partitioning()
     }
-    fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send {
-        self.inner.wait_for_append(after)
+    fn partition_head(&self, partition: u32) -> impl StoreFuture<u64> {
+        self.inner.partition_head(partition)
     }
-    fn epochs(&self) -> impl StoreFuture<Vec<EpochStart>> {
-        self.inner.epochs()
+    fn wait_for_partition(&self, partition: u32, after: u64) -> impl Future<Output = ()> + Send {
+        self.inner.wait_for_partition(partition, after)
     }
-    fn subscribe(&self, after: u64, filter: EventFilter) -> EventStream {
-        self.inner.subscribe(after, filter)
+    fn partition_epochs(&self, partition: u32) -> impl StoreFuture<Vec<EpochStart>> {
+        self.inner.partition_epochs(partition)
+    }
+    fn subscribe_partition(&self, partition: u32, after: u64, filter: EventFilter) -> EventStream {
+        self.inner.subscribe_partition(partition, after, filter)
     }
 }
 

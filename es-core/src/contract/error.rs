@@ -107,6 +107,32 @@ pub enum StoreError {
         /// Who holds it now, or what changed.
         reason: String,
     },
+    /// A single-feed call (`head_position`, `read_all` without a partition, `subscribe`) on a
+    /// store with several feed partitions: name the partition, or follow them all (see
+    /// [`partition`](super::partition)).
+    #[error(
+        "the store has {partitions} feed partitions: name the partition to read, or follow \
+         them all with subscribe_all"
+    )]
+    Partitioned {
+        /// How many partitions the store has.
+        partitions: u32,
+    },
+    /// A partition the store does not have.
+    #[error("partition {partition} does not exist: the store has {partitions} (0 to {})", partitions - 1)]
+    NoSuchPartition {
+        /// The partition asked for.
+        partition: u32,
+        /// How many partitions the store has.
+        partitions: u32,
+    },
+    /// A partition count or layout that cannot be used: out of range, or not the one the store
+    /// was created with.
+    #[error("invalid partitioning: {reason}")]
+    InvalidPartitioning {
+        /// What is wrong.
+        reason: String,
+    },
     /// Any other backend failure.
     #[error("store error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -3,7 +3,8 @@
 //! # The default subscription
 //!
 //! [`EventStore::subscribe`] follows the feed, catching up and then going live, with nothing but
-//! `read_all`, `head_position` and `wait_for_append`.
+//! `read_all`, `partition_head` and `wait_for_partition`, one partition at a time; [`EventStore::subscribe_all`]
+//! merges the subscriptions of every partition.
 //!
 //! The loop reads the global feed after the last delivered position with one `read_all` that
 //! runs to the end of what is visible, yielding events as the backend streams them (so catching
@@ -31,9 +32,13 @@ use super::append::{AppendRequest, AppendResult};
 use super::checkpoint::CheckpointStore;
 use super::error::{StoreError, StoreFuture};
 use super::outbox::OutboxStore;
+use super::partition::{FeedPosition, Partitioning};
 use super::position::{self, EpochStart};
-use super::read::{pages_of, EventFilter, EventPages, EventStream, ReadAll, ReadStream};
+use super::read::{
+    failed_read, pages_of, EventFilter, EventPages, EventStream, ReadAll, ReadStream,
+};
 use super::snapshot::SnapshotStore;
+use crate::event::RecordedEvent;
 use crate::retry::{Backoff, Delays};
 use crate::stream_id::StreamId;
 
@@ -62,32 +67,111 @@ pub trait EventStore: Clone + Send + Sync + 'static {
         pages_of(self.read_stream(stream, read))
     }
 
-    /// Reads the global feed lazily, in pages, in position order.
+    /// Reads the global feed lazily, in pages, in position order: the partition the read names
+    /// (see [`ReadAll::partition_in`]).
     fn read_all(&self, read: ReadAll) -> EventStream;
 
-    /// The highest global position visible to readers now (0 if the store is empty). Every event at
-    /// or below it that will ever be visible is visible now.
-    fn head_position(&self) -> impl StoreFuture<u64>;
+    /// How the store divides its streams among feed partitions (see
+    /// [`partition`](super::partition)); fixed when the store was created. Default: one.
+    fn partitioning(&self) -> Partitioning {
+        Partitioning::single()
+    }
 
-    /// Resolves when an event after `after` may have been appended, or after the backend's polling
-    /// interval at the latest. Spurious wake-ups are allowed; missed ones are not (beyond the
-    /// polling interval).
-    fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send;
+    /// The highest position of `partition` visible to readers now (0 if it is empty). Every event
+    /// of the partition at or below it that will ever be visible is visible now.
+    fn partition_head(&self, partition: u32) -> impl StoreFuture<u64>;
 
-    /// The recorded epoch starts of this store, oldest first (see [`position`](super::position)). A store
-    /// that cannot lose acknowledged events has none.
+    /// The highest global position visible to readers now (0 if the store is empty): the head of
+    /// the single feed. [`StoreError::Partitioned`] on a store with several partitions.
+    fn head_position(&self) -> impl StoreFuture<u64> {
+        let single = self.partitioning().single_feed();
+        async move { self.partition_head(single?).await }
+    }
+
+    /// Resolves when an event after `after` may have been appended to `partition`, or after the
+    /// backend's polling interval at the latest. Spurious wake-ups are allowed; missed ones are
+    /// not (beyond the polling interval).
+    fn wait_for_partition(&self, partition: u32, after: u64) -> impl Future<Output = ()> + Send;
+
+    /// [`wait_for_partition`](EventStore::wait_for_partition) on partition 0, the whole feed of
+    /// a single-feed store.
+    fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send {
+        self.wait_for_partition(0, after)
+    }
+
+    /// The recorded epoch starts of `partition`, oldest first (see
+    /// [`position`](super::position)). A store that cannot lose acknowledged events has none.
+    fn partition_epochs(&self, partition: u32) -> impl StoreFuture<Vec<EpochStart>> {
+        let checked = self.partitioning().check(partition);
+        std::future::ready(checked.map(|()| Vec::new()))
+    }
+
+    /// The recorded epoch starts of the single feed.
+    /// [`StoreError::Partitioned`] on a store with several partitions.
     fn epochs(&self) -> impl StoreFuture<Vec<EpochStart>> {
-        std::future::ready(Ok(Vec::new()))
+        let single = self.partitioning().single_feed();
+        async move { self.partition_epochs(single?).await }
     }
 
     /// Follows the global feed from `after`: catches up, then delivers live appends as they commit.
     ///
     /// Transient failures (a dropped connection, a restarting server) are retried with backoff and
     /// the subscription resumes after the last delivered position. The stream ends only after
-    /// yielding an error that retrying cannot fix.
+    /// yielding an error that retrying cannot fix. On a store with several partitions it yields
+    /// [`StoreError::Partitioned`] and ends.
     fn subscribe(&self, after: u64, filter: EventFilter) -> EventStream {
-        subscribe(self.clone(), after, filter)
+        match self.partitioning().single_feed() {
+            Ok(partition) => self.subscribe_partition(partition, after, filter),
+            Err(err) => failed_read(err),
+        }
     }
+
+    /// Follows `partition` from `after`, as [`subscribe`](EventStore::subscribe) follows the
+    /// single feed.
+    fn subscribe_partition(&self, partition: u32, after: u64, filter: EventFilter) -> EventStream {
+        match self.partitioning().check(partition) {
+            Ok(()) => subscribe(self.clone(), partition, after, filter),
+            Err(err) => failed_read(err),
+        }
+    }
+
+    /// Follows every partition from `from`: each partition's events in its order, partitions
+    /// interleaved as their events arrive (no order across partitions). A consumer advances its
+    /// [`FeedPosition`] with each event's `partition` and `global_position`. The first error
+    /// that retrying cannot fix, from any partition, is yielded and ends the stream. A position
+    /// that does not have one entry per partition is [`StoreError::InvalidPartitioning`].
+    fn subscribe_all(&self, from: &FeedPosition, filter: EventFilter) -> EventStream {
+        let partitioning = self.partitioning();
+        if let Err(err) = from.check(&partitioning) {
+            return failed_read(err);
+        }
+        if partitioning.is_single() {
+            return self.subscribe_partition(0, from.get(0), filter);
+        }
+        let feeds = partitioning
+            .partitions()
+            .map(|p| self.subscribe_partition(p, from.get(p), filter.clone()));
+        until_first_error(futures::stream::select_all(feeds))
+    }
+}
+
+/// Ends `events` after the first error it yields.
+fn until_first_error(
+    events: impl futures::Stream<Item = Result<RecordedEvent, StoreError>> + Send + 'static,
+) -> EventStream {
+    Box::pin(
+        events
+            .scan(false, |failed, item| {
+                let out = if *failed {
+                    None
+                } else {
+                    *failed = item.is_err();
+                    Some(item)
+                };
+                std::future::ready(out)
+            })
+            .fuse(),
+    )
 }
 
 /// An event store that also keeps snapshots: what the repository runs on.
@@ -114,11 +198,23 @@ impl<T: EventStore> EventStore for Arc<T> {
     fn read_all(&self, read: ReadAll) -> EventStream {
         (**self).read_all(read)
     }
+    fn partitioning(&self) -> Partitioning {
+        (**self).partitioning()
+    }
+    fn partition_head(&self, partition: u32) -> impl StoreFuture<u64> {
+        (**self).partition_head(partition)
+    }
     fn head_position(&self) -> impl StoreFuture<u64> {
         (**self).head_position()
     }
+    fn wait_for_partition(&self, partition: u32, after: u64) -> impl Future<Output = ()> + Send {
+        (**self).wait_for_partition(partition, after)
+    }
     fn wait_for_append(&self, after: u64) -> impl Future<Output = ()> + Send {
         (**self).wait_for_append(after)
+    }
+    fn partition_epochs(&self, partition: u32) -> impl StoreFuture<Vec<EpochStart>> {
+        (**self).partition_epochs(partition)
     }
     fn epochs(&self) -> impl StoreFuture<Vec<EpochStart>> {
         (**self).epochs()
@@ -126,20 +222,27 @@ impl<T: EventStore> EventStore for Arc<T> {
     fn subscribe(&self, after: u64, filter: EventFilter) -> EventStream {
         (**self).subscribe(after, filter)
     }
+    fn subscribe_partition(&self, partition: u32, after: u64, filter: EventFilter) -> EventStream {
+        (**self).subscribe_partition(partition, after, filter)
+    }
+    fn subscribe_all(&self, from: &FeedPosition, filter: EventFilter) -> EventStream {
+        (**self).subscribe_all(from, filter)
+    }
 }
 
-/// [`check_resume`](position::check_resume) against the store's current epoch history (one read
-/// of it, only when `next` is in a later epoch than `after`): a reader that has seen everything up
-/// to `after` may go on to `next`, or gets [`StoreError::LostTail`].
+/// [`check_resume`](position::check_resume) against the current epoch history of `partition`
+/// (one read of it, only when `next` is in a later epoch than `after`): a reader of the partition
+/// that has seen everything up to `after` may go on to `next`, or gets [`StoreError::LostTail`].
 pub async fn verify_resume<S: EventStore>(
     store: &S,
+    partition: u32,
     after: u64,
     next: u64,
 ) -> Result<(), StoreError> {
     if after == 0 || position::epoch_of(next) <= position::epoch_of(after) {
         return Ok(());
     }
-    let history = store.epochs().await?;
+    let history = store.partition_epochs(partition).await?;
     position::check_resume(after, next, &history)
 }
 
@@ -151,6 +254,7 @@ const BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_
 
 struct State<S> {
     store: S,
+    partition: u32,
     filter: EventFilter,
     /// Every event up to here has been delivered or filtered out.
     after: u64,
@@ -169,9 +273,15 @@ struct Reading {
     head_before: Option<u64>,
 }
 
-fn subscribe<S: EventStore>(store: S, after: u64, filter: EventFilter) -> EventStream {
+fn subscribe<S: EventStore>(
+    store: S,
+    partition: u32,
+    after: u64,
+    filter: EventFilter,
+) -> EventStream {
     let state = State {
         store,
+        partition,
         filter,
         after,
         reading: None,
@@ -195,7 +305,14 @@ fn subscribe<S: EventStore>(store: S, after: u64, filter: EventFilter) -> EventS
                             continue;
                         }
                         // Into a later epoch only if nothing after `after` was lost.
-                        match verify_resume(&st.store, st.after, event.global_position).await {
+                        match verify_resume(
+                            &st.store,
+                            st.partition,
+                            st.after,
+                            event.global_position,
+                        )
+                        .await
+                        {
                             Ok(()) => {
                                 st.after = event.global_position;
                                 return Some((Ok(event), st));
@@ -209,7 +326,7 @@ fn subscribe<S: EventStore>(store: S, after: u64, filter: EventFilter) -> EventS
                         // below a visible position can appear later.
                         let head = reading.head_before.unwrap_or(0);
                         let checked = if head > st.after {
-                            verify_resume(&st.store, st.after, head).await
+                            verify_resume(&st.store, st.partition, st.after, head).await
                         } else {
                             Ok(())
                         };
@@ -226,7 +343,7 @@ fn subscribe<S: EventStore>(store: S, after: u64, filter: EventFilter) -> EventS
                 }
             } else {
                 if st.caught_up {
-                    st.store.wait_for_append(st.after).await;
+                    st.store.wait_for_partition(st.partition, st.after).await;
                     st.caught_up = false;
                 }
                 match st.start_reading().await {
@@ -251,11 +368,13 @@ impl<S: EventStore> State<S> {
         let head_before = if self.filter.is_empty() {
             None
         } else {
-            Some(self.store.head_position().await?)
+            Some(self.store.partition_head(self.partition).await?)
         };
-        let events = self
-            .store
-            .read_all(ReadAll::after(self.after).filter(self.filter.clone()));
+        let events = self.store.read_all(
+            ReadAll::after(self.after)
+                .partition(self.partition)
+                .filter(self.filter.clone()),
+        );
         self.reading = Some(Reading {
             events,
             head_before,

@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 use futures::{Stream, StreamExt};
 
 use super::error::StoreError;
+use super::partition::Partitioning;
 use crate::event::{RecordedEvent, RecordedEventRef};
 
 /// Direction of a stream read.
@@ -111,6 +112,10 @@ impl EventFilter {
 /// Which part of the global feed to read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReadAll {
+    /// The feed partition to read (see [`partition`](super::partition)). `None`: the whole feed,
+    /// which only a store with one partition has; a store with several fails the read with
+    /// [`StoreError::Partitioned`].
+    pub partition: Option<u32>,
     /// Return events with a global position strictly greater than this (0 reads from the start).
     pub after: u64,
     /// Most events to return; `None` for all.
@@ -134,6 +139,22 @@ impl ReadAll {
         self
     }
 
+    /// Reads feed partition `partition` (positions are then that partition's).
+    pub fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// The partition this read addresses on a store partitioned by `partitioning`: the one it
+    /// names if that exists ([`StoreError::NoSuchPartition`] otherwise), or, if it names none,
+    /// partition 0 of a single-feed store ([`StoreError::Partitioned`] on a store with several).
+    pub fn partition_in(&self, partitioning: &Partitioning) -> Result<u32, StoreError> {
+        match self.partition {
+            Some(partition) => partitioning.check(partition).map(|()| partition),
+            None => partitioning.single_feed(),
+        }
+    }
+
     /// Returns only events that pass `filter`.
     pub fn filter(mut self, filter: EventFilter) -> Self {
         self.filter = filter;
@@ -143,6 +164,12 @@ impl ReadAll {
 
 /// A lazy stream of recorded events. It owns what it needs, so it can outlive the store handle.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<RecordedEvent, StoreError>> + Send>>;
+
+/// A read that fails at once with `err`: what a backend returns for a read it refuses (a
+/// partition it does not have).
+pub fn failed_read(err: StoreError) -> EventStream {
+    Box::pin(futures::stream::once(std::future::ready(Err(err))))
+}
 
 /// A page of a stream's events, as [`EventStore::read_stream_pages`](super::EventStore::read_stream_pages)
 /// hands them to the repository's load: the store keeps them in its own form (rows as received,
@@ -259,6 +286,7 @@ mod tests {
             stream_id: StreamId::new("t", "s").unwrap(),
             stream_version: version,
             global_position: version,
+            partition: 0,
             event_type: "E".to_owned(),
             schema_version: 1,
             payload: bytes::Bytes::from_static(b"{}"),
