@@ -334,7 +334,8 @@ impl ConnectionLike for AtSlot {
             AtSlot::Node(conn) => conn.req_packed_commands(cmd, offset, count),
             AtSlot::Cluster(conn, slot) => {
                 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
-                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(*slot, SlotAddr::Master));
+                let route =
+                    SingleNodeRoutingInfo::SpecificNode(Route::new(*slot, SlotAddr::Master));
                 Box::pin(conn.route_pipeline(cmd.clone(), offset, count, route))
             }
         }
@@ -370,7 +371,7 @@ pub(crate) mod cluster {
     /// The nodes to start from and how to reach them (user, password, TLS), for the store's
     /// connections to the cluster.
     pub(crate) struct Nodes {
-        pub(crate) nodes: Vec<ConnectionInfo>,
+        pub(crate) seeds: Vec<ConnectionInfo>,
         /// The CA and client certificate for `rediss://` nodes (feature `tls`).
         #[cfg(feature = "tls")]
         pub(crate) certificates: Option<redis::TlsCertificates>,
@@ -387,7 +388,7 @@ pub(crate) mod cluster {
             connect_timeout: Duration,
             response_timeout: Duration,
         ) -> RedisResult<ClusterClient> {
-            let builder = ClusterClientBuilder::new(self.nodes.clone())
+            let builder = ClusterClientBuilder::new(self.seeds.clone())
                 .connection_timeout(connect_timeout)
                 .response_timeout(response_timeout)
                 .retries(self.retries)

@@ -184,7 +184,8 @@ impl Keys {
     }
 
     fn with(prefix: &str, layout: KeyLayout, partitions: Vec<PartitionKeys>) -> Self {
-        let global = |name: &str| -> Arc<str> { format!("{prefix}:{{{prefix}:$all}}:{name}").into() };
+        let global =
+            |name: &str| -> Arc<str> { format!("{prefix}:{{{prefix}:$all}}:{name}").into() };
         Self {
             prefix: prefix.into(),
             layout,
@@ -218,9 +219,12 @@ impl Keys {
         if n <= 1 {
             return 0;
         }
-        let hash = stream.as_str().bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+        let hash = stream
+            .as_str()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
         u32::try_from(hash % n).unwrap_or(0)
     }
 
@@ -364,7 +368,7 @@ fn partition_tag(prefix: &str, k: u32, partitions: u32) -> String {
     let slots = u32::from(CLUSTER_SLOTS);
     let low = k * slots / partitions;
     let high = (k + 1) * slots / partitions;
-    (0u32..)
+    (0u32..u32::MAX)
         .map(|n| format!("{prefix}:p{k}:{n}"))
         .find(|tag| (low..high).contains(&u32::from(slot_of_tag(tag.as_bytes()))))
         .unwrap_or_else(|| format!("{prefix}:p{k}:0"))
@@ -520,7 +524,11 @@ mod tests {
         // Three partitions land on the three primaries of an evenly assigned 3-shard cluster
         // (`redis-cli --cluster create`: 0-5460, 5461-10922, 10923-16383).
         let keys = Keys::tagged("es", 3).unwrap();
-        let slots: Vec<u16> = keys.all_partitions().iter().map(PartitionKeys::slot).collect();
+        let slots: Vec<u16> = keys
+            .all_partitions()
+            .iter()
+            .map(PartitionKeys::slot)
+            .collect();
         assert!(slots[0] <= 5460 && (5461..=10922).contains(&slots[1]) && slots[2] >= 10923);
         // Streams are assigned by a stable hash: the same stream, the same partition; and
         // many streams use every partition.

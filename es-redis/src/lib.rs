@@ -672,7 +672,9 @@ impl RedisStoreBuilder {
         }
         if let Some(nodes) = &self.cluster {
             if nodes.is_empty() {
-                return Err(Error::InvalidSetting("no cluster node addresses were given"));
+                return Err(Error::InvalidSetting(
+                    "no cluster node addresses were given",
+                ));
             }
             if self.sentinel.is_some() {
                 return Err(Error::InvalidSetting(
@@ -857,7 +859,7 @@ impl RedisStoreBuilder {
             return Err(Error::InvalidSetting(PLAINTEXT_REFUSED));
         }
         let cluster_nodes = Arc::new(conn::cluster::Nodes {
-            nodes: infos,
+            seeds: infos,
             #[cfg(feature = "tls")]
             certificates: self.tls_certificates(),
             retries: CLUSTER_RETRIES,
@@ -1016,7 +1018,9 @@ impl RedisStore {
     /// [tagged](KeyLayout::Tagged) key layout, so that every append touches one hash slot; see
     /// the crate docs, section "Redis Cluster".
     #[cfg(feature = "cluster")]
-    pub fn cluster_builder(nodes: impl IntoIterator<Item = impl Into<String>>) -> RedisStoreBuilder {
+    pub fn cluster_builder(
+        nodes: impl IntoIterator<Item = impl Into<String>>,
+    ) -> RedisStoreBuilder {
         let nodes: Vec<String> = nodes.into_iter().map(Into::into).collect();
         let mut builder = Self::builder(nodes.first().cloned().unwrap_or_default());
         builder.cluster = Some(nodes);

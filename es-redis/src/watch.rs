@@ -142,17 +142,16 @@ async fn run(head: Weak<Head>, config: WatchConfig) {
 async fn connect(config: &WatchConfig) -> RedisResult<Side> {
     config
         .client
-        .connect(config.connect_timeout, config.response_timeout + config.block)
+        .connect(
+            config.connect_timeout,
+            config.response_timeout + config.block,
+        )
         .await
 }
 
 /// Publishes the current head, then blocks until an entry after it arrives or the block time
 /// passes.
-async fn step(
-    conn: &mut Side,
-    config: &WatchConfig,
-    head: &Weak<Head>,
-) -> RedisResult<()> {
+async fn step(conn: &mut Side, config: &WatchConfig, head: &Weak<Head>) -> RedisResult<()> {
     let value = redis::cmd("HGET")
         .arg(&*config.index)
         .arg("position")

@@ -86,7 +86,11 @@ async fn every_key_an_append_writes_is_in_the_partition_slot() {
 
     // Every key under the prefix is in the partition's slot, except the global ones (the meta
     // key, checkpoints), which appends do not write.
-    let global = [keys.meta(), keys.checkpoints(), keys.checkpoint_generations()];
+    let global = [
+        keys.meta(),
+        keys.checkpoints(),
+        keys.checkpoint_generations(),
+    ];
     let pattern = format!("{}:*", keys.prefix());
     let mut found = Vec::new();
     for node in cluster_primaries(&mut conn).await {
@@ -99,7 +103,10 @@ async fn every_key_an_append_writes_is_in_the_partition_slot() {
         found.extend(node_keys);
     }
     assert!(found.iter().any(|k| k == keys.meta()), "{found:?}");
-    let written: Vec<&String> = found.iter().filter(|k| !global.contains(&k.as_str())).collect();
+    let written: Vec<&String> = found
+        .iter()
+        .filter(|k| !global.contains(&k.as_str()))
+        .collect();
     // 8 streams × (events, version) + feed, index, outbox, epochs.
     assert_eq!(written.len(), 8 * 2 + 4, "{written:?}");
     for key in written {

@@ -25,7 +25,7 @@ const PATIENCE: Duration = Duration::from_secs(90);
 
 type Acked = (AppendRequest, AppendResult);
 
-fn start_cluster(name: &str, config: ClusterConfig) -> RedisCluster {
+fn start_cluster(name: &str, config: &ClusterConfig) -> RedisCluster {
     RedisCluster::start(&scratch_dir(name), config).unwrap_or_else(|e| {
         panic!(
             "cannot start a Redis Cluster: {e}\nthe cluster tests need redis-server 7 and \
@@ -166,7 +166,14 @@ impl Load {
     }
 
     /// Stops the writers; what they had acknowledged.
-    async fn stop(self) -> (Vec<Acked>, Arc<Mutex<Vec<RecordedEvent>>>, usize, Subscriber) {
+    async fn stop(
+        self,
+    ) -> (
+        Vec<Acked>,
+        Arc<Mutex<Vec<RecordedEvent>>>,
+        usize,
+        Subscriber,
+    ) {
         self.stop.store(true, Ordering::Relaxed);
         let mut acked = Vec::new();
         for writer in self.writers {
@@ -233,7 +240,11 @@ async fn check_history(store: &RedisStore, acked: &[Acked]) -> Vec<RecordedEvent
         .try_collect()
         .await
         .unwrap();
-    assert_eq!(feed.len(), total, "the feed holds other events than acknowledged");
+    assert_eq!(
+        feed.len(),
+        total,
+        "the feed holds other events than acknowledged"
+    );
     assert!(
         feed.windows(2)
             .all(|w| w[0].global_position < w[1].global_position),
@@ -246,7 +257,11 @@ async fn check_history(store: &RedisStore, acked: &[Acked]) -> Vec<RecordedEvent
         let (id, position) = expected[&event.stream_id][&event.stream_version];
         assert_eq!((event.event_id, event.global_position), (id, position));
         let last = last_version.entry(&event.stream_id).or_insert(0);
-        assert_eq!(event.stream_version, *last + 1, "per-stream order in the feed");
+        assert_eq!(
+            event.stream_version,
+            *last + 1,
+            "per-stream order in the feed"
+        );
         *last = event.stream_version;
     }
     feed
@@ -279,7 +294,10 @@ async fn check_delivered(
         .iter()
         .map(|e| (e.event_id, e.global_position))
         .collect();
-    let want: Vec<(uuid::Uuid, u64)> = feed.iter().map(|e| (e.event_id, e.global_position)).collect();
+    let want: Vec<(uuid::Uuid, u64)> = feed
+        .iter()
+        .map(|e| (e.event_id, e.global_position))
+        .collect();
     assert_eq!(got, want, "the subscriber delivered other than the feed");
 }
 
@@ -287,7 +305,7 @@ async fn check_delivered(
 async fn appends_while_the_store_slot_migrates_lose_and_duplicate_nothing() {
     let cluster = Arc::new(start_cluster(
         "redis-cluster-migrate",
-        ClusterConfig::default(),
+        &ClusterConfig::default(),
     ));
     let store = builder(&cluster, "migrate").build().await.unwrap();
     let slot = store.keys().partition(0).unwrap().slot();
@@ -309,7 +327,7 @@ async fn appends_while_the_store_slot_migrates_lose_and_duplicate_nothing() {
     for target in others {
         let before = load.acked();
         let started = Instant::now();
-        let moved = {
+        let keys_moved = {
             let cluster = Arc::clone(&cluster);
             tokio::task::spawn_blocking(move || {
                 cluster.migrate_slot(slot, target, 10, Duration::from_millis(30))
@@ -319,7 +337,7 @@ async fn appends_while_the_store_slot_migrates_lose_and_duplicate_nothing() {
             .unwrap()
         };
         assert_eq!(cluster.primary_for_slot(slot).unwrap().port, target);
-        moves.push((moved, started.elapsed(), load.acked() - before));
+        moves.push((keys_moved, started.elapsed(), load.acked() - before));
         load.wait_for(load.acked() + 100).await;
     }
     let (acked, delivered, failed_tries, subscriber) = load.stop().await;
@@ -331,7 +349,10 @@ async fn appends_while_the_store_slot_migrates_lose_and_duplicate_nothing() {
     );
     for (moved, _, during) in &moves {
         assert!(*moved > 0, "no key was moved");
-        assert!(*during > 0, "no append was acknowledged while the slot moved");
+        assert!(
+            *during > 0,
+            "no append was acknowledged while the slot moved"
+        );
     }
 
     let feed = check_history(&store, &acked).await;
@@ -360,14 +381,15 @@ async fn appends_while_the_store_slot_migrates_lose_and_duplicate_nothing() {
 /// Kills the primary of the store's slot with SIGKILL while writers append, after freezing its
 /// replica (SIGSTOP) and cutting the replication link for `lag`, so that the replica lacks
 /// what was acknowledged meanwhile; lets the replica go (SIGCONT) and waits until it is
-/// promoted. Returns the appends acknowledged while the replica lagged, the count at the kill
-/// and the failover's duration.
+/// promoted. Returns the appends acknowledged while it lagged, the count at the kill and the
+/// failover's duration.
 async fn lag_and_kill(
     cluster: &Arc<Mutex<RedisCluster>>,
     slot: u16,
     load: &Load,
     lag: Duration,
-) -> (usize, usize, Duration) {
+) -> (Lagging, usize, Duration) {
+    let before = load.acked();
     let (primary, replica) = {
         let cluster = cluster.lock().unwrap();
         let primary = cluster.primary_for_slot(slot).unwrap();
@@ -379,9 +401,8 @@ async fn lag_and_kill(
             .unwrap();
         (primary, (replica, pid))
     };
-    let before = load.acked();
+    let frozen = load.acked();
     tokio::time::sleep(lag).await;
-    let during = load.acked() - before;
     let killed_at = Instant::now();
     let at_kill = {
         let mut cluster = cluster.lock().unwrap();
@@ -389,6 +410,10 @@ async fn lag_and_kill(
         let at_kill = load.acked();
         common::signal(replica.1, "CONT");
         at_kill
+    };
+    let lagging = Lagging {
+        around: at_kill - before,
+        frozen: at_kill - frozen,
     };
     let cluster2 = Arc::clone(cluster);
     let id = primary.id.clone();
@@ -401,7 +426,10 @@ async fn lag_and_kill(
     .await
     .unwrap()
     .unwrap();
-    assert_eq!(promoted.port, replica.0.port, "its replica took the slot over");
+    assert_eq!(
+        promoted.port, replica.0.port,
+        "its replica took the slot over"
+    );
     let failover = killed_at.elapsed();
     let cluster2 = Arc::clone(cluster);
     tokio::task::spawn_blocking(move || {
@@ -412,7 +440,16 @@ async fn lag_and_kill(
     .await
     .unwrap()
     .unwrap();
-    (during, at_kill, failover)
+    (lagging, at_kill, failover)
+}
+
+/// The appends acknowledged while the replica lagged.
+#[derive(Debug, Clone, Copy)]
+struct Lagging {
+    /// From just before the replica was frozen to the kill: those the replica may lack.
+    around: usize,
+    /// From the moment it was frozen and cut off to the kill: those it cannot have.
+    frozen: usize,
 }
 
 /// The acknowledged appends whose events the store no longer holds at their versions.
@@ -451,7 +488,7 @@ async fn lost<'a>(store: &RedisStore, acked: &'a [Acked]) -> Vec<&'a Acked> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_min_replicas_acked_a_failover_of_the_store_slot_loses_nothing_acknowledged() {
-    let cluster = start_cluster("redis-cluster-failover-wait", ClusterConfig::default());
+    let cluster = start_cluster("redis-cluster-failover-wait", &ClusterConfig::default());
     // Every primary persists and keeps keys: the settings were read on the slot's primary.
     let store = builder(&cluster, "failover-wait")
         .min_replicas_acked(1, Duration::from_millis(500))
@@ -462,37 +499,46 @@ async fn with_min_replicas_acked_a_failover_of_the_store_slot_loses_nothing_ackn
     let cluster = Arc::new(Mutex::new(cluster));
     let load = Load::start(&store, true);
     load.wait_for(150).await;
-    let (during, at_kill, failover) =
+    let (lagging, at_kill, failover) =
         lag_and_kill(&cluster, slot, &load, Duration::from_millis(300)).await;
     load.wait_for(at_kill + 150).await;
     let (acked, delivered, failed_tries, subscriber) = load.stop().await;
     eprintln!(
-        "min_replicas_acked(1): {} appends acknowledged, {during} while the replica lagged \
+        "min_replicas_acked(1): {} appends acknowledged, {} while the replica was frozen \
          (300 ms), failover in {failover:?}, {failed_tries} failed tries retried",
-        acked.len()
+        acked.len(),
+        lagging.frozen
     );
-    // With WAIT, an append is acknowledged only once the replica has it: while it lagged, at
-    // most the appends whose WAIT it had answered just before.
-    assert!(during <= WRITERS, "{during} acknowledged while the replica lagged");
+    // With WAIT, an append is acknowledged only once the replica has it: while it was frozen,
+    // at most the appends whose WAIT it had answered just before.
+    assert!(
+        lagging.frozen <= WRITERS,
+        "{} acknowledged while the replica was frozen",
+        lagging.frozen
+    );
     assert!(lost(&store, &acked).await.is_empty());
     let feed = check_history(&store, &acked).await;
     check_delivered(&delivered, subscriber, &feed).await;
     let epochs = store.epochs().await.unwrap();
-    assert!(epochs.len() >= 2, "the promoted replica began an epoch: {epochs:?}");
+    assert!(
+        epochs.len() >= 2,
+        "the promoted replica began an epoch: {epochs:?}"
+    );
     drop(cluster);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_min_replicas_acked_a_failover_loses_the_unreplicated_tail_and_readers_get_lost_tail(
 ) {
-    let cluster = start_cluster("redis-cluster-failover-async", ClusterConfig::default());
+    let cluster = start_cluster("redis-cluster-failover-async", &ClusterConfig::default());
     let store = builder(&cluster, "failover-async").build().await.unwrap();
     let slot = store.keys().partition(0).unwrap().slot();
     let cluster = Arc::new(Mutex::new(cluster));
     let load = Load::start(&store, false);
     load.wait_for(150).await;
-    let (during, at_kill, failover) =
+    let (lagging, at_kill, failover) =
         lag_and_kill(&cluster, slot, &load, Duration::from_millis(300)).await;
+    let during = lagging.around;
     load.wait_for(at_kill + 150).await;
     let (acked, _delivered, failed_tries, subscriber) = load.stop().await;
     subscriber.0.abort();
@@ -504,7 +550,10 @@ async fn without_min_replicas_acked_a_failover_loses_the_unreplicated_tail_and_r
         lost.len()
     );
     assert!(during > 0, "nothing was appended while the replica lagged");
-    assert!(!lost.is_empty(), "the lagging replica lost nothing: the test did not lag it");
+    assert!(
+        !lost.is_empty(),
+        "the lagging replica lost nothing: the test did not lag it"
+    );
     assert!(
         lost.len() <= during + WRITERS,
         "lost {} of {during} acknowledged while the replica lagged",
@@ -519,7 +568,11 @@ async fn without_min_replicas_acked_a_failover_loses_the_unreplicated_tail_and_r
         .filter_map(|(_, r)| r.positions.last().copied())
         .max()
         .unwrap();
-    assert!(past > epoch.previous_head, "{past} <= {}", epoch.previous_head);
+    assert!(
+        past > epoch.previous_head,
+        "{past} <= {}",
+        epoch.previous_head
+    );
     let mut feed = store.subscribe(past, EventFilter::all());
     match tokio::time::timeout(PATIENCE, feed.next()).await.unwrap() {
         Some(Err(StoreError::LostTail { position, head, .. })) => {
@@ -542,7 +595,7 @@ async fn without_min_replicas_acked_a_failover_loses_the_unreplicated_tail_and_r
 async fn a_password_protected_cluster_and_its_settings_checks() {
     let cluster = start_cluster(
         "redis-cluster-password",
-        ClusterConfig {
+        &ClusterConfig {
             replicas: 0,
             password: Some("s3cret-pw".to_owned()),
             ..ClusterConfig::default()
@@ -576,7 +629,10 @@ async fn a_password_protected_cluster_and_its_settings_checks() {
     let slot = store.keys().partition(0).unwrap().slot();
     let owner = cluster.primary_for_slot(slot).unwrap();
     cluster
-        .cli(owner.port, &["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
+        .cli(
+            owner.port,
+            &["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"],
+        )
         .unwrap();
     let err = builder(&cluster, "pw").build().await.unwrap_err();
     assert!(matches!(err, Error::EvictionPolicy { .. }), "{err}");
@@ -604,7 +660,10 @@ async fn a_password_protected_cluster_and_its_settings_checks() {
     }
     // Another primary's policy does not concern a store whose partition is not there.
     cluster
-        .cli(owner.port, &["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        .cli(
+            owner.port,
+            &["CONFIG", "SET", "maxmemory-policy", "noeviction"],
+        )
         .unwrap();
     let other = cluster
         .primaries()
@@ -613,7 +672,10 @@ async fn a_password_protected_cluster_and_its_settings_checks() {
         .find(|n| n.id != owner.id)
         .unwrap();
     cluster
-        .cli(other.port, &["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
+        .cli(
+            other.port,
+            &["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"],
+        )
         .unwrap();
     builder(&cluster, "pw").build().await.unwrap();
 }

@@ -63,7 +63,9 @@ pub struct ClusterNode {
 impl ClusterNode {
     /// Whether it serves `slot`.
     pub fn serves(&self, slot: u16) -> bool {
-        self.slots.iter().any(|&(low, high)| (low..=high).contains(&slot))
+        self.slots
+            .iter()
+            .any(|&(low, high)| (low..=high).contains(&slot))
     }
 }
 
@@ -82,7 +84,7 @@ pub struct RedisCluster {
 impl RedisCluster {
     /// Starts a cluster with `config` under `dir` and waits until every node reports
     /// `cluster_state:ok` and every replica is in sync.
-    pub fn start(dir: &Path, config: ClusterConfig) -> Result<Self> {
+    pub fn start(dir: &Path, config: &ClusterConfig) -> Result<Self> {
         find_redis_cli()?;
         if config.primaries < 3 {
             return Err(ServerError(
@@ -134,7 +136,12 @@ impl RedisCluster {
             cluster.servers.insert(server.port(), server);
         }
         let mut create = vec!["--cluster".to_owned(), "create".to_owned()];
-        create.extend(cluster.servers.keys().map(|port| format!("127.0.0.1:{port}")));
+        create.extend(
+            cluster
+                .servers
+                .keys()
+                .map(|port| format!("127.0.0.1:{port}")),
+        );
         create.extend([
             "--cluster-replicas".to_owned(),
             config.replicas.to_string(),
@@ -183,11 +190,10 @@ impl RedisCluster {
         if let Some(password) = &self.config.password {
             cmd.args(["-a", password, "--no-auth-warning"]);
         }
-        let out = cmd
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| ServerError(format!("cannot run redis-cli ({e}): {REDIS_CLI_INSTALL}")))?;
+        let out =
+            cmd.args(args).stdin(Stdio::null()).output().map_err(|e| {
+                ServerError(format!("cannot run redis-cli ({e}): {REDIS_CLI_INSTALL}"))
+            })?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let err = String::from_utf8_lossy(&out.stderr);
         // redis-cli exits 0 on a server's error reply and prints it; `--cluster` commands fail

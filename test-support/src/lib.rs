@@ -28,9 +28,7 @@ use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-pub use cluster::{
-    find_redis_cli, ClusterConfig, ClusterNode, RedisCluster, REDIS_CLI_INSTALL,
-};
+pub use cluster::{find_redis_cli, ClusterConfig, ClusterNode, RedisCluster, REDIS_CLI_INSTALL};
 pub use kafka::{
     find_tansu, kafka_brokers, tansu_bin, KafkaBroker, KafkaSecurity, KafkaStorage, Scram,
     ScramUser, SOCAT_INSTALL, TANSU_INSTALL,

@@ -170,7 +170,7 @@ fn remove_redis(dir: &Path) -> Result<()> {
 /// fsynced every second; its nodes' URLs, comma-separated. Each node's pid is recorded in its
 /// directory (`node-<i>`).
 fn start_redis_cluster(dir: &Path) -> Result<Started> {
-    let cluster = RedisCluster::start(dir, ClusterConfig::default())?;
+    let cluster = RedisCluster::start(dir, &ClusterConfig::default())?;
     for (node, pid) in cluster.processes() {
         write_pid(&node, "redis-server", pid)?;
     }

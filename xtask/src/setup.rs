@@ -337,29 +337,7 @@ fn check(prereq: Prereq) -> std::result::Result<String, Vec<Missing>> {
             }
         }
         Prereq::Postgres => check_postgres(),
-        // The cluster tests create and drive their cluster with redis-cli (redis-tools, which
-        // Debian's redis-server depends on).
-        Prereq::Redis => match (find_redis(), find_redis_cli()) {
-            (Ok((program, version)), Ok(cli)) => Ok(format!(
-                "redis-server {version} ({}), redis-cli ({})",
-                program.display(),
-                cli.display()
-            )),
-            (server, cli) => Err(server
-                .err()
-                .map(|e| {
-                    Missing::new(
-                        "redis-server",
-                        e.to_string(),
-                        Fix::Apt(vec!["redis-server"]),
-                    )
-                })
-                .into_iter()
-                .chain(cli.err().map(|e| {
-                    Missing::new("redis-cli", e.to_string(), Fix::Apt(vec!["redis-tools"]))
-                }))
-                .collect()),
-        },
+        Prereq::Redis => check_redis(),
         Prereq::OpenSsl => match which("openssl") {
             Some(openssl) => Ok(format!("openssl ({})", openssl.display())),
             None => Err(vec![Missing::new(
@@ -388,6 +366,34 @@ fn check(prereq: Prereq) -> std::result::Result<String, Vec<Missing>> {
                 Fix::Apt(vec!["git"]),
             )]),
         },
+    }
+}
+
+/// `redis-server` (7 or later) and `redis-cli`, with which the cluster tests create and drive
+/// their cluster (Debian's redis-tools, which redis-server depends on).
+fn check_redis() -> std::result::Result<String, Vec<Missing>> {
+    match (find_redis(), find_redis_cli()) {
+        (Ok((program, version)), Ok(cli)) => Ok(format!(
+            "redis-server {version} ({}), redis-cli ({})",
+            program.display(),
+            cli.display()
+        )),
+        (server, cli) => {
+            Err(server
+                .err()
+                .map(|e| {
+                    Missing::new(
+                        "redis-server",
+                        e.to_string(),
+                        Fix::Apt(vec!["redis-server"]),
+                    )
+                })
+                .into_iter()
+                .chain(cli.err().map(|e| {
+                    Missing::new("redis-cli", e.to_string(), Fix::Apt(vec!["redis-tools"]))
+                }))
+                .collect())
+        }
     }
 }
 
