@@ -1040,8 +1040,8 @@ impl RedisStore {
     /// A handle to the store's connection (it reconnects by itself), for tools and tests that
     /// need to look at the keys directly. With Sentinel it is the connection to the primary of
     /// the moment: after a failover, ask again. On a cluster it is a connection to the first
-    /// node given to [`RedisStore::cluster_builder`], which answers only for the slots it
-    /// serves: use [`RedisStore::cluster_connection`] there.
+    /// node given to `RedisStore::cluster_builder` (feature `cluster`), which answers only for
+    /// the slots it serves: use `RedisStore::cluster_connection` there.
     pub fn connection(&self) -> ConnectionManager {
         self.inner.conn.current()
     }
