@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::conn::Connection;
 use crate::error::store_error;
-use crate::keys::Keys;
+use crate::keys::{Keys, PartitionKeys};
 use crate::protocol::{AppendCode, ExpectedArg};
 use crate::script::Function;
 use crate::server::Server;
@@ -81,7 +81,7 @@ impl Appender {
                 .invoke_then_wait(
                     &mut conn,
                     &cmd,
-                    self.keys.replication_fence(),
+                    self.partition_keys(group).replication_fence(),
                     replicas,
                     timeout,
                 )
@@ -180,14 +180,31 @@ impl Appender {
             .unwrap_or_else(|| Err(StoreError::backend("the append script returned nothing")))
     }
 
-    /// The `FCALL` of the append function for `group`.
+    /// The keys of the partition of `group`'s streams (all in one: the store has one
+    /// partition).
+    fn partition_keys(&self, group: &[&AppendRequest]) -> &PartitionKeys {
+        let keys = &self.keys;
+        let partition = group
+            .first()
+            .map_or(0, |request| keys.partition_of(&request.stream_id));
+        debug_assert!(group
+            .iter()
+            .all(|request| keys.partition_of(&request.stream_id) == partition));
+        keys.partition(partition)
+            .unwrap_or_else(|| &keys.all_partitions()[0])
+    }
+
+    /// The `FCALL` of the append function for `group`, whose streams all belong to one
+    /// partition (the store has one), against that partition's feed, index, outbox and epoch
+    /// history: in the tagged layout every key of the call is in the partition's hash slot.
     fn command(&self, group: &[&AppendRequest]) -> Cmd {
         let keys = &self.keys;
+        let part = self.partition_keys(group);
         let mut cmd = self.script.fcall(4 + 2 * group.len());
-        cmd.arg(keys.feed())
-            .arg(keys.index())
-            .arg(keys.outbox())
-            .arg(keys.epochs());
+        cmd.arg(part.feed())
+            .arg(part.index())
+            .arg(part.outbox())
+            .arg(part.epochs());
         for request in group {
             cmd.arg(keys.events(&request.stream_id))
                 .arg(keys.version(&request.stream_id));

@@ -1,11 +1,12 @@
-//! The store's connection: to one server, or (feature `sentinel`) to the primary that Redis
-//! Sentinel names, followed across failovers. See the crate docs, section "Production".
+//! The store's connection: to one server, (feature `sentinel`) to the primary that Redis
+//! Sentinel names, followed across failovers, or (feature `cluster`) to a Redis Cluster. See the
+//! crate docs, sections "Production" and "Redis Cluster".
 
 #[cfg(feature = "sentinel")]
 use std::sync::Arc;
 
-use redis::aio::{ConnectionLike, ConnectionManager};
-use redis::{Client, Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 /// The store's shared connection: a [`ConnectionManager`] that reconnects by itself, and with
 /// Sentinel (feature `sentinel`) one that moves to the new primary after a failover. Cheap to
@@ -20,6 +21,14 @@ enum Kind {
     Direct(ConnectionManager),
     #[cfg(feature = "sentinel")]
     Sentinel(Arc<sentinel::Following>),
+    /// A Redis Cluster: the cluster connection routes each command by its first key (and
+    /// follows `MOVED`/`ASK` redirects, failovers and slot moves); `seed` is a connection to
+    /// the first node given, for [`RedisStore::connection`](crate::RedisStore::connection).
+    #[cfg(feature = "cluster")]
+    Cluster {
+        cluster: redis::cluster_async::ClusterConnection,
+        seed: ConnectionManager,
+    },
 }
 
 impl std::fmt::Debug for Connection {
@@ -28,6 +37,8 @@ impl std::fmt::Debug for Connection {
             Kind::Direct(_) => "direct",
             #[cfg(feature = "sentinel")]
             Kind::Sentinel(_) => "sentinel",
+            #[cfg(feature = "cluster")]
+            Kind::Cluster { .. } => "cluster",
         };
         f.debug_struct("Connection")
             .field("kind", &kind)
@@ -42,12 +53,81 @@ impl Connection {
         }
     }
 
-    /// The connection manager in use now (the current primary's, with Sentinel).
+    /// The connection manager in use now (the current primary's, with Sentinel; the first
+    /// node's, on a cluster).
     pub(crate) fn current(&self) -> ConnectionManager {
         match &self.kind {
             Kind::Direct(conn) => conn.clone(),
             #[cfg(feature = "sentinel")]
             Kind::Sentinel(following) => following.current(),
+            #[cfg(feature = "cluster")]
+            Kind::Cluster { seed, .. } => seed.clone(),
+        }
+    }
+
+    #[cfg(feature = "cluster")]
+    pub(crate) fn cluster(
+        cluster: redis::cluster_async::ClusterConnection,
+        seed: ConnectionManager,
+    ) -> Self {
+        Self {
+            kind: Kind::Cluster { cluster, seed },
+        }
+    }
+
+    /// The cluster connection, on a cluster.
+    #[cfg(feature = "cluster")]
+    pub(crate) fn cluster_connection(&self) -> Option<redis::cluster_async::ClusterConnection> {
+        match &self.kind {
+            Kind::Cluster { cluster, .. } => Some(cluster.clone()),
+            _ => None,
+        }
+    }
+
+    /// Sends `cmd` where `like` goes: on a cluster, to the primary serving `like`'s first key
+    /// (so a script or function is loaded where the call that missed it runs); elsewhere to
+    /// the one server.
+    pub(crate) async fn query_where(&mut self, cmd: &Cmd, like: &Cmd) -> RedisResult<Value> {
+        #[cfg(feature = "cluster")]
+        if let Kind::Cluster { cluster, .. } = &mut self.kind {
+            use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+            // `FCALL`/`EVALSHA <name> <numkeys> <key> ...`: the first key is the fourth word.
+            let slot = match like.args_iter().nth(3) {
+                Some(redis::Arg::Simple(key)) => Some(crate::keys::slot_of_key(key)),
+                _ => None,
+            };
+            let routing = slot.map_or(
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+                cluster::at_slot,
+            );
+            return cluster.route_command(cmd.clone(), routing).await;
+        }
+        let _ = like;
+        self.req_packed_command(cmd).await
+    }
+
+    /// Sends `cmd` to every primary (on a cluster) or to the one server: one reply each, a
+    /// server's error reply as `Err`.
+    pub(crate) async fn query_every_primary(&mut self, cmd: &Cmd) -> RedisResult<Vec<Value>> {
+        #[cfg(feature = "cluster")]
+        if let Kind::Cluster { cluster, .. } = &mut self.kind {
+            use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+            let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+            return match cluster.route_command(cmd.clone(), routing).await? {
+                Value::Map(replies) => replies
+                    .into_iter()
+                    .map(|(_, reply)| match reply {
+                        Value::ServerError(err) => Err(err.into()),
+                        reply => Ok(reply),
+                    })
+                    .collect(),
+                Value::ServerError(err) => Err(err.into()),
+                other => Ok(vec![other]),
+            };
+        }
+        match self.req_packed_command(cmd).await? {
+            Value::ServerError(err) => Err(err.into()),
+            reply => Ok(vec![reply]),
         }
     }
 
@@ -73,6 +153,8 @@ impl ConnectionLike for Connection {
                     result
                 })
             }
+            #[cfg(feature = "cluster")]
+            Kind::Cluster { cluster, .. } => cluster.req_packed_command(cmd),
         }
     }
 
@@ -94,6 +176,8 @@ impl ConnectionLike for Connection {
                     result
                 })
             }
+            #[cfg(feature = "cluster")]
+            Kind::Cluster { cluster, .. } => cluster.req_packed_commands(cmd, offset, count),
         }
     }
 
@@ -102,17 +186,21 @@ impl ConnectionLike for Connection {
             Kind::Direct(conn) => conn.get_db(),
             #[cfg(feature = "sentinel")]
             Kind::Sentinel(following) => following.current().get_db(),
+            #[cfg(feature = "cluster")]
+            Kind::Cluster { .. } => 0,
         }
     }
 }
 
 /// Where the store's own extra connections (the head watcher, the settings monitor) go: a fixed
-/// server, or the primary the sentinels name at the time of connecting.
+/// server, the primary the sentinels name at the time of connecting, or a cluster.
 #[derive(Clone)]
 pub(crate) enum Target {
     Client(Box<Client>),
     #[cfg(feature = "sentinel")]
     Sentinel(Arc<sentinel::Following>),
+    #[cfg(feature = "cluster")]
+    Cluster(Arc<cluster::Nodes>),
 }
 
 impl std::fmt::Debug for Target {
@@ -121,6 +209,8 @@ impl std::fmt::Debug for Target {
             Target::Client(_) => f.write_str("Target::Client"),
             #[cfg(feature = "sentinel")]
             Target::Sentinel(_) => f.write_str("Target::Sentinel"),
+            #[cfg(feature = "cluster")]
+            Target::Cluster(_) => f.write_str("Target::Cluster"),
         }
     }
 }
@@ -128,19 +218,209 @@ impl std::fmt::Debug for Target {
 impl Target {
     /// Whether this target moves to whatever primary the sentinels name.
     pub(crate) fn follows_primary(&self) -> bool {
-        !matches!(self, Target::Client(_))
+        #[cfg(feature = "sentinel")]
+        if matches!(self, Target::Sentinel(_)) {
+            return true;
+        }
+        false
     }
 
-    /// A client for the server to connect to now.
+    /// A connection of its own, with these time-outs.
     // Asking the sentinels awaits; without the feature nothing does.
-    #[cfg_attr(not(feature = "sentinel"), allow(clippy::unused_async))]
-    pub(crate) async fn client(&self) -> RedisResult<Client> {
-        match self {
-            Target::Client(client) => Ok((**client).clone()),
+    pub(crate) async fn connect(
+        &self,
+        connect_timeout: std::time::Duration,
+        response_timeout: std::time::Duration,
+    ) -> RedisResult<Side> {
+        let settings = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(response_timeout));
+        let client = match self {
+            Target::Client(client) => (**client).clone(),
             #[cfg(feature = "sentinel")]
-            Target::Sentinel(following) => following.primary().await,
+            Target::Sentinel(following) => following.primary().await?,
+            #[cfg(feature = "cluster")]
+            Target::Cluster(nodes) => {
+                return Ok(Side::Cluster(
+                    nodes.connect(connect_timeout, response_timeout).await?,
+                ))
+            }
+        };
+        Ok(Side::Node(
+            client
+                .get_multiplexed_async_connection_with_config(&settings)
+                .await?,
+        ))
+    }
+}
+
+/// A connection of the store's background tasks: to one server, or to a cluster.
+#[derive(Clone)]
+pub(crate) enum Side {
+    Node(MultiplexedConnection),
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Side {
+    /// On a cluster, a connection that sends every command to the primary serving `slot`.
+    #[cfg(feature = "cluster")]
+    pub(crate) fn at_slot(&self, slot: u16) -> AtSlot {
+        match self {
+            Side::Node(conn) => AtSlot::Node(conn.clone()),
+            Side::Cluster(conn) => AtSlot::Cluster(conn.clone(), slot),
         }
     }
+}
+
+impl ConnectionLike for Side {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Side::Node(conn) => conn.req_packed_command(cmd),
+            #[cfg(feature = "cluster")]
+            Side::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Side::Node(conn) => conn.req_packed_commands(cmd, offset, count),
+            #[cfg(feature = "cluster")]
+            Side::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Side::Node(conn) => conn.get_db(),
+            #[cfg(feature = "cluster")]
+            Side::Cluster(_) => 0,
+        }
+    }
+}
+
+/// A connection pinned to the primary of one hash slot on a cluster (server commands such as
+/// `INFO` and `CONFIG GET` then read that node), or to the one server.
+#[cfg(feature = "cluster")]
+pub(crate) enum AtSlot {
+    Node(MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection, u16),
+}
+
+#[cfg(feature = "cluster")]
+impl ConnectionLike for AtSlot {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            AtSlot::Node(conn) => conn.req_packed_command(cmd),
+            AtSlot::Cluster(conn, slot) => {
+                let routing = cluster::at_slot(*slot);
+                Box::pin(conn.route_command(cmd.clone(), routing))
+            }
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            AtSlot::Node(conn) => conn.req_packed_commands(cmd, offset, count),
+            AtSlot::Cluster(conn, slot) => {
+                use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+                let route =
+                    SingleNodeRoutingInfo::SpecificNode(Route::new(*slot, SlotAddr::Master));
+                Box::pin(conn.route_pipeline(cmd.clone(), offset, count, route))
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            AtSlot::Node(conn) => conn.get_db(),
+            AtSlot::Cluster(..) => 0,
+        }
+    }
+}
+
+#[cfg(feature = "cluster")]
+pub(crate) mod cluster {
+    //! Connections to a Redis Cluster.
+
+    use std::time::Duration;
+
+    use redis::cluster::{ClusterClient, ClusterClientBuilder};
+    use redis::cluster_async::ClusterConnection;
+    use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+    use redis::{ConnectionInfo, RedisResult};
+
+    /// The routing of a command to the primary serving `slot`.
+    pub(crate) fn at_slot(slot: u16) -> RoutingInfo {
+        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+            slot,
+            SlotAddr::Master,
+        )))
+    }
+
+    /// The nodes to start from and how to reach them (user, password, TLS), for the store's
+    /// connections to the cluster.
+    pub(crate) struct Nodes {
+        pub(crate) seeds: Vec<ConnectionInfo>,
+        /// The CA and client certificate for `rediss://` nodes (feature `tls`).
+        #[cfg(feature = "tls")]
+        pub(crate) certificates: Option<redis::TlsCertificates>,
+        /// How many times a command is retried across redirects, failovers and reconnections.
+        pub(crate) retries: u32,
+        /// TCP settings (keepalive) for every node connection.
+        pub(crate) tcp: redis::io::tcp::TcpSettings,
+    }
+
+    impl Nodes {
+        /// A client with these time-outs.
+        pub(crate) fn client(
+            &self,
+            connect_timeout: Duration,
+            response_timeout: Duration,
+        ) -> RedisResult<ClusterClient> {
+            let builder = ClusterClientBuilder::new(self.seeds.clone())
+                .connection_timeout(connect_timeout)
+                .response_timeout(response_timeout)
+                .retries(self.retries)
+                .tcp_settings(self.tcp.clone())
+                .min_retry_wait(MIN_RETRY_WAIT_MS)
+                .max_retry_wait(MAX_RETRY_WAIT_MS);
+            #[cfg(feature = "tls")]
+            let builder = match &self.certificates {
+                Some(certificates) => builder.certs(certificates.clone()),
+                None => builder,
+            };
+            builder.build()
+        }
+
+        /// A cluster connection of its own, with these time-outs.
+        pub(crate) async fn connect(
+            &self,
+            connect_timeout: Duration,
+            response_timeout: Duration,
+        ) -> RedisResult<ClusterConnection> {
+            self.client(connect_timeout, response_timeout)?
+                .get_async_connection()
+                .await
+        }
+    }
+
+    /// The shortest and longest wait between two tries of a command that met a failover, a
+    /// slot being moved (`TRYAGAIN`) or a lost connection, in milliseconds: with the default
+    /// 20 retries, a command keeps trying for about half a minute, longer than a failover
+    /// takes with a `cluster-node-timeout` of a few seconds.
+    const MIN_RETRY_WAIT_MS: u64 = 50;
+    const MAX_RETRY_WAIT_MS: u64 = 2_000;
 }
 
 #[cfg(feature = "sentinel")]

@@ -65,7 +65,9 @@ use redis::io::tcp::socket2::TcpKeepalive;
 use redis::{IntoConnectionInfo, Value};
 
 pub use error::Error;
-pub use keys::{Keys, MAX_PREFIX_LEN};
+pub use keys::{
+    slot_of_tag, KeyLayout, Keys, PartitionKeys, CLUSTER_SLOTS, MAX_PARTITIONS, MAX_PREFIX_LEN,
+};
 /// The `redis` crate this store is built on, for [`RedisStore::connection`].
 pub use redis;
 pub use server::ServerSettings;
@@ -135,6 +137,9 @@ pub struct RedisStoreBuilder {
     tls: TlsOptions,
     sentinel: Option<SentinelOptions>,
     wait: Option<(usize, Duration)>,
+    layout: Option<KeyLayout>,
+    /// The cluster nodes' URLs, for a store on a Redis Cluster.
+    cluster: Option<Vec<String>>,
 }
 
 /// The sentinels to ask for the primary, and the name they monitor it by. Their URLs show
@@ -210,6 +215,16 @@ impl std::fmt::Debug for RedisStoreBuilder {
             .field("tls", &self.tls)
             .field("sentinel", &self.sentinel)
             .field("min_replicas_acked", &self.wait)
+            .field("layout", &self.layout)
+            .field(
+                "cluster",
+                &self.cluster.as_ref().map(|nodes| {
+                    nodes
+                        .iter()
+                        .map(|url| es_core::contract::redact_url(url))
+                        .collect::<Vec<_>>()
+                }),
+            )
             .finish()
     }
 }
@@ -370,6 +385,25 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// The key layout (default: [`KeyLayout::Classic`] on a standalone server or with
+    /// Sentinel, [`KeyLayout::Tagged`] on a cluster, which refuses the classic layout). A store
+    /// records its layout when it is first built and cannot be opened with another one
+    /// ([`Error::LayoutMismatch`]). See the crate docs, sections "Key layout" and "Redis
+    /// Cluster".
+    pub fn key_layout(mut self, layout: KeyLayout) -> Self {
+        self.layout = Some(layout);
+        self
+    }
+
+    /// The layout the store will use: the one set, or the default for the deployment.
+    fn layout(&self) -> KeyLayout {
+        self.layout.unwrap_or(if self.cluster.is_some() {
+            KeyLayout::Tagged
+        } else {
+            KeyLayout::Classic
+        })
+    }
+
     /// Installs the store's Redis function library on the server if it does not hold it, and
     /// nothing else: the deployment step for stores whose own user may not run `FUNCTION LOAD`
     /// (see the crate docs, section "Production"). Call it on a builder whose URL names an
@@ -396,19 +430,21 @@ impl RedisStoreBuilder {
     }
 
     /// Connects, checks the server's settings (see the crate docs, section "Server settings"),
-    /// loads the scripts and returns the store.
+    /// loads the scripts, checks the store's recorded key layout and returns the store.
     pub async fn build(self) -> Result<RedisStore, Error> {
-        let keys = Keys::new(&self.prefix)?;
+        let keys = Keys::with_layout(&self.prefix, self.layout())?;
         self.validate()?;
         let (target, mut conn) = self.connect().await?;
         let requirements = Requirements {
             allow_eviction: self.allow_eviction,
             allow_no_persistence: self.allow_no_persistence,
         };
-        let settings = server::read_settings(&mut conn)
-            .await
-            .map_err(|err| err.at(&self.url))?;
-        requirements.check(&settings)?;
+        let slots: Vec<u16> = keys
+            .all_partitions()
+            .iter()
+            .map(PartitionKeys::slot)
+            .collect();
+        let settings = self.read_settings(&mut conn, &slots, requirements).await?;
         self.log_settings(&keys, &settings);
         if settings.major_version() < 7 {
             return Err(Error::UnsupportedVersion {
@@ -421,18 +457,21 @@ impl RedisStoreBuilder {
         let acquire_lease = Lua::new(script::ACQUIRE_LEASE);
         let release_lease = Lua::new(script::RELEASE_LEASE);
         let save_checkpoint = Lua::new(script::SAVE_CHECKPOINT);
+        let check_layout = Lua::new(script::CHECK_LAYOUT);
         for script in [
             &save_snapshot,
             &delete_snapshot,
             &acquire_lease,
             &release_lease,
             &save_checkpoint,
+            &check_layout,
         ] {
             script
                 .load(&mut conn)
                 .await
                 .map_err(|source| Error::connect(&self.url, source))?;
         }
+        self.check_layout(&mut conn, &keys, &check_layout).await?;
         let server = Arc::new(Server::new(settings, requirements));
         server.start_monitor(MonitorConfig {
             client: target.clone(),
@@ -440,6 +479,7 @@ impl RedisStoreBuilder {
             connect_timeout: self.connect_timeout,
             response_timeout: self.response_timeout,
             prefix: keys.prefix().into(),
+            slots,
         });
         let watch = WatchConfig {
             client: target,
@@ -485,10 +525,86 @@ impl RedisStoreBuilder {
 }
 
 impl RedisStoreBuilder {
+    /// The settings of the server the store's partitions live on (`slots`: on a cluster, each
+    /// slot's primary; elsewhere the one server), each checked against `requirements`; the one
+    /// to act on and report (see [`server::worst`]).
+    async fn read_settings(
+        &self,
+        conn: &mut Connection,
+        slots: &[u16],
+        requirements: Requirements,
+    ) -> Result<ServerSettings, Error> {
+        #[cfg(feature = "cluster")]
+        if let Some(cluster) = conn.cluster_connection() {
+            let side = conn::Side::Cluster(cluster);
+            let mut all = Vec::with_capacity(slots.len());
+            for &slot in slots {
+                let settings = server::read_settings(&mut side.at_slot(slot))
+                    .await
+                    .map_err(|err| err.at(&self.url))?;
+                requirements.check(&settings)?;
+                all.push(settings);
+            }
+            return server::worst(all).ok_or(Error::InvalidSetting("the store has no partition"));
+        }
+        let _ = slots;
+        let settings = server::read_settings(conn)
+            .await
+            .map_err(|err| err.at(&self.url))?;
+        requirements.check(&settings)?;
+        Ok(settings)
+    }
+
+    /// Records the store's layout in its meta key if it has none, and refuses a store whose
+    /// recorded layout is not `keys`' ([`Error::LayoutMismatch`]). A store without a meta key
+    /// that has the classic layout's head is a classic store from before layouts were recorded.
+    async fn check_layout(
+        &self,
+        conn: &mut Connection,
+        keys: &Keys,
+        script: &Lua,
+    ) -> Result<(), Error> {
+        let requested = keys.recorded_layout();
+        let classic_index = keys.classic_index();
+        let mut cmd = script.command(&[keys.meta(), &classic_index]);
+        cmd.arg(&requested);
+        let recorded = match script.invoke(conn, &cmd).await {
+            Ok(Value::BulkString(recorded)) => String::from_utf8_lossy(&recorded).into_owned(),
+            Ok(other) => {
+                return Err(Error::connect(
+                    &self.url,
+                    redis::RedisError::from((
+                        redis::ErrorKind::Parse,
+                        "unexpected reply from the layout check",
+                        format!("{other:?}"),
+                    )),
+                ))
+            }
+            Err(source) if error::is_permission_error(&source) => {
+                return Err(Error::NoPermission {
+                    url: Some(es_core::contract::redact_url(&self.url)),
+                    source,
+                })
+            }
+            Err(source) => return Err(Error::connect(&self.url, source)),
+        };
+        if recorded == requested {
+            Ok(())
+        } else {
+            Err(Error::LayoutMismatch {
+                prefix: keys.prefix().to_owned(),
+                recorded,
+                requested,
+            })
+        }
+    }
+
     /// The one line a store logs when it is built: what it runs under.
     fn log_settings(&self, keys: &Keys, settings: &ServerSettings) {
         tracing::info!(
             prefix = keys.prefix(),
+            layout = %keys.recorded_layout(),
+            cluster = self.cluster.is_some(),
             url = %es_core::contract::redact_url(&self.url),
             tls = self.url.trim_start().starts_with("rediss:"),
             sentinel = self.sentinel.as_ref().map_or("none", |s| s.service.as_str()),
@@ -554,6 +670,24 @@ impl RedisStoreBuilder {
         if self.page_size == 0 {
             return Err(Error::InvalidSetting("the read page size must not be zero"));
         }
+        if let Some(nodes) = &self.cluster {
+            if nodes.is_empty() {
+                return Err(Error::InvalidSetting(
+                    "no cluster node addresses were given",
+                ));
+            }
+            if self.sentinel.is_some() {
+                return Err(Error::InvalidSetting(
+                    "a store is on a Redis Cluster or behind Sentinel, not both",
+                ));
+            }
+            if self.layout() == KeyLayout::Classic {
+                return Err(Error::InvalidSetting(
+                    "the classic key layout puts an append's keys in two hash slots, which a \
+                     Redis Cluster refuses; use the tagged layout on a cluster",
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -587,6 +721,9 @@ impl RedisStoreBuilder {
             .set_max_delay(RECONNECT_MAX_DELAY);
         if let Some(sentinel) = &self.sentinel {
             return self.follow(sentinel, info, tls_url, config).await;
+        }
+        if let Some(nodes) = &self.cluster {
+            return self.join_cluster(nodes, info, tls_url, config).await;
         }
         if self.tls.is_set() && !tls_url {
             return Err(Error::InvalidSetting(PLAINTEXT_REFUSED));
@@ -685,6 +822,109 @@ impl RedisStoreBuilder {
     }
 }
 
+impl RedisStoreBuilder {
+    /// The connection to the cluster that `nodes` belong to: TLS to every node or to none,
+    /// each node's URL with TCP keepalive; and a connection to the first node for
+    /// [`RedisStore::connection`].
+    #[cfg(feature = "cluster")]
+    async fn join_cluster(
+        &self,
+        nodes: &[String],
+        first: redis::ConnectionInfo,
+        tls_url: bool,
+        config: ConnectionManagerConfig,
+    ) -> Result<(Target, Connection), Error> {
+        let shown = |url: &str| es_core::contract::redact_url(url);
+        let tcp = first.tcp_settings().clone();
+        let (mut tls, mut plaintext) = (Vec::new(), Vec::new());
+        let mut infos = Vec::with_capacity(nodes.len());
+        for url in nodes {
+            let info = url
+                .as_str()
+                .into_connection_info()
+                .map_err(|source| Error::invalid_url(url, source))?;
+            match info.addr() {
+                redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
+                    return Err(Error::InvalidSetting(INSECURE_REFUSED))
+                }
+                redis::ConnectionAddr::TcpTls { .. } => tls.push(shown(url)),
+                _ => plaintext.push(shown(url)),
+            }
+            infos.push(info.set_tcp_settings(tcp.clone()));
+        }
+        if !tls.is_empty() && !plaintext.is_empty() {
+            return Err(Error::MixedTls { tls, plaintext });
+        }
+        if self.tls.is_set() && !tls_url {
+            return Err(Error::InvalidSetting(PLAINTEXT_REFUSED));
+        }
+        let cluster_nodes = Arc::new(conn::cluster::Nodes {
+            seeds: infos,
+            #[cfg(feature = "tls")]
+            certificates: self.tls_certificates(),
+            retries: CLUSTER_RETRIES,
+            tcp,
+        });
+        let cluster = cluster_nodes
+            .connect(self.connect_timeout, self.response_timeout)
+            .await
+            .map_err(|source| Error::connect(&nodes[0], source))?;
+        let seed = if tls_url {
+            redis::Client::open(self.tls_info(&nodes[0], first)?)
+        } else {
+            redis::Client::open(first)
+        }
+        .map_err(|source| Error::invalid_url(&nodes[0], source))?;
+        let seed = ConnectionManager::new_with_config(seed, config)
+            .await
+            .map_err(|source| Error::connect(&nodes[0], source))?;
+        Ok((
+            Target::Cluster(cluster_nodes),
+            Connection::cluster(cluster, seed),
+        ))
+    }
+
+    /// The CA and client certificate set on the builder, for the cluster's nodes.
+    #[cfg(all(feature = "cluster", feature = "tls"))]
+    fn tls_certificates(&self) -> Option<redis::TlsCertificates> {
+        #[allow(deprecated)]
+        let provider = rustls::crypto::ring::default_provider();
+        let _ = provider.install_default();
+        self.tls.is_set().then(|| redis::TlsCertificates {
+            client_tls: self
+                .tls
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.tls.root_certificates.clone(),
+        })
+    }
+
+    /// Without the `cluster` feature the builder has no way to name cluster nodes.
+    #[cfg(not(feature = "cluster"))]
+    #[allow(clippy::unused_async)] // The same signature as with the feature.
+    async fn join_cluster(
+        &self,
+        _: &[String],
+        _: redis::ConnectionInfo,
+        _: bool,
+        _: ConnectionManagerConfig,
+    ) -> Result<(Target, Connection), Error> {
+        Err(Error::InvalidSetting(
+            "Redis Cluster needs the `cluster` feature of es-redis",
+        ))
+    }
+}
+
+/// How many times a command on a cluster is retried across redirects, failovers, slot moves
+/// and reconnections before it fails (with waits of 50 ms doubling up to 2 s: about half a
+/// minute in all).
+#[cfg(feature = "cluster")]
+const CLUSTER_RETRIES: u32 = 20;
+
 /// Why `#insecure` is refused.
 const INSECURE_REFUSED: &str = "`#insecure` in a `rediss://` URL turns off certificate checks, \
      which the store does not accept; give the server's CA with `tls_root_certificates`";
@@ -767,7 +1007,24 @@ impl RedisStore {
             tls: TlsOptions::default(),
             sentinel: None,
             wait: None,
+            layout: None,
+            cluster: None,
         }
+    }
+
+    /// A builder for a store on the Redis Cluster that `nodes` belong to (`redis://host:port`,
+    /// with the user and password if the cluster requires them, the same for every node; one
+    /// node is enough, the others are found through it). The store uses the
+    /// [tagged](KeyLayout::Tagged) key layout, so that every append touches one hash slot; see
+    /// the crate docs, section "Redis Cluster".
+    #[cfg(feature = "cluster")]
+    pub fn cluster_builder(
+        nodes: impl IntoIterator<Item = impl Into<String>>,
+    ) -> RedisStoreBuilder {
+        let nodes: Vec<String> = nodes.into_iter().map(Into::into).collect();
+        let mut builder = Self::builder(nodes.first().cloned().unwrap_or_default());
+        builder.cluster = Some(nodes);
+        builder
     }
 
     /// The key names this store uses.
@@ -782,9 +1039,18 @@ impl RedisStore {
 
     /// A handle to the store's connection (it reconnects by itself), for tools and tests that
     /// need to look at the keys directly. With Sentinel it is the connection to the primary of
-    /// the moment: after a failover, ask again.
+    /// the moment: after a failover, ask again. On a cluster it is a connection to the first
+    /// node given to `RedisStore::cluster_builder` (feature `cluster`), which answers only for
+    /// the slots it serves: use `RedisStore::cluster_connection` there.
     pub fn connection(&self) -> ConnectionManager {
         self.inner.conn.current()
+    }
+
+    /// On a cluster, the store's cluster connection (it routes each command by its first key
+    /// and follows redirects and failovers); `None` for a store on a single server.
+    #[cfg(feature = "cluster")]
+    pub fn cluster_connection(&self) -> Option<redis::cluster_async::ClusterConnection> {
+        self.inner.conn.cluster_connection()
     }
 
     /// The server's version, persistence and eviction settings, as last read (when the store

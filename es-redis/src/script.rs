@@ -110,6 +110,13 @@ pub(crate) const SAVE_SNAPSHOT: &str = include_str!("script/save_snapshot.lua");
 /// KEYS: 1 the snapshot hash. ARGV: version. Replies 1 if deleted, 0 otherwise.
 pub(crate) const DELETE_SNAPSHOT: &str = include_str!("script/delete_snapshot.lua");
 
+/// The layout check: records the requested layout in the meta key if the store has none, and
+/// returns the recorded one.
+///
+/// KEYS: 1 the meta hash, 2 the classic layout's index hash (a store from before layouts were
+/// recorded has its head there). ARGV: 1 the requested layout (`<layout>/<partitions>`).
+pub(crate) const CHECK_LAYOUT: &str = include_str!("script/check_layout.lua");
+
 /// The relay lease and checkpoint scripts the store loads when it is built live with the rest of
 /// the outbox code.
 pub(crate) use crate::outbox::{ACQUIRE_LEASE, RELEASE_LEASE, SAVE_CHECKPOINT};
@@ -157,6 +164,17 @@ impl Lua {
         Ok(())
     }
 
+    /// Loads the script on the server `cmd` goes to (on a cluster, the primary serving its
+    /// first key; elsewhere the one server).
+    async fn load_where(&self, conn: &mut Connection, cmd: &Cmd) -> RedisResult<()> {
+        let mut load = redis::cmd("SCRIPT");
+        load.arg("LOAD").arg(self.source);
+        match conn.query_where(&load, cmd).await? {
+            Value::ServerError(err) => Err(err.into()),
+            _ => Ok(()),
+        }
+    }
+
     /// Runs `cmd` (built by [`Lua::command`]); if the server has lost the script (restart,
     /// `SCRIPT FLUSH`, failover) it is loaded and the command sent again. A NOSCRIPT reply
     /// means the script did not run, so resending cannot apply it twice. The cache can be
@@ -172,7 +190,7 @@ impl Lua {
                 {
                     reloads += 1;
                     tracing::debug!(sha = %self.sha, reloads, "script missing on the server; loading it");
-                    self.load(conn).await?;
+                    self.load_where(conn, cmd).await?;
                 }
                 other => return other,
             }
@@ -202,31 +220,54 @@ impl Function {
         &self.name
     }
 
-    /// Whether the server holds the library.
-    pub(crate) async fn loaded(&self, conn: &mut Connection) -> RedisResult<bool> {
+    fn list(&self) -> Cmd {
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("LIST").arg("LIBRARYNAME").arg(&self.name);
-        match query(conn, &cmd).await? {
+        cmd
+    }
+
+    fn load_command(&self) -> Cmd {
+        let mut cmd = redis::cmd("FUNCTION");
+        cmd.arg("LOAD").arg("REPLACE").arg(&self.code);
+        cmd
+    }
+
+    /// Whether the server holds the library; on a cluster, whether every primary does.
+    pub(crate) async fn loaded(&self, conn: &mut Connection) -> RedisResult<bool> {
+        let replies = conn.query_every_primary(&self.list()).await?;
+        Ok(!replies.is_empty()
+            && replies
+                .iter()
+                .all(|reply| matches!(reply, Value::Array(libraries) if !libraries.is_empty())))
+    }
+
+    /// Loads the library (`FUNCTION LOAD REPLACE`, so that two stores loading it at once both
+    /// succeed); on a cluster, on every primary.
+    pub(crate) async fn install(&self, conn: &mut Connection) -> RedisResult<()> {
+        conn.query_every_primary(&self.load_command()).await?;
+        Ok(())
+    }
+
+    /// Whether the server `cmd` goes to (on a cluster, the primary serving its first key)
+    /// holds the library.
+    async fn loaded_where(&self, conn: &mut Connection, cmd: &Cmd) -> RedisResult<bool> {
+        match conn.query_where(&self.list(), cmd).await? {
+            Value::ServerError(err) => Err(err.into()),
             Value::Array(libraries) => Ok(!libraries.is_empty()),
             _ => Ok(false),
         }
     }
 
-    /// Loads the library unless the server holds it (`REPLACE`, so that two stores loading it at
-    /// once both succeed).
-    pub(crate) async fn load(&self, conn: &mut Connection) -> RedisResult<()> {
-        if self.loaded(conn).await? {
+    /// Loads the library on the server `cmd` goes to, unless it holds it: after a call there
+    /// found it missing (a primary that never had it, a restart that lost it).
+    async fn load_where(&self, conn: &mut Connection, cmd: &Cmd) -> RedisResult<()> {
+        if self.loaded_where(conn, cmd).await? {
             return Ok(());
         }
-        self.install(conn).await
-    }
-
-    /// Loads the library (`FUNCTION LOAD REPLACE`).
-    pub(crate) async fn install(&self, conn: &mut Connection) -> RedisResult<()> {
-        let mut cmd = redis::cmd("FUNCTION");
-        cmd.arg("LOAD").arg("REPLACE").arg(&self.code);
-        query(conn, &cmd).await?;
-        Ok(())
+        match conn.query_where(&self.load_command(), cmd).await? {
+            Value::ServerError(err) => Err(err.into()),
+            _ => Ok(()),
+        }
     }
 
     /// Runs `cmd` (built by [`Function::fcall`]). If it fails with a plain `ERR` and the server
@@ -238,12 +279,12 @@ impl Function {
         loop {
             match query(conn, cmd).await {
                 Err(err) if err.code() == Some("ERR") && reloads < NOSCRIPT_RELOADS => {
-                    if self.loaded(conn).await? {
+                    if self.loaded_where(conn, cmd).await? {
                         return Err(err);
                     }
                     reloads += 1;
                     tracing::debug!(function = %self.name, reloads, "function missing on the server; loading it");
-                    self.load(conn).await?;
+                    self.load_where(conn, cmd).await?;
                 }
                 other => return other,
             }
@@ -280,11 +321,11 @@ impl Function {
                 Some(Value::ServerError(err)) => {
                     let err = RedisError::from(err);
                     if err.code() == Some("ERR") && reloads < NOSCRIPT_RELOADS {
-                        if self.loaded(conn).await? {
+                        if self.loaded_where(conn, cmd).await? {
                             return Err(err);
                         }
                         reloads += 1;
-                        self.load(conn).await?;
+                        self.load_where(conn, cmd).await?;
                         continue;
                     }
                     return Err(err);

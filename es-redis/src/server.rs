@@ -9,11 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, RedisError};
+use redis::aio::ConnectionLike;
+use redis::RedisError;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::conn::Side;
 use crate::Error;
 
 /// The server settings a store runs under, as last read from the server (when the store was
@@ -173,6 +174,38 @@ pub(crate) async fn read_settings<C: ConnectionLike>(
     })
 }
 
+/// The settings of the servers the store's partitions live on (`slots`, on a cluster; the one
+/// server otherwise), reduced to one: the first that can evict keys, else the first that
+/// persists nothing, else the first. So the store refuses appends if any partition's primary
+/// can evict, and reports the first partition's server otherwise.
+pub(crate) async fn read_at_slots(conn: &Side, slots: &[u16]) -> Result<ServerSettings, Error> {
+    let mut all = Vec::with_capacity(slots.len().max(1));
+    match conn {
+        Side::Node(_) => all.push(read_settings(&mut conn.clone()).await?),
+        #[cfg(feature = "cluster")]
+        Side::Cluster(_) => {
+            for &slot in slots {
+                all.push(read_settings(&mut conn.at_slot(slot)).await?);
+            }
+        }
+    }
+    worst(all).ok_or_else(|| Error::SettingUnknown {
+        setting: "INFO",
+        reason: "the store has no partition whose server could be read".to_owned(),
+    })
+}
+
+/// The settings of `all` that the store must act on: the first that can evict keys, else the
+/// first that persists nothing, else the first.
+pub(crate) fn worst(all: Vec<ServerSettings>) -> Option<ServerSettings> {
+    let pick = all
+        .iter()
+        .position(ServerSettings::can_evict)
+        .or_else(|| all.iter().position(|s| s.persists() == Some(false)))
+        .unwrap_or(0);
+    all.into_iter().nth(pick)
+}
+
 /// One `CONFIG GET <name>`: the value, or `None` if the server refuses the command (renamed,
 /// disabled, or denied by an ACL) or does not know the setting.
 async fn config_value<C: ConnectionLike>(
@@ -251,6 +284,9 @@ pub(crate) struct MonitorConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) response_timeout: Duration,
     pub(crate) prefix: Arc<str>,
+    /// On a cluster, the hash slots of the store's partitions: the settings read are those of
+    /// the primaries serving them.
+    pub(crate) slots: Vec<u16>,
 }
 
 impl Server {
@@ -352,7 +388,7 @@ impl Drop for Server {
 /// (re)connection, every `interval`, and when woken.
 async fn monitor(server: Weak<Server>, wake: Arc<Notify>, config: MonitorConfig) {
     const MIN_BACKOFF: Duration = Duration::from_millis(50);
-    let mut conn: Option<MultiplexedConnection> = None;
+    let mut conn: Option<Side> = None;
     let mut delays = es_core::Backoff::new(MIN_BACKOFF, config.interval).delays();
     let mut due = true;
     loop {
@@ -380,7 +416,7 @@ async fn monitor(server: Weak<Server>, wake: Arc<Notify>, config: MonitorConfig)
             }
         }
         due = false;
-        match read_settings(c).await {
+        match read_at_slots(c, &config.slots).await {
             Ok(settings) => {
                 delays.reset();
                 match server.upgrade() {
@@ -403,14 +439,9 @@ async fn monitor(server: Weak<Server>, wake: Arc<Notify>, config: MonitorConfig)
     }
 }
 
-async fn connect(config: &MonitorConfig) -> redis::RedisResult<MultiplexedConnection> {
-    let settings = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(config.connect_timeout))
-        .set_response_timeout(Some(config.response_timeout));
+async fn connect(config: &MonitorConfig) -> redis::RedisResult<Side> {
     config
         .client
-        .client()
-        .await?
-        .get_multiplexed_async_connection_with_config(&settings)
+        .connect(config.connect_timeout, config.response_timeout)
         .await
 }

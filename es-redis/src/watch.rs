@@ -15,11 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, RedisResult};
+use redis::RedisResult;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::conn::Side;
 use crate::decode;
 
 /// What the watcher needs from the store; the task holds it weakly and ends once the last store
@@ -109,7 +109,7 @@ pub(crate) struct WatchConfig {
 
 async fn run(head: Weak<Head>, config: WatchConfig) {
     const MIN_BACKOFF: Duration = Duration::from_millis(50);
-    let mut conn: Option<MultiplexedConnection> = None;
+    let mut conn: Option<Side> = None;
     let mut delays = es_core::Backoff::new(MIN_BACKOFF, config.block).delays();
     loop {
         if head.strong_count() == 0 {
@@ -139,25 +139,19 @@ async fn run(head: Weak<Head>, config: WatchConfig) {
 /// The watcher's own connection. Its response time-out is the store's plus the block time, so
 /// that an `XREAD BLOCK` that the server answers only when the block time is up does not time
 /// out, and one that a stalled or vanished server never answers does.
-async fn connect(config: &WatchConfig) -> RedisResult<MultiplexedConnection> {
-    let settings = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(config.connect_timeout))
-        .set_response_timeout(Some(config.response_timeout + config.block));
+async fn connect(config: &WatchConfig) -> RedisResult<Side> {
     config
         .client
-        .client()
-        .await?
-        .get_multiplexed_async_connection_with_config(&settings)
+        .connect(
+            config.connect_timeout,
+            config.response_timeout + config.block,
+        )
         .await
 }
 
 /// Publishes the current head, then blocks until an entry after it arrives or the block time
 /// passes.
-async fn step(
-    conn: &mut MultiplexedConnection,
-    config: &WatchConfig,
-    head: &Weak<Head>,
-) -> RedisResult<()> {
+async fn step(conn: &mut Side, config: &WatchConfig, head: &Weak<Head>) -> RedisResult<()> {
     let value = redis::cmd("HGET")
         .arg(&*config.index)
         .arg("position")

@@ -263,10 +263,19 @@ async fn users_missing_a_right_get_typed_errors() {
     let stream = StreamId::new("account", "1").unwrap();
     assert_eq!(store.stream_version(&stream).await.unwrap(), 0);
 
-    // Without the key pattern: every store operation is refused, typed.
+    // Without the key pattern: the build (which checks the store's recorded key layout) and
+    // every store operation are refused, typed. The store is built while the user still has
+    // its keys, which are then taken away.
     let prefix = common::unique_prefix("acl-nokeys");
     let user = unique_name("t_acl_nokeys", '_');
-    let rules: Vec<String> = common::documented_acl(&user, PASSWORD, &prefix)
+    let documented = common::documented_acl(&user, PASSWORD, &prefix);
+    let url = user_with(&admin, &user, &documented).await;
+    let store = RedisStore::builder(url.as_str())
+        .prefix(prefix.clone())
+        .build()
+        .await
+        .expect("the documented user builds the store");
+    let rules: Vec<String> = documented
         .into_iter()
         .map(|rule| {
             if rule.starts_with('~') {
@@ -277,11 +286,22 @@ async fn users_missing_a_right_get_typed_errors() {
         })
         .collect();
     let url = user_with(&admin, &user, &rules).await;
-    let store = RedisStore::builder(url.as_str())
+    let err = RedisStore::builder(url.as_str())
         .prefix(prefix)
         .build()
         .await
-        .expect("the build reads no keys");
+        .expect_err("the build reads the meta key");
+    match &err {
+        Error::NoPermission {
+            url: Some(url),
+            source,
+        } => {
+            assert!(url.contains(":***@"), "{url}");
+            assert_eq!(source.code(), Some("NOPERM"));
+        }
+        other => panic!("expected NoPermission, got {other:?}"),
+    }
+    assert!(!everything_shown(&err).contains("s3cret"));
     assert_no_permission(&store.append(append_one("1")).await.expect_err("no keys"));
     assert_no_permission(&store.stream_version(&stream).await.expect_err("no keys"));
     assert_no_permission(&store.head_position().await.expect_err("no keys"));

@@ -1,4 +1,4 @@
-//! Throwaway PostgreSQL and Redis servers and Kafka brokers on 127.0.0.1, for `cargo xtask` and
+//! Throwaway PostgreSQL and Redis servers, Redis Clusters and Kafka brokers on 127.0.0.1, for `cargo xtask` and
 //! for tests that must control a server themselves (kill -9 and restart).
 //!
 //! Servers listen on a free loopback port, keep their data under a directory the caller chooses
@@ -9,11 +9,12 @@
 //! [`find_tansu`]); each says what is missing and how to install it. PostgreSQL refuses to run
 //! as root: see [`PgServer`] for how it is run then, from any checkout location.
 //!
-//! Tests find the shared servers through `DATABASE_URL`, `REDIS_URL` and `KAFKA_BROKERS`
-//! ([`database_url`], [`redis_url`], [`kafka_brokers`]); when those are missing they fail with a
+//! Tests find the shared servers through `DATABASE_URL`, `REDIS_URL`, `REDIS_CLUSTER_URLS` and
+//! `KAFKA_BROKERS` ([`database_url`], [`redis_url`], [`redis_cluster_urls`], [`kafka_brokers`]); when those are missing they fail with a
 //! message saying how to start them.
 
 mod child;
+mod cluster;
 mod kafka;
 mod pg;
 mod redis;
@@ -27,6 +28,7 @@ use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+pub use cluster::{find_redis_cli, ClusterConfig, ClusterNode, RedisCluster, REDIS_CLI_INSTALL};
 pub use kafka::{
     find_tansu, kafka_brokers, tansu_bin, KafkaBroker, KafkaSecurity, KafkaStorage, Scram,
     ScramUser, SOCAT_INSTALL, TANSU_INSTALL,
@@ -152,6 +154,23 @@ pub fn redis_url() -> String {
              `cargo xtask db up` and export the REDIS_URL it prints."
         )
     })
+}
+
+/// The shared Redis Cluster's node URLs from `REDIS_CLUSTER_URLS` (comma-separated), or a panic
+/// that says how to get one.
+pub fn redis_cluster_urls() -> Vec<String> {
+    let urls = std::env::var("REDIS_CLUSTER_URLS").unwrap_or_else(|_| {
+        panic!(
+            "REDIS_CLUSTER_URLS is not set: this test needs a Redis Cluster. Run the suite with \
+             `cargo xtask test -p es-redis` (it starts a throwaway 3-primary cluster), or start \
+             one with `cargo xtask db up` and export the REDIS_CLUSTER_URLS it prints."
+        )
+    });
+    urls.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A fresh directory for a test's own server under the workspace's `target/` directory.

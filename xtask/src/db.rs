@@ -1,4 +1,4 @@
-//! `cargo xtask db up|down|env`: PostgreSQL, Redis and the Kafka broker left running for running
+//! `cargo xtask db up|down|env`: PostgreSQL, Redis, a Redis Cluster and the Kafka broker left running for running
 //! tests by hand.
 //!
 //! `up` starts them detached under `target/es-services/dev` and prints `export` lines (also kept
@@ -15,7 +15,12 @@ use crate::services;
 use crate::setup::{self, Mode, Needs, Server};
 
 /// `db up` starts every service.
-const ALL_SERVERS: [Server; 3] = [Server::Postgres, Server::Redis, Server::Kafka];
+const ALL_SERVERS: [Server; 4] = [
+    Server::Postgres,
+    Server::Redis,
+    Server::RedisCluster,
+    Server::Kafka,
+];
 
 const USAGE: &str = "usage: cargo xtask db up [--no-install] | down | env";
 

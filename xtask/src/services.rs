@@ -21,7 +21,9 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use es_test_support::{process_alive, KafkaBroker, KafkaStorage, PgServer, RedisServer};
+use es_test_support::{
+    process_alive, ClusterConfig, KafkaBroker, KafkaStorage, PgServer, RedisCluster, RedisServer,
+};
 
 use crate::setup::Server;
 
@@ -66,6 +68,15 @@ const SERVICES: &[Service] = &[
         remove_dir: remove_redis,
     },
     Service {
+        kind: Server::RedisCluster,
+        name: "redis-cluster",
+        what: "a Redis Cluster (3 primaries, 1 replica each)",
+        env_var: "REDIS_CLUSTER_URLS",
+        start: start_redis_cluster,
+        stop_dir: stop_redis_cluster,
+        remove_dir: remove_redis_cluster,
+    },
+    Service {
         kind: Server::Kafka,
         name: "kafka",
         what: "the Kafka broker (tansu)",
@@ -95,6 +106,12 @@ impl Detach for PgServer {
 }
 
 impl Detach for RedisServer {
+    fn detach(self: Box<Self>) {
+        (*self).detach();
+    }
+}
+
+impl Detach for RedisCluster {
     fn detach(self: Box<Self>) {
         (*self).detach();
     }
@@ -146,6 +163,40 @@ fn stop_redis(dir: &Path) -> Result<bool> {
 
 fn remove_redis(dir: &Path) -> Result<()> {
     stop_redis(dir)?;
+    remove_all(dir)
+}
+
+/// A Redis Cluster of 3 primaries with a replica each, every node with an append-only file
+/// fsynced every second; its nodes' URLs, comma-separated. Each node's pid is recorded in its
+/// directory (`node-<i>`).
+fn start_redis_cluster(dir: &Path) -> Result<Started> {
+    let cluster = RedisCluster::start(dir, &ClusterConfig::default())?;
+    for (node, pid) in cluster.processes() {
+        write_pid(&node, "redis-server", pid)?;
+    }
+    Ok(Started {
+        url: cluster.urls().join(","),
+        log: dir.to_owned(),
+        server: Box::new(cluster),
+    })
+}
+
+/// Stops the cluster's nodes left running in `dir`'s `node-<i>` directories.
+fn stop_redis_cluster(dir: &Path) -> Result<bool> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(false);
+    };
+    let mut stopped = false;
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("node-") {
+            stopped |= stop_pid(&entry.path(), "redis-server")?;
+        }
+    }
+    Ok(stopped)
+}
+
+fn remove_redis_cluster(dir: &Path) -> Result<()> {
+    stop_redis_cluster(dir)?;
     remove_all(dir)
 }
 

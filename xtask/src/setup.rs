@@ -2,7 +2,7 @@
 //! machine, installed when missing.
 //!
 //! Each workspace package's tests need some of: PostgreSQL's server programs (14 or later),
-//! `redis-server` (7 or later), the tansu Kafka-protocol broker with SQLite storage, Python with
+//! `redis-server` (7 or later) with `redis-cli` (the cluster tests), the tansu Kafka-protocol broker with SQLite storage, Python with
 //! kafka-python (the outside-client test), procps (`pgrep`, `kill`), a C toolchain with make and
 //! perl (librdkafka is built from source), OpenSSL's headers with pkg-config (es-kafka's `tls`
 //! feature builds librdkafka with the system OpenSSL), `openssl` (the TLS tests' certificates),
@@ -26,7 +26,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use es_test_support::{find_postgres, find_redis, find_tansu, is_root, TANSU_INSTALL};
+use es_test_support::{
+    find_postgres, find_redis, find_redis_cli, find_tansu, is_root, TANSU_INSTALL,
+};
 
 use crate::{cargo, target_dir};
 
@@ -47,7 +49,7 @@ pub(crate) enum Prereq {
     Procps,
     /// PostgreSQL's server programs.
     Postgres,
-    /// `redis-server`.
+    /// `redis-server`, and `redis-cli` (the cluster tests drive their cluster with it).
     Redis,
     /// The `openssl` command, with which the TLS tests make their certificates.
     OpenSsl,
@@ -69,6 +71,8 @@ pub(crate) enum Prereq {
 pub(crate) enum Server {
     Postgres,
     Redis,
+    /// A Redis Cluster of 3 primaries with a replica each.
+    RedisCluster,
     Kafka,
 }
 
@@ -77,7 +81,7 @@ impl Server {
     fn prereq(self) -> Prereq {
         match self {
             Self::Postgres => Prereq::Postgres,
-            Self::Redis => Prereq::Redis,
+            Self::Redis | Self::RedisCluster => Prereq::Redis,
             Self::Kafka => Prereq::Tansu,
         }
     }
@@ -114,11 +118,12 @@ pub(crate) const PACKAGES: &[(&str, &[Prereq], &[Server])] = &[
     ),
     ("es-postgres", &[Procps], &[Server::Postgres]),
     // The `tls` feature builds `ring` (C); the TLS tests make certificates with `openssl`; the
-    // failover tests run sentinels with `redis-server --sentinel`.
+    // failover tests run sentinels with `redis-server --sentinel`; the cluster suite runs on a
+    // shared cluster, the cluster fault tests on clusters of their own.
     (
         "es-redis",
         &[CBuild, Procps, Prereq::OpenSsl],
-        &[Server::Redis],
+        &[Server::Redis, Server::RedisCluster],
     ),
     // The `tls` feature builds librdkafka with the system OpenSSL; the TLS tests make
     // certificates with `openssl` and serve TLS with `socat` in front of tansu.
@@ -332,14 +337,7 @@ fn check(prereq: Prereq) -> std::result::Result<String, Vec<Missing>> {
             }
         }
         Prereq::Postgres => check_postgres(),
-        Prereq::Redis => match find_redis() {
-            Ok((program, version)) => Ok(format!("redis-server {version} ({})", program.display())),
-            Err(e) => Err(vec![Missing::new(
-                "redis-server",
-                e.to_string(),
-                Fix::Apt(vec!["redis-server"]),
-            )]),
-        },
+        Prereq::Redis => check_redis(),
         Prereq::OpenSsl => match which("openssl") {
             Some(openssl) => Ok(format!("openssl ({})", openssl.display())),
             None => Err(vec![Missing::new(
@@ -368,6 +366,34 @@ fn check(prereq: Prereq) -> std::result::Result<String, Vec<Missing>> {
                 Fix::Apt(vec!["git"]),
             )]),
         },
+    }
+}
+
+/// `redis-server` (7 or later) and `redis-cli`, with which the cluster tests create and drive
+/// their cluster (Debian's redis-tools, which redis-server depends on).
+fn check_redis() -> std::result::Result<String, Vec<Missing>> {
+    match (find_redis(), find_redis_cli()) {
+        (Ok((program, version)), Ok(cli)) => Ok(format!(
+            "redis-server {version} ({}), redis-cli ({})",
+            program.display(),
+            cli.display()
+        )),
+        (server, cli) => {
+            Err(server
+                .err()
+                .map(|e| {
+                    Missing::new(
+                        "redis-server",
+                        e.to_string(),
+                        Fix::Apt(vec!["redis-server"]),
+                    )
+                })
+                .into_iter()
+                .chain(cli.err().map(|e| {
+                    Missing::new("redis-cli", e.to_string(), Fix::Apt(vec!["redis-tools"]))
+                }))
+                .collect())
+        }
     }
 }
 
@@ -1086,7 +1112,10 @@ mod tests {
         assert!(pg.prereqs.contains(&Prereq::Postgres));
 
         let redis = Needs::of_packages(&names(&["es-redis"]));
-        assert_eq!(redis.servers, BTreeSet::from([Server::Redis]));
+        assert_eq!(
+            redis.servers,
+            BTreeSet::from([Server::Redis, Server::RedisCluster])
+        );
         assert!(redis.prereqs.contains(&Prereq::OpenSsl));
 
         let kafka = Needs::of_packages(&names(&["es-kafka"]));
@@ -1129,7 +1158,12 @@ mod tests {
         let all = Needs::workspace();
         assert_eq!(
             all.servers,
-            BTreeSet::from([Server::Postgres, Server::Redis, Server::Kafka])
+            BTreeSet::from([
+                Server::Postgres,
+                Server::Redis,
+                Server::RedisCluster,
+                Server::Kafka
+            ])
         );
         assert!(all.prereqs.contains(&CBuild) && all.prereqs.contains(&Prereq::Nextest));
     }
