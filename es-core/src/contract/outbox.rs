@@ -138,7 +138,25 @@ pub struct RelayStatus {
 ///
 /// Outbox records are written by [`EventStore::append`](super::EventStore::append) from
 /// [`AppendRequest::outbox`](super::AppendRequest::outbox), atomically with the events.
+///
+/// **Partitions.** A store with several feed [`partition`](super::partition)s keeps one outbox
+/// per partition, with its own positions, dead letters and relay lease: the records of an append
+/// go to the outbox of its stream's partition. A relay serves one partition, on the handle
+/// [`outbox_partition`](OutboxStore::outbox_partition) returns; so each partition's records are
+/// published in their order, and records of one key stay in order as long as the key's records
+/// come from streams of one partition (a key per stream always does). Nothing orders records of
+/// different partitions. On a partitioned store, the outbox methods of a handle not scoped to a
+/// partition fail with [`StoreError::Partitioned`](super::StoreError::Partitioned).
 pub trait OutboxStore: Clone + Send + Sync + 'static {
+    /// A handle whose outbox methods address the outbox of feed partition `partition`. The
+    /// default, for a store with one partition: partition 0 is the whole outbox, and any other is
+    /// [`StoreError::NoSuchPartition`](super::StoreError::NoSuchPartition).
+    fn outbox_partition(&self, partition: u32) -> Result<Self, super::StoreError> {
+        super::Partitioning::single()
+            .check(partition)
+            .map(|()| self.clone())
+    }
+
     /// Takes or renews the relay lease for `owner` until `ttl` from now (store clock). Returns
     /// the lease's generation if `owner` holds it now, `None` if another owner does.
     ///
