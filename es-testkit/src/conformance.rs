@@ -28,7 +28,7 @@ use es_core::{
 };
 
 use crate::domain::{Credited, Ledger, LedgerCommand, LedgerError, LedgerEvent};
-use crate::support::{poll_until_done, tail_until_done};
+use crate::support::{check_feed, poll_until_done, tail_until_done};
 
 /// How long any single wait in the suite may take before the case fails.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -79,6 +79,101 @@ async fn read_all<S: Store>(store: &S, read: ReadAll) -> Vec<RecordedEvent> {
         .try_collect()
         .await
         .expect("read_all succeeds")
+}
+
+// The feed, whatever the store's partitioning: a store with one partition is read with the
+// single-feed calls (`head_position`, `read_all` naming no partition, `subscribe`), so those stay
+// covered; a store with several is read partition by partition, and every check that the
+// contract makes of "the feed" is made of each partition's feed.
+
+/// The feeds to check: the single feed (`None`) or each partition.
+fn feeds<S: Store>(store: &S) -> Vec<Option<u32>> {
+    let partitioning = store.partitioning();
+    if partitioning.is_single() {
+        vec![None]
+    } else {
+        partitioning.partitions().map(Some).collect()
+    }
+}
+
+/// The feed `stream`'s events are in.
+fn feed_of<S: Store>(store: &S, stream: &StreamId) -> Option<u32> {
+    let partitioning = store.partitioning();
+    (!partitioning.is_single()).then(|| partitioning.partition_of(stream))
+}
+
+/// `read` addressed to `feed`.
+fn in_feed(read: ReadAll, feed: Option<u32>) -> ReadAll {
+    match feed {
+        Some(partition) => read.partition(partition),
+        None => read,
+    }
+}
+
+/// The head of `feed`.
+async fn head_of<S: Store>(store: &S, feed: Option<u32>) -> u64 {
+    match feed {
+        Some(partition) => store.partition_head(partition).await,
+        None => store.head_position().await,
+    }
+    .expect("the head reads")
+}
+
+/// The head of every feed.
+async fn heads<S: Store>(store: &S) -> Vec<u64> {
+    let mut heads = Vec::new();
+    for feed in feeds(store) {
+        heads.push(head_of(store, feed).await);
+    }
+    heads
+}
+
+/// Every event after `heads` (as [`heads`] returned them), all feeds.
+async fn read_after<S: Store>(store: &S, heads: &[u64]) -> Vec<RecordedEvent> {
+    let mut events = Vec::new();
+    for (feed, head) in feeds(store).into_iter().zip(heads) {
+        events.extend(read_all(store, in_feed(ReadAll::after(*head), feed)).await);
+    }
+    events
+}
+
+/// Every feed's events that `read` selects, feed after feed.
+async fn read_feeds<S: Store>(store: &S, read: ReadAll) -> Vec<RecordedEvent> {
+    let mut events = Vec::new();
+    for feed in feeds(store) {
+        events.extend(read_all(store, in_feed(read.clone(), feed)).await);
+    }
+    events
+}
+
+/// Whether positions strictly increase within each partition's run of `events`.
+fn in_feed_order(events: &[RecordedEvent]) -> bool {
+    let mut last: HashMap<u32, u64> = HashMap::new();
+    events.iter().all(|e| {
+        let before = last.insert(e.partition, e.global_position).unwrap_or(0);
+        e.global_position > before
+    })
+}
+
+/// Follows the feed of `stream` from `after`.
+fn follow<S: Store>(
+    store: &S,
+    stream: &StreamId,
+    after: u64,
+    filter: EventFilter,
+) -> es_core::EventStream {
+    match feed_of(store, stream) {
+        Some(partition) => store.subscribe_partition(partition, after, filter),
+        None => store.subscribe(after, filter),
+    }
+}
+
+#[track_caller]
+fn assert_feed_empty(heads: &[u64]) {
+    assert!(
+        heads.iter().all(|&h| h == 0),
+        "the feed is empty: {heads:?}"
+    );
 }
 
 fn versions(events: &[RecordedEvent]) -> Vec<u64> {
@@ -263,14 +358,14 @@ pub async fn conflict_writes_nothing<S: Store>(store: S) {
     append(&store, &s, ExpectedVersion::NoStream, events("A", 0..2))
         .await
         .unwrap();
-    let head = store.head_position().await.unwrap();
+    let head = heads(&store).await;
     let rejected = events("B", 0..3);
     let result = append(&store, &s, ExpectedVersion::Exact(1), rejected.clone()).await;
     assert_conflict(result, &s, ExpectedVersion::Exact(1), 2);
     assert_eq!(store.stream_version(&s).await.unwrap(), 2);
-    assert_eq!(store.head_position().await.unwrap(), head);
+    assert_eq!(heads(&store).await, head);
     assert_eq!(read(&store, &s, ReadStream::forward()).await.len(), 2);
-    assert_eq!(read_all(&store, ReadAll::after(head)).await.len(), 0);
+    assert_eq!(read_after(&store, &head).await.len(), 0);
     // The ids of the rejected batch were not consumed.
     let r = append(&store, &s, ExpectedVersion::Exact(2), rejected)
         .await
@@ -306,7 +401,7 @@ pub async fn idempotent_retry_returns_original_result<S: Store>(store: S) {
     let original = append(&store, &s, ExpectedVersion::NoStream, batch.clone())
         .await
         .unwrap();
-    let head = store.head_position().await.unwrap();
+    let head = heads(&store).await;
     for expected in [
         ExpectedVersion::NoStream,
         ExpectedVersion::Any,
@@ -317,7 +412,7 @@ pub async fn idempotent_retry_returns_original_result<S: Store>(store: S) {
         assert_eq!(retry.stream_version, original.stream_version);
         assert_eq!(retry.positions, original.positions);
     }
-    assert_eq!(store.head_position().await.unwrap(), head);
+    assert_eq!(heads(&store).await, head);
     assert_eq!(read(&store, &s, ReadStream::forward()).await.len(), 3);
 }
 
@@ -354,7 +449,7 @@ pub async fn partial_overlap_is_rejected<S: Store>(store: S) {
     )
     .await
     .unwrap();
-    let head = store.head_position().await.unwrap();
+    let head = heads(&store).await;
     let overlap = append(
         &store,
         &s,
@@ -385,7 +480,7 @@ pub async fn partial_overlap_is_rejected<S: Store>(store: S) {
         matches!(reordered, Err(StoreError::DuplicateEvent { .. })),
         "{reordered:?}"
     );
-    assert_eq!(store.head_position().await.unwrap(), head);
+    assert_eq!(heads(&store).await, head);
     assert_eq!(store.stream_version(&s).await.unwrap(), 2);
     let r = append(&store, &s, ExpectedVersion::Exact(2), vec![third])
         .await
@@ -426,7 +521,7 @@ pub async fn duplicate_ids_in_one_batch_are_rejected<S: Store>(store: S) {
     let r = append(&store, &s, ExpectedVersion::Any, vec![e.clone(), e]).await;
     assert!(matches!(r, Err(StoreError::InvalidRequest { .. })), "{r:?}");
     assert_eq!(store.stream_version(&s).await.unwrap(), 0);
-    assert_eq!(store.head_position().await.unwrap(), 0);
+    assert_feed_empty(&heads(&store).await);
 }
 
 /// Empty, overlong and control-character event types are malformed, whatever the store.
@@ -440,7 +535,7 @@ pub async fn invalid_event_types_are_rejected<S: Store>(store: S) {
             "{bad:?}: {r:?}"
         );
     }
-    assert_eq!(store.head_position().await.unwrap(), 0);
+    assert_feed_empty(&heads(&store).await);
     let fine = "bank.account.opened-v2_x";
     append(&store, &s, ExpectedVersion::Any, vec![event(fine, 0)])
         .await
@@ -464,7 +559,7 @@ pub async fn batch_is_atomic<S: Store>(store: S) {
         "{r:?}"
     );
     assert_eq!(store.stream_version(&s).await.unwrap(), 0);
-    assert_eq!(store.head_position().await.unwrap(), 0);
+    assert_feed_empty(&heads(&store).await);
     assert!(read(&store, &s, ReadStream::forward()).await.is_empty());
 
     // A conflict part-way into a sequence of appends leaves earlier appends intact and adds
@@ -565,8 +660,8 @@ pub async fn read_missing_stream<S: Store>(store: S) {
     assert_eq!(store.stream_version(&s).await.unwrap(), 0);
     assert!(read(&store, &s, ReadStream::forward()).await.is_empty());
     assert!(read(&store, &s, ReadStream::backward()).await.is_empty());
-    assert!(read_all(&store, ReadAll::after(0)).await.is_empty());
-    assert_eq!(store.head_position().await.unwrap(), 0);
+    assert!(read_feeds(&store, ReadAll::after(0)).await.is_empty());
+    assert_feed_empty(&heads(&store).await);
     assert!(store.load_snapshot(&s).await.unwrap().is_none());
 }
 
@@ -594,11 +689,9 @@ pub async fn read_stream_pages_through_large_stream<S: Store>(store: S) {
     assert_eq!(versions(&backward), (1..=2500).rev().collect::<Vec<_>>());
     let middle = read(&store, &s, ReadStream::forward().from(1200).limit(1100)).await;
     assert_eq!(versions(&middle), (1200..2300).collect::<Vec<_>>());
-    let all = read_all(&store, ReadAll::after(0)).await;
+    let all = read_feeds(&store, ReadAll::after(0)).await;
     assert_eq!(all.len(), 2515);
-    assert!(all
-        .windows(2)
-        .all(|w| w[0].global_position < w[1].global_position));
+    assert!(in_feed_order(&all));
 }
 
 /// The pages a load decodes (`read_stream_pages`) lend out exactly the events of `read_stream`:
@@ -721,8 +814,8 @@ pub async fn envelope_round_trips<S: Store>(store: S) {
     };
     check(&read(&store, &s, ReadStream::forward()).await[0]);
     check(&read(&store, &s, ReadStream::backward()).await[0]);
-    check(&read_all(&store, ReadAll::after(0)).await[0]);
-    let mut sub = store.subscribe(0, EventFilter::all());
+    check(&read_all(&store, in_feed(ReadAll::after(0), feed_of(&store, &s))).await[0]);
+    let mut sub = follow(&store, &s, 0, EventFilter::all());
     check(
         &patiently("subscription delivers", sub.next())
             .await
@@ -745,51 +838,67 @@ pub async fn recorded_at_never_decreases<S: Store>(store: S) {
         .all(|w| w[0].recorded_at <= w[1].recorded_at));
 }
 
-/// The global feed returns events in commit order, after a position, up to a limit.
+/// The global feed (each partition's feed) returns events in commit order, after a position, up
+/// to a limit.
 pub async fn read_all_in_commit_order<S: Store>(store: S) {
     let streams = [stream("order-x"), stream("order-y"), stream("payment-z")];
-    let mut expected = Vec::new();
+    // Per feed, the ids in commit order.
+    let mut expected: HashMap<Option<u32>, Vec<Uuid>> = HashMap::new();
     for round in 0..4u64 {
         for (i, s) in streams.iter().enumerate() {
             let batch = events(
                 "A",
                 round * 10 + i as u64 * 100..round * 10 + i as u64 * 100 + 2,
             );
-            expected.extend(batch.iter().map(|e| e.event_id));
+            let ids = expected.entry(feed_of(&store, s)).or_default();
+            ids.extend(batch.iter().map(|e| e.event_id));
             append(&store, s, ExpectedVersion::Any, batch)
                 .await
                 .unwrap();
         }
     }
-    let all = read_all(&store, ReadAll::after(0)).await;
-    assert_eq!(all.iter().map(|e| e.event_id).collect::<Vec<_>>(), expected);
-    assert!(all
-        .windows(2)
-        .all(|w| w[0].global_position < w[1].global_position));
-    for s in &streams {
-        let per_stream: Vec<u64> = all
-            .iter()
-            .filter(|e| &e.stream_id == s)
-            .map(|e| e.stream_version)
-            .collect();
-        assert_eq!(per_stream, (1..=8).collect::<Vec<_>>());
+    for feed in feeds(&store) {
+        let expected = expected.remove(&feed).unwrap_or_default();
+        let all = read_all(&store, in_feed(ReadAll::after(0), feed)).await;
+        assert_eq!(all.iter().map(|e| e.event_id).collect::<Vec<_>>(), expected);
+        assert!(in_feed_order(&all));
+        assert!(all.iter().all(|e| feed.is_none_or(|p| e.partition == p)));
+        for s in &streams {
+            let per_stream: Vec<u64> = all
+                .iter()
+                .filter(|e| &e.stream_id == s)
+                .map(|e| e.stream_version)
+                .collect();
+            if feed_of(&store, s) == feed {
+                assert_eq!(per_stream, (1..=8).collect::<Vec<_>>());
+            } else {
+                assert!(per_stream.is_empty(), "a stream's events in one partition");
+            }
+        }
+        if all.is_empty() {
+            continue;
+        }
+        // Cut after the 10th event of the feed (fewer in a partition holding one stream).
+        let k = 9.min(all.len() / 2);
+        let cut = all[k].global_position;
+        let rest = read_all(&store, in_feed(ReadAll::after(cut), feed)).await;
+        assert_eq!(
+            rest.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+            expected[k + 1..]
+        );
+        let page = read_all(&store, in_feed(ReadAll::after(cut).limit(5), feed)).await;
+        assert_eq!(
+            page.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+            expected[k + 1..(k + 6).min(expected.len())]
+        );
+        let last = all.last().unwrap().global_position;
+        assert!(read_all(&store, in_feed(ReadAll::after(last), feed))
+            .await
+            .is_empty());
+        assert!(read_all(&store, in_feed(ReadAll::after(0).limit(0), feed))
+            .await
+            .is_empty());
     }
-    let cut = all[9].global_position;
-    let rest = read_all(&store, ReadAll::after(cut)).await;
-    assert_eq!(
-        rest.iter().map(|e| e.event_id).collect::<Vec<_>>(),
-        expected[10..]
-    );
-    let page = read_all(&store, ReadAll::after(cut).limit(5)).await;
-    assert_eq!(
-        page.iter().map(|e| e.event_id).collect::<Vec<_>>(),
-        expected[10..15]
-    );
-    let last = all.last().unwrap().global_position;
-    assert!(read_all(&store, ReadAll::after(last)).await.is_empty());
-    assert!(read_all(&store, ReadAll::after(0).limit(0))
-        .await
-        .is_empty());
 }
 
 /// Category and event-type filters, alone and combined.
@@ -804,22 +913,22 @@ pub async fn read_all_filters<S: Store>(store: S) {
             .await
             .unwrap();
     }
-    let orders = read_all(
+    let orders = read_feeds(
         &store,
         ReadAll::after(0).filter(EventFilter::all().category("order")),
     )
     .await;
     assert_eq!(orders.len(), 20);
     assert!(orders.iter().all(|e| e.category() == "order"));
-    assert!(orders
-        .windows(2)
-        .all(|w| w[0].global_position < w[1].global_position));
+    assert!(in_feed_order(&orders));
     let two = EventFilter::all().category("order").category("payment");
     assert_eq!(
-        read_all(&store, ReadAll::after(0).filter(two)).await.len(),
+        read_feeds(&store, ReadAll::after(0).filter(two))
+            .await
+            .len(),
         30
     );
-    let paid = read_all(
+    let paid = read_feeds(
         &store,
         ReadAll::after(0).filter(EventFilter::all().event_type("Paid")),
     )
@@ -829,13 +938,17 @@ pub async fn read_all_filters<S: Store>(store: S) {
         (0..30).filter(|i| i % 3 == 1).collect::<Vec<_>>()
     );
     let both = EventFilter::all().category("order").event_type("Shipped");
-    let shipped = read_all(&store, ReadAll::after(0).filter(both.clone())).await;
+    let shipped = read_feeds(&store, ReadAll::after(0).filter(both.clone())).await;
     assert_eq!(shipped.len(), 10);
+    // All of stream order-2, so all in its feed.
     let page = read_all(
         &store,
-        ReadAll::after(shipped[2].global_position)
-            .limit(3)
-            .filter(both),
+        in_feed(
+            ReadAll::after(shipped[2].global_position)
+                .limit(3)
+                .filter(both),
+            feed_of(&store, &stream("order-2")),
+        ),
     )
     .await;
     assert_eq!(
@@ -843,37 +956,261 @@ pub async fn read_all_filters<S: Store>(store: S) {
         shipped[3..6].iter().map(n_of).collect::<Vec<_>>()
     );
     let none = EventFilter::all().category("nothing");
-    assert!(read_all(&store, ReadAll::after(0).filter(none))
+    assert!(read_feeds(&store, ReadAll::after(0).filter(none))
         .await
         .is_empty());
     // A category is matched whole, not as a prefix.
     let prefix = EventFilter::all().category("ord");
-    assert!(read_all(&store, ReadAll::after(0).filter(prefix))
+    assert!(read_feeds(&store, ReadAll::after(0).filter(prefix))
         .await
         .is_empty());
 }
 
-/// The head is the last visible position.
+/// The head is the last visible position (of each partition).
 pub async fn head_position_tracks_appends<S: Store>(store: S) {
-    assert_eq!(store.head_position().await.unwrap(), 0);
-    let r = append(
+    assert_feed_empty(&heads(&store).await);
+    let (h, i) = (stream("order-h"), stream("order-i"));
+    let r = append(&store, &h, ExpectedVersion::Any, events("A", 0..3))
+        .await
+        .unwrap();
+    assert_eq!(head_of(&store, feed_of(&store, &h)).await, r.positions[2]);
+    let r = append(&store, &i, ExpectedVersion::Any, events("A", 0..1))
+        .await
+        .unwrap();
+    assert_eq!(head_of(&store, feed_of(&store, &i)).await, r.positions[0]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Feed partitions (see `es_core::contract::partition`)
+
+/// Single-feed calls work on a store with one partition and refuse one with several, with a
+/// typed error; a partition the store does not have is a typed error everywhere.
+pub async fn single_feed_calls_refuse_a_partitioned_store<S: Store>(store: S) {
+    let partitioning = store.partitioning();
+    let s = stream("order-single");
+    append(&store, &s, ExpectedVersion::NoStream, events("A", 0..2))
+        .await
+        .unwrap();
+    let p = partitioning.partition_of(&s);
+    if partitioning.is_single() {
+        assert_eq!(p, 0);
+        assert_eq!(
+            store.head_position().await.unwrap(),
+            store.partition_head(0).await.unwrap()
+        );
+        assert_eq!(read_all(&store, ReadAll::after(0)).await.len(), 2);
+        assert_eq!(
+            read_all(&store, ReadAll::after(0).partition(0)).await.len(),
+            2
+        );
+        assert!(store.epochs().await.is_ok());
+    } else {
+        let partitioned = |err: &StoreError| matches!(err, StoreError::Partitioned { partitions } if *partitions == partitioning.count());
+        let err = store.head_position().await.unwrap_err();
+        assert!(partitioned(&err), "head_position: {err:?}");
+        let err = store.epochs().await.unwrap_err();
+        assert!(partitioned(&err), "epochs: {err:?}");
+        let read: Vec<_> = store.read_all(ReadAll::after(0)).collect().await;
+        assert!(
+            matches!(read.as_slice(), [Err(err)] if partitioned(err)),
+            "read_all without a partition: {read:?}"
+        );
+        let sub: Vec<_> = patiently(
+            "a refused subscription ends",
+            store.subscribe(0, EventFilter::all()).collect::<Vec<_>>(),
+        )
+        .await;
+        assert!(
+            matches!(sub.as_slice(), [Err(err)] if partitioned(err)),
+            "subscribe: {sub:?}"
+        );
+        assert_eq!(
+            read_all(&store, ReadAll::after(0).partition(p)).await.len(),
+            2
+        );
+    }
+    let missing = partitioning.count();
+    let no_such = |err: &StoreError| {
+        matches!(err, StoreError::NoSuchPartition { partition, partitions }
+            if *partition == missing && *partitions == partitioning.count())
+    };
+    let err = store.partition_head(missing).await.unwrap_err();
+    assert!(no_such(&err), "partition_head: {err:?}");
+    let err = store.partition_epochs(missing).await.unwrap_err();
+    assert!(no_such(&err), "partition_epochs: {err:?}");
+    let read: Vec<_> = store
+        .read_all(ReadAll::after(0).partition(missing))
+        .collect()
+        .await;
+    assert!(
+        matches!(read.as_slice(), [Err(err)] if no_such(err)),
+        "read_all: {read:?}"
+    );
+    let sub: Vec<_> = patiently(
+        "a refused subscription ends",
+        store
+            .subscribe_partition(missing, 0, EventFilter::all())
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    assert!(
+        matches!(sub.as_slice(), [Err(err)] if no_such(err)),
+        "subscribe_partition: {sub:?}"
+    );
+    let wrong = es_core::FeedPosition::from_positions(vec![0; missing as usize + 1]);
+    let sub: Vec<_> = patiently(
+        "a refused subscription ends",
+        store
+            .subscribe_all(&wrong, EventFilter::all())
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    assert!(
+        matches!(
+            sub.as_slice(),
+            [Err(StoreError::InvalidPartitioning { .. })]
+        ),
+        "subscribe_all from a position of another partitioning: {sub:?}"
+    );
+}
+
+/// Each partition is a feed of its own: a stream's events all live in the partition its id
+/// hashes to, every partition's positions strictly increase from its start, its head is its last
+/// position, and the partitions together hold every event exactly once, with the positions the
+/// appends returned and the stream reads report.
+pub async fn each_partition_is_a_feed_of_its_own<S: Store>(store: S) {
+    let partitioning = store.partitioning();
+    let mut written: HashMap<Uuid, (StreamId, u64)> = HashMap::new();
+    for round in 0..3u64 {
+        for i in 0..40u64 {
+            let s = stream(&format!("order-{i}"));
+            let batch = events("A", 0..1 + (i + round) % 3);
+            let ids: Vec<Uuid> = batch.iter().map(|e| e.event_id).collect();
+            let r = append(&store, &s, ExpectedVersion::Any, batch)
+                .await
+                .unwrap();
+            for (id, position) in ids.into_iter().zip(r.positions) {
+                written.insert(id, (s.clone(), position));
+            }
+        }
+    }
+    let mut seen = HashSet::new();
+    let mut used = 0;
+    for partition in partitioning.partitions() {
+        let feed = read_all(&store, ReadAll::after(0).partition(partition)).await;
+        assert!(
+            in_feed_order(&feed),
+            "partition {partition}: positions increase"
+        );
+        assert_eq!(
+            store.partition_head(partition).await.unwrap(),
+            feed.last().map_or(0, |e| e.global_position),
+            "partition {partition}: the head is its last position"
+        );
+        used += u32::from(!feed.is_empty());
+        for e in &feed {
+            assert_eq!(e.partition, partition);
+            assert_eq!(partitioning.partition_of(&e.stream_id), partition);
+            let (s, position) = &written[&e.event_id];
+            assert_eq!((&e.stream_id, e.global_position), (s, *position));
+            assert!(seen.insert(e.event_id), "an event in two partitions");
+        }
+    }
+    assert_eq!(seen.len(), written.len(), "every event is in a partition");
+    if partitioning.count() >= 4 {
+        assert!(used >= 2, "40 streams spread over several partitions");
+    }
+    for i in 0..40u64 {
+        let s = stream(&format!("order-{i}"));
+        let events = read(&store, &s, ReadStream::forward()).await;
+        assert!(events
+            .iter()
+            .all(|e| e.partition == partitioning.partition_of(&s)));
+        assert_eq!(
+            versions(&events),
+            (1..=events.len() as u64).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// `subscribe_all` delivers every event of every partition exactly once, each partition in its
+/// order, while writers append; resumed from a [`FeedPosition`](es_core::FeedPosition) taken
+/// midway, it delivers exactly the events after it.
+pub async fn subscribe_all_delivers_every_event_once<S: Store>(store: S) {
+    let partitioning = store.partitioning();
+    let start = es_core::FeedPosition::start(&partitioning);
+    let mut sub = store.subscribe_all(&start, EventFilter::all());
+    let mut writers = Vec::new();
+    for w in 0..8u64 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..25u64 {
+                let s = stream(&format!("order-{}", (w * 5 + i * 3) % 30));
+                let batch = events("A", 0..1 + i % 2);
+                ids.extend(batch.iter().map(|e| e.event_id));
+                append(&store, &s, ExpectedVersion::Any, batch)
+                    .await
+                    .unwrap();
+            }
+            ids
+        }));
+    }
+    let mut written = HashSet::new();
+    for w in writers {
+        written.extend(patiently("writers finish", w).await.unwrap());
+    }
+    let mut seen = Vec::new();
+    while seen.len() < written.len() {
+        let e = patiently("subscribe_all delivers", sub.next())
+            .await
+            .expect("the subscription does not end")
+            .expect("the subscription does not fail");
+        seen.push(e);
+    }
+    check_feed("subscribe_all", &seen, &written);
+    // Nothing more: the next event is one appended now.
+    let late = event("Late", 0);
+    let late_id = late.event_id;
+    append(
         &store,
-        &stream("order-h"),
+        &stream("order-late"),
         ExpectedVersion::Any,
-        events("A", 0..3),
+        vec![late],
     )
     .await
     .unwrap();
-    assert_eq!(store.head_position().await.unwrap(), r.positions[2]);
-    let r = append(
-        &store,
-        &stream("order-i"),
-        ExpectedVersion::Any,
-        events("A", 0..1),
-    )
-    .await
-    .unwrap();
-    assert_eq!(store.head_position().await.unwrap(), r.positions[0]);
+    let e = patiently("a live event", sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.event_id, late_id, "no event delivered twice");
+
+    // Resume from where a reader stood after the first half of what it saw.
+    let mut midway = start.clone();
+    for e in &seen[..seen.len() / 2] {
+        midway.advance(e.partition, e.global_position);
+    }
+    let expected: HashSet<Uuid> = seen
+        .iter()
+        .filter(|e| e.global_position > midway.get(e.partition))
+        .map(|e| e.event_id)
+        .chain([late_id])
+        .collect();
+    let mut resumed = store.subscribe_all(&midway, EventFilter::all());
+    let mut again = HashSet::new();
+    while again.len() < expected.len() {
+        let e = patiently("resumed subscribe_all delivers", resumed.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            e.global_position > midway.get(e.partition),
+            "nothing before the position"
+        );
+        assert!(again.insert(e.event_id), "an event delivered twice");
+    }
+    assert_eq!(again, expected);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -955,7 +1292,7 @@ pub async fn concurrent_batches_do_not_interleave<S: Store>(store: S) {
     let first = &stored[0].event_type;
     assert!(stored[..500].iter().all(|e| &e.event_type == first));
     assert!(stored[500..].iter().all(|e| &e.event_type != first));
-    let all = read_all(&store, ReadAll::after(0)).await;
+    let all = read_all(&store, in_feed(ReadAll::after(0), feed_of(&store, &s))).await;
     assert_eq!(versions(&all), (1..=1000).collect::<Vec<_>>());
 }
 
@@ -1011,34 +1348,7 @@ pub async fn concurrent_writers_many_streams_tailing_subscriber<S: Store>(store:
             patiently("poller sees everything", poller).await.unwrap(),
         ),
     ] {
-        assert!(
-            seen.windows(2)
-                .all(|w| w[0].global_position < w[1].global_position),
-            "{name}: positions strictly increase"
-        );
-        let ids: HashSet<Uuid> = seen.iter().map(|e| e.event_id).collect();
-        assert_eq!(ids.len(), seen.len(), "{name}: no event delivered twice");
-        let missed = written.difference(&ids).count();
-        assert_eq!(
-            missed,
-            0,
-            "{name}: missed {missed} of {} events",
-            written.len()
-        );
-        assert_eq!(
-            ids.len(),
-            written.len(),
-            "{name}: nothing unexpected delivered"
-        );
-        let mut last: HashMap<&StreamId, u64> = HashMap::new();
-        for e in &seen {
-            let prev = last.insert(&e.stream_id, e.stream_version).unwrap_or(0);
-            assert_eq!(
-                e.stream_version,
-                prev + 1,
-                "{name}: per-stream order in the feed"
-            );
-        }
+        check_feed(name, &seen, &written);
     }
 }
 
@@ -1049,7 +1359,7 @@ pub async fn subscription_catches_up_then_goes_live<S: Store>(store: S) {
     let r = append(&store, &s, ExpectedVersion::NoStream, events("A", 0..5))
         .await
         .unwrap();
-    let mut sub = store.subscribe(0, EventFilter::all());
+    let mut sub = follow(&store, &s, 0, EventFilter::all());
     for n in 0..5 {
         let e = patiently("catch-up", sub.next()).await.unwrap().unwrap();
         assert_eq!(n_of(&e), n);
@@ -1072,7 +1382,7 @@ pub async fn subscription_catches_up_then_goes_live<S: Store>(store: S) {
         assert_eq!(e.stream_version, n + 1);
     }
     writer.await.unwrap();
-    let mut late = store.subscribe(r.positions[2], EventFilter::all());
+    let mut late = follow(&store, &s, r.positions[2], EventFilter::all());
     let e = patiently("resume after a position", late.next())
         .await
         .unwrap()
@@ -1093,7 +1403,8 @@ pub async fn subscription_with_filter<S: Store>(store: S) {
         .await
         .unwrap();
     }
-    let mut sub = store.subscribe(0, EventFilter::all().category("payment"));
+    let payments = stream("payment-1");
+    let mut sub = follow(&store, &payments, 0, EventFilter::all().category("payment"));
     for n in [1, 3, 5, 7, 9] {
         let e = patiently("filtered catch-up", sub.next())
             .await
@@ -1227,7 +1538,7 @@ pub async fn command_on_missing_aggregate<S: Store>(store: S) {
         }
         other => panic!("expected NotOpen at version 0, got {other:?}"),
     }
-    assert_eq!(store.head_position().await.unwrap(), 0);
+    assert_feed_empty(&heads(&store).await);
     let loaded = repo.load::<Ledger>("ghost").await.unwrap();
     assert_eq!((loaded.version, loaded.aggregate), (0, Ledger::default()));
 }
@@ -1250,7 +1561,7 @@ pub async fn invalid_aggregate_id_is_rejected<S: Store>(store: S) {
             "{bad:?}: {r:?}"
         );
     }
-    assert_eq!(store.head_position().await.unwrap(), 0);
+    assert_feed_empty(&heads(&store).await);
 }
 
 /// Loading with snapshots gives exactly the state of a full replay.
@@ -1527,7 +1838,7 @@ pub async fn the_same_json_rule_everywhere<S: Store>(store: S) {
         0,
         "nothing was written"
     );
-    assert_eq!(store.head_position().await.unwrap(), 0);
+    assert_feed_empty(&heads(&store).await);
 
     // What is fine everywhere goes in and comes back as it went in.
     let fine = vec![

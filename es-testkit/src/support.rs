@@ -10,7 +10,7 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use es_core::{EventFilter, EventStore, ReadAll, RecordedEvent, StreamId};
+use es_core::{EventFilter, EventStore, FeedPosition, ReadAll, RecordedEvent, StreamId};
 use futures::{StreamExt, TryStreamExt};
 use uuid::Uuid;
 
@@ -47,18 +47,32 @@ pub fn patiently<T>(
     }
 }
 
-/// Subscribes to `store`'s whole feed from position 0 and collects what it delivers until it
-/// delivers an event of type [`DONE`]. The subscription must not fail (it retries transient
-/// errors itself) and must not end before `Done`.
+/// Subscribes to `store`'s whole feed from position 0 (every partition, with
+/// [`subscribe_all`](EventStore::subscribe_all), on a partitioned store) and collects what it
+/// delivers until it has delivered an event of type [`DONE`] and, on a partitioned store, every
+/// other partition up to its head as read after `Done` (whatever was committed before `Done`).
+/// The subscription must not fail (it retries transient errors itself) and must not end before.
 pub fn tail_until_done<S: EventStore>(store: &S) -> tokio::task::JoinHandle<Vec<RecordedEvent>> {
-    let mut feed = store.subscribe(0, EventFilter::all());
+    let partitioning = store.partitioning();
+    let mut feed = if partitioning.is_single() {
+        store.subscribe(0, EventFilter::all())
+    } else {
+        store.subscribe_all(&FeedPosition::start(&partitioning), EventFilter::all())
+    };
+    let store = store.clone();
     tokio::spawn(async move {
         let mut seen = Vec::new();
+        let mut at = FeedPosition::start(&partitioning);
+        // Once `Done` is seen: the heads every partition must reach.
+        let mut until: Option<FeedPosition> = None;
         while let Some(event) = feed.next().await {
             let event = event.unwrap_or_else(|e| panic!("the subscription failed: {e}"));
-            let done = event.event_type == DONE;
+            at.advance(event.partition, event.global_position);
+            if event.event_type == DONE {
+                until = Some(partition_heads(&store).await);
+            }
             seen.push(event);
-            if done {
+            if until.as_ref().is_some_and(|heads| at.covers(heads)) {
                 return seen;
             }
         }
@@ -66,45 +80,83 @@ pub fn tail_until_done<S: EventStore>(store: &S) -> tokio::task::JoinHandle<Vec<
     })
 }
 
-/// Reads `store`'s feed by polling `read_all` from its own checkpoint, `page` events at a time,
-/// until it reads an event of type [`DONE`]; returns everything it read.
+/// The head of every partition.
+async fn partition_heads<S: EventStore>(store: &S) -> FeedPosition {
+    let mut heads = Vec::new();
+    for partition in store.partitioning().partitions() {
+        let head = store
+            .partition_head(partition)
+            .await
+            .unwrap_or_else(|e| panic!("reading the head of partition {partition} failed: {e}"));
+        heads.push(head);
+    }
+    FeedPosition::from_positions(heads)
+}
+
+/// Reads `store`'s feed by polling `read_all` from its own checkpoint (one per partition, each
+/// partition in turn, on a partitioned store), `page` events at a time, until it has read an
+/// event of type [`DONE`] and then found every partition read to its end; returns everything it
+/// read.
 pub fn poll_until_done<S: EventStore>(
     store: &S,
     page: u64,
 ) -> tokio::task::JoinHandle<Vec<RecordedEvent>> {
     let store = store.clone();
     tokio::spawn(async move {
+        let partitioning = store.partitioning();
         let mut seen: Vec<RecordedEvent> = Vec::new();
-        let mut after = 0;
+        let mut at = FeedPosition::start(&partitioning);
+        let mut done = false;
         loop {
-            let events: Vec<RecordedEvent> = store
-                .read_all(ReadAll::after(after).limit(page))
-                .try_collect()
-                .await
-                .unwrap_or_else(|e| panic!("read_all failed: {e}"));
-            let done = events.iter().any(|e| e.event_type == DONE);
-            if let Some(last) = events.last() {
-                after = last.global_position;
+            let mut read_any = false;
+            for partition in partitioning.partitions() {
+                let read = ReadAll::after(at.get(partition)).limit(page);
+                let read = if partitioning.is_single() {
+                    read
+                } else {
+                    read.partition(partition)
+                };
+                let events: Vec<RecordedEvent> = store
+                    .read_all(read)
+                    .try_collect()
+                    .await
+                    .unwrap_or_else(|e| panic!("read_all failed: {e}"));
+                done |= events.iter().any(|e| e.event_type == DONE);
+                if let Some(last) = events.last() {
+                    at.advance(partition, last.global_position);
+                }
+                read_any |= !events.is_empty();
+                seen.extend(events);
             }
-            seen.extend(events);
-            if done {
+            // Everything was committed before `Done`: once it is read, a pass that finds
+            // nothing new in any partition has read everything.
+            if done && !read_any {
                 return seen;
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            if !read_any {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         }
     })
 }
 
 /// Checks a feed as a reader saw it (`name` says which reader) against the ids of every event
-/// `written`: positions strictly increase, nothing is delivered twice, nothing is missed or
-/// unexpected, and each stream's events come in version order from version 1.
+/// `written`: positions strictly increase (within each partition), nothing is delivered twice,
+/// nothing is missed or unexpected, and each stream's events come in version order from
+/// version 1.
 #[track_caller]
 pub fn check_feed<H: BuildHasher>(name: &str, seen: &[RecordedEvent], written: &HashSet<Uuid, H>) {
-    assert!(
-        seen.windows(2)
-            .all(|w| w[0].global_position < w[1].global_position),
-        "{name}: positions strictly increase"
-    );
+    let mut last_position: HashMap<u32, u64> = HashMap::new();
+    for e in seen {
+        let before = last_position
+            .insert(e.partition, e.global_position)
+            .unwrap_or(0);
+        assert!(
+            e.global_position > before,
+            "{name}: positions strictly increase (partition {})",
+            e.partition
+        );
+    }
     let ids: HashSet<Uuid> = seen.iter().map(|e| e.event_id).collect();
     assert_eq!(
         ids.len(),
