@@ -111,3 +111,16 @@ pub fn slow_or_refusing(
         })
     }
 }
+
+/// A store with `partitioning` on a fresh schema of the shared server (`DATABASE_URL`).
+pub async fn fresh_partitioned_store(partitioning: es_core::Partitioning) -> PgStore {
+    let url = es_test_support::database_url();
+    let schema = unique_schema("p");
+    PgStore::builder(pool(&url, 24).await)
+        .schema(schema.as_str())
+        .partitioning(partitioning)
+        .poll_interval(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("cannot build the store on schema {schema}: {e}"))
+}
