@@ -553,24 +553,7 @@ impl PgStoreBuilder {
             }
         };
         let partitions = self.partitioning.count();
-        let mut known = vec![0_u64; partitions as usize];
-        let rows: Vec<(i32, i64)> = sqlx::query_as(AssertSqlSafe(Arc::clone(&sql.heads)))
-            .bind(read::partition_param(partitions))
-            .fetch_all(&pool)
-            .await
-            .map_err(Error::Database)?;
-        for (partition, head) in rows {
-            if let Some(slot) = usize::try_from(partition)
-                .ok()
-                .and_then(|p| known.get_mut(p))
-            {
-                *slot = u64::try_from(head).unwrap_or(0);
-            }
-        }
-        let heads: Arc<[watch::Sender<u64>]> = known
-            .into_iter()
-            .map(|head| watch::channel(head).0)
-            .collect();
+        let heads = read_heads(&pool, &sql, partitions).await?;
         let (jobs, queue) = mpsc::channel(self.queue_capacity);
         let shared = Arc::new(writer::Shared::new(
             queue,
@@ -886,6 +869,32 @@ impl EventStore for PgStore {
         let poll = self.inner.poll_interval;
         async move { es_core::contract::wait_on_watch(&rx, after, poll).await }
     }
+}
+
+/// A watch of the current head of each of `partitions` partitions.
+async fn read_heads(
+    pool: &PgPool,
+    sql: &Sql,
+    partitions: u32,
+) -> Result<Arc<[watch::Sender<u64>]>, Error> {
+    let mut known = vec![0_u64; partitions as usize];
+    let rows: Vec<(i32, i64)> = sqlx::query_as(AssertSqlSafe(Arc::clone(&sql.heads)))
+        .bind(read::partition_param(partitions))
+        .fetch_all(pool)
+        .await
+        .map_err(Error::Database)?;
+    for (partition, head) in rows {
+        if let Some(slot) = usize::try_from(partition)
+            .ok()
+            .and_then(|p| known.get_mut(p))
+        {
+            *slot = u64::try_from(head).unwrap_or(0);
+        }
+    }
+    Ok(known
+        .into_iter()
+        .map(|head| watch::channel(head).0)
+        .collect())
 }
 
 /// Records `partitioning` in the schema unless one is recorded, and fails with

@@ -64,13 +64,13 @@ impl SchemaName {
         fold32(fnv64("es-postgres streams:", &self.0))
     }
 
-    /// The first key of the locks that order commits, XORed with the partition (the second is an
+    /// The first key of the locks that order commits, combined by XOR with the partition (the second is an
     /// allocation's last position, modulo 2^31).
     pub(crate) fn commit_lock_space(&self) -> i32 {
         fold32(fnv64("es-postgres tickets:", &self.0))
     }
 
-    /// The key of the session-level advisory lock around position allocation, XORed with the
+    /// The key of the session-level advisory lock around position allocation, combined by XOR with the
     /// partition (the one-`bigint` key form, a key space apart from the two-`int4` locks above).
     pub(crate) fn global_lock(&self) -> i64 {
         i64::from_ne_bytes(fnv64("es-postgres allocation:", &self.0).to_ne_bytes())

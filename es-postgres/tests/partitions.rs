@@ -40,12 +40,7 @@ fn partitions(count: u32) -> Partitioning {
 }
 
 /// The first `n` streams named `<prefix>-<i>` that fall into `partition`.
-fn streams_in(
-    partitioning: &Partitioning,
-    partition: u32,
-    prefix: &str,
-    n: usize,
-) -> Vec<StreamId> {
+fn streams_in(partitioning: Partitioning, partition: u32, prefix: &str, n: usize) -> Vec<StreamId> {
     (0..)
         .map(|i| stream(&format!("{prefix}-{i}")))
         .filter(|s| partitioning.partition_of(s) == partition)
@@ -348,49 +343,70 @@ enum Ending {
     Terminate,
 }
 
+/// The store that holds the partition, and the event type that makes its append hold: a slow
+/// append (3 s, then it commits) for Rollback; a stall the time-out aborts for Stall; a
+/// server-side sleep that gets terminated for Terminate.
+async fn holder(
+    ending: Ending,
+    schema: &str,
+    app: &str,
+    p: Partitioning,
+) -> (PgStore, &'static str) {
+    let (stall, timeout, kind) = match ending {
+        Ending::Rollback => (Duration::from_secs(3), LIVENESS, "Slow"),
+        Ending::Stall => (Duration::from_secs(600), Duration::from_secs(3), "Slow"),
+        Ending::Terminate => (
+            Duration::from_secs(600),
+            Duration::from_secs(3600),
+            "SqlSlow",
+        ),
+    };
+    (held_store(schema, app, p, stall, timeout).await, kind)
+}
+
+/// Appends three streams in every partition but `held`, each within [`UNHELD`].
+async fn commit_elsewhere(
+    store: &PgStore,
+    held: u32,
+    ending: Ending,
+) -> Vec<(AppendRequest, AppendResult)> {
+    let p = store.partitioning();
+    let mut acknowledged = Vec::new();
+    for partition in p.partitions().filter(|q| *q != held) {
+        for s in streams_in(p, partition, "free", 3) {
+            let request = AppendRequest::new(s, ExpectedVersion::NoStream, vec![event("Free")]);
+            let started = Instant::now();
+            let result = tokio::time::timeout(UNHELD, store.append(request.clone()))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "partition {partition} was held back by a transaction of partition \
+                         {held} ({ending:?})"
+                    )
+                })
+                .unwrap();
+            assert!(started.elapsed() < UNHELD);
+            acknowledged.push((request, result));
+        }
+    }
+    acknowledged
+}
+
 /// One partition is held by a transaction that drew positions and then ends as `ending` says;
 /// meanwhile every other partition commits at once, from another store, and the held partition's
 /// later appends wait for it. Afterwards a subscriber of every partition has skipped nothing.
+#[allow(clippy::too_many_lines)] // one scenario, checked end to end
 async fn other_partitions_go_on_while_one_is_held(ending: Ending) {
     let schema = common::unique_schema(&format!("part_{ending:?}").to_lowercase());
     let p = partitions(4);
     let held_partition = 2;
     let victim_app = common::unique_schema("part_victim");
-    // The holder: a slow append (3 s, then it commits) for Rollback; a stall the time-out
-    // aborts for Stall; a server-side sleep that gets terminated for Terminate.
-    let (holder, kind) = match ending {
-        Ending::Rollback => (
-            held_store(&schema, &victim_app, p, Duration::from_secs(3), LIVENESS).await,
-            "Slow",
-        ),
-        Ending::Stall => (
-            held_store(
-                &schema,
-                &victim_app,
-                p,
-                Duration::from_secs(600),
-                Duration::from_secs(3),
-            )
-            .await,
-            "Slow",
-        ),
-        Ending::Terminate => (
-            held_store(
-                &schema,
-                &victim_app,
-                p,
-                Duration::from_secs(600),
-                Duration::from_secs(3600),
-            )
-            .await,
-            "SqlSlow",
-        ),
-    };
+    let (holder, kind) = holder(ending, &schema, &victim_app, p).await;
     let refusing = held_store(&schema, "part_refusing", p, Duration::ZERO, LIVENESS).await;
     let other = plain_store(&schema, p).await;
     let admin = common::pool(&es_test_support::database_url(), 2).await;
     let recorder = Recorder::start(&other);
-    let held_streams = streams_in(&p, held_partition, "held", 3);
+    let held_streams = streams_in(p, held_partition, "held", 3);
 
     let held = tokio::spawn({
         let holder = holder.clone();
@@ -429,21 +445,7 @@ async fn other_partitions_go_on_while_one_is_held(ending: Ending) {
         async move { other.append(request).await }
     });
     // Every other partition commits at once, several times, while the held one waits.
-    let mut acknowledged = Vec::new();
-    for partition in p.partitions().filter(|q| *q != held_partition) {
-        for s in streams_in(&p, partition, "free", 3) {
-            let request = AppendRequest::new(s, ExpectedVersion::NoStream, vec![event("Free")]);
-            let started = Instant::now();
-            let result = tokio::time::timeout(UNHELD, other.append(request.clone()))
-                .await
-                .unwrap_or_else(|_| {
-                    panic!("partition {partition} was held back by a transaction of partition {held_partition} ({ending:?})")
-                })
-                .unwrap();
-            assert!(started.elapsed() < UNHELD);
-            acknowledged.push((request, result));
-        }
-    }
+    let acknowledged = commit_elsewhere(&other, held_partition, ending).await;
     assert!(
         !behind.is_finished(),
         "the append behind the held one committed before it ended ({ending:?})"
