@@ -35,8 +35,9 @@ Usage: es-bench [--quick] [GROUP | GROUP:WORKLOAD]...
 Groups: memory, postgres, redis, kafka (all when none is given).
 Workloads narrow a group, e.g. `memory:rehydrate`, `memory:dispatch`, `memory:append`,
 `memory:command`, `memory:catch-up`, `postgres:append`, `postgres:command`, `postgres:read`,
-`postgres:rehydrate`, `postgres:catch-up`, `redis:append`, `redis:command`, `redis:read`,
+`postgres:rehydrate`, `postgres:catch-up`, `postgres:processes`, `redis:append`, `redis:command`, `redis:read`,
 `redis:catch-up`. `command` is the commands through the repository (load + decide + append).
+`processes` is appends from several OS processes at 1, 4 and 16 feed partitions.
 
   --quick   small sizes and few repetitions: a smoke check that every benchmark runs
 

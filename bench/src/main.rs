@@ -19,6 +19,7 @@ mod domain;
 mod kafka;
 mod load;
 mod memory;
+mod pg_processes;
 mod postgres;
 mod projection;
 #[path = "redis.rs"]
@@ -35,6 +36,16 @@ use report::Report;
 static PEAK: PeakAlloc = PeakAlloc;
 
 fn main() -> ExitCode {
+    // A child process of the multi-process PostgreSQL workload.
+    if let Ok(spec) = std::env::var(pg_processes::CHILD_ENV) {
+        return match pg_processes::child(&spec) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("es-bench child: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = match config::Args::parse(std::env::args().skip(1)) {
         Ok(args) => args,
         Err(message) => {

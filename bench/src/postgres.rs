@@ -97,6 +97,9 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
         if args.wants("postgres", "rehydrate") {
             rehydrate(report, &store, &pool, &schema).await?;
         }
+        if args.wants("postgres", "processes") {
+            crate::pg_processes::run(report, &url, &tag).await?;
+        }
         anyhow::Ok(())
     }
     .await;
@@ -116,25 +119,7 @@ struct Raw {
 
 impl Raw {
     async fn create(pool: PgPool, schema: &str) -> anyhow::Result<Self> {
-        let table = format!("\"{schema}\".events");
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "CREATE SCHEMA \"{schema}\";
-             CREATE TABLE {table} (
-                 global_position bigserial PRIMARY KEY,
-                 stream_id text COLLATE \"C\" NOT NULL,
-                 category text COLLATE \"C\" NOT NULL,
-                 stream_version bigint NOT NULL,
-                 event_id uuid NOT NULL UNIQUE,
-                 event_type text COLLATE \"C\" NOT NULL,
-                 schema_version bigint NOT NULL,
-                 payload jsonb NOT NULL,
-                 metadata jsonb NOT NULL,
-                 recorded_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-                 UNIQUE (stream_id, stream_version));
-             CREATE INDEX ON {table} (category, global_position);"
-        )))
-        .execute(&pool)
-        .await?;
+        let table = create_raw_table(&pool, schema).await?;
         Ok(Self { pool, table })
     }
 
@@ -182,6 +167,30 @@ impl Raw {
         }
         Ok(())
     }
+}
+
+/// Creates schema `schema` with the raw baseline's table; returns the table's qualified name.
+pub(crate) async fn create_raw_table(pool: &PgPool, schema: &str) -> anyhow::Result<String> {
+    let table = format!("\"{schema}\".events");
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE SCHEMA \"{schema}\";
+             CREATE TABLE {table} (
+                 global_position bigserial PRIMARY KEY,
+                 stream_id text COLLATE \"C\" NOT NULL,
+                 category text COLLATE \"C\" NOT NULL,
+                 stream_version bigint NOT NULL,
+                 event_id uuid NOT NULL UNIQUE,
+                 event_type text COLLATE \"C\" NOT NULL,
+                 schema_version bigint NOT NULL,
+                 payload jsonb NOT NULL,
+                 metadata jsonb NOT NULL,
+                 recorded_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+                 UNIQUE (stream_id, stream_version));
+             CREATE INDEX ON {table} (category, global_position);"
+    )))
+    .execute(pool)
+    .await?;
+    Ok(table)
 }
 
 /// The command rows' raw side: the append rows' INSERT transactions.

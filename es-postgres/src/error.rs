@@ -102,6 +102,12 @@ pub enum Error {
         /// The version this crate needs.
         expected: i64,
     },
+    /// The schema records another partitioning than the builder's
+    /// ([`PgStoreBuilder::partitioning`](crate::PgStoreBuilder::partitioning)): always a
+    /// [`StoreError::InvalidPartitioning`] saying which. A schema's partitioning is fixed when it
+    /// is first used.
+    #[error("{0}")]
+    Partitioning(#[source] StoreError),
     /// Any other database error while building the store.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),

@@ -91,7 +91,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use es_core::contract::position::EpochStart;
-use es_core::contract::{Partitioning, StoreFuture};
+use es_core::contract::{PartitionKey, Partitioning, StoreFuture};
 use es_core::projection::HandlerError;
 use es_core::{
     AppendLimits, AppendRequest, AppendResult, EventPages, EventStore, EventStream, ReadAll,
@@ -169,7 +169,9 @@ struct Inner {
     query_timeout: Duration,
     jobs: mpsc::Sender<writer::Job>,
     writers: Arc<writer::Shared>,
-    head: Arc<watch::Sender<u64>>,
+    partitioning: Partitioning,
+    /// The latest known head of each partition.
+    heads: Arc<[watch::Sender<u64>]>,
     listener: JoinHandle<()>,
     server: ServerSettings,
     replica: Option<replica::Replica>,
@@ -186,6 +188,7 @@ impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
             .field("schema", &self.inner.schema.as_str())
+            .field("partitioning", &self.inner.partitioning)
             .field("limits", &self.inner.limits)
             .field("poll_interval", &self.inner.poll_interval)
             .finish_non_exhaustive()
@@ -214,6 +217,7 @@ pub struct PgStoreBuilder {
     require_tls: bool,
     replica: Option<Source>,
     replica_wait: Duration,
+    partitioning: Partitioning,
 }
 
 /// Where a [`PgStoreBuilder`] gets its connections.
@@ -252,6 +256,7 @@ impl std::fmt::Debug for PgStoreBuilder {
                 }),
             )
             .field("replica_wait", &self.replica_wait)
+            .field("partitioning", &self.partitioning)
             .finish()
     }
 }
@@ -288,6 +293,17 @@ impl PgStoreBuilder {
     /// the version this crate needs.
     pub fn run_migrations(mut self, run: bool) -> Self {
         self.run_migrations = run;
+        self
+    }
+
+    /// The store's feed partitions (default [`Partitioning::single`]: one feed). Each partition
+    /// is a feed of its own with its own commit chain, so appends to streams of different
+    /// partitions commit in parallel, across processes too (see the crate docs, section
+    /// "Partitions"). The first store built on a schema records its partitioning there; a store
+    /// built later with another one fails with [`Error::Partitioning`]. A schema that already
+    /// held events or had begun an epoch when it was migrated to partitions has one partition.
+    pub fn partitioning(mut self, partitioning: Partitioning) -> Self {
+        self.partitioning = partitioning;
         self
     }
 
@@ -507,6 +523,8 @@ impl PgStoreBuilder {
         } else {
             migrate::verify(&pool, &schema).await?;
         }
+        let sql = Arc::new(Sql::new(&schema));
+        claim_partitioning(&pool, &sql, &schema, self.partitioning).await?;
         let replica = match &self.replica {
             None => None,
             Some(source) => {
@@ -534,17 +552,14 @@ impl PgStoreBuilder {
                 })
             }
         };
-        let sql = Arc::new(Sql::new(&schema));
-        let head: i64 = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&sql.head)))
-            .fetch_one(&pool)
-            .await
-            .map_err(Error::Database)?;
-        let head = Arc::new(watch::channel(u64::try_from(head).unwrap_or(0)).0);
+        let partitions = self.partitioning.count();
+        let heads = read_heads(&pool, &sql, partitions).await?;
         let (jobs, queue) = mpsc::channel(self.queue_capacity);
         let shared = Arc::new(writer::Shared::new(
             queue,
             self.writers,
             self.append_timeout,
+            partitions,
         ));
         let inline: Arc<[inline::InlineProjection]> = self.inline.into();
         for _ in 0..self.writers {
@@ -552,7 +567,7 @@ impl PgStoreBuilder {
                 pool: pool.clone(),
                 conn: None,
                 sql: Arc::clone(&sql),
-                head: Arc::clone(&head),
+                heads: Arc::clone(&heads),
                 shared: Arc::clone(&shared),
                 inline: Arc::clone(&inline),
             };
@@ -561,8 +576,8 @@ impl PgStoreBuilder {
         let listener = listener::Listener {
             pool: pool.clone(),
             channel: schema.channel(),
-            head_sql: Arc::clone(&sql.head),
-            head: Arc::clone(&head),
+            heads_sql: Arc::clone(&sql.heads),
+            heads: Arc::clone(&heads),
         };
         let listener = tokio::spawn(listener.run());
         server.log(&schema);
@@ -576,7 +591,8 @@ impl PgStoreBuilder {
                 query_timeout: self.query_timeout,
                 jobs,
                 writers: shared,
-                head,
+                partitioning: self.partitioning,
+                heads,
                 listener,
                 server,
                 replica,
@@ -658,6 +674,7 @@ impl PgStore {
             require_tls: false,
             replica: None,
             replica_wait: DEFAULT_REPLICA_WAIT,
+            partitioning: Partitioning::single(),
         }
     }
 
@@ -678,20 +695,30 @@ impl PgStore {
         self.inner.replica.as_ref().map(|r| r.counts.get())
     }
 
-    /// `read` on the pool for event reads: the primary's, or, with a replica, the replica's once
-    /// it has caught up with the head this handle knows now (else the primary's).
+    /// `read` on the pool for event reads of `partition`: the primary's, or, with a replica,
+    /// the replica's once it has caught up with the partition's head this handle knows now (else
+    /// the primary's).
     fn on_read_pool(
         &self,
+        partition: u32,
         read: impl FnOnce(PgPool) -> EventStream + Send + 'static,
     ) -> EventStream {
         let Some(replica) = self.inner.replica.clone() else {
             return read(self.inner.pool.clone());
         };
-        let target = *self.inner.head.borrow();
+        let target = self
+            .inner
+            .heads
+            .get(partition as usize)
+            .map_or(0, |head| *head.borrow());
         let inner = Arc::clone(&self.inner);
         Box::pin(
             futures::stream::once(async move {
-                read(replica.pool_for(target, &inner.sql.head, &inner.pool).await)
+                read(
+                    replica
+                        .pool_for(partition, target, &inner.sql.head, &inner.pool)
+                        .await,
+                )
             })
             .flatten(),
         )
@@ -718,6 +745,7 @@ impl EventStore for PgStore {
         let inner = Arc::clone(&self.inner);
         async move {
             request.validate(&inner.limits)?;
+            let partition = inner.partitioning.partition_of(&request.stream_id);
             let (reply, answer) = oneshot::channel();
             // Waits while the queue is full (backpressure); giving up here leaves nothing queued.
             let slot = inner
@@ -726,7 +754,11 @@ impl EventStore for PgStore {
                 .await
                 .map_err(|_| StoreError::backend("the store's writer tasks have stopped"))?;
             inner.writers.enqueued();
-            slot.send(writer::Job { request, reply });
+            slot.send(writer::Job {
+                request,
+                partition,
+                reply,
+            });
             answer
                 .await
                 .map_err(|_| StoreError::backend("the store's writer task stopped mid-append"))?
@@ -753,7 +785,10 @@ impl EventStore for PgStore {
             self.inner.query_timeout,
             stream.clone(),
         );
-        self.on_read_pool(move |pool| read::read_stream(pool, sql, timeout, stream, read))
+        let partition = self.inner.partitioning.partition_of(&stream);
+        self.on_read_pool(partition, move |pool| {
+            read::read_stream(pool, sql, timeout, stream, partition, read)
+        })
     }
 
     /// Pages of rows as received, of the columns a load reads (no stream id, no metadata):
@@ -769,19 +804,27 @@ impl EventStore for PgStore {
     }
 
     fn read_all(&self, read: ReadAll) -> EventStream {
-        if let Err(err) = read.partition_in(&Partitioning::single()) {
-            return es_core::contract::failed_read(err);
-        }
+        let partition = match read.partition_in(&self.inner.partitioning) {
+            Ok(partition) => partition,
+            Err(err) => return es_core::contract::failed_read(err),
+        };
         let (sql, timeout) = (Arc::clone(&self.inner.sql), self.inner.query_timeout);
-        self.on_read_pool(move |pool| read::read_all(pool, sql, timeout, read))
+        self.on_read_pool(partition, move |pool| {
+            read::read_all(pool, sql, timeout, partition, read)
+        })
+    }
+
+    fn partitioning(&self) -> Partitioning {
+        self.inner.partitioning
     }
 
     fn partition_head(&self, partition: u32) -> impl StoreFuture<u64> {
-        let single = Partitioning::single().check(partition);
+        let checked = self.inner.partitioning.check(partition);
         let inner = Arc::clone(&self.inner);
         timed(self.inner.query_timeout, async move {
-            single?;
+            checked?;
             let head: i64 = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&inner.sql.head)))
+                .bind(read::partition_param(partition))
                 .fetch_one(&inner.pool)
                 .await
                 .map_err(store_error)?;
@@ -790,15 +833,22 @@ impl EventStore for PgStore {
     }
 
     fn partition_epochs(&self, partition: u32) -> impl StoreFuture<Vec<EpochStart>> {
-        let single = Partitioning::single().check(partition);
+        let checked = self.inner.partitioning.check(partition);
         let inner = Arc::clone(&self.inner);
         timed(self.inner.query_timeout, async move {
-            single?;
-            let rows: Vec<(i64, i64)> =
+            checked?;
+            // Partition 0's surviving heads are in the epochs table itself.
+            let rows: Vec<(i64, i64)> = if partition == 0 {
                 sqlx::query_as(AssertSqlSafe(Arc::clone(&inner.sql.epochs)))
                     .fetch_all(&inner.pool)
                     .await
-                    .map_err(store_error)?;
+            } else {
+                sqlx::query_as(AssertSqlSafe(Arc::clone(&inner.sql.partition_epochs)))
+                    .bind(read::partition_param(partition))
+                    .fetch_all(&inner.pool)
+                    .await
+            }
+            .map_err(store_error)?;
             rows.into_iter()
                 .map(|(epoch, previous_head)| {
                     Ok(EpochStart {
@@ -811,12 +861,72 @@ impl EventStore for PgStore {
     }
 
     fn wait_for_partition(&self, partition: u32, after: u64) -> impl Future<Output = ()> + Send {
-        // One partition: partition 0 is the whole feed; any other never moves.
-        let after = if partition == 0 { after } else { u64::MAX };
-        let rx = self.inner.head.subscribe();
+        // A partition the store does not have never moves: wait for the polling interval.
+        let (rx, after) = match self.inner.heads.get(partition as usize) {
+            Some(head) => (head.subscribe(), after),
+            None => (self.inner.heads[0].subscribe(), u64::MAX),
+        };
         let poll = self.inner.poll_interval;
         async move { es_core::contract::wait_on_watch(&rx, after, poll).await }
     }
+}
+
+/// A watch of the current head of each of `partitions` partitions.
+async fn read_heads(
+    pool: &PgPool,
+    sql: &Sql,
+    partitions: u32,
+) -> Result<Arc<[watch::Sender<u64>]>, Error> {
+    let mut known = vec![0_u64; partitions as usize];
+    let rows: Vec<(i32, i64)> = sqlx::query_as(AssertSqlSafe(Arc::clone(&sql.heads)))
+        .bind(read::partition_param(partitions))
+        .fetch_all(pool)
+        .await
+        .map_err(Error::Database)?;
+    for (partition, head) in rows {
+        if let Some(slot) = usize::try_from(partition)
+            .ok()
+            .and_then(|p| known.get_mut(p))
+        {
+            *slot = u64::try_from(head).unwrap_or(0);
+        }
+    }
+    Ok(known
+        .into_iter()
+        .map(|head| watch::channel(head).0)
+        .collect())
+}
+
+/// Records `partitioning` in the schema unless one is recorded, and fails with
+/// [`Error::Partitioning`] if the recorded one differs.
+async fn claim_partitioning(
+    pool: &PgPool,
+    sql: &Sql,
+    schema: &SchemaName,
+    partitioning: Partitioning,
+) -> Result<(), Error> {
+    let key = |key: PartitionKey| match key {
+        PartitionKey::Stream => "stream",
+        PartitionKey::Category => "category",
+    };
+    let (count, recorded_key): (i32, String) =
+        sqlx::query_as(AssertSqlSafe(Arc::clone(&sql.claim_partitioning)))
+            .bind(read::partition_param(partitioning.count()))
+            .bind(key(partitioning.key()))
+            .fetch_one(pool)
+            .await
+            .map_err(Error::Database)?;
+    if i64::from(count) == i64::from(partitioning.count())
+        && recorded_key == key(partitioning.key())
+    {
+        return Ok(());
+    }
+    Err(Error::Partitioning(StoreError::InvalidPartitioning {
+        reason: format!(
+            "schema `{schema}` was created with {count} partition(s) by {recorded_key}; \
+             this store was built with {partitioning}"
+        ),
+    }))
 }
 
 impl SnapshotStore for PgStore {

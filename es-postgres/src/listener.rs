@@ -1,7 +1,9 @@
-//! Keeps the latest known head position in a `watch` channel, from LISTEN/NOTIFY.
+//! Keeps the latest known head position of every partition in a `watch` channel each, from
+//! LISTEN/NOTIFY.
 //!
 //! The append function notifies the schema's channel with the new head in the append
-//! transaction, so the notification is delivered on commit, to every process. The listener
+//! transaction (`<position>` for partition 0, `<partition>:<position>` for the others), so the
+//! notification is delivered on commit, to every process. The listener
 //! reconnects after the connection drops or the server restarts, and re-reads the head after each
 //! (re)connection, because notifications sent while it was away are lost. The watch is only a
 //! wake-up: subscribers re-read the feed, and `wait_for_append` also returns after the polling
@@ -25,8 +27,17 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct Listener {
     pub(crate) pool: PgPool,
     pub(crate) channel: String,
-    pub(crate) head_sql: Arc<str>,
-    pub(crate) head: Arc<watch::Sender<u64>>,
+    /// Reads the head of every partition (`Sql::heads`).
+    pub(crate) heads_sql: Arc<str>,
+    pub(crate) heads: Arc<[watch::Sender<u64>]>,
+}
+
+/// The partition and head a notification payload names, if it is one of the append function's.
+pub(crate) fn parse_payload(payload: &str) -> Option<(u32, u64)> {
+    match payload.split_once(':') {
+        None => Some((0, payload.parse().ok()?)),
+        Some((partition, head)) => Some((partition.parse().ok()?, head.parse().ok()?)),
+    }
 }
 
 impl Listener {
@@ -57,8 +68,8 @@ impl Listener {
             tokio::select! {
                 received = listener.try_recv() => match received? {
                     Some(notification) => {
-                        if let Ok(head) = notification.payload().parse::<u64>() {
-                            self.publish(head);
+                        if let Some((partition, head)) = parse_payload(notification.payload()) {
+                            self.publish(partition, head);
                         }
                     }
                     None => return Ok(()),
@@ -67,34 +78,65 @@ impl Listener {
                     // A connection whose server vanished never says so (no TCP keepalive on the
                     // client side): read the head on it, with a time-out, and reconnect if it
                     // does not answer. The head read also covers a notification that was lost.
-                    let head = tokio::time::timeout(
+                    let heads = tokio::time::timeout(
                         CHECK_TIMEOUT,
-                        sqlx::query_scalar::<_, i64>(AssertSqlSafe(Arc::clone(&self.head_sql)))
-                            .fetch_one(&mut listener),
+                        self.heads_query().fetch_all(&mut listener),
                     )
                     .await
                     .map_err(|_| sqlx::Error::PoolTimedOut)??;
-                    self.publish(u64::try_from(head).unwrap_or(0));
+                    self.publish_all(heads);
                 }
             }
         }
     }
 
     async fn refresh(&self) -> Result<(), sqlx::Error> {
-        let head: i64 = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&self.head_sql)))
-            .fetch_one(&self.pool)
-            .await?;
-        self.publish(u64::try_from(head).unwrap_or(0));
+        let heads = self.heads_query().fetch_all(&self.pool).await?;
+        self.publish_all(heads);
         Ok(())
     }
 
-    fn publish(&self, head: u64) {
-        self.head.send_if_modified(|current| {
+    fn heads_query(
+        &self,
+    ) -> sqlx::query::QueryAs<'static, sqlx::Postgres, (i32, i64), sqlx::postgres::PgArguments>
+    {
+        // At most MAX_PARTITIONS watches.
+        let partitions = i32::try_from(self.heads.len()).unwrap_or(i32::MAX);
+        sqlx::query_as(AssertSqlSafe(Arc::clone(&self.heads_sql))).bind(partitions)
+    }
+
+    fn publish_all(&self, heads: Vec<(i32, i64)>) {
+        for (partition, head) in heads {
+            if let (Ok(partition), Ok(head)) = (u32::try_from(partition), u64::try_from(head)) {
+                self.publish(partition, head);
+            }
+        }
+    }
+
+    fn publish(&self, partition: u32, head: u64) {
+        let Some(watch) = self.heads.get(partition as usize) else {
+            return;
+        };
+        watch.send_if_modified(|current| {
             let newer = head > *current;
             if newer {
                 *current = head;
             }
             newer
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_payload;
+
+    #[test]
+    fn payloads_name_a_partition_and_a_head() {
+        assert_eq!(parse_payload("42"), Some((0, 42)));
+        assert_eq!(parse_payload("3:42"), Some((3, 42)));
+        assert_eq!(parse_payload("x"), None);
+        assert_eq!(parse_payload("3:"), None);
+        assert_eq!(parse_payload("-1:5"), None);
     }
 }

@@ -48,6 +48,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "least_privilege",
         sql: include_str!("../migrations/0006_least_privilege.sql"),
     },
+    Migration {
+        version: 7,
+        name: "partitions",
+        sql: include_str!("../migrations/0007_partitions.sql"),
+    },
 ];
 
 /// The latest migration version this crate knows.

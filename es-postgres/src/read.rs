@@ -42,11 +42,14 @@ const PAGE_BYTES: u64 = 8 << 20;
 enum Cursor {
     Stream {
         stream: StreamId,
+        /// The stream's partition (what its events report).
+        partition: u32,
         direction: Direction,
         /// The next version to read (inclusive).
         next: u64,
     },
     All {
+        partition: u32,
         after: u64,
         categories: Arc<[String]>,
         types: Arc<[String]>,
@@ -137,13 +140,24 @@ trait Fetched: Sized + Send + 'static {
 struct Envelopes {
     events: Vec<RecordedEvent>,
     columns: Option<EventColumns>,
+    /// The partition of every event of the page.
+    partition: u32,
+}
+
+impl Cursor {
+    fn partition(&self) -> u32 {
+        match self {
+            Cursor::Stream { partition, .. } | Cursor::All { partition, .. } => *partition,
+        }
+    }
 }
 
 impl Fetched for Envelopes {
-    fn with_capacity(_: &Cursor, rows: usize) -> Self {
+    fn with_capacity(cursor: &Cursor, rows: usize) -> Self {
         Self {
             events: Vec::with_capacity(rows),
             columns: None,
+            partition: cursor.partition(),
         }
     }
 
@@ -174,7 +188,9 @@ impl Fetched for Envelopes {
             Some(columns) => columns,
             None => *self.columns.insert(EventColumns::find(&row)?),
         };
-        self.events.push(decode_event(&row, &columns)?);
+        let mut event = decode_event(&row, &columns)?;
+        event.partition = self.partition;
+        self.events.push(event);
         Ok(())
     }
 
@@ -276,9 +292,10 @@ struct Events {
     buffer: std::vec::IntoIter<RecordedEvent>,
 }
 
-fn stream_cursor(stream: StreamId, read: ReadStream) -> Option<Cursor> {
+fn stream_cursor(stream: StreamId, partition: u32, read: ReadStream) -> Option<Cursor> {
     (read.direction == Direction::Forward || read.from > 0).then_some(Cursor::Stream {
         stream,
+        partition,
         direction: read.direction,
         next: read.from,
     })
@@ -289,13 +306,14 @@ pub(crate) fn read_stream(
     sql: Arc<Sql>,
     timeout: Duration,
     stream: StreamId,
+    partition: u32,
     read: ReadStream,
 ) -> EventStream {
     events(Reader::new(
         pool,
         sql,
         timeout,
-        stream_cursor(stream, read),
+        stream_cursor(stream, partition, read),
         read.limit,
     ))
 }
@@ -308,7 +326,8 @@ pub(crate) fn read_stream_pages(
     stream: StreamId,
     read: ReadStream,
 ) -> EventPages {
-    let cursor = stream_cursor(stream.clone(), read);
+    // A load reads no envelope, so the partition plays no part.
+    let cursor = stream_cursor(stream.clone(), 0, read);
     let reader: Reader<Rows> = Reader::new(pool, sql, timeout, cursor, read.limit);
     Box::pin(reader.map_ok(move |rows| -> Box<dyn EventPage> {
         Box::new(RowPage {
@@ -322,9 +341,11 @@ pub(crate) fn read_all(
     pool: PgPool,
     sql: Arc<Sql>,
     timeout: Duration,
+    partition: u32,
     read: ReadAll,
 ) -> EventStream {
     let cursor = Cursor::All {
+        partition,
         after: read.after,
         categories: read.filter.categories.into(),
         types: read.filter.event_types.into(),
@@ -498,11 +519,13 @@ impl Page {
                 .bind(to_i64(*next))
                 .bind(limit),
             Cursor::All {
+                partition,
                 after,
                 categories,
                 types,
             } => {
                 let mut query = sqlx::query(AssertSqlSafe(self.sql))
+                    .bind(partition_param(*partition))
                     .bind(to_i64(*after))
                     .bind(limit);
                 if !categories.is_empty() {
@@ -521,4 +544,10 @@ impl Page {
         }
         Ok(page)
     }
+}
+
+/// A partition as an `integer` parameter (partitions are below
+/// [`MAX_PARTITIONS`](es_core::contract::MAX_PARTITIONS)).
+pub(crate) fn partition_param(partition: u32) -> i32 {
+    i32::try_from(partition).unwrap_or(i32::MAX)
 }

@@ -56,10 +56,17 @@ impl Counts {
 }
 
 impl Replica {
-    /// The pool for a read that must see every position up to `target`: the replica once its
-    /// head is there, else (after `wait`, or at once if the replica cannot answer) the primary.
-    pub(crate) async fn pool_for(&self, target: u64, head_sql: &str, primary: &PgPool) -> PgPool {
-        let on_replica = self.choose(target, head_sql).await;
+    /// The pool for a read that must see every position of `partition` up to `target`: the
+    /// replica once its head of the partition is there, else (after `wait`, or at once if the
+    /// replica cannot answer) the primary. `head_sql` reads the head of partition `$1`.
+    pub(crate) async fn pool_for(
+        &self,
+        partition: u32,
+        target: u64,
+        head_sql: &str,
+        primary: &PgPool,
+    ) -> PgPool {
+        let on_replica = self.choose(partition, target, head_sql).await;
         let counter = if on_replica {
             &self.counts.replica
         } else {
@@ -74,7 +81,7 @@ impl Replica {
     }
 
     /// Whether the replica has reached `target`, waiting for it at most `wait`.
-    async fn choose(&self, target: u64, head_sql: &str) -> bool {
+    async fn choose(&self, partition: u32, target: u64, head_sql: &str) -> bool {
         if target == 0 {
             return true;
         }
@@ -86,6 +93,7 @@ impl Replica {
                     .saturating_sub(start.elapsed())
                     .max(Duration::from_millis(1)),
                 sqlx::query_scalar::<_, i64>(AssertSqlSafe(head_sql.to_owned()))
+                    .bind(crate::read::partition_param(partition))
                     .fetch_one(&self.pool),
             )
             .await;

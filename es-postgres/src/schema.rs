@@ -64,14 +64,14 @@ impl SchemaName {
         fold32(fnv64("es-postgres streams:", &self.0))
     }
 
-    /// The first key of the locks that order commits (the second is an allocation's last
-    /// position, modulo 2^31).
+    /// The first key of the locks that order commits, combined by XOR with the partition (the second is an
+    /// allocation's last position, modulo 2^31).
     pub(crate) fn commit_lock_space(&self) -> i32 {
         fold32(fnv64("es-postgres tickets:", &self.0))
     }
 
-    /// The key of the session-level advisory lock around position allocation (the one-`bigint`
-    /// key form, a key space apart from the two-`int4` locks above).
+    /// The key of the session-level advisory lock around position allocation, combined by XOR with the
+    /// partition (the one-`bigint` key form, a key space apart from the two-`int4` locks above).
     pub(crate) fn global_lock(&self) -> i64 {
         i64::from_ne_bytes(fnv64("es-postgres allocation:", &self.0).to_ne_bytes())
     }
@@ -126,9 +126,17 @@ pub(crate) struct Sql {
     /// Checks the server's incarnation for this session, starting an epoch if it is new.
     pub(crate) check_incarnation: Arc<str>,
     pub(crate) stream_version: Arc<str>,
+    /// The head of partition `$1`.
     pub(crate) head: Arc<str>,
-    /// The recorded epoch starts (every epoch but the first).
+    /// The head of every partition below `$1`: rows of (partition, head).
+    pub(crate) heads: Arc<str>,
+    /// The recorded epoch starts of partition 0 (every epoch but the first).
     pub(crate) epochs: Arc<str>,
+    /// The recorded epoch starts of partition `$1`, for partitions 1 and up.
+    pub(crate) partition_epochs: Arc<str>,
+    /// Records the partitioning (`$1` partitions by `$2`) unless one is recorded, and returns the
+    /// recorded one.
+    pub(crate) claim_partitioning: Arc<str>,
     pub(crate) stream_forward: Arc<str>,
     pub(crate) stream_backward: Arc<str>,
     /// Stream reads of the columns a load decodes ([`LOAD_COLUMNS`]).
@@ -170,15 +178,15 @@ impl Sql {
         };
         let all_where = |extra: &str| {
             format!(
-                "SELECT {c} FROM {s}.events WHERE global_position > $1{extra} \
-                 ORDER BY global_position LIMIT $2"
+                "SELECT {c} FROM {s}.events WHERE partition = $1 AND global_position > $2{extra} \
+                 ORDER BY global_position LIMIT $3"
             )
         };
         Self {
             append: format!(
                 "SELECT {} \
                  FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
-                 $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)",
+                 $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)",
                 crate::protocol::column::ALL.join(", ")
             )
             .into(),
@@ -188,9 +196,26 @@ impl Sql {
                 "SELECT coalesce(max(stream_version), 0) FROM {s}.events WHERE stream_id = $1"
             )
             .into(),
-            head: format!("SELECT coalesce(max(global_position), 0) FROM {s}.events").into(),
+            head: format!(
+                "SELECT coalesce(max(global_position), 0) FROM {s}.events WHERE partition = $1"
+            )
+            .into(),
+            heads: format!(
+                "SELECT p, (SELECT coalesce(max(global_position), 0) FROM {s}.events \
+                 WHERE partition = p) FROM generate_series(0, $1 - 1) AS p"
+            )
+            .into(),
             epochs: format!(
                 "SELECT epoch, previous_head FROM {s}.epochs WHERE epoch > 0 ORDER BY epoch"
+            )
+            .into(),
+            partition_epochs: format!(
+                "SELECT epoch, previous_head FROM {s}.partition_epochs \
+                 WHERE partition = $1 AND epoch > 0 ORDER BY epoch"
+            )
+            .into(),
+            claim_partitioning: format!(
+                "SELECT partitions, partition_key FROM {s}.claim_partitioning($1, $2)"
             )
             .into(),
             stream_forward: stream_where(c, true).into(),
@@ -198,9 +223,9 @@ impl Sql {
             load_forward: stream_where(LOAD_COLUMNS, true).into(),
             load_backward: stream_where(LOAD_COLUMNS, false).into(),
             all: all_where("").into(),
-            all_categories: all_where(" AND category = ANY ($3)").into(),
-            all_types: all_where(" AND event_type = ANY ($3)").into(),
-            all_both: all_where(" AND category = ANY ($3) AND event_type = ANY ($4)").into(),
+            all_categories: all_where(" AND category = ANY ($4)").into(),
+            all_types: all_where(" AND event_type = ANY ($4)").into(),
+            all_both: all_where(" AND category = ANY ($4) AND event_type = ANY ($5)").into(),
             load_snapshot: format!(
                 "SELECT version, schema_version, payload, recorded_at, event_id \
                  FROM {s}.snapshots WHERE stream_id = $1"

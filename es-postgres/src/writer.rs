@@ -91,8 +91,8 @@ pub(crate) struct Shared {
     queue: Mutex<Queue>,
     /// The append time-out (see the module docs).
     append_timeout: Duration,
-    /// Calls in flight.
-    calls: watch::Sender<usize>,
+    /// Calls in flight, per partition.
+    calls: Box<[watch::Sender<usize>]>,
     /// Appends queued or in a call, not yet answered.
     active: AtomicUsize,
     writers: usize,
@@ -100,14 +100,19 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(jobs: mpsc::Receiver<Job>, writers: usize, append_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        jobs: mpsc::Receiver<Job>,
+        writers: usize,
+        append_timeout: Duration,
+        partitions: u32,
+    ) -> Self {
         Self {
             queue: Mutex::new(Queue {
                 jobs,
                 carry: VecDeque::new(),
             }),
             append_timeout,
-            calls: watch::channel(0).0,
+            calls: (0..partitions).map(|_| watch::channel(0).0).collect(),
             active: AtomicUsize::new(0),
             writers,
             pace: std::sync::Mutex::new(Pace {
@@ -145,6 +150,8 @@ struct Queue {
 /// One queued append and where to send its outcome.
 pub(crate) struct Job {
     pub(crate) request: AppendRequest,
+    /// The partition of the request's stream.
+    pub(crate) partition: u32,
     pub(crate) reply: oneshot::Sender<Result<AppendResult, StoreError>>,
 }
 
@@ -173,7 +180,8 @@ pub(crate) struct Writer {
     /// after a connection failure), so a group costs one round trip and no pool checkout.
     pub(crate) conn: Option<PoolConnection<Postgres>>,
     pub(crate) sql: Arc<Sql>,
-    pub(crate) head: Arc<watch::Sender<u64>>,
+    /// The head of each partition, as far as this store knows.
+    pub(crate) heads: Arc<[watch::Sender<u64>]>,
     pub(crate) shared: Arc<Shared>,
     /// Inline projections, run in the append transaction of every written append.
     pub(crate) inline: Arc<[InlineProjection]>,
@@ -205,11 +213,11 @@ pub(crate) enum CallError {
 impl Writer {
     /// Runs until the store is dropped (the queue closes).
     pub(crate) async fn run(mut self) {
-        while let Some(group) = self.next_group().await {
+        while let Some((partition, group)) = self.next_group().await {
             let started = tokio::time::Instant::now();
             let answered = group.len();
-            self.execute(group).await;
-            self.shared.calls.send_modify(|calls| *calls -= 1);
+            self.execute(partition, group).await;
+            self.shared.calls[partition as usize].send_modify(|calls| *calls -= 1);
             // The callers just answered are likely to append again right away (a closed loop of
             // commands); with those queued or in other calls they are the concurrency to expect.
             let others = self.shared.active.fetch_sub(answered, Ordering::Relaxed) - answered;
@@ -225,14 +233,14 @@ impl Writer {
         }
     }
 
-    /// Forms the next group and registers it as a call in flight.
+    /// Forms the next group (the appends of one partition) and registers it as a call in flight.
     ///
-    /// Takes carried-over jobs first, then whatever is queued. While another call is in flight
-    /// and the group is small, keeps gathering until that call ends: small appends gain more
-    /// from sharing a commit than from running in parallel, large ones from using more cores.
-    /// Then, if fewer jobs are there than the last call suggests will come, waits briefly for
-    /// them.
-    async fn next_group(&self) -> Option<Vec<Job>> {
+    /// Takes carried-over jobs first, then whatever is queued; jobs of other partitions are
+    /// carried over to a later group. While another call of the partition is in flight and the
+    /// group is small, keeps gathering until that call ends: small appends gain more from
+    /// sharing a commit than from running in parallel, large ones from using more cores. Then,
+    /// if fewer jobs are there than the last call suggests will come, waits briefly for them.
+    async fn next_group(&self) -> Option<(u32, Vec<Job>)> {
         let mut queue = self.shared.queue.lock().await;
         let queue = &mut *queue;
         let first = loop {
@@ -263,7 +271,8 @@ impl Writer {
                 Err(_) => break,
             }
         }
-        let mut calls = self.shared.calls.subscribe();
+        let partition = group.partition;
+        let mut calls = self.shared.calls[partition as usize].subscribe();
         while *calls.borrow_and_update() > 0 && group.events < PARALLEL_MIN_EVENTS && !group.full()
         {
             tokio::select! {
@@ -297,8 +306,8 @@ impl Writer {
                 Ok(None) | Err(_) => break,
             }
         }
-        self.shared.calls.send_modify(|calls| *calls += 1);
-        Some(group.jobs)
+        self.shared.calls[partition as usize].send_modify(|calls| *calls += 1);
+        Some((partition, group.jobs))
     }
 
     /// `job`, unless its caller has stopped waiting: then it is dropped unsent.
@@ -313,7 +322,7 @@ impl Writer {
 
     /// Runs a group, retrying transient conflicts; if the group fails for a reason other than a
     /// lost connection, runs its appends one by one so that a bad append fails alone.
-    async fn execute(&mut self, mut jobs: Vec<Job>) {
+    async fn execute(&mut self, partition: u32, mut jobs: Vec<Job>) {
         let mut attempt = 1;
         let mut checks = 0;
         // An append that does not check for an exact version may be the retry of a stored batch
@@ -327,8 +336,8 @@ impl Writer {
                 )
         });
         let err = loop {
-            match self.call(&jobs, lookup).await {
-                Ok(result) => return self.answer(jobs, &result),
+            match self.call(partition, &jobs, lookup).await {
+                Ok(result) => return self.answer(partition, jobs, &result),
                 Err(CallError::Inline {
                     index,
                     projection,
@@ -378,7 +387,7 @@ impl Writer {
             }
             _ if jobs.len() > 1 => {
                 for job in jobs {
-                    Box::pin(self.execute(vec![job])).await;
+                    Box::pin(self.execute(partition, vec![job])).await;
                 }
             }
             err => {
@@ -419,10 +428,15 @@ impl Writer {
         }
     }
 
-    async fn call(&mut self, jobs: &[Job], lookup: bool) -> Result<CallResult, CallError> {
+    async fn call(
+        &mut self,
+        partition: u32,
+        jobs: &[Job],
+        lookup: bool,
+    ) -> Result<CallResult, CallError> {
         let timeout = self.shared.append_timeout;
         let Ok(result) =
-            tokio::time::timeout(deadline(timeout), self.call_once(jobs, lookup)).await
+            tokio::time::timeout(deadline(timeout), self.call_once(partition, jobs, lookup)).await
         else {
             // The call is cut off mid-flight: the connection's state is unknown. Close it rather
             // than return it to the pool (which would wait for the stalled statement); the
@@ -443,16 +457,28 @@ impl Writer {
         result
     }
 
-    async fn call_once(&mut self, jobs: &[Job], lookup: bool) -> Result<CallResult, CallError> {
+    async fn call_once(
+        &mut self,
+        partition: u32,
+        jobs: &[Job],
+        lookup: bool,
+    ) -> Result<CallResult, CallError> {
         let deferred = !self.inline.is_empty();
         let timeout = self.shared.append_timeout;
-        let query = append_query(&self.sql.append, jobs, lookup, deferred, timeout);
+        let query = append_query(&self.sql.append, partition, jobs, lookup, deferred, timeout);
         let conn = match &mut self.conn {
             Some(conn) => conn,
             slot @ None => slot.insert(self.pool.acquire().await.map_err(CallError::Sql)?),
         };
         let (result, rolled_back) = if deferred {
-            call_inline(conn, query, jobs, &self.inline, &self.sql, timeout).await
+            let call = Call {
+                partition,
+                jobs,
+                inline: &self.inline,
+                sql: &self.sql,
+                timeout,
+            };
+            call_inline(conn, query, &call).await
         } else {
             let result = match query.fetch_one(&mut **conn).await {
                 Ok(row) => CallResult::decode(&row),
@@ -479,7 +505,7 @@ impl Writer {
     ///
     /// The head goes first, so that a caller answered here finds it at or past its append (reads
     /// from a replica wait for the replica to reach it).
-    fn answer(&self, jobs: Vec<Job>, result: &CallResult) {
+    fn answer(&self, partition: u32, jobs: Vec<Job>, result: &CallResult) {
         let outcomes: Vec<_> = jobs
             .iter()
             .enumerate()
@@ -492,8 +518,8 @@ impl Writer {
             .filter_map(|r| r.positions.last().copied())
             .max()
             .unwrap_or(0);
-        if last > 0 {
-            self.head.send_if_modified(|head| {
+        if let (true, Some(head)) = (last > 0, self.heads.get(partition as usize)) {
+            head.send_if_modified(|head| {
                 let newer = last > *head;
                 if newer {
                     *head = last;
@@ -510,6 +536,7 @@ impl Writer {
 /// The `append_events` call for `jobs`, every argument bound.
 pub(crate) fn append_query(
     sql: &Arc<str>,
+    partition: u32,
     jobs: &[Job],
     lookup: bool,
     deferred: bool,
@@ -565,6 +592,7 @@ pub(crate) fn append_query(
         .bind(messages().map(|m| RawJson(&m.payload)).bind_iter())
         .bind(message_metadata.iter().map(|m| RawJson(m)).bind_iter())
         .bind(millis(timeout))
+        .bind(crate::read::partition_param(partition))
 }
 
 /// A time-out in whole milliseconds for a PostgreSQL setting (at least 1: 0 means none).
@@ -579,15 +607,21 @@ pub(crate) fn millis(timeout: Duration) -> i32 {
 /// group waits for every earlier allocation to end and commits. Any failure rolls the
 /// transaction back before returning, so the positions it drew never hold later commits back;
 /// the flag is false when that rollback failed (the connection must then be closed).
+/// A call with inline projections: what [`call_inline`] runs.
+struct Call<'a> {
+    partition: u32,
+    jobs: &'a [Job],
+    inline: &'a [InlineProjection],
+    sql: &'a Sql,
+    timeout: Duration,
+}
+
 async fn call_inline(
     conn: &mut PgConnection,
     query: Query<'static, Postgres, PgArguments>,
-    jobs: &[Job],
-    inline: &[InlineProjection],
-    sql: &Sql,
-    timeout: Duration,
+    call: &Call<'_>,
 ) -> (Result<CallResult, CallError>, bool) {
-    let ms = millis(timeout);
+    let ms = millis(call.timeout);
     // Bounds for the append's own work (see the module docs), local to this transaction.
     let begin = format!(
         "BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}; \
@@ -597,7 +631,7 @@ async fn call_inline(
         Ok(tx) => tx,
         Err(err) => return (Err(CallError::Sql(err)), false),
     };
-    match inline_body(&mut tx, query, jobs, inline, sql).await {
+    match inline_body(&mut tx, query, call).await {
         Ok(result) => match tx.commit().await {
             Ok(()) => (Ok(result), true),
             // A failed COMMIT ends the transaction (or the connection) on the server.
@@ -616,20 +650,18 @@ async fn call_inline(
 async fn inline_body(
     tx: &mut PgConnection,
     query: Query<'static, Postgres, PgArguments>,
-    jobs: &[Job],
-    inline: &[InlineProjection],
-    sql: &Sql,
+    call: &Call<'_>,
 ) -> Result<CallResult, CallError> {
     let row = query.fetch_one(&mut *tx).await.map_err(CallError::Sql)?;
     let result = CallResult::decode(&row)?;
     let Some(base) = result.base else {
         return Ok(result);
     };
-    for (index, job) in jobs.iter().enumerate() {
-        let Some(events) = result.recorded(index, &job.request)? else {
+    for (index, job) in call.jobs.iter().enumerate() {
+        let Some(events) = result.recorded(index, &job.request, call.partition)? else {
             continue;
         };
-        for projection in inline {
+        for projection in call.inline {
             (projection.handler)(&mut *tx, &events)
                 .await
                 .map_err(|err| inline_error(index, projection, err))?;
@@ -638,8 +670,8 @@ async fn inline_body(
     // The wait is bounded by the earlier allocations' own bounds, not by this transaction's
     // statement time-out; one round trip (simple protocol, `base` is a number).
     sqlx::raw_sql(AssertSqlSafe(format!(
-        "SET LOCAL statement_timeout = 0; SELECT {}({base})",
-        sql.wait_for_predecessors
+        "SET LOCAL statement_timeout = 0; SELECT {}({base}, {})",
+        call.sql.wait_for_predecessors, call.partition
     )))
     .execute(&mut *tx)
     .await
@@ -666,8 +698,9 @@ fn inline_error(index: usize, projection: &InlineProjection, err: HandlerError) 
     }
 }
 
-/// The jobs of one call: distinct streams, within the size budget.
+/// The jobs of one call: distinct streams of one partition, within the size budget.
 struct Group {
+    partition: u32,
     jobs: Vec<Job>,
     streams: HashSet<StreamId>,
     events: usize,
@@ -679,6 +712,7 @@ impl Group {
         let mut streams = HashSet::new();
         streams.insert(first.request.stream_id.clone());
         Self {
+            partition: first.partition,
             events: first.request.events.len(),
             bytes: first.bytes(),
             jobs: vec![first],
@@ -699,11 +733,13 @@ impl Group {
         }
     }
 
-    /// Adds `job`, or hands it back when its stream is in the group already or it does not fit.
+    /// Adds `job`, or hands it back when it belongs to another partition, its stream is in the
+    /// group already or it does not fit.
     fn add(&mut self, job: Job) -> Result<(), Job> {
         let bytes = job.bytes();
         let events = job.request.events.len();
         if self.full()
+            || job.partition != self.partition
             || self.events + events > MAX_GROUP_EVENTS
             || self.bytes + bytes > MAX_GROUP_BYTES
             || self.streams.contains(&job.request.stream_id)
@@ -784,6 +820,7 @@ impl CallResult {
         &self,
         i: usize,
         request: &AppendRequest,
+        partition: u32,
     ) -> Result<Option<Vec<RecordedEvent>>, CallError> {
         if request.events.is_empty() || self.outcome_of(i) != Some(AppendOutcome::Written) {
             return Ok(None);
@@ -804,7 +841,7 @@ impl CallResult {
                     stream_id: request.stream_id.clone(),
                     stream_version,
                     global_position,
-                    partition: 0,
+                    partition,
                     event_type: e.event_type.clone(),
                     schema_version: e.schema_version,
                     payload: e.payload.clone(),

@@ -12,16 +12,13 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use es_core::projection::HandlerError;
 use es_core::{
     AppendRequest, AppendResult, EventFilter, EventStore, ExpectedVersion, NewEvent, ReadAll,
     RecordedEvent, StoreError, StreamId,
 };
 use es_postgres::PgStore;
-use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
-use sqlx::PgConnection;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
@@ -35,38 +32,6 @@ fn stream(name: &str) -> StreamId {
 
 fn event(kind: &str) -> NewEvent {
     NewEvent::from_value(kind, 1, &json!({ "kind": kind }))
-}
-
-/// An inline projection that sleeps `stall` on events of type `Slow` (in the client, the
-/// transaction idle), runs `pg_sleep` for as long on `SqlSlow` (in the server), and fails on
-/// `Refused`.
-fn slow_or_refusing(
-    stall: Duration,
-) -> impl for<'c> Fn(
-    &'c mut PgConnection,
-    &'c [RecordedEvent],
-) -> BoxFuture<'c, Result<(), HandlerError>>
-       + Send
-       + Sync
-       + 'static {
-    move |conn, events| {
-        Box::pin(async move {
-            for e in events {
-                match e.event_type.as_str() {
-                    "Slow" => tokio::time::sleep(stall).await,
-                    "SqlSlow" => {
-                        sqlx::query("SELECT pg_sleep($1)")
-                            .bind(stall.as_secs_f64())
-                            .execute(&mut *conn)
-                            .await?;
-                    }
-                    "Refused" => return Err(format!("refusing {}", e.event_id).into()),
-                    _ => {}
-                }
-            }
-            Ok(())
-        })
-    }
 }
 
 async fn store_with(schema: &str, stall: Duration, append_timeout: Duration) -> PgStore {
@@ -92,7 +57,7 @@ async fn store_named(
         .schema(schema)
         .poll_interval(Duration::from_millis(100))
         .append_timeout(append_timeout)
-        .inline_projection("slow_or_refusing", slow_or_refusing(stall))
+        .inline_projection("slow_or_refusing", common::slow_or_refusing(stall))
         .build()
         .await
         .unwrap()

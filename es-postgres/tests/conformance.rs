@@ -10,3 +10,23 @@ mod streaming {
 
     es_testkit::streaming_conformance_tests!(common::fresh_store);
 }
+
+/// The suite on a store with eight feed partitions.
+mod partitioned {
+    use super::common;
+
+    es_testkit::conformance_tests!(|| common::fresh_partitioned_store(
+        es_core::Partitioning::new(8).expect("8 partitions")
+    ));
+}
+
+/// The suite on a store whose three partitions follow the stream category.
+mod partitioned_by_category {
+    use super::common;
+
+    es_testkit::conformance_tests!(|| common::fresh_partitioned_store(
+        es_core::Partitioning::new(3)
+            .expect("3 partitions")
+            .by(es_core::PartitionKey::Category)
+    ));
+}

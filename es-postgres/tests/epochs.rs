@@ -253,3 +253,69 @@ async fn a_wiped_store_is_a_lost_tail_for_its_old_readers() {
         other => panic!("expected LostTail, got {other:?}"),
     }
 }
+
+/// An epoch begins for every partition at once: a restart under a store with four partitions
+/// records each partition's surviving head, every partition's positions go on in the new epoch,
+/// and a subscriber of every partition crosses into it without an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_records_the_surviving_head_of_every_partition() {
+    use es_core::contract::{FeedPosition, Partitioning};
+    use std::collections::BTreeMap;
+
+    let dir = scratch_dir("epochs-partitions");
+    let mut server = PgServer::start(&dir, &[]).unwrap();
+    let url = server.url("postgres");
+    let partitioning = Partitioning::new(4).unwrap();
+    let store = PgStore::builder(common::pool(&url, 8).await)
+        .schema("epochs_parts")
+        .partitioning(partitioning)
+        .poll_interval(Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    // Streams acct-0.. over every partition, two events each before the restart.
+    let mut heads: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut before = 0;
+    for i in 0..24 {
+        let positions = append_n(&store, &i.to_string(), 0, 2).await;
+        let partition = partitioning.partition_of(&stream(&format!("acct-{i}")));
+        heads.insert(partition, *positions.last().unwrap());
+        before += 2;
+    }
+    assert_eq!(heads.len(), 4, "24 streams fall into every partition");
+    let mut feed = store.subscribe_all(&FeedPosition::start(&partitioning), EventFilter::all());
+    for _ in 0..before {
+        next_item(&mut feed).await.unwrap();
+    }
+
+    server.kill9().unwrap();
+    server.restart().unwrap();
+    let mut after = Vec::new();
+    for i in 0..24 {
+        after.extend(append_n(&store, &i.to_string(), 2, 1).await);
+    }
+    let mut new_epoch = None;
+    for partition in partitioning.partitions() {
+        let history = store.partition_epochs(partition).await.unwrap();
+        assert_eq!(history.len(), 2, "partition {partition}: {history:?}");
+        assert_eq!(history[0].previous_head, 0);
+        assert_eq!(
+            history[1].previous_head, heads[&partition],
+            "partition {partition} records its own surviving head"
+        );
+        assert!(
+            new_epoch.is_none_or(|e| e == history[1].epoch),
+            "one epoch for all"
+        );
+        new_epoch = Some(history[1].epoch);
+    }
+    let new_epoch = new_epoch.unwrap();
+    assert!(after.iter().all(|p| epoch_of(*p) == new_epoch));
+    let mut crossed = Vec::new();
+    for _ in 0..after.len() {
+        crossed.push(next_item(&mut feed).await.unwrap().global_position);
+    }
+    crossed.sort_unstable();
+    after.sort_unstable();
+    assert_eq!(crossed, after, "every partition crossed into the new epoch");
+}

@@ -43,9 +43,14 @@ async fn call(
     lookup: bool,
 ) -> (AppendOutcome, i64) {
     let (reply, _answer) = oneshot::channel();
-    let jobs = [Job { request, reply }];
+    let jobs = [Job {
+        request,
+        partition: 0,
+        reply,
+    }];
     let query = append_query(
         &sql.append,
+        0,
         &jobs,
         lookup,
         false,
@@ -75,9 +80,14 @@ async fn every_expected_kind_and_outcome_means_the_same_on_the_server() {
     let stream = StreamId::new("protocol", "a").unwrap();
     let request = AppendRequest::new(stream.clone(), ExpectedVersion::Any, vec![event()]);
     let (reply, _answer) = oneshot::channel();
-    let jobs = [Job { request, reply }];
+    let jobs = [Job {
+        request,
+        partition: 0,
+        reply,
+    }];
     let err = append_query(
         &sql.append,
+        0,
         &jobs,
         false,
         false,

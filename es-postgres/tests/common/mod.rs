@@ -3,9 +3,13 @@
 
 use std::time::Duration;
 
+use es_core::projection::HandlerError;
+use es_core::RecordedEvent;
 use es_postgres::PgStore;
+use futures::future::BoxFuture;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::AssertSqlSafe;
+use sqlx::PgConnection;
 
 /// A schema name no other test (in this or a concurrent run) uses.
 pub fn unique_schema(prefix: &str) -> String {
@@ -74,4 +78,49 @@ pub async fn restricted_store() -> PgStore {
     store_on(&url, &schema).await;
     grant_app_role(&admin, &schema).await;
     store_on(&url_as(&url, APP_ROLE), &schema).await
+}
+
+/// An inline projection that sleeps `stall` on events of type `Slow` (in the client, the
+/// transaction idle), runs `pg_sleep` for as long on `SqlSlow` (in the server), and fails on
+/// `Refused`.
+pub fn slow_or_refusing(
+    stall: Duration,
+) -> impl for<'c> Fn(
+    &'c mut PgConnection,
+    &'c [RecordedEvent],
+) -> BoxFuture<'c, Result<(), HandlerError>>
+       + Send
+       + Sync
+       + 'static {
+    move |conn, events| {
+        Box::pin(async move {
+            for e in events {
+                match e.event_type.as_str() {
+                    "Slow" => tokio::time::sleep(stall).await,
+                    "SqlSlow" => {
+                        sqlx::query("SELECT pg_sleep($1)")
+                            .bind(stall.as_secs_f64())
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    "Refused" => return Err(format!("refusing {}", e.event_id).into()),
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A store with `partitioning` on a fresh schema of the shared server (`DATABASE_URL`).
+pub async fn fresh_partitioned_store(partitioning: es_core::Partitioning) -> PgStore {
+    let url = es_test_support::database_url();
+    let schema = unique_schema("p");
+    PgStore::builder(pool(&url, 24).await)
+        .schema(schema.as_str())
+        .partitioning(partitioning)
+        .poll_interval(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("cannot build the store on schema {schema}: {e}"))
 }
