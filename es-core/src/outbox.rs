@@ -726,25 +726,26 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
         None
     }
 
-    /// The records of `batch` the publisher's limits allow; the others go to `rejected`.
+    /// The records of `batch` the publisher's limits allow, kept in place (nothing is moved
+    /// when every record passes); the others go to `rejected`.
     fn checked(
         &self,
-        batch: Vec<OutboxRecord>,
+        mut batch: Vec<OutboxRecord>,
         rejected: &mut Vec<Rejection>,
     ) -> Vec<OutboxRecord> {
-        let mut sendable = Vec::with_capacity(batch.len());
-        for record in batch {
-            match self.publisher.check(&record) {
-                Ok(()) => sendable.push(record),
-                Err(error) => rejected.push(Rejection {
+        batch.retain(|record| match self.publisher.check(record) {
+            Ok(()) => true,
+            Err(error) => {
+                rejected.push(Rejection {
                     position: record.position,
                     message_id: record.message.message_id,
                     attempts: self.attempts_of(record.position),
                     error: error.to_string(),
-                }),
+                });
+                false
             }
-        }
-        sendable
+        });
+        batch
     }
 
     /// Takes in what became of a published batch: the acknowledged records before the pass's
@@ -776,6 +777,9 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
                 return;
             }
         };
+        if !pass.out_of_order {
+            pass.delivered.reserve(records.len());
+        }
         for (record, outcome) in records.iter().zip(outcomes) {
             match outcome {
                 PublishOutcome::Acknowledged => {

@@ -131,11 +131,25 @@ pub(crate) fn create<T>(
 where
     T: FromClientConfigAndContext<Context>,
 {
+    create_with(config, what, settings, |context| context)
+}
+
+/// [`create`] with the [`Context`] wrapped by `wrap` (a producer's context around it).
+pub(crate) fn create_with<T, C>(
+    config: &KafkaConfig,
+    what: &'static str,
+    settings: &ClientConfig,
+    wrap: impl FnOnce(Context) -> C,
+) -> Result<T, Error>
+where
+    C: ClientContext,
+    T: FromClientConfigAndContext<C>,
+{
     config.validate()?;
     let context = Context::new(config);
     let secrets = context.secrets.clone();
     settings
-        .create_with_context(context)
+        .create_with_context(wrap(context))
         .map_err(|source| Error::client_scrubbed(what, source, &secrets))
 }
 

@@ -1,12 +1,18 @@
 //! [`KafkaPublisher`]: the outbox relay's way to Kafka.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use es_core::outbox::PublishOutcome;
 use es_core::{OutboxRecord, Publisher};
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
 
 use crate::client::{self, Context};
 use crate::config::KafkaConfig;
@@ -64,7 +70,7 @@ pub struct KafkaPublisher {
 
 /// A producer and whether it was closed after a failure.
 struct Line {
-    producer: FutureProducer<Context>,
+    producer: ThreadedProducer<Deliveries>,
     /// Set once, under the write lock, with the purge; every hand-over reads it first.
     closed: RwLock<bool>,
 }
@@ -98,14 +104,16 @@ impl Line {
     }
 
     /// Hands `record` to the producer, waiting while its queue is full; refused with
-    /// `_PURGE_QUEUE` once the line is closed.
+    /// `_PURGE_QUEUE` once the line is closed. `slot` receives its delivery report; a record
+    /// that is refused settles its slot with the error at once.
     async fn enqueue(
         &self,
         record: &OutboxRecord,
+        slot: Box<Slot>,
         deadline: Instant,
-    ) -> Result<DeliveryFuture, KafkaError> {
+    ) -> Result<(), KafkaError> {
         let message = &record.message;
-        let mut future_record = FutureRecord::to(&message.topic)
+        let mut base_record = BaseRecord::with_opaque_to(&message.topic, slot)
             .key(message.key.as_bytes())
             .payload(&message.payload[..])
             .headers(headers::encode(record))
@@ -114,21 +122,178 @@ impl Line {
             let sent = {
                 let closed = self.closed.read().unwrap_or_else(PoisonError::into_inner);
                 if *closed {
-                    return Err(KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue));
+                    let error = KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue);
+                    base_record.delivery_opaque.refuse(error.clone());
+                    return Err(error);
                 }
-                self.producer.send_result(future_record)
+                self.producer.send(base_record)
             };
             match sent {
-                Ok(delivery) => return Ok(delivery),
+                Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
                     if Instant::now() < deadline =>
                 {
-                    future_record = back;
+                    base_record = back;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                Err((error, _)) => return Err(error),
+                Err((error, mut back)) => {
+                    back.delivery_opaque.refuse(error.clone());
+                    return Err(error);
+                }
             }
         }
+    }
+}
+
+/// The producer's context: the client context of this crate, and delivery reports settling
+/// the [`Slot`] each record was handed over with.
+struct Deliveries(Context);
+
+impl ClientContext for Deliveries {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.0.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.0.error(error, reason);
+    }
+}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = Box<Slot>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, mut slot: Box<Slot>) {
+        slot.report = Some(match result {
+            Ok(_) => Ok(()),
+            Err((error, _)) => Err(Failure {
+                error: error.clone(),
+                local: false,
+            }),
+        });
+    }
+}
+
+/// One record of a batch handed to the producer: where its delivery report goes. Dropped
+/// without a report (librdkafka destroyed the message without reporting it), it settles as
+/// lost (`Canceled`).
+struct Slot {
+    batch: Arc<Batch>,
+    index: usize,
+    report: Option<Result<(), Failure>>,
+}
+
+impl Slot {
+    /// Reports the record as refused when handed over (never sent); it settles when dropped.
+    fn refuse(&mut self, error: KafkaError) {
+        self.report = Some(Err(Failure::local(error)));
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let report = self.report.take().unwrap_or(Err(Failure {
+            error: KafkaError::Canceled,
+            local: false,
+        }));
+        self.batch.settle(self.index, report);
+    }
+}
+
+/// The delivery reports of one batch, filled in by the producer's thread as they arrive: the
+/// batch waits for all of them (or for the first failure) with one wake-up, rather than with a
+/// channel and a wake-up per record.
+struct Batch {
+    state: Mutex<BatchState>,
+}
+
+struct BatchState {
+    /// Per record, its report once settled.
+    reports: Vec<Option<Result<(), Failure>>>,
+    /// Records not settled yet.
+    unsettled: usize,
+    /// A record failed in delivery (not refused when handed over).
+    failed: bool,
+    /// The waiting batch, woken once everything is settled or a record failed in delivery.
+    waker: Option<Waker>,
+}
+
+impl Batch {
+    fn new(len: usize) -> Arc<Self> {
+        let mut reports = Vec::with_capacity(len);
+        reports.resize_with(len, || None);
+        Arc::new(Self {
+            state: Mutex::new(BatchState {
+                reports,
+                unsettled: len,
+                failed: false,
+                waker: None,
+            }),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, BatchState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn slot(self: &Arc<Self>, index: usize) -> Slot {
+        Slot {
+            batch: Arc::clone(self),
+            index,
+            report: None,
+        }
+    }
+
+    fn settle(&self, index: usize, report: Result<(), Failure>) {
+        let waker = {
+            let mut state = self.state();
+            let failed = matches!(report, Err(Failure { local: false, .. }));
+            let Some(entry) = state.reports.get_mut(index) else {
+                return;
+            };
+            if entry.is_some() {
+                return;
+            }
+            *entry = Some(report);
+            state.unsettled -= 1;
+            state.failed |= failed;
+            if state.unsettled == 0 || failed {
+                state.waker.take()
+            } else {
+                None
+            }
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Resolves once every record is settled, or (with `until_failure`) once a record failed in
+    /// delivery: whether one did.
+    fn settled(&self, until_failure: bool) -> impl Future<Output = bool> + '_ {
+        std::future::poll_fn(move |cx| {
+            let mut state = self.state();
+            if state.unsettled == 0 || (until_failure && state.failed) {
+                return Poll::Ready(state.failed);
+            }
+            match &mut state.waker {
+                Some(waker) => waker.clone_from(cx.waker()),
+                None => state.waker = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+    }
+
+    /// The reports; a record not settled counts as timed out.
+    fn reports(&self) -> Vec<Result<(), Failure>> {
+        std::mem::take(&mut self.state().reports)
+            .into_iter()
+            .map(|report| {
+                report.unwrap_or(Err(Failure {
+                    error: KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+                    local: false,
+                }))
+            })
+            .collect()
     }
 }
 
@@ -289,63 +454,41 @@ impl KafkaPublisher {
         let line = self.line();
         let mut cancel = CancelGuard(Some(Arc::clone(&line)));
         let deadline = Instant::now() + self.config.delivery_timeout();
-        let mut pending: Vec<Result<DeliveryFuture, Failure>> = Vec::with_capacity(records.len());
+        let batch = Batch::new(records.len());
         let handing_over = self.handing_over.lock().await;
-        for record in records {
-            pending.push(match line.enqueue(record, deadline).await {
-                Ok(delivery) => Ok(delivery),
-                Err(error) => {
-                    if classify(&error) == Permanence::Transient {
-                        line.close("a record could not be handed over");
-                    }
-                    Err(Failure::local(error))
+        for (index, record) in records.iter().enumerate() {
+            if let Err(error) = line
+                .enqueue(record, Box::new(batch.slot(index)), deadline)
+                .await
+            {
+                if classify(&error) == Permanence::Transient {
+                    line.close("a record could not be handed over");
                 }
-            });
+            }
         }
         drop(handing_over);
-        // Awaited in order, one after the other: each resolves when the producer's thread
-        // settles its record, so this ends with the last one, without a task per record.
-        let mut outcomes: Vec<Result<(), Failure>> = Vec::with_capacity(pending.len());
-        for delivery in pending {
-            let mut delivery = match delivery {
-                Err(failure) => {
-                    outcomes.push(Err(failure));
-                    continue;
-                }
-                Ok(delivery) => delivery,
-            };
-            let mut settled = tokio::time::timeout_at(deadline.into(), &mut delivery)
-                .await
-                .ok();
-            if settled.is_none() {
-                line.close("the batch was not acknowledged by its deadline");
-                // Purged: the producer's thread settles it with `_PURGE_*` at once; should it
-                // not, it counts as timed out.
-                let grace = self.config.delivery_timeout();
-                settled = tokio::time::timeout(grace, delivery).await.ok();
-            }
-            outcomes.push(match settled {
-                Some(Ok(Ok(_))) => Ok(()),
-                Some(Ok(Err((error, _)))) => {
+        // One wait for the whole batch, cut short by the first delivery failure so that the
+        // producer is closed at once.
+        let mut until_failure = true;
+        loop {
+            match tokio::time::timeout_at(deadline.into(), batch.settled(until_failure)).await {
+                Ok(false) => break,
+                Ok(true) if !until_failure => break,
+                Ok(true) => {
                     line.close("a record was not acknowledged");
-                    Err(Failure {
-                        error,
-                        local: false,
-                    })
+                    until_failure = false;
                 }
-                Some(Err(_)) => {
-                    line.close("a delivery report was lost");
-                    Err(Failure {
-                        error: KafkaError::Canceled,
-                        local: false,
-                    })
+                Err(_) => {
+                    line.close("the batch was not acknowledged by its deadline");
+                    // Purged: the producer's thread settles what is left with `_PURGE_*` at
+                    // once; what it does not settle counts as timed out.
+                    let grace = self.config.delivery_timeout();
+                    let _ = tokio::time::timeout(grace, batch.settled(false)).await;
+                    break;
                 }
-                None => Err(Failure {
-                    error: KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
-                    local: false,
-                }),
-            });
+            }
         }
+        let outcomes = batch.reports();
         // Settled: nothing is left to cancel.
         cancel.0 = None;
         outcomes
@@ -517,8 +660,13 @@ fn message_size(record: &OutboxRecord) -> usize {
     RECORD_OVERHEAD + record.message.key.len() + record.message.payload.len() + header_bytes
 }
 
-fn create_producer(config: &KafkaConfig) -> Result<FutureProducer<Context>, Error> {
-    client::create(config, "producer", &config.producer_client_config())
+fn create_producer(config: &KafkaConfig) -> Result<ThreadedProducer<Deliveries>, Error> {
+    client::create_with(
+        config,
+        "producer",
+        &config.producer_client_config(),
+        Deliveries,
+    )
 }
 
 #[cfg(test)]
@@ -594,6 +742,85 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_batch_settles_from_its_slots_with_one_wake_up() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::task::Wake;
+
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = std::task::Context::from_waker(&waker);
+
+        let batch = Batch::new(4);
+        let mut all = std::pin::pin!(batch.settled(false));
+        assert!(all.as_mut().poll(&mut cx).is_pending());
+        // Acknowledged, refused when handed over, lost (dropped without a report).
+        let mut acked = batch.slot(0);
+        acked.report = Some(Ok(()));
+        drop(acked);
+        let mut refused = batch.slot(1);
+        refused.refuse(KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge,
+        ));
+        drop(refused);
+        assert_eq!(count.0.load(Ordering::SeqCst), 0, "no wake-up per record");
+        assert!(all.as_mut().poll(&mut cx).is_pending());
+        // A delivery failure wakes the batch at once, so that it closes the producer.
+        drop(batch.slot(2));
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        let mut first_failure = std::pin::pin!(batch.settled(true));
+        assert_eq!(first_failure.as_mut().poll(&mut cx), Poll::Ready(true));
+        assert!(all.as_mut().poll(&mut cx).is_pending());
+        // A second report for a settled record changes nothing.
+        let mut again = batch.slot(0);
+        again.report = Some(Err(Failure::local(KafkaError::Canceled)));
+        drop(again);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        drop(batch.slot(3));
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            2,
+            "one wake-up once all settled"
+        );
+        assert_eq!(all.as_mut().poll(&mut cx), Poll::Ready(true));
+
+        let reports = batch.reports();
+        assert!(reports[0].is_ok());
+        assert!(matches!(
+            &reports[1],
+            Err(Failure { local: true, error }) if classify(error) == Permanence::Permanent
+        ));
+        assert!(matches!(
+            &reports[2],
+            Err(Failure {
+                local: false,
+                error: KafkaError::Canceled
+            })
+        ));
+        assert!(matches!(&reports[3], Err(Failure { local: false, .. })));
+    }
+
+    #[test]
+    fn records_not_settled_count_as_timed_out() {
+        let batch = Batch::new(2);
+        let mut acked = batch.slot(0);
+        acked.report = Some(Ok(()));
+        drop(acked);
+        let reports = batch.reports();
+        assert!(reports[0].is_ok());
+        assert!(matches!(
+            &reports[1],
+            Err(Failure { local: false, error })
+                if error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut)
+        ));
     }
 
     #[test]
