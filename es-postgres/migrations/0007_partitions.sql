@@ -181,8 +181,11 @@ DROP FUNCTION __SCHEMA__.append_events(text[], text[], smallint[], bigint[], int
                                        integer);
 
 -- Version 3's append function for a group of appends whose streams all belong to partition
--- `p_partition`: the allocation, the commit-order locks, the wait, the NOTIFY (payload
--- `<position>` for partition 0, `<partition>:<position>` for the others) are the partition's.
+-- `p_partition`: the allocation, the commit-order locks and the wait are the partition's. It
+-- sends no NOTIFY: PostgreSQL commits the transactions that notify one at a time, database-wide,
+-- so a NOTIFY here would serialize the commits of every partition. The store notifies after
+-- the commit instead (payload `<position>` for partition 0, `<partition>:<position>` for the
+-- others), from a task of its own.
 CREATE FUNCTION __SCHEMA__.append_events(
     p_streams         text[],
     p_categories      text[],
@@ -379,9 +382,6 @@ BEGIN
                AS m(a, q, id, src, tp, k, ty, sv, pl, md)
          WHERE ob_offsets[m.a] IS NOT NULL;
     END IF;
-
-    PERFORM pg_notify(__CHANNEL__, CASE WHEN p_partition = 0 THEN last_pos::text
-                                        ELSE p_partition || ':' || last_pos END);
 
     IF NOT p_defer_wait THEN
         PERFORM __SCHEMA__.wait_for_predecessors(base, p_partition);

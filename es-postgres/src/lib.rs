@@ -173,6 +173,8 @@ struct Inner {
     /// The latest known head of each partition.
     heads: Arc<[watch::Sender<u64>]>,
     listener: JoinHandle<()>,
+    /// Sends the NOTIFY for this store's commits.
+    notifier: JoinHandle<()>,
     server: ServerSettings,
     replica: Option<replica::Replica>,
 }
@@ -181,6 +183,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Writers end by themselves once the job queue closes, after answering what they hold.
         self.listener.abort();
+        self.notifier.abort();
     }
 }
 
@@ -562,12 +565,14 @@ impl PgStoreBuilder {
             partitions,
         ));
         let inline: Arc<[inline::InlineProjection]> = self.inline.into();
+        let committed = Arc::new(listener::Committed::new(partitions));
         for _ in 0..self.writers {
             let writer = writer::Writer {
                 pool: pool.clone(),
                 conn: None,
                 sql: Arc::clone(&sql),
                 heads: Arc::clone(&heads),
+                committed: Arc::clone(&committed),
                 shared: Arc::clone(&shared),
                 inline: Arc::clone(&inline),
             };
@@ -580,6 +585,14 @@ impl PgStoreBuilder {
             heads: Arc::clone(&heads),
         };
         let listener = tokio::spawn(listener.run());
+        let notifier = tokio::spawn(
+            listener::Notifier {
+                pool: pool.clone(),
+                channel: schema.channel(),
+                committed,
+            }
+            .run(),
+        );
         server.log(&schema);
         Ok(PgStore {
             inner: Arc::new(Inner {
@@ -594,6 +607,7 @@ impl PgStoreBuilder {
                 partitioning: self.partitioning,
                 heads,
                 listener,
+                notifier,
                 server,
                 replica,
             }),

@@ -1,9 +1,14 @@
 //! Keeps the latest known head position of every partition in a `watch` channel each, from
-//! LISTEN/NOTIFY.
+//! LISTEN/NOTIFY, and tells the other processes of this store's commits.
 //!
-//! The append function notifies the schema's channel with the new head in the append
-//! transaction (`<position>` for partition 0, `<partition>:<position>` for the others), so the
-//! notification is delivered on commit, to every process. The listener
+//! After a group's COMMIT, the store's [`Notifier`] notifies the schema's channel with the new
+//! head (`<position>` for partition 0, `<partition>:<position>` for the others), in a
+//! transaction of its own: PostgreSQL serializes the commits of transactions that notify
+//! (database-wide, flush included), so a NOTIFY inside the append transaction would make the
+//! commits of every partition wait for each other. The notifier coalesces: while one NOTIFY is
+//! on its way, later commits only raise the heads it sends next. A process that dies between a
+//! commit and its NOTIFY leaves the others to find the events at their polling interval. The
+//! listener
 //! reconnects after the connection drops or the server restarts, and re-reads the head after each
 //! (re)connection, because notifications sent while it was away are lost. The watch is only a
 //! wake-up: subscribers re-read the feed, and `wait_for_append` also returns after the polling
@@ -23,6 +28,103 @@ const RECONNECT: es_core::Backoff =
 const CHECK_EVERY: Duration = Duration::from_secs(30);
 /// How long that check may take before the listener reconnects.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The latest head each partition reached by this store's commits, for the [`Notifier`].
+pub(crate) struct Committed {
+    heads: std::sync::Mutex<Vec<u64>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Committed {
+    pub(crate) fn new(partitions: u32) -> Self {
+        Self {
+            heads: std::sync::Mutex::new(vec![0; partitions as usize]),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// A commit of this store made `head` visible in `partition`.
+    pub(crate) fn record(&self, partition: u32, head: u64) {
+        let mut heads = self
+            .heads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(slot) = heads.get_mut(partition as usize) {
+            if head > *slot {
+                *slot = head;
+                // Keeps a permit if the notifier is busy: no commit goes unannounced.
+                self.changed.notify_one();
+            }
+        }
+    }
+
+    /// The payloads of the heads above `sent`, and the heads they announce.
+    fn news(&self, sent: &[u64]) -> (Vec<String>, Vec<u64>) {
+        let heads = self
+            .heads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let payloads = heads
+            .iter()
+            .zip(sent)
+            .enumerate()
+            .filter(|(_, (head, sent))| head > sent)
+            .map(|(partition, (head, _))| match partition {
+                0 => head.to_string(),
+                p => format!("{p}:{head}"),
+            })
+            .collect();
+        (payloads, heads)
+    }
+}
+
+/// Sends the NOTIFY for this store's commits (see the module docs).
+pub(crate) struct Notifier {
+    pub(crate) pool: PgPool,
+    pub(crate) channel: String,
+    pub(crate) committed: Arc<Committed>,
+}
+
+impl Notifier {
+    /// Runs until aborted (when the store is dropped).
+    pub(crate) async fn run(self) {
+        let partitions = self
+            .committed
+            .heads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        let mut sent = vec![0; partitions];
+        let mut delays = RECONNECT.delays();
+        loop {
+            self.committed.changed.notified().await;
+            loop {
+                let (payloads, heads) = self.committed.news(&sent);
+                if payloads.is_empty() {
+                    break;
+                }
+                let notified = sqlx::query(
+                    "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
+                )
+                .bind(&self.channel)
+                .bind(&payloads)
+                .execute(&self.pool)
+                .await;
+                match notified {
+                    Ok(_) => {
+                        sent = heads;
+                        delays.reset();
+                    }
+                    Err(err) => {
+                        tracing::debug!(error = %err, "notifying a commit failed; retrying");
+                        delays.sleep().await;
+                    }
+                }
+            }
+        }
+    }
+}
 
 pub(crate) struct Listener {
     pub(crate) pool: PgPool,

@@ -182,6 +182,8 @@ pub(crate) struct Writer {
     pub(crate) sql: Arc<Sql>,
     /// The head of each partition, as far as this store knows.
     pub(crate) heads: Arc<[watch::Sender<u64>]>,
+    /// The heads this store's commits reached, for the notifier.
+    pub(crate) committed: Arc<crate::listener::Committed>,
     pub(crate) shared: Arc<Shared>,
     /// Inline projections, run in the append transaction of every written append.
     pub(crate) inline: Arc<[InlineProjection]>,
@@ -273,7 +275,12 @@ impl Writer {
         }
         let partition = group.partition;
         let mut calls = self.shared.calls[partition as usize].subscribe();
-        while *calls.borrow_and_update() > 0 && group.events < PARALLEL_MIN_EVENTS && !group.full()
+        // Gathering holds the queue: it stops as soon as another partition with no call in
+        // flight has jobs waiting, so that partitions commit side by side.
+        while *calls.borrow_and_update() > 0
+            && group.events < PARALLEL_MIN_EVENTS
+            && !group.full()
+            && !self.other_partition_ready(partition, &queue.carry)
         {
             tokio::select! {
                 job = queue.jobs.recv() => match job {
@@ -308,6 +315,14 @@ impl Writer {
         }
         self.shared.calls[partition as usize].send_modify(|calls| *calls += 1);
         Some((partition, group.jobs))
+    }
+
+    /// Whether `carry` holds a job of a partition other than `partition` that has no call in
+    /// flight.
+    fn other_partition_ready(&self, partition: u32, carry: &VecDeque<Job>) -> bool {
+        carry.iter().any(|job| {
+            job.partition != partition && *self.shared.calls[job.partition as usize].borrow() == 0
+        })
     }
 
     /// `job`, unless its caller has stopped waiting: then it is dropped unsent.
@@ -518,6 +533,9 @@ impl Writer {
             .filter_map(|r| r.positions.last().copied())
             .max()
             .unwrap_or(0);
+        if last > 0 {
+            self.committed.record(partition, last);
+        }
         if let (true, Some(head)) = (last > 0, self.heads.get(partition as usize)) {
             head.send_if_modified(|head| {
                 let newer = last > *head;
