@@ -100,26 +100,23 @@ impl Appender {
         let mut sent = Vec::with_capacity(group.len());
         let mut sent_at = Vec::with_capacity(group.len());
         for (i, request) in group.iter().enumerate() {
-            match request
+            if let Some((event_id, (other, position))) = request
                 .events
                 .iter()
                 .find_map(|e| elsewhere.get(&e.event_id).map(|at| (e.event_id, at)))
             {
-                Some((event_id, (other, position))) => {
-                    outcomes[i] = Some(Err(StoreError::DuplicateEvent {
-                        stream_id: request.stream_id.clone(),
-                        event_id,
-                        reason: format!(
-                            "it is stored in feed partition {other} at position {position}, \
-                             in another stream than `{}` (whose partition is {partition})",
-                            request.stream_id
-                        ),
-                    }));
-                }
-                None => {
-                    sent.push(*request);
-                    sent_at.push(i);
-                }
+                outcomes[i] = Some(Err(StoreError::DuplicateEvent {
+                    stream_id: request.stream_id.clone(),
+                    event_id,
+                    reason: format!(
+                        "it is stored in feed partition {other} at position {position}, in \
+                         another stream than `{}` (whose partition is {partition})",
+                        request.stream_id
+                    ),
+                }));
+            } else {
+                sent.push(*request);
+                sent_at.push(i);
             }
         }
         if !sent.is_empty() {

@@ -520,23 +520,7 @@ impl RedisStoreBuilder {
             prefix: keys.prefix().into(),
             slots,
         });
-        let watch: Box<[WatchConfig]> = keys
-            .all_partitions()
-            .iter()
-            .map(|part| WatchConfig {
-                client: target.clone(),
-                feed: part.feed().into(),
-                index: part.index().into(),
-                block: self.poll_interval,
-                connect_timeout: self.connect_timeout,
-                response_timeout: self.response_timeout,
-            })
-            .collect();
-        let heads: Arc<[Arc<Head>]> = keys
-            .all_partitions()
-            .iter()
-            .map(|_| Arc::new(Head::new()))
-            .collect();
+        let (watch, heads) = self.heads(&keys, &target);
         let appender = Arc::new(Appender {
             conn: conn.clone(),
             keys: keys.clone(),
@@ -576,6 +560,29 @@ impl RedisStoreBuilder {
 }
 
 impl RedisStoreBuilder {
+    /// Per feed partition of `keys`, the settings of its head watcher (on its own connections
+    /// to `target`) and its head.
+    fn heads(&self, keys: &Keys, target: &Target) -> (Box<[WatchConfig]>, Arc<[Arc<Head>]>) {
+        let watch = keys
+            .all_partitions()
+            .iter()
+            .map(|part| WatchConfig {
+                client: target.clone(),
+                feed: part.feed().into(),
+                index: part.index().into(),
+                block: self.poll_interval,
+                connect_timeout: self.connect_timeout,
+                response_timeout: self.response_timeout,
+            })
+            .collect();
+        let heads = keys
+            .all_partitions()
+            .iter()
+            .map(|_| Arc::new(Head::new()))
+            .collect();
+        (watch, heads)
+    }
+
     /// The settings of the server the store's partitions live on (`slots`: on a cluster, each
     /// slot's primary; elsewhere the one server), each checked against `requirements`; the one
     /// to act on and report (see [`server::worst`]).

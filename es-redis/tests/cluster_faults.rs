@@ -439,16 +439,7 @@ async fn one_partition_slot_migrating_stalls_and_loses_nothing_in_the_others() {
         .await
         .unwrap();
     // Two writers per partition, each with three streams of its partition.
-    let mut per_partition: Vec<Vec<StreamId>> = vec![Vec::new(); 3];
-    let mut i = 0;
-    while per_partition.iter().any(|s| s.len() < 6) {
-        let stream = StreamId::new("account", &i.to_string()).unwrap();
-        let p = partitioning.partition_of(&stream) as usize;
-        if per_partition[p].len() < 6 {
-            per_partition[p].push(stream);
-        }
-        i += 1;
-    }
+    let per_partition = streams_per_partition(partitioning, 6);
     let partition_of_writer = |w: usize| w % 3;
     let load = Load::start_with(&store, true, |w| {
         let p = partition_of_writer(w);
@@ -526,9 +517,29 @@ async fn one_partition_slot_migrating_stalls_and_loses_nothing_in_the_others() {
     );
     let feed = check_history(&store, &acked).await;
     check_delivered(&delivered, subscriber, &feed).await;
-    // The moved partition began an epoch on each primary it reached, after its whole head; the
-    // others never changed server and have the one epoch of their first write.
-    for p in partitioning.partitions() {
+    check_partition_epochs(&store, &feed, moving).await;
+}
+
+/// `n` streams of each partition of `partitioning`.
+fn streams_per_partition(partitioning: Partitioning, n: usize) -> Vec<Vec<StreamId>> {
+    let mut per: Vec<Vec<StreamId>> = vec![Vec::new(); partitioning.count() as usize];
+    let mut i = 0;
+    while per.iter().any(|s| s.len() < n) {
+        let stream = StreamId::new("account", &i.to_string()).unwrap();
+        let p = partitioning.partition_of(&stream) as usize;
+        if per[p].len() < n {
+            per[p].push(stream);
+        }
+        i += 1;
+    }
+    per
+}
+
+/// The partition `moving` began an epoch on each of the two primaries its slot moved to,
+/// after its whole head; the others never changed server and have the one epoch of their
+/// first write.
+async fn check_partition_epochs(store: &RedisStore, feed: &[RecordedEvent], moving: u32) {
+    for p in store.partitioning().partitions() {
         let epochs = store.partition_epochs(p).await.unwrap();
         if p == moving {
             assert_eq!(epochs.len(), 3, "{epochs:?}");

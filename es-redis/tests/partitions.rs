@@ -269,7 +269,8 @@ async fn concurrent_appends_to_every_partition_keep_each_feed_dense_and_in_order
     // 16 writers (4 streams in each partition), 25 appends each, concurrently: group commit
     // groups them per partition.
     let mut writers = Vec::new();
-    for stream in per.iter().flatten().cloned() {
+    for stream in per.iter().flatten() {
+        let stream = stream.clone();
         let store = store.clone();
         writers.push(tokio::spawn(async move {
             let mut acked = Vec::new();
