@@ -22,6 +22,9 @@ use crate::server::Server;
 use crate::watch::Head;
 use crate::Error;
 
+/// Event ids per `HMGET` of another partition's id index.
+const ID_CHUNK: usize = 500;
+
 /// How group commit gathers appends. See the crate docs, section "Group commit".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct GroupLimits {
@@ -51,13 +54,14 @@ impl GroupLimits {
     };
 }
 
-/// What every append needs: the connection, the key names, the script, the head to publish and
-/// the server settings to watch.
+/// What every append needs: the connection, the key names, the script, the heads to publish
+/// (one per feed partition) and the server settings to watch.
 pub(crate) struct Appender {
     pub(crate) conn: Connection,
     pub(crate) keys: Keys,
     pub(crate) script: Function,
-    pub(crate) head: Arc<Head>,
+    /// Per feed partition, its head (indexed by partition).
+    pub(crate) heads: Arc<[Arc<Head>]>,
     pub(crate) server: Arc<Server>,
     /// Whether the store accepts a server that can evict its keys.
     pub(crate) allow_eviction: bool,
@@ -67,12 +71,133 @@ pub(crate) struct Appender {
 }
 
 impl Appender {
-    /// Runs `group` as one script call; one outcome per append, in order.
+    /// Runs `group`, whose streams all belong to one feed partition, as one script call; one
+    /// outcome per append, in order. On a store with several partitions, an append with an
+    /// event id that another partition holds fails first, with [`StoreError::DuplicateEvent`],
+    /// and the others go on (see [`Appender::stored_elsewhere`]).
     pub(crate) async fn execute(
         &self,
         group: &[&AppendRequest],
     ) -> Vec<Result<AppendResult, StoreError>> {
-        let cmd = self.command(group);
+        if self.keys.partitions() == 1 {
+            return self.execute_in_partition(group).await;
+        }
+        let partition = self.partition_of(group);
+        let elsewhere = match self.stored_elsewhere(partition, group).await {
+            Ok(elsewhere) => elsewhere,
+            Err(err) => {
+                return group
+                    .iter()
+                    .map(|request| Err(store_error(err.clone(), || stream_location(request))))
+                    .collect()
+            }
+        };
+        if elsewhere.is_empty() {
+            return self.execute_in_partition(group).await;
+        }
+        let mut outcomes: Vec<Option<Result<AppendResult, StoreError>>> =
+            group.iter().map(|_| None).collect();
+        let mut sent = Vec::with_capacity(group.len());
+        let mut sent_at = Vec::with_capacity(group.len());
+        for (i, request) in group.iter().enumerate() {
+            if let Some((event_id, (other, position))) = request
+                .events
+                .iter()
+                .find_map(|e| elsewhere.get(&e.event_id).map(|at| (e.event_id, at)))
+            {
+                outcomes[i] = Some(Err(StoreError::DuplicateEvent {
+                    stream_id: request.stream_id.clone(),
+                    event_id,
+                    reason: format!(
+                        "it is stored in feed partition {other} at position {position}, in \
+                         another stream than `{}` (whose partition is {partition})",
+                        request.stream_id
+                    ),
+                }));
+            } else {
+                sent.push(*request);
+                sent_at.push(i);
+            }
+        }
+        if !sent.is_empty() {
+            let results = self.execute_in_partition(&sent).await;
+            for (i, result) in sent_at.into_iter().zip(results) {
+                outcomes[i] = Some(result);
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(StoreError::backend("an append got no outcome"))))
+            .collect()
+    }
+
+    /// The event ids of `group` (appends to streams of `partition`) that another partition's
+    /// id index holds, with that partition and the position: an append of such an id can only
+    /// be a duplicate, since an exact retry finds its ids in its own stream's partition. One
+    /// `HMGET` per other partition (on a cluster, to the primaries serving them, concurrently).
+    ///
+    /// Each partition's append function checks the ids against its own index atomically; this
+    /// check precedes the call, so two appends of one event id to streams of different
+    /// partitions that run at the same time can both be stored (an application that reuses an
+    /// event id for another stream while the first append is in flight). See the crate docs,
+    /// section "Redis Cluster".
+    async fn stored_elsewhere(
+        &self,
+        partition: u32,
+        group: &[&AppendRequest],
+    ) -> redis::RedisResult<std::collections::HashMap<uuid::Uuid, (u32, u64)>> {
+        let ids: Vec<uuid::Uuid> = group
+            .iter()
+            .flat_map(|request| request.events.iter().map(|e| e.event_id))
+            .collect();
+        let mut found = std::collections::HashMap::new();
+        if ids.is_empty() {
+            return Ok(found);
+        }
+        let lookups = (0u32..)
+            .zip(self.keys.all_partitions())
+            .filter(|(other, _)| *other != partition)
+            .flat_map(|(other, part)| {
+                ids.chunks(ID_CHUNK).map(move |chunk| {
+                    let mut cmd = redis::cmd("HMGET");
+                    cmd.arg(part.index());
+                    let mut buf = uuid::Uuid::encode_buffer();
+                    for id in chunk {
+                        cmd.arg(&*id.hyphenated().encode_lower(&mut buf));
+                    }
+                    let mut conn = self.conn.clone();
+                    async move {
+                        let reply = crate::script::query(&mut conn, &cmd).await?;
+                        Ok::<_, redis::RedisError>((other, chunk, reply))
+                    }
+                })
+            });
+        for lookup in futures::future::join_all(lookups).await {
+            let (other, chunk, reply) = lookup?;
+            let Value::Array(positions) = reply else {
+                continue;
+            };
+            for (id, position) in chunk.iter().zip(positions) {
+                if let Value::BulkString(position) = position {
+                    let position = std::str::from_utf8(&position)
+                        .ok()
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or(0);
+                    found.insert(*id, (other, position));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Runs `group` as one call of the append function in the partition of its streams.
+    async fn execute_in_partition(
+        &self,
+        group: &[&AppendRequest],
+    ) -> Vec<Result<AppendResult, StoreError>> {
+        let partition = self.partition_of(group);
+        let head = self.head(partition);
+        let cmd = self.command(partition, group);
         let mut conn = self.conn.clone();
         let (reply, acked) = match self.wait {
             None => (self.script.invoke(&mut conn, &cmd).await, None),
@@ -81,7 +206,7 @@ impl Appender {
                 .invoke_then_wait(
                     &mut conn,
                     &cmd,
-                    self.partition_keys(group).replication_fence(),
+                    self.partition_keys(partition).replication_fence(),
                     replicas,
                     timeout,
                 )
@@ -107,7 +232,7 @@ impl Appender {
                 {
                     if epoch > 0 {
                         let new = matches!(cause, Some(Value::BulkString(c)) if c == b"new");
-                        self.epoch_started(epoch, previous_head, new);
+                        self.epoch_started(partition, epoch, previous_head, new);
                     }
                 }
                 outcomes
@@ -126,12 +251,12 @@ impl Appender {
                 .map(|request| Err(store_error(err.clone(), || stream_location(request))))
                 .collect(),
         };
-        let head = outcomes
+        let head_now = outcomes
             .iter()
             .filter_map(|o| o.as_ref().ok().and_then(|r| r.positions.last().copied()))
             .max();
-        if let Some(head) = head {
-            self.head.advance(head);
+        if let Some(position) = head_now {
+            head.advance(position);
         }
         if let (Some((required, _)), Some(acked)) = (self.wait, acked) {
             if usize::try_from(acked).unwrap_or(0) < required {
@@ -150,20 +275,27 @@ impl Appender {
         outcomes
     }
 
-    /// Logs the start of an epoch (this call was the first write of a new server incarnation,
-    /// or of the store: `new`) and has the server's settings read again.
-    fn epoch_started(&self, epoch: i64, previous_head: i64, new: bool) {
+    /// Logs the start of an epoch of `partition` (this call was the partition's first write
+    /// on a new server incarnation, or its first write at all: `new`) and has the server's
+    /// settings read again.
+    fn epoch_started(&self, partition: u32, epoch: i64, previous_head: i64, new: bool) {
         let prefix = self.keys.prefix();
         if new {
-            tracing::info!(prefix, epoch, "the store's first write began epoch {epoch}");
+            tracing::info!(
+                prefix,
+                partition,
+                epoch,
+                "the first write of partition {partition} began epoch {epoch}"
+            );
         } else {
             tracing::warn!(
                 prefix,
+                partition,
                 epoch,
                 previous_head,
-                "the Redis server is a new incarnation (restart, failover or restore): epoch \
-                 {epoch} began after position {previous_head}; readers past that position get \
-                 LostTail"
+                "the Redis server of partition {partition} is a new incarnation (restart, \
+                 failover, slot move or restore): epoch {epoch} began after position \
+                 {previous_head}; readers of the partition past that position get LostTail"
             );
         }
         self.server.recheck();
@@ -180,9 +312,9 @@ impl Appender {
             .unwrap_or_else(|| Err(StoreError::backend("the append script returned nothing")))
     }
 
-    /// The keys of the partition of `group`'s streams (all in one: the store has one
-    /// partition).
-    fn partition_keys(&self, group: &[&AppendRequest]) -> &PartitionKeys {
+    /// The partition of `group`'s streams (group commit groups appends by partition, so they
+    /// are all in one).
+    fn partition_of(&self, group: &[&AppendRequest]) -> u32 {
         let keys = &self.keys;
         let partition = group
             .first()
@@ -190,16 +322,28 @@ impl Appender {
         debug_assert!(group
             .iter()
             .all(|request| keys.partition_of(&request.stream_id) == partition));
+        partition
+    }
+
+    /// The keys of `partition` (one of the store's, as [`Keys::partition_of`] returns).
+    fn partition_keys(&self, partition: u32) -> &PartitionKeys {
+        let keys = &self.keys;
         keys.partition(partition)
             .unwrap_or_else(|| &keys.all_partitions()[0])
     }
 
-    /// The `FCALL` of the append function for `group`, whose streams all belong to one
-    /// partition (the store has one), against that partition's feed, index, outbox and epoch
-    /// history: in the tagged layout every key of the call is in the partition's hash slot.
-    fn command(&self, group: &[&AppendRequest]) -> Cmd {
+    /// The head of `partition`.
+    pub(crate) fn head(&self, partition: u32) -> &Arc<Head> {
+        let index = usize::try_from(partition).unwrap_or(0);
+        &self.heads[index.min(self.heads.len() - 1)]
+    }
+
+    /// The `FCALL` of the append function for `group`, whose streams all belong to
+    /// `partition`, against that partition's feed, index, outbox and epoch history: in the
+    /// tagged layout every key of the call is in the partition's hash slot.
+    fn command(&self, partition: u32, group: &[&AppendRequest]) -> Cmd {
         let keys = &self.keys;
-        let part = self.partition_keys(group);
+        let part = self.partition_keys(partition);
         let mut cmd = self.script.fcall(4 + 2 * group.len());
         cmd.arg(part.feed())
             .arg(part.index())
@@ -210,7 +354,7 @@ impl Appender {
                 .arg(keys.version(&request.stream_id));
         }
         cmd.arg(group.len())
-            .arg(self.head.floor())
+            .arg(self.head(partition).floor())
             .arg(if self.allow_eviction { "1" } else { "0" });
         let mut buf = uuid::Uuid::encode_buffer();
         for request in group {

@@ -34,19 +34,23 @@ pub enum Error {
     /// A setting is out of range (a zero duration or page size).
     #[error("invalid setting: {0}")]
     InvalidSetting(&'static str),
-    /// The store under this prefix was made with another key layout or number of feed
-    /// partitions than the builder asks for (recorded in its meta key when it was first
+    /// The store under this prefix was made with another key layout, number of feed
+    /// partitions or partition key than the builder asks for (recorded in its meta key when it was first
     /// built; a store from before layouts were recorded is `classic/1`). Its keys would not be
     /// found under the other layout, so `build` refuses rather than starting an empty store
     /// beside it. Open it with the recorded layout, or copy it into a store of the new layout
     /// (see the crate docs, section "Redis Cluster").
     #[error(
-        "the Redis store under prefix {prefix:?} has the key layout {recorded}, not the          {requested} this builder asks for; open it with its layout (`RedisStoreBuilder::         key_layout`), or copy it into a new store of the other layout"
+        "the Redis store under prefix {prefix:?} has the key layout {recorded}, not the \
+         {requested} this builder asks for; open it with its layout and partitioning \
+         (`RedisStoreBuilder::key_layout`, `RedisStoreBuilder::partitioning`), or copy it into \
+         a new store of the other layout"
     )]
     LayoutMismatch {
         /// The store's prefix.
         prefix: String,
-        /// The layout recorded in the store (`classic/1`, `tagged/1`).
+        /// The layout recorded in the store (`classic/1`, `tagged/1`, `tagged/4`,
+        /// `tagged/4/category`).
         recorded: String,
         /// The layout the builder asked for.
         requested: String,

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use es_core::contract::{PartitionKey, Partitioning};
 use es_core::StreamId;
 
 use crate::Error;
@@ -135,6 +136,7 @@ impl PartitionKeys {
 pub struct Keys {
     prefix: Arc<str>,
     layout: KeyLayout,
+    partitioning: Partitioning,
     partitions: Arc<[PartitionKeys]>,
     checkpoints: Arc<str>,
     checkpoint_generations: Arc<str>,
@@ -152,17 +154,34 @@ impl Keys {
         Ok(Self::with(
             prefix,
             KeyLayout::Classic,
+            Partitioning::single(),
             vec![PartitionKeys::under(prefix, &all)],
         ))
     }
 
     /// The [tagged](KeyLayout::Tagged) layout under `prefix` with `partitions` feed partitions
-    /// (1 to [`MAX_PARTITIONS`]). Partition `k`'s hash tag is `<prefix>:p<k>:<n>` with the
-    /// smallest `n` whose hash slot lies in the `k`-th of `partitions` equal slices of the
-    /// cluster's 16384 slots, so that the partitions spread evenly over the slot space (and
-    /// over the primaries, which serve contiguous slot ranges when slots are assigned evenly).
+    /// (1 to [`MAX_PARTITIONS`]), streams assigned by the hash of their id; see
+    /// [`Keys::partitioned`].
     pub fn tagged(prefix: &str, partitions: u32) -> Result<Self, Error> {
+        if partitions == 0 || partitions > MAX_PARTITIONS {
+            return Err(Error::InvalidSetting(
+                "the number of feed partitions must be 1 to 1024",
+            ));
+        }
+        let partitioning = Partitioning::new(partitions).map_err(|_| {
+            Error::InvalidSetting("the number of feed partitions must be 1 to 1024")
+        })?;
+        Self::partitioned(prefix, partitioning)
+    }
+
+    /// The [tagged](KeyLayout::Tagged) layout under `prefix` with the feed partitions of
+    /// `partitioning`. Partition `k`'s hash tag is `<prefix>:p<k>:<n>` with the smallest `n`
+    /// whose hash slot lies in the `k`-th of P equal slices of the cluster's 16384 slots, so
+    /// that the partitions spread evenly over the slot space (and over the primaries, which
+    /// serve contiguous slot ranges when slots are assigned evenly).
+    pub fn partitioned(prefix: &str, partitioning: Partitioning) -> Result<Self, Error> {
         validate_prefix(prefix)?;
+        let partitions = partitioning.count();
         if partitions == 0 || partitions > MAX_PARTITIONS {
             return Err(Error::InvalidSetting(
                 "the number of feed partitions must be 1 to 1024",
@@ -171,11 +190,10 @@ impl Keys {
         let parts = (0..partitions)
             .map(|k| PartitionKeys::under(prefix, &partition_tag(prefix, k, partitions)))
             .collect();
-        Ok(Self::with(prefix, KeyLayout::Tagged, parts))
+        Ok(Self::with(prefix, KeyLayout::Tagged, partitioning, parts))
     }
 
-    /// The keys under `prefix` in `layout` with one partition (the only number of partitions a
-    /// store supports until the es-core contract has partitions).
+    /// The keys under `prefix` in `layout` with one partition.
     pub fn with_layout(prefix: &str, layout: KeyLayout) -> Result<Self, Error> {
         match layout {
             KeyLayout::Classic => Self::new(prefix),
@@ -183,12 +201,18 @@ impl Keys {
         }
     }
 
-    fn with(prefix: &str, layout: KeyLayout, partitions: Vec<PartitionKeys>) -> Self {
+    fn with(
+        prefix: &str,
+        layout: KeyLayout,
+        partitioning: Partitioning,
+        partitions: Vec<PartitionKeys>,
+    ) -> Self {
         let global =
             |name: &str| -> Arc<str> { format!("{prefix}:{{{prefix}:$all}}:{name}").into() };
         Self {
             prefix: prefix.into(),
             layout,
+            partitioning,
             partitions: partitions.into(),
             checkpoints: global("checkpoints"),
             checkpoint_generations: global("checkpoint-generations"),
@@ -208,24 +232,20 @@ impl Keys {
 
     /// The number of feed partitions (1 in the classic layout).
     pub fn partitions(&self) -> u32 {
-        u32::try_from(self.partitions.len()).unwrap_or(u32::MAX)
+        self.partitioning.count()
     }
 
-    /// The partition `stream` belongs to: the one place that decides it. With one partition,
-    /// 0; with more, a stable hash of the stream id (64-bit FNV-1a) modulo the number of
-    /// partitions, so a stream never changes partition while the number stays the same.
+    /// How the store divides its streams among feed partitions.
+    pub fn partitioning(&self) -> Partitioning {
+        self.partitioning
+    }
+
+    /// The partition `stream` belongs to: the one place in this crate that decides it, by
+    /// [`Partitioning::partition_of`] (0 with one partition; otherwise the XXH3 hash of the
+    /// stream id, or of its category, modulo the number of partitions), so a stream never
+    /// changes partition while the store's partitioning stays the same.
     pub fn partition_of(&self, stream: &StreamId) -> u32 {
-        let n = self.partitions.len() as u64;
-        if n <= 1 {
-            return 0;
-        }
-        let hash = stream
-            .as_str()
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            });
-        u32::try_from(hash % n).unwrap_or(0)
+        self.partitioning.partition_of(stream)
     }
 
     /// The keys of partition `partition`, if the layout has it.
@@ -344,15 +364,23 @@ impl Keys {
         &self.first().replication_fence
     }
 
-    /// The hash recording the store's layout (field `layout`: `classic/1` or
-    /// `tagged/<partitions>`), written when the store is first built.
+    /// The hash recording the store's layout (field `layout`: `classic/1`,
+    /// `tagged/<partitions>`, or `tagged/<partitions>/category` for partitions by category),
+    /// written when the store is first built.
     pub fn meta(&self) -> &str {
         &self.meta
     }
 
-    /// The layout as recorded in the meta key: `<layout>/<partitions>`.
+    /// The layout as recorded in the meta key: `<layout>/<partitions>`, followed by
+    /// `/category` when several partitions are assigned by stream category (with one
+    /// partition, or by stream id, nothing follows, so stores recorded before partitions had
+    /// a key read the same).
     pub fn recorded_layout(&self) -> String {
-        format!("{}/{}", self.layout.name(), self.partitions())
+        let by = match self.partitioning.key() {
+            PartitionKey::Category if self.partitions() > 1 => "/category",
+            _ => "",
+        };
+        format!("{}/{}{by}", self.layout.name(), self.partitions())
     }
 
     /// The classic layout's index key under the same prefix: a store made before layouts were

@@ -82,9 +82,16 @@ use watch::{Head, WatchConfig};
 pub const DEFAULT_PREFIX: &str = "es";
 
 /// The Redis event and snapshot store. Cheap to clone; clones share the connection.
+///
+/// A handle that [`OutboxStore::outbox_partition`](es_core::OutboxStore::outbox_partition)
+/// returned addresses the outbox, relay lease and dead letters of one feed partition; every
+/// other method of it is the whole store's.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
+    /// The feed partition whose outbox this handle's outbox methods address, if it was scoped
+    /// to one.
+    outbox_scope: Option<u32>,
 }
 
 pub(crate) struct Inner {
@@ -94,14 +101,17 @@ pub(crate) struct Inner {
     limits: AppendLimits,
     poll_interval: Duration,
     appender: Arc<Appender>,
-    group: Option<GroupCommit>,
+    /// With group commit, one per feed partition (indexed by partition): appends are grouped
+    /// within their partition, and the partitions' calls run concurrently.
+    group: Option<Box<[GroupCommit]>>,
     save_snapshot: Lua,
     delete_snapshot: Lua,
     pub(crate) acquire_lease: Lua,
     pub(crate) release_lease: Lua,
     pub(crate) save_checkpoint: Lua,
-    head: Arc<Head>,
-    watch: WatchConfig,
+    /// Per feed partition, its head and the settings of its head watcher.
+    heads: Arc<[Arc<Head>]>,
+    watch: Box<[WatchConfig]>,
     server: Arc<Server>,
 }
 
@@ -109,6 +119,8 @@ impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.inner.keys.prefix())
+            .field("partitioning", &self.inner.keys.partitioning())
+            .field("outbox_scope", &self.outbox_scope)
             .field("limits", &self.inner.limits)
             .field("poll_interval", &self.inner.poll_interval)
             .field("page_size", &self.inner.page_size)
@@ -138,6 +150,7 @@ pub struct RedisStoreBuilder {
     sentinel: Option<SentinelOptions>,
     wait: Option<(usize, Duration)>,
     layout: Option<KeyLayout>,
+    partitioning: Partitioning,
     /// The cluster nodes' URLs, for a store on a Redis Cluster.
     cluster: Option<Vec<String>>,
 }
@@ -216,6 +229,7 @@ impl std::fmt::Debug for RedisStoreBuilder {
             .field("sentinel", &self.sentinel)
             .field("min_replicas_acked", &self.wait)
             .field("layout", &self.layout)
+            .field("partitioning", &self.partitioning)
             .field(
                 "cluster",
                 &self.cluster.as_ref().map(|nodes| {
@@ -395,13 +409,38 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// The layout the store will use: the one set, or the default for the deployment.
+    /// How the store divides its streams among feed partitions (default
+    /// [`Partitioning::single`]: one feed). Each partition is a feed of its own, with its own
+    /// positions, head, epochs and outbox (see [`es_core::contract::partition`]); in the
+    /// [tagged](KeyLayout::Tagged) layout, which several partitions need and get by default,
+    /// each has its own hash slot, so on a Redis Cluster the partitions spread over the
+    /// primaries. A store records its partitioning when it is first built and cannot be opened
+    /// with another ([`Error::LayoutMismatch`]). Asking for several partitions with
+    /// [`KeyLayout::Classic`] is [`Error::InvalidSetting`]. See the crate docs, section "Redis
+    /// Cluster".
+    pub fn partitioning(mut self, partitioning: Partitioning) -> Self {
+        self.partitioning = partitioning;
+        self
+    }
+
+    /// The layout the store will use: the one set, or the default for the deployment (tagged
+    /// on a cluster and for several partitions).
     fn layout(&self) -> KeyLayout {
-        self.layout.unwrap_or(if self.cluster.is_some() {
-            KeyLayout::Tagged
-        } else {
-            KeyLayout::Classic
-        })
+        self.layout.unwrap_or(
+            if self.cluster.is_some() || !self.partitioning.is_single() {
+                KeyLayout::Tagged
+            } else {
+                KeyLayout::Classic
+            },
+        )
+    }
+
+    /// The key names of the store this builder opens.
+    fn keys(&self) -> Result<Keys, Error> {
+        match self.layout() {
+            KeyLayout::Classic => Keys::new(&self.prefix),
+            KeyLayout::Tagged => Keys::partitioned(&self.prefix, self.partitioning),
+        }
     }
 
     /// Installs the store's Redis function library on the server if it does not hold it, and
@@ -432,8 +471,8 @@ impl RedisStoreBuilder {
     /// Connects, checks the server's settings (see the crate docs, section "Server settings"),
     /// loads the scripts, checks the store's recorded key layout and returns the store.
     pub async fn build(self) -> Result<RedisStore, Error> {
-        let keys = Keys::with_layout(&self.prefix, self.layout())?;
         self.validate()?;
+        let keys = self.keys()?;
         let (target, mut conn) = self.connect().await?;
         let requirements = Requirements {
             allow_eviction: self.allow_eviction,
@@ -481,28 +520,24 @@ impl RedisStoreBuilder {
             prefix: keys.prefix().into(),
             slots,
         });
-        let watch = WatchConfig {
-            client: target,
-            feed: keys.feed().into(),
-            index: keys.index().into(),
-            block: self.poll_interval,
-            connect_timeout: self.connect_timeout,
-            response_timeout: self.response_timeout,
-        };
-        let head = Arc::new(Head::new());
+        let (watch, heads) = self.heads(&keys, &target);
         let appender = Arc::new(Appender {
             conn: conn.clone(),
             keys: keys.clone(),
             script: append,
-            head: Arc::clone(&head),
+            heads: Arc::clone(&heads),
             server: Arc::clone(&server),
             allow_eviction: self.allow_eviction,
             wait: self.wait,
         });
-        let group = self
-            .group_commit
-            .then(|| GroupCommit::new(Arc::clone(&appender), GroupLimits::DEFAULT));
+        let group = self.group_commit.then(|| {
+            keys.all_partitions()
+                .iter()
+                .map(|_| GroupCommit::new(Arc::clone(&appender), GroupLimits::DEFAULT))
+                .collect()
+        });
         Ok(RedisStore {
+            outbox_scope: None,
             inner: Arc::new(Inner {
                 conn,
                 keys,
@@ -516,7 +551,7 @@ impl RedisStoreBuilder {
                 acquire_lease,
                 release_lease,
                 save_checkpoint,
-                head,
+                heads,
                 watch,
                 server,
             }),
@@ -525,6 +560,29 @@ impl RedisStoreBuilder {
 }
 
 impl RedisStoreBuilder {
+    /// Per feed partition of `keys`, the settings of its head watcher (on its own connections
+    /// to `target`) and its head.
+    fn heads(&self, keys: &Keys, target: &Target) -> (Box<[WatchConfig]>, Arc<[Arc<Head>]>) {
+        let watch = keys
+            .all_partitions()
+            .iter()
+            .map(|part| WatchConfig {
+                client: target.clone(),
+                feed: part.feed().into(),
+                index: part.index().into(),
+                block: self.poll_interval,
+                connect_timeout: self.connect_timeout,
+                response_timeout: self.response_timeout,
+            })
+            .collect();
+        let heads = keys
+            .all_partitions()
+            .iter()
+            .map(|_| Arc::new(Head::new()))
+            .collect();
+        (watch, heads)
+    }
+
     /// The settings of the server the store's partitions live on (`slots`: on a cluster, each
     /// slot's primary; elsewhere the one server), each checked against `requirements`; the one
     /// to act on and report (see [`server::worst`]).
@@ -669,6 +727,12 @@ impl RedisStoreBuilder {
         }
         if self.page_size == 0 {
             return Err(Error::InvalidSetting("the read page size must not be zero"));
+        }
+        if !self.partitioning.is_single() && self.layout() == KeyLayout::Classic {
+            return Err(Error::InvalidSetting(
+                "the classic key layout has one feed; several feed partitions need the tagged \
+                 layout (the default for them)",
+            ));
         }
         if let Some(nodes) = &self.cluster {
             if nodes.is_empty() {
@@ -1008,6 +1072,7 @@ impl RedisStore {
             sentinel: None,
             wait: None,
             layout: None,
+            partitioning: Partitioning::single(),
             cluster: None,
         }
     }
@@ -1068,10 +1133,20 @@ impl Inner {
         if let Some(refusal) = self.server.refusal() {
             return Err(StoreError::backend(refusal));
         }
-        match &self.group {
+        let partition = self.keys.partition_of(&request.stream_id) as usize;
+        match self
+            .group
+            .as_deref()
+            .and_then(|groups| groups.get(partition))
+        {
             Some(group) => group.append(request).await,
             None => self.appender.execute_one(&request).await,
         }
+    }
+
+    /// The head of `partition`, if the store has it.
+    fn head(&self, partition: u32) -> Option<&Arc<Head>> {
+        self.heads.get(usize::try_from(partition).ok()?)
     }
 }
 
@@ -1099,23 +1174,35 @@ impl EventStore for RedisStore {
     }
 
     fn read_all(&self, read: ReadAll) -> EventStream {
-        if let Err(err) = read.partition_in(&Partitioning::single()) {
-            return es_core::contract::failed_read(err);
+        match read.partition_in(&self.inner.keys.partitioning()) {
+            Ok(partition) => read::all(Arc::clone(&self.inner), partition, read),
+            Err(err) => es_core::contract::failed_read(err),
         }
-        read::all(Arc::clone(&self.inner), read)
+    }
+
+    fn partitioning(&self) -> Partitioning {
+        self.inner.keys.partitioning()
     }
 
     fn partition_head(&self, partition: u32) -> impl StoreFuture<u64> {
-        let single = Partitioning::single().check(partition);
-        let mut conn = self.inner.conn.clone();
-        let key = self.inner.keys.index().to_owned();
-        let head = Arc::clone(&self.inner.head);
+        let inner = Arc::clone(&self.inner);
         async move {
-            single?;
-            let location = || "the global head".to_owned();
-            let value = script::query(&mut conn, redis::cmd("HGET").arg(&key).arg("position"))
-                .await
-                .map_err(|e| store_error(e, location))?;
+            inner.keys.partitioning().check(partition)?;
+            let (Some(part), Some(head)) = (inner.keys.partition(partition), inner.head(partition))
+            else {
+                return Err(StoreError::NoSuchPartition {
+                    partition,
+                    partitions: inner.keys.partitions(),
+                });
+            };
+            let location = || partition_location("head", partition);
+            let mut conn = inner.conn.clone();
+            let value = script::query(
+                &mut conn,
+                redis::cmd("HGET").arg(part.index()).arg("position"),
+            )
+            .await
+            .map_err(|e| store_error(e, location))?;
             let position = decode::counter(value, &location())?;
             head.saw(position);
             Ok(position)
@@ -1123,30 +1210,49 @@ impl EventStore for RedisStore {
     }
 
     fn partition_epochs(&self, partition: u32) -> impl StoreFuture<Vec<EpochStart>> {
-        let single = Partitioning::single().check(partition);
-        let mut conn = self.inner.conn.clone();
-        let key = self.inner.keys.epochs().to_owned();
+        let inner = Arc::clone(&self.inner);
         async move {
-            single?;
-            let location = || "the epoch history".to_owned();
-            let reply = script::query(&mut conn, redis::cmd("XRANGE").arg(&key).arg("-").arg("+"))
-                .await
-                .map_err(|e| store_error(e, location))?;
+            inner.keys.partitioning().check(partition)?;
+            let Some(part) = inner.keys.partition(partition) else {
+                return Err(StoreError::NoSuchPartition {
+                    partition,
+                    partitions: inner.keys.partitions(),
+                });
+            };
+            let location = || partition_location("epoch history", partition);
+            let mut conn = inner.conn.clone();
+            let reply = script::query(
+                &mut conn,
+                redis::cmd("XRANGE").arg(part.epochs()).arg("-").arg("+"),
+            )
+            .await
+            .map_err(|e| store_error(e, location))?;
             decode::epochs(reply)
         }
     }
 
     fn wait_for_partition(&self, partition: u32, after: u64) -> impl Future<Output = ()> + Send {
-        // One partition: partition 0 is the whole feed; any other never moves.
-        let after = if partition == 0 { after } else { u64::MAX };
         let inner = &self.inner;
-        inner.head.ensure_watching(inner.watch.clone());
-        let rx = inner.head.subscribe();
         let poll = inner.poll_interval;
+        // A partition the store does not have never moves: wait the polling interval.
+        let rx = inner.head(partition).map(|head| {
+            if let Some(config) = inner.watch.get(partition as usize) {
+                head.ensure_watching(config.clone());
+            }
+            head.subscribe()
+        });
         async move {
-            es_core::contract::wait_on_watch(&rx, after, poll).await;
+            match rx {
+                Some(rx) => es_core::contract::wait_on_watch(&rx, after, poll).await,
+                None => tokio::time::sleep(poll).await,
+            }
         }
     }
+}
+
+/// Where a partition's `what` is, for errors: "the head of feed partition 2".
+pub(crate) fn partition_location(what: &str, partition: u32) -> String {
+    format!("the {what} of feed partition {partition}")
 }
 
 impl SnapshotStore for RedisStore {

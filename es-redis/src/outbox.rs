@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::decode;
 use crate::error::store_error;
+use crate::keys::PartitionKeys;
 use crate::protocol::CheckpointSave;
 use crate::script::{query, Lua};
 use crate::{Inner, RedisStore};
@@ -148,14 +149,43 @@ fn lease_fenced(generation: u64) -> StoreError {
     }
 }
 
+impl RedisStore {
+    /// The keys of the partition whose outbox this handle addresses: the one it was scoped to,
+    /// or the single feed's; [`StoreError::Partitioned`] for an unscoped handle of a store with
+    /// several partitions.
+    fn outbox_keys(&self) -> Result<PartitionKeys, StoreError> {
+        let keys = &self.inner.keys;
+        let partition = match self.outbox_scope {
+            Some(partition) => partition,
+            None => keys.partitioning().single_feed()?,
+        };
+        keys.partition(partition)
+            .cloned()
+            .ok_or(StoreError::NoSuchPartition {
+                partition,
+                partitions: keys.partitions(),
+            })
+    }
+}
+
 impl OutboxStore for RedisStore {
+    fn outbox_partition(&self, partition: u32) -> Result<Self, StoreError> {
+        self.inner.keys.partitioning().check(partition)?;
+        Ok(Self {
+            inner: Arc::clone(&self.inner),
+            outbox_scope: Some(partition),
+        })
+    }
+
     fn acquire_relay_lease(&self, owner: &str, ttl: Duration) -> impl StoreFuture<Option<u64>> {
         let inner = Arc::clone(&self.inner);
+        let keys = self.outbox_keys();
         let owner = owner.to_owned();
         async move {
+            let keys = keys?;
             // Whole milliseconds, at least one.
             let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-            let mut cmd = inner.acquire_lease.command(&[inner.keys.relay_lease()]);
+            let mut cmd = inner.acquire_lease.command(&[keys.relay_lease()]);
             cmd.arg(&owner).arg(ms);
             match inner
                 .int_script(&inner.acquire_lease, &cmd, lease_location)
@@ -174,9 +204,11 @@ impl OutboxStore for RedisStore {
 
     fn release_relay_lease(&self, owner: &str, generation: u64) -> impl StoreFuture<()> {
         let inner = Arc::clone(&self.inner);
+        let keys = self.outbox_keys();
         let owner = owner.to_owned();
         async move {
-            let mut cmd = inner.release_lease.command(&[inner.keys.relay_lease()]);
+            let keys = keys?;
+            let mut cmd = inner.release_lease.command(&[keys.relay_lease()]);
             cmd.arg(&owner).arg(generation);
             inner
                 .int_script(&inner.release_lease, &cmd, lease_location)
@@ -191,13 +223,15 @@ impl OutboxStore for RedisStore {
 
     fn pending_outbox_after(&self, after: u64, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>> {
         let inner = Arc::clone(&self.inner);
+        let keys = self.outbox_keys();
         async move {
+            let keys = keys?;
             if limit == 0 || after == u64::MAX {
                 return Ok(Vec::new());
             }
             // Entry ids are `<position>-0`: the range starts at the first position above `after`.
             let mut cmd = redis::cmd("XRANGE");
-            cmd.arg(inner.keys.outbox())
+            cmd.arg(keys.outbox())
                 .arg(format!("{}-0", after + 1))
                 .arg("+")
                 .arg("COUNT")
@@ -223,10 +257,12 @@ impl OutboxStore for RedisStore {
 
     fn mark_delivered(&self, generation: u64, delivered: &[Delivered]) -> impl StoreFuture<()> {
         let inner = Arc::clone(&self.inner);
+        let keys = self.outbox_keys();
         let delivered = delivered.to_vec();
         async move {
+            let keys = keys?;
             let script = &SCRIPTS.mark_delivered;
-            let mut cmd = script.command(&[inner.keys.relay_lease(), inner.keys.outbox()]);
+            let mut cmd = script.command(&[keys.relay_lease(), keys.outbox()]);
             cmd.arg(generation);
             let mut buf = Uuid::encode_buffer();
             for d in &delivered {
@@ -242,14 +278,12 @@ impl OutboxStore for RedisStore {
 
     fn dead_letter(&self, generation: u64, rejections: &[Rejection]) -> impl StoreFuture<()> {
         let inner = Arc::clone(&self.inner);
+        let keys = self.outbox_keys();
         let rejections = rejections.to_vec();
         async move {
+            let keys = keys?;
             let script = &SCRIPTS.dead_letter;
-            let mut cmd = script.command(&[
-                inner.keys.relay_lease(),
-                inner.keys.outbox(),
-                inner.keys.dead_letters(),
-            ]);
+            let mut cmd = script.command(&[keys.relay_lease(), keys.outbox(), keys.dead_letters()]);
             cmd.arg(generation);
             let mut buf = Uuid::encode_buffer();
             for r in &rejections {
@@ -267,13 +301,15 @@ impl OutboxStore for RedisStore {
 
     fn dead_letters(&self, limit: u64) -> impl StoreFuture<Vec<DeadLetter>> {
         let inner = Arc::clone(&self.inner);
+        let keys = self.outbox_keys();
         async move {
+            let keys = keys?;
             let mut letters = Vec::new();
             let mut after = "-inf".to_owned();
             while (letters.len() as u64) < limit {
                 let take = (limit - letters.len() as u64).min(PAGE);
                 let mut cmd = redis::cmd("ZRANGEBYSCORE");
-                cmd.arg(inner.keys.dead_letters())
+                cmd.arg(keys.dead_letters())
                     .arg(&after)
                     .arg("+inf")
                     .arg("LIMIT")
@@ -309,19 +345,17 @@ impl OutboxStore for RedisStore {
 
     fn requeue_dead_letters(&self, positions: &[u64]) -> impl StoreFuture<u64> {
         let inner = Arc::clone(&self.inner);
+        let keys = self.outbox_keys();
         let mut positions = positions.to_vec();
         positions.sort_unstable();
         positions.dedup();
         async move {
+            let keys = keys?;
             if positions.is_empty() {
                 return Ok(0);
             }
             let script = &SCRIPTS.requeue;
-            let mut cmd = script.command(&[
-                inner.keys.index(),
-                inner.keys.outbox(),
-                inner.keys.dead_letters(),
-            ]);
+            let mut cmd = script.command(&[keys.index(), keys.outbox(), keys.dead_letters()]);
             cmd.arg(&positions);
             let n = inner.int_script(script, &cmd, dead_location).await?;
             u64::try_from(n).map_err(|_| StoreError::Corrupt {
@@ -334,9 +368,11 @@ impl OutboxStore for RedisStore {
 
     fn outbox_len(&self) -> impl StoreFuture<u64> {
         let inner = Arc::clone(&self.inner);
+        let keys = self.outbox_keys();
         async move {
+            let keys = keys?;
             let mut conn = inner.conn.clone();
-            let reply = query(&mut conn, redis::cmd("XLEN").arg(inner.keys.outbox()))
+            let reply = query(&mut conn, redis::cmd("XLEN").arg(keys.outbox()))
                 .await
                 .map_err(|e| store_error(e, outbox_location))?;
             decode::counter(reply, &outbox_location())
@@ -345,16 +381,18 @@ impl OutboxStore for RedisStore {
 
     fn relay_status(&self) -> impl StoreFuture<RelayStatus> {
         let inner = Arc::clone(&self.inner);
+        let keys = self.outbox_keys();
         async move {
+            let keys = keys?;
             let mut conn = inner.conn.clone();
             let mut pipe = redis::pipe();
             pipe.atomic()
                 .cmd("XLEN")
-                .arg(inner.keys.outbox())
+                .arg(keys.outbox())
                 .cmd("ZCARD")
-                .arg(inner.keys.dead_letters())
+                .arg(keys.dead_letters())
                 .cmd("HMGET")
-                .arg(inner.keys.relay_lease())
+                .arg(keys.relay_lease())
                 .arg("owner")
                 .arg("generation")
                 .arg("expires")

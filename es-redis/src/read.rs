@@ -1,4 +1,4 @@
-//! Lazy, paged reads of a stream (`XRANGE`/`XREVRANGE`) and of the global feed (`XRANGE`).
+//! Lazy, paged reads of a stream (`XRANGE`/`XREVRANGE`) and of a feed partition (`XRANGE`).
 
 use std::sync::Arc;
 
@@ -19,6 +19,7 @@ struct StreamCursor {
 
 pub(crate) fn stream(inner: Arc<Inner>, stream: StreamId, read: ReadStream) -> EventStream {
     let key = inner.keys.events(&stream);
+    let partition = inner.keys.partition_of(&stream);
     let start = match read.direction {
         Direction::Forward => Some(read.from),
         Direction::Backward => (read.from > 0).then_some(read.from),
@@ -59,7 +60,10 @@ pub(crate) fn stream(inner: Arc<Inner>, stream: StreamId, read: ReadStream) -> E
             let reply = query(&mut conn, &cmd)
                 .await
                 .map_err(|e| store_error(e, || format!("stream `{stream}`")))?;
-            let page = decode::page(reply, Source::Stream(&stream))?;
+            let mut page = decode::page(reply, Source::Stream(&stream))?;
+            for event in &mut page {
+                event.partition = partition;
+            }
             let next = if (page.len() as u64) < count {
                 None
             } else {
@@ -82,7 +86,18 @@ struct FeedCursor {
     remaining: u64,
 }
 
-pub(crate) fn all(inner: Arc<Inner>, read: ReadAll) -> EventStream {
+/// Reads feed partition `partition` (one the store has) as `read` asks.
+pub(crate) fn all(inner: Arc<Inner>, partition: u32, read: ReadAll) -> EventStream {
+    let Some(feed) = inner
+        .keys
+        .partition(partition)
+        .map(|p| Arc::<str>::from(p.feed()))
+    else {
+        return es_core::contract::failed_read(StoreError::NoSuchPartition {
+            partition,
+            partitions: inner.keys.partitions(),
+        });
+    };
     let cursor = FeedCursor {
         after: Some(read.after),
         remaining: read.limit.unwrap_or(u64::MAX),
@@ -91,6 +106,7 @@ pub(crate) fn all(inner: Arc<Inner>, read: ReadAll) -> EventStream {
     let pages = futures::stream::try_unfold(cursor, move |cursor| {
         let inner = Arc::clone(&inner);
         let filter = Arc::clone(&filter);
+        let feed = Arc::clone(&feed);
         async move {
             let Some(after) = cursor.after.filter(|_| cursor.remaining > 0) else {
                 return Ok(None);
@@ -105,15 +121,11 @@ pub(crate) fn all(inner: Arc<Inner>, read: ReadAll) -> EventStream {
                 inner.page_size
             };
             let mut cmd = redis::cmd("XRANGE");
-            cmd.arg(inner.keys.feed())
-                .arg(from)
-                .arg("+")
-                .arg("COUNT")
-                .arg(count);
+            cmd.arg(&*feed).arg(from).arg("+").arg("COUNT").arg(count);
             let mut conn = inner.conn.clone();
             let reply = query(&mut conn, &cmd)
                 .await
-                .map_err(|e| store_error(e, || "the global feed".to_owned()))?;
+                .map_err(|e| store_error(e, || crate::partition_location("feed", partition)))?;
             let entries = decode::entries(reply, Source::Feed)?;
             let scanned = entries.len() as u64;
             let last = entries.last().and_then(|(id, _)| decode::entry_number(id));
@@ -122,7 +134,8 @@ pub(crate) fn all(inner: Arc<Inner>, read: ReadAll) -> EventStream {
                 if page.len() as u64 == cursor.remaining {
                     break;
                 }
-                let event = decode::event(&id, fields, Source::Feed)?;
+                let mut event = decode::event(&id, fields, Source::Feed)?;
+                event.partition = partition;
                 if filter.matches(&event) {
                     page.push(event);
                 }

@@ -1,14 +1,16 @@
-//! The head watcher: one background task per store that follows the global feed with
-//! `XREAD BLOCK` on a connection of its own and publishes the head position in a
-//! [`tokio::sync::watch`] channel, which `wait_for_append` waits on.
+//! The head watcher: one background task per feed partition of a store (started when something
+//! first waits for the partition) that follows the partition's feed with `XREAD BLOCK` on a
+//! connection of its own and publishes its head position in a [`tokio::sync::watch`] channel,
+//! which `wait_for_partition` waits on.
 //!
 //! The watcher only affects latency: subscriptions read the feed themselves, and
 //! `wait_for_append` also returns after the polling interval, so a dead connection or a
 //! restarting server delays live events by at most that interval.
 //!
-//! [`Head`] also keeps the handle's *floor*, the highest position it has seen (acknowledged to
-//! its appends, read as the head by it or its watcher), which the append script compares with
-//! the stored head to notice a head that moved back (see the crate docs, section "Epochs and
+//! [`Head`] (one per partition) also keeps the handle's *floor* of the partition, the highest
+//! position of it the handle has seen (acknowledged to its appends, read as the head by it or
+//! its watcher), which the append script compares with the partition's stored head to notice a
+//! head that moved back (see the crate docs, section "Epochs and
 //! lost tails").
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -94,7 +96,7 @@ impl Drop for Head {
     }
 }
 
-/// The watcher's connection settings.
+/// The watcher's connection settings, and the partition it follows.
 #[derive(Debug, Clone)]
 pub(crate) struct WatchConfig {
     pub(crate) client: crate::conn::Target,

@@ -11,6 +11,7 @@ use es_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
 use es_redis::redis::{self, AsyncCommands};
 use es_redis::{slot_of_tag, Error, KeyLayout, RedisStore};
 use futures::TryStreamExt;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A store on the shared cluster under a fresh prefix.
 async fn store(name: &str) -> RedisStore {
@@ -27,6 +28,26 @@ es_testkit::conformance_tests!(|| async { store("cconf").await });
 /// relay lease, dead letters, checkpoints and the projection runner.
 mod streaming {
     es_testkit::streaming_conformance_tests!(|| async { super::store("cstream").await });
+}
+
+/// A store on the shared cluster under a fresh prefix with `partitions` feed partitions.
+async fn partitioned_store(name: &str, partitions: u32) -> RedisStore {
+    RedisStore::cluster_builder(es_test_support::redis_cluster_urls())
+        .prefix(common::unique_prefix(name))
+        .partitioning(es_core::Partitioning::new(partitions).unwrap())
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("cannot build a store on the Redis Cluster: {e}"))
+}
+
+/// The core suite on three partitions: one on each primary of the evenly assigned cluster.
+mod partitioned_3 {
+    es_testkit::conformance_tests!(|| async { super::partitioned_store("cp3", 3).await });
+}
+
+/// The core suite on eight partitions, spread over the three primaries.
+mod partitioned_8 {
+    es_testkit::conformance_tests!(|| async { super::partitioned_store("cp8", 8).await });
 }
 
 /// The slot Redis Cluster hashes `key` to, asked of the cluster.
@@ -291,4 +312,154 @@ async fn the_layout_is_recorded_and_another_layout_is_refused() {
             if recorded == "tagged/1" && requested == "classic/1"),
         "{err}"
     );
+}
+
+/// The primary (`host:port`) serving each slot range, from `CLUSTER SLOTS`.
+async fn slot_owners(
+    conn: &mut redis::cluster_async::ClusterConnection,
+) -> Vec<(u16, u16, String)> {
+    let slots: Vec<redis::Value> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(conn)
+        .await
+        .unwrap();
+    slots
+        .into_iter()
+        .map(|range| {
+            let redis::Value::Array(fields) = range else {
+                panic!("unexpected CLUSTER SLOTS entry {range:?}")
+            };
+            let low: u16 = redis::from_redis_value(fields[0].clone()).unwrap();
+            let high: u16 = redis::from_redis_value(fields[1].clone()).unwrap();
+            let redis::Value::Array(primary) = &fields[2] else {
+                panic!("unexpected CLUSTER SLOTS node {:?}", fields[2])
+            };
+            let host: String = redis::from_redis_value(primary[0].clone()).unwrap();
+            let port: u16 = redis::from_redis_value(primary[1].clone()).unwrap();
+            (low, high, format!("{host}:{port}"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_spread_over_every_primary_and_appends_reach_them_all() {
+    for partitions in [3u32, 8] {
+        let store = partitioned_store("spread", partitions).await;
+        let keys = store.keys().clone();
+        let partitioning = store.partitioning();
+        assert_eq!(keys.partitions(), partitions);
+        let mut conn = store.cluster_connection().unwrap();
+        let owners = slot_owners(&mut conn).await;
+        let primaries: BTreeSet<&String> = owners.iter().map(|(_, _, node)| node).collect();
+        assert_eq!(primaries.len(), 3, "{owners:?}");
+        // Each partition's slot, as the cluster hashes its feed key, and the primary serving it.
+        let mut serving: BTreeMap<u32, String> = BTreeMap::new();
+        for (p, part) in (0u32..).zip(keys.all_partitions()) {
+            assert_eq!(keyslot(&mut conn, part.feed()).await, part.slot());
+            let owner = owners
+                .iter()
+                .find(|(low, high, _)| (*low..=*high).contains(&part.slot()))
+                .map(|(_, _, node)| node.clone())
+                .unwrap();
+            serving.insert(p, owner);
+        }
+        let used: BTreeSet<&String> = serving.values().collect();
+        assert_eq!(used, primaries, "{partitions} partitions: {serving:?}");
+
+        // Appends from 16 tasks to streams of every partition.
+        let mut writers = Vec::new();
+        for task in 0..16 {
+            let store = store.clone();
+            writers.push(tokio::spawn(async move {
+                for n in 0..10 {
+                    let stream = StreamId::new("order", &format!("{task}x{n}")).unwrap();
+                    let event = NewEvent::new("Placed", 1, r#"{"total":1}"#).unwrap();
+                    store
+                        .append(AppendRequest::new(
+                            stream,
+                            ExpectedVersion::NoStream,
+                            vec![event],
+                        ))
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        // Every partition got events, each partition's feed and head are on the primary that
+        // serves its slot, and that primary holds the partition's keys (asked directly).
+        let mut total = 0;
+        for (p, part) in (0u32..).zip(keys.all_partitions()) {
+            let feed: Vec<_> = store
+                .read_all(es_core::ReadAll::after(0).partition(p))
+                .try_collect()
+                .await
+                .unwrap();
+            assert!(
+                !feed.is_empty(),
+                "partition {p} of {partitions} got no append"
+            );
+            assert!(feed
+                .iter()
+                .all(|e| e.partition == p && partitioning.partition_of(&e.stream_id) == p));
+            total += feed.len();
+            let mut node = redis::Client::open(format!("redis://{}", serving[&p]))
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            let len: usize = redis::cmd("XLEN")
+                .arg(part.feed())
+                .query_async(&mut node)
+                .await
+                .unwrap();
+            assert_eq!(len, feed.len(), "partition {p} on {}", serving[&p]);
+            let head: Option<u64> = node.hget(part.index(), "position").await.unwrap();
+            assert_eq!(head, Some(feed.last().unwrap().global_position));
+        }
+        assert_eq!(total, 160);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_store_with_another_partitioning_is_refused() {
+    let urls = es_test_support::redis_cluster_urls();
+    let prefix = common::unique_prefix("cpref");
+    let with = |partitioning: es_core::Partitioning| {
+        RedisStore::cluster_builder(urls.clone())
+            .prefix(&prefix)
+            .partitioning(partitioning)
+            .build()
+    };
+    let three = es_core::Partitioning::new(3).unwrap();
+    let store = with(three).await.unwrap();
+    common::append_two_and_read_back(&store, &StreamId::new("order", "1").unwrap()).await;
+    let meta: Option<String> = store
+        .cluster_connection()
+        .unwrap()
+        .hget(store.keys().meta(), "layout")
+        .await
+        .unwrap();
+    assert_eq!(meta.as_deref(), Some("tagged/3"));
+    for (other, requested) in [
+        (es_core::Partitioning::new(8).unwrap(), "tagged/8"),
+        (es_core::Partitioning::single(), "tagged/1"),
+        (
+            three.by(es_core::PartitionKey::Category),
+            "tagged/3/category",
+        ),
+    ] {
+        match with(other).await {
+            Err(Error::LayoutMismatch {
+                recorded,
+                requested: asked,
+                ..
+            }) => assert_eq!((recorded.as_str(), asked.as_str()), ("tagged/3", requested)),
+            Err(other) => panic!("expected LayoutMismatch, got {other}"),
+            Ok(_) => panic!("a store of 3 partitions opened as {requested}"),
+        }
+    }
+    assert!(with(three).await.is_ok());
 }

@@ -24,6 +24,26 @@ pub async fn store_at(url: &str, name: &str) -> RedisStore {
         .unwrap_or_else(|e| panic!("cannot connect to Redis at {url}: {e}"))
 }
 
+/// A store on the shared server under a fresh prefix with `partitions` feed partitions (by
+/// stream id, in the tagged layout).
+pub async fn partitioned_store(name: &str, partitions: u32) -> RedisStore {
+    let partitioning = es_core::Partitioning::new(partitions).expect("a valid partition count");
+    store_with(
+        name,
+        RedisStore::builder(es_test_support::redis_url()).partitioning(partitioning),
+    )
+    .await
+}
+
+/// The store `builder` opens under a fresh prefix.
+pub async fn store_with(name: &str, builder: es_redis::RedisStoreBuilder) -> RedisStore {
+    builder
+        .prefix(unique_prefix(name))
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("cannot build the store: {e}"))
+}
+
 /// The rules of the `ACL SETUSER` line of the production recipe (docs/12-production.md): its
 /// words after the user name, with `<password>` and `<prefix>` filled in.
 pub fn documented_acl(user: &str, password: &str, prefix: &str) -> Vec<String> {
