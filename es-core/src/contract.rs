@@ -64,7 +64,9 @@ mod snapshot;
 pub use append::{classify_retry, AppendLimits, AppendRequest, AppendResult, StoredEventRef};
 pub use checkpoint::{Checkpoint, CheckpointStore};
 pub use error::{StoreError, StoreFuture};
-pub use event_store::{verify_resume, wait_on_watch, EventStore, Store, StreamingStore};
+pub use event_store::{
+    verify_resume, wait_for_any_append, wait_on_watch, EventStore, Store, StreamingStore,
+};
 pub use expected::ExpectedVersion;
 pub use outbox::{
     DeadLetter, Delivered, LastRejection, LeaseState, OutboxMessage, OutboxRecord, OutboxStore,

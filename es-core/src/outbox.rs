@@ -906,10 +906,9 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
                 }
                 Ok(RelayStep::Idle) => {
                     backoff.reset();
-                    let head = self.store.head_position().await.unwrap_or(0);
                     tokio::select! {
                         () = &mut shutdown => break,
-                        () = self.store.wait_for_append(head) => {}
+                        () = crate::contract::wait_for_any_append(&self.store) => {}
                         () = tokio::time::sleep(self.config.idle_poll) => {}
                     }
                     continue;

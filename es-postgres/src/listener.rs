@@ -104,13 +104,12 @@ impl Notifier {
                 if payloads.is_empty() {
                     break;
                 }
-                let notified = sqlx::query(
-                    "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
-                )
-                .bind(&self.channel)
-                .bind(&payloads)
-                .execute(&self.pool)
-                .await;
+                let notified =
+                    sqlx::query("SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload")
+                        .bind(&self.channel)
+                        .bind(&payloads)
+                        .execute(&self.pool)
+                        .await;
                 match notified {
                     Ok(_) => {
                         sent = heads;

@@ -383,6 +383,22 @@ impl<S: EventStore> State<S> {
     }
 }
 
+/// Resolves when any partition of `store` may have received an append after this call began, or
+/// after the backend's polling interval at the latest: the heads are read first, then the wait
+/// is for any partition to pass its head. If a head cannot be read (the store is down) it never
+/// resolves: pair it with the caller's own polling interval.
+pub async fn wait_for_any_append<S: EventStore>(store: &S) {
+    let partitioning = store.partitioning();
+    let mut waits = Vec::with_capacity(partitioning.count() as usize);
+    for partition in partitioning.partitions() {
+        let Ok(head) = store.partition_head(partition).await else {
+            return std::future::pending().await;
+        };
+        waits.push(Box::pin(store.wait_for_partition(partition, head)));
+    }
+    futures::future::select_all(waits).await;
+}
+
 /// Waits until `watch` holds a value above `after`, or `poll` elapses.
 ///
 /// A helper for backends that keep the latest known head position in a

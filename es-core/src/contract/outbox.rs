@@ -139,14 +139,15 @@ pub struct RelayStatus {
 /// Outbox records are written by [`EventStore::append`](super::EventStore::append) from
 /// [`AppendRequest::outbox`](super::AppendRequest::outbox), atomically with the events.
 ///
-/// **Partitions.** A store with several feed [`partition`](super::partition)s keeps one outbox
-/// per partition, with its own positions, dead letters and relay lease: the records of an append
-/// go to the outbox of its stream's partition. A relay serves one partition, on the handle
-/// [`outbox_partition`](OutboxStore::outbox_partition) returns; so each partition's records are
-/// published in their order, and records of one key stay in order as long as the key's records
-/// come from streams of one partition (a key per stream always does). Nothing orders records of
-/// different partitions. On a partitioned store, the outbox methods of a handle not scoped to a
-/// partition fail with [`StoreError::Partitioned`](super::StoreError::Partitioned).
+/// **Partitions.** A store with several feed [`partition`](super::partition)s keeps either one
+/// outbox for the whole store (es-memory, es-postgres: one relay serves every partition; records
+/// of different partitions may become visible out of position order, each stream's stay in
+/// order) or one outbox per partition (es-redis, where a partition lives in one hash slot: each
+/// with its own positions, dead letters and relay lease, reached through the handle
+/// [`outbox_partition`](OutboxStore::outbox_partition) returns; its unscoped handle's outbox
+/// methods fail with [`StoreError::Partitioned`](super::StoreError::Partitioned)). Either way a
+/// key's records stay in order as long as they come from streams of one partition (a key per
+/// stream always does); nothing orders records of different partitions.
 pub trait OutboxStore: Clone + Send + Sync + 'static {
     /// A handle whose outbox methods address the outbox of feed partition `partition`. The
     /// default, for a store with one partition: partition 0 is the whole outbox, and any other is
@@ -175,8 +176,9 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
     /// Up to `limit` undelivered records at outbox positions above `after`, in outbox order: the
     /// relay reads its next batch with it while earlier ones are still being published. Records
     /// become visible in position order (a record is never seen after a higher position was
-    /// seen), except re-queued dead letters in PostgreSQL, which a relay reading past them finds
-    /// on its next pass from the head.
+    /// seen), except re-queued dead letters in PostgreSQL and, in a PostgreSQL store with
+    /// several partitions, records of partitions that committed out of position order: a relay
+    /// reading past them finds them on its next pass from the head.
     fn pending_outbox_after(&self, after: u64, limit: u64) -> impl StoreFuture<Vec<OutboxRecord>>;
 
     /// Marks the `delivered` records delivered (removes them from the outbox), if `generation`
