@@ -19,6 +19,7 @@
 //! 10. [`operating`]: migrations, what each failure looks like, monitoring, the chaos checker.
 //! 11. [`guarantees`]: what holds, where it stops, and the tests that try to break it.
 //! 12. [`production`]: TLS, least-privilege roles, durability settings, failover, read replicas.
+//! 13. [`scaling_out`]: feed partitions, Redis Cluster, partitioned PostgreSQL.
 #![doc(test(attr(deny(warnings))))]
 
 /// Cross-references between chapters, resolved by rustdoc. Each chapter's own Markdown defines
@@ -37,7 +38,8 @@ macro_rules! chapter_links {
          [testing]: crate::testing\n\
          [operating]: crate::operating\n\
          [guarantees]: crate::guarantees\n\
-         [production]: crate::production\n\n"
+         [production]: crate::production\n\
+         [scaling-out]: crate::scaling_out\n\n"
     };
 }
 
@@ -88,3 +90,7 @@ pub mod guarantees {}
 #[doc = chapter_links!()]
 #[doc = include_str!("../../docs/12-production.md")]
 pub mod production {}
+
+#[doc = chapter_links!()]
+#[doc = include_str!("../../docs/13-scaling-out.md")]
+pub mod scaling_out {}
