@@ -12,7 +12,7 @@ use es_memory::InMemoryStore;
 struct Count(u64);
 
 impl Projection for Count {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "count"
     }
 
