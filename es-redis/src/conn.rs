@@ -2,7 +2,7 @@
 //! Sentinel names, followed across failovers, or (feature `cluster`) to a Redis Cluster. See the
 //! crate docs, sections "Production" and "Redis Cluster".
 
-#[cfg(feature = "sentinel")]
+#[cfg(any(feature = "sentinel", feature = "cluster"))]
 use std::sync::Arc;
 
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};

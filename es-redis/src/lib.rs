@@ -819,34 +819,7 @@ impl RedisStoreBuilder {
         if sentinel.urls.is_empty() {
             return Err(Error::InvalidSetting("no sentinel addresses were given"));
         }
-        let mut sentinels = Vec::with_capacity(sentinel.urls.len());
-        let (mut tls, mut plaintext) = (Vec::new(), Vec::new());
-        let shown = |url: &str| es_core::contract::redact_url(url);
-        if tls_url {
-            tls.push(shown(&self.url));
-        } else {
-            plaintext.push(shown(&self.url));
-        }
-        for url in &sentinel.urls {
-            let info = url
-                .as_str()
-                .into_connection_info()
-                .map_err(|source| Error::invalid_url(url, source))?;
-            match info.addr() {
-                redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
-                    return Err(Error::InvalidSetting(INSECURE_REFUSED))
-                }
-                redis::ConnectionAddr::TcpTls { .. } => tls.push(shown(url)),
-                _ => plaintext.push(shown(url)),
-            }
-            sentinels.push(info);
-        }
-        if !tls.is_empty() && !plaintext.is_empty() {
-            return Err(Error::MixedTls { tls, plaintext });
-        }
-        if !tls_url && self.tls.is_set() {
-            return Err(Error::InvalidSetting(PLAINTEXT_REFUSED));
-        }
+        let mut sentinels = self.parse_nodes(Some(&self.url), &sentinel.urls, tls_url)?;
         let node = if tls_url {
             for (info, url) in sentinels.iter_mut().zip(&sentinel.urls) {
                 *info = self.tls_info(url, info.clone())?;
@@ -887,22 +860,28 @@ impl RedisStoreBuilder {
 }
 
 impl RedisStoreBuilder {
-    /// The connection to the cluster that `nodes` belong to: TLS to every node or to none,
-    /// each node's URL with TCP keepalive; and a connection to the first node for
-    /// [`RedisStore::connection`].
-    #[cfg(feature = "cluster")]
-    async fn join_cluster(
+    /// Parses the URLs of the nodes (sentinels, cluster nodes) a store connects through, with
+    /// the store's own URL if it is not one of them: all of them TLS or none
+    /// ([`Error::MixedTls`]), no TLS URL that skips verification, and no TLS settings on the
+    /// builder without TLS URLs (`tls_url`: whether the store's URL is TLS).
+    #[cfg(any(feature = "sentinel", feature = "cluster"))]
+    fn parse_nodes(
         &self,
-        nodes: &[String],
-        first: redis::ConnectionInfo,
+        own: Option<&str>,
+        urls: &[String],
         tls_url: bool,
-        config: ConnectionManagerConfig,
-    ) -> Result<(Target, Connection), Error> {
+    ) -> Result<Vec<redis::ConnectionInfo>, Error> {
         let shown = |url: &str| es_core::contract::redact_url(url);
-        let tcp = first.tcp_settings().clone();
         let (mut tls, mut plaintext) = (Vec::new(), Vec::new());
-        let mut infos = Vec::with_capacity(nodes.len());
-        for url in nodes {
+        if let Some(own) = own {
+            if tls_url {
+                tls.push(shown(own));
+            } else {
+                plaintext.push(shown(own));
+            }
+        }
+        let mut infos = Vec::with_capacity(urls.len());
+        for url in urls {
             let info = url
                 .as_str()
                 .into_connection_info()
@@ -914,7 +893,7 @@ impl RedisStoreBuilder {
                 redis::ConnectionAddr::TcpTls { .. } => tls.push(shown(url)),
                 _ => plaintext.push(shown(url)),
             }
-            infos.push(info.set_tcp_settings(tcp.clone()));
+            infos.push(info);
         }
         if !tls.is_empty() && !plaintext.is_empty() {
             return Err(Error::MixedTls { tls, plaintext });
@@ -922,6 +901,26 @@ impl RedisStoreBuilder {
         if self.tls.is_set() && !tls_url {
             return Err(Error::InvalidSetting(PLAINTEXT_REFUSED));
         }
+        Ok(infos)
+    }
+
+    /// The connection to the cluster that `nodes` belong to: TLS to every node or to none,
+    /// each node's URL with TCP keepalive; and a connection to the first node for
+    /// [`RedisStore::connection`].
+    #[cfg(feature = "cluster")]
+    async fn join_cluster(
+        &self,
+        nodes: &[String],
+        first: redis::ConnectionInfo,
+        tls_url: bool,
+        config: ConnectionManagerConfig,
+    ) -> Result<(Target, Connection), Error> {
+        let tcp = first.tcp_settings().clone();
+        let infos = self
+            .parse_nodes(None, nodes, tls_url)?
+            .into_iter()
+            .map(|info| info.set_tcp_settings(tcp.clone()))
+            .collect();
         let cluster_nodes = Arc::new(conn::cluster::Nodes {
             seeds: infos,
             #[cfg(feature = "tls")]
