@@ -9,18 +9,15 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use es_core::{
-    AppendRequest, AppendResult, EventFilter, EventStore, ExpectedVersion, NewEvent, ReadAll,
-    RecordedEvent, StoreError, StreamId,
+    AppendRequest, AppendResult, EventStore, ExpectedVersion, NewEvent, ReadAll, RecordedEvent,
+    StoreError, StreamId,
 };
 use es_postgres::PgStore;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use serde_json::json;
-use tokio::sync::Mutex;
-use tokio::task::JoinHandle;
 
 /// The longest any append or wait in these tests may take before the test fails: far above the
 /// stalls the tests inject, far below "forever".
@@ -65,51 +62,6 @@ async fn store_named(
 
 async fn plain_store(schema: &str) -> PgStore {
     common::store_on(&es_test_support::database_url(), schema).await
-}
-
-/// Collects what a subscription from position 0 delivers, until dropped.
-struct Recorder {
-    seen: Arc<Mutex<Vec<RecordedEvent>>>,
-    task: JoinHandle<()>,
-}
-
-impl Recorder {
-    fn start(store: &PgStore) -> Self {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&seen);
-        let mut feed = store.subscribe(0, EventFilter::all());
-        let task = tokio::spawn(async move {
-            while let Some(event) = feed.next().await {
-                sink.lock()
-                    .await
-                    .push(event.expect("the subscription does not fail"));
-            }
-        });
-        Self { seen, task }
-    }
-
-    /// Waits until it has delivered `position`, then returns what it delivered.
-    async fn until(&self, position: u64) -> Vec<RecordedEvent> {
-        tokio::time::timeout(LIVENESS, async {
-            loop {
-                {
-                    let seen = self.seen.lock().await;
-                    if seen.iter().any(|e| e.global_position >= position) {
-                        return seen.clone();
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the subscriber reaches the head")
-    }
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// Whatever the subscriber delivered must be exactly the committed feed up to the last position
@@ -160,7 +112,7 @@ async fn retry_with_any_does_not_let_the_feed_skip() {
         ))
         .await
         .unwrap();
-    let recorder = Recorder::start(&third);
+    let recorder = common::Recorder::start(&third);
 
     let slow_append = tokio::spawn({
         let slow = slow.clone();
@@ -202,7 +154,11 @@ async fn retry_with_any_does_not_let_the_feed_skip() {
         .unwrap();
     assert!(slow_result.positions[0] < fast.positions[0]);
 
-    let delivered = recorder.until(fast.positions[0]).await;
+    let delivered = recorder
+        .until("the subscriber reaches the head", LIVENESS, |seen| {
+            seen.iter().any(|e| e.global_position >= fast.positions[0])
+        })
+        .await;
     assert_never_skipped(&third, &delivered).await;
     assert!(
         delivered
@@ -221,7 +177,7 @@ async fn a_rolled_back_allocation_does_not_let_the_feed_skip() {
     let slow = store_with(&schema, Duration::from_secs(3), Duration::from_secs(30)).await;
     let refusing = store_with(&schema, Duration::ZERO, Duration::from_secs(30)).await;
     let third = plain_store(&schema).await;
-    let recorder = Recorder::start(&third);
+    let recorder = common::Recorder::start(&third);
 
     let slow_append = tokio::spawn({
         let slow = slow.clone();
@@ -264,7 +220,11 @@ async fn a_rolled_back_allocation_does_not_let_the_feed_skip() {
         .unwrap();
     assert!(slow_result.positions[0] < fast.positions[0]);
 
-    let delivered = recorder.until(fast.positions[0]).await;
+    let delivered = recorder
+        .until("the subscriber reaches the head", LIVENESS, |seen| {
+            seen.iter().any(|e| e.global_position >= fast.positions[0])
+        })
+        .await;
     assert_never_skipped(&third, &delivered).await;
     assert_eq!(
         delivered
@@ -284,7 +244,7 @@ async fn a_stalled_append_is_aborted_and_the_chain_moves_on() {
     // The projection would hang for ten minutes; the append time-out is one second.
     let stalling = store_with(&schema, Duration::from_secs(600), Duration::from_secs(1)).await;
     let other = plain_store(&schema).await;
-    let recorder = Recorder::start(&other);
+    let recorder = common::Recorder::start(&other);
 
     let before = other
         .append(AppendRequest::new(
@@ -345,7 +305,11 @@ async fn a_stalled_append_is_aborted_and_the_chain_moves_on() {
     );
 
     let last = recovered.positions[0].max(after[4].positions[0]);
-    let delivered = recorder.until(last).await;
+    let delivered = recorder
+        .until("the subscriber reaches the head", LIVENESS, |seen| {
+            seen.iter().any(|e| e.global_position >= last)
+        })
+        .await;
     assert_never_skipped(&other, &delivered).await;
     assert!(delivered.iter().all(|e| e.event_type != "Slow"));
     assert!(delivered
@@ -363,7 +327,7 @@ async fn a_failing_inline_projection_releases_its_positions_at_once() {
     let schema = common::unique_schema("co_refuse");
     let refusing = store_with(&schema, Duration::ZERO, Duration::from_secs(3600)).await;
     let other = plain_store(&schema).await;
-    let recorder = Recorder::start(&other);
+    let recorder = common::Recorder::start(&other);
 
     let refused = refusing
         .append(AppendRequest::new(
@@ -398,8 +362,11 @@ async fn a_failing_inline_projection_releases_its_positions_at_once() {
     .await
     .expect("the refusing store goes on")
     .unwrap();
+    let head = next.positions[0].max(same_store.positions[0]);
     let delivered = recorder
-        .until(next.positions[0].max(same_store.positions[0]))
+        .until("the subscriber reaches the head", LIVENESS, |seen| {
+            seen.iter().any(|e| e.global_position >= head)
+        })
         .await;
     assert_never_skipped(&other, &delivered).await;
 }
@@ -421,7 +388,7 @@ async fn terminated_backends_holding_positions_do_not_let_the_feed_skip() {
     .await;
     let third = plain_store(&schema).await;
     let admin = common::pool(&es_test_support::database_url(), 2).await;
-    let recorder = Recorder::start(&third);
+    let recorder = common::Recorder::start(&third);
 
     let slow_append = tokio::spawn({
         let slow = slow.clone();
@@ -473,7 +440,11 @@ async fn terminated_backends_holding_positions_do_not_let_the_feed_skip() {
     .await
     .unwrap();
     let slow_result = within("the slow append", slow_append).await.unwrap();
-    let delivered = recorder.until(fast.positions[0]).await;
+    let delivered = recorder
+        .until("the subscriber reaches the head", LIVENESS, |seen| {
+            seen.iter().any(|e| e.global_position >= fast.positions[0])
+        })
+        .await;
     assert_never_skipped(&third, &delivered).await;
     let types: Vec<&str> = delivered.iter().map(|e| e.event_type.as_str()).collect();
     // Whichever of the two slow appends was terminated, the other's event comes before Fast.

@@ -6,10 +6,9 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use es_core::contract::{FeedPosition, PartitionKey, Partitioning};
+use es_core::contract::{PartitionKey, Partitioning};
 use es_core::{
     AppendRequest, AppendResult, EventFilter, EventStore, ExpectedVersion, NewEvent, ReadAll,
     RecordedEvent, StoreError, StreamId,
@@ -17,8 +16,6 @@ use es_core::{
 use es_postgres::{Error, PgStore};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
-use tokio::sync::Mutex;
-use tokio::task::JoinHandle;
 
 /// The longest any append or wait in these tests may take before the test fails.
 const LIVENESS: Duration = Duration::from_secs(60);
@@ -90,53 +87,6 @@ async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(LIVENESS, f)
         .await
         .unwrap_or_else(|_| panic!("{what} did not return within {LIVENESS:?}"))
-}
-
-/// Collects what a subscription to every partition delivers, until dropped.
-struct Recorder {
-    seen: Arc<Mutex<Vec<RecordedEvent>>>,
-    task: JoinHandle<()>,
-}
-
-impl Recorder {
-    fn start(store: &PgStore) -> Self {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&seen);
-        let from = FeedPosition::start(&store.partitioning());
-        let mut feed = store.subscribe_all(&from, EventFilter::all());
-        let task = tokio::spawn(async move {
-            while let Some(event) = feed.next().await {
-                sink.lock()
-                    .await
-                    .push(event.expect("the subscription does not fail"));
-            }
-        });
-        Self { seen, task }
-    }
-
-    /// Waits until it has delivered every event id of `ids`, then returns what it delivered.
-    async fn until_all(&self, ids: &HashSet<uuid::Uuid>) -> Vec<RecordedEvent> {
-        tokio::time::timeout(LIVENESS, async {
-            loop {
-                {
-                    let seen = self.seen.lock().await;
-                    let have: HashSet<uuid::Uuid> = seen.iter().map(|e| e.event_id).collect();
-                    if ids.is_subset(&have) {
-                        return seen.clone();
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the subscriber delivers every acknowledged event")
-    }
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// What a subscriber of every partition delivered must be, in each partition, exactly that
@@ -405,7 +355,7 @@ async fn other_partitions_go_on_while_one_is_held(ending: Ending) {
     let refusing = held_store(&schema, "part_refusing", p, Duration::ZERO, LIVENESS).await;
     let other = plain_store(&schema, p).await;
     let admin = common::pool(&es_test_support::database_url(), 2).await;
-    let recorder = Recorder::start(&other);
+    let recorder = common::Recorder::start(&other);
     let held_streams = streams_in(p, held_partition, "held", 3);
 
     let held = tokio::spawn({
@@ -483,7 +433,16 @@ async fn other_partitions_go_on_while_one_is_held(ending: Ending) {
         .await
         .unwrap();
     wanted.extend(feed_of_held.iter().map(|e| e.event_id));
-    let delivered = recorder.until_all(&wanted).await;
+    let delivered = recorder
+        .until(
+            "the subscriber delivers every acknowledged event",
+            LIVENESS,
+            |seen| {
+                let have: HashSet<uuid::Uuid> = seen.iter().map(|e| e.event_id).collect();
+                wanted.is_subset(&have)
+            },
+        )
+        .await;
     assert_never_skipped(&other, &delivered).await;
     let held_types: Vec<&str> = delivered
         .iter()
@@ -556,7 +515,7 @@ async fn several_stores_append_across_partitions_and_subscribers_miss_nothing() 
         stores.push(plain_store(&schema, p).await);
     }
     let reader = plain_store(&schema, p).await;
-    let recorder = Recorder::start(&reader);
+    let recorder = common::Recorder::start(&reader);
     let tasks_per_store = 4;
     let rounds = 40;
     let mut tasks = Vec::new();
@@ -599,7 +558,16 @@ async fn several_stores_append_across_partitions_and_subscribers_miss_nothing() 
         acknowledged.extend(task.await.unwrap());
     }
     let wanted = ids_of(&acknowledged);
-    let delivered = recorder.until_all(&wanted).await;
+    let delivered = recorder
+        .until(
+            "the subscriber delivers every acknowledged event",
+            LIVENESS,
+            |seen| {
+                let have: HashSet<uuid::Uuid> = seen.iter().map(|e| e.event_id).collect();
+                wanted.is_subset(&have)
+            },
+        )
+        .await;
     assert_never_skipped(&reader, &delivered).await;
 
     assert_eq!(

@@ -124,3 +124,59 @@ pub async fn fresh_partitioned_store(partitioning: es_core::Partitioning) -> PgS
         .await
         .unwrap_or_else(|e| panic!("cannot build the store on schema {schema}: {e}"))
 }
+
+/// Collects what a subscription to every partition (from position 0 of each) delivers, until
+/// dropped.
+pub struct Recorder {
+    seen: std::sync::Arc<tokio::sync::Mutex<Vec<RecordedEvent>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    pub fn start(store: &PgStore) -> Self {
+        use es_core::EventStore;
+        use futures::StreamExt;
+
+        let seen = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&seen);
+        let from = es_core::FeedPosition::start(&store.partitioning());
+        let mut feed = store.subscribe_all(&from, es_core::EventFilter::all());
+        let task = tokio::spawn(async move {
+            while let Some(event) = feed.next().await {
+                sink.lock()
+                    .await
+                    .push(event.expect("the subscription does not fail"));
+            }
+        });
+        Self { seen, task }
+    }
+
+    /// Waits (at most `patience`) until what it delivered satisfies `done`, then returns it;
+    /// fails the test naming `what` otherwise.
+    pub async fn until(
+        &self,
+        what: &str,
+        patience: Duration,
+        done: impl Fn(&[RecordedEvent]) -> bool,
+    ) -> Vec<RecordedEvent> {
+        tokio::time::timeout(patience, async {
+            loop {
+                {
+                    let seen = self.seen.lock().await;
+                    if done(&seen) {
+                        return seen.clone();
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what} within {patience:?}"))
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
