@@ -607,3 +607,62 @@ async fn several_stores_append_across_partitions_and_subscribers_miss_nothing() 
         }
     }
 }
+
+/// The wake-up is sent after the commit, by a task that coalesces: a reader in another process
+/// (its own pool and listener) with a 60 s polling interval is woken, for every partition, soon
+/// after a burst of concurrent commits, and reaches the last of them; nothing depends on polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readers_elsewhere_are_woken_after_a_burst_of_commits_in_any_partition() {
+    let url = es_test_support::database_url();
+    let schema = common::unique_schema("part_wake");
+    let partitioning = partitions(4);
+    let writer = plain_store(&schema, partitioning).await;
+    let reader = PgStore::builder(common::pool(&url, 8).await)
+        .schema(&schema)
+        .partitioning(partitioning)
+        .poll_interval(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    for partition in partitioning.partitions() {
+        let streams = streams_in(partitioning, partition, &format!("wake{partition}"), 16);
+        let head = reader.partition_head(partition).await.unwrap();
+        let mut feed = reader.subscribe_partition(partition, head, EventFilter::all());
+        let expected = streams.len();
+        // The subscription runs (catches up, then waits on the listener) before the commits.
+        let follower = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while seen.len() < expected {
+                let e = feed
+                    .next()
+                    .await
+                    .expect("the subscription goes on")
+                    .expect("the subscription does not fail");
+                seen.push(e);
+            }
+            seen
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let appends = streams.iter().map(|s| {
+            writer.append(AppendRequest::new(
+                s.clone(),
+                ExpectedVersion::Any,
+                vec![event("Woken")],
+            ))
+        });
+        let results = futures::future::try_join_all(appends).await.unwrap();
+        let last = results.iter().map(|r| r.positions[0]).max().unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(10), follower)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("partition {partition}: not woken well before the 60 s poll")
+            })
+            .unwrap();
+        assert!(seen.iter().all(|e| e.partition == partition));
+        assert_eq!(
+            seen.last().map(|e| e.global_position),
+            Some(last),
+            "the last commit is announced"
+        );
+    }
+}
