@@ -91,7 +91,7 @@ impl Publisher for Collect {
 async fn an_idle_relay_is_woken_by_an_append_to_any_partition() {
     let partitioning = Partitioning::new(4).unwrap();
     let store = InMemoryStore::builder().partitioning(partitioning).build();
-    let stream = (0..)
+    let stream = (0..1000)
         .map(|i| StreamId::new("account", &i.to_string()).unwrap())
         .find(|s| partitioning.partition_of(s) == 3)
         .unwrap();
