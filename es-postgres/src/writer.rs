@@ -535,15 +535,15 @@ impl Writer {
             .unwrap_or(0);
         if last > 0 {
             self.committed.record(partition, last);
-        }
-        if let (true, Some(head)) = (last > 0, self.heads.get(partition as usize)) {
-            head.send_if_modified(|head| {
-                let newer = last > *head;
-                if newer {
-                    *head = last;
-                }
-                newer
-            });
+            if let Some(head) = self.heads.get(partition as usize) {
+                head.send_if_modified(|head| {
+                    let newer = last > *head;
+                    if newer {
+                        *head = last;
+                    }
+                    newer
+                });
+            }
         }
         for (job, outcome) in jobs.into_iter().zip(outcomes) {
             let _ = job.reply.send(outcome);

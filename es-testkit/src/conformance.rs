@@ -28,7 +28,7 @@ use es_core::{
 };
 
 use crate::domain::{Credited, Ledger, LedgerCommand, LedgerError, LedgerEvent};
-use crate::support::{check_feed, poll_until_done, tail_until_done};
+use crate::support::{check_feed, in_feed_order, poll_until_done, tail_until_done};
 
 /// How long any single wait in the suite may take before the case fails.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -144,15 +144,6 @@ async fn read_feeds<S: Store>(store: &S, read: ReadAll) -> Vec<RecordedEvent> {
         events.extend(read_all(store, in_feed(read.clone(), feed)).await);
     }
     events
-}
-
-/// Whether positions strictly increase within each partition's run of `events`.
-fn in_feed_order(events: &[RecordedEvent]) -> bool {
-    let mut last: HashMap<u32, u64> = HashMap::new();
-    events.iter().all(|e| {
-        let before = last.insert(e.partition, e.global_position).unwrap_or(0);
-        e.global_position > before
-    })
 }
 
 /// Follows the feed of `stream` from `after`.

@@ -146,17 +146,10 @@ pub fn poll_until_done<S: EventStore>(
 /// version 1.
 #[track_caller]
 pub fn check_feed<H: BuildHasher>(name: &str, seen: &[RecordedEvent], written: &HashSet<Uuid, H>) {
-    let mut last_position: HashMap<u32, u64> = HashMap::new();
-    for e in seen {
-        let before = last_position
-            .insert(e.partition, e.global_position)
-            .unwrap_or(0);
-        assert!(
-            e.global_position > before,
-            "{name}: positions strictly increase (partition {})",
-            e.partition
-        );
-    }
+    assert!(
+        in_feed_order(seen),
+        "{name}: positions strictly increase within each partition"
+    );
     let ids: HashSet<Uuid> = seen.iter().map(|e| e.event_id).collect();
     assert_eq!(
         ids.len(),
@@ -180,6 +173,16 @@ pub fn check_feed<H: BuildHasher>(name: &str, seen: &[RecordedEvent], written: &
             "{name}: per-stream order in the feed"
         );
     }
+}
+
+/// Whether positions strictly increase within each partition's run of `events` (the events of
+/// one partition in the order given, whatever lies between them).
+pub fn in_feed_order(events: &[RecordedEvent]) -> bool {
+    let mut last: HashMap<u32, u64> = HashMap::new();
+    events.iter().all(|e| {
+        let before = last.insert(e.partition, e.global_position).unwrap_or(0);
+        e.global_position > before
+    })
 }
 
 /// Everything an error shows a user or a log: its `Display`, its `Debug`, and the `Display` of
