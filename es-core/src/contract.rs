@@ -8,6 +8,7 @@
 //! | [`SnapshotStore`] | aggregate snapshots | [`SnapshotRecord`] |
 //! | [`OutboxStore`] | outbox records, dead letters, the relay lease | [`OutboxMessage`], [`OutboxRecord`], [`Delivered`], [`Rejection`], [`DeadLetter`], [`RelayStatus`] |
 //! | [`CheckpointStore`] | projection checkpoints | [`Checkpoint`] |
+//! | [`LeaseStore`] | named leases of consumer groups | [`HeldLease`] |
 //!
 //! [`Store`] (events and snapshots) is what the repository runs on; [`StreamingStore`] adds the
 //! outbox and checkpoints, for relays and projections. Every method fails with a [`StoreError`].
@@ -54,6 +55,7 @@ mod checkpoint;
 mod error;
 mod event_store;
 mod expected;
+mod lease;
 mod outbox;
 pub mod partition;
 pub mod position;
@@ -68,6 +70,7 @@ pub use event_store::{
     verify_resume, wait_for_any_append, wait_on_watch, EventStore, Store, StreamingStore,
 };
 pub use expected::ExpectedVersion;
+pub use lease::{check_lease, check_lease_name, HeldLease, LeaseStore, MAX_LEASE_NAME, MAX_LEASE_TTL};
 pub use outbox::{
     DeadLetter, Delivered, LastRejection, LeaseState, OutboxMessage, OutboxRecord, OutboxStore,
     Rejection, RelayStatus,

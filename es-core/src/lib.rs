@@ -77,6 +77,7 @@
 pub mod aggregate;
 pub mod contract;
 pub mod event;
+pub mod group;
 pub mod json;
 pub mod outbox;
 pub mod projection;

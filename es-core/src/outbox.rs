@@ -884,6 +884,46 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
         self.attempts().retain(|p, _| *p >= oldest_pending);
     }
 
+    /// Starts this process's worker of the relay group of `store` (see [`crate::group`]): the
+    /// group's workers, here and in other processes, divide the store's outboxes
+    /// ([`OutboxStore::outbox_partitions`]) among them, and this one runs a relay with `config`
+    /// and a clone of `publisher` on each outbox it takes. Each relay still holds its outbox's
+    /// relay lease and is fenced by it, so each outbox is published by one relay at a time, in
+    /// order, and a key's messages reach the broker in order. On a store with one outbox, one
+    /// worker publishes and the others stand by.
+    pub fn spawn_group(
+        store: S,
+        publisher: P,
+        config: RelayConfig,
+        group: crate::group::GroupConfig,
+    ) -> crate::group::GroupHandle
+    where
+        S: crate::contract::LeaseStore,
+        P: Clone,
+    {
+        let outboxes = store.outbox_partitions();
+        crate::group::spawn_group(
+            store.clone(),
+            "relay",
+            outboxes,
+            group,
+            move |mut claim: crate::group::Claim| {
+                let relay = store
+                    .outbox_partition(claim.partition)
+                    .map(|outbox| Relay::new(outbox, publisher.clone(), config.clone()));
+                async move {
+                    let result = match relay {
+                        Ok(relay) => relay.run(claim.stopped()).await.map_err(|e| e.to_string()),
+                        Err(err) => Err(err.to_string()),
+                    };
+                    if let Err(err) = result {
+                        tracing::error!(partition = claim.partition, error = %err, "the relay of an outbox stopped");
+                    }
+                }
+            },
+        )
+    }
+
     /// Runs until `shutdown` resolves; then releases the lease. Transient store failures and
     /// broker failures are retried with backoff. Fails at once with [`RelayError::Config`] if the
     /// configuration cannot work.

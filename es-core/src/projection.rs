@@ -44,10 +44,14 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::contract::position::distance;
-use crate::contract::{Checkpoint, CheckpointStore, EventFilter, EventStore, StoreError};
+use crate::contract::{
+    Checkpoint, CheckpointStore, EventFilter, EventStore, LeaseStore, StoreError,
+};
+use crate::group::{spawn_group, Claim, GroupConfig, GroupHandle};
 use crate::event::RecordedEvent;
 use crate::retry::{Backoff, Delays};
 use crate::stream_id::StreamId;
@@ -137,6 +141,19 @@ pub trait ProjectionSink: Send + 'static {
     /// Drops the read model, then starts a new generation of the checkpoint at position 0 and
     /// adopts it.
     fn reset(&mut self) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Takes feed partition `partition` over, for a consumer-group worker (see
+    /// [`crate::group`]): from now on the sink keeps that partition's own checkpoint (named by
+    /// [`partition_checkpoint`]), fences it (a new generation at the same position, see
+    /// [`CheckpointStore::fence_checkpoint`]) so that every save of an earlier holder is
+    /// refused, and returns its position.
+    fn claim(&mut self, partition: u32) -> impl Future<Output = Result<u64, HandlerError>> + Send;
+}
+
+/// The name of the checkpoint that a consumer group keeps for `projection`'s feed partition
+/// `partition`: `<projection>#<partition>`.
+pub fn partition_checkpoint(projection: &str, partition: u32) -> String {
+    format!("{projection}#{partition}")
 }
 
 /// Runs a [`Projection`] at least once, with its checkpoint in a [`CheckpointStore`].
@@ -149,6 +166,8 @@ pub struct AtLeastOnce<P, C> {
     projection: P,
     checkpoints: C,
     generation: u64,
+    /// The partition claimed, in a consumer group.
+    partition: Option<u32>,
 }
 
 impl<P: Projection, C: CheckpointStore> AtLeastOnce<P, C> {
@@ -158,6 +177,7 @@ impl<P: Projection, C: CheckpointStore> AtLeastOnce<P, C> {
             projection,
             checkpoints,
             generation: 0,
+            partition: None,
         }
     }
 
@@ -166,10 +186,18 @@ impl<P: Projection, C: CheckpointStore> AtLeastOnce<P, C> {
         &self.projection
     }
 
+    /// The checkpoint's name: the projection's, or its partition's in a consumer group.
+    fn key(&self) -> String {
+        match self.partition {
+            Some(partition) => partition_checkpoint(self.projection.name(), partition),
+            None => self.projection.name().to_owned(),
+        }
+    }
+
     async fn save(&mut self, position: u64) -> Result<bool, StoreError> {
         self.checkpoints
             .save_checkpoint(
-                self.projection.name(),
+                &self.key(),
                 Checkpoint {
                     position,
                     generation: self.generation,
@@ -189,10 +217,7 @@ impl<P: Projection, C: CheckpointStore> ProjectionSink for AtLeastOnce<P, C> {
     }
 
     async fn checkpoint(&mut self) -> Result<u64, HandlerError> {
-        let stored = self
-            .checkpoints
-            .load_checkpoint(self.projection.name())
-            .await?;
+        let stored = self.checkpoints.load_checkpoint(&self.key()).await?;
         self.generation = stored.generation;
         Ok(stored.position)
     }
@@ -229,12 +254,16 @@ impl<P: Projection, C: CheckpointStore> ProjectionSink for AtLeastOnce<P, C> {
     async fn reset(&mut self) -> Result<(), HandlerError> {
         // The read model first: a runner that loads the new generation must find it empty.
         self.projection.reset().await?;
-        let fresh = self
-            .checkpoints
-            .reset_checkpoint(self.projection.name())
-            .await?;
+        let fresh = self.checkpoints.reset_checkpoint(&self.key()).await?;
         self.generation = fresh.generation;
         Ok(())
+    }
+
+    async fn claim(&mut self, partition: u32) -> Result<u64, HandlerError> {
+        self.partition = Some(partition);
+        let fenced = self.checkpoints.fence_checkpoint(&self.key()).await?;
+        self.generation = fenced.generation;
+        Ok(fenced.position)
     }
 }
 
@@ -434,6 +463,7 @@ impl<S: EventStore> ProjectionRunner<S> {
             sink,
             status: status_tx,
             control: control_rx,
+            partition: None,
         };
         let span = tracing::info_span!("es.projection", projection = %name);
         let task = tokio::spawn(tracing::Instrument::instrument(worker.run(), span));
@@ -444,6 +474,114 @@ impl<S: EventStore> ProjectionRunner<S> {
             control,
             task,
         }
+    }
+}
+
+impl<S: EventStore + LeaseStore> ProjectionRunner<S> {
+    /// Starts this process's worker of the consumer group of a projection (see
+    /// [`crate::group`]): the group's workers, here and in other processes, divide the store's
+    /// feed partitions among them, and this one runs a sink from `make_sink` for each partition
+    /// it takes, from that partition's own fenced checkpoint. The group is named after the
+    /// sink. Every worker of a group must run the same projection.
+    pub fn spawn_group<K, F>(&self, config: GroupConfig, mut make_sink: F) -> ProjectionGroup
+    where
+        K: ProjectionSink,
+        F: FnMut() -> K + Send + 'static,
+    {
+        let first = make_sink();
+        let name = first.name().to_owned();
+        let mut first = Some(first);
+        let statuses = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+        let shared = Arc::clone(&statuses);
+        let (store, runner) = (self.store.clone(), self.config);
+        let group = spawn_group(
+            self.store.clone(),
+            format!("projection:{name}"),
+            self.store.partitioning().partitions().end,
+            config,
+            move |mut claim: Claim| {
+                let sink = first.take().unwrap_or_else(&mut make_sink);
+                let (control, control_rx) = mpsc::channel(4);
+                let (status, status_rx) = watch::channel(ProjectionStatus::Starting);
+                lock(&shared).insert(claim.partition, status_rx);
+                let worker = Worker {
+                    store: store.clone(),
+                    config: runner,
+                    sink,
+                    status,
+                    control: control_rx,
+                    partition: Some(claim.partition),
+                };
+                let span = tracing::info_span!("es.projection", partition = claim.partition);
+                let run = tracing::Instrument::instrument(worker.run(), span);
+                async move {
+                    tokio::pin!(run);
+                    tokio::select! {
+                        () = &mut run => {}
+                        () = claim.stopped() => {
+                            let _ = control.send(Control::Shutdown).await;
+                            run.await;
+                        }
+                    }
+                }
+            },
+        );
+        ProjectionGroup {
+            name,
+            group,
+            statuses,
+        }
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// This process's worker of a projection's consumer group: see
+/// [`ProjectionRunner::spawn_group`].
+#[derive(Debug)]
+pub struct ProjectionGroup {
+    name: String,
+    group: GroupHandle,
+    statuses: Arc<std::sync::Mutex<BTreeMap<u32, watch::Receiver<ProjectionStatus>>>>,
+}
+
+impl ProjectionGroup {
+    /// The projection's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The partitions this worker runs now.
+    pub fn owned(&self) -> Vec<u32> {
+        self.group.owned()
+    }
+
+    /// Waits until the partitions this worker runs satisfy `done`.
+    pub async fn wait_owned(&self, done: impl FnMut(&[u32]) -> bool) -> Vec<u32> {
+        self.group.wait_owned(done).await
+    }
+
+    /// The status of each partition this worker runs now.
+    pub fn statuses(&self) -> BTreeMap<u32, ProjectionStatus> {
+        let owned = self.group.owned();
+        lock(&self.statuses)
+            .iter()
+            .filter(|(p, _)| owned.contains(p))
+            .map(|(p, status)| (*p, status.borrow().clone()))
+            .collect()
+    }
+
+    /// Stops every partition's projection after its batch in hand and hands the partitions to
+    /// the other workers at once.
+    pub async fn shutdown(self) {
+        self.group.shutdown().await;
+    }
+
+    /// Ends at once, releasing nothing: what a crash does.
+    pub fn kill(self) {
+        self.group.kill();
     }
 }
 
@@ -523,6 +661,8 @@ struct Worker<S, K> {
     sink: K,
     status: watch::Sender<ProjectionStatus>,
     control: mpsc::Receiver<Control>,
+    /// The feed partition a consumer-group worker claimed; `None`: the single feed.
+    partition: Option<u32>,
 }
 
 enum Exit {
@@ -560,12 +700,30 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
                     }
                 }
                 Exit::Rebuild(reply) => self.rebuild(reply).await,
+                Exit::Fenced if self.partition.is_some() => {
+                    // Another worker of the group took the partition over; the group decides
+                    // whether this one claims it again.
+                    tracing::warn!("the partition's checkpoint was fenced by another worker");
+                    let position = self.position();
+                    self.status
+                        .send_replace(ProjectionStatus::Stopped { position });
+                    return;
+                }
                 Exit::Fenced => {
                     tracing::warn!(
                         "the projection was rebuilt elsewhere; reloading its checkpoint"
                     );
                 }
             }
+        }
+    }
+
+    fn position(&self) -> u64 {
+        match &*self.status.borrow() {
+            ProjectionStatus::Running { position } | ProjectionStatus::Stopped { position } => {
+                *position
+            }
+            _ => 0,
         }
     }
 
@@ -582,7 +740,11 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
     async fn consume(&mut self) -> Exit {
         let mut backoff = self.config.backoff.delays();
         let mut position = loop {
-            match self.sink.checkpoint().await {
+            let loaded = match self.partition {
+                Some(partition) => self.sink.claim(partition).await,
+                None => self.sink.checkpoint().await,
+            };
+            match loaded {
                 Ok(position) => break position,
                 Err(err) => {
                     tracing::warn!(error = %err, "loading the checkpoint failed; retrying");
@@ -595,10 +757,13 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
         };
         self.status
             .send_replace(ProjectionStatus::Running { position });
-        let mut feed = self
-            .store
-            .subscribe(position, self.sink.filter())
-            .ready_chunks(self.config.batch_size);
+        let feed = match self.partition {
+            Some(partition) => self
+                .store
+                .subscribe_partition(partition, position, self.sink.filter()),
+            None => self.store.subscribe(position, self.sink.filter()),
+        };
+        let mut feed = feed.ready_chunks(self.config.batch_size);
         loop {
             let batch = tokio::select! {
                 biased;

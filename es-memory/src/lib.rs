@@ -32,7 +32,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use es_core::contract::Checkpoint;
+use es_core::contract::{check_lease, Checkpoint, HeldLease, LeaseStore};
 use es_core::contract::{classify_retry, failed_read, StoreFuture, StoredEventRef};
 use es_core::contract::{DeadLetter, Delivered, LastRejection, LeaseState, Rejection, RelayStatus};
 use es_core::event::now_micros;
@@ -91,18 +91,55 @@ struct State {
     lease: Option<Lease>,
     /// The last generation handed out, kept across releases.
     lease_generation: u64,
+    /// The leases of consumer groups, by group and lease name (kept after release, for the
+    /// generation).
+    group_leases: BTreeMap<String, BTreeMap<String, Lease>>,
     /// Parked outbox records by outbox position.
     dead_letters: BTreeMap<u64, DeadLetter>,
     /// The last dead-lettering.
     last_rejection: Option<LastRejection>,
 }
 
-/// The relay lease as held.
+/// A lease (the relay's, or a group's) as held.
 struct Lease {
     owner: String,
     generation: u64,
     /// `None`: released.
     expires: Option<Instant>,
+}
+
+impl Lease {
+    fn held(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|e| e > now)
+    }
+
+    /// Takes or renews the lease in `slot` for `owner` until `now + ttl`: its generation if
+    /// granted, `None` if another owner holds it. Taking a lease not held raises the generation.
+    fn acquire(slot: &mut Option<Lease>, owner: &str, ttl: Duration, now: Instant) -> Option<u64> {
+        match slot {
+            Some(lease) if lease.held(now) && lease.owner == owner => {
+                lease.expires = Some(now + ttl);
+                Some(lease.generation)
+            }
+            Some(lease) if lease.held(now) => None,
+            _ => {
+                let generation = slot.as_ref().map_or(0, |l| l.generation) + 1;
+                *slot = Some(Lease {
+                    owner: owner.to_owned(),
+                    generation,
+                    expires: Some(now + ttl),
+                });
+                Some(generation)
+            }
+        }
+    }
+
+    /// Releases the lease if `owner` holds it in `generation`.
+    fn release(&mut self, owner: &str, generation: u64) {
+        if self.owner == owner && self.generation == generation {
+            self.expires = None;
+        }
+    }
 }
 
 impl std::fmt::Debug for InMemoryStore {
@@ -663,34 +700,16 @@ impl InMemoryStore {
 impl OutboxStore for InMemoryStore {
     fn acquire_relay_lease(&self, owner: &str, ttl: Duration) -> impl StoreFuture<Option<u64>> {
         let mut state = self.inner.lock();
-        let now = Instant::now();
-        let held_by = |l: &Lease| l.expires.is_some_and(|e| e > now);
-        let granted = match &mut state.lease {
-            Some(lease) if held_by(lease) && lease.owner == owner => {
-                lease.expires = Some(now + ttl);
-                Some(lease.generation)
-            }
-            Some(lease) if held_by(lease) => None,
-            _ => {
-                state.lease_generation += 1;
-                let generation = state.lease_generation;
-                state.lease = Some(Lease {
-                    owner: owner.to_owned(),
-                    generation,
-                    expires: Some(now + ttl),
-                });
-                Some(generation)
-            }
-        };
+        let granted = Lease::acquire(&mut state.lease, owner, ttl, Instant::now());
+        if let Some(generation) = granted {
+            state.lease_generation = generation;
+        }
         futures::future::ready(Ok(granted))
     }
 
     fn release_relay_lease(&self, owner: &str, generation: u64) -> impl StoreFuture<()> {
-        let mut state = self.inner.lock();
-        if let Some(lease) = &mut state.lease {
-            if lease.owner == owner && lease.generation == generation {
-                lease.expires = None;
-            }
+        if let Some(lease) = &mut self.inner.lock().lease {
+            lease.release(owner, generation);
         }
         futures::future::ready(Ok(()))
     }
@@ -797,7 +816,7 @@ impl OutboxStore for InMemoryStore {
             lease: state.lease.as_ref().map(|l| LeaseState {
                 owner: l.owner.clone(),
                 generation: l.generation,
-                held: l.expires.is_some_and(|e| e > now),
+                held: l.held(now),
             }),
         };
         futures::future::ready(Ok(status))
@@ -845,5 +864,67 @@ impl CheckpointStore for InMemoryStore {
             generation: stored.generation + 1,
         };
         futures::future::ready(Ok(*stored))
+    }
+
+    fn fence_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let mut state = self.inner.lock();
+        let stored = state.checkpoints.entry(name.to_owned()).or_default();
+        stored.generation += 1;
+        futures::future::ready(Ok(*stored))
+    }
+}
+
+impl LeaseStore for InMemoryStore {
+    fn acquire_lease(
+        &self,
+        group: &str,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> impl StoreFuture<Option<u64>> {
+        let result = check_lease(group, name, owner, ttl).map(|_| {
+            let mut state = self.inner.lock();
+            let leases = state.group_leases.entry(group.to_owned()).or_default();
+            let mut slot = leases.remove(name);
+            let granted = Lease::acquire(&mut slot, owner, ttl, Instant::now());
+            leases.extend(slot.map(|lease| (name.to_owned(), lease)));
+            granted
+        });
+        futures::future::ready(result)
+    }
+
+    fn release_lease(
+        &self,
+        group: &str,
+        name: &str,
+        owner: &str,
+        generation: u64,
+    ) -> impl StoreFuture<()> {
+        let mut state = self.inner.lock();
+        if let Some(lease) = state
+            .group_leases
+            .get_mut(group)
+            .and_then(|leases| leases.get_mut(name))
+        {
+            lease.release(owner, generation);
+        }
+        futures::future::ready(Ok(()))
+    }
+
+    fn held_leases(&self, group: &str) -> impl StoreFuture<Vec<HeldLease>> {
+        let state = self.inner.lock();
+        let now = Instant::now();
+        let held = state.group_leases.get(group).map_or_else(Vec::new, |leases| {
+            leases
+                .iter()
+                .filter(|(_, lease)| lease.held(now))
+                .map(|(name, lease)| HeldLease {
+                    name: name.clone(),
+                    owner: lease.owner.clone(),
+                    generation: lease.generation,
+                })
+                .collect()
+        });
+        futures::future::ready(Ok(held))
     }
 }

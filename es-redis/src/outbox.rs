@@ -169,6 +169,10 @@ impl RedisStore {
 }
 
 impl OutboxStore for RedisStore {
+    fn outbox_partitions(&self) -> u32 {
+        self.inner.keys.partitioning().partitions().end
+    }
+
     fn outbox_partition(&self, partition: u32) -> Result<Self, StoreError> {
         self.inner.keys.partitioning().check(partition)?;
         Ok(Self {

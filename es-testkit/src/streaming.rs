@@ -1990,6 +1990,11 @@ impl<K: ProjectionSink> ProjectionSink for GatedSink<K> {
     async fn reset(&mut self) -> Result<(), HandlerError> {
         self.sink.reset().await
     }
+
+    async fn claim(&mut self, partition: u32) -> Result<u64, HandlerError> {
+        self.before_checkpoint.pass().await;
+        self.sink.claim(partition).await
+    }
 }
 
 /// An idempotent at-least-once read model shared by several runners (one table, many

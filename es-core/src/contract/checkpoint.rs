@@ -35,4 +35,12 @@ pub trait CheckpointStore: Clone + Send + Sync + 'static {
     /// returns it. Every later save naming an older generation fails with
     /// [`StoreError::Fenced`](super::StoreError::Fenced).
     fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint>;
+
+    /// Starts a new generation of `name` at its current position and returns it: position and
+    /// generation read and raised together, atomically. Every later save naming an older
+    /// generation fails with [`StoreError::Fenced`](super::StoreError::Fenced), so the
+    /// position returned is exactly what every earlier holder managed to record. A
+    /// consumer-group worker fences a partition's checkpoint this way when it takes the
+    /// partition over.
+    fn fence_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint>;
 }

@@ -107,6 +107,13 @@ pub enum StoreError {
         /// Who holds it now, or what changed.
         reason: String,
     },
+    /// A lease call named an empty or overlong group, lease or owner, or an out-of-range ttl
+    /// (see [`LeaseStore`](super::LeaseStore)); nothing was changed.
+    #[error("invalid lease: {reason}")]
+    InvalidLease {
+        /// What is wrong.
+        reason: String,
+    },
     /// A single-feed call (`head_position`, `read_all` without a partition, `subscribe`) on a
     /// store with several feed partitions: name the partition, or follow them all (see
     /// [`partition`](super::partition)).

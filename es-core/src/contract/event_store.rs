@@ -30,6 +30,7 @@ use futures::StreamExt;
 
 use super::append::{AppendRequest, AppendResult};
 use super::checkpoint::CheckpointStore;
+use super::lease::LeaseStore;
 use super::error::{StoreError, StoreFuture};
 use super::outbox::OutboxStore;
 use super::partition::{FeedPosition, Partitioning};
@@ -178,9 +179,10 @@ fn until_first_error(
 pub trait Store: EventStore + SnapshotStore {}
 impl<T: EventStore + SnapshotStore> Store for T {}
 
-/// A store with everything streaming out needs: the outbox and projection checkpoints.
-pub trait StreamingStore: Store + OutboxStore + CheckpointStore {}
-impl<T: Store + OutboxStore + CheckpointStore> StreamingStore for T {}
+/// A store with everything streaming out needs: the outbox, projection checkpoints and the
+/// leases of consumer groups.
+pub trait StreamingStore: Store + OutboxStore + CheckpointStore + LeaseStore {}
+impl<T: Store + OutboxStore + CheckpointStore + LeaseStore> StreamingStore for T {}
 
 impl<T: EventStore> EventStore for Arc<T> {
     fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {

@@ -158,6 +158,14 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
             .map(|()| self.clone())
     }
 
+    /// How many outboxes the store keeps, each reached through
+    /// [`outbox_partition`](Self::outbox_partition) from 0: 1 for a store with one outbox for
+    /// every partition (the default), the feed's partition count for a store with one per
+    /// partition.
+    fn outbox_partitions(&self) -> u32 {
+        1
+    }
+
     /// Takes or renews the relay lease for `owner` until `ttl` from now (store clock). Returns
     /// the lease's generation if `owner` holds it now, `None` if another owner does.
     ///

@@ -1,0 +1,408 @@
+//! Consumer groups: one projection or relay run by N workers, in one process or many, each
+//! working on its share of the store's feed partitions.
+//!
+//! # How a group divides the partitions
+//!
+//! Every worker of a group (a [`spawn_group`] call, with its own [`GroupConfig::member`]) runs
+//! the same loop every quarter of the lease time, against leases kept in the store
+//! ([`LeaseStore`]), on the store's clock:
+//!
+//! 1. It renews its **membership lease** (`member:<member>~<random suffix>`).
+//! 2. It lists the group's held leases. The live members, in name order, divide the partitions
+//!    round-robin: partition `p` goes to member `p mod n`. Every worker computes the same
+//!    division from the same list.
+//! 3. It stops the work of every partition it holds that is no longer its share, and releases
+//!    those partitions' leases, so that their new owner can take them at once.
+//! 4. It takes or renews the **partition lease** (`partition:<p>`) of each partition of its
+//!    share. A partition whose lease another worker still holds (it has not seen the change
+//!    yet, or it died and its lease has not run out) is retried on the next round.
+//! 5. It starts the work of each partition it took (the closure given to [`spawn_group`], with a
+//!    [`Claim`]), and restarts it if the lease's generation changed since (someone else may have
+//!    held the partition in between) or if the work ended on its own.
+//!
+//! So a worker that joins gets its share within about two rounds; a worker that dies (its
+//! leases stop being renewed) loses its partitions to the others within the lease time plus one
+//! round; a worker that cannot reach the store stops its partitions' work once its leases may
+//! have run out (by its own clock, counted from when it sent the last successful renewal, with a
+//! tenth of the lease kept as a guard).
+//!
+//! # Fencing: a worker that comes back never writes with a stale lease
+//!
+//! A lease alone cannot stop a worker that was paused (a long GC-like stall, a frozen VM, a
+//! network partition) from waking up after its lease ran out and writing. So a partition's work
+//! starts by fencing the partition's checkpoint
+//! ([`CheckpointStore::fence_checkpoint`](crate::contract::CheckpointStore::fence_checkpoint)):
+//! it raises the checkpoint's generation and reads its position, atomically, and every later
+//! checkpoint write of an earlier holder is refused with [`StoreError::Fenced`]. For an
+//! exactly-once sink (PostgreSQL) the read-model writes commit in the same transaction as the
+//! checkpoint, so a paused worker's writes are refused too, and every event is applied once
+//! across any number of rebalances. For an at-least-once sink the paused worker's handler may
+//! still run on events the new owner also handles (at least once, as always), but it never moves
+//! the checkpoint. A relay's writes are fenced by its relay lease in the same way
+//! ([`crate::outbox`]).
+//!
+//! Per-stream order holds across rebalances: a stream lives in one partition, and the new owner
+//! of a partition continues from the fenced checkpoint, in feed order.
+//!
+//! Tested by the streaming conformance cases `group_worker_killed_hands_its_partitions_over`,
+//! `group_worker_added_takes_its_share` and `group_stale_worker_never_records` on every store,
+//! and exactly once on PostgreSQL by `es-postgres`'s group tests.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+
+use crate::contract::{LeaseStore, StoreError};
+
+/// The prefix of membership leases in a group.
+const MEMBER: &str = "member:";
+/// The prefix of partition leases in a group.
+const PARTITION: &str = "partition:";
+
+/// One worker's settings in a consumer group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    /// This worker's name in the group (a host and process id, a pod name), 1 to 150 bytes. Each
+    /// worker also draws a random suffix when it starts, so two workers given the same name by
+    /// mistake still never share a lease.
+    pub member: String,
+    /// How long the store keeps a worker's leases without renewal: a worker that dies loses its
+    /// partitions after this. Renewed every quarter of it.
+    pub lease_ttl: Duration,
+}
+
+impl GroupConfig {
+    /// A worker named `member`, with a 10 s lease.
+    pub fn new(member: impl Into<String>) -> Self {
+        Self {
+            member: member.into(),
+            lease_ttl: Duration::from_secs(10),
+        }
+    }
+
+    /// Sets the lease time.
+    #[must_use]
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// How often the worker renews its leases and rebalances: a quarter of the lease.
+    pub fn round(&self) -> Duration {
+        self.lease_ttl / 4
+    }
+
+    /// The part of the lease a worker keeps clear at its end: a tenth.
+    pub fn guard(&self) -> Duration {
+        self.lease_ttl / 10
+    }
+}
+
+/// A partition handed to a worker's work: its number, the partition lease's generation, and the
+/// signal to stop.
+#[derive(Debug)]
+pub struct Claim {
+    /// The partition.
+    pub partition: u32,
+    /// The generation of the partition lease this claim holds.
+    pub generation: u64,
+    stop: watch::Receiver<bool>,
+}
+
+impl Claim {
+    /// Resolves when the work must stop: the partition moved to another worker, its lease may
+    /// have run out, or the group is shutting down. Finish the batch in hand, then return.
+    pub async fn stopped(&mut self) {
+        let _ = self.stop.wait_for(|stop| *stop).await;
+    }
+
+    /// Whether the work was told to stop.
+    pub fn is_stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+}
+
+/// Controls one worker of a consumer group.
+#[derive(Debug)]
+pub struct GroupHandle {
+    owned: watch::Receiver<Vec<u32>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl GroupHandle {
+    /// The partitions this worker runs now, in order.
+    pub fn owned(&self) -> Vec<u32> {
+        self.owned.borrow().clone()
+    }
+
+    /// Waits until the set of partitions this worker runs satisfies `done`.
+    pub async fn wait_owned(&self, mut done: impl FnMut(&[u32]) -> bool) -> Vec<u32> {
+        let mut owned = self.owned.clone();
+        let result = owned.wait_for(|o| done(o)).await.map(|o| o.clone());
+        result.unwrap_or_else(|_| self.owned())
+    }
+
+    /// Stops the work of every partition (each finishes its batch in hand), releases the leases
+    /// so that the other workers take the partitions over at once, and ends.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Ends the worker at once, with no release: what a crash does. Its partitions go to the
+    /// other workers when its leases run out.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a worker of consumer group `group` over `partitions` partitions (a store's
+/// [`Partitioning::partitions`](crate::contract::Partitioning::partitions)), with its leases in
+/// `leases`. For each partition it takes, it runs `work(claim)` in a task of its own; that work
+/// must end soon after [`Claim::stopped`] resolves. See the [module docs](self).
+pub fn spawn_group<L, F, W>(
+    leases: L,
+    group: impl Into<String>,
+    partitions: u32,
+    config: GroupConfig,
+    work: F,
+) -> GroupHandle
+where
+    L: LeaseStore,
+    F: FnMut(Claim) -> W + Send + 'static,
+    W: Future<Output = ()> + Send + 'static,
+{
+    let (stop, stop_rx) = watch::channel(false);
+    let (owned_tx, owned) = watch::channel(Vec::new());
+    // One owner per incarnation: two workers started under the same name by mistake still
+    // never hold one lease together.
+    let owner = format!("{}~{}", config.member, &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let member = Member {
+        leases,
+        owner,
+        member_generation: None,
+        group: group.into(),
+        partitions: partitions.max(1),
+        config,
+        work,
+        running: BTreeMap::new(),
+        tasks: JoinSet::new(),
+        owned: owned_tx,
+    };
+    let span = tracing::info_span!("es.group", group = %member.group, member = %member.config.member);
+    let task = tokio::spawn(tracing::Instrument::instrument(member.run(stop_rx), span));
+    GroupHandle { owned, stop, task }
+}
+
+/// A partition's work, as the worker runs it.
+struct Running {
+    generation: u64,
+    /// When the lease may run out, by this worker's clock.
+    deadline: Instant,
+    stop: watch::Sender<bool>,
+    task: AbortHandle,
+}
+
+struct Member<L, F> {
+    leases: L,
+    /// This incarnation's owner name in the leases: the member's name and a random suffix.
+    owner: String,
+    /// The generation of the membership lease, once taken.
+    member_generation: Option<u64>,
+    group: String,
+    partitions: u32,
+    config: GroupConfig,
+    work: F,
+    running: BTreeMap<u32, Running>,
+    /// Every partition's task: dropped (aborted) with the worker.
+    tasks: JoinSet<()>,
+    owned: watch::Sender<Vec<u32>>,
+}
+
+impl<L, F, W> Member<L, F>
+where
+    L: LeaseStore,
+    F: FnMut(Claim) -> W + Send + 'static,
+    W: Future<Output = ()> + Send + 'static,
+{
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut rounds = tokio::time::interval(self.config.round());
+        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                _ = rounds.tick() => {}
+            }
+            if let Err(err) = self.round().await {
+                tracing::warn!(error = %err, "consumer group round failed; retrying");
+            }
+            self.expire();
+            self.publish();
+        }
+        let all: Vec<u32> = self.running.keys().copied().collect();
+        self.stop_partitions(&all, true).await;
+        if let Some(generation) = self.member_generation {
+            let name = format!("{MEMBER}{}", self.owner);
+            let _ = self
+                .leases
+                .release_lease(&self.group, &name, &self.owner, generation)
+                .await;
+        }
+        self.publish();
+    }
+
+    /// Takes or renews lease `name` (borrowing only what it needs, so that the future stays
+    /// `Send` whatever the work closure is).
+    fn acquire(
+        &mut self,
+        name: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send + '_ {
+        let (leases, group, owner) = (&self.leases, &self.group, &self.owner);
+        let name = name.to_owned();
+        async move { leases.acquire_lease(group, &name, owner, ttl).await }
+    }
+
+    /// One round: membership, the division, releases, takes and starts.
+    async fn round(&mut self) -> Result<(), StoreError> {
+        while self.tasks.try_join_next().is_some() {}
+        let ttl = self.config.lease_ttl;
+        self.member_generation = self
+            .acquire(&format!("{MEMBER}{}", self.owner), ttl)
+            .await?;
+        let held = self.leases.held_leases(&self.group).await?;
+        let members: Vec<&str> = held
+            .iter()
+            .filter_map(|l| l.name.strip_prefix(MEMBER))
+            .collect();
+        let share: Vec<u32> = match members.iter().position(|m| *m == self.owner) {
+            Some(index) => (0..self.partitions)
+                .filter(|p| *p as usize % members.len() == index)
+                .collect(),
+            None => Vec::new(),
+        };
+        let leaving: Vec<u32> = self
+            .running
+            .keys()
+            .copied()
+            .filter(|p| !share.contains(p))
+            .collect();
+        self.stop_partitions(&leaving, true).await;
+        for partition in share {
+            let sent = Instant::now();
+            match self.acquire(&format!("{PARTITION}{partition}"), ttl).await {
+                Ok(Some(generation)) => {
+                    self.take(partition, generation, sent + ttl - self.config.guard())
+                }
+                Ok(None) => self.stop_partitions(&[partition], false).await,
+                Err(err) => {
+                    tracing::warn!(partition, error = %err, "renewing a partition lease failed")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `partition` under the lease of `generation`: keeps its work if it runs in that
+    /// generation, (re)starts it otherwise.
+    fn take(&mut self, partition: u32, generation: u64, deadline: Instant) {
+        if let Some(running) = self.running.get_mut(&partition) {
+            if running.generation == generation && !running.task.is_finished() {
+                running.deadline = deadline;
+                return;
+            }
+            let _ = running.stop.send(true);
+            running.task.abort();
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let claim = Claim {
+            partition,
+            generation,
+            stop: stop_rx,
+        };
+        tracing::info!(partition, generation, "took a partition");
+        let task = self.tasks.spawn((self.work)(claim));
+        self.running.insert(
+            partition,
+            Running {
+                generation,
+                deadline,
+                stop,
+                task,
+            },
+        );
+    }
+
+    /// Stops the work of `partitions` and waits for it to end; releases their leases if
+    /// `release`.
+    async fn stop_partitions(&mut self, partitions: &[u32], release: bool) {
+        let stopping: Vec<(u32, Running)> = partitions
+            .iter()
+            .filter_map(|p| self.running.remove(p).map(|r| (*p, r)))
+            .collect();
+        if stopping.is_empty() {
+            return;
+        }
+        for (_, running) in &stopping {
+            let _ = running.stop.send(true);
+        }
+        // Wait for those tasks to end (tasks of partitions kept run on meanwhile), for a round
+        // at most: then cut them off.
+        let patience = tokio::time::sleep(self.config.round());
+        tokio::pin!(patience);
+        while stopping.iter().any(|(_, r)| !r.task.is_finished()) {
+            tokio::select! {
+                joined = self.tasks.join_next() => if joined.is_none() { break },
+                () = &mut patience => {
+                    tracing::warn!("partition work did not stop within a round; aborting it");
+                    stopping.iter().for_each(|(_, r)| r.task.abort());
+                    break;
+                }
+            }
+        }
+        for (partition, running) in stopping {
+            tracing::info!(partition, "gave a partition up");
+            if release {
+                let name = format!("{PARTITION}{partition}");
+                if let Err(err) = self
+                    .leases
+                    .release_lease(&self.group, &name, &self.owner, running.generation)
+                    .await
+                {
+                    tracing::warn!(partition, error = %err, "releasing a partition lease failed");
+                }
+            }
+        }
+    }
+
+    /// Stops the work of partitions whose lease may have run out (renewals failed).
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u32> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.deadline <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for partition in expired {
+            if let Some(running) = self.running.remove(&partition) {
+                tracing::warn!(partition, "the partition lease may have run out; stopping");
+                let _ = running.stop.send(true);
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let owned: Vec<u32> = self.running.keys().copied().collect();
+        self.owned.send_if_modified(|o| {
+            let changed = *o != owned;
+            *o = owned;
+            changed
+        });
+    }
+}
