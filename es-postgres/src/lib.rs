@@ -73,6 +73,7 @@
 mod codec;
 mod error;
 mod inline;
+mod lease;
 mod listener;
 mod migrate;
 mod outbox;

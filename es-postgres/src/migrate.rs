@@ -53,6 +53,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "partitions",
         sql: include_str!("../migrations/0007_partitions.sql"),
     },
+    Migration {
+        version: 9,
+        name: "group_leases",
+        sql: include_str!("../migrations/0009_group_leases.sql"),
+    },
 ];
 
 /// The latest migration version this crate knows.

@@ -1,5 +1,5 @@
 //! The outbox side of [`PgStore`]: pending records, delivery marks, dead letters, the relay lease
-//! and projection checkpoints, with their fencing generations (migration 4).
+//! and projection checkpoints, with their fencing generations (migrations 4 and 9).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -321,6 +321,11 @@ pub(crate) const LOAD_CHECKPOINT: &str =
 /// never go down); returns the generation.
 pub(crate) const RESET_CHECKPOINT: &str = "SELECT __S__.checkpoint_reset($1)";
 
+/// SQL starting a new generation of a checkpoint at its current position (creating it at 0):
+/// returns `(position, generation)`, read and raised in one statement.
+pub(crate) const FENCE_CHECKPOINT: &str =
+    "SELECT fenced_position, fenced_generation FROM __S__.checkpoint_fence($1)";
+
 /// A stored `(position, generation)` pair as a [`Checkpoint`].
 pub(crate) fn checkpoint_of(name: &str, row: Option<(i64, i64)>) -> Result<Checkpoint, StoreError> {
     let what = || format!("checkpoint `{name}`");
@@ -337,9 +342,14 @@ pub(crate) fn checkpoint_fenced(name: &str, generation: u64, stored: Option<u64>
         resource: format!("the checkpoint of projection `{name}`"),
         reason: match stored {
             Some(stored) => format!(
-                "generation {generation} is over; the projection was reset to generation {stored}"
+                "generation {generation} is over; the checkpoint is at generation {stored} now \
+                 (the projection was reset, or another consumer-group worker took the partition \
+                 over)"
             ),
-            None => format!("generation {generation} is over; the projection was reset"),
+            None => format!(
+                "generation {generation} is over; the projection was reset, or another \
+                 consumer-group worker took the partition over"
+            ),
         },
     }
 }
@@ -395,6 +405,20 @@ impl CheckpointStore for PgStore {
                 .await
                 .map_err(store_error)?;
             checkpoint_of(&name, Some((0, generation)))
+        })
+    }
+
+    fn fence_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let sql = sql(self, FENCE_CHECKPOINT);
+        let pool = self.inner.pool.clone();
+        let name = name.to_owned();
+        timed(self.inner.query_timeout, async move {
+            let row: (i64, i64) = sqlx::query_as(sql)
+                .bind(&name)
+                .fetch_one(&pool)
+                .await
+                .map_err(store_error)?;
+            checkpoint_of(&name, Some(row))
         })
     }
 }

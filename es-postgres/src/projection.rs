@@ -3,13 +3,15 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use es_core::projection::{BatchError, HandlerError, ProjectionSink};
+use es_core::projection::{partition_checkpoint, BatchError, HandlerError, ProjectionSink};
 use es_core::{EventFilter, RecordedEvent};
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, PgConnection};
 
 use crate::codec::to_i64;
-use crate::outbox::{checkpoint_fenced, checkpoint_of, render, LOAD_CHECKPOINT, RESET_CHECKPOINT};
+use crate::outbox::{
+    checkpoint_fenced, checkpoint_of, render, FENCE_CHECKPOINT, LOAD_CHECKPOINT, RESET_CHECKPOINT,
+};
 use crate::schema::{SchemaName, Sql};
 use crate::PgStore;
 
@@ -25,7 +27,8 @@ const LOCK_CHECKPOINT: &str =
 /// The handler must write through the connection it is given (the transaction), and must not
 /// commit or roll back itself.
 pub trait PgProjection: Send + 'static {
-    /// Stable name; it keys the checkpoint (in the store's `checkpoints` table).
+    /// Stable name; it keys the checkpoint (in the store's `checkpoints` table; in a consumer
+    /// group, one checkpoint per partition: `<name>#<partition>`).
     fn name(&self) -> &str;
 
     /// Which events it consumes.
@@ -66,13 +69,24 @@ pub trait PgProjection: Send + 'static {
 /// ([`BatchError::is_fenced`]): the runner reloads the checkpoint. Without the generation, that
 /// batch would have applied its events to the emptied read model and raised the new
 /// checkpoint over everything before them, which the rebuild then never replayed.
+///
+/// In a consumer group ([`es_core::ProjectionRunner::spawn_group`]) the runner
+/// [`claim`](ProjectionSink::claim)s a feed partition: the sink switches to that partition's own
+/// checkpoint row ([`partition_checkpoint`]: `<name>#<partition>`) and fences it (a new generation
+/// at its position, in one statement that waits for a batch holding the row to end). From then
+/// on every batch, reset and checkpoint load uses that row, and a batch of a worker that held the
+/// partition before (one that was paused, or lost its lease) finds a newer generation under the
+/// row lock and rolls back: each event is applied once across any number of hand-overs.
 pub struct ExactlyOnce<P> {
     projection: P,
     pool: PgPool,
     sql: Arc<Sql>,
     schema: SchemaName,
-    /// The checkpoint generation this sink loaded or started.
+    /// The checkpoint generation this sink loaded, started or fenced.
     generation: u64,
+    /// The feed partition claimed in a consumer group, whose checkpoint row the sink keeps;
+    /// `None`: the projection's own row.
+    partition: Option<u32>,
 }
 
 impl<P> std::fmt::Debug for ExactlyOnce<P> {
@@ -90,6 +104,16 @@ impl<P: PgProjection> ExactlyOnce<P> {
             sql: Arc::clone(&store.inner.sql),
             schema: store.inner.schema.clone(),
             generation: 0,
+            partition: None,
+        }
+    }
+
+    /// The name of the checkpoint row this sink keeps: the projection's name, or in a consumer
+    /// group the claimed partition's checkpoint ([`partition_checkpoint`]).
+    pub fn checkpoint_name(&self) -> String {
+        match self.partition {
+            Some(partition) => partition_checkpoint(self.projection.name(), partition),
+            None => self.projection.name().to_owned(),
         }
     }
 
@@ -118,7 +142,7 @@ impl<P: PgProjection> ExactlyOnce<P> {
             applied: 0,
             source: source.into(),
         };
-        let name = self.projection.name().to_owned();
+        let name = self.checkpoint_name();
         let mut tx = self.pool.begin().await.map_err(whole)?;
         let row: (i64, i64) = sqlx::query_as(render(&self.schema, LOCK_CHECKPOINT))
             .bind(&name)
@@ -174,11 +198,12 @@ impl<P: PgProjection> ProjectionSink for ExactlyOnce<P> {
     }
 
     async fn checkpoint(&mut self) -> Result<u64, HandlerError> {
+        let name = self.checkpoint_name();
         let row: Option<(i64, i64)> = sqlx::query_as(render(&self.schema, LOAD_CHECKPOINT))
-            .bind(self.projection.name())
+            .bind(&name)
             .fetch_optional(&self.pool)
             .await?;
-        let stored = checkpoint_of(self.projection.name(), row)?;
+        let stored = checkpoint_of(&name, row)?;
         self.generation = stored.generation;
         Ok(stored.position)
     }
@@ -188,7 +213,7 @@ impl<P: PgProjection> ProjectionSink for ExactlyOnce<P> {
     }
 
     async fn reset(&mut self) -> Result<(), HandlerError> {
-        let name = self.projection.name().to_owned();
+        let name = self.checkpoint_name();
         let mut tx = self.pool.begin().await?;
         self.projection.reset(&mut tx).await?;
         let generation: i64 = sqlx::query_scalar(render(&self.schema, RESET_CHECKPOINT))
@@ -198,5 +223,17 @@ impl<P: PgProjection> ProjectionSink for ExactlyOnce<P> {
         tx.commit().await?;
         self.generation = checkpoint_of(&name, Some((0, generation)))?.generation;
         Ok(())
+    }
+
+    async fn claim(&mut self, partition: u32) -> Result<u64, HandlerError> {
+        self.partition = Some(partition);
+        let name = self.checkpoint_name();
+        let row: (i64, i64) = sqlx::query_as(render(&self.schema, FENCE_CHECKPOINT))
+            .bind(&name)
+            .fetch_one(&self.pool)
+            .await?;
+        let fenced = checkpoint_of(&name, Some(row))?;
+        self.generation = fenced.generation;
+        Ok(fenced.position)
     }
 }

@@ -17,6 +17,84 @@ mod streaming {
     es_testkit::streaming_conformance_tests!(common::restricted_store);
 }
 
+/// The role runs a consumer group: its leases (take, renew, list, release) and an exactly-once
+/// projection that claims the partition (fencing its checkpoint) and records batches, all through
+/// the schema's functions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_application_role_runs_consumer_groups() {
+    use es_core::contract::LeaseStore;
+    use es_core::group::GroupConfig;
+    use es_core::projection::{partition_checkpoint, HandlerError};
+    use es_core::{CheckpointStore, ProjectionRunner, RecordedEvent};
+    use std::time::Duration;
+
+    struct Nothing;
+    impl es_postgres::PgProjection for Nothing {
+        fn name(&self) -> &'static str {
+            "nothing"
+        }
+        async fn handle(
+            &mut self,
+            _tx: &mut sqlx::PgConnection,
+            _event: &RecordedEvent,
+        ) -> Result<(), HandlerError> {
+            Ok(())
+        }
+        async fn reset(&mut self, _tx: &mut sqlx::PgConnection) -> Result<(), HandlerError> {
+            Ok(())
+        }
+    }
+
+    let store = common::restricted_store().await;
+    let long = Duration::from_secs(30);
+    assert_eq!(
+        store.acquire_lease("g", "x", "a", long).await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        store.acquire_lease("g", "x", "a", long).await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(store.held_leases("g").await.unwrap().len(), 1);
+    store.release_lease("g", "x", "a", 1).await.unwrap();
+    assert_eq!(store.held_leases("g").await.unwrap(), vec![]);
+    let fenced = store.fence_checkpoint("c").await.unwrap();
+    assert_eq!((fenced.position, fenced.generation), (0, 1));
+
+    let appended = store
+        .append(AppendRequest::new(
+            StreamId::new("account", "lp-g").unwrap(),
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new("Opened", 1, r#"{"owner":"ada"}"#).unwrap()],
+        ))
+        .await
+        .unwrap();
+    let sink_store = store.clone();
+    let group = ProjectionRunner::new(store.clone()).spawn_group(
+        GroupConfig::new("w").lease_ttl(Duration::from_secs(2)),
+        move || es_postgres::ExactlyOnce::new(&sink_store, Nothing),
+    );
+    tokio::time::timeout(Duration::from_secs(30), group.wait_owned(|o| o == [0]))
+        .await
+        .expect("the worker takes the partition");
+    let row = partition_checkpoint("nothing", 0);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while store.load_checkpoint(&row).await.unwrap().position < appended.positions[0] {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the projection records its batch");
+    let held = store.held_leases("projection:nothing").await.unwrap();
+    assert!(held.iter().any(|l| l.name == "partition:0"), "{held:?}");
+    group.shutdown().await;
+    assert_eq!(
+        store.held_leases("projection:nothing").await.unwrap(),
+        vec![]
+    );
+    assert!(store.load_checkpoint(&row).await.unwrap().generation >= 1);
+}
+
 /// The SQLSTATE of a failed statement run by `pool`, or a panic if it succeeded.
 async fn refused(pool: &PgPool, sql: &str) -> String {
     match sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
@@ -79,6 +157,14 @@ async fn the_application_role_cannot_write_around_the_functions() {
         format!("UPDATE {s}.checkpoints SET position = 1000000"),
         format!("INSERT INTO {s}.checkpoints (name, position, updated_at) VALUES ('p', 9, now())"),
         format!("UPDATE {s}.relay_leases SET generation = 0"),
+        // The leases of consumer groups, and the generations that fence checkpoints.
+        format!(
+            "INSERT INTO {s}.group_leases (lease_group, name, owner, generation, expires_at) \
+             VALUES ('g', 'partition:0', 'eve', 1000, 'infinity')"
+        ),
+        format!("UPDATE {s}.group_leases SET owner = 'eve', expires_at = 'infinity'"),
+        format!("DELETE FROM {s}.group_leases"),
+        format!("UPDATE {s}.checkpoints SET generation = 0"),
         format!("DELETE FROM {s}.outbox"),
         format!("DELETE FROM {s}.epochs"),
         format!("TRUNCATE {s}.events"),
