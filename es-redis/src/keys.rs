@@ -2,6 +2,7 @@
 //!
 //! See the [crate documentation](crate#key-layout) for the layouts and the reasons behind them.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use es_core::contract::{PartitionKey, Partitioning};
@@ -125,6 +126,61 @@ impl PartitionKeys {
     /// The string set before each `WAIT`; see [`Keys::replication_fence`].
     pub fn replication_fence(&self) -> &str {
         &self.replication_fence
+    }
+}
+
+/// The keys of one consumer group's leases ([`es_core::contract::LeaseStore`]): a hash and a
+/// sorted set under a hash tag of the group's own, `<prefix>:$group:<group>` (the group name
+/// with every byte outside `[A-Za-z0-9_.:-]` written as `%XX`), so that one lease call touches
+/// one hash slot, in either layout. The tag holds a `$`, which neither a stream id nor a
+/// partition tag can, and differs from the global tag `<prefix>:$all`, so no other key of the
+/// store shares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupKeys {
+    tag: String,
+    leases: String,
+    held: String,
+}
+
+impl GroupKeys {
+    fn under(prefix: &str, group: &str) -> Self {
+        let mut tag = format!("{prefix}:$group:");
+        for byte in group.bytes() {
+            if byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b':' | b'-') {
+                tag.push(char::from(byte));
+            } else {
+                let _ = write!(tag, "%{byte:02X}");
+            }
+        }
+        Self {
+            leases: format!("{prefix}:{{{tag}}}:leases"),
+            held: format!("{prefix}:{{{tag}}}:held"),
+            tag,
+        }
+    }
+
+    /// The hash tag the group's keys share (without braces).
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The Redis Cluster hash slot of the group's keys.
+    pub fn slot(&self) -> u16 {
+        slot_of_tag(self.tag.as_bytes())
+    }
+
+    /// The hash holding every lease of the group ever taken: lease name → `<generation>
+    /// <expires> <owner>` (`expires` in milliseconds of the server clock, 0 once released).
+    /// Entries stay after release and expiry, for the generation.
+    pub fn leases(&self) -> &str {
+        &self.leases
+    }
+
+    /// The sorted set indexing the leases that may be held: lease name scored by its expiry
+    /// (milliseconds of the server clock). A lease leaves it when released, and when a later
+    /// call of the group finds it expired.
+    pub fn held(&self) -> &str {
+        &self.held
     }
 }
 
@@ -364,6 +420,11 @@ impl Keys {
         &self.first().replication_fence
     }
 
+    /// The keys of consumer group `group`'s leases (the same in either layout).
+    pub fn lease_group(&self, group: &str) -> GroupKeys {
+        GroupKeys::under(&self.prefix, group)
+    }
+
     /// The hash recording the store's layout (field `layout`: `classic/1`,
     /// `tagged/<partitions>`, or `tagged/<partitions>/category` for partitions by category),
     /// written when the store is first built.
@@ -569,6 +630,38 @@ mod tests {
                 Keys::tagged("es", bad),
                 Err(Error::InvalidSetting(_))
             ));
+        }
+    }
+
+    #[test]
+    fn a_group_has_a_tag_of_its_own_in_either_layout() {
+        for keys in [Keys::new("es").unwrap(), Keys::tagged("es", 4).unwrap()] {
+            let group = keys.lease_group("projection:orders");
+            assert_eq!(group.tag(), "es:$group:projection:orders");
+            assert_eq!(group.leases(), "es:{es:$group:projection:orders}:leases");
+            assert_eq!(group.held(), "es:{es:$group:projection:orders}:held");
+            assert_eq!(slot_of_key(group.leases().as_bytes()), group.slot());
+            assert_eq!(slot_of_key(group.held().as_bytes()), group.slot());
+        }
+        let keys = Keys::new("app").unwrap();
+        // Braces, spaces, `%`, `$` and non-ASCII bytes are escaped, so the tag has no brace
+        // and different groups never share keys.
+        let odd = keys.lease_group("a}b{c d%$ü");
+        assert_eq!(odd.tag(), "app:$group:a%7Db%7Bc%20d%25%24%C3%BC");
+        assert_eq!(slot_of_key(odd.held().as_bytes()), odd.slot());
+        let names = ["a", "A", "a%41", "a:b", "a b", "a%20b", "", "relay", "$all"];
+        let tags: std::collections::BTreeSet<String> = names
+            .iter()
+            .map(|n| keys.lease_group(n).tag().to_owned())
+            .collect();
+        assert_eq!(tags.len(), names.len(), "{tags:?}");
+        // Never the global tag, nor a partition's.
+        assert_ne!(keys.lease_group("all").tag(), "app:$all");
+        let tagged = Keys::tagged("app", 8).unwrap();
+        for part in tagged.all_partitions() {
+            assert!(names
+                .iter()
+                .all(|n| keys.lease_group(n).tag() != part.tag()));
         }
     }
 

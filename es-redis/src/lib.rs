@@ -40,6 +40,7 @@ mod conn;
 mod decode;
 mod error;
 mod keys;
+mod lease;
 mod outbox;
 mod protocol;
 mod read;
@@ -66,7 +67,8 @@ use redis::{IntoConnectionInfo, Value};
 
 pub use error::Error;
 pub use keys::{
-    slot_of_tag, KeyLayout, Keys, PartitionKeys, CLUSTER_SLOTS, MAX_PARTITIONS, MAX_PREFIX_LEN,
+    slot_of_tag, GroupKeys, KeyLayout, Keys, PartitionKeys, CLUSTER_SLOTS, MAX_PARTITIONS,
+    MAX_PREFIX_LEN,
 };
 /// The `redis` crate this store is built on, for [`RedisStore::connection`].
 pub use redis;
@@ -109,6 +111,10 @@ pub(crate) struct Inner {
     pub(crate) acquire_lease: Lua,
     pub(crate) release_lease: Lua,
     pub(crate) save_checkpoint: Lua,
+    /// The functions of consumer-group leases.
+    pub(crate) leases: lease::LeaseFunctions,
+    /// Whether the store accepts a server that can evict its keys.
+    pub(crate) allow_eviction: bool,
     /// Per feed partition, its head and the settings of its head watcher.
     heads: Arc<[Arc<Head>]>,
     watch: Box<[WatchConfig]>,
@@ -450,18 +456,18 @@ impl RedisStoreBuilder {
     /// (`es_append_<hash>`), so run it when deploying a new version.
     pub async fn install_functions(&self) -> Result<(), Error> {
         let (_, mut conn) = self.connect().await?;
-        let append = script::append_library();
-        let loaded = append
+        let library = script::library().library;
+        let loaded = library
             .loaded(&mut conn)
             .await
             .map_err(|source| Error::connect(&self.url, source))?;
         if !loaded {
-            append
+            library
                 .install(&mut conn)
                 .await
                 .map_err(|source| Error::connect(&self.url, source))?;
             tracing::info!(
-                library = append.name(),
+                library = library.name(),
                 "installed the store's Redis functions"
             );
         }
@@ -490,7 +496,13 @@ impl RedisStoreBuilder {
                 version: settings.version.clone(),
             });
         }
-        let append = self.load_functions(&mut conn).await?;
+        let script::Functions {
+            append,
+            lease_acquire,
+            lease_release,
+            leases_held,
+            ..
+        } = self.load_functions(&mut conn).await?;
         let save_snapshot = Lua::new(script::SAVE_SNAPSHOT);
         let delete_snapshot = Lua::new(script::DELETE_SNAPSHOT);
         let acquire_lease = Lua::new(script::ACQUIRE_LEASE);
@@ -551,6 +563,12 @@ impl RedisStoreBuilder {
                 acquire_lease,
                 release_lease,
                 save_checkpoint,
+                leases: lease::LeaseFunctions {
+                    acquire: lease_acquire,
+                    release: lease_release,
+                    held: leases_held,
+                },
+                allow_eviction: self.allow_eviction,
                 heads,
                 watch,
                 server,
@@ -680,17 +698,18 @@ impl RedisStoreBuilder {
 
     /// The append function's library, loaded unless the server holds it; a user that may not
     /// load it gets [`Error::FunctionsNotInstalled`].
-    async fn load_functions(&self, conn: &mut Connection) -> Result<script::Function, Error> {
-        let append = script::append_library();
-        let loaded = append
+    async fn load_functions(&self, conn: &mut Connection) -> Result<script::Functions, Error> {
+        let functions = script::library();
+        let library = &functions.library;
+        let loaded = library
             .loaded(conn)
             .await
             .map_err(|source| Error::connect(&self.url, source))?;
         if !loaded {
-            append.install(conn).await.map_err(|source| {
+            library.install(conn).await.map_err(|source| {
                 if error::is_permission_error(&source) {
                     Error::FunctionsNotInstalled {
-                        library: append.name().to_owned(),
+                        library: library.name().to_owned(),
                         source,
                     }
                 } else {
@@ -698,7 +717,7 @@ impl RedisStoreBuilder {
                 }
             })?;
         }
-        Ok(append)
+        Ok(functions)
     }
 
     fn validate(&self) -> Result<(), Error> {

@@ -89,6 +89,16 @@ pub(crate) const SAVE_CHECKPOINT: &str = include_str!("outbox/save_checkpoint.lu
 /// KEYS: 1 the checkpoint hash, 2 the generation hash. ARGV: name. Replies the new generation.
 const RESET_CHECKPOINT: &str = include_str!("outbox/reset_checkpoint.lua");
 
+/// A new generation of a checkpoint at its current position: the consumer-group takeover
+/// ([`CheckpointStore::fence_checkpoint`]).
+///
+/// KEYS: 1 the checkpoint hash, 2 the generation hash. ARGV: name. Raises the generation
+/// (`HINCRBY`), creates the checkpoint at 0 if it has none, and replies `{position,
+/// generation}` (the position as its decimal string, exact over the whole `u64` range); replies
+/// -1 if the stored position is not a number, -2 if the stored generation is not one, writing
+/// nothing in either case.
+const FENCE_CHECKPOINT: &str = include_str!("outbox/fence_checkpoint.lua");
+
 /// The scripts of this module that the store does not load when it is built.
 struct Scripts {
     mark_delivered: Lua,
@@ -96,6 +106,7 @@ struct Scripts {
     requeue: Lua,
     load_checkpoint: Lua,
     reset_checkpoint: Lua,
+    fence_checkpoint: Lua,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -104,6 +115,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     requeue: Lua::new(REQUEUE),
     load_checkpoint: Lua::new(LOAD_CHECKPOINT),
     reset_checkpoint: Lua::new(RESET_CHECKPOINT),
+    fence_checkpoint: Lua::new(FENCE_CHECKPOINT),
 });
 
 /// Positions per `XRANGE` of dead letters and per `ZRANGE` page.
@@ -646,6 +658,45 @@ impl CheckpointStore for RedisStore {
                     reason: "the checkpoint's generation is negative".to_owned(),
                 })?,
             })
+        }
+    }
+
+    fn fence_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let inner = Arc::clone(&self.inner);
+        let name = name.to_owned();
+        async move {
+            let script = &SCRIPTS.fence_checkpoint;
+            let mut cmd = script.command(&[
+                inner.keys.checkpoints(),
+                inner.keys.checkpoint_generations(),
+            ]);
+            cmd.arg(&name);
+            let mut conn = inner.conn.clone();
+            let reply = script
+                .invoke(&mut conn, &cmd)
+                .await
+                .map_err(|e| store_error(e, || checkpoint_location(&name)))?;
+            let location = checkpoint_location(&name);
+            let corrupt = |what: &str| StoreError::Corrupt {
+                location: checkpoint_location(&name),
+                reason: format!("the stored {what} is not a number; nothing was written"),
+            };
+            match reply {
+                Value::Array(pair) => {
+                    let mut pair = pair.into_iter();
+                    let position = number(pair.next().unwrap_or(Value::Nil), &location)?;
+                    let generation = number(pair.next().unwrap_or(Value::Nil), &location)?;
+                    Ok(Checkpoint {
+                        position,
+                        generation,
+                    })
+                }
+                Value::Int(-1) => Err(corrupt("checkpoint")),
+                Value::Int(-2) => Err(corrupt("generation")),
+                other => Err(StoreError::backend(format!(
+                    "unexpected reply fencing {location}: {other:?}"
+                ))),
+            }
         }
     }
 }

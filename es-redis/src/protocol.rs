@@ -155,13 +155,51 @@ impl CheckpointSave {
     }
 }
 
+/// The first element of a lease function's reply (see [`LEASE`](crate::script::LEASE)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i64)]
+pub(crate) enum LeaseCode {
+    /// Done: the lease's generation (or, for the list, the held leases) follows.
+    Ok = 0,
+    /// Not done: another owner holds the lease (its name follows), or the caller does not hold
+    /// it in that generation; nothing written.
+    Refused = 1,
+    /// A stored lease is not `<generation> <expires> <owner>` (its name follows); nothing
+    /// written.
+    Corrupt = 2,
+    /// The server's `maxmemory-policy` can evict keys without an expiry (the policy follows);
+    /// nothing written.
+    Evicting = 3,
+}
+
+impl LeaseCode {
+    /// Every code.
+    pub(crate) const ALL: [Self; 4] = [Self::Ok, Self::Refused, Self::Corrupt, Self::Evicting];
+
+    /// The code with value `code`, if there is one.
+    pub(crate) fn from_code(code: i64) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| *c as i64 == code)
+    }
+
+    /// The name of the Lua local holding the code.
+    #[cfg(test)]
+    fn lua_name(self) -> &'static str {
+        match self {
+            Self::Ok => "LEASE_OK",
+            Self::Refused => "LEASE_REFUSED",
+            Self::Corrupt => "LEASE_CORRUPT",
+            Self::Evicting => "LEASE_EVICTING",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
 
-    use super::{AppendCode, CheckpointSave, ExpectedMode};
+    use super::{AppendCode, CheckpointSave, ExpectedMode, LeaseCode};
     use crate::outbox::SAVE_CHECKPOINT;
-    use crate::script::APPEND;
+    use crate::script::{APPEND, LEASE};
 
     /// The constants a script declares on `local A, B = 1, 2` lines: upper-case names with
     /// number or string literal values (strings without their quotes).
@@ -247,6 +285,36 @@ mod tests {
         }
         assert_eq!(numeric_returns(SAVE_CHECKPOINT), Vec::<String>::new());
         assert_eq!(CheckpointSave::from_code(2), None);
+    }
+
+    #[test]
+    fn the_lease_functions_name_the_codes_as_the_enum_does() {
+        let lua = declared(LEASE);
+        for code in LeaseCode::ALL {
+            assert_eq!(
+                lua.get(code.lua_name()),
+                Some(&(code as i64).to_string()),
+                "{code:?}"
+            );
+            assert_eq!(LeaseCode::from_code(code as i64), Some(code));
+        }
+        assert_eq!(numeric_returns(LEASE), Vec::<String>::new());
+        // Every reply of a function is a table whose first element is a named code.
+        let replies: Vec<&str> = LEASE
+            .split("return ")
+            .skip(1)
+            .filter(|reply| reply.starts_with('{'))
+            .collect();
+        assert_eq!(replies.len(), 10, "{replies:?}");
+        for reply in replies {
+            assert!(
+                LeaseCode::ALL
+                    .iter()
+                    .any(|c| reply[1..].starts_with(&format!("{},", c.lua_name()))),
+                "a reply without a named code: {reply:.40}"
+            );
+        }
+        assert_eq!(LeaseCode::from_code(4), None);
     }
 
     #[test]

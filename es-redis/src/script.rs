@@ -1,5 +1,6 @@
 //! The server-side Lua scripts and their invocation (EVALSHA, reloaded on NOSCRIPT).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
@@ -10,7 +11,7 @@ use crate::conn::Connection;
 /// The append function's body: applies a group of appends, each to one stream, in order,
 /// atomically as a whole, each with its own outcome. See the crate docs, sections "The append
 /// script", "Group commit" and "Epochs and lost tails". It runs as a Redis function (see
-/// [`append_library`]), with `KEYS` and `ARGV` as its parameters and `current_run` from the
+/// [`library`]), with `KEYS` and `ARGV` as its parameters and `current_run` from the
 /// library.
 ///
 /// KEYS: 1 the feed, 2 the index hash (head fields and event ids), 3 the outbox, 4 the epoch
@@ -64,9 +65,32 @@ use crate::conn::Connection;
 /// 17.2 µs of server CPU per event before, 12.0 µs after).
 pub(crate) const APPEND: &str = include_str!("script/append.lua");
 
-/// The library around [`APPEND`]: one function, `es_append_<hash>`, in a library of the same name
-/// (the hash is of the library's code, so that two versions of this crate on one server do not
-/// replace each other's).
+/// The functions of consumer-group leases ([`es_core::contract::LeaseStore`]), in the store's
+/// library beside the append function: each lease call is one `FCALL` of one of them, on the
+/// group's two keys ([`GroupKeys`](crate::GroupKeys): the leases hash and the index of held
+/// leases, in one hash slot), atomic, on the server clock (`TIME`, milliseconds). Each replies
+/// `{code, data}` ([`LeaseCode`](crate::protocol::LeaseCode)).
+///
+/// - `es_lease_acquire_<hash>`: KEYS the leases hash and the index; ARGV the lease name, the
+///   owner, the time to live in ms and `1` if the store allows a server that can evict its
+///   keys (else `0`). Takes a lease that is free, released or expired (its generation + 1,
+///   whoever held it) or renews one the owner holds (same generation), until now + ttl.
+///   Replies `OK, generation`; `REFUSED, holder` if another owner holds it; `CORRUPT, name` if
+///   the stored lease is not `<generation> <expires> <owner>`; `EVICTING, policy` if the
+///   server's `maxmemory-policy` can evict keys without an expiry (checked on every call, from
+///   `INFO memory`), writing nothing in either case.
+/// - `es_lease_release_<hash>`: the same KEYS; ARGV the name, the owner, the generation. Ends
+///   the lease (expiry 0, generation kept) if the owner holds it in that generation: `OK,
+///   generation`; otherwise writes nothing and replies `REFUSED`.
+/// - `es_leases_held_<hash>` (flag `no-writes`): the same KEYS. Replies `OK` and, per lease
+///   held now (expiry after now), its name, owner and generation, in no particular order.
+pub(crate) const LEASE: &str = include_str!("script/lease.lua");
+
+/// The store's function library: the append function ([`APPEND`]) and the lease functions
+/// ([`LEASE`]), in one library named `es_append_<hash>` (the hash is of the library's code, so
+/// that two versions of this crate on one server do not replace each other's). Its functions
+/// are `es_append_<hash>`, `es_lease_acquire_<hash>`, `es_lease_release_<hash>` and
+/// `es_leases_held_<hash>`.
 ///
 /// The library keeps the server's `run_id` in a local of its own, read with `INFO server` on the
 /// first call and kept for the life of the Lua state. A Lua state lives in one server process,
@@ -75,11 +99,9 @@ pub(crate) const APPEND: &str = include_str!("script/append.lua");
 /// (also by replication or a restore) starts a new state. So every call knows which process it
 /// runs in at the cost of one `INFO` per process, where a script (`EVAL`) can keep nothing
 /// between calls and would pay it on every call.
-pub(crate) fn append_library() -> Function {
-    let hash = redis::Script::new(APPEND).get_hash().to_owned();
-    let name = format!("es_append_{}", &hash[..16]);
-    let code = format!(
-        "#!lua name={name}
+pub(crate) fn library() -> Functions {
+    let template = format!(
+        "#!lua name=es_append_@HASH@
 local run_id = nil
 local function current_run()
   if not run_id then
@@ -92,10 +114,41 @@ end
 local function append(KEYS, ARGV)
 {APPEND}
 end
-redis.register_function('{name}', append)
+{LEASE}
+redis.register_function('es_append_@HASH@', append)
+redis.register_function('es_lease_acquire_@HASH@', lease_acquire)
+redis.register_function('es_lease_release_@HASH@', lease_release)
+redis.register_function{{function_name = 'es_leases_held_@HASH@', callback = leases_held,
+  flags = {{'no-writes'}}}}
 "
     );
-    Function { name, code }
+    let hash = redis::Script::new(&template).get_hash().to_owned();
+    let hash = &hash[..16];
+    let library = Arc::new(Library {
+        name: format!("es_append_{hash}"),
+        code: template.replace("@HASH@", hash),
+    });
+    let function = |name: &str| Function {
+        name: format!("{name}_{hash}"),
+        library: Arc::clone(&library),
+    };
+    Functions {
+        append: function("es_append"),
+        lease_acquire: function("es_lease_acquire"),
+        lease_release: function("es_lease_release"),
+        leases_held: function("es_leases_held"),
+        library,
+    }
+}
+
+/// The store's library and its functions; see [`library`].
+#[derive(Debug)]
+pub(crate) struct Functions {
+    pub(crate) library: Arc<Library>,
+    pub(crate) append: Function,
+    pub(crate) lease_acquire: Function,
+    pub(crate) lease_release: Function,
+    pub(crate) leases_held: Function,
 }
 
 /// The snapshot script: upsert-if-newer.
@@ -198,24 +251,16 @@ impl Lua {
     }
 }
 
-/// A Redis function (Redis 7), alone in a library of the same name: loaded with `FUNCTION LOAD`
-/// when the server does not hold it, called with `FCALL`.
+/// A Redis function library (Redis 7): loaded with `FUNCTION LOAD` when the server does not
+/// hold it.
 #[derive(Debug)]
-pub(crate) struct Function {
+pub(crate) struct Library {
     name: String,
     code: String,
 }
 
-impl Function {
-    /// An `FCALL` command with room for `num_keys` keys; the caller adds the keys, then the
-    /// arguments.
-    pub(crate) fn fcall(&self, num_keys: usize) -> Cmd {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(&self.name).arg(num_keys);
-        cmd
-    }
-
-    /// The library's (and the function's) name.
+impl Library {
+    /// The library's name.
     pub(crate) fn name(&self) -> &str {
         &self.name
     }
@@ -269,6 +314,23 @@ impl Function {
             _ => Ok(()),
         }
     }
+}
+
+/// A function of the store's [`Library`], called with `FCALL`.
+#[derive(Debug)]
+pub(crate) struct Function {
+    name: String,
+    library: Arc<Library>,
+}
+
+impl Function {
+    /// An `FCALL` command with room for `num_keys` keys; the caller adds the keys, then the
+    /// arguments.
+    pub(crate) fn fcall(&self, num_keys: usize) -> Cmd {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(&self.name).arg(num_keys);
+        cmd
+    }
 
     /// Runs `cmd` (built by [`Function::fcall`]). If it fails with a plain `ERR` and the server
     /// does not hold the library (`FUNCTION FLUSH`, a restart that lost it with the data), the
@@ -279,12 +341,12 @@ impl Function {
         loop {
             match query(conn, cmd).await {
                 Err(err) if err.code() == Some("ERR") && reloads < NOSCRIPT_RELOADS => {
-                    if self.loaded_where(conn, cmd).await? {
+                    if self.library.loaded_where(conn, cmd).await? {
                         return Err(err);
                     }
                     reloads += 1;
                     tracing::debug!(function = %self.name, reloads, "function missing on the server; loading it");
-                    self.load_where(conn, cmd).await?;
+                    self.library.load_where(conn, cmd).await?;
                 }
                 other => return other,
             }
@@ -321,11 +383,11 @@ impl Function {
                 Some(Value::ServerError(err)) => {
                     let err = RedisError::from(err);
                     if err.code() == Some("ERR") && reloads < NOSCRIPT_RELOADS {
-                        if self.loaded_where(conn, cmd).await? {
+                        if self.library.loaded_where(conn, cmd).await? {
                             return Err(err);
                         }
                         reloads += 1;
-                        self.load_where(conn, cmd).await?;
+                        self.library.load_where(conn, cmd).await?;
                         continue;
                     }
                     return Err(err);

@@ -7,7 +7,10 @@
 use std::error::Error as _;
 use std::time::Duration;
 
-use es_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StoreError, StreamId};
+use es_core::contract::{Checkpoint, LeaseStore};
+use es_core::{
+    AppendRequest, CheckpointStore, EventStore, ExpectedVersion, NewEvent, StoreError, StreamId,
+};
 use es_redis::redis::{self, aio::MultiplexedConnection};
 use es_redis::{Error, RedisStore};
 use es_testkit::support::{everything_shown, unique_name};
@@ -151,6 +154,77 @@ async fn the_documented_user_is_refused_everything_outside_its_prefix_and_comman
             .expect_err(what);
         assert_eq!(err.code(), Some("NOPERM"), "{what}: {err}");
     }
+}
+
+/// Consumer groups need the leases (the library's lease functions, on the group's keys under
+/// the prefix) and the checkpoint fence: the documented user runs them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_user_takes_leases_and_fences_checkpoints() {
+    let store = acl_store("lease").await;
+    let ttl = Duration::from_secs(30);
+    let group = "projection:orders";
+    assert_eq!(
+        store
+            .acquire_lease(group, "partition:0", "w1", ttl)
+            .await
+            .unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        store
+            .acquire_lease(group, "partition:0", "w1", ttl)
+            .await
+            .unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        store
+            .acquire_lease(group, "partition:0", "w2", ttl)
+            .await
+            .unwrap(),
+        None
+    );
+    // Expired leases leave the index on a later acquire (ZRANGEBYSCORE, ZREM).
+    store
+        .acquire_lease(group, "member:w9", "w9", Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    store
+        .acquire_lease(group, "member:w1", "w1", ttl)
+        .await
+        .unwrap();
+    let held = store.held_leases(group).await.unwrap();
+    assert_eq!(
+        held.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
+        ["member:w1", "partition:0"]
+    );
+    store
+        .release_lease(group, "partition:0", "w1", 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .acquire_lease(group, "partition:0", "w2", ttl)
+            .await
+            .unwrap(),
+        Some(2)
+    );
+    let name = es_core::projection::partition_checkpoint("orders", 0);
+    let fenced = store.fence_checkpoint(&name).await.unwrap();
+    assert_eq!((fenced.position, fenced.generation), (0, 1));
+    assert!(store
+        .save_checkpoint(
+            &name,
+            Checkpoint {
+                position: 7,
+                generation: 1
+            }
+        )
+        .await
+        .unwrap());
+    let fenced = store.fence_checkpoint(&name).await.unwrap();
+    assert_eq!((fenced.position, fenced.generation), (7, 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

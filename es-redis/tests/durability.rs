@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use es_core::contract::position::{epoch_of, first_of_epoch, EpochStart};
-use es_core::contract::Checkpoint;
+use es_core::contract::{Checkpoint, LeaseStore};
 use es_core::projection::{AtLeastOnce, HandlerError, Projection, ProjectionStatus};
 use es_core::{
     AppendRequest, AppendResult, CheckpointStore, EventFilter, EventStore, EventStream,
@@ -166,6 +166,14 @@ async fn an_evicting_server_is_refused_at_build_unless_allowed() {
         .await
         .unwrap()
         .is_some());
+    // The leases of consumer groups too.
+    assert_eq!(
+        store
+            .acquire_lease("relay", "partition:0", "w1", Duration::from_secs(30))
+            .await
+            .unwrap(),
+        Some(1)
+    );
     let keys: Vec<String> =
         match redis_cmd(&server.url(), redis::cmd("KEYS").arg("volatile:*")).await {
             redis::Value::Array(keys) => keys
@@ -177,10 +185,10 @@ async fn an_evicting_server_is_refused_at_build_unless_allowed() {
                 .collect(),
             other => panic!("{other:?}"),
         };
-    assert!(
-        keys.iter().any(|k| k == store.keys().relay_lease()),
-        "{keys:?}"
-    );
+    let group = store.keys().lease_group("relay");
+    for key in [store.keys().relay_lease(), group.leases(), group.held()] {
+        assert!(keys.iter().any(|k| k == key), "{key} not in {keys:?}");
+    }
     for key in &keys {
         let ttl = redis_cmd(&server.url(), redis::cmd("PTTL").arg(key)).await;
         assert_eq!(ttl, redis::Value::Int(-1), "{key} has an expiry");
