@@ -30,3 +30,13 @@ mod partitioned_by_category {
             .by(es_core::PartitionKey::Category)
     ));
 }
+
+/// The lease, fencing and consumer-group cases on a store with four partitions: projections and
+/// relays divided among workers partition by partition.
+mod groups {
+    use super::common;
+
+    es_testkit::group_conformance_tests!(|| common::fresh_partitioned_store(
+        es_core::Partitioning::new(4).expect("4 partitions")
+    ));
+}
