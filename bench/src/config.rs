@@ -34,14 +34,19 @@ Usage: es-bench [--quick] [GROUP | GROUP:WORKLOAD]...
 
 Groups: memory, postgres, redis, kafka (all when none is given).
 Workloads narrow a group, e.g. `memory:rehydrate`, `memory:dispatch`, `memory:append`,
-`memory:command`, `memory:catch-up`, `postgres:append`, `postgres:command`, `postgres:read`,
-`postgres:rehydrate`, `postgres:catch-up`, `postgres:processes`, `redis:append`, `redis:command`, `redis:read`,
-`redis:catch-up`. `command` is the commands through the repository (load + decide + append).
-`processes` is appends from several OS processes at 1, 4 and 16 feed partitions.
+`memory:command`, `memory:catch-up`, `memory:group`, `postgres:append`, `postgres:command`,
+`postgres:read`, `postgres:rehydrate`, `postgres:catch-up`, `postgres:group`,
+`postgres:processes`, `redis:append`, `redis:command`, `redis:read`, `redis:catch-up`,
+`redis:group`, `redis:cluster`. `command` is the commands through the repository (load +
+decide + append).
+`group` is a projection's consumer group of 1, 2 and 4 workers over a store with 4 partitions.
+`processes` is appends from several OS processes at 1, 4 and 16 feed partitions. `cluster` is
+appends on the 3-primary Redis Cluster against one primary (REDIS_CLUSTER_URLS).
 
   --quick   small sizes and few repetitions: a smoke check that every benchmark runs
 
-Environment: DATABASE_URL, REDIS_URL, KAFKA_BROKERS (`cargo xtask bench` sets them).
+Environment: DATABASE_URL, REDIS_URL, REDIS_CLUSTER_URLS, KAFKA_BROKERS (`cargo xtask bench` sets
+them).
 ";
 
 impl Args {

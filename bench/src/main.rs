@@ -24,6 +24,7 @@ mod postgres;
 mod projection;
 #[path = "redis.rs"]
 mod redis_bench;
+mod redis_cluster;
 mod report;
 
 use std::process::ExitCode;

@@ -44,6 +44,13 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
         fill(&store, &StreamId::new("order", "feed")?, count).await?;
         crate::projection::catch_up(report, GROUP, &store, count).await?;
     }
+    if args.wants("memory", "group") {
+        let count = pick(EVENTS, 20_000);
+        let partitioning = es_core::Partitioning::new(crate::projection::GROUP_PARTITIONS)?;
+        let store = InMemoryStore::builder().partitioning(partitioning).build();
+        crate::projection::fill_partitioned(&store, count).await?;
+        crate::projection::group_catch_up(report, GROUP, &store, count).await?;
+    }
     Ok(())
 }
 

@@ -5,8 +5,11 @@
 //! each wait for the commit chain of their partition. This workload measures what partitions buy
 //! there: the benchmark binary starts [`PROCESSES`] children of itself (each with its own pool
 //! and store, as separate application instances would have), which append 1-event batches to
-//! distinct streams spread over every partition for one round, and report how many they had
-//! acknowledged. The raw side is the same number of children running autocommit single-row
+//! distinct streams for one round, and report how many they had acknowledged. The streams are
+//! either spread over every partition (each process writes to all of them), or, in the rows
+//! "each process on its own partitions", only those of the child's partitions (partition mod
+//! [`PROCESSES`] = the child's index), as writers routed by partition key (a tenant per
+//! instance) would be. The raw side is the same number of children running autocommit single-row
 //! INSERTs into a table of the same shape (bigserial position, no ordering guarantee).
 //!
 //! While the framework rounds run, the parent follows every partition with a subscription; after
@@ -50,6 +53,9 @@ const PAYLOAD: &str = r#"{"order_id": "ord_7f3c2a9e", "total_cents": 12999}"#;
 /// start_unix_ms round_ms`.
 struct ChildSpec {
     raw: bool,
+    /// Each child appends only to streams of its own partitions (partition mod [`PROCESSES`] =
+    /// its index), as writers routed by partition key would.
+    affine: bool,
     url: String,
     schema: String,
     partitions: u32,
@@ -61,8 +67,9 @@ struct ChildSpec {
 impl ChildSpec {
     fn encode(&self) -> String {
         format!(
-            "{} {} {} {} {} {} {}",
+            "{} {} {} {} {} {} {} {}",
             if self.raw { "raw" } else { "ours" },
+            if self.affine { "affine" } else { "spread" },
             self.url,
             self.schema,
             self.partitions,
@@ -74,11 +81,12 @@ impl ChildSpec {
 
     fn decode(text: &str) -> anyhow::Result<Self> {
         let parts: Vec<&str> = text.split(' ').collect();
-        let [mode, url, schema, partitions, index, start_ms, round_ms] = parts[..] else {
+        let [mode, spread, url, schema, partitions, index, start_ms, round_ms] = parts[..] else {
             anyhow::bail!("bad {CHILD_ENV}: {text:?}");
         };
         Ok(Self {
             raw: mode == "raw",
+            affine: spread == "affine",
             url: url.to_owned(),
             schema: schema.to_owned(),
             partitions: partitions.parse()?,
@@ -132,21 +140,37 @@ async fn run_child(spec: &ChildSpec) -> anyhow::Result<u64> {
     tokio::time::sleep(Duration::from_millis(start)).await;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(spec.round_ms);
     let tag = format!("{}-{}", spec.index, unix_ms());
+    let partitioning = Partitioning::new(spec.partitions)?;
     let tasks = (0..TASKS).map(|t| {
-        let (store, pool, tag) = (store.clone(), pool.clone(), tag.clone());
+        let (store, pool) = (store.clone(), pool.clone());
         let table = format!("\"{}\".events", spec.schema);
+        // The task's streams: with affinity, only streams of this child's partitions.
+        let streams: Vec<String> = (0..STREAMS_PER_TASK)
+            .map(|k| {
+                (0..)
+                    .map(|j| format!("p{tag}t{t}s{k}x{j}"))
+                    .find(|name| {
+                        !spec.affine
+                            || StreamId::new("order", name).is_ok_and(|id| {
+                                partitioning.partition_of(&id) as usize % PROCESSES
+                                    == spec.index % PROCESSES
+                            })
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
         async move {
             let template = NewEvent::new("OrderPlaced", 1, PAYLOAD)?;
             let mut versions = [0_u64; STREAMS_PER_TASK];
             let mut n = 0_u64;
             while tokio::time::Instant::now() < deadline {
                 let k = n as usize % STREAMS_PER_TASK;
-                let stream = format!("p{tag}t{t}s{k}");
+                let stream = &streams[k];
                 match &store {
                     Some(store) => {
                         store
                             .append(AppendRequest::new(
-                                StreamId::new("order", &stream)?,
+                                StreamId::new("order", stream)?,
                                 ExpectedVersion::Exact(versions[k]),
                                 vec![template.clone().with_id(uuid::Uuid::now_v7())],
                             ))
@@ -182,6 +206,7 @@ async fn round_of_children(
     schema: &str,
     partitions: u32,
     raw: bool,
+    affine: bool,
 ) -> anyhow::Result<(f64, u64)> {
     let exe = std::env::current_exe()?;
     let round_ms = round().as_millis() as u64;
@@ -191,6 +216,7 @@ async fn round_of_children(
     for index in 0..PROCESSES {
         let spec = ChildSpec {
             raw,
+            affine,
             url: url.to_owned(),
             schema: schema.to_owned(),
             partitions,
@@ -233,10 +259,10 @@ pub(crate) async fn run(report: &mut Report, url: &str, tag: &str) -> anyhow::Re
         .test_before_acquire(false)
         .connect(url)
         .await?;
-    for partitions in [1_u32, 4, 16] {
-        let schema = format!("bench_proc{partitions}_{tag}");
-        let raw_schema = format!("bench_proc_raw{partitions}_{tag}");
-        let result = measure(report, url, &admin, &schema, &raw_schema, partitions).await;
+    for (partitions, affine) in [(1_u32, false), (4, false), (16, false), (4, true), (16, true)] {
+        let schema = format!("bench_proc{partitions}{affine}_{tag}");
+        let raw_schema = format!("bench_proc_raw{partitions}{affine}_{tag}");
+        let result = measure(report, url, &admin, &schema, &raw_schema, partitions, affine).await;
         for s in [&schema, &raw_schema] {
             let _ = sqlx::query(AssertSqlSafe(format!("DROP SCHEMA \"{s}\" CASCADE")))
                 .execute(&admin)
@@ -254,6 +280,7 @@ async fn measure(
     schema: &str,
     raw_schema: &str,
     partitions: u32,
+    affine: bool,
 ) -> anyhow::Result<()> {
     let partitioning = Partitioning::new(partitions)?;
     let store = PgStore::builder(admin.clone())
@@ -283,20 +310,20 @@ async fn measure(
     });
     let mut samples = Samples::default();
     let mut acknowledged = 0;
-    round_of_children(url, raw_schema, partitions, true).await?;
-    acknowledged += round_of_children(url, schema, partitions, false).await?.1;
+    round_of_children(url, raw_schema, partitions, true, affine).await?;
+    acknowledged += round_of_children(url, schema, partitions, false, affine).await?.1;
     for i in 0..rounds() {
         let (ours, raw) = if i % 2 == 0 {
-            let raw = round_of_children(url, raw_schema, partitions, true).await?;
+            let raw = round_of_children(url, raw_schema, partitions, true, affine).await?;
             (
-                round_of_children(url, schema, partitions, false).await?,
+                round_of_children(url, schema, partitions, false, affine).await?,
                 raw,
             )
         } else {
-            let ours = round_of_children(url, schema, partitions, false).await?;
+            let ours = round_of_children(url, schema, partitions, false, affine).await?;
             (
                 ours,
-                round_of_children(url, raw_schema, partitions, true).await?,
+                round_of_children(url, raw_schema, partitions, true, affine).await?,
             )
         };
         acknowledged += ours.1;
@@ -309,7 +336,12 @@ async fn measure(
         "es-postgres",
         format!(
             "append 1-event batches, {PROCESSES} processes x {TASKS} tasks, {partitions} \
-             partition(s)"
+             partition(s){}",
+            if affine {
+                ", each process on its own partitions"
+            } else {
+                ""
+            }
         ),
         &samples,
         "events/s",

@@ -59,6 +59,7 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
         .await?;
     let raw = Raw::create(pool.clone(), &raw_schema).await?;
     let feed_schema = format!("bench_feed_{tag}");
+    let group_schema = format!("bench_group_{tag}");
     let result = async {
         if args.wants("postgres", "append") {
             appends(report, &store, &raw, 16, 1, Some(0.7)).await?;
@@ -94,6 +95,17 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
                 crate::projection::catch_up(report, GROUP, &feed, count).await?;
             }
         }
+        if args.wants("postgres", "group") {
+            let partitioning = es_core::Partitioning::new(crate::projection::GROUP_PARTITIONS)?;
+            let grouped = PgStore::builder(pool.clone())
+                .schema(&group_schema)
+                .partitioning(partitioning)
+                .build()
+                .await?;
+            let count = pick(FEED_EVENTS, 10_000);
+            crate::projection::fill_partitioned(&grouped, count).await?;
+            crate::projection::group_catch_up(report, GROUP, &grouped, count).await?;
+        }
         if args.wants("postgres", "rehydrate") {
             rehydrate(report, &store, &pool, &schema).await?;
         }
@@ -103,7 +115,7 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
         anyhow::Ok(())
     }
     .await;
-    for s in [&schema, &raw_schema, &feed_schema] {
+    for s in [&schema, &raw_schema, &feed_schema, &group_schema] {
         let _ = sqlx::query(AssertSqlSafe(format!("DROP SCHEMA \"{s}\" CASCADE")))
             .execute(&pool)
             .await;

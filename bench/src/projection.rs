@@ -3,10 +3,11 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use es_core::projection::HandlerError;
+use es_core::group::GroupConfig;
+use es_core::projection::{partition_checkpoint, HandlerError};
 use es_core::{
-    AtLeastOnce, CheckpointStore, EventStore, Projection, ProjectionRunner, ProjectionStatus,
-    ReadAll, RecordedEvent,
+    AtLeastOnce, CheckpointStore, EventStore, LeaseStore, Projection, ProjectionRunner,
+    ProjectionStatus, ReadAll, RecordedEvent,
 };
 use futures::StreamExt;
 
@@ -118,5 +119,158 @@ pub(crate) async fn catch_up<S: EventStore + CheckpointStore>(
             samples.describe()
         ),
     ));
+    Ok(())
+}
+
+/// Feed partitions of the store the consumer-group catch-up goes over.
+pub(crate) const GROUP_PARTITIONS: u32 = 4;
+
+/// The lease of the benchmark's consumer groups: short, so that forming a group (a round or two,
+/// a quarter of the lease each) weighs little against the catch-up.
+const GROUP_LEASE: Duration = Duration::from_millis(400);
+
+/// Fills `store` (with [`GROUP_PARTITIONS`] partitions) with `count` of the domain's benchmark
+/// events over 100 streams, in appends of 100.
+pub(crate) async fn fill_partitioned<S: EventStore>(store: &S, count: u64) -> anyhow::Result<()> {
+    let streams = 100u64;
+    let per_stream = count / streams;
+    let mut versions = vec![0u64; streams as usize];
+    for round in 0..per_stream.div_ceil(100) {
+        for (s, version) in versions.iter_mut().enumerate() {
+            let n = (per_stream - round * 100).min(100);
+            let batch: Vec<es_core::NewEvent> = (0..n)
+                .map(|i| {
+                    let (t, v, payload) = crate::domain::stored_event(*version + i);
+                    es_core::NewEvent::from_value(t, v, &payload)
+                })
+                .collect();
+            store
+                .append(es_core::AppendRequest::new(
+                    es_core::StreamId::new("order", &format!("group{s}"))?,
+                    es_core::ExpectedVersion::Exact(*version),
+                    batch,
+                ))
+                .await?;
+            *version += n;
+        }
+    }
+    Ok(())
+}
+
+/// `workers` readers at once, each reading its share of the partitions (round-robin, as a group
+/// divides them) with `read_all` from position 0.
+async fn read_partitions<S: EventStore>(
+    store: &S,
+    workers: u32,
+    count: u64,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let readers = (0..workers).map(|w| async move {
+        let mut n = 0u64;
+        for partition in (0..store.partitioning().partitions().end).filter(|p| p % workers == w) {
+            let mut events = store.read_all(ReadAll::after(0).partition(partition));
+            while let Some(event) = events.next().await {
+                black_box(event?);
+                n += 1;
+            }
+        }
+        anyhow::Ok(n)
+    });
+    let n: u64 = futures::future::try_join_all(readers).await?.iter().sum();
+    let elapsed = start.elapsed();
+    anyhow::ensure!(n == count, "the readers returned {n} of {count} events");
+    Ok(elapsed)
+}
+
+/// A fresh projection (new name) run by a consumer group of `workers` workers, from their start
+/// until every partition's checkpoint covers the partition's head.
+async fn project_group<S: EventStore + CheckpointStore + LeaseStore>(
+    store: &S,
+    workers: u32,
+    heads: &[u64],
+) -> anyhow::Result<Duration> {
+    let name = format!("bench-group-{}", uuid::Uuid::now_v7().simple());
+    let start = Instant::now();
+    let group: Vec<_> = (0..workers)
+        .map(|w| {
+            let (name, store) = (name.clone(), store.clone());
+            ProjectionRunner::new(store.clone()).spawn_group(
+                GroupConfig::new(format!("w{w}")).lease_ttl(GROUP_LEASE),
+                move || {
+                    let counter = Counter {
+                        name: name.clone(),
+                        events: 0,
+                        bytes: 0,
+                    };
+                    AtLeastOnce::new(counter, store.clone())
+                },
+            )
+        })
+        .collect();
+    for (partition, head) in (0u32..).zip(heads) {
+        let checkpoint = partition_checkpoint(&name, partition);
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while store.load_checkpoint(&checkpoint).await?.position < *head {
+            anyhow::ensure!(Instant::now() < deadline, "the group did not catch up");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let elapsed = start.elapsed();
+    let owners = group.iter().filter(|w| !w.owned().is_empty()).count();
+    anyhow::ensure!(
+        owners == workers.min(GROUP_PARTITIONS) as usize,
+        "{owners} of {workers} workers ran partitions"
+    );
+    for worker in group {
+        worker.shutdown().await;
+    }
+    Ok(elapsed)
+}
+
+/// Measures a projection's consumer group of 1, 2 and 4 workers (in this process, each on its
+/// own clone of the store) catching up over the `count` events of `store` (which has
+/// [`GROUP_PARTITIONS`] partitions and nothing else), against as many concurrent readers reading
+/// the same partitions with `read_all`.
+pub(crate) async fn group_catch_up<S: EventStore + CheckpointStore + LeaseStore>(
+    report: &mut Report,
+    group: &'static str,
+    store: &S,
+    count: u64,
+) -> anyhow::Result<()> {
+    let mut heads = Vec::new();
+    for partition in store.partitioning().partitions() {
+        heads.push(store.partition_head(partition).await?);
+    }
+    for workers in [1, 2, 4] {
+        let pairs = pick(5, 1);
+        read_partitions(store, workers, count).await?;
+        let mut samples = Samples::default();
+        for i in 0..pairs {
+            let (ours, raw) = if i % 2 == 0 {
+                let raw = read_partitions(store, workers, count).await?;
+                (project_group(store, workers, &heads).await?, raw)
+            } else {
+                let ours = project_group(store, workers, &heads).await?;
+                (ours, read_partitions(store, workers, count).await?)
+            };
+            samples.push_times(count, ours, raw);
+        }
+        report.push(Row::paired(
+            group,
+            format!(
+                "projection catch-up over {}k events, {GROUP_PARTITIONS} partitions, consumer \
+                 group of {workers} worker(s)",
+                count / 1000
+            ),
+            &samples,
+            "events/s",
+            None,
+            format!(
+                "workers in one process, lease {GROUP_LEASE:?} (forming the group is timed too); \
+                 raw = {workers} concurrent read_all readers over the same partitions; {}",
+                samples.describe()
+            ),
+        ));
+    }
     Ok(())
 }

@@ -84,6 +84,21 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
             }
             cleanup(&feed, feed.keys().prefix()).await;
         }
+        if args.wants("redis", "group") {
+            let partitioning = es_core::Partitioning::new(crate::projection::GROUP_PARTITIONS)?;
+            let grouped = RedisStore::builder(url.as_str())
+                .prefix(format!("{prefix}:group"))
+                .read_page_size(PAGE)
+                .partitioning(partitioning)
+                .build()
+                .await?;
+            let count = feed_len();
+            crate::projection::fill_partitioned(&grouped, count).await?;
+            crate::projection::group_catch_up(report, GROUP, &grouped, count).await?;
+        }
+        if args.wants("redis", "cluster") {
+            crate::redis_cluster::run(report).await?;
+        }
         anyhow::Ok(())
     }
     .await;

@@ -70,7 +70,9 @@ pub use event_store::{
     verify_resume, wait_for_any_append, wait_on_watch, EventStore, Store, StreamingStore,
 };
 pub use expected::ExpectedVersion;
-pub use lease::{check_lease, check_lease_name, HeldLease, LeaseStore, MAX_LEASE_NAME, MAX_LEASE_TTL};
+pub use lease::{
+    check_lease, check_lease_name, HeldLease, LeaseStore, MAX_LEASE_NAME, MAX_LEASE_TTL,
+};
 pub use outbox::{
     DeadLetter, Delivered, LastRejection, LeaseState, OutboxMessage, OutboxRecord, OutboxStore,
     Rejection, RelayStatus,

@@ -178,25 +178,34 @@ where
     W: Future<Output = ()> + Send + 'static,
 {
     let (stop, stop_rx) = watch::channel(false);
-    let (owned_tx, owned) = watch::channel(Vec::new());
+    let (published, held) = watch::channel(Vec::new());
     // One owner per incarnation: two workers started under the same name by mistake still
     // never hold one lease together.
-    let owner = format!("{}~{}", config.member, &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let owner = format!(
+        "{}~{}",
+        config.member,
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let member = Member {
         leases,
         owner,
-        member_generation: None,
+        membership: None,
         group: group.into(),
         partitions: partitions.max(1),
         config,
         work,
         running: BTreeMap::new(),
         tasks: JoinSet::new(),
-        owned: owned_tx,
+        owned: published,
     };
-    let span = tracing::info_span!("es.group", group = %member.group, member = %member.config.member);
+    let span =
+        tracing::info_span!("es.group", group = %member.group, member = %member.config.member);
     let task = tokio::spawn(tracing::Instrument::instrument(member.run(stop_rx), span));
-    GroupHandle { owned, stop, task }
+    GroupHandle {
+        owned: held,
+        stop,
+        task,
+    }
 }
 
 /// A partition's work, as the worker runs it.
@@ -213,7 +222,7 @@ struct Member<L, F> {
     /// This incarnation's owner name in the leases: the member's name and a random suffix.
     owner: String,
     /// The generation of the membership lease, once taken.
-    member_generation: Option<u64>,
+    membership: Option<u64>,
     group: String,
     partitions: u32,
     config: GroupConfig,
@@ -246,7 +255,7 @@ where
         }
         let all: Vec<u32> = self.running.keys().copied().collect();
         self.stop_partitions(&all, true).await;
-        if let Some(generation) = self.member_generation {
+        if let Some(generation) = self.membership {
             let name = format!("{MEMBER}{}", self.owner);
             let _ = self
                 .leases
@@ -272,7 +281,7 @@ where
     async fn round(&mut self) -> Result<(), StoreError> {
         while self.tasks.try_join_next().is_some() {}
         let ttl = self.config.lease_ttl;
-        self.member_generation = self
+        self.membership = self
             .acquire(&format!("{MEMBER}{}", self.owner), ttl)
             .await?;
         let held = self.leases.held_leases(&self.group).await?;
@@ -297,11 +306,11 @@ where
             let sent = Instant::now();
             match self.acquire(&format!("{PARTITION}{partition}"), ttl).await {
                 Ok(Some(generation)) => {
-                    self.take(partition, generation, sent + ttl - self.config.guard())
+                    self.take(partition, generation, sent + ttl - self.config.guard());
                 }
                 Ok(None) => self.stop_partitions(&[partition], false).await,
                 Err(err) => {
-                    tracing::warn!(partition, error = %err, "renewing a partition lease failed")
+                    tracing::warn!(partition, error = %err, "renewing a partition lease failed");
                 }
             }
         }
@@ -360,7 +369,9 @@ where
                 joined = self.tasks.join_next() => if joined.is_none() { break },
                 () = &mut patience => {
                     tracing::warn!("partition work did not stop within a round; aborting it");
-                    stopping.iter().for_each(|(_, r)| r.task.abort());
+                    for (_, running) in &stopping {
+                        running.task.abort();
+                    }
                     break;
                 }
             }

@@ -98,20 +98,21 @@ pub use aggregate::{Aggregate, Apply, ApplyEvent, Decision};
 pub use contract::{
     AppendLimits, AppendRequest, AppendResult, Checkpoint, CheckpointStore, DeadLetter, Delivered,
     Direction, EpochStart, EventFilter, EventPage, EventPages, EventStore, EventStream,
-    ExpectedVersion, FeedPosition, OutboxMessage, OutboxRecord, OutboxStore, PartitionKey,
-    Partitioning, ReadAll, ReadStream, Rejection, RelayStatus, SnapshotRecord, SnapshotStore,
-    Store, StoreError, StoreFuture, StreamingStore,
+    ExpectedVersion, FeedPosition, HeldLease, LeaseStore, OutboxMessage, OutboxRecord, OutboxStore,
+    PartitionKey, Partitioning, ReadAll, ReadStream, Rejection, RelayStatus, SnapshotRecord,
+    SnapshotStore, Store, StoreError, StoreFuture, StreamingStore,
 };
 pub use event::{
     DomainEvent, EventSchema, Metadata, NewEvent, PayloadError, RecordedEvent, RecordedEventRef,
 };
+pub use group::GroupConfig;
 pub use outbox::{
     PublishOutcome, Publisher, Relay, RelayConfig, RelayConfigError, RelayError, RelayStep,
     Translator,
 };
 pub use projection::{
-    AtLeastOnce, Projection, ProjectionError, ProjectionHandle, ProjectionRunner, ProjectionSink,
-    ProjectionStatus, RebuildError, RunnerConfig,
+    AtLeastOnce, Projection, ProjectionError, ProjectionGroup, ProjectionHandle, ProjectionRunner,
+    ProjectionSink, ProjectionStatus, RebuildError, RunnerConfig,
 };
 pub use repository::{
     AsOf, BuildError, Executed, Loaded, Repository, RepositoryBuilder, RepositoryError,

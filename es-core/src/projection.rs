@@ -51,8 +51,8 @@ use crate::contract::position::distance;
 use crate::contract::{
     Checkpoint, CheckpointStore, EventFilter, EventStore, LeaseStore, StoreError,
 };
-use crate::group::{spawn_group, Claim, GroupConfig, GroupHandle};
 use crate::event::RecordedEvent;
+use crate::group::{spawn_group, Claim, GroupConfig, GroupHandle};
 use crate::retry::{Backoff, Delays};
 use crate::stream_id::StreamId;
 
@@ -535,7 +535,9 @@ impl<S: EventStore + LeaseStore> ProjectionRunner<S> {
 }
 
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// This process's worker of a projection's consumer group: see
@@ -758,9 +760,10 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
         self.status
             .send_replace(ProjectionStatus::Running { position });
         let feed = match self.partition {
-            Some(partition) => self
-                .store
-                .subscribe_partition(partition, position, self.sink.filter()),
+            Some(partition) => {
+                self.store
+                    .subscribe_partition(partition, position, self.sink.filter())
+            }
             None => self.store.subscribe(position, self.sink.filter()),
         };
         let mut feed = feed.ready_chunks(self.config.batch_size);

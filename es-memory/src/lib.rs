@@ -914,17 +914,20 @@ impl LeaseStore for InMemoryStore {
     fn held_leases(&self, group: &str) -> impl StoreFuture<Vec<HeldLease>> {
         let state = self.inner.lock();
         let now = Instant::now();
-        let held = state.group_leases.get(group).map_or_else(Vec::new, |leases| {
-            leases
-                .iter()
-                .filter(|(_, lease)| lease.held(now))
-                .map(|(name, lease)| HeldLease {
-                    name: name.clone(),
-                    owner: lease.owner.clone(),
-                    generation: lease.generation,
-                })
-                .collect()
-        });
+        let held = state
+            .group_leases
+            .get(group)
+            .map_or_else(Vec::new, |leases| {
+                leases
+                    .iter()
+                    .filter(|(_, lease)| lease.held(now))
+                    .map(|(name, lease)| HeldLease {
+                        name: name.clone(),
+                        owner: lease.owner.clone(),
+                        generation: lease.generation,
+                    })
+                    .collect()
+            });
         futures::future::ready(Ok(held))
     }
 }

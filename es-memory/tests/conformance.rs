@@ -16,6 +16,11 @@ mod partitioned {
     }
 
     es_testkit::conformance_tests!(|| async { store() });
+
+    /// Leases and consumer groups: projections and relays on every partition.
+    mod groups {
+        es_testkit::group_conformance_tests!(|| async { super::store() });
+    }
 }
 
 /// The same suites on a store whose partitions follow the stream category.

@@ -61,6 +61,32 @@ macro_rules! __stamp {
     };
 }
 
+/// Stamps the lease and consumer-group cases of [`streaming`] onto a backend: the part of the
+/// streaming suite that runs on a store with several feed partitions (the rest of it follows the
+/// single feed). `streaming_conformance_tests!` already holds these cases; use this one on a
+/// partitioned store, in a module of its own.
+///
+/// ```no_run
+/// es_testkit::group_conformance_tests!(|| async {
+///     es_memory::InMemoryStore::builder()
+///         .partitioning(es_core::Partitioning::new(4).unwrap())
+///         .build()
+/// });
+/// ```
+#[macro_export]
+macro_rules! group_conformance_tests {
+    ($factory:expr) => {
+        $crate::__stamp!($factory; streaming;
+            leases_follow_the_generation_rules,
+            fenced_checkpoints_refuse_earlier_holders,
+            group_worker_killed_hands_its_partitions_over,
+            group_worker_added_takes_its_share,
+            group_stale_worker_never_records,
+            relay_group_worker_killed_hands_its_outboxes_over,
+        );
+    };
+}
+
 /// Runs random operation sequences ([`oracle::ops`]) on a backend and on the in-memory store and
 /// compares every result ([`oracle::check_against_memory`]), as one proptest test named `$name`.
 ///

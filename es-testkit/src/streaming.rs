@@ -18,15 +18,16 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use es_core::contract::{
-    AppendLimits, AppendRequest, AppendResult, Checkpoint, DeadLetter, Delivered, EpochStart,
-    EventFilter, EventStore, EventStream, ExpectedVersion, LastRejection, OutboxMessage,
-    OutboxRecord, OutboxStore, Partitioning, ReadAll, ReadStream, Rejection, RelayStatus,
-    StoreError, StoreFuture, StreamingStore,
+    AppendLimits, AppendRequest, AppendResult, Checkpoint, CheckpointStore, DeadLetter, Delivered,
+    EpochStart, EventFilter, EventStore, EventStream, ExpectedVersion, HeldLease, LastRejection,
+    LeaseStore, OutboxMessage, OutboxRecord, OutboxStore, Partitioning, ReadAll, ReadStream,
+    Rejection, RelayStatus, StoreError, StoreFuture, StreamingStore, MAX_LEASE_NAME, MAX_LEASE_TTL,
 };
+use es_core::group::GroupConfig;
 use es_core::outbox::{PublishOutcome, Publisher, Relay, RelayConfig, RelayStep, Translator};
 use es_core::projection::{
-    AtLeastOnce, BatchError, HandlerError, Projection, ProjectionRunner, ProjectionSink,
-    ProjectionStatus, RunnerConfig,
+    partition_checkpoint, AtLeastOnce, BatchError, HandlerError, Projection, ProjectionGroup,
+    ProjectionRunner, ProjectionSink, ProjectionStatus, RunnerConfig,
 };
 use es_core::{DomainEvent, EventSchema, Metadata, NewEvent, PayloadError, RecordedEvent};
 use es_core::{Repository, StreamId};
@@ -2282,4 +2283,739 @@ pub async fn repository_translates_into_the_outbox<S: StreamingStore>(store: S) 
         let payload: LedgerMoved = serde_json::from_slice(&m.payload).unwrap();
         assert_eq!(payload.delta, delta);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leases and consumer groups
+
+/// The lease of the consumer-group cases: short, so that takeovers happen within the case.
+const GROUP_TTL: Duration = Duration::from_secs(1);
+
+/// Leases follow the rules of [`LeaseStore`]: one owner at a time; renewing keeps the
+/// generation, taking a free, released or expired lease raises it, across releases too; a release
+/// by anyone but the owner in its generation does nothing; leases of other names and groups are
+/// independent; the held ones are listed in name order; bad arguments are `InvalidLease`.
+pub async fn leases_follow_the_generation_rules<S: StreamingStore>(store: S) {
+    let ttl = Duration::from_secs(30);
+    let take = |name: &'static str, owner: &'static str| {
+        let store = store.clone();
+        async move { store.acquire_lease("g", name, owner, ttl).await.unwrap() }
+    };
+    assert_eq!(take("b", "x").await, Some(1), "a free lease is taken");
+    assert_eq!(
+        take("b", "x").await,
+        Some(1),
+        "renewing keeps the generation"
+    );
+    assert_eq!(take("b", "y").await, None, "held by another");
+    assert_eq!(take("a", "y").await, Some(1), "another name is independent");
+    assert_eq!(
+        store.acquire_lease("h", "b", "y", ttl).await.unwrap(),
+        Some(1),
+        "another group is independent"
+    );
+    let held = |owner: &str, name: &str, generation| HeldLease {
+        name: name.to_owned(),
+        owner: owner.to_owned(),
+        generation,
+    };
+    assert_eq!(
+        store.held_leases("g").await.unwrap(),
+        vec![held("y", "a", 1), held("x", "b", 1)],
+        "held leases, in name order"
+    );
+    store.release_lease("g", "b", "y", 1).await.unwrap();
+    store.release_lease("g", "b", "x", 7).await.unwrap();
+    assert_eq!(
+        take("b", "y").await,
+        None,
+        "only the owner in its generation releases"
+    );
+    store.release_lease("g", "b", "x", 1).await.unwrap();
+    assert_eq!(
+        store.held_leases("g").await.unwrap(),
+        vec![held("y", "a", 1)],
+        "a released lease is not held"
+    );
+    assert_eq!(
+        take("b", "y").await,
+        Some(2),
+        "a released lease is taken anew"
+    );
+    store.release_lease("g", "b", "y", 2).await.unwrap();
+    assert_eq!(
+        take("b", "y").await,
+        Some(3),
+        "even by its last owner, anew"
+    );
+
+    // Expiry, on the store's clock.
+    let short = Duration::from_millis(200);
+    assert_eq!(
+        store.acquire_lease("g", "c", "x", short).await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        store.acquire_lease("g", "c", "y", short).await.unwrap(),
+        None
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        !store
+            .held_leases("g")
+            .await
+            .unwrap()
+            .iter()
+            .any(|l| l.name == "c"),
+        "an expired lease is not held"
+    );
+    assert_eq!(
+        store.acquire_lease("g", "c", "y", short).await.unwrap(),
+        Some(2),
+        "an expired lease is taken anew"
+    );
+
+    let long = "n".repeat(MAX_LEASE_NAME + 1);
+    for (group, name, owner, ttl) in [
+        ("", "a", "x", ttl),
+        ("g", "", "x", ttl),
+        ("g", "a", "", ttl),
+        ("g", long.as_str(), "x", ttl),
+        ("g", "a", "x", Duration::ZERO),
+        ("g", "a", "x", MAX_LEASE_TTL + Duration::from_secs(1)),
+    ] {
+        let result = store.acquire_lease(group, name, owner, ttl).await;
+        assert!(
+            matches!(result, Err(StoreError::InvalidLease { .. })),
+            "({group:?}, {name:.10?}, {owner:?}, {ttl:?}): {result:?}"
+        );
+    }
+    assert_eq!(
+        store.held_leases("g").await.unwrap().len(),
+        3,
+        "bad calls changed nothing"
+    );
+}
+
+/// Fencing a checkpoint starts a new generation at the same position, created at 0 if missing:
+/// a save naming an earlier generation is then refused, whatever its position, and the holder of
+/// the new generation goes on from where the earlier one stopped.
+pub async fn fenced_checkpoints_refuse_earlier_holders<S: StreamingStore>(store: S) {
+    let fresh = store.fence_checkpoint("orders#2").await.unwrap();
+    assert_eq!(fresh.position, 0, "created at position 0");
+    assert!(fresh.generation >= 1, "in a new generation");
+    let first = Checkpoint {
+        position: 40,
+        generation: fresh.generation,
+    };
+    assert!(store.save_checkpoint("orders#2", first).await.unwrap());
+    let second = store.fence_checkpoint("orders#2").await.unwrap();
+    assert_eq!(second.position, 40, "the position is kept");
+    assert!(second.generation > fresh.generation);
+    let stale = store
+        .save_checkpoint(
+            "orders#2",
+            Checkpoint {
+                position: 90,
+                ..first
+            },
+        )
+        .await;
+    assert!(is_fenced(&stale), "{stale:?}");
+    assert_eq!(store.load_checkpoint("orders#2").await.unwrap(), second);
+    assert!(store
+        .save_checkpoint(
+            "orders#2",
+            Checkpoint {
+                position: 50,
+                ..second
+            }
+        )
+        .await
+        .unwrap());
+    assert_eq!(
+        store.load_checkpoint("orders#1").await.unwrap(),
+        Checkpoint::default(),
+        "other names are untouched"
+    );
+}
+
+/// One handling of an event by a group's projection.
+#[derive(Debug, Clone)]
+struct Handling {
+    worker: &'static str,
+    partition: u32,
+    position: u64,
+    stream: StreamId,
+    version: u64,
+}
+
+/// A read model shared by every worker of a group (one table, many processes): each handling,
+/// in the order they happened, with the worker that made it.
+#[derive(Clone)]
+struct GroupLog {
+    worker: &'static str,
+    handled: Arc<Mutex<Vec<Handling>>>,
+}
+
+impl GroupLog {
+    fn new() -> Self {
+        Self {
+            worker: "",
+            handled: Arc::default(),
+        }
+    }
+
+    fn of(&self, worker: &'static str) -> Self {
+        Self {
+            worker,
+            handled: Arc::clone(&self.handled),
+        }
+    }
+
+    fn handled_by(&self, worker: &str) -> HashSet<(u32, u64)> {
+        lock(&self.handled)
+            .iter()
+            .filter(|h| h.worker == worker)
+            .map(|h| (h.partition, h.position))
+            .collect()
+    }
+}
+
+impl Projection for GroupLog {
+    fn name(&self) -> &'static str {
+        "group-log"
+    }
+
+    fn filter(&self) -> EventFilter {
+        EventFilter::all().category("ledger")
+    }
+
+    async fn handle(&mut self, event: &RecordedEvent) -> Result<(), HandlerError> {
+        lock(&self.handled).push(Handling {
+            worker: self.worker,
+            partition: event.partition,
+            position: event.global_position,
+            stream: event.stream_id.clone(),
+            version: event.stream_version,
+        });
+        Ok(())
+    }
+
+    async fn reset(&mut self) -> Result<(), HandlerError> {
+        lock(&self.handled).clear();
+        Ok(())
+    }
+}
+
+fn group_runner<S: EventStore + LeaseStore>(store: &S) -> ProjectionRunner<S> {
+    ProjectionRunner::with_config(
+        store.clone(),
+        RunnerConfig {
+            max_attempts: 3,
+            backoff: es_core::Backoff::new(Duration::from_millis(5), Duration::from_millis(50)),
+            batch_size: 5,
+        },
+    )
+}
+
+/// Starts worker `name` of the group-log projection's consumer group over `store`.
+fn group_worker<S: StreamingStore>(
+    store: &S,
+    name: &'static str,
+    log: &GroupLog,
+) -> ProjectionGroup {
+    let (log, checkpoints) = (log.of(name), store.clone());
+    group_runner(store).spawn_group(GroupConfig::new(name).lease_ttl(GROUP_TTL), move || {
+        AtLeastOnce::new(log.clone(), checkpoints.clone())
+    })
+}
+
+/// Ledger streams `g0`..`g11` (spread over every partition of a store with several).
+fn group_ids() -> Vec<String> {
+    (0..12).map(|i| format!("g{i}")).collect()
+}
+
+/// Credits every stream of [`group_ids`] `rounds` times, from a task of its own.
+fn spawn_ledger_writer<S: StreamingStore>(
+    repo: &Repository<S>,
+    rounds: i64,
+) -> tokio::task::JoinHandle<()> {
+    let repo = repo.clone();
+    tokio::spawn(async move {
+        for round in 1..=rounds {
+            for id in group_ids() {
+                repo.execute::<Ledger>(&id, &LedgerCommand::Credit(round))
+                    .await
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+async fn open_group_ledgers<S: StreamingStore>(repo: &Repository<S>) {
+    for id in group_ids() {
+        repo.execute::<Ledger>(&id, &LedgerCommand::Open)
+            .await
+            .unwrap();
+    }
+}
+
+/// Waits until every partition's checkpoint of the group-log projection covers its last ledger
+/// event; then checks the log: every ledger event of every partition handled at least once, and
+/// per stream no version handled before the version before it had been (a takeover replays from
+/// the checkpoint, never skips ahead).
+async fn check_group_log<S: StreamingStore>(store: &S, log: &GroupLog) {
+    let partitioning = store.partitioning();
+    let mut expected = HashSet::new();
+    for partition in partitioning.partitions() {
+        let events: Vec<RecordedEvent> = store
+            .read_all(
+                ReadAll {
+                    filter: EventFilter::all().category("ledger"),
+                    ..ReadAll::default()
+                }
+                .partition(partition),
+            )
+            .try_collect()
+            .await
+            .expect("read a partition");
+        let last = events.last().map_or(0, |e| e.global_position);
+        expected.extend(events.iter().map(|e| (partition, e.global_position)));
+        let name = partition_checkpoint("group-log", partition);
+        patiently("the group catches up with every partition", async {
+            while store.load_checkpoint(&name).await.unwrap().position < last {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+    let handled = lock(&log.handled).clone();
+    let seen: HashSet<(u32, u64)> = handled.iter().map(|h| (h.partition, h.position)).collect();
+    let missing: Vec<&(u32, u64)> = expected.iter().filter(|e| !seen.contains(e)).collect();
+    assert!(missing.is_empty(), "never handled: {missing:?}");
+    let mut reached: HashMap<&StreamId, u64> = HashMap::new();
+    for h in &handled {
+        let top = reached.entry(&h.stream).or_default();
+        assert!(
+            h.version <= *top + 1,
+            "`{}` version {} handled (by {}) before version {}",
+            h.stream,
+            h.version,
+            h.worker,
+            *top + 1
+        );
+        *top = (*top).max(h.version);
+    }
+}
+
+/// Polls until `done` holds.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    patiently(what, async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// Two workers of a projection's consumer group divide the partitions; one is killed (no
+/// release) while writers append: the other holds every partition within the lease time and a
+/// round or two, and the projection ends with every event handled, per stream in order.
+pub async fn group_worker_killed_hands_its_partitions_over<S: StreamingStore>(store: S) {
+    let partitions = store.partitioning().partitions().end as usize;
+    let repo = Repository::new(store.clone());
+    open_group_ledgers(&repo).await;
+    let log = GroupLog::new();
+    let a = group_worker(&store, "a", &log);
+    let b = group_worker(&store, "b", &log);
+    until("a and b divide the partitions", || {
+        let (oa, ob) = (a.owned(), b.owned());
+        oa.len() + ob.len() == partitions
+            && (partitions < 2 || (!oa.is_empty() && !ob.is_empty()))
+            && oa.iter().all(|p| !ob.contains(p))
+    })
+    .await;
+    let writer = spawn_ledger_writer(&repo, 6);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (victim, survivor) = if a.owned().contains(&0) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let killed = Instant::now();
+    victim.kill();
+    patiently(
+        "survivor holds every partition",
+        survivor.wait_owned(|owned| owned.len() == partitions),
+    )
+    .await;
+    let handover = killed.elapsed();
+    eprintln!("every partition taken over {handover:?} after the kill (lease {GROUP_TTL:?})");
+    assert!(
+        handover < GROUP_TTL * 2 + Duration::from_secs(3),
+        "the survivor took every partition over only after {handover:?}"
+    );
+    writer.await.unwrap();
+    check_group_log(&store, &log).await;
+    survivor.shutdown().await;
+}
+
+/// A worker joins a group that one worker runs alone, then a third: each gets a share (on a store
+/// with that many partitions) without two holding one partition; a worker shut down hands its
+/// partitions over at once; every event is handled, per stream in order.
+pub async fn group_worker_added_takes_its_share<S: StreamingStore>(store: S) {
+    let partitions = store.partitioning().partitions().end as usize;
+    let repo = Repository::new(store.clone());
+    open_group_ledgers(&repo).await;
+    let log = GroupLog::new();
+    let a = group_worker(&store, "a", &log);
+    patiently(
+        "a holds every partition",
+        a.wait_owned(|owned| owned.len() == partitions),
+    )
+    .await;
+    let writer = spawn_ledger_writer(&repo, 8);
+    let b = group_worker(&store, "b", &log);
+    let c = group_worker(&store, "c", &log);
+    until("the three divide the partitions", || {
+        let workers = [&a, &b, &c];
+        let owned: Vec<Vec<u32>> = workers.iter().map(|w| w.owned()).collect();
+        let total: usize = owned.iter().map(Vec::len).sum();
+        let distinct: HashSet<&u32> = owned.iter().flatten().collect();
+        total == partitions
+            && distinct.len() == partitions
+            && owned.iter().filter(|o| !o.is_empty()).count() == partitions.min(3)
+    })
+    .await;
+    writer.await.unwrap();
+    check_group_log(&store, &log).await;
+
+    // A graceful shutdown releases at once: the others take its partitions within a round or two.
+    let mut workers = vec![a, b, c];
+    let index = workers
+        .iter()
+        .position(|w| !w.owned().is_empty())
+        .expect("someone runs a partition");
+    let leaving = workers.remove(index);
+    let left = Instant::now();
+    leaving.shutdown().await;
+    until("the others take the released partitions", || {
+        workers.iter().map(|w| w.owned().len()).sum::<usize>() == partitions
+    })
+    .await;
+    eprintln!(
+        "released partitions taken over {:?} after the shutdown began",
+        left.elapsed()
+    );
+    spawn_ledger_writer(&repo, 2).await.unwrap();
+    check_group_log(&store, &log).await;
+    for worker in workers {
+        worker.shutdown().await;
+    }
+}
+
+/// A store handle for one worker of a consumer group whose process can be paused: while frozen,
+/// its lease and checkpoint calls wait (as a paused process's would: its leases run out, and a
+/// write it was about to make reaches the store only after the pause); reads of the feed go on,
+/// so the work in hand keeps handling events until it needs the store.
+#[derive(Clone)]
+pub struct Freezable<S> {
+    inner: S,
+    frozen: watch::Sender<bool>,
+}
+
+impl<S> Freezable<S> {
+    /// Wraps `inner`, not frozen.
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            frozen: watch::channel(false).0,
+        }
+    }
+
+    /// Pauses lease and checkpoint calls.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// Lets them go on.
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+
+    async fn thawed(&self) {
+        let mut frozen = self.frozen.subscribe();
+        let _ = frozen.wait_for(|f| !*f).await;
+    }
+}
+
+impl<S: EventStore> EventStore for Freezable<S> {
+    fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {
+        self.inner.append(request)
+    }
+    fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
+        self.inner.stream_version(stream)
+    }
+    fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
+        self.inner.read_stream(stream, read)
+    }
+    fn read_all(&self, read: ReadAll) -> EventStream {
+        self.inner.read_all(read)
+    }
+    fn partitioning(&self) -> Partitioning {
+        self.inner.partitioning()
+    }
+    fn partition_head(&self, partition: u32) -> impl StoreFuture<u64> {
+        self.inner.partition_head(partition)
+    }
+    fn wait_for_partition(&self, partition: u32, after: u64) -> impl Future<Output = ()> + Send {
+        self.inner.wait_for_partition(partition, after)
+    }
+    fn partition_epochs(&self, partition: u32) -> impl StoreFuture<Vec<EpochStart>> {
+        self.inner.partition_epochs(partition)
+    }
+    fn subscribe_partition(&self, partition: u32, after: u64, filter: EventFilter) -> EventStream {
+        self.inner.subscribe_partition(partition, after, filter)
+    }
+}
+
+impl<S: CheckpointStore> CheckpointStore for Freezable<S> {
+    fn load_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let (this, name) = (self.clone(), name.to_owned());
+        async move {
+            this.thawed().await;
+            this.inner.load_checkpoint(&name).await
+        }
+    }
+    fn save_checkpoint(&self, name: &str, checkpoint: Checkpoint) -> impl StoreFuture<bool> {
+        let (this, name) = (self.clone(), name.to_owned());
+        async move {
+            this.thawed().await;
+            this.inner.save_checkpoint(&name, checkpoint).await
+        }
+    }
+    fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let (this, name) = (self.clone(), name.to_owned());
+        async move {
+            this.thawed().await;
+            this.inner.reset_checkpoint(&name).await
+        }
+    }
+    fn fence_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let (this, name) = (self.clone(), name.to_owned());
+        async move {
+            this.thawed().await;
+            this.inner.fence_checkpoint(&name).await
+        }
+    }
+}
+
+impl<S: LeaseStore> LeaseStore for Freezable<S> {
+    fn acquire_lease(
+        &self,
+        group: &str,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> impl StoreFuture<Option<u64>> {
+        let this = self.clone();
+        let (group, name, owner) = (group.to_owned(), name.to_owned(), owner.to_owned());
+        async move {
+            this.thawed().await;
+            this.inner.acquire_lease(&group, &name, &owner, ttl).await
+        }
+    }
+    fn release_lease(
+        &self,
+        group: &str,
+        name: &str,
+        owner: &str,
+        generation: u64,
+    ) -> impl StoreFuture<()> {
+        let this = self.clone();
+        let (group, name, owner) = (group.to_owned(), name.to_owned(), owner.to_owned());
+        async move {
+            this.thawed().await;
+            this.inner
+                .release_lease(&group, &name, &owner, generation)
+                .await
+        }
+    }
+    fn held_leases(&self, group: &str) -> impl StoreFuture<Vec<HeldLease>> {
+        let (this, group) = (self.clone(), group.to_owned());
+        async move {
+            this.thawed().await;
+            this.inner.held_leases(&group).await
+        }
+    }
+}
+
+/// A worker of a group is paused (its lease and checkpoint calls wait) after it handled a batch
+/// of new events and before it recorded it; its leases run out and a second worker takes every
+/// partition over, fencing their checkpoints, and handles the events again. When the paused
+/// worker resumes, every checkpoint save it had in hand is refused (`Fenced`): no checkpoint
+/// moves back or past what the new owner recorded. It then rejoins the group as a new member,
+/// and every event is handled, per stream in order.
+pub async fn group_stale_worker_never_records<S: StreamingStore>(store: S) {
+    let partitions = store.partitioning().partitions().end as usize;
+    let repo = Repository::new(store.clone());
+    open_group_ledgers(&repo).await;
+    let log = GroupLog::new();
+    let paused = Freezable::new(store.clone());
+    let fenced = Arc::new(AtomicUsize::new(0));
+    let a = {
+        let (log, checkpoints, fenced) = (log.of("a"), paused.clone(), Arc::clone(&fenced));
+        group_runner(&paused).spawn_group(GroupConfig::new("a").lease_ttl(GROUP_TTL), move || {
+            let mut sink = GatedSink::new(AtLeastOnce::new(log.clone(), checkpoints.clone()));
+            sink.fenced = Arc::clone(&fenced);
+            sink
+        })
+    };
+    patiently(
+        "a holds every partition",
+        a.wait_owned(|owned| owned.len() == partitions),
+    )
+    .await;
+    check_group_log(&store, &log).await;
+
+    // a is paused once it handled the next events but before it records them.
+    paused.freeze();
+    let mut fresh = HashSet::new();
+    for id in group_ids() {
+        let result = repo
+            .execute::<Ledger>(&id, &LedgerCommand::Credit(7))
+            .await
+            .unwrap();
+        let partition = store
+            .partitioning()
+            .partition_of(&stream(&format!("ledger-{id}")));
+        fresh.insert((partition, result.positions[0]));
+    }
+    until("a handles new events (and waits to record them)", || {
+        !fresh.is_disjoint(&log.handled_by("a"))
+    })
+    .await;
+    let recorded: Vec<Checkpoint> = {
+        let mut recorded = Vec::new();
+        for partition in 0..partitions as u32 {
+            let name = partition_checkpoint("group-log", partition);
+            recorded.push(store.load_checkpoint(&name).await.unwrap());
+        }
+        recorded
+    };
+
+    // b takes every partition over once a's leases run out, and catches up.
+    let b = group_worker(&store, "b", &log);
+    patiently(
+        "b holds every partition",
+        b.wait_owned(|owned| owned.len() == partitions),
+    )
+    .await;
+    check_group_log(&store, &log).await;
+    assert!(
+        fresh.is_subset(&log.handled_by("b")),
+        "b handled again what a had not recorded"
+    );
+    let mut taken = Vec::new();
+    for (partition, before) in recorded.iter().enumerate() {
+        let name = partition_checkpoint("group-log", partition as u32);
+        let now = store.load_checkpoint(&name).await.unwrap();
+        assert!(
+            now.generation > before.generation,
+            "b fenced partition {partition}"
+        );
+        taken.push(now);
+    }
+
+    // a resumes: the saves it had in hand are refused.
+    paused.thaw();
+    until("a's saves in hand come back refused", || {
+        fenced.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    for (partition, taken) in taken.iter().enumerate() {
+        let name = partition_checkpoint("group-log", partition as u32);
+        let now = store.load_checkpoint(&name).await.unwrap();
+        assert!(
+            now.position >= taken.position,
+            "partition {partition}'s checkpoint moved back: {taken:?} -> {now:?}"
+        );
+    }
+    spawn_ledger_writer(&repo, 2).await.unwrap();
+    check_group_log(&store, &log).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Two workers of the relay group of a store divide its outboxes; the one publishing an outbox
+/// is killed while records are appended: the other takes it over, every record is written, per
+/// key in outbox order (last copies), and every outbox ends empty.
+pub async fn relay_group_worker_killed_hands_its_outboxes_over<S: StreamingStore>(store: S) {
+    let outboxes: Vec<S> = (0..store.outbox_partitions())
+        .map(|p| store.outbox_partition(p).expect("an outbox"))
+        .collect();
+    let broker = RecordingPublisher::default();
+    let config = |owner: &str| relay_config(owner, GROUP_TTL);
+    let group = |name: &'static str| GroupConfig::new(name).lease_ttl(GROUP_TTL);
+    let a = Relay::spawn_group(
+        store.clone(),
+        broker.for_relay("a"),
+        config("a"),
+        group("a"),
+    );
+    let b = Relay::spawn_group(
+        store.clone(),
+        broker.for_relay("b"),
+        config("b"),
+        group("b"),
+    );
+    until("a and b divide the outboxes", || {
+        a.owned().len() + b.owned().len() == outboxes.len()
+    })
+    .await;
+    let append = |range: std::ops::Range<u64>| {
+        let store = store.clone();
+        async move {
+            for i in range {
+                let s = stream(&format!("ledger-r{}", i % 6));
+                store
+                    .append(append_with_outbox(&s, ExpectedVersion::Any, i * 10, 2))
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    append(0..10).await;
+    // Kill whoever publishes outbox 0, mid-stream.
+    let (victim, survivor) = if a.owned().contains(&0) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    victim.kill();
+    append(10..30).await;
+    patiently(
+        "survivor holds every partition",
+        survivor.wait_owned(|owned| owned.len() == outboxes.len()),
+    )
+    .await;
+    for outbox in &outboxes {
+        drained(outbox, "the survivor drains every outbox").await;
+    }
+    let received = lock(&broker.received).clone();
+    let written: HashSet<u64> = received.iter().map(|(_, r)| n_of(r)).collect();
+    let expected: HashSet<u64> = (0..30u64).flat_map(|i| [i * 10, i * 10 + 1]).collect();
+    assert_eq!(written, expected, "every record was written");
+    for (key, positions) in positions_by_key(&received) {
+        let last = last_appearances(&positions);
+        let mut sorted = last.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            last, sorted,
+            "{key}: last copies in outbox order ({positions:?})"
+        );
+    }
+    survivor.shutdown().await;
 }

@@ -42,7 +42,12 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
 
     let needs = Needs::new(
         &[Prereq::CBuild],
-        &[Server::Postgres, Server::Redis, Server::Kafka],
+        &[
+            Server::Postgres,
+            Server::Redis,
+            Server::RedisCluster,
+            Server::Kafka,
+        ],
     );
     setup::ensure(&needs, mode)?;
     let services = Services::start(&needs.servers)?;

@@ -30,8 +30,8 @@ use futures::StreamExt;
 
 use super::append::{AppendRequest, AppendResult};
 use super::checkpoint::CheckpointStore;
-use super::lease::LeaseStore;
 use super::error::{StoreError, StoreFuture};
+use super::lease::LeaseStore;
 use super::outbox::OutboxStore;
 use super::partition::{FeedPosition, Partitioning};
 use super::position::{self, EpochStart};
