@@ -36,6 +36,15 @@ mod partitioned_by_category {
     });
 }
 
+/// The suite's lease and consumer-group cases on a store with four partitions by stream id
+/// (the unscoped handle: a projection group runs on every partition, a relay group on every
+/// outbox).
+mod partitioned_groups {
+    use super::common;
+
+    es_testkit::group_conformance_tests!(|| async { common::partitioned_store("pgroup", 4).await });
+}
+
 /// The streaming-out cases on a store with four partitions by category, through the handle
 /// scoped to the partition of the `ledger` category (every stream those cases write an outbox
 /// record for is a `ledger-*` stream, so all their records are in that partition's outbox).

@@ -306,15 +306,15 @@ impl CheckpointStore for Watched {
 
     fn save_checkpoint(&self, name: &str, checkpoint: Checkpoint) -> impl StoreFuture<bool> {
         let saving = self.store.save_checkpoint(name, checkpoint);
-        let (saves, name) = (Arc::clone(&self.saves), name.to_owned());
+        let (log, name) = (Arc::clone(&self.saves), name.to_owned());
         async move {
             let result = saving.await;
-            let saved = match &result {
+            let outcome = match &result {
                 Ok(raised) => Saved::Done(*raised),
                 Err(StoreError::Fenced { .. }) => Saved::Fenced,
                 Err(err) => Saved::Failed(err.to_string()),
             };
-            lock(&saves).push((name, checkpoint, saved));
+            lock(&log).push((name, checkpoint, outcome));
             result
         }
     }
