@@ -53,6 +53,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "partitions",
         sql: include_str!("../migrations/0007_partitions.sql"),
     },
+    Migration {
+        version: 8,
+        name: "feed_reads",
+        sql: include_str!("../migrations/0008_feed_reads.sql"),
+    },
 ];
 
 /// The latest migration version this crate knows.
