@@ -54,6 +54,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0007_partitions.sql"),
     },
     Migration {
+        version: 8,
+        name: "feed_reads",
+        sql: include_str!("../migrations/0008_feed_reads.sql"),
+    },
+    Migration {
         version: 9,
         name: "group_leases",
         sql: include_str!("../migrations/0009_group_leases.sql"),

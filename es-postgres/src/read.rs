@@ -9,6 +9,11 @@
 //! Stream reads know where the next page starts before the current one arrives (versions are
 //! dense), so they keep two pages in flight; `read_all` learns it from the page's last event
 //! (positions have gaps where appends failed after their allocation).
+//!
+//! A page of `read_all` is read by the schema's function `read_feed` (migration 8), which plans
+//! it as one ordered index range scan from the cursor to the page's last event whatever the
+//! table's statistics: a plain query on a table not analyzed yet was planned as a bitmap scan of
+//! everything after the cursor plus a sort, so each page cost the rest of the feed.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -171,14 +176,7 @@ impl Fetched for Envelopes {
                 direction: Direction::Backward,
                 ..
             } => &sql.stream_backward,
-            Cursor::All {
-                categories, types, ..
-            } => match (categories.is_empty(), types.is_empty()) {
-                (true, true) => &sql.all,
-                (false, true) => &sql.all_categories,
-                (true, false) => &sql.all_types,
-                (false, false) => &sql.all_both,
-            },
+            Cursor::All { .. } => &sql.all,
         };
         Arc::clone(sql)
     }
@@ -523,19 +521,12 @@ impl Page {
                 after,
                 categories,
                 types,
-            } => {
-                let mut query = sqlx::query(AssertSqlSafe(self.sql))
-                    .bind(partition_param(*partition))
-                    .bind(to_i64(*after))
-                    .bind(limit);
-                if !categories.is_empty() {
-                    query = query.bind(&categories[..]);
-                }
-                if !types.is_empty() {
-                    query = query.bind(&types[..]);
-                }
-                query
-            }
+            } => sqlx::query(AssertSqlSafe(self.sql))
+                .bind(partition_param(*partition))
+                .bind(to_i64(*after))
+                .bind(limit)
+                .bind(filter(categories))
+                .bind(filter(types)),
         };
         let mut rows = query.fetch(&self.pool);
         let mut page = P::with_capacity(&self.cursor, self.rows.min(MAX_PAGE) as usize);
@@ -544,6 +535,11 @@ impl Page {
         }
         Ok(page)
     }
+}
+
+/// A filter of `read_feed`: `NULL` for none.
+fn filter(values: &[String]) -> Option<&[String]> {
+    (!values.is_empty()).then_some(values)
 }
 
 /// A partition as an `integer` parameter (partitions are below

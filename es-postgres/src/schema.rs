@@ -142,10 +142,10 @@ pub(crate) struct Sql {
     /// Stream reads of the columns a load decodes ([`LOAD_COLUMNS`]).
     pub(crate) load_forward: Arc<str>,
     pub(crate) load_backward: Arc<str>,
+    /// A page of a partition's feed: `$1` partition, `$2` after, `$3` limit, `$4` categories and
+    /// `$5` event types (`NULL` for no filter), read by the function `read_feed` (migration 8),
+    /// whose settings make it an ordered index range scan whatever the table's statistics.
     pub(crate) all: Arc<str>,
-    pub(crate) all_categories: Arc<str>,
-    pub(crate) all_types: Arc<str>,
-    pub(crate) all_both: Arc<str>,
     pub(crate) load_snapshot: Arc<str>,
     pub(crate) save_snapshot: Arc<str>,
     pub(crate) delete_snapshot: Arc<str>,
@@ -174,12 +174,6 @@ impl Sql {
             format!(
                 "SELECT {columns} FROM {s}.events WHERE stream_id = $1 AND stream_version {cmp} $2 \
                  ORDER BY stream_version{order} LIMIT $3"
-            )
-        };
-        let all_where = |extra: &str| {
-            format!(
-                "SELECT {c} FROM {s}.events WHERE partition = $1 AND global_position > $2{extra} \
-                 ORDER BY global_position LIMIT $3"
             )
         };
         Self {
@@ -222,10 +216,7 @@ impl Sql {
             stream_backward: stream_where(c, false).into(),
             load_forward: stream_where(LOAD_COLUMNS, true).into(),
             load_backward: stream_where(LOAD_COLUMNS, false).into(),
-            all: all_where("").into(),
-            all_categories: all_where(" AND category = ANY ($4)").into(),
-            all_types: all_where(" AND event_type = ANY ($4)").into(),
-            all_both: all_where(" AND category = ANY ($4) AND event_type = ANY ($5)").into(),
+            all: format!("SELECT {c} FROM {s}.read_feed($1, $2, $3, $4, $5)").into(),
             load_snapshot: format!(
                 "SELECT version, schema_version, payload, recorded_at, event_id \
                  FROM {s}.snapshots WHERE stream_id = $1"

@@ -2,11 +2,12 @@
 //! concurrent appends), Redis streams for the per-stream logs, the global feed and the outbox,
 //! `XREAD BLOCK` for live subscriptions. Needs Redis 7.0 or later.
 //!
-//! [`RedisStore`] implements [`EventStore`], [`SnapshotStore`], [`OutboxStore`] and
-//! [`CheckpointStore`] with the same guarantees as `es-memory` and `es-postgres`, proven by the
-//! same conformance suites: optimistic concurrency by [`ExpectedVersion`], all-or-nothing
-//! batches, idempotent retries by event id, a global feed in commit order that never skips,
-//! snapshots upserted if newer, outbox records written atomically with their events.
+//! [`RedisStore`] implements [`EventStore`], [`SnapshotStore`], [`OutboxStore`],
+//! [`CheckpointStore`] and [`LeaseStore`] with the same guarantees as `es-memory` and
+//! `es-postgres`, proven by the same conformance suites: optimistic concurrency by
+//! [`ExpectedVersion`], all-or-nothing batches, idempotent retries by event id, a global feed in
+//! commit order that never skips, snapshots upserted if newer, outbox records written atomically
+//! with their events, and the leases and fenced checkpoints of consumer groups.
 //!
 //! ```no_run
 //! use es_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};

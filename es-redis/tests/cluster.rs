@@ -50,6 +50,13 @@ mod partitioned_8 {
     es_testkit::conformance_tests!(|| async { super::partitioned_store("cp8", 8).await });
 }
 
+/// The lease and consumer-group cases on three partitions, one per primary: a projection group
+/// on every partition, a relay group on every outbox, the group's leases on the slot of its own
+/// tag.
+mod partitioned_3_groups {
+    es_testkit::group_conformance_tests!(|| async { super::partitioned_store("cp3g", 3).await });
+}
+
 /// The slot Redis Cluster hashes `key` to, asked of the cluster.
 async fn keyslot(conn: &mut redis::cluster_async::ClusterConnection, key: &str) -> u16 {
     redis::cmd("CLUSTER")

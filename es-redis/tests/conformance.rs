@@ -36,15 +36,32 @@ mod partitioned_by_category {
     });
 }
 
+/// The suite's lease and consumer-group cases on a store with four partitions by stream id
+/// (the unscoped handle: a projection group runs on every partition, a relay group on every
+/// outbox).
+mod partitioned_groups {
+    use super::common;
+
+    es_testkit::group_conformance_tests!(|| async { common::partitioned_store("pgroup", 4).await });
+}
+
 /// The streaming-out cases on a store with four partitions by category, through the handle
 /// scoped to the partition of the `ledger` category (every stream those cases write an outbox
 /// record for is a `ledger-*` stream, so all their records are in that partition's outbox).
 ///
-/// Every case of the suite runs here except the four projection cases
+/// The suite's outbox, relay and checkpoint cases run here. Its four projection cases
 /// (`projection_catches_up_and_resumes`, `projection_rebuild_gives_identical_results`,
-/// `projection_rebuild_racing_a_second_runner`, `poisoned_event_stops_the_projection`): es-core's
-/// `ProjectionRunner` follows the single feed (`subscribe`, `head_position`), which a store with
-/// several partitions refuses with `StoreError::Partitioned`, as the contract requires.
+/// `projection_rebuild_racing_a_second_runner`, `poisoned_event_stops_the_projection`) run one
+/// `ProjectionRunner::spawn` on the single feed (`subscribe`, `head_position`), which a store
+/// with several partitions refuses with `StoreError::Partitioned`, as the contract requires.
+/// On a partitioned store a projection runs as a consumer group
+/// (`ProjectionRunner::spawn_group`): a runner on every partition, each from the partition's own
+/// fenced checkpoint, divided among the group's workers by leases. That is tested in
+/// `groups.rs`: on 4 partitions here and 8 on the cluster, workers killed and added while
+/// writers append to every partition (`projection_group_on_*_partitions_survives_a_kill_and_a_join`),
+/// a stalled worker fenced (`a_stalled_projection_worker_never_records_after_its_lease`), and a
+/// relay group over every partition's outbox
+/// (`relay_group_on_*_partitions_publishes_everything_across_a_kill`).
 mod partitioned_streaming {
     use es_core::{OutboxStore, PartitionKey, Partitioning, StreamId};
 

@@ -468,7 +468,7 @@ async fn a_corrupt_lease_is_reported_and_left_as_it_is() {
                 assert!(
                     location.contains("bad") && location.contains(g),
                     "{location}"
-                )
+                );
             }
             other => panic!("expected Corrupt, got {other:?}"),
         }
@@ -602,18 +602,18 @@ async fn fencing_a_checkpoint_raises_its_generation_and_keeps_its_position() {
     );
 
     // Concurrent fences each get a generation of their own.
-    let mut fences = Vec::new();
+    let mut racers = Vec::new();
     for _ in 0..16 {
         let store = store.clone();
-        fences.push(tokio::spawn(
+        racers.push(tokio::spawn(
             async move { store.fence_checkpoint("race").await },
         ));
     }
     let mut generations = BTreeSet::new();
-    for fence in fences {
-        let fenced = fence.await.unwrap().unwrap();
-        assert_eq!(fenced.position, 0);
-        generations.insert(fenced.generation);
+    for racer in racers {
+        let taken = racer.await.unwrap().unwrap();
+        assert_eq!(taken.position, 0);
+        generations.insert(taken.generation);
     }
     assert_eq!(generations, (1..=16).collect());
 
