@@ -147,7 +147,7 @@ async fn run_child(spec: &ChildSpec) -> anyhow::Result<u64> {
         // The task's streams: with affinity, only streams of this child's partitions.
         let streams: Vec<String> = (0..STREAMS_PER_TASK)
             .map(|k| {
-                (0..)
+                (0..100_000)
                     .map(|j| format!("p{tag}t{t}s{k}x{j}"))
                     .find(|name| {
                         !spec.affine
