@@ -259,10 +259,25 @@ pub(crate) async fn run(report: &mut Report, url: &str, tag: &str) -> anyhow::Re
         .test_before_acquire(false)
         .connect(url)
         .await?;
-    for (partitions, affine) in [(1_u32, false), (4, false), (16, false), (4, true), (16, true)] {
+    for (partitions, affine) in [
+        (1_u32, false),
+        (4, false),
+        (16, false),
+        (4, true),
+        (16, true),
+    ] {
         let schema = format!("bench_proc{partitions}{affine}_{tag}");
         let raw_schema = format!("bench_proc_raw{partitions}{affine}_{tag}");
-        let result = measure(report, url, &admin, &schema, &raw_schema, partitions, affine).await;
+        let result = measure(
+            report,
+            url,
+            &admin,
+            &schema,
+            &raw_schema,
+            partitions,
+            affine,
+        )
+        .await;
         for s in [&schema, &raw_schema] {
             let _ = sqlx::query(AssertSqlSafe(format!("DROP SCHEMA \"{s}\" CASCADE")))
                 .execute(&admin)
@@ -311,7 +326,9 @@ async fn measure(
     let mut samples = Samples::default();
     let mut acknowledged = 0;
     round_of_children(url, raw_schema, partitions, true, affine).await?;
-    acknowledged += round_of_children(url, schema, partitions, false, affine).await?.1;
+    acknowledged += round_of_children(url, schema, partitions, false, affine)
+        .await?
+        .1;
     for i in 0..rounds() {
         let (ours, raw) = if i % 2 == 0 {
             let raw = round_of_children(url, raw_schema, partitions, true, affine).await?;

@@ -219,7 +219,10 @@ async fn project_group<S: EventStore + CheckpointStore + LeaseStore>(
     let share = GROUP_PARTITIONS as usize / workers.min(GROUP_PARTITIONS) as usize;
     let formed = Instant::now() + Duration::from_secs(60);
     while !group.iter().all(|w| w.owned().len() == share) {
-        anyhow::ensure!(Instant::now() < formed, "the group did not divide the partitions");
+        anyhow::ensure!(
+            Instant::now() < formed,
+            "the group did not divide the partitions"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let start = Instant::now();

@@ -142,6 +142,9 @@ enum FreezePoint {
     InsideTransaction,
 }
 
+/// The `(partition, position)` of each event of a frozen batch, and when the worker froze.
+type Frozen = (Vec<(u32, u64)>, Instant);
+
 /// Freezes a worker's whole thread (its runtime: partitions, lease renewals, everything) at the
 /// armed point of the next batch of the armed partition, until released; then records how that
 /// batch ended.
@@ -151,8 +154,9 @@ struct Freeze {
     armed: Mutex<Option<(u32, FreezePoint)>>,
     released: Mutex<bool>,
     wake: Condvar,
-    /// The events of the frozen batch (or the one event, inside a transaction), once frozen.
-    batch: Mutex<Option<Vec<(u32, u64)>>>,
+    /// The events of the frozen batch (or the one event, inside a transaction), and when the
+    /// worker froze.
+    batch: Mutex<Option<Frozen>>,
     /// How the frozen batch's apply ended: `Err(true)` refused as fenced, `Err(false)` failed
     /// otherwise.
     outcome: Mutex<Option<Result<(), bool>>>,
@@ -174,7 +178,7 @@ impl Freeze {
         self.wake.notify_all();
     }
 
-    fn frozen_batch(&self) -> Option<Vec<(u32, u64)>> {
+    fn frozen_batch(&self) -> Option<Frozen> {
         lock(&self.batch).clone()
     }
 
@@ -193,12 +197,13 @@ impl Freeze {
             }
             *armed = None;
         }
-        *lock(&self.batch) = Some(
+        *lock(&self.batch) = Some((
             events
                 .iter()
                 .map(|e| (e.partition, e.global_position))
                 .collect(),
-        );
+            Instant::now(),
+        ));
         let mut released = lock(&self.released);
         while !*released {
             released = self
@@ -210,7 +215,7 @@ impl Freeze {
 
     /// Records how a batch ended if it is the frozen one (holds its first frozen event).
     fn record(&self, events: &[RecordedEvent], result: &Result<(), BatchError>) {
-        let Some(frozen) = self.frozen_batch() else {
+        let Some((frozen, _)) = self.frozen_batch() else {
             return;
         };
         let holds = events
@@ -379,8 +384,8 @@ impl Worker {
         started.elapsed()
     }
 
-    /// Waits until this worker is frozen; returns the frozen batch.
-    async fn wait_frozen(&self) -> Vec<(u32, u64)> {
+    /// Waits until this worker is frozen; returns the frozen batch and when it froze.
+    async fn wait_frozen(&self) -> Frozen {
         within(&format!("worker {} freezes", self.name), PATIENCE, async {
             loop {
                 if let Some(batch) = self.freeze.frozen_batch() {
@@ -748,19 +753,32 @@ async fn exactly_once_stale_worker_never_commits() {
     // test).
     a.freeze.arm(0, FreezePoint::BeforeBatch);
     append_each(&store, &first, 3).await;
-    let frozen = a.wait_frozen().await;
+    let (frozen, frozen_at) = a.wait_frozen().await;
     assert!(!frozen.is_empty());
-    let frozen_at = Instant::now();
 
     // Meanwhile events go to every partition.
     append_each(&store, &all, 2).await;
     let b = Worker::start(&schema, "b", ttl).await;
-    let took = b.wait_owns_all(PATIENCE).await;
+    b.wait_owns_all(PATIENCE).await;
     eprintln!(
         "b ran every partition {:?} after a froze (lease {ttl:?})",
         frozen_at.elapsed()
     );
-    assert!(took > Duration::ZERO);
+    // In the store, b holds every partition's lease and a is no member any more.
+    let held = store
+        .held_leases(&format!("projection:{PROJECTION}"))
+        .await
+        .unwrap();
+    let partitions: Vec<&str> = held
+        .iter()
+        .filter(|l| l.name.starts_with("partition:"))
+        .map(|l| l.name.as_str())
+        .collect();
+    assert_eq!(
+        partitions,
+        ["partition:0", "partition:1", "partition:2", "partition:3"]
+    );
+    assert!(held.iter().all(|l| l.owner.starts_with("b~")), "{held:?}");
     assert_every_event_applied_once(&admin, &schema).await;
     let positions: Vec<i64> = frozen
         .iter()
@@ -830,8 +848,8 @@ async fn a_worker_frozen_inside_its_transaction_is_cut_off_by_the_server() {
 
     a.freeze.arm(0, FreezePoint::InsideTransaction);
     append_each(&store, &first, 3).await;
-    let frozen = a.wait_frozen().await;
-    let frozen_at = Instant::now();
+    // The server's idle time of the frozen transaction starts just before the worker freezes.
+    let (frozen, frozen_at) = a.wait_frozen().await;
     append_each(&store, &all, 2).await;
     let b = Worker::start(&schema, "b", ttl).await;
     b.wait_owns_all(PATIENCE).await;
