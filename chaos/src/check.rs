@@ -8,7 +8,8 @@
 //! event's partition (a position is named with its partition in reports), each partition's feed
 //! strictly increases, each subscriber delivers each partition's feed in order up to that
 //! partition's end marker, and each partition's epochs are checked against its own events. Each
-//! event must also be in the partition its stream hashes to.
+//! event must also be in the partition its stream hashes to, and a consumer group's claims of a
+//! partition never find its checkpoint lower than an earlier claim did.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -1044,7 +1045,11 @@ fn check_epochs(history: &History, report: &mut Report) {
 }
 
 /// Counts what the consumer groups did: claims, and hand-overs (a partition taken by another
-/// worker than the one that ran it before; a restarted process is another worker).
+/// worker than the one that ran it before; a restarted process is another worker). Checks that
+/// a partition's checkpoint never goes back across claims: each claim fences the checkpoint and
+/// logs its position before the worker handles anything, so in log order the positions claimed
+/// of a partition never decrease (a lower one means an earlier holder's checkpoint was lost, or
+/// a stale holder lowered it).
 fn count_groups(history: &History, report: &mut Report) {
     for group in &history.groups {
         let name = &group.name;
@@ -1053,14 +1058,21 @@ fn count_groups(history: &History, report: &mut Report) {
                 &format!("{name} partition claims"),
                 group.claims.len() as u64,
             );
-            let mut holder: HashMap<u32, &str> = HashMap::new();
+            let mut last: HashMap<u32, &Claimed> = HashMap::new();
             let mut changed = 0;
             for c in &group.claims {
-                if holder
-                    .insert(c.partition, &c.member)
-                    .is_some_and(|before| before != c.member)
-                {
-                    changed += 1;
+                if let Some(before) = last.insert(c.partition, c) {
+                    changed += u64::from(before.member != c.member);
+                    if c.position < before.position {
+                        report.violation(
+                            "group_checkpoint_regressed",
+                            format!(
+                                "{name}: {} claimed partition {} at position {}, after {} had \
+                                 claimed it at {}",
+                                c.member, c.partition, c.position, before.member, before.position
+                            ),
+                        );
+                    }
                 }
             }
             report.add(&format!("{name} claims by another worker"), changed);
@@ -1640,15 +1652,20 @@ mod tests {
 
     #[test]
     fn group_hand_overs_are_counted() {
-        let claim = |member: &str, partition| Claimed {
+        let claim = |member: &str, partition, position| Claimed {
             member: member.into(),
             partition,
-            position: 0,
+            position,
         };
-        let h = History {
+        let mut h = History {
             groups: vec![Group {
                 name: "projection group".into(),
-                claims: vec![claim("a", 0), claim("b", 1), claim("a", 0), claim("b", 0)],
+                claims: vec![
+                    claim("a", 0, 0),
+                    claim("b", 1, 0),
+                    claim("a", 0, 10),
+                    claim("b", 0, 10),
+                ],
                 owned: vec![
                     ("a".into(), vec![0, 1]),
                     ("b".into(), vec![1]),
@@ -1666,5 +1683,17 @@ mod tests {
         );
         assert_eq!(report.counts["projection group hand-overs"], 3);
         assert_eq!(report.counts["projection group workers"], 3);
+        assert_eq!(report.total(), 0, "{}", report.render());
+        // A worker that takes a partition over below where the last one took it.
+        h.groups[0].claims.push(claim("c", 0, 7));
+        let report = violations(&h);
+        let regressed = &report.violations["group_checkpoint_regressed"];
+        assert_eq!(regressed.len(), 1, "{}", report.render());
+        assert!(
+            regressed[0]
+                .contains("c claimed partition 0 at position 7, after b had claimed it at 10"),
+            "{}",
+            regressed[0]
+        );
     }
 }

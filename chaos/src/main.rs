@@ -30,19 +30,19 @@
 //! Meanwhile it injects the faults of a schedule drawn from the seed ([`schedule`]): statement
 //! time-outs, terminated backends, inline stalls longer than the append time-out, SIGSTOP and
 //! kill -9 of writers, kill -9 of consumers, kill -9 and restart of the server, clean Redis
-//! restarts, dropped Redis connections and paused Redis writes. Then it stops the faults, lets
-//! the writers finish, appends an end marker, waits for every consumer to reach it, and checks
-//! the history ([`check`]): every acknowledged append stored exactly once with the versions and
+//! restarts, dropped Redis connections and paused Redis writes. Then it stops the faults, lets the
+//! writers finish, appends an end marker, waits for every consumer to reach it, and checks the
+//! history ([`check`]): every acknowledged append stored exactly once with the versions and
 //! positions it was acknowledged with, refused ones absent, none half-stored; the feed strictly
-//! increasing with each stream's versions contiguous; every subscriber delivered exactly the
-//! feed (of its category), once, in increasing positions; the read models equal a replay of the
-//! feed; every outbox message of a stored append published (duplicates allowed, losses not), in
-//! per-stream order; no epoch began below an acknowledged position. With several partitions
-//! each of these feed checks holds per partition (positions are a partition's, epochs are a
-//! partition's), and every event must be in the partition its stream hashes to. It prints the
-//! counts (per partition too, and the consumer groups' claims and hand-overs) and the violations
-//! by kind, each with the stream, versions, positions and process involved, and exits with 1 if
-//! there is any.
+//! increasing with each stream's versions contiguous; every subscriber delivered exactly the feed
+//! (of its category), once, in increasing positions; the read models equal a replay of the feed;
+//! every outbox message of a stored append published (duplicates allowed, losses not), in
+//! per-stream order; no epoch began below an acknowledged position. With several partitions each of
+//! these feed checks holds per partition (positions are a partition's, epochs are a partition's),
+//! every event must be in the partition its stream hashes to, and no partition's projection
+//! checkpoint may go back when a group worker claims it. It prints the counts (per partition too,
+//! and the consumer groups' claims and hand-overs) and the violations by kind, each with the
+//! stream, versions, positions and process involved, and exits with 1 if there is any.
 //!
 //! Given the seed, the fault schedule is fixed (what, when, on which process, for how long), and
 //! so are each writer's draws and its inline projection's failures (keyed by request and
