@@ -3,19 +3,29 @@
 //! Every violation is reported with what is needed to find it again: the stream, versions,
 //! positions, the writer, task and request (ids map back to them, see [`crate::ids`]), and which
 //! process saw it.
+//!
+//! With several feed partitions every feed check holds per partition: positions are those of the
+//! event's partition (a position is named with its partition in reports), each partition's feed
+//! strictly increases, each subscriber delivers each partition's feed in order up to that
+//! partition's end marker, and each partition's epochs are checked against its own events. Each
+//! event must also be in the partition its stream hashes to, and a consumer group's claims of a
+//! partition never find its checkpoint lower than an earlier claim did.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 
 use es_core::contract::position::{epoch_of, EpochStart};
+use es_core::{Partitioning, StreamId};
 
 use crate::ids::{self, Kind, ReqKey};
-use crate::logs::{Published, SubscriberLog, WriterLine};
+use crate::logs::{Claimed, Published, SubscriberLog, WriterLine};
 
 /// One event of the final feed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FeedEvent {
-    /// Global position.
+    /// Feed partition (0 with one partition).
+    pub(crate) partition: u32,
+    /// Position in the partition's feed.
     pub(crate) position: u64,
     /// Event id.
     pub(crate) id: u128,
@@ -82,13 +92,26 @@ pub(crate) struct Subscriber {
     pub(crate) log: SubscriberLog,
 }
 
+/// What the workers of a consumer group logged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Group {
+    /// Its name in reports.
+    pub(crate) name: String,
+    /// Partitions claimed (fenced), in log order.
+    pub(crate) claims: Vec<Claimed>,
+    /// Each change of what a worker runs: (worker, partitions from then on), in log order.
+    pub(crate) owned: Vec<(String, Vec<u32>)>,
+}
+
 /// Everything recorded in a run, and the store's final state.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct History {
-    /// The final feed, from position 0.
+    /// The store's feed partitions (0 is taken as 1).
+    pub(crate) partitions: u32,
+    /// The final feed, each partition from position 0, partition after partition.
     pub(crate) feed: Vec<FeedEvent>,
-    /// The position of the orchestrator's end marker.
-    pub(crate) marker: Option<u64>,
+    /// Per partition, the position of the orchestrator's end marker in it.
+    pub(crate) markers: BTreeMap<u32, u64>,
     /// Every request the writers logged.
     pub(crate) requests: BTreeMap<ReqKey, Request>,
     /// Violations the writers logged: (kind, detail).
@@ -116,13 +139,30 @@ pub(crate) struct History {
     pub(crate) outbox_left: u64,
     /// Records the relays parked as dead letters (none may be: the publisher never rejects).
     pub(crate) dead_letters: Vec<String>,
-    /// The store's epoch starts.
-    pub(crate) epochs: Vec<EpochStart>,
+    /// The store's epoch starts, per partition.
+    pub(crate) epochs: BTreeMap<u32, Vec<EpochStart>>,
+    /// The consumer groups (projection and relay workers), if any ran.
+    pub(crate) groups: Vec<Group>,
     /// Violations the orchestrator saw itself: (kind, detail).
     pub(crate) notes: Vec<(String, String)>,
 }
 
 impl History {
+    /// Whether the store has several feed partitions.
+    fn partitioned(&self) -> bool {
+        self.partitions > 1
+    }
+
+    /// ` of partition <p>` on a store with several partitions, nothing with one: follows a
+    /// position in reports.
+    fn of(&self, partition: u32) -> String {
+        if self.partitioned() {
+            format!(" of partition {partition}")
+        } else {
+            String::new()
+        }
+    }
+
     /// Adds writer `writer`'s log.
     pub(crate) fn add_writer_log(&mut self, writer: u16, lines: Vec<WriterLine>) {
         let key = |task: u8, seq: u64| ReqKey { writer, task, seq };
@@ -306,6 +346,7 @@ pub(crate) fn check(history: &History) -> Report {
     check_models(history, &mut report);
     check_outbox(history, &index, &mut report);
     check_epochs(history, &mut report);
+    count_groups(history, &mut report);
     for (kind, detail) in &history.writer_violations {
         report.violation(kind, detail.clone());
     }
@@ -338,25 +379,46 @@ pub(crate) fn check(history: &History) -> Report {
 fn check_feed(history: &History, report: &mut Report) -> HashMap<u128, usize> {
     let feed = &history.feed;
     report.add("feed events", feed.len() as u64);
+    let partitioning = Partitioning::new(history.partitions.max(1)).unwrap_or_default();
     let mut index = HashMap::with_capacity(feed.len());
     let mut last_version: HashMap<&str, u64> = HashMap::new();
+    let mut per_partition: BTreeMap<u32, u64> = BTreeMap::new();
     for (i, e) in feed.iter().enumerate() {
-        if i > 0 && feed[i - 1].position >= e.position {
+        let of = history.of(e.partition);
+        *per_partition.entry(e.partition).or_default() += 1;
+        if i > 0 && feed[i - 1].partition == e.partition && feed[i - 1].position >= e.position {
             let p = &feed[i - 1];
             report.violation(
                 "feed_order",
                 format!(
-                    "position {} (`{}` v{}) follows position {} (`{}` v{})",
+                    "position {}{of} (`{}` v{}) follows position {} (`{}` v{})",
                     e.position, e.stream, e.version, p.position, p.stream, p.version
                 ),
             );
         }
+        if let Ok(stream) = StreamId::parse(&e.stream) {
+            let expected = partitioning.partition_of(&stream);
+            if expected != e.partition {
+                report.violation(
+                    "feed_partition",
+                    format!(
+                        "`{}` v{} is at position {}{of}; the stream belongs to partition \
+                         {expected}",
+                        e.stream, e.version, e.position
+                    ),
+                );
+            }
+        }
         if let Some(first) = index.insert(e.id, i) {
+            let f = &feed[first];
             report.violation(
                 "feed_duplicate_event",
                 format!(
-                    "event {:032x} stored at positions {} and {}",
-                    e.id, feed[first].position, e.position
+                    "event {:032x} stored at positions {}{} and {}{of}",
+                    e.id,
+                    f.position,
+                    history.of(f.partition),
+                    e.position
                 ),
             );
         }
@@ -365,7 +427,7 @@ fn check_feed(history: &History, report: &mut Report) -> HashMap<u128, usize> {
             report.violation(
                 "stream_version_gap",
                 format!(
-                    "`{}`: version {} at position {} follows version {}",
+                    "`{}`: version {} at position {}{of} follows version {}",
                     e.stream, e.version, e.position, *last
                 ),
             );
@@ -378,7 +440,7 @@ fn check_feed(history: &History, report: &mut Report) -> HashMap<u128, usize> {
                 Some(r) => report.violation(
                     "phantom_event",
                     format!(
-                        "position {} (`{}` v{}) holds event {i} of {key}, which appended {} \
+                        "position {}{of} (`{}` v{}) holds event {i} of {key}, which appended {} \
                          events to `{}`",
                         e.position, e.stream, e.version, r.events, r.stream
                     ),
@@ -386,7 +448,7 @@ fn check_feed(history: &History, report: &mut Report) -> HashMap<u128, usize> {
                 None => report.violation(
                     "phantom_event",
                     format!(
-                        "position {} (`{}` v{}) holds event {i} of {key}, which no writer \
+                        "position {}{of} (`{}` v{}) holds event {i} of {key}, which no writer \
                          logged",
                         e.position, e.stream, e.version
                     ),
@@ -395,13 +457,19 @@ fn check_feed(history: &History, report: &mut Report) -> HashMap<u128, usize> {
             _ => report.violation(
                 "phantom_event",
                 format!(
-                    "position {} (`{}` v{}) holds event {:032x}, not made by a writer",
+                    "position {}{of} (`{}` v{}) holds event {:032x}, not made by a writer",
                     e.position, e.stream, e.version, e.id
                 ),
             ),
         }
     }
     report.add("streams", last_version.len() as u64);
+    if history.partitioned() {
+        for p in 0..history.partitions {
+            let n = per_partition.get(&p).copied().unwrap_or_default();
+            report.add(&format!("feed events in partition {p}"), n);
+        }
+    }
     index
 }
 
@@ -581,7 +649,7 @@ fn check_acks(
 }
 
 /// Each subscriber delivered exactly the feed (of its category) up to the end marker, once, in
-/// strictly increasing positions.
+/// strictly increasing positions (per partition).
 fn check_subscribers(history: &History, index: &HashMap<u128, usize>, report: &mut Report) {
     for sub in &history.subscribers {
         let name = &sub.name;
@@ -592,24 +660,28 @@ fn check_subscribers(history: &History, index: &HashMap<u128, usize>, report: &m
             sub.log.resumed.len().saturating_sub(1) as u64,
         );
         let mut seen: HashSet<u128> = HashSet::with_capacity(delivered.len());
-        for (i, d) in delivered.iter().enumerate() {
-            if i > 0 && delivered[i - 1].position >= d.position {
-                report.violation(
-                    "subscriber_order",
-                    format!(
-                        "{name}: delivered position {} (`{}` v{}) after position {}",
-                        d.position,
-                        d.stream,
-                        d.version,
-                        delivered[i - 1].position
-                    ),
-                );
+        let mut last: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut per_partition: BTreeMap<u32, u64> = BTreeMap::new();
+        for d in delivered {
+            let of = history.of(d.partition);
+            *per_partition.entry(d.partition).or_default() += 1;
+            if let Some(previous) = last.insert(d.partition, d.position) {
+                if previous >= d.position {
+                    report.violation(
+                        "subscriber_order",
+                        format!(
+                            "{name}: delivered position {}{of} (`{}` v{}) after position \
+                             {previous}",
+                            d.position, d.stream, d.version,
+                        ),
+                    );
+                }
             }
             if !seen.insert(d.id) {
                 report.violation(
                     "subscriber_duplicate",
                     format!(
-                        "{name}: delivered event {:032x} (`{}` v{} at {}) twice",
+                        "{name}: delivered event {:032x} (`{}` v{} at {}{of}) twice",
                         d.id, d.stream, d.version, d.position
                     ),
                 );
@@ -622,7 +694,7 @@ fn check_subscribers(history: &History, index: &HashMap<u128, usize>, report: &m
                 report.violation(
                     "subscriber_filter",
                     format!(
-                        "{name}: delivered `{}` v{} at {} outside its category",
+                        "{name}: delivered `{}` v{} at {}{of} outside its category",
                         d.stream, d.version, d.position
                     ),
                 );
@@ -631,26 +703,40 @@ fn check_subscribers(history: &History, index: &HashMap<u128, usize>, report: &m
                 None => report.violation(
                     "subscriber_phantom",
                     format!(
-                        "{name}: delivered `{}` v{} at {} (event {:032x}), which the store does \
-                         not hold at the end",
+                        "{name}: delivered `{}` v{} at {}{of} (event {:032x}), which the store \
+                         does not hold at the end",
                         d.stream, d.version, d.position, d.id
                     ),
                 ),
                 Some(e)
-                    if e.position != d.position
+                    if e.partition != d.partition
+                        || e.position != d.position
                         || e.stream != d.stream
                         || e.version != d.version =>
                 {
                     report.violation(
                         "subscriber_mismatch",
                         format!(
-                            "{name}: delivered event {:032x} as `{}` v{} at {}; stored as `{}` \
-                             v{} at {}",
-                            d.id, d.stream, d.version, d.position, e.stream, e.version, e.position
+                            "{name}: delivered event {:032x} as `{}` v{} at {}{of}; stored as \
+                             `{}` v{} at {}{}",
+                            d.id,
+                            d.stream,
+                            d.version,
+                            d.position,
+                            e.stream,
+                            e.version,
+                            e.position,
+                            history.of(e.partition)
                         ),
                     );
                 }
                 Some(_) => {}
+            }
+        }
+        if history.partitioned() {
+            for p in 0..history.partitions {
+                let n = per_partition.get(&p).copied().unwrap_or_default();
+                report.add(&format!("{name} deliveries in partition {p}"), n);
             }
         }
         report_skips(history, sub, &seen, report);
@@ -665,14 +751,22 @@ fn check_subscribers(history: &History, index: &HashMap<u128, usize>, report: &m
     }
 }
 
-/// Every event of `sub`'s category up to the end marker that it did not deliver, with the
-/// positions it delivered around it.
+/// Every event of `sub`'s category up to its partition's end marker that it did not deliver,
+/// with the positions it delivered around it in that partition.
 fn report_skips(history: &History, sub: &Subscriber, seen: &HashSet<u128>, report: &mut Report) {
-    let end = history.marker.unwrap_or(u64::MAX);
-    let positions: Vec<u64> = sub.log.delivered.iter().map(|d| d.position).collect();
-    let last = positions.last().copied().unwrap_or(0);
-    let mut unreached: Option<(&FeedEvent, u64)> = None;
+    let mut positions: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for d in &sub.log.delivered {
+        positions.entry(d.partition).or_default().push(d.position);
+    }
+    let none = Vec::new();
+    // Per partition, the first event never reached and how many there are.
+    let mut unreached: BTreeMap<u32, (&FeedEvent, u64)> = BTreeMap::new();
     for e in &history.feed {
+        let end = history
+            .markers
+            .get(&e.partition)
+            .copied()
+            .unwrap_or(u64::MAX);
         if e.position > end
             || sub
                 .category
@@ -682,9 +776,11 @@ fn report_skips(history: &History, sub: &Subscriber, seen: &HashSet<u128>, repor
         {
             continue;
         }
+        let positions = positions.get(&e.partition).unwrap_or(&none);
+        let last = positions.last().copied().unwrap_or(0);
         if e.position > last {
-            // Never reached: reported once, below.
-            let (_, n) = unreached.get_or_insert((e, 0));
+            // Never reached: reported once per partition, below.
+            let (_, n) = unreached.entry(e.partition).or_insert((e, 0));
             *n += 1;
             continue;
         }
@@ -694,18 +790,24 @@ fn report_skips(history: &History, sub: &Subscriber, seen: &HashSet<u128>, repor
         report.violation(
             "subscriber_skip",
             format!(
-                "{}: never delivered `{}` v{} at position {} (event {}); it delivered {} then {}",
+                "{}: never delivered `{}` v{} at position {}{} (event {}); it delivered {} then {}",
                 sub.name,
                 e.stream,
                 e.version,
                 e.position,
+                history.of(e.partition),
                 describe(e.id),
                 before.map_or("nothing".to_owned(), |p| p.to_string()),
                 after.map_or("nothing".to_owned(), |p| p.to_string()),
             ),
         );
     }
-    if let Some((first, n)) = unreached {
+    for (partition, (first, n)) in unreached {
+        let last = positions
+            .get(&partition)
+            .and_then(|p| p.last())
+            .copied()
+            .unwrap_or(0);
         let why = sub.log.errors.last().map_or_else(
             || "without an error".to_owned(),
             |(kind, message)| format!("on `{kind}`: {message}"),
@@ -713,9 +815,13 @@ fn report_skips(history: &History, sub: &Subscriber, seen: &HashSet<u128>, repor
         report.violation(
             "subscriber_incomplete",
             format!(
-                "{}: stopped after position {last} {why}; {n} later events never delivered, the \
+                "{}: stopped after position {last}{} {why}; {n} later events never delivered, the \
                  first `{}` v{} at {}",
-                sub.name, first.stream, first.version, first.position
+                sub.name,
+                history.of(partition),
+                first.stream,
+                first.version,
+                first.position
             ),
         );
     }
@@ -898,31 +1004,94 @@ fn describe_message(id: u128) -> String {
     }
 }
 
-/// Every epoch start records a previous head at or above every event stored in the epochs
-/// before it. A lower head makes every reader that passed it fail with `LostTail` for events the
-/// store still holds (a lost event, if any, is reported as a lost acknowledged append).
+/// Every epoch start of a partition records a previous head at or above every event stored in
+/// the partition's epochs before it. A lower head makes every reader that passed it fail with
+/// `LostTail` for events the store still holds (a lost event, if any, is reported as a lost
+/// acknowledged append).
 fn check_epochs(history: &History, report: &mut Report) {
-    report.add("epoch starts", history.epochs.len() as u64);
-    let positions: Vec<u64> = history.feed.iter().map(|e| e.position).collect();
-    for start in &history.epochs {
-        let from = positions.partition_point(|&p| p <= start.previous_head);
-        let to = positions.partition_point(|&p| epoch_of(p) < start.epoch);
-        if from < to {
-            report.violation(
-                "epoch_start_below_stored_head",
-                format!(
-                    "epoch {} recorded previous head {}, but the store holds {} events above it \
-                     in earlier epochs (positions {} ..= {}): readers past {} get LostTail for \
-                     events that are there",
-                    start.epoch,
-                    start.previous_head,
-                    to - from,
-                    positions[from],
-                    positions[to - 1],
-                    start.previous_head
-                ),
-            );
+    report.add(
+        "epoch starts",
+        history.epochs.values().map(Vec::len).sum::<usize>() as u64,
+    );
+    for (&partition, starts) in &history.epochs {
+        let positions: Vec<u64> = history
+            .feed
+            .iter()
+            .filter(|e| e.partition == partition)
+            .map(|e| e.position)
+            .collect();
+        let of = history.of(partition);
+        for start in starts {
+            let from = positions.partition_point(|&p| p <= start.previous_head);
+            let to = positions.partition_point(|&p| epoch_of(p) < start.epoch);
+            if from < to {
+                report.violation(
+                    "epoch_start_below_stored_head",
+                    format!(
+                        "epoch {}{of} recorded previous head {}, but the store holds {} events \
+                         above it in earlier epochs (positions {} ..= {}): readers past {} get \
+                         LostTail for events that are there",
+                        start.epoch,
+                        start.previous_head,
+                        to - from,
+                        positions[from],
+                        positions[to - 1],
+                        start.previous_head
+                    ),
+                );
+            }
         }
+    }
+}
+
+/// Counts what the consumer groups did: claims, and hand-overs (a partition taken by another
+/// worker than the one that ran it before; a restarted process is another worker). Checks that
+/// a partition's checkpoint never goes back across claims: each claim fences the checkpoint and
+/// logs its position before the worker handles anything, so in log order the positions claimed
+/// of a partition never decrease (a lower one means an earlier holder's checkpoint was lost, or
+/// a stale holder lowered it).
+fn count_groups(history: &History, report: &mut Report) {
+    for group in &history.groups {
+        let name = &group.name;
+        if !group.claims.is_empty() {
+            report.add(
+                &format!("{name} partition claims"),
+                group.claims.len() as u64,
+            );
+            let mut last: HashMap<u32, &Claimed> = HashMap::new();
+            let mut changed = 0;
+            for c in &group.claims {
+                if let Some(before) = last.insert(c.partition, c) {
+                    changed += u64::from(before.member != c.member);
+                    if c.position < before.position {
+                        report.violation(
+                            "group_checkpoint_regressed",
+                            format!(
+                                "{name}: {} claimed partition {} at position {}, after {} had \
+                                 claimed it at {}",
+                                c.member, c.partition, c.position, before.member, before.position
+                            ),
+                        );
+                    }
+                }
+            }
+            report.add(&format!("{name} claims by another worker"), changed);
+        }
+        let mut holder: HashMap<u32, &str> = HashMap::new();
+        let mut handovers = 0;
+        for (member, owned) in &group.owned {
+            for p in owned {
+                if holder
+                    .insert(*p, member)
+                    .is_some_and(|before| before != member)
+                {
+                    handovers += 1;
+                }
+            }
+        }
+        report.add(&format!("{name} hand-overs"), handovers);
+        let workers: BTreeSet<&String> = group.owned.iter().map(|(m, _)| m).collect();
+        report.add(&format!("{name} workers"), workers.len() as u64);
     }
 }
 
@@ -943,22 +1112,35 @@ mod tests {
     /// messages), a refused one, one cut off before it was stored, and the end marker; a
     /// subscriber, a filtered subscriber, a read model and a relay that saw everything.
     fn clean() -> History {
-        let mut h = History::default();
-        let mut position = 0;
+        partitioned(1)
+    }
+
+    /// [`clean`] on a store with `partitions` feed partitions: each stream in the partition it
+    /// hashes to, positions counted per partition, an end marker in every partition.
+    fn partitioned(partitions: u32) -> History {
+        let partitioning = Partitioning::new(partitions).unwrap();
+        let mut h = History {
+            partitions,
+            ..History::default()
+        };
+        let mut heads: HashMap<u32, u64> = HashMap::new();
         let mut versions: HashMap<String, u64> = HashMap::new();
         for (seq, stream, n, outbox) in [
             (1, "acct-1", 2u16, vec![0u16, 1]),
             (2, "order-1", 1, vec![]),
             (3, "acct-1", 3, vec![2]),
         ] {
+            let partition = partitioning.partition_of(&StreamId::parse(stream).unwrap());
             let mut positions = Vec::new();
             for i in 0..n {
-                position += 1;
+                let position = heads.entry(partition).or_default();
+                *position += 1;
                 let v = versions.entry(stream.to_owned()).or_default();
                 *v += 1;
-                positions.push(position);
+                positions.push(*position);
                 h.feed.push(FeedEvent {
-                    position,
+                    partition,
+                    position: *position,
                     id: ids::event_id(key(seq), i).as_u128(),
                     stream: stream.into(),
                     version: *v,
@@ -1000,42 +1182,52 @@ mod tests {
                 ..Request::default()
             },
         );
-        position += 10; // an aborted allocation leaves a gap
-        h.feed.push(FeedEvent {
-            position,
-            id: ids::control_id(1).as_u128(),
-            stream: "acct-end".into(),
-            version: 1,
-        });
-        h.marker = Some(position);
+        for (n, stream) in (1..).zip(crate::stores::marker_streams(partitioning)) {
+            let partition = partitioning.partition_of(&stream);
+            let head = heads.entry(partition).or_default();
+            *head += 10; // an aborted allocation leaves a gap
+            h.feed.push(FeedEvent {
+                partition,
+                position: *head,
+                id: ids::control_id(n).as_u128(),
+                stream: stream.to_string(),
+                version: 1,
+            });
+            h.markers.insert(partition, *head);
+        }
+        h.feed.sort_by_key(|e| (e.partition, e.position));
         observe(&mut h);
         h
     }
 
-    /// Subscribers, a read model and a relay that saw everything in `h`'s feed.
+    /// Subscribers, a read model and a relay that saw everything in `h`'s feed (the partitions
+    /// interleaved by position).
     fn observe(h: &mut History) {
-        let all: Vec<Delivered> = h
+        let mut all: Vec<Delivered> = h
             .feed
             .iter()
             .map(|e| Delivered {
+                partition: e.partition,
                 position: e.position,
                 id: e.id,
                 stream: e.stream.clone(),
                 version: e.version,
             })
             .collect();
+        all.sort_by_key(|d| (d.position, d.partition));
         let acct: Vec<Delivered> = all
             .iter()
             .filter(|d| d.stream.starts_with("acct-"))
             .cloned()
             .collect();
+        let start = vec![vec![0; h.partitions.max(1) as usize]];
         h.subscribers = vec![
             Subscriber {
                 name: "sub-0".into(),
                 category: None,
                 log: SubscriberLog {
                     delivered: all,
-                    resumed: vec![0],
+                    resumed: start.clone(),
                     errors: vec![],
                 },
             },
@@ -1044,15 +1236,16 @@ mod tests {
                 category: Some("acct".into()),
                 log: SubscriberLog {
                     delivered: acct,
-                    resumed: vec![0],
+                    resumed: start,
                     errors: vec![],
                 },
             },
         ];
-        let mut rows = BTreeMap::new();
-        rows.insert("acct-1".to_owned(), (5, 5));
-        rows.insert("order-1".to_owned(), (1, 1));
-        rows.insert("acct-end".to_owned(), (1, 1));
+        let mut rows: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for e in &h.feed {
+            let row = rows.entry(e.stream.clone()).or_default();
+            *row = (row.0 + 1, e.version);
+        }
         h.models = vec![Model {
             name: "model".into(),
             rows,
@@ -1247,6 +1440,7 @@ mod tests {
         h.feed.insert(
             6,
             FeedEvent {
+                partition: 0,
                 position: 7,
                 id: ids::event_id(key(4), 0).as_u128(),
                 stream: "order-1".into(),
@@ -1291,13 +1485,15 @@ mod tests {
     fn model_gaps_phantoms_and_lost_tails_are_caught() {
         let mut h = clean();
         h.models[0].gaps.push("acct-1 2 3 3".into());
+        let order9 = Partitioning::single().partition_of(&StreamId::parse("order-9").unwrap());
         h.feed.push(FeedEvent {
+            partition: order9,
             position: 100,
             id: 42,
             stream: "order-9".into(),
             version: 1,
         });
-        h.epochs.push(EpochStart {
+        h.epochs.entry(0).or_default().push(EpochStart {
             epoch: 1,
             previous_head: 3,
         });
@@ -1312,5 +1508,192 @@ mod tests {
         assert_eq!(epoch.len(), 1, "{}", report.render());
         assert!(epoch[0].contains("holds 5 events above it"), "{}", epoch[0]);
         assert_eq!(report.of("lost_tail"), 1);
+    }
+
+    /// The partition `stream` hashes to among `partitions`.
+    fn partition_of(partitions: u32, stream: &str) -> u32 {
+        Partitioning::new(partitions)
+            .unwrap()
+            .partition_of(&StreamId::parse(stream).unwrap())
+    }
+
+    #[test]
+    fn a_clean_partitioned_history_passes_and_is_counted_per_partition() {
+        let h = partitioned(4);
+        assert_eq!(h.markers.len(), 4);
+        // The partitions' positions overlap: no order across partitions is asked for.
+        assert!(h.feed.iter().filter(|e| e.position == 1).count() > 1);
+        let report = violations(&h);
+        assert_eq!(report.total(), 0, "{}", report.render());
+        let per_partition: u64 = (0..4)
+            .map(|p| report.counts[&format!("feed events in partition {p}")])
+            .sum();
+        assert_eq!(per_partition, report.counts["feed events"]);
+        assert_eq!(
+            report.counts["sub-0 deliveries"],
+            report.counts["feed events"]
+        );
+    }
+
+    #[test]
+    fn a_subscriber_that_skips_an_event_of_one_partition_is_caught() {
+        let mut h = partitioned(4);
+        let p = partition_of(4, "acct-1");
+        let at = h.subscribers[0]
+            .log
+            .delivered
+            .iter()
+            .position(|d| d.stream == "acct-1" && d.version == 2)
+            .unwrap();
+        h.subscribers[0].log.delivered.remove(at);
+        let report = violations(&h);
+        assert_eq!(report.total(), 1, "{}", report.render());
+        let detail = &report.violations["subscriber_skip"][0];
+        assert!(
+            detail.contains(&format!("`acct-1` v2 at position 2 of partition {p}")),
+            "{detail}"
+        );
+        assert!(detail.contains("delivered 1 then 3"), "{detail}");
+    }
+
+    #[test]
+    fn a_subscriber_that_stops_in_one_partition_is_caught_for_that_partition() {
+        let mut h = partitioned(4);
+        let p = partition_of(4, "acct-1");
+        // Delivered up to acct-1 v3 in its partition; every other partition to its end.
+        h.subscribers[1]
+            .log
+            .delivered
+            .retain(|d| d.partition != p || d.position <= 3);
+        let report = violations(&h);
+        let incomplete = &report.violations["subscriber_incomplete"];
+        assert_eq!(incomplete.len(), 1, "{}", report.render());
+        assert!(
+            incomplete[0].contains(&format!("sub-1: stopped after position 3 of partition {p}")),
+            "{}",
+            incomplete[0]
+        );
+        assert_eq!(report.of("subscriber_skip"), 0);
+    }
+
+    #[test]
+    fn disorder_within_a_partition_and_wrong_partitions_are_caught() {
+        let mut h = partitioned(4);
+        let p = partition_of(4, "acct-1");
+        let delivered = &mut h.subscribers[0].log.delivered;
+        let first = delivered.iter().position(|d| d.partition == p).unwrap();
+        let second = first
+            + 1
+            + delivered[first + 1..]
+                .iter()
+                .position(|d| d.partition == p)
+                .unwrap();
+        delivered.swap(first, second);
+        let report = violations(&h);
+        assert_eq!(report.of("subscriber_order"), 1, "{}", report.render());
+        assert_eq!(report.total(), 1, "{}", report.render());
+
+        let mut h = partitioned(4);
+        let moved = h.feed.iter_mut().find(|e| e.stream == "order-1").unwrap();
+        moved.partition = (moved.partition + 1) % 4;
+        let report = violations(&h);
+        assert!(report.of("feed_partition") >= 1, "{}", report.render());
+        assert!(report.of("subscriber_mismatch") >= 1, "{}", report.render());
+    }
+
+    #[test]
+    fn epochs_are_checked_against_their_own_partition() {
+        let mut h = partitioned(4);
+        let p = partition_of(4, "acct-1");
+        let other = (p + 1) % 4;
+        let head = |partition: u32| {
+            h.feed
+                .iter()
+                .filter(|e| e.partition == partition)
+                .map(|e| e.position)
+                .max()
+                .unwrap_or(0)
+        };
+        // A new epoch of another partition after its own head: nothing is above it there,
+        // whatever the other partitions hold.
+        let other_head = head(other);
+        assert!(other_head < head(p));
+        let above = h
+            .feed
+            .iter()
+            .filter(|e| e.partition == p && e.position > 3)
+            .count();
+        h.epochs.entry(other).or_default().push(EpochStart {
+            epoch: 1,
+            previous_head: other_head,
+        });
+        assert_eq!(violations(&h).total(), 0);
+        // acct-1 has positions 1 to 5 in its partition: a new epoch there after 3 is below it.
+        h.epochs.entry(p).or_default().push(EpochStart {
+            epoch: 1,
+            previous_head: 3,
+        });
+        let report = violations(&h);
+        let epoch = &report.violations["epoch_start_below_stored_head"];
+        assert_eq!(epoch.len(), 1, "{}", report.render());
+        assert!(
+            epoch[0].contains(&format!(
+                "epoch 1 of partition {p} recorded previous head 3"
+            )),
+            "{}",
+            epoch[0]
+        );
+        assert!(
+            epoch[0].contains(&format!("holds {above} events above it")),
+            "{}",
+            epoch[0]
+        );
+    }
+
+    #[test]
+    fn group_hand_overs_are_counted() {
+        let claim = |member: &str, partition, position| Claimed {
+            member: member.into(),
+            partition,
+            position,
+        };
+        let mut h = History {
+            groups: vec![Group {
+                name: "projection group".into(),
+                claims: vec![
+                    claim("a", 0, 0),
+                    claim("b", 1, 0),
+                    claim("a", 0, 10),
+                    claim("b", 0, 10),
+                ],
+                owned: vec![
+                    ("a".into(), vec![0, 1]),
+                    ("b".into(), vec![1]),
+                    ("a".into(), vec![0]),
+                    ("c".into(), vec![0, 1]),
+                ],
+            }],
+            ..History::default()
+        };
+        let report = violations(&h);
+        assert_eq!(report.counts["projection group partition claims"], 4);
+        assert_eq!(
+            report.counts["projection group claims by another worker"],
+            1
+        );
+        assert_eq!(report.counts["projection group hand-overs"], 3);
+        assert_eq!(report.counts["projection group workers"], 3);
+        assert_eq!(report.total(), 0, "{}", report.render());
+        // A worker that takes a partition over below where the last one took it.
+        h.groups[0].claims.push(claim("c", 0, 7));
+        let report = violations(&h);
+        let regressed = &report.violations["group_checkpoint_regressed"];
+        assert_eq!(regressed.len(), 1, "{}", report.render());
+        assert!(
+            regressed[0]
+                .contains("c claimed partition 0 at position 7, after b had claimed it at 10"),
+            "{}",
+            regressed[0]
+        );
     }
 }

@@ -8,15 +8,21 @@
 //! - Writers: one JSON object per line ([`WriterLine`]).
 //! - Subscribers: `E <position> <event id> <stream> <version>` per delivered event, `R <after>`
 //!   when a process (re)starts its subscription, `X <kind> <message>` when it ends on an error.
+//!   With several feed partitions an `E` line ends with the event's partition, and `R` gives the
+//!   position resumed after in each partition (partition 0 first).
 //! - Relays, all in one file (the broker's): `P <owner> <outbox position> <message id> <source
 //!   event id> <stream>` per published record, one write per publish call, so the file holds
 //!   the publications in the order the broker received them; `X <owner>: <message>` when a relay
-//!   stops on an error.
-//! - Projections: `F <message>` when the runner reports a failure, `X <kind> <message>` on a
-//!   fatal error.
+//!   stops on an error; in a relay group, `G <owner> <outboxes>` whenever the set of outboxes the
+//!   process publishes changes (comma-separated, `-` for none).
+//! - Projections, all in one file: `F <message>` when the runner reports a failure, `X <kind>
+//!   <message>` on a fatal error; in a consumer group, `C <member> <partition> <position>` when a
+//!   worker has claimed (fenced) a partition's checkpoint at that position, and `G <member>
+//!   <partitions>` whenever the set of partitions it runs changes.
 //!
 //! Ids are written as 32 hex digits.
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -217,7 +223,9 @@ pub(crate) fn parse_hex(text: &str) -> Result<u128> {
 /// One event a subscriber delivered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Delivered {
-    /// Global position.
+    /// Feed partition (0 with one partition).
+    pub(crate) partition: u32,
+    /// Position in the partition's feed.
     pub(crate) position: u64,
     /// Event id.
     pub(crate) id: u128,
@@ -232,38 +240,64 @@ pub(crate) struct Delivered {
 pub(crate) struct SubscriberLog {
     /// Delivered events, in delivery order (across restarts).
     pub(crate) delivered: Vec<Delivered>,
-    /// Positions the process resumed after, one per (re)start.
-    pub(crate) resumed: Vec<u64>,
+    /// Per (re)start, the positions the process resumed after, one per partition.
+    pub(crate) resumed: Vec<Vec<u64>>,
     /// Errors that ended a subscription: `(kind, message)`.
     pub(crate) errors: Vec<(String, String)>,
+}
+
+/// Formats the `E` line of a delivered event; the partition is written only if the store has
+/// several.
+pub(crate) fn delivered_line(d: &Delivered, partitions: u32) -> String {
+    let line = format!("E {} {:032x} {} {}", d.position, d.id, d.stream, d.version);
+    if partitions > 1 {
+        format!("{line} {}", d.partition)
+    } else {
+        line
+    }
+}
+
+/// Formats the `R` line of a (re)start after `after` (one position per partition).
+pub(crate) fn resumed_line(after: &[u64]) -> String {
+    let positions: Vec<String> = after.iter().map(u64::to_string).collect();
+    format!("R {}", positions.join(" "))
+}
+
+fn parse_delivered<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<Delivered> {
+    let mut next = || words.next().context("short line");
+    let position = next()?.parse()?;
+    let id = parse_hex(next()?)?;
+    let stream = next()?.to_owned();
+    let version = next()?.parse()?;
+    let partition = match words.next() {
+        Some(p) => p.parse()?,
+        None => 0,
+    };
+    Ok(Delivered {
+        partition,
+        position,
+        id,
+        stream,
+        version,
+    })
 }
 
 /// Parses a subscriber log.
 pub(crate) fn read_subscriber_log(path: &Path) -> Result<SubscriberLog> {
     let mut log = SubscriberLog::default();
     for_each_line(path, |line| {
-        let mut words = line.splitn(5, ' ');
-        match words.next() {
-            Some("E") => {
-                let mut next = || words.next().context("short line");
-                let position = next()?.parse()?;
-                let id = parse_hex(next()?)?;
-                let stream = next()?.to_owned();
-                let version = next()?.parse()?;
-                log.delivered.push(Delivered {
-                    position,
-                    id,
-                    stream,
-                    version,
-                });
-            }
-            Some("R") => log
-                .resumed
-                .push(words.next().context("short line")?.parse()?),
-            Some("X") => {
-                let kind = words.next().unwrap_or_default().to_owned();
-                let rest: Vec<&str> = words.collect();
-                log.errors.push((kind, rest.join(" ")));
+        let (kind, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match kind {
+            "E" => log.delivered.push(parse_delivered(rest.split(' '))?),
+            "R" => log.resumed.push(
+                rest.split(' ')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .context("bad position")?,
+            ),
+            "X" => {
+                let (kind, message) = rest.split_once(' ').unwrap_or((rest, ""));
+                log.errors.push((kind.to_owned(), message.to_owned()));
             }
             _ => anyhow::bail!("unknown line"),
         }
@@ -272,21 +306,40 @@ pub(crate) fn read_subscriber_log(path: &Path) -> Result<SubscriberLog> {
     Ok(log)
 }
 
-/// The last delivered position in a subscriber log (0 if none).
-pub(crate) fn last_delivered(path: &Path) -> Result<u64> {
-    let mut last = 0;
+/// Where a restarted subscriber resumes: the last delivered position of each partition (0 where
+/// none), and the partitions whose end marker it has delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Resume {
+    /// Per partition, the last delivered position.
+    pub(crate) after: Vec<u64>,
+    /// The partitions whose end marker was delivered.
+    pub(crate) markers: BTreeSet<u32>,
+}
+
+/// Reads where a subscriber's log leaves off, over `partitions` partitions.
+pub(crate) fn resume_point(path: &Path, partitions: u32) -> Result<Resume> {
+    let mut resume = Resume {
+        after: vec![0; partitions as usize],
+        markers: BTreeSet::new(),
+    };
     for_each_line(path, |line| {
         if let Some(rest) = line.strip_prefix("E ") {
-            last = rest
-                .split(' ')
-                .next()
-                .context("short line")?
-                .parse()
-                .context("bad position")?;
+            let d = parse_delivered(rest.split(' '))?;
+            let slot = resume
+                .after
+                .get_mut(d.partition as usize)
+                .with_context(|| format!("partition {} of {partitions}", d.partition))?;
+            *slot = d.position;
+            if matches!(
+                crate::ids::decode(d.id),
+                Some((crate::ids::Kind::Control, _, _))
+            ) {
+                resume.markers.insert(d.partition);
+            }
         }
         Ok(())
     })?;
-    Ok(last)
+    Ok(resume)
 }
 
 /// One record a relay published.
@@ -308,16 +361,51 @@ pub(crate) struct Published {
 /// failure line (`F`) and fatal error line (`X`).
 pub(crate) type Failures = Vec<(String, String)>;
 
-/// Parses a relay log: published records and failures.
-pub(crate) fn read_relay_log(path: &Path) -> Result<(Vec<Published>, Failures)> {
-    let mut published = Vec::new();
-    let mut failures = Vec::new();
+/// A consumer-group worker's claim of a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Claimed {
+    /// The worker.
+    pub(crate) member: String,
+    /// The partition.
+    pub(crate) partition: u32,
+    /// The checkpoint position it took the partition over at.
+    pub(crate) position: u64,
+}
+
+/// A relay or projection log, read back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ConsumerLog {
+    /// Published records (relays).
+    pub(crate) published: Vec<Published>,
+    /// Failures and fatal errors.
+    pub(crate) failures: Failures,
+    /// Claims of partitions (projection groups), in log order.
+    pub(crate) claims: Vec<Claimed>,
+    /// Each change of the partitions (or outboxes) a group worker runs: (worker, what it runs
+    /// from then on), in log order.
+    pub(crate) owned: Vec<(String, Vec<u32>)>,
+}
+
+/// Formats the `G` line of a group worker that runs `owned` from now on.
+pub(crate) fn owned_line(member: &str, owned: &[u32]) -> String {
+    let list: Vec<String> = owned.iter().map(u32::to_string).collect();
+    let list = if list.is_empty() {
+        "-".to_owned()
+    } else {
+        list.join(",")
+    };
+    format!("G {member} {list}\n")
+}
+
+/// Parses a relay or projection log.
+pub(crate) fn read_consumer_log(path: &Path) -> Result<ConsumerLog> {
+    let mut log = ConsumerLog::default();
     for_each_line(path, |line| {
         let mut words = line.split(' ');
         match words.next() {
             Some("P") => {
                 let mut next = || words.next().context("short line");
-                published.push(Published {
+                log.published.push(Published {
                     owner: next()?.to_owned(),
                     position: next()?.parse()?,
                     message: parse_hex(next()?)?,
@@ -325,15 +413,35 @@ pub(crate) fn read_relay_log(path: &Path) -> Result<(Vec<Published>, Failures)> 
                     stream: next()?.to_owned(),
                 });
             }
+            Some("C") => {
+                let mut next = || words.next().context("short line");
+                log.claims.push(Claimed {
+                    member: next()?.to_owned(),
+                    partition: next()?.parse()?,
+                    position: next()?.parse()?,
+                });
+            }
+            Some("G") => {
+                let member = words.next().context("short line")?.to_owned();
+                let owned = match words.next().context("short line")? {
+                    "-" => Vec::new(),
+                    list => list
+                        .split(',')
+                        .map(str::parse)
+                        .collect::<Result<_, _>>()
+                        .context("bad partition")?,
+                };
+                log.owned.push((member, owned));
+            }
             Some(kind @ ("X" | "F")) => {
                 let rest: Vec<&str> = words.collect();
-                failures.push((kind.to_owned(), rest.join(" ")));
+                log.failures.push((kind.to_owned(), rest.join(" ")));
             }
             _ => anyhow::bail!("unknown line"),
         }
         Ok(())
     })?;
-    Ok((published, failures))
+    Ok(log)
 }
 
 #[cfg(test)]
@@ -373,8 +481,68 @@ mod tests {
         let log = read_subscriber_log(&path).unwrap();
         assert_eq!(log.delivered.len(), 2);
         assert_eq!(log.delivered[1].id, 6);
-        assert_eq!(log.resumed, vec![0]);
-        assert_eq!(last_delivered(&path).unwrap(), 2);
+        assert_eq!(log.resumed, vec![vec![0]]);
+        assert_eq!(resume_point(&path, 1).unwrap().after, vec![2]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn partitioned_subscriber_and_group_lines_round_trip() {
+        let dir = std::env::temp_dir().join(format!("es-chaos-plogs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sub.log");
+        let event = |partition, position, id: u128| Delivered {
+            partition,
+            position,
+            id,
+            stream: "acct-1".into(),
+            version: position,
+        };
+        let marker = crate::ids::control_id(2).as_u128();
+        let lines = [
+            resumed_line(&[0, 0, 0]),
+            delivered_line(&event(2, 7, 5), 3),
+            delivered_line(&event(0, 3, 6), 3),
+            delivered_line(&event(2, 9, marker), 3),
+            resumed_line(&[3, 0, 9]),
+        ];
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let log = read_subscriber_log(&path).unwrap();
+        assert_eq!(log.delivered[0], event(2, 7, 5));
+        assert_eq!(log.resumed, vec![vec![0, 0, 0], vec![3, 0, 9]]);
+        let resume = resume_point(&path, 3).unwrap();
+        assert_eq!(resume.after, vec![3, 0, 9]);
+        assert_eq!(resume.markers, BTreeSet::from([2]));
+        // One partition: the line is what it always was.
+        assert_eq!(
+            delivered_line(&event(0, 3, 6), 1),
+            format!("E 3 {:032x} acct-1 3", 6)
+        );
+
+        let path = dir.join("projection.log");
+        let text = format!(
+            "C projection-0-0 3 120\n{}{}F projection-1-0 partition 2: failed\n",
+            owned_line("projection-0-0", &[1, 3]),
+            owned_line("projection-1-0", &[])
+        );
+        std::fs::write(&path, text).unwrap();
+        let log = read_consumer_log(&path).unwrap();
+        assert_eq!(
+            log.claims,
+            vec![Claimed {
+                member: "projection-0-0".into(),
+                partition: 3,
+                position: 120
+            }]
+        );
+        assert_eq!(
+            log.owned,
+            vec![
+                ("projection-0-0".to_owned(), vec![1, 3]),
+                ("projection-1-0".to_owned(), vec![])
+            ]
+        );
+        assert_eq!(log.failures.len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

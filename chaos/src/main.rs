@@ -1,6 +1,6 @@
 //! es-chaos: a fault-injecting checker for the PostgreSQL and Redis stores. Run it with
 //! `cargo xtask chaos [--store postgres|redis|all] [--minutes N | --seconds N] [--writers K]
-//! [--seed S]`; `cargo xtask test` runs a short one.
+//! [--seed S] [--partitions P]`; `cargo xtask test` runs short ones.
 //!
 //! For each store, the orchestrator (`es-chaos run`, [`orchestrate`]) starts a server of its
 //! own (PostgreSQL with its durable defaults; Redis with `appendonly yes`, `appendfsync always`)
@@ -17,19 +17,32 @@
 //!   Redis;
 //! - two **outbox relays** sharing the lease, publishing to a file.
 //!
+//! With `--partitions P` (default 1) every process builds the store with P feed partitions
+//! (`Partitioning::new(P)`). The subscribers then follow every partition from a per-partition
+//! position and resume from each partition's last logged position; the projection is a
+//! **consumer group of two processes** (`ProjectionRunner::spawn_group`, a 2 s lease, one fenced
+//! checkpoint per partition: exactly once on PostgreSQL, at least once on Redis), which the
+//! consumer kills hit like any other consumer, so partitions change hands under faults; on Redis
+//! each partition has its own outbox and the two relays are a **relay group** over them
+//! (`Relay::spawn_group`), while PostgreSQL keeps one outbox and one relay at a time. The end
+//! marker is appended to every partition.
+//!
 //! Meanwhile it injects the faults of a schedule drawn from the seed ([`schedule`]): statement
 //! time-outs, terminated backends, inline stalls longer than the append time-out, SIGSTOP and
 //! kill -9 of writers, kill -9 of consumers, kill -9 and restart of the server, clean Redis
-//! restarts, dropped Redis connections and paused Redis writes. Then it stops the faults, lets
-//! the writers finish, appends an end marker, waits for every consumer to reach it, and checks
-//! the history ([`check`]): every acknowledged append stored exactly once with the versions and
+//! restarts, dropped Redis connections and paused Redis writes. Then it stops the faults, lets the
+//! writers finish, appends an end marker, waits for every consumer to reach it, and checks the
+//! history ([`check`]): every acknowledged append stored exactly once with the versions and
 //! positions it was acknowledged with, refused ones absent, none half-stored; the feed strictly
-//! increasing with each stream's versions contiguous; every subscriber delivered exactly the
-//! feed (of its category), once, in increasing positions; the read models equal a replay of the
-//! feed; every outbox message of a stored append published (duplicates allowed, losses not), in
-//! per-stream order; no epoch began below an acknowledged position. It prints the counts and
-//! the violations by kind, each with the stream, versions, positions and process involved, and
-//! exits with 1 if there is any.
+//! increasing with each stream's versions contiguous; every subscriber delivered exactly the feed
+//! (of its category), once, in increasing positions; the read models equal a replay of the feed;
+//! every outbox message of a stored append published (duplicates allowed, losses not), in
+//! per-stream order; no epoch began below an acknowledged position. With several partitions each of
+//! these feed checks holds per partition (positions are a partition's, epochs are a partition's),
+//! every event must be in the partition its stream hashes to, and no partition's projection
+//! checkpoint may go back when a group worker claims it. It prints the counts (per partition too,
+//! and the consumer groups' claims and hand-overs) and the violations by kind, each with the
+//! stream, versions, positions and process involved, and exits with 1 if there is any.
 //!
 //! Given the seed, the fault schedule is fixed (what, when, on which process, for how long), and
 //! so are each writer's draws and its inline projection's failures (keyed by request and
@@ -57,7 +70,7 @@ use std::process::ExitCode;
 const USAGE: &str = "\
 usage: es-chaos run --dir D [--store postgres|redis|all] [--seconds N | --minutes N]
                     [--writers K] [--tasks T] [--seed S] [--append-timeout-ms N] [--pace-ms A..B]
-                    [--keep]
+                    [--partitions P] [--keep]
        es-chaos writer|subscriber|projection|relay ...   (started by `run`)";
 
 fn main() -> ExitCode {

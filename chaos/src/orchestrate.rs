@@ -2,7 +2,14 @@
 //! scheduled faults, stops them, lets everything catch up, collects the history and checks it.
 //!
 //! `es-chaos run --dir D [--store postgres|redis|all] [--seconds N | --minutes N] [--writers K]
-//! [--tasks T] [--seed S] [--append-timeout-ms N] [--pace-ms A..B]`
+//! [--tasks T] [--seed S] [--append-timeout-ms N] [--pace-ms A..B] [--partitions P]`
+//!
+//! With `--partitions P` (P > 1) every process builds the store with P feed partitions; the
+//! subscribers follow every partition; the projection runs as a consumer group of two worker
+//! processes (both subject to the kill faults, so partitions change hands under faults); on
+//! Redis, where each partition has an outbox of its own, the two relay processes are a relay
+//! group over the outboxes (PostgreSQL keeps one outbox, published by one relay at a time). The
+//! end marker is appended once per partition, and the history is checked per partition.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, OpenOptions};
@@ -13,9 +20,10 @@ use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use es_core::projection::partition_checkpoint;
 use es_core::{
-    AppendRequest, CheckpointStore, EventStore, ExpectedVersion, NewEvent, OutboxStore, ReadAll,
-    StreamId,
+    AppendRequest, CheckpointStore, EventStore, ExpectedVersion, NewEvent, OutboxStore,
+    Partitioning, ReadAll,
 };
 use es_postgres::PgStore;
 use es_redis::redis;
@@ -24,7 +32,7 @@ use es_test_support::{PgServer, RedisServer};
 use futures::TryStreamExt;
 use sqlx::{AssertSqlSafe, PgPool};
 
-use crate::check::{self, FeedEvent, History, Model, Report, Subscriber};
+use crate::check::{self, FeedEvent, Group, History, Model, Report, Subscriber};
 use crate::cli::{Opts, StoreKind};
 use crate::ids;
 use crate::logs;
@@ -64,6 +72,8 @@ struct Config {
     append_timeout: Duration,
     /// The writers' pause between requests (`A..B` ms), if set; see [`default_pace`].
     pace: Option<String>,
+    /// The store's feed partitions.
+    partitioning: Partitioning,
     keep: bool,
 }
 
@@ -81,6 +91,7 @@ pub(crate) fn main(args: &[String]) -> Result<ExitCode> {
             "seed",
             "append-timeout-ms",
             "pace-ms",
+            "partitions",
         ],
         &["keep"],
     )?;
@@ -110,6 +121,7 @@ pub(crate) fn main(args: &[String]) -> Result<ExitCode> {
         tasks: opts.parsed("tasks", 3)?,
         append_timeout: Duration::from_millis(opts.parsed("append-timeout-ms", 2000)?),
         pace: opts.get("pace-ms").map(str::to_owned),
+        partitioning: stores::partitioning(opts.parsed("partitions", 1)?)?,
         keep: opts.flag("keep"),
     };
     if let Some(pace) = &config.pace {
@@ -120,10 +132,24 @@ pub(crate) fn main(args: &[String]) -> Result<ExitCode> {
         "--writers must be 1 to 64"
     );
     anyhow::ensure!((1..=16).contains(&config.tasks), "--tasks must be 1 to 16");
+    anyhow::ensure!(
+        config.partitioning.count() <= 64,
+        "--partitions must be 1 to 64"
+    );
+    let partitions = config.partitioning.count();
+    // Shown only with several partitions, so that single-feed runs print what they always did.
+    let (partitioned, reproduce) = if partitions > 1 {
+        (
+            format!(", {partitions} feed partitions"),
+            format!(" --partitions {partitions}"),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     let mut failed = false;
     for store in stores {
         eprintln!(
-            "es-chaos: {}: seed {seed}, {}s of faults, {} writer processes x {} tasks",
+            "es-chaos: {}: seed {seed}, {}s of faults, {} writer processes x {} tasks{partitioned}",
             store.name(),
             duration.as_secs(),
             config.writers,
@@ -132,7 +158,7 @@ pub(crate) fn main(args: &[String]) -> Result<ExitCode> {
         let report = run_store(&config, store)?;
         let violations = report.total();
         println!(
-            "es-chaos {} (seed {seed}, {}s):\n{}",
+            "es-chaos {} (seed {seed}, {}s{partitioned}):\n{}",
             store.name(),
             duration.as_secs(),
             report.render()
@@ -141,7 +167,7 @@ pub(crate) fn main(args: &[String]) -> Result<ExitCode> {
             failed = true;
             println!(
                 "es-chaos {}: {violations} violations. Reproduce with: cargo xtask chaos --store \
-                 {} --seconds {} --writers {} --seed {seed}\n",
+                 {} --seconds {} --writers {} --seed {seed}{reproduce}\n",
                 store.name(),
                 store.name(),
                 duration.as_secs(),
@@ -174,7 +200,7 @@ fn run_store(config: &Config, store: StoreKind) -> Result<Report> {
         .build()?;
     let server = Server::start(store, &dir)?;
     let url = server.url();
-    let admin = rt.block_on(Admin::connect(store, &url))?;
+    let admin = rt.block_on(Admin::connect(store, &url, config.partitioning))?;
     let mut run = Run {
         config: config.clone(),
         store,
@@ -205,7 +231,7 @@ fn run_store(config: &Config, store: StoreKind) -> Result<Report> {
         duration: config.duration,
         writers: config.writers,
         inline_writers: run.inline_writers(),
-        consumers: CONSUMERS.len(),
+        consumers: run.consumers().len(),
         append_timeout: config.append_timeout,
     };
     let faults = schedule::schedule(&plan);
@@ -317,13 +343,17 @@ enum Admin {
 }
 
 impl Admin {
-    async fn connect(store: StoreKind, url: &str) -> Result<Self> {
+    async fn connect(store: StoreKind, url: &str, partitioning: Partitioning) -> Result<Self> {
         match store {
             StoreKind::Postgres => {
                 let pool = stores::pg_pool(stores::pg_options(url, "chaos-orchestrator", true)?, 4);
+                // One append task: it keeps its connection, and the pool's others are for the
+                // faults and the final reads.
                 let store = stores::pg_store(
                     PgStore::builder(pool.clone())
                         .schema(NAMESPACE)
+                        .partitioning(partitioning)
+                        .writers(1)
                         .poll_interval(Duration::from_millis(500)),
                 )
                 .await?;
@@ -347,7 +377,7 @@ impl Admin {
                 Ok(Self::Pg { pool, store })
             }
             StoreKind::Redis => Ok(Self::Redis {
-                store: stores::redis_store(url, Duration::from_secs(10)).await?,
+                store: stores::redis_store(url, Duration::from_secs(10), partitioning).await?,
             }),
         }
     }
@@ -372,25 +402,21 @@ impl Admin {
 enum Role {
     Writer(u16),
     Subscriber(u16),
-    Projection,
+    /// The projection: its single runner (`None`), or a worker of its consumer group.
+    Projection(Option<u16>),
     Relay(u16),
 }
 
-/// The consumer processes, in the order the schedule numbers them.
-const CONSUMERS: [Role; 5] = [
-    Role::Subscriber(0),
-    Role::Subscriber(1),
-    Role::Projection,
-    Role::Relay(0),
-    Role::Relay(1),
-];
+/// The workers of the projection's consumer group on a store with several partitions.
+const PROJECTION_WORKERS: u16 = 2;
 
 impl Role {
     fn name(self) -> String {
         match self {
             Self::Writer(w) => format!("writer-{w}"),
             Self::Subscriber(s) => format!("sub-{s}"),
-            Self::Projection => "projection".to_owned(),
+            Self::Projection(None) => "projection".to_owned(),
+            Self::Projection(Some(p)) => format!("projection-{p}"),
             Self::Relay(r) => format!("relay-{r}"),
         }
     }
@@ -491,16 +517,50 @@ impl Run {
             .collect()
     }
 
+    fn partitions(&self) -> u32 {
+        self.config.partitioning.count()
+    }
+
+    /// The projection processes: one runner, or the workers of its consumer group.
+    fn projections(&self) -> Vec<Role> {
+        if self.config.partitioning.is_single() {
+            vec![Role::Projection(None)]
+        } else {
+            (0..PROJECTION_WORKERS)
+                .map(|p| Role::Projection(Some(p)))
+                .collect()
+        }
+    }
+
+    /// The consumer processes, in the order the schedule numbers them. With several partitions
+    /// the projection's group workers come last: on the seed `cargo xtask test` runs, that puts
+    /// a consumer kill on one of them in both stores' runs, so partitions change hands under
+    /// faults every time.
+    fn consumers(&self) -> Vec<Role> {
+        let mut roles = vec![Role::Subscriber(0), Role::Subscriber(1)];
+        if self.config.partitioning.is_single() {
+            roles.extend(self.projections());
+            roles.extend([Role::Relay(0), Role::Relay(1)]);
+        } else {
+            roles.extend([Role::Relay(0), Role::Relay(1)]);
+            roles.extend(self.projections());
+        }
+        roles
+    }
+
     /// On PostgreSQL, odd writers (or the only one) run the inline projection.
     fn is_inline(&self, writer: u16) -> bool {
         self.store == StoreKind::Postgres && (self.config.writers == 1 || writer % 2 == 1)
     }
 
     /// Where `role` logs. The relays share one file, the broker's: one append per publish
-    /// call, so the file holds every publication in the order the broker received them.
+    /// call, so the file holds every publication in the order the broker received them. The
+    /// workers of the projection's group share one file too, so that it holds their claims in
+    /// order.
     fn log_path(&self, role: Role) -> PathBuf {
         match role {
             Role::Relay(_) => self.dir.join("broker.log"),
+            Role::Projection(_) => self.dir.join("projection.log"),
             _ => self.dir.join(format!("{}.log", role.name())),
         }
     }
@@ -510,6 +570,7 @@ impl Run {
         let store = self.store.name();
         let log = self.log_path(role);
         let seed = self.config.seed.to_string();
+        let partitions = self.partitions().to_string();
         match role {
             Role::Writer(w) => {
                 cmd.args(["writer", "--store", store, "--url", &self.url])
@@ -522,6 +583,7 @@ impl Run {
                         &self.config.append_timeout.as_millis().to_string(),
                     ])
                     .args(["--pace-ms", &self.pace()])
+                    .args(["--partitions", &partitions])
                     .arg("--log")
                     .arg(&log);
                 if self.is_inline(w) {
@@ -530,22 +592,28 @@ impl Run {
             }
             Role::Subscriber(s) => {
                 cmd.args(["subscriber", "--store", store, "--url", &self.url])
+                    .args(["--partitions", &partitions])
                     .arg("--log")
                     .arg(&log);
                 if s == 1 {
                     cmd.args(["--category", FILTERED_CATEGORY]);
                 }
             }
-            Role::Projection => {
+            Role::Projection(worker) => {
                 cmd.args(["projection", "--store", store, "--url", &self.url])
+                    .args(["--partitions", &partitions])
                     .arg("--log")
                     .arg(&log);
+                if let Some(worker) = worker {
+                    cmd.args(["--member", &format!("projection-{worker}-{incarnation}")]);
+                }
             }
             Role::Relay(r) => {
                 cmd.args(["relay", "--store", store, "--url", &self.url])
                     .args(["--id", &r.to_string()])
                     .args(["--incarnation", &incarnation.to_string()])
                     .args(["--seed", &seed])
+                    .args(["--partitions", &partitions])
                     .arg("--log")
                     .arg(&log);
             }
@@ -573,7 +641,7 @@ impl Run {
     }
 
     fn start_processes(&mut self) -> Result<()> {
-        let mut roles: Vec<Role> = CONSUMERS.to_vec();
+        let mut roles: Vec<Role> = self.consumers();
         roles.extend((0..self.config.writers).map(Role::Writer));
         for role in roles {
             let proc = self.spawn(role, 0)?;
@@ -787,7 +855,8 @@ impl Run {
                 Ok(())
             }
             FaultKind::ConsumerKill => {
-                self.kill_and_restart(CONSUMERS[fault.consumer % CONSUMERS.len()])?;
+                let consumers = self.consumers();
+                self.kill_and_restart(consumers[fault.consumer % consumers.len()])?;
                 Ok(())
             }
             FaultKind::ServerKill | FaultKind::ServerRestart => {
@@ -901,9 +970,10 @@ impl Run {
         }
     }
 
-    /// Ends every fault, lets the writers finish, appends the end marker and waits until every
-    /// consumer has caught up with it. Returns the marker's position.
-    fn quiesce(&mut self) -> Result<Option<u64>> {
+    /// Ends every fault, lets the writers finish, appends the end marker (one per partition) and
+    /// waits until every consumer has caught up with it. Returns each marker's position, by
+    /// partition.
+    fn quiesce(&mut self) -> Result<BTreeMap<u32, u64>> {
         self.due_actions(true);
         for proc in &mut self.procs {
             if proc.stopped {
@@ -931,31 +1001,42 @@ impl Run {
         let phase = Instant::now();
         self.wait_for_exit(&writers, "writers finish their last requests")?;
         self.phase("writers finished", phase);
-        let marker = self.append_marker();
-        let marker = match marker {
-            Ok(position) => Some(position),
+        let markers = match self.append_markers() {
+            Ok(markers) => markers,
             Err(e) => {
                 self.notes.push((
                     "liveness".into(),
                     format!("cannot append the end marker: {e:#}"),
                 ));
-                None
+                BTreeMap::new()
             }
         };
         let subscribers = [Role::Subscriber(0), Role::Subscriber(1)];
-        if marker.is_some() {
+        if !markers.is_empty() {
             let phase = Instant::now();
             self.wait_for_exit(&subscribers, "subscribers deliver the end marker")?;
             self.phase("subscribers delivered the end marker", phase);
-        }
-        if let Some(position) = marker {
             let phase = Instant::now();
-            let caught_up = self.wait_for(position, |run| run.checkpoint().ok());
+            // Progress: the sum over the partitions of the checkpoint, up to the marker.
+            let target = markers.values().sum();
+            let caught_up = self.wait_for(target, |run| {
+                markers
+                    .iter()
+                    .map(|(&p, &marker)| run.checkpoint(p).ok().map(|c| c.min(marker)))
+                    .sum()
+            });
             self.phase("the projection caught up", phase);
             if !caught_up {
+                let at: Vec<String> = markers
+                    .iter()
+                    .map(|(&p, &marker)| format!("{marker}{}", self.of(p)))
+                    .collect();
                 self.notes.push((
                     "liveness".into(),
-                    format!("the projection did not reach the end marker at {position}"),
+                    format!(
+                        "the projection did not reach the end marker at {}",
+                        at.join(", ")
+                    ),
                 ));
             }
         }
@@ -978,7 +1059,16 @@ impl Run {
             proc.stdin = None;
         }
         self.wait_for_exit(&remaining, "the projection and relays stop")?;
-        Ok(marker)
+        Ok(markers)
+    }
+
+    /// ` of partition <p>` with several partitions, nothing with one.
+    fn of(&self, partition: u32) -> String {
+        if self.config.partitioning.is_single() {
+            String::new()
+        } else {
+            format!(" of partition {partition}")
+        }
     }
 
     fn phase(&mut self, what: &str, since: Instant) {
@@ -1058,48 +1148,64 @@ impl Run {
         }
     }
 
-    fn append_marker(&self) -> Result<u64> {
-        let request = AppendRequest::new(
-            StreamId::new(FILTERED_CATEGORY, "end")?,
-            ExpectedVersion::Any,
-            vec![NewEvent::from_value(END_TYPE, 1, &serde_json::json!({}))
-                .with_id(ids::control_id(1))],
-        );
-        self.rt.block_on(async {
-            let result = match &self.admin {
-                Admin::Pg { store, .. } => append_retrying(store, request).await?,
-                Admin::Redis { store } => append_retrying(store, request).await?,
-            };
-            result
-                .positions
-                .first()
-                .copied()
-                .context("the marker got no position")
-        })
+    /// Appends the end marker of each partition (control event `p + 1` to the `p`th of
+    /// [`stores::marker_streams`]); returns their positions by partition.
+    fn append_markers(&self) -> Result<BTreeMap<u32, u64>> {
+        let mut markers = BTreeMap::new();
+        for (n, stream) in (1..).zip(stores::marker_streams(self.config.partitioning)) {
+            let partition = self.config.partitioning.partition_of(&stream);
+            let request = AppendRequest::new(
+                stream,
+                ExpectedVersion::Any,
+                vec![NewEvent::from_value(END_TYPE, 1, &serde_json::json!({}))
+                    .with_id(ids::control_id(n))],
+            );
+            let position = self.rt.block_on(async {
+                let result = match &self.admin {
+                    Admin::Pg { store, .. } => append_retrying(store, request).await?,
+                    Admin::Redis { store } => append_retrying(store, request).await?,
+                };
+                result
+                    .positions
+                    .first()
+                    .copied()
+                    .context("the marker got no position")
+            })?;
+            markers.insert(partition, position);
+        }
+        Ok(markers)
     }
 
-    fn checkpoint(&self) -> Result<u64> {
+    /// The projection's checkpoint in `partition`: its own with one partition, the partition's
+    /// ([`partition_checkpoint`]) in a consumer group.
+    fn checkpoint(&self, partition: u32) -> Result<u64> {
+        let name = if self.config.partitioning.is_single() {
+            PROJECTION.to_owned()
+        } else {
+            partition_checkpoint(PROJECTION, partition)
+        };
         self.rt.block_on(async {
             Ok(match &self.admin {
-                Admin::Pg { store, .. } => store.load_checkpoint(PROJECTION).await?.position,
-                Admin::Redis { store } => store.load_checkpoint(PROJECTION).await?.position,
+                Admin::Pg { store, .. } => store.load_checkpoint(&name).await?.position,
+                Admin::Redis { store } => store.load_checkpoint(&name).await?.position,
             })
         })
     }
 
     fn outbox_len(&self) -> Result<u64> {
         self.rt.block_on(async {
-            Ok(match &self.admin {
-                Admin::Pg { store, .. } => store.outbox_len().await?,
-                Admin::Redis { store } => store.outbox_len().await?,
-            })
+            match &self.admin {
+                Admin::Pg { store, .. } => outbox_len(store).await,
+                Admin::Redis { store } => outbox_len(store).await,
+            }
         })
     }
 
     /// Reads every log and the store's final state.
-    fn collect(&mut self, marker: Option<u64>) -> Result<History> {
+    fn collect(&mut self, markers: BTreeMap<u32, u64>) -> Result<History> {
         let mut history = History {
-            marker,
+            partitions: self.partitions(),
+            markers,
             append_timeout_ms: u64::try_from(self.config.append_timeout.as_millis())
                 .unwrap_or(u64::MAX),
             notes: std::mem::take(&mut self.notes),
@@ -1117,18 +1223,28 @@ impl Run {
                 log: logs::read_subscriber_log(&self.log_path(role))?,
             });
         }
-        for role in [Role::Projection, Role::Relay(0)] {
-            let name = match role {
-                Role::Relay(_) => "relays".to_owned(),
-                _ => role.name(),
-            };
-            let (published, failures) = logs::read_relay_log(&self.log_path(role))?;
-            history.published.extend(published);
+        for (role, name) in [
+            (Role::Projection(None), "projection"),
+            (Role::Relay(0), "relays"),
+        ] {
+            let log = logs::read_consumer_log(&self.log_path(role))?;
+            history.published.extend(log.published);
             history.consumer_failures.extend(
-                failures
+                log.failures
                     .into_iter()
-                    .map(|(kind, message)| (name.clone(), kind, message)),
+                    .map(|(kind, message)| (name.to_owned(), kind, message)),
             );
+            if !log.claims.is_empty() || !log.owned.is_empty() {
+                let group = match role {
+                    Role::Relay(_) => "relay group",
+                    _ => "projection group",
+                };
+                history.groups.push(Group {
+                    name: group.to_owned(),
+                    claims: log.claims,
+                    owned: log.owned,
+                });
+            }
         }
         let inline: BTreeSet<u16> = self.inline_writers().into_iter().collect();
         self.rt.block_on(async {
@@ -1167,14 +1283,29 @@ async fn append_retrying<S: EventStore>(
 }
 
 /// The feed, the outbox's leftovers and dead letters, and the epochs.
+/// Records pending in every outbox of the store.
+async fn outbox_len<S: OutboxStore>(store: &S) -> Result<u64> {
+    let mut pending = 0;
+    for outbox in 0..store.outbox_partitions() {
+        pending += store.outbox_partition(outbox)?.outbox_len().await?;
+    }
+    Ok(pending)
+}
+
+/// The feed, the outboxes' leftovers and dead letters, and the epochs, of every partition.
 async fn read_store<S: EventStore + OutboxStore>(store: &S, history: &mut History) -> Result<()> {
-    history.feed = read_feed(store).await?;
-    history.outbox_left = store.outbox_len().await?;
-    history.dead_letters = store
-        .dead_letters(1000)
-        .await?
-        .into_iter()
-        .map(|d| {
+    history.feed.clear();
+    for partition in store.partitioning().partitions() {
+        history.feed.extend(read_feed(store, partition).await?);
+        history
+            .epochs
+            .insert(partition, store.partition_epochs(partition).await?);
+    }
+    history.outbox_left = outbox_len(store).await?;
+    history.dead_letters.clear();
+    for outbox in 0..store.outbox_partitions() {
+        let dead = store.outbox_partition(outbox)?.dead_letters(1000).await?;
+        history.dead_letters.extend(dead.into_iter().map(|d| {
             format!(
                 "outbox position {} (message {:032x} of `{}`) after {} attempts: {}",
                 d.record.position,
@@ -1183,17 +1314,17 @@ async fn read_store<S: EventStore + OutboxStore>(store: &S, history: &mut Histor
                 d.attempts,
                 d.error
             )
-        })
-        .collect();
-    history.epochs = store.epochs().await?;
+        }));
+    }
     Ok(())
 }
 
-async fn read_feed<S: EventStore>(store: &S) -> Result<Vec<FeedEvent>> {
+async fn read_feed<S: EventStore>(store: &S, partition: u32) -> Result<Vec<FeedEvent>> {
     stores::retry("read the final feed", || async {
         let events: Vec<FeedEvent> = store
-            .read_all(ReadAll::after(0))
+            .read_all(ReadAll::after(0).partition(partition))
             .map_ok(|e| FeedEvent {
+                partition: e.partition,
                 position: e.global_position,
                 id: e.event_id.as_u128(),
                 stream: e.stream_id.to_string(),

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use es_core::{Partitioning, StreamId};
 use es_postgres::{PgStore, PgStoreBuilder};
 use es_redis::RedisStore;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -17,6 +18,42 @@ pub(crate) const END_TYPE: &str = "ChaosEnd";
 /// The category of the streams whose subscriber filters by category; the end marker's stream
 /// is in it.
 pub(crate) const FILTERED_CATEGORY: &str = "acct";
+
+/// The streams of the end markers, one per partition (partition 0 first): `acct-end` with one
+/// partition; with several, per partition the first of `acct-end`, `acct-end1`, `acct-end2`, ...
+/// that falls in it.
+pub(crate) fn marker_streams(partitioning: Partitioning) -> Vec<StreamId> {
+    let mut streams: Vec<Option<StreamId>> = vec![None; partitioning.count() as usize];
+    let mut left = streams.len();
+    for i in 0u64.. {
+        let id = if i == 0 {
+            "end".to_owned()
+        } else {
+            format!("end{i}")
+        };
+        let Ok(stream) = StreamId::new(FILTERED_CATEGORY, &id) else {
+            continue;
+        };
+        let slot = &mut streams[partitioning.partition_of(&stream) as usize];
+        if slot.is_none() {
+            *slot = Some(stream);
+            left -= 1;
+            if left == 0 {
+                break;
+            }
+        }
+    }
+    streams.into_iter().flatten().collect()
+}
+
+/// How long a consumer-group worker's leases last without renewal: a killed projection or relay
+/// process loses its partitions to the other worker after this.
+pub(crate) const GROUP_LEASE: Duration = Duration::from_secs(2);
+
+/// The store's feed partitions, as given by `--partitions` (the same in every process of a run).
+pub(crate) fn partitioning(count: u32) -> Result<Partitioning> {
+    Partitioning::new(count).with_context(|| format!("--partitions {count}"))
+}
 
 /// How long a process keeps trying to reach a server that is down before it gives up.
 pub(crate) const PATIENCE: Duration = Duration::from_secs(180);
@@ -109,11 +146,17 @@ pub(crate) async fn pg_store(builder: PgStoreBuilder) -> Result<PgStore> {
     .await
 }
 
-/// A Redis store under [`NAMESPACE`], retrying while the server is unreachable.
-pub(crate) async fn redis_store(url: &str, response_timeout: Duration) -> Result<RedisStore> {
+/// A Redis store under [`NAMESPACE`] with `partitioning`, retrying while the server is
+/// unreachable.
+pub(crate) async fn redis_store(
+    url: &str,
+    response_timeout: Duration,
+    partitioning: Partitioning,
+) -> Result<RedisStore> {
     retry("build the Redis store", || async {
         Ok(RedisStore::builder(url)
             .prefix(NAMESPACE)
+            .partitioning(partitioning)
             .response_timeout(response_timeout)
             .poll_interval(Duration::from_millis(500))
             .build()

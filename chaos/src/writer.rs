@@ -2,7 +2,7 @@
 //! retries, logging every outcome before acting on it.
 //!
 //! `es-chaos writer --store S --url U --id W --incarnation I --seed X --tasks T --log F
-//! [--inline] [--append-timeout-ms N] [--pace-ms A..B]`
+//! [--inline] [--append-timeout-ms N] [--pace-ms A..B] [--partitions P]`
 //!
 //! Each task draws requests from its own seeded generator: a stream (16 hot `acct-*` streams, 64
 //! `order-*` streams, or a fresh `fresh-*` stream), an [`ExpectedVersion`] mode (`Any`,
@@ -35,7 +35,7 @@ use bytes::Bytes;
 use es_core::projection::HandlerError;
 use es_core::{
     AppendRequest, AppendResult, EventStore, ExpectedVersion, Metadata, NewEvent, OutboxMessage,
-    RecordedEvent, StoreError, StreamId,
+    Partitioning, RecordedEvent, StoreError, StreamId,
 };
 use es_postgres::PgStore;
 use futures::future::BoxFuture;
@@ -72,6 +72,7 @@ struct Config {
     inline: bool,
     append_timeout: Duration,
     pace: (u64, u64),
+    partitioning: Partitioning,
 }
 
 /// Parses `A..B` (milliseconds).
@@ -98,6 +99,7 @@ pub(crate) fn main(args: &[String]) -> Result<()> {
             "log",
             "append-timeout-ms",
             "pace-ms",
+            "partitions",
         ],
         &["inline"],
     )?;
@@ -112,6 +114,7 @@ pub(crate) fn main(args: &[String]) -> Result<()> {
         inline: opts.flag("inline"),
         append_timeout: Duration::from_millis(opts.parsed("append-timeout-ms", 2000)?),
         pace: parse_range(opts.get("pace-ms").unwrap_or("5..60"))?,
+        partitioning: stores::partitioning(opts.parsed("partitions", 1)?)?,
     };
     anyhow::ensure!(config.tasks >= 1, "--tasks must be at least 1");
     stores::block_on(run(config))
@@ -297,6 +300,7 @@ async fn run(config: Config) -> Result<()> {
             let pool = stores::pg_pool(options, 12);
             let mut builder = PgStore::builder(pool)
                 .schema(NAMESPACE)
+                .partitioning(config.partitioning)
                 .run_migrations(false)
                 .append_timeout(config.append_timeout)
                 .poll_interval(Duration::from_millis(500));
@@ -316,7 +320,9 @@ async fn run(config: Config) -> Result<()> {
             run_tasks(store, log, control, config, history).await
         }
         StoreKind::Redis => {
-            let store = stores::redis_store(&config.url, Duration::from_secs(2)).await?;
+            let store =
+                stores::redis_store(&config.url, Duration::from_secs(2), config.partitioning)
+                    .await?;
             run_tasks(store, log, control, config, history).await
         }
     }

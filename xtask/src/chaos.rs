@@ -1,5 +1,5 @@
 //! `cargo xtask chaos [--store postgres|redis|all] [--minutes N | --seconds N] [--writers K]
-//! [--seed S]`: the fault-injecting checker.
+//! [--seed S] [--partitions P]`: the fault-injecting checker.
 //!
 //! Builds `es-chaos` once in release (`cargo build --release -p es-chaos`) and runs its
 //! orchestrator (`es-chaos run`), which starts PostgreSQL and Redis servers of its own under
@@ -7,8 +7,11 @@
 //! processes (the same binary), injects faults on a schedule drawn from the seed, and checks the
 //! history; see `chaos/src/main.rs`. Other arguments go to `es-chaos run` as they are (for example
 //! `--tasks`, `--append-timeout-ms`, `--pace-ms`, `--keep`). Without `--seed` a random seed is
-//! drawn and printed; without a duration each store runs 60 s of faults. A run that finds a
-//! violation keeps its logs and prints where, with the command that reproduces its schedule.
+//! drawn and printed; without a duration each store runs 60 s of faults. With `--partitions P`
+//! the stores have P feed partitions, the projection runs as a consumer group of two processes
+//! (and the Redis relays as a relay group over the per-partition outboxes), and the history is
+//! checked per partition. A run that finds a violation keeps its logs and prints where, with the
+//! command that reproduces its schedule.
 //!
 //! `cargo xtask test` runs [`short_runs`]. Directories of earlier runs whose xtask is gone are
 //! removed first, stopping any server still running in them.
@@ -30,6 +33,9 @@ pub(crate) const FIXED_SEED: u64 = 20_240_808;
 /// Seconds of faults per store and seed in the short run of `cargo xtask test`.
 const SHORT_SECONDS: u64 = 35;
 
+/// The feed partitions of the short partitioned run of `cargo xtask test`.
+const SHORT_PARTITIONS: u32 = 4;
+
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let (mode, args) = setup::mode_from(args);
     setup::ensure(&Needs::chaos(), mode)?;
@@ -38,24 +44,34 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
 }
 
 /// The short run `cargo xtask test` includes: each store for [`SHORT_SECONDS`] s on
-/// [`FIXED_SEED`], then as long on a random seed (printed, to reproduce a failure).
+/// [`FIXED_SEED`], then as long on a random seed (printed, to reproduce a failure), then as long
+/// on [`FIXED_SEED`] with [`SHORT_PARTITIONS`] feed partitions (consumer groups under faults).
 pub(crate) fn short_runs() -> Result<()> {
     build()?;
     let random = random_seed();
     eprintln!(
         "xtask: chaos: {SHORT_SECONDS}s per store on seed {FIXED_SEED}, then on random seed \
-         {random} (reproduce with `cargo xtask chaos --seconds {SHORT_SECONDS} --seed {random}`)"
+         {random} (reproduce with `cargo xtask chaos --seconds {SHORT_SECONDS} --seed {random}`), \
+         then on seed {FIXED_SEED} with {SHORT_PARTITIONS} feed partitions"
     );
     let mut failed = Vec::new();
-    for seed in [FIXED_SEED, random] {
-        let args = [
+    for (seed, partitions) in [(FIXED_SEED, 1), (random, 1), (FIXED_SEED, SHORT_PARTITIONS)] {
+        let mut args = vec![
             "--seconds".to_owned(),
             SHORT_SECONDS.to_string(),
             "--seed".to_owned(),
             seed.to_string(),
         ];
+        if partitions > 1 {
+            args.extend(["--partitions".to_owned(), partitions.to_string()]);
+        }
         if let Err(e) = run_chaos(&args) {
-            failed.push(format!("seed {seed}: {e:#}"));
+            let partitioned = if partitions > 1 {
+                format!(", {partitions} partitions")
+            } else {
+                String::new()
+            };
+            failed.push(format!("seed {seed}{partitioned}: {e:#}"));
         }
     }
     if !failed.is_empty() {
