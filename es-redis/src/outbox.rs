@@ -572,34 +572,12 @@ fn number(value: Value, what: &str) -> Result<u64, StoreError> {
 
 impl CheckpointStore for RedisStore {
     fn load_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
-        let inner = Arc::clone(&self.inner);
-        let name = name.to_owned();
-        async move {
-            let script = &SCRIPTS.load_checkpoint;
-            let mut cmd = script.command(&[
-                inner.keys.checkpoints(),
-                inner.keys.checkpoint_generations(),
-            ]);
-            cmd.arg(&name);
-            let mut conn = inner.conn.clone();
-            let reply = script
-                .invoke(&mut conn, &cmd)
-                .await
-                .map_err(|e| store_error(e, || checkpoint_location(&name)))?;
-            let location = checkpoint_location(&name);
-            let Value::Array(pair) = reply else {
-                return Err(StoreError::backend(format!(
-                    "unexpected reply loading {location}"
-                )));
-            };
-            let mut pair = pair.into_iter();
-            let position = number(pair.next().unwrap_or(Value::Nil), &location)?;
-            let generation = number(pair.next().unwrap_or(Value::Nil), &location)?;
-            Ok(Checkpoint {
-                position,
-                generation,
-            })
-        }
+        checkpoint_call(
+            Arc::clone(&self.inner),
+            &SCRIPTS.load_checkpoint,
+            name.to_owned(),
+            "loading",
+        )
     }
 
     fn save_checkpoint(&self, name: &str, checkpoint: Checkpoint) -> impl StoreFuture<bool> {
@@ -662,41 +640,54 @@ impl CheckpointStore for RedisStore {
     }
 
     fn fence_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
-        let inner = Arc::clone(&self.inner);
-        let name = name.to_owned();
-        async move {
-            let script = &SCRIPTS.fence_checkpoint;
-            let mut cmd = script.command(&[
-                inner.keys.checkpoints(),
-                inner.keys.checkpoint_generations(),
-            ]);
-            cmd.arg(&name);
-            let mut conn = inner.conn.clone();
-            let reply = script
-                .invoke(&mut conn, &cmd)
-                .await
-                .map_err(|e| store_error(e, || checkpoint_location(&name)))?;
-            let location = checkpoint_location(&name);
-            let corrupt = |what: &str| StoreError::Corrupt {
-                location: checkpoint_location(&name),
-                reason: format!("the stored {what} is not a number; nothing was written"),
-            };
-            match reply {
-                Value::Array(pair) => {
-                    let mut pair = pair.into_iter();
-                    let position = number(pair.next().unwrap_or(Value::Nil), &location)?;
-                    let generation = number(pair.next().unwrap_or(Value::Nil), &location)?;
-                    Ok(Checkpoint {
-                        position,
-                        generation,
-                    })
-                }
-                Value::Int(-1) => Err(corrupt("checkpoint")),
-                Value::Int(-2) => Err(corrupt("generation")),
-                other => Err(StoreError::backend(format!(
-                    "unexpected reply fencing {location}: {other:?}"
-                ))),
-            }
+        checkpoint_call(
+            Arc::clone(&self.inner),
+            &SCRIPTS.fence_checkpoint,
+            name.to_owned(),
+            "fencing",
+        )
+    }
+}
+
+/// Runs a checkpoint script that answers `[position, generation]` (or -1 / -2 when the stored
+/// position / generation is not a number) for checkpoint `name`; `doing` names the call in
+/// errors.
+async fn checkpoint_call(
+    inner: Arc<crate::Inner>,
+    script: &'static Lua,
+    name: String,
+    doing: &'static str,
+) -> Result<Checkpoint, StoreError> {
+    let name = name.as_str();
+    let mut cmd = script.command(&[
+        inner.keys.checkpoints(),
+        inner.keys.checkpoint_generations(),
+    ]);
+    cmd.arg(name);
+    let mut conn = inner.conn.clone();
+    let reply = script
+        .invoke(&mut conn, &cmd)
+        .await
+        .map_err(|e| store_error(e, || checkpoint_location(name)))?;
+    let location = checkpoint_location(name);
+    let corrupt = |what: &str| StoreError::Corrupt {
+        location: location.clone(),
+        reason: format!("the stored {what} is not a number; nothing was written"),
+    };
+    match reply {
+        Value::Array(pair) => {
+            let mut pair = pair.into_iter();
+            let position = number(pair.next().unwrap_or(Value::Nil), &location)?;
+            let generation = number(pair.next().unwrap_or(Value::Nil), &location)?;
+            Ok(Checkpoint {
+                position,
+                generation,
+            })
         }
+        Value::Int(-1) => Err(corrupt("checkpoint")),
+        Value::Int(-2) => Err(corrupt("generation")),
+        other => Err(StoreError::backend(format!(
+            "unexpected reply {doing} {location}: {other:?}"
+        ))),
     }
 }

@@ -1000,6 +1000,51 @@ fn check_dead_letters<const N: usize>(
     }
 }
 
+/// Implements [`EventStore`] for a test wrapper `$wrapper<S>` with a field `inner: S` by passing
+/// every call through: the wrappers below interfere with other traits only.
+macro_rules! delegate_event_store {
+    ($wrapper:ident) => {
+        impl<S: EventStore> EventStore for $wrapper<S> {
+            fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {
+                self.inner.append(request)
+            }
+            fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
+                self.inner.stream_version(stream)
+            }
+            fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
+                self.inner.read_stream(stream, read)
+            }
+            fn read_all(&self, read: ReadAll) -> EventStream {
+                self.inner.read_all(read)
+            }
+            fn partitioning(&self) -> Partitioning {
+                self.inner.partitioning()
+            }
+            fn partition_head(&self, partition: u32) -> impl StoreFuture<u64> {
+                self.inner.partition_head(partition)
+            }
+            fn wait_for_partition(
+                &self,
+                partition: u32,
+                after: u64,
+            ) -> impl Future<Output = ()> + Send {
+                self.inner.wait_for_partition(partition, after)
+            }
+            fn partition_epochs(&self, partition: u32) -> impl StoreFuture<Vec<EpochStart>> {
+                self.inner.partition_epochs(partition)
+            }
+            fn subscribe_partition(
+                &self,
+                partition: u32,
+                after: u64,
+                filter: EventFilter,
+            ) -> EventStream {
+                self.inner.subscribe_partition(partition, after, filter)
+            }
+        }
+    };
+}
+
 /// A store handle that gets in a relay's way, where a relay is slow in real life. Its first `n`
 /// delivery marks may stall before they reach the store (a relay paused between the broker's
 /// acknowledgement and its mark: a GC pause, SIGSTOP, a slow network), recording what the store
@@ -1041,35 +1086,7 @@ impl<S> Interfering<S> {
     }
 }
 
-impl<S: EventStore> EventStore for Interfering<S> {
-    fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {
-        self.inner.append(request)
-    }
-    fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
-        self.inner.stream_version(stream)
-    }
-    fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
-        self.inner.read_stream(stream, read)
-    }
-    fn read_all(&self, read: ReadAll) -> EventStream {
-        self.inner.read_all(read)
-    }
-    fn partitioning(&self) -> Partitioning {
-        self.inner.partitioning()
-    }
-    fn partition_head(&self, partition: u32) -> impl StoreFuture<u64> {
-        self.inner.partition_head(partition)
-    }
-    fn wait_for_partition(&self, partition: u32, after: u64) -> impl Future<Output = ()> + Send {
-        self.inner.wait_for_partition(partition, after)
-    }
-    fn partition_epochs(&self, partition: u32) -> impl StoreFuture<Vec<EpochStart>> {
-        self.inner.partition_epochs(partition)
-    }
-    fn subscribe_partition(&self, partition: u32, after: u64, filter: EventFilter) -> EventStream {
-        self.inner.subscribe_partition(partition, after, filter)
-    }
-}
+delegate_event_store!(Interfering);
 
 impl<S: OutboxStore> OutboxStore for Interfering<S> {
     fn acquire_relay_lease(&self, owner: &str, ttl: Duration) -> impl StoreFuture<Option<u64>> {
@@ -2751,35 +2768,7 @@ impl<S> Freezable<S> {
     }
 }
 
-impl<S: EventStore> EventStore for Freezable<S> {
-    fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {
-        self.inner.append(request)
-    }
-    fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
-        self.inner.stream_version(stream)
-    }
-    fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
-        self.inner.read_stream(stream, read)
-    }
-    fn read_all(&self, read: ReadAll) -> EventStream {
-        self.inner.read_all(read)
-    }
-    fn partitioning(&self) -> Partitioning {
-        self.inner.partitioning()
-    }
-    fn partition_head(&self, partition: u32) -> impl StoreFuture<u64> {
-        self.inner.partition_head(partition)
-    }
-    fn wait_for_partition(&self, partition: u32, after: u64) -> impl Future<Output = ()> + Send {
-        self.inner.wait_for_partition(partition, after)
-    }
-    fn partition_epochs(&self, partition: u32) -> impl StoreFuture<Vec<EpochStart>> {
-        self.inner.partition_epochs(partition)
-    }
-    fn subscribe_partition(&self, partition: u32, after: u64, filter: EventFilter) -> EventStream {
-        self.inner.subscribe_partition(partition, after, filter)
-    }
-}
+delegate_event_store!(Freezable);
 
 impl<S: CheckpointStore> CheckpointStore for Freezable<S> {
     fn load_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
