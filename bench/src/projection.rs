@@ -29,10 +29,9 @@ impl Projection for Counter {
     }
 
     async fn handle(&mut self, event: &RecordedEvent) -> Result<(), HandlerError> {
-        if let Some(go) = &mut self.go {
-            if !*go.borrow() {
-                go.wait_for(|go| *go).await?;
-            }
+        if let Some(mut go) = self.go.take() {
+            // Held back once, until the group has formed; no check per event after that.
+            go.wait_for(|go| *go).await?;
         }
         self.events += 1;
         self.bytes += event.payload.len() as u64;
