@@ -77,6 +77,7 @@ impl Connection {
 
     /// The cluster connection, on a cluster.
     #[cfg(feature = "cluster")]
+    #[allow(clippy::match_wildcard_for_single_variants)] // one variant more with `sentinel`
     pub(crate) fn cluster_connection(&self) -> Option<redis::cluster_async::ClusterConnection> {
         match &self.kind {
             Kind::Cluster { cluster, .. } => Some(cluster.clone()),
@@ -217,6 +218,7 @@ impl std::fmt::Debug for Target {
 
 impl Target {
     /// Whether this target moves to whatever primary the sentinels name.
+    #[cfg_attr(not(feature = "sentinel"), allow(clippy::unused_self))]
     pub(crate) fn follows_primary(&self) -> bool {
         #[cfg(feature = "sentinel")]
         if matches!(self, Target::Sentinel(_)) {

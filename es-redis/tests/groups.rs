@@ -13,6 +13,8 @@
 //!   refused (`StoreError::Fenced`) and the checkpoint never moves back.
 //! - A relay group: every outbox record is published, per key in outbox order, across a worker
 //!   killed, and the outboxes end empty.
+// The stalled-worker helpers serve the cluster tests only.
+#![cfg_attr(not(feature = "cluster"), allow(dead_code))]
 
 mod common;
 
