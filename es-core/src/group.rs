@@ -22,9 +22,10 @@
 //!
 //! So a worker that joins gets its share within about two rounds; a worker that dies (its
 //! leases stop being renewed) loses its partitions to the others within the lease time plus one
-//! round; a worker that cannot reach the store stops its partitions' work once its leases may
-//! have run out (by its own clock, counted from when it sent the last successful renewal, with a
-//! tenth of the lease kept as a guard).
+//! round; a worker that cannot reach the store (its calls fail, or hang: a round is cut off
+//! when a lease it covers may run out) stops its partitions' work once its leases may have run
+//! out (by its own clock, counted from when it sent the last successful renewal, with a tenth of
+//! the lease kept as a guard).
 //!
 //! # Fencing: a worker that comes back never writes with a stale lease
 //!
@@ -45,8 +46,10 @@
 //! of a partition continues from the fenced checkpoint, in feed order.
 //!
 //! Tested by the streaming conformance cases `group_worker_killed_hands_its_partitions_over`,
-//! `group_worker_added_takes_its_share` and `group_stale_worker_never_records` on every store,
-//! and exactly once on PostgreSQL by `es-postgres`'s group tests.
+//! `group_worker_added_takes_its_share`, `group_stale_worker_never_records`,
+//! `group_worker_cut_off_stops_by_its_own_clock` and
+//! `group_workers_sharing_a_name_divide_the_partitions` on every store, and exactly once on
+//! PostgreSQL by `es-postgres`'s group tests.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -247,8 +250,20 @@ where
                 _ = stop.wait_for(|s| *s) => break,
                 _ = rounds.tick() => {}
             }
-            if let Err(err) = self.round().await {
-                tracing::warn!(error = %err, "consumer group round failed; retrying");
+            // A store that does not answer must not hold the round past the moment a lease may
+            // run out: the round is cut off then, and the partitions it covers are stopped.
+            let cutoff = self
+                .running
+                .values()
+                .map(|r| r.deadline)
+                .min()
+                .unwrap_or_else(|| Instant::now() + self.config.lease_ttl);
+            match tokio::time::timeout_at(cutoff, self.round()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, "consumer group round failed; retrying");
+                }
+                Err(_) => tracing::warn!("consumer group round cut off: the store did not answer"),
             }
             self.expire();
             self.publish();

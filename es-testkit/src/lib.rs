@@ -82,6 +82,8 @@ macro_rules! group_conformance_tests {
             group_worker_killed_hands_its_partitions_over,
             group_worker_added_takes_its_share,
             group_stale_worker_never_records,
+            group_worker_cut_off_stops_by_its_own_clock,
+            group_workers_sharing_a_name_divide_the_partitions,
             relay_group_worker_killed_hands_its_outboxes_over,
         );
     };

@@ -2938,6 +2938,116 @@ pub async fn group_stale_worker_never_records<S: StreamingStore>(store: S) {
     b.shutdown().await;
 }
 
+/// A worker's store stops answering (its lease and checkpoint calls hang, as behind a network
+/// partition): by its own clock the worker stops every partition's work before its leases may
+/// run out, without waiting for a store call to fail. Events appended after that are not handled
+/// by it; a second worker takes the partitions over, and once the store answers again the first
+/// one rejoins and every event is handled, per stream in order.
+pub async fn group_worker_cut_off_stops_by_its_own_clock<S: StreamingStore>(store: S) {
+    let partitions = store.partitioning().partitions().end as usize;
+    let repo = Repository::new(store.clone());
+    open_group_ledgers(&repo).await;
+    let log = GroupLog::new();
+    let cut_off = Freezable::new(store.clone());
+    let a = {
+        let (log, checkpoints) = (log.of("a"), cut_off.clone());
+        group_runner(&cut_off).spawn_group(GroupConfig::new("a").lease_ttl(GROUP_TTL), move || {
+            AtLeastOnce::new(log.clone(), checkpoints.clone())
+        })
+    };
+    patiently(
+        "a holds every partition",
+        a.wait_owned(|owned| owned.len() == partitions),
+    )
+    .await;
+    check_group_log(&store, &log).await;
+
+    cut_off.freeze();
+    let frozen = Instant::now();
+    // The lease, a round of renewals that could not happen, and slack for a loaded machine.
+    let bound = GROUP_TTL * 2 + Duration::from_secs(1);
+    let stopped = tokio::time::timeout(bound, a.wait_owned(<[u32]>::is_empty)).await;
+    assert!(
+        stopped.is_ok(),
+        "a still runs {:?} {:?} after its store stopped answering (lease {GROUP_TTL:?})",
+        a.owned(),
+        frozen.elapsed()
+    );
+    eprintln!(
+        "a stopped its partitions {:?} after its store stopped answering (lease {GROUP_TTL:?})",
+        frozen.elapsed()
+    );
+    let before = log.handled_by("a");
+    spawn_ledger_writer(&repo, 2).await.unwrap();
+    let b = group_worker(&store, "b", &log);
+    patiently(
+        "b holds every partition",
+        b.wait_owned(|owned| owned.len() == partitions),
+    )
+    .await;
+    check_group_log(&store, &log).await;
+    assert_eq!(
+        log.handled_by("a"),
+        before,
+        "a handled events after it stopped its partitions"
+    );
+
+    cut_off.thaw();
+    until("a rejoins and takes its share", || {
+        let (oa, ob) = (a.owned(), b.owned());
+        oa.len() + ob.len() == partitions
+            && (partitions < 2 || !oa.is_empty())
+            && oa.iter().all(|p| !ob.contains(p))
+    })
+    .await;
+    spawn_ledger_writer(&repo, 2).await.unwrap();
+    check_group_log(&store, &log).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Two workers given the same member name by mistake are still two members: they divide the
+/// partitions (on a store with several) instead of both running all of them, and every event is
+/// handled, per stream in order.
+pub async fn group_workers_sharing_a_name_divide_the_partitions<S: StreamingStore>(store: S) {
+    let partitions = store.partitioning().partitions().end as usize;
+    let repo = Repository::new(store.clone());
+    open_group_ledgers(&repo).await;
+    let log = GroupLog::new();
+    let first = group_worker(&store, "twin", &log);
+    let second = group_worker(&store, "twin", &log);
+    until("the twins divide the partitions", || {
+        let (o1, o2) = (first.owned(), second.owned());
+        o1.len() + o2.len() == partitions
+            && (partitions < 2 || (!o1.is_empty() && !o2.is_empty()))
+            && o1.iter().all(|p| !o2.contains(p))
+    })
+    .await;
+    let members = store
+        // The group of the group-log projection.
+        .held_leases("projection:group-log")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|l| l.name.starts_with("member:twin"))
+        .count();
+    assert_eq!(members, 2, "each twin holds a membership lease of its own");
+    // Neither ever takes a partition the other runs while both run.
+    let writer = spawn_ledger_writer(&repo, 4);
+    while !writer.is_finished() {
+        let (o1, o2) = (first.owned(), second.owned());
+        assert!(
+            o1.iter().all(|p| !o2.contains(p)),
+            "both twins run a partition: {o1:?} and {o2:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    writer.await.unwrap();
+    check_group_log(&store, &log).await;
+    first.shutdown().await;
+    second.shutdown().await;
+}
+
 /// Two workers of the relay group of a store divide its outboxes; the one publishing an outbox
 /// is killed while records are appended: the other takes it over, every record is written, per
 /// key in outbox order (last copies), and every outbox ends empty.
