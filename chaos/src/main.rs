@@ -29,8 +29,9 @@
 //!
 //! Meanwhile it injects the faults of a schedule drawn from the seed ([`schedule`]): statement
 //! time-outs, terminated backends, inline stalls longer than the append time-out, SIGSTOP and
-//! kill -9 of writers, kill -9 of consumers, kill -9 and restart of the server, clean Redis
-//! restarts, dropped Redis connections and paused Redis writes. Then it stops the faults, lets the
+//! kill -9 of writers, SIGSTOP (often past the group and relay leases) and kill -9 of consumers,
+//! kill -9 and restart of the server, clean Redis restarts, dropped Redis connections and paused
+//! Redis writes. Then it stops the faults, lets the
 //! writers finish, appends an end marker, waits for every consumer to reach it, and checks the
 //! history ([`check`]): every acknowledged append stored exactly once with the versions and
 //! positions it was acknowledged with, refused ones absent, none half-stored; the feed strictly

@@ -532,19 +532,13 @@ impl Run {
         }
     }
 
-    /// The consumer processes, in the order the schedule numbers them. With several partitions
-    /// the projection's group workers come last: on the seed `cargo xtask test` runs, that puts
-    /// a consumer kill on one of them in both stores' runs, so partitions change hands under
-    /// faults every time.
+    /// The consumer processes, in the order the schedule takes them for consumer faults: the
+    /// projection (or its group's workers) and the relays first, so that even a short run kills
+    /// and pauses them, then the subscribers.
     fn consumers(&self) -> Vec<Role> {
-        let mut roles = vec![Role::Subscriber(0), Role::Subscriber(1)];
-        if self.config.partitioning.is_single() {
-            roles.extend(self.projections());
-            roles.extend([Role::Relay(0), Role::Relay(1)]);
-        } else {
-            roles.extend([Role::Relay(0), Role::Relay(1)]);
-            roles.extend(self.projections());
-        }
+        let mut roles = self.projections();
+        roles.extend([Role::Relay(0), Role::Relay(1)]);
+        roles.extend([Role::Subscriber(0), Role::Subscriber(1)]);
         roles
     }
 
@@ -829,23 +823,25 @@ impl Run {
             }
             FaultKind::TerminateBackend => self.terminate_backend(fault.writer),
             FaultKind::WriterStop => {
-                let stopped = match self.proc_mut(writer) {
-                    Some(proc) if !proc.stopped => match proc.pid() {
-                        Some(pid) if signal(pid, "STOP") => {
-                            proc.stopped = true;
-                            Ok(())
-                        }
-                        _ => Err("no process to stop".to_owned()),
-                    },
-                    _ => Err("already stopped".to_owned()),
-                };
-                if stopped.is_ok() {
-                    self.actions.push((
-                        now + Duration::from_millis(fault.ms),
-                        Action::Continue(writer),
-                    ));
-                    if u128::from(fault.ms) > self.config.append_timeout.as_millis() {
-                        self.count("writer_sigstop longer than the append time-out", 1);
+                let stopped = self.stop_for(writer, fault.ms);
+                if stopped.is_ok() && u128::from(fault.ms) > self.config.append_timeout.as_millis()
+                {
+                    self.count("writer_sigstop longer than the append time-out", 1);
+                }
+                stopped
+            }
+            FaultKind::ConsumerStop => {
+                let consumers = self.consumers();
+                let role = consumers[fault.consumer % consumers.len()];
+                let stopped = self.stop_for(role, fault.ms);
+                if stopped.is_ok() && u128::from(fault.ms) > crate::stores::GROUP_LEASE.as_millis()
+                {
+                    self.count("consumer_sigstop longer than the leases", 1);
+                    if let Role::Projection(Some(_)) = role {
+                        self.count(
+                            "consumer_sigstop of a group worker, longer than its lease",
+                            1,
+                        );
                     }
                 }
                 stopped
@@ -895,6 +891,27 @@ impl Run {
                 paused
             }
         })
+    }
+
+    /// SIGSTOP of `role`'s process, and its SIGCONT `ms` later.
+    fn stop_for(&mut self, role: Role, ms: u64) -> Applied {
+        let stopped = match self.proc_mut(role) {
+            Some(proc) if !proc.stopped => match proc.pid() {
+                Some(pid) if signal(pid, "STOP") => {
+                    proc.stopped = true;
+                    Ok(())
+                }
+                _ => Err("no process to stop".to_owned()),
+            },
+            _ => Err("already stopped".to_owned()),
+        };
+        if stopped.is_ok() {
+            self.actions.push((
+                Instant::now() + Duration::from_millis(ms),
+                Action::Continue(role),
+            ));
+        }
+        stopped
     }
 
     /// Runs an admin command on Redis, a few times if the connection is being re-established.

@@ -30,6 +30,10 @@ pub(crate) enum FaultKind {
     WriterKill,
     /// kill -9 of a subscriber, the projection or a relay, restarted at once.
     ConsumerKill,
+    /// SIGSTOP of a subscriber, the projection (a worker of its group) or a relay, SIGCONT after
+    /// a while (usually longer than the group and relay leases, so that the paused process's
+    /// work moves to another while it sleeps, and it wakes up holding a stale lease).
+    ConsumerStop,
     /// kill -9 of the server, restarted after a pause.
     ServerKill,
     /// Redis: a clean shutdown (SIGTERM) and restart.
@@ -51,6 +55,7 @@ impl FaultKind {
             Self::WriterStop => "writer_sigstop",
             Self::WriterKill => "writer_kill9",
             Self::ConsumerKill => "consumer_kill9",
+            Self::ConsumerStop => "consumer_sigstop",
             Self::ServerKill => "server_kill9",
             Self::ServerRestart => "server_restart",
             Self::ClientKill => "client_kill",
@@ -68,6 +73,7 @@ impl FaultKind {
                 Self::WriterStop,
                 Self::WriterKill,
                 Self::ConsumerKill,
+                Self::ConsumerStop,
                 Self::ServerKill,
             ],
             StoreKind::Redis => &[
@@ -78,6 +84,7 @@ impl FaultKind {
                 Self::WriterStop,
                 Self::WriterKill,
                 Self::ConsumerKill,
+                Self::ConsumerStop,
             ],
         }
     }
@@ -92,7 +99,8 @@ pub(crate) struct Fault {
     pub(crate) kind: FaultKind,
     /// The writer it hits (for writer faults, terminations and inline faults).
     pub(crate) writer: u16,
-    /// The consumer it hits (for consumer kills).
+    /// The consumer it hits (for consumer kills and stops): each of the two kinds takes the
+    /// consumers in turn, in the orchestrator's order (the projection and the relays first).
     pub(crate) consumer: usize,
     /// Its duration or size in milliseconds: how long a process stays stopped, a server stays
     /// down, a pause or a time-out window lasts, or the time-out itself.
@@ -137,6 +145,8 @@ pub(crate) fn schedule(plan: &Plan) -> Vec<Fault> {
     let mut at = QUIET_START;
     let mut faults = Vec::new();
     let writers = plan.writers.max(1);
+    let consumers = plan.consumers.max(1);
+    let (mut kills, mut stops) = (0, 0);
     'rounds: loop {
         let mut kinds = FaultKind::for_store(plan.store).to_vec();
         rng.shuffle(&mut kinds);
@@ -154,7 +164,7 @@ pub(crate) fn schedule(plan: &Plan) -> Vec<Fault> {
                 at,
                 kind,
                 writer: rng.u16(0..writers),
-                consumer: rng.usize(0..plan.consumers.max(1)),
+                consumer: 0,
                 ms: 0,
                 window_ms: 0,
                 wide: false,
@@ -186,14 +196,26 @@ pub(crate) fn schedule(plan: &Plan) -> Vec<Fault> {
                         rng.u64(100..=700)
                     };
                 }
+                FaultKind::ConsumerKill => {
+                    fault.consumer = kills % consumers;
+                    kills += 1;
+                }
+                FaultKind::ConsumerStop => {
+                    // Past the leases every other time, the first time included.
+                    let lease = u64::try_from(crate::stores::GROUP_LEASE.as_millis()).unwrap_or(0);
+                    fault.ms = if stops % 2 == 0 {
+                        lease + rng.u64(500..=3000)
+                    } else {
+                        rng.u64(100..=1500)
+                    };
+                    fault.consumer = stops % consumers;
+                    stops += 1;
+                }
                 FaultKind::ServerKill | FaultKind::ServerRestart => {
                     fault.ms = rng.u64(100..=1500);
                 }
                 FaultKind::ClientPause => fault.ms = rng.u64(300..=3000),
-                FaultKind::TerminateBackend
-                | FaultKind::WriterKill
-                | FaultKind::ConsumerKill
-                | FaultKind::ClientKill => {}
+                FaultKind::TerminateBackend | FaultKind::WriterKill | FaultKind::ClientKill => {}
             }
             faults.push(fault);
         }
@@ -249,6 +271,27 @@ mod tests {
                     .iter()
                     .filter(|f| matches!(f.kind, FaultKind::InlineStall))
                     .all(|f| f.writer % 2 == 1));
+            }
+        }
+    }
+
+    #[test]
+    fn consumer_faults_take_the_consumers_in_turn() {
+        let lease = crate::stores::GROUP_LEASE;
+        for store in [StoreKind::Postgres, StoreKind::Redis] {
+            for seed in 0..20 {
+                let faults = schedule(&plan(seed, store, 35));
+                for kind in [FaultKind::ConsumerKill, FaultKind::ConsumerStop] {
+                    let targets: Vec<usize> = faults
+                        .iter()
+                        .filter(|f| f.kind == kind)
+                        .map(|f| f.consumer)
+                        .collect();
+                    assert!(!targets.is_empty(), "{store:?} seed {seed}: no {kind:?}");
+                    assert!(targets.iter().enumerate().all(|(i, &c)| c == i % 5));
+                }
+                let first_stop = faults.iter().find(|f| f.kind == FaultKind::ConsumerStop);
+                assert!(first_stop.is_some_and(|f| Duration::from_millis(f.ms) > lease));
             }
         }
     }
