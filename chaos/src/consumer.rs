@@ -346,6 +346,10 @@ impl<K: ProjectionSink> ProjectionSink for Claims<K> {
             .write_text(&format!("C {} {partition} {position}\n", self.member));
         Ok(position)
     }
+
+    async fn reset_group(&mut self, partitions: u32) -> Result<(), HandlerError> {
+        self.sink.reset_group(partitions).await
+    }
 }
 
 /// The exactly-once read model on PostgreSQL.

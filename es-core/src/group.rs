@@ -55,7 +55,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
@@ -65,6 +65,8 @@ use crate::contract::{LeaseStore, StoreError};
 const MEMBER: &str = "member:";
 /// The prefix of partition leases in a group.
 const PARTITION: &str = "partition:";
+/// The lease a worker holds while the whole group is paused (see [`GroupHandle::pause`]).
+const PAUSE: &str = "pause";
 
 /// One worker's settings in a consumer group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,7 +136,28 @@ impl Claim {
 pub struct GroupHandle {
     owned: watch::Receiver<Vec<u32>>,
     stop: watch::Sender<bool>,
+    pauses: mpsc::UnboundedSender<PauseRequest>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// A request to the worker's loop about the group-wide pause.
+#[derive(Debug)]
+enum PauseRequest {
+    Pause(oneshot::Sender<Result<(), StoreError>>),
+    Resume,
+}
+
+/// The group is paused while this lives (see [`GroupHandle::pause`]); dropping it lets every
+/// worker take its partitions again.
+#[derive(Debug)]
+pub struct Paused {
+    pauses: mpsc::UnboundedSender<PauseRequest>,
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = self.pauses.send(PauseRequest::Resume);
+    }
 }
 
 impl GroupHandle {
@@ -162,6 +185,29 @@ impl GroupHandle {
     pub fn kill(self) {
         self.task.abort();
     }
+
+    /// Pauses the whole group, every worker in every process: this worker takes the group's
+    /// pause lease (renewed while paused), every worker stops its partitions' work at its next
+    /// round and releases them, and none takes a partition while the lease is held. Returns once
+    /// no partition lease of the group is held any more: every live worker has stopped, and the
+    /// leases of dead or frozen ones have run out (so their work has stopped by their own clock).
+    /// The group resumes when the returned guard is dropped, or when this worker ends (a crash:
+    /// when the pause lease runs out).
+    ///
+    /// Fails with [`StoreError::Unavailable`] if another worker's pause or a partition lease
+    /// is still held after twice the lease time and a round.
+    pub async fn pause(&self) -> Result<Paused, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || StoreError::unavailable("the consumer group's worker has stopped");
+        self.pauses
+            .send(PauseRequest::Pause(reply))
+            .map_err(|_| stopped())?;
+        let paused = Paused {
+            pauses: self.pauses.clone(),
+        };
+        answer.await.map_err(|_| stopped())??;
+        Ok(paused)
+    }
 }
 
 /// Starts a worker of consumer group `group` over `partitions` partitions (a store's
@@ -182,6 +228,7 @@ where
 {
     let (stop, stop_rx) = watch::channel(false);
     let (published, held) = watch::channel(Vec::new());
+    let (pauses, pause_rx) = mpsc::unbounded_channel();
     // One owner per incarnation: two workers started under the same name by mistake still
     // never hold one lease together.
     let owner = format!(
@@ -200,13 +247,18 @@ where
         running: BTreeMap::new(),
         tasks: JoinSet::new(),
         owned: published,
+        pausing: None,
     };
     let span =
         tracing::info_span!("es.group", group = %member.group, member = %member.config.member);
-    let task = tokio::spawn(tracing::Instrument::instrument(member.run(stop_rx), span));
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        member.run(stop_rx, pause_rx),
+        span,
+    ));
     GroupHandle {
         owned: held,
         stop,
+        pauses,
         task,
     }
 }
@@ -234,6 +286,8 @@ struct Member<L, F> {
     /// Every partition's task: dropped (aborted) with the worker.
     tasks: JoinSet<()>,
     owned: watch::Sender<Vec<u32>>,
+    /// The generation of the group's pause lease while this worker holds it.
+    pausing: Option<u64>,
 }
 
 impl<L, F, W> Member<L, F>
@@ -242,13 +296,28 @@ where
     F: FnMut(Claim) -> W + Send + 'static,
     W: Future<Output = ()> + Send + 'static,
 {
-    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    async fn run(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+        mut pauses: mpsc::UnboundedReceiver<PauseRequest>,
+    ) {
         let mut rounds = tokio::time::interval(self.config.round());
         rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
+            let request = tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
-                _ = rounds.tick() => {}
+                _ = rounds.tick() => None,
+                Some(request) = pauses.recv() => Some(request),
+            };
+            if let Some(request) = request {
+                match request {
+                    PauseRequest::Pause(reply) => {
+                        let _ = reply.send(self.pause().await);
+                    }
+                    PauseRequest::Resume => self.resume().await,
+                }
+                self.publish();
+                continue;
             }
             // A store that does not answer must not hold the round past the moment a lease may
             // run out: the round is cut off then, and the partitions it covers are stopped.
@@ -270,6 +339,7 @@ where
         }
         let all: Vec<u32> = self.running.keys().copied().collect();
         self.stop_partitions(&all, true).await;
+        self.resume().await;
         if let Some(generation) = self.membership {
             let name = format!("{MEMBER}{}", self.owner);
             let _ = self
@@ -278,6 +348,53 @@ where
                 .await;
         }
         self.publish();
+    }
+
+    /// Takes the group's pause lease, stops this worker's partitions, and waits until no
+    /// partition lease of the group is held (see [`GroupHandle::pause`]).
+    async fn pause(&mut self) -> Result<(), StoreError> {
+        let ttl = self.config.lease_ttl;
+        let give_up = Instant::now() + ttl * 2 + self.config.round();
+        let all: Vec<u32> = self.running.keys().copied().collect();
+        self.stop_partitions(&all, true).await;
+        loop {
+            // Renewed on every pass, and the membership with it.
+            self.membership = self
+                .acquire(&format!("{MEMBER}{}", self.owner), ttl)
+                .await?;
+            self.pausing = self.acquire(PAUSE, ttl).await?;
+            if self.pausing.is_some() {
+                let held = self.leases.held_leases(&self.group).await?;
+                if !held.iter().any(|l| l.name.starts_with(PARTITION)) {
+                    tracing::info!("the consumer group is paused");
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= give_up {
+                self.resume().await;
+                return Err(StoreError::unavailable(format!(
+                    "consumer group `{}` could not be paused within {:?}: a pause or a \
+                     partition lease is still held",
+                    self.group,
+                    ttl * 2 + self.config.round()
+                )));
+            }
+            tokio::time::sleep(self.config.round() / 4).await;
+        }
+    }
+
+    /// Releases the group's pause lease, if this worker holds it.
+    async fn resume(&mut self) {
+        if let Some(generation) = self.pausing.take() {
+            if let Err(err) = self
+                .leases
+                .release_lease(&self.group, PAUSE, &self.owner, generation)
+                .await
+            {
+                tracing::warn!(error = %err, "releasing the pause lease failed; it runs out");
+            }
+            tracing::info!("the consumer group resumes");
+        }
     }
 
     /// Takes or renews lease `name` (borrowing only what it needs, so that the future stays
@@ -299,16 +416,20 @@ where
         self.membership = self
             .acquire(&format!("{MEMBER}{}", self.owner), ttl)
             .await?;
+        if self.pausing.is_some() {
+            self.pausing = self.acquire(PAUSE, ttl).await?;
+        }
         let held = self.leases.held_leases(&self.group).await?;
         let members: Vec<&str> = held
             .iter()
             .filter_map(|l| l.name.strip_prefix(MEMBER))
             .collect();
+        let paused = held.iter().any(|l| l.name == PAUSE);
         let share: Vec<u32> = match members.iter().position(|m| *m == self.owner) {
-            Some(index) => (0..self.partitions)
+            Some(index) if !paused => (0..self.partitions)
                 .filter(|p| *p as usize % members.len() == index)
                 .collect(),
-            None => Vec::new(),
+            _ => Vec::new(),
         };
         let leaving: Vec<u32> = self
             .running

@@ -148,6 +148,16 @@ pub trait ProjectionSink: Send + 'static {
     /// [`CheckpointStore::fence_checkpoint`]) so that every save of an earlier holder is
     /// refused, and returns its position.
     fn claim(&mut self, partition: u32) -> impl Future<Output = Result<u64, HandlerError>> + Send;
+
+    /// The rebuild of a consumer group, run while the group is paused (no worker runs a
+    /// partition): starts a new generation at position 0 of the checkpoint of each of the
+    /// `partitions` feed partitions ([`partition_checkpoint`]), then drops the read model. In
+    /// that order, a crash in between leaves checkpoints at 0 over the old read model, which the
+    /// replay overwrites, never a dropped read model behind old checkpoints.
+    fn reset_group(
+        &mut self,
+        partitions: u32,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
 /// The name of the checkpoint that a consumer group keeps for `projection`'s feed partition
@@ -265,6 +275,14 @@ impl<P: Projection, C: CheckpointStore> ProjectionSink for AtLeastOnce<P, C> {
         self.generation = fenced.generation;
         Ok(fenced.position)
     }
+
+    async fn reset_group(&mut self, partitions: u32) -> Result<(), HandlerError> {
+        for partition in 0..partitions {
+            let name = partition_checkpoint(self.projection.name(), partition);
+            self.checkpoints.reset_checkpoint(&name).await?;
+        }
+        self.projection.reset().await
+    }
 }
 
 /// An error shared by the clones of a [`ProjectionError`] (statuses are cloneable).
@@ -364,6 +382,16 @@ pub enum RebuildError {
     Stopped {
         /// The projection.
         projection: String,
+    },
+    /// A consumer group's workers could not be paused for the rebuild; nothing was dropped and
+    /// the group goes on.
+    #[error("consumer group of projection `{projection}` could not be paused: {source}")]
+    Pause {
+        /// The projection.
+        projection: String,
+        /// The store's error.
+        #[source]
+        source: StoreError,
     },
     /// Dropping the read model or starting a new checkpoint generation failed; the projection
     /// goes on from its checkpoint.
@@ -483,14 +511,23 @@ impl<S: EventStore + LeaseStore> ProjectionRunner<S> {
     /// feed partitions among them, and this one runs a sink from `make_sink` for each partition
     /// it takes, from that partition's own fenced checkpoint. The group is named after the
     /// sink. Every worker of a group must run the same projection.
-    pub fn spawn_group<K, F>(&self, config: GroupConfig, mut make_sink: F) -> ProjectionGroup
+    pub fn spawn_group<K, F>(&self, config: GroupConfig, make_sink: F) -> ProjectionGroup
     where
         K: ProjectionSink,
         F: FnMut() -> K + Send + 'static,
     {
-        let first = make_sink();
+        let make_sink = Arc::new(std::sync::Mutex::new(make_sink));
+        let first = (lock(&make_sink))();
         let name = first.name().to_owned();
         let mut first = Some(first);
+        let partitions = self.store.partitioning().partitions().end;
+        let reset: ResetGroup = {
+            let make_sink = Arc::clone(&make_sink);
+            Arc::new(move || {
+                let mut sink = (lock(&make_sink))();
+                Box::pin(async move { sink.reset_group(partitions).await })
+            })
+        };
         let statuses = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
         let shared = Arc::clone(&statuses);
         let (store, runner) = (self.store.clone(), self.config);
@@ -500,7 +537,7 @@ impl<S: EventStore + LeaseStore> ProjectionRunner<S> {
             self.store.partitioning().partitions().end,
             config,
             move |mut claim: Claim| {
-                let sink = first.take().unwrap_or_else(&mut make_sink);
+                let sink = first.take().unwrap_or_else(|| (lock(&make_sink))());
                 let (control, control_rx) = mpsc::channel(4);
                 let (status, status_rx) = watch::channel(ProjectionStatus::Starting);
                 lock(&shared).insert(claim.partition, status_rx);
@@ -530,6 +567,7 @@ impl<S: EventStore + LeaseStore> ProjectionRunner<S> {
             name,
             group,
             statuses,
+            reset,
         }
     }
 }
@@ -542,11 +580,28 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// This process's worker of a projection's consumer group: see
 /// [`ProjectionRunner::spawn_group`].
-#[derive(Debug)]
 pub struct ProjectionGroup {
     name: String,
     group: GroupHandle,
     statuses: Arc<std::sync::Mutex<BTreeMap<u32, watch::Receiver<ProjectionStatus>>>>,
+    /// A fresh sink's [`ProjectionSink::reset_group`] over every partition.
+    reset: ResetGroup,
+}
+
+/// What [`ProjectionGroup::rebuild`] runs while the group is paused.
+type ResetGroup = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>
+        + Send
+        + Sync,
+>;
+
+impl std::fmt::Debug for ProjectionGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectionGroup")
+            .field("name", &self.name)
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ProjectionGroup {
@@ -573,6 +628,31 @@ impl ProjectionGroup {
             .filter(|(p, _)| owned.contains(p))
             .map(|(p, status)| (*p, status.borrow().clone()))
             .collect()
+    }
+
+    /// Rebuilds the projection from position 0 in every partition, whichever workers run them:
+    /// pauses the whole group (every worker, in every process, stops its partitions and takes
+    /// none; see [`GroupHandle::pause`]), resets every partition's checkpoint to a new
+    /// generation at 0 and drops the read model ([`ProjectionSink::reset_group`]), then lets the
+    /// group resume. Returns once the read model is dropped; the workers replay in the
+    /// background. No worker's handler runs while the read model is dropped, so the replay
+    /// starts from an empty model. A worker frozen past its lease may still run its handler
+    /// when it wakes (at least once, as always), but never records a checkpoint.
+    pub async fn rebuild(&self) -> Result<(), RebuildError> {
+        let paused = self
+            .group
+            .pause()
+            .await
+            .map_err(|source| RebuildError::Pause {
+                projection: self.name.clone(),
+                source,
+            })?;
+        let result = (self.reset)().await;
+        drop(paused);
+        result.map_err(|source| RebuildError::Reset {
+            projection: self.name.clone(),
+            source,
+        })
     }
 
     /// Stops every partition's projection after its batch in hand and hands the partitions to

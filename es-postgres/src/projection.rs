@@ -236,4 +236,19 @@ impl<P: PgProjection> ProjectionSink for ExactlyOnce<P> {
         self.generation = fenced.generation;
         Ok(fenced.position)
     }
+
+    /// One transaction: every partition's checkpoint reset, then the read model dropped.
+    async fn reset_group(&mut self, partitions: u32) -> Result<(), HandlerError> {
+        let mut tx = self.pool.begin().await?;
+        for partition in 0..partitions {
+            let name = partition_checkpoint(self.projection.name(), partition);
+            sqlx::query_scalar::<_, i64>(render(&self.schema, RESET_CHECKPOINT))
+                .bind(&name)
+                .fetch_one(&mut *tx)
+                .await?;
+        }
+        self.projection.reset(&mut tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
 }

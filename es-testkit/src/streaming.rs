@@ -2013,6 +2013,10 @@ impl<K: ProjectionSink> ProjectionSink for GatedSink<K> {
         self.before_checkpoint.pass().await;
         self.sink.claim(partition).await
     }
+
+    async fn reset_group(&mut self, partitions: u32) -> Result<(), HandlerError> {
+        self.sink.reset_group(partitions).await
+    }
 }
 
 /// An idempotent at-least-once read model shared by several runners (one table, many
@@ -3002,6 +3006,59 @@ pub async fn group_worker_cut_off_stops_by_its_own_clock<S: StreamingStore>(stor
     .await;
     spawn_ledger_writer(&repo, 2).await.unwrap();
     check_group_log(&store, &log).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Three workers run a group while writers append; one is killed (its leases must run out) and
+/// another rebuilds the projection: the whole group pauses, every partition's checkpoint starts
+/// a new generation at 0, the read model is dropped, and the group resumes and replays. No work
+/// runs while the model is dropped: after the drop every stream's events are handled from
+/// version 1 in order (a stale work handling a later event first would break that), every event
+/// is handled, and every partition's checkpoint is of a newer generation.
+pub async fn group_rebuild_pauses_every_worker_and_replays<S: StreamingStore>(store: S) {
+    let partitions = store.partitioning().partitions().end as usize;
+    let repo = Repository::new(store.clone());
+    open_group_ledgers(&repo).await;
+    let log = GroupLog::new();
+    let a = group_worker(&store, "a", &log);
+    let b = group_worker(&store, "b", &log);
+    let c = group_worker(&store, "c", &log);
+    until("the workers divide the partitions", || {
+        let owned: Vec<Vec<u32>> = [&a, &b, &c].iter().map(|w| w.owned()).collect();
+        let distinct: HashSet<&u32> = owned.iter().flatten().collect();
+        owned.iter().map(Vec::len).sum::<usize>() == partitions && distinct.len() == partitions
+    })
+    .await;
+    let writer = spawn_ledger_writer(&repo, 8);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.kill();
+    let mut before = Vec::new();
+    for partition in 0..partitions as u32 {
+        let name = partition_checkpoint("group-log", partition);
+        before.push(store.load_checkpoint(&name).await.unwrap());
+    }
+    let started = Instant::now();
+    b.rebuild().await.unwrap();
+    eprintln!(
+        "the group paused and dropped its read model {:?} after the rebuild began (lease \
+         {GROUP_TTL:?})",
+        started.elapsed()
+    );
+    writer.await.unwrap();
+    check_group_log(&store, &log).await;
+    for (partition, before) in before.iter().enumerate() {
+        let name = partition_checkpoint("group-log", partition as u32);
+        let now = store.load_checkpoint(&name).await.unwrap();
+        assert!(
+            now.generation > before.generation,
+            "partition {partition}: {before:?} -> {now:?}"
+        );
+    }
+    until("a and b run every partition again", || {
+        a.owned().len() + b.owned().len() == partitions
+    })
+    .await;
     a.shutdown().await;
     b.shutdown().await;
 }
