@@ -102,7 +102,11 @@ async fn raw_redis_sees_only_ciphertext_and_no_key_after_forget() {
     .unwrap();
 
     let before = dump(&store).await;
-    let all: String = before.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
+    let all = before
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join("\n");
     assert!(all.contains("$sealed"), "{all}");
     for secret in ["Grace Hopper", "grace@navy.example"] {
         assert!(!all.contains(secret), "`{secret}` in clear: {all}");

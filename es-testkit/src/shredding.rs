@@ -1,5 +1,5 @@
 //! The crypto-shredding suite: [`Personal`] fields sealed through
-//! [`Encrypted`](es_core::personal::Encrypted) on a backend's store with the backend's key store,
+//! [`Encrypted`] on a backend's store with the backend's key store,
 //! then forgotten. Every `pub async fn` of this module is a case, stamped by
 //! [`shredding_conformance_tests!`](crate::shredding_conformance_tests) onto a factory of
 //! `(store, key store)` pairs.
@@ -551,7 +551,7 @@ pub async fn concurrent_first_writes_share_one_key<F: ShredFixture>(fixture: F) 
     }
     assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
     assert_eq!(
-        keys.load_keys(&[other.clone()]).await.unwrap()[&other],
+        keys.load_keys(std::slice::from_ref(&other)).await.unwrap()[&other],
         seen[0]
     );
 }

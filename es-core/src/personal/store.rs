@@ -41,11 +41,27 @@ const OPEN_CHUNK: usize = 256;
 ///
 /// ```
 /// use es_core::personal::{Encrypted, Personal};
-/// # async fn demo(store: es_memory::InMemoryStore, keys: es_memory::InMemoryKeyStore) -> Result<(), es_core::StoreError> {
-/// let store = Encrypted::new(store, keys);
-/// // ... a repository on `store` writes events holding `Personal::new("customer-7", email)` ...
-/// store.forget("customer-7").await?; // every value about customer-7 now reads as erased
-/// # Ok(()) }
+/// use es_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, ReadStream, StreamId};
+/// use es_memory::{InMemoryKeyStore, InMemoryStore};
+/// use futures::TryStreamExt;
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let store = Encrypted::new(InMemoryStore::new(), InMemoryKeyStore::new());
+/// let stream = StreamId::new("customer", "7")?;
+/// let email = Personal::new("customer-7", "ada@example.com");
+/// let event = NewEvent::new("EmailChanged", 1, serde_json::to_vec(&email)?)?;
+/// store.append(AppendRequest::new(stream.clone(), ExpectedVersion::NoStream, vec![event])).await?;
+///
+/// // The inner store holds only the sealed form.
+/// let raw: Vec<_> = store.inner().read_stream(&stream, ReadStream::forward()).try_collect().await?;
+/// assert!(!String::from_utf8_lossy(&raw[0].payload).contains("ada@"));
+///
+/// store.forget("customer-7").await?;
+/// let read: Vec<_> = store.read_stream(&stream, ReadStream::forward()).try_collect().await?;
+/// let email: Personal<String> = serde_json::from_slice(&read[0].payload)?;
+/// assert!(email.is_erased());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
 /// ```
 pub struct Encrypted<S, K> {
     inner: S,
