@@ -21,12 +21,19 @@ use crate::contract::{
     SnapshotRecord, SnapshotStore, StoreError, StoreFuture,
 };
 use crate::event::RecordedEvent;
+use crate::retry::Backoff;
 use crate::stream_id::StreamId;
 
 /// The version of the keys [`Encrypted`] creates.
 const KEY_VERSION: u32 = 1;
 /// Most events of a read whose keys are fetched in one round trip.
 const OPEN_CHUNK: usize = 256;
+/// Attempts to load the keys of a chunk of events read while the key store is unreachable,
+/// before the read fails (with the last error); the pauses between them follow
+/// [`KEY_RETRY`], about 10 s in all.
+const KEY_ATTEMPTS: u32 = 20;
+/// The pauses between those attempts.
+const KEY_RETRY: Backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
 
 /// A store whose [`Personal`](super::Personal) values are encrypted with their subject's key
 /// from a [`KeyStore`]: events, snapshots and outbox messages are sealed before the inner store
@@ -254,6 +261,24 @@ impl<S, K: KeyStore> Encrypted<S, K> {
         self.open_payloads(payloads).await
     }
 
+    /// [`open_events`](Self::open_events), retrying while the key store is unreachable
+    /// ([`StoreError::is_transient`]), so that a subscription or a projection rides out a key
+    /// store restart as it rides out one of the event store.
+    async fn open_events_patiently(&self, events: &mut [RecordedEvent]) -> Result<(), StoreError> {
+        let mut delays = KEY_RETRY.delays();
+        let mut attempt = 1;
+        loop {
+            match self.open_events(events).await {
+                Err(err) if err.is_transient() && attempt < KEY_ATTEMPTS => {
+                    tracing::warn!(error = %err, attempt, "loading subject keys failed; retrying");
+                    delays.sleep().await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     async fn open_outbox(&self, records: &mut [OutboxRecord]) -> Result<(), StoreError> {
         let payloads = records
             .iter_mut()
@@ -288,7 +313,7 @@ impl<S: EventStore, K: KeyStore> Encrypted<S, K> {
                             }
                         }
                     }
-                    match this.open_events(&mut ready).await {
+                    match this.open_events_patiently(&mut ready).await {
                         Ok(()) => {
                             out.extend(ready.into_iter().map(Ok));
                             out.extend(failure.map(Err));
