@@ -561,12 +561,13 @@ pub(crate) fn open(
 ) -> Result<(), StoreError> {
     match value {
         Value::Object(map) => {
-            if let Some((SEALED_TAG, body)) = tagged(map) {
+            if let Some((SEALED_TAG, _)) = tagged(map) {
                 let corrupt = |reason: &str| StoreError::Corrupt {
                     location: location(),
                     reason: format!("personal value: {reason}"),
                 };
-                let body: SealedBody = serde_json::from_value(body.clone())
+                let body = map.remove(SEALED_TAG).unwrap_or_default();
+                let body: SealedBody = serde_json::from_value(body)
                     .map_err(|e| corrupt(&format!("malformed sealed value ({e})")))?;
                 let opened = match keys.get(&body.subject) {
                     Some(Some(key)) => {
