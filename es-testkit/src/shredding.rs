@@ -614,3 +614,56 @@ pub async fn tampered_ciphertext_is_a_typed_error<F: ShredFixture>(fixture: F) {
         }
     }
 }
+
+/// Personal values that cannot be sealed (an empty subject, a subject with a control character,
+/// a personal value inside another) are refused with `StoreError::InvalidRequest`, and the append
+/// writes nothing, in clear or otherwise; a snapshot holding one is not written either.
+pub async fn unsealable_values_are_refused_and_write_nothing<F: ShredFixture>(fixture: F) {
+    let (inner, keys) = fixture.into_parts();
+    let store = Encrypted::new(inner.clone(), keys);
+    let id = unique("bad");
+    let stream = StreamId::new("customer", &id).unwrap();
+    let bad = [
+        serde_json::to_vec(&Personal::new("", "empty subject")).unwrap(),
+        serde_json::to_vec(&Personal::new("a\nb", "control character")).unwrap(),
+        serde_json::to_vec(&Personal::new(&id, Personal::new("other", "nested"))).unwrap(),
+    ];
+    for payload in bad {
+        let good = serde_json::to_vec(&Personal::new(&id, "fine")).unwrap();
+        let err = store
+            .append(AppendRequest::new(
+                stream.clone(),
+                ExpectedVersion::Any,
+                vec![
+                    NewEvent::new("Secret", 1, good).unwrap(),
+                    NewEvent::new("Secret", 1, payload.clone()).unwrap(),
+                ],
+            ))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::InvalidRequest { .. }),
+            "{}: {err}",
+            String::from_utf8_lossy(&payload)
+        );
+        assert_eq!(
+            inner.stream_version(&stream).await.unwrap(),
+            0,
+            "nothing written"
+        );
+
+        let snapshot = es_core::SnapshotRecord {
+            stream_id: stream.clone(),
+            version: 1,
+            schema_version: 1,
+            payload: Bytes::from(payload),
+            recorded_at: es_core::event::now_micros(),
+            event_id: None,
+        };
+        assert!(matches!(
+            store.save_snapshot(snapshot).await,
+            Err(StoreError::InvalidRequest { .. })
+        ));
+        assert!(inner.load_snapshot(&stream).await.unwrap().is_none());
+    }
+}
