@@ -17,7 +17,7 @@ use es_core::{
     Repository, SnapshotPolicy, SnapshotStore, StoreError, StreamId, StreamingStore, Translator,
     Upcasters,
 };
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::support::patiently;
@@ -593,22 +593,53 @@ pub async fn tampered_ciphertext_is_a_typed_error<F: ShredFixture>(fixture: F) {
     let mut moved = sealed[&a].clone();
     moved["$sealed"]["subject"] = b.clone().into();
     for (what, value) in [("flipped", flipped), ("moved", moved)] {
+        // A good event, the altered one, another good one: the read delivers the first, then
+        // the error naming the second, then nothing.
         let stream = StreamId::new("customer", &format!("{a}-{what}")).unwrap();
-        inner
+        let good = || {
+            let payload = serde_json::to_vec(&Personal::new(&a, "fine")).unwrap();
+            NewEvent::new("Secret", 1, payload).unwrap()
+        };
+        store
             .append(AppendRequest::new(
                 stream.clone(),
                 ExpectedVersion::NoStream,
+                vec![good()],
+            ))
+            .await
+            .unwrap();
+        inner
+            .append(AppendRequest::new(
+                stream.clone(),
+                ExpectedVersion::Exact(1),
                 vec![NewEvent::new("Secret", 1, Bytes::from(value.to_string())).unwrap()],
             ))
             .await
             .unwrap();
-        let read: Result<Vec<RecordedEvent>, StoreError> = store
+        store
+            .append(AppendRequest::new(
+                stream.clone(),
+                ExpectedVersion::Exact(2),
+                vec![good()],
+            ))
+            .await
+            .unwrap();
+        let items: Vec<Result<RecordedEvent, StoreError>> = store
             .read_stream(&stream, ReadStream::forward())
-            .try_collect()
+            .collect()
             .await;
-        match read {
-            Err(StoreError::Corrupt { reason, .. }) => {
+        assert_eq!(
+            items.len(),
+            2,
+            "{what}: the good event, then the error: {items:?}"
+        );
+        let first: Personal<String> =
+            serde_json::from_slice(&items[0].as_ref().unwrap().payload).unwrap();
+        assert_eq!(first.value().map(String::as_str), Some("fine"));
+        match &items[1] {
+            Err(StoreError::Corrupt { reason, location }) => {
                 assert!(reason.contains("authenticate"), "{what}: {reason}");
+                assert!(location.contains("version 2"), "{what}: {location}");
             }
             other => panic!("{what}: expected a Corrupt error, got {other:?}"),
         }

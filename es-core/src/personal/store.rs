@@ -318,7 +318,21 @@ impl<S: EventStore, K: KeyStore> Encrypted<S, K> {
                             out.extend(ready.into_iter().map(Ok));
                             out.extend(failure.map(Err));
                         }
-                        Err(err) => out.push(Err(err)),
+                        Err(err) if err.is_transient() => out.push(Err(err)),
+                        Err(_) => {
+                            // A value that does not open (altered, malformed): deliver the
+                            // events before it, then its own error, so that the reader stops
+                            // at the event that is wrong.
+                            for mut event in ready {
+                                match this.open_events(std::slice::from_mut(&mut event)).await {
+                                    Ok(()) => out.push(Ok(event)),
+                                    Err(err) => {
+                                        out.push(Err(err));
+                                        break;
+                                    }
+                                }
+                            }
+                        }
                     }
                     futures::stream::iter(out)
                 }
