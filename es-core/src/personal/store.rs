@@ -318,8 +318,7 @@ impl<S: EventStore, K: KeyStore> Encrypted<S, K> {
                             out.extend(ready.into_iter().map(Ok));
                             out.extend(failure.map(Err));
                         }
-                        Err(err) if err.is_transient() => out.push(Err(err)),
-                        Err(_) => {
+                        Err(StoreError::Corrupt { .. }) => {
                             // A value that does not open (altered, malformed): deliver the
                             // events before it, then its own error, so that the reader stops
                             // at the event that is wrong.
@@ -333,6 +332,7 @@ impl<S: EventStore, K: KeyStore> Encrypted<S, K> {
                                 }
                             }
                         }
+                        Err(err) => out.push(Err(err)),
                     }
                     futures::stream::iter(out)
                 }
