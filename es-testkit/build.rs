@@ -8,27 +8,41 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 /// The suites: source file, module, the stamping macro, the trait a case's store implements.
-const SUITES: [(&str, &str, &str, &str); 2] = [
+/// The suites: source file, module, the stamping macro, the trait a case's store implements
+/// (its path, for the documentation), and a factory for the macro's example.
+const SUITES: [(&str, &str, &str, &str, &str, &str); 3] = [
     (
         "src/conformance.rs",
         "conformance",
         "conformance_tests",
         "Store",
+        "es_core::Store",
+        "es_memory::InMemoryStore::new()",
     ),
     (
         "src/streaming.rs",
         "streaming",
         "streaming_conformance_tests",
         "StreamingStore",
+        "es_core::StreamingStore",
+        "es_memory::InMemoryStore::new()",
+    ),
+    (
+        "src/shredding.rs",
+        "shredding",
+        "shredding_conformance_tests",
+        "ShredFixture",
+        "es_testkit::shredding::ShredFixture",
+        "(es_memory::InMemoryStore::new(), es_memory::InMemoryKeyStore::new())",
     ),
 ];
 
 fn main() {
     let mut out = String::new();
-    for (file, module, macro_name, bound) in SUITES {
+    for (file, module, macro_name, bound, bound_path, example) in SUITES {
         println!("cargo::rerun-if-changed={file}");
         let cases = cases(file, bound).unwrap_or_else(|err| panic!("{file}: {err}"));
-        write_macro(&mut out, module, macro_name, bound, &cases);
+        write_macro(&mut out, module, macro_name, bound_path, example, &cases);
     }
     let dir = std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR for build scripts");
     std::fs::write(Path::new(&dir).join("stamp.rs"), out).expect("OUT_DIR is writable");
@@ -81,7 +95,14 @@ fn is_case(sig: &syn::Signature, bound: &str) -> bool {
         && matches!(sig.output, syn::ReturnType::Default)
 }
 
-fn write_macro(out: &mut String, module: &str, macro_name: &str, bound: &str, cases: &[String]) {
+fn write_macro(
+    out: &mut String,
+    module: &str,
+    macro_name: &str,
+    bound: &str,
+    example: &str,
+    cases: &[String],
+) {
     let list = cases.join(",\n            ");
     let _ = write!(
         out,
@@ -90,12 +111,12 @@ fn write_macro(out: &mut String, module: &str, macro_name: &str, bound: &str, ca
 /// named `#[tokio::test]` on a multi-threaded runtime.
 ///
 /// The argument is an expression callable with no arguments that returns a future of a fresh,
-/// empty store implementing `es_core::{bound}` (`|| async {{ .. }}`). Use it once per backend,
+/// empty store implementing `{bound}` (`|| async {{ .. }}`). Use it once per backend,
 /// in a module of its own. The list of cases is generated from the suite's source, so it holds
 /// every case.
 ///
 /// ```no_run
-/// es_testkit::{macro_name}!(|| async {{ es_memory::InMemoryStore::new() }});
+/// es_testkit::{macro_name}!(|| async {{ {example} }});
 /// ```
 #[macro_export]
 macro_rules! {macro_name} {{

@@ -37,7 +37,9 @@ Workloads narrow a group, e.g. `memory:rehydrate`, `memory:dispatch`, `memory:ap
 `memory:command`, `memory:catch-up`, `memory:group`, `postgres:append`, `postgres:command`,
 `postgres:read`, `postgres:rehydrate`, `postgres:catch-up`, `postgres:group`,
 `postgres:processes`, `redis:append`, `redis:command`, `redis:read`, `redis:catch-up`,
-`redis:group`, `redis:cluster`. `command` is the commands through the repository (load +
+`redis:group`, `redis:cluster`, `memory:personal`, `postgres:personal`, `redis:personal`.
+`personal` is appending and loading events with a personal field sealed (crypto-shredding)
+against the same field in clear. `command` is the commands through the repository (load +
 decide + append).
 `group` is a projection's consumer group of 1, 2 and 4 workers over a store with 4 partitions.
 `processes` is appends from several OS processes at 1, 4 and 16 feed partitions. `cluster` is

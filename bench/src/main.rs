@@ -19,6 +19,7 @@ mod domain;
 mod kafka;
 mod load;
 mod memory;
+mod personal;
 mod pg_processes;
 mod postgres;
 mod projection;

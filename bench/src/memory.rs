@@ -44,6 +44,10 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
         fill(&store, &StreamId::new("order", "feed")?, count).await?;
         crate::projection::catch_up(report, GROUP, &store, count).await?;
     }
+    if args.wants("memory", "personal") {
+        let keys = es_memory::InMemoryKeyStore::new();
+        crate::personal::run(report, GROUP, InMemoryStore::new(), keys).await?;
+    }
     if args.wants("memory", "group") {
         let count = pick(EVENTS, 20_000);
         let partitioning = es_core::Partitioning::new(crate::projection::GROUP_PARTITIONS)?;

@@ -61,6 +61,9 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
     let feed_schema = format!("bench_feed_{tag}");
     let group_schema = format!("bench_group_{tag}");
     let result = async {
+        if args.wants("postgres", "personal") {
+            crate::personal::run(report, GROUP, store.clone(), store.key_store()).await?;
+        }
         if args.wants("postgres", "append") {
             appends(report, &store, &raw, 16, 1, Some(0.7)).await?;
             appends(report, &store, &raw, 16, 100, Some(0.8)).await?;

@@ -61,6 +61,9 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
         .with_context(|| format!("cannot connect to {url}"))?;
     let settings = server_settings(&store).await;
     let result = async {
+        if args.wants("redis", "personal") {
+            crate::personal::run(report, GROUP, store.clone(), store.key_store()).await?;
+        }
         if args.wants("redis", "append") {
             appends(report, &store, 16, 1, Some(0.7), &settings).await?;
             appends(report, &store, 16, 100, Some(0.7), &settings).await?;

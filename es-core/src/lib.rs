@@ -12,6 +12,8 @@
 //!   and relayed to a broker at least once, in per-stream order.
 //! - [`projection`]: read models fed from the global feed from a checkpoint, at least once or
 //!   exactly once, rebuildable from position 0.
+//! - [`personal`]: crypto-shredding: personal fields encrypted with a key per subject, erased by
+//!   destroying the key ([`Encrypted`](personal::Encrypted), [`Personal`](personal::Personal)).
 //! - [`retry`]: the one capped, jittered [`Backoff`] every retry loop uses.
 //!
 //! The conformance suites that prove a backend keeps the contract, and the given/when/then
@@ -80,6 +82,7 @@ pub mod event;
 pub mod group;
 pub mod json;
 pub mod outbox;
+pub mod personal;
 pub mod projection;
 pub mod repository;
 pub mod retry;

@@ -47,7 +47,10 @@ use uuid::Uuid;
 
 use stream::StreamEvents;
 
+mod keys;
 mod stream;
+
+pub use keys::InMemoryKeyStore;
 
 /// Events copied out of the store per lock acquisition while reading.
 const PAGE: usize = 512;

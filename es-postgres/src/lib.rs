@@ -73,6 +73,7 @@
 mod codec;
 mod error;
 mod inline;
+mod keys;
 mod lease;
 mod listener;
 mod migrate;
@@ -107,6 +108,7 @@ use tokio::task::JoinHandle;
 
 pub use error::Error;
 pub use inline::InlineHandler;
+pub use keys::PgKeyStore;
 pub use migrate::{grants_script, migration_script};
 pub use projection::{ExactlyOnce, PgProjection};
 pub use replica::{ReplicaReads, DEFAULT_REPLICA_WAIT};

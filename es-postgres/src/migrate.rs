@@ -63,6 +63,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "group_leases",
         sql: include_str!("../migrations/0009_group_leases.sql"),
     },
+    Migration {
+        version: 11,
+        name: "subject_keys",
+        sql: include_str!("../migrations/0011_subject_keys.sql"),
+    },
 ];
 
 /// The latest migration version this crate knows.

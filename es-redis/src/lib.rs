@@ -47,6 +47,7 @@ mod protocol;
 mod read;
 mod script;
 mod server;
+mod subject_keys;
 mod watch;
 
 use std::future::Future;
@@ -74,6 +75,7 @@ pub use keys::{
 /// The `redis` crate this store is built on, for [`RedisStore::connection`].
 pub use redis;
 pub use server::ServerSettings;
+pub use subject_keys::RedisKeyStore;
 
 use append::{Appender, GroupCommit, GroupLimits};
 use error::store_error;

@@ -54,6 +54,16 @@ mod streaming {
     es_testkit::streaming_conformance_tests!(|| async { super::acl_store("stream").await });
 }
 
+/// Crypto-shredding under the documented user: its key store needs no command beyond the line
+/// (`SET .. NX GET`, `MGET`, `SET .. GET`).
+mod shredding {
+    es_testkit::shredding_conformance_tests!(|| async {
+        let store = super::acl_store("shred").await;
+        let keys = store.key_store();
+        (store, keys)
+    });
+}
+
 fn append_one(stream: &str) -> AppendRequest {
     AppendRequest::new(
         StreamId::new("account", stream).unwrap(),

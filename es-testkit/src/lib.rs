@@ -5,6 +5,8 @@
 //!   cases, stamped onto a backend as one named test per case.
 //! - [`streaming`] and [`streaming_conformance_tests!`]: the outbox, the relay lease, projection
 //!   checkpoints and the projection runner, the same way.
+//! - [`shredding`] and [`shredding_conformance_tests!`]: crypto-shredding (personal fields sealed
+//!   through `es_core::personal::Encrypted`, then forgotten) on a store and its key store.
 //! - [`oracle`] and [`property_tests!`]: random operation sequences run on a backend and on the
 //!   in-memory store, every result compared.
 //! - [`AggregateTest`]: given/when/then tests for an aggregate, with no store.
@@ -31,6 +33,7 @@ pub mod conformance;
 pub mod domain;
 pub mod oracle;
 mod scenario;
+pub mod shredding;
 pub mod streaming;
 pub mod support;
 

@@ -20,6 +20,7 @@
 //! 11. [`guarantees`]: what holds, where it stops, and the tests that try to break it.
 //! 12. [`production`]: TLS, least-privilege roles, durability settings, failover, read replicas.
 //! 13. [`scaling_out`]: feed partitions, Redis Cluster, partitioned PostgreSQL.
+//! 14. [`personal_data`]: crypto-shredding: personal fields encrypted per subject, forgetting.
 #![doc(test(attr(deny(warnings))))]
 
 /// Cross-references between chapters, resolved by rustdoc. Each chapter's own Markdown defines
@@ -39,7 +40,8 @@ macro_rules! chapter_links {
          [operating]: crate::operating\n\
          [guarantees]: crate::guarantees\n\
          [production]: crate::production\n\
-         [scaling-out]: crate::scaling_out\n\n"
+         [scaling-out]: crate::scaling_out\n\
+         [personal-data]: crate::personal_data\n\n"
     };
 }
 
@@ -94,3 +96,7 @@ pub mod production {}
 #[doc = chapter_links!()]
 #[doc = include_str!("../../docs/13-scaling-out.md")]
 pub mod scaling_out {}
+
+#[doc = chapter_links!()]
+#[doc = include_str!("../../docs/14-personal-data.md")]
+pub mod personal_data {}

@@ -267,3 +267,144 @@ pub fn describe(event: &AccountEvent) -> String {
         AccountEvent::MoneyWithdrawn(e) => format!("withdrew {}", money(e.amount)),
     }
 }
+
+/// The bank's customers: a profile whose name and e-mail address are personal data, sealed
+/// with the customer's own key (crypto-shredding, `es_core::personal`) so that forgetting the
+/// customer erases them everywhere they are stored.
+pub mod customer {
+    use es_core::personal::Personal;
+    use es_core::{Aggregate, Apply, DomainEvent};
+    use serde::{Deserialize, Serialize};
+
+    /// A customer registered: the subject of both personal fields is the customer id.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct CustomerRegistered {
+        /// Personal: the full name.
+        pub name: Personal<String>,
+        /// Personal: the e-mail address.
+        pub email: Personal<String>,
+        /// Not personal: the service level.
+        pub segment: String,
+    }
+
+    /// A customer's address changed.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct AddressChanged {
+        /// Personal: the postal address.
+        pub address: Personal<String>,
+    }
+
+    /// What can happen to a customer.
+    #[derive(Debug, Clone, PartialEq, Eq, DomainEvent)]
+    #[event(apply(Customer))]
+    pub enum CustomerEvent {
+        /// See [`CustomerRegistered`].
+        CustomerRegistered(CustomerRegistered),
+        /// See [`AddressChanged`].
+        AddressChanged(AddressChanged),
+    }
+
+    /// What the bank can do with a customer.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum CustomerCommand {
+        /// Register.
+        Register {
+            /// Full name.
+            name: String,
+            /// E-mail address.
+            email: String,
+        },
+        /// Record a new postal address.
+        ChangeAddress {
+            /// The address.
+            address: String,
+        },
+    }
+
+    /// Why a customer refuses a command.
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    pub enum CustomerError {
+        /// Registered before.
+        #[error("the customer is already registered")]
+        AlreadyRegistered,
+        /// Not registered yet.
+        #[error("the customer is not registered")]
+        NotRegistered,
+    }
+
+    /// A customer profile, rebuilt from its events.
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Customer {
+        /// The customer id (the subject of every personal field), once registered.
+        pub id: Option<String>,
+        /// The name.
+        pub name: Option<Personal<String>>,
+        /// The e-mail address.
+        pub email: Option<Personal<String>>,
+        /// The last postal address.
+        pub address: Option<Personal<String>>,
+        /// The service level.
+        pub segment: String,
+        /// How many times the address changed.
+        pub moves: u32,
+    }
+
+    impl Customer {
+        /// A personal field for display: the value, or `<erased>`.
+        pub fn show(field: Option<&Personal<String>>) -> String {
+            match field {
+                None => "-".to_owned(),
+                Some(Personal::Value { value, .. }) => value.clone(),
+                Some(Personal::Erased { .. }) => "<erased>".to_owned(),
+            }
+        }
+    }
+
+    impl Aggregate for Customer {
+        const CATEGORY: &'static str = "customer";
+        /// The command, with the customer id (the subject of its personal data).
+        type Command = (String, CustomerCommand);
+        type Event = CustomerEvent;
+        type Error = CustomerError;
+
+        fn handle(
+            &self,
+            (id, command): &(String, CustomerCommand),
+        ) -> Result<Vec<CustomerEvent>, CustomerError> {
+            match command {
+                CustomerCommand::Register { .. } if self.id.is_some() => {
+                    Err(CustomerError::AlreadyRegistered)
+                }
+                CustomerCommand::Register { name, email } => Ok(vec![CustomerRegistered {
+                    name: Personal::new(id, name.clone()),
+                    email: Personal::new(id, email.clone()),
+                    segment: "retail".into(),
+                }
+                .into()]),
+                CustomerCommand::ChangeAddress { .. } if self.id.is_none() => {
+                    Err(CustomerError::NotRegistered)
+                }
+                CustomerCommand::ChangeAddress { address } => Ok(vec![AddressChanged {
+                    address: Personal::new(id, address.clone()),
+                }
+                .into()]),
+            }
+        }
+    }
+
+    impl Apply<CustomerRegistered> for Customer {
+        fn apply(&mut self, event: &CustomerRegistered) {
+            self.id = Some(event.name.subject().to_owned());
+            self.name = Some(event.name.clone());
+            self.email = Some(event.email.clone());
+            self.segment.clone_from(&event.segment);
+        }
+    }
+
+    impl Apply<AddressChanged> for Customer {
+        fn apply(&mut self, event: &AddressChanged) {
+            self.address = Some(event.address.clone());
+            self.moves += 1;
+        }
+    }
+}

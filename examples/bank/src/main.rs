@@ -15,20 +15,26 @@
 //! The same domain code runs on every store. The demo shows commands accepted and rejected, a
 //! live balance projection fed by a subscription, the audit trail with metadata, balances as of
 //! an earlier version, time and global position, a snapshot being used, an event stored at an
-//! old schema version upcast on load, and the integration events waiting in the outbox.
+//! old schema version upcast on load, the integration events waiting in the outbox, and a
+//! customer forgotten: the personal fields of the customer profiles are encrypted with a key per
+//! customer (`es_core::personal`, keys in the store's own key store), and destroying the key
+//! erases them from every event and snapshot while the stream stays replayable.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use es_core::personal::{Encrypted, KeyStore};
 use es_core::{
-    AppendRequest, AsOf, DomainEvent, EventFilter, ExpectedVersion, Metadata, NewEvent, ReadStream,
-    RecordedEvent, Repository, RepositoryError, SnapshotPolicy, Store, StreamId, StreamingStore,
+    AppendRequest, AsOf, DomainEvent, EventFilter, EventStore, ExpectedVersion, Metadata, NewEvent,
+    ReadStream, RecordedEvent, Repository, RepositoryError, SnapshotPolicy, Store, StreamId,
+    StreamingStore,
 };
-use es_memory::InMemoryStore;
+use es_memory::{InMemoryKeyStore, InMemoryStore};
 use es_postgres::PgStore;
 use es_redis::RedisStore;
+use example_bank::customer::{Customer, CustomerCommand};
 use example_bank::{
     describe, money, upcasters, AccountCommand, AccountEvent, BankAccount, PublicTranslator,
 };
@@ -45,7 +51,10 @@ async fn main() -> anyhow::Result<()> {
         .or_else(|| std::env::var("ES_STORE").ok())
         .unwrap_or_else(|| "memory".to_owned());
     match choice.as_str() {
-        "memory" => demo(InMemoryStore::new(), "in-memory", &RunIds::plain()).await,
+        "memory" => {
+            let store = Encrypted::new(InMemoryStore::new(), InMemoryKeyStore::new());
+            demo(store, "in-memory", &RunIds::plain()).await
+        }
         "postgres" => {
             let url = server_url("DATABASE_URL", "PostgreSQL", "postgres");
             let pool = PgPoolOptions::new()
@@ -61,7 +70,8 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot open the store in schema `{SCHEMA}`"))?;
             let name = format!("PostgreSQL (schema `{SCHEMA}`)");
-            demo(store, &name, &RunIds::unique()).await
+            let keys = store.key_store();
+            demo(Encrypted::new(store, keys), &name, &RunIds::unique()).await
         }
         "redis" => {
             let url = server_url("REDIS_URL", "Redis", "redis");
@@ -71,7 +81,8 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot connect to Redis at REDIS_URL={url}"))?;
             let name = format!("Redis (key prefix `{SCHEMA}`)");
-            demo(store, &name, &RunIds::unique()).await
+            let keys = store.key_store();
+            demo(Encrypted::new(store, keys), &name, &RunIds::unique()).await
         }
         other => bail!("unknown store `{other}`: use memory, postgres or redis"),
     }
@@ -199,9 +210,14 @@ impl BalanceProjection {
     }
 }
 
-async fn demo<S: StreamingStore>(store: S, store_name: &str, ids: &RunIds) -> anyhow::Result<()> {
+async fn demo<S: StreamingStore, K: KeyStore>(
+    store: Encrypted<S, K>,
+    store_name: &str,
+    ids: &RunIds,
+) -> anyhow::Result<()> {
     let mut builder = Repository::builder(store.clone())
         .snapshot_policy::<BankAccount>(SnapshotPolicy::EveryNEvents(5))
+        .snapshot_policy::<Customer>(SnapshotPolicy::EveryNEvents(2))
         .translator::<BankAccount, _>(PublicTranslator);
     for upcaster in upcasters() {
         builder = builder.upcaster::<BankAccount>(upcaster);
@@ -225,7 +241,7 @@ async fn demo<S: StreamingStore>(store: S, store_name: &str, ids: &RunIds) -> an
         let balance = projection.balance_at(id, head).await?;
         println!("  {id}: {}", money(balance));
     }
-    Ok(())
+    forgetting(&repo, &store, ids).await
 }
 
 /// Runs a teller's commands; prints what was accepted or rejected and what the projection saw.
@@ -470,6 +486,118 @@ async fn upcasting<S: Store>(repo: &Repository<S>, id: &str) -> anyhow::Result<(
         money(account.aggregate.balance)
     );
     Ok(())
+}
+
+/// Registers two customers, forgets one, and shows what is stored and what loads before and
+/// after.
+async fn forgetting<S: StreamingStore, K: KeyStore>(
+    repo: &Repository<Encrypted<S, K>>,
+    store: &Encrypted<S, K>,
+    ids: &RunIds,
+) -> anyhow::Result<()> {
+    println!("\n== Forgetting a customer (crypto-shredding) ==");
+    let (alice, bob) = (&ids.alice, &ids.bob);
+    let people = [
+        (alice, "Alice Liddell", "alice@example.com", "1 Rabbit Hole"),
+        (bob, "Bob Marley", "bob@example.com", "56 Hope Road"),
+    ];
+    for (id, name, email, address) in people {
+        let register = CustomerCommand::Register {
+            name: name.into(),
+            email: email.into(),
+        };
+        repo.execute::<Customer>(id, &(id.clone(), register))
+            .await?;
+        let moved = CustomerCommand::ChangeAddress {
+            address: address.into(),
+        };
+        let done = repo.execute::<Customer>(id, &(id.clone(), moved)).await?;
+        let c = &done.aggregate;
+        println!(
+            "  customer-{id}: name {}, email {}, address {} (version {}{})",
+            Customer::show(c.name.as_ref()),
+            Customer::show(c.email.as_ref()),
+            Customer::show(c.address.as_ref()),
+            done.version,
+            if done.snapshot_saved {
+                ", snapshot saved"
+            } else {
+                ""
+            }
+        );
+    }
+    let stream = StreamId::new("customer", alice)?;
+    let raw = |store: &S| {
+        let stream = stream.clone();
+        let store = store.clone();
+        async move {
+            let events: Vec<RecordedEvent> = store
+                .read_stream(&stream, ReadStream::forward())
+                .try_collect()
+                .await?;
+            anyhow::Ok(events)
+        }
+    };
+    let stored = raw(store.inner()).await?;
+    println!(
+        "  as the database holds it (what psql or redis-cli sees):\n    {} {}",
+        stored[0].event_type,
+        abbreviate(&String::from_utf8_lossy(&stored[0].payload))
+    );
+
+    let destroyed = store.forget(alice).await?;
+    println!("  forget({alice}): key destroyed = {destroyed}");
+    let loaded = repo.load::<Customer>(alice).await?;
+    let c = &loaded.aggregate;
+    println!(
+        "  customer-{alice} loaded again{}: name {}, email {}, address {}, segment {}, moves {}",
+        loaded
+            .snapshot_version
+            .map(|v| format!(" from the snapshot at version {v} taken before the erasure"))
+            .unwrap_or_default(),
+        Customer::show(c.name.as_ref()),
+        Customer::show(c.email.as_ref()),
+        Customer::show(c.address.as_ref()),
+        c.segment,
+        c.moves
+    );
+    let replayed = repo.load_without_snapshot::<Customer>(alice).await?;
+    println!(
+        "  full replay of its {} events gives the same state: {}",
+        replayed.events_read,
+        replayed.aggregate == loaded.aggregate
+    );
+    println!(
+        "  its stored events are unchanged (still replayable): {}",
+        raw(store.inner()).await? == stored
+    );
+    let other = repo.load::<Customer>(bob).await?;
+    println!(
+        "  customer-{bob} is untouched: name {}",
+        Customer::show(other.aggregate.name.as_ref())
+    );
+    println!(
+        "  forget({alice}) again: key destroyed = {}",
+        store.forget(alice).await?
+    );
+    Ok(())
+}
+
+/// JSON text with its long base64 strings cut short, for display.
+fn abbreviate(json: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in json.split('"').enumerate() {
+        if i > 0 {
+            out.push('"');
+        }
+        if i % 2 == 1 && part.len() > 24 {
+            out.extend(part.chars().take(12));
+            out.push_str("..");
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
 }
 
 fn short(id: Option<Uuid>) -> String {
