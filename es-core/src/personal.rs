@@ -427,6 +427,27 @@ pub(crate) fn may_hold_values(payload: &[u8]) -> bool {
     memchr::memmem::find(payload, b"\"$personal\"").is_some()
 }
 
+/// Whether `payload` holds a personal value in its readable form: a store refuses such a
+/// payload (it reaches a store only when the store is not wrapped in [`Encrypted`]).
+pub(crate) fn holds_readable_values(payload: &[u8]) -> bool {
+    fn walk(value: &Value) -> bool {
+        match value {
+            Value::Object(map) => {
+                matches!(tagged(map), Some((VALUE_TAG, _))) || map.values().any(walk)
+            }
+            Value::Array(items) => items.iter().any(walk),
+            _ => false,
+        }
+    }
+    may_hold_values(payload)
+        && serde_json::from_slice::<Value>(payload).is_ok_and(|value| walk(&value))
+}
+
+/// The reason a store gives for a payload that holds a readable personal value.
+pub(crate) const READABLE_REFUSED: &str = "holds a `Personal` value in clear: write personal \
+     data through `es_core::personal::Encrypted`, which seals it, so that it is never stored \
+     readable";
+
 /// Whether `payload` may hold a sealed value.
 pub(crate) fn may_hold_sealed(payload: &[u8]) -> bool {
     memchr::memmem::find(payload, b"\"$sealed\"").is_some()

@@ -698,3 +698,82 @@ pub async fn unsealable_values_are_refused_and_write_nothing<F: ShredFixture>(fi
         assert!(inner.load_snapshot(&stream).await.unwrap().is_none());
     }
 }
+
+/// A store used without [`Encrypted`] refuses a `Personal` value in clear, in an event, an
+/// outbox message or a snapshot, with a typed error that says how to store it; nothing is
+/// written. A payload that merely mentions the tag inside a string is accepted.
+pub async fn readable_personal_values_are_refused_by_a_bare_store<F: ShredFixture>(fixture: F) {
+    let (inner, _keys) = fixture.into_parts();
+    let id = unique("bare");
+    let stream = StreamId::new("customer", &id).unwrap();
+    let clear = serde_json::to_vec(&serde_json::json!({
+        "tier": "gold",
+        "contact": [{ "email": Personal::new(&id, "ada@example.com") }],
+    }))
+    .unwrap();
+    let event = |payload: &[u8]| NewEvent::new("Registered", 1, payload.to_vec()).unwrap();
+    let refused = |err: StoreError| {
+        assert!(
+            matches!(&err, StoreError::InvalidRequest { reason, .. } if reason.contains("Encrypted")),
+            "{err}"
+        );
+    };
+    refused(
+        inner
+            .append(AppendRequest::new(
+                stream.clone(),
+                ExpectedVersion::Any,
+                vec![event(b"{}"), event(&clear)],
+            ))
+            .await
+            .unwrap_err(),
+    );
+    let message = es_core::OutboxMessage {
+        message_id: uuid::Uuid::now_v7(),
+        source_event_id: uuid::Uuid::now_v7(),
+        topic: "customers".into(),
+        key: id.clone(),
+        message_type: "Registered".into(),
+        schema_version: 1,
+        payload: Bytes::from(clear.clone()),
+        metadata: es_core::Metadata::new(),
+    };
+    refused(
+        inner
+            .append(
+                AppendRequest::new(stream.clone(), ExpectedVersion::Any, vec![event(b"{}")])
+                    .with_outbox(vec![message]),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        inner.stream_version(&stream).await.unwrap(),
+        0,
+        "nothing written"
+    );
+    refused(
+        inner
+            .save_snapshot(es_core::SnapshotRecord {
+                stream_id: stream.clone(),
+                version: 1,
+                schema_version: 1,
+                payload: Bytes::from(clear),
+                recorded_at: es_core::event::now_micros(),
+                event_id: None,
+            })
+            .await
+            .unwrap_err(),
+    );
+    assert!(inner.load_snapshot(&stream).await.unwrap().is_none());
+
+    let mention = br#"{"note": "\"$personal\" is the tag", "tag": "$personal"}"#;
+    inner
+        .append(AppendRequest::new(
+            stream.clone(),
+            ExpectedVersion::NoStream,
+            vec![event(mention)],
+        ))
+        .await
+        .expect("a payload that only mentions the tag is stored");
+}

@@ -83,6 +83,13 @@ impl AppendRequest {
             crate::json::check(&event.payload, depth).map_err(|problem| {
                 invalid(format!("the payload of event {} {problem}", event.event_id))
             })?;
+            if crate::personal::holds_readable_values(&event.payload) {
+                return Err(invalid(format!(
+                    "the payload of event {} {}",
+                    event.event_id,
+                    crate::personal::READABLE_REFUSED
+                )));
+            }
             total += size
                 + check_metadata(&event.metadata, limits, depth).map_err(|reason| {
                     invalid(format!("the metadata of event {} {reason}", event.event_id))
@@ -150,6 +157,13 @@ impl AppendRequest {
                     message.message_id
                 ))
             })?;
+            if crate::personal::holds_readable_values(&message.payload) {
+                return Err(invalid(format!(
+                    "the payload of outbox message {} {}",
+                    message.message_id,
+                    crate::personal::READABLE_REFUSED
+                )));
+            }
             total += message.payload.len()
                 + check_metadata(&message.metadata, limits, depth).map_err(|reason| {
                     invalid(format!(

@@ -31,12 +31,15 @@ impl SnapshotRecord {
     /// Checks the payload against the JSON rule of [`crate::json`], so that every store keeps
     /// the same snapshots. Backends call this before writing one.
     pub fn validate(&self) -> Result<(), StoreError> {
-        crate::json::check(&self.payload, crate::json::MAX_DEPTH).map_err(|problem| {
-            StoreError::InvalidRequest {
-                stream_id: self.stream_id.clone(),
-                reason: format!("the snapshot at version {} {problem}", self.version),
-            }
-        })
+        let invalid = |problem: &dyn std::fmt::Display| StoreError::InvalidRequest {
+            stream_id: self.stream_id.clone(),
+            reason: format!("the snapshot at version {} {problem}", self.version),
+        };
+        crate::json::check(&self.payload, crate::json::MAX_DEPTH).map_err(|p| invalid(&p))?;
+        if crate::personal::holds_readable_values(&self.payload) {
+            return Err(invalid(&crate::personal::READABLE_REFUSED));
+        }
+        Ok(())
     }
 }
 /// Stores aggregate snapshots apart from events.
