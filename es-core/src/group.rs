@@ -27,6 +27,16 @@
 //! out (by its own clock, counted from when it sent the last successful renewal, with a tenth of
 //! the lease kept as a guard).
 //!
+//! # Pausing the whole group
+//!
+//! [`GroupHandle::pause`] stops the group's work everywhere, for a rebuild
+//! ([`ProjectionGroup::rebuild`](crate::ProjectionGroup::rebuild)): the worker takes the
+//! group's **pause lease** (`pause`) and renews it while paused; every worker that sees it held
+//! in a round takes no partition and stops and releases those it runs; the call returns once no
+//! partition lease of the group is held (a dead or frozen worker's run out, after which its work
+//! has stopped by its own clock). Dropping the returned guard releases the pause lease, and the
+//! workers take their shares again on their next round.
+//!
 //! # Fencing: a worker that comes back never writes with a stale lease
 //!
 //! A lease alone cannot stop a worker that was paused (a long GC-like stall, a frozen VM, a
@@ -438,11 +448,12 @@ where
             .filter(|p| !share.contains(p))
             .collect();
         self.stop_partitions(&leaving, true).await;
+        let mut acquired = Vec::new();
         for partition in share {
             let sent = Instant::now();
             match self.acquire(&format!("{PARTITION}{partition}"), ttl).await {
                 Ok(Some(generation)) => {
-                    self.take(partition, generation, sent + ttl - self.config.guard());
+                    acquired.push((partition, generation, sent + ttl - self.config.guard()));
                 }
                 Ok(None) => self.stop_partitions(&[partition], false).await,
                 Err(err) => {
@@ -450,17 +461,52 @@ where
                 }
             }
         }
+        // Work starts only if no pause began since the leases were listed: a pause that checks
+        // for partition leases before this worker took one finds this listing's pause instead.
+        let starts = acquired.iter().any(|&(p, g, _)| !self.runs(p, g));
+        if starts
+            && self
+                .leases
+                .held_leases(&self.group)
+                .await?
+                .iter()
+                .any(|l| l.name == PAUSE)
+        {
+            for (partition, generation, deadline) in acquired {
+                if self.runs(partition, generation) {
+                    self.take(partition, generation, deadline);
+                } else {
+                    let name = format!("{PARTITION}{partition}");
+                    self.leases
+                        .release_lease(&self.group, &name, &self.owner, generation)
+                        .await?;
+                }
+            }
+            return Ok(());
+        }
+        for (partition, generation, deadline) in acquired {
+            self.take(partition, generation, deadline);
+        }
         Ok(())
+    }
+
+    /// Whether this worker runs `partition`'s work under the lease of `generation`.
+    fn runs(&self, partition: u32, generation: u64) -> bool {
+        self.running
+            .get(&partition)
+            .is_some_and(|r| r.generation == generation && !r.task.is_finished())
     }
 
     /// Runs `partition` under the lease of `generation`: keeps its work if it runs in that
     /// generation, (re)starts it otherwise.
     fn take(&mut self, partition: u32, generation: u64, deadline: Instant) {
-        if let Some(running) = self.running.get_mut(&partition) {
-            if running.generation == generation && !running.task.is_finished() {
+        if self.runs(partition, generation) {
+            if let Some(running) = self.running.get_mut(&partition) {
                 running.deadline = deadline;
-                return;
             }
+            return;
+        }
+        if let Some(running) = self.running.get_mut(&partition) {
             let _ = running.stop.send(true);
             running.task.abort();
         }

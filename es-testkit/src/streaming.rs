@@ -3063,6 +3063,123 @@ pub async fn group_rebuild_pauses_every_worker_and_replays<S: StreamingStore>(st
     b.shutdown().await;
 }
 
+/// The leases of one worker whose partition-lease calls wait at a gate the test opens: the
+/// worker lists the group, then stalls before it takes a partition.
+#[derive(Clone)]
+struct GatedLeases<S> {
+    inner: S,
+    open: watch::Sender<bool>,
+}
+
+impl<S: LeaseStore> LeaseStore for GatedLeases<S> {
+    fn acquire_lease(
+        &self,
+        group: &str,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> impl StoreFuture<Option<u64>> {
+        let (this, group, name, owner) = (
+            self.clone(),
+            group.to_owned(),
+            name.to_owned(),
+            owner.to_owned(),
+        );
+        async move {
+            if name.starts_with("partition:") {
+                let mut open = this.open.subscribe();
+                let _ = open.wait_for(|o| *o).await;
+            }
+            this.inner.acquire_lease(&group, &name, &owner, ttl).await
+        }
+    }
+    fn release_lease(
+        &self,
+        group: &str,
+        name: &str,
+        owner: &str,
+        generation: u64,
+    ) -> impl StoreFuture<()> {
+        self.inner.release_lease(group, name, owner, generation)
+    }
+    fn held_leases(&self, group: &str) -> impl StoreFuture<Vec<HeldLease>> {
+        self.inner.held_leases(group)
+    }
+}
+
+/// A worker lists the group's leases before a pause begins and takes its partitions only after
+/// the pause found none held (its partition-lease calls stall at a gate meanwhile): it must not
+/// start work while the group is paused, and it takes its share once the pause ends.
+pub async fn group_pause_holds_back_a_worker_that_took_partitions_late<S: StreamingStore>(
+    store: S,
+) {
+    let partitions = 4;
+    let config = |name: &str| GroupConfig::new(name).lease_ttl(GROUP_TTL);
+    let started = Arc::new(AtomicUsize::new(0));
+    let work = |started: Arc<AtomicUsize>| {
+        move |mut claim: es_core::group::Claim| {
+            started.fetch_add(1, Ordering::SeqCst);
+            async move { claim.stopped().await }
+        }
+    };
+    let group = format!("pause-{}", Uuid::now_v7().simple());
+    let p = es_core::group::spawn_group(
+        store.clone(),
+        group.clone(),
+        partitions,
+        config("p"),
+        work(Arc::new(AtomicUsize::new(0))),
+    );
+    patiently(
+        "p holds every partition",
+        p.wait_owned(|owned| owned.len() == partitions as usize),
+    )
+    .await;
+    let gated = GatedLeases {
+        inner: store.clone(),
+        open: watch::channel(false).0,
+    };
+    let w = es_core::group::spawn_group(
+        gated.clone(),
+        group.clone(),
+        partitions,
+        config("w"),
+        work(Arc::clone(&started)),
+    );
+    // w has joined and waits at the gate to take its share; p gives that share up.
+    patiently(
+        "p gives w's share up",
+        p.wait_owned(|owned| owned.len() == partitions as usize / 2),
+    )
+    .await;
+    let paused = p.pause().await.expect("the group pauses");
+    assert!(p.owned().is_empty(), "p stopped its partitions");
+    gated.open.send_replace(true);
+    tokio::time::sleep(GROUP_TTL).await;
+    assert!(
+        w.owned().is_empty(),
+        "w runs {:?} while the group is paused",
+        w.owned()
+    );
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        0,
+        "w started work while paused"
+    );
+    let held = store.held_leases(&group).await.unwrap();
+    assert!(
+        !held.iter().any(|l| l.name.starts_with("partition:")),
+        "partition leases held while paused: {held:?}"
+    );
+    drop(paused);
+    until("p and w take their shares again", || {
+        p.owned().len() + w.owned().len() == partitions as usize && !w.owned().is_empty()
+    })
+    .await;
+    p.shutdown().await;
+    w.shutdown().await;
+}
+
 /// Two workers given the same member name by mistake are still two members: they divide the
 /// partitions (on a store with several) instead of both running all of them, and every event is
 /// handled, per stream in order.
