@@ -215,6 +215,17 @@ pub(crate) enum ProjectionsCmd {
         #[command(flatten)]
         json: JsonArg,
     },
+    /// Drop a registered projection's read model and replay the feed up to the head it had
+    /// when the rebuild began, with a progress bar. Interrupted (Ctrl-C), it records how far it
+    /// got; `--resume` goes on from there without dropping anything.
+    Rebuild {
+        /// The projection (registered by the application's `es` binary).
+        name: String,
+        /// Continue an interrupted rebuild from the projection's checkpoint instead of
+        /// starting over.
+        #[arg(long)]
+        resume: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -39,4 +39,4 @@ mod output;
 mod registry;
 mod run;
 
-pub use registry::Registry;
+pub use registry::{Error, Registry};

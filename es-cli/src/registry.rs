@@ -2,16 +2,58 @@
 //! an aggregate's state instead of its raw events.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::future::Future;
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Result;
 use es_core::upcast::UpcastEvent;
-use es_core::{Aggregate, AsOf, Repository, RepositoryBuilder, Store, UpcastError, Upcaster};
+use es_core::{
+    Aggregate, AsOf, Projection, Repository, RepositoryBuilder, Store, UpcastError, Upcaster,
+};
 use es_postgres::PgStore;
 use es_redis::RedisStore;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt, Shared as SharedFuture};
 use serde_json::Value;
+
+/// Resolves when the user asks the command to stop (Ctrl-C); every command may await a clone.
+pub(crate) type Interrupt = SharedFuture<BoxFuture<'static, ()>>;
+
+/// Rebuilds one registered projection on a store: `(store, resume, out, interrupt)`.
+pub(crate) type Rebuilder<S> = Arc<
+    dyn for<'a> Fn(S, bool, &'a mut (dyn Write + Send), Interrupt) -> BoxFuture<'a, Result<()>>
+        + Send
+        + Sync,
+>;
+
+/// A registered projection's rebuilders, one per backend.
+#[derive(Clone)]
+pub(crate) struct Rebuilders {
+    pub(crate) pg: Rebuilder<PgStore>,
+    pub(crate) redis: Rebuilder<RedisStore>,
+}
+
+/// What went wrong in a run of the command line.
+#[derive(Debug)]
+pub struct Error(pub(crate) anyhow::Error);
+
+impl Error {
+    /// Whether the run stopped because it was interrupted (Ctrl-C, or the `interrupt` future
+    /// given to [`Registry::run`]).
+    pub fn is_interrupted(&self) -> bool {
+        self.0.is::<crate::run::Interrupted>()
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for Error {}
 
 /// Loads an aggregate of one type from a repository: its state as JSON and its version.
 type Loader<S> = Arc<
@@ -32,6 +74,7 @@ type Configure<S> = Arc<dyn Fn(RepositoryBuilder<S>) -> RepositoryBuilder<S> + S
 #[derive(Clone, Default)]
 pub struct Registry {
     pub(crate) aggregates: BTreeMap<&'static str, Loaders>,
+    pub(crate) projections: BTreeMap<String, Rebuilders>,
     configure_pg: Vec<Configure<PgStore>>,
     configure_redis: Vec<Configure<RedisStore>>,
 }
@@ -40,6 +83,7 @@ impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
             .field("aggregates", &self.aggregates.keys().collect::<Vec<_>>())
+            .field("projections", &self.projections.keys().collect::<Vec<_>>())
             .field("upcasters", &self.configure_pg.len())
             .finish()
     }
@@ -82,10 +126,57 @@ impl Registry {
         self
     }
 
+    /// Registers an at-least-once projection, made by `make` (once per rebuild), for
+    /// `es projections rebuild <name>` (its [`Projection::name`]). Its checkpoint lives in the
+    /// store, as [`AtLeastOnce`](es_core::AtLeastOnce) keeps it.
+    pub fn projection<P: Projection>(
+        mut self,
+        make: impl Fn() -> P + Send + Sync + 'static,
+    ) -> Self {
+        let name = make().name().to_owned();
+        let make = Arc::new(make);
+        let for_redis = Arc::clone(&make);
+        self.projections.insert(
+            name,
+            Rebuilders {
+                pg: Arc::new(move |store, resume, out, interrupt| {
+                    crate::run::rebuild(store, make(), resume, out, interrupt).boxed()
+                }),
+                redis: Arc::new(move |store, resume, out, interrupt| {
+                    crate::run::rebuild(store, for_redis(), resume, out, interrupt).boxed()
+                }),
+            },
+        );
+        self
+    }
+
     /// Parses the process's arguments, runs the command and returns its exit code: 0, 1 on an
-    /// error (printed on standard error), 2 on bad usage, 130 when interrupted.
+    /// error (printed on standard error), 2 on bad usage, 130 when interrupted (Ctrl-C).
     pub fn main(self) -> ExitCode {
         crate::run::main(&self)
+    }
+
+    /// Runs the command line `args` (the program name first), printing to `out`, in the
+    /// caller's Tokio runtime; `interrupt` resolving is what Ctrl-C is to [`main`](Self::main):
+    /// the command stops where it is safe to, and the run fails with an error whose
+    /// [`is_interrupted`](Error::is_interrupted) is true. Bad usage is an error too (with
+    /// clap's message).
+    pub async fn run<I, T>(
+        &self,
+        args: I,
+        out: &mut (dyn Write + Send),
+        interrupt: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        use clap::Parser as _;
+        let cli = crate::cli::Cli::try_parse_from(args).map_err(|e| Error(e.into()))?;
+        let interrupt: Interrupt = interrupt.boxed().shared();
+        crate::run::run(cli, self, out, interrupt)
+            .await
+            .map_err(Error)
     }
 
     /// The repository on `store` with the registered upcasters.

@@ -8,10 +8,10 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use es_core::contract::position::distance;
 use es_core::{
-    AsOf, EventFilter, EventStore, FeedPosition, ListStreams, ReadStream, SnapshotStore, StreamId,
-    StreamingStore,
+    AsOf, AtLeastOnce, EventFilter, EventStore, FeedPosition, ListStreams, Projection,
+    ProjectionRunner, ProjectionStatus, ReadStream, SnapshotStore, StreamId, StreamingStore,
 };
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -21,11 +21,11 @@ use crate::cli::{
 };
 use crate::connect::{connect, with_store, AnyStore};
 use crate::output::{event_json, event_row, json_line, Table, EVENT_HEADER};
-use crate::registry::Registry;
+use crate::registry::{Interrupt, Registry};
 
 /// Why a run ended without finishing its command.
 #[derive(Debug)]
-struct Interrupted;
+pub(crate) struct Interrupted;
 
 impl std::fmt::Display for Interrupted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -49,10 +49,16 @@ pub(crate) fn main(registry: &Registry) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        tokio::select! {
-            result = run(cli, registry) => result,
-            _ = tokio::signal::ctrl_c() => Err(Interrupted.into()),
+        let interrupt: Interrupt = async {
+            if tokio::signal::ctrl_c().await.is_err() {
+                // No signal handling here: never interrupted.
+                std::future::pending::<()>().await;
+            }
         }
+        .boxed()
+        .shared();
+        let mut out = std::io::stdout();
+        run(cli, registry, &mut out, interrupt).await
     });
     // Background tasks of the stores end with the runtime.
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -75,8 +81,42 @@ pub(crate) fn main(registry: &Registry) -> ExitCode {
     }
 }
 
-async fn run(cli: Cli, registry: &Registry) -> Result<()> {
-    let out = &mut std::io::stdout().lock();
+/// Runs `cli`; a command that cannot stop safely anywhere watches `interrupt` itself, every
+/// other one is dropped where it stands when `interrupt` resolves.
+pub(crate) async fn run(
+    cli: Cli,
+    registry: &Registry,
+    out: &mut (dyn Write + Send),
+    interrupt: Interrupt,
+) -> Result<()> {
+    if let Command::Projections(ProjectionsCmd::Rebuild { name, resume }) = &cli.command {
+        let Some(rebuilders) = registry.projections.get(name) else {
+            let known: Vec<&str> = registry.projections.keys().map(String::as_str).collect();
+            bail!(
+                "no projection `{name}` is registered in this `es` (registered: {}); an \
+                 application registers its projections with `es_cli::Registry::projection`",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            );
+        };
+        let store = connect(&cli.conn).await?;
+        return match store {
+            AnyStore::Postgres(s) => (rebuilders.pg)(s, *resume, out, interrupt).await,
+            AnyStore::Redis(s) => (rebuilders.redis)(s, *resume, out, interrupt).await,
+        };
+    }
+    tokio::select! {
+        result = command(cli, registry, out) => result,
+        () = interrupt => Err(Interrupted.into()),
+    }
+}
+
+async fn command(cli: Cli, registry: &Registry, out: &mut (dyn Write + Send)) -> Result<()> {
+    let mut out = out;
+    let out = &mut out;
     if let Command::Migrations(cmd) = &cli.command {
         return migrations(cmd, &cli.conn.schema, out);
     }
@@ -105,8 +145,103 @@ async fn run(cli: Cli, registry: &Registry) -> Result<()> {
         Command::Snapshots(SnapshotsCmd::Purge { streams, category }) => {
             with_store!(store, s => purge(&s, streams, category, out).await)
         }
-        Command::Migrations(_) => unreachable!("handled before connecting"),
+        Command::Migrations(_) | Command::Projections(ProjectionsCmd::Rebuild { .. }) => {
+            unreachable!("handled before")
+        }
     }
+}
+
+/// Rebuilds `projection` on `store` (or, with `resume`, goes on with an interrupted rebuild):
+/// drops its read model and starts a new checkpoint generation at 0, then runs it until it has
+/// handled the head the feed had when this began, showing a progress bar with an ETA on
+/// standard error. When `interrupt` resolves, the runner finishes the batch in hand (its
+/// checkpoint recorded with it) and stops; a later `resume` goes on from that checkpoint, so
+/// nothing is replayed twice but the batch in hand of a hard kill (at least once), and nothing
+/// is skipped.
+pub(crate) async fn rebuild<S: StreamingStore, P: Projection>(
+    store: S,
+    projection: P,
+    resume: bool,
+    out: &mut (dyn Write + Send),
+    interrupt: Interrupt,
+) -> Result<()> {
+    let name = projection.name().to_owned();
+    if !store.partitioning().is_single() {
+        bail!("rebuilding `{name}`: this store has {}; the command line rebuilds projections of a single feed", store.partitioning());
+    }
+    let target = store.head_position().await?;
+    let before = store.load_checkpoint(&name).await?;
+    let runner = ProjectionRunner::new(store.clone());
+    let handle = runner.spawn(AtLeastOnce::new(projection, store.clone()));
+    if !resume {
+        handle
+            .rebuild()
+            .await
+            .with_context(|| format!("dropping the read model of `{name}`"))?;
+    }
+    let total = distance(0, target);
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg} {bar:30} {pos}/{len} positions [{elapsed} < {eta}, {per_sec}]",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_message(format!("rebuilding {name}"));
+    let mut interrupt = std::pin::pin!(interrupt);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            () = &mut interrupt => {
+                bar.abandon();
+                let status = handle.shutdown().await;
+                let at = match status {
+                    ProjectionStatus::Stopped { position } | ProjectionStatus::Running { position } => position,
+                    _ => store.load_checkpoint(&name).await?.position,
+                };
+                writeln!(
+                    out,
+                    "interrupted rebuilding {name} at position {at} of {target}; `es projections rebuild {name} --resume` goes on from there"
+                )?;
+                return Err(Interrupted.into());
+            }
+            _ = tick.tick() => {
+                let status = handle.status();
+                if let ProjectionStatus::Failed(failure) = status {
+                    bar.abandon();
+                    let _ = handle.shutdown().await;
+                    bail!("projection `{name}` failed: {failure}");
+                }
+                let position = handle.position();
+                let rebuilding = matches!(status, ProjectionStatus::Starting | ProjectionStatus::Rebuilding);
+                if !rebuilding {
+                    bar.set_position(distance(0, position).min(total));
+                    if position >= target {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let status = handle.shutdown().await;
+    let checkpoint = store.load_checkpoint(&name).await?;
+    let how = if resume {
+        "resumed and finished"
+    } else {
+        "rebuilt"
+    };
+    writeln!(
+        out,
+        "{how} {name}: at position {} (head {target}), checkpoint generation {} (was {}), {}",
+        checkpoint.position,
+        checkpoint.generation,
+        before.generation,
+        match status {
+            ProjectionStatus::Stopped { .. } => "stopped cleanly",
+            _ => "stopped",
+        }
+    )?;
+    Ok(())
 }
 
 /// A spinner on standard error (hidden when it is not a terminal) for operations that page.

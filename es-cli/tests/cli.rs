@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use es_core::contract::Rejection;
 use es_core::{
-    AppendRequest, Checkpoint, ExpectedVersion, Metadata, NewEvent, OutboxMessage, SnapshotRecord,
-    StreamId, StreamingStore,
+    AppendRequest, Checkpoint, EventStore, ExpectedVersion, Metadata, NewEvent, OutboxMessage,
+    SnapshotRecord, StreamId, StreamingStore,
 };
 use es_postgres::PgStore;
 use es_redis::RedisStore;
@@ -438,4 +438,44 @@ fn a_missing_or_foreign_url_is_a_clear_error() {
     );
     let usage = es(&[], &["streams", "nonsense"]);
     assert_eq!(usage.status.code(), Some(2));
+}
+
+/// Ctrl-C (SIGINT) stops a following `tail` of the real binary: exit code 130 and a message,
+/// after the events it printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_tail_with_130() {
+    use std::io::{BufRead, BufReader};
+    let url = es_test_support::database_url();
+    let schema = unique_name("t_cli_sigint", '_');
+    let store = PgStore::builder_from_url(url.as_str())
+        .schema(schema.as_str())
+        .build()
+        .await
+        .expect("the test store builds");
+    store
+        .append(AppendRequest::new(
+            stream("order-1"),
+            ExpectedVersion::NoStream,
+            vec![event("OrderPlaced", 1)],
+        ))
+        .await
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_es"))
+        .args([format!("--url={url}"), format!("--schema={schema}")])
+        .args(["tail", "--from-start", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("es starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("a line").expect("readable");
+    assert_eq!(json_lines(&first)[0]["stream"], "order-1");
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let output = child.wait_with_output().expect("es ends");
+    assert_eq!(output.status.code(), Some(130));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("es: interrupted"));
 }

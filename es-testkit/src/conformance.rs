@@ -683,8 +683,7 @@ async fn list_all<S: Store>(store: &S, list: ListStreams) -> Vec<(String, u64)> 
 }
 
 /// Listing streams: only streams with events, in stream-id byte order, with their versions,
-/// a page at a time; prefixes select a category or the start of an id; a hostile prefix is a
-/// typed error.
+/// a page at a time; prefixes select a category or the start of an id.
 pub async fn list_streams_pages_in_order<S: Store>(store: S) {
     let empty = store.list_streams(ListStreams::all()).await.unwrap();
     assert!(
@@ -779,6 +778,19 @@ pub async fn list_streams_pages_in_order<S: Store>(store: S) {
         .unwrap()
         .streams
         .is_empty());
+}
+
+/// A listing prefix outside the stream-id characters (glob patterns, braces, spaces) is a typed
+/// error, whatever the store does with prefixes (key patterns, range bounds).
+pub async fn list_streams_refuses_hostile_prefixes<S: Store>(store: S) {
+    append(
+        &store,
+        &stream("order-1"),
+        ExpectedVersion::NoStream,
+        events("E", 0..1),
+    )
+    .await
+    .unwrap();
     for hostile in [
         "order-*",
         "order-?",
