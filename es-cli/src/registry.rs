@@ -85,7 +85,7 @@ impl std::fmt::Debug for Registry {
             .field("aggregates", &self.aggregates.keys().collect::<Vec<_>>())
             .field("projections", &self.projections.keys().collect::<Vec<_>>())
             .field("upcasters", &self.configure_pg.len())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 

@@ -16,8 +16,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::cli::{
-    Cli, Command, EventsArgs, ListArgs, MigrationsCmd, OutboxCmd, ProjectionsCmd, SnapshotsCmd,
-    StateArgs, StreamsCmd, TailArgs,
+    Cli, Command, EventsArgs, LimitArgs, ListArgs, MigrationsCmd, OutboxCmd, ProjectionsCmd,
+    RequeueArgs, SnapshotsCmd, StateArgs, StreamsCmd, TailArgs,
 };
 use crate::connect::{connect, with_store, AnyStore};
 use crate::output::{event_json, event_row, json_line, Table, EVENT_HEADER};
@@ -555,172 +555,201 @@ async fn head<S: EventStore>(store: &S, json: bool, out: &mut impl Write) -> Res
 }
 
 async fn outbox<S: StreamingStore>(store: &S, cmd: OutboxCmd, out: &mut impl Write) -> Result<()> {
-    let outboxes = store.outbox_partitions();
     match cmd {
-        OutboxCmd::Status(json) => {
-            let mut table = Table::new(&["OUTBOX", "PENDING", "DEAD", "LEASE", "LAST_ERROR"]);
-            for index in 0..outboxes {
-                let status = store.outbox_partition(index)?.relay_status().await?;
-                let lease = status.lease.as_ref().map(|l| {
-                    format!(
-                        "{} gen {} ({})",
-                        l.owner,
-                        l.generation,
-                        if l.held { "held" } else { "free" }
-                    )
-                });
-                let error = status.last_error.as_ref().map(|e| {
-                    format!(
-                        "position {} at {}: {}",
-                        e.position,
-                        e.at.to_rfc3339(),
-                        e.error
-                    )
-                });
-                if json.json {
-                    json_line(
-                        out,
-                        &json!({
-                            "outbox": index,
-                            "pending": status.pending,
-                            "dead_letters": status.dead_letters,
-                            "lease": status.lease.as_ref().map(|l| json!({
-                                "owner": l.owner, "generation": l.generation, "held": l.held
-                            })),
-                            "last_error": status.last_error.as_ref().map(|e| json!({
-                                "position": e.position, "error": e.error, "at": e.at.to_rfc3339()
-                            })),
-                        }),
-                    )?;
-                } else {
-                    table.row(vec![
-                        index.to_string(),
-                        status.pending.to_string(),
-                        status.dead_letters.to_string(),
-                        lease.unwrap_or_else(|| "-".to_owned()),
-                        error.unwrap_or_else(|| "-".to_owned()),
-                    ]);
-                }
-            }
-            if !json.json {
-                table.print(out)?;
-            }
-        }
-        OutboxCmd::Pending(args) => {
-            let mut table = Table::new(&[
-                "OUTBOX",
-                "POSITION",
-                "STREAM",
-                "TOPIC",
-                "KEY",
-                "TYPE",
-                "MESSAGE_ID",
-            ]);
-            for index in 0..outboxes {
-                for record in store
-                    .outbox_partition(index)?
-                    .pending_outbox(args.limit)
-                    .await?
-                {
-                    let m = &record.message;
-                    if args.json.json {
-                        json_line(
-                            out,
-                            &json!({
-                                "outbox": index,
-                                "position": record.position,
-                                "stream": record.stream_id.as_str(),
-                                "recorded_at": record.recorded_at.to_rfc3339(),
-                                "topic": m.topic,
-                                "key": m.key,
-                                "type": m.message_type,
-                                "schema_version": m.schema_version,
-                                "message_id": m.message_id.to_string(),
-                                "source_event_id": m.source_event_id.to_string(),
-                            }),
-                        )?;
-                    } else {
-                        table.row(vec![
-                            index.to_string(),
-                            record.position.to_string(),
-                            record.stream_id.to_string(),
-                            m.topic.clone(),
-                            m.key.clone(),
-                            format!("{}@v{}", m.message_type, m.schema_version),
-                            m.message_id.to_string(),
-                        ]);
-                    }
-                }
-            }
-            if !args.json.json {
-                table.print(out)?;
-            }
-        }
-        OutboxCmd::Dead(args) => {
-            let mut table = Table::new(&[
-                "OUTBOX", "POSITION", "STREAM", "TOPIC", "TYPE", "ATTEMPTS", "DEAD_AT", "ERROR",
-            ]);
-            for index in 0..outboxes {
-                for dead in store
-                    .outbox_partition(index)?
-                    .dead_letters(args.limit)
-                    .await?
-                {
-                    let record = &dead.record;
-                    let m = &record.message;
-                    if args.json.json {
-                        json_line(
-                            out,
-                            &json!({
-                                "outbox": index,
-                                "position": record.position,
-                                "stream": record.stream_id.as_str(),
-                                "topic": m.topic,
-                                "type": m.message_type,
-                                "message_id": m.message_id.to_string(),
-                                "attempts": dead.attempts,
-                                "dead_at": dead.dead_at.to_rfc3339(),
-                                "error": dead.error,
-                            }),
-                        )?;
-                    } else {
-                        table.row(vec![
-                            index.to_string(),
-                            record.position.to_string(),
-                            record.stream_id.to_string(),
-                            m.topic.clone(),
-                            m.message_type.clone(),
-                            dead.attempts.to_string(),
-                            dead.dead_at.to_rfc3339(),
-                            dead.error.clone(),
-                        ]);
-                    }
-                }
-            }
-            if !args.json.json {
-                table.print(out)?;
-            }
-        }
-        OutboxCmd::Requeue(args) => {
-            let outbox = store.outbox_partition(args.outbox)?;
-            let positions: Vec<u64> = if args.all {
-                outbox
-                    .dead_letters(u64::MAX)
-                    .await?
-                    .iter()
-                    .map(|d| d.record.position)
-                    .collect()
-            } else {
-                args.positions
-            };
-            let requeued = outbox.requeue_dead_letters(&positions).await?;
-            writeln!(
+        OutboxCmd::Status(json) => outbox_status(store, json.json, out).await,
+        OutboxCmd::Pending(args) => outbox_pending(store, &args, out).await,
+        OutboxCmd::Dead(args) => outbox_dead(store, &args, out).await,
+        OutboxCmd::Requeue(args) => outbox_requeue(store, args, out).await,
+    }
+}
+
+async fn outbox_status<S: StreamingStore>(
+    store: &S,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let outboxes = store.outbox_partitions();
+    let mut table = Table::new(&["OUTBOX", "PENDING", "DEAD", "LEASE", "LAST_ERROR"]);
+    for index in 0..outboxes {
+        let status = store.outbox_partition(index)?.relay_status().await?;
+        let lease = status.lease.as_ref().map(|l| {
+            format!(
+                "{} gen {} ({})",
+                l.owner,
+                l.generation,
+                if l.held { "held" } else { "free" }
+            )
+        });
+        let error = status.last_error.as_ref().map(|e| {
+            format!(
+                "position {} at {}: {}",
+                e.position,
+                e.at.to_rfc3339(),
+                e.error
+            )
+        });
+        if json {
+            json_line(
                 out,
-                "re-queued {requeued} of {} dead letter(s)",
-                positions.len()
+                &json!({
+                    "outbox": index,
+                    "pending": status.pending,
+                    "dead_letters": status.dead_letters,
+                    "lease": status.lease.as_ref().map(|l| json!({
+                        "owner": l.owner, "generation": l.generation, "held": l.held
+                    })),
+                    "last_error": status.last_error.as_ref().map(|e| json!({
+                        "position": e.position, "error": e.error, "at": e.at.to_rfc3339()
+                    })),
+                }),
             )?;
+        } else {
+            table.row(vec![
+                index.to_string(),
+                status.pending.to_string(),
+                status.dead_letters.to_string(),
+                lease.unwrap_or_else(|| "-".to_owned()),
+                error.unwrap_or_else(|| "-".to_owned()),
+            ]);
         }
     }
+    if !json {
+        table.print(out)?;
+    }
+    Ok(())
+}
+
+async fn outbox_pending<S: StreamingStore>(
+    store: &S,
+    args: &LimitArgs,
+    out: &mut impl Write,
+) -> Result<()> {
+    let outboxes = store.outbox_partitions();
+    let mut table = Table::new(&[
+        "OUTBOX",
+        "POSITION",
+        "STREAM",
+        "TOPIC",
+        "KEY",
+        "TYPE",
+        "MESSAGE_ID",
+    ]);
+    for index in 0..outboxes {
+        for record in store
+            .outbox_partition(index)?
+            .pending_outbox(args.limit)
+            .await?
+        {
+            let m = &record.message;
+            if args.json.json {
+                json_line(
+                    out,
+                    &json!({
+                        "outbox": index,
+                        "position": record.position,
+                        "stream": record.stream_id.as_str(),
+                        "recorded_at": record.recorded_at.to_rfc3339(),
+                        "topic": m.topic,
+                        "key": m.key,
+                        "type": m.message_type,
+                        "schema_version": m.schema_version,
+                        "message_id": m.message_id.to_string(),
+                        "source_event_id": m.source_event_id.to_string(),
+                    }),
+                )?;
+            } else {
+                table.row(vec![
+                    index.to_string(),
+                    record.position.to_string(),
+                    record.stream_id.to_string(),
+                    m.topic.clone(),
+                    m.key.clone(),
+                    format!("{}@v{}", m.message_type, m.schema_version),
+                    m.message_id.to_string(),
+                ]);
+            }
+        }
+    }
+    if !args.json.json {
+        table.print(out)?;
+    }
+    Ok(())
+}
+
+async fn outbox_dead<S: StreamingStore>(
+    store: &S,
+    args: &LimitArgs,
+    out: &mut impl Write,
+) -> Result<()> {
+    let outboxes = store.outbox_partitions();
+    let mut table = Table::new(&[
+        "OUTBOX", "POSITION", "STREAM", "TOPIC", "TYPE", "ATTEMPTS", "DEAD_AT", "ERROR",
+    ]);
+    for index in 0..outboxes {
+        for dead in store
+            .outbox_partition(index)?
+            .dead_letters(args.limit)
+            .await?
+        {
+            let record = &dead.record;
+            let m = &record.message;
+            if args.json.json {
+                json_line(
+                    out,
+                    &json!({
+                        "outbox": index,
+                        "position": record.position,
+                        "stream": record.stream_id.as_str(),
+                        "topic": m.topic,
+                        "type": m.message_type,
+                        "message_id": m.message_id.to_string(),
+                        "attempts": dead.attempts,
+                        "dead_at": dead.dead_at.to_rfc3339(),
+                        "error": dead.error,
+                    }),
+                )?;
+            } else {
+                table.row(vec![
+                    index.to_string(),
+                    record.position.to_string(),
+                    record.stream_id.to_string(),
+                    m.topic.clone(),
+                    m.message_type.clone(),
+                    dead.attempts.to_string(),
+                    dead.dead_at.to_rfc3339(),
+                    dead.error.clone(),
+                ]);
+            }
+        }
+    }
+    if !args.json.json {
+        table.print(out)?;
+    }
+    Ok(())
+}
+
+async fn outbox_requeue<S: StreamingStore>(
+    store: &S,
+    args: RequeueArgs,
+    out: &mut impl Write,
+) -> Result<()> {
+    let outbox = store.outbox_partition(args.outbox)?;
+    let positions: Vec<u64> = if args.all {
+        outbox
+            .dead_letters(u64::MAX)
+            .await?
+            .iter()
+            .map(|d| d.record.position)
+            .collect()
+    } else {
+        args.positions
+    };
+    let requeued = outbox.requeue_dead_letters(&positions).await?;
+    writeln!(
+        out,
+        "re-queued {requeued} of {} dead letter(s)",
+        positions.len()
+    )?;
     Ok(())
 }
 

@@ -122,7 +122,16 @@ fn bytes_of(value: &Value) -> bytes::Bytes {
 async fn scenario<S: StreamingStore>(store: S, conn: Vec<String>) {
     let correlation = Uuid::now_v7();
     seed(&store, correlation).await;
+    check_streams(&conn);
+    let positions = check_events(&conn, correlation);
+    let head = check_state_head_tail(&store, &conn, &positions).await;
+    check_projections(&store, &conn, &positions, head).await;
+    check_outbox(&store, &conn).await;
+    check_snapshots(&store, &conn).await;
+}
 
+fn check_streams(conn: &[String]) {
+    let conn = conn.to_vec();
     // Streams: the table, JSON lines, paging with a limit, a category, a search.
     let table = es_ok(&conn, &["streams", "list"]);
     let lines: Vec<&str> = table.lines().collect();
@@ -180,7 +189,10 @@ async fn scenario<S: StreamingStore>(store: S, conn: Vec<String>) {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
+}
 
+fn check_events(conn: &[String], correlation: Uuid) -> Vec<u64> {
+    let conn = conn.to_vec();
     // A stream's events, with their metadata, as JSON lines and as a table.
     let events = json_lines(&es_ok(&conn, &["events", "order-1", "--json"]));
     assert_eq!(events.len(), 3);
@@ -209,7 +221,15 @@ async fn scenario<S: StreamingStore>(store: S, conn: Vec<String>) {
     );
     let missing = es_ok(&conn, &["events", "order-99"]);
     assert_eq!(missing.trim(), "stream order-99 has no events");
+    positions
+}
 
+async fn check_state_head_tail<S: StreamingStore>(
+    store: &S,
+    conn: &[String],
+    positions: &[u64],
+) -> u64 {
+    let conn = conn.to_vec();
     // State with no aggregate registered: the raw events up to the bound.
     let state = json_lines(&es_ok(
         &conn,
@@ -260,7 +280,16 @@ async fn scenario<S: StreamingStore>(store: S, conn: Vec<String>) {
         .map(|e| e["stream"].as_str().unwrap())
         .collect();
     assert_eq!(streams, ["order-1", "order-2", "order-10"]);
+    expected_head
+}
 
+async fn check_projections<S: StreamingStore>(
+    store: &S,
+    conn: &[String],
+    positions: &[u64],
+    expected_head: u64,
+) {
+    let conn = conn.to_vec();
     // Projection checkpoints and lag.
     store
         .save_checkpoint(
@@ -288,7 +317,10 @@ async fn scenario<S: StreamingStore>(store: S, conn: Vec<String>) {
     assert_eq!(status[1]["position"], 0);
     // Lag counts the positions of the head's epoch (the six events), not the epoch's number.
     assert_eq!(status[1]["lag"], 6);
+}
 
+async fn check_outbox<S: StreamingStore>(store: &S, conn: &[String]) {
+    let conn = conn.to_vec();
     // The outbox: backlog, a dead letter, re-queued.
     let outbox = json_lines(&es_ok(&conn, &["outbox", "status", "--json"]));
     assert_eq!(outbox[0]["pending"], 2);
@@ -339,7 +371,10 @@ async fn scenario<S: StreamingStore>(store: S, conn: Vec<String>) {
         ["order-2", "order-1"],
         "a re-queued record goes to the end"
     );
+}
 
+async fn check_snapshots<S: StreamingStore>(store: &S, conn: &[String]) {
+    let conn = conn.to_vec();
     // Snapshots: purge one stream's, and a category's.
     for (name, version) in [("order-1", 3), ("order-2", 1), ("account-7", 1)] {
         store

@@ -31,7 +31,7 @@ struct Model {
 struct Recorder(Arc<Mutex<Model>>);
 
 impl Projection for Recorder {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "recorder"
     }
 

@@ -50,7 +50,11 @@ pub(crate) async fn list(inner: Arc<Inner>, list: ListStreams) -> Result<StreamP
             scan(&inner, &pattern, None, &mut found, &list, parse).await?;
         }
         KeyLayout::Tagged => {
-            let tags: HashSet<&str> = keys.all_partitions().iter().map(|p| p.tag()).collect();
+            let tags: HashSet<&str> = keys
+                .all_partitions()
+                .iter()
+                .map(crate::keys::PartitionKeys::tag)
+                .collect();
             let parse = key_parser(|key| {
                 let rest = key.strip_prefix(prefix)?.strip_prefix(":{")?;
                 let (tag, rest) = rest.split_once('}')?;
