@@ -514,3 +514,96 @@ async fn ctrl_c_stops_tail_with_130() {
     assert_eq!(output.status.code(), Some(130));
     assert!(String::from_utf8_lossy(&output.stderr).contains("es: interrupted"));
 }
+
+/// Appends one event to each of `n` streams `order-0..n`.
+async fn one_each<S: StreamingStore>(store: &S, n: u64) {
+    for i in 0..n {
+        store
+            .append(AppendRequest::new(
+                stream(&format!("order-{i}")),
+                ExpectedVersion::NoStream,
+                vec![event("OrderPlaced", i)],
+            ))
+            .await
+            .unwrap();
+    }
+}
+
+/// A store with several feed partitions: `--partitions` must say so; heads, the tail of every
+/// partition and the per-partition outboxes of Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_stores() {
+    let partitioning = es_core::Partitioning::new(3).unwrap();
+    let url = es_test_support::database_url();
+    let schema = unique_name("t_cli_parts", '_');
+    let pg = PgStore::builder_from_url(url.as_str())
+        .schema(schema.as_str())
+        .partitioning(partitioning)
+        .build()
+        .await
+        .expect("the test store builds");
+    one_each(&pg, 12).await;
+    let single = es(
+        &[format!("--url={url}"), format!("--schema={schema}")],
+        &["head"],
+    );
+    assert_eq!(single.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&single.stderr);
+    assert!(err.contains("was created with 3 partition(s)"), "{err}");
+    let conn = vec![
+        format!("--url={url}"),
+        format!("--schema={schema}"),
+        "--partitions=3".to_owned(),
+    ];
+    let heads = json_lines(&es_ok(&conn, &["head", "--json"]));
+    assert_eq!(heads.len(), 3);
+    for (partition, head) in heads.iter().enumerate() {
+        let expected = pg.partition_head(partition as u32).await.unwrap();
+        assert_eq!(head["head"], expected, "partition {partition}");
+    }
+    let tailed = json_lines(&es_ok(
+        &conn,
+        &["tail", "--from-start", "--count", "12", "--json"],
+    ));
+    let mut streams: Vec<String> = tailed
+        .iter()
+        .map(|e| e["stream"].as_str().unwrap().to_owned())
+        .collect();
+    streams.sort();
+    let mut expected: Vec<String> = (0..12).map(|i| format!("order-{i}")).collect();
+    expected.sort();
+    assert_eq!(streams, expected, "every partition's events, each once");
+    let listed = json_lines(&es_ok(&conn, &["streams", "list", "--json"]));
+    assert_eq!(listed.len(), 12);
+
+    let url = es_test_support::redis_url();
+    let prefix = unique_name("t:cli-parts", ':');
+    let redis = RedisStore::builder(url.as_str())
+        .prefix(prefix.as_str())
+        .partitioning(partitioning)
+        .build()
+        .await
+        .expect("the test store builds");
+    one_each(&redis, 12).await;
+    let conn = vec![
+        format!("--url={url}"),
+        format!("--redis-prefix={prefix}"),
+        "--partitions=3".to_owned(),
+    ];
+    let outboxes = json_lines(&es_ok(&conn, &["outbox", "status", "--json"]));
+    let numbered: Vec<u64> = outboxes
+        .iter()
+        .map(|o| o["outbox"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbered, [0, 1, 2], "one outbox per partition on Redis");
+    let listed = json_lines(&es_ok(
+        &conn,
+        &["streams", "list", "--category", "order", "--json"],
+    ));
+    assert_eq!(listed.len(), 12);
+    let tailed = json_lines(&es_ok(
+        &conn,
+        &["tail", "--from-start", "--count", "12", "--json"],
+    ));
+    assert_eq!(tailed.len(), 12);
+}
