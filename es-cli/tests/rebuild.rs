@@ -261,6 +261,43 @@ async fn registered_state<S: StreamingStore>(store: S, conn: Vec<String>) {
         .unwrap();
     let text = String::from_utf8(out).unwrap();
     assert_eq!(text.lines().count(), 2, "{text}");
+
+    // Events of an older schema need the application's upcaster: registered, the state is
+    // upcast; not registered, the load fails and says so.
+    let old = StreamId::new("ledger", "old").unwrap();
+    store
+        .append(AppendRequest::new(
+            old,
+            ExpectedVersion::NoStream,
+            vec![
+                NewEvent::from_value("Opened", 1, &json!({})),
+                NewEvent::from_value("Credited", 1, &json!({ "amount": 40 })),
+            ],
+        ))
+        .await
+        .unwrap();
+    let mut old_args = vec!["es".to_owned()];
+    old_args.extend(conn.iter().cloned());
+    old_args.extend(["state", "ledger-old", "--json"].map(str::to_owned));
+    let upcasting = es_cli::Registry::new()
+        .aggregate::<Ledger>()
+        .upcaster::<Ledger>(es_core::upcast::map("Credited", 1, |mut payload| {
+            payload["currency"] = json!("EUR");
+            Ok(payload)
+        }));
+    let mut out = Vec::new();
+    upcasting
+        .run(old_args.clone(), &mut out, std::future::pending())
+        .await
+        .unwrap();
+    let upcast: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(upcast["state"]["balance"], 40);
+    assert_eq!(upcast["state"]["currency"], "EUR");
+    let err = registry
+        .run(old_args, &mut Vec::new(), std::future::pending())
+        .await
+        .expect_err("a v1 event without its upcaster");
+    assert!(err.to_string().contains("ledger-old"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
