@@ -59,7 +59,7 @@ pub(crate) enum Command {
     /// Inspect the outbox and its dead letters, and re-queue them.
     #[command(subcommand)]
     Outbox(OutboxCmd),
-    /// Show projection checkpoints and their lag behind the head.
+    /// Show projection checkpoints and their lag; rebuild a registered projection.
     #[command(subcommand)]
     Projections(ProjectionsCmd),
     /// Purge snapshots.

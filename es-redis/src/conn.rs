@@ -108,6 +108,7 @@ impl Connection {
     }
 
     /// Whether this is a connection to a Redis Cluster.
+    #[cfg_attr(not(feature = "cluster"), allow(clippy::unused_self))]
     pub(crate) fn is_cluster(&self) -> bool {
         #[cfg(feature = "cluster")]
         if let Kind::Cluster { .. } = &self.kind {
