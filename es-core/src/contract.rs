@@ -4,7 +4,7 @@
 //!
 //! | trait | what it keeps | records |
 //! |---|---|---|
-//! | [`EventStore`] | streams and the global feed | [`AppendRequest`], [`AppendResult`], [`ReadStream`], [`ReadAll`], [`EventFilter`], [`EventStream`], [`EventPages`] |
+//! | [`EventStore`] | streams and the global feed | [`AppendRequest`], [`AppendResult`], [`ReadStream`], [`ReadAll`], [`EventFilter`], [`EventStream`], [`EventPages`], [`ListStreams`], [`StreamPage`] |
 //! | [`SnapshotStore`] | aggregate snapshots | [`SnapshotRecord`] |
 //! | [`OutboxStore`] | outbox records, dead letters, the relay lease | [`OutboxMessage`], [`OutboxRecord`], [`Delivered`], [`Rejection`], [`DeadLetter`], [`RelayStatus`] |
 //! | [`CheckpointStore`] | projection checkpoints | [`Checkpoint`] |
@@ -45,6 +45,8 @@
 //!   [`StoreError::Partitioned`].
 //! - **Reads** are lazy async streams that page through the store; they never buffer a whole large
 //!   stream.
+//! - **Listing** ([`EventStore::list_streams`]) returns the streams holding at least one event,
+//!   in stream-id byte order, a page at a time, each with its version when listed.
 //! - **Outbox** records are written by the append that carries them, atomically with its events;
 //!   marks and dead letters are fenced by the relay lease's generation.
 //! - **Checkpoints** only move forward within a generation; a save naming an older generation is
@@ -62,6 +64,7 @@ pub mod position;
 mod read;
 mod redact;
 mod snapshot;
+mod streams;
 
 pub use append::{classify_retry, AppendLimits, AppendRequest, AppendResult, StoredEventRef};
 pub use checkpoint::{Checkpoint, CheckpointStore};
@@ -85,3 +88,4 @@ pub use read::{
 };
 pub use redact::redact_url;
 pub use snapshot::{SnapshotRecord, SnapshotStore};
+pub use streams::{ListStreams, StreamPage, StreamSummary};

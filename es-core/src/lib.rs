@@ -101,9 +101,10 @@ pub use aggregate::{Aggregate, Apply, ApplyEvent, Decision};
 pub use contract::{
     AppendLimits, AppendRequest, AppendResult, Checkpoint, CheckpointStore, DeadLetter, Delivered,
     Direction, EpochStart, EventFilter, EventPage, EventPages, EventStore, EventStream,
-    ExpectedVersion, FeedPosition, HeldLease, LeaseStore, OutboxMessage, OutboxRecord, OutboxStore,
-    PartitionKey, Partitioning, ReadAll, ReadStream, Rejection, RelayStatus, SnapshotRecord,
-    SnapshotStore, Store, StoreError, StoreFuture, StreamingStore,
+    ExpectedVersion, FeedPosition, HeldLease, LeaseStore, ListStreams, OutboxMessage, OutboxRecord,
+    OutboxStore, PartitionKey, Partitioning, ReadAll, ReadStream, Rejection, RelayStatus,
+    SnapshotRecord, SnapshotStore, Store, StoreError, StoreFuture, StreamPage, StreamSummary,
+    StreamingStore,
 };
 pub use event::{
     DomainEvent, EventSchema, Metadata, NewEvent, PayloadError, RecordedEvent, RecordedEventRef,

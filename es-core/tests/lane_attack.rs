@@ -439,6 +439,9 @@ impl EventStore for Faulty {
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
         self.inner.stream_version(stream)
     }
+    fn list_streams(&self, list: es_core::ListStreams) -> impl StoreFuture<es_core::StreamPage> {
+        self.inner.list_streams(list)
+    }
     fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
         let events = self.inner.read_stream(stream, read);
         if self.roll(&self.knobs.read_fail_pct) {
@@ -1499,6 +1502,9 @@ impl EventStore for BlackHole {
     }
     fn stream_version(&self, _: &StreamId) -> impl StoreFuture<u64> {
         futures::future::ready(Ok(0))
+    }
+    fn list_streams(&self, _: es_core::ListStreams) -> impl StoreFuture<es_core::StreamPage> {
+        futures::future::ready(Ok(es_core::StreamPage::default()))
     }
     fn read_stream(&self, _: &StreamId, _: ReadStream) -> EventStream {
         Box::pin(futures::stream::empty())

@@ -128,6 +128,9 @@ impl EventStore for Faulty {
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
         self.inner.stream_version(stream)
     }
+    fn list_streams(&self, list: es_core::ListStreams) -> impl StoreFuture<es_core::StreamPage> {
+        self.inner.list_streams(list)
+    }
     fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
         self.inner.read_stream(stream, read)
     }

@@ -39,8 +39,9 @@ use es_core::event::now_micros;
 use es_core::projection::HandlerError;
 use es_core::{
     AppendLimits, AppendRequest, AppendResult, CheckpointStore, Direction, EventFilter, EventPage,
-    EventPages, EventStore, EventStream, OutboxRecord, OutboxStore, Partitioning, ReadAll,
-    ReadStream, RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
+    EventPages, EventStore, EventStream, ListStreams, OutboxRecord, OutboxStore, Partitioning,
+    ReadAll, ReadStream, RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
+    StreamPage, StreamSummary,
 };
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -544,6 +545,26 @@ impl EventStore for InMemoryStore {
             .get(stream)
             .map_or(0, StreamEvents::len);
         futures::future::ready(Ok(version))
+    }
+
+    /// Looks at every stream under the lock (O(streams)) and sorts the matching ones after
+    /// releasing it.
+    fn list_streams(&self, list: ListStreams) -> impl StoreFuture<StreamPage> {
+        let page = list.validate().map(|()| {
+            let candidates: Vec<StreamSummary> = self
+                .inner
+                .lock()
+                .streams
+                .iter()
+                .filter(|(stream, events)| events.len() > 0 && list.matches(stream))
+                .map(|(stream, events)| StreamSummary {
+                    stream_id: stream.clone(),
+                    version: events.len(),
+                })
+                .collect();
+            list.page_of(candidates)
+        });
+        futures::future::ready(page)
     }
 
     fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {

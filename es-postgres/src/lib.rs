@@ -96,8 +96,9 @@ use es_core::contract::position::EpochStart;
 use es_core::contract::{PartitionKey, Partitioning, StoreFuture};
 use es_core::projection::HandlerError;
 use es_core::{
-    AppendLimits, AppendRequest, AppendResult, EventPages, EventStore, EventStream, ReadAll,
-    ReadStream, RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
+    AppendLimits, AppendRequest, AppendResult, EventPages, EventStore, EventStream, ListStreams,
+    ReadAll, ReadStream, RecordedEvent, SnapshotRecord, SnapshotStore, StoreError, StreamId,
+    StreamPage, StreamSummary,
 };
 use futures::future::BoxFuture;
 use futures::StreamExt as _;
@@ -796,6 +797,47 @@ impl EventStore for PgStore {
         })
     }
 
+    /// A skip scan of the `(stream_id, stream_version)` unique index: one index descent per
+    /// stream listed, plus one for its version, whatever the number of events (a recursive
+    /// query, so the cost grows with the page, not the table).
+    fn list_streams(&self, list: ListStreams) -> impl StoreFuture<StreamPage> {
+        let inner = Arc::clone(&self.inner);
+        timed(self.inner.query_timeout, async move {
+            list.validate()?;
+            let limit = list.page_size();
+            // The first id to consider: after the previous page, or from the prefix on.
+            let (lower, inclusive) = match &list.after {
+                Some(after) if after.as_str() >= list.prefix.as_str() => {
+                    (after.as_str().to_owned(), false)
+                }
+                _ => (list.prefix.clone(), true),
+            };
+            let upper = list.upper_bound();
+            let sql = list_streams_sql(&inner.schema, inclusive, upper.is_some());
+            let mut query = sqlx::query_as(AssertSqlSafe(sql))
+                .bind(lower)
+                .bind(i64::try_from(limit + 1).unwrap_or(i64::MAX));
+            if let Some(upper) = upper {
+                query = query.bind(upper);
+            }
+            let rows: Vec<(String, i64)> =
+                query.fetch_all(&inner.pool).await.map_err(store_error)?;
+            let mut streams = Vec::with_capacity(rows.len());
+            for (id, version) in rows {
+                let location = format!("stream `{id}`");
+                let stream_id = StreamId::parse(&id).map_err(|e| StoreError::Corrupt {
+                    location: location.clone(),
+                    reason: e.to_string(),
+                })?;
+                streams.push(StreamSummary {
+                    stream_id,
+                    version: to_u64(version, &location)?,
+                });
+            }
+            Ok(StreamPage::cut(streams, limit))
+        })
+    }
+
     fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
         let (sql, timeout, stream) = (
             Arc::clone(&self.inner.sql),
@@ -912,6 +954,29 @@ async fn read_heads(
         .into_iter()
         .map(|head| watch::channel(head).0)
         .collect())
+}
+
+/// The skip scan of [`EventStore::list_streams`]: distinct stream ids from `$1` (inclusive or
+/// not) below `$3` (when `bounded`), at most `$2`, each with its version.
+fn list_streams_sql(schema: &SchemaName, inclusive: bool, bounded: bool) -> String {
+    let events = format!("{}.events", schema.quoted());
+    let from = if inclusive { ">=" } else { ">" };
+    let below = if bounded { " AND e.stream_id < $3" } else { "" };
+    format!(
+        "WITH RECURSIVE ids(stream_id) AS ( \
+           (SELECT e.stream_id FROM {events} e \
+             WHERE e.stream_id {from} $1{below} \
+             ORDER BY e.stream_id LIMIT 1) \
+           UNION ALL \
+           SELECT (SELECT e.stream_id FROM {events} e \
+                    WHERE e.stream_id > ids.stream_id{below} \
+                    ORDER BY e.stream_id LIMIT 1) \
+             FROM ids WHERE ids.stream_id IS NOT NULL \
+         ) \
+         SELECT ids.stream_id, \
+                (SELECT max(e.stream_version) FROM {events} e WHERE e.stream_id = ids.stream_id) \
+           FROM ids WHERE ids.stream_id IS NOT NULL LIMIT $2"
+    )
 }
 
 /// Records `partitioning` in the schema unless one is recorded, and fails with

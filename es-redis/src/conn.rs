@@ -107,6 +107,36 @@ impl Connection {
         self.req_packed_command(cmd).await
     }
 
+    /// Whether this is a connection to a Redis Cluster.
+    #[cfg_attr(not(feature = "cluster"), allow(clippy::unused_self))]
+    pub(crate) fn is_cluster(&self) -> bool {
+        #[cfg(feature = "cluster")]
+        if let Kind::Cluster { .. } = &self.kind {
+            return true;
+        }
+        false
+    }
+
+    /// Sends `cmd` to the primary serving `slot` (on a cluster) or to the one server; a
+    /// server's error reply is `Err`.
+    pub(crate) async fn query_at_slot(&mut self, cmd: &Cmd, slot: u16) -> RedisResult<Value> {
+        #[cfg(feature = "cluster")]
+        if let Kind::Cluster { cluster, .. } = &mut self.kind {
+            return match cluster
+                .route_command(cmd.clone(), cluster::at_slot(slot))
+                .await?
+            {
+                Value::ServerError(err) => Err(err.into()),
+                reply => Ok(reply),
+            };
+        }
+        let _ = slot;
+        match self.req_packed_command(cmd).await? {
+            Value::ServerError(err) => Err(err.into()),
+            reply => Ok(reply),
+        }
+    }
+
     /// Sends `cmd` to every primary (on a cluster) or to the one server: one reply each, a
     /// server's error reply as `Err`.
     pub(crate) async fn query_every_primary(&mut self, cmd: &Cmd) -> RedisResult<Vec<Value>> {

@@ -42,6 +42,7 @@ mod decode;
 mod error;
 mod keys;
 mod lease;
+mod list;
 mod outbox;
 mod protocol;
 mod read;
@@ -60,8 +61,8 @@ use conn::{Connection, Target};
 use es_core::contract::position::EpochStart;
 use es_core::contract::{Partitioning, StoreFuture};
 use es_core::{
-    AppendLimits, AppendRequest, AppendResult, EventStore, EventStream, ReadAll, ReadStream,
-    SnapshotRecord, SnapshotStore, StoreError, StreamId,
+    AppendLimits, AppendRequest, AppendResult, EventStore, EventStream, ListStreams, ReadAll,
+    ReadStream, SnapshotRecord, SnapshotStore, StoreError, StreamId, StreamPage,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::io::tcp::socket2::TcpKeepalive;
@@ -1188,6 +1189,12 @@ impl EventStore for RedisStore {
                 .map_err(|e| store_error(e, location))?;
             decode::counter(value, &location())
         }
+    }
+
+    /// A walk of the keyspace with `SCAN` per page: see the crate docs, section "Listing
+    /// streams".
+    fn list_streams(&self, list: ListStreams) -> impl StoreFuture<StreamPage> {
+        list::list(Arc::clone(&self.inner), list)
     }
 
     fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {

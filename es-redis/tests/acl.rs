@@ -347,6 +347,27 @@ async fn users_missing_a_right_get_typed_errors() {
     let stream = StreamId::new("account", "1").unwrap();
     assert_eq!(store.stream_version(&stream).await.unwrap(), 0);
 
+    // Without SCAN, which only listing streams uses: everything else works, the listing is
+    // refused typed.
+    let prefix = common::unique_prefix("acl-noscan");
+    let user = unique_name("t_acl_noscan", '_');
+    let rules = common::without(&common::documented_acl(&user, PASSWORD, &prefix), "+scan");
+    let url = user_with(&admin, &user, &rules).await;
+    let store = RedisStore::builder(url.as_str())
+        .prefix(prefix.clone())
+        .build()
+        .await
+        .expect("the build needs no SCAN");
+    store
+        .append(append_one("1"))
+        .await
+        .expect("appends need no SCAN");
+    let err = store
+        .list_streams(es_core::ListStreams::all())
+        .await
+        .expect_err("no SCAN");
+    assert_no_permission(&err);
+
     // Without the key pattern: the build (which checks the store's recorded key layout) and
     // every store operation are refused, typed. The store is built while the user still has
     // its keys, which are then taken away.

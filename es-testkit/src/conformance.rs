@@ -23,8 +23,8 @@ use uuid::Uuid;
 
 use es_core::{
     upcast, AppendLimits, AppendRequest, AppendResult, AsOf, EventFilter, ExpectedVersion,
-    Metadata, NewEvent, ReadAll, ReadStream, RecordedEvent, Repository, RepositoryError,
-    RetryPolicy, SnapshotPolicy, SnapshotRecord, Store, StoreError, StreamId,
+    ListStreams, Metadata, NewEvent, ReadAll, ReadStream, RecordedEvent, Repository,
+    RepositoryError, RetryPolicy, SnapshotPolicy, SnapshotRecord, Store, StoreError, StreamId,
 };
 
 use crate::domain::{Credited, Ledger, LedgerCommand, LedgerError, LedgerEvent};
@@ -654,6 +654,156 @@ pub async fn read_missing_stream<S: Store>(store: S) {
     assert!(read_feeds(&store, ReadAll::after(0)).await.is_empty());
     assert_feed_empty(&heads(&store).await);
     assert!(store.load_snapshot(&s).await.unwrap().is_none());
+}
+
+/// Every page of a listing, followed to its end with `next`.
+async fn list_all<S: Store>(store: &S, list: ListStreams) -> Vec<(String, u64)> {
+    let mut list = list;
+    let mut listed = Vec::new();
+    for _ in 0..1000 {
+        let page = store
+            .list_streams(list.clone())
+            .await
+            .expect("list_streams succeeds");
+        assert!(
+            page.streams.len() as u64 <= list.page_size(),
+            "a page holds at most its limit: {page:?}"
+        );
+        listed.extend(
+            page.streams
+                .into_iter()
+                .map(|s| (s.stream_id.as_str().to_owned(), s.version)),
+        );
+        match page.next {
+            Some(next) => list = list.after(next),
+            None => return listed,
+        }
+    }
+    panic!("the listing did not end after 1000 pages: {listed:?}");
+}
+
+/// Listing streams: only streams with events, in stream-id byte order, with their versions,
+/// a page at a time; prefixes select a category or the start of an id.
+pub async fn list_streams_pages_in_order<S: Store>(store: S) {
+    let empty = store.list_streams(ListStreams::all()).await.unwrap();
+    assert!(
+        empty.streams.is_empty() && empty.next.is_none(),
+        "{empty:?}"
+    );
+
+    let layout = [
+        ("order-2", 3),
+        ("order-1", 2),
+        ("order-10", 1),
+        ("account-1", 1),
+        ("orders-x", 1),
+        ("order-1:a", 4),
+    ];
+    for (name, n) in layout {
+        append(
+            &store,
+            &stream(name),
+            ExpectedVersion::NoStream,
+            events("E", 0..n),
+        )
+        .await
+        .unwrap();
+    }
+    // Neither a refused append nor an empty one makes a stream.
+    let refused = append(
+        &store,
+        &stream("order-3"),
+        ExpectedVersion::Exact(5),
+        events("E", 0..1),
+    )
+    .await;
+    assert_conflict(refused, &stream("order-3"), ExpectedVersion::Exact(5), 0);
+    append(
+        &store,
+        &stream("order-4"),
+        ExpectedVersion::NoStream,
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+
+    let everything: Vec<(String, u64)> = [
+        ("account-1", 1),
+        ("order-1", 2),
+        ("order-10", 1),
+        ("order-1:a", 4),
+        ("order-2", 3),
+        ("orders-x", 1),
+    ]
+    .iter()
+    .map(|(s, v)| ((*s).to_owned(), *v))
+    .collect();
+    for limit in [1, 2, 5, 6, 100] {
+        assert_eq!(
+            list_all(&store, ListStreams::all().limit(limit)).await,
+            everything,
+            "pages of {limit}"
+        );
+    }
+    let names = |listed: Vec<(String, u64)>| listed.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+    assert_eq!(
+        names(list_all(&store, ListStreams::category("order").limit(2)).await),
+        ["order-1", "order-10", "order-1:a", "order-2"],
+        "a category is its streams only, not `orders`"
+    );
+    assert_eq!(
+        names(list_all(&store, ListStreams::all().prefix("order-1")).await),
+        ["order-1", "order-10", "order-1:a"],
+        "a prefix equal to a stream id lists that stream"
+    );
+    let after = store
+        .list_streams(ListStreams::category("order").after(stream("order-10")))
+        .await
+        .unwrap();
+    let ids: Vec<&str> = after.streams.iter().map(|s| s.stream_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["order-1:a", "order-2"],
+        "byte order: `0` sorts before `:`"
+    );
+    assert!(after.next.is_none());
+    let before_prefix = store
+        .list_streams(ListStreams::category("order").after(stream("account-9")))
+        .await
+        .unwrap();
+    assert_eq!(before_prefix.streams.len(), 4, "{before_prefix:?}");
+    assert!(store
+        .list_streams(ListStreams::all().prefix("zzz"))
+        .await
+        .unwrap()
+        .streams
+        .is_empty());
+}
+
+/// A listing prefix outside the stream-id characters (glob patterns, braces, spaces) is a typed
+/// error, whatever the store does with prefixes (key patterns, range bounds).
+pub async fn list_streams_refuses_hostile_prefixes<S: Store>(store: S) {
+    append(
+        &store,
+        &stream("order-1"),
+        ExpectedVersion::NoStream,
+        events("E", 0..1),
+    )
+    .await
+    .unwrap();
+    for hostile in [
+        "order-*",
+        "order-?",
+        "order-[1]",
+        "x}:version",
+        "a b",
+        "o\\",
+    ] {
+        match store.list_streams(ListStreams::all().prefix(hostile)).await {
+            Err(StoreError::InvalidStreamId(_)) => {}
+            other => panic!("prefix {hostile:?}: expected InvalidStreamId, got {other:?}"),
+        }
+    }
 }
 
 /// Reads of a stream longer than any page size return every event in order.

@@ -1011,6 +1011,12 @@ macro_rules! delegate_event_store {
             fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
                 self.inner.stream_version(stream)
             }
+            fn list_streams(
+                &self,
+                list: es_core::ListStreams,
+            ) -> impl StoreFuture<es_core::StreamPage> {
+                self.inner.list_streams(list)
+            }
             fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
                 self.inner.read_stream(stream, read)
             }

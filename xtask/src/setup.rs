@@ -117,6 +117,13 @@ pub(crate) const PACKAGES: &[(&str, &[Prereq], &[Server])] = &[
         &[],
     ),
     ("es-postgres", &[Procps], &[Server::Postgres]),
+    // The `es` binary's tests run it against PostgreSQL and Redis; its `tls` feature builds
+    // `ring` (C).
+    (
+        "es-cli",
+        &[CBuild, Procps],
+        &[Server::Postgres, Server::Redis],
+    ),
     // The `tls` feature builds `ring` (C); the TLS tests make certificates with `openssl`; the
     // failover tests run sentinels with `redis-server --sentinel`; the cluster suite runs on a
     // shared cluster, the cluster fault tests on clusters of their own.

@@ -39,6 +39,7 @@ use super::read::{
     failed_read, pages_of, EventFilter, EventPages, EventStream, ReadAll, ReadStream,
 };
 use super::snapshot::SnapshotStore;
+use super::streams::{ListStreams, StreamPage};
 use crate::event::RecordedEvent;
 use crate::retry::{Backoff, Delays};
 use crate::stream_id::StreamId;
@@ -52,6 +53,13 @@ pub trait EventStore: Clone + Send + Sync + 'static {
 
     /// The stream's current version (0 if it has no events).
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64>;
+
+    /// One page of the streams that hold at least one event, in stream-id byte order, each with
+    /// its version when listed (see [`ListStreams`]): for operators and tools, not the write
+    /// path. A prefix outside the stream-id characters is [`StoreError::InvalidStreamId`]. A
+    /// stream that gets its first event while the pages are read appears if it sorts after the
+    /// page being read.
+    fn list_streams(&self, list: ListStreams) -> impl StoreFuture<StreamPage>;
 
     /// Reads a stream lazily, in pages.
     fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream;
@@ -190,6 +198,9 @@ impl<T: EventStore> EventStore for Arc<T> {
     }
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
         (**self).stream_version(stream)
+    }
+    fn list_streams(&self, list: ListStreams) -> impl StoreFuture<StreamPage> {
+        (**self).list_streams(list)
     }
     fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
         (**self).read_stream(stream, read)

@@ -368,6 +368,13 @@ impl<S: EventStore, K: KeyStore> EventStore for Encrypted<S, K> {
         self.inner.stream_version(stream)
     }
 
+    fn list_streams(
+        &self,
+        list: crate::contract::ListStreams,
+    ) -> impl StoreFuture<crate::contract::StreamPage> {
+        self.inner.list_streams(list)
+    }
+
     fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
         self.open_stream(self.inner.read_stream(stream, read))
     }
