@@ -3,14 +3,18 @@
 //!
 //! Group commit shares a commit among the appends of one process; appends of different processes
 //! each wait for the commit chain of their partition. This workload measures what partitions buy
-//! there: the benchmark binary starts [`PROCESSES`] children of itself (each with its own pool
-//! and store, as separate application instances would have), which append 1-event batches to
-//! distinct streams for one round, and report how many they had acknowledged. The streams are
-//! either spread over every partition (each process writes to all of them), or, in the rows
-//! "each process on its own partitions", only those of the child's partitions (partition mod
-//! [`PROCESSES`] = the child's index), as writers routed by partition key (a tenant per
-//! instance) would be. The raw side is the same number of children running autocommit single-row
-//! INSERTs into a table of the same shape (bigserial position, no ordering guarantee).
+//! there: the benchmark binary starts a number of children of itself (each with its own pool and
+//! store, as separate application instances would have), which append 1-event batches to
+//! distinct streams for one round, and report how many they had acknowledged. Two shapes:
+//! [`BUSY`] (a few processes of many tasks each: group commit inside each process, the server's
+//! CPU the limit on this machine) and [`SINGLE`] (many processes of one task each: no group
+//! commit at all, every append its own commit, so the commit chain's latency is the limit). The
+//! streams are either spread over every partition (each process writes to all of them), or, in
+//! the rows "each process on its own partitions", only those of the child's partitions
+//! (partition mod processes = the child's index), as writers routed by partition key (a tenant
+//! per instance) would be. The raw side is the same number of children running autocommit
+//! single-row INSERTs into a table of the same shape (bigserial position, no ordering
+//! guarantee).
 //!
 //! While the framework rounds run, the parent follows every partition with a subscription; after
 //! the last round it checks, per partition, that the subscription delivered exactly the
@@ -40,22 +44,36 @@ use crate::report::{Report, Row as ReportRow, Samples};
 /// The environment variable that makes the benchmark binary a child of this workload.
 pub(crate) const CHILD_ENV: &str = "ES_BENCH_PG_CHILD";
 
-/// Child processes per round.
-const PROCESSES: usize = 4;
-/// Appending tasks per child.
-const TASKS: usize = 8;
+/// Child processes and appending tasks per child.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    processes: usize,
+    tasks: usize,
+}
+
+/// A few busy processes: group commit shares each process's commits.
+const BUSY: Shape = Shape {
+    processes: 4,
+    tasks: 8,
+};
+/// Many processes of one task: every append commits alone.
+const SINGLE: Shape = Shape {
+    processes: 8,
+    tasks: 1,
+};
 /// Streams each task cycles through (so every partition gets appends).
 const STREAMS_PER_TASK: usize = 8;
 
 const PAYLOAD: &str = r#"{"order_id": "ord_7f3c2a9e", "total_cents": 12999}"#;
 
-/// What a child is told, as the value of [`CHILD_ENV`]: `ours|raw url schema partitions index
-/// start_unix_ms round_ms`.
+/// What a child is told, as the value of [`CHILD_ENV`]: `ours|raw affine|spread processes tasks
+/// url schema partitions index start_unix_ms round_ms`.
 struct ChildSpec {
     raw: bool,
-    /// Each child appends only to streams of its own partitions (partition mod [`PROCESSES`] =
-    /// its index), as writers routed by partition key would.
+    /// Each child appends only to streams of its own partitions (partition mod processes = its
+    /// index), as writers routed by partition key would.
     affine: bool,
+    shape: Shape,
     url: String,
     schema: String,
     partitions: u32,
@@ -67,9 +85,11 @@ struct ChildSpec {
 impl ChildSpec {
     fn encode(&self) -> String {
         format!(
-            "{} {} {} {} {} {} {} {}",
+            "{} {} {} {} {} {} {} {} {} {}",
             if self.raw { "raw" } else { "ours" },
             if self.affine { "affine" } else { "spread" },
+            self.shape.processes,
+            self.shape.tasks,
             self.url,
             self.schema,
             self.partitions,
@@ -81,12 +101,18 @@ impl ChildSpec {
 
     fn decode(text: &str) -> anyhow::Result<Self> {
         let parts: Vec<&str> = text.split(' ').collect();
-        let [mode, spread, url, schema, partitions, index, start_ms, round_ms] = parts[..] else {
+        let [mode, spread, processes, tasks, url, schema, partitions, index, start_ms, round_ms] =
+            parts[..]
+        else {
             anyhow::bail!("bad {CHILD_ENV}: {text:?}");
         };
         Ok(Self {
             raw: mode == "raw",
             affine: spread == "affine",
+            shape: Shape {
+                processes: processes.parse()?,
+                tasks: tasks.parse()?,
+            },
             url: url.to_owned(),
             schema: schema.to_owned(),
             partitions: partitions.parse()?,
@@ -118,7 +144,7 @@ pub(crate) fn child(spec: &str) -> anyhow::Result<()> {
 
 async fn run_child(spec: &ChildSpec) -> anyhow::Result<u64> {
     let pool = PgPoolOptions::new()
-        .max_connections(TASKS as u32 + 4)
+        .max_connections(spec.shape.tasks as u32 + 4)
         .test_before_acquire(false)
         .connect_with(PgStore::connect_options(&spec.url)?)
         .await?;
@@ -134,14 +160,16 @@ async fn run_child(spec: &ChildSpec) -> anyhow::Result<u64> {
         )
     };
     // Every connection open before the round starts.
-    let warm: Vec<_> = futures::future::try_join_all((0..TASKS).map(|_| pool.acquire())).await?;
+    let warm: Vec<_> =
+        futures::future::try_join_all((0..spec.shape.tasks).map(|_| pool.acquire())).await?;
     drop(warm);
     let start = spec.start_ms.saturating_sub(unix_ms());
     tokio::time::sleep(Duration::from_millis(start)).await;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(spec.round_ms);
     let tag = format!("{}-{}", spec.index, unix_ms());
     let partitioning = Partitioning::new(spec.partitions)?;
-    let tasks = (0..TASKS).map(|t| {
+    let processes = spec.shape.processes;
+    let tasks = (0..spec.shape.tasks).map(|t| {
         let (store, pool) = (store.clone(), pool.clone());
         let table = format!("\"{}\".events", spec.schema);
         // The task's streams: with affinity, only streams of this child's partitions.
@@ -152,8 +180,8 @@ async fn run_child(spec: &ChildSpec) -> anyhow::Result<u64> {
                     .find(|name| {
                         !spec.affine
                             || StreamId::new("order", name).is_ok_and(|id| {
-                                partitioning.partition_of(&id) as usize % PROCESSES
-                                    == spec.index % PROCESSES
+                                partitioning.partition_of(&id) as usize % processes
+                                    == spec.index % processes
                             })
                     })
                     .unwrap_or_default()
@@ -200,23 +228,28 @@ async fn run_child(spec: &ChildSpec) -> anyhow::Result<u64> {
     Ok(counts.iter().sum())
 }
 
-/// Runs one round of [`PROCESSES`] children; returns events/s and the events acknowledged.
+/// Runs one round of children; returns events/s and the events acknowledged.
 async fn round_of_children(
     url: &str,
     schema: &str,
-    partitions: u32,
+    layout: Layout,
     raw: bool,
-    affine: bool,
 ) -> anyhow::Result<(f64, u64)> {
+    let Layout {
+        shape,
+        partitions,
+        affine,
+    } = layout;
     let exe = std::env::current_exe()?;
     let round_ms = round().as_millis() as u64;
     // Time for the children to start, connect and warm up before the round begins together.
     let start_ms = unix_ms() + 1500;
     let mut children = Vec::new();
-    for index in 0..PROCESSES {
+    for index in 0..shape.processes {
         let spec = ChildSpec {
             raw,
             affine,
+            shape,
             url: url.to_owned(),
             schema: schema.to_owned(),
             partitions,
@@ -252,32 +285,70 @@ async fn round_of_children(
     Ok((total as f64 / round().as_secs_f64(), total))
 }
 
-/// The workload at P = 1, 4 and 16: one report row each.
+/// One row's set-up: the children, the partitions and how the children's streams are chosen.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    shape: Shape,
+    partitions: u32,
+    affine: bool,
+}
+
+/// The rows, in order: [`BUSY`] at P = 1, 4 and 16 (spread, then each process on its own
+/// partitions), then [`SINGLE`] at P = 1, 4 and 16.
+const LAYOUTS: [Layout; 8] = [
+    Layout {
+        shape: BUSY,
+        partitions: 1,
+        affine: false,
+    },
+    Layout {
+        shape: BUSY,
+        partitions: 4,
+        affine: false,
+    },
+    Layout {
+        shape: BUSY,
+        partitions: 16,
+        affine: false,
+    },
+    Layout {
+        shape: BUSY,
+        partitions: 4,
+        affine: true,
+    },
+    Layout {
+        shape: BUSY,
+        partitions: 16,
+        affine: true,
+    },
+    Layout {
+        shape: SINGLE,
+        partitions: 1,
+        affine: false,
+    },
+    Layout {
+        shape: SINGLE,
+        partitions: 4,
+        affine: false,
+    },
+    Layout {
+        shape: SINGLE,
+        partitions: 16,
+        affine: false,
+    },
+];
+
+/// The workload: one report row per layout of [`LAYOUTS`].
 pub(crate) async fn run(report: &mut Report, url: &str, tag: &str) -> anyhow::Result<()> {
     let admin = PgPoolOptions::new()
         .max_connections(4)
         .test_before_acquire(false)
         .connect(url)
         .await?;
-    for (partitions, affine) in [
-        (1_u32, false),
-        (4, false),
-        (16, false),
-        (4, true),
-        (16, true),
-    ] {
-        let schema = format!("bench_proc{partitions}{affine}_{tag}");
-        let raw_schema = format!("bench_proc_raw{partitions}{affine}_{tag}");
-        let result = measure(
-            report,
-            url,
-            &admin,
-            &schema,
-            &raw_schema,
-            partitions,
-            affine,
-        )
-        .await;
+    for (i, layout) in LAYOUTS.into_iter().enumerate() {
+        let schema = format!("bench_proc{i}_{tag}");
+        let raw_schema = format!("bench_proc_raw{i}_{tag}");
+        let result = measure(report, url, &admin, &schema, &raw_schema, layout).await;
         for s in [&schema, &raw_schema] {
             let _ = sqlx::query(AssertSqlSafe(format!("DROP SCHEMA \"{s}\" CASCADE")))
                 .execute(&admin)
@@ -294,10 +365,9 @@ async fn measure(
     admin: &sqlx::PgPool,
     schema: &str,
     raw_schema: &str,
-    partitions: u32,
-    affine: bool,
+    layout: Layout,
 ) -> anyhow::Result<()> {
-    let partitioning = Partitioning::new(partitions)?;
+    let partitioning = Partitioning::new(layout.partitions)?;
     let store = PgStore::builder(admin.clone())
         .schema(schema)
         .partitioning(partitioning)
@@ -325,22 +395,17 @@ async fn measure(
     });
     let mut samples = Samples::default();
     let mut acknowledged = 0;
-    round_of_children(url, raw_schema, partitions, true, affine).await?;
-    acknowledged += round_of_children(url, schema, partitions, false, affine)
-        .await?
-        .1;
+    round_of_children(url, raw_schema, layout, true).await?;
+    acknowledged += round_of_children(url, schema, layout, false).await?.1;
     for i in 0..rounds() {
         let (ours, raw) = if i % 2 == 0 {
-            let raw = round_of_children(url, raw_schema, partitions, true, affine).await?;
-            (
-                round_of_children(url, schema, partitions, false, affine).await?,
-                raw,
-            )
+            let raw = round_of_children(url, raw_schema, layout, true).await?;
+            (round_of_children(url, schema, layout, false).await?, raw)
         } else {
-            let ours = round_of_children(url, schema, partitions, false, affine).await?;
+            let ours = round_of_children(url, schema, layout, false).await?;
             (
                 ours,
-                round_of_children(url, raw_schema, partitions, true, affine).await?,
+                round_of_children(url, raw_schema, layout, true).await?,
             )
         };
         acknowledged += ours.1;
@@ -349,11 +414,17 @@ async fn measure(
     let checked = check_feeds(&store, &partitioning, &delivered, acknowledged).await;
     follower.abort();
     let checked = checked?;
+    let Layout {
+        shape,
+        partitions,
+        affine,
+    } = layout;
     report.push(ReportRow::paired(
         "es-postgres",
         format!(
-            "append 1-event batches, {PROCESSES} processes x {TASKS} tasks, {partitions} \
-             partition(s){}",
+            "append 1-event batches, {} processes x {} task(s), {partitions} partition(s){}",
+            shape.processes,
+            shape.tasks,
             if affine {
                 ", each process on its own partitions"
             } else {
