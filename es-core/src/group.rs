@@ -322,11 +322,12 @@ where
             if let Some(request) = request {
                 match request {
                     PauseRequest::Pause(reply) => {
-                        let _ = reply.send(self.pause().await);
+                        let paused = self.pause().await;
+                        self.publish();
+                        let _ = reply.send(paused);
                     }
                     PauseRequest::Resume => self.resume().await,
                 }
-                self.publish();
                 continue;
             }
             // A store that does not answer must not hold the round past the moment a lease may

@@ -176,17 +176,31 @@ struct Inner {
     partitioning: Partitioning,
     /// The latest known head of each partition.
     heads: Arc<[watch::Sender<u64>]>,
-    listener: JoinHandle<()>,
+    /// Keeps `heads` current from other processes' notifications: started by the first wait
+    /// for an append (a subscription), or at once with a read replica. A process that only
+    /// appends never listens, so it does not receive every other process's notifications.
+    listener: std::sync::OnceLock<JoinHandle<()>>,
+    listen: listener::Listener,
     /// Sends the NOTIFY for this store's commits.
     notifier: JoinHandle<()>,
     server: ServerSettings,
     replica: Option<replica::Replica>,
 }
 
+impl Inner {
+    /// Starts the listener unless it runs already.
+    fn start_listening(&self) {
+        self.listener
+            .get_or_init(|| tokio::spawn(self.listen.clone().run()));
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // Writers end by themselves once the job queue closes, after answering what they hold.
-        self.listener.abort();
+        if let Some(listener) = self.listener.get() {
+            listener.abort();
+        }
         self.notifier.abort();
     }
 }
@@ -582,13 +596,12 @@ impl PgStoreBuilder {
             };
             tokio::spawn(writer.run());
         }
-        let listener = listener::Listener {
+        let listen = listener::Listener {
             pool: pool.clone(),
             channel: schema.channel(),
             heads_sql: Arc::clone(&sql.heads),
             heads: Arc::clone(&heads),
         };
-        let listener = tokio::spawn(listener.run());
         let notifier = tokio::spawn(
             listener::Notifier {
                 pool: pool.clone(),
@@ -598,7 +611,7 @@ impl PgStoreBuilder {
             .run(),
         );
         server.log(&schema);
-        Ok(PgStore {
+        let store = PgStore {
             inner: Arc::new(Inner {
                 pool,
                 schema,
@@ -610,12 +623,18 @@ impl PgStoreBuilder {
                 writers: shared,
                 partitioning: self.partitioning,
                 heads,
-                listener,
+                listener: std::sync::OnceLock::new(),
+                listen,
                 notifier,
                 server,
                 replica,
             }),
-        })
+        };
+        if store.inner.replica.is_some() {
+            // Replica reads wait for the heads this process knows of, other processes' too.
+            store.inner.start_listening();
+        }
+        Ok(store)
     }
 }
 
@@ -920,6 +939,7 @@ impl EventStore for PgStore {
     }
 
     fn wait_for_partition(&self, partition: u32, after: u64) -> impl Future<Output = ()> + Send {
+        self.inner.start_listening();
         // A partition the store does not have never moves: wait for the polling interval.
         let (rx, after) = match self.inner.heads.get(partition as usize) {
             Some(head) => (head.subscribe(), after),

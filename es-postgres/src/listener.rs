@@ -7,10 +7,13 @@
 //! (database-wide, flush included), so a NOTIFY inside the append transaction would make the
 //! commits of every partition wait for each other. The notifier coalesces: while one NOTIFY is
 //! on its way, later commits only raise the heads it sends next. A process that dies between a
-//! commit and its NOTIFY leaves the others to find the events at their polling interval. The
-//! listener
-//! reconnects after the connection drops or the server restarts, and re-reads the head after each
-//! (re)connection, because notifications sent while it was away are lost. The watch is only a
+//! commit and its NOTIFY leaves the others to find the events at their polling interval.
+//!
+//! The listener starts with the store's first wait for an append (a subscription), or at once
+//! when the store reads from a replica: a process that only appends does not listen, so the
+//! server does not deliver every process's notifications to every other. It reconnects after the
+//! connection drops or the server restarts, and re-reads the head after each (re)connection and
+//! when it starts, because notifications sent while it was away are lost. The watch is only a
 //! wake-up: subscribers re-read the feed, and `wait_for_append` also returns after the polling
 //! interval.
 
@@ -125,6 +128,7 @@ impl Notifier {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct Listener {
     pub(crate) pool: PgPool,
     pub(crate) channel: String,

@@ -8,7 +8,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use es_core::{
     AppendRequest, AppendResult, EventFilter, EventStore, ExpectedVersion, Metadata, NewEvent,
@@ -340,6 +340,79 @@ async fn terminated_connection_mid_append() {
 
 /// The listener reconnects after its connection is terminated: a subscriber with a long polling
 /// interval still sees appends from another store promptly.
+/// A store that only appends never listens (it would receive every other process's
+/// notifications for nothing); its first wait for an append starts the listener, which then
+/// wakes the subscription on another store's commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_listens_only_once_it_waits_for_appends() {
+    let url = es_test_support::database_url();
+    let schema = common::unique_schema("lazy");
+    let admin = common::pool(&url, 2).await;
+    let listeners = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'idle'",
+        )
+        .bind(format!("LISTEN \"{schema}_events\""))
+        .fetch_one(&admin)
+        .await
+        .unwrap()
+    };
+    let writer = common::store_on(&url, &schema).await;
+    let stream = StreamId::new("order", "lazy").unwrap();
+    for round in 0..20 {
+        writer
+            .append(AppendRequest::new(
+                stream.clone(),
+                ExpectedVersion::Any,
+                vec![event(round)],
+            ))
+            .await
+            .unwrap();
+    }
+    assert_eq!(listeners().await, 0, "an appending store does not listen");
+    let reader = es_postgres::PgStore::builder(common::pool(&url, 4).await)
+        .schema(&schema)
+        .poll_interval(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    let head = reader.head_position().await.unwrap();
+    let mut sub = reader.subscribe(head, EventFilter::all());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sub.next())
+            .await
+            .is_err(),
+        "nothing after the head yet"
+    );
+    let started = Instant::now();
+    while listeners().await != 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the waiting store listens"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    writer
+        .append(AppendRequest::new(
+            stream.clone(),
+            ExpectedVersion::Any,
+            vec![event(20)],
+        ))
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("woken by NOTIFY well before the 60 s polling interval")
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.stream_version, 21);
+    assert_eq!(
+        listeners().await,
+        1,
+        "still one listener: the writer's store never listens"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn listener_reconnects_after_its_connection_is_terminated() {
     let url = es_test_support::database_url();
@@ -353,6 +426,13 @@ async fn listener_reconnects_after_its_connection_is_terminated() {
         .unwrap();
     let admin = common::pool(&url, 2).await;
     let mut sub = reader.subscribe(0, EventFilter::all());
+    // Nothing to deliver yet: the subscription waits, which starts the store's listener.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sub.next())
+            .await
+            .is_err(),
+        "an empty schema delivers nothing"
+    );
     let stream = StreamId::new("order", "l").unwrap();
     for round in 0..3u64 {
         if round > 0 {
