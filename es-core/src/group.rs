@@ -322,9 +322,9 @@ where
             if let Some(request) = request {
                 match request {
                     PauseRequest::Pause(reply) => {
-                        let paused = self.pause().await;
+                        let outcome = self.pause().await;
                         self.publish();
-                        let _ = reply.send(paused);
+                        let _ = reply.send(outcome);
                     }
                     PauseRequest::Resume => self.resume().await,
                 }

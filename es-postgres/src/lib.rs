@@ -596,12 +596,6 @@ impl PgStoreBuilder {
             };
             tokio::spawn(writer.run());
         }
-        let listen = listener::Listener {
-            pool: pool.clone(),
-            channel: schema.channel(),
-            heads_sql: Arc::clone(&sql.heads),
-            heads: Arc::clone(&heads),
-        };
         let notifier = tokio::spawn(
             listener::Notifier {
                 pool: pool.clone(),
@@ -613,6 +607,12 @@ impl PgStoreBuilder {
         server.log(&schema);
         let store = PgStore {
             inner: Arc::new(Inner {
+                listen: listener::Listener {
+                    pool: pool.clone(),
+                    channel: schema.channel(),
+                    heads_sql: Arc::clone(&sql.heads),
+                    heads: Arc::clone(&heads),
+                },
                 pool,
                 schema,
                 sql,
@@ -624,7 +624,6 @@ impl PgStoreBuilder {
                 partitioning: self.partitioning,
                 heads,
                 listener: std::sync::OnceLock::new(),
-                listen,
                 notifier,
                 server,
                 replica,
