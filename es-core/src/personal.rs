@@ -436,17 +436,40 @@ fn has_unicode_escape(payload: &[u8]) -> bool {
 /// Whether `payload` holds a personal value in its readable form: a store refuses such a
 /// payload (it reaches a store only when the store is not wrapped in [`Encrypted`]).
 pub(crate) fn holds_readable_values(payload: &[u8]) -> bool {
-    fn walk(value: &Value) -> bool {
-        match value {
-            Value::Object(map) => map
-                .iter()
-                .any(|(key, value)| key == VALUE_TAG || (!is_tag(key) && walk(value))),
-            Value::Array(items) => items.iter().any(walk),
-            _ => false,
-        }
-    }
     may_hold_values(payload)
-        && serde_json::from_slice::<Value>(payload).is_ok_and(|value| walk(&value))
+        && serde_json::from_slice::<Value>(payload).is_ok_and(|value| value_holds_readable(&value))
+}
+
+/// Whether `value` holds a personal value in its readable form.
+pub(crate) fn value_holds_readable(value: &Value) -> bool {
+    match value {
+        Value::Object(map) => map
+            .iter()
+            .any(|(key, value)| key == VALUE_TAG || (!is_tag(key) && value_holds_readable(value))),
+        Value::Array(items) => items.iter().any(value_holds_readable),
+        _ => false,
+    }
+}
+
+/// `err`, from deserializing a payload, with its message cut down to its category and place when
+/// the payload held readable personal values (`holds`): serde's messages quote the value they
+/// met (`invalid type: string "ada@example.com"`), and decode errors end up in logs.
+pub(crate) fn redact_error(err: serde_json::Error, holds: bool) -> serde_json::Error {
+    if !holds {
+        return err;
+    }
+    let category = match err.classify() {
+        serde_json::error::Category::Io => "I/O",
+        serde_json::error::Category::Syntax => "syntax",
+        serde_json::error::Category::Data => "data",
+        serde_json::error::Category::Eof => "end of input",
+    };
+    <serde_json::Error as serde::de::Error>::custom(format_args!(
+        "{category} error at line {} column {} (the message is withheld: the payload holds \
+         personal values)",
+        err.line(),
+        err.column()
+    ))
 }
 
 /// The reason a store gives for a payload that holds a readable personal value.

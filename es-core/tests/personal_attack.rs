@@ -216,3 +216,85 @@ async fn a_map_key_named_like_a_tag_is_never_stored_unreadable() {
         }
     }
 }
+
+mod decode_errors {
+    //! An event whose personal field no longer matches the type the application reads (a schema
+    //! change gone wrong): the error names the event, never the decrypted value.
+
+    use es_core::personal::{Encrypted, Personal};
+    use es_core::{
+        Aggregate, AppendRequest, Apply, DomainEvent, EventStore, ExpectedVersion, NewEvent,
+        Repository, StreamId,
+    };
+    use es_memory::{InMemoryKeyStore, InMemoryStore};
+    use serde::{Deserialize, Serialize};
+
+    /// The application now reads the field as a number; it was stored as a string.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    struct Registered {
+        email: Personal<u64>,
+    }
+
+    #[derive(Debug, Clone, DomainEvent)]
+    #[event(apply(Customer))]
+    enum CustomerEvent {
+        Registered(Registered),
+    }
+
+    #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+    struct Customer {
+        registered: bool,
+    }
+
+    impl Apply<Registered> for Customer {
+        fn apply(&mut self, _: &Registered) {
+            self.registered = true;
+        }
+    }
+
+    impl Aggregate for Customer {
+        const CATEGORY: &'static str = "customer";
+        type Command = ();
+        type Event = CustomerEvent;
+        type Error = std::convert::Infallible;
+
+        fn handle(&self, (): &()) -> Result<Vec<CustomerEvent>, Self::Error> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn chain(err: &dyn std::error::Error) -> String {
+        let mut out = format!("{err} / {err:?}");
+        let mut source = err.source();
+        while let Some(s) = source {
+            out.push_str(&format!(" / {s} / {s:?}"));
+            source = s.source();
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_payload_that_does_not_decode_does_not_show_its_personal_value() {
+        let store = Encrypted::new(InMemoryStore::new(), InMemoryKeyStore::new());
+        let payload = serde_json::to_vec(&serde_json::json!({
+            "email": Personal::new("c-9", "ada@example.com"),
+        }))
+        .unwrap();
+        store
+            .append(AppendRequest::new(
+                StreamId::new("customer", "9").unwrap(),
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new("Registered", 1, payload).unwrap()],
+            ))
+            .await
+            .unwrap();
+        let repo = Repository::new(store);
+        let err = repo.load::<Customer>("9").await.unwrap_err();
+        let text = chain(&err);
+        assert!(!text.contains("ada@example.com"), "{text}");
+        assert!(
+            text.contains("customer-9"),
+            "the error names the event: {text}"
+        );
+    }
+}
