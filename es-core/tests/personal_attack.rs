@@ -298,3 +298,33 @@ mod decode_errors {
         );
     }
 }
+
+/// Metadata is never encrypted: a `Personal` put there would be stored in clear, so it is refused
+/// like one in a payload written to a bare store, through `Encrypted` too.
+#[tokio::test]
+async fn a_personal_value_in_metadata_is_refused() {
+    let store = encrypted();
+    let stream = StreamId::new("customer", "6").unwrap();
+    let mut metadata = es_core::Metadata::new();
+    metadata.custom.insert(
+        "who".to_owned(),
+        serde_json::to_value(Personal::new("c-1", "ada@example.com")).unwrap(),
+    );
+    let event = NewEvent::new("Written", 1, b"{}".to_vec())
+        .unwrap()
+        .with_metadata(metadata);
+    let err = store
+        .append(AppendRequest::new(
+            stream.clone(),
+            ExpectedVersion::Any,
+            vec![event],
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::InvalidRequest { reason, .. } if reason.contains("metadata")),
+        "{err}"
+    );
+    let stored = read(store.inner(), &stream).await.unwrap();
+    assert!(stored.is_empty(), "{stored:?}");
+}
