@@ -328,3 +328,25 @@ async fn a_personal_value_in_metadata_is_refused() {
     let stored = read(store.inner(), &stream).await.unwrap();
     assert!(stored.is_empty(), "{stored:?}");
 }
+
+/// A sealed value whose subject has neither a key nor a tombstone in the key store (the key store
+/// lost its data, or the store is read with another key store than it was written with) was not
+/// forgotten: it is an error, not an erased value that a projection would keep for good.
+#[tokio::test]
+async fn a_key_store_without_the_subject_is_an_error_not_an_erasure() {
+    let store = encrypted();
+    let stream = StreamId::new("customer", "7").unwrap();
+    let payload = serde_json::to_vec(&Personal::new("c-7", "ada@example.com")).unwrap();
+    append(&store, &stream, payload).await.unwrap();
+    let lost = Encrypted::new(store.inner().clone(), InMemoryKeyStore::new());
+    let err = read(&lost, &stream).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Corrupt { reason, .. } if reason.contains("c-7")),
+        "{err}"
+    );
+    // Forgotten in that key store, it reads erased.
+    lost.forget("c-7").await.unwrap();
+    let events = read(&lost, &stream).await.unwrap();
+    let email: Personal<String> = serde_json::from_slice(&events[0].payload).unwrap();
+    assert!(email.is_erased());
+}

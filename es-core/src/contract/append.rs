@@ -224,9 +224,11 @@ fn check_metadata(
     }
     crate::json::check(&json, depth).map_err(|problem| problem.to_string())?;
     if crate::personal::holds_readable_values(&json) {
-        return Err("holds a `Personal` value: metadata is never encrypted, so personal data \
+        return Err(
+            "holds a `Personal` value: metadata is never encrypted, so personal data \
                     belongs in the payload (written through `es_core::personal::Encrypted`)"
-            .to_owned());
+                .to_owned(),
+        );
     }
     Ok(json.len())
 }
