@@ -428,7 +428,7 @@ pub(crate) fn may_hold_values(payload: &[u8]) -> bool {
     memchr::memmem::find(payload, b"\"$personal\"").is_some() || has_unicode_escape(payload)
 }
 
-/// Whether `payload` holds a `\u` escape (serde_json writes one only for control characters).
+/// Whether `payload` holds a `\u` escape (`serde_json` writes one only for control characters).
 fn has_unicode_escape(payload: &[u8]) -> bool {
     memchr::memmem::find(payload, b"\\u").is_some()
 }

@@ -264,13 +264,13 @@ mod decode_errors {
     }
 
     fn chain(err: &dyn std::error::Error) -> String {
-        let mut out = format!("{err} / {err:?}");
+        let mut parts = vec![format!("{err} / {err:?}")];
         let mut source = err.source();
         while let Some(s) = source {
-            out.push_str(&format!(" / {s} / {s:?}"));
+            parts.push(format!("{s} / {s:?}"));
             source = s.source();
         }
-        out
+        parts.join(" / ")
     }
 
     #[tokio::test]
