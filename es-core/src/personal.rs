@@ -422,25 +422,54 @@ fn aad(subject: &str, version: u32) -> Vec<u8> {
 }
 
 /// Whether `payload` may hold a personal value in its readable form (a fast byte search: false
-/// means it surely holds none).
+/// means it surely holds none). A JSON string escape (`\u0024` for `$`) can spell the tag without
+/// its bytes, so a payload with any `\u` escape is looked at too.
 pub(crate) fn may_hold_values(payload: &[u8]) -> bool {
-    memchr::memmem::find(payload, b"\"$personal\"").is_some()
+    memchr::memmem::find(payload, b"\"$personal\"").is_some() || has_unicode_escape(payload)
+}
+
+/// Whether `payload` holds a `\u` escape (`serde_json` writes one only for control characters).
+fn has_unicode_escape(payload: &[u8]) -> bool {
+    memchr::memmem::find(payload, b"\\u").is_some()
 }
 
 /// Whether `payload` holds a personal value in its readable form: a store refuses such a
 /// payload (it reaches a store only when the store is not wrapped in [`Encrypted`]).
 pub(crate) fn holds_readable_values(payload: &[u8]) -> bool {
-    fn walk(value: &Value) -> bool {
-        match value {
-            Value::Object(map) => {
-                matches!(tagged(map), Some((VALUE_TAG, _))) || map.values().any(walk)
-            }
-            Value::Array(items) => items.iter().any(walk),
-            _ => false,
-        }
-    }
     may_hold_values(payload)
-        && serde_json::from_slice::<Value>(payload).is_ok_and(|value| walk(&value))
+        && serde_json::from_slice::<Value>(payload).is_ok_and(|value| value_holds_readable(&value))
+}
+
+/// Whether `value` holds a personal value in its readable form.
+pub(crate) fn value_holds_readable(value: &Value) -> bool {
+    match value {
+        Value::Object(map) => map
+            .iter()
+            .any(|(key, value)| key == VALUE_TAG || (!is_tag(key) && value_holds_readable(value))),
+        Value::Array(items) => items.iter().any(value_holds_readable),
+        _ => false,
+    }
+}
+
+/// `err`, from deserializing a payload, with its message cut down to its category and place when
+/// the payload held readable personal values (`holds`): serde's messages quote the value they
+/// met (`invalid type: string "ada@example.com"`), and decode errors end up in logs.
+pub(crate) fn redact_error(err: serde_json::Error, holds: bool) -> serde_json::Error {
+    if !holds {
+        return err;
+    }
+    let category = match err.classify() {
+        serde_json::error::Category::Io => "I/O",
+        serde_json::error::Category::Syntax => "syntax",
+        serde_json::error::Category::Data => "data",
+        serde_json::error::Category::Eof => "end of input",
+    };
+    <serde_json::Error as serde::de::Error>::custom(format_args!(
+        "{category} error at line {} column {} (the message is withheld: the payload holds \
+         personal values)",
+        err.line(),
+        err.column()
+    ))
 }
 
 /// The reason a store gives for a payload that holds a readable personal value.
@@ -448,18 +477,34 @@ pub(crate) const READABLE_REFUSED: &str = "holds a `Personal` value in clear: wr
      data through `es_core::personal::Encrypted`, which seals it, so that it is never stored \
      readable";
 
-/// Whether `payload` may hold a sealed value.
+/// Whether `payload` may hold a sealed value (escapes as in [`may_hold_values`]).
 pub(crate) fn may_hold_sealed(payload: &[u8]) -> bool {
-    memchr::memmem::find(payload, b"\"$sealed\"").is_some()
+    memchr::memmem::find(payload, b"\"$sealed\"").is_some() || has_unicode_escape(payload)
 }
 
-/// The tag and body of a one-key object whose key is one of the three tags.
-fn tagged(map: &Map<String, Value>) -> Option<(&str, &Value)> {
-    if map.len() != 1 {
-        return None;
+/// Checks that every sealed value in `payload` has the form [`Encrypted`] gives it, so that no
+/// store accepts a payload that could then not be read through [`Encrypted`] (an application map
+/// whose key is `$sealed`, say): whether it authenticates is known only with the key, when it is
+/// read. Returns the problem, for a store's `InvalidRequest`.
+pub(crate) fn check_sealed_forms(payload: &[u8]) -> Result<(), String> {
+    if !may_hold_sealed(payload) {
+        return Ok(());
     }
-    let (tag, body) = map.iter().next()?;
-    matches!(tag.as_str(), VALUE_TAG | SEALED_TAG | ERASED_TAG).then_some((tag.as_str(), body))
+    let Ok(value) = serde_json::from_slice::<Value>(payload) else {
+        return Ok(());
+    };
+    let mut subjects_found = BTreeSet::new();
+    subjects(&value, SEALED_TAG, &mut subjects_found).map_err(|reason| {
+        format!(
+            "holds a malformed sealed value ({reason}); the keys `{VALUE_TAG}`, `{SEALED_TAG}` \
+             and `{ERASED_TAG}` are reserved for personal values"
+        )
+    })
+}
+
+/// Whether `key` is one of the three tags of a personal value.
+fn is_tag(key: &str) -> bool {
+    matches!(key, VALUE_TAG | SEALED_TAG | ERASED_TAG)
 }
 
 fn subject_of(body: &Value) -> Result<&str, String> {
@@ -468,8 +513,32 @@ fn subject_of(body: &Value) -> Result<&str, String> {
         .ok_or_else(|| "a personal value without a string `subject`".to_owned())
 }
 
-/// Adds the subjects of the marked objects tagged `want` in `value` to `out`. A readable value
-/// inside another one is refused (its key would be hidden by the outer encryption).
+/// Checks the body of a sealed value: the fields [`open`] needs, a valid subject, a 24-byte nonce
+/// and base64 ciphertext.
+fn check_sealed_body(body: &Value) -> Result<SealedBody, String> {
+    let body: SealedBody = serde_json::from_value(body.clone())
+        .map_err(|e| format!("a sealed value without its fields ({e})"))?;
+    check_subject(&body.subject)?;
+    let nonce_ok = BASE64
+        .decode(&body.nonce)
+        .is_ok_and(|n| n.len() == NONCE_BYTES);
+    if !nonce_ok || BASE64.decode(&body.data).is_err() {
+        return Err(format!(
+            "the sealed value of `{}` has no 24-byte base64 nonce or no base64 ciphertext",
+            body.subject
+        ));
+    }
+    Ok(body)
+}
+
+/// Adds the subjects of the values tagged `want` in `value` to `out`.
+///
+/// A personal value is the entry of a tag in an object: most often the object's only entry
+/// (`{"$personal": {..}}`), but serde writes other entries next to it when the `Personal` is
+/// flattened into a struct (`#[serde(flatten)]`) or is the content of an internally tagged enum
+/// variant, so each entry of an object is looked at. An object with more than one tag, a readable
+/// value inside another one (its key would be hidden by the outer encryption) and, for sealed
+/// values, a body not in the sealed form are refused.
 pub(crate) fn subjects(
     value: &Value,
     want: &str,
@@ -477,38 +546,59 @@ pub(crate) fn subjects(
 ) -> Result<(), String> {
     match value {
         Value::Object(map) => {
-            if let Some((tag, body)) = tagged(map) {
-                if tag == want {
+            if map.keys().filter(|k| is_tag(k)).count() > 1 {
+                return Err(
+                    "an object holds more than one personal value (two flattened into one \
+                     struct?)"
+                        .to_owned(),
+                );
+            }
+            for (key, body) in map {
+                if !is_tag(key) {
+                    subjects(body, want, out)?;
+                    continue;
+                }
+                if key != want {
+                    continue;
+                }
+                let subject = if key == SEALED_TAG {
+                    check_sealed_body(body)?.subject
+                } else {
                     let subject = subject_of(body)?;
                     check_subject(subject)?;
-                    out.insert(subject.to_owned());
-                    if tag == VALUE_TAG {
-                        let mut inner = BTreeSet::new();
-                        if let Some(v) = body.get("value") {
-                            subjects(v, VALUE_TAG, &mut inner)?;
-                        }
-                        if !inner.is_empty() {
-                            return Err(format!(
-                                "the personal value of `{subject}` holds another personal value; \
-                                 nest them the other way round or side by side"
-                            ));
-                        }
+                    subject.to_owned()
+                };
+                if key == VALUE_TAG {
+                    let mut inner = BTreeSet::new();
+                    if let Some(v) = body.get("value") {
+                        subjects(v, VALUE_TAG, &mut inner)?;
+                    }
+                    if !inner.is_empty() {
+                        return Err(format!(
+                            "the personal value of `{subject}` holds another personal value; \
+                             nest them the other way round or side by side"
+                        ));
                     }
                 }
-                return Ok(());
+                out.insert(subject);
             }
-            map.values().try_for_each(|v| subjects(v, want, out))
+            Ok(())
         }
         Value::Array(items) => items.iter().try_for_each(|v| subjects(v, want, out)),
         _ => Ok(()),
     }
 }
 
-fn erased(subject: &str) -> Value {
+fn erased_body(subject: &str) -> Value {
     let mut body = Map::new();
     body.insert("subject".to_owned(), Value::String(subject.to_owned()));
+    Value::Object(body)
+}
+
+#[cfg(test)]
+fn erased(subject: &str) -> Value {
     let mut map = Map::new();
-    map.insert(ERASED_TAG.to_owned(), Value::Object(body));
+    map.insert(ERASED_TAG.to_owned(), erased_body(subject));
     Value::Object(map)
 }
 
@@ -521,56 +611,53 @@ struct SealedBody {
 }
 
 /// Replaces every readable personal value in `value` by its sealed form, or by the erased form
-/// for a subject whose key is `None` in `keys`.
+/// for a subject whose key is `None` in `keys` (wherever its tag stands: see [`subjects`]).
 pub(crate) fn seal(value: &mut Value, keys: &KeyRing) -> Result<(), StoreError> {
     match value {
         Value::Object(map) => {
-            if let Some((VALUE_TAG, body)) = tagged(map) {
-                let subject = subject_of(body).map_err(StoreError::backend)?.to_owned();
-                let sealed = match keys.get(&subject) {
-                    Some(Some(key)) => {
-                        let plain = body.get("value").unwrap_or(&Value::Null);
-                        let plain = serde_json::to_vec(plain).map_err(StoreError::backend)?;
-                        let nonce = random_nonce()?;
-                        let aad = aad(&subject, key.version);
-                        let data = key
-                            .cipher
-                            .encrypt(
-                                &nonce,
-                                Payload {
-                                    msg: &plain,
-                                    aad: &aad,
-                                },
-                            )
-                            .map_err(|_| {
-                                StoreError::backend("encrypting a personal value failed")
-                            })?;
-                        let body = SealedBody {
-                            subject,
-                            key: key.version,
-                            nonce: BASE64.encode(nonce),
-                            data: BASE64.encode(data),
-                        };
-                        let mut map = Map::new();
-                        map.insert(
-                            SEALED_TAG.to_owned(),
-                            serde_json::to_value(body).map_err(StoreError::backend)?,
-                        );
-                        Value::Object(map)
-                    }
-                    _ => erased(&subject),
-                };
-                *value = sealed;
-                return Ok(());
+            if let Some(body) = map.remove(VALUE_TAG) {
+                let (tag, body) = seal_body(&body, keys)?;
+                map.insert(tag.to_owned(), body);
             }
-            if tagged(map).is_some() {
-                return Ok(());
-            }
-            map.values_mut().try_for_each(|v| seal(v, keys))
+            map.iter_mut()
+                .filter(|(key, _)| !is_tag(key))
+                .try_for_each(|(_, v)| seal(v, keys))
         }
         Value::Array(items) => items.iter_mut().try_for_each(|v| seal(v, keys)),
         _ => Ok(()),
     }
+}
+
+/// The tag and body that replace the readable value `body`.
+fn seal_body(body: &Value, keys: &KeyRing) -> Result<(&'static str, Value), StoreError> {
+    let subject = subject_of(body).map_err(StoreError::backend)?.to_owned();
+    let Some(Some(key)) = keys.get(&subject) else {
+        return Ok((ERASED_TAG, erased_body(&subject)));
+    };
+    let plain = body.get("value").unwrap_or(&Value::Null);
+    let plain = serde_json::to_vec(plain).map_err(StoreError::backend)?;
+    let nonce = random_nonce()?;
+    let aad = aad(&subject, key.version);
+    let data = key
+        .cipher
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: &plain,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| StoreError::backend("encrypting a personal value failed"))?;
+    let body = SealedBody {
+        subject,
+        key: key.version,
+        nonce: BASE64.encode(nonce),
+        data: BASE64.encode(data),
+    };
+    Ok((
+        SEALED_TAG,
+        serde_json::to_value(body).map_err(StoreError::backend)?,
+    ))
 }
 
 /// Replaces every sealed value in `value` by its readable form, or by the erased form for a
@@ -582,69 +669,70 @@ pub(crate) fn open(
 ) -> Result<(), StoreError> {
     match value {
         Value::Object(map) => {
-            if let Some((SEALED_TAG, _)) = tagged(map) {
-                let corrupt = |reason: &str| StoreError::Corrupt {
-                    location: location(),
-                    reason: format!("personal value: {reason}"),
-                };
-                let body = map.remove(SEALED_TAG).unwrap_or_default();
-                let body: SealedBody = serde_json::from_value(body)
-                    .map_err(|e| corrupt(&format!("malformed sealed value ({e})")))?;
-                let opened = match keys.get(&body.subject) {
-                    Some(Some(key)) => {
-                        if key.version != body.key {
-                            return Err(corrupt(&format!(
-                                "sealed with key version {} of `{}`, the key store holds version {}",
-                                body.key, body.subject, key.version
-                            )));
-                        }
-                        let nonce = BASE64
-                            .decode(&body.nonce)
-                            .ok()
-                            .and_then(|n| XNonce::try_from(n.as_slice()).ok())
-                            .ok_or_else(|| corrupt("the nonce is not 24 bytes of base64"))?;
-                        let data = BASE64
-                            .decode(&body.data)
-                            .map_err(|_| corrupt("the ciphertext is not base64"))?;
-                        let aad = aad(&body.subject, body.key);
-                        let plain = key
-                            .cipher
-                            .decrypt(
-                                &nonce,
-                                Payload {
-                                    msg: &data,
-                                    aad: &aad,
-                                },
-                            )
-                            .map_err(|_| {
-                                corrupt(&format!(
-                                    "the ciphertext of `{}` does not authenticate (altered or \
-                                     moved)",
-                                    body.subject
-                                ))
-                            })?;
-                        let plain: Value = serde_json::from_slice(&plain)
-                            .map_err(|_| corrupt("the decrypted value is not JSON"))?;
-                        let mut inner = Map::new();
-                        inner.insert("subject".to_owned(), Value::String(body.subject));
-                        inner.insert("value".to_owned(), plain);
-                        let mut map = Map::new();
-                        map.insert(VALUE_TAG.to_owned(), Value::Object(inner));
-                        Value::Object(map)
-                    }
-                    _ => erased(&body.subject),
-                };
-                *value = opened;
-                return Ok(());
+            if let Some(body) = map.remove(SEALED_TAG) {
+                let (tag, body) = open_body(body, keys, location)?;
+                map.insert(tag.to_owned(), body);
             }
-            if tagged(map).is_some() {
-                return Ok(());
-            }
-            map.values_mut().try_for_each(|v| open(v, keys, location))
+            map.iter_mut()
+                .filter(|(key, _)| !is_tag(key))
+                .try_for_each(|(_, v)| open(v, keys, location))
         }
         Value::Array(items) => items.iter_mut().try_for_each(|v| open(v, keys, location)),
         _ => Ok(()),
     }
+}
+
+/// The tag and body that replace the sealed value `body`.
+fn open_body(
+    body: Value,
+    keys: &KeyRing,
+    location: &dyn Fn() -> String,
+) -> Result<(&'static str, Value), StoreError> {
+    let corrupt = |reason: &str| StoreError::Corrupt {
+        location: location(),
+        reason: format!("personal value: {reason}"),
+    };
+    let body: SealedBody = serde_json::from_value(body)
+        .map_err(|e| corrupt(&format!("malformed sealed value ({e})")))?;
+    let Some(Some(key)) = keys.get(&body.subject) else {
+        return Ok((ERASED_TAG, erased_body(&body.subject)));
+    };
+    if key.version != body.key {
+        return Err(corrupt(&format!(
+            "sealed with key version {} of `{}`, the key store holds version {}",
+            body.key, body.subject, key.version
+        )));
+    }
+    let nonce = BASE64
+        .decode(&body.nonce)
+        .ok()
+        .and_then(|n| XNonce::try_from(n.as_slice()).ok())
+        .ok_or_else(|| corrupt("the nonce is not 24 bytes of base64"))?;
+    let data = BASE64
+        .decode(&body.data)
+        .map_err(|_| corrupt("the ciphertext is not base64"))?;
+    let aad = aad(&body.subject, body.key);
+    let plain = key
+        .cipher
+        .decrypt(
+            &nonce,
+            Payload {
+                msg: &data,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| {
+            corrupt(&format!(
+                "the ciphertext of `{}` does not authenticate (altered or moved)",
+                body.subject
+            ))
+        })?;
+    let plain: Value =
+        serde_json::from_slice(&plain).map_err(|_| corrupt("the decrypted value is not JSON"))?;
+    let mut inner = Map::new();
+    inner.insert("subject".to_owned(), Value::String(body.subject));
+    inner.insert("value".to_owned(), plain);
+    Ok((VALUE_TAG, Value::Object(inner)))
 }
 
 #[cfg(test)]

@@ -322,7 +322,9 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    fn from_payload(at: &At<'_>, event_type: &str, err: PayloadError) -> Self {
+    /// `personal`: whether the payload held readable personal values (then the message of a
+    /// deserialization error, which may quote one, is withheld).
+    fn from_payload(at: &At<'_>, event_type: &str, err: PayloadError, personal: bool) -> Self {
         match err {
             PayloadError::UnknownType(event_type) => Self::UnknownEventType {
                 stream_id: at.stream_id.clone(),
@@ -333,7 +335,7 @@ impl DecodeError {
                 stream_id: at.stream_id.clone(),
                 version: at.version,
                 event_type: event_type.to_owned(),
-                source,
+                source: crate::personal::redact_error(source, personal),
             },
         }
     }
@@ -488,8 +490,10 @@ impl Upcasters {
         };
         let Some(step) = self.find(event.event_type, event.schema_version) else {
             check_version::<E>(&at, event.event_type, event.schema_version)?;
-            let typed = E::from_payload(event.event_type, event.payload)
-                .map_err(|e| DecodeError::from_payload(&at, event.event_type, e))?;
+            let typed = E::from_payload(event.event_type, event.payload).map_err(|e| {
+                let personal = crate::personal::holds_readable_values(event.payload);
+                DecodeError::from_payload(&at, event.event_type, e, personal)
+            })?;
             sink(typed);
             return Ok(());
         };
@@ -498,7 +502,10 @@ impl Upcasters {
                 stream_id: stream_id.clone(),
                 version: event.stream_version,
                 event_type: event.event_type.to_owned(),
-                source,
+                source: crate::personal::redact_error(
+                    source,
+                    crate::personal::may_hold_values(event.payload),
+                ),
             })?;
         self.expand(&at, step, payload, &mut sink)
     }
@@ -532,8 +539,9 @@ impl Upcasters {
                 self.expand(at, next, out.payload, sink)?;
             } else {
                 check_version::<E>(at, &out.event_type, out.schema_version)?;
+                let personal = crate::personal::value_holds_readable(&out.payload);
                 let typed = E::from_value(&out.event_type, out.payload)
-                    .map_err(|e| DecodeError::from_payload(at, &out.event_type, e))?;
+                    .map_err(|e| DecodeError::from_payload(at, &out.event_type, e, personal))?;
                 sink(typed);
             }
         }

@@ -115,3 +115,59 @@ async fn plain_sql_sees_only_ciphertext_and_no_key_after_forget() {
     );
     let _ = Customer::stream_id("c-psql").unwrap();
 }
+
+/// `forget` racing first writes of the subject from many connections: whatever the interleaving,
+/// after `forget` returned no read yields a value, the subject has one row, a tombstone, and a
+/// write after it is stored erased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_racing_first_writes_leaves_nothing_readable() {
+    use es_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, ReadStream, StreamId};
+    use futures::TryStreamExt;
+
+    let store = common::fresh_store().await;
+    let schema = store.schema().as_str().to_owned();
+    let encrypted = Encrypted::new(store.clone(), store.key_store());
+    let write = |i: usize| {
+        let encrypted = encrypted.clone();
+        async move {
+            let payload =
+                serde_json::to_vec(&Personal::new("racer", format!("secret-{i}"))).unwrap();
+            encrypted
+                .append(AppendRequest::new(
+                    StreamId::new("racer", &i.to_string()).unwrap(),
+                    ExpectedVersion::NoStream,
+                    vec![NewEvent::new("Written", 1, payload).unwrap()],
+                ))
+                .await
+                .unwrap();
+        }
+    };
+    let writers: Vec<_> = (0..16).map(|i| tokio::spawn(write(i))).collect();
+    tokio::task::yield_now().await;
+    encrypted.forget("racer").await.unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    tokio::spawn(write(16)).await.unwrap();
+    for i in 0..17 {
+        let events: Vec<_> = encrypted
+            .read_stream(
+                &StreamId::new("racer", &i.to_string()).unwrap(),
+                ReadStream::forward(),
+            )
+            .try_collect()
+            .await
+            .unwrap();
+        let email: Personal<String> = serde_json::from_slice(&events[0].payload).unwrap();
+        assert!(email.is_erased(), "stream {i} still reads its value");
+    }
+    let sql = format!(
+        "SELECT count(*), count(material), count(forgotten_at) FROM \"{schema}\".subject_keys \
+         WHERE subject = 'racer'"
+    );
+    let (rows, keys, tombstones): (i64, i64, i64) = sqlx::query_as(AssertSqlSafe(sql))
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!((rows, keys, tombstones), (1, 0, 1));
+}

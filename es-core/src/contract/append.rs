@@ -90,6 +90,9 @@ impl AppendRequest {
                     crate::personal::READABLE_REFUSED
                 )));
             }
+            crate::personal::check_sealed_forms(&event.payload).map_err(|problem| {
+                invalid(format!("the payload of event {} {problem}", event.event_id))
+            })?;
             total += size
                 + check_metadata(&event.metadata, limits, depth).map_err(|reason| {
                     invalid(format!("the metadata of event {} {reason}", event.event_id))
@@ -164,6 +167,12 @@ impl AppendRequest {
                     crate::personal::READABLE_REFUSED
                 )));
             }
+            crate::personal::check_sealed_forms(&message.payload).map_err(|problem| {
+                invalid(format!(
+                    "the payload of outbox message {} {problem}",
+                    message.message_id
+                ))
+            })?;
             total += message.payload.len()
                 + check_metadata(&message.metadata, limits, depth).map_err(|reason| {
                     invalid(format!(
@@ -214,6 +223,13 @@ fn check_metadata(
         ));
     }
     crate::json::check(&json, depth).map_err(|problem| problem.to_string())?;
+    if crate::personal::holds_readable_values(&json) {
+        return Err(
+            "holds a `Personal` value: metadata is never encrypted, so personal data \
+                    belongs in the payload (written through `es_core::personal::Encrypted`)"
+                .to_owned(),
+        );
+    }
     Ok(json.len())
 }
 

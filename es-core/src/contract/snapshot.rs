@@ -39,6 +39,7 @@ impl SnapshotRecord {
         if crate::personal::holds_readable_values(&self.payload) {
             return Err(invalid(&crate::personal::READABLE_REFUSED));
         }
+        crate::personal::check_sealed_forms(&self.payload).map_err(|p| invalid(&p))?;
         Ok(())
     }
 }

@@ -150,15 +150,24 @@ impl<S, K: KeyStore> Encrypted<S, K> {
         self.unwrap_keys(stored).await
     }
 
-    /// The keys to open values of `subjects` (`None`: forgotten or never created).
+    /// The keys to open values of `subjects` (`None`: forgotten). A subject with neither a key
+    /// nor a tombstone was never forgotten: its sealed values were written with a key this key
+    /// store does not hold (it lost its data, or it is not the key store they were written
+    /// with), so reading them is [`StoreError::Corrupt`], not an erasure.
     async fn read_keys(&self, subjects: BTreeSet<String>) -> Result<KeyRing, StoreError> {
         let list: Vec<String> = subjects.into_iter().collect();
         let stored = self.keys.load_keys(&list).await?;
-        let mut ring = self.unwrap_keys(stored).await?;
-        for subject in list {
-            ring.entry(subject).or_insert(None);
+        if let Some(missing) = list.iter().find(|s| !stored.contains_key(*s)) {
+            return Err(StoreError::Corrupt {
+                location: format!("the key of subject `{missing}`"),
+                reason: format!(
+                    "values sealed for `{missing}` are stored, but the key store holds neither \
+                     a key nor a tombstone for it: it lost the key, or it is not the key store \
+                     they were written with"
+                ),
+            });
         }
-        Ok(ring)
+        self.unwrap_keys(stored).await
     }
 
     async fn unwrap_keys(

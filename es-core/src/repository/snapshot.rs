@@ -123,6 +123,10 @@ impl<S: Store> Repository<S> {
                 event_id: record.event_id,
             }),
             Err(err) => {
+                let err = crate::personal::redact_error(
+                    err,
+                    crate::personal::holds_readable_values(&record.payload),
+                );
                 tracing::warn!(stream_id = %stream_id, error = %err, "snapshot does not decode; replaying events");
                 None
             }
