@@ -3016,6 +3016,178 @@ pub async fn group_worker_cut_off_stops_by_its_own_clock<S: StreamingStore>(stor
     b.shutdown().await;
 }
 
+/// A store handle for one worker whose lease and checkpoint calls fail at once while the store is
+/// down (a refused connection, not a hang); reads of the feed go on.
+#[derive(Clone)]
+struct Unreachable<S> {
+    inner: S,
+    down: Arc<AtomicBool>,
+}
+
+impl<S> Unreachable<S> {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::unavailable("the store is down (test)"));
+        }
+        Ok(())
+    }
+}
+
+delegate_event_store!(Unreachable);
+
+impl<S: CheckpointStore> CheckpointStore for Unreachable<S> {
+    fn load_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let (this, name) = (self.clone(), name.to_owned());
+        async move {
+            this.check()?;
+            this.inner.load_checkpoint(&name).await
+        }
+    }
+    fn save_checkpoint(&self, name: &str, checkpoint: Checkpoint) -> impl StoreFuture<bool> {
+        let (this, name) = (self.clone(), name.to_owned());
+        async move {
+            this.check()?;
+            this.inner.save_checkpoint(&name, checkpoint).await
+        }
+    }
+    fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let (this, name) = (self.clone(), name.to_owned());
+        async move {
+            this.check()?;
+            this.inner.reset_checkpoint(&name).await
+        }
+    }
+    fn fence_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let (this, name) = (self.clone(), name.to_owned());
+        async move {
+            this.check()?;
+            this.inner.fence_checkpoint(&name).await
+        }
+    }
+}
+
+impl<S: LeaseStore> LeaseStore for Unreachable<S> {
+    fn acquire_lease(
+        &self,
+        group: &str,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> impl StoreFuture<Option<u64>> {
+        let this = self.clone();
+        let (group, name, owner) = (group.to_owned(), name.to_owned(), owner.to_owned());
+        async move {
+            this.check()?;
+            this.inner.acquire_lease(&group, &name, &owner, ttl).await
+        }
+    }
+    fn release_lease(
+        &self,
+        group: &str,
+        name: &str,
+        owner: &str,
+        generation: u64,
+    ) -> impl StoreFuture<()> {
+        let this = self.clone();
+        let (group, name, owner) = (group.to_owned(), name.to_owned(), owner.to_owned());
+        async move {
+            this.check()?;
+            this.inner
+                .release_lease(&group, &name, &owner, generation)
+                .await
+        }
+    }
+    fn held_leases(&self, group: &str) -> impl StoreFuture<Vec<HeldLease>> {
+        let (this, group) = (self.clone(), group.to_owned());
+        async move {
+            this.check()?;
+            this.inner.held_leases(&group).await
+        }
+    }
+}
+
+/// A worker's store refuses its lease and checkpoint calls (they fail at once) while its feed
+/// still delivers: its partitions' work keeps retrying the batch in hand (a runner that retries
+/// many times), handling its events again on each attempt. Once the worker stops its partitions
+/// by its own clock (its leases may run out), its handler must run no more: a second worker may
+/// take the partitions over, and a rebuild may drop the read model, meanwhile.
+pub async fn group_worker_refused_by_its_store_stops_retrying_by_its_own_clock<
+    S: StreamingStore,
+>(
+    store: S,
+) {
+    let partitions = store.partitioning().partitions().end as usize;
+    let repo = Repository::new(store.clone());
+    open_group_ledgers(&repo).await;
+    let log = GroupLog::new();
+    let unreachable = Unreachable {
+        inner: store.clone(),
+        down: Arc::default(),
+    };
+    let runner = ProjectionRunner::with_config(
+        unreachable.clone(),
+        RunnerConfig {
+            // Retries that outlast the lease many times over.
+            max_attempts: 100_000,
+            backoff: es_core::Backoff::new(Duration::from_millis(5), Duration::from_millis(50)),
+            batch_size: 5,
+        },
+    );
+    let a = {
+        let (log, checkpoints) = (log.of("a"), unreachable.clone());
+        runner.spawn_group(GroupConfig::new("a").lease_ttl(GROUP_TTL), move || {
+            AtLeastOnce::new(log.clone(), checkpoints.clone())
+        })
+    };
+    patiently(
+        "a holds every partition",
+        a.wait_owned(|owned| owned.len() == partitions),
+    )
+    .await;
+    check_group_log(&store, &log).await;
+
+    let handlings_by_a = || {
+        lock(&log.handled)
+            .iter()
+            .filter(|h| h.worker == "a")
+            .count()
+    };
+    let before = handlings_by_a();
+    unreachable.down.store(true, Ordering::SeqCst);
+    spawn_ledger_writer(&repo, 1).await.unwrap();
+    until("a handles new events (and cannot record them)", || {
+        handlings_by_a() > before
+    })
+    .await;
+    let bound = GROUP_TTL * 2 + Duration::from_secs(1);
+    let stopped = tokio::time::timeout(bound, a.wait_owned(<[u32]>::is_empty)).await;
+    assert!(stopped.is_ok(), "a still runs {:?}", a.owned());
+    // The stop reaches the work within one retry's backoff; generous for a loaded machine.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let at_stop = handlings_by_a();
+    tokio::time::sleep(GROUP_TTL).await;
+    let later = handlings_by_a();
+    assert_eq!(
+        later,
+        at_stop,
+        "a's handler ran {} more times after a stopped its partitions (its leases may have run \
+         out)",
+        later - at_stop
+    );
+
+    unreachable.down.store(false, Ordering::SeqCst);
+    let b = group_worker(&store, "b", &log);
+    until("a and b divide the partitions", || {
+        let (oa, ob) = (a.owned(), b.owned());
+        oa.len() + ob.len() == partitions && oa.iter().all(|p| !ob.contains(p))
+    })
+    .await;
+    spawn_ledger_writer(&repo, 1).await.unwrap();
+    check_group_log(&store, &log).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// Three workers run a group while writers append; one is killed (its leases must run out) and
 /// another rebuilds the projection: the whole group pauses, every partition's checkpoint starts
 /// a new generation at 0, the read model is dropped, and the group resumes and replays. No work
