@@ -322,7 +322,10 @@ where
             if let Some(request) = request {
                 match request {
                     PauseRequest::Pause(reply) => {
-                        let _ = reply.send(self.pause().await);
+                        let paused = self.pause().await;
+                        // Published before the answer: once `pause` returns, `owned` is empty.
+                        self.publish();
+                        let _ = reply.send(paused);
                     }
                     PauseRequest::Resume => self.resume().await,
                 }
