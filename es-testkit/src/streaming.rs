@@ -3241,6 +3241,196 @@ pub async fn group_rebuild_pauses_every_worker_and_replays<S: StreamingStore>(st
     b.shutdown().await;
 }
 
+/// A rebuild whose caller gives up while the pause waits (a worker was killed, its leases still
+/// run): the group must not stay paused. The pause ends, the workers take every partition again,
+/// and every event is handled, per stream in order.
+pub async fn group_rebuild_dropped_midway_lets_the_group_resume<S: StreamingStore>(store: S) {
+    let partitions = store.partitioning().partitions().end as usize;
+    let repo = Repository::new(store.clone());
+    open_group_ledgers(&repo).await;
+    let log = GroupLog::new();
+    let a = group_worker(&store, "a", &log);
+    let b = group_worker(&store, "b", &log);
+    let c = group_worker(&store, "c", &log);
+    until("the workers divide the partitions", || {
+        let owned: Vec<Vec<u32>> = [&a, &b, &c].iter().map(|w| w.owned()).collect();
+        let distinct: HashSet<&u32> = owned.iter().flatten().collect();
+        owned.iter().map(Vec::len).sum::<usize>() == partitions && distinct.len() == partitions
+    })
+    .await;
+    // Kill whoever runs partition 0: its leases run for most of a lease time yet, and the pause
+    // waits for them.
+    let mut workers = vec![a, b, c];
+    let victim = workers
+        .iter()
+        .position(|w| w.owned().contains(&0))
+        .expect("someone runs partition 0");
+    workers.remove(victim).kill();
+    let (b, a) = (workers.pop().unwrap(), workers.pop().unwrap());
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), b.rebuild()).await;
+    assert!(gave_up.is_err(), "the rebuild was to be dropped mid-way");
+    until("a and b run every partition again", || {
+        a.owned().len() + b.owned().len() == partitions
+    })
+    .await;
+    let held = store.held_leases("projection:group-log").await.unwrap();
+    assert!(
+        !held.iter().any(|l| l.name == "pause"),
+        "the pause lease is still held: {held:?}"
+    );
+    spawn_ledger_writer(&repo, 2).await.unwrap();
+    check_group_log(&store, &log).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Two workers rebuild at once: the pauses take turns (one waits for the other's to end), both
+/// rebuilds succeed, the group resumes, and every event is handled, per stream in order, with
+/// every partition's checkpoint of a newer generation.
+pub async fn group_two_rebuilds_at_once_take_turns<S: StreamingStore>(store: S) {
+    let partitions = store.partitioning().partitions().end as usize;
+    let repo = Repository::new(store.clone());
+    open_group_ledgers(&repo).await;
+    let log = GroupLog::new();
+    let a = group_worker(&store, "a", &log);
+    let b = group_worker(&store, "b", &log);
+    until("a and b divide the partitions", || {
+        a.owned().len() + b.owned().len() == partitions
+    })
+    .await;
+    let writer = spawn_ledger_writer(&repo, 4);
+    let mut before = Vec::new();
+    for partition in 0..partitions as u32 {
+        let name = partition_checkpoint("group-log", partition);
+        before.push(store.load_checkpoint(&name).await.unwrap());
+    }
+    let (ra, rb) = tokio::join!(a.rebuild(), b.rebuild());
+    ra.expect("a's rebuild");
+    rb.expect("b's rebuild");
+    writer.await.unwrap();
+    check_group_log(&store, &log).await;
+    for (partition, before) in before.iter().enumerate() {
+        let name = partition_checkpoint("group-log", partition as u32);
+        let now = store.load_checkpoint(&name).await.unwrap();
+        assert!(
+            now.generation > before.generation,
+            "partition {partition}: {before:?} -> {now:?}"
+        );
+    }
+    until("a and b run every partition again", || {
+        a.owned().len() + b.owned().len() == partitions
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// The group-log read model whose drop takes three lease times, and checks meanwhile that the
+/// group stays paused.
+#[derive(Clone)]
+struct SlowDrop {
+    log: GroupLog,
+    /// Set while the drop runs.
+    dropping: Arc<AtomicBool>,
+    /// Handlings that began while the drop ran.
+    ran_while_dropping: Arc<AtomicUsize>,
+}
+
+impl Projection for SlowDrop {
+    fn name(&self) -> &'static str {
+        "group-log"
+    }
+
+    fn filter(&self) -> EventFilter {
+        self.log.filter()
+    }
+
+    async fn handle(&mut self, event: &RecordedEvent) -> Result<(), HandlerError> {
+        if self.dropping.load(Ordering::SeqCst) {
+            self.ran_while_dropping.fetch_add(1, Ordering::SeqCst);
+        }
+        self.log.handle(event).await
+    }
+
+    async fn reset(&mut self) -> Result<(), HandlerError> {
+        self.dropping.store(true, Ordering::SeqCst);
+        tokio::time::sleep(GROUP_TTL * 3).await;
+        let result = self.log.reset().await;
+        self.dropping.store(false, Ordering::SeqCst);
+        result
+    }
+}
+
+/// A rebuild whose read-model drop takes three lease times: the pause lease is kept while it
+/// runs, so no worker takes a partition and no handler runs until the drop is over; then the
+/// group replays every event, per stream in order.
+pub async fn group_rebuild_slower_than_the_lease_keeps_the_group_paused<S: StreamingStore>(
+    store: S,
+) {
+    let partitions = store.partitioning().partitions().end as usize;
+    let repo = Repository::new(store.clone());
+    open_group_ledgers(&repo).await;
+    let log = GroupLog::new();
+    let dropping = Arc::new(AtomicBool::new(false));
+    let ran_while_dropping = Arc::new(AtomicUsize::new(0));
+    let worker = |name: &'static str| {
+        let model = SlowDrop {
+            log: log.of(name),
+            dropping: Arc::clone(&dropping),
+            ran_while_dropping: Arc::clone(&ran_while_dropping),
+        };
+        let checkpoints = store.clone();
+        group_runner(&store).spawn_group(GroupConfig::new(name).lease_ttl(GROUP_TTL), move || {
+            AtLeastOnce::new(model.clone(), checkpoints.clone())
+        })
+    };
+    let (a, b) = (worker("a"), worker("b"));
+    until("a and b divide the partitions", || {
+        a.owned().len() + b.owned().len() == partitions
+    })
+    .await;
+    let writer = spawn_ledger_writer(&repo, 4);
+    let watch = {
+        let (store, dropping) = (store.clone(), Arc::clone(&dropping));
+        tokio::spawn(async move {
+            let mut checked = 0;
+            loop {
+                if dropping.load(Ordering::SeqCst) {
+                    let held = store.held_leases("projection:group-log").await.unwrap();
+                    if dropping.load(Ordering::SeqCst) {
+                        assert!(
+                            !held.iter().any(|l| l.name.starts_with("partition:")),
+                            "a partition lease is held while the read model is dropped: \
+                             {held:?}"
+                        );
+                        assert!(
+                            held.iter().any(|l| l.name == "pause"),
+                            "the pause lease ran out while the read model is dropped"
+                        );
+                        checked += 1;
+                    }
+                }
+                if checked > 0 && !dropping.load(Ordering::SeqCst) {
+                    return checked;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    a.rebuild().await.expect("the rebuild");
+    let checked = patiently("the watch ends", watch).await.unwrap();
+    assert!(checked > 10, "the group was checked {checked} times only");
+    assert_eq!(
+        ran_while_dropping.load(Ordering::SeqCst),
+        0,
+        "handlers ran while the read model was being dropped"
+    );
+    writer.await.unwrap();
+    check_group_log(&store, &log).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// The leases of one worker whose partition-lease calls wait at a gate the test opens: the
 /// worker lists the group, then stalls before it takes a partition.
 #[derive(Clone)]
