@@ -332,10 +332,10 @@ where
             if let Some(request) = request {
                 match request {
                     PauseRequest::Pause(reply) => {
-                        let paused = self.pause().await;
+                        let answer = self.pause().await;
                         // Published before the answer: once `pause` returns, `owned` is empty.
                         self.publish();
-                        let _ = reply.send(paused);
+                        let _ = reply.send(answer);
                     }
                     PauseRequest::Resume => self.resume().await,
                 }
