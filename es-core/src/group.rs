@@ -55,11 +55,21 @@
 //! Per-stream order holds across rebalances: a stream lives in one partition, and the new owner
 //! of a partition continues from the fenced checkpoint, in feed order.
 //!
+//! A partition's work is told to stop by the worker's clock and ends once its batch in hand is
+//! done (a projection stops retrying a failing batch then too). So the one window left is a
+//! store call of that batch that hangs past the lease (one that fails does not keep the work
+//! going): fencing still refuses that worker's checkpoint, and on PostgreSQL its writes.
+//!
 //! Tested by the streaming conformance cases `group_worker_killed_hands_its_partitions_over`,
 //! `group_worker_added_takes_its_share`, `group_stale_worker_never_records`,
-//! `group_worker_cut_off_stops_by_its_own_clock` and
-//! `group_workers_sharing_a_name_divide_the_partitions` on every store, and exactly once on
-//! PostgreSQL by `es-postgres`'s group tests.
+//! `group_worker_cut_off_stops_by_its_own_clock`,
+//! `group_worker_refused_by_its_store_stops_retrying_by_its_own_clock`,
+//! `group_workers_sharing_a_name_divide_the_partitions`, and for the pause
+//! `group_rebuild_pauses_every_worker_and_replays`,
+//! `group_pause_holds_back_a_worker_that_took_partitions_late`,
+//! `group_rebuild_dropped_midway_lets_the_group_resume`, `group_two_rebuilds_at_once_take_turns`
+//! and `group_rebuild_slower_than_the_lease_keeps_the_group_paused`, on every store; and exactly
+//! once on PostgreSQL by `es-postgres`'s group tests.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -322,12 +332,14 @@ where
             if let Some(request) = request {
                 match request {
                     PauseRequest::Pause(reply) => {
-                        let outcome = self.pause().await;
+                        let answer = self.pause().await;
+                        // Published before the answer: once `pause` returns, `owned` is empty.
                         self.publish();
-                        let _ = reply.send(outcome);
+                        let _ = reply.send(answer);
                     }
                     PauseRequest::Resume => self.resume().await,
                 }
+                self.publish();
                 continue;
             }
             // A store that does not answer must not hold the round past the moment a lease may

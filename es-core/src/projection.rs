@@ -553,12 +553,15 @@ impl<S: EventStore + LeaseStore> ProjectionRunner<S> {
                 let run = tracing::Instrument::instrument(worker.run(), span);
                 async move {
                     tokio::pin!(run);
+                    // The stop first: once it is signalled (the lease may run out), the
+                    // projection hears `Shutdown` before it is polled for another batch.
                     tokio::select! {
-                        () = &mut run => {}
+                        biased;
                         () = claim.stopped() => {
                             let _ = control.send(Control::Shutdown).await;
                             run.await;
                         }
+                        () = &mut run => {}
                     }
                 }
             },
@@ -759,6 +762,9 @@ enum Exit {
 enum ApplyError {
     Failed(ProjectionError),
     Fenced,
+    /// A control request came between two attempts (in a consumer group: the partition's lease
+    /// may run out): the batch is given up, recorded up to the position given, if any.
+    Control(Control, Option<u64>),
 }
 
 impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
@@ -874,6 +880,9 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
                     Ok(()) => {}
                     Err(ApplyError::Failed(failure)) => return Exit::Failed(failure),
                     Err(ApplyError::Fenced) => return Exit::Fenced,
+                    Err(ApplyError::Control(control, recorded)) => {
+                        return Self::on_control(control, recorded.unwrap_or(position))
+                    }
                 }
                 position = events.last().map_or(position, |e| e.global_position);
                 self.status
@@ -937,7 +946,16 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
                 )));
             }
             tracing::warn!(error = %source, attempts, "projection batch failed; retrying");
-            backoff.sleep().await;
+            // A stop (or rebuild) is heard between attempts: a consumer-group worker told to stop
+            // because its lease may run out must not go on handling the batch again and again.
+            tokio::select! {
+                biased;
+                Some(control) = self.control.recv() => {
+                    let recorded = start.checked_sub(1).map(|i| events[i].global_position);
+                    return Err(ApplyError::Control(control, recorded));
+                }
+                () = backoff.sleep() => {}
+            }
         }
         Ok(())
     }

@@ -86,8 +86,12 @@ macro_rules! group_conformance_tests {
             group_worker_added_takes_its_share,
             group_stale_worker_never_records,
             group_worker_cut_off_stops_by_its_own_clock,
+            group_worker_refused_by_its_store_stops_retrying_by_its_own_clock,
             group_workers_sharing_a_name_divide_the_partitions,
             group_rebuild_pauses_every_worker_and_replays,
+            group_rebuild_dropped_midway_lets_the_group_resume,
+            group_two_rebuilds_at_once_take_turns,
+            group_rebuild_slower_than_the_lease_keeps_the_group_paused,
             group_pause_holds_back_a_worker_that_took_partitions_late,
             relay_group_worker_killed_hands_its_outboxes_over,
         );

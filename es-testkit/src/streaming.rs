@@ -3016,6 +3016,178 @@ pub async fn group_worker_cut_off_stops_by_its_own_clock<S: StreamingStore>(stor
     b.shutdown().await;
 }
 
+/// A store handle for one worker whose lease and checkpoint calls fail at once while the store is
+/// down (a refused connection, not a hang); reads of the feed go on.
+#[derive(Clone)]
+struct Unreachable<S> {
+    inner: S,
+    down: Arc<AtomicBool>,
+}
+
+impl<S> Unreachable<S> {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::unavailable("the store is down (test)"));
+        }
+        Ok(())
+    }
+}
+
+delegate_event_store!(Unreachable);
+
+impl<S: CheckpointStore> CheckpointStore for Unreachable<S> {
+    fn load_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let (this, name) = (self.clone(), name.to_owned());
+        async move {
+            this.check()?;
+            this.inner.load_checkpoint(&name).await
+        }
+    }
+    fn save_checkpoint(&self, name: &str, checkpoint: Checkpoint) -> impl StoreFuture<bool> {
+        let (this, name) = (self.clone(), name.to_owned());
+        async move {
+            this.check()?;
+            this.inner.save_checkpoint(&name, checkpoint).await
+        }
+    }
+    fn reset_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let (this, name) = (self.clone(), name.to_owned());
+        async move {
+            this.check()?;
+            this.inner.reset_checkpoint(&name).await
+        }
+    }
+    fn fence_checkpoint(&self, name: &str) -> impl StoreFuture<Checkpoint> {
+        let (this, name) = (self.clone(), name.to_owned());
+        async move {
+            this.check()?;
+            this.inner.fence_checkpoint(&name).await
+        }
+    }
+}
+
+impl<S: LeaseStore> LeaseStore for Unreachable<S> {
+    fn acquire_lease(
+        &self,
+        group: &str,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> impl StoreFuture<Option<u64>> {
+        let this = self.clone();
+        let (group, name, owner) = (group.to_owned(), name.to_owned(), owner.to_owned());
+        async move {
+            this.check()?;
+            this.inner.acquire_lease(&group, &name, &owner, ttl).await
+        }
+    }
+    fn release_lease(
+        &self,
+        group: &str,
+        name: &str,
+        owner: &str,
+        generation: u64,
+    ) -> impl StoreFuture<()> {
+        let this = self.clone();
+        let (group, name, owner) = (group.to_owned(), name.to_owned(), owner.to_owned());
+        async move {
+            this.check()?;
+            this.inner
+                .release_lease(&group, &name, &owner, generation)
+                .await
+        }
+    }
+    fn held_leases(&self, group: &str) -> impl StoreFuture<Vec<HeldLease>> {
+        let (this, group) = (self.clone(), group.to_owned());
+        async move {
+            this.check()?;
+            this.inner.held_leases(&group).await
+        }
+    }
+}
+
+/// A worker's store refuses its lease and checkpoint calls (they fail at once) while its feed
+/// still delivers: its partitions' work keeps retrying the batch in hand (a runner that retries
+/// many times), handling its events again on each attempt. Once the worker stops its partitions
+/// by its own clock (its leases may run out), its handler must run no more: a second worker may
+/// take the partitions over, and a rebuild may drop the read model, meanwhile.
+pub async fn group_worker_refused_by_its_store_stops_retrying_by_its_own_clock<
+    S: StreamingStore,
+>(
+    store: S,
+) {
+    let partitions = store.partitioning().partitions().end as usize;
+    let repo = Repository::new(store.clone());
+    open_group_ledgers(&repo).await;
+    let log = GroupLog::new();
+    let unreachable = Unreachable {
+        inner: store.clone(),
+        down: Arc::default(),
+    };
+    let runner = ProjectionRunner::with_config(
+        unreachable.clone(),
+        RunnerConfig {
+            // Retries that outlast the lease many times over.
+            max_attempts: 100_000,
+            backoff: es_core::Backoff::new(Duration::from_millis(5), Duration::from_millis(50)),
+            batch_size: 5,
+        },
+    );
+    let a = {
+        let (log, checkpoints) = (log.of("a"), unreachable.clone());
+        runner.spawn_group(GroupConfig::new("a").lease_ttl(GROUP_TTL), move || {
+            AtLeastOnce::new(log.clone(), checkpoints.clone())
+        })
+    };
+    patiently(
+        "a holds every partition",
+        a.wait_owned(|owned| owned.len() == partitions),
+    )
+    .await;
+    check_group_log(&store, &log).await;
+
+    let handlings_by_a = || {
+        lock(&log.handled)
+            .iter()
+            .filter(|h| h.worker == "a")
+            .count()
+    };
+    let before = handlings_by_a();
+    unreachable.down.store(true, Ordering::SeqCst);
+    spawn_ledger_writer(&repo, 1).await.unwrap();
+    until("a handles new events (and cannot record them)", || {
+        handlings_by_a() > before
+    })
+    .await;
+    let bound = GROUP_TTL * 2 + Duration::from_secs(1);
+    let stopped = tokio::time::timeout(bound, a.wait_owned(<[u32]>::is_empty)).await;
+    assert!(stopped.is_ok(), "a still runs {:?}", a.owned());
+    // The stop reaches the work within one retry's backoff; generous for a loaded machine.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let at_stop = handlings_by_a();
+    tokio::time::sleep(GROUP_TTL).await;
+    let later = handlings_by_a();
+    assert_eq!(
+        later,
+        at_stop,
+        "a's handler ran {} more times after a stopped its partitions (its leases may have run \
+         out)",
+        later - at_stop
+    );
+
+    unreachable.down.store(false, Ordering::SeqCst);
+    let b = group_worker(&store, "b", &log);
+    until("a and b divide the partitions", || {
+        let (oa, ob) = (a.owned(), b.owned());
+        oa.len() + ob.len() == partitions && oa.iter().all(|p| !ob.contains(p))
+    })
+    .await;
+    spawn_ledger_writer(&repo, 1).await.unwrap();
+    check_group_log(&store, &log).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// Three workers run a group while writers append; one is killed (its leases must run out) and
 /// another rebuilds the projection: the whole group pauses, every partition's checkpoint starts
 /// a new generation at 0, the read model is dropped, and the group resumes and replays. No work
@@ -3065,6 +3237,196 @@ pub async fn group_rebuild_pauses_every_worker_and_replays<S: StreamingStore>(st
         a.owned().len() + b.owned().len() == partitions
     })
     .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A rebuild whose caller gives up while the pause waits (a worker was killed, its leases still
+/// run): the group must not stay paused. The pause ends, the workers take every partition again,
+/// and every event is handled, per stream in order.
+pub async fn group_rebuild_dropped_midway_lets_the_group_resume<S: StreamingStore>(store: S) {
+    let partitions = store.partitioning().partitions().end as usize;
+    let repo = Repository::new(store.clone());
+    open_group_ledgers(&repo).await;
+    let log = GroupLog::new();
+    let a = group_worker(&store, "a", &log);
+    let b = group_worker(&store, "b", &log);
+    let c = group_worker(&store, "c", &log);
+    until("the workers divide the partitions", || {
+        let owned: Vec<Vec<u32>> = [&a, &b, &c].iter().map(|w| w.owned()).collect();
+        let distinct: HashSet<&u32> = owned.iter().flatten().collect();
+        owned.iter().map(Vec::len).sum::<usize>() == partitions && distinct.len() == partitions
+    })
+    .await;
+    // Kill whoever runs partition 0: its leases run for most of a lease time yet, and the pause
+    // waits for them.
+    let mut workers = vec![a, b, c];
+    let victim = workers
+        .iter()
+        .position(|w| w.owned().contains(&0))
+        .expect("someone runs partition 0");
+    workers.remove(victim).kill();
+    let (b, a) = (workers.pop().unwrap(), workers.pop().unwrap());
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), b.rebuild()).await;
+    assert!(gave_up.is_err(), "the rebuild was to be dropped mid-way");
+    until("a and b run every partition again", || {
+        a.owned().len() + b.owned().len() == partitions
+    })
+    .await;
+    let held = store.held_leases("projection:group-log").await.unwrap();
+    assert!(
+        !held.iter().any(|l| l.name == "pause"),
+        "the pause lease is still held: {held:?}"
+    );
+    spawn_ledger_writer(&repo, 2).await.unwrap();
+    check_group_log(&store, &log).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Two workers rebuild at once: the pauses take turns (one waits for the other's to end), both
+/// rebuilds succeed, the group resumes, and every event is handled, per stream in order, with
+/// every partition's checkpoint of a newer generation.
+pub async fn group_two_rebuilds_at_once_take_turns<S: StreamingStore>(store: S) {
+    let partitions = store.partitioning().partitions().end as usize;
+    let repo = Repository::new(store.clone());
+    open_group_ledgers(&repo).await;
+    let log = GroupLog::new();
+    let a = group_worker(&store, "a", &log);
+    let b = group_worker(&store, "b", &log);
+    until("a and b divide the partitions", || {
+        a.owned().len() + b.owned().len() == partitions
+    })
+    .await;
+    let writer = spawn_ledger_writer(&repo, 4);
+    let mut before = Vec::new();
+    for partition in 0..partitions as u32 {
+        let name = partition_checkpoint("group-log", partition);
+        before.push(store.load_checkpoint(&name).await.unwrap());
+    }
+    let (ra, rb) = tokio::join!(a.rebuild(), b.rebuild());
+    ra.expect("a's rebuild");
+    rb.expect("b's rebuild");
+    writer.await.unwrap();
+    check_group_log(&store, &log).await;
+    for (partition, before) in before.iter().enumerate() {
+        let name = partition_checkpoint("group-log", partition as u32);
+        let now = store.load_checkpoint(&name).await.unwrap();
+        assert!(
+            now.generation > before.generation,
+            "partition {partition}: {before:?} -> {now:?}"
+        );
+    }
+    until("a and b run every partition again", || {
+        a.owned().len() + b.owned().len() == partitions
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// The group-log read model whose drop takes three lease times, and checks meanwhile that the
+/// group stays paused.
+#[derive(Clone)]
+struct SlowDrop {
+    log: GroupLog,
+    /// Set while the drop runs.
+    dropping: Arc<AtomicBool>,
+    /// Handlings that began while the drop ran.
+    ran_while_dropping: Arc<AtomicUsize>,
+}
+
+impl Projection for SlowDrop {
+    fn name(&self) -> &'static str {
+        "group-log"
+    }
+
+    fn filter(&self) -> EventFilter {
+        self.log.filter()
+    }
+
+    async fn handle(&mut self, event: &RecordedEvent) -> Result<(), HandlerError> {
+        if self.dropping.load(Ordering::SeqCst) {
+            self.ran_while_dropping.fetch_add(1, Ordering::SeqCst);
+        }
+        self.log.handle(event).await
+    }
+
+    async fn reset(&mut self) -> Result<(), HandlerError> {
+        self.dropping.store(true, Ordering::SeqCst);
+        tokio::time::sleep(GROUP_TTL * 3).await;
+        let result = self.log.reset().await;
+        self.dropping.store(false, Ordering::SeqCst);
+        result
+    }
+}
+
+/// A rebuild whose read-model drop takes three lease times: the pause lease is kept while it
+/// runs, so no worker takes a partition and no handler runs until the drop is over; then the
+/// group replays every event, per stream in order.
+pub async fn group_rebuild_slower_than_the_lease_keeps_the_group_paused<S: StreamingStore>(
+    store: S,
+) {
+    let partitions = store.partitioning().partitions().end as usize;
+    let repo = Repository::new(store.clone());
+    open_group_ledgers(&repo).await;
+    let log = GroupLog::new();
+    let dropping = Arc::new(AtomicBool::new(false));
+    let ran_while_dropping = Arc::new(AtomicUsize::new(0));
+    let worker = |name: &'static str| {
+        let model = SlowDrop {
+            log: log.of(name),
+            dropping: Arc::clone(&dropping),
+            ran_while_dropping: Arc::clone(&ran_while_dropping),
+        };
+        let checkpoints = store.clone();
+        group_runner(&store).spawn_group(GroupConfig::new(name).lease_ttl(GROUP_TTL), move || {
+            AtLeastOnce::new(model.clone(), checkpoints.clone())
+        })
+    };
+    let (a, b) = (worker("a"), worker("b"));
+    until("a and b divide the partitions", || {
+        a.owned().len() + b.owned().len() == partitions
+    })
+    .await;
+    let writer = spawn_ledger_writer(&repo, 4);
+    let watch = {
+        let (store, dropping) = (store.clone(), Arc::clone(&dropping));
+        tokio::spawn(async move {
+            let mut checked = 0;
+            loop {
+                if dropping.load(Ordering::SeqCst) {
+                    let held = store.held_leases("projection:group-log").await.unwrap();
+                    if dropping.load(Ordering::SeqCst) {
+                        assert!(
+                            !held.iter().any(|l| l.name.starts_with("partition:")),
+                            "a partition lease is held while the read model is dropped: \
+                             {held:?}"
+                        );
+                        assert!(
+                            held.iter().any(|l| l.name == "pause"),
+                            "the pause lease ran out while the read model is dropped"
+                        );
+                        checked += 1;
+                    }
+                }
+                if checked > 0 && !dropping.load(Ordering::SeqCst) {
+                    return checked;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    a.rebuild().await.expect("the rebuild");
+    let checked = patiently("the watch ends", watch).await.unwrap();
+    assert!(checked > 10, "the group was checked {checked} times only");
+    assert_eq!(
+        ran_while_dropping.load(Ordering::SeqCst),
+        0,
+        "handlers ran while the read model was being dropped"
+    );
+    writer.await.unwrap();
+    check_group_log(&store, &log).await;
     a.shutdown().await;
     b.shutdown().await;
 }
