@@ -67,6 +67,11 @@ impl Kills {
         }
     }
 
+    /// How many kills hit appends in flight.
+    fn hits(&self) -> usize {
+        self.hit.lock().unwrap().iter().filter(|n| **n > 0).count()
+    }
+
     async fn kill(&self, server: &mut RedisServer) {
         common::signal(server.pid().unwrap(), "STOP");
         // Counted from here: the frozen server answers nothing until it is killed.
@@ -376,13 +381,24 @@ async fn kill9_during_appends_loses_no_acknowledged_append() {
         })
         .collect();
 
-    for _ in 0..KILLS {
+    // Group commit sends the writers' appends together, so a kill can fall between two calls
+    // and find none in flight: such a kill does not count, and another is made.
+    let mut made = 0;
+    loop {
         kills.wait_for_progress(500).await;
+        if kills.hits() >= KILLS {
+            break;
+        }
+        assert!(
+            made < KILLS * 3,
+            "{made} kills, too few hit appends in flight: {:?}",
+            kills.hit.lock().unwrap()
+        );
         kills.kill(&mut server).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         tokio::task::block_in_place(|| server.restart()).unwrap();
+        made += 1;
     }
-    kills.wait_for_progress(500).await;
     stop.store(true, Ordering::Relaxed);
 
     let mut acknowledged = Vec::new();
@@ -397,10 +413,10 @@ async fn kill9_during_appends_loses_no_acknowledged_append() {
          after the reply was lost; appends in flight at each kill: {in_flight:?}",
         acknowledged.len()
     );
-    assert_eq!(in_flight.len(), KILLS, "{in_flight:?}");
+    assert_eq!(in_flight.len(), made, "{in_flight:?}");
     assert!(
-        in_flight.iter().all(|n| *n > 0),
-        "every kill hit appends in flight: {in_flight:?}"
+        in_flight.iter().filter(|n| **n > 0).count() >= KILLS,
+        "{KILLS} kills hit appends in flight: {in_flight:?}"
     );
 
     // One more restart from the AOF: what was acknowledged must be on disk, not just in memory.
