@@ -67,6 +67,28 @@ impl Kills {
         }
     }
 
+    /// Kills and restarts the server until `wanted` kills hit appends in flight; returns how
+    /// many kills it made. Group commit sends the writers' appends together, so a kill can fall
+    /// between two calls and find none in flight: such a kill does not count.
+    async fn kill_until_hit(&self, server: &mut RedisServer, wanted: usize) -> usize {
+        let mut made = 0;
+        loop {
+            self.wait_for_progress(500).await;
+            if self.hits() >= wanted {
+                return made;
+            }
+            assert!(
+                made < wanted * 3,
+                "{made} kills, too few hit appends in flight: {:?}",
+                self.hit.lock().unwrap()
+            );
+            self.kill(server).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::task::block_in_place(|| server.restart()).unwrap();
+            made += 1;
+        }
+    }
+
     /// How many kills hit appends in flight.
     fn hits(&self) -> usize {
         self.hit.lock().unwrap().iter().filter(|n| **n > 0).count()
@@ -381,24 +403,7 @@ async fn kill9_during_appends_loses_no_acknowledged_append() {
         })
         .collect();
 
-    // Group commit sends the writers' appends together, so a kill can fall between two calls
-    // and find none in flight: such a kill does not count, and another is made.
-    let mut made = 0;
-    loop {
-        kills.wait_for_progress(500).await;
-        if kills.hits() >= KILLS {
-            break;
-        }
-        assert!(
-            made < KILLS * 3,
-            "{made} kills, too few hit appends in flight: {:?}",
-            kills.hit.lock().unwrap()
-        );
-        kills.kill(&mut server).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        tokio::task::block_in_place(|| server.restart()).unwrap();
-        made += 1;
-    }
+    let made = kills.kill_until_hit(&mut server, KILLS).await;
     stop.store(true, Ordering::Relaxed);
 
     let mut acknowledged = Vec::new();
