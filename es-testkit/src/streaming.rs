@@ -2581,6 +2581,15 @@ fn spawn_ledger_writer<S: StreamingStore>(
     })
 }
 
+/// The start of a group case: the store's partition count, a repository on it with the
+/// group's ledgers opened, and an empty group log.
+async fn group_case<S: StreamingStore>(store: &S) -> (usize, Repository<S>, GroupLog) {
+    let repo = Repository::new(store.clone());
+    open_group_ledgers(&repo).await;
+    let partitions = store.partitioning().partitions().end as usize;
+    (partitions, repo, GroupLog::new())
+}
+
 async fn open_group_ledgers<S: StreamingStore>(repo: &Repository<S>) {
     for id in group_ids() {
         repo.execute::<Ledger>(&id, &LedgerCommand::Open)
@@ -2651,10 +2660,7 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
 /// release) while writers append: the other holds every partition within the lease time and a
 /// round or two, and the projection ends with every event handled, per stream in order.
 pub async fn group_worker_killed_hands_its_partitions_over<S: StreamingStore>(store: S) {
-    let partitions = store.partitioning().partitions().end as usize;
-    let repo = Repository::new(store.clone());
-    open_group_ledgers(&repo).await;
-    let log = GroupLog::new();
+    let (partitions, repo, log) = group_case(&store).await;
     let a = group_worker(&store, "a", &log);
     let b = group_worker(&store, "b", &log);
     until("a and b divide the partitions", || {
@@ -2693,10 +2699,7 @@ pub async fn group_worker_killed_hands_its_partitions_over<S: StreamingStore>(st
 /// with that many partitions) without two holding one partition; a worker shut down hands its
 /// partitions over at once; every event is handled, per stream in order.
 pub async fn group_worker_added_takes_its_share<S: StreamingStore>(store: S) {
-    let partitions = store.partitioning().partitions().end as usize;
-    let repo = Repository::new(store.clone());
-    open_group_ledgers(&repo).await;
-    let log = GroupLog::new();
+    let (partitions, repo, log) = group_case(&store).await;
     let a = group_worker(&store, "a", &log);
     patiently(
         "a holds every partition",
@@ -2858,10 +2861,7 @@ impl<S: LeaseStore> LeaseStore for Freezable<S> {
 /// moves back or past what the new owner recorded. It then rejoins the group as a new member,
 /// and every event is handled, per stream in order.
 pub async fn group_stale_worker_never_records<S: StreamingStore>(store: S) {
-    let partitions = store.partitioning().partitions().end as usize;
-    let repo = Repository::new(store.clone());
-    open_group_ledgers(&repo).await;
-    let log = GroupLog::new();
+    let (partitions, repo, log) = group_case(&store).await;
     let paused = Freezable::new(store.clone());
     let fenced = Arc::new(AtomicUsize::new(0));
     let a = {
@@ -2954,10 +2954,7 @@ pub async fn group_stale_worker_never_records<S: StreamingStore>(store: S) {
 /// by it; a second worker takes the partitions over, and once the store answers again the first
 /// one rejoins and every event is handled, per stream in order.
 pub async fn group_worker_cut_off_stops_by_its_own_clock<S: StreamingStore>(store: S) {
-    let partitions = store.partitioning().partitions().end as usize;
-    let repo = Repository::new(store.clone());
-    open_group_ledgers(&repo).await;
-    let log = GroupLog::new();
+    let (partitions, repo, log) = group_case(&store).await;
     let cut_off = Freezable::new(store.clone());
     let a = {
         let (log, checkpoints) = (log.of("a"), cut_off.clone());
@@ -3116,10 +3113,7 @@ pub async fn group_worker_refused_by_its_store_stops_retrying_by_its_own_clock<
 >(
     store: S,
 ) {
-    let partitions = store.partitioning().partitions().end as usize;
-    let repo = Repository::new(store.clone());
-    open_group_ledgers(&repo).await;
-    let log = GroupLog::new();
+    let (partitions, repo, log) = group_case(&store).await;
     let unreachable = Unreachable {
         inner: store.clone(),
         down: Arc::default(),
@@ -3195,10 +3189,7 @@ pub async fn group_worker_refused_by_its_store_stops_retrying_by_its_own_clock<
 /// version 1 in order (a stale work handling a later event first would break that), every event
 /// is handled, and every partition's checkpoint is of a newer generation.
 pub async fn group_rebuild_pauses_every_worker_and_replays<S: StreamingStore>(store: S) {
-    let partitions = store.partitioning().partitions().end as usize;
-    let repo = Repository::new(store.clone());
-    open_group_ledgers(&repo).await;
-    let log = GroupLog::new();
+    let (partitions, repo, log) = group_case(&store).await;
     let a = group_worker(&store, "a", &log);
     let b = group_worker(&store, "b", &log);
     let c = group_worker(&store, "c", &log);
@@ -3245,10 +3236,7 @@ pub async fn group_rebuild_pauses_every_worker_and_replays<S: StreamingStore>(st
 /// run): the group must not stay paused. The pause ends, the workers take every partition again,
 /// and every event is handled, per stream in order.
 pub async fn group_rebuild_dropped_midway_lets_the_group_resume<S: StreamingStore>(store: S) {
-    let partitions = store.partitioning().partitions().end as usize;
-    let repo = Repository::new(store.clone());
-    open_group_ledgers(&repo).await;
-    let log = GroupLog::new();
+    let (partitions, repo, log) = group_case(&store).await;
     let a = group_worker(&store, "a", &log);
     let b = group_worker(&store, "b", &log);
     let c = group_worker(&store, "c", &log);
@@ -3288,10 +3276,7 @@ pub async fn group_rebuild_dropped_midway_lets_the_group_resume<S: StreamingStor
 /// rebuilds succeed, the group resumes, and every event is handled, per stream in order, with
 /// every partition's checkpoint of a newer generation.
 pub async fn group_two_rebuilds_at_once_take_turns<S: StreamingStore>(store: S) {
-    let partitions = store.partitioning().partitions().end as usize;
-    let repo = Repository::new(store.clone());
-    open_group_ledgers(&repo).await;
-    let log = GroupLog::new();
+    let (partitions, repo, log) = group_case(&store).await;
     let a = group_worker(&store, "a", &log);
     let b = group_worker(&store, "b", &log);
     until("a and b divide the partitions", || {
@@ -3367,10 +3352,7 @@ impl Projection for SlowDrop {
 pub async fn group_rebuild_slower_than_the_lease_keeps_the_group_paused<S: StreamingStore>(
     store: S,
 ) {
-    let partitions = store.partitioning().partitions().end as usize;
-    let repo = Repository::new(store.clone());
-    open_group_ledgers(&repo).await;
-    let log = GroupLog::new();
+    let (partitions, repo, log) = group_case(&store).await;
     let dropping = Arc::new(AtomicBool::new(false));
     let ran_while_dropping = Arc::new(AtomicUsize::new(0));
     let worker = |name: &'static str| {
@@ -3552,10 +3534,7 @@ pub async fn group_pause_holds_back_a_worker_that_took_partitions_late<S: Stream
 /// partitions (on a store with several) instead of both running all of them, and every event is
 /// handled, per stream in order.
 pub async fn group_workers_sharing_a_name_divide_the_partitions<S: StreamingStore>(store: S) {
-    let partitions = store.partitioning().partitions().end as usize;
-    let repo = Repository::new(store.clone());
-    open_group_ledgers(&repo).await;
-    let log = GroupLog::new();
+    let (partitions, repo, log) = group_case(&store).await;
     let first = group_worker(&store, "twin", &log);
     let second = group_worker(&store, "twin", &log);
     until("the twins divide the partitions", || {
