@@ -147,7 +147,7 @@ async fn distinct<S: Store>(
 
 /// One timed round of `tasks` tasks sending `batch`-event commands to fresh aggregates of their
 /// own; returns events/s.
-async fn command_round<S: Store>(
+pub(crate) async fn command_round<S: Store>(
     repo: &Repository<S>,
     events: &Arc<[OrderEvent]>,
     tasks: usize,

@@ -37,7 +37,9 @@ Workloads narrow a group, e.g. `memory:rehydrate`, `memory:dispatch`, `memory:ap
 `memory:command`, `memory:catch-up`, `memory:group`, `postgres:append`, `postgres:command`,
 `postgres:read`, `postgres:rehydrate`, `postgres:catch-up`, `postgres:group`,
 `postgres:processes`, `redis:append`, `redis:command`, `redis:read`, `redis:catch-up`,
-`redis:group`, `redis:cluster`, `memory:personal`, `postgres:personal`, `redis:personal`.
+`redis:group`, `redis:cluster`, `memory:personal`, `postgres:personal`, `redis:personal`,
+`memory:telemetry`, `postgres:telemetry`, `redis:telemetry`.
+`telemetry` is commands with metrics and tracing on against the same commands with them off.
 `personal` is appending and loading events with a personal field sealed (crypto-shredding)
 against the same field in clear. `command` is the commands through the repository (load +
 decide + append).

@@ -27,6 +27,7 @@ mod projection;
 mod redis_bench;
 mod redis_cluster;
 mod report;
+mod telemetry;
 
 use std::process::ExitCode;
 

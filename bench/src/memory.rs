@@ -38,6 +38,9 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
         let store = InMemoryStore::new();
         command::run(report, GROUP, store, &NaiveRounds, Targets::default()).await?;
     }
+    if args.wants("memory", "telemetry") {
+        crate::telemetry::run(report, GROUP, InMemoryStore::new()).await?;
+    }
     if args.wants("memory", "catch-up") {
         let count = pick(EVENTS, 20_000);
         let store = InMemoryStore::new();

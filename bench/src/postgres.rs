@@ -71,6 +71,9 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
             appends(report, &store, &raw, 4, 100, None).await?;
             tls_appends(report).await?;
         }
+        if args.wants("postgres", "telemetry") {
+            crate::telemetry::run(report, GROUP, store.clone()).await?;
+        }
         if args.wants("postgres", "command") {
             let targets = Targets {
                 distinct: Some(0.8),

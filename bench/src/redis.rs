@@ -69,6 +69,9 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
             appends(report, &store, 16, 100, Some(0.7), &settings).await?;
             appends(report, &store, 1, 1, None, &settings).await?;
         }
+        if args.wants("redis", "telemetry") {
+            crate::telemetry::run(report, GROUP, store.clone()).await?;
+        }
         if args.wants("redis", "command") {
             let raw = RawXadds {
                 store: &store,

@@ -494,6 +494,7 @@ pub(crate) fn relay(args: &[String]) -> Result<()> {
         max_in_flight: RelayConfig::default().max_in_flight,
         idle_poll: Duration::from_millis(200),
         backoff: es_core::Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
+        ..RelayConfig::default()
     };
     let log = Arc::clone(&publisher.log);
     let owner = publisher.owner.clone();

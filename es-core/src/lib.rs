@@ -15,6 +15,7 @@
 //! - [`personal`]: crypto-shredding: personal fields encrypted with a key per subject, erased by
 //!   destroying the key ([`Encrypted`](personal::Encrypted), [`Personal`](personal::Personal)).
 //! - [`retry`]: the one capped, jittered [`Backoff`] every retry loop uses.
+//! - [`telemetry`]: the stable names of the metrics and tracing spans the runtime reports.
 //!
 //! The conformance suites that prove a backend keeps the contract, and the given/when/then
 //! harness for aggregates, are in the `es-testkit` crate (a dev-dependency).
@@ -87,6 +88,7 @@ pub mod projection;
 pub mod repository;
 pub mod retry;
 pub mod stream_id;
+pub mod telemetry;
 pub mod upcast;
 
 #[doc(hidden)]

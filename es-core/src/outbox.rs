@@ -161,6 +161,7 @@ use crate::contract::{
 use crate::event::DomainEvent;
 use crate::retry::Backoff;
 use crate::stream_id::StreamId;
+use crate::telemetry;
 
 /// Maps a domain event of aggregate `A` to zero or more integration events.
 pub trait Translator<A: Aggregate>: Send + Sync + 'static {
@@ -329,6 +330,10 @@ pub struct RelayConfig {
     pub idle_poll: Duration,
     /// Pauses between retries of a failing broker or store (the longest is `backoff.max()`).
     pub backoff: Backoff,
+    /// How often, at most, [`Relay::run`] reads [`relay_status`](OutboxStore::relay_status)
+    /// while it holds the lease, for the `es_outbox_backlog` and `es_outbox_dead_letters` gauges
+    /// (see [`telemetry`](crate::telemetry)). `None`: never. Default 1 s.
+    pub backlog_every: Option<Duration>,
 }
 
 impl Default for RelayConfig {
@@ -341,6 +346,7 @@ impl Default for RelayConfig {
             max_in_flight: 8,
             idle_poll: Duration::from_millis(500),
             backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
+            backlog_every: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -381,6 +387,8 @@ pub struct Relay<S, P> {
     attempts: Mutex<HashMap<u64, u32>>,
     /// The generation of the lease this relay last held (0: none yet).
     generation: AtomicU64,
+    /// The `outbox` label of the backlog gauges.
+    outbox: String,
 }
 
 /// What one [`Relay::step`] (one batch) or [`Relay::drain`] (a pass of pipelined batches, in
@@ -517,7 +525,16 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
             config,
             attempts: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
+            outbox: "0".to_owned(),
         }
+    }
+
+    /// Names the outbox in the `outbox` label of the backlog gauges (default `0`): a relay over
+    /// [`outbox_partition(p)`](OutboxStore::outbox_partition) of a store with an outbox per
+    /// partition names `p` ([`spawn_group`](Self::spawn_group) does).
+    pub fn outbox_label(mut self, outbox: impl Into<String>) -> Self {
+        self.outbox = outbox.into();
+        self
     }
 
     /// The configuration.
@@ -666,6 +683,16 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
                     }
                 }
                 else => break,
+            }
+        }
+        for (outcome, records) in [
+            ("delivered", pass.marked),
+            ("dead_lettered", pass.dead_lettered),
+            ("failed", pass.failed + pass.unsent),
+        ] {
+            if records > 0 {
+                metrics::counter!(telemetry::RELAY_RECORDS, "outcome" => outcome)
+                    .increment(records as u64);
             }
         }
         match pass.store_error {
@@ -833,6 +860,22 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
         Ok((rejected.len(), delivered.len()))
     }
 
+    /// Sets the backlog gauges from the store's [`RelayStatus`].
+    // Record counts stay far below 2^52, where f64 is exact.
+    #[allow(clippy::cast_precision_loss)]
+    async fn report_backlog(&self) {
+        match self.store.relay_status().await {
+            Ok(status) => {
+                let outbox = self.outbox.clone();
+                metrics::gauge!(telemetry::OUTBOX_BACKLOG, "outbox" => outbox.clone())
+                    .set(status.pending as f64);
+                metrics::gauge!(telemetry::OUTBOX_DEAD_LETTERS, "outbox" => outbox)
+                    .set(status.dead_letters as f64);
+            }
+            Err(err) => tracing::debug!(error = %err, "could not read the outbox backlog"),
+        }
+    }
+
     fn fenced(&self, err: &StoreError) -> RelayStep {
         tracing::warn!(owner = %self.config.owner, error = %err,
             "another relay took the lease over; nothing more of this pass was marked");
@@ -845,8 +888,9 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
         &self,
         records: &[OutboxRecord],
     ) -> Result<Vec<PublishOutcome<P::Error>>, CallFailure> {
-        let span = tracing::debug_span!("es.relay.publish", owner = %self.config.owner,
-            first = records[0].position, records = records.len());
+        let span = tracing::debug_span!("es.relay.batch", owner = %self.config.owner,
+            first_position = records[0].position, records = records.len());
+        metrics::histogram!(telemetry::RELAY_BATCH_RECORDS).record(records.len() as u32);
         let call = self.publisher.publish(records).instrument(span);
         match tokio::time::timeout(self.config.publish_timeout, call).await {
             Ok(outcomes) if outcomes.len() == records.len() => Ok(outcomes),
@@ -908,9 +952,10 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
             outboxes,
             group,
             move |mut claim: crate::group::Claim| {
-                let relay = store
-                    .outbox_partition(claim.partition)
-                    .map(|outbox| Relay::new(outbox, publisher.clone(), config.clone()));
+                let relay = store.outbox_partition(claim.partition).map(|outbox| {
+                    Relay::new(outbox, publisher.clone(), config.clone())
+                        .outbox_label(claim.partition.to_string())
+                });
                 async move {
                     let result = match relay {
                         Ok(relay) => relay.run(claim.stopped()).await.map_err(|e| e.to_string()),
@@ -931,11 +976,19 @@ impl<S: EventStore + OutboxStore, P: Publisher> Relay<S, P> {
         self.config.validate()?;
         tokio::pin!(shutdown);
         let mut backoff = self.config.backoff.delays();
+        let mut reported: Option<Instant> = None;
         loop {
             let step = tokio::select! {
                 () = &mut shutdown => break,
                 step = self.drain() => step,
             };
+            if let (Ok(step), Some(every)) = (&step, self.config.backlog_every) {
+                let holds_lease = !matches!(step, RelayStep::Standby | RelayStep::Fenced);
+                if holds_lease && reported.is_none_or(|at| at.elapsed() >= every) {
+                    reported = Some(Instant::now());
+                    self.report_backlog().await;
+                }
+            }
             let pause = match step {
                 Ok(RelayStep::Published(_) | RelayStep::DeadLettered { .. }) => {
                     backoff.reset();

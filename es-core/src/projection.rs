@@ -49,12 +49,14 @@ use std::sync::Arc;
 
 use crate::contract::position::distance;
 use crate::contract::{
-    Checkpoint, CheckpointStore, EventFilter, EventStore, LeaseStore, StoreError,
+    Checkpoint, CheckpointStore, EventFilter, EventStore, LeaseStore, ReadAll, StoreError,
 };
 use crate::event::RecordedEvent;
 use crate::group::{spawn_group, Claim, GroupConfig, GroupHandle};
 use crate::retry::{Backoff, Delays};
 use crate::stream_id::StreamId;
+use crate::telemetry;
+use tracing::Instrument;
 
 /// An error from a projection handler.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -435,6 +437,10 @@ pub struct RunnerConfig {
     pub backoff: Backoff,
     /// Most events per batch.
     pub batch_size: usize,
+    /// How often the lag gauges (`es_projection_lag_events`, `es_projection_lag_seconds`; see
+    /// [`telemetry`](crate::telemetry)) are sampled: one read of the partition's head, and one
+    /// of a single event while behind. `None`: never. Default 1 s.
+    pub lag_every: Option<Duration>,
 }
 
 impl Default for RunnerConfig {
@@ -443,6 +449,7 @@ impl Default for RunnerConfig {
             max_attempts: 5,
             backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
             batch_size: 1000,
+            lag_every: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -493,7 +500,11 @@ impl<S: EventStore> ProjectionRunner<S> {
             control: control_rx,
             partition: None,
         };
-        let span = tracing::info_span!("es.projection", projection = %name);
+        if let Some(every) = self.config.lag_every {
+            let lag = report_lag(self.store.clone(), name.clone(), 0, every, status.clone());
+            tokio::spawn(lag);
+        }
+        let span = tracing::info_span!("es.projection", projection = %name, partition = 0);
         let task = tokio::spawn(tracing::Instrument::instrument(worker.run(), span));
         ProjectionHandle {
             name,
@@ -540,6 +551,16 @@ impl<S: EventStore + LeaseStore> ProjectionRunner<S> {
                 let sink = first.take().unwrap_or_else(|| (lock(&make_sink))());
                 let (control, control_rx) = mpsc::channel(4);
                 let (status, status_rx) = watch::channel(ProjectionStatus::Starting);
+                if let Some(every) = runner.lag_every {
+                    let lag = report_lag(
+                        store.clone(),
+                        sink.name().to_owned(),
+                        claim.partition,
+                        every,
+                        status_rx.clone(),
+                    );
+                    tokio::spawn(lag);
+                }
                 lock(&shared).insert(claim.partition, status_rx);
                 let worker = Worker {
                     store: store.clone(),
@@ -549,7 +570,11 @@ impl<S: EventStore + LeaseStore> ProjectionRunner<S> {
                     control: control_rx,
                     partition: Some(claim.partition),
                 };
-                let span = tracing::info_span!("es.projection", partition = claim.partition);
+                let span = tracing::info_span!(
+                    "es.projection",
+                    projection = worker.sink.name(),
+                    partition = claim.partition
+                );
                 let run = tracing::Instrument::instrument(worker.run(), span);
                 async move {
                     tokio::pin!(run);
@@ -876,8 +901,21 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
                 }
             }
             if !events.is_empty() {
-                match self.apply(&events).await {
-                    Ok(()) => {}
+                let span = tracing::debug_span!(
+                    "es.projection.batch",
+                    projection = self.sink.name(),
+                    events = events.len(),
+                    first_position = events[0].global_position,
+                    last_position = events[events.len() - 1].global_position
+                );
+                match self.apply(&events).instrument(span).await {
+                    Ok(()) => {
+                        let projection = self.sink.name().to_owned();
+                        metrics::counter!(telemetry::PROJECTION_EVENTS, "projection" => projection.clone())
+                            .increment(events.len() as u64);
+                        metrics::histogram!(telemetry::PROJECTION_BATCH_EVENTS, "projection" => projection)
+                            .record(events.len() as u32);
+                    }
                     Err(ApplyError::Failed(failure)) => return Exit::Failed(failure),
                     Err(ApplyError::Fenced) => return Exit::Fenced,
                     Err(ApplyError::Control(control, recorded)) => {
@@ -946,6 +984,8 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
                 )));
             }
             tracing::warn!(error = %source, attempts, "projection batch failed; retrying");
+            metrics::counter!(telemetry::PROJECTION_RETRIES, "projection" => self.sink.name().to_owned())
+                .increment(1);
             // A stop (or rebuild) is heard between attempts: a consumer-group worker told to stop
             // because its lease may run out must not go on handling the batch again and again.
             tokio::select! {
@@ -985,4 +1025,75 @@ impl<S: EventStore, K: ProjectionSink> Worker<S, K> {
             },
         }
     }
+}
+
+/// Samples a projection worker's lag into the gauges of [`telemetry`] every `every`, until the
+/// worker ends (its status channel closes); then sets both to 0, since this process no longer
+/// works on the partition.
+// Lag counts stay far below 2^52, where f64 is exact.
+#[allow(clippy::cast_precision_loss)]
+async fn report_lag<S: EventStore>(
+    store: S,
+    projection: String,
+    partition: u32,
+    every: Duration,
+    mut status: watch::Receiver<ProjectionStatus>,
+) {
+    let labels = [
+        ("projection", projection),
+        ("partition", partition.to_string()),
+    ];
+    let events = metrics::gauge!(telemetry::PROJECTION_LAG_EVENTS, &labels);
+    let seconds = metrics::gauge!(telemetry::PROJECTION_LAG_SECONDS, &labels);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The last position a status named: a failed projection's status names none.
+    let mut position = None;
+    loop {
+        tokio::select! {
+            changed = status.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                continue;
+            }
+            _ = tick.tick() => {}
+        }
+        if let ProjectionStatus::Running { position: p }
+        | ProjectionStatus::Stopped { position: p } = &*status.borrow()
+        {
+            position = Some(*p);
+        }
+        let Some(position) = position else { continue };
+        match sample_lag(&store, partition, position).await {
+            Ok((behind, age)) => {
+                events.set(behind as f64);
+                seconds.set(age.as_secs_f64());
+            }
+            Err(err) => tracing::debug!(error = %err, "could not sample the projection's lag"),
+        }
+    }
+    events.set(0.0);
+    seconds.set(0.0);
+}
+
+/// Positions of `partition` after `position`, and the age of the first of them (zero if none).
+async fn sample_lag<S: EventStore>(
+    store: &S,
+    partition: u32,
+    position: u64,
+) -> Result<(u64, Duration), StoreError> {
+    let head = store.partition_head(partition).await?;
+    let behind = distance(position, head);
+    if behind == 0 {
+        return Ok((0, Duration::ZERO));
+    }
+    let read = ReadAll::after(position).partition(partition).limit(1);
+    let oldest = store.read_all(read).next().await.transpose()?;
+    let age = oldest.map_or(Duration::ZERO, |event| {
+        (crate::event::now_micros() - event.recorded_at)
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+    });
+    Ok((behind, age))
 }

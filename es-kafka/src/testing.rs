@@ -397,6 +397,7 @@ pub fn relay_config(owner: &str, batch_size: u64, lease_ttl: Duration) -> RelayC
         max_in_flight: 4,
         idle_poll: Duration::from_millis(50),
         backoff: es_core::Backoff::new(Duration::from_millis(50), Duration::from_millis(300)),
+        ..RelayConfig::default()
     }
 }
 

@@ -500,6 +500,7 @@ async fn relay_survives_a_postgres_restart() {
                     Duration::from_millis(50),
                     Duration::from_millis(200),
                 ),
+                ..RelayConfig::default()
             },
         )
         .run(async {

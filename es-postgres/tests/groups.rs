@@ -336,6 +336,7 @@ impl Worker {
                                 Duration::from_millis(100),
                             ),
                             batch_size: 16,
+                            ..RunnerConfig::default()
                         },
                     );
                     let config = GroupConfig::new(worker.clone()).lease_ttl(ttl);

@@ -242,6 +242,7 @@ fn runner(store: &PgStore, batch_size: usize) -> ProjectionRunner<PgStore> {
             max_attempts: 3,
             backoff: es_core::Backoff::new(Duration::from_millis(5), Duration::from_millis(50)),
             batch_size,
+            ..RunnerConfig::default()
         },
     )
 }

@@ -786,6 +786,7 @@ fn relay_config(owner: &str, ttl: Duration) -> RelayConfig {
         max_in_flight: 3,
         idle_poll: Duration::from_millis(50),
         backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(100)),
+        ..RelayConfig::default()
     }
 }
 

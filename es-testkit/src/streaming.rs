@@ -547,6 +547,7 @@ fn relay_config(owner: &str, ttl: Duration) -> RelayConfig {
         max_in_flight: 3,
         idle_poll: Duration::from_millis(50),
         backoff: es_core::Backoff::new(Duration::from_millis(20), Duration::from_millis(100)),
+        ..RelayConfig::default()
     }
 }
 
@@ -2083,6 +2084,7 @@ pub async fn projection_rebuild_racing_a_second_runner<S: StreamingStore>(store:
             max_attempts: 3,
             backoff: es_core::Backoff::new(Duration::from_millis(5), Duration::from_millis(50)),
             batch_size: 5,
+            ..RunnerConfig::default()
         },
     );
     let a = GatedSink::new(AtLeastOnce::new(model.clone(), store.clone()));
@@ -2166,6 +2168,7 @@ pub async fn poisoned_event_stops_the_projection<S: StreamingStore>(store: S) {
             max_attempts: 3,
             backoff: es_core::Backoff::new(Duration::from_millis(5), Duration::from_millis(50)),
             batch_size: 1000,
+            ..RunnerConfig::default()
         },
     );
     let handle = runner.spawn(AtLeastOnce::new(projection.clone(), store.clone()));
@@ -2542,6 +2545,7 @@ fn group_runner<S: EventStore + LeaseStore>(store: &S) -> ProjectionRunner<S> {
             max_attempts: 3,
             backoff: es_core::Backoff::new(Duration::from_millis(5), Duration::from_millis(50)),
             batch_size: 5,
+            ..RunnerConfig::default()
         },
     )
 }
@@ -3125,6 +3129,7 @@ pub async fn group_worker_refused_by_its_store_stops_retrying_by_its_own_clock<
             max_attempts: 100_000,
             backoff: es_core::Backoff::new(Duration::from_millis(5), Duration::from_millis(50)),
             batch_size: 5,
+            ..RunnerConfig::default()
         },
     );
     let a = {

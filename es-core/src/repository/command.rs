@@ -13,6 +13,7 @@ use crate::contract::{AppendRequest, AppendResult, OutboxMessage, Store, StoreEr
 use crate::event::{DomainEvent, Metadata, NewEvent};
 use crate::outbox::Translator;
 use crate::stream_id::StreamId;
+use crate::telemetry;
 
 impl<S: Store> Repository<S> {
     /// Runs `command` on aggregate `id` with empty metadata. See [`execute_with`](Self::execute_with).
@@ -43,9 +44,22 @@ impl<S: Store> Repository<S> {
         let stream_id = Self::stream_id::<A>(id)?;
         let span = tracing::info_span!("es.execute", category = A::CATEGORY, stream_id = %stream_id,
             version = tracing::field::Empty, events = tracing::field::Empty, attempts = tracing::field::Empty);
-        self.execute_stream(stream_id, command, metadata)
+        let started = std::time::Instant::now();
+        let result = self
+            .execute_stream(stream_id, command, metadata)
             .instrument(span)
-            .await
+            .await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(RepositoryError::Domain { .. }) => "rejected",
+            Err(RepositoryError::Conflict { .. }) => "conflict",
+            Err(_) => "error",
+        };
+        metrics::counter!(telemetry::COMMANDS, "category" => A::CATEGORY, "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!(telemetry::COMMAND_SECONDS, "category" => A::CATEGORY)
+            .record(started.elapsed());
+        result
     }
 
     async fn execute_stream<A: Aggregate>(
@@ -89,6 +103,8 @@ impl<S: Store> Repository<S> {
                     conflict: Some((expected, actual)),
                     ..
                 } => {
+                    metrics::counter!(telemetry::COMMAND_CONFLICTS, "category" => A::CATEGORY)
+                        .increment(1);
                     if attempts >= retry.max_attempts {
                         return Err(RepositoryError::Conflict {
                             stream_id,
@@ -142,10 +158,17 @@ impl<S: Store> Repository<S> {
         async move {
             let mut backoff = self.inner.retry.backoff.delays();
             let mut attempt = 1;
+            let events = metrics::histogram!(telemetry::APPEND_EVENTS);
+            let seconds = metrics::histogram!(telemetry::APPEND_SECONDS);
             loop {
-                match self.inner.store.append(request.clone()).await {
+                let started = std::time::Instant::now();
+                let result = self.inner.store.append(request.clone()).await;
+                seconds.record(started.elapsed());
+                events.record(request.events.len() as u32);
+                match result {
                     Err(err) if err.is_transient() && attempt < self.inner.retry.max_transient_attempts => {
                         tracing::warn!(error = %err, attempt, "append failed transiently; re-sending the same batch");
+                        metrics::counter!(telemetry::APPEND_RETRIES).increment(1);
                         backoff.sleep().await;
                         attempt += 1;
                     }

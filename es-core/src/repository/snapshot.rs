@@ -6,6 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tracing::Instrument;
 
 use super::{AsOf, RepoResult, Repository, Until};
 use crate::aggregate::Aggregate;
@@ -165,7 +166,14 @@ impl<S: Store> Repository<S> {
             recorded_at: now_micros(),
             event_id,
         };
-        match self.inner.store.save_snapshot(record).await {
+        let span = tracing::debug_span!("es.snapshot", stream_id = %stream_id, version);
+        match self
+            .inner
+            .store
+            .save_snapshot(record)
+            .instrument(span)
+            .await
+        {
             Ok(written) => written,
             Err(err) => {
                 tracing::warn!(stream_id = %stream_id, error = %err, "snapshot write failed; the command stands");
