@@ -1,5 +1,4 @@
-//! Stamps every case of the conformance suites: reads `src/conformance.rs` and
-//! `src/streaming.rs`, and writes the stamping macros with one test per case. A case is every
+//! Stamps every case of the conformance suites: reads the suite files listed in `SUITES`, and writes the stamping macros with one test per case. A case is every
 //! `pub async fn` at the top of a suite file; it takes the store by value and nothing else. So a
 //! case cannot be left out of the macros, and a helper cannot pass for a case: a `pub async fn`
 //! of any other shape stops the build.
@@ -10,7 +9,7 @@ use std::path::Path;
 /// The suites: source file, module, the stamping macro, the trait a case's store implements.
 /// The suites: source file, module, the stamping macro, the trait a case's store implements
 /// (its path, for the documentation), and a factory for the macro's example.
-const SUITES: [(&str, &str, &str, &str, &str, &str); 3] = [
+const SUITES: [(&str, &str, &str, &str, &str, &str); 4] = [
     (
         "src/conformance.rs",
         "conformance",
@@ -34,6 +33,14 @@ const SUITES: [(&str, &str, &str, &str, &str, &str); 3] = [
         "ShredFixture",
         "es_testkit::shredding::ShredFixture",
         "(es_memory::InMemoryStore::new(), es_memory::InMemoryKeyStore::new())",
+    ),
+    (
+        "src/tenancy.rs",
+        "tenancy",
+        "tenancy_conformance_tests",
+        "TenantStores",
+        "es_core::TenantStores",
+        "es_memory::InMemoryTenants::new()",
     ),
 ];
 

@@ -15,6 +15,7 @@
 //! - [`personal`]: crypto-shredding: personal fields encrypted with a key per subject, erased by
 //!   destroying the key ([`Encrypted`](personal::Encrypted), [`Personal`](personal::Personal)).
 //! - [`retry`]: the one capped, jittered [`Backoff`] every retry loop uses.
+//! - [`tenancy`]: a store per tenant, in a namespace of its own ([`Tenants`]).
 //! - [`telemetry`]: the stable names of the metrics and tracing spans the runtime reports.
 //!
 //! The conformance suites that prove a backend keeps the contract, and the given/when/then
@@ -89,6 +90,7 @@ pub mod repository;
 pub mod retry;
 pub mod stream_id;
 pub mod telemetry;
+pub mod tenancy;
 pub mod upcast;
 
 #[doc(hidden)]
@@ -127,6 +129,7 @@ pub use repository::{
 };
 pub use retry::Backoff;
 pub use stream_id::{InvalidStreamId, StreamId};
+pub use tenancy::{InvalidTenantId, TenantError, TenantId, TenantStores, Tenants};
 pub use upcast::{DecodeError, UpcastChainError, UpcastError, Upcaster, Upcasters};
 
 /// Derives [`DomainEvent`] (and, with `#[event(apply(State))]`, [`ApplyEvent`]) for an enum of

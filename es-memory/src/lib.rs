@@ -50,8 +50,10 @@ use stream::StreamEvents;
 
 mod keys;
 mod stream;
+mod tenants;
 
 pub use keys::InMemoryKeyStore;
+pub use tenants::InMemoryTenants;
 
 /// Events copied out of the store per lock acquisition while reading.
 const PAGE: usize = 512;

@@ -84,6 +84,7 @@ mod read;
 mod replica;
 mod schema;
 mod server;
+mod tenants;
 mod writer;
 
 use std::future::Future;
@@ -118,6 +119,7 @@ pub use server::ServerSettings;
 /// The `sqlx` this store is built on, for [`PgStore::builder`], [`PgStore::pool`], inline
 /// projections and [`PgProjection`] handlers, without a `sqlx` dependency of your own.
 pub use sqlx;
+pub use tenants::PgTenants;
 
 use codec::{jsonb_text, to_i64, to_u64, RawJsonb};
 use error::{store_error, timed};

@@ -49,6 +49,7 @@ mod read;
 mod script;
 mod server;
 mod subject_keys;
+mod tenants;
 mod watch;
 
 use std::future::Future;
@@ -77,6 +78,7 @@ pub use keys::{
 pub use redis;
 pub use server::ServerSettings;
 pub use subject_keys::RedisKeyStore;
+pub use tenants::RedisTenants;
 
 use append::{Appender, GroupCommit, GroupLimits};
 use error::store_error;

@@ -7,6 +7,8 @@
 //!   checkpoints and the projection runner, the same way.
 //! - [`shredding`] and [`shredding_conformance_tests!`]: crypto-shredding (personal fields sealed
 //!   through `es_core::personal::Encrypted`, then forgotten) on a store and its key store.
+//! - [`tenancy`] and [`tenancy_conformance_tests!`]: a backend's tenant factory keeps every
+//!   path of the store inside the tenant's namespace, and refuses hostile tenant ids.
 //! - [`oracle`] and [`property_tests!`]: random operation sequences run on a backend and on the
 //!   in-memory store, every result compared.
 //! - [`AggregateTest`]: given/when/then tests for an aggregate, with no store.
@@ -36,6 +38,7 @@ mod scenario;
 pub mod shredding;
 pub mod streaming;
 pub mod support;
+pub mod tenancy;
 
 pub use scenario::{AggregateTest, Outcome};
 

@@ -21,6 +21,7 @@
 //! 12. [`production`]: TLS, least-privilege roles, durability settings, failover, read replicas.
 //! 13. [`scaling_out`]: feed partitions, Redis Cluster, partitioned PostgreSQL.
 //! 14. [`personal_data`]: crypto-shredding: personal fields encrypted per subject, forgetting.
+//! 16. [`tenancy`]: a store per tenant, in a schema or key prefix of its own.
 #![doc(test(attr(deny(warnings))))]
 
 /// Cross-references between chapters, resolved by rustdoc. Each chapter's own Markdown defines
@@ -41,7 +42,8 @@ macro_rules! chapter_links {
          [guarantees]: crate::guarantees\n\
          [production]: crate::production\n\
          [scaling-out]: crate::scaling_out\n\
-         [personal-data]: crate::personal_data\n\n"
+         [personal-data]: crate::personal_data\n\
+         [multi-tenancy]: crate::tenancy\n\n"
     };
 }
 
@@ -100,3 +102,7 @@ pub mod scaling_out {}
 #[doc = chapter_links!()]
 #[doc = include_str!("../../docs/14-personal-data.md")]
 pub mod personal_data {}
+
+#[doc = chapter_links!()]
+#[doc = include_str!("../../docs/16-multi-tenancy.md")]
+pub mod tenancy {}
