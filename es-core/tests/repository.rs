@@ -125,6 +125,32 @@ impl EventStore for Faulty {
             Ok(result)
         }
     }
+    fn append_streams(&self, requests: Vec<AppendRequest>) -> impl StoreFuture<Vec<AppendResult>> {
+        let this = self.clone();
+        async move {
+            this.appends.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(this.delay).await;
+            if this.down {
+                return Err(StoreError::unavailable("connection refused"));
+            }
+            if this.interfere {
+                // A foreign event on the last part's stream before each call.
+                let foreign = NewEvent::new("Added", 1, r#"{"n":1}"#).unwrap();
+                let last = requests.last().map(|r| r.stream_id.clone()).unwrap();
+                let sneak = AppendRequest::new(last, ExpectedVersion::Any, vec![foreign]);
+                this.inner.append(sneak).await?;
+            }
+            let result = this.inner.append_streams(requests).await?;
+            let lost = this
+                .lose_replies
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if lost {
+                return Err(StoreError::unavailable("connection reset after commit"));
+            }
+            Ok(result)
+        }
+    }
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
         self.inner.stream_version(stream)
     }
