@@ -741,7 +741,7 @@ pub mod spanning {
     /// none deadlocks for good, a subscriber of every partition sees each partition's positions
     /// strictly increase with nothing skipped or repeated, and the balances add up.
     pub async fn multi_append_across_partitions_never_skips<S: EventStore>(store: S) {
-        let accounts = accounts_in_every_partition(&store, 2);
-        transfers_under_load(store, accounts, 8, 20).await;
+        let accounts = accounts_in_every_partition(&store, 3);
+        transfers_under_load(store, accounts, 16, 20).await;
     }
 }

@@ -89,8 +89,13 @@ impl StreamsAppender {
     ) -> Result<Vec<AppendResult>, StoreError> {
         let mut attempt = 1;
         let mut checks = 0;
+        // Kept across attempts, so that the incarnation checked on it counts for the next.
+        let mut kept = None;
         loop {
-            let mut conn = self.pool.acquire().await.map_err(store_error)?;
+            let mut conn = match kept.take() {
+                Some(conn) => conn,
+                None => self.pool.acquire().await.map_err(store_error)?,
+            };
             let limit = deadline(self.append_timeout);
             let Ok((outcome, rolled_back)) =
                 tokio::time::timeout(limit, self.attempt(&mut conn, requests)).await
@@ -105,13 +110,12 @@ impl StreamsAppender {
                     ),
                 )));
             };
-            let conn = if rolled_back {
-                Some(conn)
+            if rolled_back {
+                kept = Some(conn);
             } else {
                 // The transaction may still hold its positions: end it with the connection.
                 drop(conn.detach());
-                None
-            };
+            }
             let err = match outcome {
                 Ok(Attempt::Done(results)) => return Ok(results),
                 Ok(Attempt::Refused(err)) => return Err(err),
@@ -124,12 +128,15 @@ impl StreamsAppender {
                     // This session has not checked the server's incarnation: check it, in a
                     // statement of its own, and run the call again (nothing was drawn).
                     checks += 1;
-                    if let Some(mut conn) = conn {
-                        sqlx::query(AssertSqlSafe(Arc::clone(&self.sql.check_incarnation)))
-                            .execute(&mut *conn)
-                            .await
-                            .map_err(store_error)?;
-                    }
+                    let mut conn = match kept.take() {
+                        Some(conn) => conn,
+                        None => self.pool.acquire().await.map_err(store_error)?,
+                    };
+                    sqlx::query(AssertSqlSafe(Arc::clone(&self.sql.check_incarnation)))
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(store_error)?;
+                    kept = Some(conn);
                 }
                 CallError::Sql(err) if retry_as_is(&err) && attempt < MAX_ATTEMPTS => {
                     // A deadlock victim, or an event id stored by a concurrent append: run it
