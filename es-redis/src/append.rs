@@ -208,7 +208,10 @@ impl Appender {
         {
             return Err(StoreError::InvalidMultiAppend {
                 reason: format!(
-                    "the streams of one call must share a feed partition (one Redis Cluster hash                      slot), but `{}` is in partition {partition} and `{}` in partition {}:                      partition the store by category, or pick stream ids that share one                      (docs/15-multi-stream-appends.md)",
+                    "the streams of one call must share a feed partition (one Redis Cluster hash \
+                     slot), but `{}` is in partition {partition} and `{}` in partition {}: \
+                     partition the store by category, or pick stream ids that share one \
+                     (docs/15-multi-stream-appends.md)",
                     requests[0].stream_id,
                     other.stream_id,
                     keys.partition_of(&other.stream_id)
@@ -231,7 +234,8 @@ impl Appender {
                         stream_id: request.stream_id.clone(),
                         event_id,
                         reason: format!(
-                            "it is stored in feed partition {other} at position {position}, in                              another stream; nothing of the multi-stream append was written"
+                            "it is stored in feed partition {other} at position {position}, in \
+                             another stream; nothing of the multi-stream append was written"
                         ),
                     });
                 }
