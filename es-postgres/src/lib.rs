@@ -595,18 +595,7 @@ impl PgStoreBuilder {
             inline: Arc::clone(&inline),
             append_timeout: self.append_timeout,
         };
-        for _ in 0..self.writers {
-            let writer = writer::Writer {
-                pool: pool.clone(),
-                conn: None,
-                sql: Arc::clone(&sql),
-                heads: Arc::clone(&heads),
-                committed: Arc::clone(&committed),
-                shared: Arc::clone(&shared),
-                inline: Arc::clone(&inline),
-            };
-            tokio::spawn(writer.run());
-        }
+        streams.spawn_writers(self.writers, &shared);
         let notifier = tokio::spawn(
             listener::Notifier {
                 pool: pool.clone(),

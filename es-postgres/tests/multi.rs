@@ -116,13 +116,13 @@ fn event(event_type: &str) -> NewEvent {
 fn writers(
     store: &PgStore,
     streams: Vec<StreamId>,
-    stop: Arc<AtomicBool>,
+    stop: &Arc<AtomicBool>,
 ) -> Vec<tokio::task::JoinHandle<Vec<Uuid>>> {
     streams
         .into_iter()
         .map(|stream| {
             let store = store.clone();
-            let stop = Arc::clone(&stop);
+            let stop = Arc::clone(stop);
             tokio::spawn(async move {
                 let mut acked = Vec::new();
                 while !stop.load(Ordering::SeqCst) {
@@ -149,7 +149,7 @@ fn writers(
 /// the `refused` ids.
 async fn finish(
     store: &PgStore,
-    stop: Arc<AtomicBool>,
+    stop: &AtomicBool,
     writers: Vec<tokio::task::JoinHandle<Vec<Uuid>>>,
     subscriber: tokio::task::JoinHandle<Vec<es_core::RecordedEvent>>,
     refused: &HashSet<Uuid>,
@@ -207,7 +207,7 @@ async fn a_call_rolled_back_after_drawing_positions_never_makes_a_reader_skip() 
         .map(|n| StreamId::new("account", &format!("w{n}")).unwrap())
         .chain([low.clone(), high.clone()])
         .collect();
-    let writers = writers(&store, targets, Arc::clone(&stop));
+    let writers = writers(&store, targets, &stop);
     let mut refused = HashSet::new();
     for _ in 0..5 {
         let (slow, no) = (event("Slow"), event("Refused"));
@@ -235,7 +235,7 @@ async fn a_call_rolled_back_after_drawing_positions_never_makes_a_reader_skip() 
             .await
             .expect("a call that the projection accepts");
     }
-    finish(&store, stop, writers, subscriber, &refused).await;
+    finish(&store, &stop, writers, subscriber, &refused).await;
 }
 
 /// A call's backend is killed (`pg_terminate_backend`) while it holds positions drawn in one
@@ -252,7 +252,7 @@ async fn a_call_whose_backend_is_killed_never_makes_a_reader_skip() {
         .map(|n| StreamId::new("account", &format!("w{n}")).unwrap())
         .chain([low.clone(), high.clone()])
         .collect();
-    let writers = writers(&store, targets, Arc::clone(&stop));
+    let writers = writers(&store, targets, &stop);
     let admin = common::pool(&es_test_support::database_url(), 2).await;
     let schema = store.schema().as_str().to_owned();
     let mut refused = HashSet::new();
@@ -306,5 +306,5 @@ async fn a_call_whose_backend_is_killed_never_makes_a_reader_skip() {
         );
     }
     assert_eq!(killed, 3, "every call's backend was killed mid-call");
-    finish(&store, stop, writers, subscriber, &refused).await;
+    finish(&store, &stop, writers, subscriber, &refused).await;
 }

@@ -63,7 +63,7 @@ async fn feed_len(store: &RedisStore) -> usize {
 async fn a_call_across_partitions_is_refused_before_anything_is_sent() {
     let store = common::partitioned_store("mspan", 4).await;
     let keys = store.keys();
-    let mut by_partition: std::collections::BTreeMap<u32, Vec<StreamId>> = Default::default();
+    let mut by_partition = std::collections::BTreeMap::<u32, Vec<StreamId>>::new();
     for n in 0..64 {
         let stream = StreamId::new("account", &format!("s{n}")).unwrap();
         by_partition

@@ -173,7 +173,7 @@ async fn transfers_under_load<S: EventStore>(
     const OPENING: u64 = 1_000;
     let subscriber = tail_until_done(&store);
     open_accounts(&store, &accounts, OPENING).await;
-    let total = i64::try_from(OPENING).expect("small") * accounts.len() as i64;
+    let total = i64::try_from(OPENING * accounts.len() as u64).expect("small");
     let next_transfer = Arc::new(AtomicU64::new(1));
     let conflicts = Arc::new(AtomicU64::new(0));
     let accounts = Arc::new(accounts);
@@ -222,10 +222,25 @@ async fn transfers_under_load<S: EventStore>(
     let seen = patiently("the subscriber", PATIENCE, subscriber)
         .await
         .expect("the subscriber panicked");
+    check_transfers(&store, &accounts, &seen, done, total).await;
+    assert!(
+        conflicts.load(Ordering::SeqCst) > 0 || tasks == 1,
+        "concurrent transfers between few accounts met no conflict: the case did not race"
+    );
+}
 
-    let stored = read_everything(&store).await;
+/// The checks after [`transfers_under_load`]: `seen` is what the subscriber read, `done` the
+/// transfers that went through, `total` the opening total.
+async fn check_transfers<S: EventStore>(
+    store: &S,
+    accounts: &[StreamId],
+    seen: &[RecordedEvent],
+    done: usize,
+    total: i64,
+) {
+    let stored = read_everything(store).await;
     let written: HashSet<Uuid> = stored.iter().map(|e| e.event_id).collect();
-    check_feed("subscriber", &seen, &written);
+    check_feed("subscriber", seen, &written);
     let transfers = stored.iter().filter(|e| e.event_type == "Debited").count();
     assert_eq!(transfers, done, "one debit per transfer that succeeded");
     assert_eq!(
@@ -235,22 +250,22 @@ async fn transfers_under_load<S: EventStore>(
     );
     assert!(done > 0, "some transfers went through");
     let mut end = 0;
-    for account in accounts.iter() {
-        let own = read(&store, account).await;
+    for account in accounts {
+        let own = read(store, account).await;
         let b = balance(&own);
         assert!(b >= 0, "`{account}` went below zero: {b}");
         end += b;
     }
     assert_eq!(end, total, "the balances add up to the opening total");
     assert_eq!(
-        balance(&seen),
+        balance(seen),
         total,
         "the feed adds up to the opening total"
     );
 
     // Every transfer's two legs: both delivered, each once.
     let mut legs: HashMap<u64, u32> = HashMap::new();
-    for event in &seen {
+    for event in seen {
         if event.event_type == "Debited" || event.event_type == "Credited" {
             let id = event.payload_json().expect("JSON")["transfer"]
                 .as_u64()
@@ -269,7 +284,7 @@ async fn transfers_under_load<S: EventStore>(
         // transfer half read, the balances read so far add up to the total.
         let mut sum = 0;
         let mut open: Option<u64> = None;
-        for event in &seen {
+        for event in seen {
             sum += effect(event);
             let id = event.payload_json().expect("JSON")["transfer"].as_u64();
             match (event.event_type.as_str(), open) {
@@ -290,10 +305,6 @@ async fn transfers_under_load<S: EventStore>(
             }
         }
     }
-    assert!(
-        conflicts.load(Ordering::SeqCst) > 0 || tasks == 1,
-        "concurrent transfers between few accounts met no conflict: the case did not race"
-    );
 }
 
 /// A small deterministic generator (xorshift), so that a failing run can be repeated.

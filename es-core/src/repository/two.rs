@@ -100,6 +100,34 @@ where
     }
 }
 
+/// A store failure of a two-aggregate command, named with the stream of the part it is about
+/// (the first aggregate's when it concerns the call as a whole).
+fn store_failure<A: Aggregate, B: Aggregate, E>(
+    source: StoreError,
+    first: &Loaded<A>,
+    second: &Loaded<B>,
+) -> RepositoryError<E>
+where
+    E: std::error::Error + 'static,
+{
+    let (stream_id, version) = match &source {
+        StoreError::DuplicateEvent { stream_id, .. }
+        | StoreError::InvalidRequest { stream_id, .. }
+        | StoreError::InlineProjection { stream_id, .. }
+        | StoreError::PayloadTooLarge { stream_id, .. }
+            if *stream_id == second.stream_id =>
+        {
+            (second.stream_id.clone(), second.version)
+        }
+        _ => (first.stream_id.clone(), first.version),
+    };
+    RepositoryError::Store {
+        stream_id,
+        version,
+        source,
+    }
+}
+
 impl<S: Store> Repository<S> {
     /// Runs one decision over two aggregates and records its events in both, atomically.
     ///
@@ -128,6 +156,7 @@ impl<S: Store> Repository<S> {
     ///
     /// ```
     /// # use es_core::{Aggregate, Repository, Store};
+    /// # #[allow(dead_code)]
     /// # async fn transfer<S: Store, A: Aggregate>(repo: &Repository<S>, debit: A::Command, credit: A::Command) {
     /// let moved = repo
     ///     .execute_two::<A, A, A::Error>("alice", "bob", &Default::default(), |alice, bob| {
@@ -193,14 +222,7 @@ impl<S: Store> Repository<S> {
                     .into_iter()
                     .flatten()
                     .collect();
-                let outcome = match parts.len() {
-                    0 => Ok(Vec::new()),
-                    1 => self
-                        .append(parts.into_iter().next().expect("one part"))
-                        .await
-                        .map(|r| vec![r]),
-                    _ => self.append_two(parts).await,
-                };
+                let outcome = self.send_parts(parts).await;
                 match outcome {
                     Ok(results) => {
                         let mut results = results.into_iter();
@@ -236,24 +258,7 @@ impl<S: Store> Repository<S> {
                             "conflict; retrying the two-aggregate command");
                         backoff.sleep().await;
                     }
-                    Err(source) => {
-                        let (stream_id, version) = match &source {
-                            StoreError::DuplicateEvent { stream_id, .. }
-                            | StoreError::InvalidRequest { stream_id, .. }
-                            | StoreError::InlineProjection { stream_id, .. }
-                            | StoreError::PayloadTooLarge { stream_id, .. }
-                                if *stream_id == second.stream_id =>
-                            {
-                                (second.stream_id.clone(), second.version)
-                            }
-                            _ => (first.stream_id.clone(), first.version),
-                        };
-                        return Err(RepositoryError::Store {
-                            stream_id,
-                            version,
-                            source,
-                        });
-                    }
+                    Err(source) => return Err(store_failure(source, &first, &second)),
                 }
             }
         }
@@ -282,6 +287,17 @@ impl<S: Store> Repository<S> {
             )
             .with_outbox(outbox),
         ))
+    }
+
+    /// Appends the parts of a two-aggregate command: nothing without parts, a plain append
+    /// for one, a multi-stream append for two.
+    async fn send_parts(&self, parts: Vec<AppendRequest>) -> Result<Vec<AppendResult>, StoreError> {
+        let mut parts = parts.into_iter();
+        match (parts.next(), parts.next()) {
+            (None, _) => Ok(Vec::new()),
+            (Some(only), None) => self.append(only).await.map(|r| vec![r]),
+            (Some(first), Some(second)) => self.append_two(vec![first, second]).await,
+        }
     }
 
     /// Sends a multi-stream append, re-sending the same call (same event ids) while the store is

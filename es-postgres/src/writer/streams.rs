@@ -82,6 +82,23 @@ enum Attempt {
 }
 
 impl StreamsAppender {
+    /// Starts `count` group-commit writer tasks on the same pool, statements, heads and inline
+    /// projections.
+    pub(crate) fn spawn_writers(&self, count: usize, shared: &Arc<super::Shared>) {
+        for _ in 0..count {
+            let writer = super::Writer {
+                pool: self.pool.clone(),
+                conn: None,
+                sql: Arc::clone(&self.sql),
+                heads: Arc::clone(&self.heads),
+                committed: Arc::clone(&self.committed),
+                shared: Arc::clone(shared),
+                inline: Arc::clone(&self.inline),
+            };
+            tokio::spawn(writer.run());
+        }
+    }
+
     /// Appends `requests` (validated by the caller) all or nothing.
     pub(crate) async fn append(
         &self,
@@ -228,6 +245,19 @@ impl StreamsAppender {
         tx: &mut PgConnection,
         requests: &[AppendRequest],
     ) -> Result<Attempt, CallError> {
+        if let Some(answer) = self.check(tx, requests).await? {
+            return Ok(answer);
+        }
+        self.write(tx, requests).await
+    }
+
+    /// Locks the streams and runs every check: `Some` with the answer when the call must not
+    /// write (an exact retry, a partly stored call, a conflict), `None` when it may.
+    async fn check(
+        &self,
+        tx: &mut PgConnection,
+        requests: &[AppendRequest],
+    ) -> Result<Option<Attempt>, CallError> {
         let sql = CallError::Sql;
         let streams: Vec<&str> = requests.iter().map(|r| r.stream_id.as_str()).collect();
         sqlx::query(AssertSqlSafe(Arc::clone(&self.sql.lock_streams)))
@@ -280,11 +310,11 @@ impl StreamsAppender {
                 })
                 .collect();
             return match classify_streams_retry(requests, &found) {
-                Ok(Some(results)) => Ok(Attempt::Done(results)),
+                Ok(Some(results)) => Ok(Some(Attempt::Done(results))),
                 Ok(None) => Err(CallError::Store(StoreError::backend(
                     "stored events were found, but none of the call's",
                 ))),
-                Err(err) => Ok(Attempt::Refused(err)),
+                Err(err) => Ok(Some(Attempt::Refused(err))),
             };
         }
         let rows = sqlx::query(AssertSqlSafe(Arc::clone(&self.sql.stream_versions)))
@@ -305,10 +335,19 @@ impl StreamsAppender {
         }
         for (request, &actual) in requests.iter().zip(&versions) {
             if let Err(conflict) = request.expected.check(&request.stream_id, actual) {
-                return Ok(Attempt::Refused(conflict));
+                return Ok(Some(Attempt::Refused(conflict)));
             }
         }
+        Ok(None)
+    }
 
+    /// The writes, checked already.
+    async fn write(
+        &self,
+        tx: &mut PgConnection,
+        requests: &[AppendRequest],
+    ) -> Result<Attempt, CallError> {
+        let sql = CallError::Sql;
         // The writes, partition by partition in ascending order (see the module docs).
         let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for (i, request) in requests.iter().enumerate() {
