@@ -274,7 +274,7 @@ mod tests {
             assert!(!APPEND.contains(&format!("expected == '{}'", mode.arg())));
         }
         assert_eq!(numeric_returns(APPEND), Vec::<String>::new());
-        assert_eq!(AppendCode::from_code(7), None);
+        assert_eq!(AppendCode::from_code(8), None);
     }
 
     #[test]
