@@ -15,6 +15,7 @@
 //!
 //! Helpers for backends: [`AppendRequest::validate`] (the limits and the JSON rule every store
 //! applies), [`classify_retry`] (the rule for a batch whose event ids may be stored already),
+//! [`validate_streams`] and [`classify_streams_retry`] (the same for multi-stream appends),
 //! [`position`] and [`verify_resume`] (epochs, and telling readers that a store lost a tail),
 //! [`pages_of`] (pages of borrowed events from a stream of events) and [`wait_on_watch`]
 //! (waiting for appends through a `tokio::sync::watch` of the head). [`EventStore::subscribe`]
@@ -35,6 +36,9 @@
 //!   stored already, in the same stream at consecutive versions in the same order, returns the
 //!   original [`AppendResult`] and writes nothing. A batch that partly overlaps stored events is
 //!   [`StoreError::DuplicateEvent`].
+//! - **Multi-stream appends** ([`EventStore::append_streams`]) are atomic across their streams:
+//!   every part's expected version is checked and every part is written, or nothing is. The same
+//!   call re-sent returns its first results; a call only partly stored is refused.
 //! - **Global order, never skip.** Every event gets a global position, strictly increasing in
 //!   commit order (not necessarily dense). Once [`EventStore::read_all`] or a subscription has
 //!   returned position `p`, no event at or below `p` becomes visible later. Per-stream order in the
@@ -66,7 +70,10 @@ mod redact;
 mod snapshot;
 mod streams;
 
-pub use append::{classify_retry, AppendLimits, AppendRequest, AppendResult, StoredEventRef};
+pub use append::{
+    classify_retry, classify_streams_retry, validate_streams, AppendLimits, AppendRequest,
+    AppendResult, StoredEventRef,
+};
 pub use checkpoint::{Checkpoint, CheckpointStore};
 pub use error::{StoreError, StoreFuture};
 pub use event_store::{

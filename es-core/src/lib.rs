@@ -123,9 +123,9 @@ pub use projection::{
     ProjectionSink, ProjectionStatus, RebuildError, RunnerConfig,
 };
 pub use repository::{
-    AsOf, BuildError, Executed, Loaded, Repository, RepositoryBuilder, RepositoryError,
-    RetryPolicy, SnapshotContext, SnapshotPolicy, DEFAULT_CACHE_CAPACITY,
-    DEFAULT_SNAPSHOT_INTERVAL,
+    AsOf, BuildError, Executed, ExecutedTwo, Loaded, Repository, RepositoryBuilder,
+    RepositoryError, RetryPolicy, SnapshotContext, SnapshotPolicy, TwoEvents,
+    DEFAULT_CACHE_CAPACITY, DEFAULT_SNAPSHOT_INTERVAL,
 };
 pub use retry::Backoff;
 pub use stream_id::{InvalidStreamId, StreamId};

@@ -21,9 +21,11 @@ mod command;
 mod lane;
 mod load;
 mod snapshot;
+mod two;
 
 use command::ErasedTranslator;
 pub use snapshot::{SnapshotContext, SnapshotPolicy, DEFAULT_SNAPSHOT_INTERVAL};
+pub use two::{ExecutedTwo, TwoEvents};
 
 /// How many aggregates a repository keeps in memory between commands unless
 /// [`RepositoryBuilder::cache_capacity`] says otherwise.

@@ -436,6 +436,10 @@ impl EventStore for Faulty {
             Ok(result)
         }
     }
+    /// Not used by these tests (their commands touch one aggregate): passed through.
+    fn append_streams(&self, requests: Vec<AppendRequest>) -> impl StoreFuture<Vec<AppendResult>> {
+        self.inner.append_streams(requests)
+    }
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
         self.inner.stream_version(stream)
     }
@@ -1499,6 +1503,25 @@ impl EventStore for BlackHole {
             positions: (first..first + n).collect(),
             duplicate: false,
         }))
+    }
+    fn append_streams(&self, requests: Vec<AppendRequest>) -> impl StoreFuture<Vec<AppendResult>> {
+        let results = requests
+            .iter()
+            .map(|request| {
+                let n = request.events.len() as u64;
+                let base = match request.expected {
+                    ExpectedVersion::Exact(v) => v,
+                    _ => 0,
+                };
+                let first = self.position.fetch_add(n, Ordering::SeqCst) + 1;
+                AppendResult {
+                    stream_version: base + n,
+                    positions: (first..first + n).collect(),
+                    duplicate: false,
+                }
+            })
+            .collect();
+        futures::future::ready(Ok(results))
     }
     fn stream_version(&self, _: &StreamId) -> impl StoreFuture<u64> {
         futures::future::ready(Ok(0))

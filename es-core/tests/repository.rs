@@ -10,8 +10,8 @@ use std::time::Duration;
 use es_core::contract::StoreFuture;
 use es_core::{
     Aggregate, AppendRequest, AppendResult, Apply, Decision, DomainEvent, EventStore, EventStream,
-    ExpectedVersion, NewEvent, ReadAll, ReadStream, Repository, RepositoryError, RetryPolicy,
-    SnapshotPolicy, SnapshotRecord, SnapshotStore, StoreError, StreamId,
+    ExpectedVersion, Metadata, NewEvent, ReadAll, ReadStream, Repository, RepositoryError,
+    RetryPolicy, SnapshotPolicy, SnapshotRecord, SnapshotStore, StoreError, StreamId,
 };
 use es_memory::InMemoryStore;
 use futures::TryStreamExt;
@@ -115,6 +115,32 @@ impl EventStore for Faulty {
                 this.inner.append(sneak).await?;
             }
             let result = this.inner.append(request).await?;
+            let lost = this
+                .lose_replies
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if lost {
+                return Err(StoreError::unavailable("connection reset after commit"));
+            }
+            Ok(result)
+        }
+    }
+    fn append_streams(&self, requests: Vec<AppendRequest>) -> impl StoreFuture<Vec<AppendResult>> {
+        let this = self.clone();
+        async move {
+            this.appends.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(this.delay).await;
+            if this.down {
+                return Err(StoreError::unavailable("connection refused"));
+            }
+            if this.interfere {
+                // A foreign event on the last part's stream before each call.
+                let foreign = NewEvent::new("Added", 1, r#"{"n":1}"#).unwrap();
+                let last = requests.last().map(|r| r.stream_id.clone()).unwrap();
+                let sneak = AppendRequest::new(last, ExpectedVersion::Any, vec![foreign]);
+                this.inner.append(sneak).await?;
+            }
+            let result = this.inner.append_streams(requests).await?;
             let lost = this
                 .lose_replies
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -450,4 +476,138 @@ async fn a_lost_reply_to_a_shared_append_applies_every_command_once() {
         .await
         .unwrap();
     assert_eq!((loaded.aggregate.total, loaded.version), (24, 12));
+}
+
+/// A move of `n` between two counters: `n` added to each (the second's events through its own
+/// `handle`), or the counter's refusal of zero.
+fn move_both(
+    n: u64,
+) -> impl Fn(&Counter, &Counter) -> Result<(Vec<CounterEvent>, Vec<CounterEvent>), Zero> {
+    move |first, second| Ok((first.handle(&n)?, second.handle(&n)?))
+}
+
+#[tokio::test]
+async fn execute_two_appends_both_streams_or_neither() {
+    let store = Faulty::default();
+    let repo = Repository::new(store.clone());
+    let meta = Metadata::new();
+    let done = repo
+        .execute_two::<Counter, Counter, Zero>("a", "b", &meta, move_both(150))
+        .await
+        .unwrap();
+    assert_eq!(done.first.version, 2, "Added and Bonus");
+    assert_eq!(done.second.version, 2);
+    assert_eq!(done.first.aggregate.total, 151);
+    assert_eq!(done.first.attempts, 1);
+    assert_eq!(done.second.positions.len(), 2);
+    assert_eq!(store.appends.load(Ordering::SeqCst), 1, "one call for both");
+    match repo
+        .execute_two::<Counter, Counter, Zero>("a", "b", &meta, move_both(0))
+        .await
+    {
+        Err(RepositoryError::Domain {
+            stream_id, version, ..
+        }) => {
+            assert_eq!(stream_id.as_str(), "counter-a");
+            assert_eq!(version, 2);
+        }
+        other => panic!("expected the decision's error, got {other:?}"),
+    }
+    assert_eq!(
+        store.appends.load(Ordering::SeqCst),
+        1,
+        "a refusal appends nothing"
+    );
+    match repo
+        .execute_two::<Counter, Counter, Zero>("a", "a", &meta, move_both(1))
+        .await
+    {
+        Err(RepositoryError::Store {
+            source: StoreError::InvalidRequest { .. },
+            ..
+        }) => {}
+        other => panic!("expected a refusal of one stream twice, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn execute_two_retries_conflicts_then_names_the_stream() {
+    // Before each call a foreign event lands on the second stream.
+    let store = Faulty {
+        interfere: true,
+        ..Faulty::default()
+    };
+    let repo = Repository::builder(store.clone())
+        .retry_policy(retry(3))
+        .build()
+        .unwrap();
+    match repo
+        .execute_two::<Counter, Counter, Zero>("c", "d", &Metadata::new(), move_both(5))
+        .await
+    {
+        Err(RepositoryError::Conflict {
+            stream_id,
+            expected,
+            actual,
+            attempts,
+        }) => {
+            assert_eq!(stream_id.as_str(), "counter-d");
+            assert_eq!(attempts, 3);
+            assert_eq!(expected, 2, "the last attempt was decided at version 2");
+            assert_eq!(actual, 3);
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let c = StreamId::parse("counter-c").unwrap();
+    assert_eq!(
+        store.stream_version(&c).await.unwrap(),
+        0,
+        "nothing was written to the first stream"
+    );
+}
+
+#[tokio::test]
+async fn execute_two_resends_the_same_call_after_a_lost_reply() {
+    let store = Faulty {
+        lose_replies: Arc::new(AtomicU32::new(2)),
+        ..Faulty::default()
+    };
+    let repo = Repository::builder(store.clone())
+        .retry_policy(retry(1))
+        .build()
+        .unwrap();
+    let done = repo
+        .execute_two::<Counter, Counter, Zero>("e", "f", &Metadata::new(), move_both(7))
+        .await
+        .unwrap();
+    assert_eq!(store.appends.load(Ordering::SeqCst), 3, "sent three times");
+    assert_eq!((done.first.version, done.second.version), (1, 1));
+    for (id, executed_ids) in [
+        ("counter-e", &done.first.event_ids),
+        ("counter-f", &done.second.event_ids),
+    ] {
+        let stored: Vec<_> = store
+            .read_stream(&StreamId::parse(id).unwrap(), ReadStream::forward())
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(stored.len(), 1, "{id}: stored exactly once");
+        assert_eq!(stored[0].event_id, executed_ids[0]);
+    }
+}
+
+#[tokio::test]
+async fn a_command_after_execute_two_decides_on_the_new_state() {
+    let store = Faulty::default();
+    let repo = Repository::new(store.clone());
+    repo.execute::<Counter>("g", &10).await.unwrap();
+    repo.execute_two::<Counter, Counter, Zero>("g", "h", &Metadata::new(), move_both(20))
+        .await
+        .unwrap();
+    // The repository kept `g` at version 1 in memory: execute_two forgot it, so this command
+    // loads version 2 and appends without a conflict.
+    let done = repo.execute::<Counter>("g", &5).await.unwrap();
+    assert_eq!(done.attempts, 1, "no conflict with a stale state");
+    assert_eq!(done.aggregate.total, 35);
+    assert_eq!(done.version, 3);
 }

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use es_core::contract::{check_lease, Checkpoint, HeldLease, LeaseStore};
 use es_core::contract::{classify_retry, failed_read, StoreFuture, StoredEventRef};
+use es_core::contract::{classify_streams_retry, validate_streams};
 use es_core::contract::{DeadLetter, Delivered, LastRejection, LeaseState, Rejection, RelayStatus};
 use es_core::event::now_micros;
 use es_core::projection::HandlerError;
@@ -104,6 +105,32 @@ struct State {
     dead_letters: BTreeMap<u64, DeadLetter>,
     /// The last dead-lettering.
     last_rejection: Option<LastRejection>,
+}
+
+impl State {
+    /// Where the events of `request` are stored already, if anywhere.
+    fn found(&self, request: &AppendRequest) -> Vec<Option<StoredEventRef>> {
+        request
+            .events
+            .iter()
+            .map(|e| {
+                self.ids.get(&e.event_id).map(|&(p, i)| {
+                    let stored = &self.logs[p as usize][i];
+                    StoredEventRef {
+                        event_id: stored.event_id,
+                        stream_id: stored.stream_id.clone(),
+                        stream_version: stored.stream_version,
+                        global_position: stored.global_position,
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// The stream's current version.
+    fn version(&self, stream: &StreamId) -> u64 {
+        self.streams.get(stream).map_or(0, StreamEvents::len)
+    }
 }
 
 /// A lease (the relay's, or a group's) as held.
@@ -271,28 +298,11 @@ impl Inner {
     fn append(&self, request: &AppendRequest) -> Result<AppendResult, StoreError> {
         request.validate(&self.limits)?;
         let mut state = self.lock();
-        let found: Vec<Option<StoredEventRef>> = request
-            .events
-            .iter()
-            .map(|e| {
-                state.ids.get(&e.event_id).map(|&(p, i)| {
-                    let stored = &state.logs[p as usize][i];
-                    StoredEventRef {
-                        event_id: stored.event_id,
-                        stream_id: stored.stream_id.clone(),
-                        stream_version: stored.stream_version,
-                        global_position: stored.global_position,
-                    }
-                })
-            })
-            .collect();
+        let found = state.found(request);
         if let Some(original) = classify_retry(request, &found)? {
             return Ok(original);
         }
-        let current = state
-            .streams
-            .get(&request.stream_id)
-            .map_or(0, StreamEvents::len);
+        let current = state.version(&request.stream_id);
         request.expected.check(&request.stream_id, current)?;
         if request.events.is_empty() {
             return Ok(AppendResult {
@@ -301,71 +311,114 @@ impl Inner {
                 duplicate: false,
             });
         }
+        let mut results = self.write(&mut state, std::slice::from_ref(request))?;
+        Ok(results.remove(0))
+    }
+
+    /// The multi-stream append: every check of every part, then every write, under one
+    /// acquisition of the lock.
+    fn append_streams(&self, requests: &[AppendRequest]) -> Result<Vec<AppendResult>, StoreError> {
+        validate_streams(requests, &self.limits)?;
+        let mut state = self.lock();
+        let found: Vec<_> = requests.iter().map(|r| state.found(r)).collect();
+        if let Some(original) = classify_streams_retry(requests, &found)? {
+            return Ok(original);
+        }
+        for request in requests {
+            let current = state.version(&request.stream_id);
+            request.expected.check(&request.stream_id, current)?;
+        }
+        self.write(&mut state, requests)
+    }
+
+    /// Writes `requests` (checked, each with at least one event, distinct streams): records the
+    /// events, runs the inline projections on each part, and only when all of them accept,
+    /// commits every part and publishes the heads of the partitions written.
+    fn write(
+        &self,
+        state: &mut State,
+        requests: &[AppendRequest],
+    ) -> Result<Vec<AppendResult>, StoreError> {
         let recorded_at = match state.last_recorded_at {
             Some(last) => now_micros().max(last),
             None => now_micros(),
         };
-        let partition = self.partitioning.partition_of(&request.stream_id);
-        let first_index = state.logs[partition as usize].len();
-        let recorded: Vec<RecordedEvent> = request
-            .events
-            .iter()
-            .enumerate()
-            .map(|(i, event)| RecordedEvent {
-                event_id: event.event_id,
-                stream_id: request.stream_id.clone(),
-                stream_version: current + i as u64 + 1,
-                global_position: (first_index + i) as u64 + 1,
-                partition,
-                event_type: event.event_type.clone(),
-                schema_version: event.schema_version,
-                payload: event.payload.clone(),
-                metadata: event.metadata.clone(),
-                recorded_at,
-            })
-            .collect();
-        for (name, projection) in &self.inline {
-            projection(&recorded).map_err(|e| StoreError::InlineProjection {
-                stream_id: request.stream_id.clone(),
-                projection: name.clone(),
-                reason: e.to_string(),
-            })?;
+        // The next index of each partition's log, as the parts before take theirs.
+        let mut next: HashMap<u32, usize> = HashMap::new();
+        let mut parts = Vec::with_capacity(requests.len());
+        for request in requests {
+            let current = state.version(&request.stream_id);
+            let partition = self.partitioning.partition_of(&request.stream_id);
+            let first_index = *next
+                .entry(partition)
+                .or_insert_with(|| state.logs[partition as usize].len());
+            next.insert(partition, first_index + request.events.len());
+            let recorded: Vec<RecordedEvent> = request
+                .events
+                .iter()
+                .enumerate()
+                .map(|(i, event)| RecordedEvent {
+                    event_id: event.event_id,
+                    stream_id: request.stream_id.clone(),
+                    stream_version: current + i as u64 + 1,
+                    global_position: (first_index + i) as u64 + 1,
+                    partition,
+                    event_type: event.event_type.clone(),
+                    schema_version: event.schema_version,
+                    payload: event.payload.clone(),
+                    metadata: event.metadata.clone(),
+                    recorded_at,
+                })
+                .collect();
+            for (name, projection) in &self.inline {
+                projection(&recorded).map_err(|e| StoreError::InlineProjection {
+                    stream_id: request.stream_id.clone(),
+                    projection: name.clone(),
+                    reason: e.to_string(),
+                })?;
+            }
+            parts.push((partition, first_index, current, recorded));
         }
         // Every check passed: commit.
         state.last_recorded_at = Some(recorded_at);
-        let positions: Vec<u64> = recorded.iter().map(|e| e.global_position).collect();
-        let state = &mut *state;
-        let stream = state.streams.entry(request.stream_id.clone()).or_default();
-        let log = &mut state.logs[partition as usize];
-        for (i, event) in recorded.into_iter().enumerate() {
-            state
-                .ids
-                .insert(event.event_id, (partition, first_index + i));
-            let event = Arc::new(event);
-            stream.push(Arc::clone(&event));
-            log.push(event);
-        }
-        for message in &request.outbox {
-            state.outbox_position += 1;
-            let position = state.outbox_position;
-            state.outbox.insert(
-                position,
-                OutboxRecord {
+        let mut results = Vec::with_capacity(requests.len());
+        for (request, (partition, first_index, current, recorded)) in requests.iter().zip(parts) {
+            let positions: Vec<u64> = recorded.iter().map(|e| e.global_position).collect();
+            let stream = state.streams.entry(request.stream_id.clone()).or_default();
+            let log = &mut state.logs[partition as usize];
+            for (i, event) in recorded.into_iter().enumerate() {
+                state
+                    .ids
+                    .insert(event.event_id, (partition, first_index + i));
+                let event = Arc::new(event);
+                stream.push(Arc::clone(&event));
+                log.push(event);
+            }
+            for message in &request.outbox {
+                state.outbox_position += 1;
+                let position = state.outbox_position;
+                state.outbox.insert(
                     position,
-                    stream_id: request.stream_id.clone(),
-                    recorded_at,
-                    message: message.clone(),
-                },
-            );
+                    OutboxRecord {
+                        position,
+                        stream_id: request.stream_id.clone(),
+                        recorded_at,
+                        message: message.clone(),
+                    },
+                );
+            }
+            results.push(AppendResult {
+                stream_version: current + request.events.len() as u64,
+                positions,
+                duplicate: false,
+            });
         }
-        let head = state.logs[partition as usize].len() as u64;
-        // Published under the lock, so the head only ever moves forward.
-        self.heads[partition as usize].send_replace(head);
-        Ok(AppendResult {
-            stream_version: current + request.events.len() as u64,
-            positions,
-            duplicate: false,
-        })
+        for partition in next.into_keys() {
+            let head = state.logs[partition as usize].len() as u64;
+            // Published under the lock, so the head only ever moves forward.
+            self.heads[partition as usize].send_replace(head);
+        }
+        Ok(results)
     }
 
     /// Copies the next page of a stream read: up to `take` events from version `cursor` on in
@@ -537,6 +590,10 @@ impl futures::Stream for Pages {
 impl EventStore for InMemoryStore {
     fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {
         futures::future::ready(self.inner.append(&request))
+    }
+
+    fn append_streams(&self, requests: Vec<AppendRequest>) -> impl StoreFuture<Vec<AppendResult>> {
+        futures::future::ready(self.inner.append_streams(&requests))
     }
 
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {

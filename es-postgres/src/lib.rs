@@ -187,6 +187,8 @@ struct Inner {
     notifier: JoinHandle<()>,
     server: ServerSettings,
     replica: Option<replica::Replica>,
+    /// Runs multi-stream appends.
+    streams: writer::streams::StreamsAppender,
 }
 
 impl Inner {
@@ -586,18 +588,16 @@ impl PgStoreBuilder {
         ));
         let inline: Arc<[inline::InlineProjection]> = self.inline.into();
         let committed = Arc::new(listener::Committed::new(partitions));
-        for _ in 0..self.writers {
-            let writer = writer::Writer {
-                pool: pool.clone(),
-                conn: None,
-                sql: Arc::clone(&sql),
-                heads: Arc::clone(&heads),
-                committed: Arc::clone(&committed),
-                shared: Arc::clone(&shared),
-                inline: Arc::clone(&inline),
-            };
-            tokio::spawn(writer.run());
-        }
+        let streams = writer::streams::StreamsAppender {
+            pool: pool.clone(),
+            sql: Arc::clone(&sql),
+            partitioning: self.partitioning,
+            heads: Arc::clone(&heads),
+            committed: Arc::clone(&committed),
+            inline: Arc::clone(&inline),
+            append_timeout: self.append_timeout,
+        };
+        streams.spawn_writers(self.writers, &shared);
         let notifier = tokio::spawn(
             listener::Notifier {
                 pool: pool.clone(),
@@ -629,6 +629,7 @@ impl PgStoreBuilder {
                 notifier,
                 server,
                 replica,
+                streams,
             }),
         };
         if store.inner.replica.is_some() {
@@ -779,6 +780,16 @@ impl PgStore {
 }
 
 impl EventStore for PgStore {
+    /// One transaction on a connection of its own, outside group commit: see
+    /// `docs/15-multi-stream-appends.md`.
+    fn append_streams(&self, requests: Vec<AppendRequest>) -> impl StoreFuture<Vec<AppendResult>> {
+        let inner = Arc::clone(&self.inner);
+        async move {
+            es_core::contract::validate_streams(&requests, &inner.limits)?;
+            inner.streams.append(&requests).await
+        }
+    }
+
     fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {
         let inner = Arc::clone(&self.inner);
         async move {

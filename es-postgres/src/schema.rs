@@ -126,6 +126,14 @@ pub(crate) struct Sql {
     /// Checks the server's incarnation for this session, starting an epoch if it is new.
     pub(crate) check_incarnation: Arc<str>,
     pub(crate) stream_version: Arc<str>,
+    /// Takes the append lock of every stream of `$1` (text[]), in the order of the lock keys,
+    /// for the rest of the transaction (the lock `append_events` takes for its streams).
+    pub(crate) lock_streams: Arc<str>,
+    /// The version of each stream of `$1` (text[]): rows of (1-based index, version).
+    pub(crate) stream_versions: Arc<str>,
+    /// Where the events with the ids `$1` (uuid[]) are stored: rows of (event id, stream id,
+    /// version, position).
+    pub(crate) find_events: Arc<str>,
     /// The head of partition `$1`.
     pub(crate) head: Arc<str>,
     /// The head of every partition below `$1`: rows of (partition, head).
@@ -192,6 +200,22 @@ impl Sql {
             .into(),
             head: format!(
                 "SELECT coalesce(max(global_position), 0) FROM {s}.events WHERE partition = $1"
+            )
+            .into(),
+            lock_streams: format!(
+                "SELECT count(pg_advisory_xact_lock({}, k)) FROM (SELECT DISTINCT hashtext(s) AS k \
+                 FROM unnest($1::text[]) AS s ORDER BY 1) AS keys",
+                schema.lock_space()
+            )
+            .into(),
+            stream_versions: format!(
+                "SELECT u.i, coalesce((SELECT max(e.stream_version) FROM {s}.events e \
+                 WHERE e.stream_id = u.s), 0) FROM unnest($1::text[]) WITH ORDINALITY AS u(s, i)"
+            )
+            .into(),
+            find_events: format!(
+                "SELECT event_id, stream_id, stream_version, global_position FROM {s}.events \
+                 WHERE event_id = ANY($1::uuid[])"
             )
             .into(),
             heads: format!(

@@ -58,6 +58,8 @@ use crate::inline::InlineProjection;
 use crate::protocol::{column, AppendOutcome, ExpectedKind, UNCHECKED_INCARNATION};
 use crate::schema::Sql;
 
+pub(crate) mod streams;
+
 /// Most appends in one group.
 const MAX_GROUP_APPENDS: usize = 256;
 /// Most events in one group (a larger single append still goes alone).
@@ -560,7 +562,21 @@ pub(crate) fn append_query(
     deferred: bool,
     timeout: Duration,
 ) -> Query<'static, Postgres, PgArguments> {
-    let requests = || jobs.iter().map(|j| &j.request);
+    let requests: Vec<&AppendRequest> = jobs.iter().map(|j| &j.request).collect();
+    append_query_for(sql, partition, &requests, lookup, deferred, timeout)
+}
+
+/// The `append_events` call for `list` (appends to streams of `partition`), every argument
+/// bound.
+pub(crate) fn append_query_for(
+    sql: &Arc<str>,
+    partition: u32,
+    list: &[&AppendRequest],
+    lookup: bool,
+    deferred: bool,
+    timeout: Duration,
+) -> Query<'static, Postgres, PgArguments> {
+    let requests = || list.iter().copied();
     let events = || requests().flat_map(|r| r.events.iter());
     let messages = || requests().flat_map(|r| r.outbox.iter());
     let metadata: Vec<Vec<u8>> = events().map(|e| e.metadata.to_json()).collect();

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use es_core::contract::{classify_retry, StoredEventRef};
+use es_core::contract::{classify_retry, classify_streams_retry, StoredEventRef};
 use es_core::{AppendRequest, AppendResult, StoreError, StreamId};
 use futures::stream::{FuturesUnordered, StreamExt};
 use redis::{Cmd, Value};
@@ -80,7 +80,7 @@ impl Appender {
         group: &[&AppendRequest],
     ) -> Vec<Result<AppendResult, StoreError>> {
         if self.keys.partitions() == 1 {
-            return self.execute_in_partition(group).await;
+            return unheld(self.execute_in_partition(group, false).await);
         }
         let partition = self.partition_of(group);
         let elsewhere = match self.stored_elsewhere(partition, group).await {
@@ -93,7 +93,7 @@ impl Appender {
             }
         };
         if elsewhere.is_empty() {
-            return self.execute_in_partition(group).await;
+            return unheld(self.execute_in_partition(group, false).await);
         }
         let mut outcomes: Vec<Option<Result<AppendResult, StoreError>>> =
             group.iter().map(|_| None).collect();
@@ -120,7 +120,7 @@ impl Appender {
             }
         }
         if !sent.is_empty() {
-            let results = self.execute_in_partition(&sent).await;
+            let results = unheld(self.execute_in_partition(&sent, false).await);
             for (i, result) in sent_at.into_iter().zip(results) {
                 outcomes[i] = Some(result);
             }
@@ -190,14 +190,72 @@ impl Appender {
         Ok(found)
     }
 
-    /// Runs `group` as one call of the append function in the partition of its streams.
+    /// Runs the parts of a multi-stream append as one all-or-nothing call of the append
+    /// function: every part is checked before the first write, and nothing is written unless all
+    /// pass. The parts' streams must share one feed partition (in the tagged layout, one hash
+    /// slot); a call that spans partitions is refused before anything is sent.
+    pub(crate) async fn execute_streams(
+        &self,
+        requests: &[AppendRequest],
+    ) -> Result<Vec<AppendResult>, StoreError> {
+        let keys = &self.keys;
+        let partition = requests
+            .first()
+            .map_or(0, |request| keys.partition_of(&request.stream_id));
+        if let Some(other) = requests
+            .iter()
+            .find(|request| keys.partition_of(&request.stream_id) != partition)
+        {
+            return Err(StoreError::InvalidMultiAppend {
+                reason: format!(
+                    "the streams of one call must share a feed partition (one Redis Cluster hash \
+                     slot), but `{}` is in partition {partition} and `{}` in partition {}: \
+                     partition the store by category, or pick stream ids that share one \
+                     (docs/15-multi-stream-appends.md)",
+                    requests[0].stream_id,
+                    other.stream_id,
+                    keys.partition_of(&other.stream_id)
+                ),
+            });
+        }
+        let group: Vec<&AppendRequest> = requests.iter().collect();
+        if self.keys.partitions() > 1 {
+            let elsewhere = self
+                .stored_elsewhere(partition, &group)
+                .await
+                .map_err(|err| store_error(err, || stream_location(&requests[0])))?;
+            for request in requests {
+                if let Some((event_id, (other, position))) = request
+                    .events
+                    .iter()
+                    .find_map(|e| elsewhere.get(&e.event_id).map(|at| (e.event_id, at)))
+                {
+                    return Err(StoreError::DuplicateEvent {
+                        stream_id: request.stream_id.clone(),
+                        event_id,
+                        reason: format!(
+                            "it is stored in feed partition {other} at position {position}, in \
+                             another stream; nothing of the multi-stream append was written"
+                        ),
+                    });
+                }
+            }
+        }
+        let outcomes = self.execute_in_partition(&group, true).await;
+        all_or_nothing(requests, outcomes)
+    }
+
+    /// Runs `group` as one call of the append function in the partition of its streams
+    /// (`atomic`: all or nothing). `Ok(None)` for an append of an all-or-nothing call that
+    /// passed its checks but was not written because another did not.
     async fn execute_in_partition(
         &self,
         group: &[&AppendRequest],
-    ) -> Vec<Result<AppendResult, StoreError>> {
+        atomic: bool,
+    ) -> Vec<Result<Option<AppendResult>, StoreError>> {
         let partition = self.partition_of(group);
         let head = self.head(partition);
-        let cmd = self.command(partition, group);
+        let cmd = self.command(partition, group, atomic);
         let mut conn = self.conn.clone();
         let (reply, acked) = match self.wait {
             None => (self.script.invoke(&mut conn, &cmd).await, None),
@@ -216,7 +274,7 @@ impl Appender {
                 Err(err) => (Err(err), None),
             },
         };
-        let mut outcomes: Vec<Result<AppendResult, StoreError>> = match reply {
+        let mut outcomes: Vec<Result<Option<AppendResult>, StoreError>> = match reply {
             Ok(Value::Array(items)) if items.len() == 3 * group.len() + 3 => {
                 let mut items = items.into_iter();
                 let outcomes = group
@@ -253,7 +311,7 @@ impl Appender {
         };
         let head_now = outcomes
             .iter()
-            .filter_map(|o| o.as_ref().ok().and_then(|r| r.positions.last().copied()))
+            .filter_map(|o| o.as_ref().ok()?.as_ref()?.positions.last().copied())
             .max();
         if let Some(position) = head_now {
             head.advance(position);
@@ -263,7 +321,7 @@ impl Appender {
                 // Written on the primary, but a failover now could lose it: not acknowledged.
                 // A retry is idempotent and waits again.
                 for outcome in &mut outcomes {
-                    if outcome.is_ok() {
+                    if matches!(outcome, Ok(Some(_))) {
                         *outcome = Err(StoreError::unavailable(Error::ReplicasNotAcked {
                             required,
                             acked,
@@ -341,7 +399,7 @@ impl Appender {
     /// The `FCALL` of the append function for `group`, whose streams all belong to
     /// `partition`, against that partition's feed, index, outbox and epoch history: in the
     /// tagged layout every key of the call is in the partition's hash slot.
-    fn command(&self, partition: u32, group: &[&AppendRequest]) -> Cmd {
+    fn command(&self, partition: u32, group: &[&AppendRequest], atomic: bool) -> Cmd {
         let keys = &self.keys;
         let part = self.partition_keys(partition);
         let mut cmd = self.script.fcall(4 + 2 * group.len());
@@ -353,9 +411,14 @@ impl Appender {
             cmd.arg(keys.events(&request.stream_id))
                 .arg(keys.version(&request.stream_id));
         }
-        cmd.arg(group.len())
-            .arg(self.head(partition).floor())
-            .arg(if self.allow_eviction { "1" } else { "0" });
+        cmd.arg(group.len()).arg(self.head(partition).floor()).arg(
+            match (self.allow_eviction, atomic) {
+                (false, false) => "0",
+                (true, false) => "1",
+                (false, true) => "2",
+                (true, true) => "3",
+            },
+        );
         let mut buf = uuid::Uuid::encode_buffer();
         for request in group {
             match ExpectedArg::of(request.expected) {
@@ -651,7 +714,7 @@ fn append_reply(
     code: &Value,
     x: Value,
     y: &Value,
-) -> Result<AppendResult, StoreError> {
+) -> Result<Option<AppendResult>, StoreError> {
     let stream = &request.stream_id;
     let bad = |what: &str| {
         StoreError::backend(format!(
@@ -680,12 +743,13 @@ fn append_reply(
                 let first = int(y).ok_or_else(|| bad("no position"))?;
                 (first..first + n).collect()
             };
-            Ok(AppendResult {
+            Ok(Some(AppendResult {
                 stream_version: version,
                 positions,
                 duplicate: false,
-            })
+            }))
         }
+        Some(AppendCode::Held) => Ok(None),
         Some(AppendCode::Duplicate) => {
             let Value::Array(refs) = x else {
                 return Err(bad("no id lookups"));
@@ -710,6 +774,7 @@ fn append_reply(
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             classify_retry(request, &found)?
+                .map(Some)
                 .ok_or_else(|| bad("ids reported stored, but none was found"))
         }
         Some(AppendCode::Conflict) => {
@@ -748,6 +813,81 @@ fn append_reply(
         ))),
         None => Err(bad("unknown reply code")),
     }
+}
+
+/// The outcomes of a call that was not all-or-nothing, where no append is held back.
+fn unheld(
+    outcomes: Vec<Result<Option<AppendResult>, StoreError>>,
+) -> Vec<Result<AppendResult, StoreError>> {
+    outcomes
+        .into_iter()
+        .map(|o| {
+            o?.ok_or_else(|| {
+                StoreError::backend("the append script held back an append of a plain group")
+            })
+        })
+        .collect()
+}
+
+/// The outcome of an all-or-nothing call from its appends' outcomes: every part written; or,
+/// when some parts found their events stored, the rule of
+/// [`classify_streams_retry`](es_core::contract::classify_streams_retry) (all parts stored: the
+/// first results; some: refused); or else the first part's error, in the call's order.
+fn all_or_nothing(
+    requests: &[AppendRequest],
+    outcomes: Vec<Result<Option<AppendResult>, StoreError>>,
+) -> Result<Vec<AppendResult>, StoreError> {
+    if outcomes.len() != requests.len() {
+        return Err(StoreError::backend(
+            "the append script returned a wrong number of outcomes",
+        ));
+    }
+    let stored = |o: &Result<Option<AppendResult>, StoreError>| {
+        matches!(o, Ok(Some(r)) if r.duplicate)
+            || matches!(o, Err(StoreError::DuplicateEvent { .. }))
+    };
+    if outcomes.iter().any(stored) {
+        let mut found = Vec::with_capacity(requests.len());
+        for (request, outcome) in requests.iter().zip(outcomes) {
+            found.push(match outcome {
+                Ok(Some(result)) if result.duplicate => {
+                    let first = result.first_version().unwrap_or(1);
+                    request
+                        .events
+                        .iter()
+                        .zip(result.positions)
+                        .zip(first..)
+                        .map(|((event, global_position), stream_version)| {
+                            Some(StoredEventRef {
+                                event_id: event.event_id,
+                                stream_id: request.stream_id.clone(),
+                                stream_version,
+                                global_position,
+                            })
+                        })
+                        .collect()
+                }
+                Err(err @ StoreError::DuplicateEvent { .. }) => return Err(err),
+                _ => vec![None; request.events.len()],
+            });
+        }
+        return classify_streams_retry(requests, &found)?
+            .ok_or_else(|| StoreError::backend("parts reported stored, but none was found"));
+    }
+    let mut results = Vec::with_capacity(requests.len());
+    let mut held = false;
+    for outcome in outcomes {
+        match outcome? {
+            Some(result) => results.push(result),
+            None => held = true,
+        }
+    }
+    if held {
+        return Err(StoreError::backend(
+            "the append script held the call back without naming the part that failed",
+        ));
+    }
+    Ok(results)
 }
 
 /// Parses where the script found a stored event id: `"<position> <version> <stream>"` (the

@@ -1168,6 +1168,18 @@ impl Inner {
         }
     }
 
+    /// A multi-stream append: one all-or-nothing script call, never grouped with others.
+    async fn append_streams(
+        &self,
+        requests: Vec<AppendRequest>,
+    ) -> Result<Vec<AppendResult>, StoreError> {
+        es_core::contract::validate_streams(&requests, &self.limits)?;
+        if let Some(refusal) = self.server.refusal() {
+            return Err(StoreError::backend(refusal));
+        }
+        self.appender.execute_streams(&requests).await
+    }
+
     /// The head of `partition`, if the store has it.
     fn head(&self, partition: u32) -> Option<&Arc<Head>> {
         self.heads.get(usize::try_from(partition).ok()?)
@@ -1178,6 +1190,11 @@ impl EventStore for RedisStore {
     fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {
         let inner = Arc::clone(&self.inner);
         async move { inner.append(request).await }
+    }
+
+    fn append_streams(&self, requests: Vec<AppendRequest>) -> impl StoreFuture<Vec<AppendResult>> {
+        let inner = Arc::clone(&self.inner);
+        async move { inner.append_streams(requests).await }
     }
 
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {

@@ -85,11 +85,14 @@ pub(crate) enum AppendCode {
     Evicting = 5,
     /// The append would take a position above 2^53 - 1, nothing written: `x` which counter.
     Exhausted = 6,
+    /// All-or-nothing call only: this append passed every check, but another append of the call
+    /// did not, so nothing was written: `x` the version it would have reached.
+    Held = 7,
 }
 
 impl AppendCode {
     /// Every code.
-    pub(crate) const ALL: [Self; 7] = [
+    pub(crate) const ALL: [Self; 8] = [
         Self::Appended,
         Self::Duplicate,
         Self::Conflict,
@@ -97,6 +100,7 @@ impl AppendCode {
         Self::Refused,
         Self::Evicting,
         Self::Exhausted,
+        Self::Held,
     ];
 
     /// The code with value `code`, if there is one.
@@ -115,6 +119,7 @@ impl AppendCode {
             Self::Refused => "REFUSED",
             Self::Evicting => "EVICTING",
             Self::Exhausted => "EXHAUSTED",
+            Self::Held => "HELD",
         }
     }
 }
@@ -269,7 +274,7 @@ mod tests {
             assert!(!APPEND.contains(&format!("expected == '{}'", mode.arg())));
         }
         assert_eq!(numeric_returns(APPEND), Vec::<String>::new());
-        assert_eq!(AppendCode::from_code(7), None);
+        assert_eq!(AppendCode::from_code(8), None);
     }
 
     #[test]

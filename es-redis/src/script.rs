@@ -17,7 +17,9 @@ use crate::conn::Connection;
 /// KEYS: 1 the feed, 2 the index hash (head fields and event ids), 3 the outbox, 4 the epoch
 /// history, then two per append: the stream's events, its version.
 /// ARGV: 1 the number of appends `m`, 2 the highest position the calling handle has seen (its
-/// floor), 3 `1` if the store allows an evicting server (else `0`), then per append: expected
+/// floor), 3 the mode: `0`, or `1` if the store allows an evicting server, plus 2 for an
+/// all-or-nothing call (a multi-stream append: every append is checked before the first write,
+/// and nothing is written unless every one passes), then per append: expected
 /// version (`any`, `none`, `exists` or a decimal), stream id, number of events `n`, number of
 /// outbox messages `k`, five per event (event id, type, schema version, payload, metadata) and
 /// eight per message (message id, source event id, topic, key, type, schema version, payload,
@@ -45,7 +47,9 @@ use crate::conn::Connection;
 /// - `5, policy, nil`: this is the first write of a new server incarnation and the server's
 ///   `maxmemory-policy` can evict the store's keys, nothing was written;
 /// - `6, what, nil`: the append would take a position or outbox position above 2^53 - 1 (an
-///   epoch above [`MAX_EPOCH`](es_core::contract::position::MAX_EPOCH)), nothing was written.
+///   epoch above [`MAX_EPOCH`](es_core::contract::position::MAX_EPOCH)), nothing was written;
+/// - `7, version, nil` (all-or-nothing calls only): this append passed its checks, but another
+///   did not, so nothing of the call was written.
 ///
 /// After an append's first write no command of it can fail: every key written is of the right
 /// type (checked by the reads before it or by the guarded first `XADD` of each append) and every

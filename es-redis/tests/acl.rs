@@ -54,6 +54,12 @@ mod streaming {
     es_testkit::streaming_conformance_tests!(|| async { super::acl_store("stream").await });
 }
 
+/// Multi-stream appends under the documented user: the all-or-nothing check pass needs no
+/// command beyond the line.
+mod multi {
+    es_testkit::multi_conformance_tests!(|| async { super::acl_store("multi").await });
+}
+
 /// Crypto-shredding under the documented user: its key store needs no command beyond the line
 /// (`SET .. NX GET`, `MGET`, `SET .. GET`).
 mod shredding {

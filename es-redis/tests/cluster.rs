@@ -470,3 +470,62 @@ async fn a_cluster_store_with_another_partitioning_is_refused() {
     }
     assert!(with(three).await.is_ok());
 }
+
+/// The multi-stream append cases on the cluster: one partition (one slot) per store.
+mod multi {
+    es_testkit::multi_conformance_tests!(|| async { super::store("cmulti").await });
+}
+
+/// Eight partitions by category on the cluster: every account in the slot of its category's
+/// partition.
+mod multi_by_category {
+    es_testkit::multi_conformance_tests!(|| async {
+        es_redis::RedisStore::cluster_builder(es_test_support::redis_cluster_urls())
+            .prefix(super::common::unique_prefix("cmcat"))
+            .partitioning(
+                es_core::Partitioning::new(8)
+                    .unwrap()
+                    .by(es_core::PartitionKey::Category),
+            )
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("cannot build a store on the Redis Cluster: {e}"))
+    });
+}
+
+/// On the cluster, a call whose streams are in partitions on different slots is refused before
+/// anything is sent (a multi-key script across slots would fail with CROSSSLOT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_append_across_slots_is_refused() {
+    let store = partitioned_store("cmspan", 3).await;
+    let keys = store.keys();
+    let first = StreamId::new("account", "m0").unwrap();
+    let other = (1..64)
+        .map(|n| StreamId::new("account", &format!("m{n}")).unwrap())
+        .find(|s| keys.partition_of(s) != keys.partition_of(&first))
+        .expect("a stream in another partition");
+    assert_ne!(
+        keys.partition_of_stream(&first).slot(),
+        keys.partition_of_stream(&other).slot()
+    );
+    let err = store
+        .append_streams(vec![
+            AppendRequest::new(
+                first.clone(),
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new("Opened", 1, "{}").unwrap()],
+            ),
+            AppendRequest::new(
+                other,
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new("Opened", 1, "{}").unwrap()],
+            ),
+        ])
+        .await
+        .expect_err("two slots");
+    assert!(
+        matches!(err, es_core::StoreError::InvalidMultiAppend { .. }),
+        "{err:?}"
+    );
+    assert_eq!(store.stream_version(&first).await.unwrap(), 0);
+}

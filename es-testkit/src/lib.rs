@@ -3,6 +3,9 @@
 //!
 //! - [`conformance`] and [`conformance_tests!`]: the contract of `es_core::contract` as executable
 //!   cases, stamped onto a backend as one named test per case.
+//! - [`multi`] and [`multi_conformance_tests!`]: multi-stream appends (all or nothing across
+//!   streams, retries, concurrent transfers), with [`multi::spanning`] for calls across feed
+//!   partitions.
 //! - [`streaming`] and [`streaming_conformance_tests!`]: the outbox, the relay lease, projection
 //!   checkpoints and the projection runner, the same way.
 //! - [`shredding`] and [`shredding_conformance_tests!`]: crypto-shredding (personal fields sealed
@@ -33,6 +36,7 @@
 
 pub mod conformance;
 pub mod domain;
+pub mod multi;
 pub mod oracle;
 mod scenario;
 pub mod shredding;

@@ -1009,6 +1009,12 @@ macro_rules! delegate_event_store {
             fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {
                 self.inner.append(request)
             }
+            fn append_streams(
+                &self,
+                requests: Vec<AppendRequest>,
+            ) -> impl StoreFuture<Vec<AppendResult>> {
+                self.inner.append_streams(requests)
+            }
             fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
                 self.inner.stream_version(stream)
             }

@@ -21,6 +21,7 @@
 //! 12. [`production`]: TLS, least-privilege roles, durability settings, failover, read replicas.
 //! 13. [`scaling_out`]: feed partitions, Redis Cluster, partitioned PostgreSQL.
 //! 14. [`personal_data`]: crypto-shredding: personal fields encrypted per subject, forgetting.
+//! 15. [`multi_stream`]: one decision over two aggregates, appended to both streams or neither.
 //! 16. [`tenancy`]: a store per tenant, in a schema or key prefix of its own.
 #![doc(test(attr(deny(warnings))))]
 
@@ -43,6 +44,7 @@ macro_rules! chapter_links {
          [production]: crate::production\n\
          [scaling-out]: crate::scaling_out\n\
          [personal-data]: crate::personal_data\n\
+         [multi-stream]: crate::multi_stream\n\
          [multi-tenancy]: crate::tenancy\n\n"
     };
 }
@@ -102,6 +104,10 @@ pub mod scaling_out {}
 #[doc = chapter_links!()]
 #[doc = include_str!("../../docs/14-personal-data.md")]
 pub mod personal_data {}
+
+#[doc = chapter_links!()]
+#[doc = include_str!("../../docs/15-multi-stream-appends.md")]
+pub mod multi_stream {}
 
 #[doc = chapter_links!()]
 #[doc = include_str!("../../docs/16-multi-tenancy.md")]

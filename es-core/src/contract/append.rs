@@ -352,3 +352,130 @@ pub fn classify_retry(
         duplicate: true,
     }))
 }
+
+/// Checks a multi-stream append ([`EventStore::append_streams`](super::EventStore::append_streams))
+/// before anything is written: every part passes [`AppendRequest::validate`] and holds at least
+/// one event; no stream appears twice; no event id or outbox message id appears in two parts; the
+/// parts together stay within `limits.max_batch_len` events and `limits.max_append_bytes` bytes.
+///
+/// Every backend calls this before writing anything. An empty call and a call over the limits
+/// as a whole are [`StoreError::InvalidMultiAppend`]; a fault of one part is
+/// [`StoreError::InvalidRequest`] (or [`StoreError::PayloadTooLarge`]) naming its stream.
+pub fn validate_streams(
+    requests: &[AppendRequest],
+    limits: &AppendLimits,
+) -> Result<(), StoreError> {
+    let whole = |reason: String| StoreError::InvalidMultiAppend { reason };
+    if requests.is_empty() {
+        return Err(whole("the call names no stream".to_owned()));
+    }
+    let mut streams = std::collections::HashSet::with_capacity(requests.len());
+    let mut ids = std::collections::HashSet::new();
+    let mut events = 0usize;
+    let mut bytes = 0usize;
+    for request in requests {
+        let invalid = |reason: String| StoreError::InvalidRequest {
+            stream_id: request.stream_id.clone(),
+            reason,
+        };
+        if !streams.insert(&request.stream_id) {
+            return Err(invalid(
+                "the stream appears twice in one multi-stream append: put all of its events \
+                 in one part"
+                    .to_owned(),
+            ));
+        }
+        request.validate(limits)?;
+        if request.events.is_empty() {
+            return Err(invalid(
+                "every part of a multi-stream append needs at least one event".to_owned(),
+            ));
+        }
+        for id in request
+            .events
+            .iter()
+            .map(|e| e.event_id)
+            .chain(request.outbox.iter().map(|m| m.message_id))
+        {
+            if !ids.insert(id) {
+                return Err(invalid(format!(
+                    "id {id} appears in two parts of one multi-stream append"
+                )));
+            }
+        }
+        events += request.events.len();
+        bytes += request
+            .events
+            .iter()
+            .map(|e| e.payload.len() + e.metadata.to_json().len())
+            .chain(
+                request
+                    .outbox
+                    .iter()
+                    .map(|m| m.payload.len() + m.metadata.to_json().len()),
+            )
+            .sum::<usize>();
+    }
+    if events > limits.max_batch_len {
+        return Err(whole(format!(
+            "{events} events in all, over the limit of {} per append",
+            limits.max_batch_len
+        )));
+    }
+    if bytes > limits.max_append_bytes {
+        return Err(whole(format!(
+            "the parts hold {bytes} bytes of payloads and metadata, over the limit of {}",
+            limits.max_append_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Decides what a multi-stream append whose event ids may already be stored must do: the rule
+/// of [`classify_retry`] for each part, and one more for the call as a whole.
+///
+/// `found[i][j]` is the stored copy of `requests[i].events[j]`, if any. Returns `Ok(None)` when
+/// no event of any part is stored (append normally), `Ok(Some(results))` when every part is an
+/// exact retry (the call was applied before: its results, each marked `duplicate`), and
+/// [`StoreError::DuplicateEvent`] when a part overlaps partly, or when some parts are stored and
+/// others are not (the call is not the one that was applied: nothing is written, and the error
+/// names the first stored part's stream).
+pub fn classify_streams_retry(
+    requests: &[AppendRequest],
+    found: &[Vec<Option<StoredEventRef>>],
+) -> Result<Option<Vec<AppendResult>>, StoreError> {
+    debug_assert_eq!(found.len(), requests.len());
+    let mut results = Vec::with_capacity(requests.len());
+    for (request, found) in requests.iter().zip(found) {
+        results.push(classify_retry(request, found)?);
+    }
+    let stored = results.iter().filter(|r| r.is_some()).count();
+    if stored == 0 {
+        return Ok(None);
+    }
+    if stored < results.len() {
+        let (i, _) = results
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.is_some())
+            .unwrap_or((0, &None));
+        let (missing, _) = results
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.is_none())
+            .unwrap_or((0, &None));
+        return Err(StoreError::DuplicateEvent {
+            stream_id: requests[i].stream_id.clone(),
+            event_id: requests[i]
+                .events
+                .first()
+                .map_or(Uuid::nil(), |e| e.event_id),
+            reason: format!(
+                "this part of a multi-stream append is already stored but the part for `{}` \
+                 is not: a retry must resend the call that was applied; nothing was written",
+                requests[missing].stream_id
+            ),
+        });
+    }
+    Ok(Some(results.into_iter().flatten().collect()))
+}

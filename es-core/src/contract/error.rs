@@ -11,7 +11,9 @@ use crate::stream_id::{InvalidStreamId, StreamId};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The stream's version did not match the expected version; nothing was written.
+    /// The stream's version did not match the expected version; nothing was written (in a
+    /// multi-stream append: to any of its streams; `stream_id` names the first part, in the
+    /// call's order, whose version did not match).
     #[error(
         "conflict on stream `{stream_id}`: expected {expected}, but it is at version {actual}"
     )]
@@ -52,6 +54,15 @@ pub enum StoreError {
     InvalidRequest {
         /// The stream appended to.
         stream_id: StreamId,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A multi-stream append ([`EventStore::append_streams`](super::EventStore::append_streams))
+    /// that is malformed as a whole: it names no stream, or its parts together exceed the
+    /// store's limits, or (Redis) its streams cannot be written by one script. Nothing was
+    /// written. A fault of one part names that part's stream in [`StoreError::InvalidRequest`].
+    #[error("invalid multi-stream append: {reason}")]
+    InvalidMultiAppend {
         /// What is wrong.
         reason: String,
     },

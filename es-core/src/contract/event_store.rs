@@ -51,6 +51,27 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     /// Appends a batch atomically, honouring the expected version and event-id idempotency.
     fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult>;
 
+    /// Appends to several streams in one atomic step: all parts or none.
+    ///
+    /// Each part is an [`AppendRequest`] with its own expected version, events and outbox
+    /// messages, and holds at least one event; no stream appears twice. The results come in the
+    /// order of the parts. When a part's expected version does not match, nothing of any part is
+    /// written and the error is the [`StoreError::Conflict`] of that part's stream. Re-sending
+    /// the same call (same event ids) after a lost reply returns the first results, each marked
+    /// `duplicate`, and writes nothing; a call of which some parts are stored and others are
+    /// not is [`StoreError::DuplicateEvent`] and writes nothing. Malformed calls are refused
+    /// before anything is written ([`validate_streams`](super::validate_streams)).
+    ///
+    /// Every part's events take consecutive stream versions and increasing positions of its
+    /// stream's partition; readers of a partition see the call's events there all at once or
+    /// not at all. The guarantees, the limits (a Redis store writes the streams of one call in
+    /// one feed partition only) and the tests that try to break them are in
+    /// `docs/15-multi-stream-appends.md`.
+    ///
+    /// There is no default: a store that cannot make the parts atomic together must not offer
+    /// them one by one under this name.
+    fn append_streams(&self, requests: Vec<AppendRequest>) -> impl StoreFuture<Vec<AppendResult>>;
+
     /// The stream's current version (0 if it has no events).
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64>;
 
@@ -195,6 +216,9 @@ impl<T: Store + OutboxStore + CheckpointStore + LeaseStore> StreamingStore for T
 impl<T: EventStore> EventStore for Arc<T> {
     fn append(&self, request: AppendRequest) -> impl StoreFuture<AppendResult> {
         (**self).append(request)
+    }
+    fn append_streams(&self, requests: Vec<AppendRequest>) -> impl StoreFuture<Vec<AppendResult>> {
+        (**self).append_streams(requests)
     }
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
         (**self).stream_version(stream)

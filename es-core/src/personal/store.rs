@@ -373,6 +373,25 @@ impl<S: EventStore, K: KeyStore> EventStore for Encrypted<S, K> {
         }
     }
 
+    fn append_streams(
+        &self,
+        mut requests: Vec<AppendRequest>,
+    ) -> impl StoreFuture<Vec<AppendResult>> {
+        async move {
+            for request in &mut requests {
+                let stream_id = request.stream_id.clone();
+                let payloads = request
+                    .events
+                    .iter_mut()
+                    .map(|e| &mut e.payload)
+                    .chain(request.outbox.iter_mut().map(|m| &mut m.payload))
+                    .collect();
+                self.seal_payloads(&stream_id, payloads).await?;
+            }
+            self.inner.append_streams(requests).await
+        }
+    }
+
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
         self.inner.stream_version(stream)
     }

@@ -113,6 +113,18 @@ impl Lanes {
         }
     }
 
+    /// Forgets the state the lane of `A` on `stream_id` keeps, if there is one: the stream was
+    /// written outside the lane, and its next command loads it again.
+    pub(super) async fn forget<A: Aggregate>(&self, stream_id: &StreamId) {
+        let key = (TypeId::of::<A>(), stream_id.clone());
+        let lane = lock(&self.map).peek(&key).cloned();
+        if let Some(lane) = lane {
+            if let Some(lane) = lane.downcast_ref::<Lane<A>>() {
+                lane.forget().await;
+            }
+        }
+    }
+
     /// Lanes held now.
     pub(super) fn len(&self) -> usize {
         lock(&self.map).len()

@@ -1,12 +1,15 @@
 -- The append function's body: see `APPEND` in es-redis/src/script.rs for KEYS, ARGV and the
 -- replies. The reply codes and the expected-version modes are named as in
 -- es-redis/src/protocol.rs (`AppendCode`, `ExpectedMode`), whose tests check that both agree.
-local APPENDED, DUPLICATE, CONFLICT, CORRUPT, REFUSED, EVICTING, EXHAUSTED = 0, 1, 2, 3, 4, 5, 6
+local APPENDED, DUPLICATE, CONFLICT, CORRUPT, REFUSED, EVICTING, EXHAUSTED, HELD = 0, 1, 2, 3, 4, 5, 6, 7
 local ANY, NO_STREAM, STREAM_EXISTS = 'any', 'none', 'exists'
 
 local m = tonumber(ARGV[1])
 local floor = tonumber(ARGV[2])
-local allow_evict = ARGV[3] == '1'
+local allow_evict = ARGV[3] == '1' or ARGV[3] == '3'
+-- All or nothing (a multi-stream append): every append is checked before the first write, and
+-- none is written unless all pass.
+local atomic = ARGV[3] == '2' or ARGV[3] == '3'
 local CHUNK = 500
 local SPAN = 4194304
 local ORIGIN = 1704067200
@@ -114,7 +117,10 @@ end
 local versions, changed, written = {}, {}, {}
 local index, nindex = {'position', 0, 'recorded_at', ats or '0', 'outbox', 0, 'run', run}, 8
 
-local function one(i)
+-- Appends the i-th append, or with `dry` only checks it: then it writes nothing, takes its
+-- positions from `pos` and `ob` as the write would (the caller restores them) and replies HELD
+-- if the write would go through.
+local function one(i, dry)
   local h, n, k = starts[i], ns[i], ks[i]
   local last = h + n * 5
   local any = false
@@ -170,6 +176,20 @@ local function one(i)
   if ob + k > LAST then return EXHAUSTED, 'outbox positions' end
 
   local ekey, stream = KEYS[3 + 2 * i], ARGV[h + 1]
+  if dry then
+    -- What the guarded first XADD below checks: the events key is a stream with no entry at or
+    -- beyond the next version.
+    local top = redis.pcall('XREVRANGE', ekey, '+', '-', 'COUNT', 1)
+    if type(top) == 'table' and top.err then
+      if string.match(top.err, '^(%S+)') == 'WRONGTYPE' then return CORRUPT, 'events-type' end
+      return REFUSED, top.err
+    end
+    if top[1] and (tonumber(string.match(top[1][1], '^(%d+)-')) or LAST) > cur then
+      return CORRUPT, 'events'
+    end
+    pos, ob = pos + n, ob + k
+    return HELD, cur + n
+  end
   local v, p = cur + 1, pos + 1
   local e = h + 4
   local vs, ps = fmt('%d', v), fmt('%d', p)
@@ -215,9 +235,21 @@ local function one(i)
 end
 
 local replies = {}
-for i = 1, m do
-  local code, x, y = one(i)
-  replies[3 * i - 2], replies[3 * i - 1], replies[3 * i] = code, x, y or false
+local blocked = false
+if atomic then
+  local pos0, ob0 = pos, ob
+  for i = 1, m do
+    local code, x, y = one(i, true)
+    replies[3 * i - 2], replies[3 * i - 1], replies[3 * i] = code, x, y or false
+    if code ~= HELD and code ~= APPENDED then blocked = true end
+  end
+  pos, ob = pos0, ob0
+end
+if not blocked then
+  for i = 1, m do
+    local code, x, y = one(i, false)
+    replies[3 * i - 2], replies[3 * i - 1], replies[3 * i] = code, x, y or false
+  end
 end
 
 local started, started_cause = 0, ''

@@ -89,6 +89,47 @@ pub enum AccountError {
         /// Requested amount in cents.
         requested: u64,
     },
+    /// A transfer between accounts of different currencies.
+    #[error("cannot transfer from a {from} account to a {to} account")]
+    CurrencyMismatch {
+        /// The paying account's currency.
+        from: String,
+        /// The receiving account's currency.
+        to: String,
+    },
+}
+
+/// The decision of a transfer of `amount` cents from `from` to `to`: a withdrawal from one and a
+/// deposit into the other, or the reason it is refused (either account not open, a zero amount,
+/// insufficient funds, different currencies). Recorded in both accounts at once with
+/// [`es_core::Repository::execute_two`]:
+///
+/// ```
+/// # use es_core::{Metadata, Repository};
+/// # use example_bank::{transfer, BankAccount};
+/// # async fn pay(repo: &Repository<es_memory::InMemoryStore>) {
+/// let moved = repo
+///     .execute_two::<BankAccount, BankAccount, _>("alice", "bob", &Metadata::new(), |a, b| {
+///         transfer(a, b, 2_500)
+///     })
+///     .await;
+/// # let _ = moved;
+/// # }
+/// ```
+pub fn transfer(
+    from: &BankAccount,
+    to: &BankAccount,
+    amount: u64,
+) -> Result<(Vec<AccountEvent>, Vec<AccountEvent>), AccountError> {
+    if from.owner.is_some() && to.owner.is_some() && from.currency != to.currency {
+        return Err(AccountError::CurrencyMismatch {
+            from: from.currency.clone(),
+            to: to.currency.clone(),
+        });
+    }
+    let debit = from.handle(&AccountCommand::WithdrawMoney { amount })?;
+    let credit = to.handle(&AccountCommand::DepositMoney { amount })?;
+    Ok((debit, credit))
 }
 
 /// A bank account's state, rebuilt from its events.

@@ -15,7 +15,8 @@
 //! The same domain code runs on every store. The demo shows commands accepted and rejected, a
 //! live balance projection fed by a subscription, the audit trail with metadata, balances as of
 //! an earlier version, time and global position, a snapshot being used, an event stored at an
-//! old schema version upcast on load, the integration events waiting in the outbox, and a
+//! old schema version upcast on load, the integration events waiting in the outbox, a transfer
+//! between two accounts recorded in both streams by one all-or-nothing append, and a
 //! customer forgotten: the personal fields of the customer profiles are encrypted with a key per
 //! customer (`es_core::personal`, keys in the store's own key store), and destroying the key
 //! erases them from every event and snapshot while the stream stays replayable.
@@ -36,7 +37,8 @@ use es_postgres::PgStore;
 use es_redis::RedisStore;
 use example_bank::customer::{Customer, CustomerCommand};
 use example_bank::{
-    describe, money, upcasters, AccountCommand, AccountEvent, BankAccount, PublicTranslator,
+    describe, money, transfer, upcasters, AccountCommand, AccountEvent, BankAccount,
+    PublicTranslator,
 };
 use futures::{StreamExt, TryStreamExt};
 use sqlx::postgres::PgPoolOptions;
@@ -234,6 +236,7 @@ async fn demo<S: StreamingStore, K: KeyStore>(
     snapshot(&repo, alice).await?;
     upcasting(&repo, carol).await?;
     integration_events(&store, ids).await?;
+    transfers(&repo, alice, bob).await?;
 
     println!("\n== Live projection ==");
     let head = store.head_position().await?;
@@ -314,6 +317,100 @@ async fn commands<S: Store>(
             }
             Err(other) => return Err(other.into()),
         }
+    }
+    Ok(())
+}
+
+/// Transfers between two accounts: each one decision over both accounts, recorded in both
+/// streams by one multi-stream append (all or nothing).
+async fn transfers<S: Store>(repo: &Repository<S>, alice: &str, bob: &str) -> anyhow::Result<()> {
+    println!("\n== Transfers between accounts (multi-stream append) ==");
+    let opened = repo
+        .execute::<BankAccount>(
+            bob,
+            &AccountCommand::OpenAccount {
+                owner: "Bob".into(),
+                currency: "EUR".into(),
+            },
+        )
+        .await;
+    if let Ok(done) = opened {
+        println!("  opened    {bob} (version {})", done.version);
+    }
+    let metadata = Metadata::new().with_actor("teller:ada");
+    for amount in [2_500, 1_000_000] {
+        let before = (
+            repo.load::<BankAccount>(alice).await?.version,
+            repo.load::<BankAccount>(bob).await?.version,
+        );
+        let moved = repo
+            .execute_two::<BankAccount, BankAccount, _>(alice, bob, &metadata, |from, to| {
+                transfer(from, to, amount)
+            })
+            .await;
+        match moved {
+            Ok(done) => {
+                let (from, to) = (&done.first, &done.second);
+                println!(
+                    "  accepted  transfer {} {alice} -> {bob}: one call appended {} to {} (version \
+                     {}, position {}) and {} to {} (version {}, position {})",
+                    money(amount),
+                    describe(&from.events[0]),
+                    from.stream_id,
+                    from.version,
+                    from.positions[0],
+                    describe(&to.events[0]),
+                    to.stream_id,
+                    to.version,
+                    to.positions[0],
+                );
+                println!(
+                    "            balances now {alice} {}, {bob} {}",
+                    money(from.aggregate.balance),
+                    money(to.aggregate.balance)
+                );
+            }
+            Err(RepositoryError::Domain { source, .. }) => {
+                let after = (
+                    repo.load::<BankAccount>(alice).await?.version,
+                    repo.load::<BankAccount>(bob).await?.version,
+                );
+                println!(
+                    "  rejected  transfer {} {alice} -> {bob}: {source}; neither stream written \
+                     (versions {} and {} before, {} and {} after)",
+                    money(amount),
+                    before.0,
+                    before.1,
+                    after.0,
+                    after.1
+                );
+            }
+            Err(other) => return Err(other.into()),
+        }
+    }
+    // A transfer whose expected versions are stale: the store refuses both parts.
+    let stale = repo
+        .store()
+        .append_streams(vec![
+            AppendRequest::new(
+                Repository::<S>::stream_id::<BankAccount>(alice)?,
+                ExpectedVersion::Exact(1),
+                vec![NewEvent::from_domain(&AccountEvent::MoneyWithdrawn(
+                    example_bank::MoneyWithdrawn { amount: 100 },
+                ))?],
+            ),
+            AppendRequest::new(
+                Repository::<S>::stream_id::<BankAccount>(bob)?,
+                ExpectedVersion::Exact(1),
+                vec![NewEvent::from_domain(&AccountEvent::MoneyDeposited(
+                    example_bank::MoneyDeposited { amount: 100 },
+                ))?],
+            ),
+        ])
+        .await;
+    match stale {
+        Err(err) => println!("  refused   a raw transfer expecting version 1 of both: {err}"),
+        Ok(_) => bail!("a transfer with stale versions was written"),
     }
     Ok(())
 }
