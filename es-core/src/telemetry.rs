@@ -13,10 +13,10 @@
 //!
 //! | Name | Kind | Labels | What |
 //! |---|---|---|---|
-//! | `es_commands_total` | counter | `category`, `outcome` | commands run by the repository; `outcome`: `ok`, `rejected` (the aggregate's own error), `conflict` (gave up after its attempts), `error` (anything else) |
+//! | `es_commands_total` | counter | `category`, `outcome` | commands run by the repository's `execute` (a two-aggregate `execute_two` shows in the append metrics and its `es.execute_two` span); `outcome`: `ok`, `rejected` (the aggregate's own error), `conflict` (gave up after its attempts), `error` (anything else) |
 //! | `es_command_seconds` | histogram | `category` | a command from its call to its answer, retries included |
 //! | `es_command_conflicts_total` | counter | `category` | conflicts a command met and retried (or gave up on) |
-//! | `es_append_seconds` | histogram | | one append call of the repository to the store |
+//! | `es_append_seconds` | histogram | | one append call of the repository to the store (a multi-stream append is one call) |
 //! | `es_append_events` | histogram | | events in that call (commands that queued behind each other share one) |
 //! | `es_append_retries_total` | counter | | appends re-sent after a transient store failure |
 //! | `es_projection_events_total` | counter | `projection` | events handled (recorded with their checkpoint) |
@@ -46,6 +46,7 @@
 //! | Span | Level | Fields |
 //! |---|---|---|
 //! | `es.execute` | info | `category`, `stream_id`, `version`, `events`, `attempts` |
+//! | `es.execute_two` | info | `first`, `second` (the two stream ids), `attempts` |
 //! | `es.append` | debug | `stream_id`, `expected`, `events` |
 //! | `es.load` | debug | `stream_id`, `version`, `events` |
 //! | `es.snapshot` | debug | `stream_id`, `version` (a snapshot written by policy) |

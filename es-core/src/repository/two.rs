@@ -305,13 +305,19 @@ impl<S: Store> Repository<S> {
     async fn append_two(&self, parts: Vec<AppendRequest>) -> Result<Vec<AppendResult>, StoreError> {
         let mut backoff = self.inner.retry.backoff.delays();
         let mut attempt = 1;
+        let events: usize = parts.iter().map(|part| part.events.len()).sum();
         loop {
-            match self.inner.store.append_streams(parts.clone()).await {
+            let started = std::time::Instant::now();
+            let result = self.inner.store.append_streams(parts.clone()).await;
+            metrics::histogram!(crate::telemetry::APPEND_SECONDS).record(started.elapsed());
+            metrics::histogram!(crate::telemetry::APPEND_EVENTS).record(events as u32);
+            match result {
                 Err(err)
                     if err.is_transient() && attempt < self.inner.retry.max_transient_attempts =>
                 {
                     tracing::warn!(error = %err, attempt,
                         "multi-stream append failed transiently; re-sending the same call");
+                    metrics::counter!(crate::telemetry::APPEND_RETRIES).increment(1);
                     backoff.sleep().await;
                     attempt += 1;
                 }
