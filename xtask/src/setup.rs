@@ -6,7 +6,8 @@
 //! kafka-python (the outside-client test), procps (`pgrep`, `kill`), a C toolchain with make and
 //! perl (librdkafka is built from source), OpenSSL's headers with pkg-config (es-kafka's `tls`
 //! feature builds librdkafka with the system OpenSSL), `openssl` (the TLS tests' certificates),
-//! `socat` (the TLS front of the Kafka TLS tests: tansu 0.6.0 cannot serve TLS) and
+//! `socat` (the TLS front of the Kafka TLS tests: tansu 0.6.0 cannot serve TLS), Chromium (the web
+//! console's tests drive it headless) and
 //! cargo-nextest ([`PACKAGES`]). `cargo xtask test`,
 //! `bench`, `chaos` and `db up` check what theirs need up front ([`ensure`]) and install what is
 //! missing: Debian/Ubuntu packages with `apt-get` (as root, or through `sudo` when it needs no
@@ -58,6 +59,8 @@ pub(crate) enum Prereq {
     OpenSslDev,
     /// `socat`, the TLS front of the Kafka TLS tests (tansu 0.6.0 cannot serve TLS).
     Socat,
+    /// Debian's Chromium, which the web console's tests drive headless.
+    Chromium,
     /// The tansu broker, with SQLite storage.
     Tansu,
     /// Python with kafka-python.
@@ -117,11 +120,11 @@ pub(crate) const PACKAGES: &[(&str, &[Prereq], &[Server])] = &[
         &[],
     ),
     ("es-postgres", &[Procps], &[Server::Postgres]),
-    // The `es` binary's tests run it against PostgreSQL and Redis; its `tls` feature builds
-    // `ring` (C).
+    // The `es` binary's tests run it against PostgreSQL and Redis, and its web console in a
+    // headless Chromium; its `tls` feature builds `ring` (C).
     (
         "es-cli",
-        &[CBuild, Procps],
+        &[CBuild, Procps, Prereq::Chromium],
         &[Server::Postgres, Server::Redis],
     ),
     // The `tls` feature builds `ring` (C); the TLS tests make certificates with `openssl`; the
@@ -361,6 +364,14 @@ fn check(prereq: Prereq) -> std::result::Result<String, Vec<Missing>> {
                 "`socat` is not on PATH (the Kafka TLS tests serve TLS with it in front of \
                  tansu, which cannot serve TLS itself)",
                 Fix::Apt(vec!["socat"]),
+            )]),
+        },
+        Prereq::Chromium => match which("chromium") {
+            Some(chromium) => Ok(format!("chromium ({})", chromium.display())),
+            None => Err(vec![Missing::new(
+                "chromium",
+                "`chromium` is not on PATH (the web console's tests drive it headless)",
+                Fix::Apt(vec!["chromium"]),
             )]),
         },
         Prereq::Tansu => check_tansu(),
