@@ -1170,8 +1170,17 @@ mod tests {
                 "es-test-support",
                 "es-postgres",
                 "es-redis",
-                "es-kafka"
+                "es-kafka",
+                "es-cli",
+                "es-testkit",
+                "es-guide"
             ]))
+        );
+        assert!(
+            Needs::of_packages(&names(&["es-cli"]))
+                .prereqs
+                .contains(&Prereq::Chromium),
+            "the console's tests drive Chromium"
         );
         let all = Needs::workspace();
         assert_eq!(
