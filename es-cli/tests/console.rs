@@ -926,3 +926,111 @@ async fn console_on_redis() {
     let conn = vec![format!("--url={url}"), format!("--redis-prefix={prefix}")];
     scenario(store, conn, "redis").await;
 }
+
+/// A PostgreSQL store with 3 feed partitions: the projections page shows one checkpoint per
+/// partition (the consumer-group checkpoints) against that partition's head, the audit chain
+/// is found across every partition, and a scan cut by `--scan-limit` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_on_a_partitioned_store() {
+    use es_core::contract::position::distance;
+    use es_core::projection::partition_checkpoint;
+    use es_core::CheckpointStore;
+
+    let partitioning = es_core::Partitioning::new(3).unwrap();
+    let url = es_test_support::database_url();
+    let schema = unique_name("t_console_parts", '_');
+    let store = PgStore::builder_from_url(url.as_str())
+        .schema(schema.as_str())
+        .partitioning(partitioning)
+        .build()
+        .await
+        .expect("the test store builds");
+    // One chain of 12 events over 12 streams, so over every partition.
+    let correlation = Uuid::now_v7();
+    let ids: Vec<Uuid> = (0..12).map(|_| Uuid::now_v7()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let mut metadata = Metadata::new().with_correlation_id(correlation);
+        if i > 0 {
+            metadata = metadata.with_causation_id(ids[i - 1]);
+        }
+        append(
+            &store,
+            AppendRequest::new(
+                stream(&format!("order-{i}")),
+                ExpectedVersion::NoStream,
+                vec![new_event("Step", &json!({ "i": i }))
+                    .with_id(*id)
+                    .with_metadata(metadata)],
+            ),
+        )
+        .await;
+    }
+    // Partition 0's checkpoint at its head, the others where they started.
+    let heads: Vec<u64> = futures::future::try_join_all((0..3).map(|p| store.partition_head(p)))
+        .await
+        .unwrap();
+    assert!(
+        heads.iter().all(|h| *h > 0),
+        "every partition has events: {heads:?}"
+    );
+    store
+        .save_checkpoint(
+            &partition_checkpoint("orders-view", 0),
+            Checkpoint {
+                position: heads[0],
+                generation: 0,
+            },
+        )
+        .await
+        .unwrap();
+    let conn = vec![
+        format!("--url={url}"),
+        format!("--schema={schema}"),
+        "--partitions=3".to_owned(),
+    ];
+    let console = Console::start(&conn, &[]).await;
+
+    let (status, _, page) = http(console.addr, "GET", "/projections", &[], "").await;
+    assert_eq!(status, 200, "{page}");
+    for (partition, head) in heads.iter().enumerate() {
+        let checkpoint = store
+            .load_checkpoint(&partition_checkpoint("orders-view", partition as u32))
+            .await
+            .unwrap();
+        assert_eq!(
+            text_of(&page, &format!("lag-orders-view/p{partition}")),
+            distance(checkpoint.position, *head).to_string(),
+            "partition {partition}"
+        );
+    }
+    assert_eq!(text_of(&page, "lag-orders-view/p0"), "0");
+
+    let chain = dom(&console.url(&format!("/chain?correlation={correlation}"))).await;
+    assert_eq!(count(&chain, "href=\"/event?stream=order-"), 12, "{chain}");
+    assert!(chain.contains("(all of it)"), "{chain}");
+    let last = dom(&console.url(&format!("/event?id={}", ids[11]))).await;
+    assert!(last.contains("<h1>order-11 version 1</h1>"), "{last}");
+    assert_eq!(
+        href_of(&last, "causation").unwrap(),
+        format!("/event?id={}", ids[10])
+    );
+    console.stop().await;
+
+    // A scan limit below the feed's length: fewer events, and a warning.
+    let cut = Console::start(&conn, &["--scan-limit", "5"]).await;
+    let (status, _, chain) = http(
+        cut.addr,
+        "GET",
+        &format!("/chain?correlation={correlation}"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{chain}");
+    assert_eq!(count(&chain, "href=\"/event?stream=order-"), 5, "{chain}");
+    assert!(
+        chain.contains("the scan stopped at --scan-limit"),
+        "{chain}"
+    );
+    cut.stop().await;
+}
