@@ -431,8 +431,27 @@ async fn http(
     request.push_str("\r\n");
     request.push_str(body);
     socket.write_all(request.as_bytes()).await.unwrap();
+    // The body ends after Content-Length bytes (chromedriver keeps the connection open), or
+    // at the end of the connection.
     let mut response = Vec::new();
-    socket.read_to_end(&mut response).await.unwrap();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&response[..end]).to_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse::<usize>().unwrap());
+            if length.is_some_and(|length| response.len() >= end + 4 + length) {
+                break;
+            }
+        }
+        let read = socket.read(&mut chunk).await.unwrap();
+        if read == 0 {
+            break;
+        }
+        response.extend_from_slice(&chunk[..read]);
+    }
     let response = String::from_utf8(response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -440,6 +459,18 @@ async fn http(
 }
 
 const FORM: (&str, &str) = ("Content-Type", "application/x-www-form-urlencoded");
+
+/// Chromium's absolute path (chromedriver's `binary`).
+fn chromium_path() -> PathBuf {
+    let program = chromium();
+    if program.is_absolute() {
+        return program;
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join(&program))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or(program)
+}
 
 /// Debian's Chromium: `$CHROMIUM`, or `chromium` on the path.
 fn chromium() -> PathBuf {
@@ -707,6 +738,181 @@ async fn check_state(console: &Console, shot: &str) {
         "{raw}"
     );
     screenshot(&console.url("/state?stream=account-7&version=2"), shot).await;
+    slider_by_keyboard(console).await;
+}
+
+/// A user moving the slider: through chromedriver, the page at version 1 gets the keys
+/// `ArrowRight` (version 2) and then `End` (version 3), as a person would press them on the
+/// focused slider; after each the page shows the state at that version, fetched by its script.
+async fn slider_by_keyboard(console: &Console) {
+    let driver = WebDriver::start().await;
+    driver
+        .call(
+            "POST",
+            "/url",
+            &json!({ "url": console.url("/state?stream=account-7&version=1") }),
+        )
+        .await;
+    let slider = driver.find("#version").await;
+    assert_eq!(driver.text_of("#shown").await, "1");
+    assert!(driver.text_of("#state").await.contains("\"balance\": 0"));
+    for (key, version, balance) in [("\u{E014}", "2", 10), ("\u{E010}", "3", 7)] {
+        driver
+            .call(
+                "POST",
+                &format!("/element/{slider}/value"),
+                &json!({ "text": key }),
+            )
+            .await;
+        let mut waited = 0;
+        while driver.text_of("#shown").await != version {
+            waited += 1;
+            assert!(waited < 200, "the slider never showed version {version}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let state = driver.text_of("#state").await;
+        assert!(
+            state.contains(&format!("\"balance\": {balance}")),
+            "{state}"
+        );
+        let url = driver.call("GET", "/url", &Value::Null).await;
+        assert!(
+            url.as_str()
+                .unwrap()
+                .ends_with(&format!("version={version}")),
+            "{url}"
+        );
+    }
+    drop(driver);
+}
+
+/// A chromedriver with one headless Chromium session, spoken to over plain HTTP (the W3C
+/// `WebDriver` protocol).
+struct WebDriver {
+    process: tokio::process::Child,
+    addr: SocketAddr,
+    session: String,
+    profile: PathBuf,
+}
+
+impl WebDriver {
+    async fn start() -> Self {
+        let program = std::env::var_os("CHROMEDRIVER")
+            .map_or_else(|| PathBuf::from("chromedriver"), PathBuf::from);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let process = tokio::process::Command::new(&program)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the slider test drives Chromium through chromedriver and cannot run {} \
+                     ({e}): install it with `apt-get install chromium-driver` (or `cargo xtask \
+                     setup`), or point $CHROMEDRIVER at one",
+                    program.display()
+                )
+            });
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut tries = 0;
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            tries += 1;
+            assert!(tries < 400, "chromedriver never listened on {addr}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let profile = std::env::temp_dir().join(unique_name("es-console-webdriver", '-'));
+        std::fs::create_dir_all(&profile).unwrap();
+        let capabilities = json!({ "capabilities": { "alwaysMatch": { "goog:chromeOptions": {
+            "binary": chromium_path(),
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--no-first-run", format!("--user-data-dir={}", profile.display())],
+        } } } });
+        let (status, _, body) = http(
+            addr,
+            "POST",
+            "/session",
+            &[("Content-Type", "application/json")],
+            &capabilities.to_string(),
+        )
+        .await;
+        assert_eq!(status, 200, "chromedriver refused the session: {body}");
+        let reply: Value = serde_json::from_str(&body).unwrap();
+        let session = reply["value"]["sessionId"].as_str().unwrap().to_owned();
+        WebDriver {
+            process,
+            addr,
+            session,
+            profile,
+        }
+    }
+
+    /// One command of the session; its `value`.
+    async fn call(&self, method: &str, path: &str, body: &Value) -> Value {
+        let body = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        let (status, _, reply) = http(
+            self.addr,
+            method,
+            &format!("/session/{}{path}", self.session),
+            &[("Content-Type", "application/json")],
+            &body,
+        )
+        .await;
+        assert_eq!(status, 200, "{method} {path}: {reply}");
+        serde_json::from_str::<Value>(&reply).unwrap()["value"].clone()
+    }
+
+    /// The id of the element `css` selects.
+    async fn find(&self, css: &str) -> String {
+        let found = self
+            .call(
+                "POST",
+                "/element",
+                &json!({ "using": "css selector", "value": css }),
+            )
+            .await;
+        found["element-6066-11e4-a52e-4f735466cecf"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {css}: {found}"))
+            .to_owned()
+    }
+
+    /// The rendered text of the element `css` selects.
+    async fn text_of(&self, css: &str) -> String {
+        let element = self.find(css).await;
+        self.call("GET", &format!("/element/{element}/text"), &Value::Null)
+            .await
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+impl Drop for WebDriver {
+    /// Ends the session (which ends its Chromium) and chromedriver, also when a check failed.
+    fn drop(&mut self) {
+        use std::io::{Read, Write};
+        if let Ok(mut socket) = std::net::TcpStream::connect(self.addr) {
+            let _ = socket.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = write!(
+                socket,
+                "DELETE /session/{} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\n\r\n",
+                self.session, self.addr
+            );
+            let mut reply = [0u8; 1024];
+            let _ = socket.read(&mut reply);
+        }
+        let _ = self.process.start_kill();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
 }
 
 async fn check_projections<S: StreamingStore>(

@@ -6,8 +6,8 @@
 //! kafka-python (the outside-client test), procps (`pgrep`, `kill`), a C toolchain with make and
 //! perl (librdkafka is built from source), OpenSSL's headers with pkg-config (es-kafka's `tls`
 //! feature builds librdkafka with the system OpenSSL), `openssl` (the TLS tests' certificates),
-//! `socat` (the TLS front of the Kafka TLS tests: tansu 0.6.0 cannot serve TLS), Chromium (the web
-//! console's tests drive it headless) and
+//! `socat` (the TLS front of the Kafka TLS tests: tansu 0.6.0 cannot serve TLS), Chromium with
+//! chromedriver (the web console's tests drive it headless) and
 //! cargo-nextest ([`PACKAGES`]). `cargo xtask test`,
 //! `bench`, `chaos` and `db up` check what theirs need up front ([`ensure`]) and install what is
 //! missing: Debian/Ubuntu packages with `apt-get` (as root, or through `sudo` when it needs no
@@ -59,7 +59,7 @@ pub(crate) enum Prereq {
     OpenSslDev,
     /// `socat`, the TLS front of the Kafka TLS tests (tansu 0.6.0 cannot serve TLS).
     Socat,
-    /// Debian's Chromium, which the web console's tests drive headless.
+    /// Debian's Chromium and chromedriver, with which the web console's tests drive it headless.
     Chromium,
     /// The tansu broker, with SQLite storage.
     Tansu,
@@ -366,12 +366,17 @@ fn check(prereq: Prereq) -> std::result::Result<String, Vec<Missing>> {
                 Fix::Apt(vec!["socat"]),
             )]),
         },
-        Prereq::Chromium => match which("chromium") {
-            Some(chromium) => Ok(format!("chromium ({})", chromium.display())),
-            None => Err(vec![Missing::new(
+        Prereq::Chromium => match (which("chromium"), which("chromedriver")) {
+            (Some(chromium), Some(driver)) => Ok(format!(
+                "chromium ({}), chromedriver ({})",
+                chromium.display(),
+                driver.display()
+            )),
+            _ => Err(vec![Missing::new(
                 "chromium",
-                "`chromium` is not on PATH (the web console's tests drive it headless)",
-                Fix::Apt(vec!["chromium"]),
+                "`chromium` or `chromedriver` is not on PATH (the web console's tests drive \
+                 Chromium headless, the slider's test through chromedriver)",
+                Fix::Apt(vec!["chromium", "chromium-driver"]),
             )]),
         },
         Prereq::Tansu => check_tansu(),
