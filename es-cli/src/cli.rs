@@ -79,8 +79,8 @@ pub(crate) struct ConsoleArgs {
     /// The address to listen on (port 0: one the system chooses, printed on start).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub(crate) listen: std::net::SocketAddr,
-    /// The token every write (re-queueing dead letters) must carry; without one the console
-    /// refuses every write.
+    /// The token every write (re-queueing dead letters) must carry; without one (or with an
+    /// empty one) the console refuses every write.
     #[arg(long, env = "ES_CONSOLE_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,
     /// A projection whose checkpoint and lag to show, besides the registered ones (repeat for

@@ -15,7 +15,7 @@ mod view;
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -48,16 +48,18 @@ pub(crate) struct Console {
 
 pub(crate) type App = Arc<Console>;
 
-/// The process's Prometheus recorder, installed by the first console of the process.
+/// The process's Prometheus recorder, installed by the first console of the process (the
+/// later ones share it).
 fn prometheus() -> Result<PrometheusHandle> {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    if let Some(handle) = HANDLE.get() {
+    static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+    let mut handle = HANDLE.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(handle) = handle.as_ref() {
         return Ok(handle.clone());
     }
-    let handle = PrometheusBuilder::new()
+    let installed = PrometheusBuilder::new()
         .install_recorder()
         .context("cannot install the Prometheus metrics recorder")?;
-    Ok(HANDLE.get_or_init(|| handle).clone())
+    Ok(handle.insert(installed).clone())
 }
 
 /// Serves the console on `args.listen` until `interrupt` resolves; prints the address it

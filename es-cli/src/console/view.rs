@@ -154,7 +154,7 @@ pub(crate) fn time(at: &DateTime<Utc>) -> String {
 pub(crate) fn correlation(id: Option<Uuid>) -> Markup {
     html! {
         @if let Some(id) = id {
-            a.id href=(format!("/chain?correlation={id}")) title="every event of this correlation" { (short(id)) }
+            a.id href=(format!("/chain?correlation={id}")) title=(format!("{id}: every event of this correlation")) { (short(id)) }
         } @else {
             span.muted { "-" }
         }
@@ -165,16 +165,17 @@ pub(crate) fn correlation(id: Option<Uuid>) -> Markup {
 pub(crate) fn causation(id: Option<Uuid>) -> Markup {
     html! {
         @if let Some(id) = id {
-            a.id href=(format!("/event?id={id}")) title="the event that caused this one" { (short(id)) }
+            a.id href=(format!("/event?id={id}")) title=(format!("{id}: the event that caused this one")) { (short(id)) }
         } @else {
             span.muted { "-" }
         }
     }
 }
 
-/// The first 8 hex digits of an id (the whole id is in the link and its title).
+/// The last 8 hex digits of an id (its random part in a version 7 UUID, whose first digits are a
+/// timestamp shared by ids made close together); the whole id is in the link and its title.
 pub(crate) fn short(id: Uuid) -> String {
-    id.simple().to_string()[..8].to_owned()
+    id.simple().to_string()[24..].to_owned()
 }
 
 /// The event's payload as indented JSON (as text when it is not JSON).
@@ -185,13 +186,14 @@ pub(crate) fn payload_text(event: &RecordedEvent) -> String {
     }
 }
 
-/// A table of events: position, stream, version, type, time, correlation, causation, actor.
+/// A table of events: version, stream, position, type, time, event id, correlation, causation,
+/// actor.
 pub(crate) fn event_table(events: &[RecordedEvent], with_stream: bool) -> Markup {
     html! {
         table.events {
             tr {
                 th { "Version" } @if with_stream { th { "Stream" } } th { "Position" } th { "Type" }
-                th { "Recorded (UTC)" } th { "Correlation" } th { "Causation" } th { "Actor" }
+                th { "Recorded (UTC)" } th { "Event" } th { "Correlation" } th { "Causation" } th { "Actor" }
             }
             @for e in events {
                 tr {
@@ -200,6 +202,7 @@ pub(crate) fn event_table(events: &[RecordedEvent], with_stream: bool) -> Markup
                     td.n { (e.global_position) }
                     td { (e.event_type) "@v" (e.schema_version) }
                     td { (time(&e.recorded_at)) }
+                    td.id title=(e.event_id) { (short(e.event_id)) }
                     td { (correlation(e.metadata.correlation_id)) }
                     td { (causation(e.metadata.causation_id)) }
                     td { (e.metadata.actor.as_deref().unwrap_or("-")) }
