@@ -68,6 +68,33 @@ pub(crate) enum Command {
     /// Print the PostgreSQL migration SQL or grants (needs no connection).
     #[command(subcommand)]
     Migrations(MigrationsCmd),
+    /// Serve the web console: streams, events and their audit chain, an aggregate's state
+    /// through its history, projection lag, the outbox and its dead letters, and `/metrics`.
+    Console(ConsoleArgs),
+}
+
+/// `es console`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ConsoleArgs {
+    /// The address to listen on (port 0: one the system chooses, printed on start).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub(crate) listen: std::net::SocketAddr,
+    /// The token every write (re-queueing dead letters) must carry; without one (or with an
+    /// empty one) the console refuses every write.
+    #[arg(long, env = "ES_CONSOLE_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// A projection whose checkpoint and lag to show, besides the registered ones (repeat for
+    /// several).
+    #[arg(long = "projection")]
+    pub(crate) projections: Vec<String>,
+    /// The most events one audit-chain lookup (by event id, correlation or causation) reads
+    /// from the feed.
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) scan_limit: u64,
+    /// How often the live charts and gauges take a reading of lags and backlogs, in
+    /// milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub(crate) sample_interval_ms: u64,
 }
 
 /// `--json`.

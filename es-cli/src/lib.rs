@@ -11,6 +11,11 @@
 //! es --url postgres://app@db/app streams list --category order
 //! ```
 //!
+//! `es console --listen 127.0.0.1:8080 [--token TOKEN]` serves a web console over the same
+//! store: streams, events with their audit chain, an aggregate's state through its history,
+//! projection lag and the outbox as live charts, dead letters (re-queued with the token only)
+//! and `/metrics` in Prometheus format.
+//!
 //! The URL comes from `--url` or `ES_URL`; `--schema` (`ES_SCHEMA`) names the PostgreSQL
 //! schema, `--redis-prefix` (`ES_REDIS_PREFIX`) the Redis key prefix, `--partitions` the store's feed
 //! partitions. The command line never migrates a PostgreSQL schema: it expects one migrated by
@@ -35,6 +40,7 @@
 
 mod cli;
 mod connect;
+mod console;
 mod output;
 mod registry;
 mod run;

@@ -108,6 +108,10 @@ pub(crate) async fn run(
             AnyStore::Redis(s) => (rebuilders.redis)(s, *resume, out, interrupt).await,
         };
     }
+    if let Command::Console(args) = &cli.command {
+        let store = connect(&cli.conn).await?;
+        return crate::console::serve(args.clone(), store, registry, out, interrupt).await;
+    }
     tokio::select! {
         result = command(cli, registry, out) => result,
         () = interrupt => Err(Interrupted.into()),
@@ -145,7 +149,9 @@ async fn command(cli: Cli, registry: &Registry, out: &mut (dyn Write + Send)) ->
         Command::Snapshots(SnapshotsCmd::Purge { streams, category }) => {
             with_store!(store, s => purge(&s, streams, category, out).await)
         }
-        Command::Migrations(_) | Command::Projections(ProjectionsCmd::Rebuild { .. }) => {
+        Command::Migrations(_)
+        | Command::Projections(ProjectionsCmd::Rebuild { .. })
+        | Command::Console(_) => {
             unreachable!("handled before")
         }
     }

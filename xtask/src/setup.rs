@@ -6,7 +6,8 @@
 //! kafka-python (the outside-client test), procps (`pgrep`, `kill`), a C toolchain with make and
 //! perl (librdkafka is built from source), OpenSSL's headers with pkg-config (es-kafka's `tls`
 //! feature builds librdkafka with the system OpenSSL), `openssl` (the TLS tests' certificates),
-//! `socat` (the TLS front of the Kafka TLS tests: tansu 0.6.0 cannot serve TLS) and
+//! `socat` (the TLS front of the Kafka TLS tests: tansu 0.6.0 cannot serve TLS), Chromium with
+//! chromedriver (the web console's tests drive it headless) and
 //! cargo-nextest ([`PACKAGES`]). `cargo xtask test`,
 //! `bench`, `chaos` and `db up` check what theirs need up front ([`ensure`]) and install what is
 //! missing: Debian/Ubuntu packages with `apt-get` (as root, or through `sudo` when it needs no
@@ -58,6 +59,8 @@ pub(crate) enum Prereq {
     OpenSslDev,
     /// `socat`, the TLS front of the Kafka TLS tests (tansu 0.6.0 cannot serve TLS).
     Socat,
+    /// Debian's Chromium and chromedriver, with which the web console's tests drive it headless.
+    Chromium,
     /// The tansu broker, with SQLite storage.
     Tansu,
     /// Python with kafka-python.
@@ -117,11 +120,11 @@ pub(crate) const PACKAGES: &[(&str, &[Prereq], &[Server])] = &[
         &[],
     ),
     ("es-postgres", &[Procps], &[Server::Postgres]),
-    // The `es` binary's tests run it against PostgreSQL and Redis; its `tls` feature builds
-    // `ring` (C).
+    // The `es` binary's tests run it against PostgreSQL and Redis, and its web console in a
+    // headless Chromium; its `tls` feature builds `ring` (C).
     (
         "es-cli",
-        &[CBuild, Procps],
+        &[CBuild, Procps, Prereq::Chromium],
         &[Server::Postgres, Server::Redis],
     ),
     // The `tls` feature builds `ring` (C); the TLS tests make certificates with `openssl`; the
@@ -361,6 +364,19 @@ fn check(prereq: Prereq) -> std::result::Result<String, Vec<Missing>> {
                 "`socat` is not on PATH (the Kafka TLS tests serve TLS with it in front of \
                  tansu, which cannot serve TLS itself)",
                 Fix::Apt(vec!["socat"]),
+            )]),
+        },
+        Prereq::Chromium => match (which("chromium"), which("chromedriver")) {
+            (Some(chromium), Some(driver)) => Ok(format!(
+                "chromium ({}), chromedriver ({})",
+                chromium.display(),
+                driver.display()
+            )),
+            _ => Err(vec![Missing::new(
+                "chromium",
+                "`chromium` or `chromedriver` is not on PATH (the web console's tests drive \
+                 Chromium headless, the slider's test through chromedriver)",
+                Fix::Apt(vec!["chromium", "chromium-driver"]),
             )]),
         },
         Prereq::Tansu => check_tansu(),
@@ -1159,8 +1175,17 @@ mod tests {
                 "es-test-support",
                 "es-postgres",
                 "es-redis",
-                "es-kafka"
+                "es-kafka",
+                "es-cli",
+                "es-testkit",
+                "es-guide"
             ]))
+        );
+        assert!(
+            Needs::of_packages(&names(&["es-cli"]))
+                .prereqs
+                .contains(&Prereq::Chromium),
+            "the console's tests drive Chromium"
         );
         let all = Needs::workspace();
         assert_eq!(
