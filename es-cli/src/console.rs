@@ -15,7 +15,7 @@ mod view;
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -25,7 +25,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::cli::ConsoleArgs;
 use crate::connect::AnyStore;
@@ -48,20 +48,6 @@ pub(crate) struct Console {
 
 pub(crate) type App = Arc<Console>;
 
-/// The process's Prometheus recorder, installed by the first console of the process (the
-/// later ones share it).
-fn prometheus() -> Result<PrometheusHandle> {
-    static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
-    let mut handle = HANDLE.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(handle) = handle.as_ref() {
-        return Ok(handle.clone());
-    }
-    let installed = PrometheusBuilder::new()
-        .install_recorder()
-        .context("cannot install the Prometheus metrics recorder")?;
-    Ok(handle.insert(installed).clone())
-}
-
 /// Serves the console on `args.listen` until `interrupt` resolves; prints the address it
 /// listens on (the port the system chose for `:0`) as its first line.
 pub(crate) async fn serve(
@@ -71,7 +57,7 @@ pub(crate) async fn serve(
     out: &mut (dyn Write + Send),
     interrupt: Interrupt,
 ) -> Result<()> {
-    let metrics = prometheus()?;
+    let metrics = crate::metrics::install()?;
     let projections: BTreeSet<String> = registry
         .projections
         .keys()
@@ -171,11 +157,7 @@ async fn count_requests(request: Request, next: Next) -> Response {
 
 /// `/metrics`: everything the process's recorder holds, in Prometheus text format.
 async fn metrics_text(axum::extract::State(app): axum::extract::State<App>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(),
-    )
-        .into_response()
+    crate::metrics::render(&app.metrics)
 }
 
 /// Why a write was refused.

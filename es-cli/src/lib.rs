@@ -41,6 +41,7 @@
 mod cli;
 mod connect;
 mod console;
+pub mod metrics;
 mod output;
 mod registry;
 mod run;

@@ -64,10 +64,6 @@ async fn each_tenant_has_a_schema_of_its_own() {
             .fetch_all(&pool)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            rows,
-            [tenant],
-            "schema {schema}"
-        );
+        assert_eq!(rows, [tenant], "schema {schema}");
     }
 }
