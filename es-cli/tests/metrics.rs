@@ -147,7 +147,7 @@ fn message(source: &NewEvent, stream: &StreamId, kind: &str) -> OutboxMessage {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[allow(clippy::too_many_lines)] // one load, scraped phase by phase
+#[allow(clippy::too_many_lines, clippy::cast_precision_loss, clippy::float_cmp)] // one load, scraped phase by phase; counts far below 2^52
 async fn scraped_metrics_follow_the_load() {
     let handle = es_cli::metrics::install().unwrap_or_else(|e| panic!("{e}"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -222,9 +222,9 @@ async fn scraped_metrics_follow_the_load() {
         &[("category", "ledger"), ("outcome", "conflict")],
     );
     assert_eq!(
-        counted.unwrap_or(0.0),
-        f64::from(gave_up),
-        "commands that gave up on conflicts"
+        counted.unwrap_or(0.0).to_bits(),
+        f64::from(gave_up).to_bits(),
+        "commands that gave up on conflicts: {counted:?} counted, {gave_up} seen"
     );
     let refused = value(
         &after,
@@ -275,7 +275,7 @@ async fn scraped_metrics_follow_the_load() {
     let behind = es_core::contract::position::distance(0, head) as f64;
     let runner = ProjectionRunner::with_config(store.clone(), config)
         .spawn(AtLeastOnce::new(Gated { open: gate }, store.clone()));
-    let held = scrape_until(addr, "the held projection's lag", |s| {
+    let lagging = scrape_until(addr, "the held projection's lag", |s| {
         value(s, "es_projection_lag_events", &[("projection", "gated")]) == Some(behind)
             && value(s, "es_projection_lag_seconds", &[("projection", "gated")]).unwrap_or(0.0)
                 > 0.2
@@ -283,7 +283,7 @@ async fn scraped_metrics_follow_the_load() {
     .await;
     assert_eq!(
         value(
-            &held,
+            &lagging,
             "es_projection_events_total",
             &[("projection", "gated")]
         ),

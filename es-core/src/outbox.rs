@@ -332,7 +332,7 @@ pub struct RelayConfig {
     pub backoff: Backoff,
     /// How often, at most, [`Relay::run`] reads [`relay_status`](OutboxStore::relay_status)
     /// while it holds the lease, for the `es_outbox_backlog` and `es_outbox_dead_letters` gauges
-    /// (see [`telemetry`](crate::telemetry)). `None`: never. Default 1 s.
+    /// (see [`crate::telemetry`]). `None`: never. Default 1 s.
     pub backlog_every: Option<Duration>,
 }
 

@@ -438,7 +438,7 @@ pub struct RunnerConfig {
     /// Most events per batch.
     pub batch_size: usize,
     /// How often the lag gauges (`es_projection_lag_events`, `es_projection_lag_seconds`; see
-    /// [`telemetry`](crate::telemetry)) are sampled: one read of the partition's head, and one
+    /// [`crate::telemetry`]) are sampled: one read of the partition's head, and one
     /// of a single event while behind. `None`: never. Default 1 s.
     pub lag_every: Option<Duration>,
 }

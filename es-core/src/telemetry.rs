@@ -45,8 +45,8 @@
 //!
 //! | Span | Level | Fields |
 //! |---|---|---|
-//! | `es.execute` | info | `category`, `stream_id`, `version`, `events`, `attempts` |
-//! | `es.execute_two` | info | `first`, `second` (the two stream ids), `attempts` |
+//! | `es.execute` | debug | `category`, `stream_id`, `version`, `events`, `attempts` |
+//! | `es.execute_two` | debug | `first`, `second` (the two stream ids), `attempts` |
 //! | `es.append` | debug | `stream_id`, `expected`, `events` |
 //! | `es.load` | debug | `stream_id`, `version`, `events` |
 //! | `es.snapshot` | debug | `stream_id`, `version` (a snapshot written by policy) |

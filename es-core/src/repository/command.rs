@@ -42,7 +42,7 @@ impl<S: Store> Repository<S> {
         metadata: &Metadata,
     ) -> RepoResult<Executed<A>, A> {
         let stream_id = Self::stream_id::<A>(id)?;
-        let span = tracing::info_span!("es.execute", category = A::CATEGORY, stream_id = %stream_id,
+        let span = tracing::debug_span!("es.execute", category = A::CATEGORY, stream_id = %stream_id,
             version = tracing::field::Empty, events = tracing::field::Empty, attempts = tracing::field::Empty);
         let started = std::time::Instant::now();
         let result = self

@@ -190,7 +190,7 @@ impl<S: Store> Repository<S> {
                 },
             });
         }
-        let span = tracing::info_span!("es.execute_two", first = %first_stream, second = %second_stream,
+        let span = tracing::debug_span!("es.execute_two", first = %first_stream, second = %second_stream,
             attempts = tracing::field::Empty);
         async move {
             let retry = self.inner.retry;
