@@ -102,6 +102,23 @@ impl Projection for Gated {
     }
 }
 
+/// A projection whose every event fails.
+struct Broken;
+
+impl Projection for Broken {
+    fn name(&self) -> &'static str {
+        "broken"
+    }
+
+    async fn handle(&mut self, event: &RecordedEvent) -> Result<(), HandlerError> {
+        Err(format!("cannot handle {}", event.global_position).into())
+    }
+
+    async fn reset(&mut self) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
 /// Acknowledges every record except those of type `Poison`, which it rejects.
 struct Broker;
 
@@ -309,6 +326,39 @@ async fn scraped_metrics_follow_the_load() {
     );
     assert!(handled >= Some(behind), "handled {handled:?} of {behind}");
     runner.shutdown().await;
+
+    // A projection stopped by a failure at its first event keeps reporting its whole lag.
+    let broken = ProjectionRunner::with_config(
+        store.clone(),
+        RunnerConfig {
+            max_attempts: 1,
+            ..config
+        },
+    )
+    .spawn(AtLeastOnce::new(Broken, store.clone()));
+    let failed = scrape_until(addr, "the failed projection's lag", |s| {
+        value(s, "es_projection_lag_events", &[("projection", "broken")]) == Some(behind)
+            && value(s, "es_projection_lag_seconds", &[("projection", "broken")]).unwrap_or(0.0)
+                > 0.2
+    })
+    .await;
+    assert!(
+        matches!(
+            broken.status(),
+            es_core::projection::ProjectionStatus::Failed(_)
+        ),
+        "the broken projection did not fail: {:?}",
+        broken.status()
+    );
+    assert_eq!(
+        value(
+            &failed,
+            "es_projection_events_total",
+            &[("projection", "broken")]
+        ),
+        None
+    );
+    broken.shutdown().await;
 
     // Phase 3: the relay delivers 9 records and dead-letters the poisoned one.
     let stream = StreamId::new("doc", "relayed").unwrap_or_else(|e| panic!("{e}"));

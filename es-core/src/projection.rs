@@ -1047,9 +1047,15 @@ async fn report_lag<S: EventStore>(
     let seconds = metrics::gauge!(telemetry::PROJECTION_LAG_SECONDS, &labels);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The last position a status named: a failed projection's status names none.
+    // The last position a status named, read at every change (a failed projection's status
+    // names none: it keeps the one it failed at).
     let mut position = None;
     loop {
+        if let ProjectionStatus::Running { position: p }
+        | ProjectionStatus::Stopped { position: p } = &*status.borrow_and_update()
+        {
+            position = Some(*p);
+        }
         tokio::select! {
             changed = status.changed() => {
                 if changed.is_err() {
@@ -1058,11 +1064,6 @@ async fn report_lag<S: EventStore>(
                 continue;
             }
             _ = tick.tick() => {}
-        }
-        if let ProjectionStatus::Running { position: p }
-        | ProjectionStatus::Stopped { position: p } = &*status.borrow()
-        {
-            position = Some(*p);
         }
         let Some(position) = position else { continue };
         match sample_lag(&store, partition, position).await {

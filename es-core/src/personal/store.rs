@@ -193,6 +193,18 @@ impl<S, K: KeyStore> Encrypted<S, K> {
         Ok(ring)
     }
 
+    /// Seals the personal values of an append's events and outbox messages.
+    async fn seal_request(&self, request: &mut AppendRequest) -> Result<(), StoreError> {
+        let stream_id = request.stream_id.clone();
+        let payloads = request
+            .events
+            .iter_mut()
+            .map(|e| &mut e.payload)
+            .chain(request.outbox.iter_mut().map(|m| &mut m.payload))
+            .collect();
+        self.seal_payloads(&stream_id, payloads).await
+    }
+
     /// Seals the payloads of `payloads` that hold personal values, with one key fetch for all.
     async fn seal_payloads(
         &self,
@@ -361,14 +373,7 @@ impl<S: EventStore, K: KeyStore> Encrypted<S, K> {
 impl<S: EventStore, K: KeyStore> EventStore for Encrypted<S, K> {
     fn append(&self, mut request: AppendRequest) -> impl StoreFuture<AppendResult> {
         async move {
-            let stream_id = request.stream_id.clone();
-            let payloads = request
-                .events
-                .iter_mut()
-                .map(|e| &mut e.payload)
-                .chain(request.outbox.iter_mut().map(|m| &mut m.payload))
-                .collect();
-            self.seal_payloads(&stream_id, payloads).await?;
+            self.seal_request(&mut request).await?;
             self.inner.append(request).await
         }
     }
@@ -379,14 +384,7 @@ impl<S: EventStore, K: KeyStore> EventStore for Encrypted<S, K> {
     ) -> impl StoreFuture<Vec<AppendResult>> {
         async move {
             for request in &mut requests {
-                let stream_id = request.stream_id.clone();
-                let payloads = request
-                    .events
-                    .iter_mut()
-                    .map(|e| &mut e.payload)
-                    .chain(request.outbox.iter_mut().map(|m| &mut m.payload))
-                    .collect();
-                self.seal_payloads(&stream_id, payloads).await?;
+                self.seal_request(request).await?;
             }
             self.inner.append_streams(requests).await
         }
