@@ -655,13 +655,7 @@ async fn call_inline(
     query: Query<'static, Postgres, PgArguments>,
     call: &Call<'_>,
 ) -> (Result<CallResult, CallError>, bool) {
-    let ms = millis(call.timeout);
-    // Bounds for the append's own work (see the module docs), local to this transaction.
-    let begin = format!(
-        "BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}; \
-         SET LOCAL idle_in_transaction_session_timeout = {ms}"
-    );
-    let mut tx = match conn.begin_with(AssertSqlSafe(begin)).await {
+    let mut tx = match begin_bounded(conn, call.timeout).await {
         Ok(tx) => tx,
         Err(err) => return (Err(CallError::Sql(err)), false),
     };
@@ -671,13 +665,37 @@ async fn call_inline(
             // A failed COMMIT ends the transaction (or the connection) on the server.
             Err(err) => (Err(CallError::Sql(err)), true),
         },
-        Err(err) => match tx.rollback().await {
-            Ok(()) => (Err(err), true),
-            Err(rollback) => {
-                tracing::warn!(error = %rollback, "rolling back a failed append failed");
-                (Err(err), false)
-            }
-        },
+        Err(err) => roll_back(tx, err, "append").await,
+    }
+}
+
+/// Begins a transaction whose statements, lock waits and idle time are each bounded by
+/// `timeout` (see the module docs), local to the transaction.
+pub(crate) async fn begin_bounded(
+    conn: &mut PgConnection,
+    timeout: Duration,
+) -> Result<sqlx::Transaction<'_, Postgres>, sqlx::Error> {
+    let ms = millis(timeout);
+    let begin = format!(
+        "BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}; \
+         SET LOCAL idle_in_transaction_session_timeout = {ms}"
+    );
+    conn.begin_with(AssertSqlSafe(begin)).await
+}
+
+/// Rolls `tx` back after `err`, which it returns; the flag is false when the rollback failed
+/// (the connection must then be closed).
+pub(crate) async fn roll_back<T>(
+    tx: sqlx::Transaction<'_, Postgres>,
+    err: CallError,
+    what: &str,
+) -> (Result<T, CallError>, bool) {
+    match tx.rollback().await {
+        Ok(()) => (Err(err), true),
+        Err(rollback) => {
+            tracing::warn!(error = %rollback, "rolling back a failed {what} failed");
+            (Err(err), false)
+        }
     }
 }
 

@@ -37,7 +37,7 @@ use std::time::Duration;
 use es_core::contract::{classify_streams_retry, StoredEventRef};
 use es_core::{AppendRequest, AppendResult, Partitioning, StoreError, StreamId};
 use sqlx::postgres::{PgConnection, PgPool};
-use sqlx::{AssertSqlSafe, Connection, Row};
+use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -204,12 +204,7 @@ impl StreamsAppender {
         conn: &mut PgConnection,
         requests: &[AppendRequest],
     ) -> (Result<Attempt, CallError>, bool) {
-        let ms = millis(self.append_timeout);
-        let begin = format!(
-            "BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}; \
-             SET LOCAL idle_in_transaction_session_timeout = {ms}"
-        );
-        let mut tx = match conn.begin_with(AssertSqlSafe(begin)).await {
+        let mut tx = match super::begin_bounded(conn, self.append_timeout).await {
             Ok(tx) => tx,
             Err(err) => return (Err(CallError::Sql(err)), false),
         };
@@ -230,13 +225,7 @@ impl StreamsAppender {
                 let rolled_back = tx.rollback().await.is_ok();
                 (Ok(refused), rolled_back)
             }
-            Err(err) => match tx.rollback().await {
-                Ok(()) => (Err(err), true),
-                Err(rollback) => {
-                    tracing::warn!(error = %rollback, "rolling back a failed multi-stream append failed");
-                    (Err(err), false)
-                }
-            },
+            Err(err) => super::roll_back(tx, err, "multi-stream append").await,
         }
     }
 
