@@ -9,7 +9,15 @@ use std::path::Path;
 /// The suites: source file, module, the stamping macro, the trait a case's store implements.
 /// The suites: source file, module, the stamping macro, the trait a case's store implements
 /// (its path, for the documentation), and a factory for the macro's example.
-const SUITES: [(&str, &str, &str, &str, &str, &str); 5] = [
+const SUITES: [(&str, &str, &str, &str, &str, &str); 6] = [
+    (
+        "src/archiving.rs",
+        "archiving",
+        "archiving_conformance_tests",
+        "Store",
+        "es_core::Store",
+        "es_memory::InMemoryStore::new()",
+    ),
     (
         "src/conformance.rs",
         "conformance",

@@ -49,6 +49,8 @@
 //!   [`StoreError::Partitioned`].
 //! - **Reads** are lazy async streams that page through the store; they never buffer a whole large
 //!   stream.
+//! - **Archiving** ([`EventStore::archive_stream`]) moves a stream's old events out of hot
+//!   storage without changing what any read returns; the last event of a stream stays hot.
 //! - **Listing** ([`EventStore::list_streams`]) returns the streams holding at least one event,
 //!   in stream-id byte order, a page at a time, each with its version when listed.
 //! - **Outbox** records are written by the append that carries them, atomically with its events;
@@ -57,6 +59,7 @@
 //!   [`StoreError::Fenced`].
 
 mod append;
+mod archive;
 mod checkpoint;
 mod error;
 mod event_store;
@@ -74,6 +77,7 @@ pub use append::{
     classify_retry, classify_streams_retry, validate_streams, AppendLimits, AppendRequest,
     AppendResult, StoredEventRef,
 };
+pub use archive::{check_archive, Archived};
 pub use checkpoint::{Checkpoint, CheckpointStore};
 pub use error::{StoreError, StoreFuture};
 pub use event_store::{

@@ -103,8 +103,8 @@ pub struct ReadmeDoctests;
 
 pub use aggregate::{Aggregate, Apply, ApplyEvent, Decision};
 pub use contract::{
-    AppendLimits, AppendRequest, AppendResult, Checkpoint, CheckpointStore, DeadLetter, Delivered,
-    Direction, EpochStart, EventFilter, EventPage, EventPages, EventStore, EventStream,
+    AppendLimits, AppendRequest, AppendResult, Archived, Checkpoint, CheckpointStore, DeadLetter,
+    Delivered, Direction, EpochStart, EventFilter, EventPage, EventPages, EventStore, EventStream,
     ExpectedVersion, FeedPosition, HeldLease, LeaseStore, ListStreams, OutboxMessage, OutboxRecord,
     OutboxStore, PartitionKey, Partitioning, ReadAll, ReadStream, Rejection, RelayStatus,
     SnapshotRecord, SnapshotStore, Store, StoreError, StoreFuture, StreamPage, StreamSummary,

@@ -440,6 +440,13 @@ impl EventStore for Faulty {
     fn append_streams(&self, requests: Vec<AppendRequest>) -> impl StoreFuture<Vec<AppendResult>> {
         self.inner.append_streams(requests)
     }
+    fn archive_stream(
+        &self,
+        stream: &StreamId,
+        before: u64,
+    ) -> impl StoreFuture<es_core::Archived> {
+        self.inner.archive_stream(stream, before)
+    }
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
         self.inner.stream_version(stream)
     }
@@ -1522,6 +1529,17 @@ impl EventStore for BlackHole {
             })
             .collect();
         futures::future::ready(Ok(results))
+    }
+    fn archive_stream(
+        &self,
+        stream: &StreamId,
+        before: u64,
+    ) -> impl StoreFuture<es_core::Archived> {
+        let checked = es_core::contract::check_archive(stream, before, 0);
+        futures::future::ready(checked.map(|()| es_core::Archived {
+            moved: 0,
+            hot_from: 1,
+        }))
     }
     fn stream_version(&self, _: &StreamId) -> impl StoreFuture<u64> {
         futures::future::ready(Ok(0))

@@ -151,6 +151,13 @@ impl EventStore for Faulty {
             Ok(result)
         }
     }
+    fn archive_stream(
+        &self,
+        stream: &StreamId,
+        before: u64,
+    ) -> impl StoreFuture<es_core::Archived> {
+        self.inner.archive_stream(stream, before)
+    }
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
         self.inner.stream_version(stream)
     }

@@ -814,6 +814,31 @@ impl EventStore for PgStore {
         }
     }
 
+    /// One statement moves the rows from `events` to `archived_events` (migration 13).
+    fn archive_stream(
+        &self,
+        stream: &StreamId,
+        before: u64,
+    ) -> impl StoreFuture<es_core::Archived> {
+        let inner = Arc::clone(&self.inner);
+        let stream = stream.clone();
+        timed(self.inner.query_timeout, async move {
+            let (version, moved, hot_from): (i64, i64, i64) =
+                sqlx::query_as(AssertSqlSafe(Arc::clone(&inner.sql.archive_stream)))
+                    .bind(stream.as_str())
+                    .bind(i64::try_from(before).unwrap_or(i64::MAX))
+                    .fetch_one(&inner.pool)
+                    .await
+                    .map_err(store_error)?;
+            let what = format!("stream `{stream}`");
+            es_core::contract::check_archive(&stream, before, to_u64(version, &what)?)?;
+            Ok(es_core::Archived {
+                moved: to_u64(moved, &what)?,
+                hot_from: to_u64(hot_from, &what)?,
+            })
+        })
+    }
+
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
         let inner = Arc::clone(&self.inner);
         let stream = stream.clone();

@@ -68,6 +68,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "subject_keys",
         sql: include_str!("../migrations/0011_subject_keys.sql"),
     },
+    Migration {
+        version: 13,
+        name: "archive",
+        sql: include_str!("../migrations/0013_archive.sql"),
+    },
 ];
 
 /// The latest migration version this crate knows.

@@ -134,6 +134,9 @@ pub(crate) struct Sql {
     /// Where the events with the ids `$1` (uuid[]) are stored: rows of (event id, stream id,
     /// version, position).
     pub(crate) find_events: Arc<str>,
+    /// Moves the events of stream `$1` below version `$2` to the archive (migration 13): one row
+    /// of (version, moved, lowest hot version).
+    pub(crate) archive_stream: Arc<str>,
     /// The head of partition `$1`.
     pub(crate) head: Arc<str>,
     /// The head of every partition below `$1`: rows of (partition, head).
@@ -177,11 +180,20 @@ impl Sql {
     pub(crate) fn new(schema: &SchemaName) -> Self {
         let s = schema.quoted();
         let c = EVENT_COLUMNS;
+        // A page of a stream from both the hot table and the archive (migration 13): each an
+        // index range scan cut at the limit, merged in version order.
         let stream_where = |columns: &str, forward: bool| {
             let (cmp, order) = if forward { (">=", "") } else { ("<=", " DESC") };
+            let part = |table: &str| {
+                format!(
+                    "(SELECT {columns} FROM {s}.{table} WHERE stream_id = $1 \
+                     AND stream_version {cmp} $2 ORDER BY stream_version{order} LIMIT $3)"
+                )
+            };
             format!(
-                "SELECT {columns} FROM {s}.events WHERE stream_id = $1 AND stream_version {cmp} $2 \
-                 ORDER BY stream_version{order} LIMIT $3"
+                "{} UNION ALL {} ORDER BY stream_version{order} LIMIT $3",
+                part("events"),
+                part("archived_events")
             )
         };
         Self {
@@ -216,6 +228,10 @@ impl Sql {
             find_events: format!(
                 "SELECT event_id, stream_id, stream_version, global_position FROM {s}.events \
                  WHERE event_id = ANY($1::uuid[])"
+            )
+            .into(),
+            archive_stream: format!(
+                "SELECT out_version, out_moved, out_hot_from FROM {s}.archive_stream($1, $2)"
             )
             .into(),
             heads: format!(

@@ -1197,6 +1197,19 @@ impl EventStore for RedisStore {
         async move { inner.append_streams(requests).await }
     }
 
+    /// Redis keeps everything in memory and this store has no colder storage to move events
+    /// to: every request is [`StoreError::InvalidArchive`] and moves nothing.
+    fn archive_stream(
+        &self,
+        stream: &StreamId,
+        _before: u64,
+    ) -> impl StoreFuture<es_core::Archived> {
+        std::future::ready(Err(StoreError::InvalidArchive {
+            stream_id: stream.clone(),
+            reason: "the Redis store has no archive to move events to".to_owned(),
+        }))
+    }
+
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
         let mut conn = self.inner.conn.clone();
         let key = self.inner.keys.version(stream);

@@ -6,6 +6,8 @@
 //! - [`multi`] and [`multi_conformance_tests!`]: multi-stream appends (all or nothing across
 //!   streams, retries, concurrent transfers), with [`multi::spanning`] for calls across feed
 //!   partitions.
+//! - [`archiving`] and [`archiving_conformance_tests!`]: archiving a stream's old events changes
+//!   no read, also while writers append and readers page through the same streams.
 //! - [`streaming`] and [`streaming_conformance_tests!`]: the outbox, the relay lease, projection
 //!   checkpoints and the projection runner, the same way.
 //! - [`shredding`] and [`shredding_conformance_tests!`]: crypto-shredding (personal fields sealed
@@ -34,6 +36,7 @@
 //! `pub async fn` of a suite is a case, so a new case runs on every backend without being listed
 //! anywhere.
 
+pub mod archiving;
 pub mod conformance;
 pub mod domain;
 pub mod multi;

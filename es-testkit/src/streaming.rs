@@ -1015,6 +1015,13 @@ macro_rules! delegate_event_store {
             ) -> impl StoreFuture<Vec<AppendResult>> {
                 self.inner.append_streams(requests)
             }
+            fn archive_stream(
+                &self,
+                stream: &StreamId,
+                before: u64,
+            ) -> impl StoreFuture<es_core::Archived> {
+                self.inner.archive_stream(stream, before)
+            }
             fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
                 self.inner.stream_version(stream)
             }

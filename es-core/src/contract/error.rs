@@ -76,6 +76,15 @@ pub enum StoreError {
         /// Its error.
         reason: String,
     },
+    /// An archive request that cannot be carried out ([`EventStore::archive_stream`](super::EventStore::archive_stream)):
+    /// it would move the stream's last event, or the stream has no events. Nothing was moved.
+    #[error("cannot archive `{stream_id}`: {reason}")]
+    InvalidArchive {
+        /// The stream.
+        stream_id: StreamId,
+        /// What is wrong.
+        reason: String,
+    },
     /// A stream id, category or aggregate id failed validation.
     #[error(transparent)]
     InvalidStreamId(#[from] InvalidStreamId),

@@ -29,6 +29,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use super::append::{AppendRequest, AppendResult};
+use super::archive::Archived;
 use super::checkpoint::CheckpointStore;
 use super::error::{StoreError, StoreFuture};
 use super::lease::LeaseStore;
@@ -71,6 +72,19 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     /// There is no default: a store that cannot make the parts atomic together must not offer
     /// them one by one under this name.
     fn append_streams(&self, requests: Vec<AppendRequest>) -> impl StoreFuture<Vec<AppendResult>>;
+
+    /// Moves the events of `stream` with versions below `before` out of hot storage into the
+    /// archive the store owns (see [`archive`](super::archive)); events an earlier call moved
+    /// stay where they are. Every read answers as before: the archived events are read from the
+    /// archive (more slowly), at their versions and positions, by stream reads, historical
+    /// loads, `read_all`, subscriptions and projection rebuilds.
+    ///
+    /// The last event stays in hot storage: `before` may be at most the stream's version, else
+    /// [`StoreError::InvalidArchive`] and nothing moves. `before` 0 or 1 moves nothing and
+    /// reports where the hot part begins. Safe to run while the stream is appended to and read.
+    /// What each store's archive is, its limits and the tests that try to break it are in
+    /// `docs/18-archiving.md`.
+    fn archive_stream(&self, stream: &StreamId, before: u64) -> impl StoreFuture<Archived>;
 
     /// The stream's current version (0 if it has no events).
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64>;
@@ -219,6 +233,9 @@ impl<T: EventStore> EventStore for Arc<T> {
     }
     fn append_streams(&self, requests: Vec<AppendRequest>) -> impl StoreFuture<Vec<AppendResult>> {
         (**self).append_streams(requests)
+    }
+    fn archive_stream(&self, stream: &StreamId, before: u64) -> impl StoreFuture<Archived> {
+        (**self).archive_stream(stream, before)
     }
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
         (**self).stream_version(stream)

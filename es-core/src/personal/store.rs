@@ -390,6 +390,14 @@ impl<S: EventStore, K: KeyStore> EventStore for Encrypted<S, K> {
         }
     }
 
+    fn archive_stream(
+        &self,
+        stream: &StreamId,
+        before: u64,
+    ) -> impl StoreFuture<crate::contract::Archived> {
+        self.inner.archive_stream(stream, before)
+    }
+
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
         self.inner.stream_version(stream)
     }

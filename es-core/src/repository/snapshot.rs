@@ -198,3 +198,39 @@ impl<S: Store> Repository<S> {
         Ok((loaded.version, saved))
     }
 }
+
+impl<S: Store> Repository<S> {
+    /// Moves the events of aggregate `id` that its latest snapshot covers out of hot storage
+    /// ([`EventStore::archive_stream`](crate::EventStore::archive_stream)): a load that starts
+    /// from that snapshot then reads hot events only, and a historical load or a replay reads the
+    /// archived ones from the archive. The last event always stays hot, so a snapshot at the
+    /// stream's version leaves that one event. Without a snapshot nothing moves. Returns what
+    /// moved and where the hot part now begins.
+    pub async fn archive_behind_snapshot<A: Aggregate>(
+        &self,
+        id: &str,
+    ) -> RepoResult<crate::contract::Archived, A> {
+        let stream_id = Self::stream_id::<A>(id)?;
+        let failed = |version: u64, source| super::RepositoryError::Store {
+            stream_id: stream_id.clone(),
+            version,
+            source,
+        };
+        let version = self
+            .store()
+            .stream_version(&stream_id)
+            .await
+            .map_err(|e| failed(0, e))?;
+        let covered = self
+            .store()
+            .load_snapshot(&stream_id)
+            .await
+            .map_err(|e| failed(version, e))?
+            .map_or(0, |snapshot| snapshot.version);
+        let before = covered.saturating_add(1).min(version);
+        self.store()
+            .archive_stream(&stream_id, before)
+            .await
+            .map_err(|e| failed(version, e))
+    }
+}
