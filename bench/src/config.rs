@@ -38,13 +38,14 @@ Workloads narrow a group, e.g. `memory:rehydrate`, `memory:dispatch`, `memory:ap
 `postgres:read`, `postgres:rehydrate`, `postgres:catch-up`, `postgres:group`,
 `postgres:processes`, `redis:append`, `redis:command`, `redis:read`, `redis:catch-up`,
 `redis:group`, `redis:cluster`, `memory:personal`, `postgres:personal`, `redis:personal`,
-`memory:telemetry`, `postgres:telemetry`, `redis:telemetry`.
+`memory:telemetry`, `postgres:telemetry`, `redis:telemetry`, `postgres:archive`.
 `telemetry` is commands with metrics and tracing on against the same commands with them off.
 `personal` is appending and loading events with a personal field sealed (crypto-shredding)
 against the same field in clear. `command` is the commands through the repository (load +
 decide + append).
 `group` is a projection's consumer group of 1, 2 and 4 workers over a store with 4 partitions.
-`processes` is appends from several OS processes at 1, 4 and 16 feed partitions. `cluster` is
+`archive` is archiving a 1M-event history (hot table size before and after, reads of archived
+events). `processes` is appends from several OS processes at 1, 4 and 16 feed partitions. `cluster` is
 appends on the 3-primary Redis Cluster against one primary (REDIS_CLUSTER_URLS).
 
   --quick   small sizes and few repetitions: a smoke check that every benchmark runs

@@ -13,6 +13,7 @@
     clippy::cast_possible_wrap
 )]
 
+mod archive;
 mod command;
 mod config;
 mod domain;

@@ -115,6 +115,9 @@ pub(crate) async fn run(report: &mut Report, args: &Args) -> anyhow::Result<()> 
         if args.wants("postgres", "rehydrate") {
             rehydrate(report, &store, &pool, &schema).await?;
         }
+        if args.wants("postgres", "archive") {
+            crate::archive::run(report, &pool, &tag).await?;
+        }
         if args.wants("postgres", "processes") {
             crate::pg_processes::run(report, &url, &tag).await?;
         }
@@ -465,7 +468,7 @@ async fn ours_stream(store: &PgStore, stream: &StreamId) -> anyhow::Result<Durat
 }
 
 /// One raw SELECT of `count` rows decoded by hand; returns the time taken.
-async fn raw_timed(
+pub(crate) async fn raw_timed(
     pool: &PgPool,
     sql: &str,
     bind: Option<&str>,
