@@ -25,7 +25,9 @@ const TASKS: usize = 8;
 /// A relation's total size (table, indexes, TOAST) in bytes.
 async fn size(pool: &PgPool, table: &str) -> anyhow::Result<i64> {
     let sql = format!("SELECT pg_total_relation_size('{table}')");
-    Ok(sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(pool).await?)
+    Ok(sqlx::query_scalar(AssertSqlSafe(sql))
+        .fetch_one(pool)
+        .await?)
 }
 
 async fn execute(pool: &PgPool, sql: String) -> anyhow::Result<()> {
@@ -34,7 +36,7 @@ async fn execute(pool: &PgPool, sql: String) -> anyhow::Result<()> {
 }
 
 fn mib(bytes: i64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
 fn stream(i: u64) -> anyhow::Result<StreamId> {
@@ -108,7 +110,6 @@ where
 
 pub(crate) async fn run(report: &mut Report, pool: &PgPool, tag: &str) -> anyhow::Result<()> {
     let streams = pick(10_000, 1_000);
-    let events = streams * PER_STREAM;
     let schema = format!("bench_archive_{tag}");
     let raw = format!("bench_archive_raw_{tag}");
     let result = async {
@@ -116,141 +117,16 @@ pub(crate) async fn run(report: &mut Report, pool: &PgPool, tag: &str) -> anyhow
             .schema(&schema)
             .build()
             .await?;
-        eprintln!("es-bench: archive: appending {events} events over {streams} streams");
+        eprintln!(
+            "es-bench: archive: appending {} events over {streams} streams",
+            streams * PER_STREAM
+        );
         fill(&store, streams).await?;
         let hot = format!("\"{schema}\".events");
-        let cold = format!("\"{schema}\".archived_events");
-        // The raw baseline's copy: the same rows, columns, constraints and indexes.
-        execute(
-            pool,
-            format!(
-                "CREATE SCHEMA \"{raw}\"; \
-                 CREATE TABLE \"{raw}\".events (LIKE {hot} INCLUDING ALL); \
-                 CREATE TABLE \"{raw}\".archived_events (LIKE {hot} INCLUDING ALL); \
-                 INSERT INTO \"{raw}\".events SELECT * FROM {hot}"
-            ),
-        )
-        .await?;
-        // One statement each: VACUUM cannot run in the implicit transaction of several.
-        for sql in [
-            format!("VACUUM ANALYZE {hot}"),
-            format!("VACUUM ANALYZE \"{raw}\".events"),
-            "CHECKPOINT".to_owned(),
-        ] {
-            execute(pool, sql).await?;
-        }
-        let before = size(pool, &hot).await?;
-
-        let moved_sql: Arc<str> = format!(
-            "WITH moved AS (DELETE FROM \"{raw}\".events WHERE stream_id = $1 \
-             AND stream_version < $2 RETURNING *) \
-             INSERT INTO \"{raw}\".archived_events SELECT * FROM moved"
-        )
-        .into();
-        let raw_pool = pool.clone();
-        let raw_time = per_stream(streams, move |i| {
-            let (pool, sql) = (raw_pool.clone(), Arc::clone(&moved_sql));
-            async move {
-                let done = sqlx::query(AssertSqlSafe(sql))
-                    .bind(stream(i)?.as_str())
-                    .bind(PER_STREAM as i64)
-                    .execute(&pool)
-                    .await?;
-                anyhow::ensure!(done.rows_affected() == PER_STREAM - 1, "raw moved {done:?}");
-                Ok(())
-            }
-        })
-        .await?;
-        execute(pool, "CHECKPOINT".to_owned()).await?;
-        let ours_store = store.clone();
-        let ours_time = per_stream(streams, move |i| {
-            let store = ours_store.clone();
-            async move {
-                let archived = store.archive_stream(&stream(i)?, PER_STREAM).await?;
-                anyhow::ensure!(archived.moved == PER_STREAM - 1, "moved {archived:?}");
-                Ok(())
-            }
-        })
-        .await?;
-        let moved = (events - streams) as f64;
-        let mut samples = Samples::default();
-        samples.push(
-            moved / ours_time.as_secs_f64(),
-            moved / raw_time.as_secs_f64(),
-        );
-        report.push(ReportRow::paired(
-            GROUP,
-            format!(
-                "archive_stream, {}k-event history ({streams} streams of {PER_STREAM}, last \
-                 event kept hot), {TASKS} tasks vs raw DELETE..RETURNING into INSERT",
-                events / 1000
-            ),
-            &samples,
-            "events/s",
-            None,
-            "one run each (the history is archived once); the raw side runs first on a copy \
-             of the same rows",
-        ));
-
-        execute(pool, format!("VACUUM {hot}")).await?;
-        let vacuumed = size(pool, &hot).await?;
-        execute(pool, format!("VACUUM FULL {hot}")).await?;
-        let compacted = size(pool, &hot).await?;
-        let archive = size(pool, &cold).await?;
-        report.push(
-            ReportRow::alone(GROUP, format!(
-                "hot table (events + indexes) of a {}k-event history, before and after \
-                 archiving all but each stream's last event",
-                events / 1000
-            ), compacted as f64, "bytes", format!(
-                "after plain VACUUM the file keeps its size ({}) and its free space is \
-                 reused by later appends; the archive table holds {}",
-                mib(vacuumed),
-                mib(archive)
-            ))
-            .showing(format!(
-                "{} → {} ({:.1}%)",
-                mib(before),
-                mib(compacted),
-                100.0 * compacted as f64 / before as f64
-            )),
-        );
-
-        // Reading archived events: the store's paged read_all over the first events of the feed
-        // (all archived now) against one raw SELECT of the archive table.
-        let count = pick(100_000, 20_000).min(events - streams);
-        let sql = format!(
-            "SELECT global_position, stream_id, stream_version, event_id, event_type, \
-             schema_version, payload, metadata, recorded_at FROM {cold} \
-             ORDER BY global_position LIMIT $1"
-        );
-        let mut samples = Samples::default();
-        for _ in 0..3 {
-            let raw = crate::postgres::raw_timed(pool, &sql, None, count).await?;
-            let start = Instant::now();
-            let mut read = store.read_all(ReadAll::after(0).limit(count));
-            let mut n = 0;
-            while let Some(event) = read.try_next().await? {
-                black_box(event);
-                n += 1;
-            }
-            let ours = start.elapsed();
-            anyhow::ensure!(n == count, "read_all {n} of {count}");
-            samples.push_times(count, ours, raw);
-        }
-        report.push(ReportRow::paired(
-            GROUP,
-            format!(
-                "read_all of {}k archived events (paged, both tables merged) vs one raw \
-                 SELECT of the archive table",
-                count / 1000
-            ),
-            &samples,
-            "events/s",
-            None,
-            format!("both decode into RecordedEvent; {}", samples.describe()),
-        ));
-        anyhow::Ok(())
+        let before = copy_for_raw(pool, &hot, &raw).await?;
+        archive_history(report, &store, pool, &raw, streams).await?;
+        hot_sizes(report, pool, &schema, before, streams * PER_STREAM).await?;
+        read_archived(report, &store, pool, &schema, streams).await
     }
     .await;
     for s in [&schema, &raw] {
@@ -259,4 +135,172 @@ pub(crate) async fn run(report: &mut Report, pool: &PgPool, tag: &str) -> anyhow
             .await;
     }
     result
+}
+
+/// Copies the hot table `hot` into schema `raw` (the same rows, columns, constraints and
+/// indexes, and an empty archive table) for the raw baseline; returns the hot table's size.
+async fn copy_for_raw(pool: &PgPool, hot: &str, raw: &str) -> anyhow::Result<i64> {
+    execute(
+        pool,
+        format!(
+            "CREATE SCHEMA \"{raw}\"; \
+             CREATE TABLE \"{raw}\".events (LIKE {hot} INCLUDING ALL); \
+             CREATE TABLE \"{raw}\".archived_events (LIKE {hot} INCLUDING ALL); \
+             INSERT INTO \"{raw}\".events SELECT * FROM {hot}"
+        ),
+    )
+    .await?;
+    // One statement each: VACUUM cannot run in the implicit transaction of several.
+    for sql in [
+        format!("VACUUM ANALYZE {hot}"),
+        format!("VACUUM ANALYZE \"{raw}\".events"),
+        "CHECKPOINT".to_owned(),
+    ] {
+        execute(pool, sql).await?;
+    }
+    size(pool, hot).await
+}
+
+/// Archives every stream but its last event, raw first (on the copy), then through the store.
+async fn archive_history(
+    report: &mut Report,
+    store: &PgStore,
+    pool: &PgPool,
+    raw: &str,
+    streams: u64,
+) -> anyhow::Result<()> {
+    let moved_sql: Arc<str> = format!(
+        "WITH moved AS (DELETE FROM \"{raw}\".events WHERE stream_id = $1 \
+         AND stream_version < $2 RETURNING *) \
+         INSERT INTO \"{raw}\".archived_events SELECT * FROM moved"
+    )
+    .into();
+    let raw_pool = pool.clone();
+    let raw_time = per_stream(streams, move |i| {
+        let (pool, sql) = (raw_pool.clone(), Arc::clone(&moved_sql));
+        async move {
+            let done = sqlx::query(AssertSqlSafe(sql))
+                .bind(stream(i)?.as_str())
+                .bind(PER_STREAM as i64)
+                .execute(&pool)
+                .await?;
+            anyhow::ensure!(done.rows_affected() == PER_STREAM - 1, "raw moved {done:?}");
+            Ok(())
+        }
+    })
+    .await?;
+    execute(pool, "CHECKPOINT".to_owned()).await?;
+    let ours_store = store.clone();
+    let ours_time = per_stream(streams, move |i| {
+        let store = ours_store.clone();
+        async move {
+            let archived = store.archive_stream(&stream(i)?, PER_STREAM).await?;
+            anyhow::ensure!(archived.moved == PER_STREAM - 1, "moved {archived:?}");
+            Ok(())
+        }
+    })
+    .await?;
+    let moved = (streams * (PER_STREAM - 1)) as f64;
+    let mut samples = Samples::default();
+    samples.push(
+        moved / ours_time.as_secs_f64(),
+        moved / raw_time.as_secs_f64(),
+    );
+    report.push(ReportRow::paired(
+        GROUP,
+        format!(
+            "archive_stream, {}k-event history ({streams} streams of {PER_STREAM}, last event \
+             kept hot), {TASKS} tasks vs raw DELETE..RETURNING into INSERT",
+            streams * PER_STREAM / 1000
+        ),
+        &samples,
+        "events/s",
+        None,
+        "one run each (the history is archived once); the raw side runs first on a copy of \
+         the same rows",
+    ));
+    Ok(())
+}
+
+/// The hot table's size before archiving, after a plain VACUUM and after VACUUM FULL.
+async fn hot_sizes(
+    report: &mut Report,
+    pool: &PgPool,
+    schema: &str,
+    before: i64,
+    events: u64,
+) -> anyhow::Result<()> {
+    let hot = format!("\"{schema}\".events");
+    execute(pool, format!("VACUUM {hot}")).await?;
+    let vacuumed = size(pool, &hot).await?;
+    execute(pool, format!("VACUUM FULL {hot}")).await?;
+    let compacted = size(pool, &hot).await?;
+    let archive = size(pool, &format!("\"{schema}\".archived_events")).await?;
+    let row = ReportRow::alone(
+        GROUP,
+        format!(
+            "hot table (events + indexes) of a {}k-event history, before and after archiving \
+             all but each stream's last event",
+            events / 1000
+        ),
+        compacted as f64,
+        "bytes",
+        format!(
+            "after VACUUM FULL; after a plain VACUUM the file keeps its size ({}) and later \
+             appends reuse its free space; the archive table holds {}",
+            mib(vacuumed),
+            mib(archive)
+        ),
+    );
+    report.push(row.showing(format!(
+        "{} → {} ({:.1}%)",
+        mib(before),
+        mib(compacted),
+        100.0 * compacted as f64 / before as f64
+    )));
+    Ok(())
+}
+
+/// The store's paged `read_all` over the first events of the feed (all archived now) against one
+/// raw SELECT of the archive table.
+async fn read_archived(
+    report: &mut Report,
+    store: &PgStore,
+    pool: &PgPool,
+    schema: &str,
+    streams: u64,
+) -> anyhow::Result<()> {
+    let count = pick(100_000, 20_000).min(streams * (PER_STREAM - 1));
+    let sql = format!(
+        "SELECT global_position, stream_id, stream_version, event_id, event_type, \
+         schema_version, payload, metadata, recorded_at FROM \"{schema}\".archived_events \
+         ORDER BY global_position LIMIT $1"
+    );
+    let mut samples = Samples::default();
+    for _ in 0..3 {
+        let raw = crate::postgres::raw_timed(pool, &sql, None, count).await?;
+        let start = Instant::now();
+        let mut read = store.read_all(ReadAll::after(0).limit(count));
+        let mut n = 0;
+        while let Some(event) = read.try_next().await? {
+            black_box(event);
+            n += 1;
+        }
+        let ours = start.elapsed();
+        anyhow::ensure!(n == count, "read_all {n} of {count}");
+        samples.push_times(count, ours, raw);
+    }
+    report.push(ReportRow::paired(
+        GROUP,
+        format!(
+            "read_all of {}k archived events (paged, both tables merged) vs one raw SELECT of \
+             the archive table",
+            count / 1000
+        ),
+        &samples,
+        "events/s",
+        None,
+        format!("both decode into RecordedEvent; {}", samples.describe()),
+    ));
+    Ok(())
 }

@@ -24,6 +24,21 @@ mod least_privilege {
     es_testkit::archiving_conformance_tests!(common::restricted_store);
 }
 
+/// A row of `events` or `archived_events`, every column.
+type Row = (
+    i64,
+    String,
+    String,
+    i64,
+    uuid::Uuid,
+    String,
+    i64,
+    String,
+    String,
+    chrono::DateTime<chrono::Utc>,
+    i32,
+);
+
 /// Archived rows leave `events` for `archived_events`, whole and once: a plain SQL client counts
 /// them moved, with every column unchanged, and the stream's last event still in `events`.
 #[tokio::test]
@@ -51,19 +66,6 @@ async fn archived_rows_move_between_the_tables_unchanged() {
              FROM \"{schema}\".{table} ORDER BY global_position"
         )
     };
-    type Row = (
-        i64,
-        String,
-        String,
-        i64,
-        uuid::Uuid,
-        String,
-        i64,
-        String,
-        String,
-        chrono::DateTime<chrono::Utc>,
-        i32,
-    );
     let before: Vec<Row> = sqlx::query_as(AssertSqlSafe(rows("events")))
         .fetch_all(&admin)
         .await

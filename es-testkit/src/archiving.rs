@@ -206,6 +206,78 @@ fn ledger_repository<S: Store>(store: &S) -> Repository<S> {
         .expect("a repository without upcasters")
 }
 
+/// Reads `long` (3,000 events) whole, forward, backward and as a load's pages, again and again
+/// until `stop` (three times at least), checking every read; returns how many rounds it made.
+fn read_while_archived<S: Store>(
+    store: &S,
+    long: &StreamId,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    let (store, long, stop) = (store.clone(), long.clone(), Arc::clone(stop));
+    tokio::spawn(async move {
+        let mut rounds = 0_u64;
+        while !stop.load(Ordering::Relaxed) || rounds < 3 {
+            let forward: Vec<u64> = collect(
+                store.read_stream(&long, ReadStream::forward()),
+                "forward read",
+            )
+            .await
+            .iter()
+            .map(|e| e.stream_version)
+            .collect();
+            assert_eq!(forward, (1..=3000).collect::<Vec<_>>(), "a forward read");
+            let backward: Vec<u64> = collect(
+                store.read_stream(&long, ReadStream::backward()),
+                "backward read",
+            )
+            .await
+            .iter()
+            .map(|e| e.stream_version)
+            .collect();
+            assert_eq!(
+                backward,
+                (1..=3000).rev().collect::<Vec<_>>(),
+                "a backward read"
+            );
+            let pages = page_versions(&store, &long, ReadStream::forward()).await;
+            assert_eq!(pages, (1..=3000).collect::<Vec<_>>(), "a load's pages");
+            rounds += 1;
+        }
+        rounds
+    })
+}
+
+/// Archives `long` a hundred versions at a time, then the writers' streams up to their current
+/// version, round after round until `stop`; returns how many events it moved.
+fn archive_while_written<S: Store>(
+    store: &S,
+    long: &StreamId,
+    writers: usize,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    let (store, long, stop) = (store.clone(), long.clone(), Arc::clone(stop));
+    tokio::spawn(async move {
+        let mut moved = 0;
+        for before in (100..=3000).step_by(100) {
+            moved += archive(&store, &long, before).await.moved;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let streams: Vec<StreamId> = (0..writers)
+            .map(|w| stream("warm", &format!("w{w}")))
+            .collect();
+        while !stop.load(Ordering::Relaxed) {
+            for s in &streams {
+                let version = store.stream_version(s).await.unwrap();
+                if version > 0 {
+                    moved += archive(&store, s, version).await.moved;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        moved
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cases
 
@@ -470,64 +542,8 @@ pub async fn archiving_races_appends_and_readers<S: Store>(store: S) {
     let poller = poll_until_done(&store, 7);
 
     let stop = Arc::new(AtomicBool::new(false));
-    // Reads the long stream whole, again and again, while it is archived under it.
-    let reader = {
-        let (store, long, stop) = (store.clone(), long.clone(), Arc::clone(&stop));
-        tokio::spawn(async move {
-            let mut rounds = 0_u64;
-            while !stop.load(Ordering::Relaxed) || rounds < 3 {
-                let forward: Vec<u64> = collect(
-                    store.read_stream(&long, ReadStream::forward()),
-                    "forward read",
-                )
-                .await
-                .iter()
-                .map(|e| e.stream_version)
-                .collect();
-                assert_eq!(forward, (1..=3000).collect::<Vec<_>>(), "a forward read");
-                let backward: Vec<u64> = collect(
-                    store.read_stream(&long, ReadStream::backward()),
-                    "backward read",
-                )
-                .await
-                .iter()
-                .map(|e| e.stream_version)
-                .collect();
-                assert_eq!(
-                    backward,
-                    (1..=3000).rev().collect::<Vec<_>>(),
-                    "a backward read"
-                );
-                let pages = page_versions(&store, &long, ReadStream::forward()).await;
-                assert_eq!(pages, (1..=3000).collect::<Vec<_>>(), "a load's pages");
-                rounds += 1;
-            }
-            rounds
-        })
-    };
-    let archiver = {
-        let (store, long, stop) = (store.clone(), long.clone(), Arc::clone(&stop));
-        tokio::spawn(async move {
-            let mut moved = 0;
-            for before in (100..=3000).step_by(100) {
-                moved += archive(&store, &long, before).await.moved;
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            let streams: Vec<StreamId> = (0..WRITERS)
-                .map(|w| stream("warm", &format!("w{w}")))
-                .collect();
-            while !stop.load(Ordering::Relaxed) {
-                for s in &streams {
-                    let version = store.stream_version(s).await.unwrap();
-                    if version > 0 {
-                        moved += archive(&store, s, version).await.moved;
-                    }
-                }
-                tokio::task::yield_now().await;
-            }
-            moved
-        })
-    };
+    let reader = read_while_archived(&store, &long, &stop);
+    let archiver = archive_while_written(&store, &long, WRITERS, &stop);
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
             let store = store.clone();
@@ -561,10 +577,10 @@ pub async fn archiving_races_appends_and_readers<S: Store>(store: S) {
 
     let followed = patiently("the subscription", PATIENCE, feed).await.unwrap();
     check_feed("the subscription", &followed, &written);
-    let polled = patiently("the poller", PATIENCE, poller).await.unwrap();
-    check_feed("read_all in pages of 7", &polled, &written);
+    let paged = patiently("the poller", PATIENCE, poller).await.unwrap();
+    check_feed("read_all in pages of 7", &paged, &written);
 
-    let mut archived = 0;
+    let mut counted = 0;
     for s in (0..WRITERS)
         .map(|w| stream("warm", &format!("w{w}")))
         .chain([long])
@@ -576,8 +592,8 @@ pub async fn archiving_races_appends_and_readers<S: Store>(store: S) {
             (1..=version).collect::<Vec<_>>(),
             "`{s}` after the race"
         );
-        archived += archive(&store, &s, 1).await.hot_from - 1;
+        counted += archive(&store, &s, 1).await.hot_from - 1;
     }
-    assert_eq!(archived, moved, "every move was counted once");
+    assert_eq!(counted, moved, "every move was counted once");
     assert!(moved >= 2999, "the archiver moved {moved} events");
 }
