@@ -29,8 +29,8 @@ use anyhow::{bail, Context};
 use es_core::personal::{Encrypted, KeyStore};
 use es_core::{
     AppendRequest, AsOf, DomainEvent, EventFilter, EventStore, ExpectedVersion, Metadata, NewEvent,
-    ReadStream, RecordedEvent, Repository, RepositoryError, SnapshotPolicy, Store, StreamId,
-    StreamingStore,
+    ReadStream, RecordedEvent, Repository, RepositoryError, SnapshotPolicy, Store, StoreError,
+    StreamId, StreamingStore,
 };
 use es_memory::{InMemoryKeyStore, InMemoryStore};
 use es_postgres::PgStore;
@@ -234,6 +234,7 @@ async fn demo<S: StreamingStore, K: KeyStore>(
     let trail = audit_trail(&store, alice).await?;
     history(&repo, alice, &trail).await?;
     snapshot(&repo, alice).await?;
+    archiving(&repo, alice, &trail).await?;
     upcasting(&repo, carol).await?;
     integration_events(&store, ids).await?;
     transfers(&repo, alice, bob).await?;
@@ -497,6 +498,49 @@ async fn snapshot<S: Store>(repo: &Repository<S>, id: &str) -> anyhow::Result<()
         "  full replay of {} events gives the same state: {}",
         replayed.events_read,
         replayed.aggregate == loaded.aggregate
+    );
+    Ok(())
+}
+
+/// Moves what the latest snapshot covers out of hot storage, then reads the history again: the
+/// same audit trail and the same past states, now partly from the archive.
+async fn archiving<S: Store>(
+    repo: &Repository<S>,
+    id: &str,
+    trail: &[RecordedEvent],
+) -> anyhow::Result<()> {
+    println!("\n== Archiving ==");
+    let archived = match repo.archive_behind_snapshot::<BankAccount>(id).await {
+        Ok(archived) => archived,
+        Err(RepositoryError::Store {
+            source: StoreError::InvalidArchive { reason, .. },
+            ..
+        }) => {
+            println!("  this store does not archive: {reason}");
+            return Ok(());
+        }
+        Err(err) => return Err(err.into()),
+    };
+    println!(
+        "  moved {} event(s) of account-{id} behind its snapshot out of hot storage; hot \
+         storage now starts at version {}",
+        archived.moved, archived.hot_from
+    );
+    let stream = StreamId::new(example_bank::CATEGORY, id)?;
+    let again: Vec<RecordedEvent> = repo
+        .store()
+        .read_stream(&stream, ReadStream::forward())
+        .try_collect()
+        .await?;
+    println!(
+        "  the audit trail reads the same {} events (from the archive, then hot storage): {}",
+        again.len(),
+        again == trail
+    );
+    let at_v2 = repo.load_as_of::<BankAccount>(id, AsOf::Version(2)).await?;
+    println!(
+        "  balance as of version 2, rebuilt from archived events: {}",
+        money(at_v2.aggregate.balance)
     );
     Ok(())
 }
