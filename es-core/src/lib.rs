@@ -12,6 +12,8 @@
 //!   and relayed to a broker at least once, in per-stream order.
 //! - [`projection`]: read models fed from the global feed from a checkpoint, at least once or
 //!   exactly once, rebuildable from position 0.
+//! - [`replay`]: replay to fix a bug: a projection rebuilt with fixed code into a shadow read
+//!   model, compared with the live one, then switched over or discarded.
 //! - [`personal`]: crypto-shredding: personal fields encrypted with a key per subject, erased by
 //!   destroying the key ([`Encrypted`](personal::Encrypted), [`Personal`](personal::Personal)).
 //! - [`retry`]: the one capped, jittered [`Backoff`] every retry loop uses.
@@ -86,6 +88,7 @@ pub mod json;
 pub mod outbox;
 pub mod personal;
 pub mod projection;
+pub mod replay;
 pub mod repository;
 pub mod retry;
 pub mod stream_id;
