@@ -253,6 +253,32 @@ pub(crate) enum ProjectionsCmd {
         #[arg(long)]
         resume: bool,
     },
+    /// Replay to fix a bug: rebuild a registered projection with the application's fixed code
+    /// into a shadow read model beside the live one (which keeps running), with a progress bar,
+    /// then print how the shadow differs from the live read model. Interrupted (Ctrl-C), it
+    /// records how far it got; `--resume` goes on from there. The shadow stays until `switch`
+    /// or `discard`.
+    Replay {
+        /// The projection (registered for replay by the application's `es` binary).
+        name: String,
+        /// Continue an interrupted replay from the shadow's checkpoint instead of starting over.
+        #[arg(long)]
+        resume: bool,
+        /// Rows of each kind (added, changed, removed) the diff shows.
+        #[arg(long, default_value_t = 5)]
+        sample: usize,
+    },
+    /// Make the shadow that `replay` built the live read model; the live checkpoint moves to the
+    /// shadow's position. Stop the live workers first, or restart them with the fixed code.
+    Switch {
+        /// The projection.
+        name: String,
+    },
+    /// Drop the shadow that `replay` built; the live read model stays as it is.
+    Discard {
+        /// The projection.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -35,6 +35,36 @@ pub(crate) struct Rebuilders {
     pub(crate) redis: Rebuilder<RedisStore>,
 }
 
+/// What `es projections replay | switch | discard` asks of a registered replay.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ReplayStep {
+    /// Build (or, with `resume`, go on building) the shadow, then print the diff.
+    Build { resume: bool, sample: usize },
+    /// Make the shadow live.
+    Switch,
+    /// Drop the shadow.
+    Discard,
+}
+
+/// Runs one step of a registered replay on a store: `(store, step, out, interrupt)`.
+pub(crate) type Replayer<S> = Arc<
+    dyn for<'a> Fn(
+            S,
+            ReplayStep,
+            &'a mut (dyn Write + Send),
+            Interrupt,
+        ) -> BoxFuture<'a, Result<()>>
+        + Send
+        + Sync,
+>;
+
+/// A registered replay's steps, one per backend.
+#[derive(Clone)]
+pub(crate) struct Replayers {
+    pub(crate) pg: Replayer<PgStore>,
+    pub(crate) redis: Replayer<RedisStore>,
+}
+
 /// What went wrong in a run of the command line.
 #[derive(Debug)]
 pub struct Error(pub(crate) anyhow::Error);
@@ -75,6 +105,7 @@ type Configure<S> = Arc<dyn Fn(RepositoryBuilder<S>) -> RepositoryBuilder<S> + S
 pub struct Registry {
     pub(crate) aggregates: BTreeMap<&'static str, Loaders>,
     pub(crate) projections: BTreeMap<String, Rebuilders>,
+    pub(crate) replays: BTreeMap<String, Replayers>,
     configure_pg: Vec<Configure<PgStore>>,
     configure_redis: Vec<Configure<RedisStore>>,
 }
@@ -84,6 +115,7 @@ impl std::fmt::Debug for Registry {
         f.debug_struct("Registry")
             .field("aggregates", &self.aggregates.keys().collect::<Vec<_>>())
             .field("projections", &self.projections.keys().collect::<Vec<_>>())
+            .field("replays", &self.replays.keys().collect::<Vec<_>>())
             .field("upcasters", &self.configure_pg.len())
             .finish_non_exhaustive()
     }
@@ -144,6 +176,39 @@ impl Registry {
                 }),
                 redis: Arc::new(move |store, resume, out, interrupt| {
                     crate::run::rebuild(store, for_redis(), resume, out, interrupt).boxed()
+                }),
+            },
+        );
+        self
+    }
+
+    /// Registers projection `name` for replay to fix a bug (`es projections replay | switch |
+    /// discard <name>`): `pg` and `redis` make the [`ReplayTarget`](es_core::replay::ReplayTarget)
+    /// that says where its live and shadow read models are on each backend (tables of the
+    /// application's database, keys of its Redis) and holds the fixed projection. The shadow's
+    /// checkpoint lives in the store, beside the live one.
+    pub fn replay<P, R>(
+        mut self,
+        name: &str,
+        pg: impl Fn(&PgStore) -> P + Send + Sync + 'static,
+        redis: impl Fn(&RedisStore) -> R + Send + Sync + 'static,
+    ) -> Self
+    where
+        P: es_core::replay::ReplayTarget,
+        R: es_core::replay::ReplayTarget,
+    {
+        let pg = Arc::new(pg);
+        let redis = Arc::new(redis);
+        self.replays.insert(
+            name.to_owned(),
+            Replayers {
+                pg: Arc::new(move |store, step, out, interrupt| {
+                    let target = pg(&store);
+                    crate::run::replay(store, target, step, out, interrupt).boxed()
+                }),
+                redis: Arc::new(move |store, step, out, interrupt| {
+                    let target = redis(&store);
+                    crate::run::replay(store, target, step, out, interrupt).boxed()
                 }),
             },
         );

@@ -1,12 +1,16 @@
 //! Running the commands.
 
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use es_core::contract::position::distance;
+use es_core::replay::{Built, Replay, ReplayTarget};
 use es_core::{
     AsOf, AtLeastOnce, EventFilter, EventStore, FeedPosition, ListStreams, Projection,
     ProjectionRunner, ProjectionStatus, ReadStream, SnapshotStore, StreamId, StreamingStore,
@@ -21,7 +25,7 @@ use crate::cli::{
 };
 use crate::connect::{connect, with_store, AnyStore};
 use crate::output::{event_json, event_row, json_line, Table, EVENT_HEADER};
-use crate::registry::{Interrupt, Registry};
+use crate::registry::{Interrupt, Registry, ReplayStep};
 
 /// Why a run ended without finishing its command.
 #[derive(Debug)]
@@ -108,6 +112,41 @@ pub(crate) async fn run(
             AnyStore::Redis(s) => (rebuilders.redis)(s, *resume, out, interrupt).await,
         };
     }
+    let replay = match &cli.command {
+        Command::Projections(ProjectionsCmd::Replay {
+            name,
+            resume,
+            sample,
+        }) => Some((
+            name,
+            ReplayStep::Build {
+                resume: *resume,
+                sample: *sample,
+            },
+        )),
+        Command::Projections(ProjectionsCmd::Switch { name }) => Some((name, ReplayStep::Switch)),
+        Command::Projections(ProjectionsCmd::Discard { name }) => Some((name, ReplayStep::Discard)),
+        _ => None,
+    };
+    if let Some((name, step)) = replay {
+        let Some(replayers) = registry.replays.get(name) else {
+            let known: Vec<&str> = registry.replays.keys().map(String::as_str).collect();
+            bail!(
+                "no projection `{name}` is registered for replay in this `es` (registered: {}); \
+                 an application registers them with `es_cli::Registry::replay`",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            );
+        };
+        let store = connect(&cli.conn).await?;
+        return match store {
+            AnyStore::Postgres(s) => (replayers.pg)(s, step, out, interrupt).await,
+            AnyStore::Redis(s) => (replayers.redis)(s, step, out, interrupt).await,
+        };
+    }
     if let Command::Console(args) = &cli.command {
         let store = connect(&cli.conn).await?;
         return crate::console::serve(args.clone(), store, registry, out, interrupt).await;
@@ -150,7 +189,12 @@ async fn command(cli: Cli, registry: &Registry, out: &mut (dyn Write + Send)) ->
             with_store!(store, s => purge(&s, streams, category, out).await)
         }
         Command::Migrations(_)
-        | Command::Projections(ProjectionsCmd::Rebuild { .. })
+        | Command::Projections(
+            ProjectionsCmd::Rebuild { .. }
+            | ProjectionsCmd::Replay { .. }
+            | ProjectionsCmd::Switch { .. }
+            | ProjectionsCmd::Discard { .. },
+        )
         | Command::Console(_) => {
             unreachable!("handled before")
         }
@@ -248,6 +292,101 @@ pub(crate) async fn rebuild<S: StreamingStore, P: Projection>(
         }
     )?;
     Ok(())
+}
+
+/// One step of a replay to fix a bug (see `es_core::replay`): builds the shadow with a progress
+/// bar and prints the diff, or switches, or discards. When `interrupt` resolves during a build,
+/// the build stops after the batch in hand (its checkpoint recorded) and a later `--resume`
+/// goes on from there.
+pub(crate) async fn replay<S: StreamingStore, T: ReplayTarget>(
+    store: S,
+    target: T,
+    step: ReplayStep,
+    out: &mut (dyn Write + Send),
+    interrupt: Interrupt,
+) -> Result<()> {
+    if !store.partitioning().is_single() {
+        bail!(
+            "replaying: this store has {}; the command line replays projections of a single feed",
+            store.partitioning()
+        );
+    }
+    let replay = Replay::new(store, target);
+    let name = replay.name().to_owned();
+    let (resume, sample) = match step {
+        ReplayStep::Build { resume, sample } => (resume, sample),
+        ReplayStep::Switch => {
+            let position = replay.switch().await?;
+            writeln!(
+                out,
+                "switched {name}: the shadow is the live read model, its checkpoint at position \
+                 {position}"
+            )?;
+            return Ok(());
+        }
+        ReplayStep::Discard => {
+            replay.discard().await?;
+            writeln!(
+                out,
+                "discarded the shadow of {name}; the live read model is unchanged"
+            )?;
+            return Ok(());
+        }
+    };
+    // The interrupt is polled by a task of its own; the build checks the flag between batches.
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            interrupt.await;
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let bar = ProgressBar::new(0);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg} {bar:30} {pos}/{len} positions [{elapsed} < {eta}, {per_sec}]",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_message(format!("replaying {name} into its shadow"));
+    let progress = |at: u64, head: u64| {
+        bar.set_length(head);
+        bar.set_position(at);
+        if stop.load(Ordering::Relaxed) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let built = if resume {
+        replay.resume(progress).await
+    } else {
+        replay.build(progress).await
+    };
+    watcher.abort();
+    match built? {
+        Built::Interrupted { position, head } => {
+            bar.abandon();
+            writeln!(
+                out,
+                "interrupted replaying {name} at position {position} of {head}; `es projections \
+                 replay {name} --resume` goes on from there"
+            )?;
+            Err(Interrupted.into())
+        }
+        Built::Complete { position } => {
+            bar.finish_and_clear();
+            let diff = replay.diff().await?;
+            writeln!(out, "shadow of {name} built to position {position}")?;
+            write!(out, "{}", diff.report(sample))?;
+            writeln!(
+                out,
+                "`es projections switch {name}` makes the shadow live; `es projections discard \
+                 {name}` drops it"
+            )?;
+            Ok(())
+        }
+    }
 }
 
 /// A spinner on standard error (hidden when it is not a terminal) for operations that page.
