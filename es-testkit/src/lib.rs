@@ -6,6 +6,9 @@
 //! - [`multi`] and [`multi_conformance_tests!`]: multi-stream appends (all or nothing across
 //!   streams, retries, concurrent transfers), with [`multi::spanning`] for calls across feed
 //!   partitions.
+//! - [`closing`] and [`closing_conformance_tests!`]: closing streams (the tombstone refuses
+//!   every later append, however it races the close; a closed stream reads, loads and feeds
+//!   like any other; the repository refuses commands on it).
 //! - [`streaming`] and [`streaming_conformance_tests!`]: the outbox, the relay lease, projection
 //!   checkpoints and the projection runner, the same way.
 //! - [`shredding`] and [`shredding_conformance_tests!`]: crypto-shredding (personal fields sealed
@@ -34,6 +37,7 @@
 //! `pub async fn` of a suite is a case, so a new case runs on every backend without being listed
 //! anywhere.
 
+pub mod closing;
 pub mod conformance;
 pub mod domain;
 pub mod multi;

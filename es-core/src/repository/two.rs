@@ -88,6 +88,9 @@ where
             source,
         },
         RepositoryError::InvalidId(e) => RepositoryError::InvalidId(e),
+        RepositoryError::Closed { stream_id, version } => {
+            RepositoryError::Closed { stream_id, version }
+        }
         RepositoryError::Store {
             stream_id,
             version,
@@ -141,6 +144,9 @@ impl<S: Store> Repository<S> {
     /// [`execute`](Self::execute) does. Every event carries `metadata`; each aggregate's
     /// translator (if any) writes its outbox messages in the same call, and each aggregate's
     /// snapshot policy applies after it.
+    ///
+    /// If either aggregate's stream is closed, the command fails with
+    /// [`RepositoryError::Closed`] naming it, and nothing is appended.
     ///
     /// `decide` returning `Err` is [`RepositoryError::Domain`], named with the first aggregate's
     /// stream and version; a conflict that outlasts the attempts is
@@ -206,6 +212,17 @@ impl<S: Store> Repository<S> {
                     .load_stream(second_stream.clone(), super::Until::Latest)
                     .await
                     .map_err(recast)?;
+                for (stream_id, version, closed) in [
+                    (&first.stream_id, first.version, first.closed),
+                    (&second.stream_id, second.version, second.closed),
+                ] {
+                    if closed {
+                        return Err(RepositoryError::Closed {
+                            stream_id: stream_id.clone(),
+                            version,
+                        });
+                    }
+                }
                 let (first_events, second_events) = decide(&first.aggregate, &second.aggregate)
                     .map_err(|source| RepositoryError::Domain {
                         stream_id: first.stream_id.clone(),
@@ -257,6 +274,10 @@ impl<S: Store> Repository<S> {
                         tracing::debug!(stream_id = %stream_id, expected, actual, attempts,
                             "conflict; retrying the two-aggregate command");
                         backoff.sleep().await;
+                    }
+                    Err(StoreError::StreamClosed { stream_id, version }) => {
+                        // Closed by another writer since it was loaded.
+                        return Err(RepositoryError::Closed { stream_id, version });
                     }
                     Err(source) => return Err(store_failure(source, &first, &second)),
                 }
