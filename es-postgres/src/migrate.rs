@@ -68,6 +68,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "subject_keys",
         sql: include_str!("../migrations/0011_subject_keys.sql"),
     },
+    Migration {
+        version: 12,
+        name: "closed_streams",
+        sql: include_str!("../migrations/0012_closed_streams.sql"),
+    },
 ];
 
 /// The latest migration version this crate knows.

@@ -8,7 +8,7 @@ use es_core::{AppendRequest, ExpectedVersion, NewEvent, StreamId};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::sync::oneshot;
 
-use super::AppendOutcome::{Conflict, Duplicate, Written};
+use super::AppendOutcome::{Closed, Conflict, Duplicate, Written};
 use super::ExpectedKind::{Any, Exact, NoStream, StreamExists};
 use super::{AppendOutcome, CheckpointSave, ExpectedKind, UNCHECKED_INCARNATION};
 use crate::error::sqlstate;
@@ -103,6 +103,7 @@ async fn every_expected_kind_and_outcome_means_the_same_on_the_server() {
         .unwrap();
 
     let first = event();
+    let tombstone = NewEvent::closing();
     let other = StreamId::new("protocol", "b").unwrap();
     let append = |stream: &StreamId, expected, event| {
         AppendRequest::new(stream.clone(), expected, vec![event])
@@ -154,6 +155,24 @@ async fn every_expected_kind_and_outcome_means_the_same_on_the_server() {
         ),
         (append(&stream, any, event()), false, Any, Written, 4),
         (append(&stream, any, first), true, Any, Duplicate, 4),
+        (
+            append(&stream, exact(4), tombstone.clone()),
+            false,
+            Exact,
+            Written,
+            5,
+        ),
+        (append(&stream, any, event()), false, Any, Closed, 5),
+        (append(&stream, exact(5), event()), false, Exact, Closed, 5),
+        // The close retried: its stored copy is found (after the closed outcome, by the
+        // lookup of refused ids), so it is a duplicate, not refused.
+        (
+            append(&stream, exact(4), tombstone),
+            false,
+            Exact,
+            Duplicate,
+            5,
+        ),
     ];
     let mut kinds = Vec::new();
     let mut outcomes = Vec::new();
@@ -175,7 +194,7 @@ async fn every_expected_kind_and_outcome_means_the_same_on_the_server() {
     for outcome in AppendOutcome::ALL {
         assert!(outcomes.contains(&outcome), "{outcome:?} has no case");
     }
-    assert_eq!(AppendOutcome::from_code(3), None);
+    assert_eq!(AppendOutcome::from_code(4), None);
 }
 
 #[tokio::test]
