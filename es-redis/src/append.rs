@@ -402,14 +402,15 @@ impl Appender {
     fn command(&self, partition: u32, group: &[&AppendRequest], atomic: bool) -> Cmd {
         let keys = &self.keys;
         let part = self.partition_keys(partition);
-        let mut cmd = self.script.fcall(4 + 2 * group.len());
+        let mut cmd = self.script.fcall(4 + 3 * group.len());
         cmd.arg(part.feed())
             .arg(part.index())
             .arg(part.outbox())
             .arg(part.epochs());
         for request in group {
             cmd.arg(keys.events(&request.stream_id))
-                .arg(keys.version(&request.stream_id));
+                .arg(keys.version(&request.stream_id))
+                .arg(keys.closed(&request.stream_id));
         }
         cmd.arg(group.len()).arg(self.head(partition).floor()).arg(
             match (self.allow_eviction, atomic) {
@@ -785,12 +786,20 @@ fn append_reply(
                 actual,
             })
         }
+        Some(AppendCode::Closed) => {
+            let version = int(&x).ok_or_else(|| bad("no tombstone version"))?;
+            Err(StoreError::StreamClosed {
+                stream_id: stream.clone(),
+                version,
+            })
+        }
         Some(AppendCode::Corrupt) => {
             let what = text(&x);
             let reason = match what.as_str() {
                 "version" => "the version key does not hold a number".to_owned(),
                 "events" => "the stream holds entries beyond its version".to_owned(),
                 "events-type" => "the stream's events key is not a Redis stream".to_owned(),
+                "closed" => "the stream's closed key does not hold a version".to_owned(),
                 "head" => "the global head does not hold numbers".to_owned(),
                 "feed" => "the global feed holds entries beyond the head position".to_owned(),
                 "outbox" => "the outbox holds entries beyond its counter, or is not a Redis stream"
