@@ -793,24 +793,10 @@ fn append_reply(
                 version,
             })
         }
-        Some(AppendCode::Corrupt) => {
-            let what = text(&x);
-            let reason = match what.as_str() {
-                "version" => "the version key does not hold a number".to_owned(),
-                "events" => "the stream holds entries beyond its version".to_owned(),
-                "events-type" => "the stream's events key is not a Redis stream".to_owned(),
-                "closed" => "the stream's closed key does not hold a version".to_owned(),
-                "head" => "the global head does not hold numbers".to_owned(),
-                "feed" => "the global feed holds entries beyond the head position".to_owned(),
-                "outbox" => "the outbox holds entries beyond its counter, or is not a Redis stream"
-                    .to_owned(),
-                other => format!("inconsistent `{other}`"),
-            };
-            Err(StoreError::Corrupt {
-                location: stream_location(request),
-                reason: format!("{reason}; nothing was written"),
-            })
-        }
+        Some(AppendCode::Corrupt) => Err(StoreError::Corrupt {
+            location: stream_location(request),
+            reason: format!("{}; nothing was written", corrupt_reason(&text(&x))),
+        }),
         Some(AppendCode::Refused) => Err(refused(stream, &text(&x))),
         Some(AppendCode::Evicting) => Err(StoreError::backend(Error::EvictionPolicy {
             policy: text(&x),
@@ -821,6 +807,22 @@ fn append_reply(
             text(&x)
         ))),
         None => Err(bad("unknown reply code")),
+    }
+}
+
+/// What the append script's `CORRUPT, what` means.
+fn corrupt_reason(what: &str) -> String {
+    match what {
+        "version" => "the version key does not hold a number".to_owned(),
+        "events" => "the stream holds entries beyond its version".to_owned(),
+        "events-type" => "the stream's events key is not a Redis stream".to_owned(),
+        "closed" => "the stream's closed key does not hold a version".to_owned(),
+        "head" => "the global head does not hold numbers".to_owned(),
+        "feed" => "the global feed holds entries beyond the head position".to_owned(),
+        "outbox" => {
+            "the outbox holds entries beyond its counter, or is not a Redis stream".to_owned()
+        }
+        other => format!("inconsistent `{other}`"),
     }
 }
 

@@ -535,46 +535,15 @@ pub async fn appends_racing_a_close_never_follow_the_tombstone<S: Store>(store: 
         let start = Arc::new(Barrier::new(9));
         let appenders: Vec<_> = (0..8u64)
             .map(|task| {
-                let store = store.clone();
-                let s = s.clone();
-                let start = Arc::clone(&start);
-                tokio::spawn(async move {
-                    start.wait().await;
-                    let mut acked: Vec<(Uuid, u64)> = Vec::new();
-                    let mut refused: Vec<Uuid> = Vec::new();
-                    for n in 0u64.. {
-                        let size = if (task + n) % 3 == 0 { 3 } else { 1 };
-                        let events: Vec<NewEvent> =
-                            (0..size).map(|k| event("Credited", n * 10 + k)).collect();
-                        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-                        match store.append(append(&s, ExpectedVersion::Any, events)).await {
-                            Ok(result) => {
-                                let first = result.first_version().expect("events written");
-                                acked.extend(ids.into_iter().zip(first..));
-                                // A store whose append never waits (memory) would keep the
-                                // runtime's threads from the closer.
-                                tokio::task::yield_now().await;
-                            }
-                            Err(StoreError::StreamClosed { version, .. }) => {
-                                refused.extend(ids);
-                                // Refused again, whatever it sends.
-                                let again = store
-                                    .append(append(
-                                        &s,
-                                        ExpectedVersion::Any,
-                                        vec![event("Credited", 0)],
-                                    ))
-                                    .await;
-                                return (acked, refused, version, again);
-                            }
-                            Err(other) => panic!("appender {task}: {other}"),
-                        }
-                    }
-                    unreachable!("the loop ends when the stream is closed")
-                })
+                tokio::spawn(append_until_closed(
+                    store.clone(),
+                    s.clone(),
+                    task,
+                    Arc::clone(&start),
+                ))
             })
             .collect();
-        let closer = {
+        let closing = {
             let store = store.clone();
             let s = s.clone();
             let start = Arc::clone(&start);
@@ -588,9 +557,9 @@ pub async fn appends_racing_a_close_never_follow_the_tombstone<S: Store>(store: 
                 (id, store.append(close).await.expect("the close"))
             })
         };
-        let (tombstone, closed) = patiently("the close", PATIENCE, closer)
+        let (tombstone, closed) = patiently("the close", PATIENCE, closing)
             .await
-            .expect("the closer");
+            .expect("the closing task");
         let mut acked = Vec::new();
         let mut refused = HashSet::new();
         for task in appenders {
@@ -607,47 +576,99 @@ pub async fn appends_racing_a_close_never_follow_the_tombstone<S: Store>(store: 
             acked.extend(a);
             refused.extend(r);
         }
-        let events = closed_stream(&store, &s, closed.stream_version, tombstone).await;
-        assert_eq!(
-            events.len(),
-            acked.len() + 1,
-            "round {round}: the stream holds every acknowledged event and the tombstone"
-        );
-        let stored: std::collections::HashMap<Uuid, &RecordedEvent> =
-            events.iter().map(|e| (e.event_id, e)).collect();
-        for (id, version) in &acked {
-            let e = stored
-                .get(id)
-                .unwrap_or_else(|| panic!("round {round}: acknowledged event {id} was lost"));
-            assert_eq!(e.stream_version, *version, "stored where it was told");
-            assert!(*version < closed.stream_version, "before the tombstone");
-        }
-        assert!(
-            refused.iter().all(|id| !stored.contains_key(id)),
-            "round {round}: a refused event was stored"
-        );
         assert!(
             !refused.is_empty(),
             "round {round}: every appender was refused"
         );
-        // In the feed, nothing of the stream follows its tombstone.
-        let feed: Vec<RecordedEvent> = partition_feed(&store, &s)
-            .await
-            .into_iter()
-            .filter(|e| e.stream_id == s)
-            .collect();
-        assert_eq!(
-            feed.len(),
-            events.len(),
-            "round {round}: the feed holds the stream"
-        );
-        let last = feed.last().expect("events");
-        assert_eq!(
-            last.event_id, tombstone,
-            "round {round}: the tombstone is last in the feed"
-        );
-        assert_eq!(last.global_position, closed.positions[0]);
+        check_nothing_follows(&store, &s, (tombstone, &closed), &acked, &refused).await;
     }
+}
+
+/// What an appender of [`appends_racing_a_close_never_follow_the_tombstone`] comes back with:
+/// the ids it had acknowledged with their versions, the ids refused, the version the refusal
+/// named, and the outcome of one more append after it.
+type Appended = (
+    Vec<(Uuid, u64)>,
+    Vec<Uuid>,
+    u64,
+    Result<AppendResult, StoreError>,
+);
+
+/// Appends to `s` with `Any` (batches of one or three events) until refused with
+/// `StreamClosed`, then once more.
+async fn append_until_closed<S: Store>(
+    store: S,
+    s: StreamId,
+    task: u64,
+    start: Arc<Barrier>,
+) -> Appended {
+    start.wait().await;
+    let mut acked: Vec<(Uuid, u64)> = Vec::new();
+    for n in 0u64.. {
+        let size = if (task + n) % 3 == 0 { 3 } else { 1 };
+        let events: Vec<NewEvent> = (0..size).map(|k| event("Credited", n * 10 + k)).collect();
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        match store.append(append(&s, ExpectedVersion::Any, events)).await {
+            Ok(result) => {
+                let first = result.first_version().expect("events written");
+                acked.extend(ids.into_iter().zip(first..));
+                // A store whose append never waits (memory) would keep the runtime's threads
+                // from the closing task.
+                tokio::task::yield_now().await;
+            }
+            Err(StoreError::StreamClosed { version, .. }) => {
+                let again = store
+                    .append(append(&s, ExpectedVersion::Any, vec![event("Credited", 0)]))
+                    .await;
+                return (acked, ids, version, again);
+            }
+            Err(other) => panic!("appender {task}: {other}"),
+        }
+    }
+    unreachable!("the loop ends when the stream is closed")
+}
+
+/// After a race: the tombstone is `s`'s only one and its last event, in the stream and in the
+/// feed; every `acked` event is stored at its version, before it; no `refused` event is stored.
+async fn check_nothing_follows<S: Store>(
+    store: &S,
+    s: &StreamId,
+    (tombstone, closed): (Uuid, &AppendResult),
+    acked: &[(Uuid, u64)],
+    refused: &HashSet<Uuid>,
+) {
+    let events = closed_stream(store, s, closed.stream_version, tombstone).await;
+    assert_eq!(
+        events.len(),
+        acked.len() + 1,
+        "`{s}` holds every acknowledged event and the tombstone"
+    );
+    let stored: std::collections::HashMap<Uuid, &RecordedEvent> =
+        events.iter().map(|e| (e.event_id, e)).collect();
+    for (id, version) in acked {
+        let e = stored
+            .get(id)
+            .unwrap_or_else(|| panic!("`{s}`: acknowledged event {id} was lost"));
+        assert_eq!(e.stream_version, *version, "stored where it was told");
+        assert!(*version < closed.stream_version, "before the tombstone");
+    }
+    assert!(
+        refused.iter().all(|id| !stored.contains_key(id)),
+        "`{s}`: a refused event was stored"
+    );
+    // In the feed, nothing of the stream follows its tombstone.
+    let feed: Vec<RecordedEvent> = partition_feed(store, s)
+        .await
+        .into_iter()
+        .filter(|e| e.stream_id == *s)
+        .collect();
+    assert_eq!(feed.len(), events.len(), "`{s}`: the feed holds the stream");
+    let last = feed.last().expect("events");
+    assert_eq!(
+        last.event_id, tombstone,
+        "`{s}`: the tombstone is last in the feed"
+    );
+    assert_eq!(last.global_position, closed.positions[0]);
 }
 
 /// Closers race: in each of eight rounds four tasks close one stream at once, two expecting
@@ -828,25 +849,7 @@ pub async fn a_closed_stream_reads_lists_and_feeds_like_any_other<S: Store>(stor
         "the tombstone is found by its type"
     );
 
-    let partitioning = store.partitioning();
-    let mut subscription = if partitioning.is_single() {
-        store.subscribe(0, EventFilter::all())
-    } else {
-        store.subscribe_all(&FeedPosition::start(&partitioning), EventFilter::all())
-    };
-    let delivered = patiently("the tombstone through a subscription", PATIENCE, async {
-        let mut seen = Vec::new();
-        while let Some(e) = subscription.next().await {
-            let e = e.unwrap_or_else(|e| panic!("the subscription failed: {e}"));
-            let done = e.event_id == id;
-            seen.push(e);
-            if done {
-                return seen;
-            }
-        }
-        panic!("the subscription ended before the tombstone");
-    })
-    .await;
+    let delivered = subscribe_until(&store, id).await;
     let stream_part: Vec<u64> = delivered
         .iter()
         .filter(|e| e.stream_id == s)
@@ -871,13 +874,69 @@ pub async fn a_closed_stream_reads_lists_and_feeds_like_any_other<S: Store>(stor
     );
 }
 
+/// Subscribes to the whole feed from the start (every partition on a partitioned store) and
+/// collects what it delivers up to the event `id`.
+async fn subscribe_until<S: Store>(store: &S, id: Uuid) -> Vec<RecordedEvent> {
+    let partitioning = store.partitioning();
+    let mut subscription = if partitioning.is_single() {
+        store.subscribe(0, EventFilter::all())
+    } else {
+        store.subscribe_all(&FeedPosition::start(&partitioning), EventFilter::all())
+    };
+    patiently("the tombstone through a subscription", PATIENCE, async {
+        let mut seen = Vec::new();
+        while let Some(e) = subscription.next().await {
+            let e = e.unwrap_or_else(|e| panic!("the subscription failed: {e}"));
+            let done = e.event_id == id;
+            seen.push(e);
+            if done {
+                return seen;
+            }
+        }
+        panic!("the subscription ended before the tombstone");
+    })
+    .await
+}
+
+/// Asserts that every command on ledger `id` (closed at version 4) fails with `Closed` in
+/// `repository` (`name` says which), and so does another close.
+async fn assert_refuses_commands<S: Store>(
+    name: &str,
+    repository: &Repository<S>,
+    id: &str,
+    stream_id: &StreamId,
+) {
+    for command in [
+        LedgerCommand::Credit(5),
+        LedgerCommand::Debit(1),
+        LedgerCommand::Noop,
+    ] {
+        match repository.execute::<Ledger>(id, &command).await {
+            Err(RepositoryError::Closed {
+                stream_id: closed_id,
+                version,
+            }) => {
+                assert_eq!(&closed_id, stream_id, "{name}: {command:?}");
+                assert_eq!(version, 4, "{name}: {command:?}");
+            }
+            other => panic!("{name}: {command:?} on a closed aggregate: {other:?}"),
+        }
+    }
+    assert!(
+        matches!(
+            repository.close::<Ledger>(id, &Metadata::new()).await,
+            Err(RepositoryError::Closed { version: 4, .. })
+        ),
+        "{name}: a second close"
+    );
+}
+
 /// Through the repository: `close` appends the tombstone at the version it loaded, with its
 /// metadata; the aggregate still loads (the tombstone decodes to no typed event), reports
 /// itself closed, and loads as of any earlier point as it was; snapshots taken before the
 /// close are used and agree with a replay; every command on it, in this repository or in one
 /// whose cache held the aggregate before the close, fails with `Closed` after one attempt,
-/// never as a conflict; a second close fails the same way; a command that appends to a closed
-/// stream through `execute_two` too.
+/// never as a conflict; a second close fails the same way.
 pub async fn the_repository_closes_aggregates_and_refuses_commands_on_them<S: Store>(store: S) {
     let repo = Repository::builder(store.clone())
         .default_snapshot_policy(SnapshotPolicy::EveryNEvents(2))
@@ -959,60 +1018,53 @@ pub async fn the_repository_closes_aggregates_and_refuses_commands_on_them<S: St
     }
 
     for (name, repository) in [("closer", &repo), ("cached", &cached), ("fresh", &fresh)] {
-        for command in [
-            LedgerCommand::Credit(5),
-            LedgerCommand::Debit(1),
-            LedgerCommand::Noop,
-        ] {
-            match repository.execute::<Ledger>(id, &command).await {
-                Err(RepositoryError::Closed {
-                    stream_id: closed_id,
-                    version,
-                }) => {
-                    assert_eq!(closed_id, stream_id, "{name}: {command:?}");
-                    assert_eq!(version, 4, "{name}: {command:?}");
-                }
-                other => panic!("{name}: {command:?} on a closed aggregate: {other:?}"),
-            }
-        }
+        assert_refuses_commands(name, repository, id, &stream_id).await;
+    }
+    assert_eq!(store.stream_version(&stream_id).await.unwrap(), 4);
+}
+
+/// A command on two aggregates (`execute_two`) of which one is closed fails with `Closed` naming
+/// it, whichever of the two it is, and writes nothing to the other.
+pub async fn a_two_aggregate_command_on_a_closed_aggregate_is_refused<S: Store>(store: S) {
+    let repo = Repository::new(store.clone());
+    let (open, shut) = ("two-open", "two-shut");
+    for id in [open, shut] {
+        repo.execute::<Ledger>(id, &LedgerCommand::Open)
+            .await
+            .expect("open");
+    }
+    let closed = repo
+        .close::<Ledger>(shut, &Metadata::new())
+        .await
+        .expect("the close");
+    let credit_both = |a: &Ledger, b: &Ledger| {
+        Ok((
+            a.handle(&LedgerCommand::Credit(1))?,
+            b.handle(&LedgerCommand::Credit(1))?,
+        ))
+    };
+    for (first, second) in [(open, shut), (shut, open)] {
+        let two = repo
+            .execute_two::<Ledger, Ledger, crate::domain::LedgerError>(
+                first,
+                second,
+                &Metadata::new(),
+                credit_both,
+            )
+            .await;
         assert!(
-            matches!(
-                repository.close::<Ledger>(id, &Metadata::new()).await,
-                Err(RepositoryError::Closed { version: 4, .. })
-            ),
-            "{name}: a second close"
+            matches!(&two, Err(RepositoryError::Closed { stream_id, version: 2 })
+                if *stream_id == closed.stream_id),
+            "{first} and {second}: {two:?}"
         );
     }
-    let other = "closing-2";
-    repo.execute::<Ledger>(other, &LedgerCommand::Open)
-        .await
-        .expect("another ledger");
-    let two = repo
-        .execute_two::<Ledger, Ledger, crate::domain::LedgerError>(
-            other,
-            id,
-            &Metadata::new(),
-            |a, b| {
-                Ok((
-                    a.handle(&LedgerCommand::Credit(1))?,
-                    b.handle(&LedgerCommand::Credit(1))?,
-                ))
-            },
-        )
-        .await;
-    assert!(
-        matches!(&two, Err(RepositoryError::Closed { stream_id: s, version: 4 }) if *s == stream_id),
-        "a two-aggregate command on a closed aggregate: {two:?}"
-    );
+    let open_stream = Repository::<S>::stream_id::<Ledger>(open).expect("valid");
     assert_eq!(
-        store
-            .stream_version(&Repository::<S>::stream_id::<Ledger>(other).expect("valid"))
-            .await
-            .unwrap(),
+        store.stream_version(&open_stream).await.unwrap(),
         1,
-        "nothing of the two-aggregate command was written"
+        "nothing of the two-aggregate commands was written"
     );
-    assert_eq!(store.stream_version(&stream_id).await.unwrap(), 4);
+    assert_eq!(store.stream_version(&closed.stream_id).await.unwrap(), 2);
 }
 
 /// `Repository::close` when another writer moved the stream on since the repository loaded it:

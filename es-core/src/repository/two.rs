@@ -103,8 +103,31 @@ where
     }
 }
 
+/// [`RepositoryError::Closed`] if either aggregate's stream is closed as loaded.
+fn refuse_closed<A: Aggregate, B: Aggregate, E>(
+    first: &Loaded<A>,
+    second: &Loaded<B>,
+) -> Result<(), RepositoryError<E>>
+where
+    E: std::error::Error + 'static,
+{
+    for (stream_id, version, closed) in [
+        (&first.stream_id, first.version, first.closed),
+        (&second.stream_id, second.version, second.closed),
+    ] {
+        if closed {
+            return Err(RepositoryError::Closed {
+                stream_id: stream_id.clone(),
+                version,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A store failure of a two-aggregate command, named with the stream of the part it is about
-/// (the first aggregate's when it concerns the call as a whole).
+/// (the first aggregate's when it concerns the call as a whole); a part refused because its
+/// stream was closed by another writer since it was loaded is [`RepositoryError::Closed`].
 fn store_failure<A: Aggregate, B: Aggregate, E>(
     source: StoreError,
     first: &Loaded<A>,
@@ -113,6 +136,9 @@ fn store_failure<A: Aggregate, B: Aggregate, E>(
 where
     E: std::error::Error + 'static,
 {
+    if let StoreError::StreamClosed { stream_id, version } = source {
+        return RepositoryError::Closed { stream_id, version };
+    }
     let (stream_id, version) = match &source {
         StoreError::DuplicateEvent { stream_id, .. }
         | StoreError::InvalidRequest { stream_id, .. }
@@ -212,17 +238,7 @@ impl<S: Store> Repository<S> {
                     .load_stream(second_stream.clone(), super::Until::Latest)
                     .await
                     .map_err(recast)?;
-                for (stream_id, version, closed) in [
-                    (&first.stream_id, first.version, first.closed),
-                    (&second.stream_id, second.version, second.closed),
-                ] {
-                    if closed {
-                        return Err(RepositoryError::Closed {
-                            stream_id: stream_id.clone(),
-                            version,
-                        });
-                    }
-                }
+                refuse_closed(&first, &second)?;
                 let (first_events, second_events) = decide(&first.aggregate, &second.aggregate)
                     .map_err(|source| RepositoryError::Domain {
                         stream_id: first.stream_id.clone(),
@@ -274,10 +290,6 @@ impl<S: Store> Repository<S> {
                         tracing::debug!(stream_id = %stream_id, expected, actual, attempts,
                             "conflict; retrying the two-aggregate command");
                         backoff.sleep().await;
-                    }
-                    Err(StoreError::StreamClosed { stream_id, version }) => {
-                        // Closed by another writer since it was loaded.
-                        return Err(RepositoryError::Closed { stream_id, version });
                     }
                     Err(source) => return Err(store_failure(source, &first, &second)),
                 }

@@ -69,16 +69,11 @@ async fn call(
     (outcome, result.version_of(0).expect("a version"))
 }
 
-#[tokio::test]
-async fn every_expected_kind_and_outcome_means_the_same_on_the_server() {
-    let url = es_test_support::database_url();
-    let schema = migrated_schema(&url).await;
-    let sql = Sql::new(&schema);
-    let mut conn = PgConnection::connect(&url).await.unwrap();
-
-    // A session that has not checked the server's incarnation is told so by its SQLSTATE.
+/// A session that has not checked the server's incarnation is told so by its SQLSTATE; then
+/// it checks it.
+async fn incarnation_unchecked_then_checked(conn: &mut PgConnection, sql: &Sql) {
     let stream = StreamId::new("protocol", "a").unwrap();
-    let request = AppendRequest::new(stream.clone(), ExpectedVersion::Any, vec![event()]);
+    let request = AppendRequest::new(stream, ExpectedVersion::Any, vec![event()]);
     let (reply, _answer) = oneshot::channel();
     let jobs = [Job {
         request,
@@ -93,15 +88,26 @@ async fn every_expected_kind_and_outcome_means_the_same_on_the_server() {
         false,
         std::time::Duration::from_secs(5),
     )
-    .fetch_one(&mut conn)
+    .fetch_one(&mut *conn)
     .await
     .expect_err("an unchecked session may not allocate");
     assert_eq!(sqlstate(&err), Some(UNCHECKED_INCARNATION), "{err}");
     sqlx::query(AssertSqlSafe(sql.check_incarnation.to_string()))
-        .execute(&mut conn)
+        .execute(&mut *conn)
         .await
         .unwrap();
+}
 
+#[tokio::test]
+async fn every_expected_kind_and_outcome_means_the_same_on_the_server() {
+    let url = es_test_support::database_url();
+    let schema = migrated_schema(&url).await;
+    let sql = Sql::new(&schema);
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+
+    incarnation_unchecked_then_checked(&mut conn, &sql).await;
+
+    let stream = StreamId::new("protocol", "a").unwrap();
     let first = event();
     let tombstone = NewEvent::closing();
     let other = StreamId::new("protocol", "b").unwrap();
