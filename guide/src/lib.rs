@@ -23,6 +23,7 @@
 //! 14. [`personal_data`]: crypto-shredding: personal fields encrypted per subject, forgetting.
 //! 15. [`multi_stream`]: one decision over two aggregates, appended to both streams or neither.
 //! 16. [`tenancy`]: a store per tenant, in a schema or key prefix of its own.
+//! 17. [`closing`]: closing a stream with a tombstone; later appends refused with a typed error.
 #![doc(test(attr(deny(warnings))))]
 
 /// Cross-references between chapters, resolved by rustdoc. Each chapter's own Markdown defines
@@ -45,7 +46,8 @@ macro_rules! chapter_links {
          [scaling-out]: crate::scaling_out\n\
          [personal-data]: crate::personal_data\n\
          [multi-stream]: crate::multi_stream\n\
-         [multi-tenancy]: crate::tenancy\n\n"
+         [multi-tenancy]: crate::tenancy\n\
+         [closing-streams]: crate::closing\n\n"
     };
 }
 
@@ -112,3 +114,7 @@ pub mod multi_stream {}
 #[doc = chapter_links!()]
 #[doc = include_str!("../../docs/16-multi-tenancy.md")]
 pub mod tenancy {}
+
+#[doc = chapter_links!()]
+#[doc = include_str!("../../docs/17-closing-streams.md")]
+pub mod closing {}
