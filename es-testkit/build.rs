@@ -9,7 +9,7 @@ use std::path::Path;
 /// The suites: source file, module, the stamping macro, the trait a case's store implements.
 /// The suites: source file, module, the stamping macro, the trait a case's store implements
 /// (its path, for the documentation), and a factory for the macro's example.
-const SUITES: [(&str, &str, &str, &str, &str, &str); 6] = [
+const SUITES: [(&str, &str, &str, &str, &str, &str); 7] = [
     (
         "src/archiving.rs",
         "archiving",
@@ -30,6 +30,14 @@ const SUITES: [(&str, &str, &str, &str, &str, &str); 6] = [
         "src/multi.rs",
         "multi",
         "multi_conformance_tests",
+        "Store",
+        "es_core::Store",
+        "es_memory::InMemoryStore::new()",
+    ),
+    (
+        "src/closing.rs",
+        "closing",
+        "closing_conformance_tests",
         "Store",
         "es_core::Store",
         "es_memory::InMemoryStore::new()",

@@ -39,6 +39,13 @@
 //! - **Multi-stream appends** ([`EventStore::append_streams`]) are atomic across their streams:
 //!   every part's expected version is checked and every part is written, or nothing is. The same
 //!   call re-sent returns its first results; a call only partly stored is refused.
+//! - **Closing.** A stream whose last event is its tombstone ([`NewEvent::closing`](crate::NewEvent::closing),
+//!   type [`CLOSED_EVENT_TYPE`](crate::CLOSED_EVENT_TYPE), appended like any event, last in its
+//!   batch) is closed: every later append to it fails with [`StoreError::StreamClosed`], whatever
+//!   its expected version, decided atomically with the append (in a multi-stream append, for
+//!   every part before anything is written). The retry rule runs first: an exact retry of a
+//!   batch stored before, the close included, returns its first result. Event types beginning
+//!   with `$` are reserved ([`StoreError::ReservedEventType`]).
 //! - **Global order, never skip.** Every event gets a global position, strictly increasing in
 //!   commit order (not necessarily dense). Once [`EventStore::read_all`] or a subscription has
 //!   returned position `p`, no event at or below `p` becomes visible later. Per-stream order in the

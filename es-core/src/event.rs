@@ -127,6 +127,22 @@ impl Metadata {
     }
 }
 
+/// The event type of a stream's tombstone: the event [`NewEvent::closing`] builds, after which
+/// the stream accepts no append (see [`AppendRequest::close`](crate::AppendRequest::close)).
+///
+/// It begins with [`RESERVED_PREFIX`]: no application event type can take it.
+pub const CLOSED_EVENT_TYPE: &str = "$closed";
+
+/// Event types beginning with this character are reserved for the framework's own events
+/// ([`CLOSED_EVENT_TYPE`]); an append of any other such type is refused with
+/// [`StoreError::ReservedEventType`](crate::StoreError::ReservedEventType).
+pub const RESERVED_PREFIX: char = '$';
+
+/// Whether `event_type` names a stream's tombstone ([`CLOSED_EVENT_TYPE`]).
+pub fn is_tombstone_type(event_type: &str) -> bool {
+    event_type == CLOSED_EVENT_TYPE
+}
+
 /// An event to append: serialized, with its id and metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
@@ -201,6 +217,27 @@ impl NewEvent {
         })
     }
 
+    /// A stream's tombstone: the event of type [`CLOSED_EVENT_TYPE`] (schema version 1, payload
+    /// `{}`) that closes its stream. It takes a version and a feed position like any event and
+    /// reaches subscribers and projections; once it is stored, every store refuses any later
+    /// append to the stream with [`StoreError::StreamClosed`](crate::StoreError::StreamClosed).
+    /// It must be the last event of its batch. The id is a fresh UUID v7; why the stream was
+    /// closed goes in its metadata ([`NewEvent::with_metadata`]).
+    pub fn closing() -> Self {
+        Self {
+            event_id: Uuid::now_v7(),
+            event_type: CLOSED_EVENT_TYPE.to_owned(),
+            schema_version: 1,
+            payload: Bytes::from_static(b"{}"),
+            metadata: Metadata::default(),
+        }
+    }
+
+    /// Whether this event is a stream's tombstone ([`NewEvent::closing`]).
+    pub fn is_tombstone(&self) -> bool {
+        is_tombstone_type(&self.event_type)
+    }
+
     /// Sets the event id.
     pub fn with_id(mut self, event_id: Uuid) -> Self {
         self.event_id = event_id;
@@ -246,6 +283,12 @@ impl RecordedEvent {
         self.stream_id.category()
     }
 
+    /// Whether this event is its stream's tombstone (type [`CLOSED_EVENT_TYPE`]): the stream's
+    /// last event, after which it accepts no append.
+    pub fn is_tombstone(&self) -> bool {
+        is_tombstone_type(&self.event_type)
+    }
+
     /// The payload parsed as a JSON value.
     pub fn payload_json(&self) -> Result<serde_json::Value, serde_json::Error> {
         serde_json::from_slice(&self.payload)
@@ -287,6 +330,13 @@ pub struct RecordedEventRef<'a> {
     pub payload: &'a [u8],
     /// When the store recorded the event.
     pub recorded_at: DateTime<Utc>,
+}
+
+impl RecordedEventRef<'_> {
+    /// Whether this event is its stream's tombstone (type [`CLOSED_EVENT_TYPE`]).
+    pub fn is_tombstone(&self) -> bool {
+        is_tombstone_type(self.event_type)
+    }
 }
 
 /// The current time truncated to microseconds, the precision every store keeps.

@@ -115,6 +115,7 @@ pub use contract::{
 };
 pub use event::{
     DomainEvent, EventSchema, Metadata, NewEvent, PayloadError, RecordedEvent, RecordedEventRef,
+    CLOSED_EVENT_TYPE,
 };
 pub use group::GroupConfig;
 pub use outbox::{
@@ -126,7 +127,7 @@ pub use projection::{
     ProjectionSink, ProjectionStatus, RebuildError, RunnerConfig,
 };
 pub use repository::{
-    AsOf, BuildError, Executed, ExecutedTwo, Loaded, Repository, RepositoryBuilder,
+    AsOf, BuildError, ClosedStream, Executed, ExecutedTwo, Loaded, Repository, RepositoryBuilder,
     RepositoryError, RetryPolicy, SnapshotContext, SnapshotPolicy, TwoEvents,
     DEFAULT_CACHE_CAPACITY, DEFAULT_SNAPSHOT_INTERVAL,
 };

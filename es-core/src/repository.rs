@@ -17,6 +17,7 @@ use crate::retry::Backoff;
 use crate::stream_id::{InvalidStreamId, StreamId};
 use crate::upcast::{DecodeError, UpcastChainError, Upcaster, Upcasters};
 
+mod close;
 mod command;
 mod lane;
 mod load;
@@ -99,6 +100,18 @@ pub enum RepositoryError<E: std::error::Error + 'static> {
     /// The aggregate id is not valid in a stream id.
     #[error(transparent)]
     InvalidId(#[from] InvalidStreamId),
+    /// The aggregate's stream is closed ([`Repository::close`], or
+    /// [`AppendRequest::close`](crate::AppendRequest::close) on the store): it takes no more
+    /// commands. Never retried: a closed stream stays closed.
+    #[error(
+        "`{stream_id}` is closed (its tombstone is version {version}): it takes no more commands"
+    )]
+    Closed {
+        /// The aggregate's stream.
+        stream_id: StreamId,
+        /// The version of its tombstone, the stream's last.
+        version: u64,
+    },
     /// The store failed.
     #[error("store error on `{stream_id}` at version {version}: {source}")]
     Store {
@@ -128,6 +141,24 @@ pub struct Loaded<A> {
     /// The id of the stream's event at `version` (`None` at version 0, or when a snapshot
     /// without one was used and no event was read on top of it).
     pub last_event_id: Option<uuid::Uuid>,
+    /// Whether the stream is closed as loaded: its event at `version` is its tombstone (see
+    /// [`Repository::close`]). A load as of an earlier version reports the stream open.
+    pub closed: bool,
+}
+
+/// The outcome of [`Repository::close`]: the stream's tombstone, stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedStream {
+    /// The aggregate's stream.
+    pub stream_id: StreamId,
+    /// The tombstone's version, the stream's last.
+    pub version: u64,
+    /// The tombstone's position in its partition's feed.
+    pub position: u64,
+    /// The tombstone's event id.
+    pub event_id: uuid::Uuid,
+    /// Attempts it took (more than 1 after conflicts).
+    pub attempts: u32,
 }
 
 /// The outcome of a successful command.

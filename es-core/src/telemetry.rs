@@ -13,7 +13,7 @@
 //!
 //! | Name | Kind | Labels | What |
 //! |---|---|---|---|
-//! | `es_commands_total` | counter | `category`, `outcome` | commands run by the repository's `execute` (a two-aggregate `execute_two` shows in the append metrics and its `es.execute_two` span); `outcome`: `ok`, `rejected` (the aggregate's own error), `conflict` (gave up after its attempts), `error` (anything else) |
+//! | `es_commands_total` | counter | `category`, `outcome` | commands run by the repository's `execute` (a two-aggregate `execute_two` shows in the append metrics and its `es.execute_two` span); `outcome`: `ok`, `rejected` (the aggregate's own error), `conflict` (gave up after its attempts), `closed` (the aggregate's stream is closed), `error` (anything else) |
 //! | `es_command_seconds` | histogram | `category` | a command from its call to its answer, retries included |
 //! | `es_command_conflicts_total` | counter | `category` | conflicts a command met and retried (or gave up on) |
 //! | `es_append_seconds` | histogram | | one append call of the repository to the store (a multi-stream append is one call) |

@@ -476,12 +476,19 @@ impl Upcasters {
 
     /// [`decode_into`](Upcasters::decode_into) for an event of stream `stream_id` borrowed from
     /// a page: the payload is decoded where it lies.
+    ///
+    /// A stream's tombstone ([`CLOSED_EVENT_TYPE`](crate::CLOSED_EVENT_TYPE)) is no event of any
+    /// aggregate: it decodes to no typed event, so a closed aggregate loads like any other and a
+    /// typed projection passes over it.
     pub fn decode_ref_into<E: DomainEvent>(
         &self,
         stream_id: &StreamId,
         event: RecordedEventRef<'_>,
         mut sink: impl FnMut(E),
     ) -> Result<(), DecodeError> {
+        if event.is_tombstone() {
+            return Ok(());
+        }
         let at = At {
             stream_id,
             version: event.stream_version,

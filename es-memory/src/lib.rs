@@ -86,6 +86,8 @@ struct State {
     streams: HashMap<StreamId, StreamEvents>,
     /// Event id to its partition and its index in that partition's log.
     ids: HashMap<Uuid, (u32, usize)>,
+    /// Closed streams, each with its tombstone's version.
+    closed: HashMap<StreamId, u64>,
     snapshots: HashMap<StreamId, SnapshotRecord>,
     /// Per archived stream, the lowest version not archived (see `archive_stream`).
     archived: HashMap<StreamId, u64>,
@@ -132,6 +134,18 @@ impl State {
     /// The stream's current version.
     fn version(&self, stream: &StreamId) -> u64 {
         self.streams.get(stream).map_or(0, StreamEvents::len)
+    }
+
+    /// Refuses any append to a closed stream (checked under the lock that orders appends, after
+    /// the retry rule and before the expected version).
+    fn check_open(&self, stream: &StreamId) -> Result<(), StoreError> {
+        match self.closed.get(stream) {
+            Some(&version) => Err(StoreError::StreamClosed {
+                stream_id: stream.clone(),
+                version,
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -304,6 +318,7 @@ impl Inner {
         if let Some(original) = classify_retry(request, &found)? {
             return Ok(original);
         }
+        state.check_open(&request.stream_id)?;
         let current = state.version(&request.stream_id);
         request.expected.check(&request.stream_id, current)?;
         if request.events.is_empty() {
@@ -327,6 +342,7 @@ impl Inner {
             return Ok(original);
         }
         for request in requests {
+            state.check_open(&request.stream_id)?;
             let current = state.version(&request.stream_id);
             request.expected.check(&request.stream_id, current)?;
         }
@@ -407,6 +423,12 @@ impl Inner {
                         recorded_at,
                         message: message.clone(),
                     },
+                );
+            }
+            if request.closes() {
+                state.closed.insert(
+                    request.stream_id.clone(),
+                    current + request.events.len() as u64,
                 );
             }
             results.push(AppendResult {

@@ -69,6 +69,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0011_subject_keys.sql"),
     },
     Migration {
+        version: 12,
+        name: "closed_streams",
+        sql: include_str!("../migrations/0012_closed_streams.sql"),
+    },
+    Migration {
         version: 13,
         name: "archive",
         sql: include_str!("../migrations/0013_archive.sql"),

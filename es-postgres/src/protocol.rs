@@ -1,7 +1,8 @@
 //! The codes this crate and its PL/pgSQL functions exchange, named in one place.
 //!
 //! The functions are defined by the migrations: `append_events` by
-//! `migrations/0003_commit_order.sql` (its codes date from `0001_init.sql`), `checkpoint_save` by
+//! `migrations/0012_closed_streams.sql` (its codes date from `0001_init.sql`, the closed outcome
+//! from `0012`), `checkpoint_save` by
 //! `0004_relay.sql`. A migration that changes a code changes it here too; the tests at the end of
 //! this file run every code against the server.
 
@@ -57,11 +58,15 @@ pub(crate) enum AppendOutcome {
     /// Some of its event ids are stored already; their stored copies are in the `found_*`
     /// columns. Nothing written.
     Duplicate = 2,
+    /// The stream is closed (its last event is its tombstone); `versions` holds its version.
+    /// Nothing written. (Since `migrations/0012_closed_streams.sql`.)
+    Closed = 3,
 }
 
 impl AppendOutcome {
     /// Every outcome.
-    pub(crate) const ALL: [Self; 3] = [Self::Written, Self::Conflict, Self::Duplicate];
+    pub(crate) const ALL: [Self; 4] =
+        [Self::Written, Self::Conflict, Self::Duplicate, Self::Closed];
 
     /// The outcome with code `code`, if there is one.
     pub(crate) fn from_code(code: i16) -> Option<Self> {

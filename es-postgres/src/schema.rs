@@ -129,7 +129,8 @@ pub(crate) struct Sql {
     /// Takes the append lock of every stream of `$1` (text[]), in the order of the lock keys,
     /// for the rest of the transaction (the lock `append_events` takes for its streams).
     pub(crate) lock_streams: Arc<str>,
-    /// The version of each stream of `$1` (text[]): rows of (1-based index, version).
+    /// The version of each stream of `$1` (text[]) and whether it is closed: rows of (1-based
+    /// index, version, closed).
     pub(crate) stream_versions: Arc<str>,
     /// Where the events with the ids `$1` (uuid[]) are stored: rows of (event id, stream id,
     /// version, position).
@@ -222,7 +223,10 @@ impl Sql {
             .into(),
             stream_versions: format!(
                 "SELECT u.i, coalesce((SELECT max(e.stream_version) FROM {s}.events e \
-                 WHERE e.stream_id = u.s), 0) FROM unnest($1::text[]) WITH ORDINALITY AS u(s, i)"
+                 WHERE e.stream_id = u.s), 0), EXISTS (SELECT 1 FROM {s}.events c \
+                 WHERE c.stream_id = u.s AND c.event_type = '{closed}') \
+                 FROM unnest($1::text[]) WITH ORDINALITY AS u(s, i)",
+                closed = es_core::CLOSED_EVENT_TYPE
             )
             .into(),
             find_events: format!(

@@ -933,6 +933,10 @@ impl CallResult {
                 expected: request.expected,
                 actual: version,
             }),
+            AppendOutcome::Closed => Err(StoreError::StreamClosed {
+                stream_id: request.stream_id.clone(),
+                version,
+            }),
             AppendOutcome::Duplicate => {
                 let found: Vec<Option<StoredEventRef>> = request
                     .events

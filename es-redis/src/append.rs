@@ -402,14 +402,15 @@ impl Appender {
     fn command(&self, partition: u32, group: &[&AppendRequest], atomic: bool) -> Cmd {
         let keys = &self.keys;
         let part = self.partition_keys(partition);
-        let mut cmd = self.script.fcall(4 + 2 * group.len());
+        let mut cmd = self.script.fcall(4 + 3 * group.len());
         cmd.arg(part.feed())
             .arg(part.index())
             .arg(part.outbox())
             .arg(part.epochs());
         for request in group {
             cmd.arg(keys.events(&request.stream_id))
-                .arg(keys.version(&request.stream_id));
+                .arg(keys.version(&request.stream_id))
+                .arg(keys.closed(&request.stream_id));
         }
         cmd.arg(group.len()).arg(self.head(partition).floor()).arg(
             match (self.allow_eviction, atomic) {
@@ -785,23 +786,17 @@ fn append_reply(
                 actual,
             })
         }
-        Some(AppendCode::Corrupt) => {
-            let what = text(&x);
-            let reason = match what.as_str() {
-                "version" => "the version key does not hold a number".to_owned(),
-                "events" => "the stream holds entries beyond its version".to_owned(),
-                "events-type" => "the stream's events key is not a Redis stream".to_owned(),
-                "head" => "the global head does not hold numbers".to_owned(),
-                "feed" => "the global feed holds entries beyond the head position".to_owned(),
-                "outbox" => "the outbox holds entries beyond its counter, or is not a Redis stream"
-                    .to_owned(),
-                other => format!("inconsistent `{other}`"),
-            };
-            Err(StoreError::Corrupt {
-                location: stream_location(request),
-                reason: format!("{reason}; nothing was written"),
+        Some(AppendCode::Closed) => {
+            let version = int(&x).ok_or_else(|| bad("no tombstone version"))?;
+            Err(StoreError::StreamClosed {
+                stream_id: stream.clone(),
+                version,
             })
         }
+        Some(AppendCode::Corrupt) => Err(StoreError::Corrupt {
+            location: stream_location(request),
+            reason: format!("{}; nothing was written", corrupt_reason(&text(&x))),
+        }),
         Some(AppendCode::Refused) => Err(refused(stream, &text(&x))),
         Some(AppendCode::Evicting) => Err(StoreError::backend(Error::EvictionPolicy {
             policy: text(&x),
@@ -812,6 +807,22 @@ fn append_reply(
             text(&x)
         ))),
         None => Err(bad("unknown reply code")),
+    }
+}
+
+/// What the append script's `CORRUPT, what` means.
+fn corrupt_reason(what: &str) -> String {
+    match what {
+        "version" => "the version key does not hold a number".to_owned(),
+        "events" => "the stream holds entries beyond its version".to_owned(),
+        "events-type" => "the stream's events key is not a Redis stream".to_owned(),
+        "closed" => "the stream's closed key does not hold a version".to_owned(),
+        "head" => "the global head does not hold numbers".to_owned(),
+        "feed" => "the global feed holds entries beyond the head position".to_owned(),
+        "outbox" => {
+            "the outbox holds entries beyond its counter, or is not a Redis stream".to_owned()
+        }
+        other => format!("inconsistent `{other}`"),
     }
 }
 

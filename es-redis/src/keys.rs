@@ -351,6 +351,13 @@ impl Keys {
         self.stream_key(stream, "version")
     }
 
+    /// The string holding the version of `stream`'s tombstone, once the stream is closed (absent
+    /// while it is open). Written by the append that stores the tombstone, read by every append
+    /// to the stream, in the same script call; in the stream's hash slot.
+    pub fn closed(&self, stream: &StreamId) -> String {
+        self.stream_key(stream, "closed")
+    }
+
     /// The hash holding `stream`'s latest snapshot.
     pub fn snapshot(&self, stream: &StreamId) -> String {
         self.stream_key(stream, "snapshot")
@@ -532,6 +539,7 @@ mod tests {
         let s = StreamId::parse("order-a:b:c").unwrap();
         assert_eq!(keys.events(&s), "es:{order-a:b:c}:events");
         assert_eq!(keys.version(&s), "es:{order-a:b:c}:version");
+        assert_eq!(keys.closed(&s), "es:{order-a:b:c}:closed");
         assert_eq!(keys.snapshot(&s), "es:{order-a:b:c}:snapshot");
         assert_eq!(keys.feed(), "es:{es:$all}:feed");
         assert_eq!(keys.index(), "es:{es:$all}:index");
@@ -584,7 +592,12 @@ mod tests {
         assert_eq!(keys.meta(), "es:{es:$all}:meta");
         let slot = keys.partition(0).unwrap().slot();
         assert_eq!(slot, slot_of_tag(b"es:p0:0"));
-        for key in [keys.events(&s), keys.version(&s), keys.feed().to_owned()] {
+        for key in [
+            keys.events(&s),
+            keys.version(&s),
+            keys.closed(&s),
+            keys.feed().to_owned(),
+        ] {
             assert_eq!(slot_of_key(key.as_bytes()), slot, "{key}");
         }
     }

@@ -88,11 +88,14 @@ pub(crate) enum AppendCode {
     /// All-or-nothing call only: this append passed every check, but another append of the call
     /// did not, so nothing was written: `x` the version it would have reached.
     Held = 7,
+    /// The stream is closed (its tombstone is stored), nothing written: `x` the tombstone's
+    /// version.
+    Closed = 8,
 }
 
 impl AppendCode {
     /// Every code.
-    pub(crate) const ALL: [Self; 8] = [
+    pub(crate) const ALL: [Self; 9] = [
         Self::Appended,
         Self::Duplicate,
         Self::Conflict,
@@ -101,6 +104,7 @@ impl AppendCode {
         Self::Evicting,
         Self::Exhausted,
         Self::Held,
+        Self::Closed,
     ];
 
     /// The code with value `code`, if there is one.
@@ -120,6 +124,7 @@ impl AppendCode {
             Self::Evicting => "EVICTING",
             Self::Exhausted => "EXHAUSTED",
             Self::Held => "HELD",
+            Self::Closed => "CLOSED",
         }
     }
 }
@@ -274,7 +279,12 @@ mod tests {
             assert!(!APPEND.contains(&format!("expected == '{}'", mode.arg())));
         }
         assert_eq!(numeric_returns(APPEND), Vec::<String>::new());
-        assert_eq!(AppendCode::from_code(8), None);
+        assert_eq!(AppendCode::from_code(9), None);
+        // The script knows a tombstone by the type es-core gives it.
+        assert_eq!(
+            lua.get("TOMBSTONE").map(String::as_str),
+            Some(es_core::CLOSED_EVENT_TYPE)
+        );
     }
 
     #[test]

@@ -15,7 +15,8 @@ use crate::conn::Connection;
 /// library.
 ///
 /// KEYS: 1 the feed, 2 the index hash (head fields and event ids), 3 the outbox, 4 the epoch
-/// history, then two per append: the stream's events, its version.
+/// history, then three per append: the stream's events, its version, its closed key (the
+/// tombstone's version, once closed).
 /// ARGV: 1 the number of appends `m`, 2 the highest position the calling handle has seen (its
 /// floor), 3 the mode: `0`, or `1` if the store allows an evicting server, plus 2 for an
 /// all-or-nothing call (a multi-stream append: every append is checked before the first write,
@@ -49,7 +50,10 @@ use crate::conn::Connection;
 /// - `6, what, nil`: the append would take a position or outbox position above 2^53 - 1 (an
 ///   epoch above [`MAX_EPOCH`](es_core::contract::position::MAX_EPOCH)), nothing was written;
 /// - `7, version, nil` (all-or-nothing calls only): this append passed its checks, but another
-///   did not, so nothing of the call was written.
+///   did not, so nothing of the call was written;
+/// - `8, version, nil`: the stream is closed (its closed key holds its tombstone's `version`,
+///   set by the append whose last event was the tombstone, or by an earlier append of this
+///   call), nothing was written. Checked after the event ids and before the expected version.
 ///
 /// After an append's first write no command of it can fail: every key written is of the right
 /// type (checked by the reads before it or by the guarded first `XADD` of each append) and every

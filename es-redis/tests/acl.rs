@@ -60,6 +60,12 @@ mod multi {
     es_testkit::multi_conformance_tests!(|| async { super::acl_store("multi").await });
 }
 
+/// Closing streams under the documented user: the closed key is read and written by the
+/// append function with the commands of the line (`MGET`, `SET`).
+mod closing {
+    es_testkit::closing_conformance_tests!(|| async { super::acl_store("close").await });
+}
+
 /// Crypto-shredding under the documented user: its key store needs no command beyond the line
 /// (`SET .. NX GET`, `MGET`, `SET .. GET`).
 mod shredding {

@@ -471,6 +471,18 @@ async fn a_cluster_store_with_another_partitioning_is_refused() {
     assert!(with(three).await.is_ok());
 }
 
+/// The closing cases on the cluster: the closed check and the closed key in the stream's slot,
+/// on one partition and on eight spread over the three primaries.
+mod closing {
+    es_testkit::closing_conformance_tests!(|| async { super::store("cclose").await });
+}
+
+mod closing_partitioned_8 {
+    es_testkit::closing_conformance_tests!(|| async {
+        super::partitioned_store("cclose8", 8).await
+    });
+}
+
 /// The multi-stream append cases on the cluster: one partition (one slot) per store.
 mod multi {
     es_testkit::multi_conformance_tests!(|| async { super::store("cmulti").await });

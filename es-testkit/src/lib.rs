@@ -8,6 +8,9 @@
 //!   partitions.
 //! - [`archiving`] and [`archiving_conformance_tests!`]: archiving a stream's old events changes
 //!   no read, also while writers append and readers page through the same streams.
+//! - [`closing`] and [`closing_conformance_tests!`]: closing streams (the tombstone refuses
+//!   every later append, however it races the close; a closed stream reads, loads and feeds
+//!   like any other; the repository refuses commands on it).
 //! - [`streaming`] and [`streaming_conformance_tests!`]: the outbox, the relay lease, projection
 //!   checkpoints and the projection runner, the same way.
 //! - [`shredding`] and [`shredding_conformance_tests!`]: crypto-shredding (personal fields sealed
@@ -37,6 +40,7 @@
 //! anywhere.
 
 pub mod archiving;
+pub mod closing;
 pub mod conformance;
 pub mod domain;
 pub mod multi;

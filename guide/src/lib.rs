@@ -23,6 +23,7 @@
 //! 14. [`personal_data`]: crypto-shredding: personal fields encrypted per subject, forgetting.
 //! 15. [`multi_stream`]: one decision over two aggregates, appended to both streams or neither.
 //! 16. [`tenancy`]: a store per tenant, in a schema or key prefix of its own.
+//! 17. [`closing`]: closing a stream with a tombstone; later appends refused with a typed error.
 //! 18. [`archiving`]: old events out of hot storage, every read unchanged.
 #![doc(test(attr(deny(warnings))))]
 
@@ -47,6 +48,7 @@ macro_rules! chapter_links {
          [personal-data]: crate::personal_data\n\
          [multi-stream]: crate::multi_stream\n\
          [multi-tenancy]: crate::tenancy\n\
+         [closing-streams]: crate::closing\n\
          [archiving]: crate::archiving\n\n"
     };
 }
@@ -114,6 +116,10 @@ pub mod multi_stream {}
 #[doc = chapter_links!()]
 #[doc = include_str!("../../docs/16-multi-tenancy.md")]
 pub mod tenancy {}
+
+#[doc = chapter_links!()]
+#[doc = include_str!("../../docs/17-closing-streams.md")]
+pub mod closing {}
 
 #[doc = chapter_links!()]
 #[doc = include_str!("../../docs/18-archiving.md")]

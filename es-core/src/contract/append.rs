@@ -6,7 +6,7 @@ use uuid::Uuid;
 use super::error::StoreError;
 use super::expected::ExpectedVersion;
 use super::outbox::OutboxMessage;
-use crate::event::{Metadata, NewEvent};
+use crate::event::{Metadata, NewEvent, RESERVED_PREFIX};
 use crate::stream_id::StreamId;
 
 /// One atomic append to one stream.
@@ -36,6 +36,31 @@ impl AppendRequest {
             events,
             outbox: Vec::new(),
         }
+    }
+
+    /// The append that closes `stream_id`: its tombstone ([`NewEvent::closing`]) alone, checked
+    /// against `expected`. Add why in the tombstone's metadata with [`AppendRequest::because`].
+    /// Once it is stored, every later append to the stream fails with
+    /// [`StoreError::StreamClosed`]; reads, historical loads and the feed keep the stream whole.
+    ///
+    /// To write last events with the close, append them in one request with the tombstone last
+    /// (`AppendRequest::new(stream, expected, vec![.., NewEvent::closing()])`), or in a
+    /// multi-stream append with other streams.
+    pub fn close(stream_id: StreamId, expected: ExpectedVersion) -> Self {
+        Self::new(stream_id, expected, vec![NewEvent::closing()])
+    }
+
+    /// Sets the metadata of this request's tombstone, if it has one (the reason for a close).
+    pub fn because(mut self, metadata: Metadata) -> Self {
+        if let Some(last) = self.events.last_mut().filter(|e| e.is_tombstone()) {
+            last.metadata = metadata;
+        }
+        self
+    }
+
+    /// Whether this request closes its stream: its last event is a tombstone.
+    pub fn closes(&self) -> bool {
+        self.events.last().is_some_and(NewEvent::is_tombstone)
     }
 
     /// Records `messages` in the outbox with this append.
@@ -79,6 +104,23 @@ impl AppendRequest {
                      characters",
                     event.event_id
                 )));
+            }
+            if event.is_tombstone() {
+                if i + 1 != self.events.len() {
+                    return Err(invalid(format!(
+                        "the tombstone {} is event {} of {}: it closes the stream, so it must \
+                         be the last event of its batch",
+                        event.event_id,
+                        i + 1,
+                        self.events.len()
+                    )));
+                }
+            } else if event.event_type.starts_with(RESERVED_PREFIX) {
+                return Err(StoreError::ReservedEventType {
+                    stream_id: self.stream_id.clone(),
+                    event_id: event.event_id,
+                    event_type: event.event_type.clone(),
+                });
             }
             crate::json::check(&event.payload, depth).map_err(|problem| {
                 invalid(format!("the payload of event {} {problem}", event.event_id))

@@ -25,6 +25,34 @@ pub enum StoreError {
         /// The stream's actual version.
         actual: u64,
     },
+    /// The stream is closed: its last event, at `version`, is its tombstone
+    /// ([`NewEvent::closing`](crate::NewEvent::closing)), and it accepts no append, whatever the
+    /// expected version. Nothing was written (in a multi-stream append: to any of its streams;
+    /// `stream_id` names the first closed part, in the call's order). Not transient: retrying
+    /// the same append fails the same way. An exact retry of a batch stored before the close
+    /// (the close itself included) still returns its first result.
+    #[error("stream `{stream_id}` is closed (its tombstone is version {version}): it accepts no more events")]
+    StreamClosed {
+        /// The stream.
+        stream_id: StreamId,
+        /// The version of its tombstone, the stream's last.
+        version: u64,
+    },
+    /// An event's type begins with the reserved prefix
+    /// [`RESERVED_PREFIX`](crate::event::RESERVED_PREFIX) (`$`) but is not one of the framework's
+    /// own event types; nothing was written.
+    #[error(
+        "event {event_id} for `{stream_id}` has the type `{event_type}`: event types beginning \
+         with `$` are reserved for the framework"
+    )]
+    ReservedEventType {
+        /// The stream appended to.
+        stream_id: StreamId,
+        /// The offending event.
+        event_id: Uuid,
+        /// Its type.
+        event_type: String,
+    },
     /// Some events of the batch are already stored, but the batch is not an exact retry.
     #[error("event {event_id} appended to `{stream_id}` is already stored: {reason}")]
     DuplicateEvent {

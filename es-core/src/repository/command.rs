@@ -53,6 +53,7 @@ impl<S: Store> Repository<S> {
             Ok(_) => "ok",
             Err(RepositoryError::Domain { .. }) => "rejected",
             Err(RepositoryError::Conflict { .. }) => "conflict",
+            Err(RepositoryError::Closed { .. }) => "closed",
             Err(_) => "error",
         };
         metrics::counter!(telemetry::COMMANDS, "category" => A::CATEGORY, "outcome" => outcome)
@@ -226,6 +227,9 @@ pub(super) fn translate<A: Aggregate, T: Translator<A>>(
     Ok(out)
 }
 
+/// Serializes a command's events. A typed event whose type begins with the reserved `$` (a
+/// hand-written `DomainEvent` impl; the derive refuses such names) is refused before anything
+/// is sent: as `$closed` it would close the stream.
 pub(super) fn encode_events<A: Aggregate>(
     stream_id: &StreamId,
     events: &[A::Event],
@@ -234,6 +238,20 @@ pub(super) fn encode_events<A: Aggregate>(
     events
         .iter()
         .map(|event| {
+            if event
+                .event_type()
+                .starts_with(crate::event::RESERVED_PREFIX)
+            {
+                return Err(RepositoryError::Store {
+                    stream_id: stream_id.clone(),
+                    version: 0,
+                    source: StoreError::ReservedEventType {
+                        stream_id: stream_id.clone(),
+                        event_id: uuid::Uuid::nil(),
+                        event_type: event.event_type().to_owned(),
+                    },
+                });
+            }
             NewEvent::from_domain(event)
                 .map(|e| e.with_metadata(metadata.clone()))
                 .map_err(|source| RepositoryError::Encode {

@@ -166,6 +166,8 @@ struct Tip<A> {
     version: u64,
     snapshot_version: Option<u64>,
     last_event_id: Option<Uuid>,
+    /// The stream's last event is its tombstone: no command runs on it.
+    closed: bool,
 }
 
 impl<A: Aggregate> Lane<A> {
@@ -324,22 +326,14 @@ impl<S: Store> Repository<S> {
             }
         }
         let loaded_now = state.tip.is_none();
-        if loaded_now {
-            let loaded = self
-                .load_stream::<A>(stream_id.clone(), Until::Latest)
-                .await?;
-            state.tip = Some(Tip {
-                aggregate: loaded.aggregate,
-                version: loaded.version,
-                snapshot_version: loaded.snapshot_version,
-                last_event_id: loaded.last_event_id,
+        let tip = self.tip(&mut state, stream_id).await?;
+        let version = tip.version;
+        if tip.closed {
+            return Err(RepositoryError::Closed {
+                stream_id: stream_id.clone(),
+                version,
             });
         }
-        let tip = state
-            .tip
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("loaded above"));
-        let version = tip.version;
         let decided = match tip.aggregate.handle(command) {
             Ok(events) if !events.is_empty() => events,
             decided => {
@@ -379,6 +373,95 @@ impl<S: Store> Repository<S> {
         );
         drop(state);
         self.await_member(lane, member, stream_id, attempts).await
+    }
+
+    /// One attempt to close the stream of `lane` with `tombstone`: waits until no batch of the
+    /// lane is in flight, then, holding the lane (so that no command joins a batch meanwhile),
+    /// appends the tombstone expecting the version of the lane's state, loaded first if the lane
+    /// has none. `Ok(Err((expected, actual)))`: the stream moved on (the lane forgot its state).
+    pub(super) async fn close_attempt<A: Aggregate>(
+        &self,
+        lane: &Arc<Lane<A>>,
+        stream_id: &StreamId,
+        tombstone: &NewEvent,
+    ) -> RepoResult<Result<crate::contract::AppendResult, (u64, u64)>, A> {
+        let mut state = loop {
+            let state = lane.state.lock().await;
+            match state.last.as_ref().filter(|b| !b.settled()).cloned() {
+                Some(pending) => {
+                    drop(state);
+                    pending.wait().await;
+                }
+                None => break state,
+            }
+        };
+        if lane.snapshot_deleted.swap(false, Ordering::SeqCst) {
+            if let Some(tip) = state.tip.as_mut() {
+                tip.snapshot_version = None;
+            }
+        }
+        let tip = self.tip(&mut state, stream_id).await?;
+        let expected = tip.version;
+        if tip.closed {
+            return Err(RepositoryError::Closed {
+                stream_id: stream_id.clone(),
+                version: expected,
+            });
+        }
+        let request = AppendRequest::new(
+            stream_id.clone(),
+            ExpectedVersion::Exact(expected),
+            vec![tombstone.clone()],
+        );
+        match self.append(request).await {
+            Ok(result) => {
+                if let Some(tip) = state.tip.as_mut() {
+                    tip.version = result.stream_version;
+                    tip.last_event_id = Some(tombstone.event_id);
+                    tip.closed = true;
+                }
+                Ok(Ok(result))
+            }
+            Err(error) => {
+                state.forget();
+                match error {
+                    StoreError::Conflict { actual, .. } => Ok(Err((expected, actual))),
+                    StoreError::StreamClosed { version, .. } => Err(RepositoryError::Closed {
+                        stream_id: stream_id.clone(),
+                        version,
+                    }),
+                    source => Err(RepositoryError::Store {
+                        stream_id: stream_id.clone(),
+                        version: expected,
+                        source,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// The lane's state, loaded first if the lane has none.
+    async fn tip<'s, A: Aggregate>(
+        &self,
+        state: &'s mut LaneState<A>,
+        stream_id: &StreamId,
+    ) -> RepoResult<&'s Tip<A>, A> {
+        if state.tip.is_none() {
+            let loaded = self
+                .load_stream::<A>(stream_id.clone(), Until::Latest)
+                .await?;
+            state.tip = Some(Tip {
+                aggregate: loaded.aggregate,
+                version: loaded.version,
+                snapshot_version: loaded.snapshot_version,
+                last_event_id: loaded.last_event_id,
+                closed: loaded.closed,
+            });
+        }
+        Ok(state
+            .tip
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("loaded above")))
     }
 
     /// Answers a command that emitted no events, decided on the lane's state: at once if the
@@ -552,9 +635,16 @@ impl<S: Store> Repository<S> {
                 again(None, true)
             }
             Outcome::Refused { error, .. } => {
-                store_error(lock(error).take().unwrap_or_else(|| {
+                match lock(error).take().unwrap_or_else(|| {
                     StoreError::backend("the store refused the append (its error was taken)")
-                }))
+                }) {
+                    // Closed by another process since this lane loaded it.
+                    StoreError::StreamClosed { version, .. } => Err(RepositoryError::Closed {
+                        stream_id: stream_id.clone(),
+                        version,
+                    }),
+                    error => store_error(error),
+                }
             }
             Outcome::Unknown(error) => store_error(shared(error)),
             Outcome::Abandoned => again(None, false),
@@ -712,6 +802,8 @@ fn nothing_written(error: &StoreError) -> bool {
     matches!(
         error,
         StoreError::DuplicateEvent { .. }
+            | StoreError::StreamClosed { .. }
+            | StoreError::ReservedEventType { .. }
             | StoreError::PayloadTooLarge { .. }
             | StoreError::InvalidRequest { .. }
             | StoreError::InlineProjection { .. }

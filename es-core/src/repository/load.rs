@@ -95,6 +95,7 @@ impl<S: Store> Repository<S> {
                         snapshot_version,
                         events_read: 0,
                         last_event_id,
+                        closed: false,
                     });
                 }
                 read = read.limit(v - first + 1);
@@ -108,6 +109,9 @@ impl<S: Store> Repository<S> {
             // Pages of events borrowed from the store: each payload is decoded where it lies.
             let mut pages = self.inner.store.read_stream_pages(&stream_id, read);
             let mut events_read = 0;
+            // Whether the last event applied (or the snapshot's own) is the stream's tombstone,
+            // which decodes to no typed event.
+            let mut closed = false;
             let mut checked = check.is_none();
             'pages: while let Some(page) = pages.next().await {
                 let page = page.map_err(|source| store_error(version, source))?;
@@ -131,6 +135,7 @@ impl<S: Store> Repository<S> {
                         }
                         checked = true;
                         last_event_id = Some(event.event_id);
+                        closed = event.is_tombstone();
                         continue;
                     }
                     if until.excludes(&event) {
@@ -147,6 +152,7 @@ impl<S: Store> Repository<S> {
                     })?;
                     version = event.stream_version;
                     last_event_id = Some(event.event_id);
+                    closed = event.is_tombstone();
                     events_read += 1;
                 }
             }
@@ -164,6 +170,7 @@ impl<S: Store> Repository<S> {
                 snapshot_version,
                 events_read,
                 last_event_id,
+                closed,
             });
         }
     }

@@ -88,6 +88,9 @@ where
             source,
         },
         RepositoryError::InvalidId(e) => RepositoryError::InvalidId(e),
+        RepositoryError::Closed { stream_id, version } => {
+            RepositoryError::Closed { stream_id, version }
+        }
         RepositoryError::Store {
             stream_id,
             version,
@@ -100,8 +103,31 @@ where
     }
 }
 
+/// [`RepositoryError::Closed`] if either aggregate's stream is closed as loaded.
+fn refuse_closed<A: Aggregate, B: Aggregate, E>(
+    first: &Loaded<A>,
+    second: &Loaded<B>,
+) -> Result<(), RepositoryError<E>>
+where
+    E: std::error::Error + 'static,
+{
+    for (stream_id, version, closed) in [
+        (&first.stream_id, first.version, first.closed),
+        (&second.stream_id, second.version, second.closed),
+    ] {
+        if closed {
+            return Err(RepositoryError::Closed {
+                stream_id: stream_id.clone(),
+                version,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A store failure of a two-aggregate command, named with the stream of the part it is about
-/// (the first aggregate's when it concerns the call as a whole).
+/// (the first aggregate's when it concerns the call as a whole); a part refused because its
+/// stream was closed by another writer since it was loaded is [`RepositoryError::Closed`].
 fn store_failure<A: Aggregate, B: Aggregate, E>(
     source: StoreError,
     first: &Loaded<A>,
@@ -110,6 +136,9 @@ fn store_failure<A: Aggregate, B: Aggregate, E>(
 where
     E: std::error::Error + 'static,
 {
+    if let StoreError::StreamClosed { stream_id, version } = source {
+        return RepositoryError::Closed { stream_id, version };
+    }
     let (stream_id, version) = match &source {
         StoreError::DuplicateEvent { stream_id, .. }
         | StoreError::InvalidRequest { stream_id, .. }
@@ -141,6 +170,9 @@ impl<S: Store> Repository<S> {
     /// [`execute`](Self::execute) does. Every event carries `metadata`; each aggregate's
     /// translator (if any) writes its outbox messages in the same call, and each aggregate's
     /// snapshot policy applies after it.
+    ///
+    /// If either aggregate's stream is closed, the command fails with
+    /// [`RepositoryError::Closed`] naming it, and nothing is appended.
     ///
     /// `decide` returning `Err` is [`RepositoryError::Domain`], named with the first aggregate's
     /// stream and version; a conflict that outlasts the attempts is
@@ -206,6 +238,7 @@ impl<S: Store> Repository<S> {
                     .load_stream(second_stream.clone(), super::Until::Latest)
                     .await
                     .map_err(recast)?;
+                refuse_closed(&first, &second)?;
                 let (first_events, second_events) = decide(&first.aggregate, &second.aggregate)
                     .map_err(|source| RepositoryError::Domain {
                         stream_id: first.stream_id.clone(),

@@ -8,7 +8,7 @@ use es_core::{AppendRequest, ExpectedVersion, NewEvent, StreamId};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::sync::oneshot;
 
-use super::AppendOutcome::{Conflict, Duplicate, Written};
+use super::AppendOutcome::{Closed, Conflict, Duplicate, Written};
 use super::ExpectedKind::{Any, Exact, NoStream, StreamExists};
 use super::{AppendOutcome, CheckpointSave, ExpectedKind, UNCHECKED_INCARNATION};
 use crate::error::sqlstate;
@@ -69,16 +69,11 @@ async fn call(
     (outcome, result.version_of(0).expect("a version"))
 }
 
-#[tokio::test]
-async fn every_expected_kind_and_outcome_means_the_same_on_the_server() {
-    let url = es_test_support::database_url();
-    let schema = migrated_schema(&url).await;
-    let sql = Sql::new(&schema);
-    let mut conn = PgConnection::connect(&url).await.unwrap();
-
-    // A session that has not checked the server's incarnation is told so by its SQLSTATE.
+/// A session that has not checked the server's incarnation is told so by its SQLSTATE; then
+/// it checks it.
+async fn incarnation_unchecked_then_checked(conn: &mut PgConnection, sql: &Sql) {
     let stream = StreamId::new("protocol", "a").unwrap();
-    let request = AppendRequest::new(stream.clone(), ExpectedVersion::Any, vec![event()]);
+    let request = AppendRequest::new(stream, ExpectedVersion::Any, vec![event()]);
     let (reply, _answer) = oneshot::channel();
     let jobs = [Job {
         request,
@@ -93,16 +88,28 @@ async fn every_expected_kind_and_outcome_means_the_same_on_the_server() {
         false,
         std::time::Duration::from_secs(5),
     )
-    .fetch_one(&mut conn)
+    .fetch_one(&mut *conn)
     .await
     .expect_err("an unchecked session may not allocate");
     assert_eq!(sqlstate(&err), Some(UNCHECKED_INCARNATION), "{err}");
     sqlx::query(AssertSqlSafe(sql.check_incarnation.to_string()))
-        .execute(&mut conn)
+        .execute(&mut *conn)
         .await
         .unwrap();
+}
 
+#[tokio::test]
+async fn every_expected_kind_and_outcome_means_the_same_on_the_server() {
+    let url = es_test_support::database_url();
+    let schema = migrated_schema(&url).await;
+    let sql = Sql::new(&schema);
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+
+    incarnation_unchecked_then_checked(&mut conn, &sql).await;
+
+    let stream = StreamId::new("protocol", "a").unwrap();
     let first = event();
+    let tombstone = NewEvent::closing();
     let other = StreamId::new("protocol", "b").unwrap();
     let append = |stream: &StreamId, expected, event| {
         AppendRequest::new(stream.clone(), expected, vec![event])
@@ -154,6 +161,24 @@ async fn every_expected_kind_and_outcome_means_the_same_on_the_server() {
         ),
         (append(&stream, any, event()), false, Any, Written, 4),
         (append(&stream, any, first), true, Any, Duplicate, 4),
+        (
+            append(&stream, exact(4), tombstone.clone()),
+            false,
+            Exact,
+            Written,
+            5,
+        ),
+        (append(&stream, any, event()), false, Any, Closed, 5),
+        (append(&stream, exact(5), event()), false, Exact, Closed, 5),
+        // The close retried: its stored copy is found (after the closed outcome, by the
+        // lookup of refused ids), so it is a duplicate, not refused.
+        (
+            append(&stream, exact(4), tombstone),
+            false,
+            Exact,
+            Duplicate,
+            5,
+        ),
     ];
     let mut kinds = Vec::new();
     let mut outcomes = Vec::new();
@@ -175,7 +200,7 @@ async fn every_expected_kind_and_outcome_means_the_same_on_the_server() {
     for outcome in AppendOutcome::ALL {
         assert!(outcomes.contains(&outcome), "{outcome:?} has no case");
     }
-    assert_eq!(AppendOutcome::from_code(3), None);
+    assert_eq!(AppendOutcome::from_code(4), None);
 }
 
 #[tokio::test]

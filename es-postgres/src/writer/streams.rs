@@ -7,9 +7,10 @@
 //!    keys (the order `append_events` takes them in), so two calls, or a call and a group, never
 //!    wait for each other in a cycle;
 //! 2. with the streams locked, every part's events are looked up by id and every stream's version
-//!    read: a call whose events are all stored is answered with the first results (nothing is
-//!    written), one whose events are stored in part is refused, and a part whose expected version
-//!    does not hold fails the call with its conflict — all before a position is drawn;
+//!    read, with whether it is closed: a call whose events are all stored is answered with the
+//!    first results (nothing is written), one whose events are stored in part is refused, a part
+//!    on a closed stream fails the call with `StreamClosed`, and a part whose expected version
+//!    does not hold fails it with its conflict — all before a position is drawn;
 //! 3. then, partition by partition in ascending order, `append_events` for the parts of that
 //!    partition (drawing its positions, writing its rows), the inline projections on those events,
 //!    and the wait for every earlier allocation of that partition to end, before the next
@@ -311,18 +312,28 @@ impl StreamsAppender {
             .fetch_all(&mut *tx)
             .await
             .map_err(sql)?;
-        let mut versions = vec![0u64; requests.len()];
+        let mut versions = vec![(0u64, false); requests.len()];
         for row in rows {
             let i: i64 = row.try_get(0).map_err(sql)?;
             let version: i64 = row.try_get(1).map_err(sql)?;
+            let closed: bool = row.try_get(2).map_err(sql)?;
             if let Some(slot) = usize::try_from(i - 1)
                 .ok()
                 .and_then(|i| versions.get_mut(i))
             {
-                *slot = to_u64(version, "stream versions").map_err(CallError::Store)?;
+                *slot = (
+                    to_u64(version, "stream versions").map_err(CallError::Store)?,
+                    closed,
+                );
             }
         }
-        for (request, &actual) in requests.iter().zip(&versions) {
+        for (request, &(actual, closed)) in requests.iter().zip(&versions) {
+            if closed {
+                return Ok(Some(Attempt::Refused(StoreError::StreamClosed {
+                    stream_id: request.stream_id.clone(),
+                    version: actual,
+                })));
+            }
             if let Err(conflict) = request.expected.check(&request.stream_id, actual) {
                 return Ok(Some(Attempt::Refused(conflict)));
             }

@@ -136,6 +136,64 @@ async fn appends_in_one_group_see_each_other() {
     assert_eq!(store.stream_version(&stream("order-2")).await.unwrap(), 1);
 }
 
+/// A close and later appends to the same stream in one script call (as group commit gathers
+/// them): the appends after the close are refused with `StreamClosed` at the tombstone's
+/// version, the close sent again in the same call is an exact retry, an append before the close
+/// and appends to another stream go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_in_a_group_refuses_the_appends_after_it() {
+    let store = store("close-group").await;
+    let before = append("order-c", ExpectedVersion::NoStream, vec![event(1)]);
+    let close = AppendRequest::close(stream("order-c"), ExpectedVersion::Any);
+    let after_any = append("order-c", ExpectedVersion::Any, vec![event(2)]);
+    let after_exact = append("order-c", ExpectedVersion::Exact(2), vec![event(3)]);
+    let after_empty = append("order-c", ExpectedVersion::Exact(2), Vec::new());
+    let retry = close.clone();
+    let other = append("order-d", ExpectedVersion::NoStream, vec![event(4)]);
+    let results = group(
+        &store,
+        &[
+            before,
+            close,
+            after_any,
+            after_exact,
+            after_empty,
+            retry,
+            other,
+        ],
+    )
+    .await;
+    let ok = |i: usize| results[i].as_ref().unwrap().clone();
+    assert_eq!(ok(0).stream_version, 1);
+    assert_eq!(ok(1).stream_version, 2);
+    for (i, result) in results.iter().enumerate().take(5).skip(2) {
+        assert!(
+            matches!(result, Err(StoreError::StreamClosed { version: 2, .. })),
+            "{i}: {result:?}"
+        );
+    }
+    assert_eq!(
+        ok(5),
+        AppendResult {
+            stream_version: 2,
+            positions: ok(1).positions,
+            duplicate: true
+        }
+    );
+    assert_eq!(ok(6).stream_version, 1);
+    assert_eq!(store.stream_version(&stream("order-c")).await.unwrap(), 2);
+    // And in the next call, from the closed key.
+    let later = group(
+        &store,
+        &[append("order-c", ExpectedVersion::Any, vec![event(5)])],
+    )
+    .await;
+    assert!(
+        matches!(&later[0], Err(StoreError::StreamClosed { version: 2, .. })),
+        "{later:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_stream_fails_alone() {
     let store = store("corrupt").await;

@@ -1,8 +1,11 @@
 -- The append function's body: see `APPEND` in es-redis/src/script.rs for KEYS, ARGV and the
 -- replies. The reply codes and the expected-version modes are named as in
 -- es-redis/src/protocol.rs (`AppendCode`, `ExpectedMode`), whose tests check that both agree.
-local APPENDED, DUPLICATE, CONFLICT, CORRUPT, REFUSED, EVICTING, EXHAUSTED, HELD = 0, 1, 2, 3, 4, 5, 6, 7
+local APPENDED, DUPLICATE, CONFLICT, CORRUPT, REFUSED, EVICTING, EXHAUSTED, HELD, CLOSED = 0, 1, 2, 3, 4, 5, 6, 7, 8
 local ANY, NO_STREAM, STREAM_EXISTS = 'any', 'none', 'exists'
+-- The type of a stream's tombstone (es_core::CLOSED_EVENT_TYPE): an append whose last event has
+-- it closes the stream, and every later append to the stream is refused with CLOSED.
+local TOMBSTONE = '$closed'
 
 local m = tonumber(ARGV[1])
 local floor = tonumber(ARGV[2])
@@ -18,12 +21,13 @@ local LAST = 9007199254740991
 -- with printf's '%.17g', which costs several times as much.
 local fmt = string.format
 
-local starts, ns, ks, ids, vkeys = {}, {}, {}, {}, {}
+local starts, ns, ks, ids, vkeys, ckeys, vckeys = {}, {}, {}, {}, {}, {}, {}
 local writes, messages = false, false
 local a, nids = 4, 0
 for i = 1, m do
   local n, k = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  starts[i], ns[i], ks[i], vkeys[i] = a, n, k, KEYS[4 + 2 * i]
+  starts[i], ns[i], ks[i], vkeys[i], ckeys[i] = a, n, k, KEYS[3 + 3 * i], KEYS[4 + 3 * i]
+  vckeys[2 * i - 1], vckeys[2 * i] = vkeys[i], ckeys[i]
   for j = a + 4, a + 3 + n * 5, 5 do
     nids = nids + 1
     ids[nids] = ARGV[j]
@@ -49,11 +53,15 @@ for s = first + 1, nids, CHUNK do
     if more[j - s + 1] then found[ids[j]] = more[j - s + 1] end
   end
 end
-local stored = {}
-for s = 1, m, CHUNK do
-  local e = math.min(s + CHUNK - 1, m)
-  local more = redis.call('MGET', unpack(vkeys, s, e))
-  for i = s, e do stored[i] = more[i - s + 1] end
+-- Each stream's version and tombstone version (nil while open), in one MGET per chunk.
+local stored, shut = {}, {}
+for s = 1, 2 * m, CHUNK do
+  local e = math.min(s + CHUNK - 1, 2 * m)
+  local more = redis.call('MGET', unpack(vckeys, s, e))
+  for j = s, e do
+    local i = math.floor((j + 1) / 2)
+    if j % 2 == 1 then stored[i] = more[j - s + 1] else shut[i] = more[j - s + 1] end
+  end
 end
 
 local head_ok = pos ~= nil and last_at ~= nil and ob ~= nil
@@ -114,7 +122,8 @@ if head_ok and writes then
   end
 end
 
-local versions, changed, written = {}, {}, {}
+-- closing: the tombstone version of each stream closed by an append of this call, by its key.
+local versions, changed, written, closing = {}, {}, {}, {}
 local index, nindex = {'position', 0, 'recorded_at', ats or '0', 'outbox', 0, 'run', run}, 8
 
 -- Appends the i-th append, or with `dry` only checks it: then it writes nothing, takes its
@@ -149,6 +158,15 @@ local function one(i, dry)
     end
     return DUPLICATE, refs
   end
+  -- A closed stream takes no append, whatever its expected version (an exact retry of a batch
+  -- stored before, the close included, is a DUPLICATE above).
+  local ckey = ckeys[i]
+  local tomb = closing[ckey] or shut[i]
+  if tomb then
+    local v = tonumber(tomb)
+    if v == nil then return CORRUPT, 'closed' end
+    return CLOSED, v
+  end
   local vkey = vkeys[i]
   local cur = versions[vkey]
   if cur == nil then
@@ -175,7 +193,7 @@ local function one(i, dry)
   if pos + n > LAST then return EXHAUSTED, 'positions' end
   if ob + k > LAST then return EXHAUSTED, 'outbox positions' end
 
-  local ekey, stream = KEYS[3 + 2 * i], ARGV[h + 1]
+  local ekey, stream = KEYS[2 + 3 * i], ARGV[h + 1]
   if dry then
     -- What the guarded first XADD below checks: the events key is a stream with no entry at or
     -- beyond the next version.
@@ -231,6 +249,12 @@ local function one(i, dry)
   pos = pos + n
   if versions[vkey] == nil then changed[#changed + 1] = vkey end
   versions[vkey] = cur + n
+  if ARGV[last] == TOMBSTONE then
+    -- The last event is the tombstone: the stream is closed from now on.
+    local vs_last = fmt('%d', cur + n)
+    redis.call('SET', ckey, vs_last)
+    closing[ckey] = vs_last
+  end
   return APPENDED, cur + n, first_pos
 end
 

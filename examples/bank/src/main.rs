@@ -16,7 +16,8 @@
 //! live balance projection fed by a subscription, the audit trail with metadata, balances as of
 //! an earlier version, time and global position, a snapshot being used, an event stored at an
 //! old schema version upcast on load, the integration events waiting in the outbox, a transfer
-//! between two accounts recorded in both streams by one all-or-nothing append, and a
+//! between two accounts recorded in both streams by one all-or-nothing append, an account
+//! closed while its balance moves out (a later deposit refused with the typed error), and a
 //! customer forgotten: the personal fields of the customer profiles are encrypted with a key per
 //! customer (`es_core::personal`, keys in the store's own key store), and destroying the key
 //! erases them from every event and snapshot while the stream stays replayable.
@@ -238,6 +239,7 @@ async fn demo<S: StreamingStore, K: KeyStore>(
     upcasting(&repo, carol).await?;
     integration_events(&store, ids).await?;
     transfers(&repo, alice, bob).await?;
+    closing(&repo, bob, alice).await?;
 
     println!("\n== Live projection ==");
     let head = store.head_position().await?;
@@ -413,6 +415,86 @@ async fn transfers<S: Store>(repo: &Repository<S>, alice: &str, bob: &str) -> an
         Err(err) => println!("  refused   a raw transfer expecting version 1 of both: {err}"),
         Ok(_) => bail!("a transfer with stale versions was written"),
     }
+    Ok(())
+}
+
+/// Closing an account: its balance moves to another account and its stream is closed by one
+/// all-or-nothing multi-stream append (the tombstone last in its part, with the reason in its
+/// metadata); a later deposit is refused with the typed error, by the repository and by the
+/// store, while the closed account still loads, with its history.
+async fn closing<S: Store>(repo: &Repository<S>, leaving: &str, to: &str) -> anyhow::Result<()> {
+    println!("\n== Closing an account ==");
+    let from = repo.load::<BankAccount>(leaving).await?;
+    let other = repo.load::<BankAccount>(to).await?;
+    let amount = from.aggregate.balance;
+    let reason = Metadata::new()
+        .with_actor("teller:ada")
+        .with("reason", "customer moved away");
+    let mut leaving_events = Vec::new();
+    let mut parts = Vec::new();
+    if amount > 0 {
+        let (debit, credit) = transfer(&from.aggregate, &other.aggregate, amount)?;
+        for event in &debit {
+            leaving_events.push(NewEvent::from_domain(event)?);
+        }
+        let credit = credit
+            .iter()
+            .map(NewEvent::from_domain)
+            .collect::<Result<Vec<_>, _>>()?;
+        parts.push(AppendRequest::new(
+            other.stream_id.clone(),
+            ExpectedVersion::Exact(other.version),
+            credit,
+        ));
+    }
+    leaving_events.push(NewEvent::closing().with_metadata(reason));
+    parts.insert(
+        0,
+        AppendRequest::new(
+            from.stream_id.clone(),
+            ExpectedVersion::Exact(from.version),
+            leaving_events,
+        ),
+    );
+    let results = repo.store().append_streams(parts).await?;
+    println!(
+        "  closed    {leaving}: one call moved {} to {to} and appended the tombstone `{}` \
+         (version {}, position {})",
+        money(amount),
+        es_core::CLOSED_EVENT_TYPE,
+        results[0].stream_version,
+        results[0].positions.last().copied().unwrap_or(0)
+    );
+    let deposit = AccountCommand::DepositMoney { amount: 100 };
+    match repo.execute::<BankAccount>(leaving, &deposit).await {
+        Err(err @ RepositoryError::Closed { .. }) => {
+            println!("  refused   {deposit:?} on {leaving}: {err}");
+        }
+        other => bail!("a deposit on a closed account was not refused as closed: {other:?}"),
+    }
+    let raw = repo
+        .store()
+        .append(AppendRequest::new(
+            from.stream_id.clone(),
+            ExpectedVersion::Any,
+            vec![NewEvent::from_domain(&AccountEvent::MoneyDeposited(
+                example_bank::MoneyDeposited { amount: 100 },
+            ))?],
+        ))
+        .await;
+    match raw {
+        Err(err @ es_core::StoreError::StreamClosed { .. }) => {
+            println!("  refused   a raw append expecting any version: {err}");
+        }
+        other => bail!("a raw append to a closed stream was not refused: {other:?}"),
+    }
+    let closed = repo.load::<BankAccount>(leaving).await?;
+    println!(
+        "  {leaving} still loads: closed = {}, version {}, balance {}; its history stays readable",
+        closed.closed,
+        closed.version,
+        money(closed.aggregate.balance)
+    );
     Ok(())
 }
 
