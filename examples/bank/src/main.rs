@@ -495,6 +495,30 @@ async fn closing<S: Store>(repo: &Repository<S>, leaving: &str, to: &str) -> any
         closed.version,
         money(closed.aggregate.balance)
     );
+    // A closed account is history only: everything but its tombstone leaves hot storage.
+    match repo
+        .store()
+        .archive_stream(&closed.stream_id, closed.version)
+        .await
+    {
+        Ok(archived) => {
+            let history: Vec<RecordedEvent> = repo
+                .store()
+                .read_stream(&closed.stream_id, ReadStream::forward())
+                .try_collect()
+                .await?;
+            println!(
+                "  archived  {leaving}: {} event(s) moved out of hot storage, the tombstone \
+                 stays; its history still reads {} events",
+                archived.moved,
+                history.len()
+            );
+        }
+        Err(StoreError::InvalidArchive { reason, .. }) => {
+            println!("  not archived: {reason}");
+        }
+        Err(err) => return Err(err.into()),
+    }
     Ok(())
 }
 
