@@ -597,3 +597,61 @@ pub async fn archiving_races_appends_and_readers<S: Store>(store: S) {
     assert_eq!(counted, moved, "every move was counted once");
     assert!(moved >= 2999, "the archiver moved {moved} events");
 }
+
+/// A closed stream archived up to its tombstone stays closed: the tombstone is the hot event,
+/// every later append is still [`StoreError::StreamClosed`], and the aggregate loads closed,
+/// with its state, from the archive.
+pub async fn archived_closed_streams_stay_closed<S: Store>(store: S) {
+    let repo = ledger_repository(&store);
+    repo.execute::<Ledger>("gone", &LedgerCommand::Open)
+        .await
+        .unwrap();
+    for amount in 1..=12 {
+        repo.execute::<Ledger>("gone", &LedgerCommand::Credit(amount))
+            .await
+            .unwrap();
+    }
+    let open = repo.load::<Ledger>("gone").await.unwrap();
+    repo.close::<Ledger>("gone", &es_core::Metadata::default())
+        .await
+        .unwrap();
+    let stream_id = Repository::<S>::stream_id::<Ledger>("gone").unwrap();
+    let version = store.stream_version(&stream_id).await.unwrap();
+    assert_eq!(
+        version,
+        open.version + 1,
+        "the tombstone took the next version"
+    );
+    assert_eq!(
+        archive(&store, &stream_id, version).await,
+        Archived {
+            moved: version - 1,
+            hot_from: version
+        }
+    );
+    for expected in [
+        ExpectedVersion::Any,
+        ExpectedVersion::Exact(version),
+        ExpectedVersion::StreamExists,
+    ] {
+        let late = NewEvent::from_value("Credited", 1, &json!({ "n": 0 }));
+        match store
+            .append(AppendRequest::new(stream_id.clone(), expected, vec![late]))
+            .await
+        {
+            Err(StoreError::StreamClosed { version: at, .. }) => assert_eq!(at, version),
+            other => panic!("an append ({expected:?}) to an archived closed stream: {other:?}"),
+        }
+    }
+    let fresh = ledger_repository(&store);
+    let loaded = fresh.load_without_snapshot::<Ledger>("gone").await.unwrap();
+    assert!(loaded.closed, "the archived stream loads closed");
+    assert_eq!(loaded.aggregate, open.aggregate);
+    let events = collect(
+        store.read_stream(&stream_id, ReadStream::backward()),
+        "read",
+    )
+    .await;
+    assert_eq!(events.len() as u64, version);
+    assert_eq!(events[0].event_type, es_core::CLOSED_EVENT_TYPE);
+}
