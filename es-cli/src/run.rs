@@ -334,12 +334,12 @@ pub(crate) async fn replay<S: StreamingStore, T: ReplayTarget>(
         }
     };
     // The interrupt is polled by a task of its own; the build checks the flag between batches.
-    let stop = Arc::new(AtomicBool::new(false));
+    let interrupted = Arc::new(AtomicBool::new(false));
     let watcher = {
-        let stop = Arc::clone(&stop);
+        let interrupted = Arc::clone(&interrupted);
         tokio::spawn(async move {
             interrupt.await;
-            stop.store(true, Ordering::Relaxed);
+            interrupted.store(true, Ordering::Relaxed);
         })
     };
     let bar = ProgressBar::new(0);
@@ -352,7 +352,7 @@ pub(crate) async fn replay<S: StreamingStore, T: ReplayTarget>(
     let progress = |at: u64, head: u64| {
         bar.set_length(head);
         bar.set_position(at);
-        if stop.load(Ordering::Relaxed) {
+        if interrupted.load(Ordering::Relaxed) {
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())

@@ -33,9 +33,9 @@ fn effect(event: &RecordedEvent, fixed: bool) -> Result<Option<(String, i64)>, H
         .unwrap_or(0);
     let account = event.stream_id.to_string();
     Ok(match (event.event_type.as_str(), fixed) {
-        ("Deposited", _) => Some((account, amount)),
+        // The bug: a withdrawal counted as a deposit.
+        ("Deposited", _) | ("Withdrawn", false) => Some((account, amount)),
         ("Withdrawn", true) => Some((account, -amount)),
-        ("Withdrawn", false) => Some((account, amount)),
         ("Opened", true) => Some((account, 0)),
         (other, false) => Some((format!("unknown:{other}"), 0)),
         (_, true) => None,
@@ -415,9 +415,28 @@ async fn scenario<S, T, L>(
         "the live side untouched"
     );
 
-    // Switch, with the buggy worker stopped first; the fixed one goes on from the shadow.
     buggy.shutdown().await;
-    let (text, err) = es(&registry, &conn, "switch", &[], std::future::pending()).await;
+    switched_then_discarded(&store, &conn, &registry, &target, live, fixed).await;
+}
+
+/// Switches the built shadow in (the buggy worker stopped), lets the fixed projection go on with
+/// a later event, then replays again (an empty diff) and discards; a switch with no shadow is
+/// refused and changes nothing.
+async fn switched_then_discarded<S, T, L>(
+    store: &S,
+    conn: &[String],
+    registry: &es_cli::Registry,
+    target: &T,
+    live: L,
+    fixed: BTreeMap<String, Value>,
+) where
+    S: StreamingStore,
+    T: ReplayTarget,
+    L: Fn(bool) -> T::Projection,
+{
+    let head = store.head_position().await.unwrap();
+    let runner = ProjectionRunner::new(store.clone());
+    let (text, err) = es(registry, conn, "switch", &[], std::future::pending()).await;
     assert!(err.is_none(), "{err:?}");
     assert_eq!(
         text.trim(),
@@ -451,13 +470,13 @@ async fn scenario<S, T, L>(
     assert_eq!(target.rows(Side::Live).await.unwrap(), expected);
 
     // Nothing left to fix: an empty diff, then discarded.
-    let (text, err) = es(&registry, &conn, "replay", &[], std::future::pending()).await;
+    let (text, err) = es(registry, conn, "replay", &[], std::future::pending()).await;
     assert!(err.is_none(), "{err:?}");
     assert!(
         text.contains("\n0 added, 0 changed, 0 removed, 4 unchanged\n"),
         "{text}"
     );
-    let (text, err) = es(&registry, &conn, "discard", &[], std::future::pending()).await;
+    let (text, err) = es(registry, conn, "discard", &[], std::future::pending()).await;
     assert!(err.is_none(), "{err:?}");
     assert_eq!(
         text.trim(),
@@ -465,7 +484,7 @@ async fn scenario<S, T, L>(
     );
     assert!(!target.has_shadow().await.unwrap());
     let before = store.load_checkpoint("balances").await.unwrap();
-    let (_, err) = es(&registry, &conn, "switch", &[], std::future::pending()).await;
+    let (_, err) = es(registry, conn, "switch", &[], std::future::pending()).await;
     let err = err.expect("a switch with no shadow is refused");
     assert!(
         err.to_string().contains("there is no shadow of `balances`"),

@@ -36,7 +36,7 @@ struct Balances {
 }
 
 impl Projection for Balances {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "balances"
     }
 
@@ -46,9 +46,9 @@ impl Projection for Balances {
         let mut rows = self.rows.lock().unwrap();
         let key = event.stream_id.to_string();
         match (event.event_type.as_str(), self.fixed) {
-            ("Deposited", _) => *rows.entry(key).or_default() += amount,
+            // The bug: a withdrawal counted as a deposit.
+            ("Deposited", _) | ("Withdrawn", false) => *rows.entry(key).or_default() += amount,
             ("Withdrawn", true) => *rows.entry(key).or_default() -= amount,
-            ("Withdrawn", false) => *rows.entry(key).or_default() += amount,
             ("Opened", true) => {
                 rows.entry(key).or_default();
             }
@@ -148,11 +148,10 @@ fn fixed_balances(accounts: &HashMap<&str, Vec<(&str, i64)>>) -> BTreeMap<String
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_buggy_projection_is_replayed_compared_and_switched() {
-    let store = InMemoryStore::new();
+/// 1,200 events over four accounts (several shadow batches, so an interrupted build can
+/// resume); returns each account's events.
+async fn seed(store: &InMemoryStore) -> HashMap<&'static str, Vec<(&'static str, i64)>> {
     let mut accounts: HashMap<&str, Vec<(&str, i64)>> = HashMap::new();
-    // 1,200 events: several shadow batches, so an interrupted build can resume.
     for round in 0..100_i64 {
         for id in ["a", "b", "c", "d"] {
             let mut batch = vec![("Deposited", 10 + round)];
@@ -166,14 +165,16 @@ async fn a_buggy_projection_is_replayed_compared_and_switched() {
                 .entry(id)
                 .or_default()
                 .extend(batch.iter().copied());
-            append(
-                &store,
-                id,
-                batch.iter().map(|(t, a)| event(t, *a)).collect(),
-            )
-            .await;
+            append(store, id, batch.iter().map(|(t, a)| event(t, *a)).collect()).await;
         }
     }
+    accounts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buggy_projection_is_replayed_compared_and_switched() {
+    let store = InMemoryStore::new();
+    let mut accounts = seed(&store).await;
     let head = store.head_position().await.unwrap();
 
     // The buggy projection, live.
@@ -249,6 +250,20 @@ async fn a_buggy_projection_is_replayed_compared_and_switched() {
     assert!(text.contains("- unknown:Opened: 0"), "{text}");
     assert!(text.contains("(1 more not shown)"), "{text}");
 
+    switch_then_discard(&store, &models, &replay, live, &mut accounts).await;
+}
+
+/// Switches (the old worker stopped), lets the fixed projection go on with a later event, then
+/// replays again (an empty diff) and discards; a switch with no shadow changes nothing.
+async fn switch_then_discard(
+    store: &InMemoryStore,
+    models: &Models,
+    replay: &Replay<InMemoryStore, Models>,
+    live: es_core::ProjectionHandle<InMemoryStore>,
+    accounts: &mut HashMap<&'static str, Vec<(&'static str, i64)>>,
+) {
+    let head = store.head_position().await.unwrap();
+    let runner = ProjectionRunner::new(store.clone());
     // Switch: the live worker (old code) is fenced off and stopped; the fixed one goes on from
     // the shadow's position with the events appended after it.
     let moved = replay.switch().await.unwrap();
@@ -256,7 +271,7 @@ async fn a_buggy_projection_is_replayed_compared_and_switched() {
     live.shutdown().await;
     assert_eq!(
         models.rows(Side::Live).await.unwrap(),
-        fixed_balances(&accounts)
+        fixed_balances(accounts)
     );
     let checkpoint = store.load_checkpoint("balances").await.unwrap();
     assert_eq!(checkpoint.position, head);
@@ -264,7 +279,7 @@ async fn a_buggy_projection_is_replayed_compared_and_switched() {
         checkpoint.generation >= 1,
         "the switch started a new generation"
     );
-    append(&store, "a", vec![event("Withdrawn", 50)]).await;
+    append(store, "a", vec![event("Withdrawn", 50)]).await;
     accounts.get_mut("a").unwrap().push(("Withdrawn", 50));
     let fixed = runner.spawn(AtLeastOnce::new(
         Balances {
@@ -278,7 +293,7 @@ async fn a_buggy_projection_is_replayed_compared_and_switched() {
     fixed.shutdown().await;
     assert_eq!(
         models.rows(Side::Live).await.unwrap(),
-        fixed_balances(&accounts)
+        fixed_balances(accounts)
     );
     assert_eq!(
         replay.diff().await.unwrap().removed.len(),
@@ -297,7 +312,7 @@ async fn a_buggy_projection_is_replayed_compared_and_switched() {
     replay.discard().await.unwrap();
     assert_eq!(
         models.rows(Side::Live).await.unwrap(),
-        fixed_balances(&accounts)
+        fixed_balances(accounts)
     );
     let before = store.load_checkpoint("balances").await.unwrap();
     let refused = replay.switch().await.unwrap_err();
