@@ -66,7 +66,7 @@
 //!   [`StoreError::Fenced`].
 
 mod append;
-mod archive;
+pub mod archive;
 mod checkpoint;
 mod error;
 mod event_store;
