@@ -278,7 +278,17 @@ fn told(result: Result<es_core::Executed<Acct>, RepositoryError<AcctError>>) -> 
             attempts: e.attempts,
         },
         Err(RepositoryError::Domain { version, .. }) => Told::Domain { version },
-        Err(RepositoryError::Conflict { .. }) => Told::Conflict,
+        Err(RepositoryError::Conflict {
+            expected, actual, ..
+        }) => {
+            // The conflict a command reports is one that happened: never "expected N, found N"
+            // (a batch abandoned behind a conflicting one reports that one's conflict).
+            assert_ne!(
+                expected, actual,
+                "a conflict between equal versions was reported"
+            );
+            Told::Conflict
+        }
         Err(RepositoryError::Store { source, .. }) => Told::Store(source.to_string()),
         Err(other) => Told::Other(other.to_string()),
     }

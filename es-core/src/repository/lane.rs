@@ -219,8 +219,10 @@ enum Outcome {
         positions: Vec<u64>,
         snapshot_saved: bool,
     },
-    /// Another writer moved the stream; `actual` is its version then.
-    Conflict { actual: u64 },
+    /// Another writer moved the stream: the batch that conflicted expected `expected`, and the
+    /// stream was at `actual`. A batch abandoned because the one before it conflicted reports
+    /// that conflict, not its own expected version (which counted the events never written).
+    Conflict { expected: u64, actual: u64 },
     /// The store refused the batch for another reason, and wrote nothing: with one writer, its
     /// error; with several, each runs again alone.
     Refused {
@@ -630,7 +632,7 @@ impl<S: Store> Repository<S> {
                     snapshot_saved: *snapshot_saved && n > 0,
                 }))
             }
-            Outcome::Conflict { actual } => again(Some((member.batch.expected, *actual)), false),
+            Outcome::Conflict { expected, actual } => again(Some((*expected, *actual)), false),
             Outcome::Refused { writers, .. } if *writers > 1 || member.events.is_empty() => {
                 again(None, true)
             }
@@ -678,7 +680,9 @@ impl<S: Store> Repository<S> {
                 }
                 close(&lane, &batch).await;
                 settle.send_replace(Some(Arc::new(match *before {
-                    Outcome::Conflict { actual } => Outcome::Conflict { actual },
+                    Outcome::Conflict { expected, actual } => {
+                        Outcome::Conflict { expected, actual }
+                    }
                     _ => Outcome::Abandoned,
                 })));
                 return;
@@ -722,7 +726,10 @@ impl<S: Store> Repository<S> {
                 Err(error) => {
                     lane.forget().await;
                     match error {
-                        StoreError::Conflict { actual, .. } => Outcome::Conflict { actual },
+                        StoreError::Conflict { actual, .. } => Outcome::Conflict {
+                            expected: batch.expected,
+                            actual,
+                        },
                         error if nothing_written(&error) => Outcome::Refused {
                             error: Mutex::new(Some(error)),
                             writers,
@@ -751,7 +758,7 @@ impl<S: Store> Repository<S> {
             },
             Ok(actual) => {
                 lane.forget().await;
-                Outcome::Conflict { actual }
+                Outcome::Conflict { expected, actual }
             }
             Err(error) => {
                 lane.forget().await;
