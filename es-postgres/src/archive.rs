@@ -21,7 +21,7 @@ use crate::Error;
 /// The tables of an archive in schema `{s}` (the quoted name): one row naming the store that
 /// owns the archive, and the archived events, each once by feed position, by stream version
 /// and (indexed, not unique) by event id.
-const TABLES: &str = r#"CREATE SCHEMA IF NOT EXISTS {s};
+const TABLES: &str = r"CREATE SCHEMA IF NOT EXISTS {s};
 CREATE TABLE IF NOT EXISTS {s}.archive_owner (
     only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
     owner text NOT NULL,
@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS {s}.archive_events (
     UNIQUE (stream_id, stream_version)
 );
 CREATE INDEX IF NOT EXISTS archive_events_event_id ON {s}.archive_events (event_id);
-"#;
+";
 
 const COLUMNS: &str = "partition, global_position, stream_id, stream_version, event_id, \
                        event_type, schema_version, payload, metadata, recorded_at";

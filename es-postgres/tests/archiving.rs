@@ -28,6 +28,19 @@ mod least_privilege {
 /// them moved, with every column unchanged, and the stream's last event still in `events`.
 #[tokio::test]
 async fn archived_rows_move_between_the_tables_unchanged() {
+    type Row = (
+        i64,
+        String,
+        String,
+        i64,
+        uuid::Uuid,
+        String,
+        i64,
+        String,
+        String,
+        chrono::DateTime<chrono::Utc>,
+        i32,
+    );
     let url = es_test_support::database_url();
     let schema = common::unique_schema("arch");
     let store = common::store_on(&url, &schema).await;
@@ -51,19 +64,6 @@ async fn archived_rows_move_between_the_tables_unchanged() {
              FROM \"{schema}\".{table} ORDER BY global_position"
         )
     };
-    type Row = (
-        i64,
-        String,
-        String,
-        i64,
-        uuid::Uuid,
-        String,
-        i64,
-        String,
-        String,
-        chrono::DateTime<chrono::Utc>,
-        i32,
-    );
     let before: Vec<Row> = sqlx::query_as(AssertSqlSafe(rows("events")))
         .fetch_all(&admin)
         .await

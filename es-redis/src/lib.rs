@@ -545,10 +545,7 @@ impl RedisStoreBuilder {
                 .map_err(|source| Error::connect(&self.url, source))?;
         }
         self.check_layout(&mut conn, &keys, &check_layout).await?;
-        let archive = match &self.archive {
-            Some(archive) => Some(self.claim_archive(&mut conn, &keys, archive).await?),
-            None => None,
-        };
+        let archive = self.claim_archive(&mut conn, &keys).await?;
         let server = Arc::new(Server::new(settings, requirements));
         server.start_monitor(MonitorConfig {
             client: target.clone(),
@@ -568,12 +565,7 @@ impl RedisStoreBuilder {
             allow_eviction: self.allow_eviction,
             wait: self.wait,
         });
-        let group = self.group_commit.then(|| {
-            keys.all_partitions()
-                .iter()
-                .map(|_| GroupCommit::new(Arc::clone(&appender), GroupLimits::DEFAULT))
-                .collect()
-        });
+        let group = self.group_commit.then(|| group_commits(&keys, &appender));
         Ok(RedisStore {
             outbox_scope: None,
             inner: Arc::new(Inner {
@@ -603,15 +595,17 @@ impl RedisStoreBuilder {
         })
     }
 
-    /// Claims `archive` for this store: its identity is the prefix and a random id recorded in
-    /// the meta key the first time (so two stores with the same prefix on different servers are
-    /// told apart).
+    /// Claims the builder's archive, if it has one, for this store: its identity is the prefix
+    /// and a random id recorded in the meta key the first time (so two stores with the same
+    /// prefix on different servers are told apart).
     async fn claim_archive(
         &self,
         conn: &mut Connection,
         keys: &Keys,
-        archive: &Arc<dyn es_core::contract::EventArchive>,
-    ) -> Result<archive::ArchiveConfig, Error> {
+    ) -> Result<Option<archive::ArchiveConfig>, Error> {
+        let Some(archive) = &self.archive else {
+            return Ok(None);
+        };
         let script = Lua::new(script::ARCHIVE_OWNER);
         let mut cmd = script.command(&[keys.meta()]);
         cmd.arg(uuid::Uuid::new_v4().hyphenated().to_string());
@@ -640,11 +634,19 @@ impl RedisStoreBuilder {
             .claim(&owner)
             .await
             .map_err(|source| Error::Archive { source })?;
-        Ok(archive::ArchiveConfig {
+        Ok(Some(archive::ArchiveConfig {
             archive: Arc::clone(archive),
             delete: Lua::new(script::ARCHIVE),
-        })
+        }))
     }
+}
+
+/// With group commit, one group per feed partition of `keys`, all sending through `appender`.
+fn group_commits(keys: &Keys, appender: &Arc<Appender>) -> Box<[GroupCommit]> {
+    keys.all_partitions()
+        .iter()
+        .map(|_| GroupCommit::new(Arc::clone(appender), GroupLimits::DEFAULT))
+        .collect()
 }
 
 impl RedisStoreBuilder {

@@ -206,6 +206,47 @@ fn ledger_repository<S: Store>(store: &S) -> Repository<S> {
         .expect("a repository without upcasters")
 }
 
+/// Reads `long` (3000 events) forward, backward and as a load's pages until `stop` is set and at
+/// least three times, checking every read; returns how many rounds it made.
+fn read_while_archived<S: Store>(
+    store: &S,
+    long: &StreamId,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    let (store, long, stop) = (store.clone(), long.clone(), Arc::clone(stop));
+    tokio::spawn(async move {
+        let mut rounds = 0_u64;
+        while !stop.load(Ordering::Relaxed) || rounds < 3 {
+            let forward: Vec<u64> = collect(
+                store.read_stream(&long, ReadStream::forward()),
+                "forward read",
+            )
+            .await
+            .iter()
+            .map(|e| e.stream_version)
+            .collect();
+            assert_eq!(forward, (1..=3000).collect::<Vec<_>>(), "a forward read");
+            let backward: Vec<u64> = collect(
+                store.read_stream(&long, ReadStream::backward()),
+                "backward read",
+            )
+            .await
+            .iter()
+            .map(|e| e.stream_version)
+            .collect();
+            assert_eq!(
+                backward,
+                (1..=3000).rev().collect::<Vec<_>>(),
+                "a backward read"
+            );
+            let pages = page_versions(&store, &long, ReadStream::forward()).await;
+            assert_eq!(pages, (1..=3000).collect::<Vec<_>>(), "a load's pages");
+            rounds += 1;
+        }
+        rounds
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cases
 
@@ -471,40 +512,7 @@ pub async fn archiving_races_appends_and_readers<S: Store>(store: S) {
 
     let stop = Arc::new(AtomicBool::new(false));
     // Reads the long stream whole, again and again, while it is archived under it.
-    let reader = {
-        let (store, long, stop) = (store.clone(), long.clone(), Arc::clone(&stop));
-        tokio::spawn(async move {
-            let mut rounds = 0_u64;
-            while !stop.load(Ordering::Relaxed) || rounds < 3 {
-                let forward: Vec<u64> = collect(
-                    store.read_stream(&long, ReadStream::forward()),
-                    "forward read",
-                )
-                .await
-                .iter()
-                .map(|e| e.stream_version)
-                .collect();
-                assert_eq!(forward, (1..=3000).collect::<Vec<_>>(), "a forward read");
-                let backward: Vec<u64> = collect(
-                    store.read_stream(&long, ReadStream::backward()),
-                    "backward read",
-                )
-                .await
-                .iter()
-                .map(|e| e.stream_version)
-                .collect();
-                assert_eq!(
-                    backward,
-                    (1..=3000).rev().collect::<Vec<_>>(),
-                    "a backward read"
-                );
-                let pages = page_versions(&store, &long, ReadStream::forward()).await;
-                assert_eq!(pages, (1..=3000).collect::<Vec<_>>(), "a load's pages");
-                rounds += 1;
-            }
-            rounds
-        })
-    };
+    let reader = read_while_archived(&store, &long, &stop);
     let archiver = {
         let (store, long, stop) = (store.clone(), long.clone(), Arc::clone(&stop));
         tokio::spawn(async move {
@@ -561,10 +569,10 @@ pub async fn archiving_races_appends_and_readers<S: Store>(store: S) {
 
     let followed = patiently("the subscription", PATIENCE, feed).await.unwrap();
     check_feed("the subscription", &followed, &written);
-    let polled = patiently("the poller", PATIENCE, poller).await.unwrap();
-    check_feed("read_all in pages of 7", &polled, &written);
+    let paged_feed = patiently("the poller", PATIENCE, poller).await.unwrap();
+    check_feed("read_all in pages of 7", &paged_feed, &written);
 
-    let mut archived = 0;
+    let mut counted = 0;
     for s in (0..WRITERS)
         .map(|w| stream("warm", &format!("w{w}")))
         .chain([long])
@@ -576,8 +584,8 @@ pub async fn archiving_races_appends_and_readers<S: Store>(store: S) {
             (1..=version).collect::<Vec<_>>(),
             "`{s}` after the race"
         );
-        archived += archive(&store, &s, 1).await.hot_from - 1;
+        counted += archive(&store, &s, 1).await.hot_from - 1;
     }
-    assert_eq!(archived, moved, "every move was counted once");
+    assert_eq!(counted, moved, "every move was counted once");
     assert!(moved >= 2999, "the archiver moved {moved} events");
 }

@@ -112,3 +112,7 @@ pub mod multi_stream {}
 #[doc = chapter_links!()]
 #[doc = include_str!("../../docs/16-multi-tenancy.md")]
 pub mod tenancy {}
+
+#[doc = chapter_links!()]
+#[doc = include_str!("../../docs/18-archiving-redis.md")]
+pub mod archiving_redis {}
