@@ -449,3 +449,243 @@ pub fn merge_feed_read(
             .try_flatten(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::event::Metadata;
+
+    fn stream() -> StreamId {
+        StreamId::new("cold", "s").unwrap()
+    }
+
+    /// Version `v` at position `3 v` (positions are not dense).
+    fn event(v: u64) -> RecordedEvent {
+        RecordedEvent {
+            event_id: uuid::Uuid::from_u128(u128::from(v)),
+            stream_id: stream(),
+            stream_version: v,
+            global_position: 3 * v,
+            partition: 0,
+            event_type: if v % 2 == 0 { "Even" } else { "Odd" }.to_owned(),
+            schema_version: 1,
+            payload: bytes::Bytes::from_static(b"{}"),
+            metadata: Metadata::default(),
+            recorded_at: chrono::DateTime::UNIX_EPOCH,
+        }
+    }
+
+    /// An archive holding `events`, read as PostgreSQL's would.
+    struct Cold(Mutex<Vec<RecordedEvent>>);
+
+    impl EventArchive for Cold {
+        fn claim<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn store<'a>(
+            &'a self,
+            events: &'a [RecordedEvent],
+        ) -> BoxFuture<'a, Result<(), StoreError>> {
+            self.0.lock().unwrap().extend_from_slice(events);
+            Box::pin(async { Ok(()) })
+        }
+        fn read_stream<'a>(
+            &'a self,
+            _: &'a StreamId,
+            versions: RangeInclusive<u64>,
+            direction: Direction,
+            limit: u64,
+        ) -> BoxFuture<'a, Result<Vec<RecordedEvent>, StoreError>> {
+            let mut found: Vec<RecordedEvent> = self
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| versions.contains(&e.stream_version))
+                .cloned()
+                .collect();
+            found.sort_by_key(|e| e.stream_version);
+            if direction == Direction::Backward {
+                found.reverse();
+            }
+            found.truncate(usize::try_from(limit).unwrap());
+            Box::pin(async move { Ok(found) })
+        }
+        fn read_partition<'a>(
+            &'a self,
+            _: u32,
+            after: u64,
+            up_to: u64,
+            filter: &'a EventFilter,
+            limit: u64,
+        ) -> BoxFuture<'a, Result<Vec<RecordedEvent>, StoreError>> {
+            let mut found: Vec<RecordedEvent> = self
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e.global_position > after && e.global_position <= up_to)
+                .filter(|e| filter.matches(e))
+                .cloned()
+                .collect();
+            found.sort_by_key(|e| e.global_position);
+            found.truncate(usize::try_from(limit).unwrap());
+            Box::pin(async move { Ok(found) })
+        }
+    }
+
+    /// Hot storage holding `events` (sorted by version).
+    struct Hot(Vec<RecordedEvent>);
+
+    impl Hot {
+        fn read(&self, read: ReadStream) -> EventStream {
+            let events: Vec<RecordedEvent> = match read.direction {
+                Direction::Forward => self
+                    .0
+                    .iter()
+                    .filter(|e| e.stream_version >= read.from)
+                    .cloned()
+                    .collect(),
+                Direction::Backward => self
+                    .0
+                    .iter()
+                    .rev()
+                    .filter(|e| e.stream_version <= read.from)
+                    .cloned()
+                    .collect(),
+            };
+            Box::pin(futures::stream::iter(events.into_iter().map(Ok)))
+        }
+    }
+
+    impl HotFeed for Hot {
+        fn head(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+            let head = self.0.last().map_or(0, |e| e.global_position);
+            Box::pin(async move { Ok(head) })
+        }
+        fn page(
+            &self,
+            after: u64,
+            count: u64,
+        ) -> BoxFuture<'_, Result<Vec<RecordedEvent>, StoreError>> {
+            let page = self
+                .0
+                .iter()
+                .filter(|e| e.global_position > after)
+                .take(usize::try_from(count).unwrap())
+                .cloned()
+                .collect();
+            Box::pin(async move { Ok(page) })
+        }
+    }
+
+    /// Versions 1 to 20; `cold` in the archive, `hot` in hot storage (both may hold a version).
+    fn split(cold: RangeInclusive<u64>, hot: RangeInclusive<u64>) -> (Arc<Cold>, Arc<Hot>) {
+        (
+            Arc::new(Cold(Mutex::new(cold.map(event).collect()))),
+            Arc::new(Hot(hot.map(event).collect())),
+        )
+    }
+
+    async fn versions(cold: &Arc<Cold>, hot: &Hot, read: ReadStream, page: u64) -> Vec<u64> {
+        let archive: Arc<dyn EventArchive> = cold.clone();
+        merge_stream_read(
+            hot.read(ReadStream {
+                limit: None,
+                ..read
+            }),
+            archive,
+            stream(),
+            read,
+            page,
+        )
+        .map_ok(|e| e.stream_version)
+        .try_collect()
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn stream_reads_fill_gaps_from_the_archive_once() {
+        // Archived 1..=11, hot 8..=20: a crash left 8..=11 in both.
+        for (cold, hot) in [(1..=7, 8..=20), (1..=11, 8..=20), (1..=19, 20..=20)] {
+            let (cold, hot) = split(cold, hot);
+            for page in [1, 3, 100] {
+                let all: Vec<u64> = (1..=20).collect();
+                let read = |r| versions(&cold, &hot, r, page);
+                assert_eq!(read(ReadStream::forward()).await, all);
+                assert_eq!(
+                    read(ReadStream::forward().from(3).limit(4)).await,
+                    [3, 4, 5, 6]
+                );
+                assert_eq!(read(ReadStream::forward().from(0)).await, all);
+                assert_eq!(
+                    read(ReadStream::forward().from(21)).await,
+                    Vec::<u64>::new()
+                );
+                let back: Vec<u64> = (1..=20).rev().collect();
+                assert_eq!(read(ReadStream::backward()).await, back);
+                assert_eq!(read(ReadStream::backward().from(100)).await, back);
+                assert_eq!(read(ReadStream::backward().from(5)).await, [5, 4, 3, 2, 1]);
+                assert_eq!(read(ReadStream::backward().from(9).limit(2)).await, [9, 8]);
+                assert_eq!(
+                    read(ReadStream::backward().from(0)).await,
+                    Vec::<u64>::new()
+                );
+            }
+        }
+        // A stream without events.
+        let (cold, hot) = (Arc::new(Cold(Mutex::new(Vec::new()))), Hot(Vec::new()));
+        assert!(versions(&cold, &hot, ReadStream::backward().from(5), 10)
+            .await
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_gap_in_neither_place_is_corrupt() {
+        let (cold, hot) = split(1..=3, 8..=20);
+        let archive: Arc<dyn EventArchive> = cold;
+        let read = ReadStream::forward();
+        let err = merge_stream_read(hot.read(read), archive, stream(), read, 10)
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn feed_reads_merge_by_position_once_in_any_page_size() {
+        for (cold, hot) in [(1..=7, 8..=20), (1..=11, 8..=20), (1..=19, 20..=20)] {
+            let (cold, hot) = split(cold, hot);
+            for page in [1, 2, 3, 7, 100] {
+                for (filter, expect) in [
+                    (EventFilter::all(), (1..=20).collect::<Vec<u64>>()),
+                    (
+                        EventFilter::all().event_type("Even"),
+                        (1..=20).filter(|v| v % 2 == 0).collect(),
+                    ),
+                ] {
+                    let archive: Arc<dyn EventArchive> = cold.clone();
+                    let read = ReadAll::after(0).filter(filter.clone());
+                    let got: Vec<u64> = merge_feed_read(hot.clone(), archive, 0, read, page)
+                        .map_ok(|e| e.stream_version)
+                        .try_collect()
+                        .await
+                        .unwrap();
+                    assert_eq!(got, expect, "page {page}");
+                    let archive: Arc<dyn EventArchive> = cold.clone();
+                    let read = ReadAll::after(3 * 4).limit(5).filter(filter);
+                    let got: Vec<u64> = merge_feed_read(hot.clone(), archive, 0, read, page)
+                        .map_ok(|e| e.stream_version)
+                        .try_collect()
+                        .await
+                        .unwrap();
+                    let tail: Vec<u64> = expect.into_iter().filter(|v| *v > 4).take(5).collect();
+                    assert_eq!(got, tail, "after position 12, page {page}");
+                }
+            }
+        }
+    }
+}
