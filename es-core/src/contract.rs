@@ -84,7 +84,9 @@ pub use append::{
     classify_retry, classify_streams_retry, validate_streams, AppendLimits, AppendRequest,
     AppendResult, StoredEventRef,
 };
-pub use archive::{check_archive, Archived};
+pub use archive::{
+    check_archive, merge_feed_read, merge_stream_read, Archived, EventArchive, HotFeed,
+};
 pub use checkpoint::{Checkpoint, CheckpointStore};
 pub use error::{StoreError, StoreFuture};
 pub use event_store::{

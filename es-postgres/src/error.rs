@@ -111,6 +111,21 @@ pub enum Error {
     /// Any other database error while building the store.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
+    /// A [`PgEventArchive`](crate::PgEventArchive) belongs to another store than the one that
+    /// claimed it (see [`EventArchive::claim`](es_core::contract::EventArchive::claim)): an
+    /// archive holds the events of one store, whose positions and versions another store would
+    /// collide with. Nothing was written. Give each store an archive schema of its own.
+    #[error(
+        "the event archive in schema `{schema}` belongs to {owner}, not to {claimant}: give each          store an archive schema of its own"
+    )]
+    ArchiveOwned {
+        /// The archive's schema.
+        schema: String,
+        /// The store recorded as its owner.
+        owner: String,
+        /// The store that claimed it.
+        claimant: String,
+    },
 }
 
 impl Error {

@@ -70,6 +70,7 @@
 #![doc = include_str!("../DESIGN.md")]
 #![doc(test(attr(deny(warnings))))]
 
+mod archive;
 mod codec;
 mod error;
 mod inline;
@@ -108,6 +109,7 @@ use sqlx::{AssertSqlSafe, PgConnection, Row};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+pub use archive::PgEventArchive;
 pub use error::Error;
 pub use inline::InlineHandler;
 pub use keys::PgKeyStore;

@@ -191,6 +191,15 @@ pub enum Error {
         /// Why it cannot be read, and what to do.
         reason: String,
     },
+    /// The event archive given to [`archive`](crate::RedisStoreBuilder::archive) refused the
+    /// store when `build` claimed it (it belongs to another store: es-postgres'
+    /// `Error::ArchiveOwned`), or could not be reached.
+    #[error("the store's event archive cannot be used: {source}")]
+    Archive {
+        /// The archive's error.
+        #[source]
+        source: es_core::StoreError,
+    },
 }
 
 impl Error {

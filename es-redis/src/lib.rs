@@ -37,6 +37,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod append;
+mod archive;
 mod conn;
 mod decode;
 mod error;
@@ -125,6 +126,8 @@ pub(crate) struct Inner {
     heads: Arc<[Arc<Head>]>,
     watch: Box<[WatchConfig]>,
     server: Arc<Server>,
+    /// The event archive, if the store has one.
+    archive: Option<archive::ArchiveConfig>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -165,6 +168,8 @@ pub struct RedisStoreBuilder {
     partitioning: Partitioning,
     /// The cluster nodes' URLs, for a store on a Redis Cluster.
     cluster: Option<Vec<String>>,
+    /// Where `archive_stream` moves events to.
+    archive: Option<Arc<dyn es_core::contract::EventArchive>>,
 }
 
 /// The sentinels to ask for the primary, and the name they monitor it by. Their URLs show
@@ -251,6 +256,7 @@ impl std::fmt::Debug for RedisStoreBuilder {
                         .collect::<Vec<_>>()
                 }),
             )
+            .field("archive", &self.archive.is_some())
             .finish()
     }
 }
@@ -437,6 +443,16 @@ impl RedisStoreBuilder {
 
     /// The layout the store will use: the one set, or the default for the deployment (tagged
     /// on a cluster and for several partitions).
+    /// The event archive [`EventStore::archive_stream`] moves events to (out of Redis), and
+    /// that every read merges with: see the crate docs, section "Archiving". `build` claims it
+    /// for this store (an identity recorded in the store's meta key) and fails with
+    /// [`Error::Archive`] if it belongs to another store. Without one, `archive_stream` is
+    /// [`StoreError::InvalidArchive`] and moves nothing.
+    pub fn archive(mut self, archive: Arc<dyn es_core::contract::EventArchive>) -> Self {
+        self.archive = Some(archive);
+        self
+    }
+
     fn layout(&self) -> KeyLayout {
         self.layout.unwrap_or(
             if self.cluster.is_some() || !self.partitioning.is_single() {
@@ -529,6 +545,7 @@ impl RedisStoreBuilder {
                 .map_err(|source| Error::connect(&self.url, source))?;
         }
         self.check_layout(&mut conn, &keys, &check_layout).await?;
+        let archive = self.claim_archive(&mut conn, &keys).await?;
         let server = Arc::new(Server::new(settings, requirements));
         server.start_monitor(MonitorConfig {
             client: target.clone(),
@@ -548,12 +565,7 @@ impl RedisStoreBuilder {
             allow_eviction: self.allow_eviction,
             wait: self.wait,
         });
-        let group = self.group_commit.then(|| {
-            keys.all_partitions()
-                .iter()
-                .map(|_| GroupCommit::new(Arc::clone(&appender), GroupLimits::DEFAULT))
-                .collect()
-        });
+        let group = self.group_commit.then(|| group_commits(&keys, &appender));
         Ok(RedisStore {
             outbox_scope: None,
             inner: Arc::new(Inner {
@@ -578,9 +590,63 @@ impl RedisStoreBuilder {
                 heads,
                 watch,
                 server,
+                archive,
             }),
         })
     }
+
+    /// Claims the builder's archive, if it has one, for this store: its identity is the prefix
+    /// and a random id recorded in the meta key the first time (so two stores with the same
+    /// prefix on different servers are told apart).
+    async fn claim_archive(
+        &self,
+        conn: &mut Connection,
+        keys: &Keys,
+    ) -> Result<Option<archive::ArchiveConfig>, Error> {
+        let Some(archive) = &self.archive else {
+            return Ok(None);
+        };
+        let script = Lua::new(script::ARCHIVE_OWNER);
+        let mut cmd = script.command(&[keys.meta()]);
+        cmd.arg(uuid::Uuid::new_v4().hyphenated().to_string());
+        let id = match script.invoke(conn, &cmd).await {
+            Ok(Value::BulkString(id)) => String::from_utf8_lossy(&id).into_owned(),
+            Ok(other) => {
+                return Err(Error::connect(
+                    &self.url,
+                    redis::RedisError::from((
+                        redis::ErrorKind::Parse,
+                        "unexpected reply from the archive identity",
+                        format!("{other:?}"),
+                    )),
+                ))
+            }
+            Err(source) if error::is_permission_error(&source) => {
+                return Err(Error::NoPermission {
+                    url: Some(es_core::contract::redact_url(&self.url)),
+                    source,
+                })
+            }
+            Err(source) => return Err(Error::connect(&self.url, source)),
+        };
+        let owner = format!("Redis store `{}` ({id})", keys.prefix());
+        archive
+            .claim(&owner)
+            .await
+            .map_err(|source| Error::Archive { source })?;
+        Ok(Some(archive::ArchiveConfig {
+            archive: Arc::clone(archive),
+            delete: Lua::new(script::ARCHIVE),
+        }))
+    }
+}
+
+/// With group commit, one group per feed partition of `keys`, all sending through `appender`.
+fn group_commits(keys: &Keys, appender: &Arc<Appender>) -> Box<[GroupCommit]> {
+    keys.all_partitions()
+        .iter()
+        .map(|_| GroupCommit::new(Arc::clone(appender), GroupLimits::DEFAULT))
+        .collect()
 }
 
 impl RedisStoreBuilder {
@@ -1098,6 +1164,7 @@ impl RedisStore {
             layout: None,
             partitioning: Partitioning::single(),
             cluster: None,
+            archive: None,
         }
     }
 
@@ -1184,6 +1251,29 @@ impl Inner {
     fn head(&self, partition: u32) -> Option<&Arc<Head>> {
         self.heads.get(usize::try_from(partition).ok()?)
     }
+
+    /// Reads the head position of `partition` from the server.
+    pub(crate) async fn read_head(&self, partition: u32) -> Result<u64, StoreError> {
+        self.keys.partitioning().check(partition)?;
+        let (Some(part), Some(head)) = (self.keys.partition(partition), self.head(partition))
+        else {
+            return Err(StoreError::NoSuchPartition {
+                partition,
+                partitions: self.keys.partitions(),
+            });
+        };
+        let location = || partition_location("head", partition);
+        let mut conn = self.conn.clone();
+        let value = script::query(
+            &mut conn,
+            redis::cmd("HGET").arg(part.index()).arg("position"),
+        )
+        .await
+        .map_err(|e| store_error(e, location))?;
+        let position = decode::counter(value, &location())?;
+        head.saw(position);
+        Ok(position)
+    }
 }
 
 impl EventStore for RedisStore {
@@ -1197,17 +1287,15 @@ impl EventStore for RedisStore {
         async move { inner.append_streams(requests).await }
     }
 
-    /// Redis keeps everything in memory and this store has no colder storage to move events
-    /// to: every request is [`StoreError::InvalidArchive`] and moves nothing.
+    /// Moves the events out of Redis into the store's archive
+    /// ([`RedisStoreBuilder::archive`]); see the crate docs, section "Archiving". Without an
+    /// archive, [`StoreError::InvalidArchive`] saying how to configure one, and nothing moves.
     fn archive_stream(
         &self,
         stream: &StreamId,
-        _before: u64,
+        before: u64,
     ) -> impl StoreFuture<es_core::Archived> {
-        std::future::ready(Err(StoreError::InvalidArchive {
-            stream_id: stream.clone(),
-            reason: "the Redis store has no archive to move events to".to_owned(),
-        }))
+        archive::archive_stream(Arc::clone(&self.inner), stream.clone(), before)
     }
 
     fn stream_version(&self, stream: &StreamId) -> impl StoreFuture<u64> {
@@ -1229,15 +1317,65 @@ impl EventStore for RedisStore {
         list::list(Arc::clone(&self.inner), list)
     }
 
+    /// With an archive, es-core's stream merge over the hot read (without its limit): gaps in
+    /// the hot versions are read from the archive.
     fn read_stream(&self, stream: &StreamId, read: ReadStream) -> EventStream {
-        read::stream(Arc::clone(&self.inner), stream.clone(), read)
+        let inner = Arc::clone(&self.inner);
+        match &self.inner.archive {
+            None => read::stream(inner, stream.clone(), read),
+            Some(config) => {
+                let hot = read::stream(
+                    inner,
+                    stream.clone(),
+                    ReadStream {
+                        limit: None,
+                        ..read
+                    },
+                );
+                es_core::contract::merge_stream_read(
+                    hot,
+                    Arc::clone(&config.archive),
+                    stream.clone(),
+                    read,
+                    self.inner.page_size,
+                )
+            }
+        }
     }
 
+    /// With an archive, es-core's feed merge: per page the head, the hot page, then the
+    /// archive up to a bound.
     fn read_all(&self, read: ReadAll) -> EventStream {
-        match read.partition_in(&self.inner.keys.partitioning()) {
-            Ok(partition) => read::all(Arc::clone(&self.inner), partition, read),
-            Err(err) => es_core::contract::failed_read(err),
-        }
+        let partition = match read.partition_in(&self.inner.keys.partitioning()) {
+            Ok(partition) => partition,
+            Err(err) => return es_core::contract::failed_read(err),
+        };
+        let Some(config) = &self.inner.archive else {
+            return read::all(Arc::clone(&self.inner), partition, read);
+        };
+        let Some(feed) = self
+            .inner
+            .keys
+            .partition(partition)
+            .map(|p| Arc::<str>::from(p.feed()))
+        else {
+            return es_core::contract::failed_read(StoreError::NoSuchPartition {
+                partition,
+                partitions: self.inner.keys.partitions(),
+            });
+        };
+        let hot = Arc::new(archive::HotPartition {
+            inner: Arc::clone(&self.inner),
+            partition,
+            feed,
+        });
+        es_core::contract::merge_feed_read(
+            hot,
+            Arc::clone(&config.archive),
+            partition,
+            read,
+            self.inner.page_size,
+        )
     }
 
     fn partitioning(&self) -> Partitioning {
@@ -1246,27 +1384,7 @@ impl EventStore for RedisStore {
 
     fn partition_head(&self, partition: u32) -> impl StoreFuture<u64> {
         let inner = Arc::clone(&self.inner);
-        async move {
-            inner.keys.partitioning().check(partition)?;
-            let (Some(part), Some(head)) = (inner.keys.partition(partition), inner.head(partition))
-            else {
-                return Err(StoreError::NoSuchPartition {
-                    partition,
-                    partitions: inner.keys.partitions(),
-                });
-            };
-            let location = || partition_location("head", partition);
-            let mut conn = inner.conn.clone();
-            let value = script::query(
-                &mut conn,
-                redis::cmd("HGET").arg(part.index()).arg("position"),
-            )
-            .await
-            .map_err(|e| store_error(e, location))?;
-            let position = decode::counter(value, &location())?;
-            head.saw(position);
-            Ok(position)
-        }
+        async move { inner.read_head(partition).await }
     }
 
     fn partition_epochs(&self, partition: u32) -> impl StoreFuture<Vec<EpochStart>> {

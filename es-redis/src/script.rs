@@ -178,6 +178,20 @@ pub(crate) const DELETE_SNAPSHOT: &str = include_str!("script/delete_snapshot.lu
 /// recorded has its head there). ARGV: 1 the requested layout (`<layout>/<partitions>`).
 pub(crate) const CHECK_LAYOUT: &str = include_str!("script/check_layout.lua");
 
+/// Deletes archived events from hot storage, atomically, for
+/// [`EventStore::archive_stream`](es_core::EventStore::archive_stream): per event still in
+/// hot storage, its stream entry (`XDEL`), its feed entry (`XDEL` by position) and its event-id
+/// index field (`HDEL`); never a stream's last event. The events were stored in the archive
+/// before. Checks the user's rights to the commands it writes with before its first write.
+///
+/// KEYS: 1 the stream's events, 2 its version, 3 the feed of its partition, 4 the index hash.
+/// ARGV: per event, its version, position and event id. Replies the number deleted.
+pub(crate) const ARCHIVE: &str = include_str!("script/archive.lua");
+
+/// The store's identity towards its event archive: a random id recorded in the meta hash
+/// (`archive_id`) on first use. KEYS: 1 the meta hash. ARGV: 1 a fresh id. Replies the id.
+pub(crate) const ARCHIVE_OWNER: &str = include_str!("script/archive_owner.lua");
+
 /// The relay lease and checkpoint scripts the store loads when it is built live with the rest of
 /// the outbox code.
 pub(crate) use crate::outbox::{ACQUIRE_LEASE, RELEASE_LEASE, SAVE_CHECKPOINT};

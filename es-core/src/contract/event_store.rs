@@ -74,8 +74,9 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     fn append_streams(&self, requests: Vec<AppendRequest>) -> impl StoreFuture<Vec<AppendResult>>;
 
     /// Moves the events of `stream` with versions below `before` out of hot storage into the
-    /// archive the store owns (see [`archive`](super::archive)); events an earlier call moved
-    /// stay where they are. Every read answers as before: the archived events are read from the
+    /// archive the store owns (see [`Archived`](super::Archived), and
+    /// [`EventArchive`](super::EventArchive) for a store whose archive is another system);
+    /// events an earlier call moved stay where they are. Every read answers as before: the archived events are read from the
     /// archive (more slowly), at their versions and positions, by stream reads, historical
     /// loads, `read_all`, subscriptions and projection rebuilds.
     ///
