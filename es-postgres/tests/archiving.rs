@@ -43,19 +43,6 @@ type Row = (
 /// them moved, with every column unchanged, and the stream's last event still in `events`.
 #[tokio::test]
 async fn archived_rows_move_between_the_tables_unchanged() {
-    type Row = (
-        i64,
-        String,
-        String,
-        i64,
-        uuid::Uuid,
-        String,
-        i64,
-        String,
-        String,
-        chrono::DateTime<chrono::Utc>,
-        i32,
-    );
     let url = es_test_support::database_url();
     let schema = common::unique_schema("arch");
     let store = common::store_on(&url, &schema).await;
