@@ -1047,14 +1047,23 @@ async fn report_lag<S: EventStore>(
     let seconds = metrics::gauge!(telemetry::PROJECTION_LAG_SECONDS, &labels);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The last position a status named, read at every change (a failed projection's status
-    // names none: it keeps the one it failed at).
+    // The position handled up to, read at every change of the status. A watch keeps only the
+    // latest status, so a projection that fails right after starting may never be seen
+    // running: its failure names the event it stopped at, and everything before that event is
+    // handled.
     let mut position = None;
     loop {
-        if let ProjectionStatus::Running { position: p }
-        | ProjectionStatus::Stopped { position: p } = &*status.borrow_and_update()
-        {
-            position = Some(*p);
+        match &*status.borrow_and_update() {
+            ProjectionStatus::Running { position: p }
+            | ProjectionStatus::Stopped { position: p } => {
+                position = Some(*p);
+            }
+            ProjectionStatus::Failed(failure) => {
+                if let Some(at) = failure.position() {
+                    position = Some(at.saturating_sub(1));
+                }
+            }
+            _ => {}
         }
         tokio::select! {
             changed = status.changed() => {
