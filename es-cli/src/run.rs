@@ -95,16 +95,12 @@ pub(crate) async fn run(
 ) -> Result<()> {
     if let Command::Projections(ProjectionsCmd::Rebuild { name, resume }) = &cli.command {
         let Some(rebuilders) = registry.projections.get(name) else {
-            let known: Vec<&str> = registry.projections.keys().map(String::as_str).collect();
-            bail!(
-                "no projection `{name}` is registered in this `es` (registered: {}); an \
-                 application registers its projections with `es_cli::Registry::projection`",
-                if known.is_empty() {
-                    "none".to_owned()
-                } else {
-                    known.join(", ")
-                }
-            );
+            return Err(unregistered(
+                name,
+                "",
+                registry.projections.keys(),
+                "projection",
+            ));
         };
         let store = connect(&cli.conn).await?;
         return match store {
@@ -130,16 +126,12 @@ pub(crate) async fn run(
     };
     if let Some((name, step)) = replay {
         let Some(replayers) = registry.replays.get(name) else {
-            let known: Vec<&str> = registry.replays.keys().map(String::as_str).collect();
-            bail!(
-                "no projection `{name}` is registered for replay in this `es` (registered: {}); \
-                 an application registers them with `es_cli::Registry::replay`",
-                if known.is_empty() {
-                    "none".to_owned()
-                } else {
-                    known.join(", ")
-                }
-            );
+            return Err(unregistered(
+                name,
+                " for replay",
+                registry.replays.keys(),
+                "replay",
+            ));
         };
         let store = connect(&cli.conn).await?;
         return match store {
@@ -155,6 +147,26 @@ pub(crate) async fn run(
         result = command(cli, registry, out) => result,
         () = interrupt => Err(Interrupted.into()),
     }
+}
+
+/// The error for a projection `name` this `es` has no registration of (`what_for` says which kind,
+/// `method` which `Registry` method registers one), listing the ones it has.
+fn unregistered<'a>(
+    name: &str,
+    what_for: &str,
+    known: impl Iterator<Item = &'a String>,
+    method: &str,
+) -> anyhow::Error {
+    let known: Vec<&str> = known.map(String::as_str).collect();
+    let known = if known.is_empty() {
+        "none".to_owned()
+    } else {
+        known.join(", ")
+    };
+    anyhow::anyhow!(
+        "no projection `{name}` is registered{what_for} in this `es` (registered: {known}); an \
+         application registers them with `es_cli::Registry::{method}`"
+    )
 }
 
 async fn command(cli: Cli, registry: &Registry, out: &mut (dyn Write + Send)) -> Result<()> {

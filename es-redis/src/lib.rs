@@ -609,26 +609,14 @@ impl RedisStoreBuilder {
         let script = Lua::new(script::ARCHIVE_OWNER);
         let mut cmd = script.command(&[keys.meta()]);
         cmd.arg(uuid::Uuid::new_v4().hyphenated().to_string());
-        let id = match script.invoke(conn, &cmd).await {
-            Ok(Value::BulkString(id)) => String::from_utf8_lossy(&id).into_owned(),
-            Ok(other) => {
-                return Err(Error::connect(
-                    &self.url,
-                    redis::RedisError::from((
-                        redis::ErrorKind::Parse,
-                        "unexpected reply from the archive identity",
-                        format!("{other:?}"),
-                    )),
-                ))
-            }
-            Err(source) if error::is_permission_error(&source) => {
-                return Err(Error::NoPermission {
-                    url: Some(es_core::contract::redact_url(&self.url)),
-                    source,
-                })
-            }
-            Err(source) => return Err(Error::connect(&self.url, source)),
-        };
+        let id = self
+            .text_reply(
+                conn,
+                &script,
+                &cmd,
+                "unexpected reply from the archive identity",
+            )
+            .await?;
         let owner = format!("Redis store `{}` ({id})", keys.prefix());
         archive
             .claim(&owner)
@@ -703,6 +691,33 @@ impl RedisStoreBuilder {
         Ok(settings)
     }
 
+    /// Runs one of the scripts the build runs on the store's meta key and returns its text reply;
+    /// another reply is `unexpected`, a refused command [`Error::NoPermission`].
+    async fn text_reply(
+        &self,
+        conn: &mut Connection,
+        script: &Lua,
+        cmd: &redis::Cmd,
+        unexpected: &'static str,
+    ) -> Result<String, Error> {
+        match script.invoke(conn, cmd).await {
+            Ok(Value::BulkString(text)) => Ok(String::from_utf8_lossy(&text).into_owned()),
+            Ok(other) => Err(Error::connect(
+                &self.url,
+                redis::RedisError::from((
+                    redis::ErrorKind::Parse,
+                    unexpected,
+                    format!("{other:?}"),
+                )),
+            )),
+            Err(source) if error::is_permission_error(&source) => Err(Error::NoPermission {
+                url: Some(es_core::contract::redact_url(&self.url)),
+                source,
+            }),
+            Err(source) => Err(Error::connect(&self.url, source)),
+        }
+    }
+
     /// Records the store's layout in its meta key if it has none, and refuses a store whose
     /// recorded layout is not `keys`' ([`Error::LayoutMismatch`]). A store without a meta key
     /// that has the classic layout's head is a classic store from before layouts were recorded.
@@ -716,26 +731,9 @@ impl RedisStoreBuilder {
         let classic_index = keys.classic_index();
         let mut cmd = script.command(&[keys.meta(), &classic_index]);
         cmd.arg(&requested);
-        let recorded = match script.invoke(conn, &cmd).await {
-            Ok(Value::BulkString(recorded)) => String::from_utf8_lossy(&recorded).into_owned(),
-            Ok(other) => {
-                return Err(Error::connect(
-                    &self.url,
-                    redis::RedisError::from((
-                        redis::ErrorKind::Parse,
-                        "unexpected reply from the layout check",
-                        format!("{other:?}"),
-                    )),
-                ))
-            }
-            Err(source) if error::is_permission_error(&source) => {
-                return Err(Error::NoPermission {
-                    url: Some(es_core::contract::redact_url(&self.url)),
-                    source,
-                })
-            }
-            Err(source) => return Err(Error::connect(&self.url, source)),
-        };
+        let recorded = self
+            .text_reply(conn, script, &cmd, "unexpected reply from the layout check")
+            .await?;
         if recorded == requested {
             Ok(())
         } else {
