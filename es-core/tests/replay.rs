@@ -26,6 +26,8 @@ struct Models {
     shadow: Rows,
     /// Whether the shadow exists (dropped by `discard`, made by a reset).
     shadow_exists: Arc<Mutex<bool>>,
+    /// Promotions still to fail (an injected fault).
+    failing_promotions: Arc<Mutex<u32>>,
 }
 
 /// Balances per account, written into `rows`; `fixed` says whether withdrawals subtract.
@@ -99,6 +101,13 @@ impl ReplayTarget for Models {
     }
 
     async fn promote(&self) -> Result<(), HandlerError> {
+        {
+            let mut failing = self.failing_promotions.lock().unwrap();
+            if *failing > 0 {
+                *failing -= 1;
+                return Err("the promotion failed (injected)".into());
+            }
+        }
         let mut exists = self.shadow_exists.lock().unwrap();
         if !*exists {
             return Err("there is no shadow to promote".into());
@@ -324,5 +333,79 @@ async fn switch_then_discard(
         store.load_checkpoint("balances").await.unwrap(),
         before,
         "a refused switch leaves the live checkpoint alone"
+    );
+}
+
+/// A promotion that fails after the live checkpoint moved: the switch reports it, the live
+/// checkpoint is at the shadow's position (behind the live read model, which handled later
+/// events), the shadow is still there, and a second switch completes; the fixed projection then
+/// catches up the later events from the shadow's position, so none is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_promotion_leaves_the_checkpoint_behind_the_read_model() {
+    let store = InMemoryStore::new();
+    let mut accounts = seed(&store).await;
+    let models = Models::default();
+    let runner = ProjectionRunner::new(store.clone());
+    let live = runner.spawn(AtLeastOnce::new(
+        Balances {
+            rows: Arc::clone(&models.live),
+            fixed: false,
+            created: None,
+        },
+        store.clone(),
+    ));
+    let replay = Replay::new(store.clone(), models.clone());
+    let built = replay
+        .build(|_, _| ControlFlow::Continue(()))
+        .await
+        .unwrap();
+    let Built::Complete {
+        position: shadow_at,
+    } = built
+    else {
+        panic!("{built:?}");
+    };
+    // The live side goes on past the shadow.
+    append(&store, "b", vec![event("Deposited", 1000)]).await;
+    accounts.get_mut("b").unwrap().push(("Deposited", 1000));
+    let head = store.head_position().await.unwrap();
+    live.wait_for(head).await;
+    live.shutdown().await;
+    let spoiled = models.rows(Side::Live).await.unwrap();
+
+    *models.failing_promotions.lock().unwrap() = 1;
+    let failed = replay.switch().await.unwrap_err();
+    assert!(failed.to_string().contains("injected"), "{failed}");
+    let checkpoint = store.load_checkpoint("balances").await.unwrap();
+    assert_eq!(
+        checkpoint.position, shadow_at,
+        "the checkpoint moved to the shadow's position, behind what the read model holds"
+    );
+    assert!(shadow_at < head);
+    assert_eq!(
+        models.rows(Side::Live).await.unwrap(),
+        spoiled,
+        "the read model stayed"
+    );
+    assert!(
+        models.has_shadow().await.unwrap(),
+        "the shadow is still there"
+    );
+
+    assert_eq!(replay.switch().await.unwrap(), shadow_at);
+    let fixed = runner.spawn(AtLeastOnce::new(
+        Balances {
+            rows: Arc::clone(&models.live),
+            fixed: true,
+            created: None,
+        },
+        store.clone(),
+    ));
+    fixed.wait_for(head).await;
+    fixed.shutdown().await;
+    assert_eq!(
+        models.rows(Side::Live).await.unwrap(),
+        fixed_balances(&accounts),
+        "the events after the shadow's position were caught up, none missing"
     );
 }
