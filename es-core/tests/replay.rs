@@ -127,6 +127,23 @@ impl ReplayTarget for Models {
     }
 }
 
+/// The balance projection writing into the live read model, with or without the bug.
+fn spawn_live(
+    runner: &ProjectionRunner<InMemoryStore>,
+    models: &Models,
+    store: &InMemoryStore,
+    fixed: bool,
+) -> es_core::ProjectionHandle<InMemoryStore> {
+    runner.spawn(AtLeastOnce::new(
+        Balances {
+            rows: Arc::clone(&models.live),
+            fixed,
+            created: None,
+        },
+        store.clone(),
+    ))
+}
+
 fn event(event_type: &str, amount: i64) -> NewEvent {
     NewEvent::from_value(event_type, 1, &json!({ "amount": amount }))
 }
@@ -189,14 +206,7 @@ async fn a_buggy_projection_is_replayed_compared_and_switched() {
     // The buggy projection, live.
     let models = Models::default();
     let runner = ProjectionRunner::new(store.clone());
-    let live = runner.spawn(AtLeastOnce::new(
-        Balances {
-            rows: Arc::clone(&models.live),
-            fixed: false,
-            created: None,
-        },
-        store.clone(),
-    ));
+    let live = spawn_live(&runner, &models, &store, false);
     live.wait_for(head).await;
     let spoiled = models.rows(Side::Live).await.unwrap();
     assert_eq!(
@@ -290,14 +300,7 @@ async fn switch_then_discard(
     );
     append(store, "a", vec![event("Withdrawn", 50)]).await;
     accounts.get_mut("a").unwrap().push(("Withdrawn", 50));
-    let fixed = runner.spawn(AtLeastOnce::new(
-        Balances {
-            rows: Arc::clone(&models.live),
-            fixed: true,
-            created: None,
-        },
-        store.clone(),
-    ));
+    let fixed = spawn_live(&runner, models, store, true);
     fixed.wait_for(store.head_position().await.unwrap()).await;
     fixed.shutdown().await;
     assert_eq!(
@@ -346,14 +349,7 @@ async fn a_failed_promotion_leaves_the_checkpoint_behind_the_read_model() {
     let mut accounts = seed(&store).await;
     let models = Models::default();
     let runner = ProjectionRunner::new(store.clone());
-    let live = runner.spawn(AtLeastOnce::new(
-        Balances {
-            rows: Arc::clone(&models.live),
-            fixed: false,
-            created: None,
-        },
-        store.clone(),
-    ));
+    let live = spawn_live(&runner, &models, &store, false);
     let replay = Replay::new(store.clone(), models.clone());
     let built = replay
         .build(|_, _| ControlFlow::Continue(()))
@@ -393,14 +389,7 @@ async fn a_failed_promotion_leaves_the_checkpoint_behind_the_read_model() {
     );
 
     assert_eq!(replay.switch().await.unwrap(), shadow_at);
-    let fixed = runner.spawn(AtLeastOnce::new(
-        Balances {
-            rows: Arc::clone(&models.live),
-            fixed: true,
-            created: None,
-        },
-        store.clone(),
-    ));
+    let fixed = spawn_live(&runner, &models, &store, true);
     fixed.wait_for(head).await;
     fixed.shutdown().await;
     assert_eq!(
